@@ -1,0 +1,372 @@
+//! The `memc` command line (design.md's CLI contract). Every failure is one `error:` line on
+//! stderr and exit code 2.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use memc_ir::{Graph, Tensor, ValueDef};
+
+use crate::onnx::{self, ImportOptions};
+use crate::report::{self, PhaseTime};
+
+/// memc: compile ONNX transformers into memory-lean training executables.
+#[derive(Debug, Parser)]
+#[command(name = "memc", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Import a model and print IR or reports (code generation arrives in later releases).
+    Compile(CompileArgs),
+    /// Evaluate a model on `.npy` inputs with the reference interpreter.
+    Eval(EvalArgs),
+    /// Run passes on textual IR: textual IR in, textual IR out.
+    Opt(OptArgs),
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// The ONNX model (from torch.onnx.export, dynamo or TorchScript).
+    model: PathBuf,
+    /// Bind an input's dims: NAME=DxD... (e.g. input_ids=2x16); repeatable.
+    #[arg(long = "shape", value_name = "NAME=DxD")]
+    shapes: Vec<String>,
+    /// Print the wall time of each compiler phase to stderr.
+    #[arg(long)]
+    time_passes: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Emit {
+    /// Textual IR of the forward graph.
+    Ir,
+    /// MLIR kernels (not yet available).
+    Mlir,
+    /// LLVM IR (not yet available).
+    Llvm,
+    /// PTX (not yet available).
+    Ptx,
+    /// Memory plan (not yet available).
+    Plan,
+}
+
+#[derive(Debug, Args)]
+struct CompileArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Write the executable OUT and OUT.safetensors (not yet available).
+    #[arg(short = 'o', value_name = "OUT")]
+    out: Option<PathBuf>,
+    /// Print a stage of the compilation to stdout.
+    #[arg(long, value_enum)]
+    emit: Option<Emit>,
+    /// Print a human-readable report.
+    #[arg(long)]
+    report: bool,
+    /// Write the machine-readable report (stable keys) to FILE.
+    #[arg(long, value_name = "FILE")]
+    report_json: Option<PathBuf>,
+    /// Write the textual IR after every pass into DIR.
+    #[arg(long, value_name = "DIR")]
+    dump_ir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// The reference interpreter.
+    Ref,
+    /// Emitted host kernels (not yet available).
+    Cpu,
+    /// Emitted PTX kernels (not yet available).
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A graph input: NAME=FILE.npy; repeatable. Dynamic dims are bound from the arrays.
+    #[arg(long = "input", value_name = "NAME=FILE.npy")]
+    inputs: Vec<String>,
+    /// Directory for the outputs, one `<output name>.npy` each.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "ref")]
+    backend: Backend,
+}
+
+#[derive(Debug, Args)]
+struct OptArgs {
+    /// Textual IR (`-` for stdin).
+    file: PathBuf,
+    /// Comma-separated passes to run in order (available: verify, dce).
+    #[arg(long = "pass", value_delimiter = ',')]
+    passes: Vec<String>,
+}
+
+/// Parses `NAME=2x16` into a name and dims.
+fn parse_shape(s: &str) -> Result<(String, Vec<usize>)> {
+    let (name, dims) = s
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--shape `{s}`: expected NAME=DxD (e.g. input_ids=2x16)"))?;
+    let dims: Vec<usize> = if dims.is_empty() {
+        vec![]
+    } else {
+        dims.split('x')
+            .map(|d| d.parse::<usize>().map_err(|_| anyhow!("--shape `{s}`: `{d}` is not a dimension; expected NAME=DxD (e.g. input_ids=2x16)")))
+            .collect::<Result<_>>()?
+    };
+    let numel = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n < (1 << 40));
+    if numel.is_none() {
+        bail!("--shape `{s}`: the shape is too large");
+    }
+    Ok((name.to_string(), dims))
+}
+
+fn shapes(args: &ModelArgs) -> Result<HashMap<String, Vec<usize>>> {
+    let mut m = HashMap::new();
+    for s in &args.shapes {
+        let (name, dims) = parse_shape(s)?;
+        if m.insert(name.clone(), dims).is_some() {
+            bail!("--shape gives input `{name}` twice");
+        }
+    }
+    Ok(m)
+}
+
+struct Timer {
+    enabled: bool,
+    phases: Vec<PhaseTime>,
+}
+
+impl Timer {
+    fn time<T>(&mut self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if self.enabled {
+            eprintln!("time: {name:<10} {ms:>10.1} ms");
+        }
+        self.phases.push(PhaseTime { name, ms });
+        r
+    }
+}
+
+fn import(
+    args: &ModelArgs,
+    shapes: HashMap<String, Vec<usize>>,
+    timer: &mut Timer,
+) -> Result<Graph> {
+    let model = timer.time("load", || onnx::load_model(&args.model))?;
+    let opts = ImportOptions { shapes };
+    let g = timer.time("import", || onnx::import_model(&args.model, &model, &opts))?;
+    timer
+        .time("verify", || memc_ir::verify(&g))
+        .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
+    Ok(g)
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn compile(args: CompileArgs) -> Result<()> {
+    if args.out.is_some() {
+        bail!("-o: emitting executables is not available yet in this memc; use --emit ir or --report-json");
+    }
+    if let Some(e @ (Emit::Mlir | Emit::Llvm | Emit::Ptx | Emit::Plan)) = args.emit {
+        bail!(
+            "--emit {}: not available yet in this memc; --emit ir is",
+            format!("{e:?}").to_lowercase()
+        );
+    }
+    let mut timer = Timer {
+        enabled: args.model.time_passes,
+        phases: vec![],
+    };
+    let g = import(&args.model, shapes(&args.model)?, &mut timer)?;
+    if let Some(dir) = &args.dump_ir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_file(&dir.join("00-import.mir"), &memc_ir::print(&g))?;
+    }
+    if args.emit == Some(Emit::Ir) {
+        print!("{}", memc_ir::print(&g));
+    }
+    if args.report {
+        print!("{}", report::summary(&g));
+    }
+    if let Some(path) = &args.report_json {
+        let r = report::json_report(&args.model.model_display(), &g, &timer.phases);
+        write_file(path, &(serde_json::to_string_pretty(&r)? + "\n"))?;
+    }
+    Ok(())
+}
+
+trait Display2 {
+    fn model_display(&self) -> String;
+}
+
+impl Display2 for ModelArgs {
+    fn model_display(&self) -> String {
+        self.model.display().to_string()
+    }
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    if args.backend != Backend::Ref {
+        bail!(
+            "--backend {:?}: not available yet in this memc; use --backend ref",
+            args.backend
+        );
+    }
+    let mut given: HashMap<String, (PathBuf, Tensor)> = HashMap::new();
+    for spec in &args.inputs {
+        let (name, file) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--input `{spec}`: expected NAME=FILE.npy"))?;
+        let t = crate::io::read_tensor(Path::new(file))?;
+        if given
+            .insert(name.to_string(), (PathBuf::from(file), t))
+            .is_some()
+        {
+            bail!("--input gives `{name}` twice");
+        }
+    }
+    // Dynamic dims not bound by --shape are bound by the arrays given.
+    let mut shapes = shapes(&args.model)?;
+    for (name, (_, t)) in &given {
+        shapes
+            .entry(name.clone())
+            .or_insert_with(|| t.shape().to_vec());
+    }
+    let model = args.model.model.display().to_string();
+    // An --input the model lacks is reported by the importer (it checks --shape names).
+    let mut timer = Timer {
+        enabled: args.model.time_passes,
+        phases: vec![],
+    };
+    let g = import(&args.model, shapes, &mut timer)?;
+    let mut feeds = HashMap::new();
+    for &v in g.inputs() {
+        let ValueDef::Input { name } = &g.value(v).def else {
+            unreachable!()
+        };
+        let ty = &g.value(v).ty;
+        let (file, t) = given.remove(name).ok_or_else(|| {
+            anyhow!("{model}: input `{name}` ({ty}) has no value; pass --input {name}=FILE.npy")
+        })?;
+        if t.ty() != ty {
+            bail!(
+                "{}: input `{name}` must be {ty} but the file holds {} (convert with numpy: a.astype(np.{}).reshape({:?}))",
+                file.display(),
+                t.ty(),
+                numpy_name(ty.dtype),
+                ty.shape
+            );
+        }
+        feeds.insert(name.clone(), t);
+    }
+    let outputs = timer
+        .time("interpret", || memc_ir::interpret(&g, &feeds))
+        .map_err(|e| anyhow!("{model}: {e}"))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    print!("{}", report::summary(&g));
+    for (name, t) in &outputs {
+        let file = args.out.join(format!("{}.npy", sanitize(name)));
+        crate::io::write_tensor(&file, t)?;
+        let v = t.to_f32_vec();
+        let n = v.len().max(1) as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let head: Vec<String> = v.iter().take(4).map(|x| format!("{x:.4}")).collect();
+        println!(
+            "{name}: {} mean {mean:.5} std {std:.5} [{} ...] -> {}",
+            t.ty(),
+            head.join(", "),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+fn numpy_name(d: memc_ir::DType) -> &'static str {
+    match d {
+        memc_ir::DType::F32 | memc_ir::DType::BF16 => "float32",
+        memc_ir::DType::F16 => "float16",
+        memc_ir::DType::I64 => "int64",
+        memc_ir::DType::I32 => "int32",
+        memc_ir::DType::Bool => "bool_",
+    }
+}
+
+/// An output name as a file name (exporter names may hold `/` or `:`).
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn opt(args: OptArgs) -> Result<()> {
+    let text = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?
+    };
+    let file = args.file.display().to_string();
+    let mut g = memc_ir::parse(&text).map_err(|e| anyhow!("{file}: {e}"))?;
+    memc_ir::verify(&g).map_err(|e| anyhow!("{file}: {e}"))?;
+    for p in &args.passes {
+        match p.as_str() {
+            "verify" => {}
+            "dce" => g.compact(),
+            other => bail!("--pass `{other}`: unknown pass (available: verify, dce)"),
+        }
+        memc_ir::verify(&g).map_err(|e| anyhow!("{file}: after pass `{p}`: {e}"))?;
+    }
+    print!("{}", memc_ir::print(&g));
+    Ok(())
+}
+
+/// Runs the CLI on parsed arguments.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Compile(a) => compile(a),
+        Command::Eval(a) => eval(a),
+        Command::Opt(a) => opt(a),
+    }
+}
+
+/// The `memc` entry point: parses arguments, runs, prints one error line and exits 2 on
+/// failure.
+pub fn main() -> ! {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            std::process::exit(2)
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! memc: the compiler driver. The ONNX frontend ([`onnx`]), `.npy` ↔ tensor conversion
+//! ([`io`]), reports ([`report`]) and the CLI ([`cli`]) live here; graph passes are in
+//! `memc-passes`, code generation in `memc-codegen`.
+
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod io;
+pub mod onnx;
+pub mod report;

@@ -1,0 +1,177 @@
+//! Reading ONNX files: memory-mapping, protobuf decoding (prost), tensor data (inline, typed
+//! fields or external data files), all without copying raw tensor bytes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use memc_ir::{DType, Tensor, TensorType};
+use prost::Message;
+
+use super::proto::{tensor_proto, ModelProto, TensorProto};
+use super::{dtype_of, ImportError};
+
+fn map_file(path: &Path) -> std::io::Result<Bytes> {
+    let file = File::open(path)?;
+    if file.metadata()?.len() == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the mapping is read-only; a model file changed by another process while memc
+    // runs is outside what memc guards against (as for any mmap-based loader).
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    Ok(Bytes::from_owner(map))
+}
+
+/// Memory-maps and decodes an ONNX model. Initializer `raw_data` points into the mapping.
+pub fn load_model(path: &Path) -> Result<ModelProto, ImportError> {
+    let bytes = map_file(path).map_err(|source| ImportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let malformed = |msg: String| ImportError::Malformed {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if bytes.is_empty() {
+        return Err(malformed("the file is empty".into()));
+    }
+    let model = ModelProto::decode(bytes)
+        .map_err(|e| malformed(format!("protobuf decoding failed: {e}")))?;
+    if model.graph.is_none() {
+        return Err(malformed("it has no graph".into()));
+    }
+    Ok(model)
+}
+
+/// External data files, each mapped once.
+pub(crate) struct ExternalData {
+    dir: PathBuf,
+    files: HashMap<String, Bytes>,
+}
+
+impl ExternalData {
+    pub(crate) fn new(dir: PathBuf) -> ExternalData {
+        ExternalData {
+            dir,
+            files: HashMap::new(),
+        }
+    }
+
+    fn slice(
+        &mut self,
+        location: &str,
+        offset: usize,
+        length: Option<usize>,
+    ) -> Result<Bytes, String> {
+        if !self.files.contains_key(location) {
+            let path = self.dir.join(location);
+            let data = map_file(&path).map_err(|e| {
+                format!("cannot read its external data file `{}` ({e}); keep the data file next to the model", path.display())
+            })?;
+            self.files.insert(location.to_string(), data);
+        }
+        let data = &self.files[location];
+        let end = match length {
+            Some(l) => offset.checked_add(l),
+            None => Some(data.len()),
+        };
+        match end {
+            Some(end) if offset <= end && end <= data.len() => Ok(data.slice(offset..end)),
+            _ => Err(format!(
+                "external data `{location}` has {} bytes, but the tensor wants offset {offset} length {length:?}; the data file is truncated or belongs to another model",
+                data.len()
+            )),
+        }
+    }
+}
+
+/// Checked type of a tensor from its dims.
+pub(crate) fn tensor_type(dtype: DType, dims: &[i64]) -> Result<TensorType, String> {
+    let mut shape = Vec::with_capacity(dims.len());
+    let mut bytes = dtype.size();
+    for &d in dims {
+        let d = usize::try_from(d).map_err(|_| format!("negative dim {d}"))?;
+        bytes = bytes
+            .checked_mul(d)
+            .filter(|&b| b < (1 << 48))
+            .ok_or("its dims are too large")?;
+        shape.push(d);
+    }
+    Ok(TensorType::new(dtype, shape))
+}
+
+/// The data of a `TensorProto`, zero-copy when it is `raw_data` or external.
+pub(crate) fn tensor(t: &TensorProto, ext: &mut ExternalData) -> Result<Tensor, String> {
+    let ty = tensor_type(dtype_of(t.data_type())?, &t.dims)?;
+    if t.segment.is_some() {
+        return Err("segmented tensors are not supported".into());
+    }
+    let n = ty.numel();
+    let data = if t.data_location() == tensor_proto::DataLocation::External {
+        let mut location = None;
+        let (mut offset, mut length) = (0usize, None);
+        for kv in &t.external_data {
+            let num = || {
+                kv.value()
+                    .parse::<usize>()
+                    .map_err(|_| format!("bad external data {} `{}`", kv.key(), kv.value()))
+            };
+            match kv.key() {
+                "location" => location = Some(kv.value().to_string()),
+                "offset" => offset = num()?,
+                "length" => length = Some(num()?),
+                _ => {}
+            }
+        }
+        let location = location.ok_or("external data without a location")?;
+        ext.slice(&location, offset, length)?
+    } else if let Some(raw) = &t.raw_data {
+        raw.clone()
+    } else {
+        let count = |got: usize| {
+            if got == n {
+                Ok(())
+            } else {
+                Err(format!("has {got} values for a tensor of type {ty}"))
+            }
+        };
+        let mut out = Vec::with_capacity(ty.bytes());
+        match ty.dtype {
+            DType::F32 => {
+                count(t.float_data.len())?;
+                t.float_data
+                    .iter()
+                    .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
+            DType::I64 => {
+                count(t.int64_data.len())?;
+                t.int64_data
+                    .iter()
+                    .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
+            DType::I32 => {
+                count(t.int32_data.len())?;
+                t.int32_data
+                    .iter()
+                    .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
+            DType::F16 | DType::BF16 => {
+                count(t.int32_data.len())?;
+                t.int32_data
+                    .iter()
+                    .for_each(|v| out.extend_from_slice(&(*v as u16).to_le_bytes()));
+            }
+            DType::Bool => {
+                count(t.int32_data.len())?;
+                t.int32_data.iter().for_each(|v| out.push((*v != 0) as u8));
+            }
+        }
+        Bytes::from(out)
+    };
+    if ty.dtype == DType::Bool && data.iter().any(|&b| b > 1) {
+        let fixed: Vec<u8> = data.iter().map(|&b| (b != 0) as u8).collect();
+        return Tensor::from_bytes(ty, Bytes::from(fixed)).map_err(|e| e.to_string());
+    }
+    Tensor::from_bytes(ty, data).map_err(|e| format!("its data does not match its type: {e}"))
+}

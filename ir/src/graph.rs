@@ -1,0 +1,349 @@
+//! The graph: SSA values with static types, and nodes in program order.
+
+use std::collections::BTreeMap;
+
+use crate::{Op, Tensor, TensorType};
+
+/// Index of a [`Value`] in its [`Graph`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub u32);
+
+/// Index of a [`Node`] in its [`Graph`]; also its position in program order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u32);
+
+impl ValueId {
+    /// The index as usize.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl NodeId {
+    /// The index as usize.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// What a named tensor with data is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamRole {
+    /// A model weight (an ONNX initializer): counted in `params_bytes`, may be trained.
+    Weight,
+    /// A constant too large to print inline (a folded mask, a rotary table): never trained.
+    Constant,
+}
+
+/// Where a value comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueDef {
+    /// A graph input fed at run time.
+    Input {
+        /// The input's name (the ONNX graph input name).
+        name: String,
+    },
+    /// A named tensor whose data lives outside the textual IR (the weights file).
+    Param {
+        /// Its name (the ONNX initializer name).
+        name: String,
+        /// Weight or large constant.
+        role: ParamRole,
+        /// The data; `None` when the graph came from text.
+        data: Option<Tensor>,
+    },
+    /// A small constant printed inline.
+    Const(Tensor),
+    /// Output `index` of a node.
+    Node {
+        /// The defining node.
+        node: NodeId,
+        /// Which of its outputs.
+        index: u32,
+    },
+}
+
+/// An SSA value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Value {
+    /// Its static type.
+    pub ty: TensorType,
+    /// Its definition.
+    pub def: ValueDef,
+}
+
+/// One operation applied to values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// What it computes.
+    pub op: Op,
+    /// Operands.
+    pub inputs: Vec<ValueId>,
+    /// Results (each defined by this node).
+    pub outputs: Vec<ValueId>,
+    /// Where it came from (the ONNX node name), for error messages; not part of the text.
+    pub name: String,
+}
+
+/// A tensor program: values, nodes in program order, named outputs.
+#[derive(Debug, Clone, Default)]
+pub struct Graph {
+    values: Vec<Value>,
+    nodes: Vec<Node>,
+    inputs: Vec<ValueId>,
+    outputs: Vec<(String, ValueId)>,
+}
+
+impl PartialEq for Graph {
+    /// Structural equality: ops, types, wiring, names of inputs/params/outputs. Node names
+    /// and parameter data are ignored, as they are not part of the textual IR.
+    fn eq(&self, other: &Graph) -> bool {
+        fn strip(v: &Value) -> Value {
+            let mut v = v.clone();
+            if let ValueDef::Param { data, .. } = &mut v.def {
+                *data = None;
+            }
+            v
+        }
+        self.inputs == other.inputs
+            && self.outputs == other.outputs
+            && self.values.len() == other.values.len()
+            && self
+                .values
+                .iter()
+                .zip(&other.values)
+                .all(|(a, b)| strip(a) == strip(b))
+            && self.nodes.len() == other.nodes.len()
+            && self
+                .nodes
+                .iter()
+                .zip(&other.nodes)
+                .all(|(a, b)| a.op == b.op && a.inputs == b.inputs && a.outputs == b.outputs)
+    }
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    fn push_value(&mut self, ty: TensorType, def: ValueDef) -> ValueId {
+        let id = ValueId(self.values.len() as u32);
+        self.values.push(Value { ty, def });
+        id
+    }
+
+    /// Adds a graph input.
+    pub fn add_input(&mut self, name: impl Into<String>, ty: TensorType) -> ValueId {
+        let id = self.push_value(ty, ValueDef::Input { name: name.into() });
+        self.inputs.push(id);
+        id
+    }
+
+    /// Adds a named tensor whose data is kept outside the textual IR.
+    pub fn add_param(
+        &mut self,
+        name: impl Into<String>,
+        role: ParamRole,
+        ty: TensorType,
+        data: Option<Tensor>,
+    ) -> ValueId {
+        self.push_value(
+            ty,
+            ValueDef::Param {
+                name: name.into(),
+                role,
+                data,
+            },
+        )
+    }
+
+    /// Adds an inline constant.
+    pub fn add_const(&mut self, t: Tensor) -> ValueId {
+        self.push_value(t.ty().clone(), ValueDef::Const(t))
+    }
+
+    /// Appends a node whose output types are inferred; errors if the operands are invalid.
+    pub fn add_node(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        name: impl Into<String>,
+    ) -> Result<Vec<ValueId>, String> {
+        let tys: Vec<TensorType> = inputs.iter().map(|&v| self.value(v).ty.clone()).collect();
+        let out = op.infer(&tys)?;
+        Ok(self.add_node_typed(op, inputs, out, name))
+    }
+
+    /// Appends a node with the given output types, unchecked (the verifier checks them).
+    pub fn add_node_typed(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        output_types: Vec<TensorType>,
+        name: impl Into<String>,
+    ) -> Vec<ValueId> {
+        let node = NodeId(self.nodes.len() as u32);
+        let outputs: Vec<ValueId> = output_types
+            .into_iter()
+            .enumerate()
+            .map(|(i, ty)| {
+                self.push_value(
+                    ty,
+                    ValueDef::Node {
+                        node,
+                        index: i as u32,
+                    },
+                )
+            })
+            .collect();
+        self.nodes.push(Node {
+            op,
+            inputs: inputs.to_vec(),
+            outputs: outputs.clone(),
+            name: name.into(),
+        });
+        outputs
+    }
+
+    /// Names a value as a graph output.
+    pub fn add_output(&mut self, name: impl Into<String>, v: ValueId) {
+        self.outputs.push((name.into(), v));
+    }
+
+    /// A value; panics on an id from another graph.
+    pub fn value(&self, v: ValueId) -> &Value {
+        &self.values[v.index()]
+    }
+
+    /// Mutable access to a value (e.g. to attach parameter data).
+    pub fn value_mut(&mut self, v: ValueId) -> &mut Value {
+        &mut self.values[v.index()]
+    }
+
+    /// A node; panics on an id from another graph.
+    pub fn node(&self, n: NodeId) -> &Node {
+        &self.nodes[n.index()]
+    }
+
+    /// All values, indexed by [`ValueId`].
+    pub fn values(&self) -> &[Value] {
+        &self.values
+    }
+
+    /// All nodes in program order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Graph inputs in order.
+    pub fn inputs(&self) -> &[ValueId] {
+        &self.inputs
+    }
+
+    /// Named graph outputs in order.
+    pub fn outputs(&self) -> &[(String, ValueId)] {
+        &self.outputs
+    }
+
+    /// Ids of every parameter value, in id order.
+    pub fn params(&self) -> impl Iterator<Item = ValueId> + '_ {
+        self.values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| matches!(v.def, ValueDef::Param { .. }))
+            .map(|(i, _)| ValueId(i as u32))
+    }
+
+    /// Bytes of all [`ParamRole::Weight`] parameters.
+    pub fn params_bytes(&self) -> usize {
+        self.values
+            .iter()
+            .filter(|v| {
+                matches!(
+                    v.def,
+                    ValueDef::Param {
+                        role: ParamRole::Weight,
+                        ..
+                    }
+                )
+            })
+            .map(|v| v.ty.bytes())
+            .sum()
+    }
+
+    /// How many nodes of each op name the graph has.
+    pub fn op_counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut m = BTreeMap::new();
+        for n in &self.nodes {
+            *m.entry(n.op.name()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Removes nodes and params/consts that no output depends on, and renumbers values in
+    /// canonical order: inputs, then params and consts (in their current order), then node
+    /// outputs in program order. Textual IR is printed in this order.
+    pub fn compact(&mut self) {
+        let mut live = vec![false; self.values.len()];
+        for &(_, v) in &self.outputs {
+            live[v.index()] = true;
+        }
+        let mut keep_node = vec![false; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate().rev() {
+            if n.outputs.iter().any(|o| live[o.index()]) {
+                keep_node[i] = true;
+                for &v in &n.inputs {
+                    live[v.index()] = true;
+                }
+            }
+        }
+        let mut order: Vec<ValueId> = self.inputs.clone();
+        order.extend(
+            self.values
+                .iter()
+                .enumerate()
+                .filter(|(i, v)| {
+                    live[*i] && matches!(v.def, ValueDef::Param { .. } | ValueDef::Const(_))
+                })
+                .map(|(i, _)| ValueId(i as u32)),
+        );
+        for (i, n) in self.nodes.iter().enumerate() {
+            if keep_node[i] {
+                order.extend(&n.outputs);
+            }
+        }
+        let mut remap = vec![ValueId(u32::MAX); self.values.len()];
+        for (new, old) in order.iter().enumerate() {
+            remap[old.index()] = ValueId(new as u32);
+        }
+        let old_values = std::mem::take(&mut self.values);
+        let old_nodes = std::mem::take(&mut self.nodes);
+        let mut values: Vec<Option<Value>> = old_values.into_iter().map(Some).collect();
+        self.values = order
+            .iter()
+            .map(|o| values[o.index()].take().unwrap())
+            .collect();
+        let mut new_id = 0u32;
+        for (i, mut n) in old_nodes.into_iter().enumerate() {
+            if !keep_node[i] {
+                continue;
+            }
+            n.inputs.iter_mut().for_each(|v| *v = remap[v.index()]);
+            n.outputs.iter_mut().for_each(|v| *v = remap[v.index()]);
+            for (k, &o) in n.outputs.iter().enumerate() {
+                self.values[o.index()].def = ValueDef::Node {
+                    node: NodeId(new_id),
+                    index: k as u32,
+                };
+            }
+            self.nodes.push(n);
+            new_id += 1;
+        }
+        self.inputs.iter_mut().for_each(|v| *v = remap[v.index()]);
+        self.outputs
+            .iter_mut()
+            .for_each(|(_, v)| *v = remap[v.index()]);
+    }
+}

@@ -1,0 +1,656 @@
+//! The reference interpreter: the semantics of every op, the oracle for every later backend.
+//!
+//! Floating-point values are computed in f64 and rounded to the value's dtype after each op
+//! (so f32 elementwise results are correctly rounded), and reductions, matmuls and
+//! normalisations accumulate in f64. Integer values are i64 (i32 wraps, bool is 0/1).
+
+use std::collections::HashMap;
+
+use half::{bf16, f16};
+
+use crate::op::broadcast_shapes;
+use crate::{BinaryOp, DType, Graph, Op, ReduceKind, Tensor, UnaryOp, ValueDef};
+
+/// Why the interpreter could not evaluate the graph.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InterpError {
+    /// A graph input has no value, or its value has the wrong type.
+    #[error("input `{name}`: {msg}")]
+    Input {
+        /// The input's name.
+        name: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A parameter has no data (e.g. a graph parsed from text).
+    #[error("param `{0}` has no data")]
+    MissingParam(String),
+    /// An op failed at run time (an index out of range, a division by zero).
+    #[error("node #{node} `{op}`{name}: {msg}")]
+    Op {
+        /// Node index.
+        node: usize,
+        /// Op name.
+        op: &'static str,
+        /// ` (onnx name)` or empty.
+        name: String,
+        /// What went wrong.
+        msg: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+enum Data {
+    F(Vec<f64>),
+    I(Vec<i64>),
+}
+
+#[derive(Clone, Debug)]
+struct Arr {
+    dtype: DType,
+    shape: Vec<usize>,
+    data: Data,
+}
+
+impl Arr {
+    fn from_tensor(t: &Tensor) -> Arr {
+        let data = if t.dtype().is_float() {
+            Data::F(t.to_f32_vec().into_iter().map(f64::from).collect())
+        } else {
+            Data::I(t.to_i64_vec())
+        };
+        Arr {
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            data,
+        }
+    }
+
+    fn to_tensor(&self) -> Tensor {
+        match &self.data {
+            Data::F(v) => {
+                let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                Tensor::from_f32(self.dtype, self.shape.clone(), &f)
+            }
+            Data::I(v) => Tensor::from_i64(self.dtype, self.shape.clone(), v),
+        }
+    }
+
+    fn f(&self) -> &[f64] {
+        match &self.data {
+            Data::F(v) => v,
+            Data::I(_) => {
+                panic!("interpreter: float data expected (the verifier admits no such graph)")
+            }
+        }
+    }
+
+    fn i(&self) -> &[i64] {
+        match &self.data {
+            Data::I(v) => v,
+            Data::F(_) => {
+                panic!("interpreter: integer data expected (the verifier admits no such graph)")
+            }
+        }
+    }
+
+    /// A new array of `dtype`: floats rounded to the dtype, integers wrapped to it.
+    fn new(dtype: DType, shape: Vec<usize>, data: Data) -> Arr {
+        let data = match data {
+            Data::F(v) => Data::F(match dtype {
+                DType::F32 => v.into_iter().map(|x| x as f32 as f64).collect(),
+                DType::F16 => v.into_iter().map(|x| f16::from_f64(x).to_f64()).collect(),
+                DType::BF16 => v.into_iter().map(|x| bf16::from_f64(x).to_f64()).collect(),
+                _ => unreachable!("float data for {dtype}"),
+            }),
+            Data::I(v) => Data::I(match dtype {
+                DType::I32 => v.into_iter().map(|x| x as i32 as i64).collect(),
+                DType::Bool => v.into_iter().map(|x| (x != 0) as i64).collect(),
+                _ => v,
+            }),
+        };
+        Arr { dtype, shape, data }
+    }
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Strides that read `shape` as if broadcast to `out` (0 on broadcast dims).
+fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let s = strides(shape);
+    let off = out.len() - shape.len();
+    (0..out.len())
+        .map(|i| {
+            if i < off || shape[i - off] == 1 {
+                0
+            } else {
+                s[i - off]
+            }
+        })
+        .collect()
+}
+
+/// Flat input offsets for every output index of `out` (row-major), given per-dim strides.
+fn offsets(out: &[usize], strides: &[usize], base: usize) -> Vec<usize> {
+    let n: usize = out.iter().product();
+    let mut res = Vec::with_capacity(n);
+    if n == 0 {
+        return res;
+    }
+    let mut idx = vec![0usize; out.len()];
+    let mut off = base;
+    for _ in 0..n {
+        res.push(off);
+        for d in (0..out.len()).rev() {
+            idx[d] += 1;
+            off += strides[d];
+            if idx[d] < out[d] {
+                break;
+            }
+            off -= strides[d] * out[d];
+            idx[d] = 0;
+        }
+    }
+    res
+}
+
+fn take(data: &Data, offs: &[usize]) -> Data {
+    match data {
+        Data::F(v) => Data::F(offs.iter().map(|&o| v[o]).collect()),
+        Data::I(v) => Data::I(offs.iter().map(|&o| v[o]).collect()),
+    }
+}
+
+fn unary(u: UnaryOp, x: f64) -> f64 {
+    match u {
+        UnaryOp::Neg => -x,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Reciprocal => 1.0 / x,
+        UnaryOp::Tanh => x.tanh(),
+        UnaryOp::Erf => libm::erf(x),
+        UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        UnaryOp::Cos => x.cos(),
+        UnaryOp::Sin => x.sin(),
+        UnaryOp::Not | UnaryOp::IsNaN => unreachable!(),
+    }
+}
+
+/// Evaluates one op on tensors (used by the interpreter and by constant folding).
+/// The operands must satisfy [`Op::infer`].
+fn eval(op: &Op, ins: &[Arr]) -> Result<Arr, String> {
+    let out_ty = {
+        let tys: Vec<_> = ins
+            .iter()
+            .map(|a| crate::TensorType::new(a.dtype, a.shape.clone()))
+            .collect();
+        op.infer(&tys)?.remove(0)
+    };
+    let (dt, shape) = (out_ty.dtype, out_ty.shape);
+    let data = match op {
+        Op::Unary(UnaryOp::IsNaN) => {
+            Data::I(ins[0].f().iter().map(|v| v.is_nan() as i64).collect())
+        }
+        Op::Unary(UnaryOp::Not) => Data::I(ins[0].i().iter().map(|&v| (v == 0) as i64).collect()),
+        Op::Unary(UnaryOp::Neg) if !dt.is_float() => {
+            Data::I(ins[0].i().iter().map(|&v| v.wrapping_neg()).collect())
+        }
+        Op::Unary(u) => Data::F(ins[0].f().iter().map(|&v| unary(*u, v)).collect()),
+        Op::Binary(b) => {
+            let oa = offsets(&shape, &broadcast_strides(&ins[0].shape, &shape), 0);
+            let ob = offsets(&shape, &broadcast_strides(&ins[1].shape, &shape), 0);
+            binary(*b, &ins[0], &ins[1], &oa, &ob)?
+        }
+        Op::Where => {
+            let oc = offsets(&shape, &broadcast_strides(&ins[0].shape, &shape), 0);
+            let oa = offsets(&shape, &broadcast_strides(&ins[1].shape, &shape), 0);
+            let ob = offsets(&shape, &broadcast_strides(&ins[2].shape, &shape), 0);
+            let c = ins[0].i();
+            match (&ins[1].data, &ins[2].data) {
+                (Data::F(a), Data::F(b)) => Data::F(
+                    (0..oc.len())
+                        .map(|k| if c[oc[k]] != 0 { a[oa[k]] } else { b[ob[k]] })
+                        .collect(),
+                ),
+                (Data::I(a), Data::I(b)) => Data::I(
+                    (0..oc.len())
+                        .map(|k| if c[oc[k]] != 0 { a[oa[k]] } else { b[ob[k]] })
+                        .collect(),
+                ),
+                _ => unreachable!(),
+            }
+        }
+        Op::Cast { to } => match (&ins[0].data, to.is_float()) {
+            (Data::F(v), true) => Data::F(v.clone()),
+            (Data::F(v), false) if *to == DType::Bool => {
+                Data::I(v.iter().map(|&x| (x != 0.0) as i64).collect())
+            }
+            (Data::F(v), false) => Data::I(v.iter().map(|&x| x.trunc() as i64).collect()),
+            (Data::I(v), true) => Data::F(v.iter().map(|&x| x as f64).collect()),
+            (Data::I(v), false) => Data::I(v.clone()),
+        },
+        Op::MatMul => matmul(&ins[0], &ins[1], &shape),
+        Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+            let log = matches!(op, Op::LogSoftmax { .. });
+            let x = ins[0].f();
+            let (len, inner) = (shape[*axis], shape[axis + 1..].iter().product::<usize>());
+            let mut out = vec![0.0; x.len()];
+            for o in 0..x.len() / (len * inner).max(1) {
+                for i in 0..inner {
+                    let at = |k: usize| o * len * inner + k * inner + i;
+                    let m = (0..len).map(|k| x[at(k)]).fold(f64::NEG_INFINITY, f64::max);
+                    let s: f64 = (0..len).map(|k| (x[at(k)] - m).exp()).sum();
+                    for k in 0..len {
+                        out[at(k)] = if log {
+                            x[at(k)] - m - s.ln()
+                        } else {
+                            (x[at(k)] - m).exp() / s
+                        };
+                    }
+                }
+            }
+            Data::F(out)
+        }
+        Op::LayerNorm { axis, epsilon } => {
+            let x = ins[0].f();
+            let n: usize = shape[*axis..].iter().product();
+            let scale = ins[1].f();
+            let bias = ins.get(2).map(|b| b.f());
+            let mut out = vec![0.0; x.len()];
+            for (row, o) in x.chunks(n.max(1)).zip(out.chunks_mut(n.max(1))) {
+                let mean = row.iter().sum::<f64>() / n as f64;
+                let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
+                let rstd = 1.0 / (var + *epsilon as f64).sqrt();
+                for k in 0..row.len() {
+                    o[k] = (row[k] - mean) * rstd * scale[k] + bias.map_or(0.0, |b| b[k]);
+                }
+            }
+            Data::F(out)
+        }
+        Op::Reduce { kind, axes, .. } => {
+            let x = &ins[0];
+            let kept: Vec<usize> = x
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+                .collect();
+            let n_out: usize = kept.iter().product();
+            let dst = offsets(&x.shape, &broadcast_strides(&kept, &x.shape), 0);
+            let count: usize = axes.iter().map(|&a| x.shape[a]).product();
+            match (&x.data, kind) {
+                (Data::F(v), ReduceKind::Max) => {
+                    let mut acc = vec![f64::NEG_INFINITY; n_out];
+                    for (k, &d) in dst.iter().enumerate() {
+                        acc[d] = if v[k].is_nan() || acc[d].is_nan() {
+                            f64::NAN
+                        } else {
+                            acc[d].max(v[k])
+                        };
+                    }
+                    Data::F(acc)
+                }
+                (Data::F(v), _) => {
+                    let mut acc = vec![0.0; n_out];
+                    for (k, &d) in dst.iter().enumerate() {
+                        acc[d] += v[k];
+                    }
+                    if *kind == ReduceKind::Mean {
+                        acc.iter_mut().for_each(|a| *a /= count as f64);
+                    }
+                    Data::F(acc)
+                }
+                (Data::I(v), ReduceKind::Max) => {
+                    let mut acc = vec![i64::MIN; n_out];
+                    for (k, &d) in dst.iter().enumerate() {
+                        acc[d] = acc[d].max(v[k]);
+                    }
+                    Data::I(acc)
+                }
+                (Data::I(v), _) => {
+                    let mut acc = vec![0i64; n_out];
+                    for (k, &d) in dst.iter().enumerate() {
+                        acc[d] = acc[d].wrapping_add(v[k]);
+                    }
+                    Data::I(acc)
+                }
+            }
+        }
+        Op::Gather { axis } => {
+            let (x, idx) = (&ins[0], ins[1].i());
+            let dim = x.shape[*axis] as i64;
+            let inner: usize = x.shape[axis + 1..].iter().product();
+            let outer: usize = x.shape[..*axis].iter().product();
+            let mut offs = Vec::with_capacity(outer * idx.len() * inner);
+            for o in 0..outer {
+                for &i in idx {
+                    let j = if i < 0 { i + dim } else { i };
+                    if !(0..dim).contains(&j) {
+                        return Err(format!(
+                            "index {i} is out of range for dim {axis} of size {dim}"
+                        ));
+                    }
+                    let base = (o * dim as usize + j as usize) * inner;
+                    offs.extend(base..base + inner);
+                }
+            }
+            take(&x.data, &offs)
+        }
+        Op::GatherElements { axis } => {
+            let (x, idx) = (&ins[0], ins[1].i());
+            let xs = strides(&x.shape);
+            let dim = x.shape[*axis] as i64;
+            let pos = offsets(&shape, &strides(&x.shape), 0);
+            let mut offs = Vec::with_capacity(idx.len());
+            let out_strides = strides(&shape);
+            for (k, &i) in idx.iter().enumerate() {
+                let j = if i < 0 { i + dim } else { i };
+                if !(0..dim).contains(&j) {
+                    return Err(format!(
+                        "index {i} is out of range for dim {axis} of size {dim}"
+                    ));
+                }
+                let coord = (k / out_strides[*axis]) % shape[*axis];
+                offs.push(pos[k] - coord * xs[*axis] + j as usize * xs[*axis]);
+            }
+            take(&x.data, &offs)
+        }
+        Op::GatherNd => {
+            let (x, idx) = (&ins[0], ins[1].i());
+            let q = *ins[1].shape.last().expect("checked by infer");
+            let xs = strides(&x.shape);
+            let inner: usize = x.shape[q..].iter().product();
+            let tuples = if q == 0 {
+                ins[1].shape[..ins[1].shape.len() - 1].iter().product()
+            } else {
+                idx.len() / q
+            };
+            let mut offs = Vec::with_capacity(tuples * inner);
+            for t in 0..tuples {
+                let mut base = 0;
+                for k in 0..q {
+                    let (i, d) = (idx[t * q + k], x.shape[k] as i64);
+                    let j = if i < 0 { i + d } else { i };
+                    if !(0..d).contains(&j) {
+                        return Err(format!("index {i} is out of range for dim {k} of size {d}"));
+                    }
+                    base += j as usize * xs[k];
+                }
+                offs.extend(base..base + inner);
+            }
+            take(&x.data, &offs)
+        }
+        Op::Reshape { .. } => ins[0].data.clone(),
+        Op::Transpose { perm } => {
+            let s = strides(&ins[0].shape);
+            let ps: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+            take(&ins[0].data, &offsets(&shape, &ps, 0))
+        }
+        Op::Slice { starts, steps, .. } => {
+            let s = strides(&ins[0].shape);
+            let base = starts.iter().zip(&s).map(|(a, b)| a * b).sum();
+            let ss: Vec<usize> = steps.iter().zip(&s).map(|(a, b)| a * b).collect();
+            take(&ins[0].data, &offsets(&shape, &ss, base))
+        }
+        Op::Concat { axis } => {
+            let outer: usize = shape[..*axis].iter().product();
+            let mut out = match ins[0].data {
+                Data::F(_) => Data::F(Vec::new()),
+                Data::I(_) => Data::I(Vec::new()),
+            };
+            for o in 0..outer {
+                for a in ins {
+                    let chunk: usize = a.shape[*axis..].iter().product();
+                    match (&mut out, &a.data) {
+                        (Data::F(d), Data::F(s)) => {
+                            d.extend_from_slice(&s[o * chunk..(o + 1) * chunk])
+                        }
+                        (Data::I(d), Data::I(s)) => {
+                            d.extend_from_slice(&s[o * chunk..(o + 1) * chunk])
+                        }
+                        _ => unreachable!(),
+                    }
+                }
+            }
+            out
+        }
+        Op::Expand { .. } => take(
+            &ins[0].data,
+            &offsets(&shape, &broadcast_strides(&ins[0].shape, &shape), 0),
+        ),
+        Op::Trilu { upper, k } => {
+            let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+            let keep = |e: usize| {
+                let (i, j) = (((e / cols) % rows) as i64, (e % cols) as i64);
+                if *upper {
+                    j - i >= *k
+                } else {
+                    j - i <= *k
+                }
+            };
+            match &ins[0].data {
+                Data::F(v) => Data::F(
+                    v.iter()
+                        .enumerate()
+                        .map(|(e, &x)| if keep(e) { x } else { 0.0 })
+                        .collect(),
+                ),
+                Data::I(v) => Data::I(
+                    v.iter()
+                        .enumerate()
+                        .map(|(e, &x)| if keep(e) { x } else { 0 })
+                        .collect(),
+                ),
+            }
+        }
+    };
+    Ok(Arr::new(dt, shape, data))
+}
+
+fn binary(b: BinaryOp, a: &Arr, c: &Arr, oa: &[usize], ob: &[usize]) -> Result<Data, String> {
+    let n = oa.len();
+    let cmp = |f: &dyn Fn(usize) -> bool| Data::I((0..n).map(|k| f(k) as i64).collect());
+    Ok(match (&a.data, &c.data) {
+        (Data::F(x), Data::F(y)) => {
+            let (x, y) = (|k: usize| x[oa[k]], |k: usize| y[ob[k]]);
+            match b {
+                BinaryOp::Add => Data::F((0..n).map(|k| x(k) + y(k)).collect()),
+                BinaryOp::Sub => Data::F((0..n).map(|k| x(k) - y(k)).collect()),
+                BinaryOp::Mul => Data::F((0..n).map(|k| x(k) * y(k)).collect()),
+                BinaryOp::Div => Data::F((0..n).map(|k| x(k) / y(k)).collect()),
+                BinaryOp::Pow => Data::F((0..n).map(|k| x(k).powf(y(k))).collect()),
+                BinaryOp::Equal => cmp(&|k| x(k) == y(k)),
+                BinaryOp::Less => cmp(&|k| x(k) < y(k)),
+                BinaryOp::LessEqual => cmp(&|k| x(k) <= y(k)),
+                BinaryOp::Greater => cmp(&|k| x(k) > y(k)),
+                BinaryOp::GreaterEqual => cmp(&|k| x(k) >= y(k)),
+                BinaryOp::Max => Data::F(
+                    (0..n)
+                        .map(|k| {
+                            if x(k).is_nan() || y(k).is_nan() {
+                                f64::NAN
+                            } else {
+                                x(k).max(y(k))
+                            }
+                        })
+                        .collect(),
+                ),
+                BinaryOp::And => unreachable!(),
+            }
+        }
+        (Data::F(x), Data::I(y)) => {
+            // Only `pow` mixes dtypes: a float base with an integer exponent.
+            Data::F((0..n).map(|k| x[oa[k]].powf(y[ob[k]] as f64)).collect())
+        }
+        (Data::I(x), Data::F(y)) => Data::I(
+            (0..n)
+                .map(|k| (x[oa[k]] as f64).powf(y[ob[k]]) as i64)
+                .collect(),
+        ),
+        (Data::I(x), Data::I(y)) => {
+            let (x, y) = (|k: usize| x[oa[k]], |k: usize| y[ob[k]]);
+            match b {
+                BinaryOp::Add => Data::I((0..n).map(|k| x(k).wrapping_add(y(k))).collect()),
+                BinaryOp::Sub => Data::I((0..n).map(|k| x(k).wrapping_sub(y(k))).collect()),
+                BinaryOp::Mul => Data::I((0..n).map(|k| x(k).wrapping_mul(y(k))).collect()),
+                BinaryOp::Div => {
+                    if (0..n).any(|k| y(k) == 0) {
+                        return Err("integer division by zero".into());
+                    }
+                    Data::I((0..n).map(|k| x(k).wrapping_div(y(k))).collect())
+                }
+                BinaryOp::Pow => Data::I(
+                    (0..n)
+                        .map(|k| x(k).wrapping_pow(y(k).clamp(0, u32::MAX as i64) as u32))
+                        .collect(),
+                ),
+                BinaryOp::Equal => cmp(&|k| x(k) == y(k)),
+                BinaryOp::Less => cmp(&|k| x(k) < y(k)),
+                BinaryOp::LessEqual => cmp(&|k| x(k) <= y(k)),
+                BinaryOp::Greater => cmp(&|k| x(k) > y(k)),
+                BinaryOp::GreaterEqual => cmp(&|k| x(k) >= y(k)),
+                BinaryOp::Max => Data::I((0..n).map(|k| x(k).max(y(k))).collect()),
+                BinaryOp::And => cmp(&|k| x(k) != 0 && y(k) != 0),
+            }
+        }
+    })
+}
+
+fn matmul(a: &Arr, b: &Arr, out_shape: &[usize]) -> Data {
+    // Promote 1-D operands to matrices, as NumPy does.
+    let ash = if a.shape.len() == 1 {
+        vec![1, a.shape[0]]
+    } else {
+        a.shape.clone()
+    };
+    let bsh = if b.shape.len() == 1 {
+        vec![b.shape[0], 1]
+    } else {
+        b.shape.clone()
+    };
+    let (m, k, n) = (ash[ash.len() - 2], ash[ash.len() - 1], bsh[bsh.len() - 1]);
+    let batch =
+        broadcast_shapes(&ash[..ash.len() - 2], &bsh[..bsh.len() - 2]).expect("checked by infer");
+    let abase = offsets(
+        &batch,
+        &broadcast_strides(&ash[..ash.len() - 2], &batch)
+            .iter()
+            .map(|s| s * m * k)
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let bbase = offsets(
+        &batch,
+        &broadcast_strides(&bsh[..bsh.len() - 2], &batch)
+            .iter()
+            .map(|s| s * k * n)
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let (x, y) = (a.f(), b.f());
+    let mut out = Vec::with_capacity(out_shape.iter().product());
+    let mut bt = vec![0.0; k * n];
+    for (&ao, &bo) in abase.iter().zip(&bbase) {
+        for kk in 0..k {
+            for j in 0..n {
+                bt[j * k + kk] = y[bo + kk * n + j];
+            }
+        }
+        for i in 0..m {
+            let row = &x[ao + i * k..ao + (i + 1) * k];
+            for j in 0..n {
+                let col = &bt[j * k..(j + 1) * k];
+                out.push(row.iter().zip(col).map(|(p, q)| p * q).sum::<f64>());
+            }
+        }
+    }
+    Data::F(out)
+}
+
+/// Evaluates one op on constant tensors (constant folding uses this).
+pub fn eval_op(op: &Op, inputs: &[&Tensor]) -> Result<Tensor, String> {
+    let arrs: Vec<Arr> = inputs.iter().map(|t| Arr::from_tensor(t)).collect();
+    eval(op, &arrs).map(|a| a.to_tensor())
+}
+
+/// Runs the graph on named inputs and returns its named outputs in order. Values are freed
+/// after their last use.
+pub fn interpret(
+    g: &Graph,
+    inputs: &HashMap<String, Tensor>,
+) -> Result<Vec<(String, Tensor)>, InterpError> {
+    let mut vals: Vec<Option<Arr>> = vec![None; g.values().len()];
+    for (i, v) in g.values().iter().enumerate() {
+        match &v.def {
+            ValueDef::Input { name } => {
+                let t = inputs.get(name).ok_or_else(|| InterpError::Input {
+                    name: name.clone(),
+                    msg: "no value given".into(),
+                })?;
+                if t.ty() != &v.ty {
+                    return Err(InterpError::Input {
+                        name: name.clone(),
+                        msg: format!("expected {} but got {}", v.ty, t.ty()),
+                    });
+                }
+                vals[i] = Some(Arr::from_tensor(t));
+            }
+            ValueDef::Param { name, data, .. } => {
+                let t = data
+                    .as_ref()
+                    .ok_or_else(|| InterpError::MissingParam(name.clone()))?;
+                vals[i] = Some(Arr::from_tensor(t));
+            }
+            ValueDef::Const(t) => vals[i] = Some(Arr::from_tensor(t)),
+            ValueDef::Node { .. } => {}
+        }
+    }
+    let mut last_use = vec![usize::MAX; g.values().len()];
+    for (ni, n) in g.nodes().iter().enumerate() {
+        for &v in &n.inputs {
+            last_use[v.index()] = ni;
+        }
+    }
+    for (_, v) in g.outputs() {
+        last_use[v.index()] = usize::MAX;
+    }
+    for (ni, n) in g.nodes().iter().enumerate() {
+        let ins: Vec<Arr> = n
+            .inputs
+            .iter()
+            .map(|v| vals[v.index()].clone().expect("verified graph"))
+            .collect();
+        let out = eval(&n.op, &ins).map_err(|msg| InterpError::Op {
+            node: ni,
+            op: n.op.name(),
+            name: if n.name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", n.name)
+            },
+            msg,
+        })?;
+        vals[n.outputs[0].index()] = Some(out);
+        for &v in &n.inputs {
+            if last_use[v.index()] == ni {
+                vals[v.index()] = None;
+            }
+        }
+    }
+    Ok(g.outputs()
+        .iter()
+        .map(|(name, v)| {
+            (
+                name.clone(),
+                vals[v.index()].as_ref().expect("computed").to_tensor(),
+            )
+        })
+        .collect())
+}

@@ -1,0 +1,787 @@
+//! The op set, its attributes and its shape inference.
+//!
+//! Ops are the forward ops PyTorch's ONNX exporters produce for transformers, after the frontend
+//! has folded shape arithmetic away: shapes are static, so `Reshape`, `Expand` and `Slice` carry
+//! their targets as attributes. Binary ops broadcast as NumPy does.
+
+use std::collections::BTreeMap;
+
+use crate::{DType, TensorType};
+
+/// Elementwise unary ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    /// -x
+    Neg,
+    /// e^x
+    Exp,
+    /// ln x
+    Log,
+    /// √x
+    Sqrt,
+    /// 1/x
+    Reciprocal,
+    /// tanh x
+    Tanh,
+    /// The error function.
+    Erf,
+    /// 1/(1+e^-x)
+    Sigmoid,
+    /// cos x
+    Cos,
+    /// sin x
+    Sin,
+    /// Logical not (bool).
+    Not,
+    /// x is NaN → bool.
+    IsNaN,
+}
+
+/// Elementwise binary ops with NumPy broadcasting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    /// a + b
+    Add,
+    /// a - b
+    Sub,
+    /// a * b
+    Mul,
+    /// a / b (integer division truncates toward zero)
+    Div,
+    /// a ^ b (b may have another numeric dtype; the result has a's)
+    Pow,
+    /// a == b → bool
+    Equal,
+    /// a < b → bool
+    Less,
+    /// a <= b → bool
+    LessEqual,
+    /// a > b → bool
+    Greater,
+    /// a >= b → bool
+    GreaterEqual,
+    /// max(a, b) (NaN if either is NaN)
+    Max,
+    /// a && b (bool)
+    And,
+}
+
+/// Reductions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceKind {
+    /// Σ
+    Sum,
+    /// Σ / n
+    Mean,
+    /// max
+    Max,
+}
+
+/// A graph operation. All ops have one output today; nodes allow several.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Elementwise unary op.
+    Unary(UnaryOp),
+    /// Elementwise binary op with broadcasting.
+    Binary(BinaryOp),
+    /// `where(cond, a, b)`: a where cond, else b; all three broadcast.
+    Where,
+    /// Convert to another dtype.
+    Cast {
+        /// Target dtype.
+        to: DType,
+    },
+    /// NumPy matmul: batched over leading dims (broadcast), 1-D operands promoted.
+    MatMul,
+    /// Softmax along one axis.
+    Softmax {
+        /// The normalised axis.
+        axis: usize,
+    },
+    /// Log-softmax along one axis.
+    LogSoftmax {
+        /// The normalised axis.
+        axis: usize,
+    },
+    /// `(x - mean) / sqrt(var + eps) * scale (+ bias)` over dims `axis..rank`; inputs x, scale
+    /// and optionally bias, both of shape `x.shape[axis..]`.
+    LayerNorm {
+        /// First normalised dim.
+        axis: usize,
+        /// Added to the variance.
+        epsilon: f32,
+    },
+    /// Reduction over `axes` (sorted, unique).
+    Reduce {
+        /// Sum, mean or max.
+        kind: ReduceKind,
+        /// Reduced dims.
+        axes: Vec<usize>,
+        /// Keep reduced dims as size 1.
+        keep_dims: bool,
+    },
+    /// `data.take(indices, axis)`: out shape = data[..axis] ++ indices ++ data[axis+1..];
+    /// negative indices count from the end.
+    Gather {
+        /// Indexed dim of data.
+        axis: usize,
+    },
+    /// ONNX GatherElements: out[i] = data[i with i[axis] = indices[i]].
+    GatherElements {
+        /// Indexed dim.
+        axis: usize,
+    },
+    /// ONNX GatherND with batch_dims 0: the last dim of `indices` (q) indexes the first q dims
+    /// of data; out shape = indices[..-1] ++ data[q..]. Negative indices count from the end.
+    GatherNd,
+    /// Same elements, new shape.
+    Reshape {
+        /// Output shape.
+        shape: Vec<usize>,
+    },
+    /// Permute dims: out dim i is input dim `perm[i]`.
+    Transpose {
+        /// The permutation.
+        perm: Vec<usize>,
+    },
+    /// Strided window on every dim: `starts[i]..ends[i]` step `steps[i]` (steps ≥ 1).
+    Slice {
+        /// First index per dim.
+        starts: Vec<usize>,
+        /// One past the last index per dim.
+        ends: Vec<usize>,
+        /// Stride per dim.
+        steps: Vec<usize>,
+    },
+    /// Join inputs along one dim.
+    Concat {
+        /// The joined dim.
+        axis: usize,
+    },
+    /// Broadcast to a shape (NumPy rules).
+    Expand {
+        /// Output shape.
+        shape: Vec<usize>,
+    },
+    /// Keep the upper (or lower) triangle of the last two dims, zero elsewhere.
+    Trilu {
+        /// Upper triangle if true.
+        upper: bool,
+        /// Diagonal offset.
+        k: i64,
+    },
+}
+
+/// An attribute value in the textual IR.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attr {
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f32),
+    /// A boolean.
+    Bool(bool),
+    /// A list of integers.
+    Ints(Vec<i64>),
+    /// A dtype.
+    DType(DType),
+}
+
+const UNARY: [(UnaryOp, &str); 12] = [
+    (UnaryOp::Neg, "neg"),
+    (UnaryOp::Exp, "exp"),
+    (UnaryOp::Log, "log"),
+    (UnaryOp::Sqrt, "sqrt"),
+    (UnaryOp::Reciprocal, "reciprocal"),
+    (UnaryOp::Tanh, "tanh"),
+    (UnaryOp::Erf, "erf"),
+    (UnaryOp::Sigmoid, "sigmoid"),
+    (UnaryOp::Cos, "cos"),
+    (UnaryOp::Sin, "sin"),
+    (UnaryOp::Not, "not"),
+    (UnaryOp::IsNaN, "is_nan"),
+];
+
+const BINARY: [(BinaryOp, &str); 12] = [
+    (BinaryOp::Add, "add"),
+    (BinaryOp::Sub, "sub"),
+    (BinaryOp::Mul, "mul"),
+    (BinaryOp::Div, "div"),
+    (BinaryOp::Pow, "pow"),
+    (BinaryOp::Equal, "equal"),
+    (BinaryOp::Less, "less"),
+    (BinaryOp::LessEqual, "less_equal"),
+    (BinaryOp::Greater, "greater"),
+    (BinaryOp::GreaterEqual, "greater_equal"),
+    (BinaryOp::Max, "max"),
+    (BinaryOp::And, "and"),
+];
+
+const REDUCE: [(ReduceKind, &str); 3] = [
+    (ReduceKind::Sum, "reduce_sum"),
+    (ReduceKind::Mean, "reduce_mean"),
+    (ReduceKind::Max, "reduce_max"),
+];
+
+fn usizes(v: &[usize]) -> Attr {
+    Attr::Ints(v.iter().map(|&x| x as i64).collect())
+}
+
+impl Op {
+    /// The op's name in the textual IR and in reports (`add`, `matmul`, `layer_norm`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Unary(u) => UNARY.iter().find(|(x, _)| x == u).unwrap().1,
+            Op::Binary(b) => BINARY.iter().find(|(x, _)| x == b).unwrap().1,
+            Op::Reduce { kind, .. } => REDUCE.iter().find(|(x, _)| x == kind).unwrap().1,
+            Op::Where => "where",
+            Op::Cast { .. } => "cast",
+            Op::MatMul => "matmul",
+            Op::Softmax { .. } => "softmax",
+            Op::LogSoftmax { .. } => "log_softmax",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Gather { .. } => "gather",
+            Op::GatherElements { .. } => "gather_elements",
+            Op::GatherNd => "gather_nd",
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Expand { .. } => "expand",
+            Op::Trilu { .. } => "trilu",
+        }
+    }
+
+    /// The attributes, in printing order.
+    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        match self {
+            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::MatMul | Op::GatherNd => vec![],
+            Op::Cast { to } => vec![("to", Attr::DType(*to))],
+            Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Concat { axis } => {
+                vec![("axis", Attr::Int(*axis as i64))]
+            }
+            Op::Gather { axis } | Op::GatherElements { axis } => {
+                vec![("axis", Attr::Int(*axis as i64))]
+            }
+            Op::LayerNorm { axis, epsilon } => {
+                vec![
+                    ("axis", Attr::Int(*axis as i64)),
+                    ("epsilon", Attr::Float(*epsilon)),
+                ]
+            }
+            Op::Reduce {
+                axes, keep_dims, ..
+            } => {
+                vec![
+                    ("axes", usizes(axes)),
+                    ("keep_dims", Attr::Bool(*keep_dims)),
+                ]
+            }
+            Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", usizes(shape))],
+            Op::Transpose { perm } => vec![("perm", usizes(perm))],
+            Op::Slice {
+                starts,
+                ends,
+                steps,
+            } => {
+                vec![
+                    ("starts", usizes(starts)),
+                    ("ends", usizes(ends)),
+                    ("steps", usizes(steps)),
+                ]
+            }
+            Op::Trilu { upper, k } => vec![("upper", Attr::Bool(*upper)), ("k", Attr::Int(*k))],
+        }
+    }
+
+    /// Builds an op from its textual name and attributes; the error says what is wrong.
+    pub fn from_parts(name: &str, attrs: &BTreeMap<String, Attr>) -> Result<Op, String> {
+        let mut used = 0usize;
+        let mut get = |key: &str| -> Result<Attr, String> {
+            used += 1;
+            attrs
+                .get(key)
+                .cloned()
+                .ok_or_else(|| format!("op `{name}` needs attribute `{key}`"))
+        };
+        fn int(a: Attr, key: &str) -> Result<i64, String> {
+            match a {
+                Attr::Int(v) => Ok(v),
+                _ => Err(format!("attribute `{key}` must be an integer")),
+            }
+        }
+        fn uint(a: Attr, key: &str) -> Result<usize, String> {
+            usize::try_from(int(a, key)?).map_err(|_| format!("attribute `{key}` must be ≥ 0"))
+        }
+        fn uints(a: Attr, key: &str) -> Result<Vec<usize>, String> {
+            match a {
+                Attr::Ints(v) => v
+                    .into_iter()
+                    .map(|x| {
+                        usize::try_from(x).map_err(|_| format!("attribute `{key}` must be ≥ 0"))
+                    })
+                    .collect(),
+                _ => Err(format!("attribute `{key}` must be a list of integers")),
+            }
+        }
+        fn boolean(a: Attr, key: &str) -> Result<bool, String> {
+            match a {
+                Attr::Bool(v) => Ok(v),
+                _ => Err(format!("attribute `{key}` must be true or false")),
+            }
+        }
+        let op = if let Some((u, _)) = UNARY.iter().find(|(_, n)| *n == name) {
+            Op::Unary(*u)
+        } else if let Some((b, _)) = BINARY.iter().find(|(_, n)| *n == name) {
+            Op::Binary(*b)
+        } else if let Some((kind, _)) = REDUCE.iter().find(|(_, n)| *n == name) {
+            Op::Reduce {
+                kind: *kind,
+                axes: uints(get("axes")?, "axes")?,
+                keep_dims: boolean(get("keep_dims")?, "keep_dims")?,
+            }
+        } else {
+            match name {
+                "where" => Op::Where,
+                "matmul" => Op::MatMul,
+                "gather_nd" => Op::GatherNd,
+                "cast" => match get("to")? {
+                    Attr::DType(to) => Op::Cast { to },
+                    _ => return Err("attribute `to` must be a dtype".into()),
+                },
+                "softmax" => Op::Softmax {
+                    axis: uint(get("axis")?, "axis")?,
+                },
+                "log_softmax" => Op::LogSoftmax {
+                    axis: uint(get("axis")?, "axis")?,
+                },
+                "concat" => Op::Concat {
+                    axis: uint(get("axis")?, "axis")?,
+                },
+                "gather" => Op::Gather {
+                    axis: uint(get("axis")?, "axis")?,
+                },
+                "gather_elements" => Op::GatherElements {
+                    axis: uint(get("axis")?, "axis")?,
+                },
+                "layer_norm" => Op::LayerNorm {
+                    axis: uint(get("axis")?, "axis")?,
+                    epsilon: match get("epsilon")? {
+                        Attr::Float(e) => e,
+                        _ => return Err("attribute `epsilon` must be a float".into()),
+                    },
+                },
+                "reshape" => Op::Reshape {
+                    shape: uints(get("shape")?, "shape")?,
+                },
+                "expand" => Op::Expand {
+                    shape: uints(get("shape")?, "shape")?,
+                },
+                "transpose" => Op::Transpose {
+                    perm: uints(get("perm")?, "perm")?,
+                },
+                "slice" => Op::Slice {
+                    starts: uints(get("starts")?, "starts")?,
+                    ends: uints(get("ends")?, "ends")?,
+                    steps: uints(get("steps")?, "steps")?,
+                },
+                "trilu" => Op::Trilu {
+                    upper: boolean(get("upper")?, "upper")?,
+                    k: int(get("k")?, "k")?,
+                },
+                _ => return Err(format!("unknown op `{name}`")),
+            }
+        };
+        if used != attrs.len() {
+            let known: Vec<&str> = op.attrs().iter().map(|(k, _)| *k).collect();
+            if let Some(extra) = attrs.keys().find(|k| !known.contains(&k.as_str())) {
+                return Err(format!("op `{name}` has no attribute `{extra}`"));
+            }
+        }
+        Ok(op)
+    }
+
+    /// Output types for the given input types, or why the inputs are invalid.
+    pub fn infer(&self, inputs: &[TensorType]) -> Result<Vec<TensorType>, String> {
+        let arity = |n: usize| -> Result<(), String> {
+            if inputs.len() == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{}` takes {n} operand(s), got {}",
+                    self.name(),
+                    inputs.len()
+                ))
+            }
+        };
+        let one = |t: TensorType| Ok(vec![t]);
+        match self {
+            Op::Unary(u) => {
+                arity(1)?;
+                let x = &inputs[0];
+                match u {
+                    UnaryOp::Not if x.dtype != DType::Bool => {
+                        Err("`not` needs a bool operand".into())
+                    }
+                    UnaryOp::Not => one(x.clone()),
+                    UnaryOp::IsNaN if x.dtype.is_float() => {
+                        one(TensorType::new(DType::Bool, x.shape.clone()))
+                    }
+                    UnaryOp::Neg if x.dtype != DType::Bool => one(x.clone()),
+                    _ if x.dtype.is_float() => one(x.clone()),
+                    _ => Err(format!(
+                        "`{}` needs a float operand, got {}",
+                        self.name(),
+                        x.dtype
+                    )),
+                }
+            }
+            Op::Binary(b) => {
+                arity(2)?;
+                let (a, c) = (&inputs[0], &inputs[1]);
+                let shape = broadcast_shapes(&a.shape, &c.shape)?;
+                match b {
+                    BinaryOp::Pow => {
+                        if a.dtype == DType::Bool || c.dtype == DType::Bool {
+                            return Err("`pow` needs numeric operands".into());
+                        }
+                        one(TensorType::new(a.dtype, shape))
+                    }
+                    _ if a.dtype != c.dtype => Err(format!(
+                        "`{}` operands differ in dtype: {} vs {}",
+                        self.name(),
+                        a.dtype,
+                        c.dtype
+                    )),
+                    BinaryOp::And if a.dtype != DType::Bool => {
+                        Err("`and` needs bool operands".into())
+                    }
+                    BinaryOp::And | BinaryOp::Equal => one(TensorType::new(DType::Bool, shape)),
+                    BinaryOp::Less
+                    | BinaryOp::LessEqual
+                    | BinaryOp::Greater
+                    | BinaryOp::GreaterEqual => {
+                        if a.dtype == DType::Bool {
+                            return Err(format!("`{}` needs numeric operands", self.name()));
+                        }
+                        one(TensorType::new(DType::Bool, shape))
+                    }
+                    _ if a.dtype == DType::Bool => {
+                        Err(format!("`{}` needs numeric operands", self.name()))
+                    }
+                    _ => one(TensorType::new(a.dtype, shape)),
+                }
+            }
+            Op::Where => {
+                arity(3)?;
+                let (c, a, b) = (&inputs[0], &inputs[1], &inputs[2]);
+                if c.dtype != DType::Bool {
+                    return Err(format!("`where` condition must be bool, got {}", c.dtype));
+                }
+                if a.dtype != b.dtype {
+                    return Err(format!(
+                        "`where` branches differ in dtype: {} vs {}",
+                        a.dtype, b.dtype
+                    ));
+                }
+                let s = broadcast_shapes(&broadcast_shapes(&c.shape, &a.shape)?, &b.shape)?;
+                one(TensorType::new(a.dtype, s))
+            }
+            Op::Cast { to } => {
+                arity(1)?;
+                one(TensorType::new(*to, inputs[0].shape.clone()))
+            }
+            Op::MatMul => {
+                arity(2)?;
+                matmul_type(&inputs[0], &inputs[1]).map(|t| vec![t])
+            }
+            Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+                arity(1)?;
+                let x = &inputs[0];
+                float_operand(self, x)?;
+                check_axis(*axis, x.rank())?;
+                one(x.clone())
+            }
+            Op::LayerNorm { axis, .. } => {
+                if !(2..=3).contains(&inputs.len()) {
+                    return Err(format!(
+                        "`layer_norm` takes 2 or 3 operands, got {}",
+                        inputs.len()
+                    ));
+                }
+                let x = &inputs[0];
+                float_operand(self, x)?;
+                check_axis(*axis, x.rank())?;
+                for p in &inputs[1..] {
+                    if p.dtype != x.dtype || p.shape[..] != x.shape[*axis..] {
+                        return Err(format!(
+                            "`layer_norm` scale/bias must be {}{:?}, got {p}",
+                            x.dtype,
+                            &x.shape[*axis..]
+                        ));
+                    }
+                }
+                one(x.clone())
+            }
+            Op::Reduce {
+                kind,
+                axes,
+                keep_dims,
+            } => {
+                arity(1)?;
+                let x = &inputs[0];
+                if x.dtype == DType::Bool || (*kind == ReduceKind::Mean && !x.dtype.is_float()) {
+                    return Err(format!("`{}` does not take {}", self.name(), x.dtype));
+                }
+                if axes.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err("reduction axes must be sorted and unique".into());
+                }
+                for &a in axes {
+                    check_axis(a, x.rank())?;
+                }
+                let shape = x
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, &d)| match (axes.contains(&i), keep_dims) {
+                        (false, _) => Some(d),
+                        (true, true) => Some(1),
+                        (true, false) => None,
+                    })
+                    .collect::<Vec<_>>();
+                one(TensorType::new(x.dtype, shape))
+            }
+            Op::Gather { axis } => {
+                arity(2)?;
+                let (d, i) = (&inputs[0], &inputs[1]);
+                check_axis(*axis, d.rank())?;
+                int_indices(i)?;
+                let mut shape = d.shape[..*axis].to_vec();
+                shape.extend_from_slice(&i.shape);
+                shape.extend_from_slice(&d.shape[axis + 1..]);
+                one(TensorType::new(d.dtype, shape))
+            }
+            Op::GatherElements { axis } => {
+                arity(2)?;
+                let (d, i) = (&inputs[0], &inputs[1]);
+                check_axis(*axis, d.rank())?;
+                int_indices(i)?;
+                if i.rank() != d.rank() {
+                    return Err("`gather_elements` indices must have the data's rank".into());
+                }
+                for k in 0..d.rank() {
+                    if k != *axis && i.shape[k] > d.shape[k] {
+                        return Err(format!(
+                            "`gather_elements` indices dim {k} exceeds the data's"
+                        ));
+                    }
+                }
+                one(TensorType::new(d.dtype, i.shape.clone()))
+            }
+            Op::GatherNd => {
+                arity(2)?;
+                let (d, i) = (&inputs[0], &inputs[1]);
+                int_indices(i)?;
+                let q = *i
+                    .shape
+                    .last()
+                    .ok_or("`gather_nd` indices need at least one dim")?;
+                if q > d.rank() {
+                    return Err(format!(
+                        "`gather_nd` index tuples of length {q} exceed the data's rank {}",
+                        d.rank()
+                    ));
+                }
+                let mut shape = i.shape[..i.rank() - 1].to_vec();
+                shape.extend_from_slice(&d.shape[q..]);
+                one(TensorType::new(d.dtype, shape))
+            }
+            Op::Reshape { shape } => {
+                arity(1)?;
+                let x = &inputs[0];
+                let t = TensorType::new(x.dtype, shape.clone());
+                if t.numel() != x.numel() {
+                    return Err(format!(
+                        "cannot reshape {x} ({} elements) to {:?}",
+                        x.numel(),
+                        shape
+                    ));
+                }
+                one(t)
+            }
+            Op::Transpose { perm } => {
+                arity(1)?;
+                let x = &inputs[0];
+                let mut seen = vec![false; x.rank()];
+                if perm.len() != x.rank()
+                    || perm
+                        .iter()
+                        .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+                {
+                    return Err(format!(
+                        "{:?} is not a permutation of {} dims",
+                        perm,
+                        x.rank()
+                    ));
+                }
+                one(TensorType::new(
+                    x.dtype,
+                    perm.iter().map(|&p| x.shape[p]).collect::<Vec<_>>(),
+                ))
+            }
+            Op::Slice {
+                starts,
+                ends,
+                steps,
+            } => {
+                arity(1)?;
+                let x = &inputs[0];
+                let r = x.rank();
+                if starts.len() != r || ends.len() != r || steps.len() != r {
+                    return Err(format!(
+                        "`slice` needs starts, ends and steps for all {r} dims"
+                    ));
+                }
+                let mut shape = Vec::with_capacity(r);
+                for k in 0..r {
+                    if steps[k] == 0 || starts[k] > ends[k] || ends[k] > x.shape[k] {
+                        return Err(format!(
+                            "`slice` dim {k}: {}..{} step {} is not within 0..{}",
+                            starts[k], ends[k], steps[k], x.shape[k]
+                        ));
+                    }
+                    shape.push((ends[k] - starts[k]).div_ceil(steps[k]));
+                }
+                one(TensorType::new(x.dtype, shape))
+            }
+            Op::Concat { axis } => {
+                let first = inputs
+                    .first()
+                    .ok_or("`concat` needs at least one operand")?;
+                check_axis(*axis, first.rank())?;
+                let mut shape = first.shape.clone();
+                for t in &inputs[1..] {
+                    if t.dtype != first.dtype || t.rank() != first.rank() {
+                        return Err(format!("`concat` operands differ: {first} vs {t}"));
+                    }
+                    for k in 0..t.rank() {
+                        if k != *axis && t.shape[k] != first.shape[k] {
+                            return Err(format!(
+                                "`concat` operands differ outside axis {axis}: {first} vs {t}"
+                            ));
+                        }
+                    }
+                    shape[*axis] += t.shape[*axis];
+                }
+                one(TensorType::new(first.dtype, shape))
+            }
+            Op::Expand { shape } => {
+                arity(1)?;
+                let x = &inputs[0];
+                let b = broadcast_shapes(&x.shape, shape)?;
+                if &b != shape {
+                    return Err(format!("cannot expand {x} to {shape:?}"));
+                }
+                one(TensorType::new(x.dtype, b))
+            }
+            Op::Trilu { .. } => {
+                arity(1)?;
+                if inputs[0].rank() < 2 {
+                    return Err("`trilu` needs at least 2 dims".into());
+                }
+                one(inputs[0].clone())
+            }
+        }
+    }
+}
+
+fn float_operand(op: &Op, x: &TensorType) -> Result<(), String> {
+    if x.dtype.is_float() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` needs a float operand, got {}",
+            op.name(),
+            x.dtype
+        ))
+    }
+}
+
+fn int_indices(i: &TensorType) -> Result<(), String> {
+    match i.dtype {
+        DType::I64 | DType::I32 => Ok(()),
+        d => Err(format!("indices must be i64 or i32, got {d}")),
+    }
+}
+
+fn check_axis(axis: usize, rank: usize) -> Result<(), String> {
+    if axis < rank {
+        Ok(())
+    } else {
+        Err(format!("axis {axis} is out of range for rank {rank}"))
+    }
+}
+
+/// NumPy broadcasting of two shapes.
+pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(format!("shapes {a:?} and {b:?} do not broadcast")),
+        };
+    }
+    Ok(out)
+}
+
+fn matmul_type(a: &TensorType, b: &TensorType) -> Result<TensorType, String> {
+    if !a.dtype.is_float() || a.dtype != b.dtype {
+        return Err(format!(
+            "`matmul` needs two float operands of one dtype, got {} and {}",
+            a.dtype, b.dtype
+        ));
+    }
+    if a.rank() == 0 || b.rank() == 0 {
+        return Err("`matmul` operands must have at least 1 dim".into());
+    }
+    let ka = a.shape[a.rank() - 1];
+    let kb = if b.rank() == 1 {
+        b.shape[0]
+    } else {
+        b.shape[b.rank() - 2]
+    };
+    if ka != kb {
+        return Err(format!("`matmul` inner dims differ: {a} x {b}"));
+    }
+    let batch_a = if a.rank() > 2 {
+        &a.shape[..a.rank() - 2]
+    } else {
+        &[][..]
+    };
+    let batch_b = if b.rank() > 2 {
+        &b.shape[..b.rank() - 2]
+    } else {
+        &[][..]
+    };
+    let mut shape = broadcast_shapes(batch_a, batch_b)?;
+    if a.rank() >= 2 {
+        shape.push(a.shape[a.rank() - 2]);
+    }
+    if b.rank() >= 2 {
+        shape.push(b.shape[b.rank() - 1]);
+    }
+    Ok(TensorType::new(a.dtype, shape))
+}
