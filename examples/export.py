@@ -504,6 +504,8 @@ def main():
                 "opset_imports": opsets,
                 "op_types": op_types,
                 "quirks": quirks,
+                # Unique trainable tensors' elements (tied weights counted once).
+                "torch_params": sum(p.numel() for p in build(family, attn).parameters()),
                 "max_rel_err_ort_vs_torch": err,
                 "max_rel_err_alt_shape": alt_err,
                 "notes": notes,

@@ -97,6 +97,15 @@ impl TensorType {
         self.shape.iter().product()
     }
 
+    /// Bytes the tensor occupies, or `None` if that overflows or exceeds 2^48 (no real
+    /// tensor is that large; such types come from corrupt files).
+    pub fn checked_bytes(&self) -> Option<usize> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size(), |a, &d| a.checked_mul(d))
+            .filter(|&b| b < (1 << 48))
+    }
+
     /// Bytes the tensor occupies, densely packed.
     pub fn bytes(&self) -> usize {
         self.numel() * self.dtype.size()

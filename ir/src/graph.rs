@@ -173,6 +173,9 @@ impl Graph {
     ) -> Result<Vec<ValueId>, String> {
         let tys: Vec<TensorType> = inputs.iter().map(|&v| self.value(v).ty.clone()).collect();
         let out = op.infer(&tys)?;
+        if let Some(t) = out.iter().find(|t| t.checked_bytes().is_none()) {
+            return Err(format!("result shape {:?} is too large", t.shape));
+        }
         Ok(self.add_node_typed(op, inputs, out, name))
     }
 

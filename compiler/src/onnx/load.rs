@@ -29,6 +29,11 @@ pub fn load_model(path: &Path) -> Result<ModelProto, ImportError> {
         path: path.to_path_buf(),
         source,
     })?;
+    decode(path, bytes)
+}
+
+/// Decodes a model from bytes; `path` names it in errors.
+pub(crate) fn decode(path: &Path, bytes: Bytes) -> Result<ModelProto, ImportError> {
     let malformed = |msg: String| ImportError::Malformed {
         path: path.to_path_buf(),
         msg,
@@ -46,12 +51,13 @@ pub fn load_model(path: &Path) -> Result<ModelProto, ImportError> {
 
 /// External data files, each mapped once.
 pub(crate) struct ExternalData {
-    dir: PathBuf,
+    /// Where data files are looked up; `None` for in-memory models, which may not have any.
+    dir: Option<PathBuf>,
     files: HashMap<String, Bytes>,
 }
 
 impl ExternalData {
-    pub(crate) fn new(dir: PathBuf) -> ExternalData {
+    pub(crate) fn new(dir: Option<PathBuf>) -> ExternalData {
         ExternalData {
             dir,
             files: HashMap::new(),
@@ -65,7 +71,8 @@ impl ExternalData {
         length: Option<usize>,
     ) -> Result<Bytes, String> {
         if !self.files.contains_key(location) {
-            let path = self.dir.join(location);
+            let dir = self.dir.as_ref().ok_or("it uses external data, which an in-memory model cannot have")?;
+            let path = dir.join(location);
             let data = map_file(&path).map_err(|e| {
                 format!("cannot read its external data file `{}` ({e}); keep the data file next to the model", path.display())
             })?;
@@ -88,17 +95,13 @@ impl ExternalData {
 
 /// Checked type of a tensor from its dims.
 pub(crate) fn tensor_type(dtype: DType, dims: &[i64]) -> Result<TensorType, String> {
-    let mut shape = Vec::with_capacity(dims.len());
-    let mut bytes = dtype.size();
-    for &d in dims {
-        let d = usize::try_from(d).map_err(|_| format!("negative dim {d}"))?;
-        bytes = bytes
-            .checked_mul(d)
-            .filter(|&b| b < (1 << 48))
-            .ok_or("its dims are too large")?;
-        shape.push(d);
-    }
-    Ok(TensorType::new(dtype, shape))
+    let shape = dims
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("negative dim {d}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ty = TensorType::new(dtype, shape);
+    ty.checked_bytes().ok_or("its dims are too large")?;
+    Ok(ty)
 }
 
 /// The data of a `TensorProto`, zero-copy when it is `raw_data` or external.

@@ -265,13 +265,16 @@ pub(crate) fn convert(ctx: &mut Ctx, node: &NodeProto, inputs: &[Option<Val>]) -
         "ConstantOfShape" => {
             let dims = const_ints(&n.input(0)?, "the shape")?;
             let value = match n.attr("value").and_then(|a| a.t.as_ref()) {
-                Some(t) => load::tensor(t, &mut super::load::ExternalData::new(Default::default()))?,
+                Some(t) => load::tensor(t, &mut super::load::ExternalData::new(None))?,
                 None => Tensor::from_f32(DType::F32, vec![1], &[0.0]),
             };
             if value.numel() != 1 {
                 return Err("`value` must hold one element".into());
             }
             let ty = load::tensor_type(value.dtype(), &dims)?;
+            if ty.bytes() > super::CONST_FOLD_MAX_BYTES {
+                return Err(format!("the constant of shape {dims:?} is too large"));
+            }
             let v = value.bytes().clone();
             let data: Vec<u8> = v.iter().copied().cycle().take(ty.bytes()).collect();
             one(Val::Const(Tensor::from_bytes(ty, data.into()).map_err(|e| e.to_string())?))
@@ -562,7 +565,7 @@ fn constant(n: &N) -> Res<Tensor> {
     match a.name() {
         "value" => load::tensor(
             a.t.as_ref().ok_or("`value` holds no tensor")?,
-            &mut load::ExternalData::new(Default::default()),
+            &mut load::ExternalData::new(None),
         ),
         "value_float" => Ok(Tensor::from_f32(DType::F32, vec![], &[a.f()])),
         "value_floats" => Ok(Tensor::from_f32(
@@ -575,6 +578,9 @@ fn constant(n: &N) -> Res<Tensor> {
         other => Err(format!("Constant attribute `{other}` is not supported")),
     }
 }
+
+/// Largest `Range` memc folds (positions of a 16M-token sequence).
+const RANGE_MAX: usize = 1 << 24;
 
 fn range(n: &N) -> Res<Vec<Val>> {
     let scalar = |i: usize, what: &str| -> Res<Tensor> {
@@ -602,6 +608,9 @@ fn range(n: &N) -> Res<Vec<Val>> {
             return Err("delta must be finite and non-zero".into());
         }
         let count = ((l - s) / d).ceil().clamp(0.0, 1e9) as usize;
+        if count > RANGE_MAX {
+            return Err(format!("the range has {count} elements, more than memc folds"));
+        }
         let v: Vec<f32> = (0..count).map(|i| (s + i as f64 * d) as f32).collect();
         Ok(vec![Val::Const(Tensor::from_f32(dtype, vec![count], &v))])
     } else {
@@ -614,7 +623,10 @@ fn range(n: &N) -> Res<Vec<Val>> {
             return Err("delta must be non-zero".into());
         }
         let count = ((l as i128 - s as i128 + d as i128 - d.signum() as i128) / d as i128)
-            .clamp(0, 1 << 30) as usize;
+            .clamp(0, 1 << 40) as usize;
+        if count > RANGE_MAX {
+            return Err(format!("the range has {count} elements, more than memc folds"));
+        }
         let v: Vec<i64> = (0..count as i64).map(|i| s + i * d).collect();
         Ok(vec![Val::Const(Tensor::from_i64(dtype, vec![count], &v))])
     }
