@@ -11,6 +11,9 @@ use half::{bf16, f16};
 use crate::op::broadcast_shapes;
 use crate::{BinaryOp, DType, Graph, Op, ReduceKind, Tensor, UnaryOp, ValueDef};
 
+/// Largest single result the interpreter computes (it holds values as f64 or i64).
+const INTERP_MAX_BYTES: usize = 16 << 30;
+
 /// Why the interpreter could not evaluate the graph.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InterpError {
@@ -622,6 +625,15 @@ pub fn interpret(
         last_use[v.index()] = usize::MAX;
     }
     for (ni, n) in g.nodes().iter().enumerate() {
+        let too_big = n.outputs.iter().map(|&o| &g.value(o).ty).find(|t| t.checked_bytes().is_none_or(|b| b > INTERP_MAX_BYTES));
+        if let Some(t) = too_big {
+            return Err(InterpError::Op {
+                node: ni,
+                op: n.op.name(),
+                name: if n.name.is_empty() { String::new() } else { format!(" ({})", n.name) },
+                msg: format!("the result {t} is larger than the reference interpreter handles (16 GiB)"),
+            });
+        }
         let ins: Vec<Arr> = n
             .inputs
             .iter()

@@ -600,7 +600,7 @@ impl Op {
                 arity(1)?;
                 let x = &inputs[0];
                 let t = TensorType::new(x.dtype, shape.clone());
-                if t.numel() != x.numel() {
+                if t.checked_bytes().is_none() || t.numel() != x.numel() {
                     return Err(format!(
                         "cannot reshape {x} ({} elements) to {:?}",
                         x.numel(),
@@ -671,7 +671,9 @@ impl Op {
                             ));
                         }
                     }
-                    shape[*axis] += t.shape[*axis];
+                    shape[*axis] = shape[*axis]
+                        .checked_add(t.shape[*axis])
+                        .ok_or("`concat` result is too large")?;
                 }
                 one(TensorType::new(first.dtype, shape))
             }

@@ -273,7 +273,11 @@ impl Parser {
                 self.expect(',')?;
             }
         }
-        Ok(TensorType::new(dtype, shape))
+        let ty = TensorType::new(dtype, shape);
+        if ty.checked_bytes().is_none() {
+            return Err(ParseError { line: self.line(), msg: format!("type {ty} is too large") });
+        }
+        Ok(ty)
     }
 
     fn define(&mut self, n: u32, v: ValueId, line: usize) -> Result<(), ParseError> {

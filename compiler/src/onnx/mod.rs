@@ -158,7 +158,14 @@ impl Ctx {
         operands: &[Val],
         name: &str,
     ) -> Result<Val, String> {
-        if operands.iter().all(|v| matches!(v, Val::Const(_))) {
+        let tys: Vec<TensorType> = operands.iter().map(|v| self.ty(v)).collect();
+        let out = op.infer(&tys)?;
+        let bytes = out[0]
+            .checked_bytes()
+            .ok_or_else(|| format!("result shape {:?} is too large", out[0].shape))?;
+        // Folding evaluates through index vectors (8 bytes per element); bound by elements.
+        let foldable = bytes <= CONST_FOLD_MAX_BYTES && out[0].numel() <= CONST_FOLD_MAX_BYTES / 8;
+        if foldable && operands.iter().all(|v| matches!(v, Val::Const(_))) {
             let ts: Vec<&Tensor> = operands
                 .iter()
                 .map(|v| match v {
@@ -284,12 +291,12 @@ fn import_impl(
 
     bind_inputs(path, graph, opts, &mut ctx)?;
 
-    for node in &graph.node {
+    for (index, node) in graph.node.iter().enumerate() {
         let domain = node.domain();
         let node_opset = opsets.get(domain).copied().unwrap_or(0);
         let err = |msg: String| ImportError::Node {
             path: p(),
-            node: node.name().to_string(),
+            node: if node.name().is_empty() { format!("#{index}") } else { node.name().to_string() },
             domain: if domain.is_empty() {
                 String::new()
             } else {

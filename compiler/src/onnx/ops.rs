@@ -355,14 +355,15 @@ fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Res<Vec<u
             _ => return Err(format!("invalid target shape {target:?}")),
         }
     }
+    let product = |v: &[usize]| v.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if let Some(i) = infer {
-        let rest: usize = out.iter().product();
+        let rest = product(&out).ok_or_else(|| format!("target shape {target:?} is too large"))?;
         if rest == 0 || numel % rest != 0 {
             return Err(format!("cannot reshape {input:?} to {target:?}"));
         }
         out[i] = numel / rest;
     }
-    if out.iter().product::<usize>() != numel {
+    if product(&out) != Some(numel) {
         return Err(format!(
             "cannot reshape {input:?} ({numel} elements) to {target:?}"
         ));
@@ -529,7 +530,8 @@ fn split(ctx: &mut Ctx, n: &N) -> Res<Vec<Val>> {
                 .collect()
         }
     };
-    if sizes.iter().sum::<usize>() != shape[a] || sizes.len() != outs {
+    let total = sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+    if total != Some(shape[a]) || sizes.len() != outs {
         return Err(format!(
             "split sizes {sizes:?} do not cover dim {a} of size {} in {outs} outputs",
             shape[a]

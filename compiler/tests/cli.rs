@@ -1,0 +1,272 @@
+//! The `memc` binary end to end: the main commands on an example model, and bad input of every
+//! kind answered with one `error:` line and exit code 2, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use memc::onnx::proto::{
+    tensor_proto::{DataLocation, DataType},
+    tensor_shape_proto::{dimension::Value as Dim, Dimension},
+    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use prost::Message;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn example(name: &str) -> PathBuf {
+    root().join("examples/models").join(name)
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn memc(args: &[&str]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_memc")).args(args).output().unwrap();
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Asserts a clean failure: exit 2, exactly one stderr line `error: ...` containing `want`.
+fn fails_with(args: &[&str], want: &[&str]) {
+    let o = memc(args);
+    assert_eq!(o.code, 2, "args {args:?}\nstderr: {}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got:\n{}", o.stderr);
+    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    for w in want {
+        assert!(lines[0].contains(w), "`{w}` missing from: {}", lines[0]);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(elem as i32),
+                shape: Some(TensorShapeProto {
+                    dim: dims.iter().map(|d| Dimension { value: Some(d.clone()), denotation: None }).collect(),
+                }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(format!("/test/{op}")),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// `y = x @ w` with x: f32[batch, 4] and w an initializer, as ONNX bytes.
+fn matmul_model(w: TensorProto, extra: Vec<NodeProto>) -> Vec<u8> {
+    let mut nodes = vec![node("MatMul", &["x", "w"], &["h"])];
+    let out = if extra.is_empty() { "h" } else { "y" };
+    nodes.extend(extra);
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        graph: Some(GraphProto {
+            name: Some("g".into()),
+            node: nodes,
+            initializer: vec![w],
+            input: vec![value_info("x", DataType::Float, &[Dim::DimParam("batch".into()), Dim::DimValue(4)])],
+            output: vec![value_info(out, DataType::Float, &[])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn weight(data: TensorProto) -> TensorProto {
+    TensorProto { name: Some("w".into()), dims: vec![4, 2], data_type: Some(DataType::Float as i32), ..data }
+}
+
+fn npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
+    let a = memc_runtime::npy::NpyArray {
+        dtype: memc_runtime::npy::NpyDtype::F32,
+        shape: shape.to_vec(),
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    std::fs::write(path, memc_runtime::npy::to_bytes(&a)).unwrap();
+}
+
+#[test]
+fn eval_writes_outputs_matching_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = example("llama-dynamo/inputs/input_ids.npy");
+    let o = memc(&["eval", s(&example("llama-dynamo.onnx")), "--input", &format!("input_ids={}", s(&ids)), "--out", s(dir.path())]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("logits: f32[2, 16, 256]"), "{}", o.stdout);
+    let got = memc::io::read_tensor(&dir.path().join("logits.npy")).unwrap().to_f32_vec();
+    let want = memc::io::read_tensor(&example("llama-dynamo/ref/logits.npy")).unwrap().to_f32_vec();
+    let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+    let diff = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+    assert!(diff <= 1e-4 * scale, "{diff} vs {scale}");
+}
+
+#[test]
+fn compile_emits_ir_and_report_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let model = example("gpt2-torchscript.onnx");
+    let o = memc(&["compile", s(&model), "--shape", "input_ids=1x8", "--emit", "ir", "--report-json", s(&report)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.starts_with("graph {\n  %0 = input \"input_ids\" : i64[1, 8]\n"), "{}", &o.stdout[..200]);
+    let g = memc_ir::parse(&o.stdout).unwrap();
+    memc_ir::verify(&g).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["op_counts"]["layer_norm"], 5);
+    assert_eq!(r["op_counts"]["softmax"], 2);
+    // GPT-2 tiny: the manifest's PyTorch count plus the TorchScript exporter's tied-head copy.
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(example("manifest.json")).unwrap()).unwrap();
+    let torch_params = manifest["models"].as_array().unwrap().iter().find(|m| m["name"] == "gpt2-torchscript").unwrap()["torch_params"].as_u64().unwrap();
+    assert_eq!(r["params_bytes"].as_u64().unwrap(), 4 * (torch_params + 256 * 64));
+}
+
+#[test]
+fn opt_round_trips_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("g.mir");
+    std::fs::write(&f, "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = exp(%0) : f32[2]\n  %2 = neg(%0) : f32[2]\n  output \"y\" = %2\n}\n").unwrap();
+    let o = memc(&["opt", s(&f), "--pass", "verify,dce"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stdout, "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = neg(%0) : f32[2]\n  output \"y\" = %1\n}\n");
+    fails_with(&["opt", s(&f), "--pass", "frobnicate"], &["unknown pass"]);
+}
+
+#[test]
+fn external_data_is_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
+    let mut bytes = vec![0u8; 16]; // an offset, as exporters align tensors
+    bytes.extend(w.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(dir.path().join("model.data"), &bytes).unwrap();
+    let ext = |k: &str, v: &str| StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
+    let t = weight(TensorProto {
+        data_location: Some(DataLocation::External as i32),
+        external_data: vec![ext("location", "model.data"), ext("offset", "16"), ext("length", "32")],
+        ..Default::default()
+    });
+    let model = dir.path().join("model.onnx");
+    std::fs::write(&model, matmul_model(t, vec![])).unwrap();
+    let x = dir.path().join("x.npy");
+    npy_f32(&x, &[1, 4], &[1., 1., 1., 1.]);
+    let out = dir.path().join("out");
+    let o = memc(&["eval", s(&model), "--input", &format!("x={}", s(&x)), "--out", s(&out)]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(memc::io::read_tensor(&out.join("h.npy")).unwrap().to_f32_vec(), vec![12., 16.]);
+
+    std::fs::remove_file(dir.path().join("model.data")).unwrap();
+    fails_with(&["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"], &["initializer `w`", "model.data", "keep the data file next to the model"]);
+    std::fs::write(dir.path().join("model.data"), &bytes[..40]).unwrap();
+    fails_with(&["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"], &["initializer `w`", "truncated"]);
+}
+
+#[test]
+fn bad_model_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    fails_with(&["compile", s(&empty), "--emit", "ir"], &["empty.onnx", "not a valid ONNX model", "the file is empty"]);
+
+    let garbage = dir.path().join("garbage.onnx");
+    std::fs::write(&garbage, (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+    fails_with(&["compile", s(&garbage), "--emit", "ir"], &["garbage.onnx", "not a valid ONNX model"]);
+
+    let full = std::fs::read(example("llama-dynamo.onnx")).unwrap();
+    let truncated = dir.path().join("truncated.onnx");
+    std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    fails_with(&["compile", s(&truncated), "--shape", "input_ids=1x8", "--emit", "ir"], &["truncated.onnx", "not a valid ONNX model"]);
+
+    let missing = dir.path().join("nope.onnx");
+    fails_with(&["compile", s(&missing), "--emit", "ir"], &["nope.onnx", "cannot read the model"]);
+}
+
+#[test]
+fn unsupported_op_names_node_op_and_opset() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("einsum.onnx");
+    let w = weight(TensorProto { float_data: vec![0.5; 8], ..Default::default() });
+    std::fs::write(&model, matmul_model(w, vec![node("Einsum", &["h"], &["y"])])).unwrap();
+    fails_with(
+        &["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"],
+        &["einsum.onnx", "node `/test/Einsum`", "(Einsum, opset 17)", "not supported"],
+    );
+}
+
+#[test]
+fn dynamic_dims_need_a_shape() {
+    let m = example("llama-dynamo.onnx");
+    fails_with(&["compile", s(&m), "--emit", "ir"], &["input `input_ids`", "dim 0 (`batch`) is dynamic", "--shape input_ids=NxN"]);
+    fails_with(&["compile", s(&m), "--shape", "input_ids=2", "--emit", "ir"], &["--shape gives 1 dims but the model declares 2"]);
+    fails_with(&["compile", s(&m), "--shape", "ids=2x3", "--emit", "ir"], &["does not have (inputs: input_ids)"]);
+    fails_with(&["compile", s(&m), "--shape", "input_ids=2xq", "--emit", "ir"], &["`q` is not a dimension"]);
+}
+
+#[test]
+fn inputs_of_the_wrong_shape_or_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = example("llama-dynamo.onnx");
+    let floats = dir.path().join("floats.npy");
+    npy_f32(&floats, &[2, 16], &[0.0; 32]);
+    fails_with(
+        &["eval", s(&m), "--input", &format!("input_ids={}", s(&floats)), "--out", s(dir.path())],
+        &["floats.npy", "must be i64[2, 16]", "holds f32[2, 16]", "astype(np.int64)"],
+    );
+    let ids = example("llama-dynamo/inputs/input_ids.npy");
+    fails_with(
+        &["eval", s(&m), "--shape", "input_ids=3x16", "--input", &format!("input_ids={}", s(&ids)), "--out", s(dir.path())],
+        &["must be i64[3, 16]", "holds i64[2, 16]"],
+    );
+    fails_with(&["eval", s(&m), "--out", s(dir.path())], &["input `input_ids`", "dynamic"]);
+    let bert = example("bert-dynamo.onnx");
+    let bert_ids = example("bert-dynamo/inputs/input_ids.npy");
+    fails_with(
+        &["eval", s(&bert), "--shape", "input_ids=2x16", "--input", &format!("input_ids={}", s(&bert_ids)), "--out", s(dir.path())],
+        &["input `token_type_ids` (i64[2, 16]) has no value", "--input token_type_ids=FILE.npy"],
+    );
+}
+
+#[test]
+fn malformed_npy_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = example("llama-dynamo.onnx");
+    let bad = dir.path().join("bad.npy");
+    std::fs::write(&bad, b"\x93NUMPY\x01\x00garbage").unwrap();
+    fails_with(&["eval", s(&m), "--input", &format!("input_ids={}", s(&bad)), "--out", s(dir.path())], &["bad.npy", "not a valid .npy file"]);
+    std::fs::write(&bad, b"not numpy at all").unwrap();
+    fails_with(&["eval", s(&m), "--input", &format!("input_ids={}", s(&bad)), "--out", s(dir.path())], &["bad.npy", "magic"]);
+    let short = dir.path().join("short.npy");
+    let good = std::fs::read(example("llama-dynamo/inputs/input_ids.npy")).unwrap();
+    std::fs::write(&short, &good[..good.len() - 8]).unwrap();
+    fails_with(&["eval", s(&m), "--input", &format!("input_ids={}", s(&short)), "--out", s(dir.path())], &["short.npy", "needs 256 data bytes"]);
+    fails_with(&["eval", s(&m), "--input", "input_ids", "--out", s(dir.path())], &["expected NAME=FILE.npy"]);
+}
+
+#[test]
+fn features_of_later_releases_say_so() {
+    let m = example("llama-dynamo.onnx");
+    fails_with(&["compile", s(&m), "--shape", "input_ids=1x8", "-o", "/tmp/x"], &["not available yet"]);
+    fails_with(&["compile", s(&m), "--shape", "input_ids=1x8", "--emit", "ptx"], &["--emit ptx", "not available yet"]);
+}
