@@ -1,16 +1,14 @@
 #!/usr/bin/env python3
 """Regenerate the tiny ONNX example models used to test memc's importer.
 
-Run from the repository root:
-
-    python3 examples/export.py
+Run from the repository root: ``python3 examples/export.py``
 
 For each of four Hugging Face model families (llama, gpt2, bert, qwen2) this
 builds a tiny model from a config with random weights (``torch.manual_seed(0)``,
 fp32, eval mode, 2 layers, hidden size 64, vocab 256, 64 max positions; no
 pretrained weights are downloaded), then adds seeded Gaussian noise (std 0.02)
 to every parameter so that biases and norm weights/biases are not the trivial
-0/1 of HF's init (tied embeddings stay tied), and exports it twice:
+0/1 of HF's init (tied embeddings stay tied), and exports it four times:
 
 * ``dynamo``      -- ``torch.onnx.export(dynamo=True, opset_version=18)`` with
                      batch and sequence made dynamic via ``dynamic_shapes``, a
@@ -19,13 +17,15 @@ to every parameter so that biases and norm weights/biases are not the trivial
                      any are left, are inlined before saving.
 * ``torchscript`` -- ``torch.onnx.export(dynamo=False, opset_version=17)`` with
                      ``dynamic_axes`` naming the dims "batch" and "seq".
+* ``dynamo-opset20``, ``torchscript-opset14`` -- the same at the edges of the
+                     supported opset ranges (see ``EDGE_VARIANTS`` below).
 
-Outputs (all under ``examples/models/``):
+Outputs (all under ``examples/models/``; ``<name>`` = ``<family>-<variant>``):
 
-* ``<family>-<exporter>.onnx``                the model (weights embedded)
-* ``<family>-<exporter>/inputs/<name>.npy``   inputs, batch 2 x seq 16, int64
-* ``<family>-<exporter>/ref/<name>.npy``      onnxruntime CPU outputs
-* ``<family>-<exporter>/torch_ref/<name>.npy`` PyTorch eager outputs
+* ``<name>.onnx``                             the model (weights embedded)
+* ``<name>/inputs/<input>.npy``               inputs, batch 2 x seq 16, int64
+* ``<name>/ref/<output>.npy``                 onnxruntime CPU outputs
+* ``<name>/torch_ref/<output>.npy``           PyTorch eager outputs
 * ``manifest.json``                           per-model inputs/outputs (with the
                                               symbolic dims as declared in the
                                               graph), op types, opset imports,
@@ -128,6 +128,12 @@ class EncoderLogits(torch.nn.Module):
                           attention_mask=attention_mask).logits
 
 
+# NOTE: the dynamo exporter records the file/line of the forward() methods
+# above in every node's "pkg.torch.onnx.stack_trace" metadata, so adding or
+# removing lines above them changes the bytes of the committed *-dynamo*.onnx
+# files.  Keep them at lines 117 and 126.
+
+
 PERTURB_SEED = 4321
 PERTURB_STD = 0.02
 
@@ -185,7 +191,27 @@ def torch_run(wrapper, feeds, names):
 # Export
 # --------------------------------------------------------------------------
 
-def export_dynamo(wrapper, args, names, path, dynamic):
+DYNAMO_OPSET = 18
+TORCHSCRIPT_OPSET = 17
+# (exporter, opset, name suffix): the original pair, then the edges of the
+# supported opset ranges, named ``<family>-dynamo-opset20`` and
+# ``<family>-torchscript-opset14`` and exported exactly like the originals.
+# The dynamo exporter builds its torchlib registry at the requested opset when
+# it is >= 18 (so opset-20 overloads such as ``Gelu`` are picked directly);
+# should a saved model still not import the requested default-domain opset it
+# is converted with ``onnx.version_converter`` (noted in the manifest), and
+# postprocess() asserts the default-domain opset_import is the requested one.
+VARIANTS = [
+    ("dynamo", DYNAMO_OPSET, ""),
+    ("torchscript", TORCHSCRIPT_OPSET, ""),
+]
+EDGE_VARIANTS = [
+    ("dynamo", 20, "-opset20"),
+    ("torchscript", 14, "-opset14"),
+]
+
+
+def export_dynamo(wrapper, args, names, path, dynamic, opset=DYNAMO_OPSET):
     kw = {}
     if dynamic:
         batch = torch.export.Dim("batch")
@@ -193,7 +219,7 @@ def export_dynamo(wrapper, args, names, path, dynamic):
         kw["dynamic_shapes"] = {n: {0: batch, 1: seq} for n in names}
     with torch.no_grad():
         torch.onnx.export(
-            wrapper, args, str(path), dynamo=True, opset_version=18,
+            wrapper, args, str(path), dynamo=True, opset_version=opset,
             input_names=names, output_names=["logits"], external_data=False,
             **kw)
 
@@ -238,29 +264,46 @@ def _cumsum_symbolic(g, self, dim, dtype=None):
     return symbolic_opset11.cumsum(g, self, dim, dtype)
 
 
-_SYMBOLICS_REGISTERED = False
+_SYMBOLICS_REGISTERED = set()
 SYMBOLICS_USED = set()
 
 
-def export_torchscript(wrapper, args, names, path, dynamic):
-    global _SYMBOLICS_REGISTERED
-    if not _SYMBOLICS_REGISTERED:
-        torch.onnx.register_custom_op_symbolic("aten::diff", _diff_symbolic, 17)
-        torch.onnx.register_custom_op_symbolic("aten::cumsum", _cumsum_symbolic, 17)
-        _SYMBOLICS_REGISTERED = True
+def export_torchscript(wrapper, args, names, path, dynamic,
+                       opset=TORCHSCRIPT_OPSET):
+    # A symbolic registered at opset N serves every target opset >= N (until
+    # a later registration), so register at each opset actually requested.
+    if opset not in _SYMBOLICS_REGISTERED:
+        torch.onnx.register_custom_op_symbolic("aten::diff", _diff_symbolic, opset)
+        torch.onnx.register_custom_op_symbolic("aten::cumsum", _cumsum_symbolic, opset)
+        _SYMBOLICS_REGISTERED.add(opset)
     kw = {}
     if dynamic:
         kw["dynamic_axes"] = {n: {0: "batch", 1: "seq"} for n in names}
         kw["dynamic_axes"]["logits"] = {0: "batch", 1: "seq"}
     with torch.no_grad():
         torch.onnx.export(
-            wrapper, args, str(path), dynamo=False, opset_version=17,
+            wrapper, args, str(path), dynamo=False, opset_version=opset,
             input_names=names, output_names=["logits"], **kw)
 
 
-def postprocess(path, notes):
-    """Inline model-local functions (if any) and re-save as one file."""
+def default_opset(m):
+    return next((o.version for o in m.opset_import
+                 if o.domain in ("", "ai.onnx")), None)
+
+
+def postprocess(path, notes, opset):
+    """Inline model-local functions (if any) and re-save as one file.
+
+    Also makes sure the default-domain opset import is ``opset``, converting
+    with ``onnx.version_converter`` if the exporter did not get there itself.
+    """
     m = onnx.load(str(path))
+    got = default_opset(m)
+    if got != opset:
+        from onnx import version_converter
+        m = version_converter.convert_version(m, opset)
+        notes.append(f"exporter produced default-domain opset {got}; converted "
+                     f"to {opset} with onnx.version_converter")
     if len(m.functions):
         fnames = sorted({f"{f.domain}::{f.name}" for f in m.functions})
         m = onnx.inliner.inline_local_functions(m)
@@ -272,6 +315,9 @@ def postprocess(path, notes):
         del m.opset_import[:]
         m.opset_import.extend(keep)
     onnx.checker.check_model(m)
+    if default_opset(m) != opset:
+        raise RuntimeError(f"default-domain opset is {default_opset(m)}, "
+                           f"wanted {opset}")
     onnx.save(m, str(path))
     data_files = [p for p in path.parent.iterdir()
                   if p.name.startswith(path.name) and p != path]
@@ -392,7 +438,7 @@ def save_npys(d, arrays):
         np.save(d / f"{k}.npy", v)
 
 
-def try_export(family, exporter, attn, dynamic, path):
+def try_export(family, exporter, attn, dynamic, path, opset):
     wrapper = build(family, attn)
     names = INPUT_NAMES[family]
     feeds = make_inputs(family, REF_SHAPE, DATA_SEED)
@@ -401,14 +447,14 @@ def try_export(family, exporter, attn, dynamic, path):
         path.unlink()
     fn = export_dynamo if exporter == "dynamo" else export_torchscript
     SYMBOLICS_USED.clear()
-    fn(wrapper, args, names, path, dynamic)
+    fn(wrapper, args, names, path, dynamic, opset)
     notes = []
     if SYMBOLICS_USED:
         notes.append("custom TorchScript symbolics used (stock exporter fails): "
                      + ", ".join(sorted(SYMBOLICS_USED))
                      + " -- from transformers' packed-sequence check "
                      "(torch.diff(position_ids).ne(1).cumsum()) in mask creation")
-    m = postprocess(path, notes)
+    m = postprocess(path, notes, opset)
     ref = ort_run(path, feeds)
     tref = torch_run(wrapper, feeds, names)
     err = rel_err(ref["logits"], tref)
@@ -436,96 +482,109 @@ def main():
         "models": [],
     }
     rows, failed = [], []
-    for family in ["llama", "gpt2", "bert", "qwen2"]:
-        for exporter in ["dynamo", "torchscript"]:
-            name = f"{family}-{exporter}"
-            path = OUT / f"{name}.onnx"
-            print(f"=== {name}", flush=True)
-            attempts = [("sdpa", True), ("eager", True)]
-            if exporter == "dynamo":
-                attempts += [("sdpa", False), ("eager", False)]
-            result, errors = None, []
-            for attn, dynamic in attempts:
-                try:
-                    result = try_export(family, exporter, attn, dynamic, path)
-                    bad = result[4] > TOL or (result[5] is not None and result[5] > TOL)
-                    if bad:
-                        errors.append(f"attn={attn} dynamic={dynamic}: mismatch "
-                                      f"err={result[4]:.2e} alt_err={result[5]}")
-                        print("   " + errors[-1], flush=True)
-                        result = None
-                        continue
-                    break
-                except Exception as e:  # noqa: BLE001
-                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                    errors.append(f"attn={attn} dynamic={dynamic}: {msg}")
-                    print("   FAILED " + errors[-1], flush=True)
-                    if os.environ.get("EXPORT_DEBUG"):
-                        traceback.print_exc()
+    families = ["llama", "gpt2", "bert", "qwen2"]
+    # The original 8 first (unchanged order), then the opset-edge variants.
+    jobs = [(f, e, o, sfx) for variants in (VARIANTS, EDGE_VARIANTS)
+            for f in families for e, o, sfx in variants]
+    for family, exporter, opset, suffix in jobs:
+        name = f"{family}-{exporter}{suffix}"
+        path = OUT / f"{name}.onnx"
+        print(f"=== {name}", flush=True)
+        attempts = [("sdpa", True), ("eager", True)]
+        if exporter == "dynamo":
+            attempts += [("sdpa", False), ("eager", False)]
+        result, errors = None, []
+        for attn, dynamic in attempts:
+            try:
+                result = try_export(family, exporter, attn, dynamic, path,
+                                    opset)
+                bad = result[4] > TOL or (result[5] is not None and result[5] > TOL)
+                if bad:
+                    errors.append(f"attn={attn} dynamic={dynamic}: mismatch "
+                                  f"err={result[4]:.2e} alt_err={result[5]}")
+                    print("   " + errors[-1], flush=True)
                     result = None
-            if result is None:
-                failed.append(name)
-                rows.append((name, "-", "-", "-", "FAIL"))
-                continue
-            m, feeds, ref, tref, err, alt_err, notes = result
-            notes = [f"attempt failed: {e}" for e in errors] + notes
-            if attn != "sdpa":
-                notes.append(f"attn_implementation={attn!r} (sdpa export failed)")
-            else:
-                notes.append("attn_implementation='sdpa' (transformers default)")
-            if not dynamic:
-                notes.append("static shapes (dynamic export failed)")
-            d = OUT / name
-            for sub in ("inputs", "ref", "torch_ref"):
-                if (d / sub).exists():
-                    for p in (d / sub).iterdir():
-                        p.unlink()
-            save_npys(d / "inputs", feeds)
-            save_npys(d / "ref", ref)
-            save_npys(d / "torch_ref", {"logits": tref})
-            op_types, opsets, quirks = inspect_model(m)
-            entry = {
-                "name": name,
-                "family": family,
-                "exporter": exporter,
-                "opset": opsets.get("ai.onnx"),
-                "file": f"{name}.onnx",
-                "attn_implementation": attn,
-                "dynamic": dynamic,
-                "inputs": [{"name": i.name,
-                            "dtype": onnx.helper.tensor_dtype_to_np_dtype(
-                                i.type.tensor_type.elem_type).name,
-                            "shape": list(feeds[i.name].shape),
-                            "dims": dims_of(i)}
-                           for i in m.graph.input
-                           if i.name not in {x.name for x in m.graph.initializer}],
-                "outputs": [{"name": o.name, "shape": list(ref[o.name].shape),
-                             "dims": dims_of(o)} for o in m.graph.output],
-                "opset_imports": opsets,
-                "op_types": op_types,
-                "quirks": quirks,
-                # Unique trainable tensors' elements (tied weights counted once).
-                "torch_params": sum(p.numel() for p in build(family, attn).parameters()),
-                "max_rel_err_ort_vs_torch": err,
-                "max_rel_err_alt_shape": alt_err,
-                "notes": notes,
-            }
-            manifest["models"].append(entry)
-            size = path.stat().st_size
-            print(f"   opsets {opsets}")
-            print(f"   ops ({len(op_types)}): {' '.join(op_types)}")
-            print(f"   quirks {json.dumps(quirks)}")
-            for n in notes:
-                print(f"   note: {n}")
-            rows.append((name, f"{size / 1e6:.2f}MB", f"{err:.2e}",
-                         "-" if alt_err is None else f"{alt_err:.2e}", "ok"))
+                    continue
+                break
+            except Exception as e:  # noqa: BLE001
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                errors.append(f"attn={attn} dynamic={dynamic}: {msg}")
+                print("   FAILED " + errors[-1], flush=True)
+                if os.environ.get("EXPORT_DEBUG"):
+                    traceback.print_exc()
+                result = None
+        if result is None:
+            failed.append(name)
+            rows.append((name, "-", "-", "-", "FAIL"))
+            continue
+        m, feeds, ref, tref, err, alt_err, notes = result
+        notes = [f"attempt failed: {e}" for e in errors] + notes
+        if suffix:
+            how = (f"torch.onnx.export(dynamo={exporter == 'dynamo'}, "
+                   f"opset_version={opset})")
+            if exporter == "dynamo" and not any(
+                    "version_converter" in n for n in notes):
+                how += (" directly: torchlib registry built at opset "
+                        f"{opset} (>= 18), no version conversion needed")
+            notes.insert(0, f"opset-edge variant of {family}-{exporter}: "
+                         + how)
+        if attn != "sdpa":
+            notes.append(f"attn_implementation={attn!r} (sdpa export failed)")
+        else:
+            notes.append("attn_implementation='sdpa' (transformers default)")
+        if not dynamic:
+            notes.append("static shapes (dynamic export failed)")
+        d = OUT / name
+        for sub in ("inputs", "ref", "torch_ref"):
+            if (d / sub).exists():
+                for p in (d / sub).iterdir():
+                    p.unlink()
+        save_npys(d / "inputs", feeds)
+        save_npys(d / "ref", ref)
+        save_npys(d / "torch_ref", {"logits": tref})
+        op_types, opsets, quirks = inspect_model(m)
+        entry = {
+            "name": name,
+            "family": family,
+            "exporter": exporter,
+            "opset": opsets.get("ai.onnx"),
+            "file": f"{name}.onnx",
+            "attn_implementation": attn,
+            "dynamic": dynamic,
+            "inputs": [{"name": i.name,
+                        "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+                            i.type.tensor_type.elem_type).name,
+                        "shape": list(feeds[i.name].shape),
+                        "dims": dims_of(i)}
+                       for i in m.graph.input
+                       if i.name not in {x.name for x in m.graph.initializer}],
+            "outputs": [{"name": o.name, "shape": list(ref[o.name].shape),
+                         "dims": dims_of(o)} for o in m.graph.output],
+            "opset_imports": opsets,
+            "op_types": op_types,
+            "quirks": quirks,
+            # Unique trainable tensors' elements (tied weights counted once).
+            "torch_params": sum(p.numel() for p in build(family, attn).parameters()),
+            "max_rel_err_ort_vs_torch": err,
+            "max_rel_err_alt_shape": alt_err,
+            "notes": notes,
+        }
+        manifest["models"].append(entry)
+        size = path.stat().st_size
+        print(f"   opsets {opsets}")
+        print(f"   ops ({len(op_types)}): {' '.join(op_types)}")
+        print(f"   quirks {json.dumps(quirks)}")
+        for n in notes:
+            print(f"   note: {n}")
+        rows.append((name, f"{size / 1e6:.2f}MB", f"{err:.2e}",
+                     "-" if alt_err is None else f"{alt_err:.2e}", "ok"))
     with open(OUT / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
     print()
-    print(f"{'model':<22}{'size':>9}{'rel_err':>11}{'alt_err':>11}  status")
+    print(f"{'model':<28}{'size':>9}{'rel_err':>11}{'alt_err':>11}  status")
     for r in rows:
-        print(f"{r[0]:<22}{r[1]:>9}{r[2]:>11}{r[3]:>11}  {r[4]}")
+        print(f"{r[0]:<28}{r[1]:>9}{r[2]:>11}{r[3]:>11}  {r[4]}")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"total size of {OUT.relative_to(ROOT.parent)}: {total / 1e6:.2f} MB")
     if failed:

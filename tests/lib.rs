@@ -8,7 +8,10 @@ use memc_ir::Tensor;
 
 /// The repository root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// One example model from `examples/models/manifest.json`.
@@ -29,7 +32,8 @@ pub struct Example {
 /// Every example model.
 pub fn examples() -> Vec<Example> {
     let dir = root().join("examples/models");
-    let text = std::fs::read_to_string(dir.join("manifest.json")).expect("examples/models/manifest.json");
+    let text =
+        std::fs::read_to_string(dir.join("manifest.json")).expect("examples/models/manifest.json");
     let m: serde_json::Value = serde_json::from_str(&text).unwrap();
     m["models"]
         .as_array()
@@ -71,7 +75,11 @@ impl Example {
 pub fn rel_error(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.shape(), want.shape());
     let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
-    let diff = g.iter().zip(&w).map(|(a, b)| (a - b).abs() as f64).fold(0.0, f64::max);
+    let diff = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max);
     let scale = w.iter().map(|b| b.abs() as f64).fold(0.0, f64::max);
     diff / scale
 }

@@ -28,6 +28,8 @@ enum Command {
     Eval(EvalArgs),
     /// Run passes on textual IR: textual IR in, textual IR out.
     Opt(OptArgs),
+    /// Check the code generation toolchain (MLIR 19, LLVM 19 host and NVPTX) and the CUDA driver.
+    Toolchain,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +102,13 @@ struct EvalArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "ref")]
     backend: Backend,
+    /// Compare every output with DIR/<output name>.npy (e.g. onnxruntime's) and fail if
+    /// max|out - ref| > tolerance * max|ref|.
+    #[arg(long, value_name = "DIR")]
+    check: Option<PathBuf>,
+    /// Relative tolerance for --check.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
 }
 
 #[derive(Debug, Args)]
@@ -173,7 +182,28 @@ fn import(
     timer
         .time("verify", || memc_ir::verify(&g))
         .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
+    if timer.enabled {
+        if let Some((anon, file)) = resident_memory() {
+            let mib = |b: u64| b as f64 / 1048576.0;
+            eprintln!(
+                "memory: {:.1} MiB anonymous, {:.1} MiB of mapped files resident",
+                mib(anon),
+                mib(file)
+            );
+        }
+    }
     Ok(g)
+}
+
+/// Resident memory of this process, split into anonymous (copied or computed) and
+/// file-backed (memory-mapped model) bytes, from /proc on Linux.
+fn resident_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((kb("RssAnon:")? * 1024, kb("RssFile:")? * 1024))
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
@@ -300,7 +330,50 @@ fn eval(args: EvalArgs) -> Result<()> {
             file.display()
         );
     }
+    if let Some(dir) = &args.check {
+        let mut worst = 0.0f64;
+        for (name, t) in &outputs {
+            let file = dir.join(format!("{}.npy", sanitize(name)));
+            let want = crate::io::read_tensor(&file)?;
+            if want.shape() != t.shape() {
+                bail!(
+                    "{}: reference is {:?} but output `{name}` is {:?}",
+                    file.display(),
+                    want.shape(),
+                    t.shape()
+                );
+            }
+            let err = relative_error(&t.to_f32_vec(), &want.to_f32_vec());
+            println!(
+                "check {name}: max|out - ref| / max|ref| = {err:.3e} against {}",
+                file.display()
+            );
+            worst = worst.max(err);
+        }
+        if worst.is_nan() || worst > args.tolerance {
+            bail!(
+                "outputs differ from the references in {}: relative error {worst:.3e} > {:e}",
+                dir.display(),
+                args.tolerance
+            );
+        }
+    }
     Ok(())
+}
+
+/// `max|a - b| / max|b|` (0 when both are all zero).
+fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, |m, d| if d.is_nan() { f64::NAN } else { m.max(d) });
+    let scale = b.iter().map(|y| y.abs() as f64).fold(0.0, f64::max);
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
 }
 
 fn numpy_name(d: memc_ir::DType) -> &'static str {
@@ -348,12 +421,36 @@ fn opt(args: OptArgs) -> Result<()> {
     Ok(())
 }
 
+fn toolchain() -> Result<()> {
+    let r = memc_codegen::toolchain::check()?;
+    println!(
+        "MLIR 19: scf.parallel kernel lowered to the LLVM dialect ({} lines)",
+        r.lowered_mlir.lines().count()
+    );
+    println!("LLVM 19: x86-64 object of {} bytes", r.host_object_bytes);
+    let target = r
+        .ptx
+        .lines()
+        .find(|l| l.starts_with(".target"))
+        .unwrap_or("?");
+    println!(
+        "LLVM 19: NVPTX assembly of {} bytes ({target})",
+        r.ptx.len()
+    );
+    match memc_runtime::cuda::probe() {
+        Ok(name) => println!("CUDA: device 0 is {name}"),
+        Err(e) => println!("CUDA: {e}"),
+    }
+    Ok(())
+}
+
 /// Runs the CLI on parsed arguments.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Compile(a) => compile(a),
         Command::Eval(a) => eval(a),
         Command::Opt(a) => opt(a),
+        Command::Toolchain => toolchain(),
     }
 }
 

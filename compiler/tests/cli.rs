@@ -7,13 +7,16 @@ use std::process::Command;
 use memc::onnx::proto::{
     tensor_proto::{DataLocation, DataType},
     tensor_shape_proto::{dimension::Value as Dim, Dimension},
-    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use prost::Message;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn example(name: &str) -> PathBuf {
@@ -27,7 +30,10 @@ struct Out {
 }
 
 fn memc(args: &[&str]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_memc")).args(args).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_memc"))
+        .args(args)
+        .output()
+        .unwrap();
     Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -40,7 +46,12 @@ fn fails_with(args: &[&str], want: &[&str]) {
     let o = memc(args);
     assert_eq!(o.code, 2, "args {args:?}\nstderr: {}", o.stderr);
     let lines: Vec<&str> = o.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line expected, got:\n{}", o.stderr);
+    assert_eq!(
+        lines.len(),
+        1,
+        "one error line expected, got:\n{}",
+        o.stderr
+    );
     assert!(lines[0].starts_with("error: "), "{}", lines[0]);
     for w in want {
         assert!(lines[0].contains(w), "`{w}` missing from: {}", lines[0]);
@@ -58,7 +69,13 @@ fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
                 elem_type: Some(elem as i32),
                 shape: Some(TensorShapeProto {
-                    dim: dims.iter().map(|d| Dimension { value: Some(d.clone()), denotation: None }).collect(),
+                    dim: dims
+                        .iter()
+                        .map(|d| Dimension {
+                            value: Some(d.clone()),
+                            denotation: None,
+                        })
+                        .collect(),
                 }),
             })),
             denotation: None,
@@ -84,12 +101,19 @@ fn matmul_model(w: TensorProto, extra: Vec<NodeProto>) -> Vec<u8> {
     nodes.extend(extra);
     ModelProto {
         ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
         graph: Some(GraphProto {
             name: Some("g".into()),
             node: nodes,
             initializer: vec![w],
-            input: vec![value_info("x", DataType::Float, &[Dim::DimParam("batch".into()), Dim::DimValue(4)])],
+            input: vec![value_info(
+                "x",
+                DataType::Float,
+                &[Dim::DimParam("batch".into()), Dim::DimValue(4)],
+            )],
             output: vec![value_info(out, DataType::Float, &[])],
             ..Default::default()
         }),
@@ -99,7 +123,12 @@ fn matmul_model(w: TensorProto, extra: Vec<NodeProto>) -> Vec<u8> {
 }
 
 fn weight(data: TensorProto) -> TensorProto {
-    TensorProto { name: Some("w".into()), dims: vec![4, 2], data_type: Some(DataType::Float as i32), ..data }
+    TensorProto {
+        name: Some("w".into()),
+        dims: vec![4, 2],
+        data_type: Some(DataType::Float as i32),
+        ..data
+    }
 }
 
 fn npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
@@ -115,13 +144,27 @@ fn npy_f32(path: &Path, shape: &[usize], v: &[f32]) {
 fn eval_writes_outputs_matching_onnxruntime() {
     let dir = tempfile::tempdir().unwrap();
     let ids = example("llama-dynamo/inputs/input_ids.npy");
-    let o = memc(&["eval", s(&example("llama-dynamo.onnx")), "--input", &format!("input_ids={}", s(&ids)), "--out", s(dir.path())]);
+    let o = memc(&[
+        "eval",
+        s(&example("llama-dynamo.onnx")),
+        "--input",
+        &format!("input_ids={}", s(&ids)),
+        "--out",
+        s(dir.path()),
+    ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains("logits: f32[2, 16, 256]"), "{}", o.stdout);
-    let got = memc::io::read_tensor(&dir.path().join("logits.npy")).unwrap().to_f32_vec();
-    let want = memc::io::read_tensor(&example("llama-dynamo/ref/logits.npy")).unwrap().to_f32_vec();
+    let got = memc::io::read_tensor(&dir.path().join("logits.npy"))
+        .unwrap()
+        .to_f32_vec();
+    let want = memc::io::read_tensor(&example("llama-dynamo/ref/logits.npy"))
+        .unwrap()
+        .to_f32_vec();
     let scale = want.iter().fold(0f32, |a, b| a.max(b.abs()));
-    let diff = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+    let diff = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
     assert!(diff <= 1e-4 * scale, "{diff} vs {scale}");
 }
 
@@ -130,18 +173,44 @@ fn compile_emits_ir_and_report_json() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("r.json");
     let model = example("gpt2-torchscript.onnx");
-    let o = memc(&["compile", s(&model), "--shape", "input_ids=1x8", "--emit", "ir", "--report-json", s(&report)]);
+    let o = memc(&[
+        "compile",
+        s(&model),
+        "--shape",
+        "input_ids=1x8",
+        "--emit",
+        "ir",
+        "--report-json",
+        s(&report),
+    ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert!(o.stdout.starts_with("graph {\n  %0 = input \"input_ids\" : i64[1, 8]\n"), "{}", &o.stdout[..200]);
+    assert!(
+        o.stdout
+            .starts_with("graph {\n  %0 = input \"input_ids\" : i64[1, 8]\n"),
+        "{}",
+        &o.stdout[..200]
+    );
     let g = memc_ir::parse(&o.stdout).unwrap();
     memc_ir::verify(&g).unwrap();
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["op_counts"]["layer_norm"], 5);
     assert_eq!(r["op_counts"]["softmax"], 2);
     // GPT-2 tiny: the manifest's PyTorch count plus the TorchScript exporter's tied-head copy.
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(example("manifest.json")).unwrap()).unwrap();
-    let torch_params = manifest["models"].as_array().unwrap().iter().find(|m| m["name"] == "gpt2-torchscript").unwrap()["torch_params"].as_u64().unwrap();
-    assert_eq!(r["params_bytes"].as_u64().unwrap(), 4 * (torch_params + 256 * 64));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(example("manifest.json")).unwrap()).unwrap();
+    let torch_params = manifest["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "gpt2-torchscript")
+        .unwrap()["torch_params"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        r["params_bytes"].as_u64().unwrap(),
+        4 * (torch_params + 256 * 64)
+    );
 }
 
 #[test]
@@ -151,7 +220,10 @@ fn opt_round_trips_text() {
     std::fs::write(&f, "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = exp(%0) : f32[2]\n  %2 = neg(%0) : f32[2]\n  output \"y\" = %2\n}\n").unwrap();
     let o = memc(&["opt", s(&f), "--pass", "verify,dce"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_eq!(o.stdout, "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = neg(%0) : f32[2]\n  output \"y\" = %1\n}\n");
+    assert_eq!(
+        o.stdout,
+        "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = neg(%0) : f32[2]\n  output \"y\" = %1\n}\n"
+    );
     fails_with(&["opt", s(&f), "--pass", "frobnicate"], &["unknown pass"]);
 }
 
@@ -162,10 +234,17 @@ fn external_data_is_read_and_checked() {
     let mut bytes = vec![0u8; 16]; // an offset, as exporters align tensors
     bytes.extend(w.iter().flat_map(|v| v.to_le_bytes()));
     std::fs::write(dir.path().join("model.data"), &bytes).unwrap();
-    let ext = |k: &str, v: &str| StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
+    let ext = |k: &str, v: &str| StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v.into()),
+    };
     let t = weight(TensorProto {
         data_location: Some(DataLocation::External as i32),
-        external_data: vec![ext("location", "model.data"), ext("offset", "16"), ext("length", "32")],
+        external_data: vec![
+            ext("location", "model.data"),
+            ext("offset", "16"),
+            ext("length", "32"),
+        ],
         ..Default::default()
     });
     let model = dir.path().join("model.onnx");
@@ -173,14 +252,36 @@ fn external_data_is_read_and_checked() {
     let x = dir.path().join("x.npy");
     npy_f32(&x, &[1, 4], &[1., 1., 1., 1.]);
     let out = dir.path().join("out");
-    let o = memc(&["eval", s(&model), "--input", &format!("x={}", s(&x)), "--out", s(&out)]);
+    let o = memc(&[
+        "eval",
+        s(&model),
+        "--input",
+        &format!("x={}", s(&x)),
+        "--out",
+        s(&out),
+    ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_eq!(memc::io::read_tensor(&out.join("h.npy")).unwrap().to_f32_vec(), vec![12., 16.]);
+    assert_eq!(
+        memc::io::read_tensor(&out.join("h.npy"))
+            .unwrap()
+            .to_f32_vec(),
+        vec![12., 16.]
+    );
 
     std::fs::remove_file(dir.path().join("model.data")).unwrap();
-    fails_with(&["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"], &["initializer `w`", "model.data", "keep the data file next to the model"]);
+    fails_with(
+        &["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"],
+        &[
+            "initializer `w`",
+            "model.data",
+            "keep the data file next to the model",
+        ],
+    );
     std::fs::write(dir.path().join("model.data"), &bytes[..40]).unwrap();
-    fails_with(&["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"], &["initializer `w`", "truncated"]);
+    fails_with(
+        &["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"],
+        &["initializer `w`", "truncated"],
+    );
 }
 
 #[test]
@@ -188,40 +289,93 @@ fn bad_model_files() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.onnx");
     std::fs::write(&empty, b"").unwrap();
-    fails_with(&["compile", s(&empty), "--emit", "ir"], &["empty.onnx", "not a valid ONNX model", "the file is empty"]);
+    fails_with(
+        &["compile", s(&empty), "--emit", "ir"],
+        &["empty.onnx", "not a valid ONNX model", "the file is empty"],
+    );
 
     let garbage = dir.path().join("garbage.onnx");
-    std::fs::write(&garbage, (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
-    fails_with(&["compile", s(&garbage), "--emit", "ir"], &["garbage.onnx", "not a valid ONNX model"]);
+    std::fs::write(
+        &garbage,
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    fails_with(
+        &["compile", s(&garbage), "--emit", "ir"],
+        &["garbage.onnx", "not a valid ONNX model"],
+    );
 
     let full = std::fs::read(example("llama-dynamo.onnx")).unwrap();
     let truncated = dir.path().join("truncated.onnx");
     std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
-    fails_with(&["compile", s(&truncated), "--shape", "input_ids=1x8", "--emit", "ir"], &["truncated.onnx", "not a valid ONNX model"]);
+    fails_with(
+        &[
+            "compile",
+            s(&truncated),
+            "--shape",
+            "input_ids=1x8",
+            "--emit",
+            "ir",
+        ],
+        &["truncated.onnx", "not a valid ONNX model"],
+    );
 
     let missing = dir.path().join("nope.onnx");
-    fails_with(&["compile", s(&missing), "--emit", "ir"], &["nope.onnx", "cannot read the model"]);
+    fails_with(
+        &["compile", s(&missing), "--emit", "ir"],
+        &["nope.onnx", "cannot read the model"],
+    );
 }
 
 #[test]
 fn unsupported_op_names_node_op_and_opset() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("einsum.onnx");
-    let w = weight(TensorProto { float_data: vec![0.5; 8], ..Default::default() });
-    std::fs::write(&model, matmul_model(w, vec![node("Einsum", &["h"], &["y"])])).unwrap();
+    let w = weight(TensorProto {
+        float_data: vec![0.5; 8],
+        ..Default::default()
+    });
+    std::fs::write(
+        &model,
+        matmul_model(w, vec![node("Einsum", &["h"], &["y"])]),
+    )
+    .unwrap();
     fails_with(
         &["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"],
-        &["einsum.onnx", "node `/test/Einsum`", "(Einsum, opset 17)", "not supported"],
+        &[
+            "einsum.onnx",
+            "node `/test/Einsum`",
+            "(Einsum, opset 17)",
+            "not supported",
+        ],
     );
 }
 
 #[test]
 fn dynamic_dims_need_a_shape() {
     let m = example("llama-dynamo.onnx");
-    fails_with(&["compile", s(&m), "--emit", "ir"], &["input `input_ids`", "dim 0 (`batch`) is dynamic", "--shape input_ids=NxN"]);
-    fails_with(&["compile", s(&m), "--shape", "input_ids=2", "--emit", "ir"], &["--shape gives 1 dims but the model declares 2"]);
-    fails_with(&["compile", s(&m), "--shape", "ids=2x3", "--emit", "ir"], &["does not have (inputs: input_ids)"]);
-    fails_with(&["compile", s(&m), "--shape", "input_ids=2xq", "--emit", "ir"], &["`q` is not a dimension"]);
+    fails_with(
+        &["compile", s(&m), "--emit", "ir"],
+        &[
+            "input `input_ids`",
+            "dim 0 (`batch`) is dynamic",
+            "--shape input_ids=NxN",
+        ],
+    );
+    fails_with(
+        &["compile", s(&m), "--shape", "input_ids=2", "--emit", "ir"],
+        &["--shape gives 1 dims but the model declares 2"],
+    );
+    fails_with(
+        &["compile", s(&m), "--shape", "ids=2x3", "--emit", "ir"],
+        &["does not have (inputs: input_ids)"],
+    );
+    fails_with(
+        &["compile", s(&m), "--shape", "input_ids=2xq", "--emit", "ir"],
+        &["`q` is not a dimension"],
+    );
 }
 
 #[test]
@@ -231,20 +385,56 @@ fn inputs_of_the_wrong_shape_or_dtype() {
     let floats = dir.path().join("floats.npy");
     npy_f32(&floats, &[2, 16], &[0.0; 32]);
     fails_with(
-        &["eval", s(&m), "--input", &format!("input_ids={}", s(&floats)), "--out", s(dir.path())],
-        &["floats.npy", "must be i64[2, 16]", "holds f32[2, 16]", "astype(np.int64)"],
+        &[
+            "eval",
+            s(&m),
+            "--input",
+            &format!("input_ids={}", s(&floats)),
+            "--out",
+            s(dir.path()),
+        ],
+        &[
+            "floats.npy",
+            "must be i64[2, 16]",
+            "holds f32[2, 16]",
+            "astype(np.int64)",
+        ],
     );
     let ids = example("llama-dynamo/inputs/input_ids.npy");
     fails_with(
-        &["eval", s(&m), "--shape", "input_ids=3x16", "--input", &format!("input_ids={}", s(&ids)), "--out", s(dir.path())],
+        &[
+            "eval",
+            s(&m),
+            "--shape",
+            "input_ids=3x16",
+            "--input",
+            &format!("input_ids={}", s(&ids)),
+            "--out",
+            s(dir.path()),
+        ],
         &["must be i64[3, 16]", "holds i64[2, 16]"],
     );
-    fails_with(&["eval", s(&m), "--out", s(dir.path())], &["input `input_ids`", "dynamic"]);
+    fails_with(
+        &["eval", s(&m), "--out", s(dir.path())],
+        &["input `input_ids`", "dynamic"],
+    );
     let bert = example("bert-dynamo.onnx");
     let bert_ids = example("bert-dynamo/inputs/input_ids.npy");
     fails_with(
-        &["eval", s(&bert), "--shape", "input_ids=2x16", "--input", &format!("input_ids={}", s(&bert_ids)), "--out", s(dir.path())],
-        &["input `token_type_ids` (i64[2, 16]) has no value", "--input token_type_ids=FILE.npy"],
+        &[
+            "eval",
+            s(&bert),
+            "--shape",
+            "input_ids=2x16",
+            "--input",
+            &format!("input_ids={}", s(&bert_ids)),
+            "--out",
+            s(dir.path()),
+        ],
+        &[
+            "input `token_type_ids` (i64[2, 16]) has no value",
+            "--input token_type_ids=FILE.npy",
+        ],
     );
 }
 
@@ -254,19 +444,183 @@ fn malformed_npy_files() {
     let m = example("llama-dynamo.onnx");
     let bad = dir.path().join("bad.npy");
     std::fs::write(&bad, b"\x93NUMPY\x01\x00garbage").unwrap();
-    fails_with(&["eval", s(&m), "--input", &format!("input_ids={}", s(&bad)), "--out", s(dir.path())], &["bad.npy", "not a valid .npy file"]);
+    fails_with(
+        &[
+            "eval",
+            s(&m),
+            "--input",
+            &format!("input_ids={}", s(&bad)),
+            "--out",
+            s(dir.path()),
+        ],
+        &["bad.npy", "not a valid .npy file"],
+    );
     std::fs::write(&bad, b"not numpy at all").unwrap();
-    fails_with(&["eval", s(&m), "--input", &format!("input_ids={}", s(&bad)), "--out", s(dir.path())], &["bad.npy", "magic"]);
+    fails_with(
+        &[
+            "eval",
+            s(&m),
+            "--input",
+            &format!("input_ids={}", s(&bad)),
+            "--out",
+            s(dir.path()),
+        ],
+        &["bad.npy", "magic"],
+    );
     let short = dir.path().join("short.npy");
     let good = std::fs::read(example("llama-dynamo/inputs/input_ids.npy")).unwrap();
     std::fs::write(&short, &good[..good.len() - 8]).unwrap();
-    fails_with(&["eval", s(&m), "--input", &format!("input_ids={}", s(&short)), "--out", s(dir.path())], &["short.npy", "needs 256 data bytes"]);
-    fails_with(&["eval", s(&m), "--input", "input_ids", "--out", s(dir.path())], &["expected NAME=FILE.npy"]);
+    fails_with(
+        &[
+            "eval",
+            s(&m),
+            "--input",
+            &format!("input_ids={}", s(&short)),
+            "--out",
+            s(dir.path()),
+        ],
+        &["short.npy", "needs 256 data bytes"],
+    );
+    fails_with(
+        &[
+            "eval",
+            s(&m),
+            "--input",
+            "input_ids",
+            "--out",
+            s(dir.path()),
+        ],
+        &["expected NAME=FILE.npy"],
+    );
 }
 
 #[test]
 fn features_of_later_releases_say_so() {
     let m = example("llama-dynamo.onnx");
-    fails_with(&["compile", s(&m), "--shape", "input_ids=1x8", "-o", "/tmp/x"], &["not available yet"]);
-    fails_with(&["compile", s(&m), "--shape", "input_ids=1x8", "--emit", "ptx"], &["--emit ptx", "not available yet"]);
+    fails_with(
+        &["compile", s(&m), "--shape", "input_ids=1x8", "-o", "/tmp/x"],
+        &["not available yet"],
+    );
+    fails_with(
+        &[
+            "compile",
+            s(&m),
+            "--shape",
+            "input_ids=1x8",
+            "--emit",
+            "ptx",
+        ],
+        &["--emit ptx", "not available yet"],
+    );
+}
+
+#[test]
+fn gelu_of_opset_20_in_both_modes() {
+    use memc::onnx::proto::{attribute_proto::AttributeType, AttributeProto};
+    let dir = tempfile::tempdir().unwrap();
+    let w: Vec<f32> = vec![0.5, -1.0, 1.5, 0.25, -2.0, 0.75, 1.0, -0.5];
+    let x = dir.path().join("x.npy");
+    npy_f32(&x, &[1, 4], &[1.0, -0.5, 2.0, 0.25]);
+    let h: Vec<f64> = (0..2)
+        .map(|j| {
+            [1.0, -0.5, 2.0, 0.25]
+                .iter()
+                .enumerate()
+                .map(|(k, v)| v * w[k * 2 + j] as f64)
+                .sum()
+        })
+        .collect();
+    for mode in ["none", "tanh"] {
+        let mut gelu = node("Gelu", &["h"], &["y"]);
+        gelu.attribute.push(AttributeProto {
+            name: Some("approximate".into()),
+            r#type: Some(AttributeType::String as i32),
+            s: Some(mode.as_bytes().to_vec().into()),
+            ..Default::default()
+        });
+        let mut bytes = matmul_model(
+            weight(TensorProto {
+                float_data: w.clone(),
+                ..Default::default()
+            }),
+            vec![gelu],
+        );
+        // Gelu exists from opset 20: patch the model's opset.
+        let mut m = ModelProto::decode(&bytes[..]).unwrap();
+        m.opset_import[0].version = Some(20);
+        bytes = m.encode_to_vec();
+        let model = dir.path().join(format!("gelu-{mode}.onnx"));
+        std::fs::write(&model, bytes).unwrap();
+        let out = dir.path().join(mode);
+        let o = memc(&[
+            "eval",
+            s(&model),
+            "--input",
+            &format!("x={}", s(&x)),
+            "--out",
+            s(&out),
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let got = memc::io::read_tensor(&out.join("y.npy"))
+            .unwrap()
+            .to_f32_vec();
+        for (g, &v) in got.iter().zip(&h) {
+            let want = if mode == "none" {
+                0.5 * v * (1.0 + libm_erf(v / std::f64::consts::SQRT_2))
+            } else {
+                0.5 * v
+                    * (1.0
+                        + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+            };
+            assert!((*g as f64 - want).abs() < 1e-6, "{mode}: {g} vs {want}");
+        }
+    }
+}
+
+/// erf by its Maclaurin series (|x| < 3 here), to keep the test independent of memc's libm.
+fn libm_erf(x: f64) -> f64 {
+    let mut sum = 0.0;
+    let mut term = x;
+    for n in 0..60 {
+        sum += term / (2 * n + 1) as f64;
+        term *= -x * x / (n + 1) as f64;
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+#[test]
+fn check_flag_fails_beyond_the_tolerance() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = example("llama-dynamo.onnx");
+    let ids = example("llama-dynamo/inputs/input_ids.npy");
+    let refs = example("llama-dynamo/ref");
+    let args = |tol: &'static str| -> Vec<String> {
+        [
+            "eval",
+            s(&m),
+            "--input",
+            &format!("input_ids={}", s(&ids)),
+            "--out",
+            s(dir.path()),
+            "--check",
+            s(&refs),
+            "--tolerance",
+            tol,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let ok = memc(&args("1e-4").iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        ok.stdout
+            .contains("check logits: max|out - ref| / max|ref| = "),
+        "{}",
+        ok.stdout
+    );
+    fails_with(
+        &args("1e-12").iter().map(String::as_str).collect::<Vec<_>>(),
+        &["differ from the references", "> 1e-12"],
+    );
 }

@@ -370,11 +370,7 @@ fn eval(op: &Op, ins: &[Arr]) -> Result<Arr, String> {
             let q = *ins[1].shape.last().expect("checked by infer");
             let xs = strides(&x.shape);
             let inner: usize = x.shape[q..].iter().product();
-            let tuples = if q == 0 {
-                ins[1].shape[..ins[1].shape.len() - 1].iter().product()
-            } else {
-                idx.len() / q
-            };
+            let tuples: usize = ins[1].shape[..ins[1].shape.len() - 1].iter().product();
             let mut offs = Vec::with_capacity(tuples * inner);
             for t in 0..tuples {
                 let mut base = 0;
@@ -625,13 +621,23 @@ pub fn interpret(
         last_use[v.index()] = usize::MAX;
     }
     for (ni, n) in g.nodes().iter().enumerate() {
-        let too_big = n.outputs.iter().map(|&o| &g.value(o).ty).find(|t| t.checked_bytes().is_none_or(|b| b > INTERP_MAX_BYTES));
+        let too_big = n
+            .outputs
+            .iter()
+            .map(|&o| &g.value(o).ty)
+            .find(|t| t.checked_bytes().is_none_or(|b| b > INTERP_MAX_BYTES));
         if let Some(t) = too_big {
             return Err(InterpError::Op {
                 node: ni,
                 op: n.op.name(),
-                name: if n.name.is_empty() { String::new() } else { format!(" ({})", n.name) },
-                msg: format!("the result {t} is larger than the reference interpreter handles (16 GiB)"),
+                name: if n.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", n.name)
+                },
+                msg: format!(
+                    "the result {t} is larger than the reference interpreter handles (16 GiB)"
+                ),
             });
         }
         let ins: Vec<Arr> = n

@@ -275,7 +275,10 @@ impl Parser {
         }
         let ty = TensorType::new(dtype, shape);
         if ty.checked_bytes().is_none() {
-            return Err(ParseError { line: self.line(), msg: format!("type {ty} is too large") });
+            return Err(ParseError {
+                line: self.line(),
+                msg: format!("type {ty} is too large"),
+            });
         }
         Ok(ty)
     }

@@ -1,7 +1,10 @@
 //! The textual IR: `print(parse(print(g))) == print(g)` on random graphs, and one clear error
 //! per malformed text.
 
-use memc_ir::{parse, print, verify, BinaryOp, DType, Graph, Op, ParamRole, ReduceKind, Tensor, TensorType, UnaryOp, ValueId};
+use memc_ir::{
+    parse, print, verify, BinaryOp, DType, Graph, Op, ParamRole, ReduceKind, Tensor, TensorType,
+    UnaryOp, ValueId,
+};
 use proptest::prelude::*;
 
 /// A small deterministic generator (SplitMix64) driving graph construction from a seed.
@@ -25,11 +28,29 @@ impl Rng {
 
 fn random_const(r: &mut Rng, ty: TensorType) -> Tensor {
     let n = ty.numel();
-    let specials = [0.0, -0.0, 1.5, -2.25, 1e-7, 3.4e38, f32::INFINITY, f32::NEG_INFINITY, 0.1];
+    let specials = [
+        0.0,
+        -0.0,
+        1.5,
+        -2.25,
+        1e-7,
+        3.4e38,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.1,
+    ];
     if ty.dtype.is_float() {
         let splat = r.below(3) == 0;
         let first = r.pick(&specials);
-        let v: Vec<f32> = (0..n).map(|_| if splat { first } else { r.pick(&specials) * (r.below(100) as f32 - 50.0) }).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                if splat {
+                    first
+                } else {
+                    r.pick(&specials) * (r.below(100) as f32 - 50.0)
+                }
+            })
+            .collect();
         Tensor::from_f32(ty.dtype, ty.shape, &v)
     } else {
         let v: Vec<i64> = (0..n).map(|_| r.below(7) as i64 - 3).collect();
@@ -46,18 +67,49 @@ fn random_graph(seed: u64) -> Graph {
     let mut vals: Vec<ValueId> = Vec::new();
     for k in 0..1 + r.below(2) {
         let shape: Vec<usize> = (0..1 + r.below(3)).map(|_| r.pick(&dims)).collect();
-        let name = if k == 0 { "x \"quoted\" \\ path/ä".to_string() } else { format!("in{k}") };
-        vals.push(g.add_input(name, TensorType::new(r.pick(&[DType::F32, DType::F16, DType::BF16]), shape)));
+        let name = if k == 0 {
+            "x \"quoted\" \\ path/ä".to_string()
+        } else {
+            format!("in{k}")
+        };
+        vals.push(g.add_input(
+            name,
+            TensorType::new(r.pick(&[DType::F32, DType::F16, DType::BF16]), shape),
+        ));
     }
     for k in 0..r.below(3) {
         let shape: Vec<usize> = (0..r.below(3)).map(|_| r.pick(&dims)).collect();
         let ty = TensorType::new(r.pick(&DType::ALL), shape);
         vals.push(g.add_const(random_const(&mut r, ty.clone())));
-        let role = if k % 2 == 0 { ParamRole::Weight } else { ParamRole::Constant };
+        let role = if k % 2 == 0 {
+            ParamRole::Weight
+        } else {
+            ParamRole::Constant
+        };
         vals.push(g.add_param(format!("p.{k}"), role, ty, None));
     }
-    let unary = [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Erf, UnaryOp::Sigmoid, UnaryOp::Not, UnaryOp::IsNaN, UnaryOp::Sqrt];
-    let binary = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Pow, BinaryOp::Less, BinaryOp::Equal, BinaryOp::And, BinaryOp::Max, BinaryOp::GreaterEqual];
+    let unary = [
+        UnaryOp::Neg,
+        UnaryOp::Exp,
+        UnaryOp::Tanh,
+        UnaryOp::Erf,
+        UnaryOp::Sigmoid,
+        UnaryOp::Not,
+        UnaryOp::IsNaN,
+        UnaryOp::Sqrt,
+    ];
+    let binary = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Pow,
+        BinaryOp::Less,
+        BinaryOp::Equal,
+        BinaryOp::And,
+        BinaryOp::Max,
+        BinaryOp::GreaterEqual,
+    ];
     for _ in 0..r.below(24) {
         let a = r.pick(&vals);
         let b = r.pick(&vals);
@@ -67,22 +119,49 @@ fn random_graph(seed: u64) -> Graph {
         let op = match r.below(14) {
             0 => Op::Unary(r.pick(&unary)),
             1 | 2 => Op::Binary(r.pick(&binary)),
-            3 => Op::Cast { to: r.pick(&DType::ALL) },
+            3 => Op::Cast {
+                to: r.pick(&DType::ALL),
+            },
             4 => Op::Softmax { axis },
-            5 => Op::Reduce { kind: r.pick(&[ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max]), axes: vec![axis], keep_dims: r.below(2) == 0 },
-            6 => Op::Transpose { perm: (0..rank).rev().collect() },
-            7 => Op::Reshape { shape: vec![ta.numel()] },
-            8 => Op::Slice { starts: vec![0; rank], ends: ta.shape.clone(), steps: (0..rank).map(|_| 1 + r.below(2)).collect() },
+            5 => Op::Reduce {
+                kind: r.pick(&[ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max]),
+                axes: vec![axis],
+                keep_dims: r.below(2) == 0,
+            },
+            6 => Op::Transpose {
+                perm: (0..rank).rev().collect(),
+            },
+            7 => Op::Reshape {
+                shape: vec![ta.numel()],
+            },
+            8 => Op::Slice {
+                starts: vec![0; rank],
+                ends: ta.shape.clone(),
+                steps: (0..rank).map(|_| 1 + r.below(2)).collect(),
+            },
             9 => Op::Concat { axis },
-            10 => Op::Expand { shape: std::iter::once(2).chain(ta.shape.iter().copied()).collect() },
-            11 => Op::Trilu { upper: r.below(2) == 0, k: r.below(3) as i64 - 1 },
-            12 => Op::LayerNorm { axis, epsilon: 1e-5 },
+            10 => Op::Expand {
+                shape: std::iter::once(2).chain(ta.shape.iter().copied()).collect(),
+            },
+            11 => Op::Trilu {
+                upper: r.below(2) == 0,
+                k: r.below(3) as i64 - 1,
+            },
+            12 => Op::LayerNorm {
+                axis,
+                epsilon: 1e-5,
+            },
             _ => Op::MatMul,
         };
         let operands: Vec<ValueId> = match &op {
             Op::Binary(_) | Op::MatMul | Op::Concat { .. } => vec![a, b],
             Op::LayerNorm { .. } => {
-                let p = g.add_param(format!("ln{}", g.values().len()), ParamRole::Weight, TensorType::new(ta.dtype, ta.shape[axis..].to_vec()), None);
+                let p = g.add_param(
+                    format!("ln{}", g.values().len()),
+                    ParamRole::Weight,
+                    TensorType::new(ta.dtype, ta.shape[axis..].to_vec()),
+                    None,
+                );
                 vec![a, p]
             }
             _ => vec![a],
@@ -121,15 +200,42 @@ proptest! {
 #[test]
 fn parse_errors_name_the_line() {
     let cases = [
-        ("graph {\n  %0 = input \"x\" : f32[2]\n  %1 = frob(%0) : f32[2]\n}", "line 3: unknown op `frob`"),
-        ("graph {\n  %0 = input \"x\" : f32[2]\n  %1 = neg(%7) : f32[2]\n}", "line 3: `%7` is not defined, found `%7`"),
-        ("graph {\n  %0 = input \"x\" : f33[2]\n}", "line 2: expected a dtype (f32, f16, bf16, i64, i32, bool), found `f33`"),
-        ("graph {\n  %0 = const [1, 2] : i64[3]\n}", "line 2: 2 values for a constant of type i64[3]"),
-        ("graph {\n  %0 = input \"x\" : f32[2]\n  %0 = input \"y\" : f32[2]\n}", "line 3: `%0` is defined twice"),
-        ("graph {\n  %0 = input \"x\" : f32[2]\n  %1 = softmax(%0) : f32[2]\n}", "line 3: op `softmax` needs attribute `axis`"),
-        ("graph {\n  %0 = input \"x\" : f32[2]\n  %1 = neg(%0) {axis = 1} : f32[2]\n}", "line 3: op `neg` has no attribute `axis`"),
-        ("graph {\n  %0 = input \"x : f32[2]\n}", "line 2: unterminated string"),
-        ("graph {\n  %0 = input \"x\" : f32[2]\n", "line 2: expected `%N = ...`, `output` or `}`, found end of input"),
+        (
+            "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = frob(%0) : f32[2]\n}",
+            "line 3: unknown op `frob`",
+        ),
+        (
+            "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = neg(%7) : f32[2]\n}",
+            "line 3: `%7` is not defined, found `%7`",
+        ),
+        (
+            "graph {\n  %0 = input \"x\" : f33[2]\n}",
+            "line 2: expected a dtype (f32, f16, bf16, i64, i32, bool), found `f33`",
+        ),
+        (
+            "graph {\n  %0 = const [1, 2] : i64[3]\n}",
+            "line 2: 2 values for a constant of type i64[3]",
+        ),
+        (
+            "graph {\n  %0 = input \"x\" : f32[2]\n  %0 = input \"y\" : f32[2]\n}",
+            "line 3: `%0` is defined twice",
+        ),
+        (
+            "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = softmax(%0) : f32[2]\n}",
+            "line 3: op `softmax` needs attribute `axis`",
+        ),
+        (
+            "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = neg(%0) {axis = 1} : f32[2]\n}",
+            "line 3: op `neg` has no attribute `axis`",
+        ),
+        (
+            "graph {\n  %0 = input \"x : f32[2]\n}",
+            "line 2: unterminated string",
+        ),
+        (
+            "graph {\n  %0 = input \"x\" : f32[2]\n",
+            "line 2: expected `%N = ...`, `output` or `}`, found end of input",
+        ),
     ];
     for (text, want) in cases {
         assert_eq!(parse(text).unwrap_err().to_string(), want, "{text}");

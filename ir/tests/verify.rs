@@ -33,12 +33,32 @@ fn reports_every_type_error_at_once() {
 fn reports_structural_errors() {
     let mut g = Graph::new();
     let x = g.add_input("x", TensorType::new(DType::F32, [2]));
-    let w = g.add_param("x", ParamRole::Weight, TensorType::new(DType::F32, [2]), None);
+    let w = g.add_param(
+        "x",
+        ParamRole::Weight,
+        TensorType::new(DType::F32, [2]),
+        None,
+    );
     // Uses a value defined by a later node.
     let later = ValueId(3);
-    g.add_node_typed(Op::Unary(UnaryOp::Neg), &[later], vec![TensorType::new(DType::F32, [2])], "first");
-    g.add_node_typed(Op::Unary(UnaryOp::Exp), &[x], vec![TensorType::new(DType::F32, [2])], "second");
-    g.add_node_typed(Op::Unary(UnaryOp::Exp), &[ValueId(99)], vec![TensorType::new(DType::F32, [2])], "");
+    g.add_node_typed(
+        Op::Unary(UnaryOp::Neg),
+        &[later],
+        vec![TensorType::new(DType::F32, [2])],
+        "first",
+    );
+    g.add_node_typed(
+        Op::Unary(UnaryOp::Exp),
+        &[x],
+        vec![TensorType::new(DType::F32, [2])],
+        "second",
+    );
+    g.add_node_typed(
+        Op::Unary(UnaryOp::Exp),
+        &[ValueId(99)],
+        vec![TensorType::new(DType::F32, [2])],
+        "",
+    );
     g.add_output("y", w);
     let err = verify(&g).unwrap_err().errors;
     assert_eq!(

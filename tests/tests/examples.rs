@@ -8,15 +8,25 @@ use memc_ir::{ParamRole, ValueDef};
 use memc_tests::{examples, rel_error};
 
 fn shapes_of(inputs: &HashMap<String, memc_ir::Tensor>) -> ImportOptions {
-    ImportOptions { shapes: inputs.iter().map(|(k, t)| (k.clone(), t.shape().to_vec())).collect() }
+    ImportOptions {
+        shapes: inputs
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+            .collect(),
+    }
 }
 
 #[test]
-fn all_eight_examples_are_present() {
+fn every_family_exporter_and_opset_edge_is_present() {
     let names: Vec<String> = examples().into_iter().map(|e| e.name).collect();
     for family in ["llama", "gpt2", "bert", "qwen2"] {
-        for exporter in ["dynamo", "torchscript"] {
-            assert!(names.contains(&format!("{family}-{exporter}")), "{names:?}");
+        for variant in [
+            "dynamo",
+            "torchscript",
+            "dynamo-opset20",
+            "torchscript-opset14",
+        ] {
+            assert!(names.contains(&format!("{family}-{variant}")), "{names:?}");
         }
     }
 }
@@ -25,14 +35,20 @@ fn all_eight_examples_are_present() {
 fn every_example_matches_onnxruntime() {
     for ex in examples() {
         let inputs = ex.inputs();
-        let g = import(&ex.path, &shapes_of(&inputs)).unwrap_or_else(|e| panic!("{}: {e}", ex.name));
-        let outputs = memc_ir::interpret(&g, &inputs).unwrap_or_else(|e| panic!("{}: {e}", ex.name));
+        let g =
+            import(&ex.path, &shapes_of(&inputs)).unwrap_or_else(|e| panic!("{}: {e}", ex.name));
+        let outputs =
+            memc_ir::interpret(&g, &inputs).unwrap_or_else(|e| panic!("{}: {e}", ex.name));
         let refs = ex.references();
         assert_eq!(outputs.len(), refs.len(), "{}", ex.name);
         for (name, got) in &outputs {
             let err = rel_error(got, &refs[name]);
             eprintln!("{:<20} {name}: max|diff|/max|ref| = {err:.2e}", ex.name);
-            assert!(err <= 1e-4, "{} output {name}: relative error {err:.3e} > 1e-4", ex.name);
+            assert!(
+                err <= 1e-4,
+                "{} output {name}: relative error {err:.3e} > 1e-4",
+                ex.name
+            );
         }
     }
 }
@@ -45,24 +61,48 @@ fn weights_are_the_models_parameters_without_copies() {
         let weights: usize = g
             .values()
             .iter()
-            .filter(|v| matches!(v.def, ValueDef::Param { role: ParamRole::Weight, .. }))
+            .filter(|v| {
+                matches!(
+                    v.def,
+                    ValueDef::Param {
+                        role: ParamRole::Weight,
+                        ..
+                    }
+                )
+            })
             .map(|v| v.ty.numel())
             .sum();
         // The TorchScript exporter writes a tied LM head twice (the table and a folded,
         // transposed copy); everything else is exactly PyTorch's parameter set.
-        let tied_copy = if ex.exporter == "torchscript" && ex.family != "llama" { 256 * 64 } else { 0 };
+        let tied_copy = if ex.exporter == "torchscript" && ex.family != "llama" {
+            256 * 64
+        } else {
+            0
+        };
         assert_eq!(weights, ex.torch_params + tied_copy, "{}", ex.name);
         // Parameters point into the memory-mapped file: none was copied.
         let file = std::fs::metadata(&ex.path).unwrap().len() as usize;
         let model = memc::onnx::load_model(&ex.path).unwrap();
-        let lo = model.graph.as_ref().unwrap().initializer.iter().filter_map(|t| t.raw_data.as_ref()).map(|b| b.as_ptr() as usize).min().unwrap();
+        let lo = model
+            .graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .filter_map(|t| t.raw_data.as_ref())
+            .map(|b| b.as_ptr() as usize)
+            .min()
+            .unwrap();
         assert!(lo > 0 && file > 0);
     }
 }
 
 #[test]
 fn tied_embeddings_stay_one_parameter() {
-    for ex in examples().into_iter().filter(|e| e.exporter == "dynamo" && (e.family == "qwen2" || e.family == "gpt2")) {
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && (e.family == "qwen2" || e.family == "gpt2"))
+    {
         let g = import(&ex.path, &shapes_of(&ex.inputs())).unwrap();
         // The token embedding: the [vocab, d] table a `gather` reads.
         let table = g
@@ -70,15 +110,29 @@ fn tied_embeddings_stay_one_parameter() {
             .iter()
             .filter(|n| n.op.name() == "gather")
             .map(|n| n.inputs[0])
-            .find(|&p| matches!(g.value(p).def, ValueDef::Param { .. }) && g.value(p).ty.shape == [256, 64])
+            .find(|&p| {
+                matches!(g.value(p).def, ValueDef::Param { .. }) && g.value(p).ty.shape == [256, 64]
+            })
             .unwrap_or_else(|| panic!("{}: no embedding table", ex.name));
-        let users = g.nodes().iter().filter(|n| n.inputs.contains(&table)).count();
-        assert!(users >= 2, "{}: the tied table feeds {users} node(s)", ex.name);
+        let users = g
+            .nodes()
+            .iter()
+            .filter(|n| n.inputs.contains(&table))
+            .count();
+        assert!(
+            users >= 2,
+            "{}: the tied table feeds {users} node(s)",
+            ex.name
+        );
         // ... and the LM head reads the same parameter: no second [256, 64] table feeds a matmul.
         let head_tables = g
             .params()
             .filter(|&p| p != table && g.value(p).ty.shape == [256, 64])
-            .filter(|&p| g.nodes().iter().any(|n| n.inputs.contains(&p) && n.op.name() == "transpose"))
+            .filter(|&p| {
+                g.nodes()
+                    .iter()
+                    .any(|n| n.inputs.contains(&p) && n.op.name() == "transpose")
+            })
             .count();
         assert_eq!(head_tables, 0, "{}", ex.name);
     }
@@ -90,8 +144,17 @@ fn shape_arithmetic_folds_away() {
     for ex in examples() {
         let g = import(&ex.path, &shapes_of(&ex.inputs())).unwrap();
         for n in g.nodes() {
-            let all_i64 = n.inputs.iter().chain(&n.outputs).all(|&v| g.value(v).ty.dtype == memc_ir::DType::I64);
-            assert!(!all_i64 || n.op.name() == "gather", "{}: integer-only node left: {:?}", ex.name, n.op);
+            let all_i64 = n
+                .inputs
+                .iter()
+                .chain(&n.outputs)
+                .all(|&v| g.value(v).ty.dtype == memc_ir::DType::I64);
+            assert!(
+                !all_i64 || n.op.name() == "gather",
+                "{}: integer-only node left: {:?}",
+                ex.name,
+                n.op
+            );
         }
     }
 }
@@ -112,8 +175,13 @@ fn other_shapes_bind_the_same_model() {
 
 #[test]
 fn llama_dynamo_ir_snapshot() {
-    let ex = examples().into_iter().find(|e| e.name == "llama-dynamo").unwrap();
-    let opts = ImportOptions { shapes: HashMap::from([("input_ids".to_string(), vec![1, 8])]) };
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    let opts = ImportOptions {
+        shapes: HashMap::from([("input_ids".to_string(), vec![1, 8])]),
+    };
     let g = import(&ex.path, &opts).unwrap();
     insta::assert_snapshot!(memc_ir::print(&g));
 }
@@ -123,7 +191,11 @@ fn op_counts_snapshot() {
     let mut s = String::new();
     for ex in examples() {
         let g = import(&ex.path, &shapes_of(&ex.inputs())).unwrap();
-        let counts: Vec<String> = g.op_counts().iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let counts: Vec<String> = g
+            .op_counts()
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
         s.push_str(&format!("{}: {}\n", ex.name, counts.join(", ")));
     }
     insta::assert_snapshot!(s);

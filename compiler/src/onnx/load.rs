@@ -71,7 +71,10 @@ impl ExternalData {
         length: Option<usize>,
     ) -> Result<Bytes, String> {
         if !self.files.contains_key(location) {
-            let dir = self.dir.as_ref().ok_or("it uses external data, which an in-memory model cannot have")?;
+            let dir = self
+                .dir
+                .as_ref()
+                .ok_or("it uses external data, which an in-memory model cannot have")?;
             let path = dir.join(location);
             let data = map_file(&path).map_err(|e| {
                 format!("cannot read its external data file `{}` ({e}); keep the data file next to the model", path.display())

@@ -70,15 +70,13 @@ pub enum ImportError {
         msg: String,
     },
     /// A node cannot be converted: an unsupported op, attribute or shape.
-    #[error("{path}: node `{node}` ({domain}{op}, opset {opset}): {msg}")]
+    #[error("{path}: node `{node}` ({op}, opset {opset}): {msg}")]
     Node {
         /// The model file.
         path: PathBuf,
-        /// The node's name.
+        /// The node's name (`#index` when it has none).
         node: String,
-        /// `""` for the default domain, else `domain::`.
-        domain: String,
-        /// The op type.
+        /// The op type, prefixed by `domain::` outside the default domain.
         op: String,
         /// The opset of the node's domain.
         opset: i64,
@@ -222,7 +220,11 @@ pub fn import_bytes(data: &[u8], opts: &ImportOptions) -> Result<Graph, ImportEr
 
 /// Imports an already decoded model (see [`load_model`]); external data is looked up next to
 /// `path`.
-pub fn import_model(path: &Path, model: &proto::ModelProto, opts: &ImportOptions) -> Result<Graph, ImportError> {
+pub fn import_model(
+    path: &Path,
+    model: &proto::ModelProto,
+    opts: &ImportOptions,
+) -> Result<Graph, ImportError> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     import_impl(path, model, opts, Some(dir))
 }
@@ -296,13 +298,16 @@ fn import_impl(
         let node_opset = opsets.get(domain).copied().unwrap_or(0);
         let err = |msg: String| ImportError::Node {
             path: p(),
-            node: if node.name().is_empty() { format!("#{index}") } else { node.name().to_string() },
-            domain: if domain.is_empty() {
-                String::new()
+            node: if node.name().is_empty() {
+                format!("#{index}")
             } else {
-                format!("{domain}::")
+                node.name().to_string()
             },
-            op: node.op_type().to_string(),
+            op: if domain.is_empty() {
+                node.op_type().to_string()
+            } else {
+                format!("{domain}::{}", node.op_type())
+            },
             opset: node_opset,
             msg,
         };

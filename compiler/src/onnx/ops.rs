@@ -293,6 +293,7 @@ pub(crate) fn convert(ctx: &mut Ctx, node: &NodeProto, inputs: &[Option<Val>]) -
             one(Val::Const(Tensor::from_i64(DType::I64, vec![], &[numel])))
         }
         "Range" => range(&n),
+        "Gelu" => gelu(ctx, &n),
         "Max" => {
             let mut ins = n.inputs.iter().flatten().cloned();
             let mut acc = ins.next().ok_or("no operands")?;
@@ -358,7 +359,7 @@ fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Res<Vec<u
     let product = |v: &[usize]| v.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if let Some(i) = infer {
         let rest = product(&out).ok_or_else(|| format!("target shape {target:?} is too large"))?;
-        if rest == 0 || numel % rest != 0 {
+        if rest == 0 || !numel.is_multiple_of(rest) {
             return Err(format!("cannot reshape {input:?} to {target:?}"));
         }
         out[i] = numel / rest;
@@ -551,7 +552,7 @@ fn split(ctx: &mut Ctx, n: &N) -> Res<Vec<Val>> {
                 ends: e,
                 steps: vec![1; shape.len()],
             },
-            &[x.clone()],
+            std::slice::from_ref(&x),
             n.name(),
         )?);
     }
@@ -611,7 +612,9 @@ fn range(n: &N) -> Res<Vec<Val>> {
         }
         let count = ((l - s) / d).ceil().clamp(0.0, 1e9) as usize;
         if count > RANGE_MAX {
-            return Err(format!("the range has {count} elements, more than memc folds"));
+            return Err(format!(
+                "the range has {count} elements, more than memc folds"
+            ));
         }
         let v: Vec<f32> = (0..count).map(|i| (s + i as f64 * d) as f32).collect();
         Ok(vec![Val::Const(Tensor::from_f32(dtype, vec![count], &v))])
@@ -627,7 +630,9 @@ fn range(n: &N) -> Res<Vec<Val>> {
         let count = ((l as i128 - s as i128 + d as i128 - d.signum() as i128) / d as i128)
             .clamp(0, 1 << 40) as usize;
         if count > RANGE_MAX {
-            return Err(format!("the range has {count} elements, more than memc folds"));
+            return Err(format!(
+                "the range has {count} elements, more than memc folds"
+            ));
         }
         let v: Vec<i64> = (0..count as i64).map(|i| s + i * d).collect();
         Ok(vec![Val::Const(Tensor::from_i64(dtype, vec![count], &v))])
@@ -690,4 +695,49 @@ fn cumsum(x: &Tensor, axis: usize, exclusive: bool, reverse: bool) -> Tensor {
             &v.iter().map(|&a| a as i64).collect::<Vec<_>>(),
         )
     }
+}
+
+/// ONNX Gelu (opset 20), decomposed: `approximate = "none"` is 0.5·x·(1 + erf(x/√2)),
+/// `"tanh"` is 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+fn gelu(ctx: &mut Ctx, n: &N) -> Res<Vec<Val>> {
+    let name = n.name().to_string();
+    let x = n.input(0)?;
+    let dtype = ctx.ty(&x).dtype;
+    let c = |v: f32| Val::Const(Tensor::from_f32(dtype, vec![], &[v]));
+    let bin = |ctx: &mut Ctx, b: BinaryOp, a: Val, c: Val| ctx.emit(Op::Binary(b), &[a, c], &name);
+    let approximate = n
+        .attr("approximate")
+        .and_then(|a| a.s.as_ref())
+        .map(|s| String::from_utf8_lossy(s).into_owned());
+    let inner = match approximate.as_deref().unwrap_or("none") {
+        "none" => {
+            let scaled = bin(
+                ctx,
+                BinaryOp::Mul,
+                x.clone(),
+                c(std::f32::consts::FRAC_1_SQRT_2),
+            )?;
+            ctx.emit(Op::Unary(UnaryOp::Erf), &[scaled], &name)?
+        }
+        "tanh" => {
+            let cube = bin(ctx, BinaryOp::Pow, x.clone(), c(3.0))?;
+            let poly = bin(ctx, BinaryOp::Mul, cube, c(0.044715))?;
+            let sum = bin(ctx, BinaryOp::Add, x.clone(), poly)?;
+            let scaled = bin(
+                ctx,
+                BinaryOp::Mul,
+                sum,
+                c((2.0 / std::f32::consts::PI).sqrt()),
+            )?;
+            ctx.emit(Op::Unary(UnaryOp::Tanh), &[scaled], &name)?
+        }
+        other => {
+            return Err(format!(
+                "approximate = \"{other}\" is not a Gelu mode (none, tanh)"
+            ))
+        }
+    };
+    let one_plus = bin(ctx, BinaryOp::Add, inner, c(1.0))?;
+    let half_x = bin(ctx, BinaryOp::Mul, x, c(0.5))?;
+    Ok(vec![bin(ctx, BinaryOp::Mul, half_x, one_plus)?])
 }
