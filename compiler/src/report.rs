@@ -31,26 +31,25 @@ pub fn json_report(model: &str, g: &Graph, phases: &[PhaseTime]) -> Value {
         })
         .collect();
     let outputs: Vec<Value> = g.outputs().iter().map(|(n, v)| io(*v, n)).collect();
-    let (mut params, mut constant_bytes) = (0usize, 0usize);
-    for v in g.values() {
-        match v.def {
-            ValueDef::Param {
-                role: ParamRole::Weight,
-                ..
-            } => params += v.ty.numel(),
-            ValueDef::Param {
-                role: ParamRole::Constant,
-                ..
-            }
-            | ValueDef::Const(_) => constant_bytes += v.ty.bytes(),
-            _ => {}
-        }
-    }
+    let constant_bytes: usize = g
+        .values()
+        .iter()
+        .filter(|v| {
+            matches!(
+                v.def,
+                ValueDef::Param {
+                    role: ParamRole::Constant,
+                    ..
+                } | ValueDef::Const(_)
+            )
+        })
+        .map(|v| v.ty.bytes())
+        .sum();
     json!({
         "model": model,
         "op_counts": g.op_counts(),
         "nodes": g.nodes().len(),
-        "params": params,
+        "params": g.params_numel(),
         "params_bytes": g.params_bytes(),
         "constant_bytes": constant_bytes,
         "inputs": inputs,
@@ -62,35 +61,12 @@ pub fn json_report(model: &str, g: &Graph, phases: &[PhaseTime]) -> Value {
 /// A short human summary of a graph: sizes and op counts.
 pub fn summary(g: &Graph) -> String {
     let mut s = String::new();
-    let weights = g
-        .values()
-        .iter()
-        .filter(|v| {
-            matches!(
-                v.def,
-                ValueDef::Param {
-                    role: ParamRole::Weight,
-                    ..
-                }
-            )
-        })
-        .count();
     let _ = writeln!(
         s,
         "graph: {} nodes, {} weight tensors ({} parameters, {} bytes)",
         g.nodes().len(),
-        weights,
-        g.values()
-            .iter()
-            .filter(|v| matches!(
-                v.def,
-                ValueDef::Param {
-                    role: ParamRole::Weight,
-                    ..
-                }
-            ))
-            .map(|v| v.ty.numel())
-            .sum::<usize>(),
+        g.weights().count(),
+        g.params_numel(),
         g.params_bytes()
     );
     for &v in g.inputs() {

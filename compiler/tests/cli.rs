@@ -29,7 +29,7 @@ struct Out {
     stderr: String,
 }
 
-fn memc(args: &[&str]) -> Out {
+fn memc<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Out {
     let o = Command::new(env!("CARGO_BIN_EXE_memc"))
         .args(args)
         .output()
@@ -42,7 +42,7 @@ fn memc(args: &[&str]) -> Out {
 }
 
 /// Asserts a clean failure: exit 2, exactly one stderr line `error: ...` containing `want`.
-fn fails_with(args: &[&str], want: &[&str]) {
+fn fails_with<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S], want: &[&str]) {
     let o = memc(args);
     assert_eq!(o.code, 2, "args {args:?}\nstderr: {}", o.stderr);
     let lines: Vec<&str> = o.stderr.lines().collect();
@@ -56,6 +56,14 @@ fn fails_with(args: &[&str], want: &[&str]) {
     for w in want {
         assert!(lines[0].contains(w), "`{w}` missing from: {}", lines[0]);
     }
+}
+
+/// `eval MODEL --input NAME=FILE --out DIR`.
+fn eval_args(model: &Path, name: &str, file: &Path, out: &Path) -> Vec<String> {
+    let input = format!("{name}={}", s(file));
+    ["eval", s(model), "--input", &input, "--out", s(out)]
+        .map(String::from)
+        .to_vec()
 }
 
 fn s(p: &Path) -> &str {
@@ -252,14 +260,7 @@ fn external_data_is_read_and_checked() {
     let x = dir.path().join("x.npy");
     npy_f32(&x, &[1, 4], &[1., 1., 1., 1.]);
     let out = dir.path().join("out");
-    let o = memc(&[
-        "eval",
-        s(&model),
-        "--input",
-        &format!("x={}", s(&x)),
-        "--out",
-        s(&out),
-    ]);
+    let o = memc(&eval_args(&model, "x", &x, &out));
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(
         memc::io::read_tensor(&out.join("h.npy"))
@@ -385,14 +386,7 @@ fn inputs_of_the_wrong_shape_or_dtype() {
     let floats = dir.path().join("floats.npy");
     npy_f32(&floats, &[2, 16], &[0.0; 32]);
     fails_with(
-        &[
-            "eval",
-            s(&m),
-            "--input",
-            &format!("input_ids={}", s(&floats)),
-            "--out",
-            s(dir.path()),
-        ],
+        &eval_args(&m, "input_ids", &floats, dir.path()),
         &[
             "floats.npy",
             "must be i64[2, 16]",
@@ -445,40 +439,19 @@ fn malformed_npy_files() {
     let bad = dir.path().join("bad.npy");
     std::fs::write(&bad, b"\x93NUMPY\x01\x00garbage").unwrap();
     fails_with(
-        &[
-            "eval",
-            s(&m),
-            "--input",
-            &format!("input_ids={}", s(&bad)),
-            "--out",
-            s(dir.path()),
-        ],
+        &eval_args(&m, "input_ids", &bad, dir.path()),
         &["bad.npy", "not a valid .npy file"],
     );
     std::fs::write(&bad, b"not numpy at all").unwrap();
     fails_with(
-        &[
-            "eval",
-            s(&m),
-            "--input",
-            &format!("input_ids={}", s(&bad)),
-            "--out",
-            s(dir.path()),
-        ],
+        &eval_args(&m, "input_ids", &bad, dir.path()),
         &["bad.npy", "magic"],
     );
     let short = dir.path().join("short.npy");
     let good = std::fs::read(example("llama-dynamo/inputs/input_ids.npy")).unwrap();
     std::fs::write(&short, &good[..good.len() - 8]).unwrap();
     fails_with(
-        &[
-            "eval",
-            s(&m),
-            "--input",
-            &format!("input_ids={}", s(&short)),
-            "--out",
-            s(dir.path()),
-        ],
+        &eval_args(&m, "input_ids", &short, dir.path()),
         &["short.npy", "needs 256 data bytes"],
     );
     fails_with(
@@ -552,14 +525,7 @@ fn gelu_of_opset_20_in_both_modes() {
         let model = dir.path().join(format!("gelu-{mode}.onnx"));
         std::fs::write(&model, bytes).unwrap();
         let out = dir.path().join(mode);
-        let o = memc(&[
-            "eval",
-            s(&model),
-            "--input",
-            &format!("x={}", s(&x)),
-            "--out",
-            s(&out),
-        ]);
+        let o = memc(&eval_args(&model, "x", &x, &out));
         assert_eq!(o.code, 0, "{}", o.stderr);
         let got = memc::io::read_tensor(&out.join("y.npy"))
             .unwrap()
@@ -623,4 +589,16 @@ fn check_flag_fails_beyond_the_tolerance() {
         &args("1e-12").iter().map(String::as_str).collect::<Vec<_>>(),
         &["differ from the references", "> 1e-12"],
     );
+}
+
+#[test]
+fn dump_ir_writes_a_parsable_file_per_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = example("qwen2-dynamo.onnx");
+    let o = memc(&["compile", s(&m), "--shape", "input_ids=1x4", "--dump-ir", s(dir.path())]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let text = std::fs::read_to_string(dir.path().join("00-import.mir")).unwrap();
+    let g = memc_ir::parse(&text).unwrap();
+    memc_ir::verify(&g).unwrap();
+    assert_eq!(memc_ir::print(&g), text);
 }

@@ -259,21 +259,27 @@ impl Graph {
             .map(|(i, _)| ValueId(i as u32))
     }
 
-    /// Bytes of all [`ParamRole::Weight`] parameters.
+    /// Ids of the [`ParamRole::Weight`] parameters (the model's weights), in id order.
+    pub fn weights(&self) -> impl Iterator<Item = ValueId> + '_ {
+        self.params().filter(|&p| {
+            matches!(
+                self.value(p).def,
+                ValueDef::Param {
+                    role: ParamRole::Weight,
+                    ..
+                }
+            )
+        })
+    }
+
+    /// Number of weight elements (PyTorch's parameter count).
+    pub fn params_numel(&self) -> usize {
+        self.weights().map(|p| self.value(p).ty.numel()).sum()
+    }
+
+    /// Bytes of all weights.
     pub fn params_bytes(&self) -> usize {
-        self.values
-            .iter()
-            .filter(|v| {
-                matches!(
-                    v.def,
-                    ValueDef::Param {
-                        role: ParamRole::Weight,
-                        ..
-                    }
-                )
-            })
-            .map(|v| v.ty.bytes())
-            .sum()
+        self.weights().map(|p| self.value(p).ty.bytes()).sum()
     }
 
     /// How many nodes of each op name the graph has.

@@ -626,26 +626,7 @@ pub fn interpret(
             .iter()
             .map(|&o| &g.value(o).ty)
             .find(|t| t.checked_bytes().is_none_or(|b| b > INTERP_MAX_BYTES));
-        if let Some(t) = too_big {
-            return Err(InterpError::Op {
-                node: ni,
-                op: n.op.name(),
-                name: if n.name.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", n.name)
-                },
-                msg: format!(
-                    "the result {t} is larger than the reference interpreter handles (16 GiB)"
-                ),
-            });
-        }
-        let ins: Vec<Arr> = n
-            .inputs
-            .iter()
-            .map(|v| vals[v.index()].clone().expect("verified graph"))
-            .collect();
-        let out = eval(&n.op, &ins).map_err(|msg| InterpError::Op {
+        let op_error = |msg: String| InterpError::Op {
             node: ni,
             op: n.op.name(),
             name: if n.name.is_empty() {
@@ -654,7 +635,18 @@ pub fn interpret(
                 format!(" ({})", n.name)
             },
             msg,
-        })?;
+        };
+        if let Some(t) = too_big {
+            return Err(op_error(format!(
+                "the result {t} is larger than the reference interpreter handles (16 GiB)"
+            )));
+        }
+        let ins: Vec<Arr> = n
+            .inputs
+            .iter()
+            .map(|v| vals[v.index()].clone().expect("verified graph"))
+            .collect();
+        let out = eval(&n.op, &ins).map_err(op_error)?;
         vals[n.outputs[0].index()] = Some(out);
         for &v in &n.inputs {
             if last_use[v.index()] == ni {

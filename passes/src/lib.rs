@@ -1,5 +1,29 @@
-//! memc-passes: graph-to-graph passes. Filled by later issues (autodiff, canonicalisation, ...).
+//! memc-passes: every graph-to-graph pass (e-graph canonicalisation and memory rewrites,
+//! autodiff, rematerialisation, pipeline partitioning, ordering and memory planning). Each
+//! pass will be `fn(&mut Graph, &Options) -> Result<Stats>` in its own module.
+//!
+//! Today the crate only re-exports [`egg`], which the canonicalisation issue builds on; the test
+//! below proves the dependency works on this toolchain.
 
 #![warn(missing_docs)]
 
 pub use egg;
+
+#[cfg(test)]
+mod tests {
+    use egg::{rewrite as rw, RecExpr, Rewrite, Runner, SymbolLang};
+
+    #[test]
+    fn egg_saturates_and_extracts() {
+        let rules: &[Rewrite<SymbolLang, ()>] = &[
+            rw!("mul-one";  "(* ?a 1)"        => "?a"),
+            rw!("add-zero"; "(+ ?a 0)"        => "?a"),
+            rw!("distrib";  "(* ?a (+ ?b ?c))" => "(+ (* ?a ?b) (* ?a ?c))"),
+        ];
+        let expr: RecExpr<SymbolLang> = "(+ (* x 1) 0)".parse().unwrap();
+        let runner = Runner::default().with_expr(&expr).run(rules);
+        let extractor = egg::Extractor::new(&runner.egraph, egg::AstSize);
+        let (cost, best) = extractor.find_best(runner.roots[0]);
+        assert_eq!((cost, best.to_string()), (1, "x".to_string()));
+    }
+}

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use memc::onnx::{import, ImportOptions};
-use memc_ir::{ParamRole, ValueDef};
+use memc_ir::ValueDef;
 use memc_tests::{examples, rel_error};
 
 fn shapes_of(inputs: &HashMap<String, memc_ir::Tensor>) -> ImportOptions {
@@ -58,20 +58,7 @@ fn weights_are_the_models_parameters_without_copies() {
     for ex in examples() {
         let inputs = ex.inputs();
         let g = import(&ex.path, &shapes_of(&inputs)).unwrap();
-        let weights: usize = g
-            .values()
-            .iter()
-            .filter(|v| {
-                matches!(
-                    v.def,
-                    ValueDef::Param {
-                        role: ParamRole::Weight,
-                        ..
-                    }
-                )
-            })
-            .map(|v| v.ty.numel())
-            .sum();
+        let weights = g.params_numel();
         // The TorchScript exporter writes a tied LM head twice (the table and a folded,
         // transposed copy); everything else is exactly PyTorch's parameter set.
         let tied_copy = if ex.exporter == "torchscript" && ex.family != "llama" {
