@@ -29,6 +29,7 @@ enum Command {
     /// Run passes on textual IR: textual IR in, textual IR out.
     Opt(OptArgs),
     /// Check the code generation toolchain (MLIR 19, LLVM 19 host and NVPTX) and the CUDA driver.
+    #[cfg(feature = "codegen")]
     Toolchain,
 }
 
@@ -421,6 +422,7 @@ fn opt(args: OptArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "codegen")]
 fn toolchain() -> Result<()> {
     let r = memc_codegen::toolchain::check()?;
     println!(
@@ -450,6 +452,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compile(a) => compile(a),
         Command::Eval(a) => eval(a),
         Command::Opt(a) => opt(a),
+        #[cfg(feature = "codegen")]
         Command::Toolchain => toolchain(),
     }
 }
