@@ -381,6 +381,7 @@ fn numpy_name(d: memc_ir::DType) -> &'static str {
     match d {
         memc_ir::DType::F32 | memc_ir::DType::BF16 => "float32",
         memc_ir::DType::F16 => "float16",
+        memc_ir::DType::F64 => "float64",
         memc_ir::DType::I64 => "int64",
         memc_ir::DType::I32 => "int32",
         memc_ir::DType::Bool => "bool_",

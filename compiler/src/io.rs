@@ -11,6 +11,7 @@ pub fn dtype_of(d: NpyDtype) -> DType {
     match d {
         NpyDtype::F32 => DType::F32,
         NpyDtype::F16 => DType::F16,
+        NpyDtype::F64 => DType::F64,
         NpyDtype::I64 => DType::I64,
         NpyDtype::I32 => DType::I32,
         NpyDtype::Bool => DType::Bool,
@@ -28,6 +29,7 @@ pub fn npy_of(t: &Tensor) -> NpyArray {
     let (dtype, data) = match t.dtype() {
         DType::F32 => (NpyDtype::F32, t.bytes().to_vec()),
         DType::F16 => (NpyDtype::F16, t.bytes().to_vec()),
+        DType::F64 => (NpyDtype::F64, t.bytes().to_vec()),
         DType::BF16 => (
             NpyDtype::F32,
             t.to_f32_vec()

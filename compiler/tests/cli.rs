@@ -595,7 +595,14 @@ fn check_flag_fails_beyond_the_tolerance() {
 fn dump_ir_writes_a_parsable_file_per_pass() {
     let dir = tempfile::tempdir().unwrap();
     let m = example("qwen2-dynamo.onnx");
-    let o = memc(&["compile", s(&m), "--shape", "input_ids=1x4", "--dump-ir", s(dir.path())]);
+    let o = memc(&[
+        "compile",
+        s(&m),
+        "--shape",
+        "input_ids=1x4",
+        "--dump-ir",
+        s(dir.path()),
+    ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let text = std::fs::read_to_string(dir.path().join("00-import.mir")).unwrap();
     let g = memc_ir::parse(&text).unwrap();

@@ -7,6 +7,8 @@ use std::fmt;
 pub enum DType {
     /// IEEE binary32.
     F32,
+    /// IEEE binary64 (finite-difference gradient checks; ONNX `double`).
+    F64,
     /// IEEE binary16.
     F16,
     /// bfloat16 (8-bit exponent, 7-bit mantissa).
@@ -21,8 +23,9 @@ pub enum DType {
 
 impl DType {
     /// Every dtype, in printing order.
-    pub const ALL: [DType; 6] = [
+    pub const ALL: [DType; 7] = [
         DType::F32,
+        DType::F64,
         DType::F16,
         DType::BF16,
         DType::I64,
@@ -35,20 +38,21 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::I64 => 8,
+            DType::I64 | DType::F64 => 8,
             DType::Bool => 1,
         }
     }
 
     /// True for the floating-point dtypes.
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+        matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
     }
 
     /// The textual name (`f32`, `bf16`, `i64`, ...).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
+            DType::F64 => "f64",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::I64 => "i64",

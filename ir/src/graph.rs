@@ -33,6 +33,50 @@ pub enum ParamRole {
     Weight,
     /// A constant too large to print inline (a folded mask, a rotary table): never trained.
     Constant,
+    /// Optimizer state (momentum, Adam moments): persistent, updated every step.
+    OptimizerState,
+}
+
+/// Which part of a training step a node belongs to. Printed as a suffix (`@b`) except for
+/// the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Phase {
+    /// The forward pass (and the loss).
+    #[default]
+    Forward,
+    /// Backward "B": gradients with respect to activations.
+    Backward,
+    /// Backward "W": gradients with respect to weights (schedulable on their own).
+    Weight,
+    /// The optimizer step.
+    Update,
+    /// A forward value recomputed during the backward pass instead of being saved.
+    Recompute,
+}
+
+impl Phase {
+    /// The textual suffix (`""` for the forward pass).
+    pub fn tag(self) -> &'static str {
+        match self {
+            Phase::Forward => "",
+            Phase::Backward => "b",
+            Phase::Weight => "w",
+            Phase::Update => "u",
+            Phase::Recompute => "r",
+        }
+    }
+
+    /// Inverse of [`Phase::tag`] for the non-forward phases.
+    pub fn from_tag(tag: &str) -> Option<Phase> {
+        [
+            Phase::Backward,
+            Phase::Weight,
+            Phase::Update,
+            Phase::Recompute,
+        ]
+        .into_iter()
+        .find(|p| p.tag() == tag)
+    }
 }
 
 /// Where a value comes from.
@@ -83,6 +127,8 @@ pub struct Node {
     pub outputs: Vec<ValueId>,
     /// Where it came from (the ONNX node name), for error messages; not part of the text.
     pub name: String,
+    /// The part of the training step it belongs to.
+    pub phase: Phase,
 }
 
 /// A tensor program: values, nodes in program order, named outputs.
@@ -92,6 +138,8 @@ pub struct Graph {
     nodes: Vec<Node>,
     inputs: Vec<ValueId>,
     outputs: Vec<(String, ValueId)>,
+    /// State written back after a step: (param, its new value).
+    updates: Vec<(ValueId, ValueId)>,
 }
 
 impl PartialEq for Graph {
@@ -107,6 +155,7 @@ impl PartialEq for Graph {
         }
         self.inputs == other.inputs
             && self.outputs == other.outputs
+            && self.updates == other.updates
             && self.values.len() == other.values.len()
             && self
                 .values
@@ -114,11 +163,9 @@ impl PartialEq for Graph {
                 .zip(&other.values)
                 .all(|(a, b)| strip(a) == strip(b))
             && self.nodes.len() == other.nodes.len()
-            && self
-                .nodes
-                .iter()
-                .zip(&other.nodes)
-                .all(|(a, b)| a.op == b.op && a.inputs == b.inputs && a.outputs == b.outputs)
+            && self.nodes.iter().zip(&other.nodes).all(|(a, b)| {
+                a.op == b.op && a.inputs == b.inputs && a.outputs == b.outputs && a.phase == b.phase
+            })
     }
 }
 
@@ -206,8 +253,32 @@ impl Graph {
             inputs: inputs.to_vec(),
             outputs: outputs.clone(),
             name: name.into(),
+            phase: Phase::Forward,
         });
         outputs
+    }
+
+    /// Sets the phase of a node.
+    pub fn set_phase(&mut self, n: NodeId, phase: Phase) {
+        self.nodes[n.index()].phase = phase;
+    }
+
+    /// Declares that after a step `param` takes the value `value` (an optimizer update).
+    pub fn add_update(&mut self, param: ValueId, value: ValueId) {
+        self.updates.push((param, value));
+    }
+
+    /// State updates in order: (param, new value).
+    pub fn updates(&self) -> &[(ValueId, ValueId)] {
+        &self.updates
+    }
+
+    /// The node defining `v`, if a node does.
+    pub fn producer(&self, v: ValueId) -> Option<NodeId> {
+        match self.values[v.index()].def {
+            ValueDef::Node { node, .. } => Some(node),
+            _ => None,
+        }
     }
 
     /// Names a value as a graph output.
@@ -299,6 +370,10 @@ impl Graph {
         for &(_, v) in &self.outputs {
             live[v.index()] = true;
         }
+        for &(p, v) in &self.updates {
+            live[p.index()] = true;
+            live[v.index()] = true;
+        }
         let mut keep_node = vec![false; self.nodes.len()];
         for (i, n) in self.nodes.iter().enumerate().rev() {
             if n.outputs.iter().any(|o| live[o.index()]) {
@@ -354,5 +429,9 @@ impl Graph {
         self.outputs
             .iter_mut()
             .for_each(|(_, v)| *v = remap[v.index()]);
+        self.updates.iter_mut().for_each(|(p, v)| {
+            *p = remap[p.index()];
+            *v = remap[v.index()];
+        });
     }
 }

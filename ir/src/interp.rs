@@ -58,7 +58,7 @@ struct Arr {
 impl Arr {
     fn from_tensor(t: &Tensor) -> Arr {
         let data = if t.dtype().is_float() {
-            Data::F(t.to_f32_vec().into_iter().map(f64::from).collect())
+            Data::F(t.to_f64_vec())
         } else {
             Data::I(t.to_i64_vec())
         };
@@ -71,10 +71,7 @@ impl Arr {
 
     fn to_tensor(&self) -> Tensor {
         match &self.data {
-            Data::F(v) => {
-                let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-                Tensor::from_f32(self.dtype, self.shape.clone(), &f)
-            }
+            Data::F(v) => Tensor::from_f64(self.dtype, self.shape.clone(), v),
             Data::I(v) => Tensor::from_i64(self.dtype, self.shape.clone(), v),
         }
     }
@@ -102,6 +99,7 @@ impl Arr {
         let data = match data {
             Data::F(v) => Data::F(match dtype {
                 DType::F32 => v.into_iter().map(|x| x as f32 as f64).collect(),
+                DType::F64 => v,
                 DType::F16 => v.into_iter().map(|x| f16::from_f64(x).to_f64()).collect(),
                 DType::BF16 => v.into_iter().map(|x| bf16::from_f64(x).to_f64()).collect(),
                 _ => unreachable!("float data for {dtype}"),
@@ -449,8 +447,94 @@ fn eval(op: &Op, ins: &[Arr]) -> Result<Arr, String> {
                 ),
             }
         }
+        Op::ScatterAdd { axis, .. } => {
+            let idx = ins[1].i();
+            let dim = shape[*axis] as i64;
+            let inner: usize = shape[axis + 1..].iter().product();
+            let outer: usize = shape[..*axis].iter().product();
+            let mut dst = Vec::with_capacity(outer * idx.len() * inner);
+            for o in 0..outer {
+                for &i in idx {
+                    let j = normalise_index(i, dim, *axis)?;
+                    let base = (o * dim as usize + j) * inner;
+                    dst.extend(base..base + inner);
+                }
+            }
+            scatter(&ins[0].data, &dst, shape.iter().product())
+        }
+        Op::ScatterElementsAdd { axis, .. } => {
+            let idx = ins[1].i();
+            let os = strides(&shape);
+            let ishape = &ins[1].shape;
+            let is = strides(ishape);
+            let pos = offsets(ishape, &os, 0);
+            let dim = shape[*axis] as i64;
+            let mut dst = Vec::with_capacity(idx.len());
+            for (k, &i) in idx.iter().enumerate() {
+                let j = normalise_index(i, dim, *axis)?;
+                let coord = (k / is[*axis]) % ishape[*axis];
+                dst.push(pos[k] - coord * os[*axis] + j * os[*axis]);
+            }
+            scatter(&ins[0].data, &dst, shape.iter().product())
+        }
+        Op::ScatterNdAdd { .. } => {
+            let idx = ins[1].i();
+            let ishape = &ins[1].shape;
+            let q = ishape[ishape.len() - 1];
+            let os = strides(&shape);
+            let inner: usize = shape[q..].iter().product();
+            let tuples: usize = ishape[..ishape.len() - 1].iter().product();
+            let mut dst = Vec::with_capacity(tuples * inner);
+            for t in 0..tuples {
+                let mut base = 0;
+                for k in 0..q {
+                    base += normalise_index(idx[t * q + k], shape[k] as i64, k)? * os[k];
+                }
+                dst.extend(base..base + inner);
+            }
+            scatter(&ins[0].data, &dst, shape.iter().product())
+        }
+        Op::SliceScatter { starts, steps, .. } => {
+            let os = strides(&shape);
+            let base = starts.iter().zip(&os).map(|(a, b)| a * b).sum();
+            let ss: Vec<usize> = steps.iter().zip(&os).map(|(a, b)| a * b).collect();
+            let dst = offsets(&ins[0].shape, &ss, base);
+            scatter(&ins[0].data, &dst, shape.iter().product())
+        }
     };
     Ok(Arr::new(dt, shape, data))
+}
+
+/// An index along `axis` of size `dim`, negative counting from the end.
+fn normalise_index(i: i64, dim: i64, axis: usize) -> Result<usize, String> {
+    let j = if i < 0 { i + dim } else { i };
+    if (0..dim).contains(&j) {
+        Ok(j as usize)
+    } else {
+        Err(format!(
+            "index {i} is out of range for dim {axis} of size {dim}"
+        ))
+    }
+}
+
+/// `out = zeros(n)`, then `out[dst[k]] += src[k]`.
+fn scatter(src: &Data, dst: &[usize], n: usize) -> Data {
+    match src {
+        Data::F(v) => {
+            let mut out = vec![0.0; n];
+            for (k, &d) in dst.iter().enumerate() {
+                out[d] += v[k];
+            }
+            Data::F(out)
+        }
+        Data::I(v) => {
+            let mut out = vec![0i64; n];
+            for (k, &d) in dst.iter().enumerate() {
+                out[d] = out[d].wrapping_add(v[k]);
+            }
+            Data::I(out)
+        }
+    }
 }
 
 fn binary(b: BinaryOp, a: &Arr, c: &Arr, oa: &[usize], ob: &[usize]) -> Result<Data, String> {
@@ -477,6 +561,17 @@ fn binary(b: BinaryOp, a: &Arr, c: &Arr, oa: &[usize], ob: &[usize]) -> Result<D
                                 f64::NAN
                             } else {
                                 x(k).max(y(k))
+                            }
+                        })
+                        .collect(),
+                ),
+                BinaryOp::Min => Data::F(
+                    (0..n)
+                        .map(|k| {
+                            if x(k).is_nan() || y(k).is_nan() {
+                                f64::NAN
+                            } else {
+                                x(k).min(y(k))
                             }
                         })
                         .collect(),
@@ -516,6 +611,7 @@ fn binary(b: BinaryOp, a: &Arr, c: &Arr, oa: &[usize], ob: &[usize]) -> Result<D
                 BinaryOp::Greater => cmp(&|k| x(k) > y(k)),
                 BinaryOp::GreaterEqual => cmp(&|k| x(k) >= y(k)),
                 BinaryOp::Max => Data::I((0..n).map(|k| x(k).max(y(k))).collect()),
+                BinaryOp::Min => Data::I((0..n).map(|k| x(k).min(y(k))).collect()),
                 BinaryOp::And => cmp(&|k| x(k) != 0 && y(k) != 0),
             }
         }

@@ -19,7 +19,7 @@ mod tensor;
 mod verify;
 
 pub use dtype::{DType, TensorType};
-pub use graph::{Graph, Node, NodeId, ParamRole, Value, ValueDef, ValueId};
+pub use graph::{Graph, Node, NodeId, ParamRole, Phase, Value, ValueDef, ValueId};
 pub use interp::{eval_op, interpret, InterpError};
 pub use op::broadcast_shapes;
 pub use op::{Attr, BinaryOp, Op, ReduceKind, UnaryOp};

@@ -62,6 +62,8 @@ pub enum BinaryOp {
     GreaterEqual,
     /// max(a, b) (NaN if either is NaN)
     Max,
+    /// min(a, b) (NaN if either is NaN)
+    Min,
     /// a && b (bool)
     And,
 }
@@ -170,6 +172,38 @@ pub enum Op {
         /// Diagonal offset.
         k: i64,
     },
+    /// The transpose of `gather`: `out = zeros(shape)`, then for every index position
+    /// `out[.., indices[i], ..] += updates[.., i, ..]` along `axis`. Operands: updates, indices.
+    ScatterAdd {
+        /// Scattered dim of the result.
+        axis: usize,
+        /// Result shape.
+        shape: Vec<usize>,
+    },
+    /// The transpose of `gather_elements`: `out = zeros(shape)`, `out[i with i[axis] =
+    /// indices[i]] += updates[i]`. Operands: updates, indices (same shape).
+    ScatterElementsAdd {
+        /// Scattered dim.
+        axis: usize,
+        /// Result shape.
+        shape: Vec<usize>,
+    },
+    /// The transpose of `gather_nd`: `out = zeros(shape)`, `out[indices[t]] += updates[t]`.
+    /// Operands: updates, indices.
+    ScatterNdAdd {
+        /// Result shape.
+        shape: Vec<usize>,
+    },
+    /// The transpose of `slice`: `zeros(shape)` with the operand written at
+    /// `starts[k] + i * steps[k]` in every dim k.
+    SliceScatter {
+        /// Result shape.
+        shape: Vec<usize>,
+        /// First index per dim.
+        starts: Vec<usize>,
+        /// Stride per dim.
+        steps: Vec<usize>,
+    },
 }
 
 /// An attribute value in the textual IR.
@@ -202,7 +236,7 @@ const UNARY: [(UnaryOp, &str); 12] = [
     (UnaryOp::IsNaN, "is_nan"),
 ];
 
-const BINARY: [(BinaryOp, &str); 12] = [
+const BINARY: [(BinaryOp, &str); 13] = [
     (BinaryOp::Add, "add"),
     (BinaryOp::Sub, "sub"),
     (BinaryOp::Mul, "mul"),
@@ -214,6 +248,7 @@ const BINARY: [(BinaryOp, &str); 12] = [
     (BinaryOp::Greater, "greater"),
     (BinaryOp::GreaterEqual, "greater_equal"),
     (BinaryOp::Max, "max"),
+    (BinaryOp::Min, "min"),
     (BinaryOp::And, "and"),
 ];
 
@@ -249,6 +284,10 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Expand { .. } => "expand",
             Op::Trilu { .. } => "trilu",
+            Op::ScatterAdd { .. } => "scatter_add",
+            Op::ScatterElementsAdd { .. } => "scatter_elements_add",
+            Op::ScatterNdAdd { .. } => "scatter_nd_add",
+            Op::SliceScatter { .. } => "slice_scatter",
         }
     }
 
@@ -291,6 +330,21 @@ impl Op {
                 ]
             }
             Op::Trilu { upper, k } => vec![("upper", Attr::Bool(*upper)), ("k", Attr::Int(*k))],
+            Op::ScatterAdd { axis, shape } | Op::ScatterElementsAdd { axis, shape } => {
+                vec![("axis", Attr::Int(*axis as i64)), ("shape", usizes(shape))]
+            }
+            Op::ScatterNdAdd { shape } => vec![("shape", usizes(shape))],
+            Op::SliceScatter {
+                shape,
+                starts,
+                steps,
+            } => {
+                vec![
+                    ("shape", usizes(shape)),
+                    ("starts", usizes(starts)),
+                    ("steps", usizes(steps)),
+                ]
+            }
         }
     }
 
@@ -388,6 +442,22 @@ impl Op {
                 "trilu" => Op::Trilu {
                     upper: boolean(get("upper")?, "upper")?,
                     k: int(get("k")?, "k")?,
+                },
+                "scatter_add" => Op::ScatterAdd {
+                    axis: uint(get("axis")?, "axis")?,
+                    shape: uints(get("shape")?, "shape")?,
+                },
+                "scatter_elements_add" => Op::ScatterElementsAdd {
+                    axis: uint(get("axis")?, "axis")?,
+                    shape: uints(get("shape")?, "shape")?,
+                },
+                "scatter_nd_add" => Op::ScatterNdAdd {
+                    shape: uints(get("shape")?, "shape")?,
+                },
+                "slice_scatter" => Op::SliceScatter {
+                    shape: uints(get("shape")?, "shape")?,
+                    starts: uints(get("starts")?, "starts")?,
+                    steps: uints(get("steps")?, "steps")?,
                 },
                 _ => return Err(format!("unknown op `{name}`")),
             }
@@ -692,6 +762,82 @@ impl Op {
                     return Err("`trilu` needs at least 2 dims".into());
                 }
                 one(inputs[0].clone())
+            }
+            Op::ScatterAdd { axis, shape } => {
+                arity(2)?;
+                let (u, i) = (&inputs[0], &inputs[1]);
+                int_indices(i)?;
+                check_axis(*axis, shape.len())?;
+                let mut want = shape[..*axis].to_vec();
+                want.extend_from_slice(&i.shape);
+                want.extend_from_slice(&shape[axis + 1..]);
+                if u.shape != want {
+                    return Err(format!("`scatter_add` updates must be {want:?}, got {u}"));
+                }
+                one(TensorType::new(u.dtype, shape.clone()))
+            }
+            Op::ScatterElementsAdd { axis, shape } => {
+                arity(2)?;
+                let (u, i) = (&inputs[0], &inputs[1]);
+                int_indices(i)?;
+                check_axis(*axis, shape.len())?;
+                let fits = u.shape == i.shape
+                    && i.rank() == shape.len()
+                    && (0..shape.len()).all(|k| k == *axis || i.shape[k] <= shape[k]);
+                if !fits {
+                    return Err(format!(
+                        "`scatter_elements_add` updates {u} and indices {i} do not fit {shape:?}"
+                    ));
+                }
+                one(TensorType::new(u.dtype, shape.clone()))
+            }
+            Op::ScatterNdAdd { shape } => {
+                arity(2)?;
+                let (u, i) = (&inputs[0], &inputs[1]);
+                int_indices(i)?;
+                let q = *i
+                    .shape
+                    .last()
+                    .ok_or("`scatter_nd_add` indices need at least one dim")?;
+                if q > shape.len() {
+                    return Err(format!(
+                        "`scatter_nd_add` index tuples of length {q} exceed rank {}",
+                        shape.len()
+                    ));
+                }
+                let mut want = i.shape[..i.rank() - 1].to_vec();
+                want.extend_from_slice(&shape[q..]);
+                if u.shape != want {
+                    return Err(format!(
+                        "`scatter_nd_add` updates must be {want:?}, got {u}"
+                    ));
+                }
+                one(TensorType::new(u.dtype, shape.clone()))
+            }
+            Op::SliceScatter {
+                shape,
+                starts,
+                steps,
+            } => {
+                arity(1)?;
+                let x = &inputs[0];
+                let r = shape.len();
+                if x.rank() != r || starts.len() != r || steps.len() != r {
+                    return Err(format!(
+                        "`slice_scatter` needs starts and steps for all {r} dims of {x}"
+                    ));
+                }
+                for k in 0..r {
+                    let fits = steps[k] > 0
+                        && (x.shape[k] == 0 || starts[k] + (x.shape[k] - 1) * steps[k] < shape[k]);
+                    if !fits {
+                        return Err(format!(
+                            "`slice_scatter` dim {k}: {} values from {} step {} exceed {}",
+                            x.shape[k], starts[k], steps[k], shape[k]
+                        ));
+                    }
+                }
+                one(TensorType::new(x.dtype, shape.clone()))
             }
         }
     }

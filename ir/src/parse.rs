@@ -96,7 +96,7 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
                 i += 1;
             }
             toks.push((Tok::Ident(chars[start..i].iter().collect()), line));
-        } else if "=,:()[]{}".contains(c) {
+        } else if "=,:()[]{}@".contains(c) {
             toks.push((Tok::Punct(c), line));
             i += 1;
         } else {
@@ -137,8 +137,15 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
                 let v = p.use_value()?;
                 p.g.add_output(name, v);
             }
+            Some(Tok::Ident(k)) if k == "update" => {
+                p.pos += 1;
+                let target = p.use_value()?;
+                p.expect('=')?;
+                let v = p.use_value()?;
+                p.g.add_update(target, v);
+            }
             Some(Tok::Value(_)) => p.definition()?,
-            _ => return Err(p.error("expected `%N = ...`, `output` or `}`")),
+            _ => return Err(p.error("expected `%N = ...`, `output`, `update` or `}`")),
         }
     }
     if p.pos != p.toks.len() {
@@ -331,12 +338,14 @@ impl Parser {
             }
             "param" => {
                 let n = single(self)?;
-                let role = if matches!(self.peek(), Some(Tok::Ident(k)) if k == "const") {
-                    self.pos += 1;
-                    ParamRole::Constant
-                } else {
-                    ParamRole::Weight
+                let role = match self.peek() {
+                    Some(Tok::Ident(k)) if k == "const" => ParamRole::Constant,
+                    Some(Tok::Ident(k)) if k == "state" => ParamRole::OptimizerState,
+                    _ => ParamRole::Weight,
                 };
+                if role != ParamRole::Weight {
+                    self.pos += 1;
+                }
                 let name = self.string()?;
                 self.expect(':')?;
                 let ty = self.ty()?;
@@ -396,7 +405,18 @@ impl Parser {
                         msg: format!("{} result(s) but {} type(s)", results.len(), tys.len()),
                     });
                 }
+                let phase = if self.eat('@') {
+                    let tag = self.ident()?;
+                    crate::Phase::from_tag(&tag).ok_or_else(|| ParseError {
+                        line,
+                        msg: format!("unknown phase `@{tag}` (b, w, u, r)"),
+                    })?
+                } else {
+                    crate::Phase::Forward
+                };
                 let outs = self.g.add_node_typed(op, &operands, tys, "");
+                let node = self.g.producer(outs[0]).expect("just added");
+                self.g.set_phase(node, phase);
                 for (n, v) in results.into_iter().zip(outs) {
                     self.define(n, v, line)?;
                 }
@@ -501,7 +521,13 @@ impl Parser {
             line,
             msg: format!("`{s}` is not a {} value", ty.dtype),
         };
-        if ty.dtype.is_float() {
+        if ty.dtype == DType::F64 {
+            let v: Result<Vec<f64>, _> = items
+                .iter()
+                .map(|s| s.parse::<f64>().map_err(|_| bad(s)))
+                .collect();
+            Ok(Tensor::from_f64(ty.dtype, ty.shape, &v?))
+        } else if ty.dtype.is_float() {
             let v: Result<Vec<f32>, _> = items
                 .iter()
                 .map(|s| s.parse::<f32>().map_err(|_| bad(s)))

@@ -7,7 +7,9 @@
 //!   %2 = param const "memc.const.0" : bool[1, 1, 16, 16]
 //!   %3 = const [0.5] : f32[]
 //!   %4 = gather(%1, %0) {axis = 0} : f32[2, 16, 64]
+//!   %5 = neg(%4) : f32[2, 16, 64] @b
 //!   output "hidden" = %4
+//!   update %1 = %5
 //! }
 //! ```
 //!
@@ -41,10 +43,10 @@ pub fn print(g: &Graph) -> String {
         match &v.def {
             ValueDef::Param { name: n, role, .. } => {
                 let i = name(id, &mut num);
-                let kind = if *role == ParamRole::Constant {
-                    "param const"
-                } else {
-                    "param"
+                let kind = match role {
+                    ParamRole::Weight => "param",
+                    ParamRole::Constant => "param const",
+                    ParamRole::OptimizerState => "param state",
                 };
                 let _ = writeln!(s, "  %{i} = {kind} {} : {}", quote(n), v.ty);
             }
@@ -92,7 +94,11 @@ pub fn print(g: &Graph) -> String {
             .iter()
             .map(|&o| g.value(o).ty.to_string())
             .collect();
-        let _ = writeln!(s, " : {}", tys.join(", "));
+        let _ = write!(s, " : {}", tys.join(", "));
+        if node.phase != crate::Phase::Forward {
+            let _ = write!(s, " @{}", node.phase.tag());
+        }
+        s.push('\n');
     }
     for (n, v) in g.outputs() {
         let i = if num[v.index()] == u32::MAX {
@@ -101,6 +107,16 @@ pub fn print(g: &Graph) -> String {
             num[v.index()].to_string()
         };
         let _ = writeln!(s, "  output {} = %{i}", quote(n));
+    }
+    let show = |v: crate::ValueId| {
+        if v.index() < num.len() && num[v.index()] != u32::MAX {
+            format!("%{}", num[v.index()])
+        } else {
+            format!("%?{}", v.0)
+        }
+    };
+    for &(p, v) in g.updates() {
+        let _ = writeln!(s, "  update {} = {}", show(p), show(v));
     }
     s.push_str("}\n");
     s
@@ -144,7 +160,12 @@ pub(crate) fn float(f: f32) -> String {
 }
 
 fn literal(t: &Tensor) -> String {
-    let items: Vec<String> = if t.dtype().is_float() {
+    let items: Vec<String> = if t.dtype() == DType::F64 {
+        t.to_f64_vec()
+            .into_iter()
+            .map(|v| format!("{v:?}"))
+            .collect()
+    } else if t.dtype().is_float() {
         t.to_f32_vec().into_iter().map(float).collect()
     } else if t.dtype() == DType::Bool {
         t.to_i64_vec()

@@ -61,6 +61,7 @@ impl Tensor {
         for &v in values {
             match dtype {
                 DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+                DType::F64 => out.extend_from_slice(&(v as f64).to_le_bytes()),
                 DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
                 DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
                 DType::I64 => out.extend_from_slice(&(v as i64).to_le_bytes()),
@@ -71,6 +72,42 @@ impl Tensor {
         Tensor {
             ty,
             data: Bytes::from(out),
+        }
+    }
+
+    /// A tensor of `dtype` and `shape` from f64 values (rounded to the dtype; exact for f64).
+    pub fn from_f64(dtype: DType, shape: impl Into<Vec<usize>>, values: &[f64]) -> Tensor {
+        if dtype != DType::F64 {
+            let f: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+            return Tensor::from_f32(dtype, shape, &f);
+        }
+        let ty = TensorType::new(dtype, shape);
+        assert_eq!(
+            ty.numel(),
+            values.len(),
+            "Tensor::from_f64: {} values for {}",
+            values.len(),
+            ty
+        );
+        let out: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor {
+            ty,
+            data: Bytes::from(out),
+        }
+    }
+
+    /// Every element as f64 (exact for every dtype but huge i64 values).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self.ty.dtype {
+            DType::F64 => self
+                .data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            DType::I64 | DType::I32 | DType::Bool => {
+                self.to_i64_vec().into_iter().map(|v| v as f64).collect()
+            }
+            _ => self.to_f32_vec().into_iter().map(f64::from).collect(),
         }
     }
 
@@ -86,8 +123,8 @@ impl Tensor {
             ty
         );
         if dtype.is_float() {
-            let f: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-            return Tensor::from_f32(dtype, ty.shape, &f);
+            let f: Vec<f64> = values.iter().map(|&v| v as f64).collect();
+            return Tensor::from_f64(dtype, ty.shape, &f);
         }
         let mut out = Vec::with_capacity(ty.bytes());
         for &v in values {
@@ -143,6 +180,7 @@ impl Tensor {
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let d = &self.data;
         match self.ty.dtype {
+            DType::F64 => self.to_f64_vec().into_iter().map(|v| v as f32).collect(),
             DType::F32 => d
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
@@ -172,7 +210,7 @@ impl Tensor {
                 .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
                 .collect(),
             DType::Bool => d.iter().map(|&b| (b != 0) as i64).collect(),
-            _ => self.to_f32_vec().into_iter().map(|v| v as i64).collect(),
+            _ => self.to_f64_vec().into_iter().map(|v| v as i64).collect(),
         }
     }
 }

@@ -144,6 +144,39 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         }
     }
 
+    let mut updated = HashSet::new();
+    for &(p, v) in g.updates() {
+        if !valid(p) || !valid(v) {
+            errors.push(format!(
+                "update %{} = %{} refers to a missing value",
+                p.0, v.0
+            ));
+            continue;
+        }
+        let target = g.value(p);
+        match &target.def {
+            ValueDef::Param {
+                role: crate::ParamRole::Weight | crate::ParamRole::OptimizerState,
+                name,
+                ..
+            } => {
+                if target.ty != g.value(v).ty {
+                    errors.push(format!(
+                        "update of `{name}`: {} is assigned a {}",
+                        target.ty,
+                        g.value(v).ty
+                    ));
+                }
+                if !updated.insert(p) {
+                    errors.push(format!("`{name}` is updated twice"));
+                }
+            }
+            _ => errors.push(format!(
+                "update target %{} is not a weight or optimizer state",
+                p.0
+            )),
+        }
+    }
     let mut out_names = HashSet::new();
     for (name, v) in g.outputs() {
         if !valid(*v) {

@@ -390,3 +390,54 @@ fn inputs_are_checked() {
         vec![-1., -2.]
     );
 }
+
+#[test]
+fn scatter_ops_are_the_transposes_of_the_gathers() {
+    // gather axis 1 of [2, 3] with [-1, 0, 0] -> scatter_add back into [2, 3].
+    let c =
+        "  %0 = const [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] : f32[2, 3]\n  %1 = const [-1, 0, 0] : i64[3]";
+    check(
+        c,
+        "  %9 = scatter_add(%0, %1) {axis = 1, shape = [2, 4]} : f32[2, 4]",
+        &[2, 4],
+        &[5., 0., 0., 1., 11., 0., 0., 4.],
+    );
+    let c = "  %0 = const [1.0, 2.0, 3.0, 4.0] : f32[2, 2]\n  %1 = const [2, 2, 0, 1] : i64[2, 2]";
+    check(
+        c,
+        "  %9 = scatter_elements_add(%0, %1) {axis = 1, shape = [2, 3]} : f32[2, 3]",
+        &[2, 3],
+        &[0., 0., 3., 3., 4., 0.],
+    );
+    let c =
+        "  %0 = const [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] : f32[2, 3]\n  %1 = const [1, 1] : i64[2, 1]";
+    check(
+        c,
+        "  %9 = scatter_nd_add(%0, %1) {shape = [2, 3]} : f32[2, 3]",
+        &[2, 3],
+        &[0., 0., 0., 5., 7., 9.],
+    );
+    let c = "  %0 = const [1.0, 2.0] : f32[1, 2]";
+    check(
+        c,
+        "  %9 = slice_scatter(%0) {shape = [2, 4], starts = [1, 1], steps = [1, 2]} : f32[2, 4]",
+        &[2, 4],
+        &[0., 0., 0., 0., 0., 1., 0., 2.],
+    );
+}
+
+#[test]
+fn min_and_f64() {
+    let c = "  %0 = const [1.0, NaN, -2.0] : f32[3]\n  %1 = const [0.5] : f32[]";
+    check(
+        c,
+        "  %9 = min(%0, %1) : f32[3]",
+        &[3],
+        &[0.5, f32::NAN, -2.0],
+    );
+    // f64 keeps what f32 would round away.
+    let text = "graph {\n  %0 = const [1.0000000001] : f64[]\n  %1 = const [1.0] : f64[]\n  %2 = sub(%0, %1) : f64[]\n  output \"y\" = %2\n}\n";
+    let out = interpret(&parse(text).unwrap(), &HashMap::new()).unwrap();
+    let v = out[0].1.to_f64_vec()[0];
+    assert!((v - 1e-10).abs() < 1e-15, "{v}");
+}

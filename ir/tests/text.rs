@@ -2,8 +2,8 @@
 //! per malformed text.
 
 use memc_ir::{
-    parse, print, verify, BinaryOp, DType, Graph, Op, ParamRole, ReduceKind, Tensor, TensorType,
-    UnaryOp, ValueId,
+    parse, print, verify, BinaryOp, DType, Graph, Op, ParamRole, Phase, ReduceKind, Tensor,
+    TensorType, UnaryOp, ValueId,
 };
 use proptest::prelude::*;
 
@@ -81,11 +81,11 @@ fn random_graph(seed: u64) -> Graph {
         let shape: Vec<usize> = (0..r.below(3)).map(|_| r.pick(&dims)).collect();
         let ty = TensorType::new(r.pick(&DType::ALL), shape);
         vals.push(g.add_const(random_const(&mut r, ty.clone())));
-        let role = if k % 2 == 0 {
-            ParamRole::Weight
-        } else {
-            ParamRole::Constant
-        };
+        let role = [
+            ParamRole::Weight,
+            ParamRole::Constant,
+            ParamRole::OptimizerState,
+        ][k % 3];
         vals.push(g.add_param(format!("p.{k}"), role, ty, None));
     }
     let unary = [
@@ -167,11 +167,37 @@ fn random_graph(seed: u64) -> Graph {
             _ => vec![a],
         };
         if let Ok(out) = g.add_node(op, &operands, "") {
+            let phases = [
+                Phase::Forward,
+                Phase::Backward,
+                Phase::Weight,
+                Phase::Update,
+                Phase::Recompute,
+            ];
+            g.set_phase(g.producer(out[0]).unwrap(), r.pick(&phases));
             vals.extend(out);
         }
     }
     for k in 0..1 + r.below(3) {
         g.add_output(format!("out{k}"), r.pick(&vals));
+    }
+    // Optimizer-style updates: a weight or state param takes a value of its type.
+    let params: Vec<ValueId> = g.params().collect();
+    for p in params {
+        let role = match &g.value(p).def {
+            memc_ir::ValueDef::Param { role, .. } => *role,
+            _ => unreachable!(),
+        };
+        if role == ParamRole::Constant {
+            continue;
+        }
+        let ty = g.value(p).ty.clone();
+        if let Some(&v) = vals
+            .iter()
+            .find(|&&v| g.value(v).ty == ty && g.producer(v).is_some())
+        {
+            g.add_update(p, v);
+        }
     }
     g
 }
@@ -234,7 +260,7 @@ fn parse_errors_name_the_line() {
         ),
         (
             "graph {\n  %0 = input \"x\" : f32[2]\n",
-            "line 2: expected `%N = ...`, `output` or `}`, found end of input",
+            "line 2: expected `%N = ...`, `output`, `update` or `}`, found end of input",
         ),
     ];
     for (text, want) in cases {

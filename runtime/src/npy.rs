@@ -10,6 +10,8 @@ pub enum NpyDtype {
     F32,
     /// `<f2`
     F16,
+    /// `<f8`
+    F64,
     /// `<i8`
     I64,
     /// `<i4`
@@ -23,6 +25,7 @@ impl NpyDtype {
         match self {
             NpyDtype::F32 => "<f4",
             NpyDtype::F16 => "<f2",
+            NpyDtype::F64 => "<f8",
             NpyDtype::I64 => "<i8",
             NpyDtype::I32 => "<i4",
             NpyDtype::Bool => "|b1",
@@ -34,6 +37,7 @@ impl NpyDtype {
         match self {
             NpyDtype::F32 | NpyDtype::I32 => 4,
             NpyDtype::F16 => 2,
+            NpyDtype::F64 => 8,
             NpyDtype::I64 => 8,
             NpyDtype::Bool => 1,
         }
@@ -44,6 +48,7 @@ impl NpyDtype {
         match self {
             NpyDtype::F32 => "float32",
             NpyDtype::F16 => "float16",
+            NpyDtype::F64 => "float64",
             NpyDtype::I64 => "int64",
             NpyDtype::I32 => "int32",
             NpyDtype::Bool => "bool",
@@ -128,10 +133,10 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, String> {
         .strip_prefix('\'')
         .and_then(|d| d.split('\'').next())
         .ok_or("bad 'descr'")?;
-    let dtype = [NpyDtype::F32, NpyDtype::F16, NpyDtype::I64, NpyDtype::I32, NpyDtype::Bool]
+    let dtype = [NpyDtype::F32, NpyDtype::F64, NpyDtype::F16, NpyDtype::I64, NpyDtype::I32, NpyDtype::Bool]
         .into_iter()
         .find(|d| d.descr() == descr || (d.size() == 1 && descr == "<b1"))
-        .ok_or_else(|| format!("dtype '{descr}' is not supported (use float32, float16, int64, int32 or bool, little-endian)"))?;
+        .ok_or_else(|| format!("dtype '{descr}' is not supported (use float32, float64, float16, int64, int32 or bool, little-endian)"))?;
     if field("fortran_order")?.starts_with("True") {
         return Err(
             "Fortran-ordered arrays are not supported (save numpy.ascontiguousarray(a))".into(),
@@ -248,9 +253,11 @@ mod tests {
             .unwrap_err()
             .contains("needs 16 data bytes"));
         assert!(parse(&good[..20]).unwrap_err().contains("truncated"));
-        let mut f64s = good.clone();
-        let at = f64s.windows(3).position(|w| w == b"<i8").unwrap();
-        f64s[at + 1] = b'f';
-        assert!(parse(&f64s).unwrap_err().contains("'<f8' is not supported"));
+        let mut complex = good.clone();
+        let at = complex.windows(3).position(|w| w == b"<i8").unwrap();
+        complex[at + 1] = b'c';
+        assert!(parse(&complex)
+            .unwrap_err()
+            .contains("'<c8' is not supported"));
     }
 }

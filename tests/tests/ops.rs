@@ -11,7 +11,10 @@ fn npys(dir: &std::path::Path) -> HashMap<String, Tensor> {
     let mut m = HashMap::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let p = entry.unwrap().path();
-        m.insert(p.file_stem().unwrap().to_string_lossy().to_string(), memc::io::read_tensor(&p).unwrap());
+        m.insert(
+            p.file_stem().unwrap().to_string_lossy().to_string(),
+            memc::io::read_tensor(&p).unwrap(),
+        );
     }
     m
 }
@@ -27,21 +30,35 @@ fn every_op_case_matches_onnxruntime() {
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let result = (|| -> Result<(), String> {
-            let g = import(&dir.join(format!("{name}.onnx")), &ImportOptions::default()).map_err(|e| e.to_string())?;
+            let g = import(&dir.join(format!("{name}.onnx")), &ImportOptions::default())
+                .map_err(|e| e.to_string())?;
             let inputs = npys(&dir.join(name).join("inputs"));
             let outputs = memc_ir::interpret(&g, &inputs).map_err(|e| e.to_string())?;
             let refs = npys(&dir.join(name).join("ref"));
             for (out, got) in &outputs {
-                let want = refs.get(out).ok_or(format!("no reference for output {out}"))?;
+                let want = refs
+                    .get(out)
+                    .ok_or(format!("no reference for output {out}"))?;
                 let got = memc::io::tensor_of(memc::io::npy_of(got));
                 if got.ty() != want.ty() {
-                    return Err(format!("output {out}: memc gives {} but onnxruntime {}", got.ty(), want.ty()));
+                    return Err(format!(
+                        "output {out}: memc gives {} but onnxruntime {}",
+                        got.ty(),
+                        want.ty()
+                    ));
                 }
                 if want.dtype().is_float() {
                     let (g, w) = (got.to_f32_vec(), want.to_f32_vec());
-                    let scale = w.iter().filter(|v| v.is_finite()).fold(1f32, |a, v| a.max(v.abs()));
+                    let scale = w
+                        .iter()
+                        .filter(|v| v.is_finite())
+                        .fold(1f32, |a, v| a.max(v.abs()));
                     // f16 results are compared at f16's precision.
-                    let tol = if want.dtype() == DType::F16 { 1e-3 } else { 1e-5 } * scale;
+                    let tol = if want.dtype() == DType::F16 {
+                        1e-3
+                    } else {
+                        1e-5
+                    } * scale;
                     for (k, (a, b)) in g.iter().zip(&w).enumerate() {
                         let same = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tol;
                         if !same {
@@ -62,5 +79,10 @@ fn every_op_case_matches_onnxruntime() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} case(s) differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

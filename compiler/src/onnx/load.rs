@@ -144,6 +144,12 @@ pub(crate) fn tensor(t: &TensorProto, ext: &mut ExternalData) -> Result<Tensor, 
         };
         let mut out = Vec::with_capacity(ty.bytes());
         match ty.dtype {
+            DType::F64 => {
+                count(t.double_data.len())?;
+                t.double_data
+                    .iter()
+                    .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
             DType::F32 => {
                 count(t.float_data.len())?;
                 t.float_data

@@ -191,13 +191,14 @@ pub(crate) fn dtype_of(code: i32) -> Result<DType, String> {
     use proto::tensor_proto::DataType as D;
     match D::try_from(code) {
         Ok(D::Float) => Ok(DType::F32),
+        Ok(D::Double) => Ok(DType::F64),
         Ok(D::Float16) => Ok(DType::F16),
         Ok(D::Bfloat16) => Ok(DType::BF16),
         Ok(D::Int64) => Ok(DType::I64),
         Ok(D::Int32) => Ok(DType::I32),
         Ok(D::Bool) => Ok(DType::Bool),
         Ok(d) => Err(format!(
-            "element type {} is not supported (memc handles float, float16, bfloat16, int64, int32, bool)",
+            "element type {} is not supported (memc handles float, double, float16, bfloat16, int64, int32, bool)",
             d.as_str_name()
         )),
         Err(_) => Err(format!("unknown element type code {code}")),
