@@ -7,6 +7,9 @@
 
 #![warn(missing_docs)]
 
+pub mod autodiff;
+pub mod build;
+
 pub use egg;
 
 #[cfg(test)]
