@@ -26,6 +26,8 @@ enum Command {
     Compile(CompileArgs),
     /// Evaluate a model on `.npy` inputs with the reference interpreter.
     Eval(EvalArgs),
+    /// Compile the training step and train on the reference backend: one JSON line per step.
+    Train(TrainCmdArgs),
     /// Run passes on textual IR: textual IR in, textual IR out.
     Opt(OptArgs),
     /// Check the code generation toolchain (MLIR 19, LLVM 19 host and NVPTX) and the CUDA driver.
@@ -78,6 +80,35 @@ struct CompileArgs {
     /// Write the textual IR after every pass into DIR.
     #[arg(long, value_name = "DIR")]
     dump_ir: Option<PathBuf>,
+    /// Build the training step (loss, backward, optimizer) rather than inference.
+    #[arg(long)]
+    train: bool,
+    #[command(flatten)]
+    training: crate::train::TrainProgramArgs,
+}
+
+#[derive(Debug, Args)]
+struct TrainCmdArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    training: crate::train::TrainProgramArgs,
+    /// Token ids: an integer .npy of shape [rows, seq]; each step takes the next batch of rows.
+    /// Without --shape, one batch is the whole file.
+    #[arg(long, value_name = "FILE.npy")]
+    data: PathBuf,
+    /// Optimizer steps to run.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Weight decay (default: 0.01 for AdamW, 0 for SGD, as in PyTorch).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "ref")]
+    backend: Backend,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -228,10 +259,19 @@ fn compile(args: CompileArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let g = import(&args.model, shapes(&args.model)?, &mut timer)?;
+    let mut g = import(&args.model, shapes(&args.model)?, &mut timer)?;
     if let Some(dir) = &args.dump_ir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         write_file(&dir.join("00-import.mir"), &memc_ir::print(&g))?;
+    }
+    if args.train {
+        let model = args.model.model.display().to_string();
+        timer
+            .time("train", || crate::train::build(&mut g, &args.training))
+            .map_err(|e| anyhow!("{model}: {e:#}"))?;
+        if let Some(dir) = &args.dump_ir {
+            write_file(&dir.join("01-train.mir"), &memc_ir::print(&g))?;
+        }
     }
     if args.emit == Some(Emit::Ir) {
         print!("{}", memc_ir::print(&g));
@@ -377,6 +417,63 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+fn train(args: TrainCmdArgs) -> Result<()> {
+    if args.backend != Backend::Ref {
+        bail!(
+            "--backend {:?}: not available yet in this memc; use --backend ref",
+            args.backend
+        );
+    }
+    let model = args.model.model.display().to_string();
+    let mut data = crate::train::Batches::open(&args.data)?;
+    let mut shapes = shapes(&args.model)?;
+    if shapes.is_empty() {
+        // Without --shape, one batch is the whole data file.
+        let decoded = onnx::load_model(&args.model.model)?;
+        let graph = decoded.graph.as_ref().expect("load_model checks");
+        let inits: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name()).collect();
+        let inputs: Vec<&str> = graph
+            .input
+            .iter()
+            .map(|i| i.name())
+            .filter(|n| !inits.contains(n))
+            .collect();
+        let name = if inputs.contains(&"input_ids") {
+            "input_ids"
+        } else if inputs.len() == 1 {
+            inputs[0]
+        } else {
+            bail!(
+                "{model}: pass --shape NAME=BxS for the token input (inputs: {})",
+                inputs.join(", ")
+            );
+        };
+        let (rows, seq) = data.shape();
+        shapes.insert(name.to_string(), vec![rows, seq]);
+    }
+    let mut timer = Timer {
+        enabled: args.model.time_passes,
+        phases: vec![],
+    };
+    let mut g = import(&args.model, shapes, &mut timer)?;
+    timer
+        .time("train", || crate::train::build(&mut g, &args.training))
+        .map_err(|e| anyhow!("{model}: {e:#}"))?;
+    let weight_decay = args.weight_decay.unwrap_or(match args.training.optimizer {
+        crate::train::OptimizerArg::Adamw => 0.01,
+        crate::train::OptimizerArg::Sgd => 0.0,
+    });
+    let opts = crate::train::LoopOptions {
+        steps: args.steps,
+        lr: args.lr,
+        weight_decay,
+        peak_bytes: None,
+    };
+    crate::train::run_reference(&mut g, &mut data, &opts, &model)?;
+    Ok(())
+}
+
 fn numpy_name(d: memc_ir::DType) -> &'static str {
     match d {
         memc_ir::DType::F32 | memc_ir::DType::BF16 => "float32",
@@ -452,6 +549,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Compile(a) => compile(a),
         Command::Eval(a) => eval(a),
+        Command::Train(a) => train(a),
         Command::Opt(a) => opt(a),
         #[cfg(feature = "codegen")]
         Command::Toolchain => toolchain(),

@@ -8,3 +8,4 @@ pub mod cli;
 pub mod io;
 pub mod onnx;
 pub mod report;
+pub mod train;

@@ -263,6 +263,18 @@ impl Graph {
         self.nodes[n.index()].phase = phase;
     }
 
+    /// Replaces a param's data (e.g. with the weights after an optimizer step).
+    pub fn set_param_data(&mut self, v: ValueId, t: Tensor) {
+        if let ValueDef::Param { data, .. } = &mut self.values[v.index()].def {
+            *data = Some(t);
+        }
+    }
+
+    /// Removes every named output (e.g. to replace a model's outputs by a training loss).
+    pub fn clear_outputs(&mut self) {
+        self.outputs.clear();
+    }
+
     /// Declares that after a step `param` takes the value `value` (an optimizer update).
     pub fn add_update(&mut self, param: ValueId, value: ValueId) {
         self.updates.push((param, value));

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use half::{bf16, f16};
 
 use crate::op::broadcast_shapes;
-use crate::{BinaryOp, DType, Graph, Op, ReduceKind, Tensor, UnaryOp, ValueDef};
+use crate::{BinaryOp, DType, Graph, Op, ReduceKind, Tensor, UnaryOp, ValueDef, ValueId};
 
 /// Largest single result the interpreter computes (it holds values as f64 or i64).
 const INTERP_MAX_BYTES: usize = 16 << 30;
@@ -28,6 +28,20 @@ pub enum InterpError {
     /// A parameter has no data (e.g. a graph parsed from text).
     #[error("param `{0}` has no data")]
     MissingParam(String),
+    /// A result held a NaN ([`RunOptions::check_nan`]).
+    #[error("node #{node} `{op}`{name} produced a non-finite value ({value}) in its {ty} result")]
+    NonFinite {
+        /// Node index.
+        node: usize,
+        /// Op name.
+        op: &'static str,
+        /// ` (name)` or empty.
+        name: String,
+        /// The first non-finite element.
+        value: f64,
+        /// The result's type.
+        ty: String,
+    },
     /// An op failed at run time (an index out of range, a division by zero).
     #[error("node #{node} `{op}`{name}: {msg}")]
     Op {
@@ -681,6 +695,32 @@ pub fn interpret(
     g: &Graph,
     inputs: &HashMap<String, Tensor>,
 ) -> Result<Vec<(String, Tensor)>, InterpError> {
+    run(g, inputs, &RunOptions::default()).map(|r| r.outputs)
+}
+
+/// How [`run`] evaluates.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Fail at the first node whose float result holds a NaN. (Infinities are legitimate in
+    /// intermediate values, e.g. `-inf` attention masks before a softmax.)
+    pub check_nan: bool,
+}
+
+/// What one evaluation of a graph produced.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// Named outputs in order.
+    pub outputs: Vec<(String, Tensor)>,
+    /// New values of updated params, in the graph's update order.
+    pub updates: Vec<(ValueId, Tensor)>,
+}
+
+/// Runs the graph (outputs and state updates). Values are freed after their last use.
+pub fn run(
+    g: &Graph,
+    inputs: &HashMap<String, Tensor>,
+    opts: &RunOptions,
+) -> Result<Run, InterpError> {
     let mut vals: Vec<Option<Arr>> = vec![None; g.values().len()];
     for (i, v) in g.values().iter().enumerate() {
         match &v.def {
@@ -716,6 +756,9 @@ pub fn interpret(
     for (_, v) in g.outputs() {
         last_use[v.index()] = usize::MAX;
     }
+    for &(_, v) in g.updates() {
+        last_use[v.index()] = usize::MAX;
+    }
     for (ni, n) in g.nodes().iter().enumerate() {
         let too_big = n
             .outputs
@@ -743,6 +786,23 @@ pub fn interpret(
             .map(|v| vals[v.index()].clone().expect("verified graph"))
             .collect();
         let out = eval(&n.op, &ins).map_err(op_error)?;
+        if opts.check_nan {
+            if let Data::F(v) = &out.data {
+                if let Some(bad) = v.iter().find(|x| x.is_nan()) {
+                    return Err(InterpError::NonFinite {
+                        node: ni,
+                        op: n.op.name(),
+                        name: if n.name.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", n.name)
+                        },
+                        value: *bad,
+                        ty: g.value(n.outputs[0]).ty.to_string(),
+                    });
+                }
+            }
+        }
         vals[n.outputs[0].index()] = Some(out);
         for &v in &n.inputs {
             if last_use[v.index()] == ni {
@@ -750,13 +810,13 @@ pub fn interpret(
             }
         }
     }
-    Ok(g.outputs()
-        .iter()
-        .map(|(name, v)| {
-            (
-                name.clone(),
-                vals[v.index()].as_ref().expect("computed").to_tensor(),
-            )
-        })
-        .collect())
+    let value = |v: ValueId| vals[v.index()].as_ref().expect("computed").to_tensor();
+    Ok(Run {
+        outputs: g
+            .outputs()
+            .iter()
+            .map(|(name, v)| (name.clone(), value(*v)))
+            .collect(),
+        updates: g.updates().iter().map(|&(p, v)| (p, value(v))).collect(),
+    })
 }

@@ -9,6 +9,7 @@
 
 pub mod autodiff;
 pub mod build;
+pub mod train;
 
 pub use egg;
 

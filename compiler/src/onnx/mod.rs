@@ -17,7 +17,7 @@ pub mod proto;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use memc_ir::{DType, Graph, ParamRole, Tensor, TensorType, ValueId};
+use memc_ir::{DType, Graph, ParamRole, Tensor, TensorType, ValueDef, ValueId};
 
 pub use load::load_model;
 
@@ -179,6 +179,43 @@ impl Ctx {
     }
 }
 
+/// A weight already imported that `t` is a copy of (`false`) or the transpose of (`true`).
+/// Exporters untie tied weights this way; only matrices of at least 16 elements that are not
+/// constant are matched, so equal initial values (zeros, ones) never tie distinct weights.
+fn tied_source(g: &Graph, t: &Tensor) -> Option<(ValueId, bool)> {
+    let shape = t.shape();
+    if shape.len() != 2 || t.numel() < 16 || t.dtype() != DType::F32 {
+        return None;
+    }
+    // Read elements in place: no initializer is copied.
+    let bits =
+        |b: &bytes::Bytes, k: usize| u32::from_le_bytes(b[4 * k..4 * k + 4].try_into().unwrap());
+    let new = t.bytes();
+    if (1..t.numel()).all(|k| bits(new, k) == bits(new, 0)) {
+        return None;
+    }
+    let (n, m) = (shape[0], shape[1]);
+    for w in g.weights() {
+        let ValueDef::Param { data: Some(d), .. } = &g.value(w).def else {
+            continue;
+        };
+        if d.dtype() != DType::F32 {
+            continue;
+        }
+        if d.shape() == [m, n] {
+            // new[i][j] == old[j][i], checked lazily so a mismatch costs one comparison.
+            let old = d.bytes();
+            if (0..n).all(|i| (0..m).all(|j| bits(new, i * m + j) == bits(old, j * n + i))) {
+                return Some((w, true));
+            }
+        }
+        if d.shape() == shape && d.bytes() == t.bytes() {
+            return Some((w, false));
+        }
+    }
+    None
+}
+
 /// Initializers that hold PyTorch buffers rather than parameters: rotary `inv_freq` tables.
 /// They fold into constants (the cos/sin tables) and are never trained. ONNX does not mark
 /// buffers, so this goes by the names PyTorch's exporters keep.
@@ -282,10 +319,27 @@ fn import_impl(
             msg,
         })?;
         let v = if t.dtype().is_float() && t.numel() > 1 && !is_buffer(&name) {
-            Val::Ir(
-                ctx.g
-                    .add_param(name.clone(), ParamRole::Weight, t.ty().clone(), Some(t)),
-            )
+            let ty = t.ty().clone();
+            match tied_source(&ctx.g, &t) {
+                // The TorchScript exporter writes a tied LM head as a second, transposed copy
+                // of the embedding table; make it one parameter again.
+                Some((src, true)) => ctx
+                    .emit(
+                        memc_ir::Op::Transpose { perm: vec![1, 0] },
+                        &[Val::Ir(src)],
+                        &format!("memc.retie.{name}"),
+                    )
+                    .map_err(|msg| ImportError::Tensor {
+                        path: p(),
+                        tensor: name.clone(),
+                        msg,
+                    })?,
+                Some((src, false)) => Val::Ir(src),
+                None => Val::Ir(
+                    ctx.g
+                        .add_param(name.clone(), ParamRole::Weight, ty, Some(t)),
+                ),
+            }
         } else {
             Val::Const(t)
         };

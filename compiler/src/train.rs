@@ -1,0 +1,225 @@
+//! Training: the CLI's training options, building the training step (memc-passes), and the
+//! reference backend's training loop (the interpreter), which prints one JSON line per step.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, ValueEnum};
+use memc_ir::{DType, Graph, Tensor, ValueDef};
+use memc_passes::train::{self, Loss, Optimizer, TrainOptions, TrainStats};
+
+/// The loss names of the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossArg {
+    /// Mean cross-entropy of logits[:, :-1] against input_ids[:, 1:].
+    NextTokenCe,
+}
+
+/// The optimizer names of the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// torch.optim.SGD (with --momentum).
+    Sgd,
+    /// torch.optim.AdamW (betas 0.9/0.999, eps 1e-8 unless given).
+    Adamw,
+}
+
+/// Options that shape the training program.
+#[derive(Debug, Clone, Args)]
+pub struct TrainProgramArgs {
+    /// The loss.
+    #[arg(long, value_enum, default_value = "next-token-ce")]
+    pub loss: LossArg,
+    /// The optimizer.
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerArg,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.0)]
+    pub momentum: f64,
+    /// AdamW betas, as B1,B2.
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.9, 0.999])]
+    pub betas: Vec<f64>,
+    /// AdamW epsilon.
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Which weights are trained: `all`, or a regular expression searched in weight names.
+    #[arg(long, default_value = "all")]
+    pub trainable: String,
+    /// Clip the global gradient norm to this value.
+    #[arg(long, value_name = "MAX_NORM")]
+    pub clip_grad_norm: Option<f64>,
+}
+
+/// Builds the training step into `g` (which holds the forward graph).
+pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
+    let optimizer = match args.optimizer {
+        OptimizerArg::Sgd => Optimizer::Sgd {
+            momentum: args.momentum,
+        },
+        OptimizerArg::Adamw => Optimizer::AdamW {
+            beta1: args.betas[0],
+            beta2: args.betas[1],
+            eps: args.eps,
+        },
+    };
+    if let Some(c) = args.clip_grad_norm {
+        if !(c > 0.0 && c.is_finite()) {
+            bail!("--clip-grad-norm must be a positive number, got {c}");
+        }
+    }
+    let regex = if args.trainable == "all" {
+        None
+    } else {
+        Some(regex::Regex::new(&args.trainable).map_err(|e| {
+            anyhow!(
+                "--trainable `{}` is not a regular expression: {e}",
+                args.trainable
+            )
+        })?)
+    };
+    let trainable = |name: &str| regex.as_ref().is_none_or(|r| r.is_match(name));
+    let opts = TrainOptions {
+        loss: match args.loss {
+            LossArg::NextTokenCe => Loss::NextTokenCe,
+        },
+        optimizer,
+        clip_grad_norm: args.clip_grad_norm,
+        trainable: &trainable,
+    };
+    let stats = train::build_training(g, &opts)?;
+    memc_ir::verify(g).map_err(|e| {
+        anyhow!("the training program is invalid (a memc bug, please report it): {e}")
+    })?;
+    Ok(stats)
+}
+
+/// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling.
+pub struct Batches {
+    rows: usize,
+    seq: usize,
+    ids: Vec<i64>,
+    next: usize,
+}
+
+impl Batches {
+    /// Reads and checks a `.npy` file of token ids.
+    pub fn open(path: &Path) -> Result<Batches> {
+        let t = crate::io::read_tensor(path)?;
+        if !matches!(t.dtype(), DType::I64 | DType::I32)
+            || t.shape().len() != 2
+            || t.shape()[0] == 0
+        {
+            bail!(
+                "{}: training data must be a non-empty integer array of shape [rows, seq] (token ids), got {}",
+                path.display(),
+                t.ty()
+            );
+        }
+        Ok(Batches {
+            rows: t.shape()[0],
+            seq: t.shape()[1],
+            ids: t.to_i64_vec(),
+            next: 0,
+        })
+    }
+
+    /// Rows and columns.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.seq)
+    }
+
+    /// The next `batch` rows (wrapping around the file).
+    pub fn next_batch(&mut self, batch: usize) -> Tensor {
+        let mut out = Vec::with_capacity(batch * self.seq);
+        for _ in 0..batch {
+            out.extend_from_slice(&self.ids[self.next * self.seq..(self.next + 1) * self.seq]);
+            self.next = (self.next + 1) % self.rows;
+        }
+        Tensor::from_i64(DType::I64, vec![batch, self.seq], &out)
+    }
+}
+
+/// Run-time hyper-parameters of the loop.
+pub struct LoopOptions {
+    /// Steps to run.
+    pub steps: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Planned peak bytes, reported on every line.
+    pub peak_bytes: Option<u64>,
+}
+
+/// Trains on the reference backend, printing one JSON line per step; returns the losses.
+pub fn run_reference(
+    g: &mut Graph,
+    data: &mut Batches,
+    opts: &LoopOptions,
+    model: &str,
+) -> Result<Vec<f64>> {
+    let ids_input = g
+        .inputs()
+        .iter()
+        .find_map(|&v| match &g.value(v).def {
+            ValueDef::Input { name } if !name.starts_with("memc.") => {
+                Some((name.clone(), g.value(v).ty.clone()))
+            }
+            _ => None,
+        })
+        .context("the training program has no data input")?;
+    let (name, ty) = ids_input;
+    let (batch, seq) = (ty.shape[0], ty.shape[1]);
+    if data.shape().1 != seq {
+        bail!("training data has rows of {} tokens but the program was compiled for {seq} (--shape {name}={batch}x{})", data.shape().1, data.shape().1);
+    }
+    let scalar = |v: f64| Tensor::from_f64(DType::F32, vec![], &[v]);
+    let run_opts = memc_ir::RunOptions { check_nan: true };
+    let mut losses = Vec::with_capacity(opts.steps);
+    for step in 1..=opts.steps {
+        let t0 = Instant::now();
+        let ids = data.next_batch(batch);
+        let ids = if ty.dtype == DType::I64 {
+            ids
+        } else {
+            Tensor::from_i64(ty.dtype, ids.shape().to_vec(), &ids.to_i64_vec())
+        };
+        let feeds = HashMap::from([
+            (name.clone(), ids),
+            (train::LR_INPUT.to_string(), scalar(opts.lr)),
+            (
+                train::WEIGHT_DECAY_INPUT.to_string(),
+                scalar(opts.weight_decay),
+            ),
+            (train::STEP_INPUT.to_string(), scalar(step as f64)),
+        ]);
+        let out =
+            memc_ir::run(g, &feeds, &run_opts).map_err(|e| anyhow!("{model}: step {step}: {e}"))?;
+        let loss = out.outputs[0].1.to_f64_vec()[0];
+        if !loss.is_finite() {
+            bail!("{model}: step {step}: the loss is {loss}");
+        }
+        for (p, t) in &out.updates {
+            if t.to_f32_vec().iter().any(|x| !x.is_finite()) {
+                let name = match &g.value(*p).def {
+                    ValueDef::Param { name, .. } => name.clone(),
+                    _ => unreachable!("updates target params"),
+                };
+                bail!("{model}: step {step}: the update of `{name}` is not finite (lower --lr or use --clip-grad-norm)");
+            }
+        }
+        for (p, t) in out.updates {
+            g.set_param_data(p, t);
+        }
+        losses.push(loss);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut line = serde_json::json!({"step": step, "loss": loss, "tokens": batch * seq, "step_ms": (ms * 1000.0).round() / 1000.0});
+        if let Some(p) = opts.peak_bytes {
+            line["peak_bytes"] = p.into();
+        }
+        println!("{line}");
+    }
+    Ok(losses)
+}

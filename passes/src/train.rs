@@ -1,0 +1,347 @@
+//! Turns a forward graph into a training step: loss, backward (B/W split), optional gradient
+//! clipping and the optimizer update, all as graph ops.
+//!
+//! The step's graph reads three scalar f32 inputs besides the model's: `memc.lr`,
+//! `memc.weight_decay` and `memc.step` (1-based, for Adam's bias correction), so one compiled
+//! program serves any learning-rate schedule. It outputs `loss` and declares one
+//! [`Graph::add_update`] per trained weight and per optimizer-state tensor.
+
+use memc_ir::{
+    BinaryOp, DType, Graph, Op, ParamRole, Phase, ReduceKind, Tensor, TensorType, UnaryOp,
+    ValueDef, ValueId,
+};
+
+use crate::autodiff::{differentiate, AutodiffError};
+use crate::build::Builder;
+
+/// The training loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// Mean cross-entropy of `logits[:, :-1]` against `input_ids[:, 1:]` (Hugging Face's
+    /// causal-LM loss).
+    NextTokenCe,
+}
+
+/// The optimizer, with PyTorch's semantics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Optimizer {
+    /// `torch.optim.SGD` (dampening 0, no Nesterov): `g += wd·p; buf = momentum·buf + g;
+    /// p -= lr·buf` (no buffer when momentum is 0).
+    Sgd {
+        /// Momentum factor.
+        momentum: f64,
+    },
+    /// `torch.optim.AdamW`: decoupled weight decay, bias-corrected moments.
+    AdamW {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Added to the denominator.
+        eps: f64,
+    },
+}
+
+/// Names of the step's scalar inputs.
+pub const LR_INPUT: &str = "memc.lr";
+/// Weight decay input.
+pub const WEIGHT_DECAY_INPUT: &str = "memc.weight_decay";
+/// 1-based step number input.
+pub const STEP_INPUT: &str = "memc.step";
+
+/// How to build the training step.
+pub struct TrainOptions<'a> {
+    /// The loss.
+    pub loss: Loss,
+    /// The optimizer.
+    pub optimizer: Optimizer,
+    /// Clip the global gradient norm to this value (`torch.nn.utils.clip_grad_norm_`).
+    pub clip_grad_norm: Option<f64>,
+    /// Which weights are trained, by parameter name.
+    pub trainable: &'a dyn Fn(&str) -> bool,
+}
+
+/// What the pass did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainStats {
+    /// Trained weight tensors.
+    pub trained_tensors: usize,
+    /// Trained parameters (elements).
+    pub trained_params: usize,
+    /// Weights left frozen.
+    pub frozen_tensors: usize,
+    /// Nodes added for the backward pass (B and W).
+    pub backward_nodes: usize,
+    /// Nodes added for the optimizer step.
+    pub update_nodes: usize,
+}
+
+/// Why a training step cannot be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainError {
+    /// The model has no output the loss can use.
+    #[error("--loss next-token-ce needs an output of shape [batch, seq, vocab] computed from an integer input of shape [batch, seq] (`input_ids`): {0}")]
+    NoLogits(String),
+    /// No weight matches `--trainable`.
+    #[error("no weight matches --trainable (the model's weights are named like `{0}`)")]
+    NothingTrainable(String),
+    /// Differentiation failed.
+    #[error(transparent)]
+    Autodiff(#[from] AutodiffError),
+    /// Building the loss or optimizer failed (a bug in memc).
+    #[error("building the training step failed: {0}")]
+    Build(String),
+}
+
+/// Builds the training step in place (see the module docs).
+pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, TrainError> {
+    let (ids, logits) = find_logits(g)?;
+    let loss = next_token_ce(g, ids, logits).map_err(TrainError::Build)?;
+
+    let weights: Vec<ValueId> = g
+        .weights()
+        .filter(|&w| g.value(w).ty.dtype.is_float())
+        .collect();
+    let name_of = |g: &Graph, v: ValueId| match &g.value(v).def {
+        ValueDef::Param { name, .. } => name.clone(),
+        _ => unreachable!("weights are params"),
+    };
+    let trained: Vec<ValueId> = weights
+        .iter()
+        .copied()
+        .filter(|&w| (opts.trainable)(&name_of(g, w)))
+        .collect();
+    if trained.is_empty() {
+        let example = weights.first().map(|&w| name_of(g, w)).unwrap_or_default();
+        return Err(TrainError::NothingTrainable(example));
+    }
+    let before = g.nodes().len();
+    let grads = differentiate(g, loss, &trained)?;
+    let backward_nodes = g.nodes().len() - before;
+
+    let before = g.nodes().len();
+    let lr = g.add_input(LR_INPUT, TensorType::new(DType::F32, vec![]));
+    let wd = g.add_input(WEIGHT_DECAY_INPUT, TensorType::new(DType::F32, vec![]));
+    let step = g.add_input(STEP_INPUT, TensorType::new(DType::F32, vec![]));
+    let mut b = Builder::new(g, Phase::Update, "optimizer");
+    let grads = match opts.clip_grad_norm {
+        Some(max_norm) => clip(&mut b, &grads, max_norm).map_err(TrainError::Build)?,
+        None => grads,
+    };
+    let scalars = Scalars { lr, wd, step };
+    for &(p, grad) in &grads {
+        let name = name_of(b.g, p);
+        update(&mut b, &opts.optimizer, &scalars, p, grad, &name).map_err(TrainError::Build)?;
+    }
+    let update_nodes = b.g.nodes().len() - before;
+
+    g.clear_outputs();
+    g.add_output("loss", loss);
+    g.compact();
+    Ok(TrainStats {
+        trained_tensors: grads.len(),
+        trained_params: grads.iter().map(|&(p, _)| g.value(p).ty.numel()).sum(),
+        frozen_tensors: weights.len() - trained.len(),
+        backward_nodes,
+        update_nodes,
+    })
+}
+
+/// The integer `[batch, seq]` input and the `[batch, seq, vocab]` float output.
+fn find_logits(g: &Graph) -> Result<(ValueId, ValueId), TrainError> {
+    let ids: Vec<ValueId> = g
+        .inputs()
+        .iter()
+        .copied()
+        .filter(|&v| {
+            matches!(g.value(v).ty.dtype, DType::I64 | DType::I32) && g.value(v).ty.rank() == 2
+        })
+        .collect();
+    let ids = match ids.as_slice() {
+        [one] => *one,
+        many => *many
+            .iter()
+            .find(|&&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == "input_ids"))
+            .ok_or_else(|| {
+                TrainError::NoLogits("the model has no single integer [batch, seq] input".into())
+            })?,
+    };
+    let (bsz, seq) = (g.value(ids).ty.shape[0], g.value(ids).ty.shape[1]);
+    if seq < 2 {
+        return Err(TrainError::NoLogits(format!(
+            "the sequence length is {seq}; next-token prediction needs at least 2"
+        )));
+    }
+    let fits = |v: ValueId| {
+        let t = &g.value(v).ty;
+        t.dtype.is_float() && t.rank() == 3 && t.shape[0] == bsz && t.shape[1] == seq
+    };
+    let outs: Vec<&(String, ValueId)> = g.outputs().iter().filter(|(_, v)| fits(*v)).collect();
+    let logits = match outs.as_slice() {
+        [one] => one.1,
+        many => many
+            .iter()
+            .find(|(n, _)| n == "logits")
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                let shapes: Vec<String> = g
+                    .outputs()
+                    .iter()
+                    .map(|(n, v)| format!("`{n}` {}", g.value(*v).ty))
+                    .collect();
+                TrainError::NoLogits(format!("outputs are {}", shapes.join(", ")))
+            })?,
+    };
+    Ok((ids, logits))
+}
+
+/// `-mean(log_softmax(logits[:, :-1])[targets])` with targets `ids[:, 1:]`, in f32.
+fn next_token_ce(g: &mut Graph, ids: ValueId, logits: ValueId) -> Result<ValueId, String> {
+    let (bsz, seq, vocab) = {
+        let s = &g.value(logits).ty.shape;
+        (s[0], s[1], s[2])
+    };
+    let mut b = Builder::new(g, Phase::Forward, "loss");
+    let logits = b.cast(logits, DType::F32)?;
+    let shifted = b.op(
+        Op::Slice {
+            starts: vec![0, 0, 0],
+            ends: vec![bsz, seq - 1, vocab],
+            steps: vec![1; 3],
+        },
+        &[logits],
+    )?;
+    let logp = b.op(Op::LogSoftmax { axis: 2 }, &[shifted])?;
+    let targets = b.op(
+        Op::Slice {
+            starts: vec![0, 1],
+            ends: vec![bsz, seq],
+            steps: vec![1, 1],
+        },
+        &[ids],
+    )?;
+    let targets = b.reshape(targets, vec![bsz, seq - 1, 1])?;
+    let picked = b.op(Op::GatherElements { axis: 2 }, &[logp, targets])?;
+    let mean = b.reduce(ReduceKind::Mean, picked, vec![0, 1, 2], false)?;
+    b.neg(mean)
+}
+
+struct Scalars {
+    lr: ValueId,
+    wd: ValueId,
+    step: ValueId,
+}
+
+/// `clip_grad_norm_`: scale every gradient by `min(max_norm / (‖g‖ + 1e-6), 1)`.
+fn clip(
+    b: &mut Builder,
+    grads: &[(ValueId, ValueId)],
+    max_norm: f64,
+) -> Result<Vec<(ValueId, ValueId)>, String> {
+    let mut total = None;
+    for &(_, gr) in grads {
+        let sq = b.mul(gr, gr)?;
+        let axes = (0..b.shape(sq).len()).collect();
+        let s = b.reduce(ReduceKind::Sum, sq, axes, false)?;
+        let s = b.cast(s, DType::F32)?;
+        total = Some(match total {
+            Some(t) => b.add(t, s)?,
+            None => s,
+        });
+    }
+    let total = total.ok_or("no gradients")?;
+    let norm = b.unary(UnaryOp::Sqrt, total)?;
+    let denom = b.add_scalar(norm, 1e-6)?;
+    let max = b.scalar(DType::F32, max_norm);
+    let coef = b.div(max, denom)?;
+    let one = b.scalar(DType::F32, 1.0);
+    let coef = b.binary(BinaryOp::Min, coef, one)?;
+    grads
+        .iter()
+        .map(|&(p, gr)| {
+            let c = b.cast(coef, b.dtype(gr))?;
+            Ok((p, b.mul(gr, c)?))
+        })
+        .collect()
+}
+
+/// A zero-initialised optimizer-state tensor shaped like `p`.
+fn state(b: &mut Builder, p: ValueId, name: String) -> ValueId {
+    let ty = b.g.value(p).ty.clone();
+    let zeros = Tensor::from_f64(ty.dtype, ty.shape.clone(), &vec![0.0; ty.numel()]);
+    b.g.add_param(name, ParamRole::OptimizerState, ty, Some(zeros))
+}
+
+fn update(
+    b: &mut Builder,
+    opt: &Optimizer,
+    s: &Scalars,
+    p: ValueId,
+    grad: ValueId,
+    name: &str,
+) -> Result<(), String> {
+    let dt = b.dtype(p);
+    let lr = b.cast(s.lr, dt)?;
+    let wd = b.cast(s.wd, dt)?;
+    match *opt {
+        Optimizer::Sgd { momentum } => {
+            // L2 weight decay folded into the gradient, as torch.optim.SGD does.
+            let decay = b.mul(p, wd)?;
+            let gr = b.add(grad, decay)?;
+            let direction = if momentum != 0.0 {
+                let buf = state(b, p, format!("sgd.momentum.{name}"));
+                let kept = b.mul_scalar(buf, momentum)?;
+                let new_buf = b.add(kept, gr)?;
+                b.g.add_update(buf, new_buf);
+                new_buf
+            } else {
+                gr
+            };
+            let delta = b.mul(direction, lr)?;
+            let new_p = b.sub(p, delta)?;
+            b.g.add_update(p, new_p);
+        }
+        Optimizer::AdamW { beta1, beta2, eps } => {
+            let m = state(b, p, format!("adamw.exp_avg.{name}"));
+            let v = state(b, p, format!("adamw.exp_avg_sq.{name}"));
+            // p ← p·(1 − lr·wd)
+            let lw = b.mul(lr, wd)?;
+            let keep = {
+                let n = b.neg(lw)?;
+                b.add_scalar(n, 1.0)?
+            };
+            let decayed = b.mul(p, keep)?;
+            // m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²
+            let m1 = b.mul_scalar(m, beta1)?;
+            let g1 = b.mul_scalar(grad, 1.0 - beta1)?;
+            let new_m = b.add(m1, g1)?;
+            let v1 = b.mul_scalar(v, beta2)?;
+            let gg = b.mul(grad, grad)?;
+            let g2 = b.mul_scalar(gg, 1.0 - beta2)?;
+            let new_v = b.add(v1, g2)?;
+            // bias corrections 1 − βᵗ, computed in f32 like PyTorch's scalar math
+            let bc = |b: &mut Builder, beta: f64| -> Result<ValueId, String> {
+                let base = b.scalar(DType::F32, beta);
+                let pw = b.binary(BinaryOp::Pow, base, s.step)?;
+                let n = b.neg(pw)?;
+                let c = b.add_scalar(n, 1.0)?;
+                b.cast(c, dt)
+            };
+            let bc1 = bc(b, beta1)?;
+            let bc2 = bc(b, beta2)?;
+            // p ← p − lr/bc1 · m / (√v/√bc2 + eps)
+            let sv = b.unary(UnaryOp::Sqrt, new_v)?;
+            let sbc2 = b.unary(UnaryOp::Sqrt, bc2)?;
+            let denom = b.div(sv, sbc2)?;
+            let denom = b.add_scalar(denom, eps)?;
+            let step_size = b.div(lr, bc1)?;
+            let ratio = b.div(new_m, denom)?;
+            let delta = b.mul(ratio, step_size)?;
+            let new_p = b.sub(decayed, delta)?;
+            b.g.add_update(p, new_p);
+            b.g.add_update(m, new_m);
+            b.g.add_update(v, new_v);
+        }
+    }
+    Ok(())
+}
