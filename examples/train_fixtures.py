@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Record PyTorch training references for the causal-LM example models.
+"""Record PyTorch training references for the example models.
 
 Run from the repository root: ``python3 examples/train_fixtures.py``
 
-For each causal-LM family that ``export.py`` builds (llama, gpt2, qwen2; BERT
-is a masked LM and is skipped) this rebuilds the exact model that was exported
+For each family that ``export.py`` builds (the causal LMs llama, gpt2, qwen2,
+and the masked LM bert, trained here with the same next-token loss; see
+"BERT" below) this rebuilds the exact model that was exported
 (``export.build(family, attn)`` with the ``attn_implementation`` recorded in
 ``models/manifest.json``, i.e. the same seeded init + seeded perturbation),
 checks that its parameters are bit-identical to the initializers of every
@@ -29,6 +30,18 @@ Setup shared by every measurement:
   is in ``train()`` mode; the script asserts the train-mode loss equals the
   eval-mode loss bit for bit, so the mode makes no difference.
 * the model is rebuilt fresh for every trajectory.
+
+BERT (``BertForMaskedLM`` in export.py's ``EncoderLogits`` wrapper): the model
+takes ``input_ids``, ``token_type_ids`` and ``attention_mask`` (all three read
+from ``models/bert-dynamo/inputs/*.npy``, checked equal across the variant
+folders) and returns logits [2, 16, 256].  HF's masked-LM loss is not what
+memc's ``--loss next-token-ce`` computes, so the loss is written by hand as
+that: ``cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))``
+(mean over all 30 positions, no ignore index; the attention mask only
+masks attention, not the loss).  Dropout (``hidden_dropout_prob``,
+``attention_probs_dropout_prob`` and every ``nn.Dropout``) is set to 0 as for
+the causal LMs; everything else (keys, optimizers, saved-tensor rules) is the
+same.
 
 Keys of ``train_ref.json``:
 
@@ -97,10 +110,13 @@ import export  # noqa: E402  (main() is guarded by __name__ == "__main__")
 import transformers  # noqa: E402
 
 MODELS = HERE / "models"
-FAMILIES = ["llama", "gpt2", "qwen2"]
+CAUSAL = ["llama", "gpt2", "qwen2"]
+FAMILIES = CAUSAL + ["bert"]
 VARIANTS = ["dynamo", "torchscript", "dynamo-opset20", "torchscript-opset14"]
 STEPS = 5
 BATCH = "inputs/input_ids.npy"
+# Model inputs per family, in export.INPUT_NAMES order (inputs/<name>.npy).
+INPUTS = {f: export.INPUT_NAMES[f] for f in FAMILIES}
 
 
 # --------------------------------------------------------------------------
@@ -149,6 +165,20 @@ def hf_loss(wrapper, ids):
     return wrapper.model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
+def next_token_ce(logits, ids):
+    """memc's ``--loss next-token-ce``: mean CE of logits[:, :-1] vs ids[:, 1:]."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def compute_loss(family, wrapper, batch):
+    """The training loss: HF's causal-LM loss, or the hand-written
+    next-token CE for BERT (same formula; HF's BERT loss is masked-LM)."""
+    if family in CAUSAL:
+        return hf_loss(wrapper, batch["input_ids"])
+    return next_token_ce(wrapper(**batch), batch["input_ids"])
+
+
 # --------------------------------------------------------------------------
 # Weights vs ONNX initializers
 # --------------------------------------------------------------------------
@@ -167,7 +197,9 @@ def check_weights(family, wrapper):
     emb = wrapper.model.get_input_embeddings().weight
     layer_w = {"llama": "model.model.layers.0.self_attn.q_proj.weight",
                "qwen2": "model.model.layers.0.self_attn.q_proj.weight",
-               "gpt2": "model.transformer.h.0.attn.c_attn.weight"}[family]
+               "gpt2": "model.transformer.h.0.attn.c_attn.weight",
+               "bert": "model.bert.encoder.layer.0.attention.self.query.weight",
+               }[family]
     layer_p = dict(wrapper.named_parameters())[layer_w]
     out = {}
     for v in VARIANTS:
@@ -224,7 +256,7 @@ def check_weights(family, wrapper):
 # Trajectories
 # --------------------------------------------------------------------------
 
-def trajectory(family, attn, ids, kind):
+def trajectory(family, attn, batch, kind):
     wrapper, _ = fresh(family, attn)
     params = list(wrapper.parameters())
     if kind == "sgd":
@@ -235,7 +267,7 @@ def trajectory(family, attn, ids, kind):
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     losses, norms = [], []
     for _ in range(STEPS):
-        loss = hf_loss(wrapper, ids)
+        loss = compute_loss(family, wrapper, batch)
         losses.append(loss.item())
         loss.backward()
         if kind == "adamw_clip":
@@ -282,7 +314,7 @@ def union_len(ivs):
     return total
 
 
-def saved_activations(family, attn, ids):
+def saved_activations(family, attn, batch):
     wrapper, _ = fresh(family, attn)
     param_ptrs = {p.untyped_storage().data_ptr() for p in wrapper.parameters()}
     saved = []
@@ -295,7 +327,7 @@ def saved_activations(family, attn, ids):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        loss = hf_loss(wrapper, ids)
+        loss = compute_loss(family, wrapper, batch)
 
     act, par = OrderedDict(), OrderedDict()
     for t in saved:
@@ -369,44 +401,58 @@ def saved_activations(family, attn, ids):
 # --------------------------------------------------------------------------
 
 def load_batch(family):
-    ids = np.load(MODELS / f"{family}-dynamo" / BATCH)
-    assert ids.dtype == np.int64 and ids.shape == (2, 16), ids.shape
-    for v in VARIANTS[1:]:
-        p = MODELS / f"{family}-{v}" / BATCH
-        if p.exists():
-            assert np.array_equal(np.load(p), ids), p
-    return torch.from_numpy(ids)
+    """{input name: int64 [2, 16] tensor}, the same in every variant folder."""
+    batch = OrderedDict()
+    for name in INPUTS[family]:
+        rel = f"inputs/{name}.npy"
+        a = np.load(MODELS / f"{family}-dynamo" / rel)
+        assert a.dtype == np.int64 and a.shape == (2, 16), (name, a.shape)
+        for v in VARIANTS[1:]:
+            p = MODELS / f"{family}-{v}" / rel
+            if p.exists():
+                assert np.array_equal(np.load(p), a), p
+        batch[name] = torch.from_numpy(a)
+    return batch
+
+
+def batch_key(family):
+    names = INPUTS[family]
+    if names == ["input_ids"]:
+        return BATCH
+    return "inputs/{" + ",".join(names) + "}.npy"
 
 
 def run_family(family):
     attn = manifest_attn(family)
-    ids = load_batch(family)
+    batch = load_batch(family)
+    ids = batch["input_ids"]
     wrapper, changed = fresh(family, attn)
     weights = check_weights(family, wrapper)
 
-    # The loss is HF's shifted mean CE; train == eval with dropout at 0.
+    # The loss is the shifted mean CE (HF's for the causal LMs, checked
+    # against the formula; by hand for BERT); train == eval with dropout at 0.
     with torch.no_grad():
-        l_train = hf_loss(wrapper, ids)
-        logits = wrapper(ids)
-        manual = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        l_train = compute_loss(family, wrapper, batch)
+        logits = wrapper(**batch)
+        assert logits.shape == (2, 16, 256), logits.shape
+        manual = next_token_ce(logits, ids)
         wrapper.eval()
-        l_eval = hf_loss(wrapper, ids)
+        l_eval = compute_loss(family, wrapper, batch)
         ref = np.load(MODELS / f"{family}-dynamo" / "torch_ref" / "logits.npy")
-        logits_eval = wrapper(ids).numpy()
+        logits_eval = wrapper(**batch).numpy()
     assert l_train.item() == l_eval.item(), (l_train.item(), l_eval.item())
     assert torch.allclose(l_train, manual, rtol=1e-6, atol=0), (l_train, manual)
     logits_match = bool(np.array_equal(logits_eval, ref))
 
-    res = OrderedDict(batch=BATCH)
+    res = OrderedDict(batch=batch_key(family))
     for kind in ("sgd", "sgd_momentum", "adamw", "adamw_clip"):
-        losses, norms = trajectory(family, attn, ids, kind)
+        losses, norms = trajectory(family, attn, batch, kind)
         res[kind] = losses
         if norms:
             res["adamw_clip_grad_norms"] = norms
     # Determinism: the first trajectory once more.
-    assert trajectory(family, attn, ids, "sgd")[0] == res["sgd"]
-    sa = saved_activations(family, attn, ids)
+    assert trajectory(family, attn, batch, "sgd")[0] == res["sgd"]
+    sa = saved_activations(family, attn, batch)
     res.update(sa)
     res["attn_implementation"] = attn
     res["train_mode"] = "train"
@@ -415,6 +461,19 @@ def run_family(family):
     res["weights_check"] = weights
     sdpa_nodes = sorted(n for n in sa["autograd_nodes"]
                         if "Attention" in n or "Softmax" in n)
+    if family in CAUSAL:
+        loss_note = (
+            "loss = model(input_ids=ids, labels=ids, use_cache=False).loss "
+            "(HF ForCausalLMLoss: mean CE of logits[:, :-1] vs ids[:, 1:], "
+            "30 tokens)")
+    else:
+        loss_note = (
+            "loss = hand-written next-token CE (what memc's --loss "
+            "next-token-ce computes), NOT HF's masked-LM loss: logits = "
+            "model(input_ids, token_type_ids, attention_mask) [2, 16, 256]; "
+            "torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), "
+            "input_ids[:, 1:].reshape(-1)), mean over all 30 positions, no "
+            "ignore index (attention_mask masks attention only, not the loss)")
     res["notes"] = [
         f"model: export.build({family!r}, {attn!r}) as in export.py "
         "(torch.manual_seed(0) init + perturb(seed 4321, std 0.02)); "
@@ -424,8 +483,7 @@ def run_family(family):
                                             "all already 0")
         + "; model in train() mode; train-mode loss == eval-mode loss "
         "bit for bit",
-        "loss = model(input_ids=ids, labels=ids, use_cache=False).loss (HF "
-        "ForCausalLMLoss: mean CE of logits[:, :-1] vs ids[:, 1:], 30 tokens)",
+        loss_note,
         f"eval-mode logits {'==' if logits_match else '!='} "
         f"{family}-dynamo/torch_ref/logits.npy (bitwise)",
         "fp32 CPU, torch.set_num_threads(1), "

@@ -57,7 +57,7 @@ enum Emit {
     Llvm,
     /// PTX (not yet available).
     Ptx,
-    /// Memory plan (not yet available).
+    /// Memory plan: execution order and every buffer's offset, size and lifetime.
     Plan,
 }
 
@@ -83,6 +83,9 @@ struct CompileArgs {
     /// Build the training step (loss, backward, optimizer) rather than inference.
     #[arg(long)]
     train: bool,
+    /// Draw live bytes over program steps, stacked by category, as an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     #[command(flatten)]
     training: crate::train::TrainProgramArgs,
 }
@@ -249,12 +252,13 @@ fn compile(args: CompileArgs) -> Result<()> {
     if args.out.is_some() {
         bail!("-o: emitting executables is not available yet in this memc; use --emit ir or --report-json");
     }
-    if let Some(e @ (Emit::Mlir | Emit::Llvm | Emit::Ptx | Emit::Plan)) = args.emit {
+    if let Some(e @ (Emit::Mlir | Emit::Llvm | Emit::Ptx)) = args.emit {
         bail!(
-            "--emit {}: not available yet in this memc; --emit ir is",
+            "--emit {}: not available yet in this memc; --emit ir and --emit plan are",
             format!("{e:?}").to_lowercase()
         );
     }
+    let model = args.model.model.display().to_string();
     let mut timer = Timer {
         enabled: args.model.time_passes,
         phases: vec![],
@@ -264,36 +268,52 @@ fn compile(args: CompileArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         write_file(&dir.join("00-import.mir"), &memc_ir::print(&g))?;
     }
+    let mut train_stats = None;
     if args.train {
-        let model = args.model.model.display().to_string();
-        timer
+        let stats = timer
             .time("train", || crate::train::build(&mut g, &args.training))
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
+        train_stats = Some(stats);
         if let Some(dir) = &args.dump_ir {
             write_file(&dir.join("01-train.mir"), &memc_ir::print(&g))?;
         }
     }
-    if args.emit == Some(Emit::Ir) {
-        print!("{}", memc_ir::print(&g));
+    let plan = timer.time("plan", || memc_passes::plan::plan(&g));
+    match args.emit {
+        Some(Emit::Ir) => print!("{}", memc_ir::print(&g)),
+        Some(Emit::Plan) => print!("{}", report::plan_text(&g, &plan)),
+        _ => {}
+    }
+    if let Some(path) = &args.plot {
+        write_file(path, &report::plan_svg(&plan, &model))?;
     }
     if args.report {
         print!("{}", report::summary(&g));
+        if let Some(t) = &train_stats {
+            println!(
+                "training: {} weight tensors trained ({} parameters), {} frozen; {} backward nodes, {} optimizer nodes",
+                t.trained_tensors, t.trained_params, t.frozen_tensors, t.backward_nodes, t.update_nodes
+            );
+        }
+        print!("{}", report::plan_table(&g, &plan));
     }
     if let Some(path) = &args.report_json {
-        let r = report::json_report(&args.model.model_display(), &g, &timer.phases);
+        let mut r = report::json_report(&model, &g, &timer.phases);
+        if let (Some(obj), serde_json::Value::Object(p)) =
+            (r.as_object_mut(), report::plan_json(&g, &plan))
+        {
+            obj.extend(p);
+            if let Some(t) = &train_stats {
+                obj.insert(
+                    "training".into(),
+                    serde_json::json!({"trained_tensors": t.trained_tensors, "trained_params": t.trained_params,
+                        "frozen_tensors": t.frozen_tensors, "backward_nodes": t.backward_nodes, "update_nodes": t.update_nodes}),
+                );
+            }
+        }
         write_file(path, &(serde_json::to_string_pretty(&r)? + "\n"))?;
     }
     Ok(())
-}
-
-trait Display2 {
-    fn model_display(&self) -> String;
-}
-
-impl Display2 for ModelArgs {
-    fn model_display(&self) -> String {
-        self.model.display().to_string()
-    }
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
@@ -468,7 +488,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         steps: args.steps,
         lr: args.lr,
         weight_decay,
-        peak_bytes: None,
+        peak_bytes: Some(memc_passes::plan::plan(&g).peak_bytes),
     };
     crate::train::run_reference(&mut g, &mut data, &opts, &model)?;
     Ok(())

@@ -3,7 +3,8 @@
 
 use std::fmt::Write;
 
-use memc_ir::{Graph, ParamRole, ValueDef};
+use memc_ir::{Graph, ParamRole, Phase, ValueDef};
+use memc_passes::plan::{flops, Category, Plan, ALIGN};
 use serde_json::{json, Value};
 
 /// Wall time of one compiler phase.
@@ -83,5 +84,214 @@ pub fn summary(g: &Graph) -> String {
         .map(|(k, n)| format!("{k} {n}"))
         .collect();
     let _ = writeln!(s, "  ops: {}", counts.join(", "));
+    s
+}
+
+/// Plan figures for `--report-json`: `peak_bytes`, `max_live_bytes`, `grads_bytes`,
+/// `optimizer_bytes`, `saved_activation_bytes`, `flops`, `recompute_flops`, `at_peak`
+/// (bytes per category at the peak step) and `totals` (bytes per category over the step).
+pub fn plan_json(g: &Graph, plan: &Plan) -> Value {
+    let cat = |m: &std::collections::HashMap<Category, u64>| -> serde_json::Map<String, Value> {
+        Category::ALL
+            .iter()
+            .map(|c| (c.name().to_string(), json!(m.get(c).copied().unwrap_or(0))))
+            .collect()
+    };
+    let phase_flops = |p: &[Phase]| flops(g, p);
+    json!({
+        "peak_bytes": plan.peak_bytes,
+        "max_live_bytes": plan.max_live_bytes,
+        "saved_activation_bytes": plan.saved_activation_bytes,
+        "grads_bytes": plan.totals.get(&Category::Gradients).copied().unwrap_or(0),
+        "optimizer_bytes": plan.totals.get(&Category::OptimizerState).copied().unwrap_or(0),
+        "flops": phase_flops(&[Phase::Forward, Phase::Backward, Phase::Weight, Phase::Update, Phase::Recompute]),
+        "forward_flops": phase_flops(&[Phase::Forward]),
+        "backward_flops": phase_flops(&[Phase::Backward, Phase::Weight]),
+        "recompute_flops": phase_flops(&[Phase::Recompute]),
+        "at_peak": cat(&plan.at_peak),
+        "totals": cat(&plan.totals),
+        "buffer_alignment": ALIGN,
+        "steps": plan.order.len(),
+    })
+}
+
+/// The human memory table of `--report`.
+pub fn plan_table(g: &Graph, plan: &Plan) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "memory plan: peak {} bytes (one arena, {}-byte aligned buffers, {} steps)",
+        plan.peak_bytes,
+        ALIGN,
+        plan.order.len()
+    );
+    let _ = writeln!(
+        s,
+        "  {:<22} {:>14} {:>14}",
+        "category", "at peak", "all buffers"
+    );
+    for c in Category::ALL {
+        let _ = writeln!(
+            s,
+            "  {:<22} {:>14} {:>14}",
+            c.name(),
+            plan.at_peak.get(&c).copied().unwrap_or(0),
+            plan.totals.get(&c).copied().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  {:<22} {:>14}",
+        "fragmentation",
+        plan.peak_bytes - plan.max_live_bytes
+    );
+    let _ = writeln!(
+        s,
+        "saved activations (forward values read by the backward pass): {} bytes",
+        plan.saved_activation_bytes
+    );
+    let _ = writeln!(
+        s,
+        "flops: forward {}, backward {} (B {}, W {}), update {}",
+        flops(g, &[Phase::Forward]),
+        flops(g, &[Phase::Backward, Phase::Weight]),
+        flops(g, &[Phase::Backward]),
+        flops(g, &[Phase::Weight]),
+        flops(g, &[Phase::Update])
+    );
+    s
+}
+
+/// An SVG of live bytes over program steps, stacked by category.
+pub fn plan_svg(plan: &Plan, title: &str) -> String {
+    let timeline = plan.timeline();
+    let (w, h, left, bottom, top) = (900.0f64, 420.0f64, 90.0f64, 50.0f64, 40.0f64);
+    let plot_w = w - left - 170.0;
+    let plot_h = h - bottom - top;
+    let cols = timeline.len().min(plot_w as usize).max(1);
+    // Each column shows the step of its bucket with the most live bytes.
+    let bucket: Vec<[u64; 6]> = (0..cols)
+        .map(|c| {
+            let lo = c * timeline.len() / cols;
+            let hi = ((c + 1) * timeline.len() / cols).max(lo + 1);
+            *timeline[lo..hi]
+                .iter()
+                .max_by_key(|r| r.iter().sum::<u64>())
+                .unwrap()
+        })
+        .collect();
+    let ymax = (plan.max_live_bytes.max(1)) as f64;
+    let x = |c: f64| left + c * plot_w / cols as f64;
+    let y = |b: f64| top + plot_h - b * plot_h / ymax;
+    let colors = [
+        "#4e79a7", "#f28e2b", "#76b7b2", "#e15759", "#edc948", "#bab0ac",
+    ];
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{left}" y="24" font-size="15">{title}: live bytes per step (peak {} bytes)</text>
+"#,
+        plan.peak_bytes
+    );
+    let mut below = vec![0u64; cols];
+    for (k, color) in colors.iter().enumerate() {
+        let mut pts = Vec::new();
+        for (c, row) in bucket.iter().enumerate() {
+            pts.push(format!(
+                "{:.1},{:.1}",
+                x(c as f64),
+                y((below[c] + row[k]) as f64)
+            ));
+            pts.push(format!(
+                "{:.1},{:.1}",
+                x(c as f64 + 1.0),
+                y((below[c] + row[k]) as f64)
+            ));
+        }
+        for c in (0..cols).rev() {
+            pts.push(format!(
+                "{:.1},{:.1}",
+                x(c as f64 + 1.0),
+                y(below[c] as f64)
+            ));
+            pts.push(format!("{:.1},{:.1}", x(c as f64), y(below[c] as f64)));
+        }
+        for (c, row) in bucket.iter().enumerate() {
+            below[c] += row[k];
+        }
+        s += &format!(
+            "<polygon points=\"{}\" fill=\"{color}\" stroke=\"none\"/>\n",
+            pts.join(" ")
+        );
+        let ly = top + 20.0 * k as f64;
+        s += &format!(
+            "<rect x=\"{:.0}\" y=\"{:.0}\" width=\"12\" height=\"12\" fill=\"{color}\"/><text x=\"{:.0}\" y=\"{:.0}\">{}</text>\n",
+            left + plot_w + 15.0,
+            ly,
+            left + plot_w + 32.0,
+            ly + 11.0,
+            Category::ALL[k].name()
+        );
+    }
+    for i in 0..=4 {
+        let b = ymax * i as f64 / 4.0;
+        s += &format!(
+            "<line x1=\"{left}\" x2=\"{:.0}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ccc\"/><text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{:.2} MB</text>\n",
+            left + plot_w,
+            y(b),
+            y(b),
+            left - 6.0,
+            y(b) + 4.0,
+            b / 1e6
+        );
+    }
+    s += &format!(
+        "<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"middle\">program step (0..{})</text>\n</svg>\n",
+        left + plot_w / 2.0,
+        h - 15.0,
+        timeline.len()
+    );
+    s
+}
+
+/// `--emit plan`: the execution order and every buffer (value, type, offset, size, live steps,
+/// category). Value numbers are those of the textual IR.
+pub fn plan_text(g: &Graph, plan: &Plan) -> String {
+    let mut s = format!(
+        "plan {{ peak_bytes = {}, steps = {} }}\n",
+        plan.peak_bytes,
+        plan.order.len()
+    );
+    for (step, &n) in plan.order.iter().enumerate() {
+        let node = g.node(n);
+        let outs: Vec<String> = node.outputs.iter().map(|o| format!("%{}", o.0)).collect();
+        let tag = if node.phase == Phase::Forward {
+            String::new()
+        } else {
+            format!(" @{}", node.phase.tag())
+        };
+        let _ = writeln!(
+            s,
+            "  step {step}: {} = {}{tag}",
+            outs.join(", "),
+            node.op.name()
+        );
+    }
+    for b in &plan.buffers {
+        let _ = writeln!(
+            s,
+            "  buffer %{} : {} offset {} size {} live {}..{} {}",
+            b.value.0,
+            g.value(b.value).ty,
+            b.offset,
+            b.size,
+            b.start,
+            b.end,
+            b.category.name()
+        );
+    }
+    for (v, target) in &plan.aliases {
+        let _ = writeln!(s, "  alias %{} -> %{}", v.0, target.0);
+    }
     s
 }

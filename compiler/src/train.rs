@@ -50,6 +50,19 @@ pub struct TrainProgramArgs {
     /// Clip the global gradient norm to this value.
     #[arg(long, value_name = "MAX_NORM")]
     pub clip_grad_norm: Option<f64>,
+    /// What the backward pass keeps: `auto` recomputes cheap forward values when that saves
+    /// memory (a minimum cut); `none` keeps every value a gradient reads.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub remat: RematArg,
+}
+
+/// Rematerialisation policies of the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RematArg {
+    /// Keep every forward value the backward pass reads.
+    None,
+    /// Minimum-cut choice of what to keep; cheap ops are recomputed.
+    Auto,
 }
 
 /// Builds the training step into `g` (which holds the forward graph).
@@ -87,6 +100,7 @@ pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
         optimizer,
         clip_grad_norm: args.clip_grad_norm,
         trainable: &trainable,
+        rematerialize: args.remat == RematArg::Auto,
     };
     let stats = train::build_training(g, &opts)?;
     memc_ir::verify(g).map_err(|e| {

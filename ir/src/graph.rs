@@ -258,6 +258,37 @@ impl Graph {
         outputs
     }
 
+    /// Replaces a node's operands (the verifier checks the result).
+    pub fn set_inputs(&mut self, n: NodeId, inputs: Vec<ValueId>) {
+        self.nodes[n.index()].inputs = inputs;
+    }
+
+    /// Puts the nodes in `order` (a permutation of all node ids; the verifier checks that it
+    /// is topological).
+    pub fn reorder_nodes(&mut self, order: &[NodeId]) {
+        assert_eq!(
+            order.len(),
+            self.nodes.len(),
+            "reorder_nodes needs a permutation"
+        );
+        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for (new_index, &n) in order.iter().enumerate() {
+            let node = old[n.index()]
+                .take()
+                .expect("reorder_nodes needs a permutation");
+            for (k, &o) in node.outputs.iter().enumerate() {
+                self.values[o.index()].def = ValueDef::Node {
+                    node: NodeId(new_index as u32),
+                    index: k as u32,
+                };
+            }
+            self.nodes.push(node);
+        }
+    }
+
     /// Sets the phase of a node.
     pub fn set_phase(&mut self, n: NodeId, phase: Phase) {
         self.nodes[n.index()].phase = phase;

@@ -9,6 +9,8 @@
 
 pub mod autodiff;
 pub mod build;
+pub mod plan;
+pub mod remat;
 pub mod train;
 
 pub use egg;

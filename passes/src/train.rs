@@ -13,6 +13,7 @@ use memc_ir::{
 
 use crate::autodiff::{differentiate, AutodiffError};
 use crate::build::Builder;
+use crate::remat::{rematerialize, RematStats};
 
 /// The training loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,9 @@ pub struct TrainOptions<'a> {
     pub clip_grad_norm: Option<f64>,
     /// Which weights are trained, by parameter name.
     pub trainable: &'a dyn Fn(&str) -> bool,
+    /// Recompute cheap forward values in the backward pass instead of saving them
+    /// ([`crate::remat`]).
+    pub rematerialize: bool,
 }
 
 /// What the pass did.
@@ -74,6 +78,8 @@ pub struct TrainStats {
     pub backward_nodes: usize,
     /// Nodes added for the optimizer step.
     pub update_nodes: usize,
+    /// What rematerialisation did, if it ran.
+    pub remat: Option<RematStats>,
 }
 
 /// Why a training step cannot be built.
@@ -135,15 +141,22 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
     }
     let update_nodes = b.g.nodes().len() - before;
 
+    let trained_params = grads.iter().map(|&(p, _)| g.value(p).ty.numel()).sum();
     g.clear_outputs();
     g.add_output("loss", loss);
     g.compact();
+    let remat = if opts.rematerialize {
+        Some(rematerialize(g))
+    } else {
+        None
+    };
     Ok(TrainStats {
         trained_tensors: grads.len(),
-        trained_params: grads.iter().map(|&(p, _)| g.value(p).ty.numel()).sum(),
+        trained_params,
         frozen_tensors: weights.len() - trained.len(),
         backward_nodes,
         update_nodes,
+        remat,
     })
 }
 

@@ -1,0 +1,465 @@
+//! The static memory plan of a program: an execution order chosen to keep peak memory low,
+//! liveness, and an offset for every buffer in one arena (best-fit over sizes and lifetimes,
+//! as XLA's heap simulator does). The arena size is the peak, exact in bytes.
+//!
+//! Every value gets a buffer except an optimizer update's result, which is written into the
+//! buffer of the weight or state it replaces (the order puts it after every other reader of
+//! that buffer). Parameters, optimizer state, inputs and constants live for the whole step.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use memc_ir::{Graph, NodeId, Op, ParamRole, Phase, ValueDef, ValueId};
+
+/// Buffers start at multiples of this many bytes (what GPU libraries expect) and are padded to
+/// it; the padding is part of the planned (and allocated) bytes.
+pub const ALIGN: u64 = 256;
+
+/// What a buffer holds, for the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Category {
+    /// Model weights.
+    Parameters,
+    /// Weight gradients (the values the optimizer reads).
+    Gradients,
+    /// Optimizer state.
+    OptimizerState,
+    /// Forward values kept for the backward pass.
+    SavedActivations,
+    /// Everything else computed during the step.
+    Transient,
+    /// Inputs and constants.
+    Constants,
+}
+
+impl Category {
+    /// All categories, in report order.
+    pub const ALL: [Category; 6] = [
+        Category::Parameters,
+        Category::Gradients,
+        Category::OptimizerState,
+        Category::SavedActivations,
+        Category::Transient,
+        Category::Constants,
+    ];
+
+    /// The report name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Category::Parameters => "parameters",
+            Category::Gradients => "gradients",
+            Category::OptimizerState => "optimizer_state",
+            Category::SavedActivations => "saved_activations",
+            Category::Transient => "transient",
+            Category::Constants => "inputs_and_constants",
+        }
+    }
+}
+
+/// One buffer of the arena.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Buffer {
+    /// The value it holds.
+    pub value: ValueId,
+    /// Byte offset in the arena (a multiple of [`ALIGN`]).
+    pub offset: u64,
+    /// Bytes reserved (the value's size rounded up to [`ALIGN`]).
+    pub size: u64,
+    /// First step (index into [`Plan::order`]) at which it is live; 0 for persistent values.
+    pub start: usize,
+    /// Last step at which it is live (inclusive).
+    pub end: usize,
+    /// What it holds.
+    pub category: Category,
+}
+
+/// The plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Nodes in execution order.
+    pub order: Vec<NodeId>,
+    /// Every buffer, sorted by value id.
+    pub buffers: Vec<Buffer>,
+    /// Values written into another value's buffer: (update result, target).
+    pub aliases: Vec<(ValueId, ValueId)>,
+    /// The arena size: the step's peak memory, in bytes.
+    pub peak_bytes: u64,
+    /// The most bytes live at one step (the arena without fragmentation).
+    pub max_live_bytes: u64,
+    /// The step where live bytes peak.
+    pub peak_step: usize,
+    /// Live bytes per category at the peak step.
+    pub at_peak: HashMap<Category, u64>,
+    /// Bytes of every buffer per category (not all live at once).
+    pub totals: HashMap<Category, u64>,
+    /// Forward values kept for the backward pass, in bytes (unpadded): the values produced by
+    /// forward nodes and read by later phases.
+    pub saved_activation_bytes: u64,
+}
+
+impl Plan {
+    /// Live bytes per category at every step, for plots.
+    pub fn timeline(&self) -> Vec<[u64; 6]> {
+        let n = self.order.len().max(1);
+        let mut t = vec![[0u64; 6]; n];
+        for b in &self.buffers {
+            let c = Category::ALL.iter().position(|&c| c == b.category).unwrap();
+            for row in &mut t[b.start..=b.end.min(n - 1)] {
+                row[c] += b.size;
+            }
+        }
+        t
+    }
+}
+
+fn padded(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(ALIGN) * ALIGN
+}
+
+/// Plans `g`'s memory: order, liveness and arena offsets.
+pub fn plan(g: &Graph) -> Plan {
+    let order = schedule(g);
+    let n = order.len();
+    let mut step_of = vec![usize::MAX; g.nodes().len()];
+    for (s, &node) in order.iter().enumerate() {
+        step_of[node.index()] = s;
+    }
+    let last = n.saturating_sub(1);
+
+    // Update results share their target's buffer.
+    let alias_of: HashMap<ValueId, ValueId> = g.updates().iter().map(|&(p, v)| (v, p)).collect();
+    let mut end = vec![0usize; g.values().len()];
+    let mut used_later = vec![false; g.values().len()];
+    for (s, &node) in order.iter().enumerate() {
+        let nd = g.node(node);
+        for &v in &nd.inputs {
+            end[v.index()] = end[v.index()].max(s);
+            if nd.phase != Phase::Forward {
+                used_later[v.index()] = true;
+            }
+        }
+    }
+    for (_, v) in g.outputs() {
+        end[v.index()] = last;
+    }
+    let gradients: Vec<bool> = {
+        let mut is = vec![false; g.values().len()];
+        for &node in &order {
+            let nd = g.node(node);
+            if nd.phase == Phase::Update {
+                for &v in &nd.inputs {
+                    if let Some(p) = g.producer(v) {
+                        if matches!(g.node(p).phase, Phase::Backward | Phase::Weight) {
+                            is[v.index()] = true;
+                        }
+                    }
+                }
+            }
+        }
+        is
+    };
+
+    let mut buffers = Vec::new();
+    let mut saved_activation_bytes = 0u64;
+    for (i, v) in g.values().iter().enumerate() {
+        let id = ValueId(i as u32);
+        if alias_of.contains_key(&id) {
+            continue;
+        }
+        let size = padded(v.ty.bytes());
+        let (start, stop, category) = match &v.def {
+            ValueDef::Param {
+                role: ParamRole::Weight,
+                ..
+            } => (0, last, Category::Parameters),
+            ValueDef::Param {
+                role: ParamRole::OptimizerState,
+                ..
+            } => (0, last, Category::OptimizerState),
+            ValueDef::Param {
+                role: ParamRole::Constant,
+                ..
+            }
+            | ValueDef::Const(_)
+            | ValueDef::Input { .. } => (0, last, Category::Constants),
+            ValueDef::Node { node, .. } => {
+                let s = step_of[node.index()];
+                let phase = g.node(*node).phase;
+                let category = if phase == Phase::Forward && used_later[i] {
+                    saved_activation_bytes += v.ty.bytes() as u64;
+                    Category::SavedActivations
+                } else if gradients[i] {
+                    Category::Gradients
+                } else {
+                    Category::Transient
+                };
+                (s, end[i].max(s), category)
+            }
+        };
+        buffers.push(Buffer {
+            value: id,
+            offset: 0,
+            size,
+            start,
+            end: stop,
+            category,
+        });
+    }
+    let peak_bytes = assign_offsets(&mut buffers);
+
+    let mut live = vec![0u64; n.max(1)];
+    for b in &buffers {
+        for l in &mut live[b.start..=b.end.min(n.max(1) - 1)] {
+            *l += b.size;
+        }
+    }
+    let (peak_step, &max_live_bytes) = live
+        .iter()
+        .enumerate()
+        .max_by_key(|&(s, l)| (*l, Reverse(s)))
+        .unwrap();
+    let mut at_peak = HashMap::new();
+    let mut totals = HashMap::new();
+    for b in &buffers {
+        *totals.entry(b.category).or_insert(0) += b.size;
+        if b.start <= peak_step && peak_step <= b.end {
+            *at_peak.entry(b.category).or_insert(0) += b.size;
+        }
+    }
+    Plan {
+        order,
+        buffers,
+        aliases: alias_of.into_iter().collect(),
+        peak_bytes,
+        max_live_bytes,
+        peak_step,
+        at_peak,
+        totals,
+        saved_activation_bytes,
+    }
+}
+
+/// Global decreasing-size best-fit: buffers are placed largest first, each in the smallest gap
+/// between buffers whose lifetimes overlap its own (or on top). Returns the arena size.
+fn assign_offsets(buffers: &mut [Buffer]) -> u64 {
+    let mut idx: Vec<usize> = (0..buffers.len()).collect();
+    idx.sort_by_key(|&i| {
+        (
+            Reverse(buffers[i].size),
+            Reverse(buffers[i].end - buffers[i].start),
+            buffers[i].start,
+            i,
+        )
+    });
+    let mut placed: Vec<usize> = Vec::with_capacity(buffers.len());
+    let mut arena = 0u64;
+    for i in idx {
+        let (s, e, size) = (buffers[i].start, buffers[i].end, buffers[i].size);
+        let mut busy: Vec<(u64, u64)> = placed
+            .iter()
+            .map(|&j| &buffers[j])
+            .filter(|b| b.start <= e && s <= b.end)
+            .map(|b| (b.offset, b.offset + b.size))
+            .collect();
+        busy.sort_unstable();
+        let mut best: Option<(u64, u64)> = None; // (gap size, offset)
+        let mut cursor = 0u64;
+        for &(lo, hi) in &busy {
+            if lo > cursor && lo - cursor >= size && best.is_none_or(|(g, _)| lo - cursor < g) {
+                best = Some((lo - cursor, cursor));
+            }
+            cursor = cursor.max(hi);
+        }
+        let offset = best.map_or(cursor, |(_, o)| o);
+        buffers[i].offset = offset;
+        arena = arena.max(offset + size);
+        placed.push(i);
+    }
+    arena
+}
+
+/// Execution order: a greedy list schedule that runs, among ready nodes, the one that adds the
+/// fewest live bytes (ties: program order), with every optimizer update of a buffer after the
+/// buffer's other readers. The program order is kept if the greedy order does not lower the
+/// peak of live bytes.
+fn schedule(g: &Graph) -> Vec<NodeId> {
+    let n = g.nodes().len();
+    let program: Vec<NodeId> = (0..n).map(|i| NodeId(i as u32)).collect();
+    let greedy = greedy_order(g);
+    if live_peak(g, &greedy) < live_peak(g, &program) {
+        greedy
+    } else {
+        program
+    }
+}
+
+/// Extra ordering edges: an update's producer runs after every other reader of its target.
+fn update_edges(g: &Graph) -> Vec<(usize, usize)> {
+    let mut edges = Vec::new();
+    for &(p, v) in g.updates() {
+        let Some(writer) = g.producer(v) else {
+            continue;
+        };
+        for (i, node) in g.nodes().iter().enumerate() {
+            if i != writer.index() && node.inputs.contains(&p) {
+                edges.push((i, writer.index()));
+            }
+        }
+    }
+    edges
+}
+
+fn node_bytes(g: &Graph, node: usize) -> i64 {
+    g.nodes()[node]
+        .outputs
+        .iter()
+        .map(|&o| padded(g.value(o).ty.bytes()) as i64)
+        .sum()
+}
+
+fn is_persistent(g: &Graph, v: ValueId) -> bool {
+    !matches!(g.value(v).def, ValueDef::Node { .. })
+}
+
+fn greedy_order(g: &Graph) -> Vec<NodeId> {
+    let n = g.nodes().len();
+    let mut preds = vec![0usize; n];
+    let mut succs: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut readers_left: HashMap<ValueId, usize> = HashMap::new();
+    for (i, node) in g.nodes().iter().enumerate() {
+        for &v in &node.inputs {
+            if let Some(p) = g.producer(v) {
+                succs[p.index()].push(i);
+                preds[i] += 1;
+            }
+        }
+        let mut seen = Vec::new();
+        for &v in &node.inputs {
+            if !seen.contains(&v) {
+                seen.push(v);
+                *readers_left.entry(v).or_insert(0) += 1;
+            }
+        }
+    }
+    for (a, b) in update_edges(g) {
+        succs[a].push(b);
+        preds[b] += 1;
+    }
+    let kept: std::collections::HashSet<ValueId> = g
+        .outputs()
+        .iter()
+        .map(|&(_, v)| v)
+        .chain(g.updates().iter().map(|&(_, v)| v))
+        .collect();
+    let delta = |readers_left: &HashMap<ValueId, usize>, i: usize| -> i64 {
+        let node = &g.nodes()[i];
+        let mut freed = 0i64;
+        let mut seen = Vec::new();
+        for &v in &node.inputs {
+            if seen.contains(&v) || is_persistent(g, v) || kept.contains(&v) {
+                continue;
+            }
+            seen.push(v);
+            if readers_left.get(&v) == Some(&1) {
+                freed += padded(g.value(v).ty.bytes()) as i64;
+            }
+        }
+        node_bytes(g, i) - freed
+    };
+    let mut heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
+    for i in 0..n {
+        if preds[i] == 0 {
+            heap.push(Reverse((delta(&readers_left, i), i)));
+        }
+    }
+    let mut done = vec![false; n];
+    let mut order = Vec::with_capacity(n);
+    while let Some(Reverse((d, i))) = heap.pop() {
+        if done[i] {
+            continue;
+        }
+        let now = delta(&readers_left, i);
+        if now != d {
+            heap.push(Reverse((now, i)));
+            continue;
+        }
+        done[i] = true;
+        order.push(NodeId(i as u32));
+        let mut seen = Vec::new();
+        for &v in &g.nodes()[i].inputs {
+            if !seen.contains(&v) {
+                seen.push(v);
+                *readers_left.get_mut(&v).unwrap() -= 1;
+            }
+        }
+        for &s in &succs[i] {
+            preds[s] -= 1;
+            if preds[s] == 0 {
+                heap.push(Reverse((delta(&readers_left, s), s)));
+            }
+        }
+    }
+    debug_assert_eq!(order.len(), n, "the graph has a cycle");
+    order
+}
+
+/// The most bytes of node results live at once under `order` (persistent values excluded,
+/// as they are the same under every order).
+fn live_peak(g: &Graph, order: &[NodeId]) -> u64 {
+    let n = order.len();
+    let mut step_of = vec![0usize; g.nodes().len()];
+    for (s, node) in order.iter().enumerate() {
+        step_of[node.index()] = s;
+    }
+    let mut end = vec![0usize; g.values().len()];
+    for (s, node) in order.iter().enumerate() {
+        for &v in &g.node(*node).inputs {
+            end[v.index()] = end[v.index()].max(s);
+        }
+    }
+    for (_, v) in g.outputs() {
+        end[v.index()] = n;
+    }
+    let mut delta = vec![0i64; n + 2];
+    for (i, v) in g.values().iter().enumerate() {
+        if let ValueDef::Node { node, .. } = v.def {
+            let s = step_of[node.index()];
+            let e = end[i].max(s);
+            delta[s] += padded(v.ty.bytes()) as i64;
+            delta[e + 1] -= padded(v.ty.bytes()) as i64;
+        }
+    }
+    let mut live = 0i64;
+    let mut peak = 0i64;
+    for d in delta {
+        live += d;
+        peak = peak.max(live);
+    }
+    peak as u64
+}
+
+/// Floating-point operations of one node (multiply-adds count 2).
+pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
+    let nd = g.node(node);
+    let out = &g.value(nd.outputs[0]).ty;
+    match &nd.op {
+        Op::MatMul => {
+            let a = &g.value(nd.inputs[0]).ty;
+            let k = *a.shape.last().unwrap_or(&1) as u64;
+            2 * k * out.numel() as u64
+        }
+        Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::LayerNorm { .. } => 5 * out.numel() as u64,
+        Op::Reduce { .. } => g.value(nd.inputs[0]).ty.numel() as u64,
+        Op::Unary(_) | Op::Binary(_) | Op::Where => out.numel() as u64,
+        _ => 0,
+    }
+}
+
+/// Total floating-point operations of the nodes in `phases`.
+pub fn flops(g: &Graph, phases: &[Phase]) -> u64 {
+    (0..g.nodes().len())
+        .map(|i| NodeId(i as u32))
+        .filter(|&n| phases.contains(&g.node(n).phase))
+        .map(|n| node_flops(g, n))
+        .sum()
+}
