@@ -737,11 +737,16 @@ pub fn run(
                 }
                 vals[i] = Some(Arr::from_tensor(t));
             }
-            ValueDef::Param { name, data, .. } => {
-                let t = data
-                    .as_ref()
-                    .ok_or_else(|| InterpError::MissingParam(name.clone()))?;
-                vals[i] = Some(Arr::from_tensor(t));
+            ValueDef::Param { name, data, role } => {
+                vals[i] = Some(match (data, role) {
+                    (Some(t), _) => Arr::from_tensor(t),
+                    // Optimizer state starts at zero.
+                    (None, crate::ParamRole::OptimizerState) => {
+                        let zeros = vec![0.0; v.ty.numel()];
+                        Arr::new(v.ty.dtype, v.ty.shape.clone(), Data::F(zeros))
+                    }
+                    (None, _) => return Err(InterpError::MissingParam(name.clone())),
+                });
             }
             ValueDef::Const(t) => vals[i] = Some(Arr::from_tensor(t)),
             ValueDef::Node { .. } => {}

@@ -240,31 +240,39 @@ pub fn plan(g: &Graph) -> Plan {
 }
 
 /// Global decreasing-size best-fit: buffers are placed largest first, each in the smallest gap
-/// between buffers whose lifetimes overlap its own (or on top). Returns the arena size.
+/// between buffers whose lifetimes overlap its own (or on top). Buffers live for the whole
+/// step are stacked at the bottom first. Returns the arena size.
 fn assign_offsets(buffers: &mut [Buffer]) -> u64 {
+    let last = buffers.iter().map(|b| b.end).max().unwrap_or(0);
+    let whole = |b: &Buffer| b.start == 0 && b.end == last;
     let mut idx: Vec<usize> = (0..buffers.len()).collect();
     idx.sort_by_key(|&i| {
         (
+            !whole(&buffers[i]),
             Reverse(buffers[i].size),
             Reverse(buffers[i].end - buffers[i].start),
             buffers[i].start,
             i,
         )
     });
-    let mut placed: Vec<usize> = Vec::with_capacity(buffers.len());
+    let mut base = 0u64;
     let mut arena = 0u64;
+    // Placed buffers in offset order, so the gaps can be read off in one pass.
+    let mut placed: Vec<(u64, u64, usize, usize)> = Vec::with_capacity(buffers.len()); // (offset, end offset, start, end)
     for i in idx {
         let (s, e, size) = (buffers[i].start, buffers[i].end, buffers[i].size);
-        let mut busy: Vec<(u64, u64)> = placed
-            .iter()
-            .map(|&j| &buffers[j])
-            .filter(|b| b.start <= e && s <= b.end)
-            .map(|b| (b.offset, b.offset + b.size))
-            .collect();
-        busy.sort_unstable();
+        if whole(&buffers[i]) {
+            buffers[i].offset = base;
+            base += size;
+            arena = arena.max(base);
+            continue;
+        }
         let mut best: Option<(u64, u64)> = None; // (gap size, offset)
-        let mut cursor = 0u64;
-        for &(lo, hi) in &busy {
+        let mut cursor = base;
+        for &(lo, hi, bs, be) in &placed {
+            if bs > e || be < s {
+                continue;
+            }
             if lo > cursor && lo - cursor >= size && best.is_none_or(|(g, _)| lo - cursor < g) {
                 best = Some((lo - cursor, cursor));
             }
@@ -273,7 +281,8 @@ fn assign_offsets(buffers: &mut [Buffer]) -> u64 {
         let offset = best.map_or(cursor, |(_, o)| o);
         buffers[i].offset = offset;
         arena = arena.max(offset + size);
-        placed.push(i);
+        let at = placed.partition_point(|p| p.0 < offset);
+        placed.insert(at, (offset, offset + size, s, e));
     }
     arena
 }

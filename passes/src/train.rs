@@ -7,8 +7,8 @@
 //! [`Graph::add_update`] per trained weight and per optimizer-state tensor.
 
 use memc_ir::{
-    BinaryOp, DType, Graph, Op, ParamRole, Phase, ReduceKind, Tensor, TensorType, UnaryOp,
-    ValueDef, ValueId,
+    BinaryOp, DType, Graph, Op, ParamRole, Phase, ReduceKind, TensorType, UnaryOp, ValueDef,
+    ValueId,
 };
 
 use crate::autodiff::{differentiate, AutodiffError};
@@ -278,11 +278,11 @@ fn clip(
         .collect()
 }
 
-/// A zero-initialised optimizer-state tensor shaped like `p`.
+/// An optimizer-state tensor shaped like `p`. It has no data: state starts at zero, which
+/// backends materialise at the first step (no zeros are allocated at compile time).
 fn state(b: &mut Builder, p: ValueId, name: String) -> ValueId {
     let ty = b.g.value(p).ty.clone();
-    let zeros = Tensor::from_f64(ty.dtype, ty.shape.clone(), &vec![0.0; ty.numel()]);
-    b.g.add_param(name, ParamRole::OptimizerState, ty, Some(zeros))
+    b.g.add_param(name, ParamRole::OptimizerState, ty, None)
 }
 
 fn update(
