@@ -200,7 +200,7 @@ fn unary(u: UnaryOp, x: f64) -> f64 {
 
 /// Evaluates one op on tensors (used by the interpreter and by constant folding).
 /// The operands must satisfy [`Op::infer`].
-fn eval(op: &Op, ins: &[Arr]) -> Result<Arr, String> {
+fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
     let out_ty = {
         let tys: Vec<_> = ins
             .iter()
@@ -686,6 +686,7 @@ fn matmul(a: &Arr, b: &Arr, out_shape: &[usize]) -> Data {
 /// Evaluates one op on constant tensors (constant folding uses this).
 pub fn eval_op(op: &Op, inputs: &[&Tensor]) -> Result<Tensor, String> {
     let arrs: Vec<Arr> = inputs.iter().map(|t| Arr::from_tensor(t)).collect();
+    let arrs: Vec<&Arr> = arrs.iter().collect();
     eval(op, &arrs).map(|a| a.to_tensor())
 }
 
@@ -785,10 +786,10 @@ pub fn run(
                 "the result {t} is larger than the reference interpreter handles (16 GiB)"
             )));
         }
-        let ins: Vec<Arr> = n
+        let ins: Vec<&Arr> = n
             .inputs
             .iter()
-            .map(|v| vals[v.index()].clone().expect("verified graph"))
+            .map(|v| vals[v.index()].as_ref().expect("verified graph"))
             .collect();
         let out = eval(&n.op, &ins).map_err(op_error)?;
         if opts.check_nan {

@@ -1,0 +1,277 @@
+//! Training programs on every example model: PyTorch's loss trajectories reproduced, the
+//! memory plan's invariants, saved activations against PyTorch eager, the B/W split, and
+//! rematerialisation that never changes a loss.
+
+use std::collections::HashMap;
+
+use memc::onnx::{import, ImportOptions};
+use memc::train::{build, Batches, OptimizerArg, RematArg, TrainProgramArgs};
+use memc_ir::{Graph, Phase};
+use memc_passes::plan::{plan, ALIGN};
+use memc_tests::{examples, Example};
+
+fn args(
+    optimizer: OptimizerArg,
+    momentum: f64,
+    clip: Option<f64>,
+    remat: RematArg,
+) -> TrainProgramArgs {
+    TrainProgramArgs {
+        loss: memc::train::LossArg::NextTokenCe,
+        optimizer,
+        momentum,
+        betas: vec![0.9, 0.999],
+        eps: 1e-8,
+        trainable: "all".into(),
+        clip_grad_norm: clip,
+        remat,
+    }
+}
+
+fn reference(ex: &Example) -> serde_json::Value {
+    let path = ex.path.with_extension("").join("train_ref.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The example's training program and one batch of its inputs.
+fn program(ex: &Example, a: &TrainProgramArgs) -> (Graph, HashMap<String, memc_ir::Tensor>) {
+    let inputs = ex.inputs();
+    let opts = ImportOptions {
+        shapes: inputs
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+            .collect(),
+    };
+    let mut g = import(&ex.path, &opts).unwrap();
+    build(&mut g, a).unwrap_or_else(|e| panic!("{}: {e:#}", ex.name));
+    (g, inputs)
+}
+
+/// Runs `steps` steps on the example's fixed batch (all its inputs) and returns the losses.
+fn losses(ex: &Example, a: &TrainProgramArgs, lr: f64, wd: f64, steps: usize) -> Vec<f64> {
+    let (mut g, inputs) = program(ex, a);
+    let mut out = Vec::new();
+    for step in 1..=steps {
+        let mut feeds = inputs.clone();
+        let scalar = |v: f64| memc_ir::Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
+        feeds.insert("memc.lr".into(), scalar(lr));
+        feeds.insert("memc.weight_decay".into(), scalar(wd));
+        feeds.insert("memc.step".into(), scalar(step as f64));
+        let r = memc_ir::run(&g, &feeds, &memc_ir::RunOptions { check_nan: true }).unwrap();
+        for (p, t) in r.updates {
+            g.set_param_data(p, t);
+        }
+        out.push(r.outputs[0].1.to_f64_vec()[0]);
+    }
+    out
+}
+
+#[test]
+fn every_example_reproduces_pytorch_losses() {
+    let runs = [
+        ("sgd", OptimizerArg::Sgd, 0.0, None, 0.1, 0.0),
+        ("sgd_momentum", OptimizerArg::Sgd, 0.9, None, 0.1, 0.0),
+        ("adamw", OptimizerArg::Adamw, 0.0, None, 1e-3, 0.01),
+        (
+            "adamw_clip",
+            OptimizerArg::Adamw,
+            0.0,
+            Some(1.0),
+            1e-3,
+            0.01,
+        ),
+    ];
+    for ex in examples() {
+        let want = reference(&ex);
+        for (key, opt, momentum, clip, lr, wd) in runs {
+            let got = losses(&ex, &args(opt, momentum, clip, RematArg::Auto), lr, wd, 5);
+            let want: Vec<f64> = want[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs() / b.abs())
+                .fold(0.0, f64::max);
+            eprintln!(
+                "{:<28} {key:<13} max relative loss error {err:.2e}",
+                ex.name
+            );
+            assert!(
+                err <= 1e-4,
+                "{} {key}: memc {got:?} vs PyTorch {want:?}",
+                ex.name
+            );
+        }
+    }
+}
+
+#[test]
+fn rematerialisation_never_changes_a_loss() {
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
+    {
+        let none = losses(
+            &ex,
+            &args(OptimizerArg::Adamw, 0.0, None, RematArg::None),
+            1e-3,
+            0.01,
+            2,
+        );
+        let auto = losses(
+            &ex,
+            &args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto),
+            1e-3,
+            0.01,
+            2,
+        );
+        assert_eq!(none, auto, "{}: bitwise equal losses expected", ex.name);
+    }
+}
+
+#[test]
+fn memc_saves_no_more_activation_bytes_than_pytorch() {
+    for ex in examples() {
+        let (g, _) = program(&ex, &args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto));
+        let p = plan(&g);
+        let torch = reference(&ex)["saved_activation_bytes"].as_u64().unwrap();
+        eprintln!(
+            "{:<28} saved activations: memc {} bytes, PyTorch eager {torch} bytes",
+            ex.name, p.saved_activation_bytes
+        );
+        assert!(
+            p.saved_activation_bytes <= torch,
+            "{}: memc saves {} > PyTorch {torch}",
+            ex.name,
+            p.saved_activation_bytes
+        );
+    }
+}
+
+#[test]
+fn memory_plans_are_consistent() {
+    for ex in examples().into_iter().filter(|e| !e.name.contains("opset")) {
+        for remat in [RematArg::None, RematArg::Auto] {
+            let (g, _) = program(&ex, &args(OptimizerArg::Adamw, 0.0, Some(1.0), remat));
+            let p = plan(&g);
+            // The order is topological, and updates come after every other reader of their target.
+            let mut step = vec![usize::MAX; g.nodes().len()];
+            for (s, n) in p.order.iter().enumerate() {
+                step[n.index()] = s;
+            }
+            for (s, n) in p.order.iter().enumerate() {
+                for &v in &g.node(*n).inputs {
+                    if let Some(prod) = g.producer(v) {
+                        assert!(
+                            step[prod.index()] < s,
+                            "{}: operand used before it is computed",
+                            ex.name
+                        );
+                    }
+                }
+            }
+            for &(target, v) in g.updates() {
+                let w = step[g.producer(v).unwrap().index()];
+                for (i, node) in g.nodes().iter().enumerate() {
+                    if node.inputs.contains(&target) {
+                        assert!(
+                            step[i] <= w,
+                            "{}: a reader of an updated buffer runs after its update",
+                            ex.name
+                        );
+                    }
+                }
+            }
+            // Buffers are aligned, inside the arena, and never overlap while both are live.
+            let mut peak = 0;
+            for b in &p.buffers {
+                assert_eq!(b.offset % ALIGN, 0);
+                assert!(b.size >= g.value(b.value).ty.bytes() as u64);
+                peak = peak.max(b.offset + b.size);
+            }
+            assert_eq!(
+                peak, p.peak_bytes,
+                "{}: the arena is exactly the peak",
+                ex.name
+            );
+            assert!(p.max_live_bytes <= p.peak_bytes);
+            for (i, a) in p.buffers.iter().enumerate() {
+                for b in &p.buffers[i + 1..] {
+                    let live_together = a.start <= b.end && b.start <= a.end;
+                    let share_bytes = a.offset < b.offset + b.size && b.offset < a.offset + a.size;
+                    assert!(
+                        !(live_together && share_bytes),
+                        "{}: %{} and %{} overlap",
+                        ex.name,
+                        a.value.0,
+                        b.value.0
+                    );
+                }
+            }
+            // Every read happens while the buffer is live (aliases live in their target).
+            let buffer_of: HashMap<_, _> = p.buffers.iter().map(|b| (b.value, b)).collect();
+            for (s, n) in p.order.iter().enumerate() {
+                for &v in &g.node(*n).inputs {
+                    if let Some(b) = buffer_of.get(&v) {
+                        assert!(
+                            b.start <= s && s <= b.end,
+                            "{}: %{} read outside its lifetime",
+                            ex.name,
+                            v.0
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_is_split_into_b_and_w() {
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
+    {
+        let (g, _) = program(&ex, &args(OptimizerArg::Sgd, 0.0, None, RematArg::None));
+        let phase_of = |v| g.producer(v).map(|p| g.node(p).phase);
+        let (mut b, mut w) = (0, 0);
+        for node in g.nodes() {
+            match node.phase {
+                Phase::Backward => {
+                    b += 1;
+                    // Nothing on the activation-gradient chain waits for a weight gradient.
+                    for &v in &node.inputs {
+                        assert_ne!(
+                            phase_of(v),
+                            Some(Phase::Weight),
+                            "{}: a B node reads a W result",
+                            ex.name
+                        );
+                    }
+                }
+                Phase::Weight => w += 1,
+                _ => {}
+            }
+        }
+        assert!(b > 0 && w > 0, "{}: B {b}, W {w}", ex.name);
+        // Every weight's gradient is produced in W (matmul weight grads) or reads only B values.
+        let weights = g.weights().count();
+        assert!(weights > 0);
+    }
+}
+
+#[test]
+fn training_data_batches_cycle() {
+    let dir = std::env::temp_dir().join(format!("memc-batches-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("ids.npy");
+    let ids = memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![3, 2], &[1, 2, 3, 4, 5, 6]);
+    memc::io::write_tensor(&path, &ids).unwrap();
+    let mut b = Batches::open(&path).unwrap();
+    assert_eq!(b.next_batch(2).to_i64_vec(), vec![1, 2, 3, 4]);
+    assert_eq!(b.next_batch(2).to_i64_vec(), vec![5, 6, 1, 2]);
+}
