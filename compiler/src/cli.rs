@@ -579,7 +579,29 @@ pub fn run(cli: Cli) -> Result<()> {
 /// The `memc` entry point: parses arguments, runs, prints one error line and exits 2 on
 /// failure.
 pub fn main() -> ! {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's message, folded onto one line.
+            let text = e.render().to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .collect();
+            let msg = lines.join("; ");
+            eprintln!(
+                "{}",
+                if msg.starts_with("error:") {
+                    msg
+                } else {
+                    format!("error: {msg}")
+                }
+            );
+            std::process::exit(2)
+        }
+    };
     match run(cli) {
         Ok(()) => std::process::exit(0),
         Err(e) => {

@@ -606,3 +606,234 @@ fn dump_ir_writes_a_parsable_file_per_pass() {
     memc_ir::verify(&g).unwrap();
     assert_eq!(memc_ir::print(&g), text);
 }
+
+fn lines_json(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn train_prints_one_json_line_per_step() {
+    let m = example("gpt2-dynamo.onnx");
+    let data = example("gpt2-dynamo/inputs/input_ids.npy");
+    let o = memc(&[
+        "train",
+        s(&m),
+        "--data",
+        s(&data),
+        "--steps",
+        "3",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.1",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let steps = lines_json(&o.stdout);
+    assert_eq!(steps.len(), 3);
+    for (i, line) in steps.iter().enumerate() {
+        assert_eq!(line["step"], i + 1);
+        assert_eq!(line["tokens"], 32);
+        assert!(line["loss"].as_f64().unwrap() > 0.0 && line["step_ms"].as_f64().is_some());
+        assert!(line["peak_bytes"].as_u64().unwrap() > 0);
+    }
+    // PyTorch's SGD trajectory (examples/train_fixtures.py).
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(example("gpt2-dynamo/train_ref.json")).unwrap(),
+    )
+    .unwrap();
+    for (line, w) in steps.iter().zip(want["sgd"].as_array().unwrap()) {
+        let (a, b) = (line["loss"].as_f64().unwrap(), w.as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn compile_train_reports_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let svg = dir.path().join("plan.svg");
+    let m = example("llama-dynamo.onnx");
+    let o = memc(&[
+        "compile",
+        s(&m),
+        "--shape",
+        "input_ids=2x16",
+        "--train",
+        "--optimizer",
+        "adamw",
+        "--report",
+        "--report-json",
+        s(&report),
+        "--plot",
+        s(&svg),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("memory plan: peak "), "{}", o.stdout);
+    assert!(
+        o.stdout
+            .contains("saved activations (forward values read by the backward pass): "),
+        "{}",
+        o.stdout
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    for key in [
+        "params_bytes",
+        "grads_bytes",
+        "optimizer_bytes",
+        "saved_activation_bytes",
+        "peak_bytes",
+        "recompute_flops",
+        "flops",
+    ] {
+        assert!(r[key].is_u64(), "{key} missing: {r}");
+    }
+    // AdamW keeps two moments per weight; weights and their gradients have equal sizes.
+    assert_eq!(
+        r["optimizer_bytes"].as_u64().unwrap(),
+        2 * r["grads_bytes"].as_u64().unwrap()
+    );
+    assert!(
+        r["peak_bytes"].as_u64().unwrap()
+            >= r["params_bytes"].as_u64().unwrap() + r["optimizer_bytes"].as_u64().unwrap()
+    );
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("saved_activations"));
+    // --emit plan lists every buffer.
+    let o = memc(&[
+        "compile",
+        s(&m),
+        "--shape",
+        "input_ids=2x16",
+        "--train",
+        "--emit",
+        "plan",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.starts_with("plan { peak_bytes = "));
+    assert!(
+        o.stdout.contains(" saved_activations\n")
+            && o.stdout.contains(" @w\n")
+            && o.stdout.contains(" @u\n")
+    );
+}
+
+#[test]
+fn bad_training_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = example("llama-dynamo.onnx");
+    let data = example("llama-dynamo/inputs/input_ids.npy");
+    // A model without a [batch, seq, vocab] output.
+    let mm = dir.path().join("mm.onnx");
+    std::fs::write(
+        &mm,
+        matmul_model(
+            weight(TensorProto {
+                float_data: vec![0.5; 8],
+                ..Default::default()
+            }),
+            vec![],
+        ),
+    )
+    .unwrap();
+    fails_with(
+        &["compile", s(&mm), "--shape", "x=2x4", "--train"],
+        &[
+            "mm.onnx",
+            "--loss next-token-ce needs an output of shape [batch, seq, vocab]",
+        ],
+    );
+    // An unknown optimizer (clap's message, on one line).
+    fails_with(
+        &["train", s(&m), "--data", s(&data), "--optimizer", "lion"],
+        &["invalid value 'lion'", "possible values: sgd, adamw"],
+    );
+    // Data of the wrong dtype, rank or sequence length.
+    let floats = dir.path().join("f.npy");
+    npy_f32(&floats, &[2, 16], &[0.0; 32]);
+    fails_with(
+        &["train", s(&m), "--data", s(&floats)],
+        &["f.npy", "integer array of shape [rows, seq]", "f32[2, 16]"],
+    );
+    let flat = dir.path().join("flat.npy");
+    memc::io::write_tensor(
+        &flat,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![8], &[1; 8]),
+    )
+    .unwrap();
+    fails_with(
+        &["train", s(&m), "--data", s(&flat)],
+        &["flat.npy", "integer array of shape [rows, seq]"],
+    );
+    fails_with(
+        &[
+            "train",
+            s(&m),
+            "--data",
+            s(&data),
+            "--shape",
+            "input_ids=2x8",
+        ],
+        &["rows of 16 tokens", "compiled for 8"],
+    );
+    // A step that produces NaN names the step and the first non-finite tensor.
+    fails_with(
+        &[
+            "train",
+            s(&m),
+            "--data",
+            s(&data),
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e30",
+            "--steps",
+            "5",
+        ],
+        &["step ", "non-finite"],
+    );
+    // --trainable that matches nothing, or is not a regex.
+    fails_with(
+        &[
+            "train",
+            s(&m),
+            "--data",
+            s(&data),
+            "--trainable",
+            "^nothing$",
+        ],
+        &["no weight matches --trainable"],
+    );
+    fails_with(
+        &["train", s(&m), "--data", s(&data), "--trainable", "("],
+        &["not a regular expression"],
+    );
+}
+
+#[test]
+fn trainable_regex_freezes_the_rest() {
+    let m = example("llama-dynamo.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let o = memc(&[
+        "compile",
+        s(&m),
+        "--shape",
+        "input_ids=2x16",
+        "--train",
+        "--trainable",
+        "norm",
+        "--report-json",
+        s(&report),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // Llama has 5 RMSNorm weights of 64 elements.
+    assert_eq!(r["training"]["trained_tensors"], 5);
+    assert_eq!(r["training"]["trained_params"], 5 * 64);
+    assert_eq!(r["grads_bytes"].as_u64().unwrap(), 5 * 256);
+}
