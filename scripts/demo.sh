@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# memc's main job on the embedded examples: import a real exported Llama, show its graph and
-# report, then evaluate every example model (Llama, GPT-2, BERT, Qwen2 from both of PyTorch's
-# ONNX exporters) and check the outputs against onnxruntime.
+# memc's main job on the embedded examples: import a real exported Llama, evaluate every example
+# model (Llama, GPT-2, BERT, Qwen2 from both of PyTorch's ONNX exporters) against onnxruntime,
+# compile the Llama's training step under each memory policy and print its memory table, then
+# train it a few steps and compare the losses with PyTorch's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -24,6 +25,21 @@ for model in examples/models/*.onnx; do
   echo "== memc eval $model ${inputs[*]} --check examples/models/$name/ref"
   $MEMC eval "$model" "${inputs[@]}" --out "$OUT/$name" --check "examples/models/$name/ref" | grep -E '^(graph|logits|check)'
 done
+
+
+for remat in none auto; do
+  echo
+  echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw --remat $remat --report"
+  $MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw --remat $remat \
+    --report --report-json "$OUT/llama-train-$remat.json" --plot "$OUT/llama-train-$remat.svg" | sed -n '/^training:/,$p'
+  echo "   (plot: $OUT/llama-train-$remat.svg)"
+done
+
+echo
+echo "== memc train examples/models/llama-dynamo.onnx --data examples/models/llama-dynamo/inputs/input_ids.npy --steps 5 --optimizer adamw --lr 1e-3"
+$MEMC train examples/models/llama-dynamo.onnx --data examples/models/llama-dynamo/inputs/input_ids.npy --steps 5 --optimizer adamw --lr 1e-3
+echo "   PyTorch (examples/models/llama-dynamo/train_ref.json, adamw):"
+python3 -c 'import json; print("  ", [round(x, 6) for x in json.load(open("examples/models/llama-dynamo/train_ref.json"))["adamw"]])'
 
 echo
 echo "== memc toolchain   (the MLIR/LLVM code generation path later releases build kernels on)"
