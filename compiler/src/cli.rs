@@ -307,7 +307,12 @@ fn compile(args: CompileArgs) -> Result<()> {
                 obj.insert(
                     "training".into(),
                     serde_json::json!({"trained_tensors": t.trained_tensors, "trained_params": t.trained_params,
-                        "frozen_tensors": t.frozen_tensors, "backward_nodes": t.backward_nodes, "update_nodes": t.update_nodes}),
+                        "frozen_tensors": t.frozen_tensors, "backward_nodes": t.backward_nodes, "update_nodes": t.update_nodes,
+                        "remat": t.remat.as_ref().map(|r| serde_json::json!({
+                            "saved_bytes_before": r.saved_bytes_before,
+                            "saved_bytes_after": r.saved_bytes_after,
+                            "recomputed_nodes": r.recomputed_nodes,
+                        }))}),
                 );
             }
         }

@@ -287,19 +287,96 @@ fn assign_offsets(buffers: &mut [Buffer]) -> u64 {
     arena
 }
 
-/// Execution order: a greedy list schedule that runs, among ready nodes, the one that adds the
-/// fewest live bytes (ties: program order), with every optimizer update of a buffer after the
-/// buffer's other readers. The program order is kept if the greedy order does not lower the
-/// peak of live bytes.
+/// Execution order: the candidate with the lowest peak of live bytes among the program order,
+/// a greedy list schedule that runs, among ready nodes, the one that adds the fewest live bytes,
+/// and a list schedule that runs optimizer updates as soon as their gradient is ready (freeing
+/// it). Every optimizer update of a buffer runs after the buffer's other readers.
 fn schedule(g: &Graph) -> Vec<NodeId> {
     let n = g.nodes().len();
     let program: Vec<NodeId> = (0..n).map(|i| NodeId(i as u32)).collect();
+    let mut best = (live_peak(g, &program), program);
     let greedy = greedy_order(g);
-    if live_peak(g, &greedy) < live_peak(g, &program) {
-        greedy
-    } else {
-        program
+    let eager = eager_update_order(g);
+    for candidate in [greedy, eager] {
+        let peak = live_peak(g, &candidate);
+        if peak < best.0 {
+            best = (peak, candidate);
+        }
     }
+    best.1
+}
+
+/// Program order, except that each optimizer-update node runs right after the last
+/// non-update node it depends on (its gradient), and update nodes that depend on no gradient
+/// (`β1·m`, `p·(1 − lr·wd)`) run right before their first consumer. Gradients are then freed
+/// as soon as they are produced.
+fn eager_update_order(g: &Graph) -> Vec<NodeId> {
+    let n = g.nodes().len();
+    let is_update = |i: usize| g.nodes()[i].phase == Phase::Update;
+    let preds_of = |i: usize| {
+        g.nodes()[i]
+            .inputs
+            .iter()
+            .filter_map(|&v| g.producer(v))
+            .map(|p| p.index())
+    };
+    // Key: where in program order a node wants to run (fractional positions as (index, 1)).
+    let mut key: Vec<Option<usize>> = vec![None; n];
+    for i in 0..n {
+        key[i] = if is_update(i) {
+            preds_of(i).filter_map(|p| key[p]).max()
+        } else {
+            Some(i)
+        };
+    }
+    let mut succs: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for i in 0..n {
+        for p in preds_of(i) {
+            succs[p].push(i);
+        }
+    }
+    for i in (0..n).rev() {
+        if key[i].is_none() {
+            key[i] = Some(succs[i].iter().filter_map(|&s| key[s]).min().unwrap_or(n));
+        }
+    }
+    let (mut preds, succs) = dependencies(g);
+    let prio = |i: usize| (key[i].unwrap(), !is_update(i), i);
+    let mut heap: BinaryHeap<Reverse<(usize, bool, usize)>> = (0..n)
+        .filter(|&i| preds[i] == 0)
+        .map(|i| Reverse(prio(i)))
+        .collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(Reverse((_, _, i))) = heap.pop() {
+        order.push(NodeId(i as u32));
+        for &s in &succs[i] {
+            preds[s] -= 1;
+            if preds[s] == 0 {
+                heap.push(Reverse(prio(s)));
+            }
+        }
+    }
+    order
+}
+
+/// Predecessor counts and successor lists: data dependencies plus [`update_edges`].
+fn dependencies(g: &Graph) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let n = g.nodes().len();
+    let mut preds = vec![0usize; n];
+    let mut succs: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, node) in g.nodes().iter().enumerate() {
+        for &v in &node.inputs {
+            if let Some(p) = g.producer(v) {
+                succs[p.index()].push(i);
+                preds[i] += 1;
+            }
+        }
+    }
+    for (a, b) in update_edges(g) {
+        succs[a].push(b);
+        preds[b] += 1;
+    }
+    (preds, succs)
 }
 
 /// Extra ordering edges: an update's producer runs after every other reader of its target.
@@ -332,16 +409,9 @@ fn is_persistent(g: &Graph, v: ValueId) -> bool {
 
 fn greedy_order(g: &Graph) -> Vec<NodeId> {
     let n = g.nodes().len();
-    let mut preds = vec![0usize; n];
-    let mut succs: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let (mut preds, succs) = dependencies(g);
     let mut readers_left: HashMap<ValueId, usize> = HashMap::new();
-    for (i, node) in g.nodes().iter().enumerate() {
-        for &v in &node.inputs {
-            if let Some(p) = g.producer(v) {
-                succs[p.index()].push(i);
-                preds[i] += 1;
-            }
-        }
+    for node in g.nodes() {
         let mut seen = Vec::new();
         for &v in &node.inputs {
             if !seen.contains(&v) {
@@ -349,10 +419,6 @@ fn greedy_order(g: &Graph) -> Vec<NodeId> {
                 *readers_left.entry(v).or_insert(0) += 1;
             }
         }
-    }
-    for (a, b) in update_edges(g) {
-        succs[a].push(b);
-        preds[b] += 1;
     }
     let kept: std::collections::HashSet<ValueId> = g
         .outputs()
