@@ -219,24 +219,42 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
         }
         Op::Unary(u) => Data::F(ins[0].f().iter().map(|&v| unary(*u, v)).collect()),
         Op::Binary(b) => {
-            let oa = offsets(&shape, &broadcast_strides(&ins[0].shape, &shape), 0);
-            let ob = offsets(&shape, &broadcast_strides(&ins[1].shape, &shape), 0);
-            binary(*b, &ins[0], &ins[1], &oa, &ob)?
+            let n = shape.iter().product();
+            let (oa, ob) = (
+                Idx::new(&ins[0].shape, &shape),
+                Idx::new(&ins[1].shape, &shape),
+            );
+            binary(*b, ins[0], ins[1], n, &oa, &ob)?
         }
         Op::Where => {
-            let oc = offsets(&shape, &broadcast_strides(&ins[0].shape, &shape), 0);
-            let oa = offsets(&shape, &broadcast_strides(&ins[1].shape, &shape), 0);
-            let ob = offsets(&shape, &broadcast_strides(&ins[2].shape, &shape), 0);
+            let n: usize = shape.iter().product();
+            let oc = Idx::new(&ins[0].shape, &shape);
+            let (oa, ob) = (
+                Idx::new(&ins[1].shape, &shape),
+                Idx::new(&ins[2].shape, &shape),
+            );
             let c = ins[0].i();
             match (&ins[1].data, &ins[2].data) {
                 (Data::F(a), Data::F(b)) => Data::F(
-                    (0..oc.len())
-                        .map(|k| if c[oc[k]] != 0 { a[oa[k]] } else { b[ob[k]] })
+                    (0..n)
+                        .map(|k| {
+                            if c[oc.at(k)] != 0 {
+                                a[oa.at(k)]
+                            } else {
+                                b[ob.at(k)]
+                            }
+                        })
                         .collect(),
                 ),
                 (Data::I(a), Data::I(b)) => Data::I(
-                    (0..oc.len())
-                        .map(|k| if c[oc[k]] != 0 { a[oa[k]] } else { b[ob[k]] })
+                    (0..n)
+                        .map(|k| {
+                            if c[oc.at(k)] != 0 {
+                                a[oa.at(k)]
+                            } else {
+                                b[ob.at(k)]
+                            }
+                        })
                         .collect(),
                 ),
                 _ => unreachable!(),
@@ -551,12 +569,40 @@ fn scatter(src: &Data, dst: &[usize], n: usize) -> Data {
     }
 }
 
-fn binary(b: BinaryOp, a: &Arr, c: &Arr, oa: &[usize], ob: &[usize]) -> Result<Data, String> {
-    let n = oa.len();
+/// Where element `k` of a broadcast result reads an operand: the same index, always index 0,
+/// or a precomputed map.
+enum Idx {
+    Same,
+    Scalar,
+    Map(Vec<usize>),
+}
+
+impl Idx {
+    fn new(shape: &[usize], out: &[usize]) -> Idx {
+        if shape == out {
+            Idx::Same
+        } else if shape.iter().all(|&d| d == 1) {
+            Idx::Scalar
+        } else {
+            Idx::Map(offsets(out, &broadcast_strides(shape, out), 0))
+        }
+    }
+
+    #[inline]
+    fn at(&self, k: usize) -> usize {
+        match self {
+            Idx::Same => k,
+            Idx::Scalar => 0,
+            Idx::Map(m) => m[k],
+        }
+    }
+}
+
+fn binary(b: BinaryOp, a: &Arr, c: &Arr, n: usize, oa: &Idx, ob: &Idx) -> Result<Data, String> {
     let cmp = |f: &dyn Fn(usize) -> bool| Data::I((0..n).map(|k| f(k) as i64).collect());
     Ok(match (&a.data, &c.data) {
         (Data::F(x), Data::F(y)) => {
-            let (x, y) = (|k: usize| x[oa[k]], |k: usize| y[ob[k]]);
+            let (x, y) = (|k: usize| x[oa.at(k)], |k: usize| y[ob.at(k)]);
             match b {
                 BinaryOp::Add => Data::F((0..n).map(|k| x(k) + y(k)).collect()),
                 BinaryOp::Sub => Data::F((0..n).map(|k| x(k) - y(k)).collect()),
@@ -595,15 +641,19 @@ fn binary(b: BinaryOp, a: &Arr, c: &Arr, oa: &[usize], ob: &[usize]) -> Result<D
         }
         (Data::F(x), Data::I(y)) => {
             // Only `pow` mixes dtypes: a float base with an integer exponent.
-            Data::F((0..n).map(|k| x[oa[k]].powf(y[ob[k]] as f64)).collect())
+            Data::F(
+                (0..n)
+                    .map(|k| x[oa.at(k)].powf(y[ob.at(k)] as f64))
+                    .collect(),
+            )
         }
         (Data::I(x), Data::F(y)) => Data::I(
             (0..n)
-                .map(|k| (x[oa[k]] as f64).powf(y[ob[k]]) as i64)
+                .map(|k| (x[oa.at(k)] as f64).powf(y[ob.at(k)]) as i64)
                 .collect(),
         ),
         (Data::I(x), Data::I(y)) => {
-            let (x, y) = (|k: usize| x[oa[k]], |k: usize| y[ob[k]]);
+            let (x, y) = (|k: usize| x[oa.at(k)], |k: usize| y[ob.at(k)]);
             match b {
                 BinaryOp::Add => Data::I((0..n).map(|k| x(k).wrapping_add(y(k))).collect()),
                 BinaryOp::Sub => Data::I((0..n).map(|k| x(k).wrapping_sub(y(k))).collect()),
