@@ -269,7 +269,7 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
             (Data::I(v), true) => Data::F(v.iter().map(|&x| x as f64).collect()),
             (Data::I(v), false) => Data::I(v.clone()),
         },
-        Op::MatMul => matmul(&ins[0], &ins[1], &shape),
+        Op::MatMul => matmul(ins[0], ins[1], &shape),
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             let log = matches!(op, Op::LogSoftmax { .. });
             let x = ins[0].f();
@@ -569,6 +569,15 @@ fn scatter(src: &Data, dst: &[usize], n: usize) -> Data {
     }
 }
 
+/// `f(a, b)`, or NaN if either is NaN (as NumPy's `maximum`/`minimum`).
+fn nan_or(a: f64, b: f64, f: fn(f64, f64) -> f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        f(a, b)
+    }
+}
+
 /// Where element `k` of a broadcast result reads an operand: the same index, always index 0,
 /// or a precomputed map.
 enum Idx {
@@ -614,28 +623,8 @@ fn binary(b: BinaryOp, a: &Arr, c: &Arr, n: usize, oa: &Idx, ob: &Idx) -> Result
                 BinaryOp::LessEqual => cmp(&|k| x(k) <= y(k)),
                 BinaryOp::Greater => cmp(&|k| x(k) > y(k)),
                 BinaryOp::GreaterEqual => cmp(&|k| x(k) >= y(k)),
-                BinaryOp::Max => Data::F(
-                    (0..n)
-                        .map(|k| {
-                            if x(k).is_nan() || y(k).is_nan() {
-                                f64::NAN
-                            } else {
-                                x(k).max(y(k))
-                            }
-                        })
-                        .collect(),
-                ),
-                BinaryOp::Min => Data::F(
-                    (0..n)
-                        .map(|k| {
-                            if x(k).is_nan() || y(k).is_nan() {
-                                f64::NAN
-                            } else {
-                                x(k).min(y(k))
-                            }
-                        })
-                        .collect(),
-                ),
+                BinaryOp::Max => Data::F((0..n).map(|k| nan_or(x(k), y(k), f64::max)).collect()),
+                BinaryOp::Min => Data::F((0..n).map(|k| nan_or(x(k), y(k), f64::min)).collect()),
                 BinaryOp::And => unreachable!(),
             }
         }

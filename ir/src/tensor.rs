@@ -84,28 +84,6 @@ impl Tensor {
 
     /// A tensor of `dtype` and `shape` from f64 values (rounded to the dtype; exact for f64).
     pub fn from_f64(dtype: DType, shape: impl Into<Vec<usize>>, values: &[f64]) -> Tensor {
-        if dtype == DType::F32 {
-            let ty = TensorType::new(dtype, shape);
-            assert_eq!(
-                ty.numel(),
-                values.len(),
-                "Tensor::from_f64: {} values for {}",
-                values.len(),
-                ty
-            );
-            let out: Vec<u8> = values
-                .iter()
-                .flat_map(|&v| (v as f32).to_le_bytes())
-                .collect();
-            return Tensor {
-                ty,
-                data: Bytes::from(out),
-            };
-        }
-        if dtype != DType::F64 {
-            let f: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-            return Tensor::from_f32(dtype, shape, &f);
-        }
         let ty = TensorType::new(dtype, shape);
         assert_eq!(
             ty.numel(),
@@ -114,7 +92,17 @@ impl Tensor {
             values.len(),
             ty
         );
-        let out: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let out: Vec<u8> = match dtype {
+            DType::F64 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F32 => values
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect(),
+            _ => {
+                let f: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+                return Tensor::from_f32(dtype, ty.shape, &f);
+            }
+        };
         Tensor {
             ty,
             data: Bytes::from(out),

@@ -441,12 +441,10 @@ fn greedy_order(g: &Graph) -> Vec<NodeId> {
         }
         node_bytes(g, i) - freed
     };
-    let mut heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
-    for i in 0..n {
-        if preds[i] == 0 {
-            heap.push(Reverse((delta(&readers_left, i), i)));
-        }
-    }
+    let mut heap: BinaryHeap<Reverse<(i64, usize)>> = (0..n)
+        .filter(|&i| preds[i] == 0)
+        .map(|i| Reverse((delta(&readers_left, i), i)))
+        .collect();
     let mut done = vec![false; n];
     let mut order = Vec::with_capacity(n);
     while let Some(Reverse((d, i))) = heap.pop() {

@@ -42,12 +42,15 @@ enum Dist {
     Positive,
 }
 
+/// Builds a case's op from its operands.
+type BuildFn = dyn Fn(&mut Builder, &[ValueId]) -> ValueId;
+
 struct Case {
     name: String,
     /// Float operands (differentiated).
     operands: Vec<(Vec<usize>, Dist)>,
     /// Builds the op from the operands.
-    build: Box<dyn Fn(&mut Builder, &[ValueId]) -> ValueId>,
+    build: Box<BuildFn>,
     /// Finite-difference step and tolerance (f64 unless the case rounds through f32).
     h: f64,
     tol: f64,
