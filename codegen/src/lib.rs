@@ -1,10 +1,12 @@
 //! memc-codegen: fusion into kernels, kernel construction in MLIR (melior), lowering, and LLVM
 //! target code generation (inkwell) for the host and NVPTX.
 //!
-//! The kernel path is filled by the codegen issues; today this crate proves the toolchain:
-//! [`toolchain::check`] builds, verifies and lowers an MLIR module and compiles LLVM IR for
-//! x86-64 and NVPTX.
+//! Today: [`fuse`] groups a program into kernels; [`kernel`] builds fused elementwise kernels
+//! as MLIR, lowers them with MLIR's passes, translates them to LLVM IR and compiles them for
+//! the host; [`toolchain::check`] proves the MLIR/LLVM toolchain (x86-64 and NVPTX).
 
 #![warn(missing_docs)]
 
+pub mod fuse;
+pub mod kernel;
 pub mod toolchain;

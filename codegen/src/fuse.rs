@@ -1,0 +1,122 @@
+//! Fusion: groups a program's nodes into kernels. Chains of elementwise nodes over one
+//! iteration space become one kernel (one pass over memory); every other node is a kernel of
+//! its own (GEMMs go to a GEMM library, layout ops to copies, reductions and normalisations to
+//! their own kernels).
+//!
+//! An elementwise node joins the kernel of an operand's producer when that producer is
+//! elementwise, has the same result shape, and the operand has no other reader. Every member
+//! but a kernel's last then feeds only the kernel, so kernels are convex (no path leaves a
+//! kernel and comes back) and can run in the program's order.
+
+use std::collections::HashMap;
+
+use memc_ir::{Graph, NodeId, Op, ValueId};
+
+/// One kernel: its nodes in program order, the values it reads from outside, and the values
+/// it writes that are read outside (or are outputs or updates).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kernel {
+    /// Member nodes in program order.
+    pub nodes: Vec<NodeId>,
+    /// Values read from outside the kernel, in first-use order.
+    pub inputs: Vec<ValueId>,
+    /// Values written for use outside the kernel.
+    pub outputs: Vec<ValueId>,
+    /// Whether the kernel is a fused elementwise loop (else: one non-elementwise node).
+    pub elementwise: bool,
+}
+
+/// Whether `op` computes each result element from the same-index (broadcast) operand elements.
+pub fn is_elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(_) | Op::Binary(_) | Op::Where | Op::Cast { .. } | Op::Expand { .. }
+    )
+}
+
+/// Groups `g`'s nodes into kernels, in program order.
+pub fn fuse(g: &Graph) -> Vec<Kernel> {
+    let n = g.nodes().len();
+    let mut readers_of: HashMap<ValueId, Vec<usize>> = HashMap::new();
+    for (i, node) in g.nodes().iter().enumerate() {
+        for &v in &node.inputs {
+            let r = readers_of.entry(v).or_default();
+            if r.last() != Some(&i) {
+                r.push(i);
+            }
+        }
+    }
+    let escapes = |v: ValueId| {
+        g.outputs().iter().any(|&(_, o)| o == v) || g.updates().iter().any(|&(_, u)| u == v)
+    };
+    let mut group_of: Vec<usize> = (0..n).collect();
+    let mut groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
+    for i in 0..n {
+        let node = &g.nodes()[i];
+        if !is_elementwise(&node.op) {
+            continue;
+        }
+        let shape = &g.value(node.outputs[0]).ty.shape;
+        for &v in &node.inputs {
+            let Some(p) = g.producer(v) else { continue };
+            let p = p.index();
+            let producer = &g.nodes()[p];
+            let fusable = is_elementwise(&producer.op)
+                && &g.value(v).ty.shape == shape
+                && readers_of.get(&v).is_some_and(|r| r.len() == 1)
+                && !escapes(v)
+                && group_of[p] != group_of[i];
+            if fusable {
+                let (from, into) = (group_of[i], group_of[p]);
+                let moved = std::mem::take(&mut groups[from]);
+                for &m in &moved {
+                    group_of[m] = into;
+                }
+                groups[into].extend(moved);
+            }
+        }
+    }
+    let mut kernels: Vec<(usize, Kernel)> = Vec::new();
+    for (gi, members) in groups.into_iter().enumerate() {
+        if members.is_empty() {
+            continue;
+        }
+        let mut nodes = members;
+        nodes.sort_unstable();
+        let inside: Vec<ValueId> = nodes
+            .iter()
+            .flat_map(|&m| g.nodes()[m].outputs.clone())
+            .collect();
+        let mut inputs = Vec::new();
+        for &m in &nodes {
+            for &v in &g.nodes()[m].inputs {
+                if !inside.contains(&v) && !inputs.contains(&v) {
+                    inputs.push(v);
+                }
+            }
+        }
+        let outputs: Vec<ValueId> = inside
+            .iter()
+            .copied()
+            .filter(|&v| {
+                escapes(v)
+                    || readers_of
+                        .get(&v)
+                        .is_some_and(|r| r.iter().any(|&k| group_of[k] != gi))
+            })
+            .collect();
+        let elementwise = is_elementwise(&g.nodes()[nodes[0]].op);
+        kernels.push((
+            nodes[0],
+            Kernel {
+                nodes: nodes.into_iter().map(|m| NodeId(m as u32)).collect(),
+                inputs,
+                outputs,
+                elementwise,
+            },
+        ));
+    }
+    // Program order of each kernel's last node keeps operands computed before use.
+    kernels.sort_by_key(|(_, k)| k.nodes.last().map(|n| n.index()));
+    kernels.into_iter().map(|(_, k)| k).collect()
+}

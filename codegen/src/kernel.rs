@@ -1,0 +1,511 @@
+//! Fused elementwise kernels through MLIR and LLVM.
+//!
+//! A fused elementwise [`Kernel`] becomes one MLIR function over static memrefs whose body is a
+//! single `scf.parallel` loop nest over the result shape (the GPU backend maps it to blocks and
+//! threads); operands of smaller (broadcast) shapes are read at index 0 on broadcast dims.
+//! f16 and bf16 values are computed in f32 and rounded after every op, as the reference
+//! interpreter does. MLIR's own passes lower it to the LLVM dialect (bare-pointer calling
+//! convention), MLIR translates it to LLVM IR, and inkwell compiles that for the host.
+//!
+//! Every kernel gets a uniform entry point `void NAME(void **buffers)` (inputs, then outputs),
+//! which the runtime and the tests call.
+
+use std::fmt::Write;
+
+use crate::fuse::Kernel;
+use inkwell::context::Context as LlvmContext;
+use inkwell::module::Module as LlvmModule;
+use inkwell::AddressSpace;
+use melior::dialect::DialectRegistry;
+use melior::ir::Module;
+use melior::pass::PassManager;
+use melior::utility::{
+    parse_pass_pipeline, register_all_dialects, register_all_llvm_translations, register_all_passes,
+};
+use melior::Context;
+use memc_ir::{BinaryOp, DType, Graph, Op, UnaryOp, ValueId};
+
+/// Why a kernel could not be generated.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The kernel holds an op this generator does not handle.
+    #[error("kernel `{kernel}`: {msg}")]
+    Unsupported {
+        /// The kernel's name.
+        kernel: String,
+        /// What is missing.
+        msg: String,
+    },
+    /// MLIR rejected the module or a pass failed (a bug in memc).
+    #[error("kernel `{kernel}`: MLIR: {msg}")]
+    Mlir {
+        /// The kernel's name.
+        kernel: String,
+        /// What MLIR said.
+        msg: String,
+    },
+    /// LLVM failed (a bug in memc).
+    #[error("kernel `{kernel}`: LLVM: {msg}")]
+    Llvm {
+        /// The kernel's name.
+        kernel: String,
+        /// What LLVM said.
+        msg: String,
+    },
+}
+
+/// The MLIR lowering pipeline, from func/arith/math/scf/memref to the LLVM dialect. bf16
+/// conversions are expanded into integer ops (`arith-expand`), so no compiler-rt helper is
+/// needed; transcendental functions become calls to the C math library.
+pub const LOWERING: &str = "builtin.module(canonicalize,arith-expand{include-bf16=true},convert-scf-to-cf,\
+convert-math-to-libm,convert-math-to-llvm,expand-strided-metadata,finalize-memref-to-llvm,convert-arith-to-llvm,\
+convert-func-to-llvm{use-bare-ptr-memref-call-conv=1},convert-cf-to-llvm,reconcile-unrealized-casts)";
+
+fn storage(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::I64 => "i64",
+        DType::I32 => "i32",
+        DType::Bool => "i8",
+    }
+}
+
+/// The register type values of `d` are computed in.
+fn compute(d: DType) -> &'static str {
+    match d {
+        DType::F16 | DType::BF16 => "f32",
+        DType::Bool => "i1",
+        other => storage(other),
+    }
+}
+
+fn memref(g: &Graph, v: ValueId) -> String {
+    let t = &g.value(v).ty;
+    let dims: String = t.shape.iter().map(|d| format!("{d}x")).collect();
+    format!("memref<{dims}{}>", storage(t.dtype))
+}
+
+/// Emits MLIR for scalar values in SSA form.
+struct Body {
+    text: String,
+    next: usize,
+}
+
+impl Body {
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%t{}", self.next)
+    }
+
+    fn emit(&mut self, rhs: &str) -> String {
+        let name = self.fresh();
+        let _ = writeln!(self.text, "      {name} = {rhs}");
+        name
+    }
+
+    fn constant(&mut self, value: &str, ty: &str) -> String {
+        self.emit(&format!("arith.constant {value} : {ty}"))
+    }
+}
+
+/// The MLIR module of a fused elementwise kernel named `name`.
+pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, KernelError> {
+    let unsupported = |msg: String| KernelError::Unsupported {
+        kernel: name.to_string(),
+        msg,
+    };
+    let last = *k
+        .nodes
+        .last()
+        .ok_or_else(|| unsupported("empty kernel".into()))?;
+    let touches_f16 = k
+        .nodes
+        .iter()
+        .flat_map(|&n| g.node(n).inputs.iter().chain(&g.node(n).outputs))
+        .any(|&v| g.value(v).ty.dtype == DType::F16);
+    if touches_f16 {
+        return Err(unsupported(
+            "f16 values are not supported by host kernels yet (use bf16 or f32)".into(),
+        ));
+    }
+    let shape = g.value(g.node(last).outputs[0]).ty.shape.clone();
+    let rank = shape.len();
+    let args: Vec<ValueId> = k.inputs.iter().chain(&k.outputs).copied().collect();
+    let mut s = String::new();
+    let params: Vec<String> = args
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| format!("%a{i}: {}", memref(g, v)))
+        .collect();
+    let _ = writeln!(s, "func.func @{name}({}) {{", params.join(", "));
+    let _ = writeln!(s, "  %c0 = arith.constant 0 : index");
+    let _ = writeln!(s, "  %c1 = arith.constant 1 : index");
+    let mut dims_const = Vec::new();
+    for (d, &n) in shape.iter().enumerate() {
+        let _ = writeln!(s, "  %n{d} = arith.constant {n} : index");
+        dims_const.push(format!("%n{d}"));
+    }
+    let ivs: Vec<String> = (0..rank).map(|d| format!("%i{d}")).collect();
+    let mut body = Body {
+        text: String::new(),
+        next: 0,
+    };
+    let mut env: std::collections::HashMap<ValueId, String> = std::collections::HashMap::new();
+    // Loads of the inputs, at broadcast indices.
+    for (i, &v) in k.inputs.iter().enumerate() {
+        let t = &g.value(v).ty;
+        let off = rank - t.rank();
+        let idx: Vec<String> = (0..t.rank())
+            .map(|d| {
+                if t.shape[d] == 1 && shape[d + off] != 1 {
+                    "%c0".to_string()
+                } else {
+                    ivs[d + off].clone()
+                }
+            })
+            .collect();
+        let loaded = body.emit(&format!(
+            "memref.load %a{i}[{}] : {}",
+            idx.join(", "),
+            memref(g, v)
+        ));
+        let value = match t.dtype {
+            DType::F16 | DType::BF16 => body.emit(&format!(
+                "arith.extf {loaded} : {} to f32",
+                storage(t.dtype)
+            )),
+            DType::Bool => {
+                let z = body.constant("0", "i8");
+                body.emit(&format!("arith.cmpi ne, {loaded}, {z} : i8"))
+            }
+            _ => loaded,
+        };
+        env.insert(v, value);
+    }
+    for &n in &k.nodes {
+        let node = g.node(n);
+        let out = node.outputs[0];
+        let ot = g.value(out).ty.dtype;
+        let ins: Vec<String> = node.inputs.iter().map(|v| env[v].clone()).collect();
+        let in_dt: Vec<DType> = node.inputs.iter().map(|&v| g.value(v).ty.dtype).collect();
+        let v = scalar_op(&mut body, &node.op, &ins, &in_dt, ot).map_err(unsupported)?;
+        // f16/bf16 results are rounded after every op.
+        let v = match ot {
+            DType::F16 | DType::BF16 => {
+                let r = body.emit(&format!("arith.truncf {v} : f32 to {}", storage(ot)));
+                body.emit(&format!("arith.extf {r} : {} to f32", storage(ot)))
+            }
+            _ => v,
+        };
+        env.insert(out, v);
+    }
+    for (j, &v) in k.outputs.iter().enumerate() {
+        let t = &g.value(v).ty;
+        let val = env[&v].clone();
+        let stored = match t.dtype {
+            DType::F16 | DType::BF16 => {
+                body.emit(&format!("arith.truncf {val} : f32 to {}", storage(t.dtype)))
+            }
+            DType::Bool => body.emit(&format!("arith.extui {val} : i1 to i8")),
+            _ => val,
+        };
+        let _ = writeln!(
+            body.text,
+            "      memref.store {stored}, %a{}[{}] : {}",
+            k.inputs.len() + j,
+            ivs.join(", "),
+            memref(g, v)
+        );
+    }
+    if rank == 0 {
+        let _ = writeln!(s, "  scf.execute_region {{");
+        let text = body.text.replace("\n      ", "\n    ");
+        s += &text.replace("      ", "    ");
+        let _ = writeln!(s, "    scf.yield\n  }}");
+    } else {
+        let zeros = vec!["%c0"; rank].join(", ");
+        let ones = vec!["%c1"; rank].join(", ");
+        let _ = writeln!(
+            s,
+            "  scf.parallel ({}) = ({zeros}) to ({}) step ({ones}) {{",
+            ivs.join(", "),
+            dims_const.join(", ")
+        );
+        s += &body.text;
+        let _ = writeln!(s, "    scf.reduce\n  }}");
+    }
+    let _ = writeln!(s, "  return\n}}");
+    Ok(s)
+}
+
+/// A float literal MLIR parses (`1.00000000000000000e0`).
+fn float_const(v: f64) -> String {
+    format!("{v:.17e}")
+}
+
+/// One node's scalar computation; returns the SSA name of its result.
+fn scalar_op(
+    b: &mut Body,
+    op: &Op,
+    x: &[String],
+    dt: &[DType],
+    out: DType,
+) -> Result<String, String> {
+    let ct = compute(out);
+    let in_ct = compute(dt[0]);
+    let float = dt[0].is_float();
+    let r = match op {
+        Op::Expand { .. } => x[0].clone(),
+        Op::Unary(u) => match (u, float) {
+            (UnaryOp::Not, _) => {
+                let t = b.emit("arith.constant true");
+                b.emit(&format!("arith.xori {}, {t} : i1", x[0]))
+            }
+            (UnaryOp::IsNaN, _) => b.emit(&format!("arith.cmpf uno, {}, {} : {in_ct}", x[0], x[0])),
+            (UnaryOp::Neg, true) => b.emit(&format!("arith.negf {} : {ct}", x[0])),
+            (UnaryOp::Neg, false) => {
+                let z = b.constant("0", ct);
+                b.emit(&format!("arith.subi {z}, {} : {ct}", x[0]))
+            }
+            (UnaryOp::Exp, true) => b.emit(&format!("math.exp {} : {ct}", x[0])),
+            (UnaryOp::Log, true) => b.emit(&format!("math.log {} : {ct}", x[0])),
+            (UnaryOp::Sqrt, true) => b.emit(&format!("math.sqrt {} : {ct}", x[0])),
+            (UnaryOp::Tanh, true) => b.emit(&format!("math.tanh {} : {ct}", x[0])),
+            (UnaryOp::Erf, true) => b.emit(&format!("math.erf {} : {ct}", x[0])),
+            (UnaryOp::Cos, true) => b.emit(&format!("math.cos {} : {ct}", x[0])),
+            (UnaryOp::Sin, true) => b.emit(&format!("math.sin {} : {ct}", x[0])),
+            (UnaryOp::Reciprocal, true) => {
+                let one = b.constant(&float_const(1.0), ct);
+                b.emit(&format!("arith.divf {one}, {} : {ct}", x[0]))
+            }
+            (UnaryOp::Sigmoid, true) => {
+                let n = b.emit(&format!("arith.negf {} : {ct}", x[0]));
+                let e = b.emit(&format!("math.exp {n} : {ct}"));
+                let one = b.constant(&float_const(1.0), ct);
+                let d = b.emit(&format!("arith.addf {one}, {e} : {ct}"));
+                b.emit(&format!("arith.divf {one}, {d} : {ct}"))
+            }
+            (u, false) => return Err(format!("`{u:?}` on integers")),
+        },
+        Op::Binary(op) => {
+            let (a, c) = (&x[0], &x[1]);
+            if *op == BinaryOp::Pow {
+                let e = if dt[1].is_float() {
+                    c.clone()
+                } else {
+                    b.emit(&format!("arith.sitofp {c} : {} to {ct}", compute(dt[1])))
+                };
+                let e = if dt[1].is_float() && compute(dt[1]) != ct {
+                    b.emit(&format!("arith.extf {e} : {} to {ct}", compute(dt[1])))
+                } else {
+                    e
+                };
+                if !float {
+                    return Err("`pow` on integers".into());
+                }
+                b.emit(&format!("math.powf {a}, {e} : {ct}"))
+            } else if float {
+                let name = match op {
+                    BinaryOp::Add => "arith.addf",
+                    BinaryOp::Sub => "arith.subf",
+                    BinaryOp::Mul => "arith.mulf",
+                    BinaryOp::Div => "arith.divf",
+                    BinaryOp::Max => "arith.maximumf",
+                    BinaryOp::Min => "arith.minimumf",
+                    BinaryOp::Equal => "arith.cmpf oeq,",
+                    BinaryOp::Less => "arith.cmpf olt,",
+                    BinaryOp::LessEqual => "arith.cmpf ole,",
+                    BinaryOp::Greater => "arith.cmpf ogt,",
+                    BinaryOp::GreaterEqual => "arith.cmpf oge,",
+                    BinaryOp::And | BinaryOp::Pow => {
+                        unreachable!("checked above / by the verifier")
+                    }
+                };
+                b.emit(&format!("{name} {a}, {c} : {in_ct}"))
+            } else {
+                let name = match op {
+                    BinaryOp::Add => "arith.addi",
+                    BinaryOp::Sub => "arith.subi",
+                    BinaryOp::Mul => "arith.muli",
+                    BinaryOp::Div => "arith.divsi",
+                    BinaryOp::Max => "arith.maxsi",
+                    BinaryOp::Min => "arith.minsi",
+                    BinaryOp::Equal => "arith.cmpi eq,",
+                    BinaryOp::Less => "arith.cmpi slt,",
+                    BinaryOp::LessEqual => "arith.cmpi sle,",
+                    BinaryOp::Greater => "arith.cmpi sgt,",
+                    BinaryOp::GreaterEqual => "arith.cmpi sge,",
+                    BinaryOp::And => "arith.andi",
+                    BinaryOp::Pow => unreachable!(),
+                };
+                b.emit(&format!("{name} {a}, {c} : {in_ct}"))
+            }
+        }
+        Op::Where => b.emit(&format!(
+            "arith.select {}, {}, {} : {}",
+            x[0],
+            x[1],
+            x[2],
+            compute(dt[1])
+        )),
+        Op::Cast { to } => cast(b, &x[0], dt[0], *to)?,
+        other => return Err(format!("`{}` is not elementwise", other.name())),
+    };
+    Ok(r)
+}
+
+fn cast(b: &mut Body, x: &str, from: DType, to: DType) -> Result<String, String> {
+    let (f, t) = (compute(from), compute(to));
+    Ok(
+        match (
+            from.is_float(),
+            to.is_float(),
+            from == DType::Bool,
+            to == DType::Bool,
+        ) {
+            _ if f == t => x.to_string(),
+            (true, true, ..) => {
+                let wider = |d: &str| match d {
+                    "f64" => 3,
+                    "f32" => 2,
+                    _ => 1,
+                };
+                if wider(t) > wider(f) {
+                    b.emit(&format!("arith.extf {x} : {f} to {t}"))
+                } else {
+                    b.emit(&format!("arith.truncf {x} : {f} to {t}"))
+                }
+            }
+            (true, false, _, true) => {
+                let z = b.constant(&float_const(0.0), f);
+                b.emit(&format!("arith.cmpf une, {x}, {z} : {f}"))
+            }
+            (true, false, _, false) => b.emit(&format!("arith.fptosi {x} : {f} to {t}")),
+            (false, true, true, _) => b.emit(&format!("arith.uitofp {x} : i1 to {t}")),
+            (false, true, false, _) => b.emit(&format!("arith.sitofp {x} : {f} to {t}")),
+            (false, false, _, true) => {
+                let z = b.constant("0", f);
+                b.emit(&format!("arith.cmpi ne, {x}, {z} : {f}"))
+            }
+            (false, false, true, false) => b.emit(&format!("arith.extui {x} : i1 to {t}")),
+            (false, false, false, false) => {
+                let bits = |d: &str| d[1..].parse::<u32>().unwrap_or(64);
+                if bits(t) > bits(f) {
+                    b.emit(&format!("arith.extsi {x} : {f} to {t}"))
+                } else {
+                    b.emit(&format!("arith.trunci {x} : {f} to {t}"))
+                }
+            }
+        },
+    )
+}
+
+/// A kernel lowered through MLIR and translated to LLVM IR.
+pub struct Lowered {
+    /// The kernel's MLIR after lowering to the LLVM dialect.
+    pub llvm_dialect: String,
+    /// The LLVM IR, with the uniform entry point.
+    pub llvm_ir: String,
+}
+
+fn mlir_context() -> Context {
+    let registry = DialectRegistry::new();
+    register_all_dialects(&registry);
+    register_all_passes();
+    let context = Context::new();
+    context.append_dialect_registry(&registry);
+    context.load_all_available_dialects();
+    register_all_llvm_translations(&context);
+    context
+}
+
+/// Lowers the MLIR of kernel `name` (with `n_args` memref arguments) to LLVM IR with the entry
+/// point `void name(void **buffers)`.
+pub fn lower(mlir: &str, name: &str, n_args: usize) -> Result<Lowered, KernelError> {
+    let err = |msg: String| KernelError::Mlir {
+        kernel: name.to_string(),
+        msg,
+    };
+    let context = mlir_context();
+    // The kernel body is `NAME_body`; `NAME` is the uniform entry added below.
+    let renamed = mlir.replacen(
+        &format!("func.func @{name}("),
+        &format!("func.func @{name}_body("),
+        1,
+    );
+    let mut module = Module::parse(&context, &renamed)
+        .ok_or_else(|| err(format!("the generated module does not parse:\n{mlir}")))?;
+    if !module.as_operation().verify() {
+        return Err(err(format!(
+            "the generated module does not verify:\n{mlir}"
+        )));
+    }
+    let pm = PassManager::new(&context);
+    parse_pass_pipeline(pm.as_operation_pass_manager(), LOWERING)
+        .map_err(|e| err(e.to_string()))?;
+    pm.run(&mut module)
+        .map_err(|e| err(format!("lowering failed: {e}")))?;
+    let llvm_dialect = module.as_operation().to_string();
+
+    let llvm = LlvmContext::create();
+    // SAFETY: MLIR translates into the LLVM context we own; the module it returns is owned by
+    // the caller, and inkwell's `Module` takes that ownership.
+    let raw = unsafe {
+        mlir_sys::mlirTranslateModuleToLLVMIR(module.as_operation().to_raw(), llvm.raw() as *mut _)
+    };
+    if raw.is_null() {
+        return Err(err("translation to LLVM IR failed".into()));
+    }
+    let m: LlvmModule = unsafe { LlvmModule::new(raw as *mut _) };
+    add_entry(&llvm, &m, name, n_args).map_err(|msg| KernelError::Llvm {
+        kernel: name.to_string(),
+        msg,
+    })?;
+    m.verify().map_err(|e| KernelError::Llvm {
+        kernel: name.to_string(),
+        msg: e.to_string(),
+    })?;
+    Ok(Lowered {
+        llvm_dialect,
+        llvm_ir: m.print_to_string().to_string(),
+    })
+}
+
+/// `void name(ptr %buffers) { call name_body(buffers[0], ..., buffers[n-1]) }`
+fn add_entry<'c>(
+    ctx: &'c LlvmContext,
+    m: &LlvmModule<'c>,
+    name: &str,
+    n_args: usize,
+) -> Result<(), String> {
+    let body = m
+        .get_function(&format!("{name}_body"))
+        .ok_or("the kernel body is missing")?;
+    let ptr = ctx.ptr_type(AddressSpace::default());
+    let entry = m.add_function(name, ctx.void_type().fn_type(&[ptr.into()], false), None);
+    let builder = ctx.create_builder();
+    builder.position_at_end(ctx.append_basic_block(entry, "entry"));
+    let bufs = entry
+        .get_nth_param(0)
+        .ok_or("no parameter")?
+        .into_pointer_value();
+    let mut args = Vec::with_capacity(n_args);
+    for i in 0..n_args {
+        let idx = ctx.i64_type().const_int(i as u64, false);
+        // SAFETY: the runtime passes an array of `n_args` pointers.
+        let slot =
+            unsafe { builder.build_gep(ptr, bufs, &[idx], "slot") }.map_err(|e| e.to_string())?;
+        let p = builder
+            .build_load(ptr, slot, "buf")
+            .map_err(|e| e.to_string())?;
+        args.push(p.into());
+    }
+    builder
+        .build_call(body, &args, "")
+        .map_err(|e| e.to_string())?;
+    builder.build_return(None).map_err(|e| e.to_string())?;
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! Fused elementwise kernels, built through MLIR and LLVM and run by LLVM's JIT, against the
+//! reference interpreter on random inputs.
+
+use std::collections::HashMap;
+
+use inkwell::execution_engine::JitFunction;
+use inkwell::memory_buffer::MemoryBuffer;
+use inkwell::targets::{InitializationConfig, Target};
+use inkwell::OptimizationLevel;
+use memc_codegen::fuse::fuse;
+use memc_codegen::kernel::{elementwise_mlir, lower};
+use memc_ir::{
+    interpret, BinaryOp, DType, Graph, Op, Tensor, TensorType, UnaryOp, ValueDef, ValueId,
+};
+
+type Entry = unsafe extern "C" fn(*const *mut u8);
+
+#[link(name = "m")]
+extern "C" {
+    fn expf(x: f32) -> f32;
+    fn logf(x: f32) -> f32;
+    fn sqrtf(x: f32) -> f32;
+    fn tanhf(x: f32) -> f32;
+    fn erff(x: f32) -> f32;
+    fn cosf(x: f32) -> f32;
+    fn sinf(x: f32) -> f32;
+    fn powf(x: f32, y: f32) -> f32;
+}
+
+/// The C math functions lowered kernels call, for the JIT (an emitted executable links libm).
+fn libm() -> Vec<(&'static str, usize)> {
+    vec![
+        ("expf", expf as *const () as usize),
+        ("logf", logf as *const () as usize),
+        ("sqrtf", sqrtf as *const () as usize),
+        ("tanhf", tanhf as *const () as usize),
+        ("erff", erff as *const () as usize),
+        ("cosf", cosf as *const () as usize),
+        ("sinf", sinf as *const () as usize),
+        ("powf", powf as *const () as usize),
+    ]
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn random(r: &mut Rng, ty: &TensorType) -> Tensor {
+    let n = ty.numel();
+    match ty.dtype {
+        DType::Bool => Tensor::from_i64(
+            DType::Bool,
+            ty.shape.clone(),
+            &(0..n).map(|_| (r.next() < 0.5) as i64).collect::<Vec<_>>(),
+        ),
+        DType::I64 | DType::I32 => Tensor::from_i64(
+            ty.dtype,
+            ty.shape.clone(),
+            &(0..n)
+                .map(|_| (r.next() * 20.0) as i64 - 10)
+                .collect::<Vec<_>>(),
+        ),
+        d => Tensor::from_f64(
+            d,
+            ty.shape.clone(),
+            &(0..n).map(|_| r.next() * 4.0 - 2.0).collect::<Vec<_>>(),
+        ),
+    }
+}
+
+/// Runs every elementwise kernel of `g` through the JIT and compares each kernel output with the
+/// interpreter's value (graph outputs are the kernels' outputs in these tests).
+fn check(g: &Graph, tol: f64) {
+    Target::initialize_native(&InitializationConfig::default()).unwrap();
+    let mut r = Rng(42);
+    let feeds: HashMap<String, Tensor> = g
+        .inputs()
+        .iter()
+        .map(|&v| match &g.value(v).def {
+            ValueDef::Input { name } => (name.clone(), random(&mut r, &g.value(v).ty)),
+            _ => unreachable!(),
+        })
+        .collect();
+    let want: HashMap<ValueId, Tensor> = {
+        let out = interpret(g, &feeds).unwrap();
+        g.outputs()
+            .iter()
+            .zip(out)
+            .map(|((_, v), (_, t))| (*v, t))
+            .collect()
+    };
+    // Buffers by value: inputs and constants first, kernel results as they are computed.
+    let mut store: HashMap<ValueId, Vec<u8>> = HashMap::new();
+    for (i, v) in g.values().iter().enumerate() {
+        let id = ValueId(i as u32);
+        match &v.def {
+            ValueDef::Input { name } => drop(store.insert(id, feeds[name].bytes().to_vec())),
+            ValueDef::Const(t) => drop(store.insert(id, t.bytes().to_vec())),
+            _ => {}
+        }
+    }
+    let kernels = fuse(g);
+    assert!(
+        kernels.iter().all(|k| k.elementwise),
+        "these graphs are all elementwise"
+    );
+    let ctx = inkwell::context::Context::create();
+    for (n, k) in kernels.iter().enumerate() {
+        let name = format!("k{n}");
+        let mlir = elementwise_mlir(g, k, &name).unwrap();
+        let lowered = lower(&mlir, &name, k.inputs.len() + k.outputs.len())
+            .unwrap_or_else(|e| panic!("{e}\n{mlir}"));
+        let module = ctx
+            .create_module_from_ir(MemoryBuffer::create_from_memory_range_copy(
+                lowered.llvm_ir.as_bytes(),
+                &name,
+            ))
+            .unwrap();
+        let engine = module
+            .create_jit_execution_engine(OptimizationLevel::Default)
+            .unwrap();
+        for (sym, addr) in libm() {
+            if let Some(f) = module.get_function(sym) {
+                engine.add_global_mapping(&f, addr);
+            }
+        }
+        for f in module.get_functions() {
+            let fname = f.get_name().to_string_lossy().to_string();
+            let defined = f.count_basic_blocks() > 0;
+            assert!(
+                defined || fname.starts_with("llvm.") || libm().iter().any(|(s, _)| *s == fname),
+                "unresolved `{fname}`"
+            );
+        }
+        let f: JitFunction<Entry> = unsafe { engine.get_function(&name) }.unwrap();
+        let mut bufs: Vec<Vec<u8>> = k.inputs.iter().map(|v| store[v].clone()).collect();
+        for &v in &k.outputs {
+            bufs.push(vec![0u8; g.value(v).ty.bytes()]);
+        }
+        let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        unsafe { f.call(ptrs.as_ptr()) };
+        for (j, &v) in k.outputs.iter().enumerate() {
+            store.insert(v, bufs[k.inputs.len() + j].clone());
+        }
+    }
+    for (&v, t) in &want {
+        let ty = g.value(v).ty.clone();
+        let got = Tensor::from_bytes(ty.clone(), store[&v].clone().into()).unwrap();
+        let (a, b) = (got.to_f64_vec(), t.to_f64_vec());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            let ok = (x.is_nan() && y.is_nan()) || (x - y).abs() <= tol * (1.0 + y.abs());
+            assert!(
+                ok,
+                "output %{} [{i}] ({ty}): kernels {x} vs interpreter {y}",
+                v.0
+            );
+        }
+    }
+}
+
+fn graph(
+    inputs: &[(&str, DType, &[usize])],
+    build: impl FnOnce(&mut Graph, &[ValueId]) -> Vec<ValueId>,
+) -> Graph {
+    let mut g = Graph::new();
+    let xs: Vec<ValueId> = inputs
+        .iter()
+        .map(|(n, d, s)| g.add_input(*n, TensorType::new(*d, s.to_vec())))
+        .collect();
+    for (i, v) in build(&mut g, &xs).into_iter().enumerate() {
+        g.add_output(format!("y{i}"), v);
+    }
+    memc_ir::verify(&g).unwrap();
+    g
+}
+
+fn op(g: &mut Graph, op: Op, ins: &[ValueId]) -> ValueId {
+    g.add_node(op, ins, "").unwrap()[0]
+}
+
+#[test]
+fn float_unary_and_binary_chain_with_broadcasting() {
+    let g = graph(
+        &[
+            ("x", DType::F32, &[2, 3, 4]),
+            ("y", DType::F32, &[4]),
+            ("z", DType::F32, &[3, 1]),
+        ],
+        |g, x| {
+            let a = op(g, Op::Binary(BinaryOp::Mul), &[x[0], x[1]]);
+            let b = op(g, Op::Unary(UnaryOp::Erf), &[a]);
+            let c = op(g, Op::Unary(UnaryOp::Tanh), &[x[0]]);
+            let d = op(g, Op::Binary(BinaryOp::Add), &[b, c]);
+            let e = op(g, Op::Binary(BinaryOp::Div), &[d, x[2]]);
+            let f = op(g, Op::Unary(UnaryOp::Sigmoid), &[e]);
+            let h = op(g, Op::Binary(BinaryOp::Max), &[f, x[1]]);
+            let i = op(g, Op::Unary(UnaryOp::Exp), &[h]);
+            let j = op(g, Op::Binary(BinaryOp::Sub), &[i, x[2]]);
+            vec![op(g, Op::Unary(UnaryOp::Neg), &[j])]
+        },
+    );
+    check(&g, 1e-6);
+}
+
+#[test]
+fn masks_select_casts_and_pow() {
+    let g = graph(
+        &[
+            ("x", DType::F32, &[2, 5]),
+            ("m", DType::Bool, &[2, 1]),
+            ("i", DType::I64, &[5]),
+        ],
+        |g, x| {
+            let two = g.add_const(Tensor::from_i64(DType::I64, vec![], &[2]));
+            let sq = op(g, Op::Binary(BinaryOp::Pow), &[x[0], two]);
+            let nan = op(g, Op::Unary(UnaryOp::IsNaN), &[sq]);
+            let not = op(g, Op::Unary(UnaryOp::Not), &[nan]);
+            let both = op(g, Op::Binary(BinaryOp::And), &[not, x[1]]);
+            let fi = op(g, Op::Cast { to: DType::F32 }, &[x[2]]);
+            let less = op(g, Op::Binary(BinaryOp::Less), &[x[0], fi]);
+            let sel = op(g, Op::Where, &[both, sq, fi]);
+            let sel2 = op(g, Op::Where, &[less, sel, x[0]]);
+            let rec = op(g, Op::Unary(UnaryOp::Reciprocal), &[sel2]);
+            let ints = op(g, Op::Cast { to: DType::I64 }, &[rec]);
+            vec![op(g, Op::Cast { to: DType::F32 }, &[ints])]
+        },
+    );
+    check(&g, 1e-6);
+}
+
+#[test]
+fn bf16_rounds_after_every_op() {
+    let g = graph(
+        &[("x", DType::BF16, &[3, 7]), ("y", DType::BF16, &[7])],
+        |g, x| {
+            let a = op(g, Op::Binary(BinaryOp::Mul), &[x[0], x[1]]);
+            let b = op(g, Op::Binary(BinaryOp::Add), &[a, x[0]]);
+            let c = op(g, Op::Unary(UnaryOp::Sqrt), &[b]);
+            vec![op(g, Op::Cast { to: DType::F32 }, &[c])]
+        },
+    );
+    check(&g, 1e-6);
+}
+
+#[test]
+fn rank0_and_expand() {
+    let g = graph(
+        &[("x", DType::F32, &[]), ("y", DType::F32, &[1, 3])],
+        |g, x| {
+            let a = op(g, Op::Expand { shape: vec![2, 3] }, &[x[1]]);
+            let b = op(g, Op::Binary(BinaryOp::Mul), &[a, x[0]]);
+            vec![op(g, Op::Unary(UnaryOp::Cos), &[b])]
+        },
+    );
+    check(&g, 1e-6);
+}
