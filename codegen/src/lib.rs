@@ -8,5 +8,6 @@
 #![warn(missing_docs)]
 
 pub mod fuse;
+pub mod jit;
 pub mod kernel;
 pub mod toolchain;

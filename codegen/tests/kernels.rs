@@ -3,43 +3,12 @@
 
 use std::collections::HashMap;
 
-use inkwell::execution_engine::JitFunction;
-use inkwell::memory_buffer::MemoryBuffer;
-use inkwell::targets::{InitializationConfig, Target};
-use inkwell::OptimizationLevel;
 use memc_codegen::fuse::fuse;
+use memc_codegen::jit::with_host_jit;
 use memc_codegen::kernel::{elementwise_mlir, lower};
 use memc_ir::{
     interpret, BinaryOp, DType, Graph, Op, Tensor, TensorType, UnaryOp, ValueDef, ValueId,
 };
-
-type Entry = unsafe extern "C" fn(*const *mut u8);
-
-#[link(name = "m")]
-extern "C" {
-    fn expf(x: f32) -> f32;
-    fn logf(x: f32) -> f32;
-    fn sqrtf(x: f32) -> f32;
-    fn tanhf(x: f32) -> f32;
-    fn erff(x: f32) -> f32;
-    fn cosf(x: f32) -> f32;
-    fn sinf(x: f32) -> f32;
-    fn powf(x: f32, y: f32) -> f32;
-}
-
-/// The C math functions lowered kernels call, for the JIT (an emitted executable links libm).
-fn libm() -> Vec<(&'static str, usize)> {
-    vec![
-        ("expf", expf as *const () as usize),
-        ("logf", logf as *const () as usize),
-        ("sqrtf", sqrtf as *const () as usize),
-        ("tanhf", tanhf as *const () as usize),
-        ("erff", erff as *const () as usize),
-        ("cosf", cosf as *const () as usize),
-        ("sinf", sinf as *const () as usize),
-        ("powf", powf as *const () as usize),
-    ]
-}
 
 struct Rng(u64);
 
@@ -79,7 +48,6 @@ fn random(r: &mut Rng, ty: &TensorType) -> Tensor {
 /// Runs every elementwise kernel of `g` through the JIT and compares each kernel output with the
 /// interpreter's value (graph outputs are the kernels' outputs in these tests).
 fn check(g: &Graph, tol: f64) {
-    Target::initialize_native(&InitializationConfig::default()).unwrap();
     let mut r = Rng(42);
     let feeds: HashMap<String, Tensor> = g
         .inputs()
@@ -112,45 +80,28 @@ fn check(g: &Graph, tol: f64) {
         kernels.iter().all(|k| k.elementwise),
         "these graphs are all elementwise"
     );
-    let ctx = inkwell::context::Context::create();
+    let mut lowered = Vec::new();
     for (n, k) in kernels.iter().enumerate() {
         let name = format!("k{n}");
         let mlir = elementwise_mlir(g, k, &name).unwrap();
-        let lowered = lower(&mlir, &name, k.inputs.len() + k.outputs.len())
+        let l = lower(&mlir, &name, k.inputs.len() + k.outputs.len())
             .unwrap_or_else(|e| panic!("{e}\n{mlir}"));
-        let module = ctx
-            .create_module_from_ir(MemoryBuffer::create_from_memory_range_copy(
-                lowered.llvm_ir.as_bytes(),
-                &name,
-            ))
-            .unwrap();
-        let engine = module
-            .create_jit_execution_engine(OptimizationLevel::Default)
-            .unwrap();
-        for (sym, addr) in libm() {
-            if let Some(f) = module.get_function(sym) {
-                engine.add_global_mapping(&f, addr);
+        lowered.push((name, l.llvm_ir));
+    }
+    with_host_jit(&lowered, |call| {
+        for (n, k) in kernels.iter().enumerate() {
+            let mut bufs: Vec<Vec<u8>> = k.inputs.iter().map(|v| store[v].clone()).collect();
+            for &v in &k.outputs {
+                bufs.push(vec![0u8; g.value(v).ty.bytes()]);
+            }
+            let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+            call(&format!("k{n}"), &ptrs);
+            for (j, &v) in k.outputs.iter().enumerate() {
+                store.insert(v, bufs[k.inputs.len() + j].clone());
             }
         }
-        for f in module.get_functions() {
-            let fname = f.get_name().to_string_lossy().to_string();
-            let defined = f.count_basic_blocks() > 0;
-            assert!(
-                defined || fname.starts_with("llvm.") || libm().iter().any(|(s, _)| *s == fname),
-                "unresolved `{fname}`"
-            );
-        }
-        let f: JitFunction<Entry> = unsafe { engine.get_function(&name) }.unwrap();
-        let mut bufs: Vec<Vec<u8>> = k.inputs.iter().map(|v| store[v].clone()).collect();
-        for &v in &k.outputs {
-            bufs.push(vec![0u8; g.value(v).ty.bytes()]);
-        }
-        let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
-        unsafe { f.call(ptrs.as_ptr()) };
-        for (j, &v) in k.outputs.iter().enumerate() {
-            store.insert(v, bufs[k.inputs.len() + j].clone());
-        }
-    }
+    })
+    .unwrap();
     for (&v, t) in &want {
         let ty = g.value(v).ty.clone();
         let got = Tensor::from_bytes(ty.clone(), store[&v].clone().into()).unwrap();

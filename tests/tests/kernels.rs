@@ -1,0 +1,146 @@
+//! The fused host kernels of real training programs: every example's training step is run with
+//! its elementwise kernels compiled through MLIR and LLVM (JIT) and its other nodes on the
+//! interpreter, and must give the interpreter's loss and updated weights.
+
+use std::collections::HashMap;
+
+use memc::onnx::{import, ImportOptions};
+use memc::train::{build, OptimizerArg, RematArg, TrainProgramArgs};
+use memc_codegen::fuse::fuse;
+use memc_codegen::jit::with_host_jit;
+use memc_codegen::kernel::{elementwise_mlir, lower};
+use memc_ir::{DType, ParamRole, Tensor, ValueDef, ValueId};
+use memc_tests::examples;
+
+#[test]
+fn fused_kernels_of_training_programs_match_the_interpreter() {
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
+    {
+        let inputs = ex.inputs();
+        let opts = ImportOptions {
+            shapes: inputs
+                .iter()
+                .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+                .collect(),
+        };
+        let mut g = import(&ex.path, &opts).unwrap();
+        let args = TrainProgramArgs {
+            loss: memc::train::LossArg::NextTokenCe,
+            // SGD keeps the updates proportional to the gradients, so they are compared tightly
+            // (AdamW's first step is lr·sign(g) and flips on gradients near zero).
+            optimizer: OptimizerArg::Sgd,
+            momentum: 0.9,
+            betas: vec![0.9, 0.999],
+            eps: 1e-8,
+            trainable: "all".into(),
+            clip_grad_norm: Some(1.0),
+            remat: RematArg::Auto,
+        };
+        build(&mut g, &args).unwrap();
+        let mut feeds = inputs.clone();
+        let scalar = |v: f64| Tensor::from_f64(DType::F32, vec![], &[v]);
+        feeds.insert("memc.lr".into(), scalar(0.1));
+        feeds.insert("memc.weight_decay".into(), scalar(0.01));
+        feeds.insert("memc.step".into(), scalar(1.0));
+        let want = memc_ir::run(&g, &feeds, &Default::default()).unwrap();
+
+        // Buffers: inputs, params (optimizer state starts at zero), constants.
+        let mut store: HashMap<ValueId, Tensor> = HashMap::new();
+        for (i, v) in g.values().iter().enumerate() {
+            let id = ValueId(i as u32);
+            let t = match &v.def {
+                ValueDef::Input { name } => feeds[name].clone(),
+                ValueDef::Param { data: Some(t), .. } => t.clone(),
+                ValueDef::Param {
+                    role: ParamRole::OptimizerState,
+                    ..
+                } => Tensor::from_f64(v.ty.dtype, v.ty.shape.clone(), &vec![0.0; v.ty.numel()]),
+                ValueDef::Const(t) => t.clone(),
+                _ => continue,
+            };
+            store.insert(id, t);
+        }
+        let kernels = fuse(&g);
+        let mut lowered = Vec::new();
+        let mut fused_nodes = 0;
+        for (n, k) in kernels.iter().enumerate().filter(|(_, k)| k.elementwise) {
+            let name = format!("k{n}");
+            let mlir =
+                elementwise_mlir(&g, k, &name).unwrap_or_else(|e| panic!("{}: {e}", ex.name));
+            let l = lower(&mlir, &name, k.inputs.len() + k.outputs.len())
+                .unwrap_or_else(|e| panic!("{}: {e}", ex.name));
+            lowered.push((name, l.llvm_ir));
+            fused_nodes += k.nodes.len();
+        }
+        let n_elementwise = kernels.iter().filter(|k| k.elementwise).count();
+        eprintln!(
+            "{}: {} nodes, {} kernels ({} elementwise kernels hold {} nodes)",
+            ex.name,
+            g.nodes().len(),
+            kernels.len(),
+            n_elementwise,
+            fused_nodes
+        );
+        assert!(
+            n_elementwise < fused_nodes,
+            "{}: nothing was fused",
+            ex.name
+        );
+        with_host_jit(&lowered, |call| {
+            for (n, k) in kernels.iter().enumerate() {
+                if k.elementwise {
+                    let mut bufs: Vec<Vec<u8>> =
+                        k.inputs.iter().map(|v| store[v].bytes().to_vec()).collect();
+                    for &v in &k.outputs {
+                        bufs.push(vec![0u8; g.value(v).ty.bytes()]);
+                    }
+                    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+                    call(&format!("k{n}"), &ptrs);
+                    for (j, &v) in k.outputs.iter().enumerate() {
+                        let t = Tensor::from_bytes(
+                            g.value(v).ty.clone(),
+                            bufs[k.inputs.len() + j].clone().into(),
+                        )
+                        .unwrap();
+                        store.insert(v, t);
+                    }
+                } else {
+                    let node = g.node(k.nodes[0]);
+                    let ins: Vec<&Tensor> = node.inputs.iter().map(|v| &store[v]).collect();
+                    let out = memc_ir::eval_op(&node.op, &ins).unwrap();
+                    store.insert(node.outputs[0], out);
+                }
+            }
+        })
+        .unwrap();
+        let rel = |a: &Tensor, b: &Tensor| {
+            let (a, b) = (a.to_f64_vec(), b.to_f64_vec());
+            let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+            a.iter()
+                .zip(&b)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+                / scale
+        };
+        let loss_err = rel(&store[&g.outputs()[0].1], &want.outputs[0].1);
+        let mut worst = 0f64;
+        for ((_, v), (_, t)) in g.updates().iter().zip(&want.updates) {
+            worst = worst.max(rel(&store[v], t));
+        }
+        eprintln!(
+            "{}: loss relative error {loss_err:.2e}, worst updated tensor {worst:.2e}",
+            ex.name
+        );
+        assert!(
+            loss_err <= 1e-5,
+            "{}: loss differs by {loss_err:.3e}",
+            ex.name
+        );
+        assert!(
+            worst <= 1e-4,
+            "{}: an updated tensor differs by {worst:.3e}",
+            ex.name
+        );
+    }
+}
