@@ -102,7 +102,7 @@ impl Body {
 
     fn emit(&mut self, rhs: &str) -> String {
         let name = self.fresh();
-        let _ = writeln!(self.text, "      {name} = {rhs}");
+        let _ = writeln!(self.text, "    {name} = {rhs}");
         name
     }
 
@@ -154,6 +154,7 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
         next: 0,
     };
     let mut env: std::collections::HashMap<ValueId, String> = std::collections::HashMap::new();
+    let mut rounded: std::collections::HashMap<ValueId, String> = std::collections::HashMap::new();
     // Loads of the inputs, at broadcast indices.
     for (i, &v) in k.inputs.iter().enumerate() {
         let t = &g.value(v).ty;
@@ -192,10 +193,11 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
         let ins: Vec<String> = node.inputs.iter().map(|v| env[v].clone()).collect();
         let in_dt: Vec<DType> = node.inputs.iter().map(|&v| g.value(v).ty.dtype).collect();
         let v = scalar_op(&mut body, &node.op, &ins, &in_dt, ot).map_err(unsupported)?;
-        // f16/bf16 results are rounded after every op.
+        // f16/bf16 results are rounded after every op (and stored as rounded).
         let v = match ot {
             DType::F16 | DType::BF16 => {
                 let r = body.emit(&format!("arith.truncf {v} : f32 to {}", storage(ot)));
+                rounded.insert(out, r.clone());
                 body.emit(&format!("arith.extf {r} : {} to f32", storage(ot)))
             }
             _ => v,
@@ -206,15 +208,16 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
         let t = &g.value(v).ty;
         let val = env[&v].clone();
         let stored = match t.dtype {
-            DType::F16 | DType::BF16 => {
-                body.emit(&format!("arith.truncf {val} : f32 to {}", storage(t.dtype)))
-            }
+            DType::F16 | DType::BF16 => match rounded.get(&v) {
+                Some(r) => r.clone(),
+                None => body.emit(&format!("arith.truncf {val} : f32 to {}", storage(t.dtype))),
+            },
             DType::Bool => body.emit(&format!("arith.extui {val} : i1 to i8")),
             _ => val,
         };
         let _ = writeln!(
             body.text,
-            "      memref.store {stored}, %a{}[{}] : {}",
+            "    memref.store {stored}, %a{}[{}] : {}",
             k.inputs.len() + j,
             ivs.join(", "),
             memref(g, v)
@@ -222,8 +225,7 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
     }
     if rank == 0 {
         let _ = writeln!(s, "  scf.execute_region {{");
-        let text = body.text.replace("\n      ", "\n    ");
-        s += &text.replace("      ", "    ");
+        s += &body.text;
         let _ = writeln!(s, "    scf.yield\n  }}");
     } else {
         let zeros = vec!["%c0"; rank].join(", ");

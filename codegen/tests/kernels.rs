@@ -213,3 +213,30 @@ fn rank0_and_expand() {
     );
     check(&g, 1e-6);
 }
+
+/// The MLIR and LLVM IR of two small kernels, reviewed: SiLU times a broadcast row (the SwiGLU
+/// gate) in f32, and a bf16 add (computed in f32, rounded by integer ops).
+#[test]
+fn kernel_text_snapshots() {
+    let silu = graph(
+        &[("g", DType::F32, &[2, 8]), ("u", DType::F32, &[8])],
+        |g, x| {
+            let s = op(g, Op::Unary(UnaryOp::Sigmoid), &[x[0]]);
+            let a = op(g, Op::Binary(BinaryOp::Mul), &[x[0], s]);
+            vec![op(g, Op::Binary(BinaryOp::Mul), &[a, x[1]])]
+        },
+    );
+    let add = graph(
+        &[("a", DType::BF16, &[4]), ("b", DType::BF16, &[4])],
+        |g, x| vec![op(g, Op::Binary(BinaryOp::Add), &[x[0], x[1]])],
+    );
+    for (name, g) in [("silu_mul", &silu), ("bf16_add", &add)] {
+        let kernels: Vec<_> = fuse(g).into_iter().filter(|k| k.elementwise).collect();
+        assert_eq!(kernels.len(), 1);
+        let k = &kernels[0];
+        let mlir = elementwise_mlir(g, k, name).unwrap();
+        let lowered = lower(&mlir, name, k.inputs.len() + k.outputs.len()).unwrap();
+        insta::assert_snapshot!(format!("{name}_mlir"), mlir);
+        insta::assert_snapshot!(format!("{name}_llvm"), lowered.llvm_ir);
+    }
+}

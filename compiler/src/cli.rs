@@ -51,9 +51,9 @@ struct ModelArgs {
 enum Emit {
     /// Textual IR of the forward graph.
     Ir,
-    /// MLIR kernels (not yet available).
+    /// The program's kernels: fused elementwise kernels as MLIR (func/arith/math/scf/memref).
     Mlir,
-    /// LLVM IR (not yet available).
+    /// The fused kernels lowered through MLIR and translated to LLVM IR.
     Llvm,
     /// PTX (not yet available).
     Ptx,
@@ -252,11 +252,8 @@ fn compile(args: CompileArgs) -> Result<()> {
     if args.out.is_some() {
         bail!("-o: emitting executables is not available yet in this memc; use --emit ir or --report-json");
     }
-    if let Some(e @ (Emit::Mlir | Emit::Llvm | Emit::Ptx)) = args.emit {
-        bail!(
-            "--emit {}: not available yet in this memc; --emit ir and --emit plan are",
-            format!("{e:?}").to_lowercase()
-        );
+    if args.emit == Some(Emit::Ptx) {
+        bail!("--emit ptx: not available yet in this memc; --emit ir, plan, mlir and llvm are");
     }
     let model = args.model.model.display().to_string();
     let mut timer = Timer {
@@ -282,6 +279,9 @@ fn compile(args: CompileArgs) -> Result<()> {
     match args.emit {
         Some(Emit::Ir) => print!("{}", memc_ir::print(&g)),
         Some(Emit::Plan) => print!("{}", report::plan_text(&g, &plan)),
+        Some(e @ (Emit::Mlir | Emit::Llvm)) => {
+            emit_kernels(&g, e == Emit::Llvm).map_err(|e| anyhow!("{model}: {e}"))?
+        }
         _ => {}
     }
     if let Some(path) = &args.plot {
@@ -319,6 +319,37 @@ fn compile(args: CompileArgs) -> Result<()> {
         write_file(path, &(serde_json::to_string_pretty(&r)? + "\n"))?;
     }
     Ok(())
+}
+
+/// `--emit mlir|llvm`: every kernel of the program in order; fused elementwise kernels in full,
+/// other kernels as a comment naming the op (they get generated kernels with the codegen issues).
+#[cfg(feature = "codegen")]
+fn emit_kernels(g: &Graph, llvm: bool) -> Result<()> {
+    use memc_codegen::{fuse, kernel};
+    for (n, k) in fuse::fuse(g).iter().enumerate() {
+        let name = format!("k{n}");
+        if k.elementwise {
+            let mlir = kernel::elementwise_mlir(g, k, &name)?;
+            if llvm {
+                print!(
+                    "{}",
+                    kernel::lower(&mlir, &name, k.inputs.len() + k.outputs.len())?.llvm_ir
+                );
+            } else {
+                println!("// kernel {name}: {} fused node(s)\n{mlir}", k.nodes.len());
+            }
+        } else {
+            let node = g.node(k.nodes[0]);
+            let ty = &g.value(node.outputs[0]).ty;
+            println!("// kernel {name}: `{}` -> {ty} (not generated yet: runs on the reference backend)\n", node.op.name());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "codegen"))]
+fn emit_kernels(_: &Graph, _: bool) -> Result<()> {
+    bail!("this memc was built without the `codegen` feature")
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
@@ -584,6 +615,13 @@ pub fn run(cli: Cli) -> Result<()> {
 /// The `memc` entry point: parses arguments, runs, prints one error line and exits 2 on
 /// failure.
 pub fn main() -> ! {
+    // Die quietly on a closed pipe (`memc ... | head`), as command-line tools do, instead of
+    // failing a write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version

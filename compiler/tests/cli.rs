@@ -482,6 +482,36 @@ fn features_of_later_releases_say_so() {
         ],
         &["--emit ptx", "not available yet"],
     );
+    // MLIR and LLVM IR of the fused kernels.
+    let o = memc(&[
+        "compile",
+        s(&m),
+        "--shape",
+        "input_ids=1x4",
+        "--emit",
+        "mlir",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("scf.parallel") && o.stdout.contains("func.func @k1("),
+        "{}",
+        &o.stdout[..400]
+    );
+    let o = memc(&[
+        "compile",
+        s(&m),
+        "--shape",
+        "input_ids=1x4",
+        "--train",
+        "--emit",
+        "llvm",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("define void @k1(ptr %0)"),
+        "{}",
+        &o.stdout[..400]
+    );
 }
 
 #[test]
