@@ -10,4 +10,5 @@
 pub mod fuse;
 pub mod jit;
 pub mod kernel;
+pub mod ops;
 pub mod toolchain;
