@@ -425,27 +425,61 @@ fn mlir_context() -> Context {
 }
 
 /// Lowers the MLIR of kernel `name` (with `n_args` memref arguments) to LLVM IR with the entry
-/// point `void name(void **buffers)`.
+/// point `void name(void **buffers)`. For many kernels, reuse one [`Lowerer`].
 pub fn lower(mlir: &str, name: &str, n_args: usize) -> Result<Lowered, KernelError> {
+    Lowerer::new().lower(mlir, name, n_args)
+}
+
+/// An MLIR context with every dialect, pass and translation registered, for lowering many
+/// kernels (setting one up costs milliseconds).
+pub struct Lowerer {
+    context: Context,
+}
+
+impl Default for Lowerer {
+    fn default() -> Self {
+        Lowerer::new()
+    }
+}
+
+impl Lowerer {
+    /// A fresh context.
+    pub fn new() -> Lowerer {
+        Lowerer {
+            context: mlir_context(),
+        }
+    }
+
+    /// See [`lower`].
+    pub fn lower(&self, mlir: &str, name: &str, n_args: usize) -> Result<Lowered, KernelError> {
+        lower_in(&self.context, mlir, name, n_args)
+    }
+}
+
+fn lower_in(
+    context: &Context,
+    mlir: &str,
+    name: &str,
+    n_args: usize,
+) -> Result<Lowered, KernelError> {
     let err = |msg: String| KernelError::Mlir {
         kernel: name.to_string(),
         msg,
     };
-    let context = mlir_context();
     // The kernel body is `NAME_body`; `NAME` is the uniform entry added below.
     let renamed = mlir.replacen(
         &format!("func.func @{name}("),
         &format!("func.func @{name}_body("),
         1,
     );
-    let mut module = Module::parse(&context, &renamed)
+    let mut module = Module::parse(context, &renamed)
         .ok_or_else(|| err(format!("the generated module does not parse:\n{mlir}")))?;
     if !module.as_operation().verify() {
         return Err(err(format!(
             "the generated module does not verify:\n{mlir}"
         )));
     }
-    let pm = PassManager::new(&context);
+    let pm = PassManager::new(context);
     parse_pass_pipeline(pm.as_operation_pass_manager(), LOWERING)
         .map_err(|e| err(e.to_string()))?;
     pm.run(&mut module)

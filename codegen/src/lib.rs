@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod fuse;
+pub mod host;
 pub mod jit;
 pub mod kernel;
 pub mod ops;

@@ -118,7 +118,7 @@ struct TrainCmdArgs {
 enum Backend {
     /// The reference interpreter.
     Ref,
-    /// Emitted host kernels (not yet available).
+    /// Host kernels generated through MLIR and LLVM (JIT-compiled), GEMMs on a CPU library.
     Cpu,
     /// Emitted PTX kernels (not yet available).
     Cuda,
@@ -474,11 +474,8 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn train(args: TrainCmdArgs) -> Result<()> {
-    if args.backend != Backend::Ref {
-        bail!(
-            "--backend {:?}: not available yet in this memc; use --backend ref",
-            args.backend
-        );
+    if args.backend == Backend::Cuda {
+        bail!("--backend cuda: not available yet in this memc; use --backend cpu or ref");
     }
     let model = args.model.model.display().to_string();
     let mut data = crate::train::Batches::open(&args.data)?;
@@ -526,7 +523,13 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         weight_decay,
         peak_bytes: Some(memc_passes::plan::plan(&g).peak_bytes),
     };
-    crate::train::run_reference(&mut g, &mut data, &opts, &model)?;
+    match args.backend {
+        #[cfg(feature = "codegen")]
+        Backend::Cpu => drop(crate::train::run_host(&mut g, &mut data, &opts, &model)?),
+        _ => drop(crate::train::run_reference(
+            &mut g, &mut data, &opts, &model,
+        )?),
+    }
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use memc_ir::{DType, Graph, Tensor, ValueDef};
 use memc_passes::train::{self, Loss, Optimizer, TrainOptions, TrainStats};
@@ -167,6 +167,31 @@ pub struct LoopOptions {
     pub peak_bytes: Option<u64>,
 }
 
+/// The program's one data input (token ids); every other input must be a `memc.*` scalar.
+fn data_input(g: &Graph, model: &str) -> Result<(String, memc_ir::TensorType)> {
+    let data: Vec<(String, memc_ir::TensorType)> = g
+        .inputs()
+        .iter()
+        .filter_map(|&v| match &g.value(v).def {
+            ValueDef::Input { name } if !name.starts_with("memc.") => {
+                Some((name.clone(), g.value(v).ty.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    match data.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("{model}: the training program has no data input"),
+        many => {
+            let names: Vec<&str> = many.iter().map(|(n, _)| n.as_str()).collect();
+            bail!(
+                "{model}: the model takes inputs {}, but memc train feeds only token ids from --data; train a model whose only input is the token ids",
+                names.join(", ")
+            )
+        }
+    }
+}
+
 /// Trains on the reference backend, printing one JSON line per step; returns the losses.
 pub fn run_reference(
     g: &mut Graph,
@@ -174,17 +199,7 @@ pub fn run_reference(
     opts: &LoopOptions,
     model: &str,
 ) -> Result<Vec<f64>> {
-    let ids_input = g
-        .inputs()
-        .iter()
-        .find_map(|&v| match &g.value(v).def {
-            ValueDef::Input { name } if !name.starts_with("memc.") => {
-                Some((name.clone(), g.value(v).ty.clone()))
-            }
-            _ => None,
-        })
-        .context("the training program has no data input")?;
-    let (name, ty) = ids_input;
+    let (name, ty) = data_input(g, model)?;
     let (batch, seq) = (ty.shape[0], ty.shape[1]);
     if data.shape().1 != seq {
         bail!("training data has rows of {} tokens but the program was compiled for {seq} (--shape {name}={batch}x{})", data.shape().1, data.shape().1);
@@ -234,6 +249,106 @@ pub fn run_reference(
             line["peak_bytes"] = p.into();
         }
         println!("{line}");
+    }
+    Ok(losses)
+}
+
+/// The initial buffers of a program: params (optimizer state at zero) and constants.
+#[cfg(feature = "codegen")]
+fn initial_store(g: &Graph) -> memc_codegen::host::Store {
+    let mut store = memc_codegen::host::Store::new();
+    for (i, v) in g.values().iter().enumerate() {
+        let bytes = match &v.def {
+            ValueDef::Param { data: Some(t), .. } | ValueDef::Const(t) => t.bytes().to_vec(),
+            ValueDef::Param { data: None, .. } => vec![0u8; v.ty.bytes()],
+            _ => continue,
+        };
+        store.insert(memc_ir::ValueId(i as u32), bytes);
+    }
+    store
+}
+
+/// Trains on the cpu backend (kernels generated through MLIR and LLVM, GEMMs on the runtime's
+/// library), printing one JSON line per step; returns the losses. The weights are written back
+/// into `g` at the end.
+#[cfg(feature = "codegen")]
+pub fn run_host(
+    g: &mut Graph,
+    data: &mut Batches,
+    opts: &LoopOptions,
+    model: &str,
+) -> Result<Vec<f64>> {
+    let (name, ty) = data_input(g, model)?;
+    let (batch, seq) = (ty.shape[0], ty.shape[1]);
+    if data.shape().1 != seq {
+        bail!("training data has rows of {} tokens but the program was compiled for {seq} (--shape {name}={batch}x{})", data.shape().1, data.shape().1);
+    }
+    let t0 = Instant::now();
+    let program =
+        memc_codegen::host::HostProgram::compile(g).map_err(|e| anyhow!("{model}: {e}"))?;
+    eprintln!(
+        "compiled {} kernels for the host in {:.1} s",
+        program.kernel_count(),
+        t0.elapsed().as_secs_f64()
+    );
+    let input_of = |n: &str| {
+        g.inputs()
+            .iter()
+            .copied()
+            .find(|&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == n))
+    };
+    let ids_v = input_of(&name).unwrap();
+    let scalars = [
+        (input_of(train::LR_INPUT), opts.lr),
+        (input_of(train::WEIGHT_DECAY_INPUT), opts.weight_decay),
+    ];
+    let step_v = input_of(train::STEP_INPUT);
+    let loss_v = g.outputs()[0].1;
+    let updates: Vec<(memc_ir::ValueId, memc_ir::ValueId)> = g.updates().to_vec();
+    let mut store = initial_store(g);
+    let f32_bytes = |v: f64| (v as f32).to_le_bytes().to_vec();
+    let losses = program
+        .with_steps(g, |run| -> Result<Vec<f64>> {
+            let mut losses = Vec::with_capacity(opts.steps);
+            for step in 1..=opts.steps {
+                let t = Instant::now();
+                let ids = data.next_batch(batch);
+                let ids = if ty.dtype == DType::I64 { ids } else { Tensor::from_i64(ty.dtype, ids.shape().to_vec(), &ids.to_i64_vec()) };
+                store.insert(ids_v, ids.bytes().to_vec());
+                for (v, x) in scalars {
+                    if let Some(v) = v {
+                        store.insert(v, f32_bytes(x));
+                    }
+                }
+                if let Some(v) = step_v {
+                    store.insert(v, f32_bytes(step as f64));
+                }
+                run(&mut store);
+                let loss = f32::from_le_bytes(store[&loss_v][..4].try_into().unwrap()) as f64;
+                if !loss.is_finite() {
+                    bail!("{model}: step {step}: the loss is {loss}");
+                }
+                for &(target, v) in &updates {
+                    let new = store[&v].clone();
+                    store.insert(target, new);
+                }
+                losses.push(loss);
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                let mut line = serde_json::json!({"step": step, "loss": loss, "tokens": batch * seq, "step_ms": (ms * 1000.0).round() / 1000.0, "backend": "cpu"});
+                if let Some(p) = opts.peak_bytes {
+                    line["peak_bytes"] = p.into();
+                }
+                println!("{line}");
+            }
+            Ok(losses)
+        })
+        .map_err(|e| anyhow!("{model}: {e}"))??;
+    for &(target, _) in &updates {
+        let ty = g.value(target).ty.clone();
+        g.set_param_data(
+            target,
+            Tensor::from_bytes(ty, store[&target].clone().into()).expect("sized by type"),
+        );
     }
     Ok(losses)
 }

@@ -5,4 +5,5 @@
 #![warn(missing_docs)]
 
 pub mod cuda;
+pub mod gemm;
 pub mod npy;

@@ -275,3 +275,39 @@ fn training_data_batches_cycle() {
     assert_eq!(b.next_batch(2).to_i64_vec(), vec![1, 2, 3, 4]);
     assert_eq!(b.next_batch(2).to_i64_vec(), vec![5, 6, 1, 2]);
 }
+
+#[test]
+fn cpu_backend_reproduces_the_reference_losses() {
+    use memc::train::{run_host, LoopOptions};
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && e.family != "bert" && !e.name.contains("opset"))
+    {
+        let a = args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto);
+        let reference = losses(&ex, &a, 1e-3, 0.01, 3);
+        let (mut g, _) = program(&ex, &a);
+        let mut data =
+            Batches::open(&ex.path.with_extension("").join("inputs/input_ids.npy")).unwrap();
+        let opts = LoopOptions {
+            steps: 3,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            peak_bytes: None,
+        };
+        let cpu = run_host(&mut g, &mut data, &opts, &ex.name).unwrap();
+        let err = cpu
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs() / b.abs())
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{:<14} cpu backend vs reference: max relative loss difference {err:.2e}",
+            ex.name
+        );
+        assert!(
+            err <= 1e-5,
+            "{}: cpu {cpu:?} vs reference {reference:?}",
+            ex.name
+        );
+    }
+}

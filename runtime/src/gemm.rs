@@ -1,0 +1,201 @@
+//! Matrix products for the cpu backend, on the `matrixmultiply` crate: NumPy `matmul`
+//! semantics (batched, broadcast batch dims, 1-D operands promoted), f32 and f64, bf16 through
+//! f32 with the result rounded.
+
+use half::bf16;
+
+/// Element types the GEMM accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmType {
+    /// f32
+    F32,
+    /// f64
+    F64,
+    /// bf16 (computed in f32)
+    BF16,
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// `out = a @ b` for row-major `a` (shape `ash`) and `b` (shape `bsh`), raw little-endian bytes.
+/// The shapes must satisfy `memc_ir::Op::MatMul`'s typing rules (the verifier checks them).
+pub fn matmul(t: GemmType, a: &[u8], ash: &[usize], b: &[u8], bsh: &[usize], out: &mut [u8]) {
+    let a2 = if ash.len() == 1 {
+        vec![1, ash[0]]
+    } else {
+        ash.to_vec()
+    };
+    let b2 = if bsh.len() == 1 {
+        vec![bsh[0], 1]
+    } else {
+        bsh.to_vec()
+    };
+    let (m, k, n) = (a2[a2.len() - 2], a2[a2.len() - 1], b2[b2.len() - 1]);
+    let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
+    let r = ab.len().max(bb.len());
+    let dim = |s: &[usize], i: usize| {
+        if i + s.len() >= r {
+            s[i + s.len() - r]
+        } else {
+            1
+        }
+    };
+    let batch: Vec<usize> = (0..r).map(|i| dim(ab, i).max(dim(bb, i))).collect();
+    let nb: usize = batch.iter().product();
+    let (sa, sb) = (strides(ab), strides(bb));
+    let offset = |s: &[usize], st: &[usize], idx: &[usize]| -> usize {
+        let lead = r - s.len();
+        (0..s.len())
+            .map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] })
+            .sum()
+    };
+    match t {
+        GemmType::F32 | GemmType::BF16 => {
+            let fa = to_f32(t, a);
+            let fb = to_f32(t, b);
+            let mut fo = vec![0f32; nb * m * n];
+            let mut idx = vec![0usize; r];
+            for bi in 0..nb {
+                let (oa, ob) = (offset(ab, &sa, &idx) * m * k, offset(bb, &sb, &idx) * k * n);
+                // SAFETY: the slices hold m·k, k·n and m·n elements at these offsets (shapes
+                // checked by the IR verifier); strides are row-major.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        fa.as_ptr().add(oa),
+                        k as isize,
+                        1,
+                        fb.as_ptr().add(ob),
+                        n as isize,
+                        1,
+                        0.0,
+                        fo.as_mut_ptr().add(bi * m * n),
+                        n as isize,
+                        1,
+                    );
+                }
+                next(&mut idx, &batch);
+            }
+            from_f32(t, &fo, out);
+        }
+        GemmType::F64 => {
+            let fa: Vec<f64> = a
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let fb: Vec<f64> = b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let mut fo = vec![0f64; nb * m * n];
+            let mut idx = vec![0usize; r];
+            for bi in 0..nb {
+                let (oa, ob) = (offset(ab, &sa, &idx) * m * k, offset(bb, &sb, &idx) * k * n);
+                // SAFETY: as above.
+                unsafe {
+                    matrixmultiply::dgemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        fa.as_ptr().add(oa),
+                        k as isize,
+                        1,
+                        fb.as_ptr().add(ob),
+                        n as isize,
+                        1,
+                        0.0,
+                        fo.as_mut_ptr().add(bi * m * n),
+                        n as isize,
+                        1,
+                    );
+                }
+                next(&mut idx, &batch);
+            }
+            for (o, v) in out.chunks_exact_mut(8).zip(fo) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+fn next(idx: &mut [usize], shape: &[usize]) {
+    for d in (0..shape.len()).rev() {
+        idx[d] += 1;
+        if idx[d] < shape[d] {
+            return;
+        }
+        idx[d] = 0;
+    }
+}
+
+fn to_f32(t: GemmType, x: &[u8]) -> Vec<f32> {
+    match t {
+        GemmType::BF16 => x
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => x
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    }
+}
+
+fn from_f32(t: GemmType, v: &[f32], out: &mut [u8]) {
+    match t {
+        GemmType::BF16 => {
+            for (o, x) in out.chunks_exact_mut(2).zip(v) {
+                o.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
+            }
+        }
+        _ => {
+            for (o, x) in out.chunks_exact_mut(4).zip(v) {
+                o.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn floats(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn batched_broadcast_and_vectors() {
+        // [2,1,2,2] x [3,2,1] -> [2,3,2,1]
+        let a = bytes(&[1., 0., 0., 1., 2., 0., 0., 2.]);
+        let b = bytes(&[1., 2., 3., 4., 5., 6.]);
+        let mut out = vec![0u8; 12 * 4];
+        matmul(GemmType::F32, &a, &[2, 1, 2, 2], &b, &[3, 2, 1], &mut out);
+        assert_eq!(
+            floats(&out),
+            vec![1., 2., 3., 4., 5., 6., 2., 4., 6., 8., 10., 12.]
+        );
+        // [3] x [3,2] -> [2]
+        let v = bytes(&[1., 2., 3.]);
+        let m = bytes(&[1., 0., 0., 1., 1., 1.]);
+        let mut out = vec![0u8; 8];
+        matmul(GemmType::F32, &v, &[3], &m, &[3, 2], &mut out);
+        assert_eq!(floats(&out), vec![4., 5.]);
+    }
+}
