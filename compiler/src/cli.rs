@@ -517,6 +517,14 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         crate::train::OptimizerArg::Adamw => 0.01,
         crate::train::OptimizerArg::Sgd => 0.0,
     });
+    if let Some(vocab) = g.inputs().iter().find_map(|&v| match &g.value(v).def {
+        ValueDef::Input { name } if !name.starts_with("memc.") => {
+            crate::train::vocab_size(&g, name)
+        }
+        _ => None,
+    }) {
+        data.check_vocab(vocab, &args.data.display().to_string())?;
+    }
     let opts = crate::train::LoopOptions {
         steps: args.steps,
         lr: args.lr,

@@ -144,6 +144,24 @@ impl Batches {
         (self.rows, self.seq)
     }
 
+    /// Checks that every token id lies in `0..vocab` (kernels clamp indices; the data must not
+    /// rely on that).
+    pub fn check_vocab(&self, vocab: usize, path: &str) -> Result<()> {
+        if let Some(k) = self
+            .ids
+            .iter()
+            .position(|&t| t < 0 || t as u64 >= vocab as u64)
+        {
+            bail!(
+                "{path}: token id {} at row {}, column {} is outside the model's vocabulary (0..{vocab})",
+                self.ids[k],
+                k / self.seq,
+                k % self.seq
+            );
+        }
+        Ok(())
+    }
+
     /// The next `batch` rows (wrapping around the file).
     pub fn next_batch(&mut self, batch: usize) -> Tensor {
         let mut out = Vec::with_capacity(batch * self.seq);
@@ -190,6 +208,24 @@ fn data_input(g: &Graph, model: &str) -> Result<(String, memc_ir::TensorType)> {
             )
         }
     }
+}
+
+/// The vocabulary size: the smallest table a `gather` indexes with the token ids.
+pub fn vocab_size(g: &Graph, ids: &str) -> Option<usize> {
+    let v = g
+        .inputs()
+        .iter()
+        .copied()
+        .find(|&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == ids))?;
+    g.nodes()
+        .iter()
+        .filter_map(|n| match n.op {
+            memc_ir::Op::Gather { axis } if n.inputs[1] == v => {
+                Some(g.value(n.inputs[0]).ty.shape[axis])
+            }
+            _ => None,
+        })
+        .min()
 }
 
 /// Trains on the reference backend, printing one JSON line per step; returns the losses.

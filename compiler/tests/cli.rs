@@ -825,6 +825,34 @@ fn bad_training_input() {
         ],
         &["step ", "non-finite"],
     );
+    // Token ids outside the vocabulary (kernels would clamp them silently).
+    let big = dir.path().join("big.npy");
+    let mut ids = memc::io::read_tensor(&data).unwrap().to_i64_vec();
+    ids[19] = 256;
+    memc::io::write_tensor(
+        &big,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![2, 16], &ids),
+    )
+    .unwrap();
+    fails_with(
+        &["train", s(&m), "--data", s(&big), "--backend", "cpu"],
+        &[
+            "big.npy",
+            "token id 256 at row 1, column 3",
+            "vocabulary (0..256)",
+        ],
+    );
+    // A model with inputs besides the token ids.
+    let bert = example("bert-dynamo.onnx");
+    fails_with(
+        &[
+            "train",
+            s(&bert),
+            "--data",
+            s(&example("bert-dynamo/inputs/input_ids.npy")),
+        ],
+        &["token_type_ids", "feeds only token ids"],
+    );
     // --trainable that matches nothing, or is not a regex.
     fails_with(
         &[
