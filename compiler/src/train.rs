@@ -54,6 +54,19 @@ pub struct TrainProgramArgs {
     /// memory (a minimum cut); `none` keeps every value a gradient reads.
     #[arg(long, value_enum, default_value = "auto")]
     pub remat: RematArg,
+    /// Compute dtype of the forward and backward passes (bf16 keeps f32 master weights and an
+    /// f32 optimizer).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+}
+
+/// Compute dtypes of the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// fp32 everywhere.
+    F32,
+    /// bf16 compute, fp32 master weights.
+    Bf16,
 }
 
 /// Rematerialisation policies of the CLI.
@@ -101,6 +114,10 @@ pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
         clip_grad_norm: args.clip_grad_norm,
         trainable: &trainable,
         rematerialize: args.remat == RematArg::Auto,
+        compute_dtype: match args.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+        },
     };
     let stats = train::build_training(g, &opts)?;
     memc_ir::verify(g).map_err(|e| {

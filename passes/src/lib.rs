@@ -10,6 +10,7 @@
 pub mod autodiff;
 pub mod build;
 pub mod plan;
+pub mod precision;
 pub mod remat;
 pub mod train;
 

@@ -63,6 +63,9 @@ pub struct TrainOptions<'a> {
     /// Recompute cheap forward values in the backward pass instead of saving them
     /// ([`crate::remat`]).
     pub rematerialize: bool,
+    /// Compute dtype of the forward and backward passes; weights and the optimizer stay f32
+    /// ([`crate::precision`]).
+    pub compute_dtype: DType,
 }
 
 /// What the pass did.
@@ -101,6 +104,7 @@ pub enum TrainError {
 
 /// Builds the training step in place (see the module docs).
 pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, TrainError> {
+    crate::precision::lower_precision(g, opts.compute_dtype).map_err(TrainError::Build)?;
     let (ids, logits) = find_logits(g)?;
     let loss = next_token_ce(g, ids, logits).map_err(TrainError::Build)?;
 

@@ -39,6 +39,7 @@ fn kernels_of_training_programs_match_the_interpreter() {
             trainable: "all".into(),
             clip_grad_norm: Some(1.0),
             remat: RematArg::Auto,
+            dtype: memc::train::DtypeArg::F32,
         };
         build(&mut g, &args).unwrap();
         let mut feeds = inputs.clone();

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use memc::onnx::{import, ImportOptions};
-use memc::train::{build, Batches, OptimizerArg, RematArg, TrainProgramArgs};
+use memc::train::{build, Batches, DtypeArg, OptimizerArg, RematArg, TrainProgramArgs};
 use memc_ir::{Graph, Phase};
 use memc_passes::plan::{plan, ALIGN};
 use memc_tests::{examples, Example};
@@ -25,6 +25,7 @@ fn args(
         trainable: "all".into(),
         clip_grad_norm: clip,
         remat,
+        dtype: DtypeArg::F32,
     }
 }
 
@@ -309,5 +310,57 @@ fn cpu_backend_reproduces_the_reference_losses() {
             "{}: cpu {cpu:?} vs reference {reference:?}",
             ex.name
         );
+    }
+}
+
+#[test]
+fn bf16_training_tracks_f32() {
+    use memc::train::{run_host, LoopOptions};
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && e.family != "bert" && !e.name.contains("opset"))
+    {
+        let f32_args = args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+        let bf16_args = TrainProgramArgs {
+            dtype: DtypeArg::Bf16,
+            ..f32_args.clone()
+        };
+        let full = losses(&ex, &f32_args, 1e-3, 0.01, 20);
+        let half = losses(&ex, &bf16_args, 1e-3, 0.01, 20);
+        let err = full
+            .iter()
+            .zip(&half)
+            .map(|(a, b)| (a - b).abs() / a.abs())
+            .fold(0.0, f64::max);
+        eprintln!("{:<14} bf16 vs f32 over 20 AdamW steps (reference backend): max relative loss difference {err:.2e}", ex.name);
+        assert!(err <= 0.02, "{}: bf16 {half:?} vs f32 {full:?}", ex.name);
+        assert!(
+            half[19] < half[0] * 0.8,
+            "{}: bf16 training does not learn: {half:?}",
+            ex.name
+        );
+        if ex.family == "llama" {
+            // The cpu backend's bf16 kernels (f32 arithmetic, bf16 rounding) agree too.
+            let (mut g, _) = program(&ex, &bf16_args);
+            let mut data =
+                Batches::open(&ex.path.with_extension("").join("inputs/input_ids.npy")).unwrap();
+            let opts = LoopOptions {
+                steps: 20,
+                lr: 1e-3,
+                weight_decay: 0.01,
+                peak_bytes: None,
+            };
+            let cpu = run_host(&mut g, &mut data, &opts, &ex.name).unwrap();
+            let err = full
+                .iter()
+                .zip(&cpu)
+                .map(|(a, b)| (a - b).abs() / a.abs())
+                .fold(0.0, f64::max);
+            eprintln!(
+                "{:<14} bf16 on the cpu backend vs f32: max relative loss difference {err:.2e}",
+                ex.name
+            );
+            assert!(err <= 0.02, "{}: cpu bf16 {cpu:?} vs f32 {full:?}", ex.name);
+        }
     }
 }
