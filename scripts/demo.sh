@@ -25,7 +25,9 @@ for model in examples/models/*.onnx; do
   echo "== memc eval $model ${inputs[*]} --check examples/models/$name/ref"
   $MEMC eval "$model" "${inputs[@]}" --out "$OUT/$name" --check "examples/models/$name/ref" | grep -E '^(graph|logits|check)'
 done
-
+echo "== memc eval examples/models/llama-dynamo.onnx ... --backend cpu   (kernels generated through MLIR and LLVM)"
+$MEMC eval examples/models/llama-dynamo.onnx --input input_ids=examples/models/llama-dynamo/inputs/input_ids.npy \
+  --out "$OUT/llama-dynamo-cpu" --check examples/models/llama-dynamo/ref --backend cpu | grep -E '^check'
 
 for remat in none auto; do
   echo
@@ -36,11 +38,13 @@ for remat in none auto; do
 done
 
 echo
-echo "== memc train examples/models/llama-dynamo.onnx --data examples/models/llama-dynamo/inputs/input_ids.npy --steps 5 --optimizer adamw --lr 1e-3"
-$MEMC train examples/models/llama-dynamo.onnx --data examples/models/llama-dynamo/inputs/input_ids.npy --steps 5 --optimizer adamw --lr 1e-3
+for backend in ref cpu; do
+  echo "== memc train examples/models/llama-dynamo.onnx --data examples/models/llama-dynamo/inputs/input_ids.npy --steps 5 --optimizer adamw --lr 1e-3 --backend $backend"
+  $MEMC train examples/models/llama-dynamo.onnx --data examples/models/llama-dynamo/inputs/input_ids.npy --steps 5 --optimizer adamw --lr 1e-3 --backend $backend
+done
 echo "   PyTorch (examples/models/llama-dynamo/train_ref.json, adamw):"
 python3 -c 'import json; print("  ", [round(x, 6) for x in json.load(open("examples/models/llama-dynamo/train_ref.json"))["adamw"]])'
 
 echo
-echo "== memc toolchain   (the MLIR/LLVM code generation path later releases build kernels on)"
+echo "== memc toolchain   (MLIR 19, LLVM 19 for x86-64 and NVPTX, the CUDA driver)"
 $MEMC toolchain

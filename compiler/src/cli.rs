@@ -353,11 +353,8 @@ fn emit_kernels(_: &Graph, _: bool) -> Result<()> {
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
-    if args.backend != Backend::Ref {
-        bail!(
-            "--backend {:?}: not available yet in this memc; use --backend ref",
-            args.backend
-        );
+    if args.backend == Backend::Cuda {
+        bail!("--backend cuda: not available yet in this memc; use --backend cpu or ref");
     }
     let mut given: HashMap<String, (PathBuf, Tensor)> = HashMap::new();
     for spec in &args.inputs {
@@ -406,9 +403,15 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
         feeds.insert(name.clone(), t);
     }
-    let outputs = timer
-        .time("interpret", || memc_ir::interpret(&g, &feeds))
-        .map_err(|e| anyhow!("{model}: {e}"))?;
+    let outputs = match args.backend {
+        #[cfg(feature = "codegen")]
+        Backend::Cpu => timer
+            .time("cpu", || crate::train::eval_host(&g, &feeds))
+            .map_err(|e| anyhow!("{model}: {e:#}"))?,
+        _ => timer
+            .time("interpret", || memc_ir::interpret(&g, &feeds))
+            .map_err(|e| anyhow!("{model}: {e}"))?,
+    };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     print!("{}", report::summary(&g));

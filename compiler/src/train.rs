@@ -405,3 +405,32 @@ pub fn run_host(
     }
     Ok(losses)
 }
+
+/// Runs a program once on the cpu backend and returns its named outputs.
+#[cfg(feature = "codegen")]
+pub fn eval_host(
+    g: &Graph,
+    feeds: &std::collections::HashMap<String, Tensor>,
+) -> Result<Vec<(String, Tensor)>> {
+    let program = memc_codegen::host::HostProgram::compile(g)?;
+    let mut store = initial_store(g);
+    for &v in g.inputs() {
+        if let ValueDef::Input { name } = &g.value(v).def {
+            let t = feeds
+                .get(name)
+                .ok_or_else(|| anyhow!("input `{name}` has no value"))?;
+            store.insert(v, t.bytes().to_vec());
+        }
+    }
+    program.with_steps(g, |run| run(&mut store))?;
+    Ok(g.outputs()
+        .iter()
+        .map(|(name, v)| {
+            (
+                name.clone(),
+                Tensor::from_bytes(g.value(*v).ty.clone(), store[v].clone().into())
+                    .expect("sized by type"),
+            )
+        })
+        .collect())
+}

@@ -182,3 +182,27 @@ fn op_counts_snapshot() {
     }
     insta::assert_snapshot!(s);
 }
+
+#[test]
+fn every_example_matches_onnxruntime_on_the_cpu_backend() {
+    // Kernels generated through MLIR and LLVM, matmuls on the runtime's GEMM.
+    for ex in examples() {
+        let inputs = ex.inputs();
+        let g = import(&ex.path, &shapes_of(&inputs)).unwrap();
+        let outputs =
+            memc::train::eval_host(&g, &inputs).unwrap_or_else(|e| panic!("{}: {e:#}", ex.name));
+        let refs = ex.references();
+        for (name, got) in &outputs {
+            let err = rel_error(got, &refs[name]);
+            eprintln!(
+                "{:<26} cpu backend {name}: max|diff|/max|ref| = {err:.2e}",
+                ex.name
+            );
+            assert!(
+                err <= 1e-4,
+                "{} output {name}: relative error {err:.3e} > 1e-4",
+                ex.name
+            );
+        }
+    }
+}
