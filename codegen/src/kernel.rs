@@ -61,7 +61,8 @@ pub const LOWERING: &str = "builtin.module(canonicalize,arith-expand{include-bf1
 convert-math-to-libm,convert-math-to-llvm,expand-strided-metadata,finalize-memref-to-llvm,convert-arith-to-llvm,\
 convert-func-to-llvm{use-bare-ptr-memref-call-conv=1},convert-cf-to-llvm,reconcile-unrealized-casts)";
 
-fn storage(d: DType) -> &'static str {
+/// The MLIR element type a dtype is stored as (bool as i8).
+pub(crate) fn storage(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
         DType::F64 => "f64",

@@ -10,20 +10,7 @@ use std::fmt::Write;
 
 use memc_ir::{DType, Graph, NodeId, Op, ReduceKind};
 
-use crate::kernel::KernelError;
-
-/// MLIR storage type of a dtype.
-fn storage(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::F64 => "f64",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::I64 => "i64",
-        DType::I32 => "i32",
-        DType::Bool => "i8",
-    }
-}
+use crate::kernel::{storage, KernelError};
 
 /// Arithmetic type: f32 for half types, else the storage type.
 fn arith(d: DType) -> &'static str {
@@ -198,6 +185,26 @@ impl F {
         let lo = self.v(&format!("arith.maxsi {i}, {zero} : {ty}"));
         let c = self.v(&format!("arith.minsi {lo}, {last} : {ty}"));
         self.v(&format!("arith.index_cast {c} : {ty} to index"))
+    }
+
+    /// `to = from`, element for element (no conversion): (argument, index, shape, dtype) each.
+    fn copy(
+        &mut self,
+        from: (usize, &[String], &[usize], DType),
+        to: (usize, &[String], &[usize], DType),
+    ) {
+        let x = self.v(&format!(
+            "memref.load %a{}[{}] : {}",
+            from.0,
+            from.1.join(", "),
+            memref(from.2, from.3)
+        ));
+        self.line(&format!(
+            "memref.store {x}, %a{}[{}] : {}",
+            to.0,
+            to.1.join(", "),
+            memref(to.2, to.3)
+        ));
     }
 
     fn fconst(&mut self, v: f64, ty: &str) -> String {
@@ -402,16 +409,7 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             for (j, &p) in perm.iter().enumerate() {
                 idx[p] = ivs[j].clone();
             }
-            let x = f.v(&format!(
-                "memref.load %a0[{}] : {}",
-                idx.join(", "),
-                memref(&xshape, xdt)
-            ));
-            f.line(&format!(
-                "memref.store {x}, %a{out}[{}] : {}",
-                ivs.join(", "),
-                memref(&oshape, odt)
-            ));
+            f.copy((0, &idx, &xshape, xdt), (out, &ivs, &oshape, odt));
             f.end_parallel(oshape.len());
         }
         Op::Slice { starts, steps, .. } | Op::SliceScatter { starts, steps, .. } => {
@@ -484,16 +482,7 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             let ivs = f.parallel(&oshape);
             let flat = linear(&mut f, &ivs, &oshape);
             let xi = delinear(&mut f, &flat, &xshape);
-            let x = f.v(&format!(
-                "memref.load %a0[{}] : {}",
-                xi.join(", "),
-                memref(&xshape, xdt)
-            ));
-            f.line(&format!(
-                "memref.store {x}, %a{out}[{}] : {}",
-                ivs.join(", "),
-                memref(&oshape, odt)
-            ));
+            f.copy((0, &xi, &xshape, xdt), (out, &ivs, &oshape, odt));
             f.end_parallel(oshape.len());
         }
         Op::Gather { axis } => {
@@ -509,16 +498,7 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             let mut idx: Vec<String> = ivs[..*axis].to_vec();
             idx.push(k);
             idx.extend_from_slice(&ivs[*axis + ishape.len()..]);
-            let x = f.v(&format!(
-                "memref.load %a0[{}] : {}",
-                idx.join(", "),
-                memref(&xshape, xdt)
-            ));
-            f.line(&format!(
-                "memref.store {x}, %a{out}[{}] : {}",
-                ivs.join(", "),
-                memref(&oshape, odt)
-            ));
+            f.copy((0, &idx, &xshape, xdt), (out, &ivs, &oshape, odt));
             f.end_parallel(oshape.len());
         }
         Op::GatherElements { axis } => {
@@ -527,16 +507,7 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             let k = f.index_operand(1, &ivs, &ishape, idt, xshape[*axis]);
             let mut idx = ivs.clone();
             idx[*axis] = k;
-            let x = f.v(&format!(
-                "memref.load %a0[{}] : {}",
-                idx.join(", "),
-                memref(&xshape, xdt)
-            ));
-            f.line(&format!(
-                "memref.store {x}, %a{out}[{}] : {}",
-                ivs.join(", "),
-                memref(&oshape, odt)
-            ));
+            f.copy((0, &idx, &xshape, xdt), (out, &ivs, &oshape, odt));
             f.end_parallel(oshape.len());
         }
         Op::GatherNd => {
@@ -552,16 +523,7 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
                 idx.push(f.index_operand(1, &ii, &ishape, idt, dim));
             }
             idx.extend_from_slice(&ivs[lead..]);
-            let x = f.v(&format!(
-                "memref.load %a0[{}] : {}",
-                idx.join(", "),
-                memref(&xshape, xdt)
-            ));
-            f.line(&format!(
-                "memref.store {x}, %a{out}[{}] : {}",
-                ivs.join(", "),
-                memref(&oshape, odt)
-            ));
+            f.copy((0, &idx, &xshape, xdt), (out, &ivs, &oshape, odt));
             f.end_parallel(oshape.len());
         }
         Op::ScatterAdd { axis, .. } | Op::ScatterElementsAdd { axis, .. } => {

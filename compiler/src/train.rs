@@ -202,9 +202,10 @@ pub struct LoopOptions {
     pub peak_bytes: Option<u64>,
 }
 
-/// The program's one data input (token ids); every other input must be a `memc.*` scalar.
-fn data_input(g: &Graph, model: &str) -> Result<(String, memc_ir::TensorType)> {
-    let data: Vec<(String, memc_ir::TensorType)> = g
+/// The program's one data input (token ids), checked against the data's row length; every
+/// other input must be a `memc.*` scalar.
+fn data_input(g: &Graph, data: &Batches, model: &str) -> Result<(String, memc_ir::TensorType)> {
+    let inputs: Vec<(String, memc_ir::TensorType)> = g
         .inputs()
         .iter()
         .filter_map(|&v| match &g.value(v).def {
@@ -214,8 +215,20 @@ fn data_input(g: &Graph, model: &str) -> Result<(String, memc_ir::TensorType)> {
             _ => None,
         })
         .collect();
-    match data.as_slice() {
-        [one] => Ok(one.clone()),
+    match inputs.as_slice() {
+        [one] => {
+            let (name, ty) = one;
+            if data.shape().1 != ty.shape[1] {
+                bail!(
+                    "training data has rows of {} tokens but the program was compiled for {} (--shape {name}={}x{})",
+                    data.shape().1,
+                    ty.shape[1],
+                    ty.shape[0],
+                    data.shape().1
+                );
+            }
+            Ok(one.clone())
+        }
         [] => bail!("{model}: the training program has no data input"),
         many => {
             let names: Vec<&str> = many.iter().map(|(n, _)| n.as_str()).collect();
@@ -252,11 +265,8 @@ pub fn run_reference(
     opts: &LoopOptions,
     model: &str,
 ) -> Result<Vec<f64>> {
-    let (name, ty) = data_input(g, model)?;
+    let (name, ty) = data_input(g, data, model)?;
     let (batch, seq) = (ty.shape[0], ty.shape[1]);
-    if data.shape().1 != seq {
-        bail!("training data has rows of {} tokens but the program was compiled for {seq} (--shape {name}={batch}x{})", data.shape().1, data.shape().1);
-    }
     let scalar = |v: f64| Tensor::from_f64(DType::F32, vec![], &[v]);
     let run_opts = memc_ir::RunOptions { check_nan: true };
     let mut losses = Vec::with_capacity(opts.steps);
@@ -331,11 +341,8 @@ pub fn run_host(
     opts: &LoopOptions,
     model: &str,
 ) -> Result<Vec<f64>> {
-    let (name, ty) = data_input(g, model)?;
+    let (name, ty) = data_input(g, data, model)?;
     let (batch, seq) = (ty.shape[0], ty.shape[1]);
-    if data.shape().1 != seq {
-        bail!("training data has rows of {} tokens but the program was compiled for {seq} (--shape {name}={batch}x{})", data.shape().1, data.shape().1);
-    }
     let t0 = Instant::now();
     let program =
         memc_codegen::host::HostProgram::compile(g).map_err(|e| anyhow!("{model}: {e}"))?;

@@ -49,82 +49,114 @@ pub fn matmul(t: GemmType, a: &[u8], ash: &[usize], b: &[u8], bsh: &[usize], out
     let batch: Vec<usize> = (0..r).map(|i| dim(ab, i).max(dim(bb, i))).collect();
     let nb: usize = batch.iter().product();
     let (sa, sb) = (strides(ab), strides(bb));
-    let offset = |s: &[usize], st: &[usize], idx: &[usize]| -> usize {
-        let lead = r - s.len();
-        (0..s.len())
-            .map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] })
-            .sum()
+    let plan = Batches {
+        m,
+        k,
+        n,
+        nb,
+        batch: &batch,
+        a_batch: ab,
+        b_batch: bb,
+        sa: &sa,
+        sb: &sb,
+        r,
     };
     match t {
         GemmType::F32 | GemmType::BF16 => {
-            let fa = to_f32(t, a);
-            let fb = to_f32(t, b);
-            let mut fo = vec![0f32; nb * m * n];
-            let mut idx = vec![0usize; r];
-            for bi in 0..nb {
-                let (oa, ob) = (offset(ab, &sa, &idx) * m * k, offset(bb, &sb, &idx) * k * n);
-                // SAFETY: the slices hold m·k, k·n and m·n elements at these offsets (shapes
-                // checked by the IR verifier); strides are row-major.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        n,
-                        1.0,
-                        fa.as_ptr().add(oa),
-                        k as isize,
-                        1,
-                        fb.as_ptr().add(ob),
-                        n as isize,
-                        1,
-                        0.0,
-                        fo.as_mut_ptr().add(bi * m * n),
-                        n as isize,
-                        1,
-                    );
-                }
-                next(&mut idx, &batch);
-            }
+            let fo = plan.run(
+                matrixmultiply::sgemm,
+                1.0,
+                0.0,
+                &to_f32(t, a),
+                &to_f32(t, b),
+            );
             from_f32(t, &fo, out);
         }
         GemmType::F64 => {
-            let fa: Vec<f64> = a
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            let fb: Vec<f64> = b
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            let mut fo = vec![0f64; nb * m * n];
-            let mut idx = vec![0usize; r];
-            for bi in 0..nb {
-                let (oa, ob) = (offset(ab, &sa, &idx) * m * k, offset(bb, &sb, &idx) * k * n);
-                // SAFETY: as above.
-                unsafe {
-                    matrixmultiply::dgemm(
-                        m,
-                        k,
-                        n,
-                        1.0,
-                        fa.as_ptr().add(oa),
-                        k as isize,
-                        1,
-                        fb.as_ptr().add(ob),
-                        n as isize,
-                        1,
-                        0.0,
-                        fo.as_mut_ptr().add(bi * m * n),
-                        n as isize,
-                        1,
-                    );
-                }
-                next(&mut idx, &batch);
-            }
+            let f = |x: &[u8]| -> Vec<f64> {
+                x.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            };
+            let fo = plan.run(matrixmultiply::dgemm, 1.0, 0.0, &f(a), &f(b));
             for (o, v) in out.chunks_exact_mut(8).zip(fo) {
                 o.copy_from_slice(&v.to_le_bytes());
             }
         }
+    }
+}
+
+/// `matrixmultiply`'s GEMM signature for element type `T`.
+type Gemm<T> = unsafe fn(
+    usize,
+    usize,
+    usize,
+    T,
+    *const T,
+    isize,
+    isize,
+    *const T,
+    isize,
+    isize,
+    T,
+    *mut T,
+    isize,
+    isize,
+);
+
+/// The batch geometry of one matmul.
+struct Batches<'a> {
+    m: usize,
+    k: usize,
+    n: usize,
+    nb: usize,
+    batch: &'a [usize],
+    a_batch: &'a [usize],
+    b_batch: &'a [usize],
+    sa: &'a [usize],
+    sb: &'a [usize],
+    r: usize,
+}
+
+impl Batches<'_> {
+    fn offset(&self, s: &[usize], st: &[usize], idx: &[usize]) -> usize {
+        let lead = self.r - s.len();
+        (0..s.len())
+            .map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] })
+            .sum()
+    }
+
+    /// One GEMM per batch element (broadcast batch dims read the same operand).
+    fn run<T: Copy + Default>(&self, gemm: Gemm<T>, one: T, zero: T, a: &[T], b: &[T]) -> Vec<T> {
+        let (m, k, n) = (self.m, self.k, self.n);
+        let mut out = vec![T::default(); self.nb * m * n];
+        let mut idx = vec![0usize; self.r];
+        for bi in 0..self.nb {
+            let oa = self.offset(self.a_batch, self.sa, &idx) * m * k;
+            let ob = self.offset(self.b_batch, self.sb, &idx) * k * n;
+            // SAFETY: `a`, `b` and `out` hold m·k, k·n and m·n elements at these offsets (shapes
+            // checked by the IR verifier); strides are row-major.
+            unsafe {
+                gemm(
+                    m,
+                    k,
+                    n,
+                    one,
+                    a.as_ptr().add(oa),
+                    k as isize,
+                    1,
+                    b.as_ptr().add(ob),
+                    n as isize,
+                    1,
+                    zero,
+                    out.as_mut_ptr().add(bi * m * n),
+                    n as isize,
+                    1,
+                );
+            }
+            next(&mut idx, self.batch);
+        }
+        out
     }
 }
 
