@@ -72,11 +72,11 @@ class Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def build(seed):
+def build(seed, layers=24, hidden=1024, heads=16, kv_heads=8, ffn=2816, vocab=32000):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=2048, tie_word_embeddings=False,
         attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(cfg).float().eval()
@@ -87,12 +87,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", help="output .onnx path")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--ffn", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--verify", action="store_true",
                     help="compare onnxruntime with PyTorch on a 1x8 input")
     a = ap.parse_args()
 
     t0 = time.time()
-    wrapper = build(a.seed)
+    wrapper = build(a.seed, a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab)
     nparams = sum(p.numel() for p in wrapper.parameters())
     t1 = time.time()
     print(f"built model: {nparams / 1e6:.1f}M params in {t1 - t0:.1f}s", flush=True)
@@ -102,7 +108,7 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     # Trace with batch > 1: a batch-1 trace lets the TorchScript exporter specialise the mask
     # arithmetic to one row, and the file then fails (in onnxruntime too) for larger batches.
-    ids = torch.randint(0, 32000, (2, 8), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, a.vocab, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.onnx.export(
             wrapper, (ids,), a.out, dynamo=False, opset_version=17,

@@ -91,14 +91,28 @@ impl HostProgram {
 
     /// JIT-compiles the kernels and gives `f` a step function that runs the whole program on a
     /// [`Store`] (which must hold every input, param and constant).
+    ///
+    /// With `MEMC_PROFILE` set in the environment, the time spent per kind of kernel over all
+    /// steps is printed to stderr at the end.
     pub fn with_steps<R>(
         &self,
         g: &Graph,
         f: impl FnOnce(&mut dyn FnMut(&mut Store)) -> R,
     ) -> Result<R, KernelError> {
-        with_host_jit(&self.lowered, |call| {
+        let profile = std::env::var_os("MEMC_PROFILE").is_some();
+        let label = |n: usize| -> String {
+            let k = &self.kernels[n];
+            if k.elementwise {
+                "fused elementwise".to_string()
+            } else {
+                g.node(k.nodes[0]).op.name().to_string()
+            }
+        };
+        let mut spent: HashMap<String, (f64, usize)> = HashMap::new();
+        let result = with_host_jit(&self.lowered, |call| {
             let mut step = |store: &mut Store| {
                 for (n, run) in self.runs.iter().enumerate() {
+                    let t0 = profile.then(std::time::Instant::now);
                     let (ins, outs) = &self.io[n];
                     match run {
                         Run::Generated => {
@@ -133,9 +147,27 @@ impl HostProgram {
                             store.insert(outs[0], out);
                         }
                     }
+                    if let Some(t0) = t0 {
+                        let e = spent.entry(label(n)).or_insert((0.0, 0));
+                        e.0 += t0.elapsed().as_secs_f64() * 1e3;
+                        e.1 += 1;
+                    }
                 }
             };
             f(&mut step)
-        })
+        });
+        if profile {
+            let mut rows: Vec<(String, (f64, usize))> = spent.into_iter().collect();
+            rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+            let total: f64 = rows.iter().map(|r| r.1 .0).sum();
+            eprintln!("profile: {total:.1} ms in kernels");
+            for (name, (ms, calls)) in rows.iter().take(12) {
+                eprintln!(
+                    "  {name:<24} {ms:>10.1} ms {:>5.1}% {calls:>7} calls",
+                    100.0 * ms / total.max(1e-9)
+                );
+            }
+        }
+        result
     }
 }
