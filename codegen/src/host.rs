@@ -1,7 +1,8 @@
 //! A program compiled for the host CPU: every kernel generated through MLIR and LLVM and
-//! JIT-compiled, matmuls on the GEMM library of `memc-runtime`. This is the cpu backend of
-//! `memc train --backend cpu` until executables are emitted ahead of time; values live in one
-//! buffer each (the arena of the memory plan comes with the runtime's program format).
+//! JIT-compiled, matmuls on the GEMM library of `memc-runtime`, every value at its offset in
+//! one arena laid out by the memory plan (the driver plans over the fused kernels). This is
+//! the cpu backend of `memc train|eval --backend cpu` until executables are emitted ahead of
+//! time.
 
 use std::collections::HashMap;
 
@@ -22,21 +23,70 @@ enum Run {
     Gemm,
 }
 
+/// Where every value lives: a byte offset in one arena of `arena_bytes` (from the memory plan).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Layout {
+    /// The arena size: the plan's peak.
+    pub arena_bytes: u64,
+    /// Offset of every value that has a buffer (an update's result at its target's offset).
+    pub offsets: HashMap<ValueId, u64>,
+}
+
 /// The compiled program.
 pub struct HostProgram {
     kernels: Vec<Kernel>,
     io: Vec<(Vec<ValueId>, Vec<ValueId>)>,
     runs: Vec<Run>,
     lowered: Vec<(String, String)>,
+    layout: Layout,
 }
 
-/// Buffers by value: inputs, params, constants, and every result once computed.
-pub type Store = HashMap<ValueId, Vec<u8>>;
+/// The arena: every value of the program at its planned offset (8-byte aligned base; offsets
+/// are multiples of the plan's alignment).
+pub struct Arena<'p> {
+    words: Vec<u64>,
+    layout: &'p Layout,
+    sizes: HashMap<ValueId, usize>,
+}
+
+impl Arena<'_> {
+    /// Bytes allocated: exactly the plan's peak.
+    pub fn bytes(&self) -> usize {
+        self.layout.arena_bytes as usize
+    }
+
+    fn ptr(&self, v: ValueId) -> *mut u8 {
+        let off = *self
+            .layout
+            .offsets
+            .get(&v)
+            .unwrap_or_else(|| panic!("%{} has no buffer in the plan", v.0));
+        // SAFETY: the plan keeps every buffer inside the arena.
+        unsafe { (self.words.as_ptr() as *mut u8).add(off as usize) }
+    }
+
+    /// The bytes of `v`.
+    pub fn get(&self, v: ValueId) -> &[u8] {
+        // SAFETY: `v`'s buffer lies inside the arena and holds `sizes[v]` bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr(v), self.sizes[&v]) }
+    }
+
+    /// Writes `v` (an input, param or constant).
+    pub fn set(&mut self, v: ValueId, bytes: &[u8]) {
+        assert_eq!(bytes.len(), self.sizes[&v], "%{}: wrong size", v.0);
+        // SAFETY: as in `get`; `&mut self` excludes other borrows of the arena.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr(v), bytes.len()) }
+    }
+}
 
 impl HostProgram {
-    /// Fuses `g` and generates, lowers and translates every kernel.
-    pub fn compile(g: &Graph) -> Result<HostProgram, KernelError> {
-        let kernels = fuse(g);
+    /// Generates, lowers and translates every kernel of `kernels` (from [`fuse`], in order),
+    /// keeping the layout every value is read and written at.
+    pub fn compile(
+        g: &Graph,
+        kernels: Vec<Kernel>,
+        layout: Layout,
+    ) -> Result<HostProgram, KernelError> {
         let mut io = Vec::with_capacity(kernels.len());
         let mut runs = Vec::with_capacity(kernels.len());
         let mut lowered = Vec::new();
@@ -81,7 +131,23 @@ impl HostProgram {
             io,
             runs,
             lowered,
+            layout,
         })
+    }
+
+    /// Fuses and compiles `g` without a memory plan: every value gets its own buffer, one after
+    /// another (update results at their target's).
+    pub fn compile_unplanned(g: &Graph) -> Result<HostProgram, KernelError> {
+        let mut layout = Layout::default();
+        for (i, v) in g.values().iter().enumerate() {
+            layout.offsets.insert(ValueId(i as u32), layout.arena_bytes);
+            layout.arena_bytes += (v.ty.bytes() as u64).div_ceil(256) * 256;
+        }
+        for &(p, v) in g.updates() {
+            let at = layout.offsets[&p];
+            layout.offsets.insert(v, at);
+        }
+        HostProgram::compile(g, fuse(g), layout)
     }
 
     /// Number of kernels (generated and library).
@@ -89,15 +155,29 @@ impl HostProgram {
         self.kernels.len()
     }
 
-    /// JIT-compiles the kernels and gives `f` a step function that runs the whole program on a
-    /// [`Store`] (which must hold every input, param and constant).
+    /// A zeroed arena for this program.
+    pub fn arena(&self, g: &Graph) -> Arena<'_> {
+        Arena {
+            words: vec![0u64; (self.layout.arena_bytes as usize).div_ceil(8)],
+            layout: &self.layout,
+            sizes: self
+                .layout
+                .offsets
+                .keys()
+                .map(|&v| (v, g.value(v).ty.bytes()))
+                .collect(),
+        }
+    }
+
+    /// JIT-compiles the kernels and gives `f` a step function that runs the whole program on an
+    /// [`Arena`] (which must hold every input, param and constant).
     ///
     /// With `MEMC_PROFILE` set in the environment, the time spent per kind of kernel over all
     /// steps is printed to stderr at the end.
     pub fn with_steps<R>(
         &self,
         g: &Graph,
-        f: impl FnOnce(&mut dyn FnMut(&mut Store)) -> R,
+        f: impl FnOnce(&mut dyn FnMut(&mut Arena)) -> R,
     ) -> Result<R, KernelError> {
         let profile = std::env::var_os("MEMC_PROFILE").is_some();
         let label = |n: usize| -> String {
@@ -110,23 +190,15 @@ impl HostProgram {
         };
         let mut spent: HashMap<String, (f64, usize)> = HashMap::new();
         let result = with_host_jit(&self.lowered, |call| {
-            let mut step = |store: &mut Store| {
+            let mut step = |arena: &mut Arena| {
                 for (n, run) in self.runs.iter().enumerate() {
                     let t0 = profile.then(std::time::Instant::now);
                     let (ins, outs) = &self.io[n];
                     match run {
                         Run::Generated => {
-                            let mut out_bufs: Vec<Vec<u8>> = outs
-                                .iter()
-                                .map(|&v| vec![0u8; g.value(v).ty.bytes()])
-                                .collect();
-                            let mut ptrs: Vec<*mut u8> =
-                                ins.iter().map(|v| store[v].as_ptr() as *mut u8).collect();
-                            ptrs.extend(out_bufs.iter_mut().map(|b| b.as_mut_ptr()));
+                            let ptrs: Vec<*mut u8> =
+                                ins.iter().chain(outs).map(|&v| arena.ptr(v)).collect();
                             call(&format!("k{n}"), &ptrs);
-                            for (&v, b) in outs.iter().zip(out_bufs) {
-                                store.insert(v, b);
-                            }
                         }
                         Run::Gemm => {
                             let t = match g.value(outs[0]).ty.dtype {
@@ -134,17 +206,20 @@ impl HostProgram {
                                 DType::BF16 => GemmType::BF16,
                                 _ => GemmType::F32,
                             };
-                            let mut out = vec![0u8; g.value(outs[0]).ty.bytes()];
-                            let (a, b) = (ins[0], ins[1]);
+                            let (a, b, o) = (ins[0], ins[1], outs[0]);
+                            // SAFETY: the plan gives a step's operands and result disjoint
+                            // buffers inside the arena.
+                            let out = unsafe {
+                                std::slice::from_raw_parts_mut(arena.ptr(o), g.value(o).ty.bytes())
+                            };
                             matmul(
                                 t,
-                                &store[&a],
+                                arena.get(a),
                                 &g.value(a).ty.shape,
-                                &store[&b],
+                                arena.get(b),
                                 &g.value(b).ty.shape,
-                                &mut out,
+                                out,
                             );
-                            store.insert(outs[0], out);
                         }
                     }
                     if let Some(t0) = t0 {

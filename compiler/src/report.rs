@@ -111,7 +111,7 @@ pub fn plan_json(g: &Graph, plan: &Plan) -> Value {
         "at_peak": cat(&plan.at_peak),
         "totals": cat(&plan.totals),
         "buffer_alignment": ALIGN,
-        "steps": plan.order.len(),
+        "steps": plan.steps,
     })
 }
 
@@ -121,9 +121,7 @@ pub fn plan_table(g: &Graph, plan: &Plan) -> String {
     let _ = writeln!(
         s,
         "memory plan: peak {} bytes (one arena, {}-byte aligned buffers, {} steps)",
-        plan.peak_bytes,
-        ALIGN,
-        plan.order.len()
+        plan.peak_bytes, ALIGN, plan.steps
     );
     let _ = writeln!(
         s,
@@ -259,8 +257,7 @@ pub fn plan_svg(plan: &Plan, title: &str) -> String {
 pub fn plan_text(g: &Graph, plan: &Plan) -> String {
     let mut s = format!(
         "plan {{ peak_bytes = {}, steps = {} }}\n",
-        plan.peak_bytes,
-        plan.order.len()
+        plan.peak_bytes, plan.steps
     );
     for (step, &n) in plan.order.iter().enumerate() {
         let node = g.node(n);

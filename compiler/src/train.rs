@@ -316,24 +316,42 @@ pub fn run_reference(
     Ok(losses)
 }
 
-/// The initial buffers of a program: params (optimizer state at zero) and constants.
+/// The cpu backend's program: `g` fused into kernels, planned over those kernels (values
+/// inside one kernel need no buffer), kernels generated and lowered. Returns the program and
+/// the plan's peak (the bytes its arena allocates).
 #[cfg(feature = "codegen")]
-fn initial_store(g: &Graph) -> memc_codegen::host::Store {
-    let mut store = memc_codegen::host::Store::new();
-    for (i, v) in g.values().iter().enumerate() {
-        let bytes = match &v.def {
-            ValueDef::Param { data: Some(t), .. } | ValueDef::Const(t) => t.bytes().to_vec(),
-            ValueDef::Param { data: None, .. } => vec![0u8; v.ty.bytes()],
-            _ => continue,
-        };
-        store.insert(memc_ir::ValueId(i as u32), bytes);
+pub fn host_program(g: &Graph) -> Result<(memc_codegen::host::HostProgram, u64)> {
+    let kernels = memc_codegen::fuse::fuse(g);
+    let steps: Vec<Vec<memc_ir::NodeId>> = kernels.iter().map(|k| k.nodes.clone()).collect();
+    let plan = memc_passes::plan::plan_steps(g, &steps);
+    let mut layout = memc_codegen::host::Layout {
+        arena_bytes: plan.peak_bytes,
+        offsets: Default::default(),
+    };
+    for b in &plan.buffers {
+        layout.offsets.insert(b.value, b.offset);
     }
-    store
+    for &(v, target) in &plan.aliases {
+        let at = layout.offsets[&target];
+        layout.offsets.insert(v, at);
+    }
+    let program = memc_codegen::host::HostProgram::compile(g, kernels, layout)?;
+    Ok((program, plan.peak_bytes))
+}
+
+/// Writes params (optimizer state stays zero) and constants into a fresh arena.
+#[cfg(feature = "codegen")]
+fn load_arena(g: &Graph, arena: &mut memc_codegen::host::Arena) {
+    for (i, v) in g.values().iter().enumerate() {
+        if let ValueDef::Param { data: Some(t), .. } | ValueDef::Const(t) = &v.def {
+            arena.set(memc_ir::ValueId(i as u32), t.bytes());
+        }
+    }
 }
 
 /// Trains on the cpu backend (kernels generated through MLIR and LLVM, GEMMs on the runtime's
-/// library), printing one JSON line per step; returns the losses. The weights are written back
-/// into `g` at the end.
+/// library, one arena sized by the plan), printing one JSON line per step (`peak_bytes` is
+/// the arena's size); returns the losses. The weights are written back into `g` at the end.
 #[cfg(feature = "codegen")]
 pub fn run_host(
     g: &mut Graph,
@@ -344,10 +362,9 @@ pub fn run_host(
     let (name, ty) = data_input(g, data, model)?;
     let (batch, seq) = (ty.shape[0], ty.shape[1]);
     let t0 = Instant::now();
-    let program =
-        memc_codegen::host::HostProgram::compile(g).map_err(|e| anyhow!("{model}: {e}"))?;
+    let (program, peak) = host_program(g).map_err(|e| anyhow!("{model}: {e:#}"))?;
     eprintln!(
-        "compiled {} kernels for the host in {:.1} s",
+        "compiled {} kernels for the host in {:.1} s; arena {peak} bytes",
         program.kernel_count(),
         t0.elapsed().as_secs_f64()
     );
@@ -357,16 +374,18 @@ pub fn run_host(
             .copied()
             .find(|&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == n))
     };
-    let ids_v = input_of(&name).unwrap();
+    let ids_v = input_of(&name).expect("data_input found it");
     let scalars = [
         (input_of(train::LR_INPUT), opts.lr),
         (input_of(train::WEIGHT_DECAY_INPUT), opts.weight_decay),
     ];
     let step_v = input_of(train::STEP_INPUT);
     let loss_v = g.outputs()[0].1;
-    let updates: Vec<(memc_ir::ValueId, memc_ir::ValueId)> = g.updates().to_vec();
-    let mut store = initial_store(g);
-    let f32_bytes = |v: f64| (v as f32).to_le_bytes().to_vec();
+    let targets: Vec<memc_ir::ValueId> = g.updates().iter().map(|&(t, _)| t).collect();
+    let mut arena = program.arena(g);
+    assert_eq!(arena.bytes() as u64, peak);
+    load_arena(g, &mut arena);
+    let f32_bytes = |v: f64| (v as f32).to_le_bytes();
     let losses = program
         .with_steps(g, |run| -> Result<Vec<f64>> {
             let mut losses = Vec::with_capacity(opts.steps);
@@ -374,40 +393,34 @@ pub fn run_host(
                 let t = Instant::now();
                 let ids = data.next_batch(batch);
                 let ids = if ty.dtype == DType::I64 { ids } else { Tensor::from_i64(ty.dtype, ids.shape().to_vec(), &ids.to_i64_vec()) };
-                store.insert(ids_v, ids.bytes().to_vec());
+                arena.set(ids_v, ids.bytes());
                 for (v, x) in scalars {
                     if let Some(v) = v {
-                        store.insert(v, f32_bytes(x));
+                        arena.set(v, &f32_bytes(x));
                     }
                 }
                 if let Some(v) = step_v {
-                    store.insert(v, f32_bytes(step as f64));
+                    arena.set(v, &f32_bytes(step as f64));
                 }
-                run(&mut store);
-                let loss = f32::from_le_bytes(store[&loss_v][..4].try_into().unwrap()) as f64;
+                // Updates are written in place into the weights' and state's buffers.
+                run(&mut arena);
+                let loss = f32::from_le_bytes(arena.get(loss_v)[..4].try_into().unwrap()) as f64;
                 if !loss.is_finite() {
                     bail!("{model}: step {step}: the loss is {loss}");
                 }
-                for &(target, v) in &updates {
-                    let new = store[&v].clone();
-                    store.insert(target, new);
-                }
                 losses.push(loss);
                 let ms = t.elapsed().as_secs_f64() * 1e3;
-                let mut line = serde_json::json!({"step": step, "loss": loss, "tokens": batch * seq, "step_ms": (ms * 1000.0).round() / 1000.0, "backend": "cpu"});
-                if let Some(p) = opts.peak_bytes {
-                    line["peak_bytes"] = p.into();
-                }
+                let line = serde_json::json!({"step": step, "loss": loss, "tokens": batch * seq, "step_ms": (ms * 1000.0).round() / 1000.0, "backend": "cpu", "peak_bytes": peak});
                 println!("{line}");
             }
             Ok(losses)
         })
         .map_err(|e| anyhow!("{model}: {e}"))??;
-    for &(target, _) in &updates {
+    for target in targets {
         let ty = g.value(target).ty.clone();
         g.set_param_data(
             target,
-            Tensor::from_bytes(ty, store[&target].clone().into()).expect("sized by type"),
+            Tensor::from_bytes(ty, arena.get(target).to_vec().into()).expect("sized by type"),
         );
     }
     Ok(losses)
@@ -419,23 +432,24 @@ pub fn eval_host(
     g: &Graph,
     feeds: &std::collections::HashMap<String, Tensor>,
 ) -> Result<Vec<(String, Tensor)>> {
-    let program = memc_codegen::host::HostProgram::compile(g)?;
-    let mut store = initial_store(g);
+    let (program, _) = host_program(g)?;
+    let mut arena = program.arena(g);
+    load_arena(g, &mut arena);
     for &v in g.inputs() {
         if let ValueDef::Input { name } = &g.value(v).def {
             let t = feeds
                 .get(name)
                 .ok_or_else(|| anyhow!("input `{name}` has no value"))?;
-            store.insert(v, t.bytes().to_vec());
+            arena.set(v, t.bytes());
         }
     }
-    program.with_steps(g, |run| run(&mut store))?;
+    program.with_steps(g, |run| run(&mut arena))?;
     Ok(g.outputs()
         .iter()
         .map(|(name, v)| {
             (
                 name.clone(),
-                Tensor::from_bytes(g.value(*v).ty.clone(), store[v].clone().into())
+                Tensor::from_bytes(g.value(*v).ty.clone(), arena.get(*v).to_vec().into())
                     .expect("sized by type"),
             )
         })

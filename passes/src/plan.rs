@@ -78,6 +78,9 @@ pub struct Buffer {
 pub struct Plan {
     /// Nodes in execution order.
     pub order: Vec<NodeId>,
+    /// Steps of the plan (one per node, or one per fused kernel with [`plan_steps`]); buffer
+    /// lifetimes count in steps.
+    pub steps: usize,
     /// Every buffer, sorted by value id.
     pub buffers: Vec<Buffer>,
     /// Values written into another value's buffer: (update result, target).
@@ -100,7 +103,7 @@ pub struct Plan {
 impl Plan {
     /// Live bytes per category at every step, for plots.
     pub fn timeline(&self) -> Vec<[u64; 6]> {
-        let n = self.order.len().max(1);
+        let n = self.steps.max(1);
         let mut t = vec![[0u64; 6]; n];
         for b in &self.buffers {
             let c = Category::ALL.iter().position(|&c| c == b.category).unwrap();
@@ -118,19 +121,50 @@ fn padded(bytes: usize) -> u64 {
 
 /// Plans `g`'s memory: order, liveness and arena offsets.
 pub fn plan(g: &Graph) -> Plan {
-    let order = schedule(g);
-    let n = order.len();
+    let steps: Vec<Vec<NodeId>> = schedule(g).into_iter().map(|n| vec![n]).collect();
+    plan_steps(g, &steps)
+}
+
+/// Plans `g` for a given sequence of steps, each running a group of nodes at once (a fused
+/// kernel). A value produced and consumed within one group, and not an output or an update,
+/// gets no buffer. The groups must be in an order where every operand is computed by an
+/// earlier (or the same) group and every update runs after the other readers of its target;
+/// program order of fused kernels is such an order.
+pub fn plan_steps(g: &Graph, steps: &[Vec<NodeId>]) -> Plan {
+    let n = steps.len();
     let mut step_of = vec![usize::MAX; g.nodes().len()];
-    for (s, &node) in order.iter().enumerate() {
-        step_of[node.index()] = s;
+    for (s, group) in steps.iter().enumerate() {
+        for node in group {
+            step_of[node.index()] = s;
+        }
     }
+    let order: Vec<NodeId> = steps.iter().flatten().copied().collect();
     let last = n.saturating_sub(1);
+    // Values that never leave their group need no buffer.
+    let mut leaves = vec![false; g.values().len()];
+    for (i, node) in g.nodes().iter().enumerate() {
+        for &v in &node.inputs {
+            if g.producer(v)
+                .is_none_or(|p| step_of[p.index()] != step_of[i])
+            {
+                leaves[v.index()] = true;
+            }
+        }
+    }
+    for &(_, v) in g.outputs() {
+        leaves[v.index()] = true;
+    }
+    for &(p, v) in g.updates() {
+        leaves[p.index()] = true;
+        leaves[v.index()] = true;
+    }
 
     // Update results share their target's buffer.
     let alias_of: HashMap<ValueId, ValueId> = g.updates().iter().map(|&(p, v)| (v, p)).collect();
     let mut end = vec![0usize; g.values().len()];
     let mut used_later = vec![false; g.values().len()];
-    for (s, &node) in order.iter().enumerate() {
+    for &node in &order {
+        let s = step_of[node.index()];
         let nd = g.node(node);
         for &v in &nd.inputs {
             end[v.index()] = end[v.index()].max(s);
@@ -163,7 +197,8 @@ pub fn plan(g: &Graph) -> Plan {
     let mut saved_activation_bytes = 0u64;
     for (i, v) in g.values().iter().enumerate() {
         let id = ValueId(i as u32);
-        if alias_of.contains_key(&id) {
+        let internal = matches!(v.def, ValueDef::Node { .. }) && !leaves[i];
+        if alias_of.contains_key(&id) || internal {
             continue;
         }
         let size = padded(v.ty.bytes());
@@ -228,6 +263,7 @@ pub fn plan(g: &Graph) -> Plan {
     }
     Plan {
         order,
+        steps: n,
         buffers,
         aliases: alias_of.into_iter().collect(),
         peak_bytes,

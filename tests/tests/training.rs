@@ -364,3 +364,56 @@ fn bf16_training_tracks_f32() {
         }
     }
 }
+
+#[test]
+fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
+    // The plan over fused kernels: buffers never overlap while live, the arena is exactly the
+    // peak, and the cpu backend allocates exactly that arena (and still trains correctly:
+    // `cpu_backend_reproduces_the_reference_losses`).
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
+    {
+        let (g, _) = program(
+            &ex,
+            &args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto),
+        );
+        let kernels = memc_codegen::fuse::fuse(&g);
+        let steps: Vec<Vec<memc_ir::NodeId>> = kernels.iter().map(|k| k.nodes.clone()).collect();
+        let p = memc_passes::plan::plan_steps(&g, &steps);
+        assert_eq!(p.steps, kernels.len());
+        for (i, a) in p.buffers.iter().enumerate() {
+            for b in &p.buffers[i + 1..] {
+                let live_together = a.start <= b.end && b.start <= a.end;
+                let share_bytes = a.offset < b.offset + b.size && b.offset < a.offset + a.size;
+                assert!(
+                    !(live_together && share_bytes),
+                    "{}: %{} and %{} overlap",
+                    ex.name,
+                    a.value.0,
+                    b.value.0
+                );
+            }
+        }
+        assert_eq!(
+            p.buffers.iter().map(|b| b.offset + b.size).max().unwrap(),
+            p.peak_bytes
+        );
+        let (program, peak) = memc::train::host_program(&g).unwrap();
+        assert_eq!(peak, p.peak_bytes);
+        assert_eq!(
+            program.arena(&g).bytes() as u64,
+            p.peak_bytes,
+            "{}",
+            ex.name
+        );
+        let node_plan = plan(&g);
+        eprintln!(
+            "{:<14} arena over {} fused kernels: {} bytes (node-level plan: {} bytes)",
+            ex.name,
+            kernels.len(),
+            p.peak_bytes,
+            node_plan.peak_bytes
+        );
+    }
+}
