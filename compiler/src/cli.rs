@@ -276,6 +276,7 @@ fn compile(args: CompileArgs) -> Result<()> {
         }
     }
     let plan = timer.time("plan", || memc_passes::plan::plan(&g));
+    let cpu_arena = timer.time("fuse", || cpu_arena(&g));
     match args.emit {
         Some(Emit::Ir) => print!("{}", memc_ir::print(&g)),
         Some(Emit::Plan) => print!("{}", report::plan_text(&g, &plan)),
@@ -296,6 +297,9 @@ fn compile(args: CompileArgs) -> Result<()> {
             );
         }
         print!("{}", report::plan_table(&g, &plan));
+        if let Some((bytes, kernels)) = cpu_arena {
+            println!("cpu backend: {kernels} kernels after fusion, one arena of {bytes} bytes (the plan over the fused kernels)");
+        }
     }
     if let Some(path) = &args.report_json {
         let mut r = report::json_report(&model, &g, &timer.phases);
@@ -303,6 +307,12 @@ fn compile(args: CompileArgs) -> Result<()> {
             (r.as_object_mut(), report::plan_json(&g, &plan))
         {
             obj.extend(p);
+            if let Some((bytes, kernels)) = cpu_arena {
+                obj.insert(
+                    "cpu_backend".into(),
+                    serde_json::json!({"arena_bytes": bytes, "kernels": kernels}),
+                );
+            }
             if let Some(t) = &train_stats {
                 obj.insert(
                     "training".into(),
@@ -319,6 +329,22 @@ fn compile(args: CompileArgs) -> Result<()> {
         write_file(path, &(serde_json::to_string_pretty(&r)? + "\n"))?;
     }
     Ok(())
+}
+
+/// The cpu backend's arena size and kernel count: the plan over the fused kernels.
+#[cfg(feature = "codegen")]
+fn cpu_arena(g: &Graph) -> Option<(u64, usize)> {
+    let kernels = memc_codegen::fuse::fuse(g);
+    let steps: Vec<Vec<memc_ir::NodeId>> = kernels.iter().map(|k| k.nodes.clone()).collect();
+    Some((
+        memc_passes::plan::plan_steps(g, &steps).peak_bytes,
+        kernels.len(),
+    ))
+}
+
+#[cfg(not(feature = "codegen"))]
+fn cpu_arena(_: &Graph) -> Option<(u64, usize)> {
+    None
 }
 
 /// `--emit mlir|llvm`: every kernel of the program in order; fused elementwise kernels in full,

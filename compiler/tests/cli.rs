@@ -721,6 +721,26 @@ fn compile_train_reports_the_plan() {
     ] {
         assert!(r[key].is_u64(), "{key} missing: {r}");
     }
+    // The cpu backend's arena is reported, and a training run allocates exactly that.
+    let arena = r["cpu_backend"]["arena_bytes"].as_u64().unwrap();
+    let data = example("llama-dynamo/inputs/input_ids.npy");
+    let o2 = memc(&[
+        "train",
+        s(&m),
+        "--data",
+        s(&data),
+        "--steps",
+        "1",
+        "--optimizer",
+        "adamw",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(o2.code, 0, "{}", o2.stderr);
+    assert_eq!(
+        lines_json(&o2.stdout)[0]["peak_bytes"].as_u64().unwrap(),
+        arena
+    );
     // AdamW keeps two moments per weight; weights and their gradients have equal sizes.
     assert_eq!(
         r["optimizer_bytes"].as_u64().unwrap(),
