@@ -334,12 +334,8 @@ fn compile(args: CompileArgs) -> Result<()> {
 /// The cpu backend's arena size and kernel count: the plan over the fused kernels.
 #[cfg(feature = "codegen")]
 fn cpu_arena(g: &Graph) -> Option<(u64, usize)> {
-    let kernels = memc_codegen::fuse::fuse(g);
-    let steps: Vec<Vec<memc_ir::NodeId>> = kernels.iter().map(|k| k.nodes.clone()).collect();
-    Some((
-        memc_passes::plan::plan_steps(g, &steps).peak_bytes,
-        kernels.len(),
-    ))
+    let (_, kernels, plan) = crate::train::host_layout(g);
+    Some((plan.peak_bytes, kernels.len()))
 }
 
 #[cfg(not(feature = "codegen"))]

@@ -316,14 +316,31 @@ pub fn run_reference(
     Ok(losses)
 }
 
-/// The cpu backend's program: `g` fused into kernels, planned over those kernels (values
-/// inside one kernel need no buffer), kernels generated and lowered. Returns the program and
-/// the plan's peak (the bytes its arena allocates).
+/// The cpu backend's kernel sequence and memory plan: `g`'s nodes put in the memory plan's
+/// order (which runs optimizer updates as soon as their gradients exist), fused into kernels
+/// in that order, and planned over those kernels (values inside a kernel need no buffer).
+/// Returns the reordered graph (same values), the kernels and the plan.
 #[cfg(feature = "codegen")]
-pub fn host_program(g: &Graph) -> Result<(memc_codegen::host::HostProgram, u64)> {
-    let kernels = memc_codegen::fuse::fuse(g);
+pub fn host_layout(
+    g: &Graph,
+) -> (
+    Graph,
+    Vec<memc_codegen::fuse::Kernel>,
+    memc_passes::plan::Plan,
+) {
+    let mut ordered = g.clone();
+    ordered.reorder_nodes(&memc_passes::plan::plan(g).order);
+    let kernels = memc_codegen::fuse::fuse(&ordered);
     let steps: Vec<Vec<memc_ir::NodeId>> = kernels.iter().map(|k| k.nodes.clone()).collect();
-    let plan = memc_passes::plan::plan_steps(g, &steps);
+    let plan = memc_passes::plan::plan_steps(&ordered, &steps);
+    (ordered, kernels, plan)
+}
+
+/// The cpu backend's program (see [`host_layout`]): returns it with the graph it runs (`g`
+/// reordered; value ids unchanged) and its arena size (the plan's peak).
+#[cfg(feature = "codegen")]
+pub fn host_program(g: &Graph) -> Result<(memc_codegen::host::HostProgram, Graph, u64)> {
+    let (ordered, kernels, plan) = host_layout(g);
     let mut layout = memc_codegen::host::Layout {
         arena_bytes: plan.peak_bytes,
         offsets: Default::default(),
@@ -335,8 +352,8 @@ pub fn host_program(g: &Graph) -> Result<(memc_codegen::host::HostProgram, u64)>
         let at = layout.offsets[&target];
         layout.offsets.insert(v, at);
     }
-    let program = memc_codegen::host::HostProgram::compile(g, kernels, layout)?;
-    Ok((program, plan.peak_bytes))
+    let program = memc_codegen::host::HostProgram::compile(&ordered, kernels, layout)?;
+    Ok((program, ordered, plan.peak_bytes))
 }
 
 /// Writes params (optimizer state stays zero) and constants into a fresh arena.
@@ -362,7 +379,7 @@ pub fn run_host(
     let (name, ty) = data_input(g, data, model)?;
     let (batch, seq) = (ty.shape[0], ty.shape[1]);
     let t0 = Instant::now();
-    let (program, peak) = host_program(g).map_err(|e| anyhow!("{model}: {e:#}"))?;
+    let (program, ordered, peak) = host_program(g).map_err(|e| anyhow!("{model}: {e:#}"))?;
     eprintln!(
         "compiled {} kernels for the host in {:.1} s; arena {peak} bytes",
         program.kernel_count(),
@@ -382,12 +399,12 @@ pub fn run_host(
     let step_v = input_of(train::STEP_INPUT);
     let loss_v = g.outputs()[0].1;
     let targets: Vec<memc_ir::ValueId> = g.updates().iter().map(|&(t, _)| t).collect();
-    let mut arena = program.arena(g);
+    let mut arena = program.arena(&ordered);
     assert_eq!(arena.bytes() as u64, peak);
     load_arena(g, &mut arena);
     let f32_bytes = |v: f64| (v as f32).to_le_bytes();
     let losses = program
-        .with_steps(g, |run| -> Result<Vec<f64>> {
+        .with_steps(&ordered, |run| -> Result<Vec<f64>> {
             let mut losses = Vec::with_capacity(opts.steps);
             for step in 1..=opts.steps {
                 let t = Instant::now();
@@ -432,8 +449,8 @@ pub fn eval_host(
     g: &Graph,
     feeds: &std::collections::HashMap<String, Tensor>,
 ) -> Result<Vec<(String, Tensor)>> {
-    let (program, _) = host_program(g)?;
-    let mut arena = program.arena(g);
+    let (program, ordered, _) = host_program(g)?;
+    let mut arena = program.arena(&ordered);
     load_arena(g, &mut arena);
     for &v in g.inputs() {
         if let ValueDef::Input { name } = &g.value(v).def {
@@ -443,7 +460,7 @@ pub fn eval_host(
             arena.set(v, t.bytes());
         }
     }
-    program.with_steps(g, |run| run(&mut arena))?;
+    program.with_steps(&ordered, |run| run(&mut arena))?;
     Ok(g.outputs()
         .iter()
         .map(|(name, v)| {

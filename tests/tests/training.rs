@@ -378,9 +378,8 @@ fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
             &ex,
             &args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto),
         );
-        let kernels = memc_codegen::fuse::fuse(&g);
-        let steps: Vec<Vec<memc_ir::NodeId>> = kernels.iter().map(|k| k.nodes.clone()).collect();
-        let p = memc_passes::plan::plan_steps(&g, &steps);
+        let (ordered, kernels, p) = memc::train::host_layout(&g);
+        memc_ir::verify(&ordered).unwrap();
         assert_eq!(p.steps, kernels.len());
         for (i, a) in p.buffers.iter().enumerate() {
             for b in &p.buffers[i + 1..] {
@@ -399,10 +398,10 @@ fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
             p.buffers.iter().map(|b| b.offset + b.size).max().unwrap(),
             p.peak_bytes
         );
-        let (program, peak) = memc::train::host_program(&g).unwrap();
+        let (program, ordered, peak) = memc::train::host_program(&g).unwrap();
         assert_eq!(peak, p.peak_bytes);
         assert_eq!(
-            program.arena(&g).bytes() as u64,
+            program.arena(&ordered).bytes() as u64,
             p.peak_bytes,
             "{}",
             ex.name
