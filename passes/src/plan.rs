@@ -2,9 +2,12 @@
 //! liveness, and an offset for every buffer in one arena (best-fit over sizes and lifetimes,
 //! as XLA's heap simulator does). The arena size is the peak, exact in bytes.
 //!
-//! Every value gets a buffer except an optimizer update's result, which is written into the
-//! buffer of the weight or state it replaces (the order puts it after every other reader of
-//! that buffer). Parameters, optimizer state, inputs and constants live for the whole step.
+//! The order is the best (lowest peak of live bytes) of three candidates: program order, a
+//! greedy list schedule, and program order with each optimizer update run as soon as its
+//! gradient exists. Every value gets a buffer except an optimizer update's result, which is
+//! written into the buffer of the weight or state it replaces (the order puts it after every
+//! other reader of that buffer), and, with [`plan_steps`], values that never leave their fused
+//! kernel. Parameters, optimizer state, inputs and constants live for the whole step.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
