@@ -1,7 +1,8 @@
 //! Fusion: groups a program's nodes into kernels. Chains of elementwise nodes over one
-//! iteration space become one kernel (one pass over memory); every other node is a kernel of
-//! its own (GEMMs go to a GEMM library, layout ops to copies, reductions and normalisations to
-//! their own kernels).
+//! iteration space become one kernel (one pass over memory), and a float reduction of such a
+//! chain's result joins it (the chain is evaluated inside the reduction loop); every other
+//! node is a kernel of its own (GEMMs go to a GEMM library, layout ops to copies,
+//! normalisations to their own kernels).
 //!
 //! An elementwise node joins the kernel of an operand's producer when that producer is
 //! elementwise, has the same result shape, and the operand has no other reader. Every member
@@ -22,7 +23,8 @@ pub struct Kernel {
     pub inputs: Vec<ValueId>,
     /// Values written for use outside the kernel.
     pub outputs: Vec<ValueId>,
-    /// Whether the kernel is a fused elementwise loop (else: one non-elementwise node).
+    /// Whether the kernel is generated from its fused nodes (an elementwise loop, possibly
+    /// ending in a reduction); otherwise it is one non-elementwise node.
     pub elementwise: bool,
 }
 
@@ -53,10 +55,18 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
     let mut groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
     for i in 0..n {
         let node = &g.nodes()[i];
-        if !is_elementwise(&node.op) {
+        // An elementwise chain may end in a reduction of its result (one pass over memory).
+        let reduction =
+            matches!(node.op, Op::Reduce { .. }) && g.value(node.inputs[0]).ty.dtype.is_float();
+        if !is_elementwise(&node.op) && !reduction {
             continue;
         }
-        let shape = &g.value(node.outputs[0]).ty.shape;
+        let shape = &g.value(node.inputs[0]).ty.shape;
+        let shape = if reduction {
+            shape
+        } else {
+            &g.value(node.outputs[0]).ty.shape
+        };
         for &v in &node.inputs {
             let Some(p) = g.producer(v) else { continue };
             let p = p.index();
@@ -106,6 +116,10 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
             })
             .collect();
         let elementwise = is_elementwise(&g.nodes()[nodes[0]].op);
+        debug_assert!(
+            elementwise || nodes.len() == 1,
+            "only elementwise chains fuse"
+        );
         kernels.push((
             nodes[0],
             Kernel {

@@ -132,7 +132,30 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
             "f16 values are not supported by host kernels yet (use bf16 or f32)".into(),
         ));
     }
-    let shape = g.value(g.node(last).outputs[0]).ty.shape.clone();
+    // A chain may end in a reduction: the chain runs over the reduction's input shape, inside
+    // the reduction loops.
+    let reduce = match &g.node(last).op {
+        Op::Reduce {
+            kind,
+            axes,
+            keep_dims,
+        } => Some((*kind, axes.clone(), *keep_dims)),
+        _ => None,
+    };
+    let chain: &[memc_ir::NodeId] = if reduce.is_some() {
+        &k.nodes[..k.nodes.len() - 1]
+    } else {
+        &k.nodes
+    };
+    let shape = match &reduce {
+        Some(_) => g.value(g.node(last).inputs[0]).ty.shape.clone(),
+        None => g.value(g.node(last).outputs[0]).ty.shape.clone(),
+    };
+    let reduced = |d: usize| {
+        reduce
+            .as_ref()
+            .is_some_and(|(_, axes, _)| axes.contains(&d))
+    };
     let rank = shape.len();
     let args: Vec<ValueId> = k.inputs.iter().chain(&k.outputs).copied().collect();
     let mut s = String::new();
@@ -149,7 +172,15 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
         let _ = writeln!(s, "  %n{d} = arith.constant {n} : index");
         dims_const.push(format!("%n{d}"));
     }
-    let ivs: Vec<String> = (0..rank).map(|d| format!("%i{d}")).collect();
+    let ivs: Vec<String> = (0..rank)
+        .map(|d| {
+            if reduced(d) {
+                format!("%r{d}")
+            } else {
+                format!("%i{d}")
+            }
+        })
+        .collect();
     let mut body = Body {
         text: String::new(),
         next: 0,
@@ -187,7 +218,7 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
         };
         env.insert(v, value);
     }
-    for &n in &k.nodes {
+    for &n in chain {
         let node = g.node(n);
         let out = node.outputs[0];
         let ot = g.value(out).ty.dtype;
@@ -204,6 +235,20 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
             _ => v,
         };
         env.insert(out, v);
+    }
+    if let Some((kind, axes, keep_dims)) = &reduce {
+        return Ok(reduction_kernel(
+            g,
+            k,
+            s,
+            body,
+            &env,
+            &shape,
+            &dims_const,
+            *kind,
+            axes,
+            *keep_dims,
+        ));
     }
     for (j, &v) in k.outputs.iter().enumerate() {
         let t = &g.value(v).ty;
@@ -242,6 +287,123 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
     }
     let _ = writeln!(s, "  return\n}}");
     Ok(s)
+}
+
+/// Closes a chain that ends in a reduction: `scf.parallel` over the kept dims, `scf.for` loops
+/// with an accumulator over the reduced dims around the chain's `body`, and the result stored
+/// once per kept index.
+#[allow(clippy::too_many_arguments)]
+fn reduction_kernel(
+    g: &Graph,
+    k: &Kernel,
+    mut s: String,
+    mut body: Body,
+    env: &std::collections::HashMap<ValueId, String>,
+    shape: &[usize],
+    dims: &[String],
+    kind: memc_ir::ReduceKind,
+    axes: &[usize],
+    keep_dims: bool,
+) -> String {
+    use memc_ir::ReduceKind;
+    let last = g.node(*k.nodes.last().unwrap());
+    let x = env[&last.inputs[0]].clone();
+    let out = last.outputs[0];
+    let ot = g.value(out).ty.dtype;
+    let ct = compute(ot);
+    // Accumulate inside the innermost loop.
+    let acc_in = format!("%acc{}", axes.len() - 1);
+    let op = if kind == ReduceKind::Max {
+        "arith.maximumf"
+    } else {
+        "arith.addf"
+    };
+    let sum = body.emit(&format!("{op} {acc_in}, {x} : {ct}"));
+    let _ = writeln!(body.text, "    scf.yield {sum} : {ct}");
+    let init = if kind == ReduceKind::Max {
+        if ct == "f64" {
+            "0xFFF0000000000000".to_string()
+        } else {
+            "0xFF800000".to_string()
+        }
+    } else {
+        float_const(0.0)
+    };
+    let kept: Vec<usize> = (0..shape.len()).filter(|d| !axes.contains(d)).collect();
+    let pivs: Vec<String> = kept.iter().map(|d| format!("%i{d}")).collect();
+    if kept.is_empty() {
+        let _ = writeln!(s, "  scf.execute_region {{");
+    } else {
+        let pdims: Vec<String> = kept.iter().map(|&d| dims[d].clone()).collect();
+        let zeros = vec!["%c0"; kept.len()].join(", ");
+        let ones = vec!["%c1"; kept.len()].join(", ");
+        let _ = writeln!(
+            s,
+            "  scf.parallel ({}) = ({zeros}) to ({}) step ({ones}) {{",
+            pivs.join(", "),
+            pdims.join(", ")
+        );
+    }
+    let _ = writeln!(s, "    %init = arith.constant {init} : {ct}");
+    for (j, &d) in axes.iter().enumerate() {
+        let carried = if j == 0 {
+            "%init".to_string()
+        } else {
+            format!("%acc{}", j - 1)
+        };
+        let _ = writeln!(s, "    %res{j} = scf.for %r{d} = %c0 to {} step %c1 iter_args(%acc{j} = {carried}) -> ({ct}) {{", dims[d]);
+    }
+    s += &body.text;
+    for j in (0..axes.len()).rev() {
+        let _ = writeln!(s, "    }}");
+        if j > 0 {
+            let _ = writeln!(s, "    scf.yield %res{j} : {ct}");
+        }
+    }
+    let mut result = "%res0".to_string();
+    if kind == ReduceKind::Mean {
+        let count: usize = axes.iter().map(|&a| shape[a]).product();
+        let _ = writeln!(
+            s,
+            "    %count = arith.constant {} : {ct}",
+            float_const(count as f64)
+        );
+        let _ = writeln!(s, "    %mean = arith.divf %res0, %count : {ct}");
+        result = "%mean".to_string();
+    }
+    if matches!(ot, DType::F16 | DType::BF16) {
+        let _ = writeln!(
+            s,
+            "    %rounded = arith.truncf {result} : f32 to {}",
+            storage(ot)
+        );
+        result = "%rounded".to_string();
+    }
+    let oidx: Vec<String> = (0..shape.len())
+        .filter_map(|d| match (axes.contains(&d), keep_dims) {
+            (false, _) => Some(format!("%i{d}")),
+            (true, true) => Some("%c0".to_string()),
+            (true, false) => None,
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "    memref.store {result}, %a{}[{}] : {}",
+        k.inputs.len(),
+        oidx.join(", "),
+        memref(g, out)
+    );
+    let _ = writeln!(
+        s,
+        "    {}\n  }}",
+        if kept.is_empty() {
+            "scf.yield"
+        } else {
+            "scf.reduce"
+        }
+    );
+    let _ = writeln!(s, "  return\n}}");
+    s
 }
 
 /// A float literal MLIR parses (`1.00000000000000000e0`).

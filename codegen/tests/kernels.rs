@@ -240,3 +240,36 @@ fn kernel_text_snapshots() {
         insta::assert_snapshot!(format!("{name}_llvm"), lowered.llvm_ir);
     }
 }
+
+#[test]
+fn chains_ending_in_reductions() {
+    for (kind, axes, keep) in [
+        (memc_ir::ReduceKind::Mean, vec![2], true),
+        (memc_ir::ReduceKind::Sum, vec![0, 2], false),
+        (memc_ir::ReduceKind::Max, vec![1], true),
+        (memc_ir::ReduceKind::Sum, vec![0, 1, 2], false),
+    ] {
+        let g = graph(
+            &[("x", DType::F32, &[2, 3, 5]), ("w", DType::F32, &[5])],
+            |g, x| {
+                let sq = op(g, Op::Binary(BinaryOp::Mul), &[x[0], x[0]]);
+                let sc = op(g, Op::Binary(BinaryOp::Mul), &[sq, x[1]]);
+                vec![op(
+                    g,
+                    Op::Reduce {
+                        kind,
+                        axes: axes.clone(),
+                        keep_dims: keep,
+                    },
+                    &[sc],
+                )]
+            },
+        );
+        assert_eq!(
+            fuse(&g).len(),
+            1,
+            "the chain and its reduction are one kernel"
+        );
+        check(&g, 1e-5);
+    }
+}
