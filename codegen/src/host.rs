@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use memc_ir::{DType, Graph, Op, ValueId};
 use memc_runtime::gemm::{matmul, GemmType};
 
-use crate::fuse::{fuse, Kernel};
+use crate::fuse::Kernel;
 use crate::jit::with_host_jit;
 use crate::kernel::{elementwise_mlir, KernelError, Lowerer};
 use crate::ops::op_mlir;
@@ -80,7 +80,7 @@ impl Arena<'_> {
 }
 
 impl HostProgram {
-    /// Generates, lowers and translates every kernel of `kernels` (from [`fuse`], in order),
+    /// Generates, lowers and translates every kernel of `kernels` (from [`crate::fuse::fuse`], in order),
     /// keeping the layout every value is read and written at.
     pub fn compile(
         g: &Graph,
@@ -133,21 +133,6 @@ impl HostProgram {
             lowered,
             layout,
         })
-    }
-
-    /// Fuses and compiles `g` without a memory plan: every value gets its own buffer, one after
-    /// another (update results at their target's).
-    pub fn compile_unplanned(g: &Graph) -> Result<HostProgram, KernelError> {
-        let mut layout = Layout::default();
-        for (i, v) in g.values().iter().enumerate() {
-            layout.offsets.insert(ValueId(i as u32), layout.arena_bytes);
-            layout.arena_bytes += (v.ty.bytes() as u64).div_ceil(256) * 256;
-        }
-        for &(p, v) in g.updates() {
-            let at = layout.offsets[&p];
-            layout.offsets.insert(v, at);
-        }
-        HostProgram::compile(g, fuse(g), layout)
     }
 
     /// Number of kernels (generated and library).

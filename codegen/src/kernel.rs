@@ -576,7 +576,8 @@ pub struct Lowered {
     pub llvm_ir: String,
 }
 
-fn mlir_context() -> Context {
+/// An MLIR context with every dialect, pass and LLVM translation registered.
+pub(crate) fn mlir_context() -> Context {
     let registry = DialectRegistry::new();
     register_all_dialects(&registry);
     register_all_passes();

@@ -4,11 +4,8 @@ use inkwell::targets::{
     CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple,
 };
 use inkwell::OptimizationLevel;
-use melior::dialect::DialectRegistry;
 use melior::ir::Module;
 use melior::pass::{self, PassManager};
-use melior::utility::{register_all_dialects, register_all_llvm_translations, register_all_passes};
-use melior::Context;
 
 /// What went wrong while exercising the toolchain.
 #[derive(Debug, thiserror::Error)]
@@ -85,13 +82,7 @@ pub fn check() -> Result<ToolchainReport, ToolchainError> {
 }
 
 fn lower_smoke_mlir() -> Result<String, ToolchainError> {
-    let registry = DialectRegistry::new();
-    register_all_dialects(&registry);
-    register_all_passes();
-    let context = Context::new();
-    context.append_dialect_registry(&registry);
-    context.load_all_available_dialects();
-    register_all_llvm_translations(&context);
+    let context = crate::kernel::mlir_context();
     let mut module = Module::parse(&context, SMOKE_MLIR)
         .ok_or_else(|| ToolchainError::Mlir("the smoke module did not parse".into()))?;
     if !module.as_operation().verify() {

@@ -179,14 +179,14 @@ impl Batches {
         Ok(())
     }
 
-    /// The next `batch` rows (wrapping around the file).
-    pub fn next_batch(&mut self, batch: usize) -> Tensor {
+    /// The next `batch` rows (wrapping around the file), as `dtype` (i64 or i32).
+    pub fn next_batch(&mut self, batch: usize, dtype: DType) -> Tensor {
         let mut out = Vec::with_capacity(batch * self.seq);
         for _ in 0..batch {
             out.extend_from_slice(&self.ids[self.next * self.seq..(self.next + 1) * self.seq]);
             self.next = (self.next + 1) % self.rows;
         }
-        Tensor::from_i64(DType::I64, vec![batch, self.seq], &out)
+        Tensor::from_i64(dtype, vec![batch, self.seq], &out)
     }
 }
 
@@ -272,12 +272,7 @@ pub fn run_reference(
     let mut losses = Vec::with_capacity(opts.steps);
     for step in 1..=opts.steps {
         let t0 = Instant::now();
-        let ids = data.next_batch(batch);
-        let ids = if ty.dtype == DType::I64 {
-            ids
-        } else {
-            Tensor::from_i64(ty.dtype, ids.shape().to_vec(), &ids.to_i64_vec())
-        };
+        let ids = data.next_batch(batch, ty.dtype);
         let feeds = HashMap::from([
             (name.clone(), ids),
             (train::LR_INPUT.to_string(), scalar(opts.lr)),
@@ -408,8 +403,7 @@ pub fn run_host(
             let mut losses = Vec::with_capacity(opts.steps);
             for step in 1..=opts.steps {
                 let t = Instant::now();
-                let ids = data.next_batch(batch);
-                let ids = if ty.dtype == DType::I64 { ids } else { Tensor::from_i64(ty.dtype, ids.shape().to_vec(), &ids.to_i64_vec()) };
+                let ids = data.next_batch(batch, ty.dtype);
                 arena.set(ids_v, ids.bytes());
                 for (v, x) in scalars {
                     if let Some(v) = v {

@@ -67,6 +67,28 @@ fn losses(ex: &Example, a: &TrainProgramArgs, lr: f64, wd: f64, steps: usize) ->
     out
 }
 
+/// `max |got - want| / |want|` over paired losses.
+fn max_rel(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs() / b.abs())
+        .fold(0.0, f64::max)
+}
+
+/// `steps` AdamW steps (lr 1e-3, weight decay 0.01) on the cpu backend, on the example's batch.
+fn cpu_losses(ex: &Example, a: &TrainProgramArgs, steps: usize) -> Vec<f64> {
+    let (mut g, _) = program(ex, a);
+    let mut data = Batches::open(&ex.path.with_extension("").join("inputs/input_ids.npy")).unwrap();
+    let opts = memc::train::LoopOptions {
+        steps,
+        lr: 1e-3,
+        weight_decay: 0.01,
+        peak_bytes: None,
+    };
+    memc::train::run_host(&mut g, &mut data, &opts, &ex.name).unwrap()
+}
+
 #[test]
 fn every_example_reproduces_pytorch_losses() {
     let runs = [
@@ -92,11 +114,7 @@ fn every_example_reproduces_pytorch_losses() {
                 .iter()
                 .map(|v| v.as_f64().unwrap())
                 .collect();
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs() / b.abs())
-                .fold(0.0, f64::max);
+            let err = max_rel(&got, &want);
             eprintln!(
                 "{:<28} {key:<13} max relative loss error {err:.2e}",
                 ex.name
@@ -273,34 +291,26 @@ fn training_data_batches_cycle() {
     let ids = memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![3, 2], &[1, 2, 3, 4, 5, 6]);
     memc::io::write_tensor(&path, &ids).unwrap();
     let mut b = Batches::open(&path).unwrap();
-    assert_eq!(b.next_batch(2).to_i64_vec(), vec![1, 2, 3, 4]);
-    assert_eq!(b.next_batch(2).to_i64_vec(), vec![5, 6, 1, 2]);
+    assert_eq!(
+        b.next_batch(2, memc_ir::DType::I64).to_i64_vec(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        b.next_batch(2, memc_ir::DType::I64).to_i64_vec(),
+        vec![5, 6, 1, 2]
+    );
 }
 
 #[test]
 fn cpu_backend_reproduces_the_reference_losses() {
-    use memc::train::{run_host, LoopOptions};
     for ex in examples()
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && e.family != "bert" && !e.name.contains("opset"))
     {
         let a = args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto);
         let reference = losses(&ex, &a, 1e-3, 0.01, 3);
-        let (mut g, _) = program(&ex, &a);
-        let mut data =
-            Batches::open(&ex.path.with_extension("").join("inputs/input_ids.npy")).unwrap();
-        let opts = LoopOptions {
-            steps: 3,
-            lr: 1e-3,
-            weight_decay: 0.01,
-            peak_bytes: None,
-        };
-        let cpu = run_host(&mut g, &mut data, &opts, &ex.name).unwrap();
-        let err = cpu
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs() / b.abs())
-            .fold(0.0, f64::max);
+        let cpu = cpu_losses(&ex, &a, 3);
+        let err = max_rel(&cpu, &reference);
         eprintln!(
             "{:<14} cpu backend vs reference: max relative loss difference {err:.2e}",
             ex.name
@@ -315,7 +325,6 @@ fn cpu_backend_reproduces_the_reference_losses() {
 
 #[test]
 fn bf16_training_tracks_f32() {
-    use memc::train::{run_host, LoopOptions};
     for ex in examples()
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && e.family != "bert" && !e.name.contains("opset"))
@@ -327,11 +336,7 @@ fn bf16_training_tracks_f32() {
         };
         let full = losses(&ex, &f32_args, 1e-3, 0.01, 20);
         let half = losses(&ex, &bf16_args, 1e-3, 0.01, 20);
-        let err = full
-            .iter()
-            .zip(&half)
-            .map(|(a, b)| (a - b).abs() / a.abs())
-            .fold(0.0, f64::max);
+        let err = max_rel(&half, &full);
         eprintln!("{:<14} bf16 vs f32 over 20 AdamW steps (reference backend): max relative loss difference {err:.2e}", ex.name);
         assert!(err <= 0.02, "{}: bf16 {half:?} vs f32 {full:?}", ex.name);
         assert!(
@@ -341,21 +346,8 @@ fn bf16_training_tracks_f32() {
         );
         if ex.family == "llama" {
             // The cpu backend's bf16 kernels (f32 arithmetic, bf16 rounding) agree too.
-            let (mut g, _) = program(&ex, &bf16_args);
-            let mut data =
-                Batches::open(&ex.path.with_extension("").join("inputs/input_ids.npy")).unwrap();
-            let opts = LoopOptions {
-                steps: 20,
-                lr: 1e-3,
-                weight_decay: 0.01,
-                peak_bytes: None,
-            };
-            let cpu = run_host(&mut g, &mut data, &opts, &ex.name).unwrap();
-            let err = full
-                .iter()
-                .zip(&cpu)
-                .map(|(a, b)| (a - b).abs() / a.abs())
-                .fold(0.0, f64::max);
+            let cpu = cpu_losses(&ex, &bf16_args, 20);
+            let err = max_rel(&cpu, &full);
             eprintln!(
                 "{:<14} bf16 on the cpu backend vs f32: max relative loss difference {err:.2e}",
                 ex.name
