@@ -83,3 +83,80 @@ pub fn rel_error(got: &Tensor, want: &Tensor) -> f64 {
     let scale = w.iter().map(|b| b.abs() as f64).fold(0.0, f64::max);
     diff / scale
 }
+
+/// Training options as the CLI's defaults, with these choices.
+pub fn train_args(
+    optimizer: memc::train::OptimizerArg,
+    momentum: f64,
+    clip: Option<f64>,
+    remat: memc::train::RematArg,
+) -> memc::train::TrainProgramArgs {
+    memc::train::TrainProgramArgs {
+        loss: memc::train::LossArg::NextTokenCe,
+        optimizer,
+        momentum,
+        betas: vec![0.9, 0.999],
+        eps: 1e-8,
+        trainable: "all".into(),
+        clip_grad_norm: clip,
+        remat,
+        dtype: memc::train::DtypeArg::F32,
+    }
+}
+
+/// PyTorch's training fixture of the example (`examples/train_fixtures.py`).
+pub fn train_reference(ex: &Example) -> serde_json::Value {
+    let path = ex.path.with_extension("").join("train_ref.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// The example's training program (imported with its inputs' shapes) and one batch of its inputs.
+pub fn training_program(
+    ex: &Example,
+    a: &memc::train::TrainProgramArgs,
+) -> (memc_ir::Graph, HashMap<String, memc_ir::Tensor>) {
+    let inputs = ex.inputs();
+    let opts = memc::onnx::ImportOptions {
+        shapes: inputs
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+            .collect(),
+    };
+    let mut g = memc::onnx::import(&ex.path, &opts).unwrap();
+    memc::train::build(&mut g, a).unwrap_or_else(|e| panic!("{}: {e:#}", ex.name));
+    (g, inputs)
+}
+
+/// Runs `steps` steps on the reference backend (the interpreter), on the example's fixed batch (all its inputs) and returns the losses.
+pub fn reference_losses(
+    ex: &Example,
+    a: &memc::train::TrainProgramArgs,
+    lr: f64,
+    wd: f64,
+    steps: usize,
+) -> Vec<f64> {
+    let (mut g, inputs) = training_program(ex, a);
+    let mut out = Vec::new();
+    for step in 1..=steps {
+        let mut feeds = inputs.clone();
+        let scalar = |v: f64| memc_ir::Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
+        feeds.insert("memc.lr".into(), scalar(lr));
+        feeds.insert("memc.weight_decay".into(), scalar(wd));
+        feeds.insert("memc.step".into(), scalar(step as f64));
+        let r = memc_ir::run(&g, &feeds, &memc_ir::RunOptions { check_nan: true }).unwrap();
+        for (p, t) in r.updates {
+            g.set_param_data(p, t);
+        }
+        out.push(r.outputs[0].1.to_f64_vec()[0]);
+    }
+    out
+}
+
+/// `max |got - want| / |want|` over paired losses.
+pub fn max_rel(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs() / b.abs())
+        .fold(0.0, f64::max)
+}

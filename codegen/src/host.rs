@@ -1,27 +1,21 @@
-//! A program compiled for the host CPU: every kernel generated through MLIR and LLVM and
-//! JIT-compiled, matmuls on the GEMM library of `memc-runtime`, every value at its offset in
-//! one arena laid out by the memory plan (the driver plans over the fused kernels). This is
-//! the cpu backend of `memc train|eval --backend cpu` until executables are emitted ahead of
-//! time.
+//! A program compiled for the host CPU: every kernel generated through MLIR and LLVM, matmuls
+//! as GEMM steps of the runtime, every value at its offset in one arena laid out by the
+//! memory plan (the driver plans over the fused kernels). The result is a
+//! [`memc_runtime::program::Program`] plus the kernels' LLVM IR: JIT-compiled in-process
+//! ([`HostProgram::with_kernels`], the cpu backend of `memc train|eval`) or linked into an
+//! executable ([`crate::link::emit_executable`], `memc compile -o`). Both run the same
+//! runtime code.
 
 use std::collections::HashMap;
 
-use memc_ir::{DType, Graph, Op, ValueId};
-use memc_runtime::gemm::{matmul, GemmType};
+use memc_ir::{DType, Graph, Op, ParamRole, ValueDef, ValueId};
+use memc_runtime::cpu::KernelFn;
+use memc_runtime::program::{Buf, Const, Dtype, Param, Program, Role, Slot, Step};
 
 use crate::fuse::Kernel;
-use crate::jit::with_host_jit;
+use crate::jit::with_host_kernels;
 use crate::kernel::{elementwise_mlir, KernelError, Lowerer};
 use crate::ops::op_mlir;
-
-/// How a kernel runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Run {
-    /// A generated kernel, called through the JIT.
-    Generated,
-    /// A matrix product on the GEMM library.
-    Gemm,
-}
 
 /// Where every value lives: a byte offset in one arena of `arena_bytes` (from the memory plan).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -32,202 +26,217 @@ pub struct Layout {
     pub offsets: HashMap<ValueId, u64>,
 }
 
+/// The runtime's name of an IR dtype.
+pub fn dtype(d: DType) -> Dtype {
+    match d {
+        DType::F32 => Dtype::F32,
+        DType::F64 => Dtype::F64,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::Bf16,
+        DType::I64 => Dtype::I64,
+        DType::I32 => Dtype::I32,
+        DType::Bool => Dtype::Bool,
+    }
+}
+
 /// The compiled program.
 pub struct HostProgram {
-    kernels: Vec<Kernel>,
-    io: Vec<(Vec<ValueId>, Vec<ValueId>)>,
-    runs: Vec<Run>,
+    /// What the runtime executes (the caller adds [`Program::training`] for training programs).
+    pub program: Program,
+    /// LLVM IR of the generated kernels, in the program's kernel order.
     lowered: Vec<(String, String)>,
-    layout: Layout,
-}
-
-/// The arena: every value of the program at its planned offset (8-byte aligned base; offsets
-/// are multiples of the plan's alignment).
-pub struct Arena<'p> {
-    words: Vec<u64>,
-    layout: &'p Layout,
-    sizes: HashMap<ValueId, usize>,
-}
-
-impl Arena<'_> {
-    /// Bytes allocated: exactly the plan's peak.
-    pub fn bytes(&self) -> usize {
-        self.layout.arena_bytes as usize
-    }
-
-    fn ptr(&self, v: ValueId) -> *mut u8 {
-        let off = *self
-            .layout
-            .offsets
-            .get(&v)
-            .unwrap_or_else(|| panic!("%{} has no buffer in the plan", v.0));
-        // SAFETY: the plan keeps every buffer inside the arena.
-        unsafe { (self.words.as_ptr() as *mut u8).add(off as usize) }
-    }
-
-    /// The bytes of `v`.
-    pub fn get(&self, v: ValueId) -> &[u8] {
-        // SAFETY: `v`'s buffer lies inside the arena and holds `sizes[v]` bytes.
-        unsafe { std::slice::from_raw_parts(self.ptr(v), self.sizes[&v]) }
-    }
-
-    /// Writes `v` (an input, param or constant).
-    pub fn set(&mut self, v: ValueId, bytes: &[u8]) {
-        assert_eq!(bytes.len(), self.sizes[&v], "%{}: wrong size", v.0);
-        // SAFETY: as in `get`; `&mut self` excludes other borrows of the arena.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr(v), bytes.len()) }
-    }
 }
 
 impl HostProgram {
-    /// Generates, lowers and translates every kernel of `kernels` (from [`crate::fuse::fuse`], in order),
-    /// keeping the layout every value is read and written at.
+    /// Generates, lowers and translates every kernel of `kernels` (from [`crate::fuse::fuse`]
+    /// over `g`, in order) and describes every input, output, parameter and constant of `g` at
+    /// its offset in `layout`. `model` names the source in messages.
     pub fn compile(
         g: &Graph,
-        kernels: Vec<Kernel>,
-        layout: Layout,
+        kernels: &[Kernel],
+        layout: &Layout,
+        model: &str,
     ) -> Result<HostProgram, KernelError> {
-        let mut io = Vec::with_capacity(kernels.len());
-        let mut runs = Vec::with_capacity(kernels.len());
-        let mut lowered = Vec::new();
+        let buf = |v: ValueId, kernel: &str| -> Result<Buf, KernelError> {
+            let offset = *layout
+                .offsets
+                .get(&v)
+                .ok_or_else(|| KernelError::Unsupported {
+                    kernel: kernel.to_string(),
+                    msg: format!("%{} has no buffer in the memory plan (a memc bug)", v.0),
+                })?;
+            Ok(Buf {
+                offset,
+                bytes: g.value(v).ty.bytes() as u64,
+            })
+        };
+        let mut steps = Vec::with_capacity(kernels.len());
+        let mut lowered: Vec<(String, String)> = Vec::new();
+        let mut seen: HashMap<String, u32> = HashMap::new();
         let lowerer = Lowerer::new();
         for (n, k) in kernels.iter().enumerate() {
-            let name = format!("k{n}");
+            let name = format!("step{n}");
             let node = g.node(k.nodes[0]);
             if !k.elementwise && matches!(node.op, Op::MatMul) {
-                let t = node.outputs.first().map(|&o| g.value(o).ty.dtype);
-                if !matches!(t, Some(DType::F32 | DType::F64 | DType::BF16)) {
+                let t = g.value(node.outputs[0]).ty.dtype;
+                if !matches!(t, DType::F32 | DType::F64 | DType::BF16) {
                     return Err(KernelError::Unsupported {
                         kernel: name,
-                        msg: "matmul supports f32, f64 and bf16".into(),
+                        msg: format!("matmul supports f32, f64 and bf16, not {t}"),
                     });
                 }
-                io.push((node.inputs.clone(), node.outputs.clone()));
-                runs.push(Run::Gemm);
+                let (a, b, o) = (node.inputs[0], node.inputs[1], node.outputs[0]);
+                steps.push(Step::Gemm {
+                    dtype: dtype(t),
+                    a: buf(a, &name)?,
+                    a_shape: g.value(a).ty.shape.clone(),
+                    b: buf(b, &name)?,
+                    b_shape: g.value(b).ty.shape.clone(),
+                    out: buf(o, &name)?,
+                });
                 continue;
             }
-            let (mlir, ins, outs) = if k.elementwise {
+            let (mlir, ins, outs, label) = if k.elementwise {
+                let reduces = k
+                    .nodes
+                    .iter()
+                    .any(|&n| matches!(g.node(n).op, Op::Reduce { .. }));
                 (
                     elementwise_mlir(g, k, &name)?,
-                    k.inputs.clone(),
-                    k.outputs.clone(),
+                    &k.inputs,
+                    &k.outputs,
+                    if reduces {
+                        "fused reduction"
+                    } else {
+                        "fused elementwise"
+                    }
+                    .to_string(),
                 )
             } else {
                 (
                     op_mlir(g, k.nodes[0], &name)?,
-                    node.inputs.clone(),
-                    node.outputs.clone(),
+                    &node.inputs,
+                    &node.outputs,
+                    node.op.name().to_string(),
                 )
             };
-            lowered.push((
-                name.clone(),
-                lowerer.lower(&mlir, &name, ins.len() + outs.len())?.llvm_ir,
-            ));
-            io.push((ins, outs));
-            runs.push(Run::Generated);
-        }
-        Ok(HostProgram {
-            kernels,
-            io,
-            runs,
-            lowered,
-            layout,
-        })
-    }
-
-    /// Number of kernels (generated and library).
-    pub fn kernel_count(&self) -> usize {
-        self.kernels.len()
-    }
-
-    /// A zeroed arena for this program.
-    pub fn arena(&self, g: &Graph) -> Arena<'_> {
-        Arena {
-            words: vec![0u64; (self.layout.arena_bytes as usize).div_ceil(8)],
-            layout: &self.layout,
-            sizes: self
-                .layout
-                .offsets
-                .keys()
-                .map(|&v| (v, g.value(v).ty.bytes()))
-                .collect(),
-        }
-    }
-
-    /// JIT-compiles the kernels and gives `f` a step function that runs the whole program on an
-    /// [`Arena`] (which must hold every input, param and constant).
-    ///
-    /// With `MEMC_PROFILE` set in the environment, the time spent per kind of kernel over all
-    /// steps is printed to stderr at the end.
-    pub fn with_steps<R>(
-        &self,
-        g: &Graph,
-        f: impl FnOnce(&mut dyn FnMut(&mut Arena)) -> R,
-    ) -> Result<R, KernelError> {
-        let profile = std::env::var_os("MEMC_PROFILE").is_some();
-        let label = |n: usize| -> String {
-            let k = &self.kernels[n];
-            if k.elementwise {
-                "fused elementwise".to_string()
-            } else {
-                g.node(k.nodes[0]).op.name().to_string()
-            }
-        };
-        let mut spent: HashMap<String, (f64, usize)> = HashMap::new();
-        let result = with_host_jit(&self.lowered, |call| {
-            let mut step = |arena: &mut Arena| {
-                for (n, run) in self.runs.iter().enumerate() {
-                    let t0 = profile.then(std::time::Instant::now);
-                    let (ins, outs) = &self.io[n];
-                    match run {
-                        Run::Generated => {
-                            let ptrs: Vec<*mut u8> =
-                                ins.iter().chain(outs).map(|&v| arena.ptr(v)).collect();
-                            call(&format!("k{n}"), &ptrs);
-                        }
-                        Run::Gemm => {
-                            let t = match g.value(outs[0]).ty.dtype {
-                                DType::F64 => GemmType::F64,
-                                DType::BF16 => GemmType::BF16,
-                                _ => GemmType::F32,
-                            };
-                            let (a, b, o) = (ins[0], ins[1], outs[0]);
-                            // SAFETY: the plan gives a step's operands and result disjoint
-                            // buffers inside the arena.
-                            let out = unsafe {
-                                std::slice::from_raw_parts_mut(arena.ptr(o), g.value(o).ty.bytes())
-                            };
-                            matmul(
-                                t,
-                                arena.get(a),
-                                &g.value(a).ty.shape,
-                                arena.get(b),
-                                &g.value(b).ty.shape,
-                                out,
-                            );
-                        }
-                    }
-                    if let Some(t0) = t0 {
-                        let e = spent.entry(label(n)).or_insert((0.0, 0));
-                        e.0 += t0.elapsed().as_secs_f64() * 1e3;
-                        e.1 += 1;
-                    }
+            let args = ins
+                .iter()
+                .chain(outs)
+                .map(|&v| buf(v, &name))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Kernels that compute the same thing on the same shapes are generated once.
+            let key = mlir.replace(&format!("@{name}("), "@K(");
+            let kernel = match seen.get(&key) {
+                Some(&k) => k,
+                None => {
+                    let name = format!("memc_k{}", lowered.len());
+                    let mlir = key.replace("@K(", &format!("@{name}("));
+                    let ir = lowerer.lower(&mlir, &name, args.len())?.llvm_ir;
+                    lowered.push((name, ir));
+                    seen.insert(key, lowered.len() as u32 - 1);
+                    lowered.len() as u32 - 1
                 }
             };
-            f(&mut step)
-        });
-        if profile {
-            let mut rows: Vec<(String, (f64, usize))> = spent.into_iter().collect();
-            rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-            let total: f64 = rows.iter().map(|r| r.1 .0).sum();
-            eprintln!("profile: {total:.1} ms in kernels");
-            for (name, (ms, calls)) in rows.iter().take(12) {
-                eprintln!(
-                    "  {name:<24} {ms:>10.1} ms {:>5.1}% {calls:>7} calls",
-                    100.0 * ms / total.max(1e-9)
-                );
+            steps.push(Step::Kernel {
+                kernel,
+                args,
+                label,
+            });
+        }
+
+        let slot = |v: ValueId, name: &str| {
+            layout.offsets.get(&v).map(|&offset| Slot {
+                name: name.to_string(),
+                dtype: dtype(g.value(v).ty.dtype),
+                shape: g.value(v).ty.shape.clone(),
+                offset,
+            })
+        };
+        let mut program = Program {
+            model: model.to_string(),
+            arena_bytes: layout.arena_bytes,
+            kernels: lowered.iter().map(|(n, _)| n.clone()).collect(),
+            steps,
+            inputs: vec![],
+            outputs: vec![],
+            params: vec![],
+            consts: vec![],
+            training: None,
+            blob: vec![],
+        };
+        for &v in g.inputs() {
+            if let ValueDef::Input { name } = &g.value(v).def {
+                program.inputs.extend(slot(v, name));
             }
         }
-        result
+        for (name, v) in g.outputs() {
+            let s = slot(*v, name).ok_or_else(|| KernelError::Unsupported {
+                kernel: "outputs".into(),
+                msg: format!("output `{name}` has no buffer in the memory plan (a memc bug)"),
+            })?;
+            program.outputs.push(s);
+        }
+        for (i, val) in g.values().iter().enumerate() {
+            let v = ValueId(i as u32);
+            let (name, data) = match &val.def {
+                ValueDef::Param {
+                    name,
+                    role: role @ (ParamRole::Weight | ParamRole::OptimizerState),
+                    ..
+                } => {
+                    if let Some(s) = slot(v, name) {
+                        program.params.push(Param {
+                            slot: s,
+                            role: if *role == ParamRole::Weight {
+                                Role::Weight
+                            } else {
+                                Role::OptimizerState
+                            },
+                        });
+                    }
+                    continue;
+                }
+                ValueDef::Param {
+                    name,
+                    role: ParamRole::Constant,
+                    data,
+                } => (name.clone(), data.as_ref()),
+                ValueDef::Const(t) => (format!("%{i}"), Some(t)),
+                _ => continue,
+            };
+            let (Some(s), Some(t)) = (slot(v, &name), data) else {
+                continue;
+            };
+            // Constants start 8-byte aligned in the blob.
+            program
+                .blob
+                .resize(program.blob.len().next_multiple_of(8), 0);
+            program.consts.push(Const {
+                slot: s,
+                blob_offset: program.blob.len() as u64,
+            });
+            program.blob.extend_from_slice(t.bytes());
+        }
+        program
+            .validate()
+            .map_err(|e| KernelError::Link(format!("{model}: {e}")))?;
+        Ok(HostProgram { program, lowered })
+    }
+
+    /// Number of steps (generated kernels and GEMMs).
+    pub fn kernel_count(&self) -> usize {
+        self.program.steps.len()
+    }
+
+    /// The generated kernels' LLVM IR (name, IR), in the program's kernel order.
+    pub fn lowered(&self) -> &[(String, String)] {
+        &self.lowered
+    }
+
+    /// JIT-compiles the kernels (optimised for this CPU, as in executables) and gives `f` their
+    /// entry points, for [`memc_runtime::cpu::Cpu::new`].
+    pub fn with_kernels<R>(&self, f: impl FnOnce(&[KernelFn]) -> R) -> Result<R, KernelError> {
+        with_host_kernels(&self.lowered, f)
     }
 }

@@ -2,14 +2,11 @@
 //! reference interpreter without building an executable.
 
 use inkwell::context::Context;
-use inkwell::execution_engine::JitFunction;
-use inkwell::memory_buffer::MemoryBuffer;
-use inkwell::targets::{InitializationConfig, Target};
 use inkwell::OptimizationLevel;
+use memc_runtime::cpu::KernelFn;
 
 use crate::kernel::KernelError;
-
-type Entry = unsafe extern "C" fn(*const *mut u8);
+use crate::link::{host_machine, link_kernels, optimize};
 
 #[link(name = "m")]
 extern "C" {
@@ -56,30 +53,41 @@ fn libm() -> [(&'static str, usize); 16] {
 /// Calls a JIT-compiled kernel by name with its buffers (inputs, then outputs).
 pub type Call<'a> = dyn Fn(&str, &[*mut u8]) + 'a;
 
-/// Links the LLVM IR of `kernels` (name, IR) into one module, JIT-compiles it, and gives `f`
-/// a way to call any kernel. Fails if a kernel needs a symbol other than libm's.
+/// Links the LLVM IR of `kernels` (name, IR) into one module, optimises it for the host
+/// (as emitted executables are), JIT-compiles it, and gives `f` a way to call any kernel.
+/// Fails if a kernel needs a symbol other than libm's.
 pub fn with_host_jit<R>(
     kernels: &[(String, String)],
     f: impl FnOnce(&Call) -> R,
+) -> Result<R, KernelError> {
+    with_host_kernels(kernels, |entries| {
+        let call = |name: &str, bufs: &[*mut u8]| {
+            let at = kernels
+                .iter()
+                .position(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("no kernel `{name}`"));
+            // SAFETY: every kernel has the entry `void name(void **buffers)`; the caller
+            // passes one live buffer of the right size per kernel argument.
+            unsafe { entries[at](bufs.as_ptr()) };
+        };
+        f(&call)
+    })
+}
+
+/// As [`with_host_jit`], giving `f` the entry points of `kernels` in order (what
+/// [`memc_runtime::cpu::Cpu::new`] takes).
+pub fn with_host_kernels<R>(
+    kernels: &[(String, String)],
+    f: impl FnOnce(&[KernelFn]) -> R,
 ) -> Result<R, KernelError> {
     let llvm = |kernel: &str, msg: String| KernelError::Llvm {
         kernel: kernel.to_string(),
         msg,
     };
-    Target::initialize_native(&InitializationConfig::default()).map_err(|e| llvm("jit", e))?;
+    let machine = host_machine()?;
     let ctx = Context::create();
-    let module = ctx.create_module("memc.kernels");
-    for (name, ir) in kernels {
-        let m = ctx
-            .create_module_from_ir(MemoryBuffer::create_from_memory_range_copy(
-                ir.as_bytes(),
-                name,
-            ))
-            .map_err(|e| llvm(name, e.to_string()))?;
-        module
-            .link_in_module(m)
-            .map_err(|e| llvm(name, e.to_string()))?;
-    }
+    let module = link_kernels(&ctx, kernels)?;
+    optimize(&module, &machine)?;
     let engine = module
         .create_jit_execution_engine(OptimizationLevel::Default)
         .map_err(|e| llvm("jit", e.to_string()))?;
@@ -95,12 +103,13 @@ pub fn with_host_jit<R>(
             .ok_or_else(|| llvm("jit", format!("unresolved symbol `{name}`")))?;
         engine.add_global_mapping(&func, *addr);
     }
-    let call = |name: &str, bufs: &[*mut u8]| {
-        // SAFETY: every kernel has the entry `void name(void **buffers)`; the caller passes one
-        // live buffer of the right size per kernel argument.
-        let entry: JitFunction<Entry> =
-            unsafe { engine.get_function(name) }.unwrap_or_else(|e| panic!("kernel `{name}`: {e}"));
-        unsafe { entry.call(bufs.as_ptr()) };
-    };
-    Ok(f(&call))
+    let mut entries = Vec::with_capacity(kernels.len());
+    for (name, _) in kernels {
+        let addr = engine
+            .get_function_address(name)
+            .map_err(|e| llvm(name, e.to_string()))?;
+        // SAFETY: every kernel has the entry `void name(void **buffers)`.
+        entries.push(unsafe { std::mem::transmute::<usize, KernelFn>(addr) });
+    }
+    Ok(f(&entries))
 }

@@ -52,6 +52,9 @@ pub enum KernelError {
         /// What LLVM said.
         msg: String,
     },
+    /// Linking an executable failed.
+    #[error("{0}")]
+    Link(String),
 }
 
 /// The MLIR lowering pipeline, from func/arith/math/scf/memref to the LLVM dialect. bf16

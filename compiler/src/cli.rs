@@ -22,7 +22,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Import a model and print IR or reports (code generation arrives in later releases).
+    /// Compile a model into an executable (-o), or print its IR, kernels, plan or reports.
     Compile(CompileArgs),
     /// Evaluate a model on `.npy` inputs with the reference interpreter.
     Eval(EvalArgs),
@@ -65,7 +65,8 @@ enum Emit {
 struct CompileArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Write the executable OUT and OUT.safetensors (not yet available).
+    /// Write the executable OUT (generated kernels, the program, the runtime) and
+    /// OUT.safetensors (the weights).
     #[arg(short = 'o', value_name = "OUT")]
     out: Option<PathBuf>,
     /// Print a stage of the compilation to stdout.
@@ -249,9 +250,6 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 }
 
 fn compile(args: CompileArgs) -> Result<()> {
-    if args.out.is_some() {
-        bail!("-o: emitting executables is not available yet in this memc; use --emit ir or --report-json");
-    }
     if args.emit == Some(Emit::Ptx) {
         bail!("--emit ptx: not available yet in this memc; --emit ir, plan, mlir and llvm are");
     }
@@ -284,6 +282,13 @@ fn compile(args: CompileArgs) -> Result<()> {
             emit_kernels(&g, e == Emit::Llvm).map_err(|e| anyhow!("{model}: {e}"))?
         }
         _ => {}
+    }
+    if let Some(out) = &args.out {
+        timer
+            .time("emit", || {
+                emit_executable(&g, out, &model, args.train.then_some(&args.training))
+            })
+            .map_err(|e| anyhow!("{model}: {e:#}"))?;
     }
     if let Some(path) = &args.plot {
         write_file(path, &report::plan_svg(&plan, &model))?;
@@ -331,6 +336,51 @@ fn compile(args: CompileArgs) -> Result<()> {
     Ok(())
 }
 
+/// `-o OUT`: the executable OUT (kernels, program and runtime) and OUT.safetensors.
+#[cfg(feature = "codegen")]
+fn emit_executable(
+    g: &Graph,
+    out: &Path,
+    model: &str,
+    training: Option<&crate::train::TrainProgramArgs>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let host = crate::train::host_program(g, model, training)?;
+    let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
+    let emitted = memc_codegen::link::emit_executable(&host, out, &lib)?;
+    let mut weights = out.as_os_str().to_owned();
+    weights.push(".safetensors");
+    let weights = PathBuf::from(weights);
+    let weight_bytes = crate::train::write_weights(g, &host.program, &weights)?;
+    let gemms = host
+        .program
+        .steps
+        .iter()
+        .filter(|s| matches!(s, memc_runtime::program::Step::Gemm { .. }))
+        .count();
+    eprintln!(
+        "wrote {} ({} bytes: {} generated kernels, {gemms} GEMMs, {}-byte program; arena {} bytes) and {} ({weight_bytes} bytes of weights) in {:.1} s",
+        out.display(),
+        emitted.exe_bytes,
+        emitted.kernels,
+        emitted.program_bytes,
+        host.program.arena_bytes,
+        weights.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "codegen"))]
+fn emit_executable(
+    _: &Graph,
+    _: &Path,
+    _: &str,
+    _: Option<&crate::train::TrainProgramArgs>,
+) -> Result<()> {
+    bail!("-o: this memc was built without the `codegen` feature")
+}
+
 /// The cpu backend's arena size and kernel count: the plan over the fused kernels.
 #[cfg(feature = "codegen")]
 fn cpu_arena(g: &Graph) -> Option<(u64, usize)> {
@@ -343,27 +393,37 @@ fn cpu_arena(_: &Graph) -> Option<(u64, usize)> {
     None
 }
 
-/// `--emit mlir|llvm`: every kernel of the program in order; fused elementwise kernels in full,
-/// other kernels as a comment naming the op (they get generated kernels with the codegen issues).
+/// `--emit mlir|llvm`: every generated kernel of the cpu backend's program, in order (matrix
+/// products, which run on the GEMM library, as a comment).
 #[cfg(feature = "codegen")]
 fn emit_kernels(g: &Graph, llvm: bool) -> Result<()> {
-    use memc_codegen::{fuse, kernel};
-    for (n, k) in fuse::fuse(g).iter().enumerate() {
-        let name = format!("k{n}");
-        if k.elementwise {
-            let mlir = kernel::elementwise_mlir(g, k, &name)?;
-            if llvm {
-                print!(
-                    "{}",
-                    kernel::lower(&mlir, &name, k.inputs.len() + k.outputs.len())?.llvm_ir
-                );
-            } else {
-                println!("// kernel {name}: {} fused node(s)\n{mlir}", k.nodes.len());
-            }
+    use memc_codegen::{kernel, ops};
+    let (ordered, kernels, _) = crate::train::host_layout(g);
+    let lowerer = kernel::Lowerer::new();
+    for (n, k) in kernels.iter().enumerate() {
+        let name = format!("memc_k{n}");
+        let node = ordered.node(k.nodes[0]);
+        let (mlir, args, what) = if k.elementwise {
+            (
+                kernel::elementwise_mlir(&ordered, k, &name)?,
+                k.inputs.len() + k.outputs.len(),
+                format!("{} fused node(s)", k.nodes.len()),
+            )
+        } else if matches!(node.op, memc_ir::Op::MatMul) {
+            let ty = &ordered.value(node.outputs[0]).ty;
+            println!("// kernel {name}: `matmul` -> {ty} (a GEMM on the runtime's library)\n");
+            continue;
         } else {
-            let node = g.node(k.nodes[0]);
-            let ty = &g.value(node.outputs[0]).ty;
-            println!("// kernel {name}: `{}` -> {ty} (not generated yet: runs on the reference backend)\n", node.op.name());
+            (
+                ops::op_mlir(&ordered, k.nodes[0], &name)?,
+                node.inputs.len() + node.outputs.len(),
+                format!("`{}`", node.op.name()),
+            )
+        };
+        if llvm {
+            print!("{}", lowerer.lower(&mlir, &name, args)?.llvm_ir);
+        } else {
+            println!("// kernel {name}: {what}\n{mlir}");
         }
     }
     Ok(())
@@ -538,10 +598,9 @@ fn train(args: TrainCmdArgs) -> Result<()> {
     timer
         .time("train", || crate::train::build(&mut g, &args.training))
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
-    let weight_decay = args.weight_decay.unwrap_or(match args.training.optimizer {
-        crate::train::OptimizerArg::Adamw => 0.01,
-        crate::train::OptimizerArg::Sgd => 0.0,
-    });
+    let weight_decay = args
+        .weight_decay
+        .unwrap_or(crate::train::default_weight_decay(args.training.optimizer));
     if let Some(vocab) = g.inputs().iter().find_map(|&v| match &g.value(v).def {
         ValueDef::Input { name } if !name.starts_with("memc.") => {
             crate::train::vocab_size(&g, name)
@@ -558,7 +617,14 @@ fn train(args: TrainCmdArgs) -> Result<()> {
     };
     match args.backend {
         #[cfg(feature = "codegen")]
-        Backend::Cpu => drop(crate::train::run_host(&mut g, &mut data, &opts, &model)?),
+        Backend::Cpu => drop(crate::train::run_host(
+            &mut g,
+            &args.training,
+            &mut data,
+            &args.data.display().to_string(),
+            &opts,
+            &model,
+        )?),
         _ => drop(crate::train::run_reference(
             &mut g, &mut data, &opts, &model,
         )?),

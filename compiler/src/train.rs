@@ -126,67 +126,30 @@ pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
     Ok(stats)
 }
 
-/// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling.
-pub struct Batches {
-    rows: usize,
-    seq: usize,
-    ids: Vec<i64>,
-    next: usize,
-}
+/// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling (the
+/// runtime's reader, giving IR tensors).
+pub struct Batches(pub memc_runtime::session::Batches);
 
 impl Batches {
     /// Reads and checks a `.npy` file of token ids.
     pub fn open(path: &Path) -> Result<Batches> {
-        let t = crate::io::read_tensor(path)?;
-        if !matches!(t.dtype(), DType::I64 | DType::I32)
-            || t.shape().len() != 2
-            || t.shape()[0] == 0
-        {
-            bail!(
-                "{}: training data must be a non-empty integer array of shape [rows, seq] (token ids), got {}",
-                path.display(),
-                t.ty()
-            );
-        }
-        Ok(Batches {
-            rows: t.shape()[0],
-            seq: t.shape()[1],
-            ids: t.to_i64_vec(),
-            next: 0,
-        })
+        Ok(Batches(memc_runtime::session::Batches::open(path)?))
     }
 
     /// Rows and columns.
     pub fn shape(&self) -> (usize, usize) {
-        (self.rows, self.seq)
+        self.0.shape()
     }
 
-    /// Checks that every token id lies in `0..vocab` (kernels clamp indices; the data must not
-    /// rely on that).
+    /// Checks that every token id lies in `0..vocab`.
     pub fn check_vocab(&self, vocab: usize, path: &str) -> Result<()> {
-        if let Some(k) = self
-            .ids
-            .iter()
-            .position(|&t| t < 0 || t as u64 >= vocab as u64)
-        {
-            bail!(
-                "{path}: token id {} at row {}, column {} is outside the model's vocabulary (0..{vocab})",
-                self.ids[k],
-                k / self.seq,
-                k % self.seq
-            );
-        }
-        Ok(())
+        Ok(self.0.check_vocab(vocab, path)?)
     }
 
     /// The next `batch` rows (wrapping around the file), as `dtype` (i64 or i32).
     pub fn next_batch(&mut self, batch: usize, dtype: DType) -> Tensor {
-        let mut out = Vec::with_capacity(batch * self.seq);
-        for _ in 0..batch {
-            out.extend_from_slice(&self.ids[self.next * self.seq..(self.next + 1) * self.seq]);
-            self.next = (self.next + 1) % self.rows;
-        }
-        Tensor::from_i64(dtype, vec![batch, self.seq], &out)
+        let ids = self.0.next_batch(batch);
+        Tensor::from_i64(dtype, vec![batch, ids.len() / batch.max(1)], &ids)
     }
 }
 
@@ -202,10 +165,11 @@ pub struct LoopOptions {
     pub peak_bytes: Option<u64>,
 }
 
-/// The program's one data input (token ids), checked against the data's row length; every
-/// other input must be a `memc.*` scalar.
-fn data_input(g: &Graph, data: &Batches, model: &str) -> Result<(String, memc_ir::TensorType)> {
-    let inputs: Vec<(String, memc_ir::TensorType)> = g
+/// The program's token input (`input_ids` when the model has one, else its only input other
+/// than the `memc.*` scalars) and the other model inputs (fed fixed values, e.g. BERT's
+/// attention mask).
+pub fn token_input(g: &Graph, model: &str) -> Result<((String, memc_ir::TensorType), Vec<String>)> {
+    let mut inputs: Vec<(String, memc_ir::TensorType)> = g
         .inputs()
         .iter()
         .filter_map(|&v| match &g.value(v).def {
@@ -215,29 +179,45 @@ fn data_input(g: &Graph, data: &Batches, model: &str) -> Result<(String, memc_ir
             _ => None,
         })
         .collect();
-    match inputs.as_slice() {
-        [one] => {
-            let (name, ty) = one;
-            if data.shape().1 != ty.shape[1] {
-                bail!(
-                    "training data has rows of {} tokens but the program was compiled for {} (--shape {name}={}x{})",
-                    data.shape().1,
-                    ty.shape[1],
-                    ty.shape[0],
-                    data.shape().1
-                );
-            }
-            Ok(one.clone())
-        }
-        [] => bail!("{model}: the training program has no data input"),
-        many => {
-            let names: Vec<&str> = many.iter().map(|(n, _)| n.as_str()).collect();
+    let at = match inputs.iter().position(|(n, _)| n == "input_ids") {
+        Some(at) => at,
+        None if inputs.len() == 1 => 0,
+        None if inputs.is_empty() => bail!("{model}: the training program has no data input"),
+        None => {
+            let names: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
             bail!(
-                "{model}: the model takes inputs {}, but memc train feeds only token ids from --data; train a model whose only input is the token ids",
+                "{model}: the model takes inputs {} and none is `input_ids`: training feeds token ids to `input_ids`",
                 names.join(", ")
             )
         }
+    };
+    let (name, ty) = inputs.remove(at);
+    if ty.shape.len() != 2 || !matches!(ty.dtype, DType::I64 | DType::I32) {
+        bail!("{model}: the token input `{name}` is {ty}, not an integer [batch, seq]");
     }
+    Ok(((name, ty), inputs.into_iter().map(|(n, _)| n).collect()))
+}
+
+/// The reference backend's data input: [`token_input`], checked against the data's row length
+/// (the reference loop feeds no other inputs).
+fn data_input(g: &Graph, data: &Batches, model: &str) -> Result<(String, memc_ir::TensorType)> {
+    let ((name, ty), others) = token_input(g, model)?;
+    if !others.is_empty() {
+        bail!(
+            "{model}: the model also takes {}, but memc train feeds only token ids from --data; compile it with -o and pass them to the executable's train --input NAME=FILE.npy",
+            others.join(", ")
+        );
+    }
+    if data.shape().1 != ty.shape[1] {
+        bail!(
+            "training data has rows of {} tokens but the program was compiled for {} (--shape {name}={}x{})",
+            data.shape().1,
+            ty.shape[1],
+            ty.shape[0],
+            data.shape().1
+        );
+    }
+    Ok((name, ty))
 }
 
 /// The vocabulary size: the smallest table a `gather` indexes with the token ids.
@@ -331,10 +311,57 @@ pub fn host_layout(
     (ordered, kernels, plan)
 }
 
-/// The cpu backend's program (see [`host_layout`]): returns it with the graph it runs (`g`
-/// reordered; value ids unchanged) and its arena size (the plan's peak).
+/// What the runtime needs to train `g` (a training program): its token input, loss output,
+/// vocabulary, `memc.*` scalar inputs and the optimizer's default weight decay.
+pub fn training_info(
+    g: &Graph,
+    args: &TrainProgramArgs,
+    model: &str,
+) -> Result<memc_runtime::program::Training> {
+    let ((data_input, _), _) = token_input(g, model)?;
+    let has = |n: &str| {
+        g.inputs()
+            .iter()
+            .any(|&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == n))
+            .then(|| n.to_string())
+    };
+    Ok(memc_runtime::program::Training {
+        vocab: vocab_size(g, &data_input).map(|v| v as u64),
+        data_input,
+        loss_output: g
+            .outputs()
+            .first()
+            .map(|(n, _)| n.clone())
+            .ok_or_else(|| anyhow!("{model}: the training program has no loss output"))?,
+        lr_input: has(train::LR_INPUT),
+        weight_decay_input: has(train::WEIGHT_DECAY_INPUT),
+        step_input: has(train::STEP_INPUT),
+        optimizer: match args.optimizer {
+            OptimizerArg::Sgd => "sgd",
+            OptimizerArg::Adamw => "adamw",
+        }
+        .to_string(),
+        default_weight_decay: default_weight_decay(args.optimizer),
+    })
+}
+
+/// PyTorch's default weight decay: 0.01 for AdamW, 0 for SGD.
+pub fn default_weight_decay(o: OptimizerArg) -> f64 {
+    match o {
+        OptimizerArg::Adamw => 0.01,
+        OptimizerArg::Sgd => 0.0,
+    }
+}
+
+/// The cpu backend's program (see [`host_layout`]): kernels generated and lowered, every value
+/// at its planned offset (the arena is the plan's peak); with `training`, the runtime's
+/// training description is filled in.
 #[cfg(feature = "codegen")]
-pub fn host_program(g: &Graph) -> Result<(memc_codegen::host::HostProgram, Graph, u64)> {
+pub fn host_program(
+    g: &Graph,
+    model: &str,
+    training: Option<&TrainProgramArgs>,
+) -> Result<memc_codegen::host::HostProgram> {
     let (ordered, kernels, plan) = host_layout(g);
     let mut layout = memc_codegen::host::Layout {
         arena_bytes: plan.peak_bytes,
@@ -347,91 +374,140 @@ pub fn host_program(g: &Graph) -> Result<(memc_codegen::host::HostProgram, Graph
         let at = layout.offsets[&target];
         layout.offsets.insert(v, at);
     }
-    let program = memc_codegen::host::HostProgram::compile(&ordered, kernels, layout)?;
-    Ok((program, ordered, plan.peak_bytes))
+    let mut host = memc_codegen::host::HostProgram::compile(&ordered, &kernels, &layout, model)?;
+    if let Some(args) = training {
+        host.program.training = Some(training_info(g, args, model)?);
+    }
+    Ok(host)
 }
 
-/// Writes params (optimizer state stays zero) and constants into a fresh arena.
+/// The parameters of `g` that have data, by name.
+fn param_data(g: &Graph) -> HashMap<&str, &Tensor> {
+    g.values()
+        .iter()
+        .filter_map(|v| match &v.def {
+            ValueDef::Param {
+                name,
+                data: Some(t),
+                ..
+            } => Some((name.as_str(), t)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Writes `g`'s weights (and optimizer state that has data) into the program's arena.
 #[cfg(feature = "codegen")]
-fn load_arena(g: &Graph, arena: &mut memc_codegen::host::Arena) {
-    for (i, v) in g.values().iter().enumerate() {
-        if let ValueDef::Param { data: Some(t), .. } | ValueDef::Const(t) = &v.def {
-            arena.set(memc_ir::ValueId(i as u32), t.bytes());
+fn load_params(
+    g: &Graph,
+    program: &memc_runtime::program::Program,
+    cpu: &mut memc_runtime::cpu::Cpu,
+) {
+    let data = param_data(g);
+    for p in &program.params {
+        if let Some(t) = data.get(p.slot.name.as_str()) {
+            cpu.arena_mut().set(&p.slot, t.bytes());
         }
     }
 }
 
-/// Trains on the cpu backend (kernels generated through MLIR and LLVM, GEMMs on the runtime's
-/// library, one arena sized by the plan), printing one JSON line per step (`peak_bytes` is
-/// the arena's size); returns the losses. The weights are written back into `g` at the end.
+/// Writes `g`'s weights as the safetensors file an emitted executable reads.
+pub fn write_weights(
+    g: &Graph,
+    program: &memc_runtime::program::Program,
+    path: &Path,
+) -> Result<u64> {
+    let data = param_data(g);
+    let mut tensors = vec![];
+    for p in &program.params {
+        if p.role != memc_runtime::program::Role::Weight {
+            continue;
+        }
+        let t = data
+            .get(p.slot.name.as_str())
+            .ok_or_else(|| anyhow!("weight `{}` has no data", p.slot.name))?;
+        tensors.push((p.slot.clone(), &t.bytes()[..]));
+    }
+    let bytes = tensors.iter().map(|(_, b)| b.len() as u64).sum();
+    memc_runtime::weights::save_tensors(
+        path,
+        &tensors,
+        HashMap::from([("memc.model".to_string(), program.model.clone())]),
+    )?;
+    Ok(bytes)
+}
+
+/// Trains on the cpu backend (kernels generated through MLIR and LLVM and JIT-compiled, GEMMs
+/// on the runtime's library, one arena sized by the plan) with the runtime's training loop,
+/// as an emitted executable does, printing one JSON line per step (`peak_bytes` is the
+/// arena's size); returns the losses. The weights are written back into `g` at the end.
 #[cfg(feature = "codegen")]
 pub fn run_host(
     g: &mut Graph,
+    args: &TrainProgramArgs,
     data: &mut Batches,
+    data_path: &str,
     opts: &LoopOptions,
     model: &str,
 ) -> Result<Vec<f64>> {
-    let (name, ty) = data_input(g, data, model)?;
-    let (batch, seq) = (ty.shape[0], ty.shape[1]);
     let t0 = Instant::now();
-    let (program, ordered, peak) = host_program(g).map_err(|e| anyhow!("{model}: {e:#}"))?;
+    let host = host_program(g, model, Some(args)).map_err(|e| anyhow!("{model}: {e:#}"))?;
     eprintln!(
-        "compiled {} kernels for the host in {:.1} s; arena {peak} bytes",
-        program.kernel_count(),
-        t0.elapsed().as_secs_f64()
+        "compiled {} kernels for the host in {:.1} s; arena {} bytes",
+        host.kernel_count(),
+        t0.elapsed().as_secs_f64(),
+        host.program.arena_bytes
     );
-    let input_of = |n: &str| {
-        g.inputs()
-            .iter()
-            .copied()
-            .find(|&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == n))
+    let program = &host.program;
+    let cfg = memc_runtime::session::TrainConfig {
+        steps: opts.steps as u64,
+        lr: opts.lr,
+        weight_decay: Some(opts.weight_decay),
+        start_step: 0,
+        save: None,
+        metrics: None,
+        backend: "cpu",
     };
-    let ids_v = input_of(&name).expect("data_input found it");
-    let scalars = [
-        (input_of(train::LR_INPUT), opts.lr),
-        (input_of(train::WEIGHT_DECAY_INPUT), opts.weight_decay),
-    ];
-    let step_v = input_of(train::STEP_INPUT);
-    let loss_v = g.outputs()[0].1;
-    let targets: Vec<memc_ir::ValueId> = g.updates().iter().map(|&(t, _)| t).collect();
-    let mut arena = program.arena(&ordered);
-    assert_eq!(arena.bytes() as u64, peak);
-    load_arena(g, &mut arena);
-    let f32_bytes = |v: f64| (v as f32).to_le_bytes();
-    let losses = program
-        .with_steps(&ordered, |run| -> Result<Vec<f64>> {
-            let mut losses = Vec::with_capacity(opts.steps);
-            for step in 1..=opts.steps {
-                let t = Instant::now();
-                let ids = data.next_batch(batch, ty.dtype);
-                arena.set(ids_v, ids.bytes());
-                for (v, x) in scalars {
-                    if let Some(v) = v {
-                        arena.set(v, &f32_bytes(x));
-                    }
-                }
-                if let Some(v) = step_v {
-                    arena.set(v, &f32_bytes(step as f64));
-                }
-                // Updates are written in place into the weights' and state's buffers.
-                run(&mut arena);
-                let loss = f32::from_le_bytes(arena.get(loss_v)[..4].try_into().unwrap()) as f64;
-                if !loss.is_finite() {
-                    bail!("{model}: step {step}: the loss is {loss}");
-                }
-                losses.push(loss);
-                let ms = t.elapsed().as_secs_f64() * 1e3;
-                let line = serde_json::json!({"step": step, "loss": loss, "tokens": batch * seq, "step_ms": (ms * 1000.0).round() / 1000.0, "backend": "cpu", "peak_bytes": peak});
-                println!("{line}");
+    let (losses, trained) = host
+        .with_kernels(|kernels| -> Result<(Vec<f64>, Vec<(String, Vec<u8>)>)> {
+            let mut cpu = memc_runtime::cpu::Cpu::new(program, kernels);
+            assert_eq!(cpu.arena().bytes() as u64, program.arena_bytes);
+            load_params(g, program, &mut cpu);
+            let losses = memc_runtime::session::train(
+                program,
+                &mut cpu,
+                &mut data.0,
+                data_path,
+                &[],
+                &cfg,
+                &mut std::io::stdout().lock(),
+            )?;
+            if let Some(p) = cpu.profile() {
+                eprint!("{p}");
             }
-            Ok(losses)
+            let trained = program
+                .params
+                .iter()
+                .map(|p| (p.slot.name.clone(), cpu.arena().get(&p.slot).to_vec()))
+                .collect();
+            Ok((losses, trained))
         })
         .map_err(|e| anyhow!("{model}: {e}"))??;
-    for target in targets {
-        let ty = g.value(target).ty.clone();
+    let ids: HashMap<String, memc_ir::ValueId> = g
+        .values()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| match &v.def {
+            ValueDef::Param { name, .. } => Some((name.clone(), memc_ir::ValueId(i as u32))),
+            _ => None,
+        })
+        .collect();
+    for (name, bytes) in trained {
+        let v = ids[&name];
+        let ty = g.value(v).ty.clone();
         g.set_param_data(
-            target,
-            Tensor::from_bytes(ty, arena.get(target).to_vec().into()).expect("sized by type"),
+            v,
+            Tensor::from_bytes(ty, bytes.into()).expect("sized by type"),
         );
     }
     Ok(losses)
@@ -443,26 +519,29 @@ pub fn eval_host(
     g: &Graph,
     feeds: &std::collections::HashMap<String, Tensor>,
 ) -> Result<Vec<(String, Tensor)>> {
-    let (program, ordered, _) = host_program(g)?;
-    let mut arena = program.arena(&ordered);
-    load_arena(g, &mut arena);
-    for &v in g.inputs() {
-        if let ValueDef::Input { name } = &g.value(v).def {
+    let host = host_program(g, "model", None)?;
+    let program = &host.program;
+    let out = host.with_kernels(|kernels| -> Result<Vec<(String, Tensor)>> {
+        let mut cpu = memc_runtime::cpu::Cpu::new(program, kernels);
+        load_params(g, program, &mut cpu);
+        for s in &program.inputs {
             let t = feeds
-                .get(name)
-                .ok_or_else(|| anyhow!("input `{name}` has no value"))?;
-            arena.set(v, t.bytes());
+                .get(&s.name)
+                .ok_or_else(|| anyhow!("input `{}` has no value", s.name))?;
+            cpu.arena_mut().set(s, t.bytes());
         }
-    }
-    program.with_steps(&ordered, |run| run(&mut arena))?;
-    Ok(g.outputs()
-        .iter()
-        .map(|(name, v)| {
-            (
-                name.clone(),
-                Tensor::from_bytes(g.value(*v).ty.clone(), arena.get(*v).to_vec().into())
-                    .expect("sized by type"),
-            )
-        })
-        .collect())
+        cpu.run();
+        Ok(g.outputs()
+            .iter()
+            .zip(&program.outputs)
+            .map(|((name, v), s)| {
+                (
+                    name.clone(),
+                    Tensor::from_bytes(g.value(*v).ty.clone(), cpu.arena().get(s).to_vec().into())
+                        .expect("sized by type"),
+                )
+            })
+            .collect())
+    })??;
+    Ok(out)
 }

@@ -23,6 +23,52 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
+/// Whether `a @ b` is a valid matmul of shapes `ash` and `bsh` (1-D operands promoted, batch
+/// dims broadcast) whose result has `out_numel` elements: the runtime checks a program's
+/// GEMM steps with this before running them.
+pub fn shapes_agree(ash: &[usize], bsh: &[usize], out_numel: u64) -> bool {
+    if ash.is_empty() || bsh.is_empty() {
+        return false;
+    }
+    let a2 = if ash.len() == 1 {
+        vec![1, ash[0]]
+    } else {
+        ash.to_vec()
+    };
+    let b2 = if bsh.len() == 1 {
+        vec![bsh[0], 1]
+    } else {
+        bsh.to_vec()
+    };
+    let (m, k, k2, n) = (
+        a2[a2.len() - 2],
+        a2[a2.len() - 1],
+        b2[b2.len() - 2],
+        b2[b2.len() - 1],
+    );
+    if k != k2 {
+        return false;
+    }
+    let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
+    let r = ab.len().max(bb.len());
+    let dim = |s: &[usize], i: usize| {
+        if i + s.len() >= r {
+            s[i + s.len() - r]
+        } else {
+            1
+        }
+    };
+    let mut nb: u64 = 1;
+    for i in 0..r {
+        let (x, y) = (dim(ab, i), dim(bb, i));
+        if x != y && x != 1 && y != 1 {
+            return false;
+        }
+        nb = nb.saturating_mul(x.max(y) as u64);
+    }
+    nb.saturating_mul(m as u64).saturating_mul(n as u64) == out_numel
+}
+
 /// `out = a @ b` for row-major `a` (shape `ash`) and `b` (shape `bsh`), raw little-endian bytes.
 /// The shapes must satisfy `memc_ir::Op::MatMul`'s typing rules (the verifier checks them).
 pub fn matmul(t: GemmType, a: &[u8], ash: &[usize], b: &[u8], bsh: &[usize], out: &mut [u8]) {

@@ -1,9 +1,66 @@
 //! memc-runtime: the thin runtime linked into emitted executables. It depends on no other
-//! workspace crate. Today it holds `.npy` reading and writing and the CUDA driver probe; the
-//! program format, arena and backends arrive with the codegen issues.
+//! workspace crate and links no LLVM or MLIR: `memc compile -o` links its static library
+//! (`libmemc_runtime.a`) with the generated kernels and the serialised program.
+//!
+//! - [`program`]: the program format (arena size, buffers, steps), produced by memc-codegen.
+//! - [`cpu`]: the arena and the cpu backend (generated kernels, GEMMs on [`gemm`]).
+//! - [`session`]: the training loop, inference and the command line of emitted executables.
+//! - [`weights`]: safetensors weights and atomic checkpoints; [`npy`]: `.npy` files.
 
 #![warn(missing_docs)]
 
+pub mod cpu;
 pub mod cuda;
 pub mod gemm;
 pub mod npy;
+pub mod program;
+pub mod session;
+pub mod weights;
+
+/// Why a run failed: each is one line naming the file or input and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad command-line use.
+    #[error("{0}")]
+    Usage(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A malformed `.npy` file.
+    #[error(transparent)]
+    Npy(#[from] npy::NpyError),
+    /// The embedded program is corrupt.
+    #[error(transparent)]
+    Program(#[from] program::ProgramError),
+    /// A weights file or checkpoint that does not fit the program.
+    #[error("{path}: {msg}")]
+    Weights {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Data that does not fit the program.
+    #[error("{path}: {msg}")]
+    Data {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Training diverged.
+    #[error("{model}: step {step}: {msg}")]
+    Diverged {
+        /// The model.
+        model: String,
+        /// The step.
+        step: u64,
+        /// What happened and what to do.
+        msg: String,
+    },
+}

@@ -4,89 +4,34 @@
 
 use std::collections::HashMap;
 
-use memc::onnx::{import, ImportOptions};
-use memc::train::{build, Batches, DtypeArg, OptimizerArg, RematArg, TrainProgramArgs};
-use memc_ir::{Graph, Phase};
+use memc::train::{Batches, DtypeArg, OptimizerArg, RematArg, TrainProgramArgs};
+use memc_ir::Phase;
 use memc_passes::plan::{plan, ALIGN};
-use memc_tests::{examples, Example};
-
-fn args(
-    optimizer: OptimizerArg,
-    momentum: f64,
-    clip: Option<f64>,
-    remat: RematArg,
-) -> TrainProgramArgs {
-    TrainProgramArgs {
-        loss: memc::train::LossArg::NextTokenCe,
-        optimizer,
-        momentum,
-        betas: vec![0.9, 0.999],
-        eps: 1e-8,
-        trainable: "all".into(),
-        clip_grad_norm: clip,
-        remat,
-        dtype: DtypeArg::F32,
-    }
-}
-
-fn reference(ex: &Example) -> serde_json::Value {
-    let path = ex.path.with_extension("").join("train_ref.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-}
-
-/// The example's training program and one batch of its inputs.
-fn program(ex: &Example, a: &TrainProgramArgs) -> (Graph, HashMap<String, memc_ir::Tensor>) {
-    let inputs = ex.inputs();
-    let opts = ImportOptions {
-        shapes: inputs
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
-            .collect(),
-    };
-    let mut g = import(&ex.path, &opts).unwrap();
-    build(&mut g, a).unwrap_or_else(|e| panic!("{}: {e:#}", ex.name));
-    (g, inputs)
-}
-
-/// Runs `steps` steps on the example's fixed batch (all its inputs) and returns the losses.
-fn losses(ex: &Example, a: &TrainProgramArgs, lr: f64, wd: f64, steps: usize) -> Vec<f64> {
-    let (mut g, inputs) = program(ex, a);
-    let mut out = Vec::new();
-    for step in 1..=steps {
-        let mut feeds = inputs.clone();
-        let scalar = |v: f64| memc_ir::Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
-        feeds.insert("memc.lr".into(), scalar(lr));
-        feeds.insert("memc.weight_decay".into(), scalar(wd));
-        feeds.insert("memc.step".into(), scalar(step as f64));
-        let r = memc_ir::run(&g, &feeds, &memc_ir::RunOptions { check_nan: true }).unwrap();
-        for (p, t) in r.updates {
-            g.set_param_data(p, t);
-        }
-        out.push(r.outputs[0].1.to_f64_vec()[0]);
-    }
-    out
-}
-
-/// `max |got - want| / |want|` over paired losses.
-fn max_rel(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs() / b.abs())
-        .fold(0.0, f64::max)
-}
+use memc_tests::{
+    examples, max_rel, reference_losses as losses, train_args as args, train_reference,
+    training_program as program, Example,
+};
 
 /// `steps` AdamW steps (lr 1e-3, weight decay 0.01) on the cpu backend, on the example's batch.
 fn cpu_losses(ex: &Example, a: &TrainProgramArgs, steps: usize) -> Vec<f64> {
     let (mut g, _) = program(ex, a);
-    let mut data = Batches::open(&ex.path.with_extension("").join("inputs/input_ids.npy")).unwrap();
+    let path = ex.path.with_extension("").join("inputs/input_ids.npy");
+    let mut data = Batches::open(&path).unwrap();
     let opts = memc::train::LoopOptions {
         steps,
         lr: 1e-3,
         weight_decay: 0.01,
         peak_bytes: None,
     };
-    memc::train::run_host(&mut g, &mut data, &opts, &ex.name).unwrap()
+    memc::train::run_host(
+        &mut g,
+        a,
+        &mut data,
+        &path.display().to_string(),
+        &opts,
+        &ex.name,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -105,7 +50,7 @@ fn every_example_reproduces_pytorch_losses() {
         ),
     ];
     for ex in examples() {
-        let want = reference(&ex);
+        let want = train_reference(&ex);
         for (key, opt, momentum, clip, lr, wd) in runs {
             let got = losses(&ex, &args(opt, momentum, clip, RematArg::Auto), lr, wd, 5);
             let want: Vec<f64> = want[key]
@@ -157,7 +102,9 @@ fn memc_saves_no_more_activation_bytes_than_pytorch() {
     for ex in examples() {
         let (g, _) = program(&ex, &args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto));
         let p = plan(&g);
-        let torch = reference(&ex)["saved_activation_bytes"].as_u64().unwrap();
+        let torch = train_reference(&ex)["saved_activation_bytes"]
+            .as_u64()
+            .unwrap();
         eprintln!(
             "{:<28} saved activations: memc {} bytes, PyTorch eager {torch} bytes",
             ex.name, p.saved_activation_bytes
@@ -390,14 +337,16 @@ fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
             p.buffers.iter().map(|b| b.offset + b.size).max().unwrap(),
             p.peak_bytes
         );
-        let (program, ordered, peak) = memc::train::host_program(&g).unwrap();
-        assert_eq!(peak, p.peak_bytes);
-        assert_eq!(
-            program.arena(&ordered).bytes() as u64,
-            p.peak_bytes,
-            "{}",
-            ex.name
-        );
+        let host = memc::train::host_program(&g, &ex.name, None).unwrap();
+        assert_eq!(host.program.arena_bytes, p.peak_bytes);
+        let bytes = host
+            .with_kernels(|k| {
+                memc_runtime::cpu::Cpu::new(&host.program, k)
+                    .arena()
+                    .bytes()
+            })
+            .unwrap();
+        assert_eq!(bytes as u64, p.peak_bytes, "{}", ex.name);
         let node_plan = plan(&g);
         eprintln!(
             "{:<14} arena over {} fused kernels: {} bytes (node-level plan: {} bytes)",

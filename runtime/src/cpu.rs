@@ -1,0 +1,222 @@
+//! The cpu backend: one arena of exactly [`Program::arena_bytes`], the generated host kernels
+//! called through their uniform entry `void kernel(void **buffers)`, GEMMs on
+//! [`crate::gemm`].
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::gemm::{matmul, GemmType};
+use crate::program::{Buf, Dtype, Program, Slot, Step};
+
+/// A generated kernel's entry point.
+pub type KernelFn = unsafe extern "C" fn(*const *mut u8);
+
+/// Alignment of the arena's base (the plan aligns offsets to 256 bytes).
+const ARENA_ALIGN: usize = 256;
+
+/// One allocation of the plan's peak, zeroed.
+pub struct Arena {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+impl Arena {
+    /// Allocates `bytes` (at least one byte is reserved so the pointer is valid).
+    pub fn new(bytes: u64) -> Arena {
+        let bytes = bytes as usize;
+        let layout = Layout::from_size_align(bytes.max(1), ARENA_ALIGN).expect("arena layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Arena { ptr, bytes }
+    }
+
+    /// Bytes allocated: the plan's peak.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn at(&self, offset: u64) -> *mut u8 {
+        debug_assert!(offset as usize <= self.bytes);
+        // SAFETY: programs are validated: every buffer lies inside the arena.
+        unsafe { self.ptr.add(offset as usize) }
+    }
+
+    /// The bytes of `slot`.
+    pub fn get(&self, slot: &Slot) -> &[u8] {
+        // SAFETY: validated programs keep every slot inside the arena.
+        unsafe { std::slice::from_raw_parts(self.at(slot.offset), slot.bytes() as usize) }
+    }
+
+    /// Overwrites `slot` with `bytes` (exactly its size).
+    pub fn set(&mut self, slot: &Slot, bytes: &[u8]) {
+        assert_eq!(
+            bytes.len() as u64,
+            slot.bytes(),
+            "`{}`: wrong size",
+            slot.name
+        );
+        // SAFETY: as in `get`; `&mut self` excludes other borrows.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.at(slot.offset), bytes.len()) }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.bytes.max(1), ARENA_ALIGN).expect("arena layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr, layout) }
+    }
+}
+
+/// A prepared step: the kernel's entry and its argument pointers, or a GEMM.
+enum Ready {
+    Kernel(KernelFn, Vec<*mut u8>),
+    Gemm {
+        t: GemmType,
+        a: Buf,
+        a_shape: Vec<usize>,
+        b: Buf,
+        b_shape: Vec<usize>,
+        out: Buf,
+    },
+}
+
+/// A program ready to run on the CPU: its arena (constants loaded) and its steps.
+pub struct Cpu {
+    arena: Arena,
+    steps: Vec<Ready>,
+    labels: Vec<String>,
+    profile: Option<HashMap<String, (f64, usize)>>,
+}
+
+impl Cpu {
+    /// Allocates the arena, writes the constants and binds every step to its kernel
+    /// (`kernels[i]` is the entry of `program.kernels[i]`). With `MEMC_PROFILE` set in the
+    /// environment, time per kind of step is kept for [`Cpu::profile`].
+    pub fn new(program: &Program, kernels: &[KernelFn]) -> Cpu {
+        assert_eq!(
+            kernels.len(),
+            program.kernels.len(),
+            "one entry per program kernel"
+        );
+        let mut arena = Arena::new(program.arena_bytes);
+        for c in &program.consts {
+            let at = c.blob_offset as usize;
+            arena.set(&c.slot, &program.blob[at..at + c.slot.bytes() as usize]);
+        }
+        let mut steps = Vec::with_capacity(program.steps.len());
+        let mut labels = Vec::with_capacity(program.steps.len());
+        for step in &program.steps {
+            match step {
+                Step::Kernel {
+                    kernel,
+                    args,
+                    label,
+                } => {
+                    let ptrs = args.iter().map(|b| arena.at(b.offset)).collect();
+                    steps.push(Ready::Kernel(kernels[*kernel as usize], ptrs));
+                    labels.push(label.clone());
+                }
+                Step::Gemm {
+                    dtype,
+                    a,
+                    a_shape,
+                    b,
+                    b_shape,
+                    out,
+                } => {
+                    let t = match dtype {
+                        Dtype::F64 => GemmType::F64,
+                        Dtype::Bf16 => GemmType::BF16,
+                        _ => GemmType::F32,
+                    };
+                    steps.push(Ready::Gemm {
+                        t,
+                        a: *a,
+                        a_shape: a_shape.clone(),
+                        b: *b,
+                        b_shape: b_shape.clone(),
+                        out: *out,
+                    });
+                    labels.push("matmul".into());
+                }
+            }
+        }
+        Cpu {
+            arena,
+            steps,
+            labels,
+            profile: std::env::var_os("MEMC_PROFILE").map(|_| HashMap::new()),
+        }
+    }
+
+    /// The arena.
+    pub fn arena(&self) -> &Arena {
+        &self.arena
+    }
+
+    /// The arena, to write inputs and parameters.
+    pub fn arena_mut(&mut self) -> &mut Arena {
+        &mut self.arena
+    }
+
+    /// Runs every step once.
+    pub fn run(&mut self) {
+        for (n, step) in self.steps.iter().enumerate() {
+            let t0 = self.profile.is_some().then(Instant::now);
+            match step {
+                // SAFETY: the kernel takes exactly these buffers, each inside the arena.
+                Ready::Kernel(f, ptrs) => unsafe { f(ptrs.as_ptr()) },
+                Ready::Gemm {
+                    t,
+                    a,
+                    a_shape,
+                    b,
+                    b_shape,
+                    out,
+                } => {
+                    let arena = &self.arena;
+                    // SAFETY: the plan gives a GEMM's operands and result disjoint buffers
+                    // inside the arena.
+                    let (sa, sb, so) = unsafe {
+                        (
+                            std::slice::from_raw_parts(arena.at(a.offset), a.bytes as usize),
+                            std::slice::from_raw_parts(arena.at(b.offset), b.bytes as usize),
+                            std::slice::from_raw_parts_mut(
+                                arena.at(out.offset),
+                                out.bytes as usize,
+                            ),
+                        )
+                    };
+                    matmul(*t, sa, a_shape, sb, b_shape, so);
+                }
+            }
+            if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {
+                let e = p.entry(self.labels[n].clone()).or_insert((0.0, 0));
+                e.0 += t0.elapsed().as_secs_f64() * 1e3;
+                e.1 += 1;
+            }
+        }
+    }
+
+    /// Time per kind of step (most first), when `MEMC_PROFILE` is set: the table printed at
+    /// the end of a run.
+    pub fn profile(&self) -> Option<String> {
+        let p = self.profile.as_ref()?;
+        let mut rows: Vec<(&String, &(f64, usize))> = p.iter().collect();
+        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        let total: f64 = rows.iter().map(|r| r.1 .0).sum();
+        let mut out = format!("profile: {total:.1} ms in kernels\n");
+        for (name, (ms, calls)) in rows.iter().take(12) {
+            out += &format!(
+                "  {name:<24} {ms:>10.1} ms {:>5.1}% {calls:>7} calls\n",
+                100.0 * ms / total.max(1e-9)
+            );
+        }
+        Some(out)
+    }
+}

@@ -1,0 +1,480 @@
+//! The program format: what an emitted executable runs. `memc-codegen` produces it from a
+//! planned, fused training (or inference) graph; the runtime executes it with no knowledge of
+//! the IR. It names the arena size, every input, output, parameter and constant at its arena
+//! offset, and the steps in order (a generated kernel with its buffers, or a GEMM).
+//!
+//! Serialised form ([`Program::to_bytes`]): the magic `MEMCPRG\0`, a little-endian `u32`
+//! format version, the program as JSON (`u64` length first), the constants' bytes (`u64`
+//! length first), and an FNV-1a 64 checksum of everything before it. [`Program::from_bytes`]
+//! checks all of it, then [`Program::validate`] checks every buffer lies inside the arena, so
+//! a corrupt executable fails with one clear error rather than writing out of bounds.
+
+use serde::{Deserialize, Serialize};
+
+/// The first bytes of a serialised program.
+pub const MAGIC: &[u8; 8] = b"MEMCPRG\0";
+/// The format version this runtime reads.
+pub const VERSION: u32 = 1;
+
+/// Element types of program buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary64.
+    F64,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 64-bit signed integer.
+    I64,
+    /// 32-bit signed integer.
+    I32,
+    /// One byte, 0 or 1.
+    Bool,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::Bool => 1,
+        }
+    }
+
+    /// The safetensors / PyTorch name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F64 => "f64",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+            Dtype::I64 => "i64",
+            Dtype::I32 => "i32",
+            Dtype::Bool => "bool",
+        }
+    }
+}
+
+/// A tensor at a fixed place in the arena.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Slot {
+    /// Its name (an input, output or parameter name; `%N` for internal values).
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Byte offset in the arena.
+    pub offset: u64,
+}
+
+impl Slot {
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        (self.shape.iter().product::<usize>() * self.dtype.size()) as u64
+    }
+
+    fn describe(&self) -> String {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        format!("{}[{}]", self.dtype.name(), dims.join("x"))
+    }
+
+    /// `f32[2x16]`-style type, for messages.
+    pub fn type_string(&self) -> String {
+        self.describe()
+    }
+}
+
+/// What a parameter is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A model weight (in the weights file and checkpoints; trained or frozen).
+    Weight,
+    /// Optimizer state (zero at the start; saved in checkpoints).
+    OptimizerState,
+}
+
+/// A parameter: lives in the arena for the whole run, loaded from the weights file (or zero).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Param {
+    /// Where it lives; `slot.name` is the name in the weights file.
+    pub slot: Slot,
+    /// What it is.
+    pub role: Role,
+}
+
+/// A constant: its bytes are in the program's constant blob at `blob_offset`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Const {
+    /// Where it lives.
+    pub slot: Slot,
+    /// Byte offset of its data in the blob.
+    pub blob_offset: u64,
+}
+
+/// A buffer argument of a step: an arena range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Buf {
+    /// Byte offset in the arena.
+    pub offset: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// One step of the program.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Step {
+    /// A generated kernel (`void kernel(void **buffers)`): inputs, then outputs.
+    Kernel {
+        /// Index in [`Program::kernels`] (and in the executable's kernel table).
+        kernel: u32,
+        /// The buffers passed, in order.
+        args: Vec<Buf>,
+        /// What it computes, for profiles (`fused elementwise`, `softmax`, ...).
+        label: String,
+    },
+    /// `out = a @ b` (NumPy matmul semantics) on the CPU GEMM library.
+    Gemm {
+        /// Element type of `a`, `b` and `out`.
+        dtype: Dtype,
+        /// Left operand.
+        a: Buf,
+        /// Its shape.
+        a_shape: Vec<usize>,
+        /// Right operand.
+        b: Buf,
+        /// Its shape.
+        b_shape: Vec<usize>,
+        /// The result.
+        out: Buf,
+    },
+}
+
+/// What a training program needs beyond inference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Training {
+    /// The input fed with token ids from `--data`.
+    pub data_input: String,
+    /// The output holding the step's loss (a scalar).
+    pub loss_output: String,
+    /// The vocabulary size, when known: token ids must lie in `0..vocab`.
+    pub vocab: Option<u64>,
+    /// The learning-rate input, if the program has one.
+    pub lr_input: Option<String>,
+    /// The weight-decay input, if any.
+    pub weight_decay_input: Option<String>,
+    /// The step-counter input (1-based; AdamW's bias correction reads it), if any.
+    pub step_input: Option<String>,
+    /// The optimizer, for messages and defaults (`sgd`, `adamw`).
+    pub optimizer: String,
+    /// Weight decay used when `--weight-decay` is not given.
+    pub default_weight_decay: f64,
+}
+
+/// A compiled program.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    /// The source model, for messages.
+    pub model: String,
+    /// Arena size: the memory plan's peak, in bytes.
+    pub arena_bytes: u64,
+    /// Symbol names of the generated kernels, indexed by [`Step::Kernel::kernel`].
+    pub kernels: Vec<String>,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// Named inputs (model inputs, and `memc.*` scalars in training programs).
+    pub inputs: Vec<Slot>,
+    /// Named outputs.
+    pub outputs: Vec<Slot>,
+    /// Parameters.
+    pub params: Vec<Param>,
+    /// Constants.
+    pub consts: Vec<Const>,
+    /// Present in training programs.
+    pub training: Option<Training>,
+    /// The constants' bytes (serialised after the JSON).
+    #[serde(skip)]
+    pub blob: Vec<u8>,
+}
+
+/// A program that cannot be read or is inconsistent.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    /// The bytes are not a program of this format.
+    #[error("the embedded program is corrupt: {0} (recompile with memc compile -o)")]
+    Corrupt(String),
+    /// The program is of another format version.
+    #[error("the embedded program has format version {found}, this runtime reads version {VERSION} (recompile with this memc)")]
+    Version {
+        /// The version found.
+        found: u32,
+    },
+}
+
+/// FNV-1a, 64-bit.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+impl Program {
+    /// The serialised program (see the module docs).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("a program serialises");
+        let mut out = Vec::with_capacity(8 + 4 + 16 + json.len() + self.blob.len() + 8);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        out.extend_from_slice(&(self.blob.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.blob);
+        let sum = fnv1a(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    /// Reads and validates a serialised program.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Program, ProgramError> {
+        let corrupt = |m: &str| ProgramError::Corrupt(m.to_string());
+        if bytes.len() < 8 + 4 + 8 + 8 + 8 || &bytes[..8] != MAGIC {
+            return Err(corrupt("missing the MEMCPRG magic"));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        if version != VERSION {
+            return Err(ProgramError::Version { found: version });
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 8);
+        if fnv1a(body) != u64::from_le_bytes(sum.try_into().unwrap()) {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let u64_at = |at: usize| -> Result<u64, ProgramError> {
+            body.get(at..at + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                .ok_or_else(|| corrupt("truncated"))
+        };
+        let json_len = u64_at(12)? as usize;
+        let json = body
+            .get(20..20usize.saturating_add(json_len))
+            .ok_or_else(|| corrupt("truncated program description"))?;
+        let mut program: Program = serde_json::from_slice(json)
+            .map_err(|e| ProgramError::Corrupt(format!("program description: {e}")))?;
+        let blob_at = 20 + json_len;
+        let blob_len = u64_at(blob_at)? as usize;
+        let blob = body
+            .get(blob_at + 8..(blob_at + 8).saturating_add(blob_len))
+            .ok_or_else(|| corrupt("truncated constants"))?;
+        if blob_at + 8 + blob_len != body.len() {
+            return Err(corrupt("trailing bytes after the constants"));
+        }
+        program.blob = blob.to_vec();
+        program.validate()?;
+        Ok(program)
+    }
+
+    /// Checks every buffer lies inside the arena, every kernel index exists, every constant
+    /// lies inside the blob and the training inputs exist.
+    pub fn validate(&self) -> Result<(), ProgramError> {
+        let bad = |m: String| Err(ProgramError::Corrupt(m));
+        let inside = |offset: u64, bytes: u64| {
+            offset
+                .checked_add(bytes)
+                .is_some_and(|end| end <= self.arena_bytes)
+        };
+        let slots = self
+            .inputs
+            .iter()
+            .chain(&self.outputs)
+            .chain(self.params.iter().map(|p| &p.slot))
+            .chain(self.consts.iter().map(|c| &c.slot));
+        for s in slots {
+            if !inside(s.offset, s.bytes()) {
+                return bad(format!("`{}` lies outside the arena", s.name));
+            }
+        }
+        for c in &self.consts {
+            let end = c.blob_offset.checked_add(c.slot.bytes());
+            if end.is_none_or(|e| e > self.blob.len() as u64) {
+                return bad(format!("constant `{}` lies outside the blob", c.slot.name));
+            }
+        }
+        for (n, step) in self.steps.iter().enumerate() {
+            let bufs: Vec<&Buf> = match step {
+                Step::Kernel { kernel, args, .. } => {
+                    if *kernel as usize >= self.kernels.len() {
+                        return bad(format!("step {n} calls kernel {kernel}, which is missing"));
+                    }
+                    args.iter().collect()
+                }
+                Step::Gemm {
+                    dtype,
+                    a,
+                    a_shape,
+                    b,
+                    b_shape,
+                    out,
+                } => {
+                    let numel = |s: &[usize]| (s.iter().product::<usize>() * dtype.size()) as u64;
+                    if a_shape.is_empty()
+                        || b_shape.is_empty()
+                        || numel(a_shape) != a.bytes
+                        || numel(b_shape) != b.bytes
+                        || !matches!(dtype, Dtype::F32 | Dtype::F64 | Dtype::Bf16)
+                        || !crate::gemm::shapes_agree(
+                            a_shape,
+                            b_shape,
+                            out.bytes / dtype.size() as u64,
+                        )
+                    {
+                        return bad(format!("step {n}: inconsistent matmul operands"));
+                    }
+                    vec![a, b, out]
+                }
+            };
+            if let Some(b) = bufs.iter().find(|b| !inside(b.offset, b.bytes)) {
+                return bad(format!(
+                    "step {n}: buffer at {}+{} lies outside the arena",
+                    b.offset, b.bytes
+                ));
+            }
+        }
+        if let Some(t) = &self.training {
+            let names = [
+                Some(&t.data_input),
+                t.lr_input.as_ref(),
+                t.weight_decay_input.as_ref(),
+                t.step_input.as_ref(),
+            ];
+            for name in names.into_iter().flatten() {
+                if self.input(name).is_none() {
+                    return bad(format!("training input `{name}` is missing"));
+                }
+            }
+            if self.output(&t.loss_output).is_none() {
+                return bad(format!("loss output `{}` is missing", t.loss_output));
+            }
+        }
+        Ok(())
+    }
+
+    /// The input called `name`.
+    pub fn input(&self, name: &str) -> Option<&Slot> {
+        self.inputs.iter().find(|s| s.name == name)
+    }
+
+    /// The output called `name`.
+    pub fn output(&self, name: &str) -> Option<&Slot> {
+        self.outputs.iter().find(|s| s.name == name)
+    }
+
+    /// Bytes of the parameters of `role`.
+    pub fn param_bytes(&self, role: Role) -> u64 {
+        self.params
+            .iter()
+            .filter(|p| p.role == role)
+            .map(|p| p.slot.bytes())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Program {
+        let slot = |name: &str, offset| Slot {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: vec![2, 2],
+            offset,
+        };
+        Program {
+            model: "m.onnx".into(),
+            arena_bytes: 64,
+            kernels: vec!["memc_k0".into()],
+            steps: vec![
+                Step::Kernel {
+                    kernel: 0,
+                    args: vec![
+                        Buf {
+                            offset: 0,
+                            bytes: 16,
+                        },
+                        Buf {
+                            offset: 16,
+                            bytes: 16,
+                        },
+                    ],
+                    label: "fused elementwise".into(),
+                },
+                Step::Gemm {
+                    dtype: Dtype::F32,
+                    a: Buf {
+                        offset: 0,
+                        bytes: 16,
+                    },
+                    a_shape: vec![2, 2],
+                    b: Buf {
+                        offset: 32,
+                        bytes: 16,
+                    },
+                    b_shape: vec![2, 2],
+                    out: Buf {
+                        offset: 48,
+                        bytes: 16,
+                    },
+                },
+            ],
+            inputs: vec![slot("x", 0)],
+            outputs: vec![slot("y", 48)],
+            params: vec![Param {
+                slot: slot("w", 32),
+                role: Role::Weight,
+            }],
+            consts: vec![Const {
+                slot: slot("%3", 16),
+                blob_offset: 0,
+            }],
+            training: None,
+            blob: vec![7; 16],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let p = sample();
+        assert_eq!(Program::from_bytes(&p.to_bytes()).unwrap(), p);
+    }
+
+    #[test]
+    fn rejects_corruption() {
+        let bytes = sample().to_bytes();
+        for at in [0, 9, 30, bytes.len() - 20, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x40;
+            assert!(Program::from_bytes(&b).is_err(), "flip at {at}");
+        }
+        assert!(Program::from_bytes(&bytes[..bytes.len() - 3]).is_err());
+        let mut out_of_arena = sample();
+        out_of_arena.arena_bytes = 60;
+        let e = Program::from_bytes(&out_of_arena.to_bytes()).unwrap_err();
+        assert!(e.to_string().contains("outside the arena"), "{e}");
+        let mut bad_gemm = sample();
+        if let Step::Gemm { b_shape, .. } = &mut bad_gemm.steps[1] {
+            *b_shape = vec![4, 1];
+        }
+        let e = Program::from_bytes(&bad_gemm.to_bytes()).unwrap_err();
+        assert!(e.to_string().contains("matmul"), "{e}");
+    }
+}

@@ -1,0 +1,732 @@
+//! Running a program: the training loop (one JSON line per step, checkpoints), inference
+//! (`.npy` in, `.npy` out), and the command line of emitted executables
+//! (`OUT train|infer|info`, design.md's CLI contract), entered through [`memc_rt_main`].
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use half::{bf16, f16};
+
+use crate::cpu::{Cpu, KernelFn};
+use crate::npy::{self, NpyArray, NpyDtype};
+use crate::program::{Dtype, Program, Role, Slot};
+use crate::weights::{self, STEP_KEY};
+use crate::RunError;
+
+/// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling.
+pub struct Batches {
+    rows: usize,
+    seq: usize,
+    ids: Vec<i64>,
+    next: usize,
+}
+
+impl Batches {
+    /// Reads and checks a `.npy` file of token ids (int64 or int32).
+    pub fn open(path: &Path) -> Result<Batches, RunError> {
+        let a = npy::read(path)?;
+        let ids: Vec<i64> = match a.dtype {
+            NpyDtype::I64 => a
+                .data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            NpyDtype::I32 => a
+                .data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+            _ => vec![],
+        };
+        if !matches!(a.dtype, NpyDtype::I64 | NpyDtype::I32)
+            || a.shape.len() != 2
+            || a.shape[0] == 0
+        {
+            let dims: Vec<String> = a.shape.iter().map(|d| d.to_string()).collect();
+            return Err(RunError::Data {
+                path: path.display().to_string(),
+                msg: format!(
+                    "training data must be a non-empty integer array of shape [rows, seq] (token ids), got {}[{}]",
+                    a.dtype.numpy_name(),
+                    dims.join("x")
+                ),
+            });
+        }
+        Ok(Batches {
+            rows: a.shape[0],
+            seq: a.shape[1],
+            ids,
+            next: 0,
+        })
+    }
+
+    /// Rows and columns.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.seq)
+    }
+
+    /// Checks every token id lies in `0..vocab` (kernels clamp indices; the data must not rely
+    /// on that).
+    pub fn check_vocab(&self, vocab: usize, path: &str) -> Result<(), RunError> {
+        match self
+            .ids
+            .iter()
+            .position(|&t| t < 0 || t as u64 >= vocab as u64)
+        {
+            Some(k) => Err(RunError::Data {
+                path: path.to_string(),
+                msg: format!(
+                    "token id {} at row {}, column {} is outside the model's vocabulary (0..{vocab})",
+                    self.ids[k],
+                    k / self.seq,
+                    k % self.seq
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Skips `rows` rows (resuming a run where it stopped).
+    pub fn skip(&mut self, rows: u64) {
+        self.next = ((self.next as u64 + rows) % self.rows as u64) as usize;
+    }
+
+    /// The next `batch` rows (wrapping around the file).
+    pub fn next_batch(&mut self, batch: usize) -> Vec<i64> {
+        let mut out = Vec::with_capacity(batch * self.seq);
+        for _ in 0..batch {
+            out.extend_from_slice(&self.ids[self.next * self.seq..(self.next + 1) * self.seq]);
+            self.next = (self.next + 1) % self.rows;
+        }
+        out
+    }
+}
+
+/// `values` as little-endian elements of `dtype` (rounded to nearest).
+pub fn encode(dtype: Dtype, values: &[f64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    for &v in values {
+        match dtype {
+            Dtype::F32 => out.extend((v as f32).to_le_bytes()),
+            Dtype::F64 => out.extend(v.to_le_bytes()),
+            Dtype::F16 => out.extend(f16::from_f64(v).to_le_bytes()),
+            Dtype::Bf16 => out.extend(bf16::from_f64(v).to_le_bytes()),
+            Dtype::I64 => out.extend((v as i64).to_le_bytes()),
+            Dtype::I32 => out.extend((v as i32).to_le_bytes()),
+            Dtype::Bool => out.push((v != 0.0) as u8),
+        }
+    }
+    out
+}
+
+/// Little-endian elements of `dtype` as f64.
+pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+    let c = dtype.size();
+    bytes
+        .chunks_exact(c)
+        .map(|b| match dtype {
+            Dtype::F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::F64 => f64::from_le_bytes(b.try_into().unwrap()),
+            Dtype::F16 => f16::from_le_bytes(b.try_into().unwrap()).to_f64(),
+            Dtype::Bf16 => bf16::from_le_bytes(b.try_into().unwrap()).to_f64(),
+            Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::Bool => (b[0] != 0) as u8 as f64,
+        })
+        .collect()
+}
+
+/// Run-time settings of a training run.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    /// Steps to run.
+    pub steps: u64,
+    /// Learning rate.
+    pub lr: f64,
+    /// Weight decay (`None`: the program's default for its optimizer).
+    pub weight_decay: Option<f64>,
+    /// Steps already taken (a resumed run continues the count and the data).
+    pub start_step: u64,
+    /// Write a checkpoint (weights and optimizer state) here at the end.
+    pub save: Option<PathBuf>,
+    /// Also append every step's JSON line to this file.
+    pub metrics: Option<PathBuf>,
+    /// Name of the backend in the step lines.
+    pub backend: &'static str,
+}
+
+/// Trains `program` on `cpu` (weights already loaded), printing one JSON line per step to
+/// `out`; returns the losses. `fixed` gives the model's other inputs (name, `.npy` file; e.g.
+/// an attention mask), held fixed across steps. Stops with an error when the loss stops
+/// being finite.
+pub fn train(
+    program: &Program,
+    cpu: &mut Cpu,
+    data: &mut Batches,
+    data_path: &str,
+    fixed: &[(String, PathBuf)],
+    cfg: &TrainConfig,
+    out: &mut dyn Write,
+) -> Result<Vec<f64>, RunError> {
+    let t = program.training.as_ref().ok_or_else(|| {
+        RunError::Usage(format!(
+            "{} was compiled for inference (compile with --train to train it)",
+            program.model
+        ))
+    })?;
+    let ids = program.input(&t.data_input).expect("validated").clone();
+    let others: Vec<&Slot> = program
+        .inputs
+        .iter()
+        .filter(|s| {
+            s.name != t.data_input
+                && Some(&s.name) != t.lr_input.as_ref()
+                && Some(&s.name) != t.weight_decay_input.as_ref()
+                && Some(&s.name) != t.step_input.as_ref()
+        })
+        .collect();
+    for (name, _) in fixed {
+        if !others.iter().any(|s| s.name == *name) {
+            let names: Vec<&str> = others.iter().map(|s| s.name.as_str()).collect();
+            return Err(RunError::Usage(format!(
+                "--input {name}: not an input fed fixed values (those: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )));
+        }
+    }
+    for s in &others {
+        let (_, path) = fixed.iter().find(|(n, _)| *n == s.name).ok_or_else(|| {
+            RunError::Usage(format!(
+                "{}: the program also takes input `{}` ({}): pass --input {}=FILE.npy (held fixed across steps)",
+                program.model,
+                s.name,
+                s.type_string(),
+                s.name
+            ))
+        })?;
+        let bytes = read_input(s, path)?;
+        cpu.arena_mut().set(s, &bytes);
+    }
+    if ids.shape.len() != 2 {
+        return Err(RunError::Usage(format!(
+            "{}: the data input `{}` is {}, not [batch, seq]",
+            program.model,
+            ids.name,
+            ids.type_string()
+        )));
+    }
+    let (batch, seq) = (ids.shape[0], ids.shape[1]);
+    if data.shape().1 != seq {
+        return Err(RunError::Data {
+            path: data_path.to_string(),
+            msg: format!(
+                "rows of {} tokens, but the program was compiled for {seq} (--shape {}={batch}x{})",
+                data.shape().1,
+                ids.name,
+                data.shape().1
+            ),
+        });
+    }
+    if let Some(v) = t.vocab {
+        data.check_vocab(v as usize, data_path)?;
+    }
+    data.skip(cfg.start_step * batch as u64);
+    let loss = program.output(&t.loss_output).expect("validated").clone();
+    let wd = cfg.weight_decay.unwrap_or(t.default_weight_decay);
+    let scalars: Vec<(Slot, f64)> = [(&t.lr_input, cfg.lr), (&t.weight_decay_input, wd)]
+        .into_iter()
+        .filter_map(|(name, v)| Some((program.input(name.as_ref()?)?.clone(), v)))
+        .collect();
+    for (s, _) in &scalars {
+        cpu.arena_mut().set(s, &encode(s.dtype, &[0.0]));
+    }
+    let step_slot = t
+        .step_input
+        .as_ref()
+        .and_then(|n| program.input(n))
+        .cloned();
+    let mut metrics = match &cfg.metrics {
+        Some(p) => Some(std::fs::File::create(p).map_err(|source| RunError::Io {
+            path: p.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
+    let mut losses = Vec::with_capacity(cfg.steps as usize);
+    for step in cfg.start_step + 1..=cfg.start_step + cfg.steps {
+        let t0 = Instant::now();
+        let batch_ids = data.next_batch(batch);
+        let values: Vec<f64> = batch_ids.iter().map(|&x| x as f64).collect();
+        cpu.arena_mut().set(&ids, &encode(ids.dtype, &values));
+        for (s, v) in &scalars {
+            cpu.arena_mut().set(s, &encode(s.dtype, &[*v]));
+        }
+        if let Some(s) = &step_slot {
+            cpu.arena_mut().set(s, &encode(s.dtype, &[step as f64]));
+        }
+        cpu.run();
+        let l = decode(loss.dtype, cpu.arena().get(&loss))[0];
+        if !l.is_finite() {
+            return Err(RunError::Diverged {
+                model: program.model.clone(),
+                step,
+                msg: format!("the loss is {l} (lower --lr or compile with --clip-grad-norm)"),
+            });
+        }
+        losses.push(l);
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let line = serde_json::json!({
+            "step": step,
+            "loss": l,
+            "tokens": batch * seq,
+            "step_ms": (ms * 1000.0).round() / 1000.0,
+            "backend": cfg.backend,
+            "peak_bytes": cpu.arena().bytes(),
+        })
+        .to_string();
+        let io = |source| RunError::Io {
+            path: "stdout".into(),
+            source,
+        };
+        writeln!(out, "{line}").map_err(io)?;
+        if let Some(f) = metrics.as_mut() {
+            writeln!(f, "{line}").map_err(|source| RunError::Io {
+                path: cfg.metrics.as_ref().unwrap().display().to_string(),
+                source,
+            })?;
+        }
+    }
+    if let Some(path) = &cfg.save {
+        let meta = HashMap::from([
+            (
+                STEP_KEY.to_string(),
+                (cfg.start_step + cfg.steps).to_string(),
+            ),
+            ("memc.model".to_string(), program.model.clone()),
+        ]);
+        weights::save(
+            path,
+            program,
+            cpu.arena(),
+            &[Role::Weight, Role::OptimizerState],
+            meta,
+        )?;
+    }
+    Ok(losses)
+}
+
+/// Reads `FILE.npy` as the bytes of input `slot` (dtype and shape must match; float32 data
+/// feeds a bf16/f16 input, int32 and int64 feed each other).
+pub fn read_input(slot: &Slot, path: &Path) -> Result<Vec<u8>, RunError> {
+    let a = npy::read(path)?;
+    let bad = |msg: String| RunError::Data {
+        path: path.display().to_string(),
+        msg,
+    };
+    if a.shape != slot.shape {
+        return Err(bad(format!(
+            "input `{}` is {}, the array has shape {:?}",
+            slot.name,
+            slot.type_string(),
+            a.shape
+        )));
+    }
+    let from = match a.dtype {
+        NpyDtype::F32 => Dtype::F32,
+        NpyDtype::F16 => Dtype::F16,
+        NpyDtype::F64 => Dtype::F64,
+        NpyDtype::I64 => Dtype::I64,
+        NpyDtype::I32 => Dtype::I32,
+        NpyDtype::Bool => Dtype::Bool,
+    };
+    let int = |d| matches!(d, Dtype::I64 | Dtype::I32);
+    let float = |d| matches!(d, Dtype::F32 | Dtype::F16 | Dtype::Bf16 | Dtype::F64);
+    if from == slot.dtype {
+        Ok(a.data)
+    } else if (int(from) && int(slot.dtype)) || (float(from) && float(slot.dtype)) {
+        Ok(encode(slot.dtype, &decode(from, &a.data)))
+    } else {
+        Err(bad(format!(
+            "input `{}` is {}, the array holds {}",
+            slot.name,
+            slot.type_string(),
+            a.dtype.numpy_name()
+        )))
+    }
+}
+
+/// The bytes of an output as an `.npy` array (bf16 widened to float32, which NumPy lacks).
+pub fn output_npy(slot: &Slot, bytes: &[u8]) -> NpyArray {
+    let (dtype, data) = match slot.dtype {
+        Dtype::F32 => (NpyDtype::F32, bytes.to_vec()),
+        Dtype::F64 => (NpyDtype::F64, bytes.to_vec()),
+        Dtype::F16 => (NpyDtype::F16, bytes.to_vec()),
+        Dtype::Bf16 => (
+            NpyDtype::F32,
+            encode(Dtype::F32, &decode(Dtype::Bf16, bytes)),
+        ),
+        Dtype::I64 => (NpyDtype::I64, bytes.to_vec()),
+        Dtype::I32 => (NpyDtype::I32, bytes.to_vec()),
+        Dtype::Bool => (NpyDtype::Bool, bytes.to_vec()),
+    };
+    NpyArray {
+        dtype,
+        shape: slot.shape.clone(),
+        data,
+    }
+}
+
+/// A file name for output `name` (path separators and odd characters replaced).
+pub fn file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Runs the program once on `inputs` (by name) and writes every output to `dir/<name>.npy`.
+pub fn infer(
+    program: &Program,
+    cpu: &mut Cpu,
+    inputs: &[(String, PathBuf)],
+    dir: &Path,
+) -> Result<Vec<PathBuf>, RunError> {
+    if program.training.is_some() {
+        return Err(RunError::Usage(format!(
+            "{} was compiled for training (--train): infer runs inference programs (compile without --train)",
+            program.model
+        )));
+    }
+    for (name, _) in inputs {
+        if program.input(name).is_none() {
+            let names: Vec<&str> = program.inputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(RunError::Usage(format!(
+                "--input {name}: the program has no input `{name}` (its inputs: {})",
+                names.join(", ")
+            )));
+        }
+    }
+    for slot in &program.inputs {
+        let (_, path) = inputs
+            .iter()
+            .find(|(n, _)| *n == slot.name)
+            .ok_or_else(|| {
+                RunError::Usage(format!(
+                    "input `{}` ({}) has no value: pass --input {}=FILE.npy",
+                    slot.name,
+                    slot.type_string(),
+                    slot.name
+                ))
+            })?;
+        let bytes = read_input(slot, path)?;
+        cpu.arena_mut().set(slot, &bytes);
+    }
+    cpu.run();
+    std::fs::create_dir_all(dir).map_err(|source| RunError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut written = vec![];
+    for slot in &program.outputs {
+        let path = dir.join(format!("{}.npy", file_name(&slot.name)));
+        npy::write(&path, &output_npy(slot, cpu.arena().get(slot)))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+const USAGE: &str = "usage:
+  EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu]
+            [--input NAME=FILE.npy (other model inputs, held fixed)] [--save CKPT.safetensors] [--resume CKPT.safetensors] [--metrics FILE] [--weights FILE]
+  EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu] [--weights FILE]
+  EXE info  (what the program is: arena, kernels, inputs, outputs, parameters)
+The weights are read from EXE.safetensors unless --weights is given.";
+
+/// Parsed command line of an emitted executable.
+struct Cmd {
+    verb: String,
+    opts: Vec<(String, String)>,
+}
+
+impl Cmd {
+    fn parse(args: &[String]) -> Result<Cmd, RunError> {
+        let usage = |m: String| RunError::Usage(format!("{m}; run with --help for usage"));
+        let verb = args.first().cloned().unwrap_or_default();
+        let flags: &[&str] = match verb.as_str() {
+            "train" => &[
+                "--data",
+                "--input",
+                "--steps",
+                "--lr",
+                "--weight-decay",
+                "--backend",
+                "--save",
+                "--resume",
+                "--metrics",
+                "--weights",
+            ],
+            "infer" => &["--input", "--out", "--backend", "--weights"],
+            "info" => &[],
+            "" => return Err(usage("expected a command: train, infer or info".into())),
+            v => return Err(usage(format!("unknown command `{v}`"))),
+        };
+        let mut opts = vec![];
+        let mut rest = args[1..].iter();
+        while let Some(a) = rest.next() {
+            let (flag, value) = match a.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (a.clone(), None),
+            };
+            if !flags.contains(&flag.as_str()) {
+                return Err(usage(format!("unexpected argument `{a}` for `{verb}`")));
+            }
+            let value = match value {
+                Some(v) => v,
+                None => rest
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| usage(format!("{flag} needs a value")))?,
+            };
+            opts.push((flag, value));
+        }
+        Ok(Cmd { verb, opts })
+    }
+
+    fn get(&self, flag: &str) -> Option<&str> {
+        self.opts
+            .iter()
+            .rev()
+            .find(|(f, _)| f == flag)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn number<T: std::str::FromStr>(&self, flag: &str) -> Result<Option<T>, RunError> {
+        self.get(flag)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| RunError::Usage(format!("{flag} `{v}` is not a valid number")))
+            })
+            .transpose()
+    }
+}
+
+fn describe(program: &Program) -> String {
+    let calls = program
+        .steps
+        .iter()
+        .filter(|s| matches!(s, crate::program::Step::Kernel { .. }))
+        .count();
+    let mut out = format!(
+        "model: {}\nkind: {}\narena_bytes: {} (one allocation: the memory plan's peak)\nsteps: {} ({calls} calls of {} generated kernels, {} GEMMs)\nweights_bytes: {}\noptimizer_state_bytes: {}\n",
+        program.model,
+        if program.training.is_some() { "training" } else { "inference" },
+        program.arena_bytes,
+        program.steps.len(),
+        program.kernels.len(),
+        program.steps.len() - calls,
+        program.param_bytes(Role::Weight),
+        program.param_bytes(Role::OptimizerState),
+    );
+    for s in &program.inputs {
+        out += &format!("input {}: {}\n", s.name, s.type_string());
+    }
+    for s in &program.outputs {
+        out += &format!("output {}: {}\n", s.name, s.type_string());
+    }
+    if let Some(t) = &program.training {
+        out += &format!(
+            "training: optimizer {}, data input `{}`, loss `{}`, default weight decay {}\n",
+            t.optimizer, t.data_input, t.loss_output, t.default_weight_decay
+        );
+    }
+    out
+}
+
+/// Every `--input NAME=FILE.npy`.
+fn inputs(cmd: &Cmd) -> Result<Vec<(String, PathBuf)>, RunError> {
+    let mut inputs: Vec<(String, PathBuf)> = vec![];
+    for (f, v) in &cmd.opts {
+        if f == "--input" {
+            let (name, path) = v
+                .split_once('=')
+                .ok_or_else(|| RunError::Usage(format!("--input `{v}`: expected NAME=FILE.npy")))?;
+            if inputs.iter().any(|(n, _)| n == name) {
+                return Err(RunError::Usage(format!("--input gives `{name}` twice")));
+            }
+            inputs.push((name.to_string(), PathBuf::from(path)));
+        }
+    }
+    Ok(inputs)
+}
+
+fn check_backend(cmd: &Cmd) -> Result<(), RunError> {
+    match cmd.get("--backend").unwrap_or("cpu") {
+        "cpu" => Ok(()),
+        "cuda" => Err(RunError::Usage(
+            "--backend cuda: this executable has no PTX kernels yet (the cuda backend is not available in this memc); use --backend cpu".into(),
+        )),
+        b => Err(RunError::Usage(format!(
+            "--backend `{b}`: expected cpu or cuda"
+        ))),
+    }
+}
+
+/// Runs the command line `args` (without the program name) of an emitted executable whose
+/// program is `program_bytes` and whose generated kernels are `kernels` (in the program's
+/// kernel order); `exe` is its path (for the default weights file).
+pub fn run_cli(
+    exe: &Path,
+    args: &[String],
+    program_bytes: &[u8],
+    kernels: &[KernelFn],
+) -> Result<(), RunError> {
+    if args.iter().any(|a| a == "--help" || a == "-h") || args.is_empty() {
+        println!("{USAGE}");
+        return if args.is_empty() {
+            Err(RunError::Usage(
+                "expected a command: train, infer or info".into(),
+            ))
+        } else {
+            Ok(())
+        };
+    }
+    let cmd = Cmd::parse(args)?;
+    let program = Program::from_bytes(program_bytes)?;
+    if program.kernels.len() != kernels.len() {
+        return Err(RunError::Program(crate::program::ProgramError::Corrupt(
+            format!(
+                "the program names {} kernels, the executable links {}",
+                program.kernels.len(),
+                kernels.len()
+            ),
+        )));
+    }
+    if cmd.verb == "info" {
+        print!("{}", describe(&program));
+        return Ok(());
+    }
+    check_backend(&cmd)?;
+    let weights_path = match cmd.get("--weights") {
+        Some(w) => PathBuf::from(w),
+        None => {
+            let mut p = exe.as_os_str().to_owned();
+            p.push(".safetensors");
+            PathBuf::from(p)
+        }
+    };
+    let mut cpu = Cpu::new(&program, kernels);
+    weights::load(&weights_path, &program, cpu.arena_mut())?;
+    match cmd.verb.as_str() {
+        "train" => {
+            let data_path = cmd
+                .get("--data")
+                .ok_or_else(|| RunError::Usage("train needs --data FILE.npy".into()))?;
+            let mut data = Batches::open(Path::new(data_path))?;
+            let mut start_step = 0;
+            if let Some(ckpt) = cmd.get("--resume") {
+                let loaded = weights::load(Path::new(ckpt), &program, cpu.arena_mut())?;
+                start_step = loaded.step.unwrap_or(0);
+                eprintln!(
+                    "resumed from {ckpt}: {} tensors{}, step {start_step}",
+                    loaded.tensors,
+                    if loaded.optimizer_state {
+                        " with optimizer state"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            let cfg = TrainConfig {
+                steps: cmd.number("--steps")?.unwrap_or(10),
+                lr: cmd.number("--lr")?.unwrap_or(1e-3),
+                weight_decay: cmd.number("--weight-decay")?,
+                start_step,
+                save: cmd.get("--save").map(PathBuf::from),
+                metrics: cmd.get("--metrics").map(PathBuf::from),
+                backend: "cpu",
+            };
+            train(
+                &program,
+                &mut cpu,
+                &mut data,
+                data_path,
+                &inputs(&cmd)?,
+                &cfg,
+                &mut std::io::stdout().lock(),
+            )?;
+        }
+        "infer" => {
+            let inputs = inputs(&cmd)?;
+            let dir = cmd
+                .get("--out")
+                .ok_or_else(|| RunError::Usage("infer needs --out DIR".into()))?;
+            for p in infer(&program, &mut cpu, &inputs, Path::new(dir))? {
+                eprintln!("wrote {}", p.display());
+            }
+        }
+        _ => unreachable!("parsed"),
+    }
+    if let Some(p) = cpu.profile() {
+        eprint!("{p}");
+    }
+    Ok(())
+}
+
+/// The entry point of an emitted executable, called by its generated `main` with the embedded
+/// program and the table of its generated kernels. Prints one `error:` line and returns 2 on
+/// failure (and on internal errors, which are reported rather than unwound into C).
+///
+/// # Safety
+/// `argv` holds `argc` C strings; `program` points to `program_len` bytes and `kernels` to
+/// `n_kernels` kernel entries, all valid for the whole call.
+#[no_mangle]
+pub unsafe extern "C" fn memc_rt_main(
+    argc: i32,
+    argv: *const *const std::ffi::c_char,
+    program: *const u8,
+    program_len: u64,
+    kernels: *const KernelFn,
+    n_kernels: u64,
+) -> i32 {
+    let args: Vec<String> = (0..argc.max(0) as usize)
+        .map(|i| {
+            // SAFETY: the caller passes `argc` valid C strings.
+            unsafe { std::ffi::CStr::from_ptr(*argv.add(i)) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    // SAFETY: the caller passes valid ranges.
+    let (bytes, table) = unsafe {
+        (
+            std::slice::from_raw_parts(program, program_len as usize),
+            std::slice::from_raw_parts(kernels, n_kernels as usize),
+        )
+    };
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|_| PathBuf::from(args.first().cloned().unwrap_or_default()));
+    let result =
+        std::panic::catch_unwind(|| run_cli(&exe, args.get(1..).unwrap_or(&[]), bytes, table));
+    match result {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            2
+        }
+        Err(_) => {
+            eprintln!("error: internal error in the memc runtime (a bug; please report it with the command line)");
+            2
+        }
+    }
+}

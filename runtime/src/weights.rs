@@ -1,0 +1,160 @@
+//! Weights and checkpoints as safetensors files: loading into a program's arena (every tensor
+//! checked against the program by name, dtype and shape) and saving atomically (a temporary
+//! file renamed into place, so an interrupted save never leaves a truncated checkpoint).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::cpu::Arena;
+use crate::program::{Dtype, Program, Role, Slot};
+use crate::RunError;
+
+/// The metadata key holding the number of optimizer steps a checkpoint has taken.
+pub const STEP_KEY: &str = "memc.step";
+
+fn st_dtype(d: Dtype) -> StDtype {
+    match d {
+        Dtype::F32 => StDtype::F32,
+        Dtype::F64 => StDtype::F64,
+        Dtype::F16 => StDtype::F16,
+        Dtype::Bf16 => StDtype::BF16,
+        Dtype::I64 => StDtype::I64,
+        Dtype::I32 => StDtype::I32,
+        Dtype::Bool => StDtype::BOOL,
+    }
+}
+
+/// What [`load`] found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loaded {
+    /// Tensors loaded.
+    pub tensors: usize,
+    /// Whether the file held the optimizer state.
+    pub optimizer_state: bool,
+    /// Steps taken, from a checkpoint's metadata.
+    pub step: Option<u64>,
+}
+
+/// Loads `path` into the arena: every weight (trained or frozen) of the program must be in
+/// the file with its dtype and shape; optimizer state is loaded when present (all of it or
+/// none); a tensor the program does not have is an error (the file belongs to another model).
+pub fn load(path: &Path, program: &Program, arena: &mut Arena) -> Result<Loaded, RunError> {
+    let file = path.display().to_string();
+    let bad = |msg: String| RunError::Weights {
+        path: file.clone(),
+        msg,
+    };
+    let bytes = std::fs::read(path).map_err(|source| RunError::Io {
+        path: file.clone(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let mut loaded = Loaded::default();
+    let state: Vec<_> = program
+        .params
+        .iter()
+        .filter(|p| p.role == Role::OptimizerState)
+        .collect();
+    let has_state = state.iter().any(|p| st.tensor(&p.slot.name).is_ok());
+    for p in &program.params {
+        if p.role == Role::OptimizerState && !has_state {
+            continue;
+        }
+        let t = st.tensor(&p.slot.name).map_err(|_| {
+            bad(format!(
+                "tensor `{}` ({}) is missing: the file was not written for this program",
+                p.slot.name,
+                p.slot.type_string()
+            ))
+        })?;
+        if t.dtype() != st_dtype(p.slot.dtype) || t.shape() != p.slot.shape.as_slice() {
+            return Err(bad(format!(
+                "tensor `{}` is {:?}{:?}, the program expects {}",
+                p.slot.name,
+                t.dtype(),
+                t.shape(),
+                p.slot.type_string()
+            )));
+        }
+        arena.set(&p.slot, t.data());
+        loaded.tensors += 1;
+    }
+    loaded.optimizer_state = has_state;
+    for name in st.names() {
+        if !program.params.iter().any(|p| p.slot.name == name) {
+            return Err(bad(format!(
+                "tensor `{name}` is not a parameter of this program (the file belongs to another model)"
+            )));
+        }
+    }
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    if let Some(s) = meta.metadata().as_ref().and_then(|m| m.get(STEP_KEY)) {
+        loaded.step = Some(
+            s.parse()
+                .map_err(|_| bad(format!("metadata {STEP_KEY} = `{s}` is not a step count")))?,
+        );
+    }
+    Ok(loaded)
+}
+
+/// Writes the parameters of `roles` from the arena to `path` atomically, with `metadata`.
+pub fn save(
+    path: &Path,
+    program: &Program,
+    arena: &Arena,
+    roles: &[Role],
+    metadata: HashMap<String, String>,
+) -> Result<(), RunError> {
+    let tensors: Vec<(Slot, &[u8])> = program
+        .params
+        .iter()
+        .filter(|p| roles.contains(&p.role))
+        .map(|p| (p.slot.clone(), arena.get(&p.slot)))
+        .collect();
+    save_tensors(path, &tensors, metadata)
+}
+
+/// Writes tensors (named and typed by their slots) to `path` atomically, with `metadata`.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[(Slot, &[u8])],
+    metadata: HashMap<String, String>,
+) -> Result<(), RunError> {
+    let bad = |e: safetensors::SafeTensorError| RunError::Weights {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    };
+    let views = tensors
+        .iter()
+        .map(|(s, bytes)| {
+            TensorView::new(st_dtype(s.dtype), s.shape.clone(), bytes).map(|v| (s.name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(bad)?;
+    write_atomically(path, &bytes)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it into place.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+    use std::io::Write;
+    let io = |source| RunError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}

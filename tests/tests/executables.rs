@@ -1,0 +1,407 @@
+//! Emitted executables (`memc compile -o OUT`), run as a user runs them: every example
+//! model's inference against onnxruntime, its training against the reference backend, bf16
+//! against f32, checkpoints that resume exactly, an arena of exactly the planned size, no LLVM
+//! in the result, and one clear error line for every kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use memc::train::{DtypeArg, OptimizerArg, RematArg, TrainProgramArgs};
+use memc_tests::{examples, max_rel, reference_losses, train_args, Example};
+
+/// `target/<profile>/`, where cargo puts `memc` and `libmemc_runtime.a`.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir()
+        .join(format!("memc-exe-{}", std::process::id()))
+        .join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    out
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `cmd`, expecting failure with exit code 2 and one `error:` line mentioning `needle`.
+fn fails(cmd: &mut Command, needle: &str) {
+    let out = run(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{cmd:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{cmd:?}: one line expected:\n{stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{cmd:?}: expected `{needle}` in:\n{stderr}"
+    );
+}
+
+fn input_file(ex: &Example, name: &str) -> PathBuf {
+    ex.path
+        .with_extension("")
+        .join("inputs")
+        .join(format!("{name}.npy"))
+}
+
+/// `memc compile EX -o DIR/NAME` with the example's input shapes and `extra` options.
+fn compile(ex: &Example, out: &Path, extra: &[&str]) {
+    let mut cmd = Command::new(bin_dir().join("memc"));
+    cmd.arg("compile").arg(&ex.path).arg("-o").arg(out);
+    for (name, t) in ex.inputs() {
+        let dims: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
+        cmd.arg("--shape").arg(format!("{name}={}", dims.join("x")));
+    }
+    cmd.args(extra);
+    ok(&mut cmd);
+    assert!(out.is_file() && out.with_extension("safetensors").is_file());
+}
+
+/// `OUT train` on the example's batch (its other inputs held fixed); the JSON lines.
+fn train(ex: &Example, exe: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("train")
+        .arg("--data")
+        .arg(input_file(ex, "input_ids"));
+    for name in ex.inputs().keys().filter(|n| *n != "input_ids") {
+        cmd.arg("--input")
+            .arg(format!("{name}={}", input_file(ex, name).display()));
+    }
+    cmd.args(extra);
+    ok(&mut cmd)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+fn losses(lines: &[serde_json::Value]) -> Vec<f64> {
+    lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect()
+}
+
+fn adamw() -> TrainProgramArgs {
+    train_args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto)
+}
+
+const ADAMW: &[&str] = &["--train", "--optimizer", "adamw", "--clip-grad-norm", "1.0"];
+
+/// The value of `key: N` in `OUT info`.
+fn info_number(exe: &Path, key: &str) -> u64 {
+    let info = ok(Command::new(exe).arg("info"));
+    let line = info
+        .lines()
+        .find(|l| l.starts_with(&format!("{key}: ")))
+        .unwrap_or_else(|| panic!("no {key} in:\n{info}"));
+    line[key.len() + 2..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn every_example_executable_infers_like_onnxruntime() {
+    let dir = scratch("infer");
+    for ex in examples() {
+        let exe = dir.join(&ex.name);
+        compile(&ex, &exe, &[]);
+        let out = dir.join(format!("{}-out", ex.name));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("infer").arg("--out").arg(&out);
+        for name in ex.inputs().keys() {
+            cmd.arg("--input")
+                .arg(format!("{name}={}", input_file(&ex, name).display()));
+        }
+        ok(&mut cmd);
+        for (name, want) in ex.references() {
+            let got = memc::io::read_tensor(&out.join(format!("{name}.npy"))).unwrap();
+            let err = memc_tests::rel_error(&got, &want);
+            eprintln!(
+                "{:<28} executable vs onnxruntime `{name}`: {err:.2e}",
+                ex.name
+            );
+            assert!(err <= 1e-4, "{}: `{name}` differs by {err:.3e}", ex.name);
+        }
+    }
+}
+
+#[test]
+fn every_example_executable_trains_like_the_reference_backend() {
+    let dir = scratch("train");
+    for ex in examples() {
+        let exe = dir.join(&ex.name);
+        compile(&ex, &exe, ADAMW);
+        let lines = train(&ex, &exe, &["--steps", "3", "--lr", "1e-3"]);
+        let got = losses(&lines);
+        let want = reference_losses(&ex, &adamw(), 1e-3, 0.01, 3);
+        let err = max_rel(&got, &want);
+        eprintln!(
+            "{:<28} executable vs reference backend, 3 AdamW steps: {err:.2e}",
+            ex.name
+        );
+        assert!(err <= 1e-5, "{}: {got:?} vs {want:?}", ex.name);
+        // One arena of exactly the planned bytes: `info`, every step line and the compile
+        // report agree.
+        let arena = info_number(&exe, "arena_bytes");
+        for l in &lines {
+            assert_eq!(l["peak_bytes"].as_u64(), Some(arena), "{}", ex.name);
+            assert_eq!(l["backend"], "cpu");
+        }
+        let report = dir.join(format!("{}.json", ex.name));
+        let mut cmd = Command::new(bin_dir().join("memc"));
+        cmd.arg("compile").arg(&ex.path).args(ADAMW);
+        cmd.arg("--shape").arg("input_ids=2x16");
+        for name in ex.inputs().keys().filter(|n| *n != "input_ids") {
+            cmd.arg("--shape").arg(format!("{name}=2x16"));
+        }
+        ok(cmd.arg("--report-json").arg(&report));
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert_eq!(
+            r["cpu_backend"]["arena_bytes"].as_u64(),
+            Some(arena),
+            "{}",
+            ex.name
+        );
+    }
+}
+
+#[test]
+fn bf16_executable_tracks_f32() {
+    let dir = scratch("bf16");
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset") && e.family != "bert")
+    {
+        let exe = dir.join(&ex.name);
+        compile(
+            &ex,
+            &exe,
+            &["--train", "--optimizer", "adamw", "--dtype", "bf16"],
+        );
+        let half = losses(&train(&ex, &exe, &["--steps", "20", "--lr", "1e-3"]));
+        let f32_args = TrainProgramArgs {
+            dtype: DtypeArg::F32,
+            ..train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto)
+        };
+        let full = reference_losses(&ex, &f32_args, 1e-3, 0.01, 20);
+        let err = max_rel(&half, &full);
+        eprintln!(
+            "{:<28} bf16 executable vs f32 over 20 AdamW steps: {err:.2e}",
+            ex.name
+        );
+        assert!(err <= 0.02, "{}: {half:?} vs {full:?}", ex.name);
+    }
+}
+
+#[test]
+fn checkpoints_resume_exactly() {
+    let dir = scratch("resume");
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    let exe = dir.join("llama");
+    compile(&ex, &exe, ADAMW);
+    let straight = losses(&train(&ex, &exe, &["--steps", "6"]));
+    let ckpt = dir.join("ckpt.safetensors");
+    let metrics = dir.join("metrics.jsonl");
+    let first = train(
+        &ex,
+        &exe,
+        &[
+            "--steps",
+            "4",
+            "--save",
+            ckpt.to_str().unwrap(),
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ],
+    );
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(losses(&logged), losses(&first));
+    let resumed = train(
+        &ex,
+        &exe,
+        &["--steps", "2", "--resume", ckpt.to_str().unwrap()],
+    );
+    assert_eq!(resumed[0]["step"], 5);
+    assert_eq!(losses(&first), straight[..4]);
+    // Weights, AdamW moments and the step count (bias correction) all come back.
+    assert_eq!(losses(&resumed), straight[4..], "resumed vs uninterrupted");
+    assert!(
+        !std::fs::read_dir(&dir).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(".tmp")),
+        "no temporary files are left behind"
+    );
+}
+
+#[test]
+fn executables_link_no_llvm_and_stay_small() {
+    let dir = scratch("size");
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "gpt2-dynamo")
+        .unwrap();
+    let exe = dir.join("gpt2");
+    compile(&ex, &exe, ADAMW);
+    let size = std::fs::metadata(&exe).unwrap().len();
+    assert!(size < 16 << 20, "{size} bytes");
+    let ldd = ok(Command::new("ldd").arg(&exe));
+    for lib in ["LLVM", "MLIR", "libstdc++"] {
+        assert!(!ldd.contains(lib), "{lib} linked:\n{ldd}");
+    }
+}
+
+#[test]
+fn bad_inputs_give_one_clear_error() {
+    let dir = scratch("errors");
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    let exe = dir.join("llama");
+    compile(&ex, &exe, ADAMW);
+    let ids = input_file(&ex, "input_ids");
+    let data = ["--data", ids.to_str().unwrap()];
+    let train_cmd = |extra: &[&str]| {
+        let mut c = Command::new(&exe);
+        c.arg("train").args(data).args(extra);
+        c
+    };
+
+    // The embedded program: one flipped byte is caught by the checksum.
+    let mut bytes = std::fs::read(&exe).unwrap();
+    let magic = b"MEMCPRG\0\x01\x00\x00\x00";
+    let at = bytes
+        .windows(magic.len())
+        .position(|w| w == magic)
+        .expect("the program is embedded");
+    bytes[at + 100] ^= 0x20;
+    let corrupt = dir.join("corrupt");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    std::fs::copy(
+        exe.with_extension("safetensors"),
+        corrupt.with_extension("safetensors"),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&corrupt, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fails(
+        Command::new(&corrupt).arg("info"),
+        "embedded program is corrupt",
+    );
+
+    // Weights and checkpoints.
+    let truncated = dir.join("truncated.safetensors");
+    let w = std::fs::read(exe.with_extension("safetensors")).unwrap();
+    std::fs::write(&truncated, &w[..w.len() / 2]).unwrap();
+    fails(
+        &mut train_cmd(&["--resume", truncated.to_str().unwrap()]),
+        "not a valid safetensors file",
+    );
+    fails(
+        &mut train_cmd(&["--weights", truncated.to_str().unwrap()]),
+        "truncated.safetensors",
+    );
+    let other = examples()
+        .into_iter()
+        .find(|e| e.name == "gpt2-dynamo")
+        .unwrap();
+    let gpt2 = dir.join("gpt2");
+    compile(&other, &gpt2, &[]);
+    fails(
+        &mut train_cmd(&[
+            "--resume",
+            gpt2.with_extension("safetensors").to_str().unwrap(),
+        ]),
+        "is missing: the file was not written for this program",
+    );
+    fails(
+        &mut train_cmd(&["--weights", dir.join("nope.safetensors").to_str().unwrap()]),
+        "nope.safetensors",
+    );
+
+    // Data and arguments.
+    let floats = dir.join("floats.npy");
+    memc::io::write_tensor(
+        &floats,
+        &memc_ir::Tensor::from_f64(memc_ir::DType::F32, vec![2, 16], &[0.0; 32]),
+    )
+    .unwrap();
+    fails(
+        Command::new(&exe).arg("train").arg("--data").arg(&floats),
+        "must be a non-empty integer array",
+    );
+    let huge = dir.join("huge.npy");
+    memc::io::write_tensor(
+        &huge,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![2, 16], &[1_000_000; 32]),
+    )
+    .unwrap();
+    fails(
+        Command::new(&exe).arg("train").arg("--data").arg(&huge),
+        "outside the model's vocabulary",
+    );
+    let short = dir.join("short.npy");
+    memc::io::write_tensor(
+        &short,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![2, 8], &[1; 16]),
+    )
+    .unwrap();
+    fails(
+        Command::new(&exe).arg("train").arg("--data").arg(&short),
+        "compiled for 16",
+    );
+    fails(&mut train_cmd(&["--backend", "cuda"]), "--backend cuda");
+    fails(&mut train_cmd(&["--steps", "many"]), "not a valid number");
+    fails(
+        &mut train_cmd(&["--bogus"]),
+        "unexpected argument `--bogus`",
+    );
+    fails(Command::new(&exe).arg("fly"), "unknown command `fly`");
+    fails(
+        Command::new(&exe)
+            .arg("infer")
+            .arg("--out")
+            .arg(dir.join("o")),
+        "compiled for training",
+    );
+    fails(
+        Command::new(&gpt2).arg("train").arg("--data").arg(&ids),
+        "compiled for inference",
+    );
+    fails(
+        Command::new(&gpt2)
+            .arg("infer")
+            .arg("--out")
+            .arg(dir.join("o"))
+            .arg("--input")
+            .arg(format!("input_ids={}", short.display())),
+        "input `input_ids` is i64[2x16]",
+    );
+}
