@@ -1,12 +1,13 @@
 """CPU training step of a 4-layer, d_model 256 Llama (4 heads, 2 KV heads, d_ffn 704, vocab
-32000), batch 4 x seq 128: memc's cpu backend against PyTorch eager on the same weights, data
-and thread count (1), in the same run.
+32000), batch 4 x seq 128: memc's emitted executable against PyTorch eager on the same weights,
+data and thread count (1), in the same run.
 
     python3 scripts/bench-cpu-llama4.py [--steps 6]
 
-Generates scratch/llama4x256.onnx with scripts/gen-big-llama.py when missing. memc's time is
-the median `step_ms` after the first step (which includes JIT compilation); MEMC_PROFILE=1 is
-set so memc also prints where its time goes.
+Generates scratch/llama4x256.onnx with scripts/gen-big-llama.py when missing, compiles it with
+`memc compile --train --optimizer adamw -o scratch/llama4x256` (release build) and runs
+`scratch/llama4x256 train`. memc's time is the median `step_ms` after the first step;
+MEMC_PROFILE=1 is set so the executable also prints where its time goes.
 """
 import argparse, json, os, statistics, subprocess, sys, time
 
@@ -22,8 +23,12 @@ if not os.path.exists("scratch/llama4x256.onnx"):
     subprocess.run([sys.executable, "scripts/gen-big-llama.py", "scratch/llama4x256.onnx", *ARGS], check=True)
 ids = np.random.default_rng(0).integers(0, 32000, (4, 128)).astype(np.int64)
 np.save("scratch/ids4x128.npy", ids)
-out = subprocess.run(["target/release/memc", "train", "scratch/llama4x256.onnx", "--data", "scratch/ids4x128.npy",
-                      "--steps", str(a.steps), "--optimizer", "adamw", "--lr", "1e-3", "--backend", "cpu"],
+t0 = time.perf_counter()
+subprocess.run(["target/release/memc", "compile", "scratch/llama4x256.onnx", "--shape", "input_ids=4x128",
+                "--train", "--optimizer", "adamw", "-o", "scratch/llama4x256"], check=True)
+compile_s = time.perf_counter() - t0
+out = subprocess.run(["scratch/llama4x256", "train", "--data", "scratch/ids4x128.npy",
+                      "--steps", str(a.steps), "--lr", "1e-3"],
                      capture_output=True, text=True, check=True, env={**os.environ, "MEMC_PROFILE": "1"})
 lines = [json.loads(l) for l in out.stdout.splitlines()]
 memc_ms = statistics.median(l["step_ms"] for l in lines[1:])
@@ -46,7 +51,8 @@ for _ in range(a.steps):
     times.append((time.perf_counter() - t) * 1e3)
     losses.append(loss.item())
 torch_ms = statistics.median(times[1:])
-print(f"memc cpu backend: {memc_ms:.1f} ms/step (losses {[round(l['loss'], 4) for l in lines]})")
+print(f"memc compile -o: {compile_s:.1f} s")
+print(f"memc executable: {memc_ms:.1f} ms/step (losses {[round(l['loss'], 4) for l in lines]})")
 print(f"PyTorch eager, 1 thread: {torch_ms:.1f} ms/step (losses {[round(v, 4) for v in losses]})")
 print(f"ratio memc / PyTorch: {memc_ms / torch_ms:.2f}")
 print(out.stderr.strip())

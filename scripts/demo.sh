@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release -q -p memc
+cargo build --release -q -p memc -p memc-runtime   # memc and libmemc_runtime.a (linked into executables)
 MEMC=target/release/memc
 OUT=${TMPDIR:-/tmp}/memc-demo
 mkdir -p "$OUT"
@@ -36,6 +36,19 @@ for remat in none auto; do
     --report --report-json "$OUT/llama-train-$remat.json" --plot "$OUT/llama-train-$remat.svg" | sed -n '/^training:/,$p'
   echo "   (plot: $OUT/llama-train-$remat.svg)"
 done
+
+echo
+DATA=examples/models/llama-dynamo/inputs/input_ids.npy
+echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw -o $OUT/llama"
+$MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw -o "$OUT/llama"
+"$OUT/llama" info
+echo "== $OUT/llama train --data $DATA --steps 5 --lr 1e-3 --save $OUT/llama-ckpt.safetensors"
+"$OUT/llama" train --data $DATA --steps 5 --lr 1e-3 --save "$OUT/llama-ckpt.safetensors"
+echo "== $OUT/llama train --data $DATA --steps 2 --lr 1e-3 --resume $OUT/llama-ckpt.safetensors"
+"$OUT/llama" train --data $DATA --steps 2 --lr 1e-3 --resume "$OUT/llama-ckpt.safetensors"
+echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 -o $OUT/llama-infer; $OUT/llama-infer infer ..."
+$MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 -o "$OUT/llama-infer"
+"$OUT/llama-infer" infer --input input_ids=$DATA --out "$OUT/llama-infer-out"
 
 echo
 for backend in ref cpu; do

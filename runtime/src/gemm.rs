@@ -108,15 +108,31 @@ pub fn matmul(t: GemmType, a: &[u8], ash: &[usize], b: &[u8], bsh: &[usize], out
         r,
     };
     match t {
-        GemmType::F32 | GemmType::BF16 => {
-            let fo = plan.run(
+        // f32 operands are used in place when aligned (arena buffers always are).
+        GemmType::F32 => {
+            let a = as_elems::<f32>(a).unwrap_or_else(|| to_f32(t, a).into());
+            let b = as_elems::<f32>(b).unwrap_or_else(|| to_f32(t, b).into());
+            // SAFETY: every bit pattern is a valid f32.
+            match unsafe { out.align_to_mut::<f32>() } {
+                (&mut [], o, &mut []) => plan.run(matrixmultiply::sgemm, 1.0, 0.0, &a, &b, o),
+                _ => {
+                    let mut o = vec![0f32; out.len() / 4];
+                    plan.run(matrixmultiply::sgemm, 1.0, 0.0, &a, &b, &mut o);
+                    from_f32(t, &o, out);
+                }
+            }
+        }
+        GemmType::BF16 => {
+            let mut o = vec![0f32; out.len() / 2];
+            plan.run(
                 matrixmultiply::sgemm,
                 1.0,
                 0.0,
                 &to_f32(t, a),
                 &to_f32(t, b),
+                &mut o,
             );
-            from_f32(t, &fo, out);
+            from_f32(t, &o, out);
         }
         GemmType::F64 => {
             let f = |x: &[u8]| -> Vec<f64> {
@@ -124,11 +140,24 @@ pub fn matmul(t: GemmType, a: &[u8], ash: &[usize], b: &[u8], bsh: &[usize], out
                     .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
                     .collect()
             };
-            let fo = plan.run(matrixmultiply::dgemm, 1.0, 0.0, &f(a), &f(b));
-            for (o, v) in out.chunks_exact_mut(8).zip(fo) {
-                o.copy_from_slice(&v.to_le_bytes());
+            let mut o = vec![0f64; out.len() / 8];
+            plan.run(matrixmultiply::dgemm, 1.0, 0.0, &f(a), &f(b), &mut o);
+            for (dst, v) in out.chunks_exact_mut(8).zip(o) {
+                dst.copy_from_slice(&v.to_le_bytes());
             }
         }
+    }
+}
+
+/// `bytes` as a slice of `T` when it is aligned for `T` (little-endian host).
+fn as_elems<T>(bytes: &[u8]) -> Option<std::borrow::Cow<'_, [T]>>
+where
+    [T]: ToOwned,
+{
+    // SAFETY: used for f32 only, for which every bit pattern is valid.
+    match unsafe { bytes.align_to::<T>() } {
+        (&[], x, &[]) => Some(std::borrow::Cow::Borrowed(x)),
+        _ => None,
     }
 }
 
@@ -173,9 +202,9 @@ impl Batches<'_> {
     }
 
     /// One GEMM per batch element (broadcast batch dims read the same operand).
-    fn run<T: Copy + Default>(&self, gemm: Gemm<T>, one: T, zero: T, a: &[T], b: &[T]) -> Vec<T> {
+    fn run<T: Copy>(&self, gemm: Gemm<T>, one: T, zero: T, a: &[T], b: &[T], out: &mut [T]) {
         let (m, k, n) = (self.m, self.k, self.n);
-        let mut out = vec![T::default(); self.nb * m * n];
+        assert_eq!(out.len(), self.nb * m * n);
         let mut idx = vec![0usize; self.r];
         for bi in 0..self.nb {
             let oa = self.offset(self.a_batch, self.sa, &idx) * m * k;
@@ -202,7 +231,6 @@ impl Batches<'_> {
             }
             next(&mut idx, self.batch);
         }
-        out
     }
 }
 
