@@ -45,6 +45,8 @@ pub struct HostProgram {
     pub program: Program,
     /// LLVM IR of the generated kernels, in the program's kernel order.
     lowered: Vec<(String, String)>,
+    /// Their MLIR (for the device path).
+    mlir: Vec<String>,
 }
 
 impl HostProgram {
@@ -73,6 +75,7 @@ impl HostProgram {
         let mut steps = Vec::with_capacity(kernels.len());
         let mut lowered: Vec<(String, String)> = Vec::new();
         let mut seen: HashMap<String, u32> = HashMap::new();
+        let mut kernel_mlir: Vec<String> = Vec::new();
         let lowerer = Lowerer::new();
         for (n, k) in kernels.iter().enumerate() {
             let name = format!("step{n}");
@@ -134,6 +137,7 @@ impl HostProgram {
                     let mlir = key.replace("@K(", &format!("@{name}("));
                     let ir = lowerer.lower(&mlir, &name, args.len())?.llvm_ir;
                     lowered.push((name, ir));
+                    kernel_mlir.push(mlir);
                     seen.insert(key, lowered.len() as u32 - 1);
                     lowered.len() as u32 - 1
                 }
@@ -163,6 +167,7 @@ impl HostProgram {
             params: vec![],
             consts: vec![],
             training: None,
+            device: None,
             blob: vec![],
         };
         for &v in g.inputs() {
@@ -221,7 +226,11 @@ impl HostProgram {
         program
             .validate()
             .map_err(|e| KernelError::Link(format!("{model}: {e}")))?;
-        Ok(HostProgram { program, lowered })
+        Ok(HostProgram {
+            program,
+            lowered,
+            mlir: kernel_mlir,
+        })
     }
 
     /// Number of steps (generated kernels and GEMMs).
@@ -232,6 +241,32 @@ impl HostProgram {
     /// The generated kernels' LLVM IR (name, IR), in the program's kernel order.
     pub fn lowered(&self) -> &[(String, String)] {
         &self.lowered
+    }
+
+    /// Adds device code for the cuda backend: every kernel mapped to GPU blocks and threads
+    /// and lowered through NVVM ([`crate::ptx`]), all in one PTX module for `sm_{sm}`.
+    pub fn compile_device(
+        &mut self,
+        sm: u32,
+        libdevice: &std::path::Path,
+    ) -> Result<(), KernelError> {
+        let context = crate::kernel::mlir_context();
+        let mut launches = Vec::with_capacity(self.mlir.len());
+        let mut device_ir = vec![];
+        for ((name, _), mlir) in self.lowered.iter().zip(&self.mlir) {
+            let d = crate::ptx::lower_gpu(&context, mlir, name)?;
+            launches.push(d.launches);
+            device_ir.extend(d.llvm_ir);
+        }
+        let ptx = crate::ptx::ptx_module(&device_ir, sm, libdevice)?;
+        self.program.device = Some(memc_runtime::program::Device {
+            arch: format!("sm_{sm}"),
+            ptx,
+            launches,
+        });
+        self.program
+            .validate()
+            .map_err(|e| KernelError::Link(e.to_string()))
     }
 
     /// JIT-compiles the kernels (optimised for this CPU, as in executables) and gives `f` their

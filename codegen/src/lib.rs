@@ -15,4 +15,5 @@ pub mod jit;
 pub mod kernel;
 pub mod link;
 pub mod ops;
+pub mod ptx;
 pub mod toolchain;

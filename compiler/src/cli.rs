@@ -55,10 +55,20 @@ enum Emit {
     Mlir,
     /// The fused kernels lowered through MLIR and translated to LLVM IR.
     Llvm,
-    /// PTX (not yet available).
+    /// Every kernel of the program as one PTX module (NVPTX, `--sm`).
     Ptx,
     /// Memory plan: execution order and every buffer's offset, size and lifetime.
     Plan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TargetArg {
+    /// Host kernels only.
+    Cpu,
+    /// Host kernels and PTX kernels (the runtime needs its cpu side for data and weights).
+    Cuda,
+    /// Host kernels and PTX kernels.
+    All,
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +94,12 @@ struct CompileArgs {
     /// Build the training step (loss, backward, optimizer) rather than inference.
     #[arg(long)]
     train: bool,
+    /// Which backends the executable (-o) carries code for; cuda and all add PTX kernels.
+    #[arg(long, value_enum, default_value = "cpu")]
+    target: TargetArg,
+    /// The GPU architecture of the PTX kernels (sm_XX).
+    #[arg(long, default_value_t = 90)]
+    sm: u32,
     /// Draw live bytes over program steps, stacked by category, as an SVG.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
@@ -250,9 +266,6 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 }
 
 fn compile(args: CompileArgs) -> Result<()> {
-    if args.emit == Some(Emit::Ptx) {
-        bail!("--emit ptx: not available yet in this memc; --emit ir, plan, mlir and llvm are");
-    }
     let model = args.model.model.display().to_string();
     let mut timer = Timer {
         enabled: args.model.time_passes,
@@ -281,12 +294,22 @@ fn compile(args: CompileArgs) -> Result<()> {
         Some(e @ (Emit::Mlir | Emit::Llvm)) => {
             emit_kernels(&g, e == Emit::Llvm).map_err(|e| anyhow!("{model}: {e}"))?
         }
+        Some(Emit::Ptx) => print!(
+            "{}",
+            emit_ptx(&g, &model, args.sm).map_err(|e| anyhow!("{model}: {e:#}"))?
+        ),
         _ => {}
     }
     if let Some(out) = &args.out {
         timer
             .time("emit", || {
-                emit_executable(&g, out, &model, args.train.then_some(&args.training))
+                emit_executable(
+                    &g,
+                    out,
+                    &model,
+                    args.train.then_some(&args.training),
+                    (args.target != TargetArg::Cpu).then_some(args.sm),
+                )
             })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
     }
@@ -343,9 +366,14 @@ fn emit_executable(
     out: &Path,
     model: &str,
     training: Option<&crate::train::TrainProgramArgs>,
+    sm: Option<u32>,
 ) -> Result<()> {
     let t0 = Instant::now();
-    let host = crate::train::host_program(g, model, training)?;
+    let mut host = crate::train::host_program(g, model, training)?;
+    if let Some(sm) = sm {
+        let libdevice = memc_codegen::ptx::find_libdevice().map_err(|e| anyhow!(e))?;
+        host.compile_device(sm, &libdevice)?;
+    }
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
     let emitted = memc_codegen::link::emit_executable(&host, out, &lib)?;
     let mut weights = out.as_os_str().to_owned();
@@ -377,8 +405,23 @@ fn emit_executable(
     _: &Path,
     _: &str,
     _: Option<&crate::train::TrainProgramArgs>,
+    _: Option<u32>,
 ) -> Result<()> {
     bail!("-o: this memc was built without the `codegen` feature")
+}
+
+/// `--emit ptx`: the program's PTX module.
+#[cfg(feature = "codegen")]
+fn emit_ptx(g: &Graph, model: &str, sm: u32) -> Result<String> {
+    let mut host = crate::train::host_program(g, model, None)?;
+    let libdevice = memc_codegen::ptx::find_libdevice().map_err(|e| anyhow!(e))?;
+    host.compile_device(sm, &libdevice)?;
+    Ok(host.program.device.expect("compiled").ptx)
+}
+
+#[cfg(not(feature = "codegen"))]
+fn emit_ptx(_: &Graph, _: &str, _: u32) -> Result<String> {
+    bail!("--emit ptx: this memc was built without the `codegen` feature")
 }
 
 /// The cpu backend's arena size and kernel count: the plan over the fused kernels.

@@ -158,6 +158,31 @@ pub enum Step {
     },
 }
 
+/// One launch of a device function: grid and block dims and, for each kernel parameter, the
+/// index of the buffer (in its step's `args`) it points to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    /// The PTX entry's name.
+    pub function: String,
+    /// Blocks in x, y, z.
+    pub grid: [u32; 3],
+    /// Threads per block in x, y, z.
+    pub block: [u32; 3],
+    /// Buffer index per parameter.
+    pub args: Vec<u32>,
+}
+
+/// The device code of a program: one PTX module and each kernel's launches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// The target (`sm_90`).
+    pub arch: String,
+    /// The PTX module (every kernel of the program).
+    pub ptx: String,
+    /// Launches of each kernel, indexed like [`Program::kernels`].
+    pub launches: Vec<Vec<Launch>>,
+}
+
 /// What a training program needs beyond inference.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Training {
@@ -200,6 +225,9 @@ pub struct Program {
     pub consts: Vec<Const>,
     /// Present in training programs.
     pub training: Option<Training>,
+    /// Device code, when compiled for the cuda backend.
+    #[serde(default)]
+    pub device: Option<Device>,
     /// The constants' bytes (serialised after the JSON).
     #[serde(skip)]
     pub blob: Vec<u8>,
@@ -349,6 +377,23 @@ impl Program {
                 ));
             }
         }
+        if let Some(d) = &self.device {
+            if d.launches.len() != self.kernels.len() {
+                return bad("the device code does not cover every kernel".into());
+            }
+            for step in &self.steps {
+                if let Step::Kernel { kernel, args, .. } = step {
+                    for l in &d.launches[*kernel as usize] {
+                        if l.args.iter().any(|&a| a as usize >= args.len()) {
+                            return bad(format!(
+                                "launch of `{}` names a missing buffer",
+                                l.function
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         if let Some(t) = &self.training {
             let names = [
                 Some(&t.data_input),
@@ -447,6 +492,7 @@ mod tests {
                 blob_offset: 0,
             }],
             training: None,
+            device: None,
             blob: vec![7; 16],
         }
     }
