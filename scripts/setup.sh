@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what memc needs on a fresh Debian 12 machine, idempotently (nothing is installed
 # twice; apt-get update runs only when a package is missing).
-#   scripts/setup.sh            build + test dependencies (LLVM 19, MLIR 19, Polly, clang 19)
+#   scripts/setup.sh            build + test dependencies (LLVM 19, MLIR 19, Polly, clang 19; ptxas and
+#                               libdevice from PyPI's nvidia-cuda-nvcc)
 #   scripts/setup.sh --python   also the Python packages that regenerate examples/ (torch, ...)
 set -euo pipefail
 
@@ -22,6 +23,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# ptxas and libdevice (PyPI's CUDA compiler packages) check and link the PTX kernels; no GPU needed.
+if ! python3 -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('nvidia') and __import__('pathlib').Path(__import__('nvidia').__path__[0], 'cu13/bin/ptxas').exists() else 1)" 2>/dev/null; then
+  echo "setup: pip install nvidia-cuda-nvcc (ptxas, libdevice)"
+  python3 -m pip install -q nvidia-cuda-nvcc
 fi
 
 if [ "${1:-}" = "--python" ]; then

@@ -250,11 +250,11 @@ impl HostProgram {
         sm: u32,
         libdevice: &std::path::Path,
     ) -> Result<(), KernelError> {
-        let context = crate::kernel::mlir_context();
+        let lowerer = Lowerer::new();
         let mut launches = Vec::with_capacity(self.mlir.len());
         let mut device_ir = vec![];
         for ((name, _), mlir) in self.lowered.iter().zip(&self.mlir) {
-            let d = crate::ptx::lower_gpu(&context, mlir, name)?;
+            let d = lowerer.lower_gpu(mlir, name)?;
             launches.push(d.launches);
             device_ir.extend(d.llvm_ir);
         }

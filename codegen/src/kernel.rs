@@ -621,6 +621,15 @@ impl Lowerer {
     pub fn lower(&self, mlir: &str, name: &str, n_args: usize) -> Result<Lowered, KernelError> {
         lower_in(&self.context, mlir, name, n_args)
     }
+
+    /// The kernel mapped to the GPU and lowered to NVVM ([`crate::ptx::lower_gpu`]).
+    pub fn lower_gpu(
+        &self,
+        mlir: &str,
+        name: &str,
+    ) -> Result<crate::ptx::DeviceKernel, KernelError> {
+        crate::ptx::lower_gpu(&self.context, mlir, name)
+    }
 }
 
 fn lower_in(

@@ -377,32 +377,87 @@ pub fn lower_gpu(context: &Context, mlir: &str, name: &str) -> Result<DeviceKern
     Ok(DeviceKernel { launches, llvm_ir })
 }
 
-/// Where libdevice is: `$MEMC_LIBDEVICE`, a CUDA toolkit, or PyPI's `nvidia-nvvm` /
-/// `nvidia-cuda-nvcc` packages of any Python on `PATH`.
-pub fn find_libdevice() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("MEMC_LIBDEVICE") {
+/// Python's site-packages directories (where PyPI's CUDA packages live).
+fn site_packages() -> Vec<PathBuf> {
+    let script =
+        "import site; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))";
+    std::process::Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The first of `$VAR`, `fixed` and `rel` under each site-packages directory that exists.
+fn find_tool(var: &str, fixed: &[&str], rel: &[&str], what: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(var) {
         return Ok(PathBuf::from(p));
     }
-    let mut candidates: Vec<PathBuf> = [
-        "/usr/local/cuda/nvvm/libdevice/libdevice.10.bc",
-        "/usr/lib/cuda/nvvm/libdevice/libdevice.10.bc",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .collect();
-    if let Ok(out) = std::process::Command::new("python3")
-        .args(["-c", "import site, sys; print('\\n'.join(site.getsitepackages() + [site.getusersitepackages()]))"])
-        .output()
-    {
-        for dir in String::from_utf8_lossy(&out.stdout).lines() {
-            for sub in ["nvidia/cu13/nvvm/libdevice", "nvidia/cuda_nvcc/nvvm/libdevice", "nvidia/nvvm/libdevice"] {
-                candidates.push(Path::new(dir).join(sub).join("libdevice.10.bc"));
-            }
-        }
+    let mut candidates: Vec<PathBuf> = fixed.iter().map(PathBuf::from).collect();
+    for dir in site_packages() {
+        candidates.extend(rel.iter().map(|r| dir.join(r)));
     }
     candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-        "libdevice.10.bc was not found (install PyPI's nvidia-cuda-nvcc, a CUDA toolkit, or set MEMC_LIBDEVICE)".to_string()
+        format!("{what} was not found (install PyPI's nvidia-cuda-nvcc, e.g. with scripts/setup.sh, or a CUDA toolkit, or set {var})")
     })
+}
+
+/// Where libdevice is: `$MEMC_LIBDEVICE`, a CUDA toolkit, or PyPI's `nvidia-cuda-nvcc`.
+pub fn find_libdevice() -> Result<PathBuf, String> {
+    find_tool(
+        "MEMC_LIBDEVICE",
+        &["/usr/local/cuda/nvvm/libdevice/libdevice.10.bc"],
+        &[
+            "nvidia/cu13/nvvm/libdevice/libdevice.10.bc",
+            "nvidia/cuda_nvcc/nvvm/libdevice/libdevice.10.bc",
+        ],
+        "libdevice.10.bc",
+    )
+}
+
+/// Where ptxas is: `$MEMC_PTXAS`, a CUDA toolkit, or PyPI's `nvidia-cuda-nvcc`.
+pub fn find_ptxas() -> Result<PathBuf, String> {
+    find_tool(
+        "MEMC_PTXAS",
+        &["/usr/local/cuda/bin/ptxas"],
+        &["nvidia/cu13/bin/ptxas", "nvidia/cuda_nvcc/bin/ptxas"],
+        "ptxas",
+    )
+}
+
+/// Assembles `ptx` with ptxas for `arch` (`sm_90a`) and returns its verbose report (registers,
+/// spills per kernel), or its errors.
+pub fn ptxas(ptx: &str, arch: &str) -> Result<String, String> {
+    let tool = find_ptxas()?;
+    let dir = std::env::temp_dir().join(format!("memc-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let src = dir.join(format!("{n}.ptx"));
+    std::fs::write(&src, ptx).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(&tool)
+        .arg(format!("-arch={arch}"))
+        .arg("-v")
+        .arg(&src)
+        .arg("-o")
+        .arg(src.with_extension("cubin"))
+        .output()
+        .map_err(|e| format!("{}: {e}", tool.display()))?;
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(src.with_extension("cubin"));
+    let report = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        Ok(report)
+    } else {
+        Err(report)
+    }
 }
 
 /// Links the device functions (`llvm_ir`, from [`lower_gpu`]) and `libdevice` into one module,

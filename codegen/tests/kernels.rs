@@ -241,6 +241,45 @@ fn kernel_text_snapshots() {
     }
 }
 
+/// The device side of the same kernels, reviewed: SiLU·row mapped to blocks and threads (the
+/// MLIR the gpu passes start from), and the PTX of the bf16 add for sm_90.
+#[test]
+fn device_text_snapshots() {
+    let silu = graph(
+        &[("g", DType::F32, &[2, 8]), ("u", DType::F32, &[8])],
+        |g, x| {
+            let s = op(g, Op::Unary(UnaryOp::Sigmoid), &[x[0]]);
+            let a = op(g, Op::Binary(BinaryOp::Mul), &[x[0], s]);
+            vec![op(g, Op::Binary(BinaryOp::Mul), &[a, x[1]])]
+        },
+    );
+    let k = &fuse(&silu)[0];
+    let mlir = elementwise_mlir(&silu, k, "silu_mul").unwrap();
+    insta::assert_snapshot!(
+        "silu_mul_gpu_mlir",
+        memc_codegen::ptx::gpu_form(&mlir, "silu_mul").unwrap()
+    );
+    let add = graph(
+        &[("a", DType::BF16, &[300]), ("b", DType::BF16, &[300])],
+        |g, x| vec![op(g, Op::Binary(BinaryOp::Add), &[x[0], x[1]])],
+    );
+    let k = &fuse(&add)[0];
+    let mlir = elementwise_mlir(&add, k, "bf16_add").unwrap();
+    let ctx = memc_codegen::kernel::Lowerer::new();
+    let d = ctx.lower_gpu(&mlir, "bf16_add").unwrap();
+    assert_eq!(d.launches.len(), 1);
+    assert_eq!(
+        d.launches[0].grid,
+        [2, 1, 1],
+        "300 elements in blocks of 256"
+    );
+    assert_eq!(d.launches[0].block, [256, 1, 1]);
+    assert_eq!(d.launches[0].args, vec![0, 1, 2]);
+    let libdevice = memc_codegen::ptx::find_libdevice().unwrap();
+    let ptx = memc_codegen::ptx::ptx_module(&d.llvm_ir, 90, &libdevice).unwrap();
+    insta::assert_snapshot!("bf16_add_ptx", ptx);
+}
+
 #[test]
 fn chains_ending_in_reductions() {
     for (kind, axes, keep) in [

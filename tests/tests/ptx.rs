@@ -1,0 +1,75 @@
+//! Device code without a GPU: every kernel of every example model's training program, mapped
+//! to blocks and threads and lowered to PTX, assembles with ptxas (PyPI's nvidia-cuda-nvcc)
+//! for sm_90a; ptxas's register and spill report is printed (`--nocapture`) for BENCHMARKS.md.
+
+use memc::train::{OptimizerArg, RematArg};
+use memc_codegen::ptx::{find_libdevice, ptxas};
+use memc_tests::{examples, train_args, training_program};
+
+#[test]
+fn every_training_kernel_assembles_for_sm_90a() {
+    let libdevice = find_libdevice().expect("scripts/setup.sh installs nvidia-cuda-nvcc");
+    for ex in examples() {
+        let (g, _) = training_program(
+            &ex,
+            &train_args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto),
+        );
+        let mut host = memc::train::host_program(&g, &ex.name, None).unwrap();
+        host.compile_device(90, &libdevice)
+            .unwrap_or_else(|e| panic!("{}: {e}", ex.name));
+        let device = host.program.device.as_ref().unwrap();
+        let entries = device.ptx.matches(".entry ").count();
+        let launches: usize = device.launches.iter().map(Vec::len).sum();
+        assert_eq!(entries, launches, "{}: one PTX entry per launch", ex.name);
+        assert!(
+            !device.ptx.contains("call.uni") && !device.ptx.contains("__nv_"),
+            "{}: libdevice functions are inlined",
+            ex.name
+        );
+        let report = ptxas(&device.ptx, "sm_90a").unwrap_or_else(|e| panic!("{}: {e}", ex.name));
+        let regs: Vec<u32> = report
+            .lines()
+            .filter_map(|l| {
+                let at = l.find("Used ")?;
+                l[at + 5..].split(' ').next()?.parse().ok()
+            })
+            .collect();
+        let spills = report
+            .lines()
+            .filter(|l| {
+                l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")
+            })
+            .count();
+        assert_eq!(regs.len(), entries, "{}: {report}", ex.name);
+        eprintln!(
+            "{:<28} {} kernels, {entries} PTX entries, registers max {} median {}, {spills} kernels spill",
+            ex.name,
+            device.launches.len(),
+            regs.iter().max().unwrap(),
+            {
+                let mut r = regs.clone();
+                r.sort();
+                r[r.len() / 2]
+            }
+        );
+        assert_eq!(spills, 0, "{}: {report}", ex.name);
+    }
+}
+
+#[test]
+fn sm_80_too() {
+    let libdevice = find_libdevice().unwrap();
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    let (g, _) = training_program(
+        &ex,
+        &train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto),
+    );
+    let mut host = memc::train::host_program(&g, &ex.name, None).unwrap();
+    host.compile_device(80, &libdevice).unwrap();
+    let ptx = &host.program.device.as_ref().unwrap().ptx;
+    assert!(ptx.contains(".target sm_80") && ptx.contains(".version 8.0"));
+    ptxas(ptx, "sm_80").unwrap();
+}
