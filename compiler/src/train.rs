@@ -466,7 +466,6 @@ pub fn run_host(
         start_step: 0,
         save: None,
         metrics: None,
-        backend: "cpu",
     };
     let (losses, trained) = host
         .with_kernels(|kernels| -> Result<(Vec<f64>, Vec<(String, Vec<u8>)>)> {

@@ -220,3 +220,31 @@ impl Cpu {
         Some(out)
     }
 }
+
+impl crate::Backend for Cpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn arena_bytes(&self) -> u64 {
+        self.arena.bytes() as u64
+    }
+
+    fn set(&mut self, slot: &Slot, bytes: &[u8]) -> Result<(), crate::RunError> {
+        self.arena.set(slot, bytes);
+        Ok(())
+    }
+
+    fn get(&mut self, slot: &Slot) -> Result<Vec<u8>, crate::RunError> {
+        Ok(self.arena.get(slot).to_vec())
+    }
+
+    fn run(&mut self) -> Result<(), crate::RunError> {
+        Cpu::run(self);
+        Ok(())
+    }
+
+    fn profile(&self) -> Option<String> {
+        Cpu::profile(self)
+    }
+}

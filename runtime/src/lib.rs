@@ -4,6 +4,8 @@
 //!
 //! - [`program`]: the program format (arena size, buffers, steps), produced by memc-codegen.
 //! - [`cpu`]: the arena and the cpu backend (generated kernels, GEMMs on [`gemm`]).
+//! - [`gpu`]: the cuda backend (the PTX module, cuBLAS GEMMs, one device arena), through
+//!   cudarc with dynamic loading: building needs no CUDA, running needs a driver.
 //! - [`session`]: the training loop, inference and the command line of emitted executables.
 //! - [`weights`]: safetensors weights and atomic checkpoints; [`npy`]: `.npy` files.
 
@@ -12,10 +14,28 @@
 pub mod cpu;
 pub mod cuda;
 pub mod gemm;
+pub mod gpu;
 pub mod npy;
 pub mod program;
 pub mod session;
 pub mod weights;
+
+/// Where a program runs: the cpu backend ([`cpu::Cpu`]) or the cuda backend
+/// ([`gpu::Cuda`]). The training loop, inference and checkpoints are written against this.
+pub trait Backend {
+    /// `cpu` or `cuda`.
+    fn name(&self) -> &'static str;
+    /// Bytes of the one arena allocation (the plan's peak).
+    fn arena_bytes(&self) -> u64;
+    /// Overwrites `slot` with `bytes` (exactly its size).
+    fn set(&mut self, slot: &program::Slot, bytes: &[u8]) -> Result<(), RunError>;
+    /// A copy of `slot`'s bytes.
+    fn get(&mut self, slot: &program::Slot) -> Result<Vec<u8>, RunError>;
+    /// Runs every step of the program once.
+    fn run(&mut self) -> Result<(), RunError>;
+    /// Time per kind of step, when `MEMC_PROFILE` is set.
+    fn profile(&self) -> Option<String>;
+}
 
 /// Why a run failed: each is one line naming the file or input and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +73,9 @@ pub enum RunError {
         /// What is wrong.
         msg: String,
     },
+    /// The cuda backend failed (no driver, no device, a driver or cuBLAS error).
+    #[error("cuda backend: {0}")]
+    Cuda(String),
     /// Training diverged.
     #[error("{model}: step {step}: {msg}")]
     Diverged {

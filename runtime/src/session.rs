@@ -10,6 +10,7 @@ use std::time::Instant;
 use half::{bf16, f16};
 
 use crate::cpu::{Cpu, KernelFn};
+use crate::Backend;
 use crate::npy::{self, NpyArray, NpyDtype};
 use crate::program::{Dtype, Program, Role, Slot};
 use crate::weights::{self, STEP_KEY};
@@ -153,8 +154,6 @@ pub struct TrainConfig {
     pub save: Option<PathBuf>,
     /// Also append every step's JSON line to this file.
     pub metrics: Option<PathBuf>,
-    /// Name of the backend in the step lines.
-    pub backend: &'static str,
 }
 
 /// Trains `program` on `cpu` (weights already loaded), printing one JSON line per step to
@@ -163,7 +162,7 @@ pub struct TrainConfig {
 /// being finite.
 pub fn train(
     program: &Program,
-    cpu: &mut Cpu,
+    cpu: &mut dyn Backend,
     data: &mut Batches,
     data_path: &str,
     fixed: &[(String, PathBuf)],
@@ -211,7 +210,7 @@ pub fn train(
             ))
         })?;
         let bytes = read_input(s, path)?;
-        cpu.arena_mut().set(s, &bytes);
+        cpu.set(s, &bytes)?;
     }
     if ids.shape.len() != 2 {
         return Err(RunError::Usage(format!(
@@ -244,7 +243,7 @@ pub fn train(
         .filter_map(|(name, v)| Some((program.input(name.as_ref()?)?.clone(), v)))
         .collect();
     for (s, _) in &scalars {
-        cpu.arena_mut().set(s, &encode(s.dtype, &[0.0]));
+        cpu.set(s, &encode(s.dtype, &[0.0]))?;
     }
     let step_slot = t
         .step_input
@@ -263,15 +262,15 @@ pub fn train(
         let t0 = Instant::now();
         let batch_ids = data.next_batch(batch);
         let values: Vec<f64> = batch_ids.iter().map(|&x| x as f64).collect();
-        cpu.arena_mut().set(&ids, &encode(ids.dtype, &values));
+        cpu.set(&ids, &encode(ids.dtype, &values))?;
         for (s, v) in &scalars {
-            cpu.arena_mut().set(s, &encode(s.dtype, &[*v]));
+            cpu.set(s, &encode(s.dtype, &[*v]))?;
         }
         if let Some(s) = &step_slot {
-            cpu.arena_mut().set(s, &encode(s.dtype, &[step as f64]));
+            cpu.set(s, &encode(s.dtype, &[step as f64]))?;
         }
-        cpu.run();
-        let l = decode(loss.dtype, cpu.arena().get(&loss))[0];
+        cpu.run()?;
+        let l = decode(loss.dtype, &cpu.get(&loss)?)[0];
         if !l.is_finite() {
             return Err(RunError::Diverged {
                 model: program.model.clone(),
@@ -286,8 +285,8 @@ pub fn train(
             "loss": l,
             "tokens": batch * seq,
             "step_ms": (ms * 1000.0).round() / 1000.0,
-            "backend": cfg.backend,
-            "peak_bytes": cpu.arena().bytes(),
+            "backend": cpu.name(),
+            "peak_bytes": cpu.arena_bytes(),
         })
         .to_string();
         let io = |source| RunError::Io {
@@ -313,7 +312,7 @@ pub fn train(
         weights::save(
             path,
             program,
-            cpu.arena(),
+            cpu,
             &[Role::Weight, Role::OptimizerState],
             meta,
         )?;
@@ -398,7 +397,7 @@ pub fn file_name(name: &str) -> String {
 /// Runs the program once on `inputs` (by name) and writes every output to `dir/<name>.npy`.
 pub fn infer(
     program: &Program,
-    cpu: &mut Cpu,
+    cpu: &mut dyn Backend,
     inputs: &[(String, PathBuf)],
     dir: &Path,
 ) -> Result<Vec<PathBuf>, RunError> {
@@ -430,9 +429,9 @@ pub fn infer(
                 ))
             })?;
         let bytes = read_input(slot, path)?;
-        cpu.arena_mut().set(slot, &bytes);
+        cpu.set(slot, &bytes)?;
     }
-    cpu.run();
+    cpu.run()?;
     std::fs::create_dir_all(dir).map_err(|source| RunError::Io {
         path: dir.display().to_string(),
         source,
@@ -440,16 +439,16 @@ pub fn infer(
     let mut written = vec![];
     for slot in &program.outputs {
         let path = dir.join(format!("{}.npy", file_name(&slot.name)));
-        npy::write(&path, &output_npy(slot, cpu.arena().get(slot)))?;
+        npy::write(&path, &output_npy(slot, &cpu.get(slot)?))?;
         written.push(path);
     }
     Ok(written)
 }
 
 const USAGE: &str = "usage:
-  EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu]
+  EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu|cuda]
             [--input NAME=FILE.npy (other model inputs, held fixed)] [--save CKPT.safetensors] [--resume CKPT.safetensors] [--metrics FILE] [--weights FILE]
-  EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu] [--weights FILE]
+  EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE]
   EXE info  (what the program is: arena, kernels, inputs, outputs, parameters)
 The weights are read from EXE.safetensors unless --weights is given.";
 
@@ -570,12 +569,15 @@ fn inputs(cmd: &Cmd) -> Result<Vec<(String, PathBuf)>, RunError> {
     Ok(inputs)
 }
 
-fn check_backend(cmd: &Cmd) -> Result<(), RunError> {
+/// The backend `--backend` names (cpu by default).
+fn open_backend(
+    cmd: &Cmd,
+    program: &Program,
+    kernels: &[KernelFn],
+) -> Result<Box<dyn Backend>, RunError> {
     match cmd.get("--backend").unwrap_or("cpu") {
-        "cpu" => Ok(()),
-        "cuda" => Err(RunError::Usage(
-            "--backend cuda: this executable has no PTX kernels yet (the cuda backend is not available in this memc); use --backend cpu".into(),
-        )),
+        "cpu" => Ok(Box::new(Cpu::new(program, kernels))),
+        "cuda" => Ok(Box::new(crate::gpu::Cuda::new(program)?)),
         b => Err(RunError::Usage(format!(
             "--backend `{b}`: expected cpu or cuda"
         ))),
@@ -616,7 +618,7 @@ pub fn run_cli(
         print!("{}", describe(&program));
         return Ok(());
     }
-    check_backend(&cmd)?;
+
     let weights_path = match cmd.get("--weights") {
         Some(w) => PathBuf::from(w),
         None => {
@@ -625,8 +627,9 @@ pub fn run_cli(
             PathBuf::from(p)
         }
     };
-    let mut cpu = Cpu::new(&program, kernels);
-    weights::load(&weights_path, &program, cpu.arena_mut())?;
+    let mut backend = open_backend(&cmd, &program, kernels)?;
+    let cpu = backend.as_mut();
+    weights::load(&weights_path, &program, cpu)?;
     match cmd.verb.as_str() {
         "train" => {
             let data_path = cmd
@@ -635,7 +638,7 @@ pub fn run_cli(
             let mut data = Batches::open(Path::new(data_path))?;
             let mut start_step = 0;
             if let Some(ckpt) = cmd.get("--resume") {
-                let loaded = weights::load(Path::new(ckpt), &program, cpu.arena_mut())?;
+                let loaded = weights::load(Path::new(ckpt), &program, cpu)?;
                 start_step = loaded.step.unwrap_or(0);
                 eprintln!(
                     "resumed from {ckpt}: {} tensors{}, step {start_step}",
@@ -654,11 +657,10 @@ pub fn run_cli(
                 start_step,
                 save: cmd.get("--save").map(PathBuf::from),
                 metrics: cmd.get("--metrics").map(PathBuf::from),
-                backend: "cpu",
             };
             train(
                 &program,
-                &mut cpu,
+                cpu,
                 &mut data,
                 data_path,
                 &inputs(&cmd)?,
@@ -671,7 +673,7 @@ pub fn run_cli(
             let dir = cmd
                 .get("--out")
                 .ok_or_else(|| RunError::Usage("infer needs --out DIR".into()))?;
-            for p in infer(&program, &mut cpu, &inputs, Path::new(dir))? {
+            for p in infer(&program, cpu, &inputs, Path::new(dir))? {
                 eprintln!("wrote {}", p.display());
             }
         }

@@ -8,9 +8,8 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
-use crate::cpu::Arena;
 use crate::program::{Dtype, Program, Role, Slot};
-use crate::RunError;
+use crate::{Backend, RunError};
 
 /// The metadata key holding the number of optimizer steps a checkpoint has taken.
 pub const STEP_KEY: &str = "memc.step";
@@ -41,7 +40,7 @@ pub struct Loaded {
 /// Loads `path` into the arena: every weight (trained or frozen) of the program must be in
 /// the file with its dtype and shape; optimizer state is loaded when present (all of it or
 /// none); a tensor the program does not have is an error (the file belongs to another model).
-pub fn load(path: &Path, program: &Program, arena: &mut Arena) -> Result<Loaded, RunError> {
+pub fn load(path: &Path, program: &Program, arena: &mut dyn Backend) -> Result<Loaded, RunError> {
     let file = path.display().to_string();
     let bad = |msg: String| RunError::Weights {
         path: file.clone(),
@@ -80,7 +79,7 @@ pub fn load(path: &Path, program: &Program, arena: &mut Arena) -> Result<Loaded,
                 p.slot.type_string()
             )));
         }
-        arena.set(&p.slot, t.data());
+        arena.set(&p.slot, t.data())?;
         loaded.tensors += 1;
     }
     loaded.optimizer_state = has_state;
@@ -106,16 +105,15 @@ pub fn load(path: &Path, program: &Program, arena: &mut Arena) -> Result<Loaded,
 pub fn save(
     path: &Path,
     program: &Program,
-    arena: &Arena,
+    arena: &mut dyn Backend,
     roles: &[Role],
     metadata: HashMap<String, String>,
 ) -> Result<(), RunError> {
-    let tensors: Vec<(Slot, &[u8])> = program
-        .params
-        .iter()
-        .filter(|p| roles.contains(&p.role))
-        .map(|p| (p.slot.clone(), arena.get(&p.slot)))
-        .collect();
+    let mut data = vec![];
+    for p in program.params.iter().filter(|p| roles.contains(&p.role)) {
+        data.push((p.slot.clone(), arena.get(&p.slot)?));
+    }
+    let tensors: Vec<(Slot, &[u8])> = data.iter().map(|(s, b)| (s.clone(), &b[..])).collect();
     save_tensors(path, &tensors, metadata)
 }
 

@@ -377,7 +377,24 @@ fn bad_inputs_give_one_clear_error() {
         Command::new(&exe).arg("train").arg("--data").arg(&short),
         "compiled for 16",
     );
-    fails(&mut train_cmd(&["--backend", "cuda"]), "--backend cuda");
+    fails(
+        &mut train_cmd(&["--backend", "cuda"]),
+        "compiled without PTX kernels: recompile with memc compile --target all",
+    );
+    fails(&mut train_cmd(&["--backend", "tpu"]), "expected cpu or cuda");
+    // An executable with PTX kernels on a machine without a GPU driver.
+    let both = dir.join("llama-all");
+    compile(&ex, &both, &[ADAMW, &["--target", "all"]].concat());
+    assert!(ok(Command::new(&both).arg("info")).contains("kind: training"));
+    if memc_runtime::cuda::probe().is_err() {
+        fails(
+            Command::new(&both)
+                .arg("train")
+                .args(data)
+                .args(["--backend", "cuda"]),
+            "no usable CUDA driver",
+        );
+    }
     fails(&mut train_cmd(&["--steps", "many"]), "not a valid number");
     fails(
         &mut train_cmd(&["--bogus"]),

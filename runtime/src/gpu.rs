@@ -1,0 +1,335 @@
+//! The cuda backend: the program's PTX module loaded once, one device allocation of exactly
+//! [`Program::arena_bytes`], every generated kernel launched with its planned buffers, GEMMs
+//! on cuBLAS (f32, or bf16 inputs and outputs with f32 accumulation on tensor cores), all on
+//! one stream. cudarc loads libcuda and libcublas at run time, so building needs no CUDA and a
+//! machine without a driver gets one clear error.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{result as cu, sys as cu_sys, CudaContext, CudaStream};
+
+use crate::program::{Buf, Dtype, Program, Slot, Step};
+use crate::{Backend, RunError};
+
+fn err(what: &str, e: impl std::fmt::Debug) -> RunError {
+    RunError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// One GEMM call (row-major `out = a @ b` as cuBLAS's column-major `outᵀ = bᵀ aᵀ`), possibly
+/// strided-batched.
+struct Gemm {
+    dtype: Dtype,
+    m: i32,
+    n: i32,
+    k: i32,
+    a: u64,
+    b: u64,
+    c: u64,
+    stride_a: i64,
+    stride_b: i64,
+    batch: i32,
+}
+
+enum Ready {
+    Launch {
+        f: cu_sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        params: Vec<u64>,
+    },
+    Gemm(Vec<Gemm>),
+}
+
+/// A program ready to run on GPU 0.
+pub struct Cuda {
+    _ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    base: u64,
+    bytes: u64,
+    steps: Vec<Ready>,
+    labels: Vec<String>,
+    profile: Option<HashMap<String, (f64, usize)>>,
+}
+
+/// The GEMM calls of `out = a @ b` (NumPy semantics, batch dims broadcast).
+fn gemms(base: u64, dtype: Dtype, a: &Buf, ash: &[usize], b: &Buf, bsh: &[usize], out: &Buf) -> Vec<Gemm> {
+    let a2 = if ash.len() == 1 { vec![1, ash[0]] } else { ash.to_vec() };
+    let b2 = if bsh.len() == 1 { vec![bsh[0], 1] } else { bsh.to_vec() };
+    let (m, k, n) = (a2[a2.len() - 2], a2[a2.len() - 1], b2[b2.len() - 1]);
+    let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
+    let r = ab.len().max(bb.len());
+    let dim = |s: &[usize], i: usize| if i + s.len() >= r { s[i + s.len() - r] } else { 1 };
+    let batch: Vec<usize> = (0..r).map(|i| dim(ab, i).max(dim(bb, i))).collect();
+    let nb: usize = batch.iter().product();
+    let na: usize = ab.iter().product();
+    let nbb: usize = bb.iter().product();
+    let size = dtype.size() as u64;
+    let one = |a_off: u64, b_off: u64, c_off: u64, sa: i64, sb: i64, count: usize| Gemm {
+        dtype,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        a: base + a.offset + a_off,
+        b: base + b.offset + b_off,
+        c: base + out.offset + c_off,
+        stride_a: sa,
+        stride_b: sb,
+        batch: count as i32,
+    };
+    // One strided-batched call when each operand is either fully batched or not batched.
+    if (na == nb || na == 1) && (nbb == nb || nbb == 1) {
+        let sa = if na == 1 { 0 } else { (m * k) as i64 };
+        let sb = if nbb == 1 { 0 } else { (k * n) as i64 };
+        return vec![one(0, 0, 0, sa, sb, nb)];
+    }
+    // General broadcasting: one call per batch element.
+    let strides = |s: &[usize]| {
+        let mut st = vec![1usize; s.len()];
+        for i in (0..s.len().saturating_sub(1)).rev() {
+            st[i] = st[i + 1] * s[i + 1];
+        }
+        st
+    };
+    let (sa, sb) = (strides(ab), strides(bb));
+    let offset = |s: &[usize], st: &[usize], idx: &[usize]| -> usize {
+        let lead = r - s.len();
+        (0..s.len()).map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] }).sum()
+    };
+    let mut idx = vec![0usize; r];
+    let mut calls = vec![];
+    for bi in 0..nb {
+        let oa = (offset(ab, &sa, &idx) * m * k) as u64 * size;
+        let ob = (offset(bb, &sb, &idx) * k * n) as u64 * size;
+        calls.push(one(oa, ob, (bi * m * n) as u64 * size, 0, 0, 1));
+        for d in (0..r).rev() {
+            idx[d] += 1;
+            if idx[d] < batch[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    calls
+}
+
+impl Cuda {
+    /// Opens GPU 0, loads the program's PTX module, allocates the arena and writes the
+    /// constants. Fails with a clear error when there is no driver or device, or when the
+    /// program was compiled without device code.
+    pub fn new(program: &Program) -> Result<Cuda, RunError> {
+        let device = program.device.as_ref().ok_or_else(|| {
+            RunError::Usage(format!(
+                "{} was compiled without PTX kernels: recompile with memc compile --target all (or --target cuda), or use --backend cpu",
+                program.model
+            ))
+        })?;
+        crate::cuda::probe().map_err(|e| RunError::Cuda(e.to_string()))?;
+        let ctx = CudaContext::new(0).map_err(|e| err("opening GPU 0", e))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| err("cuBLAS", e))?;
+        let ptx = CString::new(device.ptx.as_str()).map_err(|e| err("PTX", e))?;
+        // SAFETY: the context is current (cudarc binds it); the image is a NUL-terminated PTX.
+        let module = unsafe { cu::module::load_data(ptx.as_ptr() as *const c_void) }
+            .map_err(|e| err(&format!("loading the {} PTX module", device.arch), e))?;
+        let bytes = program.arena_bytes.max(1);
+        // SAFETY: plain allocation in the current context.
+        let base = unsafe { cu::malloc_sync(bytes as usize) }.map_err(|e| {
+            err(
+                &format!("allocating the {bytes}-byte arena (the plan's peak; use --remat auto or a smaller batch)"),
+                e,
+            )
+        })?;
+        // SAFETY: `base` holds `bytes` bytes.
+        unsafe { cu::memset_d8_async(base, 0, bytes as usize, stream.cu_stream()) }
+            .map_err(|e| err("zeroing the arena", e))?;
+        let mut functions: HashMap<String, cu_sys::CUfunction> = HashMap::new();
+        let mut steps = Vec::with_capacity(program.steps.len());
+        let mut labels = Vec::with_capacity(program.steps.len());
+        for step in &program.steps {
+            match step {
+                Step::Kernel { kernel, args, label } => {
+                    for l in &device.launches[*kernel as usize] {
+                        let f = match functions.get(&l.function) {
+                            Some(&f) => f,
+                            None => {
+                                let name = CString::new(l.function.as_str()).map_err(|e| err("kernel name", e))?;
+                                // SAFETY: `module` is loaded in this context.
+                                let f = unsafe { cu::module::get_function(module, name) }
+                                    .map_err(|e| err(&format!("kernel `{}`", l.function), e))?;
+                                functions.insert(l.function.clone(), f);
+                                f
+                            }
+                        };
+                        steps.push(Ready::Launch {
+                            f,
+                            grid: (l.grid[0], l.grid[1], l.grid[2]),
+                            block: (l.block[0], l.block[1], l.block[2]),
+                            params: l.args.iter().map(|&i| base + args[i as usize].offset).collect(),
+                        });
+                        labels.push(label.clone());
+                    }
+                }
+                Step::Gemm { dtype, a, a_shape, b, b_shape, out } => {
+                    steps.push(Ready::Gemm(gemms(base, *dtype, a, a_shape, b, b_shape, out)));
+                    labels.push("matmul".into());
+                }
+            }
+        }
+        let mut cuda = Cuda {
+            _ctx: ctx,
+            stream,
+            blas,
+            base,
+            bytes,
+            steps,
+            labels,
+            profile: std::env::var_os("MEMC_PROFILE").map(|_| HashMap::new()),
+        };
+        for c in &program.consts {
+            let at = c.blob_offset as usize;
+            cuda.set(&c.slot, &program.blob[at..at + c.slot.bytes() as usize])?;
+        }
+        Ok(cuda)
+    }
+
+    fn gemm(&self, g: &Gemm) -> Result<(), RunError> {
+        let (t, compute, algo) = match g.dtype {
+            Dtype::Bf16 => (
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            ),
+            Dtype::F64 => (
+                blas_sys::cudaDataType::CUDA_R_64F,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_64F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            ),
+            _ => (
+                blas_sys::cudaDataType::CUDA_R_32F,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            ),
+        };
+        let (one32, zero32, one64, zero64) = (1f32, 0f32, 1f64, 0f64);
+        let (alpha, beta) = if g.dtype == Dtype::F64 {
+            (&one64 as *const f64 as *const c_void, &zero64 as *const f64 as *const c_void)
+        } else {
+            (&one32 as *const f32 as *const c_void, &zero32 as *const f32 as *const c_void)
+        };
+        let op = blas_sys::cublasOperation_t::CUBLAS_OP_N;
+        // Row-major C[m,n] = A[m,k] B[k,n] is column-major Cᵀ[n,m] = Bᵀ[n,k] Aᵀ[k,m].
+        // SAFETY: the pointers lie in the arena (validated program) and the handle's stream is
+        // the backend's stream.
+        unsafe {
+            blas::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op,
+                op,
+                g.n,
+                g.m,
+                g.k,
+                alpha,
+                g.b as *const c_void,
+                t,
+                g.n,
+                g.stride_b,
+                g.a as *const c_void,
+                t,
+                g.k,
+                g.stride_a,
+                beta,
+                g.c as *mut c_void,
+                t,
+                g.n,
+                (g.m as i64) * (g.n as i64),
+                g.batch,
+                compute,
+                algo,
+            )
+        }
+        .map_err(|e| err("cuBLAS GEMM", e))
+    }
+}
+
+impl Backend for Cuda {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn arena_bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn set(&mut self, slot: &Slot, bytes: &[u8]) -> Result<(), RunError> {
+        assert_eq!(bytes.len() as u64, slot.bytes(), "`{}`: wrong size", slot.name);
+        // SAFETY: the slot lies in the arena; the copy completes before `bytes` is released
+        // (the stream is synchronised).
+        unsafe { cu::memcpy_htod_async(self.base + slot.offset, bytes, self.stream.cu_stream()) }
+            .map_err(|e| err(&format!("writing `{}`", slot.name), e))?;
+        self.stream.synchronize().map_err(|e| err("synchronize", e))
+    }
+
+    fn get(&mut self, slot: &Slot) -> Result<Vec<u8>, RunError> {
+        let mut out = vec![0u8; slot.bytes() as usize];
+        // SAFETY: as in `set`.
+        unsafe { cu::memcpy_dtoh_async(&mut out, self.base + slot.offset, self.stream.cu_stream()) }
+            .map_err(|e| err(&format!("reading `{}`", slot.name), e))?;
+        self.stream.synchronize().map_err(|e| err("synchronize", e))?;
+        Ok(out)
+    }
+
+    fn run(&mut self) -> Result<(), RunError> {
+        let stream = self.stream.cu_stream();
+        for (n, step) in self.steps.iter().enumerate() {
+            let t0 = self.profile.is_some().then(Instant::now);
+            match step {
+                Ready::Launch { f, grid, block, params } => {
+                    let mut values = params.clone();
+                    let mut ptrs: Vec<*mut c_void> =
+                        values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+                    // SAFETY: each parameter is a device pointer into the arena, as the kernel
+                    // expects (bare-pointer convention).
+                    unsafe { cu::launch_kernel(*f, *grid, *block, 0, stream, &mut ptrs) }
+                        .map_err(|e| err(&format!("launching step {n} ({})", self.labels[n]), e))?;
+                }
+                Ready::Gemm(calls) => {
+                    for g in calls {
+                        self.gemm(g)?;
+                    }
+                }
+            }
+            if let Some(t0) = t0 {
+                self.stream.synchronize().map_err(|e| err("synchronize", e))?;
+                let e = self.profile.as_mut().unwrap().entry(self.labels[n].clone()).or_insert((0.0, 0));
+                e.0 += t0.elapsed().as_secs_f64() * 1e3;
+                e.1 += 1;
+            }
+        }
+        self.stream.synchronize().map_err(|e| err("running the program", e))
+    }
+
+    fn profile(&self) -> Option<String> {
+        let p = self.profile.as_ref()?;
+        let mut rows: Vec<_> = p.iter().collect();
+        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        let total: f64 = rows.iter().map(|r| r.1 .0).sum();
+        let mut out = format!("profile (cuda, synchronised per step): {total:.1} ms\n");
+        for (name, (ms, calls)) in rows.iter().take(12) {
+            out += &format!("  {name:<24} {ms:>10.1} ms {:>5.1}% {calls:>7} calls\n", 100.0 * ms / total.max(1e-9));
+        }
+        Some(out)
+    }
+}
+
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+        // SAFETY: allocated in `new`; no work is pending.
+        let _ = unsafe { cu::free_sync(self.base) };
+    }
+}
