@@ -243,6 +243,24 @@ impl HostProgram {
         &self.lowered
     }
 
+    /// Replaces every host kernel by its GPU form ([`crate::ptx::gpu_form`]: loops tiled into
+    /// blocks and threads, bounds guards, sequential code in one-thread launches) lowered for
+    /// the host. The host lowering ignores the mapping, so running the program then checks
+    /// the GPU mapping's index arithmetic on the CPU, against the untransformed kernels.
+    pub fn use_gpu_form_on_host(&mut self) -> Result<(), KernelError> {
+        let lowerer = Lowerer::new();
+        for ((name, ir), mlir) in self.lowered.iter_mut().zip(&self.mlir) {
+            let mapped = crate::ptx::gpu_form(mlir, name)?;
+            let n_args = mlir
+                .lines()
+                .find(|l| l.starts_with("func.func @"))
+                .map(|l| l.matches(": memref<").count())
+                .unwrap_or(0);
+            *ir = lowerer.lower(&mapped, name, n_args)?.llvm_ir;
+        }
+        Ok(())
+    }
+
     /// Adds device code for the cuda backend: every kernel mapped to GPU blocks and threads
     /// and lowered through NVVM ([`crate::ptx`]), all in one PTX module for `sm_{sm}`.
     pub fn compile_device(

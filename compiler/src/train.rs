@@ -458,6 +458,20 @@ pub fn run_host(
         t0.elapsed().as_secs_f64(),
         host.program.arena_bytes
     );
+    run_program(g, &host, data, data_path, opts, model)
+}
+
+/// Runs a compiled training program ([`host_program`]) on the cpu backend with the runtime's
+/// training loop; see [`run_host`].
+#[cfg(feature = "codegen")]
+pub fn run_program(
+    g: &mut Graph,
+    host: &memc_codegen::host::HostProgram,
+    data: &mut Batches,
+    data_path: &str,
+    opts: &LoopOptions,
+    model: &str,
+) -> Result<Vec<f64>> {
     let program = &host.program;
     let cfg = memc_runtime::session::TrainConfig {
         steps: opts.steps as u64,

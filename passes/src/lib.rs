@@ -9,6 +9,7 @@
 
 pub mod autodiff;
 pub mod build;
+pub mod consts;
 pub mod plan;
 pub mod precision;
 pub mod remat;

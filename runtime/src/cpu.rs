@@ -213,7 +213,7 @@ impl Cpu {
         let mut out = format!("profile: {total:.1} ms in kernels\n");
         for (name, (ms, calls)) in rows.iter().take(12) {
             out += &format!(
-                "  {name:<24} {ms:>10.1} ms {:>5.1}% {calls:>7} calls\n",
+                "  {name:<24} {ms:>10.3} ms {:>5.1}% {calls:>7} calls\n",
                 100.0 * ms / total.max(1e-9)
             );
         }

@@ -57,13 +57,35 @@ pub struct Cuda {
 }
 
 /// The GEMM calls of `out = a @ b` (NumPy semantics, batch dims broadcast).
-fn gemms(base: u64, dtype: Dtype, a: &Buf, ash: &[usize], b: &Buf, bsh: &[usize], out: &Buf) -> Vec<Gemm> {
-    let a2 = if ash.len() == 1 { vec![1, ash[0]] } else { ash.to_vec() };
-    let b2 = if bsh.len() == 1 { vec![bsh[0], 1] } else { bsh.to_vec() };
+fn gemms(
+    base: u64,
+    dtype: Dtype,
+    a: &Buf,
+    ash: &[usize],
+    b: &Buf,
+    bsh: &[usize],
+    out: &Buf,
+) -> Vec<Gemm> {
+    let a2 = if ash.len() == 1 {
+        vec![1, ash[0]]
+    } else {
+        ash.to_vec()
+    };
+    let b2 = if bsh.len() == 1 {
+        vec![bsh[0], 1]
+    } else {
+        bsh.to_vec()
+    };
     let (m, k, n) = (a2[a2.len() - 2], a2[a2.len() - 1], b2[b2.len() - 1]);
     let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
     let r = ab.len().max(bb.len());
-    let dim = |s: &[usize], i: usize| if i + s.len() >= r { s[i + s.len() - r] } else { 1 };
+    let dim = |s: &[usize], i: usize| {
+        if i + s.len() >= r {
+            s[i + s.len() - r]
+        } else {
+            1
+        }
+    };
     let batch: Vec<usize> = (0..r).map(|i| dim(ab, i).max(dim(bb, i))).collect();
     let nb: usize = batch.iter().product();
     let na: usize = ab.iter().product();
@@ -98,7 +120,9 @@ fn gemms(base: u64, dtype: Dtype, a: &Buf, ash: &[usize], b: &Buf, bsh: &[usize]
     let (sa, sb) = (strides(ab), strides(bb));
     let offset = |s: &[usize], st: &[usize], idx: &[usize]| -> usize {
         let lead = r - s.len();
-        (0..s.len()).map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] }).sum()
+        (0..s.len())
+            .map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] })
+            .sum()
     };
     let mut idx = vec![0usize; r];
     let mut calls = vec![];
@@ -152,12 +176,17 @@ impl Cuda {
         let mut labels = Vec::with_capacity(program.steps.len());
         for step in &program.steps {
             match step {
-                Step::Kernel { kernel, args, label } => {
+                Step::Kernel {
+                    kernel,
+                    args,
+                    label,
+                } => {
                     for l in &device.launches[*kernel as usize] {
                         let f = match functions.get(&l.function) {
                             Some(&f) => f,
                             None => {
-                                let name = CString::new(l.function.as_str()).map_err(|e| err("kernel name", e))?;
+                                let name = CString::new(l.function.as_str())
+                                    .map_err(|e| err("kernel name", e))?;
                                 // SAFETY: `module` is loaded in this context.
                                 let f = unsafe { cu::module::get_function(module, name) }
                                     .map_err(|e| err(&format!("kernel `{}`", l.function), e))?;
@@ -169,13 +198,26 @@ impl Cuda {
                             f,
                             grid: (l.grid[0], l.grid[1], l.grid[2]),
                             block: (l.block[0], l.block[1], l.block[2]),
-                            params: l.args.iter().map(|&i| base + args[i as usize].offset).collect(),
+                            params: l
+                                .args
+                                .iter()
+                                .map(|&i| base + args[i as usize].offset)
+                                .collect(),
                         });
                         labels.push(label.clone());
                     }
                 }
-                Step::Gemm { dtype, a, a_shape, b, b_shape, out } => {
-                    steps.push(Ready::Gemm(gemms(base, *dtype, a, a_shape, b, b_shape, out)));
+                Step::Gemm {
+                    dtype,
+                    a,
+                    a_shape,
+                    b,
+                    b_shape,
+                    out,
+                } => {
+                    steps.push(Ready::Gemm(gemms(
+                        base, *dtype, a, a_shape, b, b_shape, out,
+                    )));
                     labels.push("matmul".into());
                 }
             }
@@ -217,9 +259,15 @@ impl Cuda {
         };
         let (one32, zero32, one64, zero64) = (1f32, 0f32, 1f64, 0f64);
         let (alpha, beta) = if g.dtype == Dtype::F64 {
-            (&one64 as *const f64 as *const c_void, &zero64 as *const f64 as *const c_void)
+            (
+                &one64 as *const f64 as *const c_void,
+                &zero64 as *const f64 as *const c_void,
+            )
         } else {
-            (&one32 as *const f32 as *const c_void, &zero32 as *const f32 as *const c_void)
+            (
+                &one32 as *const f32 as *const c_void,
+                &zero32 as *const f32 as *const c_void,
+            )
         };
         let op = blas_sys::cublasOperation_t::CUBLAS_OP_N;
         // Row-major C[m,n] = A[m,k] B[k,n] is column-major Cᵀ[n,m] = Bᵀ[n,k] Aᵀ[k,m].
@@ -266,7 +314,12 @@ impl Backend for Cuda {
     }
 
     fn set(&mut self, slot: &Slot, bytes: &[u8]) -> Result<(), RunError> {
-        assert_eq!(bytes.len() as u64, slot.bytes(), "`{}`: wrong size", slot.name);
+        assert_eq!(
+            bytes.len() as u64,
+            slot.bytes(),
+            "`{}`: wrong size",
+            slot.name
+        );
         // SAFETY: the slot lies in the arena; the copy completes before `bytes` is released
         // (the stream is synchronised).
         unsafe { cu::memcpy_htod_async(self.base + slot.offset, bytes, self.stream.cu_stream()) }
@@ -277,9 +330,13 @@ impl Backend for Cuda {
     fn get(&mut self, slot: &Slot) -> Result<Vec<u8>, RunError> {
         let mut out = vec![0u8; slot.bytes() as usize];
         // SAFETY: as in `set`.
-        unsafe { cu::memcpy_dtoh_async(&mut out, self.base + slot.offset, self.stream.cu_stream()) }
-            .map_err(|e| err(&format!("reading `{}`", slot.name), e))?;
-        self.stream.synchronize().map_err(|e| err("synchronize", e))?;
+        unsafe {
+            cu::memcpy_dtoh_async(&mut out, self.base + slot.offset, self.stream.cu_stream())
+        }
+        .map_err(|e| err(&format!("reading `{}`", slot.name), e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| err("synchronize", e))?;
         Ok(out)
     }
 
@@ -288,10 +345,17 @@ impl Backend for Cuda {
         for (n, step) in self.steps.iter().enumerate() {
             let t0 = self.profile.is_some().then(Instant::now);
             match step {
-                Ready::Launch { f, grid, block, params } => {
+                Ready::Launch {
+                    f,
+                    grid,
+                    block,
+                    params,
+                } => {
                     let mut values = params.clone();
-                    let mut ptrs: Vec<*mut c_void> =
-                        values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+                    let mut ptrs: Vec<*mut c_void> = values
+                        .iter_mut()
+                        .map(|v| v as *mut u64 as *mut c_void)
+                        .collect();
                     // SAFETY: each parameter is a device pointer into the arena, as the kernel
                     // expects (bare-pointer convention).
                     unsafe { cu::launch_kernel(*f, *grid, *block, 0, stream, &mut ptrs) }
@@ -304,13 +368,22 @@ impl Backend for Cuda {
                 }
             }
             if let Some(t0) = t0 {
-                self.stream.synchronize().map_err(|e| err("synchronize", e))?;
-                let e = self.profile.as_mut().unwrap().entry(self.labels[n].clone()).or_insert((0.0, 0));
+                self.stream
+                    .synchronize()
+                    .map_err(|e| err("synchronize", e))?;
+                let e = self
+                    .profile
+                    .as_mut()
+                    .unwrap()
+                    .entry(self.labels[n].clone())
+                    .or_insert((0.0, 0));
                 e.0 += t0.elapsed().as_secs_f64() * 1e3;
                 e.1 += 1;
             }
         }
-        self.stream.synchronize().map_err(|e| err("running the program", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| err("running the program", e))
     }
 
     fn profile(&self) -> Option<String> {
@@ -320,7 +393,10 @@ impl Backend for Cuda {
         let total: f64 = rows.iter().map(|r| r.1 .0).sum();
         let mut out = format!("profile (cuda, synchronised per step): {total:.1} ms\n");
         for (name, (ms, calls)) in rows.iter().take(12) {
-            out += &format!("  {name:<24} {ms:>10.1} ms {:>5.1}% {calls:>7} calls\n", 100.0 * ms / total.max(1e-9));
+            out += &format!(
+                "  {name:<24} {ms:>10.3} ms {:>5.1}% {calls:>7} calls\n",
+                100.0 * ms / total.max(1e-9)
+            );
         }
         Some(out)
     }

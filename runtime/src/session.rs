@@ -10,10 +10,10 @@ use std::time::Instant;
 use half::{bf16, f16};
 
 use crate::cpu::{Cpu, KernelFn};
-use crate::Backend;
 use crate::npy::{self, NpyArray, NpyDtype};
 use crate::program::{Dtype, Program, Role, Slot};
 use crate::weights::{self, STEP_KEY};
+use crate::Backend;
 use crate::RunError;
 
 /// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling.
@@ -447,8 +447,9 @@ pub fn infer(
 
 const USAGE: &str = "usage:
   EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu|cuda]
-            [--input NAME=FILE.npy (other model inputs, held fixed)] [--save CKPT.safetensors] [--resume CKPT.safetensors] [--metrics FILE] [--weights FILE]
-  EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE]
+            [--input NAME=FILE.npy (other model inputs, held fixed)] [--save CKPT.safetensors]
+            [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume CKPT.safetensors] [--metrics FILE] [--weights FILE]
+  EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE] [--repeat N]
   EXE info  (what the program is: arena, kernels, inputs, outputs, parameters)
 The weights are read from EXE.safetensors unless --weights is given.";
 
@@ -474,8 +475,16 @@ impl Cmd {
                 "--resume",
                 "--metrics",
                 "--weights",
+                "--random-weights",
             ],
-            "infer" => &["--input", "--out", "--backend", "--weights"],
+            "infer" => &[
+                "--input",
+                "--out",
+                "--backend",
+                "--weights",
+                "--random-weights",
+                "--repeat",
+            ],
             "info" => &[],
             "" => return Err(usage("expected a command: train, infer or info".into())),
             v => return Err(usage(format!("unknown command `{v}`"))),
@@ -543,6 +552,18 @@ fn describe(program: &Program) -> String {
     for s in &program.outputs {
         out += &format!("output {}: {}\n", s.name, s.type_string());
     }
+    match &program.device {
+        Some(d) => {
+            let launches: usize = d.launches.iter().map(Vec::len).sum();
+            out += &format!(
+                "device: {} PTX, {} kernels ({launches} launches per step), {} bytes of PTX\n",
+                d.arch,
+                d.launches.len(),
+                d.ptx.len()
+            );
+        }
+        None => out += "device: none (compiled with --target cpu)\n",
+    }
     if let Some(t) = &program.training {
         out += &format!(
             "training: optimizer {}, data input `{}`, loss `{}`, default weight decay {}\n",
@@ -550,6 +571,35 @@ fn describe(program: &Program) -> String {
         );
     }
     out
+}
+
+/// Fills every weight with random values instead of reading a weights file (for benchmarks
+/// on machines the weights are not copied to): matrices N(0, 0.02²), vectors (norm scales,
+/// biases) ones. Deterministic in `seed`.
+fn random_weights(program: &Program, backend: &mut dyn Backend, seed: u64) -> Result<(), RunError> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    for p in program.params.iter().filter(|p| p.role == Role::Weight) {
+        let n: usize = p.slot.shape.iter().product();
+        let values: Vec<f64> = if p.slot.shape.len() >= 2 {
+            (0..n)
+                .map(|_| {
+                    let (u, v) = (uniform(), uniform());
+                    0.02 * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+                })
+                .collect()
+        } else {
+            vec![1.0; n]
+        };
+        backend.set(&p.slot, &encode(p.slot.dtype, &values))?;
+    }
+    Ok(())
 }
 
 /// Every `--input NAME=FILE.npy`.
@@ -629,7 +679,10 @@ pub fn run_cli(
     };
     let mut backend = open_backend(&cmd, &program, kernels)?;
     let cpu = backend.as_mut();
-    weights::load(&weights_path, &program, cpu)?;
+    match cmd.number::<u64>("--random-weights")? {
+        Some(seed) => random_weights(&program, cpu, seed)?,
+        None => drop(weights::load(&weights_path, &program, cpu)?),
+    }
     match cmd.verb.as_str() {
         "train" => {
             let data_path = cmd
@@ -673,6 +726,21 @@ pub fn run_cli(
             let dir = cmd
                 .get("--out")
                 .ok_or_else(|| RunError::Usage("infer needs --out DIR".into()))?;
+            let repeat: u64 = cmd.number("--repeat")?.unwrap_or(1).max(1);
+            for _ in 1..repeat {
+                let t0 = Instant::now();
+                for slot in &program.inputs {
+                    if let Some((_, path)) = inputs.iter().find(|(n, _)| *n == slot.name) {
+                        let bytes = read_input(slot, path)?;
+                        cpu.set(slot, &bytes)?;
+                    }
+                }
+                cpu.run()?;
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"run_ms": t0.elapsed().as_secs_f64() * 1e3, "backend": cpu.name()})
+                );
+            }
             for p in infer(&program, cpu, &inputs, Path::new(dir))? {
                 eprintln!("wrote {}", p.display());
             }

@@ -381,7 +381,10 @@ fn bad_inputs_give_one_clear_error() {
         &mut train_cmd(&["--backend", "cuda"]),
         "compiled without PTX kernels: recompile with memc compile --target all",
     );
-    fails(&mut train_cmd(&["--backend", "tpu"]), "expected cpu or cuda");
+    fails(
+        &mut train_cmd(&["--backend", "tpu"]),
+        "expected cpu or cuda",
+    );
     // An executable with PTX kernels on a machine without a GPU driver.
     let both = dir.join("llama-all");
     compile(&ex, &both, &[ADAMW, &["--target", "all"]].concat());

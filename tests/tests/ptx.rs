@@ -73,3 +73,48 @@ fn sm_80_too() {
     assert!(ptx.contains(".target sm_80") && ptx.contains(".version 8.0"));
     ptxas(ptx, "sm_80").unwrap();
 }
+
+/// The GPU mapping (blocks × threads with bounds guards, sequential code in one-thread
+/// launches) run on the CPU: every kernel of the training step replaced by its GPU form gives
+/// bitwise the losses of the untransformed kernels. The mapping attributes and the gpu
+/// dialect conversion are MLIR's; this checks memc's index arithmetic without a GPU.
+#[test]
+fn gpu_mapping_computes_the_same_training_step() {
+    for ex in examples()
+        .into_iter()
+        .filter(|e| !e.name.contains("opset") && e.family != "bert")
+    {
+        let a = train_args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto);
+        let path = ex.path.with_extension("").join("inputs/input_ids.npy");
+        let opts = memc::train::LoopOptions {
+            steps: 3,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            peak_bytes: None,
+        };
+        let mut run = |mapped: bool| {
+            let (mut g, _) = training_program(&ex, &a);
+            let mut host = memc::train::host_program(&g, &ex.name, Some(&a)).unwrap();
+            if mapped {
+                host.use_gpu_form_on_host().unwrap();
+            }
+            let mut data = memc::train::Batches::open(&path).unwrap();
+            memc::train::run_program(
+                &mut g,
+                &host,
+                &mut data,
+                &path.display().to_string(),
+                &opts,
+                &ex.name,
+            )
+            .unwrap()
+        };
+        let plain = run(false);
+        let mapped = run(true);
+        eprintln!(
+            "{:<20} host kernels {plain:?}, GPU-mapped kernels on the host {mapped:?}",
+            ex.name
+        );
+        assert_eq!(plain, mapped, "{}", ex.name);
+    }
+}

@@ -402,6 +402,9 @@ fn import_impl(
     }
     ctx.g.compact();
     memc_ir::verify(&ctx.g).map_err(|source| ImportError::Verify { path: p(), source })?;
+    // Folded masks and tables: stored once, at their smallest broadcast shape.
+    memc_passes::consts::compact_constants(&mut ctx.g);
+    memc_ir::verify(&ctx.g).map_err(|source| ImportError::Verify { path: p(), source })?;
     Ok(ctx.g)
 }
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# memc's GPU checks and benchmarks (issue 5), in one script, in two phases:
+#
+#   scripts/gpu-check.sh prepare   # here, no GPU needed: builds memc (release) and compiles
+#                                  # every executable the checks run into gpu-bundle/ (< 64 MiB:
+#                                  # no LLVM, no large weights; the big models use --random-weights)
+#   scripts/gpu-check.sh           # on the GPU machine (the device tool, carry ["gpu-bundle"]):
+#                                  # prints one table; finishes in well under 8 minutes
+#
+# The run phase needs only the bundle, a CUDA driver, Python with numpy, and PyTorch for the
+# baselines. It checks every example executable on the cuda backend against the cpu backend
+# (training losses over 3 AdamW steps, inference outputs), measures the fused elementwise
+# kernels' bandwidth against torch's device-to-device copy, and benchmarks a bf16 training
+# step (forward + backward + AdamW) of a 12-layer d_model 768 Llama at batch 8 x seq 1024
+# against PyTorch eager and torch.compile in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=gpu-bundle
+
+if [ "${1:-}" = "prepare" ]; then
+  scripts/setup.sh
+  cargo build --release -q -p memc -p memc-runtime
+  M=target/release/memc
+  rm -rf "$B"
+  mkdir -p "$B/data" scratch
+  for fam in llama gpt2 qwen2 bert; do
+    name=$fam-dynamo
+    shapes=(--shape input_ids=2x16)
+    [ "$fam" = bert ] && shapes+=(--shape attention_mask=2x16 --shape token_type_ids=2x16)
+    $M compile "examples/models/$name.onnx" "${shapes[@]}" --target all -o "$B/$name-infer" 2>/dev/null
+    $M compile "examples/models/$name.onnx" "${shapes[@]}" --train --optimizer adamw --clip-grad-norm 1.0 \
+      --target all -o "$B/$name-train" 2>/dev/null
+    cp -r "examples/models/$name/inputs" "$B/data/$name"
+  done
+  [ -f scratch/eltwise.onnx ] || python3 scripts/gen-elementwise.py scratch/eltwise.onnx
+  $M compile scratch/eltwise.onnx --target all -o "$B/eltwise" 2>/dev/null
+  rm "$B/eltwise.safetensors"
+  [ -f scratch/llama12x768.onnx ] || python3 scripts/gen-big-llama.py scratch/llama12x768.onnx \
+    --layers 12 --hidden 768 --heads 12 --kv-heads 12 --ffn 2048 --vocab 32000
+  $M compile scratch/llama12x768.onnx --shape input_ids=8x1024 --train --optimizer adamw --dtype bf16 \
+    --target all -o "$B/llama12-bf16"
+  rm "$B/llama12-bf16.safetensors"
+  python3 - "$B" <<'EOF'
+import sys, numpy as np
+b = sys.argv[1]
+np.save(f"{b}/data/ids8x1024.npy", np.random.default_rng(0).integers(0, 32000, (8, 1024)).astype(np.int64))
+np.save(f"{b}/data/one.npy", np.ones(1, np.float32))
+EOF
+  cp scripts/bench-gpu-torch.py "$B/"
+  du -sh "$B"
+  echo "now run on the GPU machine: scripts/gpu-check.sh (carry gpu-bundle)"
+  exit 0
+fi
+
+if [ ! -d "$B" ]; then
+  echo "gpu-check: $B/ is missing: run scripts/gpu-check.sh prepare first (on the build machine)" >&2
+  exit 2
+fi
+if ! command -v nvidia-smi >/dev/null; then
+  echo "gpu-check: no nvidia-smi: this is not a GPU machine" >&2
+  exit 2
+fi
+T=${TMPDIR:-/tmp}/memc-gpu-check
+rm -rf "$T"
+mkdir -p "$T"
+echo "== $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+status=0
+
+echo "== cuda vs cpu: example executables"
+for fam in llama gpt2 qwen2 bert; do
+  name=$fam-dynamo
+  d=$B/data/$name
+  fixed=()
+  [ "$fam" = bert ] && fixed=(--input "attention_mask=$d/attention_mask.npy" --input "token_type_ids=$d/token_type_ids.npy")
+  inputs=(--input "input_ids=$d/input_ids.npy" "${fixed[@]}")
+  for backend in cpu cuda; do
+    if ! "$B/$name-train" train --data "$d/input_ids.npy" "${fixed[@]}" --steps 3 --backend $backend \
+        > "$T/$name-train-$backend.jsonl" 2> "$T/$name-train-$backend.err"; then
+      echo "   $name train --backend $backend FAILED: $(tail -1 "$T/$name-train-$backend.err")"
+      status=1
+    fi
+    if ! "$B/$name-infer" infer "${inputs[@]}" --out "$T/$name-$backend" --backend $backend 2> "$T/$name-infer-$backend.err"; then
+      echo "   $name infer --backend $backend FAILED: $(tail -1 "$T/$name-infer-$backend.err")"
+      status=1
+    fi
+  done
+  python3 - "$T" "$name" <<'EOF' || status=1
+import json, sys, glob, os, numpy as np
+t, name = sys.argv[1:]
+def losses(b):
+    p = f"{t}/{name}-train-{b}.jsonl"
+    return [json.loads(l)["loss"] for l in open(p)] if os.path.exists(p) else []
+cpu, cuda = losses("cpu"), losses("cuda")
+worst = max((abs(a - b) / abs(b) for a, b in zip(cuda, cpu)), default=float("nan"))
+out = []
+for f in glob.glob(f"{t}/{name}-cpu/*.npy"):
+    g = f.replace(f"{name}-cpu", f"{name}-cuda")
+    if os.path.exists(g):
+        a, b = np.load(g), np.load(f)
+        out.append(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)))
+inf = max(out, default=float("nan"))
+ok = len(cuda) == 3 and worst <= 1e-4 and out and inf <= 1e-4
+print(f"   {name:<14} training losses cuda vs cpu: max rel {worst:.2e}  inference outputs: max rel {inf:.2e}  {'ok' if ok else 'MISMATCH'}")
+sys.exit(0 if ok else 1)
+EOF
+done
+
+echo "== fused elementwise bandwidth (y = silu(w*x) + w, 2^26 f32: 5 x 256 MiB moved per run)"
+if MEMC_PROFILE=1 "$B/eltwise" infer --random-weights 0 --input "x=$B/data/one.npy" --out "$T/eltwise" \
+    --backend cuda --repeat 20 2> "$T/eltwise.err"; then
+  python3 - "$T/eltwise.err" <<'EOF'
+import re, sys, torch
+text = open(sys.argv[1]).read()
+ms = float(re.search(r"fused elementwise\s+([\d.]+) ms", text).group(1))
+calls = int(re.search(r"fused elementwise\s+[\d.]+ ms\s+[\d.]+%\s+(\d+) calls", text).group(1))
+runs = calls / 2
+gbs = 5 * 2**28 / (ms / runs / 1e3) / 1e9
+x = torch.empty(2**28 // 4 * 2, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
+s.record()
+for _ in range(20): y.copy_(x)
+e.record(); torch.cuda.synchronize()
+copy = 2 * x.numel() * 4 / (s.elapsed_time(e) / 20 / 1e3) / 1e9
+print(f"   memc fused elementwise: {gbs:.0f} GB/s; torch copy: {copy:.0f} GB/s; ratio {gbs / copy:.2f} (goal >= 0.80)")
+EOF
+else
+  echo "   eltwise FAILED: $(tail -1 "$T/eltwise.err")"
+  status=1
+fi
+
+echo "== Llama 12 x d768, batch 8 x seq 1024, bf16 (fp32 master weights), AdamW"
+if "$B/llama12-bf16" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 8 --backend cuda \
+    > "$T/llama12.jsonl" 2> "$T/llama12.err"; then
+  python3 - "$T/llama12.jsonl" <<'EOF'
+import json, statistics, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+ms = statistics.median(l["step_ms"] for l in lines[2:])
+print(json.dumps({"mode": "memc", "step_ms": round(ms, 2), "tokens_per_s": round(8192 / ms * 1e3),
+                  "peak_bytes": lines[-1]["peak_bytes"], "loss": round(lines[-1]["loss"], 4)}))
+EOF
+  MEMC_PROFILE=1 "$B/llama12-bf16" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 2 \
+    --backend cuda 2>&1 >/dev/null | sed 's/^/   /' | head -14
+else
+  echo "   memc llama12 FAILED: $(tail -1 "$T/llama12.err")"
+  status=1
+fi
+python3 "$B/bench-gpu-torch.py" --steps 10 || status=1
+exit $status
