@@ -530,8 +530,14 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             let elements = matches!(node.op, Op::ScatterElementsAdd { .. });
             let (ishape, idt) = tys[1].clone();
             zero_fill(&mut f, out, &oshape, odt);
-            // Sequential: several updates may land on one element.
-            f.each(&xshape, &mut |f, ivs| {
+            // Updates may land on one element only through the indexed dims: those run
+            // sequentially (a deterministic order), every other dim in parallel.
+            let seq: Vec<usize> = if elements {
+                vec![*axis]
+            } else {
+                (*axis..*axis + ishape.len()).collect()
+            };
+            scatter_loops(&mut f, &xshape, &seq, &mut |f, ivs| {
                 let idx = if elements {
                     let k = f.index_operand(1, ivs, &ishape, idt, oshape[*axis]);
                     let mut idx = ivs.to_vec();
@@ -558,7 +564,8 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             let q = *ishape.last().unwrap();
             let lead = ishape.len() - 1;
             zero_fill(&mut f, out, &oshape, odt);
-            f.each(&xshape, &mut |f, ivs| {
+            let seq: Vec<usize> = (0..lead).collect();
+            scatter_loops(&mut f, &xshape, &seq, &mut |f, ivs| {
                 let mut idx = Vec::new();
                 for (k, &dim) in oshape.iter().enumerate().take(q) {
                     let kk = f.index(k);
@@ -616,6 +623,32 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
         params.join(", "),
         f.text
     ))
+}
+
+/// Loops over `shape` for a scatter: `scf.parallel` over every dim not in `seq` (updates there
+/// never collide), `scf.for` over the dims in `seq` inside it; `body` gets the induction
+/// variables in `shape`'s order.
+fn scatter_loops(
+    f: &mut F,
+    shape: &[usize],
+    seq: &[usize],
+    body: &mut dyn FnMut(&mut F, &[String]),
+) {
+    let par: Vec<usize> = (0..shape.len()).filter(|d| !seq.contains(d)).collect();
+    let pext: Vec<usize> = par.iter().map(|&d| shape[d]).collect();
+    let sext: Vec<usize> = seq.iter().map(|&d| shape[d]).collect();
+    let pivs = f.parallel(&pext);
+    f.each(&sext, &mut |f, sivs| {
+        let mut ivs = vec![String::new(); shape.len()];
+        for (k, &d) in par.iter().enumerate() {
+            ivs[d] = pivs[k].clone();
+        }
+        for (k, &d) in seq.iter().enumerate() {
+            ivs[d] = sivs[k].clone();
+        }
+        body(f, &ivs);
+    });
+    f.end_parallel(pext.len());
 }
 
 /// `out[...] = 0` over the whole result.

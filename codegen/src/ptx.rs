@@ -396,7 +396,12 @@ fn site_packages() -> Vec<PathBuf> {
 /// The first of `$VAR`, `fixed` and `rel` under each site-packages directory that exists.
 fn find_tool(var: &str, fixed: &[&str], rel: &[&str], what: &str) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(var) {
-        return Ok(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("{var}={} is not a file", p.display()))
+        };
     }
     let mut candidates: Vec<PathBuf> = fixed.iter().map(PathBuf::from).collect();
     for dir in site_packages() {

@@ -465,18 +465,54 @@ fn malformed_npy_files() {
 }
 
 #[test]
-fn features_of_later_releases_say_so() {
+fn kernels_print_as_mlir_llvm_and_ptx() {
     let m = example("llama-dynamo.onnx");
+    // PTX of every kernel, one module.
+    let o = memc(&[
+        "compile",
+        s(&m),
+        "--shape",
+        "input_ids=1x8",
+        "--emit",
+        "ptx",
+        "--sm",
+        "80",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.contains(".target sm_80") && o.stdout.contains(".visible .entry memc_k0_kernel("),
+        "{}",
+        &o.stdout[..400]
+    );
     fails_with(
         &[
             "compile",
             s(&m),
             "--shape",
             "input_ids=1x8",
+            "--target",
+            "tpu",
+        ],
+        &["invalid value 'tpu'", "possible values: cpu, cuda, all"],
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_memc"))
+        .args([
+            "compile",
+            s(&m),
+            "--shape",
+            "input_ids=1x8",
             "--emit",
             "ptx",
-        ],
-        &["--emit ptx", "not available yet"],
+        ])
+        .env("MEMC_LIBDEVICE", "/nonexistent/libdevice.10.bc")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ")
+            && stderr.contains("MEMC_LIBDEVICE=/nonexistent/libdevice.10.bc is not a file"),
+        "{stderr}"
     );
     // MLIR and LLVM IR of the fused kernels.
     let o = memc(&[
