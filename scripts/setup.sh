@@ -28,7 +28,7 @@ fi
 # ptxas and libdevice (PyPI's CUDA compiler packages) check and link the PTX kernels; no GPU needed.
 if ! python3 -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('nvidia') and __import__('pathlib').Path(__import__('nvidia').__path__[0], 'cu13/bin/ptxas').exists() else 1)" 2>/dev/null; then
   echo "setup: pip install nvidia-cuda-nvcc (ptxas, libdevice)"
-  python3 -m pip install -q nvidia-cuda-nvcc
+  python3 -m pip install -q "nvidia-cuda-nvcc>=13,<14"
 fi
 
 if [ "${1:-}" = "--python" ]; then
