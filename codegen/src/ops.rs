@@ -403,6 +403,37 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             });
             f.end_parallel(outer.len());
         }
+        Op::RmsNorm { axis, epsilon } => {
+            let outer: Vec<usize> = xshape[..*axis].to_vec();
+            let inner: Vec<usize> = xshape[*axis..].to_vec();
+            let count: usize = inner.iter().product();
+            let ivs = f.parallel(&outer);
+            let cat = |a: &[String], b: &[String]| -> Vec<String> {
+                a.iter().chain(b).cloned().collect()
+            };
+            let zero = f.fconst(0.0, at);
+            let sq = f.fold(&inner, &zero, at, &mut |f, r, acc| {
+                let x = f.load(0, &cat(&ivs, r), &xshape, xdt);
+                let x2 = f.v(&format!("arith.mulf {x}, {x} : {at}"));
+                f.v(&format!("arith.addf {acc}, {x2} : {at}"))
+            });
+            let cnt = f.fconst(count as f64, at);
+            let ms = f.v(&format!("arith.divf {sq}, {cnt} : {at}"));
+            let eps = f.fconst(*epsilon as f64, at);
+            let me = f.v(&format!("arith.addf {ms}, {eps} : {at}"));
+            let sd = f.v(&format!("math.sqrt {me} : {at}"));
+            let one = f.fconst(1.0, at);
+            let r = f.v(&format!("arith.divf {one}, {sd} : {at}"));
+            f.each(&inner, &mut |f, ri| {
+                let idx = cat(&ivs, ri);
+                let x = f.load(0, &idx, &xshape, xdt);
+                let xh = f.v(&format!("arith.mulf {x}, {r} : {at}"));
+                let s = f.load(1, ri, &inner, xdt);
+                let y = f.v(&format!("arith.mulf {xh}, {s} : {at}"));
+                f.store(&y, out, &idx, &oshape, odt);
+            });
+            f.end_parallel(outer.len());
+        }
         Op::Transpose { perm } => {
             let ivs = f.parallel(&oshape);
             let mut idx = vec![String::new(); xshape.len()];

@@ -45,6 +45,9 @@ struct ModelArgs {
     /// Print the wall time of each compiler phase to stderr.
     #[arg(long)]
     time_passes: bool,
+    /// Recognise blocks (today: RMSNorm → `rms_norm`) with the e-graph canonicalisation.
+    #[arg(long)]
+    canonicalize: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -167,7 +170,7 @@ struct EvalArgs {
 struct OptArgs {
     /// Textual IR (`-` for stdin).
     file: PathBuf,
-    /// Comma-separated passes to run in order (available: verify, dce).
+    /// Comma-separated passes to run in order (available: verify, dce, canonicalize).
     #[arg(long = "pass", value_delimiter = ',')]
     passes: Vec<String>,
 }
@@ -230,10 +233,29 @@ fn import(
 ) -> Result<Graph> {
     let model = timer.time("load", || onnx::load_model(&args.model))?;
     let opts = ImportOptions { shapes };
-    let g = timer.time("import", || onnx::import_model(&args.model, &model, &opts))?;
+    let mut g = timer.time("import", || onnx::import_model(&args.model, &model, &opts))?;
     timer
         .time("verify", || memc_ir::verify(&g))
         .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
+    if args.canonicalize {
+        let limits = memc_passes::canonicalize::Limits::default();
+        let stats = timer
+            .time("canonicalize", || {
+                memc_passes::canonicalize::canonicalize(&mut g, &limits)
+            })
+            .map_err(|e| anyhow!("{}: canonicalize: {e}", args.model.display()))?;
+        if timer.enabled {
+            eprintln!(
+                "canonicalize: {} -> {} nodes, {} iterations ({}), {} e-nodes, recognised {:?}",
+                stats.nodes_before,
+                stats.nodes_after,
+                stats.iterations,
+                stats.stop,
+                stats.egraph_nodes,
+                stats.recognised
+            );
+        }
+    }
     if timer.enabled {
         if let Some((anon, file)) = resident_memory() {
             let mib = |b: u64| b as f64 / 1048576.0;
@@ -713,7 +735,22 @@ fn opt(args: OptArgs) -> Result<()> {
         match p.as_str() {
             "verify" => {}
             "dce" => g.compact(),
-            other => bail!("--pass `{other}`: unknown pass (available: verify, dce)"),
+            "canonicalize" => {
+                let stats = memc_passes::canonicalize::canonicalize(
+                    &mut g,
+                    &memc_passes::canonicalize::Limits::default(),
+                )
+                .map_err(|e| anyhow!("{file}: canonicalize: {e}"))?;
+                eprintln!(
+                    "canonicalize: {} -> {} nodes, {} iterations ({}), recognised {:?}",
+                    stats.nodes_before,
+                    stats.nodes_after,
+                    stats.iterations,
+                    stats.stop,
+                    stats.recognised
+                );
+            }
+            other => bail!("--pass `{other}`: unknown pass (available: verify, dce, canonicalize)"),
         }
         memc_ir::verify(&g).map_err(|e| anyhow!("{file}: after pass `{p}`: {e}"))?;
     }

@@ -307,6 +307,20 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
             }
             Data::F(out)
         }
+        Op::RmsNorm { axis, epsilon } => {
+            let x = ins[0].f();
+            let n: usize = shape[*axis..].iter().product();
+            let scale = ins[1].f();
+            let mut out = vec![0.0; x.len()];
+            for (row, o) in x.chunks(n.max(1)).zip(out.chunks_mut(n.max(1))) {
+                let ms = row.iter().map(|v| v * v).sum::<f64>() / n as f64;
+                let r = 1.0 / (ms + *epsilon as f64).sqrt();
+                for k in 0..row.len() {
+                    o[k] = row[k] * r * scale[k];
+                }
+            }
+            Data::F(out)
+        }
         Op::Reduce { kind, axes, .. } => {
             let x = &ins[0];
             let kept: Vec<usize> = x

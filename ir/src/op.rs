@@ -113,6 +113,14 @@ pub enum Op {
         /// Added to the variance.
         epsilon: f32,
     },
+    /// `x / sqrt(mean(x², dims axis..rank) + eps) * scale`; inputs x and scale (of shape
+    /// `x.shape[axis..]`). What the canonicalisation recognises in Llama's and Qwen's norms.
+    RmsNorm {
+        /// First normalised dim.
+        axis: usize,
+        /// Added to the mean square.
+        epsilon: f32,
+    },
     /// Reduction over `axes` (sorted, unique).
     Reduce {
         /// Sum, mean or max.
@@ -275,6 +283,7 @@ impl Op {
             Op::Softmax { .. } => "softmax",
             Op::LogSoftmax { .. } => "log_softmax",
             Op::LayerNorm { .. } => "layer_norm",
+            Op::RmsNorm { .. } => "rms_norm",
             Op::Gather { .. } => "gather",
             Op::GatherElements { .. } => "gather_elements",
             Op::GatherNd => "gather_nd",
@@ -302,7 +311,7 @@ impl Op {
             Op::Gather { axis } | Op::GatherElements { axis } => {
                 vec![("axis", Attr::Int(*axis as i64))]
             }
-            Op::LayerNorm { axis, epsilon } => {
+            Op::LayerNorm { axis, epsilon } | Op::RmsNorm { axis, epsilon } => {
                 vec![
                     ("axis", Attr::Int(*axis as i64)),
                     ("epsilon", Attr::Float(*epsilon)),
@@ -419,6 +428,13 @@ impl Op {
                     axis: uint(get("axis")?, "axis")?,
                 },
                 "layer_norm" => Op::LayerNorm {
+                    axis: uint(get("axis")?, "axis")?,
+                    epsilon: match get("epsilon")? {
+                        Attr::Float(e) => e,
+                        _ => return Err("attribute `epsilon` must be a float".into()),
+                    },
+                },
+                "rms_norm" => Op::RmsNorm {
                     axis: uint(get("axis")?, "axis")?,
                     epsilon: match get("epsilon")? {
                         Attr::Float(e) => e,
@@ -586,6 +602,24 @@ impl Op {
                     if p.dtype != x.dtype || p.shape[..] != x.shape[*axis..] {
                         return Err(format!(
                             "`layer_norm` scale/bias must be {}{:?}, got {p}",
+                            x.dtype,
+                            &x.shape[*axis..]
+                        ));
+                    }
+                }
+                one(x.clone())
+            }
+            Op::RmsNorm { axis, .. } => {
+                if inputs.len() != 2 {
+                    return Err(format!("`rms_norm` takes 2 operands, got {}", inputs.len()));
+                }
+                let x = &inputs[0];
+                float_operand(self, x)?;
+                check_axis(*axis, x.rank())?;
+                for p in &inputs[1..] {
+                    if p.dtype != x.dtype || p.shape[..] != x.shape[*axis..] {
+                        return Err(format!(
+                            "`rms_norm` scale must be {}{:?}, got {p}",
                             x.dtype,
                             &x.shape[*axis..]
                         ));

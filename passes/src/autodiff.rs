@@ -263,6 +263,7 @@ fn vjp(
             vec![Some(b.sub(dy, ps)?)]
         }
         Op::LayerNorm { axis, epsilon } => layer_norm_vjp(b, x, dy, *axis, *epsilon, wants)?,
+        Op::RmsNorm { axis, epsilon } => rms_norm_vjp(b, x, dy, *axis, *epsilon, wants)?,
         Op::Reduce {
             kind,
             axes,
@@ -550,6 +551,44 @@ fn matmul_vjp(
         None
     };
     Ok(vec![ga, gw])
+}
+
+/// y = x·r·s with r = (mean(x²) + eps)^-½ over the normalised dims:
+/// dx = r·(g - x̂·mean(g·x̂)) with g = dy·s and x̂ = x·r; ds = Σ_lead dy·x̂.
+fn rms_norm_vjp(
+    b: &mut Builder,
+    x: &[ValueId],
+    dy: ValueId,
+    axis: usize,
+    eps: f32,
+    wants: &[bool],
+) -> Result<Vec<Option<ValueId>>, String> {
+    let shape = b.shape(x[0]);
+    let norm_axes: Vec<usize> = (axis..shape.len()).collect();
+    let lead_axes: Vec<usize> = (0..axis).collect();
+    let sq = b.mul(x[0], x[0])?;
+    let ms = b.reduce(ReduceKind::Mean, sq, norm_axes.clone(), true)?;
+    let me = b.add_scalar(ms, eps as f64)?;
+    let sd = b.unary(UnaryOp::Sqrt, me)?;
+    let r = b.unary(UnaryOp::Reciprocal, sd)?;
+    let xhat = b.mul(x[0], r)?;
+    let gx = if wants[0] {
+        let g = b.mul(dy, x[1])?;
+        let gx_xhat = b.mul(g, xhat)?;
+        let m = b.reduce(ReduceKind::Mean, gx_xhat, norm_axes, true)?;
+        let t = b.mul(xhat, m)?;
+        let d = b.sub(g, t)?;
+        Some(b.mul(d, r)?)
+    } else {
+        None
+    };
+    let gscale = if wants[1] {
+        let p = b.mul(dy, xhat)?;
+        Some(b.reduce(ReduceKind::Sum, p, lead_axes, false)?)
+    } else {
+        None
+    };
+    Ok(vec![gx, gscale])
 }
 
 fn layer_norm_vjp(

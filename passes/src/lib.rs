@@ -9,10 +9,13 @@
 
 pub mod autodiff;
 pub mod build;
+pub mod canonicalize;
 pub mod consts;
+pub mod egraph;
 pub mod plan;
 pub mod precision;
 pub mod remat;
+pub mod rules;
 pub mod train;
 
 pub use egg;

@@ -561,6 +561,7 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
             2 * k * out.numel() as u64
         }
         Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::LayerNorm { .. } => 5 * out.numel() as u64,
+        Op::RmsNorm { .. } => 4 * out.numel() as u64,
         Op::Reduce { .. } => g.value(nd.inputs[0]).ty.numel() as u64,
         Op::Unary(_) | Op::Binary(_) | Op::Where => out.numel() as u64,
         _ => 0,

@@ -31,7 +31,11 @@ const INF: u64 = u64::MAX / 4;
 pub fn recomputable(op: &Op) -> bool {
     !matches!(
         op,
-        Op::MatMul | Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::LayerNorm { .. }
+        Op::MatMul
+            | Op::Softmax { .. }
+            | Op::LogSoftmax { .. }
+            | Op::LayerNorm { .. }
+            | Op::RmsNorm { .. }
     )
 }
 

@@ -302,6 +302,20 @@ fn cases(r: &mut Rng) -> Vec<Case> {
             .unwrap()
         },
     ));
+    v.push(case(
+        format!("RmsNorm axis {la}"),
+        vec![(lshape.clone(), Any), (norm.clone(), Any)],
+        move |b, x| {
+            b.op(
+                Op::RmsNorm {
+                    axis: la,
+                    epsilon: 1e-5,
+                },
+                &[x[0], x[1]],
+            )
+            .unwrap()
+        },
+    ));
     for kind in [ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max] {
         let axes: Vec<usize> = (0..3).filter(|_| r.below(2) == 0).collect();
         let axes = if axes.is_empty() { vec![1] } else { axes };

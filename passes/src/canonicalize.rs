@@ -1,0 +1,96 @@
+//! `canonicalize`: recognise whole blocks in whatever ops an exporter wrote, through an
+//! e-graph ([`crate::egraph`]) and the rule families of [`crate::rules`]. Today: RMSNorm and
+//! decomposed LayerNorm ([`crate::rules::norms`]).
+//!
+//! The graph is loaded into an e-graph (shared values stay shared), the rules run to
+//! saturation or to the limits (nodes, iterations, time), and the cheapest DAG is extracted
+//! and stored back. Results are unchanged up to rounding (a fused op rounds once where its
+//! decomposition rounded per op); the tests check the logits of every example.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use egg::{Id, Runner, StopReason};
+use memc_ir::Graph;
+
+use crate::egraph::{extract, load, store};
+
+/// Limits that keep the canonicalisation bounded.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// E-nodes at most.
+    pub nodes: usize,
+    /// Rule iterations at most.
+    pub iterations: usize,
+    /// Wall time at most.
+    pub time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            nodes: 500_000,
+            iterations: 16,
+            time: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What [`canonicalize`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CanonStats {
+    /// Graph nodes before.
+    pub nodes_before: usize,
+    /// Graph nodes after.
+    pub nodes_after: usize,
+    /// Rule iterations run.
+    pub iterations: usize,
+    /// E-nodes at the end.
+    pub egraph_nodes: usize,
+    /// Why the rules stopped (`saturated` unless a limit was hit).
+    pub stop: String,
+    /// Ops of each recognised kind in the result (`rms_norm`: 5).
+    pub recognised: BTreeMap<String, usize>,
+}
+
+/// The ops the canonicalisation introduces.
+pub const RECOGNISED: &[&str] = &["rms_norm", "layer_norm"];
+
+/// Rewrites `g` (a forward graph) in place (see the module docs).
+pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, String> {
+    let before = g.nodes().len();
+    let loaded = load(g);
+    let roots: Vec<Id> = loaded.roots.iter().map(|r| r.1).collect();
+    let runner = Runner::default()
+        .with_egraph(loaded.egraph)
+        .with_node_limit(limits.nodes)
+        .with_iter_limit(limits.iterations)
+        .with_time_limit(limits.time)
+        .run(&crate::rules::norms::rules());
+    let stop = match &runner.stop_reason {
+        Some(StopReason::Saturated) | None => "saturated".to_string(),
+        Some(StopReason::IterationLimit(n)) => format!("iteration limit ({n})"),
+        Some(StopReason::NodeLimit(n)) => format!("node limit ({n})"),
+        Some(StopReason::TimeLimit(s)) => format!("time limit ({s:.1} s)"),
+        Some(StopReason::Other(s)) => s.clone(),
+    };
+    let chosen = extract(&runner.egraph, &roots);
+    let out = store(g, &runner.egraph, &chosen, &loaded.roots)?;
+    memc_ir::verify(&out)
+        .map_err(|e| format!("canonicalize produced an invalid graph (a memc bug): {e}"))?;
+    let counts = out.op_counts();
+    let recognised = RECOGNISED
+        .iter()
+        .filter_map(|&k| counts.get(k).map(|&n| (k.to_string(), n)))
+        .collect();
+    let stats = CanonStats {
+        nodes_before: before,
+        nodes_after: out.nodes().len(),
+        iterations: runner.iterations.len(),
+        egraph_nodes: runner.egraph.total_number_of_nodes(),
+        stop,
+        recognised,
+    };
+    *g = out;
+    Ok(stats)
+}

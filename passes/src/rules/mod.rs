@@ -1,0 +1,3 @@
+//! Rewrite rule families of the canonicalisation, one file each.
+
+pub mod norms;

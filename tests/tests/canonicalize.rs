@@ -1,0 +1,147 @@
+//! The e-graph canonicalisation: textual cases (`tests/passes/canonicalize/*.mir`, insta
+//! snapshots of `memc opt --pass canonicalize`, near-misses named `no_*`), every example model
+//! (one `rms_norm` per RMSNorm of the model, logits unchanged), and training through the
+//! recognised ops on the cpu backend.
+
+use memc::train::{OptimizerArg, RematArg};
+use memc_passes::canonicalize::{canonicalize, Limits};
+use memc_tests::{examples, max_rel, root, train_args, train_reference};
+
+#[test]
+fn textual_cases() {
+    let dir = root().join("tests/passes/canonicalize");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "mir"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5);
+    for path in files {
+        let name = path.file_stem().unwrap().to_string_lossy().to_string();
+        let mut g = memc_ir::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let before = memc_ir::print(&g);
+        let stats = canonicalize(&mut g, &Limits::default()).unwrap();
+        memc_ir::verify(&g).unwrap();
+        let after = memc_ir::print(&g);
+        if name.starts_with("no_") {
+            assert_eq!(after, before, "{name}: a near-miss was rewritten");
+            assert!(stats.recognised.is_empty(), "{name}");
+        } else {
+            assert!(!stats.recognised.is_empty(), "{name}: nothing recognised");
+        }
+        insta::assert_snapshot!(name, after);
+    }
+}
+
+#[test]
+fn every_example_gets_one_rms_norm_per_norm_and_the_same_logits() {
+    for ex in examples() {
+        let inputs = ex.inputs();
+        let opts = memc::onnx::ImportOptions {
+            shapes: inputs
+                .iter()
+                .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+                .collect(),
+        };
+        let mut g = memc::onnx::import(&ex.path, &opts).unwrap();
+        let stats = canonicalize(&mut g, &Limits::default()).unwrap();
+        // Llama and Qwen2: 2 layers × 2 RMSNorms + the final norm. GPT-2 has 5 LayerNorms
+        // (ln_1, ln_2 per layer, ln_f) and BERT 6 (embeddings, 2 per layer, the MLM head's
+        // transform): native from opset 17, decomposed at opset 14 and recognised.
+        let (rms, layer) = match ex.family.as_str() {
+            "llama" | "qwen2" => (5, 0),
+            "gpt2" => (0, 5),
+            _ => (0, 6),
+        };
+        let count = |k: &str| stats.recognised.get(k).copied().unwrap_or(0);
+        assert_eq!(
+            (count("rms_norm"), count("layer_norm")),
+            (rms, layer),
+            "{}",
+            ex.name
+        );
+        assert_eq!(stats.stop, "saturated", "{}", ex.name);
+        let out = memc_ir::interpret(&g, &inputs).unwrap();
+        for (name, want) in ex.references() {
+            let got = &out.iter().find(|(n, _)| *n == name).unwrap().1;
+            let err = memc_tests::rel_error(got, &want);
+            assert!(err <= 1e-5, "{}: `{name}` differs by {err:.2e}", ex.name);
+        }
+        eprintln!(
+            "{:<28} {} -> {} nodes, {:?}",
+            ex.name, stats.nodes_before, stats.nodes_after, stats.recognised
+        );
+    }
+}
+
+#[test]
+fn canonicalized_llama_trains_like_pytorch_on_both_backends() {
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.family == "llama" || e.family == "qwen2")
+        .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
+    {
+        let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+        let inputs = ex.inputs();
+        let opts = memc::onnx::ImportOptions {
+            shapes: inputs
+                .iter()
+                .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+                .collect(),
+        };
+        let mut g = memc::onnx::import(&ex.path, &opts).unwrap();
+        canonicalize(&mut g, &Limits::default()).unwrap();
+        memc::train::build(&mut g, &a).unwrap();
+        assert!(g.op_counts().contains_key("rms_norm"));
+        let want: Vec<f64> = train_reference(&ex)["adamw"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        // Reference backend (the interpreter).
+        let mut rg = g.clone();
+        let mut reference = vec![];
+        for step in 1..=want.len() {
+            let mut feeds = inputs.clone();
+            let scalar = |v: f64| memc_ir::Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
+            feeds.insert("memc.lr".into(), scalar(1e-3));
+            feeds.insert("memc.weight_decay".into(), scalar(0.01));
+            feeds.insert("memc.step".into(), scalar(step as f64));
+            let r = memc_ir::run(&rg, &feeds, &Default::default()).unwrap();
+            for (p, t) in r.updates {
+                rg.set_param_data(p, t);
+            }
+            reference.push(r.outputs[0].1.to_f64_vec()[0]);
+        }
+        // cpu backend (the rms_norm kernel and its backward ops).
+        let path = ex.path.with_extension("").join("inputs/input_ids.npy");
+        let mut data = memc::train::Batches::open(&path).unwrap();
+        let lopts = memc::train::LoopOptions {
+            steps: want.len(),
+            lr: 1e-3,
+            weight_decay: 0.01,
+            peak_bytes: None,
+        };
+        let cpu = memc::train::run_host(
+            &mut g,
+            &a,
+            &mut data,
+            &path.display().to_string(),
+            &lopts,
+            &ex.name,
+        )
+        .unwrap();
+        let (e_ref, e_cpu) = (max_rel(&reference, &want), max_rel(&cpu, &want));
+        eprintln!(
+            "{:<14} canonicalized, vs PyTorch: reference {e_ref:.2e}, cpu {e_cpu:.2e}",
+            ex.name
+        );
+        assert!(
+            e_ref <= 1e-4 && e_cpu <= 1e-4,
+            "{}: {reference:?} / {cpu:?} vs {want:?}",
+            ex.name
+        );
+    }
+}
