@@ -403,6 +403,106 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             });
             f.end_parallel(outer.len());
         }
+        Op::Attention { scale } => {
+            // One row of queries per parallel iteration: the row max of the scores, then
+            // p = exp(s - max) accumulated into the output row and its sum, then a division.
+            // Nothing of size S×T is stored.
+            let (kshape, _) = tys[1].clone();
+            let (vshape, _) = tys[2].clone();
+            let (mshape, mdt) = tys[3].clone();
+            let (h, hk, t, d, dv) = (xshape[1], kshape[1], kshape[2], xshape[3], vshape[3]);
+            let ivs = f.parallel(&xshape[..3]);
+            let grp = f.index(h / hk);
+            let kh = f.v(&format!("arith.divui {}, {grp} : index", ivs[1]));
+            let scale_c = f.fconst(*scale as f64, at);
+            let lead = 4 - mshape.len();
+            let score = |f: &mut F, j: &str| -> String {
+                let zero = f.fconst(0.0, at);
+                let dot = f.fold(&[d], &zero, at, &mut |f, c, acc| {
+                    let qv = f.load(
+                        0,
+                        &[ivs[0].clone(), ivs[1].clone(), ivs[2].clone(), c[0].clone()],
+                        &xshape,
+                        xdt,
+                    );
+                    let kv = f.load(
+                        1,
+                        &[ivs[0].clone(), kh.clone(), j.to_string(), c[0].clone()],
+                        &kshape,
+                        xdt,
+                    );
+                    let pr = f.v(&format!("arith.mulf {qv}, {kv} : {at}"));
+                    f.v(&format!("arith.addf {acc}, {pr} : {at}"))
+                });
+                let sc = f.v(&format!("arith.mulf {dot}, {scale_c} : {at}"));
+                let full = [
+                    ivs[0].clone(),
+                    ivs[1].clone(),
+                    ivs[2].clone(),
+                    j.to_string(),
+                ];
+                let midx: Vec<String> = (0..mshape.len())
+                    .map(|k| {
+                        if mshape[k] == 1 {
+                            "%c0".to_string()
+                        } else {
+                            full[lead + k].clone()
+                        }
+                    })
+                    .collect();
+                let m = f.load(3, &midx, &mshape, mdt);
+                f.v(&format!("arith.addf {sc}, {m} : {at}"))
+            };
+            let ninf = f.fconst(f64::NEG_INFINITY, at);
+            let max = f.fold(&[t], &ninf, at, &mut |f, j, acc| {
+                let s = score(f, &j[0]);
+                f.v(&format!("arith.maximumf {acc}, {s} : {at}"))
+            });
+            let orow = |c: &str| {
+                vec![
+                    ivs[0].clone(),
+                    ivs[1].clone(),
+                    ivs[2].clone(),
+                    c.to_string(),
+                ]
+            };
+            f.each(&[dv], &mut |f, c| {
+                let z = f.fconst(0.0, at);
+                f.store(&z, out, &orow(&c[0]), &oshape, odt);
+            });
+            // A row of -inf scores has no distribution: zeros, as the NaN guard gives.
+            let dead = f.v(&format!("arith.cmpf oeq, {max}, {ninf} : {at}"));
+            let zero = f.fconst(0.0, at);
+            let sum = f.fold(&[t], &zero, at, &mut |f, j, acc| {
+                let s = score(f, &j[0]);
+                let e = f.v(&format!("arith.subf {s}, {max} : {at}"));
+                let ex = f.v(&format!("math.exp {e} : {at}"));
+                let p = f.v(&format!("arith.select {dead}, {zero}, {ex} : {at}"));
+                f.each(&[dv], &mut |f, c| {
+                    let vv = f.load(
+                        2,
+                        &[ivs[0].clone(), kh.clone(), j[0].clone(), c[0].clone()],
+                        &vshape,
+                        xdt,
+                    );
+                    let o = f.load(out, &orow(&c[0]), &oshape, odt);
+                    let pv = f.v(&format!("arith.mulf {p}, {vv} : {at}"));
+                    let no = f.v(&format!("arith.addf {o}, {pv} : {at}"));
+                    f.store(&no, out, &orow(&c[0]), &oshape, odt);
+                });
+                f.v(&format!("arith.addf {acc}, {p} : {at}"))
+            });
+            let one = f.fconst(1.0, at);
+            let inv = f.v(&format!("arith.divf {one}, {sum} : {at}"));
+            let z = f.fconst(0.0, at);
+            let inv = f.v(&format!("arith.select {dead}, {z}, {inv} : {at}"));
+            f.each(&[dv], &mut |f, c| {
+                let o = f.load(out, &orow(&c[0]), &oshape, odt);
+                let y = f.v(&format!("arith.mulf {o}, {inv} : {at}"));
+                f.store(&y, out, &orow(&c[0]), &oshape, odt);
+            });
+            f.end_parallel(3);
+        }
         Op::RmsNorm { axis, epsilon } => {
             let outer: Vec<usize> = xshape[..*axis].to_vec();
             let inner: Vec<usize> = xshape[*axis..].to_vec();

@@ -312,3 +312,83 @@ fn chains_ending_in_reductions() {
         check(&g, 1e-5);
     }
 }
+
+/// A single-op graph's generated kernel (`ops::op_mlir`) on random inputs (and `extra`
+/// constants) against the interpreter.
+fn check_op(op: Op, inputs: &[TensorType], tol: f64, fixed: &[(usize, Tensor)]) {
+    let mut r = Rng(7);
+    let args: Vec<Tensor> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| {
+            fixed
+                .iter()
+                .find(|(k, _)| *k == i)
+                .map(|(_, t)| t.clone())
+                .unwrap_or_else(|| random(&mut r, ty))
+        })
+        .collect();
+    let mut g = Graph::new();
+    let ins: Vec<ValueId> = args.iter().map(|t| g.add_const(t.clone())).collect();
+    let y = g.add_node(op.clone(), &ins, "").unwrap()[0];
+    g.add_output("y", y);
+    let refs: Vec<&Tensor> = args.iter().collect();
+    let want = memc_ir::eval_op(&op, &refs).unwrap();
+    let node = g.producer(y).unwrap();
+    let mlir = memc_codegen::ops::op_mlir(&g, node, "k").unwrap();
+    let l = lower(&mlir, "k", ins.len() + 1).unwrap_or_else(|e| panic!("{e}\n{mlir}"));
+    let mut bufs: Vec<Vec<u8>> = args.iter().map(|t| t.bytes().to_vec()).collect();
+    bufs.push(vec![0u8; want.bytes().len()]);
+    with_host_jit(&[("k".to_string(), l.llvm_ir)], |call| {
+        let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        call("k", &ptrs);
+    })
+    .unwrap();
+    let got = Tensor::from_bytes(want.ty().clone(), bufs.pop().unwrap().into()).unwrap();
+    for (i, (x, y)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{} [{i}]: kernel {x} vs interpreter {y}",
+            op.name()
+        );
+    }
+}
+
+/// Attention (multi-head and grouped-query, a causal mask with -inf and a fully masked row)
+/// and RMSNorm kernels match the interpreter.
+#[test]
+fn attention_and_rms_norm_kernels() {
+    let ty = |s: &[usize]| TensorType::new(DType::F32, s.to_vec());
+    let (s, t) = (5, 7);
+    let mut mask = vec![0.0; s * t];
+    for i in 0..s {
+        for j in 0..t {
+            if j > i + 2 || i == 3 {
+                mask[i * t + j] = f64::NEG_INFINITY;
+            }
+        }
+    }
+    let mask = Tensor::from_f64(DType::F32, vec![1, 1, s, t], &mask);
+    for (h, hk) in [(2, 2), (4, 2), (3, 1)] {
+        check_op(
+            Op::Attention { scale: 0.35 },
+            &[
+                ty(&[2, h, s, 8]),
+                ty(&[2, hk, t, 8]),
+                ty(&[2, hk, t, 6]),
+                ty(&[1, 1, s, t]),
+            ],
+            1e-5,
+            &[(3, mask.clone())],
+        );
+    }
+    check_op(
+        Op::RmsNorm {
+            axis: 2,
+            epsilon: 1e-6,
+        },
+        &[ty(&[2, 3, 16]), ty(&[16])],
+        1e-5,
+        &[],
+    );
+}

@@ -307,6 +307,46 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
             }
             Data::F(out)
         }
+        Op::Attention { scale } => {
+            let (q, k, v) = (ins[0].f(), ins[1].f(), ins[2].f());
+            let (qs, ks, vs) = (&ins[0].shape, &ins[1].shape, &ins[2].shape);
+            let (b, h, s, d) = (qs[0], qs[1], qs[2], qs[3]);
+            let (hk, t, dv) = (ks[1], ks[2], vs[3]);
+            let group = h / hk;
+            let scores = [b, h, s, t];
+            let moff = offsets(&scores, &broadcast_strides(&ins[3].shape, &scores), 0);
+            let m = ins[3].f();
+            let mut out = vec![0.0; b * h * s * dv];
+            let mut row = vec![0.0; t];
+            for bi in 0..b {
+                for hi in 0..h {
+                    let kh = hi / group;
+                    for i in 0..s {
+                        let qo = ((bi * h + hi) * s + i) * d;
+                        let mut max = f64::NEG_INFINITY;
+                        for (j, r) in row.iter_mut().enumerate() {
+                            let ko = ((bi * hk + kh) * t + j) * d;
+                            let dot: f64 = (0..d).map(|c| q[qo + c] * k[ko + c]).sum();
+                            *r = dot * *scale as f64 + m[moff[((bi * h + hi) * s + i) * t + j]];
+                            max = max.max(*r);
+                        }
+                        let sum: f64 = row.iter().map(|r| (r - max).exp()).sum();
+                        let oo = ((bi * h + hi) * s + i) * dv;
+                        if max == f64::NEG_INFINITY || !sum.is_finite() {
+                            continue; // an all -inf row: zeros (the NaN guard's result)
+                        }
+                        for (j, r) in row.iter().enumerate() {
+                            let p = (r - max).exp() / sum;
+                            let vo = ((bi * hk + kh) * t + j) * dv;
+                            for c in 0..dv {
+                                out[oo + c] += p * v[vo + c];
+                            }
+                        }
+                    }
+                }
+            }
+            Data::F(out)
+        }
         Op::RmsNorm { axis, epsilon } => {
             let x = ins[0].f();
             let n: usize = shape[*axis..].iter().product();

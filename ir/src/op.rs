@@ -121,6 +121,15 @@ pub enum Op {
         /// Added to the mean square.
         epsilon: f32,
     },
+    /// Scaled dot-product attention, `softmax(q·kᵀ·scale + mask)·v` over the last dim
+    /// (a row whose softmax is undefined, all `-inf`, gives zeros). Inputs q `[B, H, S, D]`,
+    /// k `[B, Hk, T, D]`, v `[B, Hk, T, Dv]` and an additive mask broadcastable to
+    /// `[B, H, S, T]`; `H` is a multiple of `Hk` (grouped-query attention: query head `h`
+    /// reads key/value head `h / (H / Hk)`). Result `[B, H, S, Dv]`.
+    Attention {
+        /// The factor applied to `q·kᵀ`.
+        scale: f32,
+    },
     /// Reduction over `axes` (sorted, unique).
     Reduce {
         /// Sum, mean or max.
@@ -284,6 +293,7 @@ impl Op {
             Op::LogSoftmax { .. } => "log_softmax",
             Op::LayerNorm { .. } => "layer_norm",
             Op::RmsNorm { .. } => "rms_norm",
+            Op::Attention { .. } => "attention",
             Op::Gather { .. } => "gather",
             Op::GatherElements { .. } => "gather_elements",
             Op::GatherNd => "gather_nd",
@@ -304,6 +314,7 @@ impl Op {
     pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
         match self {
             Op::Unary(_) | Op::Binary(_) | Op::Where | Op::MatMul | Op::GatherNd => vec![],
+            Op::Attention { scale } => vec![("scale", Attr::Float(*scale))],
             Op::Cast { to } => vec![("to", Attr::DType(*to))],
             Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Concat { axis } => {
                 vec![("axis", Attr::Int(*axis as i64))]
@@ -432,6 +443,12 @@ impl Op {
                     epsilon: match get("epsilon")? {
                         Attr::Float(e) => e,
                         _ => return Err("attribute `epsilon` must be a float".into()),
+                    },
+                },
+                "attention" => Op::Attention {
+                    scale: match get("scale")? {
+                        Attr::Float(e) => e,
+                        _ => return Err("attribute `scale` must be a float".into()),
                     },
                 },
                 "rms_norm" => Op::RmsNorm {
@@ -608,6 +625,42 @@ impl Op {
                     }
                 }
                 one(x.clone())
+            }
+            Op::Attention { .. } => {
+                if inputs.len() != 4 {
+                    return Err(format!(
+                        "`attention` takes q, k, v and a mask, got {} operands",
+                        inputs.len()
+                    ));
+                }
+                let (q, k, v, m) = (&inputs[0], &inputs[1], &inputs[2], &inputs[3]);
+                float_operand(self, q)?;
+                let ok = q.rank() == 4
+                    && k.rank() == 4
+                    && v.rank() == 4
+                    && k.dtype == q.dtype
+                    && v.dtype == q.dtype
+                    && m.dtype == q.dtype
+                    && k.shape[0] == q.shape[0]
+                    && v.shape[0] == q.shape[0]
+                    && k.shape[1] > 0
+                    && q.shape[1] % k.shape[1] == 0
+                    && v.shape[1] == k.shape[1]
+                    && k.shape[3] == q.shape[3]
+                    && v.shape[2] == k.shape[2];
+                if !ok {
+                    return Err(format!("`attention` needs q [B,H,S,D], k [B,Hk,T,D], v [B,Hk,T,Dv] with H a multiple of Hk, got {q}, {k}, {v}"));
+                }
+                let scores = [q.shape[0], q.shape[1], q.shape[2], k.shape[2]];
+                if broadcast_shapes(&m.shape, &scores).ok().as_deref() != Some(&scores[..]) {
+                    return Err(format!(
+                        "`attention` mask {m} does not broadcast to {scores:?}"
+                    ));
+                }
+                one(TensorType::new(
+                    q.dtype,
+                    vec![q.shape[0], q.shape[1], q.shape[2], v.shape[3]],
+                ))
             }
             Op::RmsNorm { axis, .. } => {
                 if inputs.len() != 2 {

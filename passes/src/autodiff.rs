@@ -264,6 +264,7 @@ fn vjp(
         }
         Op::LayerNorm { axis, epsilon } => layer_norm_vjp(b, x, dy, *axis, *epsilon, wants)?,
         Op::RmsNorm { axis, epsilon } => rms_norm_vjp(b, x, dy, *axis, *epsilon, wants)?,
+        Op::Attention { scale } => attention_vjp(b, x, dy, *scale as f64, wants)?,
         Op::Reduce {
             kind,
             axes,
@@ -551,6 +552,89 @@ fn matmul_vjp(
         None
     };
     Ok(vec![ga, gw])
+}
+
+/// Attention's VJP recomputes the probabilities from q, k and the mask (nothing of size
+/// S×T is kept from the forward pass; the backward pass holds it transiently):
+/// p = softmax(q·kᵀ·scale + mask), dv = pᵀ·dy, ds = p ⊙ (dy·vᵀ − rowsum(dy·vᵀ ⊙ p)),
+/// dq = ds·k·scale, dk = dsᵀ·q·scale; grouped key/value heads sum their query heads' terms.
+fn attention_vjp(
+    b: &mut Builder,
+    x: &[ValueId],
+    dy: ValueId,
+    scale: f64,
+    wants: &[bool],
+) -> Result<Vec<Option<ValueId>>, String> {
+    let (qs, ks, vs) = (b.shape(x[0]), b.shape(x[1]), b.shape(x[2]));
+    let (bsz, h, hk, t) = (qs[0], qs[1], ks[1], ks[2]);
+    let group = h / hk;
+    let repeat = |b: &mut Builder, v: ValueId, s: &[usize]| -> Result<ValueId, String> {
+        if group == 1 {
+            return Ok(v);
+        }
+        let r = b.reshape(v, vec![bsz, hk, 1, t, s[3]])?;
+        let e = b.expand(r, vec![bsz, hk, group, t, s[3]])?;
+        b.reshape(e, vec![bsz, h, t, s[3]])
+    };
+    let fold = |b: &mut Builder, g: ValueId, s: &[usize]| -> Result<ValueId, String> {
+        if group == 1 {
+            return Ok(g);
+        }
+        let r = b.reshape(g, vec![bsz, hk, group, t, s[3]])?;
+        b.reduce(ReduceKind::Sum, r, vec![2], false)
+    };
+    let kr = repeat(b, x[1], &ks)?;
+    let vr = repeat(b, x[2], &vs)?;
+    let kt = b.transpose_last2(kr)?;
+    let qk = b.op(Op::MatMul, &[x[0], kt])?;
+    let sc = b.mul_scalar(qk, scale)?;
+    let s = b.add(sc, x[3])?;
+    let p0 = b.op(Op::Softmax { axis: 3 }, &[s])?;
+    let nan = b.unary(UnaryOp::IsNaN, p0)?;
+    let zero = b.scalar(b.dtype(p0), 0.0);
+    let p = b.op(Op::Where, &[nan, zero, p0])?;
+    let dv = if wants[2] {
+        let pt = b.transpose_last2(p)?;
+        let g = b.op(Op::MatMul, &[pt, dy])?;
+        Some(fold(b, g, &vs)?)
+    } else {
+        None
+    };
+    let need_ds = wants[0] || wants[1] || wants[3];
+    let ds = if need_ds {
+        let vt = b.transpose_last2(vr)?;
+        let dp = b.op(Op::MatMul, &[dy, vt])?;
+        let dpp = b.mul(dp, p)?;
+        let rs = b.reduce(ReduceKind::Sum, dpp, vec![3], true)?;
+        let c = b.sub(dp, rs)?;
+        Some(b.mul(p, c)?)
+    } else {
+        None
+    };
+    let dq = match ds.filter(|_| wants[0]) {
+        Some(ds) => {
+            let g = b.op(Op::MatMul, &[ds, kr])?;
+            Some(b.mul_scalar(g, scale)?)
+        }
+        None => None,
+    };
+    let dk = match ds.filter(|_| wants[1]) {
+        Some(ds) => {
+            let dst = b.transpose_last2(ds)?;
+            let g = b.op(Op::MatMul, &[dst, x[0]])?;
+            let g = b.mul_scalar(g, scale)?;
+            Some(fold(b, g, &ks)?)
+        }
+        None => None,
+    };
+    let dm = match ds.filter(|_| wants[3]) {
+        Some(ds) => {
+            let ms = b.shape(x[3]);
+            Some(b.unbroadcast(ds, &ms)?)
+        }
+        None => None,
+    };
+    Ok(vec![dq, dk, dv, dm])
 }
 
 /// y = x·r·s with r = (mean(x²) + eps)^-½ over the normalised dims:

@@ -562,6 +562,14 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
         }
         Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::LayerNorm { .. } => 5 * out.numel() as u64,
         Op::RmsNorm { .. } => 4 * out.numel() as u64,
+        Op::Attention { .. } => {
+            // q·kᵀ and p·v: 2·B·H·S·T·(D + Dv), plus the softmax.
+            let q = &g.value(nd.inputs[0]).ty.shape;
+            let k = &g.value(nd.inputs[1]).ty.shape;
+            let v = &g.value(nd.inputs[2]).ty.shape;
+            let rows = (q[0] * q[1] * q[2] * k[2]) as u64;
+            2 * rows * (q[3] + v[3]) as u64 + 5 * rows
+        }
         Op::Reduce { .. } => g.value(nd.inputs[0]).ty.numel() as u64,
         Op::Unary(_) | Op::Binary(_) | Op::Where => out.numel() as u64,
         _ => 0,

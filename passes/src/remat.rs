@@ -36,6 +36,7 @@ pub fn recomputable(op: &Op) -> bool {
             | Op::LogSoftmax { .. }
             | Op::LayerNorm { .. }
             | Op::RmsNorm { .. }
+            | Op::Attention { .. }
     )
 }
 

@@ -302,6 +302,28 @@ fn cases(r: &mut Rng) -> Vec<Case> {
             .unwrap()
         },
     ));
+    for (h, hk) in [(2, 2), (4, 2)] {
+        let (bq, sq, tk, d, dv) = (
+            1 + r.below(2),
+            1 + r.below(3),
+            1 + r.below(3),
+            1 + r.below(3),
+            1 + r.below(3),
+        );
+        v.push(case(
+            format!("Attention H {h} Hk {hk}"),
+            vec![
+                (vec![bq, h, sq, d], Any),
+                (vec![bq, hk, tk, d], Any),
+                (vec![bq, hk, tk, dv], Any),
+                (vec![1, 1, sq, tk], Any),
+            ],
+            move |b, x| {
+                b.op(Op::Attention { scale: 0.7 }, &[x[0], x[1], x[2], x[3]])
+                    .unwrap()
+            },
+        ));
+    }
     v.push(case(
         format!("RmsNorm axis {la}"),
         vec![(lshape.clone(), Any), (norm.clone(), Any)],
