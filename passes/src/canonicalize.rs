@@ -1,6 +1,8 @@
 //! `canonicalize`: recognise whole blocks in whatever ops an exporter wrote, through an
 //! e-graph ([`crate::egraph`]) and the rule families of [`crate::rules`]. Today: RMSNorm and
-//! decomposed LayerNorm ([`crate::rules::norms`]).
+//! decomposed LayerNorm ([`crate::rules::norms`]), scaled dot-product attention with masks
+//! and grouped-query heads ([`crate::rules::attention`]), and the transposes around them
+//! ([`crate::rules::layout`]).
 //!
 //! The graph is loaded into an e-graph (shared values stay shared), the rules run to
 //! saturation or to the limits (nodes, iterations, time), and the cheapest DAG is extracted
@@ -54,7 +56,7 @@ pub struct CanonStats {
 }
 
 /// The ops the canonicalisation introduces.
-pub const RECOGNISED: &[&str] = &["rms_norm", "layer_norm"];
+pub const RECOGNISED: &[&str] = &["rms_norm", "layer_norm", "attention"];
 
 /// Rewrites `g` (a forward graph) in place (see the module docs).
 pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, String> {
@@ -66,7 +68,7 @@ pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, String
         .with_node_limit(limits.nodes)
         .with_iter_limit(limits.iterations)
         .with_time_limit(limits.time)
-        .run(&crate::rules::norms::rules());
+        .run(&crate::rules::all());
     let stop = match &runner.stop_reason {
         Some(StopReason::Saturated) | None => "saturated".to_string(),
         Some(StopReason::IterationLimit(n)) => format!("iteration limit ({n})"),
