@@ -110,7 +110,7 @@ pub fn train_reference(ex: &Example) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-/// The example's training program (imported with its inputs' shapes) and one batch of its inputs.
+/// The example's training program (imported with its inputs' shapes, canonicalized) and one batch of its inputs.
 pub fn training_program(
     ex: &Example,
     a: &memc::train::TrainProgramArgs,
@@ -123,6 +123,9 @@ pub fn training_program(
             .collect(),
     };
     let mut g = memc::onnx::import(&ex.path, &opts).unwrap();
+    // As the driver does by default: rms_norm, layer_norm and attention recognised.
+    memc_passes::canonicalize::canonicalize(&mut g, &Default::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", ex.name));
     memc::train::build(&mut g, a).unwrap_or_else(|e| panic!("{}: {e:#}", ex.name));
     (g, inputs)
 }

@@ -45,9 +45,10 @@ struct ModelArgs {
     /// Print the wall time of each compiler phase to stderr.
     #[arg(long)]
     time_passes: bool,
-    /// Recognise blocks (today: RMSNorm → `rms_norm`) with the e-graph canonicalisation.
+    /// Skip the e-graph canonicalisation (which recognises RMSNorm, LayerNorm and attention
+    /// in the exporter's ops and rewrites them into `rms_norm`, `layer_norm`, `attention`).
     #[arg(long)]
-    canonicalize: bool,
+    no_canonicalize: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -237,7 +238,7 @@ fn import(
     timer
         .time("verify", || memc_ir::verify(&g))
         .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
-    if args.canonicalize {
+    if !args.no_canonicalize {
         let limits = memc_passes::canonicalize::Limits::default();
         let stats = timer
             .time("canonicalize", || {
