@@ -76,6 +76,22 @@ pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, String
         Some(StopReason::TimeLimit(s)) => format!("time limit ({s:.1} s)"),
         Some(StopReason::Other(s)) => s.clone(),
     };
+    let applied: usize = runner
+        .iterations
+        .iter()
+        .map(|i| i.applied.values().sum::<usize>())
+        .sum();
+    if applied == 0 {
+        // Nothing recognised: the graph stays exactly as it was (node order included).
+        return Ok(CanonStats {
+            nodes_before: before,
+            nodes_after: before,
+            iterations: runner.iterations.len(),
+            egraph_nodes: runner.egraph.total_number_of_nodes(),
+            stop,
+            recognised: BTreeMap::new(),
+        });
+    }
     let chosen = extract(&runner.egraph, &roots);
     let out = store(g, &runner.egraph, &chosen, &loaded.roots)?;
     memc_ir::verify(&out)
