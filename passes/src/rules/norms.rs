@@ -9,7 +9,8 @@
 //! A decomposed LayerNormalization (the TorchScript exporter below opset 17) is an RMSNorm of
 //! the centred input, so it is recognised in two steps.
 //!
-//! The spellings: `x²` as `pow(x, 2)` or `x·x`; `1/sqrt` as `reciprocal(sqrt)`, `1 / sqrt`
+//! The spellings: `x²` as `pow(x, 2)` or `x·x`; Hugging Face's fp32-upcast form (`x` cast to
+//! f32, normalised, cast back before the scale); `1/sqrt` as `reciprocal(sqrt)`, `1 / sqrt`
 //! (TorchScript) or a division of `x` by the `sqrt`; either operand order of each product. A rewrite fires only when the mean
 //! runs over the trailing dims with `keep_dims`, `eps` is a constant scalar, and the scale
 //! has the shape of the normalised dims (near-misses stay as they are).
@@ -28,6 +29,9 @@ struct RmsNorm {
     eps: Var,
     two: Option<Var>,
     one: Option<Var>,
+    /// The fp32-upcast form: `?x` is `cast(x0)` and the normalised value is cast back to
+    /// `x0`'s dtype (this var) before the scale.
+    downcast: Option<Var>,
 }
 
 impl Applier<Memc, TypeAnalysis> for RmsNorm {
@@ -39,7 +43,25 @@ impl Applier<Memc, TypeAnalysis> for RmsNorm {
         _ast: Option<&PatternAst<Memc>>,
         _rule: Symbol,
     ) -> Vec<Id> {
-        let (x, w) = (subst[self.x], subst[self.w]);
+        let (mut x, w) = (subst[self.x], subst[self.w]);
+        if let Some(to) = self.downcast {
+            // x is the upcast of x0, and the result is cast back to x0's dtype.
+            let Some(AttrLeaf {
+                value: Attr::DType(back),
+                ..
+            }) = egraph[subst[to]].data.attr.clone()
+            else {
+                return vec![];
+            };
+            let x0 = egraph[x].nodes.iter().find_map(|n| match n {
+                Memc::Op(name, kids) if name.as_str() == "cast" && kids.len() == 2 => Some(kids[1]),
+                _ => None,
+            });
+            match x0 {
+                Some(x0) if egraph[x0].data.ty.as_ref().map(|t| t.dtype) == Some(back) => x = x0,
+                _ => return vec![],
+            }
+        }
         let (Some(xt), Some(wt), Some(yt)) = (
             egraph[x].data.ty.clone(),
             egraph[w].data.ty.clone(),
@@ -201,9 +223,11 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
             ("div", format!("(div ?x {sd})"), false),
         ];
         for (n_name, n, has_one) in &normed {
-            for (w_name, pattern) in [
-                ("w-first", format!("(mul ?w {n})")),
-                ("w-last", format!("(mul {n} ?w)")),
+            for (w_name, pattern, downcast) in [
+                ("w-first", format!("(mul ?w {n})"), false),
+                ("w-last", format!("(mul {n} ?w)"), false),
+                ("upcast/w-first", format!("(mul ?w (cast ?to {n}))"), true),
+                ("upcast/w-last", format!("(mul (cast ?to {n}) ?w)"), true),
             ] {
                 let name = format!("rms-norm/{sq_name}/{n_name}/{w_name}");
                 let searcher: Pattern<Memc> = pattern.parse().expect("a valid pattern");
@@ -215,6 +239,7 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
                     eps: "?eps".parse().unwrap(),
                     two: has_two.then(|| "?two".parse().unwrap()),
                     one: has_one.then(|| "?one".parse().unwrap()),
+                    downcast: downcast.then(|| "?to".parse().unwrap()),
                 };
                 out.push(Rewrite::new(name, searcher, applier).expect("a valid rule"));
             }
