@@ -23,90 +23,126 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-/// Whether `a @ b` is a valid matmul of shapes `ash` and `bsh` (1-D operands promoted, batch
-/// dims broadcast) whose result has `out_numel` elements: the runtime checks a program's
-/// GEMM steps with this before running them.
-pub fn shapes_agree(ash: &[usize], bsh: &[usize], out_numel: u64) -> bool {
-    if ash.is_empty() || bsh.is_empty() {
-        return false;
-    }
-    let a2 = if ash.len() == 1 {
-        vec![1, ash[0]]
-    } else {
-        ash.to_vec()
-    };
-    let b2 = if bsh.len() == 1 {
-        vec![bsh[0], 1]
-    } else {
-        bsh.to_vec()
-    };
-    let (m, k, k2, n) = (
-        a2[a2.len() - 2],
-        a2[a2.len() - 1],
-        b2[b2.len() - 2],
-        b2[b2.len() - 1],
-    );
-    if k != k2 {
-        return false;
-    }
-    let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
-    let r = ab.len().max(bb.len());
-    let dim = |s: &[usize], i: usize| {
-        if i + s.len() >= r {
-            s[i + s.len() - r]
+/// The geometry of `a @ b` under NumPy `matmul` semantics (1-D operands promoted, batch dims
+/// broadcast): shared by the cpu GEMMs, the cuda backend's cuBLAS calls and the program checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    /// Rows of each product.
+    pub m: usize,
+    /// The contracted dim.
+    pub k: usize,
+    /// Columns of each product.
+    pub n: usize,
+    /// Products (the broadcast batch's size).
+    pub count: usize,
+    /// Matrices in `a` and in `b` (1 when an operand is broadcast over the whole batch).
+    pub a_count: usize,
+    /// See `a_count`.
+    pub b_count: usize,
+    batch: Vec<usize>,
+    a_batch: Vec<usize>,
+    b_batch: Vec<usize>,
+}
+
+impl Geometry {
+    /// The geometry of `a @ b` for shapes `ash` and `bsh`, or `None` when they do not agree.
+    pub fn of(ash: &[usize], bsh: &[usize]) -> Option<Geometry> {
+        if ash.is_empty() || bsh.is_empty() {
+            return None;
+        }
+        let a2 = if ash.len() == 1 {
+            vec![1, ash[0]]
         } else {
-            1
+            ash.to_vec()
+        };
+        let b2 = if bsh.len() == 1 {
+            vec![bsh[0], 1]
+        } else {
+            bsh.to_vec()
+        };
+        let (m, k, k2, n) = (
+            a2[a2.len() - 2],
+            a2[a2.len() - 1],
+            b2[b2.len() - 2],
+            b2[b2.len() - 1],
+        );
+        if k != k2 {
+            return None;
         }
-    };
-    let mut nb: u64 = 1;
-    for i in 0..r {
-        let (x, y) = (dim(ab, i), dim(bb, i));
-        if x != y && x != 1 && y != 1 {
-            return false;
+        let (ab, bb) = (a2[..a2.len() - 2].to_vec(), b2[..b2.len() - 2].to_vec());
+        let r = ab.len().max(bb.len());
+        let dim = |s: &[usize], i: usize| {
+            if i + s.len() >= r {
+                s[i + s.len() - r]
+            } else {
+                1
+            }
+        };
+        let mut batch = Vec::with_capacity(r);
+        for i in 0..r {
+            let (x, y) = (dim(&ab, i), dim(&bb, i));
+            if x != y && x != 1 && y != 1 {
+                return None;
+            }
+            batch.push(x.max(y));
         }
-        nb = nb.saturating_mul(x.max(y) as u64);
+        Some(Geometry {
+            m,
+            k,
+            n,
+            count: batch.iter().product(),
+            a_count: ab.iter().product(),
+            b_count: bb.iter().product(),
+            batch,
+            a_batch: ab,
+            b_batch: bb,
+        })
     }
-    nb.saturating_mul(m as u64).saturating_mul(n as u64) == out_numel
+
+    /// For each product in order, the index of its `a` and `b` matrices.
+    pub fn operands(&self) -> Vec<(usize, usize)> {
+        let r = self.batch.len();
+        let (sa, sb) = (strides(&self.a_batch), strides(&self.b_batch));
+        let offset = |s: &[usize], st: &[usize], idx: &[usize]| -> usize {
+            let lead = r - s.len();
+            (0..s.len())
+                .map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] })
+                .sum()
+        };
+        let mut idx = vec![0usize; r];
+        let mut out = Vec::with_capacity(self.count);
+        for _ in 0..self.count {
+            out.push((
+                offset(&self.a_batch, &sa, &idx),
+                offset(&self.b_batch, &sb, &idx),
+            ));
+            for d in (0..r).rev() {
+                idx[d] += 1;
+                if idx[d] < self.batch[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        out
+    }
+}
+
+/// Whether `a @ b` is a valid matmul of shapes `ash` and `bsh` whose result has `out_numel`
+/// elements: the runtime checks a program's GEMM steps with this before running them.
+pub fn shapes_agree(ash: &[usize], bsh: &[usize], out_numel: u64) -> bool {
+    Geometry::of(ash, bsh).is_some_and(|g| {
+        (g.count as u64)
+            .saturating_mul(g.m as u64)
+            .saturating_mul(g.n as u64)
+            == out_numel
+    })
 }
 
 /// `out = a @ b` for row-major `a` (shape `ash`) and `b` (shape `bsh`), raw little-endian bytes.
 /// The shapes must satisfy `memc_ir::Op::MatMul`'s typing rules (the verifier checks them).
 pub fn matmul(t: GemmType, a: &[u8], ash: &[usize], b: &[u8], bsh: &[usize], out: &mut [u8]) {
-    let a2 = if ash.len() == 1 {
-        vec![1, ash[0]]
-    } else {
-        ash.to_vec()
-    };
-    let b2 = if bsh.len() == 1 {
-        vec![bsh[0], 1]
-    } else {
-        bsh.to_vec()
-    };
-    let (m, k, n) = (a2[a2.len() - 2], a2[a2.len() - 1], b2[b2.len() - 1]);
-    let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
-    let r = ab.len().max(bb.len());
-    let dim = |s: &[usize], i: usize| {
-        if i + s.len() >= r {
-            s[i + s.len() - r]
-        } else {
-            1
-        }
-    };
-    let batch: Vec<usize> = (0..r).map(|i| dim(ab, i).max(dim(bb, i))).collect();
-    let nb: usize = batch.iter().product();
-    let (sa, sb) = (strides(ab), strides(bb));
-    let plan = Batches {
-        m,
-        k,
-        n,
-        nb,
-        batch: &batch,
-        a_batch: ab,
-        b_batch: bb,
-        sa: &sa,
-        sb: &sb,
-        r,
-    };
+    let plan = Geometry::of(ash, bsh).expect("matmul shapes checked by the verifier");
     match t {
         // f32 operands are used in place when aligned (arena buffers always are).
         GemmType::F32 => {
@@ -179,36 +215,13 @@ type Gemm<T> = unsafe fn(
     isize,
 );
 
-/// The batch geometry of one matmul.
-struct Batches<'a> {
-    m: usize,
-    k: usize,
-    n: usize,
-    nb: usize,
-    batch: &'a [usize],
-    a_batch: &'a [usize],
-    b_batch: &'a [usize],
-    sa: &'a [usize],
-    sb: &'a [usize],
-    r: usize,
-}
-
-impl Batches<'_> {
-    fn offset(&self, s: &[usize], st: &[usize], idx: &[usize]) -> usize {
-        let lead = self.r - s.len();
-        (0..s.len())
-            .map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] })
-            .sum()
-    }
-
+impl Geometry {
     /// One GEMM per batch element (broadcast batch dims read the same operand).
     fn run<T: Copy>(&self, gemm: Gemm<T>, one: T, zero: T, a: &[T], b: &[T], out: &mut [T]) {
         let (m, k, n) = (self.m, self.k, self.n);
-        assert_eq!(out.len(), self.nb * m * n);
-        let mut idx = vec![0usize; self.r];
-        for bi in 0..self.nb {
-            let oa = self.offset(self.a_batch, self.sa, &idx) * m * k;
-            let ob = self.offset(self.b_batch, self.sb, &idx) * k * n;
+        assert_eq!(out.len(), self.count * m * n);
+        for (bi, (ia, ib)) in self.operands().into_iter().enumerate() {
+            let (oa, ob) = (ia * m * k, ib * k * n);
             // SAFETY: `a`, `b` and `out` hold m·k, k·n and m·n elements at these offsets (shapes
             // checked by the IR verifier); strides are row-major.
             unsafe {
@@ -229,18 +242,7 @@ impl Batches<'_> {
                     1,
                 );
             }
-            next(&mut idx, self.batch);
         }
-    }
-}
-
-fn next(idx: &mut [usize], shape: &[usize]) {
-    for d in (0..shape.len()).rev() {
-        idx[d] += 1;
-        if idx[d] < shape[d] {
-            return;
-        }
-        idx[d] = 0;
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Instant;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as cu, sys as cu_sys, CudaContext, CudaStream};
 
+use crate::gemm::Geometry;
 use crate::program::{Buf, Dtype, Program, Slot, Step};
 use crate::{Backend, RunError};
 
@@ -56,7 +57,9 @@ pub struct Cuda {
     profile: Option<HashMap<String, (f64, usize)>>,
 }
 
-/// The GEMM calls of `out = a @ b` (NumPy semantics, batch dims broadcast).
+/// The GEMM calls of `out = a @ b` (NumPy semantics, batch dims broadcast): one
+/// strided-batched call when each operand is fully batched or not batched at all, else one
+/// call per product.
 fn gemms(
     base: u64,
     dtype: Dtype,
@@ -66,79 +69,32 @@ fn gemms(
     bsh: &[usize],
     out: &Buf,
 ) -> Vec<Gemm> {
-    let a2 = if ash.len() == 1 {
-        vec![1, ash[0]]
-    } else {
-        ash.to_vec()
-    };
-    let b2 = if bsh.len() == 1 {
-        vec![bsh[0], 1]
-    } else {
-        bsh.to_vec()
-    };
-    let (m, k, n) = (a2[a2.len() - 2], a2[a2.len() - 1], b2[b2.len() - 1]);
-    let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
-    let r = ab.len().max(bb.len());
-    let dim = |s: &[usize], i: usize| {
-        if i + s.len() >= r {
-            s[i + s.len() - r]
-        } else {
-            1
-        }
-    };
-    let batch: Vec<usize> = (0..r).map(|i| dim(ab, i).max(dim(bb, i))).collect();
-    let nb: usize = batch.iter().product();
-    let na: usize = ab.iter().product();
-    let nbb: usize = bb.iter().product();
+    let g = Geometry::of(ash, bsh).expect("a validated program's GEMM shapes agree");
     let size = dtype.size() as u64;
-    let one = |a_off: u64, b_off: u64, c_off: u64, sa: i64, sb: i64, count: usize| Gemm {
+    let (m, k, n) = (g.m, g.k, g.n);
+    let one = |ia: usize, ib: usize, bi: usize, sa: i64, sb: i64, count: usize| Gemm {
         dtype,
         m: m as i32,
         n: n as i32,
         k: k as i32,
-        a: base + a.offset + a_off,
-        b: base + b.offset + b_off,
-        c: base + out.offset + c_off,
+        a: base + a.offset + (ia * m * k) as u64 * size,
+        b: base + b.offset + (ib * k * n) as u64 * size,
+        c: base + out.offset + (bi * m * n) as u64 * size,
         stride_a: sa,
         stride_b: sb,
         batch: count as i32,
     };
-    // One strided-batched call when each operand is either fully batched or not batched.
-    if (na == nb || na == 1) && (nbb == nb || nbb == 1) {
-        let sa = if na == 1 { 0 } else { (m * k) as i64 };
-        let sb = if nbb == 1 { 0 } else { (k * n) as i64 };
-        return vec![one(0, 0, 0, sa, sb, nb)];
+    let uniform = |c: usize| c == g.count || c == 1;
+    if uniform(g.a_count) && uniform(g.b_count) {
+        let sa = if g.a_count == 1 { 0 } else { (m * k) as i64 };
+        let sb = if g.b_count == 1 { 0 } else { (k * n) as i64 };
+        return vec![one(0, 0, 0, sa, sb, g.count)];
     }
-    // General broadcasting: one call per batch element.
-    let strides = |s: &[usize]| {
-        let mut st = vec![1usize; s.len()];
-        for i in (0..s.len().saturating_sub(1)).rev() {
-            st[i] = st[i + 1] * s[i + 1];
-        }
-        st
-    };
-    let (sa, sb) = (strides(ab), strides(bb));
-    let offset = |s: &[usize], st: &[usize], idx: &[usize]| -> usize {
-        let lead = r - s.len();
-        (0..s.len())
-            .map(|d| if s[d] == 1 { 0 } else { idx[lead + d] * st[d] })
-            .sum()
-    };
-    let mut idx = vec![0usize; r];
-    let mut calls = vec![];
-    for bi in 0..nb {
-        let oa = (offset(ab, &sa, &idx) * m * k) as u64 * size;
-        let ob = (offset(bb, &sb, &idx) * k * n) as u64 * size;
-        calls.push(one(oa, ob, (bi * m * n) as u64 * size, 0, 0, 1));
-        for d in (0..r).rev() {
-            idx[d] += 1;
-            if idx[d] < batch[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
-    }
-    calls
+    g.operands()
+        .into_iter()
+        .enumerate()
+        .map(|(bi, (ia, ib))| one(ia, ib, bi, 0, 0, 1))
+        .collect()
 }
 
 impl Cuda {
@@ -407,5 +363,44 @@ impl Drop for Cuda {
         let _ = self.stream.synchronize();
         // SAFETY: allocated in `new`; no work is pending.
         let _ = unsafe { cu::free_sync(self.base) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buf(offset: u64, shape: &[usize]) -> Buf {
+        Buf {
+            offset,
+            bytes: shape.iter().product::<usize>() as u64 * 4,
+        }
+    }
+
+    #[test]
+    fn gemm_calls_follow_numpy_broadcasting() {
+        // [2,3,4,5] @ [5,6]: the weight is shared: one strided call with stride 0 for b.
+        let (a, b, o) = (
+            buf(0, &[2, 3, 4, 5]),
+            buf(1000, &[5, 6]),
+            buf(2000, &[2, 3, 4, 6]),
+        );
+        let g = gemms(0, Dtype::F32, &a, &[2, 3, 4, 5], &b, &[5, 6], &o);
+        assert_eq!(g.len(), 1);
+        assert_eq!((g[0].batch, g[0].stride_a, g[0].stride_b), (6, 20, 0));
+        assert_eq!((g[0].m, g[0].k, g[0].n), (4, 5, 6));
+        // [2,1,4,5] @ [1,3,5,6]: both broadcast along different dims: one call per product,
+        // reading the right matrices.
+        let (a, b) = (buf(0, &[2, 1, 4, 5]), buf(1000, &[1, 3, 5, 6]));
+        let g = gemms(0, Dtype::F32, &a, &[2, 1, 4, 5], &b, &[1, 3, 5, 6], &o);
+        assert_eq!(g.len(), 6);
+        let a_mats: Vec<u64> = g.iter().map(|c| c.a / (20 * 4)).collect();
+        let b_mats: Vec<u64> = g.iter().map(|c| (c.b - 1000) / (30 * 4)).collect();
+        assert_eq!(a_mats, vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(b_mats, vec![0, 1, 2, 0, 1, 2]);
+        assert!(g
+            .iter()
+            .enumerate()
+            .all(|(i, c)| c.c == 2000 + (i * 24 * 4) as u64));
     }
 }

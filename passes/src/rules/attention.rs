@@ -14,7 +14,7 @@
 use egg::{Applier, EGraph, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
 use memc_ir::Attr;
 
-use super::{add_attr, add_op, ints, scalar, ty};
+use super::{add_attr, add_op, ints, merge, scalar, ty};
 use crate::egraph::{Memc, TypeAnalysis};
 
 struct Sdpa {
@@ -74,15 +74,7 @@ impl Applier<Memc, TypeAnalysis> for Sdpa {
         let k = add_op(egraph, "transpose", vec![perm, kt]);
         let scale = add_attr(egraph, "scale", Attr::Float((a * b) as f32));
         let id = add_op(egraph, "attention", vec![scale, q, k, v, mask]);
-        // The op's type check (mask broadcast, dtypes) is the analysis's: no type, no rewrite.
-        if ty(egraph, id).as_ref() != Some(&yt) {
-            return vec![];
-        }
-        if egraph.union(eclass, id) {
-            vec![id]
-        } else {
-            vec![]
-        }
+        merge(egraph, eclass, id)
     }
 }
 
@@ -106,8 +98,7 @@ impl Applier<Memc, TypeAnalysis> for Gqa {
         _rule: Symbol,
     ) -> Vec<Id> {
         let (k, v) = (subst[self.k], subst[self.v]);
-        let (Some(kt), Some(vt), Some(yt)) = (ty(egraph, k), ty(egraph, v), ty(egraph, eclass))
-        else {
+        let (Some(kt), Some(vt)) = (ty(egraph, k), ty(egraph, v)) else {
             return vec![];
         };
         let sh: Vec<Option<Vec<i64>>> = self
@@ -142,14 +133,7 @@ impl Applier<Memc, TypeAnalysis> for Gqa {
             "attention",
             vec![subst[self.scale], subst[self.q], k, v, subst[self.mask]],
         );
-        if ty(egraph, id).as_ref() != Some(&yt) {
-            return vec![];
-        }
-        if egraph.union(eclass, id) {
-            vec![id]
-        } else {
-            vec![]
-        }
+        merge(egraph, eclass, id)
     }
 }
 

@@ -8,7 +8,7 @@
 use egg::{Applier, EGraph, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
 use memc_ir::Attr;
 
-use super::{add_attr, add_op, ints, ty};
+use super::{add_attr, add_op, ints, merge, ty};
 use crate::egraph::{Memc, TypeAnalysis};
 
 struct ComposeTransposes {
@@ -43,14 +43,7 @@ impl Applier<Memc, TypeAnalysis> for ComposeTransposes {
             let perm = add_attr(egraph, "perm", Attr::Ints(p));
             add_op(egraph, "transpose", vec![perm, x])
         };
-        if ty(egraph, id) != ty(egraph, eclass) {
-            return vec![];
-        }
-        if egraph.union(eclass, id) {
-            vec![id]
-        } else {
-            vec![]
-        }
+        merge(egraph, eclass, id)
     }
 }
 
@@ -86,14 +79,7 @@ impl Applier<Memc, TypeAnalysis> for BatchTranspose {
         }
         let perm = add_attr(egraph, "perm", Attr::Ints(vec![0, 1, 3, 2]));
         let id = add_op(egraph, "transpose", vec![perm, x]);
-        if ty(egraph, id) != ty(egraph, eclass) {
-            return vec![];
-        }
-        if egraph.union(eclass, id) {
-            vec![id]
-        } else {
-            vec![]
-        }
+        merge(egraph, eclass, id)
     }
 }
 

@@ -51,3 +51,17 @@ pub(crate) fn add_attr(egraph: &mut EGraph<Memc, TypeAnalysis>, name: &str, valu
 pub(crate) fn add_op(egraph: &mut EGraph<Memc, TypeAnalysis>, name: &str, children: Vec<Id>) -> Id {
     egraph.add(Memc::Op(Symbol::from(name), children))
 }
+
+/// Merges `id` (a rewrite's result) into `eclass` when both have the same type: a rewrite
+/// whose result the type analysis cannot type, or types differently, does not apply.
+pub(crate) fn merge(egraph: &mut EGraph<Memc, TypeAnalysis>, eclass: Id, id: Id) -> Vec<Id> {
+    let (a, b) = (ty(egraph, eclass), ty(egraph, id));
+    if a.is_none() || a != b {
+        return vec![];
+    }
+    if egraph.union(eclass, id) {
+        vec![id]
+    } else {
+        vec![]
+    }
+}

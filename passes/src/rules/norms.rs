@@ -18,6 +18,7 @@
 use egg::{Applier, EGraph, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
 use memc_ir::Attr;
 
+use super::merge;
 use crate::egraph::{AttrLeaf, Memc, TypeAnalysis};
 
 /// Builds `rms_norm` where a spelling of it matched.
@@ -122,11 +123,7 @@ impl Applier<Memc, TypeAnalysis> for RmsNorm {
             Symbol::from("rms_norm"),
             vec![axis, epsilon, x, w],
         ));
-        if egraph.union(eclass, id) {
-            vec![id]
-        } else {
-            vec![]
-        }
+        merge(egraph, eclass, id)
     }
 }
 
@@ -193,11 +190,7 @@ impl Applier<Memc, TypeAnalysis> for LayerNorm {
             children.push(b);
         }
         let id = egraph.add(Memc::Op(Symbol::from("layer_norm"), children));
-        if egraph.union(eclass, id) {
-            vec![id]
-        } else {
-            vec![]
-        }
+        merge(egraph, eclass, id)
     }
 }
 
