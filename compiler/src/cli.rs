@@ -227,10 +227,13 @@ impl Timer {
     }
 }
 
+/// Loads, imports and verifies the model, then canonicalises it (unless
+/// `--no-canonicalize`); with `dump`, writes `00-import.mir` and `01-canonicalize.mir` there.
 fn import(
     args: &ModelArgs,
     shapes: HashMap<String, Vec<usize>>,
     timer: &mut Timer,
+    dump: Option<&Path>,
 ) -> Result<Graph> {
     let model = timer.time("load", || onnx::load_model(&args.model))?;
     let opts = ImportOptions { shapes };
@@ -238,6 +241,10 @@ fn import(
     timer
         .time("verify", || memc_ir::verify(&g))
         .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
+    if let Some(dir) = dump {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_file(&dir.join("00-import.mir"), &memc_ir::print(&g))?;
+    }
     if !args.no_canonicalize {
         let limits = memc_passes::canonicalize::Limits::default();
         let stats = timer
@@ -255,6 +262,9 @@ fn import(
                 stats.egraph_nodes,
                 stats.recognised
             );
+        }
+        if let Some(dir) = dump {
+            write_file(&dir.join("01-canonicalize.mir"), &memc_ir::print(&g))?;
         }
     }
     if timer.enabled {
@@ -294,11 +304,12 @@ fn compile(args: CompileArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let mut g = import(&args.model, shapes(&args.model)?, &mut timer)?;
-    if let Some(dir) = &args.dump_ir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_file(&dir.join("00-import.mir"), &memc_ir::print(&g))?;
-    }
+    let mut g = import(
+        &args.model,
+        shapes(&args.model)?,
+        &mut timer,
+        args.dump_ir.as_deref(),
+    )?;
     let mut train_stats = None;
     if args.train {
         let stats = timer
@@ -306,7 +317,7 @@ fn compile(args: CompileArgs) -> Result<()> {
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
         train_stats = Some(stats);
         if let Some(dir) = &args.dump_ir {
-            write_file(&dir.join("01-train.mir"), &memc_ir::print(&g))?;
+            write_file(&dir.join("02-train.mir"), &memc_ir::print(&g))?;
         }
     }
     let plan = timer.time("plan", || memc_passes::plan::plan(&g));
@@ -530,7 +541,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let g = import(&args.model, shapes, &mut timer)?;
+    let g = import(&args.model, shapes, &mut timer, None)?;
     let mut feeds = HashMap::new();
     for &v in g.inputs() {
         let ValueDef::Input { name } = &g.value(v).def else {
@@ -660,7 +671,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let mut g = import(&args.model, shapes, &mut timer)?;
+    let mut g = import(&args.model, shapes, &mut timer, None)?;
     timer
         .time("train", || crate::train::build(&mut g, &args.training))
         .map_err(|e| anyhow!("{model}: {e:#}"))?;

@@ -663,12 +663,20 @@ fn dump_ir_writes_a_parsable_file_per_pass() {
         "input_ids=1x4",
         "--dump-ir",
         s(dir.path()),
+        "--train",
     ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let text = std::fs::read_to_string(dir.path().join("00-import.mir")).unwrap();
-    let g = memc_ir::parse(&text).unwrap();
-    memc_ir::verify(&g).unwrap();
-    assert_eq!(memc_ir::print(&g), text);
+    for (file, has_attention) in [
+        ("00-import.mir", false),
+        ("01-canonicalize.mir", true),
+        ("02-train.mir", true),
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(file)).unwrap();
+        let g = memc_ir::parse(&text).unwrap();
+        memc_ir::verify(&g).unwrap();
+        assert_eq!(memc_ir::print(&g), text, "{file}");
+        assert_eq!(text.contains("attention("), has_attention, "{file}");
+    }
 }
 
 fn lines_json(stdout: &str) -> Vec<serde_json::Value> {

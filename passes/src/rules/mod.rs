@@ -1,6 +1,7 @@
 //! Rewrite rule families of the canonicalisation, one file each, and the helpers their
 //! appliers share.
 
+pub mod algebra;
 pub mod attention;
 pub mod layout;
 pub mod norms;
@@ -15,6 +16,7 @@ pub fn all() -> Vec<egg::Rewrite<Memc, TypeAnalysis>> {
     let mut rules = norms::rules();
     rules.extend(attention::rules());
     rules.extend(layout::rules());
+    rules.extend(algebra::rules());
     rules
 }
 
