@@ -503,6 +503,181 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             });
             f.end_parallel(3);
         }
+        Op::AttentionLse { scale } | Op::AttentionGrad { scale, .. } => {
+            let wrt = match &node.op {
+                Op::AttentionGrad { wrt, .. } => Some(*wrt),
+                _ => None,
+            };
+            let (kshape, _) = tys[1].clone();
+            let mi = if wrt.is_some() { 3 } else { 2 };
+            let (mshape, mdt) = tys[mi].clone();
+            let (h, hk, t, d) = (xshape[1], kshape[1], kshape[2], xshape[3]);
+            let group = h / hk;
+            let scale_c = f.fconst(*scale as f64, at);
+            let lead = 4 - mshape.len();
+            let ninf = f.fconst(f64::NEG_INFINITY, at);
+            // The score of query row (b, h, i) against key j.
+            let score = |f: &mut F, bq: &str, hq: &str, i: &str, kh: &str, j: &str| -> String {
+                let zero = f.fconst(0.0, at);
+                let dot = f.fold(&[d], &zero, at, &mut |f, c, acc| {
+                    let qv = f.load(
+                        0,
+                        &[bq.into(), hq.into(), i.into(), c[0].clone()],
+                        &xshape,
+                        xdt,
+                    );
+                    let kv = f.load(
+                        1,
+                        &[bq.into(), kh.into(), j.into(), c[0].clone()],
+                        &kshape,
+                        xdt,
+                    );
+                    let pr = f.v(&format!("arith.mulf {qv}, {kv} : {at}"));
+                    f.v(&format!("arith.addf {acc}, {pr} : {at}"))
+                });
+                let sc = f.v(&format!("arith.mulf {dot}, {scale_c} : {at}"));
+                let full = [bq.to_string(), hq.to_string(), i.to_string(), j.to_string()];
+                let midx: Vec<String> = (0..mshape.len())
+                    .map(|k| {
+                        if mshape[k] == 1 {
+                            "%c0".to_string()
+                        } else {
+                            full[lead + k].clone()
+                        }
+                    })
+                    .collect();
+                let m = f.load(mi, &midx, &mshape, mdt);
+                f.v(&format!("arith.addf {sc}, {m} : {at}"))
+            };
+            match wrt {
+                None => {
+                    // log Σ_j exp(s_j): the row max, then the sum of exponentials.
+                    let ivs = f.parallel(&xshape[..3]);
+                    let grp = f.index(group);
+                    let kh = f.v(&format!("arith.divui {}, {grp} : index", ivs[1]));
+                    let max = f.fold(&[t], &ninf, at, &mut |f, j, acc| {
+                        let s = score(f, &ivs[0], &ivs[1], &ivs[2], &kh, &j[0]);
+                        f.v(&format!("arith.maximumf {acc}, {s} : {at}"))
+                    });
+                    let dead = f.v(&format!("arith.cmpf oeq, {max}, {ninf} : {at}"));
+                    let zero = f.fconst(0.0, at);
+                    let sum = f.fold(&[t], &zero, at, &mut |f, j, acc| {
+                        let s = score(f, &ivs[0], &ivs[1], &ivs[2], &kh, &j[0]);
+                        let e = f.v(&format!("arith.subf {s}, {max} : {at}"));
+                        let p = f.v(&format!("math.exp {e} : {at}"));
+                        f.v(&format!("arith.addf {acc}, {p} : {at}"))
+                    });
+                    let l = f.v(&format!("math.log {sum} : {at}"));
+                    let lse = f.v(&format!("arith.addf {max}, {l} : {at}"));
+                    let lse = f.v(&format!("arith.select {dead}, {ninf}, {lse} : {at}"));
+                    f.store(&lse, out, &ivs, &oshape, odt);
+                    f.end_parallel(3);
+                }
+                Some(wrt) => {
+                    let (vshape, _) = tys[2].clone();
+                    let (rshape, _) = tys[4].clone();
+                    let (yshape, _) = tys[5].clone();
+                    let dv = vshape[3];
+                    // p, and ds = p·(dy·v_j − delta)·scale, for row (bq, hq, i) and key j.
+                    let probs = |f: &mut F,
+                                 bq: &str,
+                                 hq: &str,
+                                 i: &str,
+                                 kh: &str,
+                                 j: &str|
+                     -> (String, String) {
+                        let row = [bq.to_string(), hq.to_string(), i.to_string()];
+                        let lse = f.load(4, &row, &rshape, xdt);
+                        let dead = f.v(&format!("arith.cmpf oeq, {lse}, {ninf} : {at}"));
+                        let s = score(f, bq, hq, i, kh, j);
+                        let e = f.v(&format!("arith.subf {s}, {lse} : {at}"));
+                        let ex = f.v(&format!("math.exp {e} : {at}"));
+                        let zero = f.fconst(0.0, at);
+                        let p = f.v(&format!("arith.select {dead}, {zero}, {ex} : {at}"));
+                        let dp = f.fold(&[dv], &zero, at, &mut |f, c, acc| {
+                            let g = f.load(
+                                5,
+                                &[bq.into(), hq.into(), i.into(), c[0].clone()],
+                                &yshape,
+                                xdt,
+                            );
+                            let vv = f.load(
+                                2,
+                                &[bq.into(), kh.into(), j.into(), c[0].clone()],
+                                &vshape,
+                                xdt,
+                            );
+                            let pr = f.v(&format!("arith.mulf {g}, {vv} : {at}"));
+                            f.v(&format!("arith.addf {acc}, {pr} : {at}"))
+                        });
+                        let delta = f.load(6, &row, &rshape, xdt);
+                        let c = f.v(&format!("arith.subf {dp}, {delta} : {at}"));
+                        let pc = f.v(&format!("arith.mulf {p}, {c} : {at}"));
+                        let ds = f.v(&format!("arith.mulf {pc}, {scale_c} : {at}"));
+                        (p, ds)
+                    };
+                    let zero_row = |f: &mut F, idx3: &[String], n: usize| {
+                        f.each(&[n], &mut |f, c| {
+                            let z = f.fconst(0.0, at);
+                            let mut idx = idx3.to_vec();
+                            idx.push(c[0].clone());
+                            f.store(&z, out, &idx, &oshape, odt);
+                        });
+                    };
+                    let acc_row = |f: &mut F,
+                                   idx3: &[String],
+                                   n: usize,
+                                   w: &str,
+                                   src: usize,
+                                   sidx3: &[String],
+                                   sshape: &[usize]| {
+                        f.each(&[n], &mut |f, c| {
+                            let mut idx = idx3.to_vec();
+                            idx.push(c[0].clone());
+                            let mut sidx = sidx3.to_vec();
+                            sidx.push(c[0].clone());
+                            let o = f.load(out, &idx, &oshape, odt);
+                            let x = f.load(src, &sidx, sshape, xdt);
+                            let wx = f.v(&format!("arith.mulf {w}, {x} : {at}"));
+                            let no = f.v(&format!("arith.addf {o}, {wx} : {at}"));
+                            f.store(&no, out, &idx, &oshape, odt);
+                        });
+                    };
+                    if wrt == 0 {
+                        // dq row i: Σ_j ds_ij k_j.
+                        let ivs = f.parallel(&xshape[..3]);
+                        let grp = f.index(group);
+                        let kh = f.v(&format!("arith.divui {}, {grp} : index", ivs[1]));
+                        zero_row(&mut f, &ivs, d);
+                        f.each(&[t], &mut |f, j| {
+                            let (_, ds) = probs(f, &ivs[0], &ivs[1], &ivs[2], &kh, &j[0]);
+                            let kidx = [ivs[0].clone(), kh.clone(), j[0].clone()];
+                            acc_row(f, &ivs, d, &ds, 1, &kidx, &kshape);
+                        });
+                        f.end_parallel(3);
+                    } else {
+                        // dk or dv row j of key/value head kh: Σ over the group's query heads
+                        // and the query rows.
+                        let ivs = f.parallel(&kshape[..3]);
+                        let n = if wrt == 1 { d } else { dv };
+                        zero_row(&mut f, &ivs, n);
+                        let grp = f.index(group);
+                        let base = f.v(&format!("arith.muli {}, {grp} : index", ivs[1]));
+                        f.each(&[group, xshape[2]], &mut |f, gi| {
+                            let hq = f.v(&format!("arith.addi {base}, {} : index", gi[0]));
+                            let (p, ds) = probs(f, &ivs[0], &hq, &gi[1], &ivs[1], &ivs[2]);
+                            let row = [ivs[0].clone(), hq.clone(), gi[1].clone()];
+                            if wrt == 1 {
+                                acc_row(f, &ivs, n, &ds, 0, &row, &xshape);
+                            } else {
+                                acc_row(f, &ivs, n, &p, 5, &row, &yshape);
+                            }
+                        });
+                        f.end_parallel(3);
+                    }
+                }
+            }
+        }
         Op::RmsNorm { axis, epsilon } => {
             let outer: Vec<usize> = xshape[..*axis].to_vec();
             let inner: Vec<usize> = xshape[*axis..].to_vec();

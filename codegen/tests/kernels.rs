@@ -347,7 +347,7 @@ fn check_op(op: Op, inputs: &[TensorType], tol: f64, fixed: &[(usize, Tensor)]) 
     let got = Tensor::from_bytes(want.ty().clone(), bufs.pop().unwrap().into()).unwrap();
     for (i, (x, y)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
         assert!(
-            (x - y).abs() <= tol * (1.0 + y.abs()),
+            *x == y || (x - y).abs() <= tol * (1.0 + y.abs()),
             "{} [{i}]: kernel {x} vs interpreter {y}",
             op.name()
         );
@@ -381,6 +381,32 @@ fn attention_and_rms_norm_kernels() {
             1e-5,
             &[(3, mask.clone())],
         );
+    }
+    // The backward ops, against the interpreter on random operands.
+    for (h, hk) in [(2, 2), (4, 2)] {
+        let (q, k, v) = (ty(&[2, h, s, 8]), ty(&[2, hk, t, 8]), ty(&[2, hk, t, 6]));
+        check_op(
+            Op::AttentionLse { scale: 0.35 },
+            &[q.clone(), k.clone(), ty(&[1, 1, s, t])],
+            1e-5,
+            &[(2, mask.clone())],
+        );
+        for wrt in 0..3 {
+            check_op(
+                Op::AttentionGrad { scale: 0.35, wrt },
+                &[
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    ty(&[1, 1, s, t]),
+                    ty(&[2, h, s]),
+                    ty(&[2, h, s, 6]),
+                    ty(&[2, h, s]),
+                ],
+                1e-5,
+                &[(3, mask.clone())],
+            );
+        }
     }
     check_op(
         Op::RmsNorm {

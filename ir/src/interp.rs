@@ -347,6 +347,78 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
             }
             Data::F(out)
         }
+        Op::AttentionLse { scale } | Op::AttentionGrad { scale, .. } => {
+            let grad = match op {
+                Op::AttentionGrad { wrt, .. } => Some(*wrt),
+                _ => None,
+            };
+            let (q, k) = (ins[0].f(), ins[1].f());
+            let (qs, ks) = (&ins[0].shape, &ins[1].shape);
+            let mi = if grad.is_some() { 3 } else { 2 };
+            let (b, h, s, d) = (qs[0], qs[1], qs[2], qs[3]);
+            let (hk, t) = (ks[1], ks[2]);
+            let group = h / hk;
+            let scores = [b, h, s, t];
+            let moff = offsets(&scores, &broadcast_strides(&ins[mi].shape, &scores), 0);
+            let m = ins[mi].f();
+            let score = |bi: usize, hi: usize, i: usize, j: usize| -> f64 {
+                let qo = ((bi * h + hi) * s + i) * d;
+                let ko = ((bi * hk + hi / group) * t + j) * d;
+                let dot: f64 = (0..d).map(|c| q[qo + c] * k[ko + c]).sum();
+                dot * *scale as f64 + m[moff[((bi * h + hi) * s + i) * t + j]]
+            };
+            match grad {
+                None => {
+                    let mut out = Vec::with_capacity(b * h * s);
+                    for bi in 0..b {
+                        for hi in 0..h {
+                            for i in 0..s {
+                                let row: Vec<f64> = (0..t).map(|j| score(bi, hi, i, j)).collect();
+                                let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                                out.push(if max == f64::NEG_INFINITY {
+                                    max
+                                } else {
+                                    max + row.iter().map(|r| (r - max).exp()).sum::<f64>().ln()
+                                });
+                            }
+                        }
+                    }
+                    Data::F(out)
+                }
+                Some(wrt) => {
+                    let (v, lse, dy, delta) = (ins[2].f(), ins[4].f(), ins[5].f(), ins[6].f());
+                    let dv = ins[2].shape[3];
+                    let mut out = vec![0.0; ins[wrt].shape.iter().product()];
+                    for bi in 0..b {
+                        for hi in 0..h {
+                            let kh = hi / group;
+                            for i in 0..s {
+                                let r = (bi * h + hi) * s + i;
+                                for j in 0..t {
+                                    let p = if lse[r] == f64::NEG_INFINITY {
+                                        0.0
+                                    } else {
+                                        (score(bi, hi, i, j) - lse[r]).exp()
+                                    };
+                                    let vo = ((bi * hk + kh) * t + j) * dv;
+                                    let dp: f64 = (0..dv).map(|c| dy[r * dv + c] * v[vo + c]).sum();
+                                    let ds = p * (dp - delta[r]) * *scale as f64;
+                                    let ko = ((bi * hk + kh) * t + j) * d;
+                                    match wrt {
+                                        0 => (0..d).for_each(|c| out[r * d + c] += ds * k[ko + c]),
+                                        1 => (0..d).for_each(|c| out[ko + c] += ds * q[r * d + c]),
+                                        _ => {
+                                            (0..dv).for_each(|c| out[vo + c] += p * dy[r * dv + c])
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Data::F(out)
+                }
+            }
+        }
         Op::RmsNorm { axis, epsilon } => {
             let x = ins[0].f();
             let n: usize = shape[*axis..].iter().product();

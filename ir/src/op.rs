@@ -130,6 +130,22 @@ pub enum Op {
         /// The factor applied to `q·kᵀ`.
         scale: f32,
     },
+    /// The row-wise log-sum-exp of attention's scores, `log Σ_j exp(q·kᵀ·scale + mask)`
+    /// (`-inf` for a fully masked row): inputs q, k and mask as for
+    /// [`Op::Attention`]; result `[B, H, S]`. Part of attention's backward pass.
+    AttentionLse {
+        /// As in [`Op::Attention`].
+        scale: f32,
+    },
+    /// One gradient of attention, recomputing the probabilities row by row from the saved
+    /// log-sum-exp (no S×T tensor): inputs q, k, v, mask, lse (`[B, H, S]`), dy (`[B, H, S,
+    /// Dv]`) and delta = Σ_c dy·y (`[B, H, S]`); `wrt` 0 gives dq, 1 dk, 2 dv.
+    AttentionGrad {
+        /// As in [`Op::Attention`].
+        scale: f32,
+        /// Which operand's gradient.
+        wrt: usize,
+    },
     /// Reduction over `axes` (sorted, unique).
     Reduce {
         /// Sum, mean or max.
@@ -294,6 +310,8 @@ impl Op {
             Op::LayerNorm { .. } => "layer_norm",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Attention { .. } => "attention",
+            Op::AttentionLse { .. } => "attention_lse",
+            Op::AttentionGrad { .. } => "attention_grad",
             Op::Gather { .. } => "gather",
             Op::GatherElements { .. } => "gather_elements",
             Op::GatherNd => "gather_nd",
@@ -314,7 +332,13 @@ impl Op {
     pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
         match self {
             Op::Unary(_) | Op::Binary(_) | Op::Where | Op::MatMul | Op::GatherNd => vec![],
-            Op::Attention { scale } => vec![("scale", Attr::Float(*scale))],
+            Op::Attention { scale } | Op::AttentionLse { scale } => {
+                vec![("scale", Attr::Float(*scale))]
+            }
+            Op::AttentionGrad { scale, wrt } => vec![
+                ("scale", Attr::Float(*scale)),
+                ("wrt", Attr::Int(*wrt as i64)),
+            ],
             Op::Cast { to } => vec![("to", Attr::DType(*to))],
             Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Concat { axis } => {
                 vec![("axis", Attr::Int(*axis as i64))]
@@ -443,6 +467,22 @@ impl Op {
                     epsilon: match get("epsilon")? {
                         Attr::Float(e) => e,
                         _ => return Err("attribute `epsilon` must be a float".into()),
+                    },
+                },
+                "attention_lse" => Op::AttentionLse {
+                    scale: match get("scale")? {
+                        Attr::Float(e) => e,
+                        _ => return Err("attribute `scale` must be a float".into()),
+                    },
+                },
+                "attention_grad" => Op::AttentionGrad {
+                    scale: match get("scale")? {
+                        Attr::Float(e) => e,
+                        _ => return Err("attribute `scale` must be a float".into()),
+                    },
+                    wrt: match uint(get("wrt")?, "wrt")? {
+                        w @ 0..=2 => w,
+                        _ => return Err("attribute `wrt` must be 0, 1 or 2".into()),
                     },
                 },
                 "attention" => Op::Attention {
@@ -661,6 +701,44 @@ impl Op {
                     q.dtype,
                     vec![q.shape[0], q.shape[1], q.shape[2], v.shape[3]],
                 ))
+            }
+            Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+                let lse = matches!(self, Op::AttentionLse { .. });
+                let want = if lse { 3 } else { 7 };
+                if inputs.len() != want {
+                    return Err(format!(
+                        "`{}` takes {want} operands, got {}",
+                        self.name(),
+                        inputs.len()
+                    ));
+                }
+                let (q, k) = (&inputs[0], &inputs[1]);
+                let (v, m) = if lse {
+                    (&inputs[1], &inputs[2])
+                } else {
+                    (&inputs[2], &inputs[3])
+                };
+                // The attention these belong to must be well typed.
+                let y = Op::Attention { scale: 1.0 }.infer(&[
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    m.clone(),
+                ])?;
+                let rows = TensorType::new(q.dtype, q.shape[..3].to_vec());
+                if lse {
+                    return one(rows);
+                }
+                if inputs[4] != rows || inputs[6] != rows || inputs[5] != y[0] {
+                    return Err(format!(
+                        "`attention_grad` needs lse and delta {rows} and dy {}, got {}, {} and {}",
+                        y[0], inputs[4], inputs[6], inputs[5]
+                    ));
+                }
+                let Op::AttentionGrad { wrt, .. } = self else {
+                    unreachable!()
+                };
+                one(inputs[*wrt].clone())
             }
             Op::RmsNorm { axis, .. } => {
                 if inputs.len() != 2 {

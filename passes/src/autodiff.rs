@@ -264,6 +264,13 @@ fn vjp(
         }
         Op::LayerNorm { axis, epsilon } => layer_norm_vjp(b, x, dy, *axis, *epsilon, wants)?,
         Op::RmsNorm { axis, epsilon } => rms_norm_vjp(b, x, dy, *axis, *epsilon, wants)?,
+        Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+            return Err(format!(
+                "`{}` is part of attention's backward pass; second derivatives are not supported",
+                op.name()
+            ))
+        }
+        Op::Attention { scale } if !wants[3] => attention_flash_vjp(b, x, y, dy, *scale, wants)?,
         Op::Attention { scale } => attention_vjp(b, x, dy, *scale as f64, wants)?,
         Op::Reduce {
             kind,
@@ -554,7 +561,37 @@ fn matmul_vjp(
     Ok(vec![ga, gw])
 }
 
-/// Attention's VJP recomputes the probabilities from q, k and the mask (nothing of size
+/// Attention's VJP when the mask needs no gradient (the usual case): the row log-sum-exp is
+/// recomputed from q, k and the mask, delta = Σ dy·y, and each of dq, dk, dv is one
+/// `attention_grad` op that recomputes the probabilities row by row: nothing of size S×T
+/// exists in the forward or the backward pass.
+fn attention_flash_vjp(
+    b: &mut Builder,
+    x: &[ValueId],
+    y: ValueId,
+    dy: ValueId,
+    scale: f32,
+    wants: &[bool],
+) -> Result<Vec<Option<ValueId>>, String> {
+    let lse = b.op(Op::AttentionLse { scale }, &[x[0], x[1], x[3]])?;
+    let dyy = b.mul(dy, y)?;
+    let delta = b.reduce(ReduceKind::Sum, dyy, vec![3], false)?;
+    let mut out = vec![];
+    for wrt in 0..3 {
+        out.push(if wants[wrt] {
+            Some(b.op(
+                Op::AttentionGrad { scale, wrt },
+                &[x[0], x[1], x[2], x[3], lse, dy, delta],
+            )?)
+        } else {
+            None
+        });
+    }
+    out.push(None);
+    Ok(out)
+}
+
+/// Attention's VJP when the mask needs a gradient: recomputes the probabilities from q, k and the mask (nothing of size
 /// S×T is kept from the forward pass; the backward pass holds it transiently):
 /// p = softmax(q·kᵀ·scale + mask), dv = pᵀ·dy, ds = p ⊙ (dy·vᵀ − rowsum(dy·vᵀ ⊙ p)),
 /// dq = ds·k·scale, dk = dsᵀ·q·scale; grouped key/value heads sum their query heads' terms.

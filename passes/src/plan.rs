@@ -562,7 +562,13 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
         }
         Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::LayerNorm { .. } => 5 * out.numel() as u64,
         Op::RmsNorm { .. } => 4 * out.numel() as u64,
-        Op::Attention { .. } => {
+        Op::AttentionLse { .. } => {
+            let q = &g.value(nd.inputs[0]).ty.shape;
+            let k = &g.value(nd.inputs[1]).ty.shape;
+            let rows = (q[0] * q[1] * q[2] * k[2]) as u64;
+            2 * rows * q[3] as u64 + 3 * rows
+        }
+        Op::Attention { .. } | Op::AttentionGrad { .. } => {
             // q·kᵀ and p·v: 2·B·H·S·T·(D + Dv), plus the softmax.
             let q = &g.value(nd.inputs[0]).ty.shape;
             let k = &g.value(nd.inputs[1]).ty.shape;

@@ -324,6 +324,43 @@ fn cases(r: &mut Rng) -> Vec<Case> {
             },
         ));
     }
+    for (h, hk) in [(2, 1), (4, 2)] {
+        let (bq, sq, tk, d, dv) = (
+            1 + r.below(2),
+            1 + r.below(3),
+            2 + r.below(3),
+            1 + r.below(3),
+            1 + r.below(3),
+        );
+        // A constant causal-style mask (with -inf): the flash path (attention_lse and
+        // attention_grad) differentiates q, k and v.
+        let mask: Vec<f64> = (0..sq * tk)
+            .map(|e| {
+                if e % tk > e / tk + 1 {
+                    f64::NEG_INFINITY
+                } else {
+                    0.1 * (e % 3) as f64
+                }
+            })
+            .collect();
+        v.push(case(
+            format!("Attention (constant mask) H {h} Hk {hk}"),
+            vec![
+                (vec![bq, h, sq, d], Any),
+                (vec![bq, hk, tk, d], Any),
+                (vec![bq, hk, tk, dv], Any),
+            ],
+            move |b, x| {
+                let m = b.g.add_const(memc_ir::Tensor::from_f64(
+                    memc_ir::DType::F64,
+                    vec![1, 1, sq, tk],
+                    &mask,
+                ));
+                b.op(Op::Attention { scale: 0.7 }, &[x[0], x[1], x[2], m])
+                    .unwrap()
+            },
+        ));
+    }
     v.push(case(
         format!("RmsNorm axis {la}"),
         vec![(lshape.clone(), Any), (norm.clone(), Any)],
