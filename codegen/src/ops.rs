@@ -404,9 +404,8 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             f.end_parallel(outer.len());
         }
         Op::Attention { scale } => {
-            // One row of queries per parallel iteration: the row max of the scores, then
-            // p = exp(s - max) accumulated into the output row and its sum, then a division.
-            // Nothing of size S×T is stored.
+            // One row of queries per parallel iteration, one pass over the keys (the online
+            // softmax), then a division by the row sum. Nothing of size S×T is stored.
             let (kshape, _) = tys[1].clone();
             let (vshape, _) = tys[2].clone();
             let (mshape, mdt) = tys[3].clone();
@@ -453,11 +452,10 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
                 let m = f.load(3, &midx, &mshape, mdt);
                 f.v(&format!("arith.addf {sc}, {m} : {at}"))
             };
+            // One pass with the online softmax: a running max m and sum l; when a score
+            // raises the max, the row accumulated so far is rescaled by exp(m_old - m_new).
             let ninf = f.fconst(f64::NEG_INFINITY, at);
-            let max = f.fold(&[t], &ninf, at, &mut |f, j, acc| {
-                let s = score(f, &j[0]);
-                f.v(&format!("arith.maximumf {acc}, {s} : {at}"))
-            });
+            let zero = f.fconst(0.0, at);
             let orow = |c: &str| {
                 vec![
                     ivs[0].clone(),
@@ -470,28 +468,48 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
                 let z = f.fconst(0.0, at);
                 f.store(&z, out, &orow(&c[0]), &oshape, odt);
             });
+            let ub = f.index(t);
+            f.next += 1;
+            let n = f.next;
+            let (j, m, l) = (format!("%r{n}"), format!("%m{n}"), format!("%l{n}"));
+            let res = format!("%online{n}");
+            f.line(&format!(
+                "{res}:2 = scf.for {j} = %c0 to {ub} step %c1 iter_args({m} = {ninf}, {l} = {zero}) -> ({at}, {at}) {{"
+            ));
+            f.indent += 1;
+            let sc = score(&mut f, &j);
+            let m_new = f.v(&format!("arith.maximumf {m}, {sc} : {at}"));
+            // While every score so far is -inf the row stays empty (p = 0, no rescale).
+            let dead = f.v(&format!("arith.cmpf oeq, {m_new}, {ninf} : {at}"));
+            let dm = f.v(&format!("arith.subf {m}, {m_new} : {at}"));
+            let ec = f.v(&format!("math.exp {dm} : {at}"));
+            let one = f.fconst(1.0, at);
+            let corr = f.v(&format!("arith.select {dead}, {one}, {ec} : {at}"));
+            let ds = f.v(&format!("arith.subf {sc}, {m_new} : {at}"));
+            let ep = f.v(&format!("math.exp {ds} : {at}"));
+            let z = f.fconst(0.0, at);
+            let p = f.v(&format!("arith.select {dead}, {z}, {ep} : {at}"));
+            f.each(&[dv], &mut |f, c| {
+                let vv = f.load(
+                    2,
+                    &[ivs[0].clone(), kh.clone(), j.clone(), c[0].clone()],
+                    &vshape,
+                    xdt,
+                );
+                let o = f.load(out, &orow(&c[0]), &oshape, odt);
+                let oc = f.v(&format!("arith.mulf {o}, {corr} : {at}"));
+                let pv = f.v(&format!("arith.mulf {p}, {vv} : {at}"));
+                let no = f.v(&format!("arith.addf {oc}, {pv} : {at}"));
+                f.store(&no, out, &orow(&c[0]), &oshape, odt);
+            });
+            let lc = f.v(&format!("arith.mulf {l}, {corr} : {at}"));
+            let l_new = f.v(&format!("arith.addf {lc}, {p} : {at}"));
+            f.line(&format!("scf.yield {m_new}, {l_new} : {at}, {at}"));
+            f.indent -= 1;
+            f.line("}");
+            let (max, sum) = (format!("{res}#0"), format!("{res}#1"));
             // A row of -inf scores has no distribution: zeros, as the NaN guard gives.
             let dead = f.v(&format!("arith.cmpf oeq, {max}, {ninf} : {at}"));
-            let zero = f.fconst(0.0, at);
-            let sum = f.fold(&[t], &zero, at, &mut |f, j, acc| {
-                let s = score(f, &j[0]);
-                let e = f.v(&format!("arith.subf {s}, {max} : {at}"));
-                let ex = f.v(&format!("math.exp {e} : {at}"));
-                let p = f.v(&format!("arith.select {dead}, {zero}, {ex} : {at}"));
-                f.each(&[dv], &mut |f, c| {
-                    let vv = f.load(
-                        2,
-                        &[ivs[0].clone(), kh.clone(), j[0].clone(), c[0].clone()],
-                        &vshape,
-                        xdt,
-                    );
-                    let o = f.load(out, &orow(&c[0]), &oshape, odt);
-                    let pv = f.v(&format!("arith.mulf {p}, {vv} : {at}"));
-                    let no = f.v(&format!("arith.addf {o}, {pv} : {at}"));
-                    f.store(&no, out, &orow(&c[0]), &oshape, odt);
-                });
-                f.v(&format!("arith.addf {acc}, {p} : {at}"))
-            });
             let one = f.fconst(1.0, at);
             let inv = f.v(&format!("arith.divf {one}, {sum} : {at}"));
             let z = f.fconst(0.0, at);
