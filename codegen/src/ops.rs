@@ -409,48 +409,22 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             let (kshape, _) = tys[1].clone();
             let (vshape, _) = tys[2].clone();
             let (mshape, mdt) = tys[3].clone();
-            let (h, hk, t, d, dv) = (xshape[1], kshape[1], kshape[2], xshape[3], vshape[3]);
+            let (h, hk, t, dv) = (xshape[1], kshape[1], kshape[2], vshape[3]);
             let ivs = f.parallel(&xshape[..3]);
             let grp = f.index(h / hk);
             let kh = f.v(&format!("arith.divui {}, {grp} : index", ivs[1]));
             let scale_c = f.fconst(*scale as f64, at);
-            let lead = 4 - mshape.len();
+            let sh = ScoreShapes {
+                q: &xshape,
+                k: &kshape,
+                mask: &mshape,
+                mask_arg: 3,
+                dt: xdt,
+                mask_dt: mdt,
+                at,
+            };
             let score = |f: &mut F, j: &str| -> String {
-                let zero = f.fconst(0.0, at);
-                let dot = f.fold(&[d], &zero, at, &mut |f, c, acc| {
-                    let qv = f.load(
-                        0,
-                        &[ivs[0].clone(), ivs[1].clone(), ivs[2].clone(), c[0].clone()],
-                        &xshape,
-                        xdt,
-                    );
-                    let kv = f.load(
-                        1,
-                        &[ivs[0].clone(), kh.clone(), j.to_string(), c[0].clone()],
-                        &kshape,
-                        xdt,
-                    );
-                    let pr = f.v(&format!("arith.mulf {qv}, {kv} : {at}"));
-                    f.v(&format!("arith.addf {acc}, {pr} : {at}"))
-                });
-                let sc = f.v(&format!("arith.mulf {dot}, {scale_c} : {at}"));
-                let full = [
-                    ivs[0].clone(),
-                    ivs[1].clone(),
-                    ivs[2].clone(),
-                    j.to_string(),
-                ];
-                let midx: Vec<String> = (0..mshape.len())
-                    .map(|k| {
-                        if mshape[k] == 1 {
-                            "%c0".to_string()
-                        } else {
-                            full[lead + k].clone()
-                        }
-                    })
-                    .collect();
-                let m = f.load(3, &midx, &mshape, mdt);
-                f.v(&format!("arith.addf {sc}, {m} : {at}"))
+                attention_score(f, &sh, &scale_c, [&ivs[0], &ivs[1], &ivs[2]], &kh, j)
             };
             // One pass with the online softmax: a running max m and sum l; when a score
             // raises the max, the row accumulated so far is rescaled by exp(m_old - m_new).
@@ -532,40 +506,19 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             let (h, hk, t, d) = (xshape[1], kshape[1], kshape[2], xshape[3]);
             let group = h / hk;
             let scale_c = f.fconst(*scale as f64, at);
-            let lead = 4 - mshape.len();
             let ninf = f.fconst(f64::NEG_INFINITY, at);
+            let sh = ScoreShapes {
+                q: &xshape,
+                k: &kshape,
+                mask: &mshape,
+                mask_arg: mi,
+                dt: xdt,
+                mask_dt: mdt,
+                at,
+            };
             // The score of query row (b, h, i) against key j.
             let score = |f: &mut F, bq: &str, hq: &str, i: &str, kh: &str, j: &str| -> String {
-                let zero = f.fconst(0.0, at);
-                let dot = f.fold(&[d], &zero, at, &mut |f, c, acc| {
-                    let qv = f.load(
-                        0,
-                        &[bq.into(), hq.into(), i.into(), c[0].clone()],
-                        &xshape,
-                        xdt,
-                    );
-                    let kv = f.load(
-                        1,
-                        &[bq.into(), kh.into(), j.into(), c[0].clone()],
-                        &kshape,
-                        xdt,
-                    );
-                    let pr = f.v(&format!("arith.mulf {qv}, {kv} : {at}"));
-                    f.v(&format!("arith.addf {acc}, {pr} : {at}"))
-                });
-                let sc = f.v(&format!("arith.mulf {dot}, {scale_c} : {at}"));
-                let full = [bq.to_string(), hq.to_string(), i.to_string(), j.to_string()];
-                let midx: Vec<String> = (0..mshape.len())
-                    .map(|k| {
-                        if mshape[k] == 1 {
-                            "%c0".to_string()
-                        } else {
-                            full[lead + k].clone()
-                        }
-                    })
-                    .collect();
-                let m = f.load(mi, &midx, &mshape, mdt);
-                f.v(&format!("arith.addf {sc}, {m} : {at}"))
+                attention_score(f, &sh, &scale_c, [bq, hq, i], kh, j)
             };
             match wrt {
                 None => {
@@ -947,6 +900,61 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
         params.join(", "),
         f.text
     ))
+}
+
+/// Where an attention kernel's q, k and mask are (operand index `mask_arg` for the mask).
+struct ScoreShapes<'a> {
+    q: &'a [usize],
+    k: &'a [usize],
+    mask: &'a [usize],
+    mask_arg: usize,
+    dt: DType,
+    mask_dt: DType,
+    at: &'a str,
+}
+
+/// `q[b, h, i, :]·k[b, kh, j, :]·scale + mask[b, h, i, j]` (the mask broadcast): the score
+/// every attention kernel (forward, log-sum-exp, gradients) recomputes.
+fn attention_score(
+    f: &mut F,
+    sh: &ScoreShapes,
+    scale: &str,
+    [b, h, i]: [&str; 3],
+    kh: &str,
+    j: &str,
+) -> String {
+    let at = sh.at;
+    let zero = f.fconst(0.0, at);
+    let dot = f.fold(&[sh.q[3]], &zero, at, &mut |f, c, acc| {
+        let qv = f.load(
+            0,
+            &[b.into(), h.into(), i.into(), c[0].clone()],
+            sh.q,
+            sh.dt,
+        );
+        let kv = f.load(
+            1,
+            &[b.into(), kh.into(), j.into(), c[0].clone()],
+            sh.k,
+            sh.dt,
+        );
+        let pr = f.v(&format!("arith.mulf {qv}, {kv} : {at}"));
+        f.v(&format!("arith.addf {acc}, {pr} : {at}"))
+    });
+    let sc = f.v(&format!("arith.mulf {dot}, {scale} : {at}"));
+    let full = [b, h, i, j];
+    let lead = 4 - sh.mask.len();
+    let midx: Vec<String> = (0..sh.mask.len())
+        .map(|k| {
+            if sh.mask[k] == 1 {
+                "%c0".to_string()
+            } else {
+                full[lead + k].to_string()
+            }
+        })
+        .collect();
+    let m = f.load(sh.mask_arg, &midx, sh.mask, sh.mask_dt);
+    f.v(&format!("arith.addf {sc}, {m} : {at}"))
 }
 
 /// Loops over `shape` for a scatter: `scf.parallel` over every dim not in `seq` (updates there
