@@ -65,6 +65,21 @@ impl Example {
         read_dir_npys(&self.path.with_extension("").join("inputs"))
     }
 
+    /// The forward graph, imported with its inputs' shapes (not canonicalized), and the
+    /// inputs.
+    pub fn import(&self) -> (memc_ir::Graph, HashMap<String, Tensor>) {
+        let inputs = self.inputs();
+        let opts = memc::onnx::ImportOptions {
+            shapes: inputs
+                .iter()
+                .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+                .collect(),
+        };
+        let g =
+            memc::onnx::import(&self.path, &opts).unwrap_or_else(|e| panic!("{}: {e}", self.name));
+        (g, inputs)
+    }
+
     /// onnxruntime's outputs, by output name.
     pub fn references(&self) -> HashMap<String, Tensor> {
         read_dir_npys(&self.path.with_extension("").join("ref"))
@@ -115,14 +130,7 @@ pub fn training_program(
     ex: &Example,
     a: &memc::train::TrainProgramArgs,
 ) -> (memc_ir::Graph, HashMap<String, memc_ir::Tensor>) {
-    let inputs = ex.inputs();
-    let opts = memc::onnx::ImportOptions {
-        shapes: inputs
-            .iter()
-            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
-            .collect(),
-    };
-    let mut g = memc::onnx::import(&ex.path, &opts).unwrap();
+    let (mut g, inputs) = ex.import();
     // As the driver does by default: rms_norm, layer_norm and attention recognised.
     memc_passes::canonicalize::canonicalize(&mut g, &Default::default())
         .unwrap_or_else(|e| panic!("{}: {e}", ex.name));

@@ -577,8 +577,8 @@ fn attention_flash_vjp(
     let dyy = b.mul(dy, y)?;
     let delta = b.reduce(ReduceKind::Sum, dyy, vec![3], false)?;
     let mut out = vec![];
-    for wrt in 0..3 {
-        out.push(if wants[wrt] {
+    for (wrt, &want) in wants.iter().enumerate().take(3) {
+        out.push(if want {
             Some(b.op(
                 Op::AttentionGrad { scale, wrt },
                 &[x[0], x[1], x[2], x[3], lse, dy, delta],

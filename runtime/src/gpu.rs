@@ -40,9 +40,31 @@ enum Ready {
         f: cu_sys::CUfunction,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
-        params: Vec<u64>,
+        /// The device pointers passed (one per kernel parameter); only read through `ptrs`,
+        /// held here so they live as long as the step.
+        _params: Box<[u64]>,
+        /// `cuLaunchKernel`'s argument array: pointers into `params`, built once.
+        ptrs: Vec<*mut c_void>,
     },
     Gemm(Vec<Gemm>),
+}
+
+impl Ready {
+    fn launch(f: cu_sys::CUfunction, grid: [u32; 3], block: [u32; 3], params: Vec<u64>) -> Ready {
+        let mut params = params.into_boxed_slice();
+        // The boxed slice never moves or changes size, so these pointers stay valid.
+        let ptrs = params
+            .iter_mut()
+            .map(|v| v as *mut u64 as *mut c_void)
+            .collect();
+        Ready::Launch {
+            f,
+            grid: (grid[0], grid[1], grid[2]),
+            block: (block[0], block[1], block[2]),
+            _params: params,
+            ptrs,
+        }
+    }
 }
 
 /// A program ready to run on GPU 0.
@@ -150,16 +172,15 @@ impl Cuda {
                                 f
                             }
                         };
-                        steps.push(Ready::Launch {
+                        steps.push(Ready::launch(
                             f,
-                            grid: (l.grid[0], l.grid[1], l.grid[2]),
-                            block: (l.block[0], l.block[1], l.block[2]),
-                            params: l
-                                .args
+                            l.grid,
+                            l.block,
+                            l.args
                                 .iter()
                                 .map(|&i| base + args[i as usize].offset)
                                 .collect(),
-                        });
+                        ));
                         labels.push(label.clone());
                     }
                 }
@@ -195,7 +216,7 @@ impl Cuda {
         Ok(cuda)
     }
 
-    fn gemm(&self, g: &Gemm) -> Result<(), RunError> {
+    fn gemm(blas: &CudaBlas, g: &Gemm) -> Result<(), RunError> {
         let (t, compute, algo) = match g.dtype {
             Dtype::Bf16 => (
                 blas_sys::cudaDataType::CUDA_R_16BF,
@@ -231,7 +252,7 @@ impl Cuda {
         // the backend's stream.
         unsafe {
             blas::gemm_strided_batched_ex(
-                *self.blas.handle(),
+                *blas.handle(),
                 op,
                 op,
                 g.n,
@@ -297,47 +318,44 @@ impl Backend for Cuda {
     }
 
     fn run(&mut self) -> Result<(), RunError> {
-        let stream = self.stream.cu_stream();
-        for (n, step) in self.steps.iter().enumerate() {
-            let t0 = self.profile.is_some().then(Instant::now);
+        let Cuda {
+            stream,
+            blas,
+            steps,
+            labels,
+            profile,
+            ..
+        } = self;
+        let cu_stream = stream.cu_stream();
+        for (n, step) in steps.iter_mut().enumerate() {
+            let t0 = profile.is_some().then(Instant::now);
             match step {
                 Ready::Launch {
                     f,
                     grid,
                     block,
-                    params,
+                    ptrs,
+                    ..
                 } => {
-                    let mut values = params.clone();
-                    let mut ptrs: Vec<*mut c_void> = values
-                        .iter_mut()
-                        .map(|v| v as *mut u64 as *mut c_void)
-                        .collect();
                     // SAFETY: each parameter is a device pointer into the arena, as the kernel
-                    // expects (bare-pointer convention).
-                    unsafe { cu::launch_kernel(*f, *grid, *block, 0, stream, &mut ptrs) }
-                        .map_err(|e| err(&format!("launching step {n} ({})", self.labels[n]), e))?;
+                    // expects (bare-pointer convention); `ptrs` points into the step's params.
+                    unsafe { cu::launch_kernel(*f, *grid, *block, 0, cu_stream, ptrs) }
+                        .map_err(|e| err(&format!("launching step {n} ({})", labels[n]), e))?;
                 }
                 Ready::Gemm(calls) => {
-                    for g in calls {
-                        self.gemm(g)?;
+                    for g in calls.iter() {
+                        Cuda::gemm(blas, g)?;
                     }
                 }
             }
-            if let Some(t0) = t0 {
-                self.stream
-                    .synchronize()
-                    .map_err(|e| err("synchronize", e))?;
-                let e = self
-                    .profile
-                    .as_mut()
-                    .unwrap()
-                    .entry(self.labels[n].clone())
-                    .or_insert((0.0, 0));
+            if let (Some(t0), Some(p)) = (t0, profile.as_mut()) {
+                stream.synchronize().map_err(|e| err("synchronize", e))?;
+                let e = p.entry(labels[n].clone()).or_insert((0.0, 0));
                 e.0 += t0.elapsed().as_secs_f64() * 1e3;
                 e.1 += 1;
             }
         }
-        self.stream
+        stream
             .synchronize()
             .map_err(|e| err("running the program", e))
     }

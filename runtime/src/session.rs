@@ -681,7 +681,9 @@ pub fn run_cli(
     let cpu = backend.as_mut();
     match cmd.number::<u64>("--random-weights")? {
         Some(seed) => random_weights(&program, cpu, seed)?,
-        None => drop(weights::load(&weights_path, &program, cpu)?),
+        None => {
+            weights::load(&weights_path, &program, cpu)?;
+        }
     }
     match cmd.verb.as_str() {
         "train" => {

@@ -5,7 +5,9 @@
 
 use memc::train::{OptimizerArg, RematArg};
 use memc_passes::canonicalize::{canonicalize, Limits};
-use memc_tests::{examples, max_rel, root, train_args, train_reference};
+use memc_tests::{
+    examples, max_rel, reference_losses, root, train_args, train_reference, training_program,
+};
 
 #[test]
 fn textual_cases() {
@@ -37,14 +39,7 @@ fn textual_cases() {
 #[test]
 fn every_example_gets_one_rms_norm_per_norm_and_the_same_logits() {
     for ex in examples() {
-        let inputs = ex.inputs();
-        let opts = memc::onnx::ImportOptions {
-            shapes: inputs
-                .iter()
-                .map(|(k, t)| (k.clone(), t.shape().to_vec()))
-                .collect(),
-        };
-        let mut g = memc::onnx::import(&ex.path, &opts).unwrap();
+        let (mut g, inputs) = ex.import();
         let stats = canonicalize(&mut g, &Limits::default()).unwrap();
         // Llama and Qwen2: 2 layers × 2 RMSNorms + the final norm. GPT-2 has 5 LayerNorms
         // (ln_1, ln_2 per layer, ln_f) and BERT 6 (embeddings, 2 per layer, the MLM head's
@@ -89,16 +84,8 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
         .filter(|e| e.family != "bert" && !e.name.contains("opset"))
     {
         let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
-        let inputs = ex.inputs();
-        let opts = memc::onnx::ImportOptions {
-            shapes: inputs
-                .iter()
-                .map(|(k, t)| (k.clone(), t.shape().to_vec()))
-                .collect(),
-        };
-        let mut g = memc::onnx::import(&ex.path, &opts).unwrap();
-        canonicalize(&mut g, &Limits::default()).unwrap();
-        memc::train::build(&mut g, &a).unwrap();
+        // `training_program` canonicalizes, as the driver does.
+        let (mut g, _) = training_program(&ex, &a);
         assert!(g.op_counts().contains_key("attention"));
         let want: Vec<f64> = train_reference(&ex)["adamw"]
             .as_array()
@@ -106,22 +93,8 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        // Reference backend (the interpreter).
-        let mut rg = g.clone();
-        let mut reference = vec![];
-        for step in 1..=want.len() {
-            let mut feeds = inputs.clone();
-            let scalar = |v: f64| memc_ir::Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
-            feeds.insert("memc.lr".into(), scalar(1e-3));
-            feeds.insert("memc.weight_decay".into(), scalar(0.01));
-            feeds.insert("memc.step".into(), scalar(step as f64));
-            let r = memc_ir::run(&rg, &feeds, &Default::default()).unwrap();
-            for (p, t) in r.updates {
-                rg.set_param_data(p, t);
-            }
-            reference.push(r.outputs[0].1.to_f64_vec()[0]);
-        }
-        // cpu backend (the rms_norm kernel and its backward ops).
+        let reference = reference_losses(&ex, &a, 1e-3, 0.01, want.len());
+        // cpu backend (the attention, norm and attention-backward kernels).
         let path = ex.path.with_extension("").join("inputs/input_ids.npy");
         let mut data = memc::train::Batches::open(&path).unwrap();
         let lopts = memc::train::LoopOptions {

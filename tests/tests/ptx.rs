@@ -92,7 +92,7 @@ fn gpu_mapping_computes_the_same_training_step() {
             weight_decay: 0.01,
             peak_bytes: None,
         };
-        let mut run = |mapped: bool| {
+        let run = |mapped: bool| {
             let (mut g, _) = training_program(&ex, &a);
             let mut host = memc::train::host_program(&g, &ex.name, Some(&a)).unwrap();
             if mapped {
