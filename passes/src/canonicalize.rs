@@ -92,7 +92,7 @@ pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, String
             recognised: BTreeMap::new(),
         });
     }
-    let chosen = extract(&runner.egraph, &roots);
+    let chosen = extract(&runner.egraph, &roots)?;
     let out = store(g, &runner.egraph, &chosen, &loaded.roots)?;
     memc_ir::verify(&out)
         .map_err(|e| format!("canonicalize produced an invalid graph (a memc bug): {e}"))?;

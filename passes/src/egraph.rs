@@ -319,7 +319,7 @@ pub fn node_cost(node: &Memc) -> f64 {
 
 /// Extracts the cheapest DAG for `roots`: each class's best node is chosen by the size of
 /// the set of classes it needs (shared classes counted once), iterated to a fixed point.
-pub fn extract(egraph: &MemcGraph, roots: &[Id]) -> HashMap<Id, Memc> {
+pub fn extract(egraph: &MemcGraph, roots: &[Id]) -> Result<HashMap<Id, Memc>, String> {
     // Classes with their children first (a depth-first post-order; cycles, which rewrites
     // may create, are cut where the search meets them), so a few sweeps reach the fixed point.
     let mut order: Vec<Id> = Vec::with_capacity(egraph.number_of_classes());
@@ -385,14 +385,15 @@ pub fn extract(egraph: &MemcGraph, roots: &[Id]) -> HashMap<Id, Memc> {
         if out.contains_key(&c) {
             continue;
         }
-        let node = best
-            .get(&c)
-            .map(|b| b.2.clone())
-            .expect("every class reachable from a root has an acyclic node");
+        // The loaded graph's own nodes are acyclic, so every needed class has a choice; a
+        // miss would be a rule that broke that (a memc bug), reported rather than panicking.
+        let node = best.get(&c).map(|b| b.2.clone()).ok_or_else(|| {
+            format!("e-class {c} has no acyclic choice after {rounds} sweeps (a memc bug)")
+        })?;
         stack.extend(node.children().iter().map(|&k| egraph.find(k)));
         out.insert(c, node);
     }
-    out
+    Ok(out)
 }
 
 fn kids_of(egraph: &MemcGraph, c: Id) -> Vec<Id> {
@@ -507,7 +508,7 @@ mod tests {
         g.add_output("r", r);
         let loaded = load(&g);
         let roots: Vec<Id> = loaded.roots.iter().map(|r| r.1).collect();
-        let chosen = extract(&loaded.egraph, &roots);
+        let chosen = extract(&loaded.egraph, &roots).unwrap();
         let back = store(&g, &loaded.egraph, &chosen, &loaded.roots).unwrap();
         memc_ir::verify(&back).unwrap();
         let mut want = g.clone();
