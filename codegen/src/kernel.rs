@@ -456,6 +456,35 @@ fn scalar_op(
                 let d = b.emit(&format!("arith.addf {one}, {e} : {ct}"));
                 b.emit(&format!("arith.divf {one}, {d} : {ct}"))
             }
+            (UnaryOp::Silu, true) => {
+                let n = b.emit(&format!("arith.negf {} : {ct}", x[0]));
+                let e = b.emit(&format!("math.exp {n} : {ct}"));
+                let one = b.constant(&float_const(1.0), ct);
+                let d = b.emit(&format!("arith.addf {one}, {e} : {ct}"));
+                b.emit(&format!("arith.divf {}, {d} : {ct}", x[0]))
+            }
+            (UnaryOp::Gelu | UnaryOp::GeluTanh, true) => {
+                // 0.5·x·(1 + erf(x/√2)) or 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+                let inner = if *u == UnaryOp::Gelu {
+                    let r = b.constant(&float_const(std::f64::consts::FRAC_1_SQRT_2), ct);
+                    let t = b.emit(&format!("arith.mulf {}, {r} : {ct}", x[0]));
+                    b.emit(&format!("math.erf {t} : {ct}"))
+                } else {
+                    let k = b.constant(&float_const(0.044715), ct);
+                    let c = b.constant(&float_const((2.0 / std::f64::consts::PI).sqrt()), ct);
+                    let x2 = b.emit(&format!("arith.mulf {}, {} : {ct}", x[0], x[0]));
+                    let x3 = b.emit(&format!("arith.mulf {x2}, {} : {ct}", x[0]));
+                    let kx3 = b.emit(&format!("arith.mulf {x3}, {k} : {ct}"));
+                    let sum = b.emit(&format!("arith.addf {}, {kx3} : {ct}", x[0]));
+                    let arg = b.emit(&format!("arith.mulf {sum}, {c} : {ct}"));
+                    b.emit(&format!("math.tanh {arg} : {ct}"))
+                };
+                let one = b.constant(&float_const(1.0), ct);
+                let half = b.constant(&float_const(0.5), ct);
+                let p = b.emit(&format!("arith.addf {one}, {inner} : {ct}"));
+                let hx = b.emit(&format!("arith.mulf {}, {half} : {ct}", x[0]));
+                b.emit(&format!("arith.mulf {hx}, {p} : {ct}"))
+            }
             (u, false) => return Err(format!("`{u:?}` on integers")),
         },
         Op::Binary(op) => {

@@ -45,8 +45,9 @@ struct ModelArgs {
     /// Print the wall time of each compiler phase to stderr.
     #[arg(long)]
     time_passes: bool,
-    /// Skip the e-graph canonicalisation (which recognises RMSNorm, LayerNorm and attention
-    /// in the exporter's ops and rewrites them into `rms_norm`, `layer_norm`, `attention`).
+    /// Skip the e-graph canonicalisation (which recognises norms, activations, FFN blocks and
+    /// attention in the exporter's ops and rewrites them into `rms_norm`, `layer_norm`,
+    /// `silu`, `gelu`, `gelu_tanh`, `swiglu_ffn`, `gelu_ffn` and `attention`).
     #[arg(long)]
     no_canonicalize: bool,
 }
@@ -171,7 +172,8 @@ struct EvalArgs {
 struct OptArgs {
     /// Textual IR (`-` for stdin).
     file: PathBuf,
-    /// Comma-separated passes to run in order (available: verify, dce, canonicalize).
+    /// Comma-separated passes to run in order (available: verify, dce, canonicalize,
+    /// lower-blocks).
     #[arg(long = "pass", value_delimiter = ',')]
     passes: Vec<String>,
 }
@@ -310,6 +312,15 @@ fn compile(args: CompileArgs) -> Result<()> {
         &mut timer,
         args.dump_ir.as_deref(),
     )?;
+    // The model's ops as canonicalised (blocks included), for the report; then blocks are
+    // lowered to the ops training and code generation work on (`build` lowers them itself).
+    let model_ops = g.op_counts();
+    let canonical_ir = (args.emit == Some(Emit::Ir) && !args.train).then(|| memc_ir::print(&g));
+    if !args.train {
+        timer
+            .time("lower-blocks", || memc_passes::blocks::lower_blocks(&mut g))
+            .map_err(|e| anyhow!("{model}: {e}"))?;
+    }
     let mut train_stats = None;
     if args.train {
         let stats = timer
@@ -323,7 +334,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     let plan = timer.time("plan", || memc_passes::plan::plan(&g));
     let cpu_arena = timer.time("fuse", || cpu_arena(&g));
     match args.emit {
-        Some(Emit::Ir) => print!("{}", memc_ir::print(&g)),
+        Some(Emit::Ir) => print!("{}", canonical_ir.unwrap_or_else(|| memc_ir::print(&g))),
         Some(Emit::Plan) => print!("{}", report::plan_text(&g, &plan)),
         Some(e @ (Emit::Mlir | Emit::Llvm)) => {
             emit_kernels(&g, e == Emit::Llvm).map_err(|e| anyhow!("{model}: {e}"))?
@@ -364,7 +375,7 @@ fn compile(args: CompileArgs) -> Result<()> {
         }
     }
     if let Some(path) = &args.report_json {
-        let mut r = report::json_report(&model, &g, &timer.phases);
+        let mut r = report::json_report(&model, &g, &model_ops, &timer.phases);
         if let (Some(obj), serde_json::Value::Object(p)) =
             (r.as_object_mut(), report::plan_json(&g, &plan))
         {
@@ -541,7 +552,8 @@ fn eval(args: EvalArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let g = import(&args.model, shapes, &mut timer, None)?;
+    let mut g = import(&args.model, shapes, &mut timer, None)?;
+    memc_passes::blocks::lower_blocks(&mut g).map_err(|e| anyhow!("{model}: {e}"))?;
     let mut feeds = HashMap::new();
     for &v in g.inputs() {
         let ValueDef::Input { name } = &g.value(v).def else {
@@ -762,7 +774,14 @@ fn opt(args: OptArgs) -> Result<()> {
                     stats.recognised
                 );
             }
-            other => bail!("--pass `{other}`: unknown pass (available: verify, dce, canonicalize)"),
+            "lower-blocks" => {
+                let n = memc_passes::blocks::lower_blocks(&mut g)
+                    .map_err(|e| anyhow!("{file}: lower-blocks: {e}"))?;
+                eprintln!("lower-blocks: {n} blocks lowered");
+            }
+            other => bail!(
+                "--pass `{other}`: unknown pass (available: verify, dce, canonicalize, lower-blocks)"
+            ),
         }
         memc_ir::verify(&g).map_err(|e| anyhow!("{file}: after pass `{p}`: {e}"))?;
     }

@@ -16,9 +16,17 @@ pub struct PhaseTime {
     pub ms: f64,
 }
 
-/// The `--report-json` object. Keys: `model`, `op_counts`, `nodes`, `params`, `params_bytes`,
-/// `constant_bytes`, `inputs`, `outputs`, `passes` (later issues add memory keys).
-pub fn json_report(model: &str, g: &Graph, phases: &[PhaseTime]) -> Value {
+/// The `--report-json` object. Keys: `model`, `op_counts` (the model's ops after
+/// canonicalisation: `attention`, `rms_norm`, `swiglu_ffn`, ...), `program_op_counts` (the
+/// compiled program's, after block lowering and training), `nodes`, `params`,
+/// `params_bytes`, `constant_bytes`, `inputs`, `outputs`, `passes` (later issues add memory
+/// keys).
+pub fn json_report(
+    model: &str,
+    g: &Graph,
+    model_ops: &std::collections::BTreeMap<&'static str, usize>,
+    phases: &[PhaseTime],
+) -> Value {
     let io = |v: memc_ir::ValueId, name: &str| {
         let ty = &g.value(v).ty;
         json!({"name": name, "dtype": ty.dtype.name(), "shape": ty.shape})
@@ -48,7 +56,8 @@ pub fn json_report(model: &str, g: &Graph, phases: &[PhaseTime]) -> Value {
         .sum();
     json!({
         "model": model,
-        "op_counts": g.op_counts(),
+        "op_counts": model_ops,
+        "program_op_counts": g.op_counts(),
         "nodes": g.nodes().len(),
         "params": g.params_numel(),
         "params_bytes": g.params_bytes(),

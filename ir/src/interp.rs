@@ -192,6 +192,12 @@ fn unary(u: UnaryOp, x: f64) -> f64 {
         UnaryOp::Tanh => x.tanh(),
         UnaryOp::Erf => libm::erf(x),
         UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        UnaryOp::Silu => x / (1.0 + (-x).exp()),
+        UnaryOp::Gelu => 0.5 * x * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2)),
+        UnaryOp::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        }
         UnaryOp::Cos => x.cos(),
         UnaryOp::Sin => x.sin(),
         UnaryOp::Not | UnaryOp::IsNaN => unreachable!(),
@@ -208,6 +214,22 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
             .collect();
         op.infer(&tys)?.remove(0)
     };
+    if let Some(steps) = op.expansion(ins.len()) {
+        // A block: its steps, each rounded to the dtype as the lowered program would.
+        let mut done: Vec<Arr> = vec![];
+        for (step, operands) in steps {
+            let args: Vec<&Arr> = operands
+                .iter()
+                .map(|o| match *o {
+                    crate::Operand::Input(i) => ins[i],
+                    crate::Operand::Step(i) => &done[i],
+                })
+                .collect();
+            let r = eval(&step, &args)?;
+            done.push(r);
+        }
+        return Ok(done.pop().expect("a block has steps"));
+    }
     let (dt, shape) = (out_ty.dtype, out_ty.shape);
     let data = match op {
         Op::Unary(UnaryOp::IsNaN) => {
@@ -419,6 +441,7 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
                 }
             }
         }
+        Op::SwigluFfn | Op::GeluFfn { .. } => unreachable!("blocks are evaluated by their steps"),
         Op::RmsNorm { axis, epsilon } => {
             let x = ins[0].f();
             let n: usize = shape[*axis..].iter().product();

@@ -35,6 +35,12 @@ pub enum UnaryOp {
     Not,
     /// x is NaN → bool.
     IsNaN,
+    /// x·sigmoid(x) (SiLU, Swish).
+    Silu,
+    /// x·Φ(x) = 0.5·x·(1 + erf(x/√2)) (exact GELU).
+    Gelu,
+    /// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (GELU's tanh approximation).
+    GeluTanh,
 }
 
 /// Elementwise binary ops with NumPy broadcasting.
@@ -146,6 +152,17 @@ pub enum Op {
         /// Which operand's gradient.
         wrt: usize,
     },
+    /// A SwiGLU feed-forward block, `(silu(x·w_gate) ⊙ (x·w_up))·w_down`: inputs x
+    /// `[.., d]`, w_gate and w_up `[d, f]`, w_down `[f, e]`; result `[.., e]`. What the
+    /// canonicalisation recognises in Llama's and Qwen's MLPs; lowered back to GEMMs and
+    /// elementwise ops ([`Op::expansion`]) before autodiff and code generation.
+    SwigluFfn,
+    /// A GELU feed-forward block, `gelu(x·w1 + b1)·w2 + b2` (biases optional: inputs x, w1
+    /// `[d, f]`, [b1 `[f]`,] w2 `[f, e]`[, b2 `[e]`], i.e. 3 or 5 operands); result `[.., e]`.
+    GeluFfn {
+        /// The tanh approximation of GELU instead of the exact (erf) one.
+        tanh: bool,
+    },
     /// Reduction over `axes` (sorted, unique).
     Reduce {
         /// Sum, mean or max.
@@ -254,7 +271,7 @@ pub enum Attr {
     DType(DType),
 }
 
-const UNARY: [(UnaryOp, &str); 12] = [
+const UNARY: [(UnaryOp, &str); 15] = [
     (UnaryOp::Neg, "neg"),
     (UnaryOp::Exp, "exp"),
     (UnaryOp::Log, "log"),
@@ -267,6 +284,9 @@ const UNARY: [(UnaryOp, &str); 12] = [
     (UnaryOp::Sin, "sin"),
     (UnaryOp::Not, "not"),
     (UnaryOp::IsNaN, "is_nan"),
+    (UnaryOp::Silu, "silu"),
+    (UnaryOp::Gelu, "gelu"),
+    (UnaryOp::GeluTanh, "gelu_tanh"),
 ];
 
 const BINARY: [(BinaryOp, &str); 13] = [
@@ -295,7 +315,56 @@ fn usizes(v: &[usize]) -> Attr {
     Attr::Ints(v.iter().map(|&x| x as i64).collect())
 }
 
+/// An operand of one step of [`Op::expansion`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operand {
+    /// The block's operand `i`.
+    Input(usize),
+    /// The result of step `i` (an earlier one).
+    Step(usize),
+}
+
 impl Op {
+    /// The primitive steps a block op (`swiglu_ffn`, `gelu_ffn`) stands for, given its
+    /// operand count; the last step's result is the block's. `None` for every other op. The
+    /// interpreter evaluates blocks by these steps and the lowering pass emits them, so the
+    /// two cannot disagree.
+    pub fn expansion(&self, operands: usize) -> Option<Vec<(Op, Vec<Operand>)>> {
+        use Operand::{Input, Step};
+        match self {
+            Op::SwigluFfn => Some(vec![
+                (Op::MatMul, vec![Input(0), Input(1)]),
+                (Op::MatMul, vec![Input(0), Input(2)]),
+                (Op::Unary(UnaryOp::Silu), vec![Step(0)]),
+                (Op::Binary(BinaryOp::Mul), vec![Step(2), Step(1)]),
+                (Op::MatMul, vec![Step(3), Input(3)]),
+            ]),
+            Op::GeluFfn { tanh } => {
+                let act = Op::Unary(if *tanh {
+                    UnaryOp::GeluTanh
+                } else {
+                    UnaryOp::Gelu
+                });
+                Some(if operands == 5 {
+                    vec![
+                        (Op::MatMul, vec![Input(0), Input(1)]),
+                        (Op::Binary(BinaryOp::Add), vec![Step(0), Input(2)]),
+                        (act, vec![Step(1)]),
+                        (Op::MatMul, vec![Step(2), Input(3)]),
+                        (Op::Binary(BinaryOp::Add), vec![Step(3), Input(4)]),
+                    ]
+                } else {
+                    vec![
+                        (Op::MatMul, vec![Input(0), Input(1)]),
+                        (act, vec![Step(0)]),
+                        (Op::MatMul, vec![Step(1), Input(2)]),
+                    ]
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// The op's name in the textual IR and in reports (`add`, `matmul`, `layer_norm`, ...).
     pub fn name(&self) -> &'static str {
         match self {
@@ -309,6 +378,8 @@ impl Op {
             Op::LogSoftmax { .. } => "log_softmax",
             Op::LayerNorm { .. } => "layer_norm",
             Op::RmsNorm { .. } => "rms_norm",
+            Op::SwigluFfn => "swiglu_ffn",
+            Op::GeluFfn { .. } => "gelu_ffn",
             Op::Attention { .. } => "attention",
             Op::AttentionLse { .. } => "attention_lse",
             Op::AttentionGrad { .. } => "attention_grad",
@@ -331,7 +402,13 @@ impl Op {
     /// The attributes, in printing order.
     pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
         match self {
-            Op::Unary(_) | Op::Binary(_) | Op::Where | Op::MatMul | Op::GatherNd => vec![],
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Where
+            | Op::MatMul
+            | Op::GatherNd
+            | Op::SwigluFfn => vec![],
+            Op::GeluFfn { tanh } => vec![("tanh", Attr::Bool(*tanh))],
             Op::Attention { scale } | Op::AttentionLse { scale } => {
                 vec![("scale", Attr::Float(*scale))]
             }
@@ -442,6 +519,10 @@ impl Op {
             match name {
                 "where" => Op::Where,
                 "matmul" => Op::MatMul,
+                "swiglu_ffn" => Op::SwigluFfn,
+                "gelu_ffn" => Op::GeluFfn {
+                    tanh: boolean(get("tanh")?, "tanh")?,
+                },
                 "gather_nd" => Op::GatherNd,
                 "cast" => match get("to")? {
                     Attr::DType(to) => Op::Cast { to },
@@ -739,6 +820,64 @@ impl Op {
                     unreachable!()
                 };
                 one(inputs[*wrt].clone())
+            }
+            Op::SwigluFfn | Op::GeluFfn { .. } => {
+                let n = inputs.len();
+                let bias = match (self, n) {
+                    (Op::SwigluFfn, 4) | (Op::GeluFfn { .. }, 3) => false,
+                    (Op::GeluFfn { .. }, 5) => true,
+                    _ => {
+                        return Err(format!(
+                            "`{}` takes {} operands, got {n}",
+                            self.name(),
+                            if *self == Op::SwigluFfn {
+                                "4"
+                            } else {
+                                "3 or 5"
+                            }
+                        ))
+                    }
+                };
+                let x = &inputs[0];
+                float_operand(self, x)?;
+                let d = *x.shape.last().ok_or("the FFN input must have rank ≥ 1")?;
+                // (weight, rows) pairs; biases follow their weight.
+                let (w_in, w_out): (Vec<&TensorType>, &TensorType) = match self {
+                    Op::SwigluFfn => (vec![&inputs[1], &inputs[2]], &inputs[3]),
+                    _ if bias => (vec![&inputs[1]], &inputs[3]),
+                    _ => (vec![&inputs[1]], &inputs[2]),
+                };
+                let f = w_in[0].shape.get(1).copied().unwrap_or(0);
+                for w in &w_in {
+                    if w.dtype != x.dtype || w.shape != [d, f] {
+                        return Err(format!(
+                            "`{}`: input weights must be {}[{d}, {f}], got {w}",
+                            self.name(),
+                            x.dtype
+                        ));
+                    }
+                }
+                if w_out.dtype != x.dtype || w_out.rank() != 2 || w_out.shape[0] != f {
+                    return Err(format!(
+                        "`{}`: the output weight must be {}[{f}, e], got {w_out}",
+                        self.name(),
+                        x.dtype
+                    ));
+                }
+                let e = w_out.shape[1];
+                if bias {
+                    for (b, len) in [(&inputs[2], f), (&inputs[4], e)] {
+                        if b.dtype != x.dtype || b.shape != [len] {
+                            return Err(format!(
+                                "`gelu_ffn`: a bias must be {}[{len}], got {b}",
+                                x.dtype
+                            ));
+                        }
+                    }
+                }
+                let mut shape = x.shape.clone();
+                *shape.last_mut().unwrap() = e;
+                one(TensorType::new(x.dtype, shape))
             }
             Op::RmsNorm { axis, .. } => {
                 if inputs.len() != 2 {

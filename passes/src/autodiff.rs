@@ -214,6 +214,52 @@ fn vjp(
                 let d = b.mul(y, one_minus)?;
                 some(b.mul(dy, d))?
             }
+            UnaryOp::Silu => {
+                // σ(x)·(1 + x·(1 − σ(x))): reads x only, so only x is saved.
+                let s = b.unary(UnaryOp::Sigmoid, x[0])?;
+                let n = b.neg(s)?;
+                let one_minus = b.add_scalar(n, 1.0)?;
+                let t = b.mul(x[0], one_minus)?;
+                let t = b.add_scalar(t, 1.0)?;
+                let d = b.mul(s, t)?;
+                some(b.mul(dy, d))?
+            }
+            UnaryOp::Gelu => {
+                // Φ(x) + x·φ(x) = 0.5·(1 + erf(x/√2)) + x·exp(−x²/2)/√(2π).
+                let r = b.mul_scalar(x[0], std::f64::consts::FRAC_1_SQRT_2)?;
+                let e = b.unary(UnaryOp::Erf, r)?;
+                let e = b.add_scalar(e, 1.0)?;
+                let cdf = b.mul_scalar(e, 0.5)?;
+                let xx = b.mul(x[0], x[0])?;
+                let h = b.mul_scalar(xx, -0.5)?;
+                let p = b.unary(UnaryOp::Exp, h)?;
+                let p = b.mul_scalar(p, 1.0 / (2.0 * std::f64::consts::PI).sqrt())?;
+                let xp = b.mul(x[0], p)?;
+                let d = b.add(cdf, xp)?;
+                some(b.mul(dy, d))?
+            }
+            UnaryOp::GeluTanh => {
+                // t = tanh(c·(x + k·x³)):  0.5·(1 + t) + 0.5·x·(1 − t²)·c·(1 + 3k·x²).
+                let (c, k) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+                let xx = b.mul(x[0], x[0])?;
+                let kxx = b.mul_scalar(xx, k)?;
+                let inner = b.add_scalar(kxx, 1.0)?;
+                let u = b.mul(x[0], inner)?;
+                let u = b.mul_scalar(u, c)?;
+                let t = b.unary(UnaryOp::Tanh, u)?;
+                let tt = b.mul(t, t)?;
+                let n = b.neg(tt)?;
+                let sech2 = b.add_scalar(n, 1.0)?;
+                let du = b.mul_scalar(xx, 3.0 * k)?;
+                let du = b.add_scalar(du, 1.0)?;
+                let du = b.mul_scalar(du, 0.5 * c)?;
+                let a = b.mul(x[0], sech2)?;
+                let a = b.mul(a, du)?;
+                let half = b.add_scalar(t, 1.0)?;
+                let half = b.mul_scalar(half, 0.5)?;
+                let d = b.add(half, a)?;
+                some(b.mul(dy, d))?
+            }
             UnaryOp::Cos => {
                 let s = b.unary(UnaryOp::Sin, x[0])?;
                 let t = b.mul(dy, s)?;
@@ -250,6 +296,12 @@ fn vjp(
             }]
         }
         Op::MatMul => matmul_vjp(b, x[0], x[1], dy, wants)?,
+        Op::SwigluFfn | Op::GeluFfn { .. } => {
+            return Err(format!(
+                "`{}` has no VJP of its own: lower the blocks first (memc_passes::blocks::lower)",
+                op.name()
+            ))
+        }
         Op::Softmax { axis } => {
             let gy = b.mul(dy, y)?;
             let s = b.reduce(ReduceKind::Sum, gy, vec![*axis], true)?;

@@ -56,7 +56,16 @@ pub struct CanonStats {
 }
 
 /// The ops the canonicalisation introduces.
-pub const RECOGNISED: &[&str] = &["rms_norm", "layer_norm", "attention"];
+pub const RECOGNISED: &[&str] = &[
+    "rms_norm",
+    "layer_norm",
+    "attention",
+    "swiglu_ffn",
+    "gelu_ffn",
+    "silu",
+    "gelu",
+    "gelu_tanh",
+];
 
 /// Rewrites `g` (a forward graph) in place (see the module docs).
 pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, String> {

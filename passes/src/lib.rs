@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod autodiff;
+pub mod blocks;
 pub mod build;
 pub mod canonicalize;
 pub mod consts;

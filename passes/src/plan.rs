@@ -576,6 +576,18 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
             let rows = (q[0] * q[1] * q[2] * k[2]) as u64;
             2 * rows * (q[3] + v[3]) as u64 + 5 * rows
         }
+        Op::SwigluFfn | Op::GeluFfn { .. } => {
+            // The steps' GEMMs (2·rows·d·f per input projection, 2·rows·f·e for the output
+            // one) and elementwise ops.
+            let ty = |i: usize| &g.value(nd.inputs[i]).ty;
+            let x = ty(0);
+            let d = *x.shape.last().unwrap_or(&1) as u64;
+            let rows = x.numel() as u64 / d.max(1);
+            let f = ty(1).shape[1] as u64;
+            let e = *out.shape.last().unwrap_or(&1) as u64;
+            let projections = if nd.op == Op::SwigluFfn { 2 } else { 1 };
+            2 * rows * f * (projections * d + e) + 3 * rows * f + rows * e
+        }
         Op::Reduce { .. } => g.value(nd.inputs[0]).ty.numel() as u64,
         Op::Unary(_) | Op::Binary(_) | Op::Where => out.numel() as u64,
         _ => 0,

@@ -104,6 +104,7 @@ pub enum TrainError {
 
 /// Builds the training step in place (see the module docs).
 pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, TrainError> {
+    crate::blocks::lower_blocks(g).map_err(TrainError::Build)?;
     crate::precision::lower_precision(g, opts.compute_dtype).map_err(TrainError::Build)?;
     let (ids, logits) = find_logits(g)?;
     let loss = next_token_ce(g, ids, logits).map_err(TrainError::Build)?;

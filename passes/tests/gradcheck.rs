@@ -168,6 +168,9 @@ fn cases(r: &mut Rng) -> Vec<Case> {
         (UnaryOp::Tanh, Any),
         (UnaryOp::Erf, Any),
         (UnaryOp::Sigmoid, Any),
+        (UnaryOp::Silu, Any),
+        (UnaryOp::Gelu, Any),
+        (UnaryOp::GeluTanh, Any),
         (UnaryOp::Cos, Any),
         (UnaryOp::Sin, Any),
     ] {

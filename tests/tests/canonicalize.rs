@@ -1,7 +1,7 @@
 //! The e-graph canonicalisation: textual cases (`tests/passes/canonicalize/*.mir`, insta
 //! snapshots of `memc opt --pass canonicalize`, near-misses named `no_*`), every example model
-//! (one `rms_norm` per RMSNorm of the model, logits unchanged), and training through the
-//! recognised ops on the cpu backend.
+//! (one norm op per norm of the model, one `attention` and one FFN block per layer, logits
+//! unchanged), and training through the recognised ops on the cpu backend.
 
 use memc::train::{OptimizerArg, RematArg};
 use memc_passes::canonicalize::{canonicalize, Limits};
@@ -37,7 +37,7 @@ fn textual_cases() {
 }
 
 #[test]
-fn every_example_gets_one_rms_norm_per_norm_and_the_same_logits() {
+fn every_example_gets_its_blocks_and_the_same_logits() {
     for ex in examples() {
         let (mut g, inputs) = ex.import();
         let stats = canonicalize(&mut g, &Limits::default()).unwrap();
@@ -56,8 +56,23 @@ fn every_example_gets_one_rms_norm_per_norm_and_the_same_logits() {
             "{}",
             ex.name
         );
-        // One attention per layer, masks and grouped-query heads included.
+        // One attention and one FFN block per layer, masks and grouped-query heads included.
         assert_eq!(count("attention"), 2, "{}", ex.name);
+        let (ffn, standalone) = match ex.family.as_str() {
+            "llama" | "qwen2" => (("swiglu_ffn", 2), ("silu", 0)),
+            "gpt2" => (("gelu_ffn", 2), ("gelu_tanh", 0)),
+            // BERT's MLM head transform is dense → GELU → LayerNorm: a GELU outside an FFN.
+            _ => (("gelu_ffn", 2), ("gelu", 1)),
+        };
+        assert_eq!(count(ffn.0), ffn.1, "{}: {:?}", ex.name, stats.recognised);
+        assert_eq!(count(standalone.0), standalone.1, "{}", ex.name);
+        for op in ["sigmoid", "erf", "tanh"] {
+            assert!(
+                !g.op_counts().contains_key(op),
+                "{}: a `{op}` is left",
+                ex.name
+            );
+        }
         assert!(
             !g.op_counts().contains_key("softmax"),
             "{}: a softmax is left",

@@ -697,47 +697,22 @@ fn cumsum(x: &Tensor, axis: usize, exclusive: bool, reverse: bool) -> Tensor {
     }
 }
 
-/// ONNX Gelu (opset 20), decomposed: `approximate = "none"` is 0.5·x·(1 + erf(x/√2)),
-/// `"tanh"` is 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+/// ONNX Gelu (opset 20): `approximate = "none"` is memc's `gelu`, `"tanh"` its `gelu_tanh`.
 fn gelu(ctx: &mut Ctx, n: &N) -> Res<Vec<Val>> {
     let name = n.name().to_string();
     let x = n.input(0)?;
-    let dtype = ctx.ty(&x).dtype;
-    let c = |v: f32| Val::Const(Tensor::from_f32(dtype, vec![], &[v]));
-    let bin = |ctx: &mut Ctx, b: BinaryOp, a: Val, c: Val| ctx.emit(Op::Binary(b), &[a, c], &name);
     let approximate = n
         .attr("approximate")
         .and_then(|a| a.s.as_ref())
         .map(|s| String::from_utf8_lossy(s).into_owned());
-    let inner = match approximate.as_deref().unwrap_or("none") {
-        "none" => {
-            let scaled = bin(
-                ctx,
-                BinaryOp::Mul,
-                x.clone(),
-                c(std::f32::consts::FRAC_1_SQRT_2),
-            )?;
-            ctx.emit(Op::Unary(UnaryOp::Erf), &[scaled], &name)?
-        }
-        "tanh" => {
-            let cube = bin(ctx, BinaryOp::Pow, x.clone(), c(3.0))?;
-            let poly = bin(ctx, BinaryOp::Mul, cube, c(0.044715))?;
-            let sum = bin(ctx, BinaryOp::Add, x.clone(), poly)?;
-            let scaled = bin(
-                ctx,
-                BinaryOp::Mul,
-                sum,
-                c((2.0 / std::f32::consts::PI).sqrt()),
-            )?;
-            ctx.emit(Op::Unary(UnaryOp::Tanh), &[scaled], &name)?
-        }
+    let u = match approximate.as_deref().unwrap_or("none") {
+        "none" => UnaryOp::Gelu,
+        "tanh" => UnaryOp::GeluTanh,
         other => {
             return Err(format!(
                 "approximate = \"{other}\" is not a Gelu mode (none, tanh)"
             ))
         }
     };
-    let one_plus = bin(ctx, BinaryOp::Add, inner, c(1.0))?;
-    let half_x = bin(ctx, BinaryOp::Mul, x, c(0.5))?;
-    Ok(vec![bin(ctx, BinaryOp::Mul, half_x, one_plus)?])
+    Ok(vec![ctx.emit(Op::Unary(u), &[x], &name)?])
 }

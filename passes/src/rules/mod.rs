@@ -1,8 +1,10 @@
 //! Rewrite rule families of the canonicalisation, one file each, and the helpers their
 //! appliers share.
 
+pub mod activations;
 pub mod algebra;
 pub mod attention;
+pub mod ffn;
 pub mod layout;
 pub mod norms;
 
@@ -14,6 +16,8 @@ use crate::egraph::{AttrLeaf, Memc, TypeAnalysis};
 /// Every rule of every family.
 pub fn all() -> Vec<egg::Rewrite<Memc, TypeAnalysis>> {
     let mut rules = norms::rules();
+    rules.extend(activations::rules());
+    rules.extend(ffn::rules());
     rules.extend(attention::rules());
     rules.extend(layout::rules());
     rules.extend(algebra::rules());
@@ -65,5 +69,90 @@ pub(crate) fn merge(egraph: &mut EGraph<Memc, TypeAnalysis>, eclass: Id, id: Id)
         vec![id]
     } else {
         vec![]
+    }
+}
+
+/// Every operand order of a pattern's commutative ops: an op written `mul*` or `add*` stands
+/// for both `(mul a b)` and `(mul b a)`. `"(mul* ?x (sigmoid ?x))"` gives `"(mul ?x (sigmoid
+/// ?x))"` and `"(mul (sigmoid ?x) ?x)"`. Exporters pick either order, so rules list one.
+pub(crate) fn commutations(pattern: &str) -> Vec<String> {
+    #[derive(Clone)]
+    enum Sexp {
+        Atom(String),
+        List(Vec<Sexp>),
+    }
+    fn parse(tokens: &mut std::iter::Peekable<std::vec::IntoIter<String>>) -> Sexp {
+        match tokens.next().expect("a balanced pattern").as_str() {
+            "(" => {
+                let mut items = vec![];
+                while tokens.peek().map(String::as_str) != Some(")") {
+                    items.push(parse(tokens));
+                }
+                tokens.next();
+                Sexp::List(items)
+            }
+            atom => Sexp::Atom(atom.to_string()),
+        }
+    }
+    fn expand(e: &Sexp) -> Vec<String> {
+        match e {
+            Sexp::Atom(a) => vec![a.clone()],
+            Sexp::List(items) => {
+                let Some(Sexp::Atom(head)) = items.first() else {
+                    panic!("a pattern list starts with an op name");
+                };
+                let (head, commutative) = match head.strip_suffix('*') {
+                    Some(h) => (h.to_string(), true),
+                    None => (head.clone(), false),
+                };
+                // Every combination of the operands' variants.
+                let mut combos: Vec<Vec<String>> = vec![vec![]];
+                for item in &items[1..] {
+                    let variants = expand(item);
+                    combos = combos
+                        .iter()
+                        .flat_map(|c| {
+                            variants.iter().map(move |v| {
+                                let mut c = c.clone();
+                                c.push(v.clone());
+                                c
+                            })
+                        })
+                        .collect();
+                }
+                let mut out = vec![];
+                for c in combos {
+                    out.push(format!("({head} {})", c.join(" ")));
+                    if commutative && c.len() == 2 {
+                        out.push(format!("({head} {} {})", c[1], c[0]));
+                    }
+                }
+                out
+            }
+        }
+    }
+    let spaced = pattern.replace('(', " ( ").replace(')', " ) ");
+    let tokens: Vec<String> = spaced.split_whitespace().map(str::to_string).collect();
+    let mut out = expand(&parse(&mut tokens.into_iter().peekable()));
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether `a` is `b` up to f32 rounding (exporters store constants in the model's dtype).
+pub(crate) fn close(a: Option<f64>, b: f64) -> bool {
+    a.is_some_and(|a| (a - b).abs() <= 1e-6 * b.abs().max(1e-30))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn commutations_list_every_operand_order() {
+        assert_eq!(
+            super::commutations("(mul* ?x (sigmoid ?x))"),
+            vec!["(mul (sigmoid ?x) ?x)", "(mul ?x (sigmoid ?x))"]
+        );
+        assert_eq!(super::commutations("(add* (mul* ?a ?b) ?c)").len(), 4);
+        assert_eq!(super::commutations("(add* ?a ?a)"), vec!["(add ?a ?a)"]);
     }
 }
