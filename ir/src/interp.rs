@@ -214,7 +214,11 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
             .collect();
         op.infer(&tys)?.remove(0)
     };
-    if let Some(steps) = op.expansion(ins.len()) {
+    let operand_types: Vec<crate::TensorType> = ins
+        .iter()
+        .map(|a| crate::TensorType::new(a.dtype, a.shape.clone()))
+        .collect();
+    if let Some(steps) = op.expansion(&operand_types) {
         // A block: its steps, each rounded to the dtype as the lowered program would.
         let mut done: Vec<Arr> = vec![];
         for (step, operands) in steps {
@@ -441,7 +445,9 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
                 }
             }
         }
-        Op::SwigluFfn | Op::GeluFfn { .. } => unreachable!("blocks are evaluated by their steps"),
+        Op::SwigluFfn | Op::GeluFfn { .. } | Op::Rope | Op::Residual => {
+            unreachable!("blocks are evaluated by their steps")
+        }
         Op::RmsNorm { axis, epsilon } => {
             let x = ins[0].f();
             let n: usize = shape[*axis..].iter().product();

@@ -163,6 +163,15 @@ pub enum Op {
         /// The tanh approximation of GELU instead of the exact (erf) one.
         tanh: bool,
     },
+    /// Rotary position embedding with `rotate_half`: `x·cos + rotate_half(x)·sin`, where
+    /// `rotate_half(x) = concat(−x[.., D/2:], x[.., :D/2])` on the last dim (D even). Inputs x,
+    /// and cos and sin broadcastable to x's shape; result x's type. A block like the FFNs:
+    /// lowered to its steps before autodiff and code generation.
+    Rope,
+    /// A residual connection, `x + f`: inputs the stream x and the branch f computed from it
+    /// (an attention or FFN sub-block's output), of one type. Marks the residual structure
+    /// for the rewrites that need it (reversible layers); lowered to `add`.
+    Residual,
     /// Reduction over `axes` (sorted, unique).
     Reduce {
         /// Sum, mean or max.
@@ -325,13 +334,38 @@ pub enum Operand {
 }
 
 impl Op {
-    /// The primitive steps a block op (`swiglu_ffn`, `gelu_ffn`) stands for, given its
-    /// operand count; the last step's result is the block's. `None` for every other op. The
+    /// The primitive steps a block op (`swiglu_ffn`, `gelu_ffn`, `rope`, `residual`) stands for, given
+    /// its operands' types; the last step's result is the block's. `None` for every other op. The
     /// interpreter evaluates blocks by these steps and the lowering pass emits them, so the
     /// two cannot disagree.
-    pub fn expansion(&self, operands: usize) -> Option<Vec<(Op, Vec<Operand>)>> {
+    pub fn expansion(&self, operands: &[TensorType]) -> Option<Vec<(Op, Vec<Operand>)>> {
         use Operand::{Input, Step};
         match self {
+            Op::Residual => Some(vec![(Op::Binary(BinaryOp::Add), vec![Input(0), Input(1)])]),
+            Op::Rope => {
+                let shape = &operands.first()?.shape;
+                let (last, d) = (shape.len().checked_sub(1)?, *shape.last()?);
+                let half = |from: usize, to: usize| {
+                    let mut starts = vec![0; shape.len()];
+                    let mut ends = shape.clone();
+                    starts[last] = from;
+                    ends[last] = to;
+                    Op::Slice {
+                        starts,
+                        ends,
+                        steps: vec![1; shape.len()],
+                    }
+                };
+                Some(vec![
+                    (half(0, d / 2), vec![Input(0)]),
+                    (half(d / 2, d), vec![Input(0)]),
+                    (Op::Unary(UnaryOp::Neg), vec![Step(1)]),
+                    (Op::Concat { axis: last }, vec![Step(2), Step(0)]),
+                    (Op::Binary(BinaryOp::Mul), vec![Step(3), Input(2)]),
+                    (Op::Binary(BinaryOp::Mul), vec![Input(0), Input(1)]),
+                    (Op::Binary(BinaryOp::Add), vec![Step(5), Step(4)]),
+                ])
+            }
             Op::SwigluFfn => Some(vec![
                 (Op::MatMul, vec![Input(0), Input(1)]),
                 (Op::MatMul, vec![Input(0), Input(2)]),
@@ -345,7 +379,7 @@ impl Op {
                 } else {
                     UnaryOp::Gelu
                 });
-                Some(if operands == 5 {
+                Some(if operands.len() == 5 {
                     vec![
                         (Op::MatMul, vec![Input(0), Input(1)]),
                         (Op::Binary(BinaryOp::Add), vec![Step(0), Input(2)]),
@@ -379,6 +413,8 @@ impl Op {
             Op::LayerNorm { .. } => "layer_norm",
             Op::RmsNorm { .. } => "rms_norm",
             Op::SwigluFfn => "swiglu_ffn",
+            Op::Rope => "rope",
+            Op::Residual => "residual",
             Op::GeluFfn { .. } => "gelu_ffn",
             Op::Attention { .. } => "attention",
             Op::AttentionLse { .. } => "attention_lse",
@@ -407,7 +443,9 @@ impl Op {
             | Op::Where
             | Op::MatMul
             | Op::GatherNd
-            | Op::SwigluFfn => vec![],
+            | Op::SwigluFfn
+            | Op::Rope
+            | Op::Residual => vec![],
             Op::GeluFfn { tanh } => vec![("tanh", Attr::Bool(*tanh))],
             Op::Attention { scale } | Op::AttentionLse { scale } => {
                 vec![("scale", Attr::Float(*scale))]
@@ -520,6 +558,8 @@ impl Op {
                 "where" => Op::Where,
                 "matmul" => Op::MatMul,
                 "swiglu_ffn" => Op::SwigluFfn,
+                "rope" => Op::Rope,
+                "residual" => Op::Residual,
                 "gelu_ffn" => Op::GeluFfn {
                     tanh: boolean(get("tanh")?, "tanh")?,
                 },
@@ -820,6 +860,34 @@ impl Op {
                     unreachable!()
                 };
                 one(inputs[*wrt].clone())
+            }
+            Op::Residual => {
+                arity(2)?;
+                float_operand(self, &inputs[0])?;
+                if inputs[0] != inputs[1] {
+                    return Err(format!(
+                        "`residual`: the stream and the branch must have one type, got {} and {}",
+                        inputs[0], inputs[1]
+                    ));
+                }
+                one(inputs[0].clone())
+            }
+            Op::Rope => {
+                arity(3)?;
+                let x = &inputs[0];
+                float_operand(self, x)?;
+                if x.shape.last().is_none_or(|d| d % 2 != 0) {
+                    return Err(format!("`rope` needs an even last dim, got {x}"));
+                }
+                for t in &inputs[1..] {
+                    if t.dtype != x.dtype || broadcast_shapes(&x.shape, &t.shape)? != x.shape {
+                        return Err(format!(
+                            "`rope`: cos and sin must be {} broadcastable to {:?}, got {t}",
+                            x.dtype, x.shape
+                        ));
+                    }
+                }
+                one(x.clone())
             }
             Op::SwigluFfn | Op::GeluFfn { .. } => {
                 let n = inputs.len();

@@ -296,7 +296,7 @@ fn vjp(
             }]
         }
         Op::MatMul => matmul_vjp(b, x[0], x[1], dy, wants)?,
-        Op::SwigluFfn | Op::GeluFfn { .. } => {
+        Op::SwigluFfn | Op::GeluFfn { .. } | Op::Rope | Op::Residual => {
             return Err(format!(
                 "`{}` has no VJP of its own: lower the blocks first (memc_passes::blocks::lower)",
                 op.name()

@@ -1,7 +1,7 @@
 //! `lower_blocks`: block ops back into the primitive ops they stand for.
 //!
-//! The canonicalisation recognises whole feed-forward blocks (`swiglu_ffn`, `gelu_ffn`) so that
-//! the memory rewrites and the reports see them as blocks. Training and code generation
+//! The canonicalisation recognises whole feed-forward blocks (`swiglu_ffn`, `gelu_ffn`) and
+//! rotary embeddings (`rope`) so that the memory rewrites and the reports see them as blocks. Training and code generation
 //! work on their steps ([`Op::expansion`]): the GEMMs stay cuBLAS/host GEMMs, the activation
 //! is one elementwise op (`silu`, `gelu`, `gelu_tanh`) that fuses with its neighbours, and the
 //! rematerialisation pass sees the gate and up projections as ordinary tensors it may keep or
@@ -22,7 +22,8 @@ pub fn lower_blocks(g: &mut Graph) -> Result<usize, String> {
     let mut replaced: HashMap<ValueId, ValueId> = HashMap::new();
     for i in 0..original {
         let node = g.node(NodeId(i as u32)).clone();
-        let Some(steps) = node.op.expansion(node.inputs.len()) else {
+        let types: Vec<_> = node.inputs.iter().map(|&v| g.value(v).ty.clone()).collect();
+        let Some(steps) = node.op.expansion(&types) else {
             continue;
         };
         let mut results: Vec<ValueId> = vec![];

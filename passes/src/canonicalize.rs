@@ -65,6 +65,8 @@ pub const RECOGNISED: &[&str] = &[
     "silu",
     "gelu",
     "gelu_tanh",
+    "rope",
+    "residual",
 ];
 
 /// Rewrites `g` (a forward graph) in place (see the module docs).

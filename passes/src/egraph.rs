@@ -310,6 +310,8 @@ pub fn node_cost(node: &Memc) -> f64 {
         Memc::Op(name, _) => match name.as_str() {
             // Recognised blocks are worth more than the ops they replace.
             "rms_norm" | "layer_norm" | "silu" | "gelu" | "attention" => 1.0,
+            // The same `add`, named: preferred to the bare op.
+            "residual" => 0.9,
             // Layout ops cost memory traffic but no arithmetic.
             "reshape" | "expand" => 0.5,
             _ => 1.0,

@@ -588,6 +588,8 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
             let projections = if nd.op == Op::SwigluFfn { 2 } else { 1 };
             2 * rows * f * (projections * d + e) + 3 * rows * f + rows * e
         }
+        Op::Rope => 3 * out.numel() as u64,
+        Op::Residual => out.numel() as u64,
         Op::Reduce { .. } => g.value(nd.inputs[0]).ty.numel() as u64,
         Op::Unary(_) | Op::Binary(_) | Op::Where => out.numel() as u64,
         _ => 0,

@@ -66,6 +66,11 @@ fn every_example_gets_its_blocks_and_the_same_logits() {
         };
         assert_eq!(count(ffn.0), ffn.1, "{}: {:?}", ex.name, stats.recognised);
         assert_eq!(count(standalone.0), standalone.1, "{}", ex.name);
+        // Rotary embeddings on queries and keys (Llama, Qwen2), and two residual connections
+        // per layer (around attention and around the FFN; pre-norm and post-norm alike).
+        let rope = if ffn.0 == "swiglu_ffn" { 4 } else { 0 };
+        assert_eq!(count("rope"), rope, "{}", ex.name);
+        assert_eq!(count("residual"), 4, "{}: {:?}", ex.name, stats.recognised);
         for op in ["sigmoid", "erf", "tanh"] {
             assert!(
                 !g.op_counts().contains_key(op),

@@ -7,6 +7,8 @@ pub mod attention;
 pub mod ffn;
 pub mod layout;
 pub mod norms;
+pub mod residual;
+pub mod rope;
 
 use egg::{EGraph, Id, Symbol};
 use memc_ir::{Attr, TensorType};
@@ -18,6 +20,8 @@ pub fn all() -> Vec<egg::Rewrite<Memc, TypeAnalysis>> {
     let mut rules = norms::rules();
     rules.extend(activations::rules());
     rules.extend(ffn::rules());
+    rules.extend(rope::rules());
+    rules.extend(residual::rules());
     rules.extend(attention::rules());
     rules.extend(layout::rules());
     rules.extend(algebra::rules());
