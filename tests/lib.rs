@@ -116,6 +116,7 @@ pub fn train_args(
         clip_grad_norm: clip,
         remat,
         dtype: memc::train::DtypeArg::F32,
+        activation_budget: None,
     }
 }
 

@@ -395,6 +395,9 @@ fn compile(args: CompileArgs) -> Result<()> {
                             "saved_bytes_before": r.saved_bytes_before,
                             "saved_bytes_after": r.saved_bytes_after,
                             "recomputed_nodes": r.recomputed_nodes,
+                            "layers": r.layers,
+                            "budget_bytes": r.budget_bytes,
+                            "min_budget_bytes": r.min_budget_bytes,
                         }))}),
                 );
             }

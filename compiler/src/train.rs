@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use memc_ir::{DType, Graph, Tensor, ValueDef};
+use memc_passes::remat::Policy;
 use memc_passes::train::{self, Loss, Optimizer, TrainOptions, TrainStats};
 
 /// The loss names of the CLI.
@@ -51,9 +52,17 @@ pub struct TrainProgramArgs {
     #[arg(long, value_name = "MAX_NORM")]
     pub clip_grad_norm: Option<f64>,
     /// What the backward pass keeps: `auto` recomputes cheap forward values when that saves
-    /// memory (a minimum cut); `none` keeps every value a gradient reads.
+    /// memory (a minimum cut; with --activation-budget, the fewest FLOPs within the budget);
+    /// `full` keeps only each layer's input inside the layers (per-layer checkpointing);
+    /// `none` keeps every value a gradient reads.
     #[arg(long, value_enum, default_value = "auto")]
     pub remat: RematArg,
+    /// At most this much saved activation memory (with --remat auto): bytes (`1500000000`,
+    /// `1.5GiB`, `800MB`) or a fraction of what the backward keeps without remat (`0.5`,
+    /// `50%`). Below the smallest feasible budget (what `--remat full` keeps) it is an error
+    /// that names that budget.
+    #[arg(long, value_name = "BYTES|FRACTION")]
+    pub activation_budget: Option<String>,
     /// Compute dtype of the forward and backward passes (bf16 keeps f32 master weights and an
     /// f32 optimizer).
     #[arg(long, value_enum, default_value = "f32")]
@@ -76,6 +85,50 @@ pub enum RematArg {
     None,
     /// Minimum-cut choice of what to keep; cheap ops are recomputed.
     Auto,
+    /// Per-layer checkpointing: keep each layer's input, recompute the rest of the layer.
+    Full,
+}
+
+/// Parses `--activation-budget` (see [`TrainProgramArgs::activation_budget`]).
+pub fn parse_budget(text: &str) -> Result<memc_passes::remat::Budget> {
+    use memc_passes::remat::Budget;
+    let t = text.trim();
+    let bad = || {
+        anyhow!(
+            "--activation-budget `{text}` is neither bytes (1500000000, 1.5GiB, 800MB) nor a \
+             fraction in (0, 1] (0.5, 50%)"
+        )
+    };
+    if let Some(p) = t.strip_suffix('%') {
+        let f: f64 = p.trim().parse().map_err(|_| bad())?;
+        return (f > 0.0 && f <= 100.0)
+            .then_some(Budget::Fraction(f / 100.0))
+            .ok_or_else(bad);
+    }
+    let units = [
+        ("KiB", 1u64 << 10),
+        ("MiB", 1 << 20),
+        ("GiB", 1 << 30),
+        ("KB", 1_000),
+        ("MB", 1_000_000),
+        ("GB", 1_000_000_000),
+        ("B", 1),
+    ];
+    for (suffix, scale) in units {
+        if let Some(n) = t.strip_suffix(suffix) {
+            let x: f64 = n.trim().parse().map_err(|_| bad())?;
+            return (x >= 0.0 && x.is_finite())
+                .then(|| Budget::Bytes((x * scale as f64).round() as u64))
+                .ok_or_else(bad);
+        }
+    }
+    if let Ok(b) = t.parse::<u64>() {
+        return Ok(Budget::Bytes(b));
+    }
+    let f: f64 = t.parse().map_err(|_| bad())?;
+    (f > 0.0 && f <= 1.0)
+        .then_some(Budget::Fraction(f))
+        .ok_or_else(bad)
 }
 
 /// Builds the training step into `g` (which holds the forward graph).
@@ -113,7 +166,20 @@ pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
         optimizer,
         clip_grad_norm: args.clip_grad_norm,
         trainable: &trainable,
-        rematerialize: args.remat == RematArg::Auto,
+        remat: match (args.remat, &args.activation_budget) {
+            (RematArg::None, None) => None,
+            (RematArg::Auto, None) => Some(Policy::MinCut),
+            (RematArg::Full, None) => Some(Policy::Full),
+            (RematArg::Auto, Some(b)) => Some(Policy::Budget(parse_budget(b)?)),
+            (other, Some(_)) => bail!(
+                "--activation-budget needs --remat auto (the default), not --remat {}",
+                if other == RematArg::Full {
+                    "full"
+                } else {
+                    "none"
+                }
+            ),
+        },
         compute_dtype: match args.dtype {
             DtypeArg::F32 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,

@@ -296,7 +296,9 @@ fn vjp(
             }]
         }
         Op::MatMul => matmul_vjp(b, x[0], x[1], dy, wants)?,
-        Op::SwigluFfn | Op::GeluFfn { .. } | Op::Rope | Op::Residual => {
+        // x + f with one type: the gradient flows to both unchanged.
+        Op::Residual => vec![wants[0].then_some(dy), wants[1].then_some(dy)],
+        Op::SwigluFfn | Op::GeluFfn { .. } | Op::Rope => {
             return Err(format!(
                 "`{}` has no VJP of its own: lower the blocks first (memc_passes::blocks::lower)",
                 op.name()

@@ -12,18 +12,24 @@
 
 use std::collections::HashMap;
 
-use memc_ir::{Graph, NodeId, Operand, ValueId};
+use memc_ir::{Graph, NodeId, Op, Operand, ValueId};
 
 /// Replaces every block op of `g` by its steps and returns how many were replaced; `g` is
 /// left compacted when any was.
 pub fn lower_blocks(g: &mut Graph) -> Result<usize, String> {
+    lower_blocks_where(g, |_| true)
+}
+
+/// [`lower_blocks`] for the block ops `which` accepts (the training builder keeps `residual`
+/// until rematerialisation has used it to find the layers). Each step takes its block's phase.
+pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<usize, String> {
     let original = g.nodes().len();
     let mut spliced: HashMap<usize, Vec<NodeId>> = HashMap::new();
     let mut replaced: HashMap<ValueId, ValueId> = HashMap::new();
     for i in 0..original {
         let node = g.node(NodeId(i as u32)).clone();
         let types: Vec<_> = node.inputs.iter().map(|&v| g.value(v).ty.clone()).collect();
-        let Some(steps) = node.op.expansion(&types) else {
+        let Some(steps) = node.op.expansion(&types).filter(|_| which(&node.op)) else {
             continue;
         };
         let mut results: Vec<ValueId> = vec![];
@@ -40,6 +46,7 @@ pub fn lower_blocks(g: &mut Graph) -> Result<usize, String> {
             let out = g
                 .add_node(op, &args, format!("{}/{k}", node.name))
                 .map_err(|e| format!("lowering `{}` ({}): {e}", node.op.name(), node.name))?;
+            g.set_phase(*ids.last().unwrap(), node.phase);
             results.push(out[0]);
         }
         replaced.insert(node.outputs[0], *results.last().expect("a block has steps"));

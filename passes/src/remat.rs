@@ -1,18 +1,89 @@
 //! Rematerialisation: choose which forward values the backward pass keeps and recompute the
-//! rest from them, by a minimum cut over the forward graph (the formulation of PyTorch's
-//! min-cut partitioner).
+//! rest from them. Three policies ([`Policy`]):
 //!
-//! Each forward value `v` becomes an edge `v_in → v_out` whose capacity is its size: cutting
-//! it means saving `v`. Values the backward pass reads are joined to the sink. Values made by
-//! ops that are not worth recomputing (matmuls, softmax, norms) are joined to the source, so
-//! they can only be saved. Cheap ops (elementwise, layout, gathers, reductions) join their
-//! operands' `out` to their own `in`: a value recomputed needs its operands. Parameters,
-//! inputs and constants are free. The minimum cut is the smallest set of bytes to save; every
-//! other value the backward pass reads is recomputed there (phase [`Phase::Recompute`]).
+//! - **Minimum cut** (the default, the formulation of PyTorch's min-cut partitioner). Each
+//!   forward value `v` becomes an edge `v_in → v_out` whose capacity is its size: cutting it
+//!   means saving `v`. Values the backward pass reads are joined to the sink. Values made by
+//!   ops that are not worth recomputing (matmuls, softmax, norms, attention) are joined to the
+//!   source, so they can only be saved. Cheap ops (elementwise, layout, gathers, reductions)
+//!   join their operands' `out` to their own `in`: a value recomputed needs its operands.
+//!   Parameters, inputs and constants are free. The minimum cut is the smallest set of bytes
+//!   to save.
+//! - **Full** (per-layer checkpointing, Hugging Face's `gradient_checkpointing`): only each
+//!   layer's input is kept inside the layers ([`layers`]); everything else a layer's backward
+//!   reads, GEMMs and attention included, is recomputed from it. Values outside the layers
+//!   (embeddings, the LM head, the loss) are kept.
+//! - **Budget**: at most `B` bytes of saved activations, at the fewest recomputed FLOPs. Values
+//!   outside the layers and each layer's input are kept (so recomputation never crosses a
+//!   layer boundary and its working set is one layer); the rest of the budget is shared among
+//!   the layers in proportion to what each would keep without remat, and each layer's choice
+//!   is an exact 0/1 program ([`good_lp`] with the pure-Rust `microlp` solver): binary
+//!   `save_v` and `recompute_v` for each value of the layer; a value the backward reads is
+//!   saved or recomputed; a recomputed value's operands in the layer are saved or recomputed;
+//!   `Σ bytes·save ≤ B_layer`; minimise `Σ flops·recompute` (then bytes).
+//!
+//! Every other value the backward pass reads is recomputed there (phase
+//! [`Phase::Recompute`]), each clone just before its first reader. Recomputed values are the
+//! same ops on the same operands, so losses are bitwise unchanged.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use memc_ir::{Graph, NodeId, Op, Phase, ValueId};
+
+/// What the backward pass keeps (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Policy {
+    /// The minimum cut: cheap ops recomputed, GEMMs, norms and attention kept.
+    MinCut,
+    /// Per-layer checkpointing: only layer inputs kept inside the layers.
+    Full,
+    /// At most this many bytes of saved activations, fewest recomputed FLOPs.
+    Budget(Budget),
+    /// The per-layer 0/1 programs alone, without the other candidates [`Policy::Budget`]
+    /// compares them with: the exact optimum of the per-layer formulation (for comparisons).
+    Exact(Budget),
+}
+
+/// An activation budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// Bytes.
+    Bytes(u64),
+    /// A fraction of the bytes saved without rematerialisation.
+    Fraction(f64),
+}
+
+/// Why the pass could not apply a policy.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RematError {
+    /// The budget is below what must be kept.
+    #[error(
+        "the activation budget of {budget} bytes is below the smallest feasible one, {min} bytes \
+         (each layer's input and every value outside the layers are kept); pass \
+         --activation-budget {min} or more"
+    )]
+    Infeasible {
+        /// The budget asked for.
+        budget: u64,
+        /// The smallest feasible budget.
+        min: u64,
+    },
+    /// The graph has no layers to checkpoint.
+    #[error(
+        "no transformer layers were recognised (no `residual` around an `attention`), so \
+         --remat full and --activation-budget have nothing to checkpoint; use --remat auto, or \
+         compile without --no-canonicalize"
+    )]
+    NoLayers,
+    /// The solver failed.
+    #[error("the 0/1 program of layer {layer} failed: {msg}")]
+    Solver {
+        /// Which layer.
+        layer: usize,
+        /// The solver's message.
+        msg: String,
+    },
+}
 
 /// What the pass did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -23,11 +94,18 @@ pub struct RematStats {
     pub saved_bytes_after: u64,
     /// Nodes cloned into the backward pass.
     pub recomputed_nodes: usize,
+    /// The budget in bytes, under [`Policy::Budget`].
+    pub budget_bytes: Option<u64>,
+    /// The smallest feasible budget (what [`Policy::Full`] keeps), when the graph has layers.
+    pub min_budget_bytes: Option<u64>,
+    /// Layers found ([`layers`]).
+    pub layers: usize,
 }
 
 const INF: u64 = u64::MAX / 4;
 
-/// Whether recomputing `op` in the backward pass is cheaper than keeping its result.
+/// Whether recomputing `op` in the backward pass is cheaper than keeping its result (the
+/// minimum cut's rule).
 pub fn recomputable(op: &Op) -> bool {
     !matches!(
         op,
@@ -40,19 +118,119 @@ pub fn recomputable(op: &Op) -> bool {
     )
 }
 
-/// Applies the minimum-cut policy in place (see the module docs).
-pub fn rematerialize(g: &mut Graph) -> RematStats {
-    let n_nodes = g.nodes().len();
+/// One transformer layer of a forward graph: its input (the residual stream it starts from),
+/// its output, and the forward values in between.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layer {
+    /// The stream operand of the layer's attention `residual`.
+    pub input: ValueId,
+    /// The next layer's input, or the last `residual`'s result for the last layer.
+    pub output: ValueId,
+    /// Forward values computed from `input` on the way to `output` (both excluded).
+    pub body: Vec<ValueId>,
+}
+
+/// The layers of a forward graph, found from its `residual` nodes (kept until after this
+/// pass by the training builder): a residual whose branch is attention's output projection
+/// starts a layer at its stream operand.
+pub fn layers(g: &Graph) -> Vec<Layer> {
+    fn reaches_attention(g: &Graph, v: ValueId, depth: usize) -> bool {
+        let Some(p) = g.producer(v) else { return false };
+        let n = g.node(p);
+        match &n.op {
+            Op::Attention { .. } => true,
+            _ if depth == 0 => false,
+            Op::MatMul | Op::Reshape { .. } | Op::Transpose { .. } | Op::Cast { .. } => {
+                reaches_attention(g, n.inputs[0], depth - 1)
+            }
+            Op::Binary(memc_ir::BinaryOp::Add) => n
+                .inputs
+                .iter()
+                .any(|&i| g.value(i).ty.rank() > 1 && reaches_attention(g, i, depth - 1)),
+            _ => false,
+        }
+    }
+    let forward = |n: &memc_ir::Node| n.phase == Phase::Forward;
+    let residuals: Vec<&memc_ir::Node> = g
+        .nodes()
+        .iter()
+        .filter(|n| forward(n) && n.op == Op::Residual)
+        .collect();
+    let inputs: Vec<ValueId> = residuals
+        .iter()
+        .filter(|n| reaches_attention(g, n.inputs[1], 8))
+        .map(|n| n.inputs[0])
+        .collect();
+    let Some(last) = residuals.last() else {
+        return vec![];
+    };
+    let mut outputs: Vec<ValueId> = inputs[1.min(inputs.len())..].to_vec();
+    outputs.push(last.outputs[0]);
+    // Forward consumers of each value, for the descendant sweeps.
+    let mut readers: HashMap<ValueId, Vec<NodeId>> = HashMap::new();
+    for (i, n) in g.nodes().iter().enumerate() {
+        if forward(n) {
+            for &v in &n.inputs {
+                readers.entry(v).or_default().push(NodeId(i as u32));
+            }
+        }
+    }
+    inputs
+        .iter()
+        .zip(&outputs)
+        .map(|(&input, &output)| {
+            let mut below = HashSet::from([input]);
+            let mut queue = VecDeque::from([input]);
+            while let Some(v) = queue.pop_front() {
+                for &r in readers.get(&v).into_iter().flatten() {
+                    for &o in &g.node(r).outputs {
+                        if below.insert(o) {
+                            queue.push_back(o);
+                        }
+                    }
+                }
+            }
+            let mut above = HashSet::from([output]);
+            let mut stack = vec![output];
+            while let Some(v) = stack.pop() {
+                if let Some(p) = g.producer(v) {
+                    if forward(g.node(p)) {
+                        for &i in &g.node(p).inputs {
+                            if above.insert(i) {
+                                stack.push(i);
+                            }
+                        }
+                    }
+                }
+            }
+            let mut body: Vec<ValueId> = below
+                .intersection(&above)
+                .copied()
+                .filter(|&v| v != input && v != output)
+                .collect();
+            body.sort();
+            Layer {
+                input,
+                output,
+                body,
+            }
+        })
+        .collect()
+}
+
+/// Applies `policy` in place (see the module docs).
+pub fn rematerialize(g: &mut Graph, policy: &Policy) -> Result<RematStats, RematError> {
     let forward_value = |g: &Graph, v: ValueId| {
         g.producer(v)
             .is_some_and(|p| g.node(p).phase == Phase::Forward)
     };
     // Forward values read outside the forward pass.
     let mut needed = Vec::new();
+    let mut is_needed = HashSet::new();
     for node in g.nodes() {
         if node.phase != Phase::Forward {
             for &v in &node.inputs {
-                if forward_value(g, v) && !needed.contains(&v) {
+                if forward_value(g, v) && is_needed.insert(v) {
                     needed.push(v);
                 }
             }
@@ -60,37 +238,110 @@ pub fn rematerialize(g: &mut Graph) -> RematStats {
     }
     let size = |g: &Graph, v: ValueId| g.value(v).ty.bytes() as u64;
     let saved_bytes_before = needed.iter().map(|&v| size(g, v)).sum();
-
-    // Flow network over forward values: in = 2k, out = 2k + 1, source, sink.
-    let fwd: Vec<ValueId> = (0..g.values().len() as u32)
-        .map(ValueId)
-        .filter(|&v| forward_value(g, v))
+    let layers = layers(g);
+    // Full checkpointing's choice: each layer boundary (layer inputs, the last layer's
+    // output) unless it is free to recompute (an embedding lookup of the inputs), and outside
+    // the layers the minimum cut's choice.
+    let in_layer: HashMap<ValueId, usize> = layers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| l.body.iter().map(move |&v| (v, i)))
         .collect();
-    let index: HashMap<ValueId, usize> = fwd.iter().enumerate().map(|(k, &v)| (v, k)).collect();
-    let (source, sink) = (2 * fwd.len(), 2 * fwd.len() + 1);
-    let mut net = FlowNet::new(2 * fwd.len() + 2);
-    for (k, &v) in fwd.iter().enumerate() {
-        net.add(2 * k, 2 * k + 1, size(g, v).max(1));
-        let node = g.node(g.producer(v).unwrap());
-        if recomputable(&node.op) {
-            for &u in &node.inputs {
-                if let Some(&ku) = index.get(&u) {
-                    net.add(2 * ku + 1, 2 * k, INF);
-                }
+    let cut = min_cut(g, &needed);
+    let mut full: HashSet<ValueId> = cut
+        .iter()
+        .copied()
+        .filter(|v| !in_layer.contains_key(v))
+        .collect();
+    for l in &layers {
+        for v in [l.input, l.output] {
+            if !free(g, v) {
+                full.insert(v);
             }
-        } else {
-            net.add(source, 2 * k, INF);
         }
     }
-    for &v in &needed {
-        net.add(2 * index[&v] + 1, sink, INF);
-    }
-    net.max_flow(source, sink);
-    let reach = net.reachable(source);
-    let saved: Vec<bool> = (0..fwd.len())
-        .map(|k| reach[2 * k] && !reach[2 * k + 1])
-        .collect();
-    let is_saved = |v: ValueId| index.get(&v).is_some_and(|&k| saved[k]);
+    let full_bytes = cost(g, &full, &needed).0;
+    let mut stats = RematStats {
+        saved_bytes_before,
+        layers: layers.len(),
+        min_budget_bytes: (!layers.is_empty()).then_some(full_bytes),
+        ..RematStats::default()
+    };
+    let choose = |budget: u64, exact: bool| -> Result<HashSet<ValueId>, RematError> {
+        // Share what the layers may keep in proportion to what each keeps without remat.
+        let layer_needed: Vec<u64> = layers
+            .iter()
+            .map(|l| {
+                l.body
+                    .iter()
+                    .filter(|v| is_needed.contains(v))
+                    .map(|&v| size(g, v))
+                    .sum()
+            })
+            .collect();
+        let total: u64 = layer_needed.iter().sum::<u64>().max(1);
+        let spare = budget - full_bytes;
+        let mut saved = full.clone();
+        for (i, l) in layers.iter().enumerate() {
+            let share = (spare as u128 * layer_needed[i] as u128 / total as u128) as u64;
+            let keep = solve_layer(g, l, &is_needed, share)
+                .map_err(|msg| RematError::Solver { layer: i, msg })?;
+            saved.extend(keep);
+        }
+        if exact {
+            return Ok(saved);
+        }
+        // The per-layer programs fix each layer's share and boundary; the minimum cut and
+        // keeping everything are candidates too: the fewest recomputed FLOPs within the
+        // budget wins (then the fewest bytes).
+        let everything: HashSet<ValueId> = needed.iter().copied().collect();
+        Ok([saved, cut.clone(), everything]
+            .into_iter()
+            .map(|s| (cost(g, &s, &needed), s))
+            .filter(|((bytes, _), _)| *bytes <= budget)
+            .min_by_key(|((bytes, flops), _)| (*flops, *bytes))
+            .map(|(_, s)| s)
+            .expect("the per-layer choice fits the budget"))
+    };
+    let saved: HashSet<ValueId> = match policy {
+        // The cut sets the memory; at that memory, the fewest recomputed FLOPs.
+        Policy::MinCut if layers.is_empty() => cut.clone(),
+        Policy::MinCut => match cost(g, &cut, &needed).0 {
+            bytes if bytes < full_bytes => cut.clone(),
+            bytes => choose(bytes, false)?,
+        },
+        Policy::Full if layers.is_empty() => return Err(RematError::NoLayers),
+        Policy::Full => full.clone(),
+        Policy::Budget(_) | Policy::Exact(_) if layers.is_empty() => {
+            return Err(RematError::NoLayers)
+        }
+        Policy::Budget(b) | Policy::Exact(b) => {
+            let budget = match *b {
+                Budget::Bytes(x) => x,
+                Budget::Fraction(f) => (f * saved_bytes_before as f64).floor() as u64,
+            };
+            stats.budget_bytes = Some(budget);
+            if budget < full_bytes {
+                return Err(RematError::Infeasible {
+                    budget,
+                    min: full_bytes,
+                });
+            }
+            choose(budget, matches!(policy, Policy::Exact(_)))?
+        }
+    };
+    Ok(stats_after(g, saved, stats))
+}
+
+/// Rewrites the backward pass to keep `saved` and recompute the rest; completes `stats`.
+fn stats_after(g: &mut Graph, saved: HashSet<ValueId>, mut stats: RematStats) -> RematStats {
+    let n_nodes = g.nodes().len();
+    let forward_value = |g: &Graph, v: ValueId| {
+        g.producer(v)
+            .is_some_and(|p| g.node(p).phase == Phase::Forward)
+    };
+    let size = |g: &Graph, v: ValueId| g.value(v).ty.bytes() as u64;
+    let is_saved = |v: ValueId| saved.contains(&v);
 
     // Rewrite backward reads of unsaved values to recomputed clones.
     let mut clone_of: HashMap<ValueId, ValueId> = HashMap::new();
@@ -130,23 +381,151 @@ pub fn rematerialize(g: &mut Graph) -> RematStats {
     g.reorder_nodes(&order);
     g.compact();
     let saved_bytes_after = {
-        let mut kept = Vec::new();
+        let mut kept = HashSet::new();
         for node in g.nodes() {
             if node.phase != Phase::Forward {
                 for &v in &node.inputs {
-                    if forward_value(g, v) && !kept.contains(&v) {
-                        kept.push(v);
+                    if forward_value(g, v) {
+                        kept.insert(v);
                     }
                 }
             }
         }
         kept.iter().map(|&v| size(g, v)).sum()
     };
-    RematStats {
-        saved_bytes_before,
-        saved_bytes_after,
-        recomputed_nodes,
+    stats.saved_bytes_after = saved_bytes_after;
+    stats.recomputed_nodes = recomputed_nodes;
+    stats
+}
+
+/// What keeping `saved` costs: the bytes the backward pass then keeps and the FLOPs it
+/// recomputes (the values it reads that are not kept, and their unkept forward operands).
+pub fn cost(g: &Graph, saved: &HashSet<ValueId>, needed: &[ValueId]) -> (u64, u64) {
+    let forward = |v: ValueId| {
+        g.producer(v)
+            .is_some_and(|p| g.node(p).phase == Phase::Forward)
+    };
+    let (mut kept, mut recomputed) = (HashSet::new(), HashSet::new());
+    let mut stack: Vec<ValueId> = needed.to_vec();
+    while let Some(v) = stack.pop() {
+        if !forward(v) {
+            continue;
+        }
+        if saved.contains(&v) {
+            kept.insert(v);
+        } else if recomputed.insert(v) {
+            stack.extend(&g.node(g.producer(v).unwrap()).inputs);
+        }
     }
+    let bytes = kept.iter().map(|&v| g.value(v).ty.bytes() as u64).sum();
+    let flops = recomputed
+        .iter()
+        .map(|&v| crate::plan::node_flops(g, g.producer(v).unwrap()))
+        .sum();
+    (bytes, flops)
+}
+
+/// Whether `v` is recomputed from inputs, params and constants alone by ops the minimum cut
+/// recomputes (an embedding lookup): keeping it saves nothing worth its bytes.
+fn free(g: &Graph, v: ValueId) -> bool {
+    match g.producer(v) {
+        None => true,
+        Some(p) => {
+            let n = g.node(p);
+            n.phase == Phase::Forward && recomputable(&n.op) && n.inputs.iter().all(|&u| free(g, u))
+        }
+    }
+}
+
+/// The minimum cut's choice of values to keep (see the module docs).
+fn min_cut(g: &Graph, needed: &[ValueId]) -> HashSet<ValueId> {
+    let size = |v: ValueId| g.value(v).ty.bytes() as u64;
+    // Flow network over forward values: in = 2k, out = 2k + 1, source, sink.
+    let fwd: Vec<ValueId> = (0..g.values().len() as u32)
+        .map(ValueId)
+        .filter(|&v| {
+            g.producer(v)
+                .is_some_and(|p| g.node(p).phase == Phase::Forward)
+        })
+        .collect();
+    let index: HashMap<ValueId, usize> = fwd.iter().enumerate().map(|(k, &v)| (v, k)).collect();
+    let (source, sink) = (2 * fwd.len(), 2 * fwd.len() + 1);
+    let mut net = FlowNet::new(2 * fwd.len() + 2);
+    for (k, &v) in fwd.iter().enumerate() {
+        net.add(2 * k, 2 * k + 1, size(v).max(1));
+        let node = g.node(g.producer(v).unwrap());
+        if recomputable(&node.op) {
+            for &u in &node.inputs {
+                if let Some(&ku) = index.get(&u) {
+                    net.add(2 * ku + 1, 2 * k, INF);
+                }
+            }
+        } else {
+            net.add(source, 2 * k, INF);
+        }
+    }
+    for &v in needed {
+        net.add(2 * index[&v] + 1, sink, INF);
+    }
+    net.max_flow(source, sink);
+    let reach = net.reachable(source);
+    fwd.iter()
+        .enumerate()
+        .filter(|&(k, _)| reach[2 * k] && !reach[2 * k + 1])
+        .map(|(_, &v)| v)
+        .collect()
+}
+
+/// The values of `layer` to keep within `budget` bytes at the fewest recomputed FLOPs: an
+/// exact 0/1 program (see the module docs).
+fn solve_layer(
+    g: &Graph,
+    layer: &Layer,
+    needed: &HashSet<ValueId>,
+    budget: u64,
+) -> Result<Vec<ValueId>, String> {
+    use good_lp::{constraint, variable, Expression, Solution, SolverModel};
+    let body: HashSet<ValueId> = layer.body.iter().copied().collect();
+    let mut vars = good_lp::ProblemVariables::new();
+    let save: HashMap<ValueId, good_lp::Variable> = layer
+        .body
+        .iter()
+        .map(|&v| (v, vars.add(variable().binary())))
+        .collect();
+    let recompute: HashMap<ValueId, good_lp::Variable> = layer
+        .body
+        .iter()
+        .map(|&v| (v, vars.add(variable().binary())))
+        .collect();
+    let bytes = |v: ValueId| g.value(v).ty.bytes() as f64;
+    let flops = |v: ValueId| crate::plan::node_flops(g, g.producer(v).unwrap()) as f64;
+    // Bytes only break ties between choices of equal FLOPs.
+    let total_bytes: f64 = layer.body.iter().map(|&v| bytes(v)).sum::<f64>().max(1.0);
+    let objective: Expression = layer
+        .body
+        .iter()
+        .map(|&v| (flops(v) + 1.0) * recompute[&v] + (bytes(v) / total_bytes) * save[&v])
+        .sum();
+    let mut problem = vars.minimise(objective).using(good_lp::microlp);
+    let budget_expr: Expression = layer.body.iter().map(|&v| bytes(v) * save[&v]).sum();
+    problem = problem.with(constraint!(budget_expr <= budget as f64));
+    for &v in &layer.body {
+        if needed.contains(&v) {
+            problem = problem.with(constraint!(save[&v] + recompute[&v] >= 1));
+        }
+        for &u in &g.node(g.producer(v).unwrap()).inputs {
+            if body.contains(&u) {
+                problem = problem.with(constraint!(save[&u] + recompute[&u] >= recompute[&v]));
+            }
+        }
+    }
+    let solution = problem.solve().map_err(|e| e.to_string())?;
+    Ok(layer
+        .body
+        .iter()
+        .copied()
+        .filter(|v| solution.value(save[v]) > 0.5)
+        .collect())
 }
 
 /// The value `v` as available in the backward pass: itself when saved or free, else a clone of

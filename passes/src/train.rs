@@ -13,7 +13,7 @@ use memc_ir::{
 
 use crate::autodiff::{differentiate, AutodiffError};
 use crate::build::Builder;
-use crate::remat::{rematerialize, RematStats};
+use crate::remat::{rematerialize, Policy, RematError, RematStats};
 
 /// The training loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +60,9 @@ pub struct TrainOptions<'a> {
     pub clip_grad_norm: Option<f64>,
     /// Which weights are trained, by parameter name.
     pub trainable: &'a dyn Fn(&str) -> bool,
-    /// Recompute cheap forward values in the backward pass instead of saving them
-    /// ([`crate::remat`]).
-    pub rematerialize: bool,
+    /// What the backward pass keeps and what it recomputes ([`crate::remat`]); `None` keeps
+    /// every value a gradient reads.
+    pub remat: Option<Policy>,
     /// Compute dtype of the forward and backward passes; weights and the optimizer stay f32
     /// ([`crate::precision`]).
     pub compute_dtype: DType,
@@ -100,11 +100,16 @@ pub enum TrainError {
     /// Building the loss or optimizer failed (a bug in memc).
     #[error("building the training step failed: {0}")]
     Build(String),
+    /// The rematerialisation policy cannot be applied.
+    #[error(transparent)]
+    Remat(#[from] RematError),
 }
 
 /// Builds the training step in place (see the module docs).
 pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, TrainError> {
-    crate::blocks::lower_blocks(g).map_err(TrainError::Build)?;
+    // Blocks become their steps; `residual` stays (its VJP is the identity to both operands)
+    // until rematerialisation has found the layers with it.
+    crate::blocks::lower_blocks_where(g, |op| *op != Op::Residual).map_err(TrainError::Build)?;
     crate::precision::lower_precision(g, opts.compute_dtype).map_err(TrainError::Build)?;
     let (ids, logits) = find_logits(g)?;
     let loss = next_token_ce(g, ids, logits).map_err(TrainError::Build)?;
@@ -150,11 +155,11 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
     g.clear_outputs();
     g.add_output("loss", loss);
     g.compact();
-    let remat = if opts.rematerialize {
-        Some(rematerialize(g))
-    } else {
-        None
+    let remat = match &opts.remat {
+        Some(policy) => Some(rematerialize(g, policy).map_err(TrainError::Remat)?),
+        None => None,
     };
+    crate::blocks::lower_blocks(g).map_err(TrainError::Build)?;
     Ok(TrainStats {
         trained_tensors: grads.len(),
         trained_params,

@@ -40,6 +40,7 @@ fn kernels_of_training_programs_match_the_interpreter() {
             clip_grad_norm: Some(1.0),
             remat: RematArg::Auto,
             dtype: memc::train::DtypeArg::F32,
+            activation_budget: None,
         };
         build(&mut g, &args).unwrap();
         let mut feeds = inputs.clone();

@@ -1,0 +1,161 @@
+//! Rematerialisation policies: the minimum cut, per-layer checkpointing (`--remat full`) and
+//! activation budgets. Budgets hold, losses are bitwise unchanged by any choice, infeasible
+//! budgets name the smallest feasible one, and on one layer the minimum cut is within 5% of
+//! the exact 0/1 program's recomputed FLOPs at the same memory.
+
+use memc::train::{OptimizerArg, RematArg, TrainProgramArgs};
+use memc_ir::{DType, Graph, Phase};
+use memc_passes::plan::{flops, plan};
+use memc_passes::remat::{Budget, Policy};
+use memc_passes::train::{build_training, Loss, Optimizer, TrainOptions};
+use memc_tests::{examples, reference_losses, root, train_args, training_program};
+
+/// (saved activation bytes, recomputed FLOPs) of `g`'s training step under `policy`.
+fn cost(g: &Graph, policy: Option<Policy>) -> Result<(u64, u64), String> {
+    let mut g = g.clone();
+    let all = |_: &str| true;
+    let opts = TrainOptions {
+        loss: Loss::NextTokenCe,
+        optimizer: Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        clip_grad_norm: None,
+        trainable: &all,
+        remat: policy,
+        compute_dtype: DType::F32,
+    };
+    build_training(&mut g, &opts).map_err(|e| e.to_string())?;
+    memc_ir::verify(&g).map_err(|e| e.to_string())?;
+    let p = plan(&g);
+    Ok((p.saved_activation_bytes, flops(&g, &[Phase::Recompute])))
+}
+
+#[test]
+fn one_layer_min_cut_is_near_the_exact_optimum_and_budgets_trade_memory_for_flops() {
+    let path = root().join("tests/passes/remat/llama_one_layer.mir");
+    let g = memc_ir::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (none, _) = cost(&g, None).unwrap();
+    let (b_mc, f_mc) = cost(&g, Some(Policy::MinCut)).unwrap();
+    let (b_full, f_full) = cost(&g, Some(Policy::Full)).unwrap();
+    let (b_ex, f_ex) = cost(&g, Some(Policy::Exact(Budget::Bytes(b_mc)))).unwrap();
+    eprintln!("none {none} B; min-cut {b_mc} B {f_mc} FLOPs; exact at that budget {b_ex} B {f_ex} FLOPs; full {b_full} B {f_full} FLOPs");
+    assert!(b_ex <= b_mc);
+    assert!(
+        f_mc as f64 <= 1.05 * f_ex as f64,
+        "the minimum cut recomputes {f_mc} FLOPs, the exact program {f_ex}"
+    );
+    // A sweep from full's memory to no remat: within budget, FLOPs never rise with the budget,
+    // and never above full's.
+    let mut last = u64::MAX;
+    for k in 0..=6 {
+        let budget = b_full + (none - b_full) * k / 6;
+        let (b, f) = cost(&g, Some(Policy::Budget(Budget::Bytes(budget)))).unwrap();
+        eprintln!("budget {budget}: saved {b} B, recomputed {f} FLOPs");
+        assert!(b <= budget, "saved {b} > budget {budget}");
+        assert!(f <= last && f <= f_full, "{f} FLOPs at budget {budget}");
+        last = f;
+    }
+    assert_eq!(last, 0, "the no-remat budget recomputes nothing");
+    // Below full's memory: an error naming the smallest feasible budget.
+    let err = cost(&g, Some(Policy::Budget(Budget::Bytes(b_full - 1)))).unwrap_err();
+    assert!(
+        err.contains(&format!("--activation-budget {b_full} or more")),
+        "{err}"
+    );
+}
+
+fn with_budget(remat: RematArg, budget: Option<&str>) -> TrainProgramArgs {
+    let mut a = train_args(OptimizerArg::Adamw, 0.0, None, remat);
+    a.activation_budget = budget.map(str::to_string);
+    a
+}
+
+#[test]
+fn every_policy_keeps_the_losses_bitwise_and_budgets_hold() {
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
+    {
+        let want = reference_losses(&ex, &with_budget(RematArg::None, None), 1e-3, 0.01, 2);
+        let (g, _) = training_program(&ex, &with_budget(RematArg::None, None));
+        let none = plan(&g).saved_activation_bytes;
+        for (remat, budget) in [
+            (RematArg::Full, None),
+            (RematArg::Auto, Some("0.5")),
+            (RematArg::Auto, Some("80%")),
+        ] {
+            let a = with_budget(remat, budget);
+            let (g, _) = training_program(&ex, &a);
+            let saved = plan(&g).saved_activation_bytes;
+            if let Some(f) = budget {
+                let f: f64 = match f.strip_suffix('%') {
+                    Some(p) => p.parse::<f64>().unwrap() / 100.0,
+                    None => f.parse().unwrap(),
+                };
+                assert!(
+                    saved as f64 <= f * none as f64,
+                    "{}: {saved} bytes saved over a budget of {f} × {none}",
+                    ex.name
+                );
+            }
+            eprintln!(
+                "{:<14} {remat:?} {budget:?}: saved {saved} of {none} bytes",
+                ex.name
+            );
+            let got = reference_losses(&ex, &a, 1e-3, 0.01, 2);
+            assert_eq!(got, want, "{} {remat:?} {budget:?}", ex.name);
+        }
+    }
+}
+
+#[test]
+fn bad_budgets_and_policies_say_what_to_do() {
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    let run = |a: &TrainProgramArgs| {
+        let (mut g, _) = ex.import();
+        memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+        memc::train::build(&mut g, a).map(|_| ())
+    };
+    let err = run(&with_budget(RematArg::Auto, Some("1000"))).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("below the smallest feasible one"),
+        "{err:#}"
+    );
+    for bad in ["lots", "0", "1.5", "-3MB", "150%"] {
+        let err = run(&with_budget(RematArg::Auto, Some(bad))).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--activation-budget"),
+            "{bad}: {err:#}"
+        );
+    }
+    let err = run(&with_budget(RematArg::Full, Some("0.5"))).unwrap_err();
+    assert!(format!("{err:#}").contains("needs --remat auto"), "{err:#}");
+    // Without canonicalisation there are no recognised layers to checkpoint.
+    let (mut g, _) = ex.import();
+    let err = memc::train::build(&mut g, &with_budget(RematArg::Full, None)).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no transformer layers"),
+        "{err:#}"
+    );
+    // Units.
+    for (text, bytes) in [
+        ("1.5GiB", 1_610_612_736u64),
+        ("800MB", 800_000_000),
+        ("4096", 4096),
+    ] {
+        assert_eq!(
+            memc::train::parse_budget(text).unwrap(),
+            Budget::Bytes(bytes),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        memc::train::parse_budget("50%").unwrap(),
+        Budget::Fraction(0.5)
+    );
+}
