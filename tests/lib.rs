@@ -117,6 +117,7 @@ pub fn train_args(
         remat,
         dtype: memc::train::DtypeArg::F32,
         activation_budget: None,
+        no_fused_loss: false,
     }
 }
 

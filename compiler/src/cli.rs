@@ -368,6 +368,29 @@ fn compile(args: CompileArgs) -> Result<()> {
                 "training: {} weight tensors trained ({} parameters), {} frozen; {} backward nodes, {} optimizer nodes",
                 t.trained_tensors, t.trained_params, t.frozen_tensors, t.backward_nodes, t.update_nodes
             );
+            if let Some(r) = &t.remat {
+                let budget = r
+                    .budget_bytes
+                    .map(|b| format!(" (budget {b} bytes)"))
+                    .unwrap_or_default();
+                let min = r
+                    .min_budget_bytes
+                    .map(|b| format!("; the smallest feasible budget is {b} bytes"))
+                    .unwrap_or_default();
+                println!(
+                    "remat: saved activations {} -> {} bytes{budget}, {} nodes recomputed, {} layers{min}",
+                    r.saved_bytes_before, r.saved_bytes_after, r.recomputed_nodes, r.layers
+                );
+            }
+            if let Some(f) = &t.fused_loss {
+                println!(
+                    "loss: fused LM-head cross-entropy in {} chunks: at most {} bytes of logits at once instead of {} ({} bytes not held)",
+                    f.chunks,
+                    f.chunk_bytes,
+                    f.logits_bytes,
+                    f.logits_bytes - f.chunk_bytes
+                );
+            }
         }
         print!("{}", report::plan_table(&g, &plan));
         if let Some((bytes, kernels)) = cpu_arena {
@@ -398,6 +421,12 @@ fn compile(args: CompileArgs) -> Result<()> {
                             "layers": r.layers,
                             "budget_bytes": r.budget_bytes,
                             "min_budget_bytes": r.min_budget_bytes,
+                        })),
+                        "fused_loss": t.fused_loss.map(|f| serde_json::json!({
+                            "chunks": f.chunks,
+                            "logits_bytes": f.logits_bytes,
+                            "chunk_bytes": f.chunk_bytes,
+                            "bytes_not_held": f.logits_bytes - f.chunk_bytes,
                         }))}),
                 );
             }

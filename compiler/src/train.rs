@@ -63,6 +63,10 @@ pub struct TrainProgramArgs {
     /// that names that budget.
     #[arg(long, value_name = "BYTES|FRACTION")]
     pub activation_budget: Option<String>,
+    /// Compute the loss from the full `[B, S, V]` logits instead of the fused, chunked LM-head
+    /// cross-entropy (which never holds them whole).
+    #[arg(long)]
+    pub no_fused_loss: bool,
     /// Compute dtype of the forward and backward passes (bf16 keeps f32 master weights and an
     /// f32 optimizer).
     #[arg(long, value_enum, default_value = "f32")]
@@ -166,6 +170,7 @@ pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
         optimizer,
         clip_grad_norm: args.clip_grad_norm,
         trainable: &trainable,
+        fused_loss: !args.no_fused_loss,
         remat: match (args.remat, &args.activation_budget) {
             (RematArg::None, None) => None,
             (RematArg::Auto, None) => Some(Policy::MinCut),

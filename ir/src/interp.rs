@@ -445,7 +445,7 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
                 }
             }
         }
-        Op::SwigluFfn | Op::GeluFfn { .. } | Op::Rope | Op::Residual => {
+        Op::SwigluFfn | Op::GeluFfn { .. } | Op::Rope | Op::Residual | Op::LmHeadCe { .. } => {
             unreachable!("blocks are evaluated by their steps")
         }
         Op::RmsNorm { axis, epsilon } => {

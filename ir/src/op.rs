@@ -172,6 +172,15 @@ pub enum Op {
     /// (an attention or FFN sub-block's output), of one type. Marks the residual structure
     /// for the rewrites that need it (reversible layers); lowered to `add`.
     Residual,
+    /// The LM head's cross-entropy, fused and chunked: `−mean_n log_softmax(h·w)[n, t_n]`
+    /// computed `chunk` rows of `h` at a time, so the `[N, V]` logits are never held whole
+    /// (in f32 whatever `h`'s dtype). Inputs h `[N, d]`, w `[d, V]`, the targets `[N, 1]`
+    /// (integers) and optionally a bias `[V]` added to the logits; result an f32 scalar. Its
+    /// VJP recomputes each chunk's logits.
+    LmHeadCe {
+        /// Rows per chunk.
+        chunk: usize,
+    },
     /// Reduction over `axes` (sorted, unique).
     Reduce {
         /// Sum, mean or max.
@@ -334,7 +343,8 @@ pub enum Operand {
 }
 
 impl Op {
-    /// The primitive steps a block op (`swiglu_ffn`, `gelu_ffn`, `rope`, `residual`) stands for, given
+    /// The primitive steps a block op (`swiglu_ffn`, `gelu_ffn`, `rope`, `residual`,
+    /// `lm_head_ce`) stands for, given
     /// its operands' types; the last step's result is the block's. `None` for every other op. The
     /// interpreter evaluates blocks by these steps and the lowering pass emits them, so the
     /// two cannot disagree.
@@ -342,6 +352,51 @@ impl Op {
         use Operand::{Input, Step};
         match self {
             Op::Residual => Some(vec![(Op::Binary(BinaryOp::Add), vec![Input(0), Input(1)])]),
+            Op::LmHeadCe { chunk } => {
+                // Per chunk: rows of h, their logits (in f32), log-probabilities, the targets'.
+                let (n, d) = (operands[0].shape[0], operands[0].shape[1]);
+                let f32_logits = operands[0].dtype != DType::F32;
+                let mut steps = vec![];
+                let mut picked = vec![];
+                for r0 in (0..n).step_by((*chunk).max(1)) {
+                    let r1 = (r0 + chunk).min(n);
+                    let rows = |width: usize| Op::Slice {
+                        starts: vec![r0, 0],
+                        ends: vec![r1, width],
+                        steps: vec![1, 1],
+                    };
+                    steps.push((rows(d), vec![Input(0)]));
+                    steps.push((Op::MatMul, vec![Step(steps.len() - 1), Input(1)]));
+                    if operands.len() == 4 {
+                        steps.push((
+                            Op::Binary(BinaryOp::Add),
+                            vec![Step(steps.len() - 1), Input(3)],
+                        ));
+                    }
+                    if f32_logits {
+                        steps.push((Op::Cast { to: DType::F32 }, vec![Step(steps.len() - 1)]));
+                    }
+                    steps.push((Op::LogSoftmax { axis: 1 }, vec![Step(steps.len() - 1)]));
+                    let logp = steps.len() - 1;
+                    steps.push((rows(1), vec![Input(2)]));
+                    steps.push((
+                        Op::GatherElements { axis: 1 },
+                        vec![Step(logp), Step(steps.len() - 1)],
+                    ));
+                    picked.push(Step(steps.len() - 1));
+                }
+                steps.push((Op::Concat { axis: 0 }, picked));
+                steps.push((
+                    Op::Reduce {
+                        kind: ReduceKind::Mean,
+                        axes: vec![0, 1],
+                        keep_dims: false,
+                    },
+                    vec![Step(steps.len() - 1)],
+                ));
+                steps.push((Op::Unary(UnaryOp::Neg), vec![Step(steps.len() - 1)]));
+                Some(steps)
+            }
             Op::Rope => {
                 let shape = &operands.first()?.shape;
                 let (last, d) = (shape.len().checked_sub(1)?, *shape.last()?);
@@ -415,6 +470,7 @@ impl Op {
             Op::SwigluFfn => "swiglu_ffn",
             Op::Rope => "rope",
             Op::Residual => "residual",
+            Op::LmHeadCe { .. } => "lm_head_ce",
             Op::GeluFfn { .. } => "gelu_ffn",
             Op::Attention { .. } => "attention",
             Op::AttentionLse { .. } => "attention_lse",
@@ -447,6 +503,7 @@ impl Op {
             | Op::Rope
             | Op::Residual => vec![],
             Op::GeluFfn { tanh } => vec![("tanh", Attr::Bool(*tanh))],
+            Op::LmHeadCe { chunk } => vec![("chunk", Attr::Int(*chunk as i64))],
             Op::Attention { scale } | Op::AttentionLse { scale } => {
                 vec![("scale", Attr::Float(*scale))]
             }
@@ -560,6 +617,12 @@ impl Op {
                 "swiglu_ffn" => Op::SwigluFfn,
                 "rope" => Op::Rope,
                 "residual" => Op::Residual,
+                "lm_head_ce" => Op::LmHeadCe {
+                    chunk: match uint(get("chunk")?, "chunk")? {
+                        0 => return Err("attribute `chunk` must be ≥ 1".into()),
+                        c => c,
+                    },
+                },
                 "gelu_ffn" => Op::GeluFfn {
                     tanh: boolean(get("tanh")?, "tanh")?,
                 },
@@ -860,6 +923,36 @@ impl Op {
                     unreachable!()
                 };
                 one(inputs[*wrt].clone())
+            }
+            Op::LmHeadCe { .. } => {
+                if !(3..=4).contains(&inputs.len()) {
+                    return Err(format!(
+                        "`lm_head_ce` takes h, w, targets and an optional bias, got {} operands",
+                        inputs.len()
+                    ));
+                }
+                let (h, w, t) = (&inputs[0], &inputs[1], &inputs[2]);
+                if let Some(b) = inputs.get(3) {
+                    if b.dtype != h.dtype || b.shape != [w.shape.get(1).copied().unwrap_or(0)] {
+                        return Err(format!(
+                            "`lm_head_ce`: the bias must be {}[V], got {b}",
+                            h.dtype
+                        ));
+                    }
+                }
+                float_operand(self, h)?;
+                if h.rank() != 2
+                    || w.dtype != h.dtype
+                    || w.rank() != 2
+                    || w.shape[0] != h.shape[1]
+                    || !matches!(t.dtype, DType::I64 | DType::I32)
+                    || t.shape != [h.shape[0], 1]
+                {
+                    return Err(format!(
+                        "`lm_head_ce` takes h [N, d], w [d, V] of h's dtype and integer targets [N, 1], got {h}, {w}, {t}"
+                    ));
+                }
+                one(TensorType::new(DType::F32, vec![]))
             }
             Op::Residual => {
                 arity(2)?;

@@ -590,6 +590,12 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
         }
         Op::Rope => 3 * out.numel() as u64,
         Op::Residual => out.numel() as u64,
+        Op::LmHeadCe { .. } => {
+            let h = &g.value(nd.inputs[0]).ty.shape;
+            let v = g.value(nd.inputs[1]).ty.shape[1] as u64;
+            let n = h[0] as u64;
+            2 * n * h[1] as u64 * v + 5 * n * v
+        }
         Op::Reduce { .. } => g.value(nd.inputs[0]).ty.numel() as u64,
         Op::Unary(_) | Op::Binary(_) | Op::Where => out.numel() as u64,
         _ => 0,

@@ -115,6 +115,7 @@ pub fn recomputable(op: &Op) -> bool {
             | Op::LayerNorm { .. }
             | Op::RmsNorm { .. }
             | Op::Attention { .. }
+            | Op::LmHeadCe { .. }
     )
 }
 

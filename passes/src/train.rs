@@ -63,6 +63,9 @@ pub struct TrainOptions<'a> {
     /// What the backward pass keeps and what it recomputes ([`crate::remat`]); `None` keeps
     /// every value a gradient reads.
     pub remat: Option<Policy>,
+    /// Compute the loss with the fused, chunked LM-head cross-entropy (`lm_head_ce`) when
+    /// the logits are one GEMM: the `[B, S, V]` logits are never held whole.
+    pub fused_loss: bool,
     /// Compute dtype of the forward and backward passes; weights and the optimizer stay f32
     /// ([`crate::precision`]).
     pub compute_dtype: DType,
@@ -83,6 +86,20 @@ pub struct TrainStats {
     pub update_nodes: usize,
     /// What rematerialisation did, if it ran.
     pub remat: Option<RematStats>,
+    /// The fused LM-head loss, when it was used.
+    pub fused_loss: Option<FusedLoss>,
+}
+
+/// How the fused LM-head loss ([`memc_ir::Op::LmHeadCe`]) was chunked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FusedLoss {
+    /// Chunks of rows.
+    pub chunks: usize,
+    /// Bytes of the whole f32 logits `[N, V]` the plain loss holds (forward, then its
+    /// log-probabilities for the backward pass).
+    pub logits_bytes: u64,
+    /// Bytes of one chunk's f32 logits, the most the fused loss holds at once.
+    pub chunk_bytes: u64,
 }
 
 /// Why a training step cannot be built.
@@ -112,7 +129,21 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
     crate::blocks::lower_blocks_where(g, |op| *op != Op::Residual).map_err(TrainError::Build)?;
     crate::precision::lower_precision(g, opts.compute_dtype).map_err(TrainError::Build)?;
     let (ids, logits) = find_logits(g)?;
-    let loss = next_token_ce(g, ids, logits).map_err(TrainError::Build)?;
+    let head = if opts.fused_loss {
+        lm_head(g, logits)
+    } else {
+        None
+    };
+    let (loss, fused_loss) = match head {
+        Some((h, w, bias)) => {
+            let (loss, f) = fused_next_token_ce(g, ids, h, w, bias).map_err(TrainError::Build)?;
+            (loss, Some(f))
+        }
+        None => (
+            next_token_ce(g, ids, logits).map_err(TrainError::Build)?,
+            None,
+        ),
+    };
 
     let weights: Vec<ValueId> = g
         .weights()
@@ -167,6 +198,7 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
         backward_nodes,
         update_nodes,
         remat,
+        fused_loss,
     })
 }
 
@@ -247,6 +279,96 @@ fn next_token_ce(g: &mut Graph, ids: ValueId, logits: ValueId) -> Result<ValueId
     let picked = b.op(Op::GatherElements { axis: 2 }, &[logp, targets])?;
     let mean = b.reduce(ReduceKind::Mean, picked, vec![0, 1, 2], false)?;
     b.neg(mean)
+}
+
+/// The LM head: `logits = h·w (+ b)` with `w` a matrix, `b` a vector, and the logits read by
+/// nothing else: (h, w, b).
+fn lm_head(g: &Graph, logits: ValueId) -> Option<(ValueId, ValueId, Option<ValueId>)> {
+    let only_reader = |v: ValueId| g.nodes().iter().filter(|m| m.inputs.contains(&v)).count() == 1;
+    let mut p = g.producer(logits)?;
+    // Under bf16 the output is the f32 cast of the head's result.
+    if let Op::Cast { .. } = g.node(p).op {
+        let inner = g.node(p).inputs[0];
+        if !only_reader(inner) {
+            return None;
+        }
+        p = g.producer(inner)?;
+    }
+    // A bias (BERT's MLM decoder).
+    let mut bias = None;
+    if g.node(p).op == Op::Binary(BinaryOp::Add) {
+        let (a, c) = (g.node(p).inputs[0], g.node(p).inputs[1]);
+        let (m, b) = if g.value(c).ty.rank() == 1 {
+            (a, c)
+        } else {
+            (c, a)
+        };
+        if g.value(b).ty.rank() != 1 || !only_reader(m) {
+            return None;
+        }
+        bias = Some(b);
+        p = g.producer(m)?;
+    }
+    let n = g.node(p);
+    let (h, w) = (n.inputs.first().copied()?, n.inputs.get(1).copied()?);
+    let readers = g
+        .nodes()
+        .iter()
+        .filter(|m| m.inputs.contains(&logits))
+        .count();
+    (n.op == Op::MatMul
+        && readers == 0
+        && g.value(w).ty.rank() == 2
+        && g.value(h).ty.rank() == 3
+        && bias.is_none_or(|b| g.value(b).ty.shape == [g.value(w).ty.shape[1]]))
+    .then_some((h, w, bias))
+}
+
+/// Next-token cross-entropy through the fused, chunked `lm_head_ce`: chunks of about
+/// `N·d/V` rows, so a chunk's logits are about the size of `h`.
+fn fused_next_token_ce(
+    g: &mut Graph,
+    ids: ValueId,
+    h: ValueId,
+    w: ValueId,
+    bias: Option<ValueId>,
+) -> Result<(ValueId, FusedLoss), String> {
+    let (bsz, seq, d) = {
+        let s = &g.value(h).ty.shape;
+        (s[0], s[1], s[2])
+    };
+    let vocab = g.value(w).ty.shape[1];
+    let n = bsz * (seq - 1);
+    let chunks = vocab.div_ceil(d.max(1)).clamp(1, n);
+    let chunk = n.div_ceil(chunks);
+    let mut b = Builder::new(g, Phase::Forward, "loss");
+    let shifted = b.op(
+        Op::Slice {
+            starts: vec![0, 0, 0],
+            ends: vec![bsz, seq - 1, d],
+            steps: vec![1; 3],
+        },
+        &[h],
+    )?;
+    let rows = b.reshape(shifted, vec![n, d])?;
+    let targets = b.op(
+        Op::Slice {
+            starts: vec![0, 1],
+            ends: vec![bsz, seq],
+            steps: vec![1, 1],
+        },
+        &[ids],
+    )?;
+    let targets = b.reshape(targets, vec![n, 1])?;
+    let mut operands = vec![rows, w, targets];
+    operands.extend(bias);
+    let loss = b.op(Op::LmHeadCe { chunk }, &operands)?;
+    let stats = FusedLoss {
+        chunks: n.div_ceil(chunk),
+        logits_bytes: (n * vocab * 4) as u64,
+        chunk_bytes: (chunk * vocab * 4) as u64,
+    };
+    Ok((loss, stats))
 }
 
 struct Scalars {

@@ -41,6 +41,7 @@ fn kernels_of_training_programs_match_the_interpreter() {
             remat: RematArg::Auto,
             dtype: memc::train::DtypeArg::F32,
             activation_budget: None,
+            no_fused_loss: false,
         };
         build(&mut g, &args).unwrap();
         let mut feeds = inputs.clone();

@@ -24,6 +24,7 @@ fn cost(g: &Graph, policy: Option<Policy>) -> Result<(u64, u64), String> {
         clip_grad_norm: None,
         trainable: &all,
         remat: policy,
+        fused_loss: true,
         compute_dtype: DType::F32,
     };
     build_training(&mut g, &opts).map_err(|e| e.to_string())?;
@@ -158,4 +159,60 @@ fn bad_budgets_and_policies_say_what_to_do() {
         memc::train::parse_budget("50%").unwrap(),
         Budget::Fraction(0.5)
     );
+}
+
+#[test]
+fn the_fused_loss_never_holds_the_logits_and_trains_like_the_plain_one() {
+    for ex in examples()
+        .into_iter()
+        .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
+    {
+        let fused = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+        let mut plain = fused.clone();
+        plain.no_fused_loss = true;
+        let (g, inputs) = training_program(&ex, &fused);
+        let ids = &inputs["input_ids"];
+        let (bsz, seq) = (ids.shape()[0], ids.shape()[1]);
+        let (gp, _) = training_program(&ex, &plain);
+        // The vocabulary: the plain program's log-probabilities' last dim.
+        let vocab = gp
+            .nodes()
+            .iter()
+            .find(|n| matches!(n.op, memc_ir::Op::LogSoftmax { .. }))
+            .map(|n| *gp.value(n.outputs[0]).ty.shape.last().unwrap())
+            .unwrap();
+        let n = bsz * (seq - 1);
+        // Every (log-)softmax over the vocabulary, forward or backward, sees one chunk.
+        let largest = g
+            .nodes()
+            .iter()
+            .filter(|n| {
+                matches!(
+                    n.op,
+                    memc_ir::Op::LogSoftmax { .. } | memc_ir::Op::Softmax { .. }
+                )
+            })
+            .map(|n| g.value(n.inputs[0]).ty.clone())
+            .filter(|t| t.shape.last() == Some(&vocab))
+            .map(|t| t.numel())
+            .max()
+            .unwrap();
+        eprintln!(
+            "{:<14} largest softmax over the vocabulary: {largest} elements (whole logits: {})",
+            ex.name,
+            n * vocab
+        );
+        assert!(
+            largest <= n * vocab / 2,
+            "{}: a softmax over {largest} elements ≥ half the logits ({})",
+            ex.name,
+            n * vocab
+        );
+        // And the plain loss keeps more.
+        assert!(plan(&g).saved_activation_bytes < plan(&gp).saved_activation_bytes);
+        let a = reference_losses(&ex, &fused, 1e-3, 0.01, 3);
+        let b = reference_losses(&ex, &plain, 1e-3, 0.01, 3);
+        let err = memc_tests::max_rel(&a, &b);
+        assert!(err <= 1e-5, "{}: {a:?} vs {b:?}", ex.name);
+    }
 }
