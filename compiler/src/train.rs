@@ -59,7 +59,8 @@ pub struct TrainProgramArgs {
     pub remat: RematArg,
     /// At most this much saved activation memory (with --remat auto): bytes (`1500000000`,
     /// `1.5GiB`, `800MB`) or a fraction of what the backward keeps without remat (`0.5`,
-    /// `50%`). Below the smallest feasible budget (what `--remat full` keeps) it is an error
+    /// `50%`). Below the smallest feasible budget (the layers' inputs and the minimum cut
+    /// outside the layers, reported as `min_budget_bytes`) it is an error
     /// that names that budget.
     #[arg(long, value_name = "BYTES|FRACTION")]
     pub activation_budget: Option<String>,

@@ -11,11 +11,12 @@
 //!   to save.
 //! - **Full** (per-layer checkpointing, Hugging Face's `gradient_checkpointing`): only each
 //!   layer's input is kept inside the layers ([`layers`]); everything else a layer's backward
-//!   reads, GEMMs and attention included, is recomputed from it. Values outside the layers
-//!   (embeddings, the LM head, the loss) are kept.
-//! - **Budget**: at most `B` bytes of saved activations, at the fewest recomputed FLOPs. Values
-//!   outside the layers and each layer's input are kept (so recomputation never crosses a
-//!   layer boundary and its working set is one layer); the rest of the budget is shared among
+//!   reads, GEMMs and attention included, is recomputed from it. What the backward reads
+//!   outside the layers (embeddings, the LM head, the loss) is kept, as eager PyTorch does.
+//! - **Budget**: at most `B` bytes of saved activations, at the fewest recomputed FLOPs. Each
+//!   layer's input is kept (so recomputation never crosses a layer boundary and its working
+//!   set is one layer), outside the layers the minimum cut's choice (the smallest feasible
+//!   budget is these bytes, below full's); the rest of the budget is shared among
 //!   the layers in proportion to what each would keep without remat, and each layer's choice
 //!   is an exact 0/1 program ([`good_lp`] with the pure-Rust `microlp` solver): binary
 //!   `save_v` and `recompute_v` for each value of the layer; a value the backward reads is
@@ -59,7 +60,7 @@ pub enum RematError {
     /// The budget is below what must be kept.
     #[error(
         "the activation budget of {budget} bytes is below the smallest feasible one, {min} bytes \
-         (each layer's input and every value outside the layers are kept); pass \
+         (each layer's input and the minimum cut's choice outside the layers are kept); pass \
          --activation-budget {min} or more"
     )]
     Infeasible {
@@ -96,7 +97,8 @@ pub struct RematStats {
     pub recomputed_nodes: usize,
     /// The budget in bytes, under [`Policy::Budget`].
     pub budget_bytes: Option<u64>,
-    /// The smallest feasible budget (what [`Policy::Full`] keeps), when the graph has layers.
+    /// The smallest feasible budget (the layer boundaries and, outside the layers, the
+    /// minimum cut's choice), when the graph has layers.
     pub min_budget_bytes: Option<u64>,
     /// Layers found ([`layers`]).
     pub layers: usize,
@@ -240,32 +242,39 @@ pub fn rematerialize(g: &mut Graph, policy: &Policy) -> Result<RematStats, Remat
     let size = |g: &Graph, v: ValueId| g.value(v).ty.bytes() as u64;
     let saved_bytes_before = needed.iter().map(|&v| size(g, v)).sum();
     let layers = layers(g);
-    // Full checkpointing's choice: each layer boundary (layer inputs, the last layer's
-    // output) unless it is free to recompute (an embedding lookup of the inputs), and outside
-    // the layers the minimum cut's choice.
+    // The floor every budget keeps: each layer boundary (layer inputs, the last layer's
+    // output) unless it is free to recompute (an embedding lookup of the inputs), and
+    // outside the layers the minimum cut's choice. Full checkpointing (Hugging Face's) keeps
+    // every boundary and, outside the layers, everything the backward pass reads.
     let in_layer: HashMap<ValueId, usize> = layers
         .iter()
         .enumerate()
         .flat_map(|(i, l)| l.body.iter().map(move |&v| (v, i)))
         .collect();
     let cut = min_cut(g, &needed);
-    let mut full: HashSet<ValueId> = cut
+    let mut floor: HashSet<ValueId> = cut
+        .iter()
+        .copied()
+        .filter(|v| !in_layer.contains_key(v))
+        .collect();
+    let mut full: HashSet<ValueId> = needed
         .iter()
         .copied()
         .filter(|v| !in_layer.contains_key(v))
         .collect();
     for l in &layers {
         for v in [l.input, l.output] {
+            full.insert(v);
             if !free(g, v) {
-                full.insert(v);
+                floor.insert(v);
             }
         }
     }
-    let full_bytes = cost(g, &full, &needed).0;
+    let floor_bytes = cost(g, &floor, &needed).0;
     let mut stats = RematStats {
         saved_bytes_before,
         layers: layers.len(),
-        min_budget_bytes: (!layers.is_empty()).then_some(full_bytes),
+        min_budget_bytes: (!layers.is_empty()).then_some(floor_bytes),
         ..RematStats::default()
     };
     let choose = |budget: u64, exact: bool| -> Result<HashSet<ValueId>, RematError> {
@@ -281,8 +290,8 @@ pub fn rematerialize(g: &mut Graph, policy: &Policy) -> Result<RematStats, Remat
             })
             .collect();
         let total: u64 = layer_needed.iter().sum::<u64>().max(1);
-        let spare = budget - full_bytes;
-        let mut saved = full.clone();
+        let spare = budget - floor_bytes;
+        let mut saved = floor.clone();
         for (i, l) in layers.iter().enumerate() {
             let share = (spare as u128 * layer_needed[i] as u128 / total as u128) as u64;
             let keep = solve_layer(g, l, &is_needed, share)
@@ -308,7 +317,7 @@ pub fn rematerialize(g: &mut Graph, policy: &Policy) -> Result<RematStats, Remat
         // The cut sets the memory; at that memory, the fewest recomputed FLOPs.
         Policy::MinCut if layers.is_empty() => cut.clone(),
         Policy::MinCut => match cost(g, &cut, &needed).0 {
-            bytes if bytes < full_bytes => cut.clone(),
+            bytes if bytes < floor_bytes => cut.clone(),
             bytes => choose(bytes, false)?,
         },
         Policy::Full if layers.is_empty() => return Err(RematError::NoLayers),
@@ -322,10 +331,10 @@ pub fn rematerialize(g: &mut Graph, policy: &Policy) -> Result<RematStats, Remat
                 Budget::Fraction(f) => (f * saved_bytes_before as f64).floor() as u64,
             };
             stats.budget_bytes = Some(budget);
-            if budget < full_bytes {
+            if budget < floor_bytes {
                 return Err(RematError::Infeasible {
                     budget,
-                    min: full_bytes,
+                    min: floor_bytes,
                 });
             }
             choose(budget, matches!(policy, Policy::Exact(_)))?
