@@ -232,3 +232,36 @@ fn the_fused_loss_never_holds_the_logits_and_trains_like_the_plain_one() {
         assert!(err <= 1e-5, "{}: {a:?} vs {b:?}", ex.name);
     }
 }
+
+#[test]
+fn remat_choices_keep_the_cpu_backend_losses_bitwise() {
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    let path = ex.path.with_extension("").join("inputs/input_ids.npy");
+    let run = |a: &TrainProgramArgs| {
+        let (mut g, _) = training_program(&ex, a);
+        let mut data = memc::train::Batches::open(&path).unwrap();
+        let lopts = memc::train::LoopOptions {
+            steps: 3,
+            lr: 1e-3,
+            weight_decay: 0.01,
+            peak_bytes: None,
+        };
+        memc::train::run_host(
+            &mut g,
+            a,
+            &mut data,
+            &path.display().to_string(),
+            &lopts,
+            &ex.name,
+        )
+        .unwrap()
+    };
+    let want = run(&with_budget(RematArg::None, None));
+    for (remat, budget) in [(RematArg::Full, None), (RematArg::Auto, Some("0.4"))] {
+        let got = run(&with_budget(remat, budget));
+        assert_eq!(got, want, "{remat:?} {budget:?}");
+    }
+}
