@@ -29,12 +29,13 @@ echo "== memc eval examples/models/llama-dynamo.onnx ... --backend cpu   (kernel
 $MEMC eval examples/models/llama-dynamo.onnx --input input_ids=examples/models/llama-dynamo/inputs/input_ids.npy \
   --out "$OUT/llama-dynamo-cpu" --check examples/models/llama-dynamo/ref --backend cpu | grep -E '^check'
 
-for remat in none auto; do
+for policy in "--remat none" "--remat auto" "--remat full" "--activation-budget 0.5"; do
+  tag=$(echo "$policy" | tr -d ' -.')
   echo
-  echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw --remat $remat --report"
-  $MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw --remat $remat \
-    --report --report-json "$OUT/llama-train-$remat.json" --plot "$OUT/llama-train-$remat.svg" | sed -n '/^training:/,$p'
-  echo "   (plot: $OUT/llama-train-$remat.svg)"
+  echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x128 --train --optimizer adamw $policy --report"
+  $MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x128 --train --optimizer adamw $policy \
+    --report --report-json "$OUT/llama-train-$tag.json" --plot "$OUT/llama-train-$tag.svg" | sed -n '/^training:/,$p'
+  echo "   (plot: $OUT/llama-train-$tag.svg)"
 done
 
 echo
