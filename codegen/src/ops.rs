@@ -360,6 +360,41 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             });
             f.end_parallel(pdims.len());
         }
+        Op::TopK { k } => {
+            // Each element's rank in its row, rank(c) = #{c' : x[c'] > x[c] or (x[c'] = x[c]
+            // and c' < c)}; element c is written at out[rank(c)] when rank(c) < k. No sort, one
+            // row per parallel iteration (n² compares per row).
+            let n = *xshape.last().unwrap_or(&1);
+            let rows: Vec<usize> = xshape[..xshape.len().saturating_sub(1)].to_vec();
+            let ivs = f.parallel(&rows);
+            let full = |ivs: &[String], c: &str| -> Vec<String> {
+                let mut v = ivs.to_vec();
+                v.push(c.to_string());
+                v
+            };
+            let kk = f.index(*k);
+            f.each(&[n], &mut |f, c| {
+                let xc = f.load(0, &full(&ivs, &c[0]), &xshape, xdt);
+                let rank = f.fold(&[n], "%c0", "index", &mut |f, o, acc| {
+                    let xo = f.load(0, &full(&ivs, &o[0]), &xshape, xdt);
+                    let gt = f.v(&format!("arith.cmpf ogt, {xo}, {xc} : {at}"));
+                    let eq = f.v(&format!("arith.cmpf oeq, {xo}, {xc} : {at}"));
+                    let lower = f.v(&format!("arith.cmpi ult, {}, {} : index", o[0], c[0]));
+                    let tie = f.v(&format!("arith.andi {eq}, {lower} : i1"));
+                    let before = f.v(&format!("arith.ori {gt}, {tie} : i1"));
+                    let inc = f.v(&format!("arith.select {before}, %c1, %c0 : index"));
+                    f.v(&format!("arith.addi {acc}, {inc} : index"))
+                });
+                let keep = f.v(&format!("arith.cmpi ult, {rank}, {kk} : index"));
+                f.line(&format!("scf.if {keep} {{"));
+                f.indent += 1;
+                let ci = f.v(&format!("arith.index_cast {} : index to i32", c[0]));
+                f.store(&ci, out, &full(&ivs, &rank), &oshape, odt);
+                f.indent -= 1;
+                f.line("}");
+            });
+            f.end_parallel(rows.len());
+        }
         Op::LayerNorm { axis, epsilon } => {
             let outer: Vec<usize> = xshape[..*axis].to_vec();
             let inner: Vec<usize> = xshape[*axis..].to_vec();

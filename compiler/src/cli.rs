@@ -50,6 +50,24 @@ struct ModelArgs {
     /// `silu`, `gelu`, `gelu_tanh`, `swiglu_ffn`, `gelu_ffn` and `attention`).
     #[arg(long)]
     no_canonicalize: bool,
+    /// Mixture-of-Channels: every SwiGLU FFN keeps only the K largest gate channels per
+    /// token (a count, or a fraction of d_ffn such as 0.25); its backward keeps only those.
+    #[arg(long, value_name = "K|RATIO")]
+    moc_k: Option<String>,
+}
+
+/// Parses `--moc-k`: an integer count or a fraction in (0, 1).
+fn parse_moc_k(text: &str) -> Result<memc_passes::moc::MocK> {
+    use memc_passes::moc::MocK;
+    if let Ok(k) = text.trim().parse::<usize>() {
+        if k > 0 {
+            return Ok(MocK::Count(k));
+        }
+    }
+    match text.trim().parse::<f64>() {
+        Ok(r) if r > 0.0 && r < 1.0 => Ok(MocK::Ratio(r)),
+        _ => bail!("--moc-k `{text}` is neither a channel count (384) nor a fraction of d_ffn in (0, 1) (0.25)"),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -267,6 +285,36 @@ fn import(
         }
         if let Some(dir) = dump {
             write_file(&dir.join("01-canonicalize.mir"), &memc_ir::print(&g))?;
+        }
+    }
+    if let Some(text) = &args.moc_k {
+        let k = parse_moc_k(text)?;
+        let stats = memc_passes::moc::apply_moc(&mut g, k)
+            .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
+        if stats.rewritten == 0 {
+            eprintln!(
+                "warning: {}: --moc-k: no SwiGLU FFN (`swiglu_ffn`) in the model, nothing rewritten{}; MoC applies to SwiGLU FFNs only",
+                args.model.display(),
+                if stats.left_dense > 0 {
+                    format!(" ({} GELU FFNs left dense)", stats.left_dense)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if let Some((k, f)) = stats.k {
+            eprintln!(
+                "moc: {} swiglu_ffn -> moc_ffn, keeping {k} of {f} channels per token{}",
+                stats.rewritten,
+                if stats.left_dense > 0 {
+                    format!("; {} GELU FFNs left dense", stats.left_dense)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if let Some(dir) = dump {
+            write_file(&dir.join("01-moc.mir"), &memc_ir::print(&g))?;
         }
     }
     if timer.enabled {

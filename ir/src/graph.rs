@@ -258,6 +258,12 @@ impl Graph {
         outputs
     }
 
+    /// Replaces a node's op (the verifier checks the result: the new op must give the node's
+    /// result types).
+    pub fn set_op(&mut self, n: NodeId, op: Op) {
+        self.nodes[n.index()].op = op;
+    }
+
     /// Replaces a node's operands (the verifier checks the result).
     pub fn set_inputs(&mut self, n: NodeId, inputs: Vec<ValueId>) {
         self.nodes[n.index()].inputs = inputs;

@@ -445,7 +445,28 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
                 }
             }
         }
-        Op::SwigluFfn | Op::GeluFfn { .. } | Op::Rope | Op::Residual | Op::LmHeadCe { .. } => {
+        Op::TopK { k } => {
+            let x = ins[0].f();
+            let n = *ins[0].shape.last().unwrap();
+            let mut out = Vec::with_capacity(x.len() / n.max(1) * k);
+            for row in x.chunks(n.max(1)) {
+                let mut order: Vec<usize> = (0..n).collect();
+                // Largest first, ties to the lower index (a stable sort on descending values).
+                order.sort_by(|&a, &b| {
+                    row[b]
+                        .partial_cmp(&row[a])
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                });
+                out.extend(order[..*k].iter().map(|&i| i as i64));
+            }
+            Data::I(out)
+        }
+        Op::SwigluFfn
+        | Op::GeluFfn { .. }
+        | Op::MocFfn { .. }
+        | Op::Rope
+        | Op::Residual
+        | Op::LmHeadCe { .. } => {
             unreachable!("blocks are evaluated by their steps")
         }
         Op::RmsNorm { axis, epsilon } => {

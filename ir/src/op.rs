@@ -181,6 +181,20 @@ pub enum Op {
         /// Rows per chunk.
         chunk: usize,
     },
+    /// The indices of the `k` largest values along the last dim, largest first, ties to the
+    /// lower index (`torch.topk(x, k, sorted=True)`'s indices); result i32 `[.., k]`.
+    TopK {
+        /// How many.
+        k: usize,
+    },
+    /// A Mixture-of-Channels SwiGLU block: `(silu(g) ⊙ topk_mask(g) ⊙ u)·w_down` with
+    /// `g = x·w_gate`, `u = x·w_up` and the mask keeping the `k` largest gate values per
+    /// token. Operands as [`Op::SwigluFfn`]. Its steps gather the `k` selected gate and up
+    /// values, so autodiff keeps only those and their indices.
+    MocFfn {
+        /// Channels kept per token.
+        k: usize,
+    },
     /// Reduction over `axes` (sorted, unique).
     Reduce {
         /// Sum, mean or max.
@@ -343,8 +357,8 @@ pub enum Operand {
 }
 
 impl Op {
-    /// The primitive steps a block op (`swiglu_ffn`, `gelu_ffn`, `rope`, `residual`,
-    /// `lm_head_ce`) stands for, given
+    /// The primitive steps a block op (`swiglu_ffn`, `gelu_ffn`, `moc_ffn`, `rope`,
+    /// `residual`, `lm_head_ce`) stands for, given
     /// its operands' types; the last step's result is the block's. `None` for every other op. The
     /// interpreter evaluates blocks by these steps and the lowering pass emits them, so the
     /// two cannot disagree.
@@ -352,6 +366,25 @@ impl Op {
         use Operand::{Input, Step};
         match self {
             Op::Residual => Some(vec![(Op::Binary(BinaryOp::Add), vec![Input(0), Input(1)])]),
+            Op::MocFfn { k } => {
+                let mut shape = operands[0].shape.clone();
+                let last = shape.len().checked_sub(1)?;
+                shape[last] = operands[1].shape[1];
+                Some(vec![
+                    (Op::MatMul, vec![Input(0), Input(1)]),
+                    (Op::MatMul, vec![Input(0), Input(2)]),
+                    (Op::TopK { k: *k }, vec![Step(0)]),
+                    (Op::GatherElements { axis: last }, vec![Step(0), Step(2)]),
+                    (Op::GatherElements { axis: last }, vec![Step(1), Step(2)]),
+                    (Op::Unary(UnaryOp::Silu), vec![Step(3)]),
+                    (Op::Binary(BinaryOp::Mul), vec![Step(5), Step(4)]),
+                    (
+                        Op::ScatterElementsAdd { axis: last, shape },
+                        vec![Step(6), Step(2)],
+                    ),
+                    (Op::MatMul, vec![Step(7), Input(3)]),
+                ])
+            }
             Op::LmHeadCe { chunk } => {
                 // Per chunk: rows of h, their logits (in f32), log-probabilities, the targets'.
                 let (n, d) = (operands[0].shape[0], operands[0].shape[1]);
@@ -471,6 +504,8 @@ impl Op {
             Op::Rope => "rope",
             Op::Residual => "residual",
             Op::LmHeadCe { .. } => "lm_head_ce",
+            Op::TopK { .. } => "top_k",
+            Op::MocFfn { .. } => "moc_ffn",
             Op::GeluFfn { .. } => "gelu_ffn",
             Op::Attention { .. } => "attention",
             Op::AttentionLse { .. } => "attention_lse",
@@ -504,6 +539,7 @@ impl Op {
             | Op::Residual => vec![],
             Op::GeluFfn { tanh } => vec![("tanh", Attr::Bool(*tanh))],
             Op::LmHeadCe { chunk } => vec![("chunk", Attr::Int(*chunk as i64))],
+            Op::TopK { k } | Op::MocFfn { k } => vec![("k", Attr::Int(*k as i64))],
             Op::Attention { scale } | Op::AttentionLse { scale } => {
                 vec![("scale", Attr::Float(*scale))]
             }
@@ -617,6 +653,12 @@ impl Op {
                 "swiglu_ffn" => Op::SwigluFfn,
                 "rope" => Op::Rope,
                 "residual" => Op::Residual,
+                "top_k" => Op::TopK {
+                    k: uint(get("k")?, "k")?,
+                },
+                "moc_ffn" => Op::MocFfn {
+                    k: uint(get("k")?, "k")?,
+                },
                 "lm_head_ce" => Op::LmHeadCe {
                     chunk: match uint(get("chunk")?, "chunk")? {
                         0 => return Err("attribute `chunk` must be ≥ 1".into()),
@@ -923,6 +965,30 @@ impl Op {
                     unreachable!()
                 };
                 one(inputs[*wrt].clone())
+            }
+            Op::TopK { k } => {
+                arity(1)?;
+                let x = &inputs[0];
+                float_operand(self, x)?;
+                match x.shape.last() {
+                    Some(&n) if (1..=n).contains(k) => {
+                        let mut shape = x.shape.clone();
+                        *shape.last_mut().unwrap() = *k;
+                        one(TensorType::new(DType::I32, shape))
+                    }
+                    _ => Err(format!(
+                        "`top_k`: k = {k} must be in 1..={:?}",
+                        x.shape.last()
+                    )),
+                }
+            }
+            Op::MocFfn { k } => {
+                let y = Op::SwigluFfn.infer(inputs)?;
+                let f = inputs[1].shape[1];
+                if *k == 0 || *k > f {
+                    return Err(format!("`moc_ffn`: k = {k} must be in 1..={f}"));
+                }
+                Ok(y)
             }
             Op::LmHeadCe { .. } => {
                 if !(3..=4).contains(&inputs.len()) {

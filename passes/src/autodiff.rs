@@ -299,7 +299,9 @@ fn vjp(
         Op::LmHeadCe { chunk } => lm_head_ce_vjp(b, x, dy, *chunk, wants)?,
         // x + f with one type: the gradient flows to both unchanged.
         Op::Residual => vec![wants[0].then_some(dy), wants[1].then_some(dy)],
-        Op::SwigluFfn | Op::GeluFfn { .. } | Op::Rope => {
+        // Integer indices: no gradient.
+        Op::TopK { .. } => vec![None],
+        Op::SwigluFfn | Op::GeluFfn { .. } | Op::MocFfn { .. } | Op::Rope => {
             return Err(format!(
                 "`{}` has no VJP of its own: lower the blocks first (memc_passes::blocks::lower)",
                 op.name()

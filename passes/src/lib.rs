@@ -13,6 +13,7 @@ pub mod build;
 pub mod canonicalize;
 pub mod consts;
 pub mod egraph;
+pub mod moc;
 pub mod plan;
 pub mod precision;
 pub mod remat;

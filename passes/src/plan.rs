@@ -589,6 +589,19 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
             2 * rows * f * (projections * d + e) + 3 * rows * f + rows * e
         }
         Op::Rope => 3 * out.numel() as u64,
+        Op::TopK { .. } => {
+            // The kernel ranks each element against its row.
+            let x = &g.value(nd.inputs[0]).ty;
+            x.numel() as u64 * *x.shape.last().unwrap_or(&1) as u64
+        }
+        Op::MocFfn { k } => {
+            let x = &g.value(nd.inputs[0]).ty;
+            let d = *x.shape.last().unwrap_or(&1) as u64;
+            let rows = x.numel() as u64 / d.max(1);
+            let f = g.value(nd.inputs[1]).ty.shape[1] as u64;
+            let e = *out.shape.last().unwrap_or(&1) as u64;
+            2 * rows * f * (2 * d + e) + rows * f * f + 3 * rows * *k as u64
+        }
         Op::Residual => out.numel() as u64,
         Op::LmHeadCe { .. } => {
             let h = &g.value(nd.inputs[0]).ty.shape;

@@ -118,6 +118,7 @@ pub fn recomputable(op: &Op) -> bool {
             | Op::RmsNorm { .. }
             | Op::Attention { .. }
             | Op::LmHeadCe { .. }
+            | Op::TopK { .. }
     )
 }
 

@@ -1,0 +1,59 @@
+//! `apply_moc`: Mixture-of-Channels. Every recognised `swiglu_ffn` becomes a `moc_ffn` that
+//! keeps the `k` largest gate channels per token (background.md §3); other FFNs (`gelu_ffn`)
+//! stay dense and are counted so the report can say so.
+//!
+//! The block's steps ([`memc_ir::Op::expansion`]) gather the selected gate and up values, so
+//! the backward pass keeps `k` values of each and their indices (i32) per token instead of
+//! the `d_ffn`-wide gate and up projections.
+
+use memc_ir::{Graph, NodeId, Op};
+
+/// How many channels to keep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MocK {
+    /// This many.
+    Count(usize),
+    /// This fraction of `d_ffn` (rounded, at least 1).
+    Ratio(f64),
+}
+
+/// What [`apply_moc`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MocStats {
+    /// `swiglu_ffn` blocks rewritten.
+    pub rewritten: usize,
+    /// Channels kept per token, of how many (of the first rewritten block).
+    pub k: Option<(usize, usize)>,
+    /// FFN blocks left dense (`gelu_ffn`), which MoC does not apply to.
+    pub left_dense: usize,
+}
+
+/// Rewrites `g`'s SwiGLU blocks (see the module docs).
+pub fn apply_moc(g: &mut Graph, k: MocK) -> Result<MocStats, String> {
+    let mut stats = MocStats::default();
+    for i in 0..g.nodes().len() {
+        let n = NodeId(i as u32);
+        match g.node(n).op {
+            Op::SwigluFfn => {
+                let f = g.value(g.node(n).inputs[1]).ty.shape[1];
+                let keep = match k {
+                    MocK::Count(c) => c,
+                    MocK::Ratio(r) => ((r * f as f64).round() as usize).max(1),
+                };
+                if keep == 0 || keep > f {
+                    return Err(format!(
+                        "--moc-k {keep} is outside 1..={f} (d_ffn of node `{}`)",
+                        g.node(n).name
+                    ));
+                }
+                g.set_op(n, Op::MocFfn { k: keep });
+                stats.rewritten += 1;
+                stats.k.get_or_insert((keep, f));
+            }
+            Op::GeluFfn { .. } => stats.left_dense += 1,
+            _ => {}
+        }
+    }
+    memc_ir::verify(g).map_err(|e| format!("MoC produced an invalid graph (a memc bug): {e}"))?;
+    Ok(stats)
+}
