@@ -1,10 +1,13 @@
 """PyTorch baselines for scripts/gpu-check.sh: one training step (forward + backward + AdamW)
 of a Llama with the benchmark's shapes (12 layers, d_model 768, 12 heads, d_ffn 2048, vocab
 32000, RMSNorm, RoPE, SwiGLU, untied head), batch 8 x seq 1024, fp32 weights with bf16
-autocast (what memc's `--dtype bf16` computes), eager and torch.compile. Prints one JSON line
-per mode: step_ms (median), tokens_per_s, peak_bytes (torch.cuda.max_memory_allocated).
+autocast (what memc's `--dtype bf16` computes). Modes: `eager`, `compile` (torch.compile),
+`ckpt` (eager with every block under torch.utils.checkpoint, use_reentrant=False: Hugging
+Face's gradient_checkpointing, the baseline of memc's `--remat full`) and `compile-budget`
+(torch.compile with torch._functorch.config.activation_memory_budget = 0.2). Prints one JSON
+line per mode: step_ms (median), tokens_per_s, peak_bytes (torch.cuda.max_memory_allocated).
 
-    python3 bench-gpu-torch.py [--steps 10] [--modes eager,compile]
+    python3 bench-gpu-torch.py [--steps 10] [--modes eager,compile,ckpt,compile-budget]
 
 Pure PyTorch (no transformers needed on the GPU machine); attention is SDPA with is_causal,
 as transformers' Llama uses on GPU.
@@ -12,11 +15,12 @@ as transformers' Llama uses on GPU.
 import argparse, json, math, statistics, time
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=10)
-ap.add_argument("--modes", default="eager,compile")
+ap.add_argument("--modes", default="eager,compile,ckpt,compile-budget")
 ap.add_argument("--layers", type=int, default=12)
 ap.add_argument("--hidden", type=int, default=768)
 ap.add_argument("--heads", type=int, default=12)
@@ -78,18 +82,29 @@ class Llama(torch.nn.Module):
         self.register_buffer("cos", emb.cos()[None, None], persistent=False)
         self.register_buffer("sin", emb.sin()[None, None], persistent=False)
 
+    checkpoint = False
+
     def forward(self, ids):
         x = self.embed(ids)
         for blk in self.blocks:
-            x = blk(x, self.cos.to(x.dtype), self.sin.to(x.dtype))
+            if self.checkpoint:
+                x = torch.utils.checkpoint.checkpoint(
+                    blk, x, self.cos.to(x.dtype), self.sin.to(x.dtype), use_reentrant=False
+                )
+            else:
+                x = blk(x, self.cos.to(x.dtype), self.sin.to(x.dtype))
         return self.head(self.norm(x))
 
 
 def run(mode):
     torch.manual_seed(0)
     model = Llama().to(a.device)
+    model.checkpoint = mode == "ckpt"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    fwd = torch.compile(model) if mode == "compile" else model
+    import torch._functorch.config as fconfig
+
+    fconfig.activation_memory_budget = 0.2 if mode == "compile-budget" else 1.0
+    fwd = torch.compile(model) if mode.startswith("compile") else model
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), device=a.device)
 
     def step():

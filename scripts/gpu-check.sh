@@ -40,6 +40,12 @@ if [ "${1:-}" = "prepare" ]; then
   $M compile scratch/llama12x768.onnx --shape input_ids=8x1024 --train --optimizer adamw --dtype bf16 \
     --target all -o "$B/llama12-bf16"
   rm "$B/llama12-bf16.safetensors"
+  # Remat policies (issue 7): per-layer checkpointing and auto at 50% of the no-remat bytes.
+  for v in "full:--remat full" "b50:--activation-budget 0.5"; do
+    $M compile scratch/llama12x768.onnx --shape input_ids=8x1024 --train --optimizer adamw --dtype bf16 \
+      ${v#*:} --target all -o "$B/llama12-bf16-${v%%:*}"
+    rm "$B/llama12-bf16-${v%%:*}.safetensors"
+  done
   python3 - "$B" <<'EOF'
 import sys, numpy as np
 b = sys.argv[1]
@@ -145,5 +151,21 @@ else
   echo "   memc llama12 FAILED: $(tail -1 "$T/llama12.err")"
   status=1
 fi
+for v in full b50; do
+  echo "== Llama 12 x d768 as above, memc variant $v (full: --remat full; b50: --activation-budget 0.5)"
+  if "$B/llama12-bf16-$v" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 6 --backend cuda \
+      > "$T/llama12-$v.jsonl" 2> "$T/llama12-$v.err"; then
+    python3 - "$T/llama12-$v.jsonl" "$v" <<'EOF'
+import json, statistics, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+ms = statistics.median(l["step_ms"] for l in lines[2:])
+print(json.dumps({"mode": f"memc {sys.argv[2]}", "step_ms": round(ms, 2), "tokens_per_s": round(8192 / ms * 1e3),
+                  "peak_bytes": lines[-1]["peak_bytes"], "loss": round(lines[-1]["loss"], 4)}))
+EOF
+  else
+    echo "   memc llama12 $v FAILED: $(tail -1 "$T/llama12-$v.err")"
+    status=1
+  fi
+done
 python3 "$B/bench-gpu-torch.py" --steps 10 || status=1
 exit $status
