@@ -60,6 +60,11 @@ Keys of ``train_ref.json``:
   ``params`` is ``model.parameters()``: tied weights (gpt2, qwen2 embedding /
   LM head) are one parameter and are updated once.  Values are the fp32
   results written as Python floats (full repr, exact).
+* ``adamw_moc_k32`` (Llama and Qwen2, the SwiGLU families): the ``adamw``
+  trajectory with every MLP made a Mixture-of-Channels block (what memc's
+  ``--moc-k 32`` computes): ``g = gate_proj(x); u = up_proj(x); m =
+  zeros_like(g).scatter(-1, topk(g, 32).indices, 1); down_proj(act_fn(g) * m *
+  u)``.
 * ``saved_activation_bytes`` etc.: what PyTorch eager keeps for backward in
   one forward of the loss (same batch, fp32, train mode, grad enabled), seen
   through ``torch.autograd.graph.saved_tensors_hooks``: the pack hook sees
@@ -256,8 +261,23 @@ def check_weights(family, wrapper):
 # Trajectories
 # --------------------------------------------------------------------------
 
+def moc_mlp(mlp, k):
+    """Make a Hugging Face SwiGLU MLP a Mixture-of-Channels block keeping the k
+    largest gate channels per token (memc's ``moc_ffn``)."""
+    def forward(x):
+        g = mlp.gate_proj(x)
+        u = mlp.up_proj(x)
+        mask = torch.zeros_like(g).scatter(-1, torch.topk(g, k, dim=-1).indices, 1.0)
+        return mlp.down_proj(mlp.act_fn(g) * mask * u)
+    mlp.forward = forward
+
+
 def trajectory(family, attn, batch, kind):
     wrapper, _ = fresh(family, attn)
+    if kind.startswith("adamw_moc_k"):
+        k = int(kind[len("adamw_moc_k"):])
+        for layer in wrapper.model.model.layers:
+            moc_mlp(layer.mlp, k)
     params = list(wrapper.parameters())
     if kind == "sgd":
         opt = torch.optim.SGD(params, lr=0.1)
@@ -450,6 +470,8 @@ def run_family(family):
         res[kind] = losses
         if norms:
             res["adamw_clip_grad_norms"] = norms
+    if family in ("llama", "qwen2"):
+        res["adamw_moc_k32"] = trajectory(family, attn, batch, "adamw_moc_k32")[0]
     # Determinism: the first trajectory once more.
     assert trajectory(family, attn, batch, "sgd")[0] == res["sgd"]
     sa = saved_activations(family, attn, batch)

@@ -8,20 +8,31 @@ use memc_ir::{DType, Graph, Phase, Tensor};
 use memc_passes::moc::{apply_moc, MocK};
 use memc_passes::plan::plan;
 use memc_passes::train::{build_training, Loss, Optimizer, TrainOptions};
-use memc_tests::{examples, max_rel, train_args};
+use memc_tests::{examples, max_rel, train_args, train_reference};
 
-/// Reference-backend losses of `g` (a training program) over `steps` AdamW steps on `feeds`.
+/// Reference-backend losses of `g` (a training program) over `steps` AdamW steps (lr 1e-2,
+/// no weight decay) on `feeds`.
 fn reference(
+    g: Graph,
+    feeds: &std::collections::HashMap<String, Tensor>,
+    steps: usize,
+) -> Vec<f64> {
+    reference_with(g, feeds, steps, 1e-2, 0.0)
+}
+
+fn reference_with(
     mut g: Graph,
     feeds: &std::collections::HashMap<String, Tensor>,
     steps: usize,
+    lr: f64,
+    wd: f64,
 ) -> Vec<f64> {
     let mut out = vec![];
     for step in 1..=steps {
         let mut f = feeds.clone();
         let scalar = |v: f64| Tensor::from_f64(DType::F32, vec![], &[v]);
-        f.insert("memc.lr".into(), scalar(1e-2));
-        f.insert("memc.weight_decay".into(), scalar(0.0));
+        f.insert("memc.lr".into(), scalar(lr));
+        f.insert("memc.weight_decay".into(), scalar(wd));
         f.insert("memc.step".into(), scalar(step as f64));
         let r = memc_ir::run(&g, &f, &memc_ir::RunOptions { check_nan: true }).unwrap();
         for (p, t) in r.updates {
@@ -159,4 +170,30 @@ fn moc_keeps_a_third_or_less_of_the_ffn_bytes_at_d768() {
     );
     assert!(dense - x >= 3 * (moc - x), "dense {dense} vs MoC {moc}");
     assert!(dense >= 2 * moc, "dense {dense} vs MoC {moc}");
+}
+
+#[test]
+fn moc_training_reproduces_pytorch() {
+    // examples/train_fixtures.py's `adamw_moc_k32`: PyTorch's SwiGLU MLPs with the top-32
+    // gate mask, AdamW (lr 1e-3, weight decay 0.01), 5 steps.
+    for ex in examples()
+        .into_iter()
+        .filter(|e| matches!(e.family.as_str(), "llama" | "qwen2") && !e.name.contains("opset"))
+    {
+        let want: Vec<f64> = train_reference(&ex)["adamw_moc_k32"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let (mut g, inputs) = ex.import();
+        memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+        apply_moc(&mut g, MocK::Count(32)).unwrap();
+        let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+        memc::train::build(&mut g, &a).unwrap();
+        let got = reference_with(g, &inputs, want.len(), 1e-3, 0.01);
+        let err = max_rel(&got, &want);
+        eprintln!("{:<20} MoC k 32 vs PyTorch: {err:.2e}", ex.name);
+        assert!(err <= 1e-4, "{}: {got:?} vs {want:?}", ex.name);
+    }
 }
