@@ -35,6 +35,7 @@ pub fn dtype(d: DType) -> Dtype {
         DType::BF16 => Dtype::Bf16,
         DType::I64 => Dtype::I64,
         DType::I32 => Dtype::I32,
+        DType::I16 => Dtype::I16,
         DType::Bool => Dtype::Bool,
     }
 }

@@ -73,6 +73,7 @@ pub(crate) fn storage(d: DType) -> &'static str {
         DType::BF16 => "bf16",
         DType::I64 => "i64",
         DType::I32 => "i32",
+        DType::I16 => "i16",
         DType::Bool => "i8",
     }
 }

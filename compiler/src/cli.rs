@@ -808,6 +808,7 @@ fn numpy_name(d: memc_ir::DType) -> &'static str {
         memc_ir::DType::F64 => "float64",
         memc_ir::DType::I64 => "int64",
         memc_ir::DType::I32 => "int32",
+        memc_ir::DType::I16 => "int16",
         memc_ir::DType::Bool => "bool_",
     }
 }

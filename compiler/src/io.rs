@@ -39,6 +39,14 @@ pub fn npy_of(t: &Tensor) -> NpyArray {
         ),
         DType::I64 => (NpyDtype::I64, t.bytes().to_vec()),
         DType::I32 => (NpyDtype::I32, t.bytes().to_vec()),
+        // NumPy has int16, but memc's .npy reader does not: widened to int32.
+        DType::I16 => (
+            NpyDtype::I32,
+            t.to_i64_vec()
+                .iter()
+                .flat_map(|&v| (v as i32).to_le_bytes())
+                .collect(),
+        ),
         DType::Bool => (NpyDtype::Bool, t.bytes().to_vec()),
     };
     NpyArray {

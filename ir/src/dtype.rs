@@ -17,19 +17,22 @@ pub enum DType {
     I64,
     /// Signed 32-bit integer.
     I32,
+    /// Signed 16-bit integer (MoC's channel indices).
+    I16,
     /// Boolean, one byte per element (0 or 1).
     Bool,
 }
 
 impl DType {
     /// Every dtype, in printing order.
-    pub const ALL: [DType; 7] = [
+    pub const ALL: [DType; 8] = [
         DType::F32,
         DType::F64,
         DType::F16,
         DType::BF16,
         DType::I64,
         DType::I32,
+        DType::I16,
         DType::Bool,
     ];
 
@@ -37,7 +40,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::I32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
             DType::I64 | DType::F64 => 8,
             DType::Bool => 1,
         }
@@ -57,6 +60,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::I64 => "i64",
             DType::I32 => "i32",
+            DType::I16 => "i16",
             DType::Bool => "bool",
         }
     }

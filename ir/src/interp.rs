@@ -120,6 +120,7 @@ impl Arr {
             }),
             Data::I(v) => Data::I(match dtype {
                 DType::I32 => v.into_iter().map(|x| x as i32 as i64).collect(),
+                DType::I16 => v.into_iter().map(|x| x as i16 as i64).collect(),
                 DType::Bool => v.into_iter().map(|x| (x != 0) as i64).collect(),
                 _ => v,
             }),

@@ -182,7 +182,8 @@ pub enum Op {
         chunk: usize,
     },
     /// The indices of the `k` largest values along the last dim, largest first, ties to the
-    /// lower index (`torch.topk(x, k, sorted=True)`'s indices); result i32 `[.., k]`.
+    /// lower index (`torch.topk(x, k, sorted=True)`'s indices); result `[.., k]`, i16 when
+    /// the dim has at most 32,767 entries, else i32.
     TopK {
         /// How many.
         k: usize,
@@ -974,7 +975,13 @@ impl Op {
                     Some(&n) if (1..=n).contains(k) => {
                         let mut shape = x.shape.clone();
                         *shape.last_mut().unwrap() = *k;
-                        one(TensorType::new(DType::I32, shape))
+                        // 16-bit indices whenever they fit (MoC keeps them for backward).
+                        let dtype = if n <= i16::MAX as usize {
+                            DType::I16
+                        } else {
+                            DType::I32
+                        };
+                        one(TensorType::new(dtype, shape))
                     }
                     _ => Err(format!(
                         "`top_k`: k = {k} must be in 1..={:?}",
@@ -1388,7 +1395,7 @@ fn float_operand(op: &Op, x: &TensorType) -> Result<(), String> {
 
 fn int_indices(i: &TensorType) -> Result<(), String> {
     match i.dtype {
-        DType::I64 | DType::I32 => Ok(()),
+        DType::I64 | DType::I32 | DType::I16 => Ok(()),
         d => Err(format!("indices must be i64 or i32, got {d}")),
     }
 }

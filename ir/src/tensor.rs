@@ -73,6 +73,7 @@ impl Tensor {
                 DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
                 DType::I64 => out.extend_from_slice(&(v as i64).to_le_bytes()),
                 DType::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
+                DType::I16 => out.extend_from_slice(&(v as i16).to_le_bytes()),
                 DType::Bool => out.push((v != 0.0) as u8),
             }
         }
@@ -117,7 +118,7 @@ impl Tensor {
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
                 .collect(),
-            DType::I64 | DType::I32 | DType::Bool => {
+            DType::I64 | DType::I32 | DType::I16 | DType::Bool => {
                 self.to_i64_vec().into_iter().map(|v| v as f64).collect()
             }
             _ => self.to_f32_vec().into_iter().map(f64::from).collect(),
@@ -144,6 +145,7 @@ impl Tensor {
             match dtype {
                 DType::I64 => out.extend_from_slice(&v.to_le_bytes()),
                 DType::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
+                DType::I16 => out.extend_from_slice(&(v as i16).to_le_bytes()),
                 DType::Bool => out.push((v != 0) as u8),
                 _ => unreachable!(),
             }
@@ -221,6 +223,10 @@ impl Tensor {
             DType::I32 => d
                 .chunks_exact(4)
                 .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+            DType::I16 => d
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes(c.try_into().unwrap()) as i64)
                 .collect(),
             DType::Bool => d.iter().map(|&b| (b != 0) as i64).collect(),
             _ => self.to_f64_vec().into_iter().map(|v| v as i64).collect(),

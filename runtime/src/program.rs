@@ -32,6 +32,8 @@ pub enum Dtype {
     I64,
     /// 32-bit signed integer.
     I32,
+    /// 16-bit signed integer.
+    I16,
     /// One byte, 0 or 1.
     Bool,
 }
@@ -42,7 +44,7 @@ impl Dtype {
         match self {
             Dtype::F64 | Dtype::I64 => 8,
             Dtype::F32 | Dtype::I32 => 4,
-            Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::F16 | Dtype::Bf16 | Dtype::I16 => 2,
             Dtype::Bool => 1,
         }
     }
@@ -56,6 +58,7 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
             Dtype::I64 => "i64",
             Dtype::I32 => "i32",
+            Dtype::I16 => "i16",
             Dtype::Bool => "bool",
         }
     }

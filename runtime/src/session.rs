@@ -116,6 +116,7 @@ pub fn encode(dtype: Dtype, values: &[f64]) -> Vec<u8> {
             Dtype::Bf16 => out.extend(bf16::from_f64(v).to_le_bytes()),
             Dtype::I64 => out.extend((v as i64).to_le_bytes()),
             Dtype::I32 => out.extend((v as i32).to_le_bytes()),
+            Dtype::I16 => out.extend((v as i16).to_le_bytes()),
             Dtype::Bool => out.push((v != 0.0) as u8),
         }
     }
@@ -134,6 +135,7 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
             Dtype::Bf16 => bf16::from_le_bytes(b.try_into().unwrap()).to_f64(),
             Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f64,
             Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::I16 => i16::from_le_bytes(b.try_into().unwrap()) as f64,
             Dtype::Bool => (b[0] != 0) as u8 as f64,
         })
         .collect()
@@ -372,6 +374,10 @@ pub fn output_npy(slot: &Slot, bytes: &[u8]) -> NpyArray {
         ),
         Dtype::I64 => (NpyDtype::I64, bytes.to_vec()),
         Dtype::I32 => (NpyDtype::I32, bytes.to_vec()),
+        Dtype::I16 => (
+            NpyDtype::I32,
+            encode(Dtype::I32, &decode(Dtype::I16, bytes)),
+        ),
         Dtype::Bool => (NpyDtype::Bool, bytes.to_vec()),
     };
     NpyArray {

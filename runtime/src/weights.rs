@@ -22,6 +22,7 @@ fn st_dtype(d: Dtype) -> StDtype {
         Dtype::Bf16 => StDtype::BF16,
         Dtype::I64 => StDtype::I64,
         Dtype::I32 => StDtype::I32,
+        Dtype::I16 => StDtype::I16,
         Dtype::Bool => StDtype::BOOL,
     }
 }

@@ -162,6 +162,12 @@ pub(crate) fn tensor(t: &TensorProto, ext: &mut ExternalData) -> Result<Tensor, 
                     .iter()
                     .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
             }
+            DType::I16 => {
+                count(t.int32_data.len())?;
+                t.int32_data
+                    .iter()
+                    .for_each(|&v| out.extend_from_slice(&(v as i16).to_le_bytes()));
+            }
             DType::I32 => {
                 count(t.int32_data.len())?;
                 t.int32_data

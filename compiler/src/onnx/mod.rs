@@ -233,9 +233,10 @@ pub(crate) fn dtype_of(code: i32) -> Result<DType, String> {
         Ok(D::Bfloat16) => Ok(DType::BF16),
         Ok(D::Int64) => Ok(DType::I64),
         Ok(D::Int32) => Ok(DType::I32),
+        Ok(D::Int16) => Ok(DType::I16),
         Ok(D::Bool) => Ok(DType::Bool),
         Ok(d) => Err(format!(
-            "element type {} is not supported (memc handles float, double, float16, bfloat16, int64, int32, bool)",
+            "element type {} is not supported (memc handles float, double, float16, bfloat16, int64, int32, int16, bool)",
             d.as_str_name()
         )),
         Err(_) => Err(format!("unknown element type code {code}")),
