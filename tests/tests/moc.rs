@@ -197,3 +197,21 @@ fn moc_training_reproduces_pytorch() {
         assert!(err <= 1e-4, "{}: {got:?} vs {want:?}", ex.name);
     }
 }
+
+#[test]
+fn moc_rewrite_and_its_steps_snapshot() {
+    let path = memc_tests::root().join("tests/passes/moc/swiglu_block.mir");
+    let mut g = memc_ir::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let stats = apply_moc(&mut g, MocK::Ratio(0.25)).unwrap();
+    assert_eq!(stats.k, Some((8, 32)));
+    let rewritten = memc_ir::print(&g);
+    memc_passes::blocks::lower_blocks(&mut g).unwrap();
+    memc_ir::verify(&g).unwrap();
+    insta::assert_snapshot!(
+        "moc_swiglu_block",
+        format!(
+            "// --moc-k 0.25\n{rewritten}\n// lowered (lower-blocks)\n{}",
+            memc_ir::print(&g)
+        )
+    );
+}
