@@ -173,3 +173,27 @@ pub fn max_rel(got: &[f64], want: &[f64]) -> f64 {
         .map(|(a, b)| (a - b).abs() / b.abs())
         .fold(0.0, f64::max)
 }
+
+/// Builds the training step of a textual-IR graph with the passes' API directly: next-token
+/// loss (fused), AdamW with PyTorch's defaults, every weight trained, fp32, `remat`.
+pub fn build_adamw(
+    g: &mut memc_ir::Graph,
+    remat: Option<memc_passes::remat::Policy>,
+) -> Result<memc_passes::train::TrainStats, String> {
+    use memc_passes::train::{build_training, Loss, Optimizer, TrainOptions};
+    let all = |_: &str| true;
+    let opts = TrainOptions {
+        loss: Loss::NextTokenCe,
+        optimizer: Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        clip_grad_norm: None,
+        trainable: &all,
+        remat,
+        fused_loss: true,
+        compute_dtype: memc_ir::DType::F32,
+    };
+    build_training(g, &opts).map_err(|e| e.to_string())
+}

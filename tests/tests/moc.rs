@@ -7,8 +7,7 @@ use memc::train::{OptimizerArg, RematArg};
 use memc_ir::{DType, Graph, Phase, Tensor};
 use memc_passes::moc::{apply_moc, MocK};
 use memc_passes::plan::plan;
-use memc_passes::train::{build_training, Loss, Optimizer, TrainOptions};
-use memc_tests::{examples, max_rel, train_args, train_reference};
+use memc_tests::{build_adamw, examples, max_rel, train_args, train_reference};
 
 /// Reference-backend losses of `g` (a training program) over `steps` AdamW steps (lr 1e-2,
 /// no weight decay) on `feeds`.
@@ -126,21 +125,7 @@ fn saved(ffn: &str) -> u64 {
 "
     );
     let mut g = memc_ir::parse(&src).unwrap();
-    let all = |_: &str| true;
-    let opts = TrainOptions {
-        loss: Loss::NextTokenCe,
-        optimizer: Optimizer::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
-        clip_grad_norm: None,
-        trainable: &all,
-        remat: Some(memc_passes::remat::Policy::MinCut),
-        fused_loss: true,
-        compute_dtype: DType::F32,
-    };
-    build_training(&mut g, &opts).unwrap();
+    build_adamw(&mut g, Some(memc_passes::remat::Policy::MinCut)).unwrap();
     assert!(g
         .nodes()
         .iter()

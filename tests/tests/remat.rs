@@ -4,11 +4,10 @@
 //! the exact 0/1 program's recomputed FLOPs at the same memory.
 
 use memc::train::{OptimizerArg, RematArg, TrainProgramArgs};
-use memc_ir::{DType, Graph, Phase};
+use memc_ir::{Graph, Phase};
 use memc_passes::plan::{flops, plan};
 use memc_passes::remat::{Budget, Policy};
-use memc_passes::train::{build_training, Loss, Optimizer, TrainOptions};
-use memc_tests::{examples, reference_losses, root, train_args, training_program};
+use memc_tests::{build_adamw, examples, reference_losses, root, train_args, training_program};
 
 /// (saved activation bytes, recomputed FLOPs) of `g`'s training step under `policy`.
 fn cost(g: &Graph, policy: Option<Policy>) -> Result<(u64, u64), String> {
@@ -18,21 +17,7 @@ fn cost(g: &Graph, policy: Option<Policy>) -> Result<(u64, u64), String> {
 /// [`cost`] and the smallest feasible budget.
 fn cost_and_floor(g: &Graph, policy: Option<Policy>) -> Result<(u64, u64, u64), String> {
     let mut g = g.clone();
-    let all = |_: &str| true;
-    let opts = TrainOptions {
-        loss: Loss::NextTokenCe,
-        optimizer: Optimizer::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
-        clip_grad_norm: None,
-        trainable: &all,
-        remat: policy,
-        fused_loss: true,
-        compute_dtype: DType::F32,
-    };
-    let stats = build_training(&mut g, &opts).map_err(|e| e.to_string())?;
+    let stats = build_adamw(&mut g, policy)?;
     memc_ir::verify(&g).map_err(|e| e.to_string())?;
     let p = plan(&g);
     let floor = stats.remat.and_then(|r| r.min_budget_bytes).unwrap_or(0);
