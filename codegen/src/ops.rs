@@ -362,42 +362,38 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
         }
         Op::TopK { k } => {
             // Each element's rank in its row, rank(c) = #{c' : x[c'] > x[c] or (x[c'] = x[c]
-            // and c' < c)}; element c is written at out[rank(c)] when rank(c) < k. No sort, one
-            // row per parallel iteration (n² compares per row).
+            // and c' < c)}; element c is written at out[rank(c)] when rank(c) < k (ranks are
+            // distinct, so no two iterations write one place). No sort: every element of
+            // every row is an independent parallel iteration (on a GPU, a thread per element,
+            // a row spread over the threads of a block), n compares each.
             let n = *xshape.last().unwrap_or(&1);
-            let rows: Vec<usize> = xshape[..xshape.len().saturating_sub(1)].to_vec();
-            let ivs = f.parallel(&rows);
-            let full = |ivs: &[String], c: &str| -> Vec<String> {
-                let mut v = ivs.to_vec();
+            let ivs = f.parallel(&xshape);
+            let (row, c) = ivs.split_at(ivs.len() - 1);
+            let full = |row: &[String], c: &str| -> Vec<String> {
+                let mut v = row.to_vec();
                 v.push(c.to_string());
                 v
             };
             let kk = f.index(*k);
-            f.each(&[n], &mut |f, c| {
-                let xc = f.load(0, &full(&ivs, &c[0]), &xshape, xdt);
-                let rank = f.fold(&[n], "%c0", "index", &mut |f, o, acc| {
-                    let xo = f.load(0, &full(&ivs, &o[0]), &xshape, xdt);
-                    let gt = f.v(&format!("arith.cmpf ogt, {xo}, {xc} : {at}"));
-                    let eq = f.v(&format!("arith.cmpf oeq, {xo}, {xc} : {at}"));
-                    let lower = f.v(&format!("arith.cmpi ult, {}, {} : index", o[0], c[0]));
-                    let tie = f.v(&format!("arith.andi {eq}, {lower} : i1"));
-                    let before = f.v(&format!("arith.ori {gt}, {tie} : i1"));
-                    let inc = f.v(&format!("arith.select {before}, %c1, %c0 : index"));
-                    f.v(&format!("arith.addi {acc}, {inc} : index"))
-                });
-                let keep = f.v(&format!("arith.cmpi ult, {rank}, {kk} : index"));
-                f.line(&format!("scf.if {keep} {{"));
-                f.indent += 1;
-                let ci = f.v(&format!(
-                    "arith.index_cast {} : index to {}",
-                    c[0],
-                    storage(odt)
-                ));
-                f.store(&ci, out, &full(&ivs, &rank), &oshape, odt);
-                f.indent -= 1;
-                f.line("}");
+            let xc = f.load(0, &ivs, &xshape, xdt);
+            let rank = f.fold(&[n], "%c0", "index", &mut |f, o, acc| {
+                let xo = f.load(0, &full(row, &o[0]), &xshape, xdt);
+                let gt = f.v(&format!("arith.cmpf ogt, {xo}, {xc} : {at}"));
+                let eq = f.v(&format!("arith.cmpf oeq, {xo}, {xc} : {at}"));
+                let lower = f.v(&format!("arith.cmpi ult, {}, {} : index", o[0], c[0]));
+                let tie = f.v(&format!("arith.andi {eq}, {lower} : i1"));
+                let before = f.v(&format!("arith.ori {gt}, {tie} : i1"));
+                let inc = f.v(&format!("arith.select {before}, %c1, %c0 : index"));
+                f.v(&format!("arith.addi {acc}, {inc} : index"))
             });
-            f.end_parallel(rows.len());
+            let keep = f.v(&format!("arith.cmpi ult, {rank}, {kk} : index"));
+            f.line(&format!("scf.if {keep} {{"));
+            f.indent += 1;
+            let ci = f.v(&format!("arith.index_cast {} : index to {}", c[0], storage(odt)));
+            f.store(&ci, out, &full(row, &rank), &oshape, odt);
+            f.indent -= 1;
+            f.line("}");
+            f.end_parallel(xshape.len());
         }
         Op::LayerNorm { axis, epsilon } => {
             let outer: Vec<usize> = xshape[..*axis].to_vec();
