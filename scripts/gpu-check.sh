@@ -40,8 +40,9 @@ if [ "${1:-}" = "prepare" ]; then
   $M compile scratch/llama12x768.onnx --shape input_ids=8x1024 --train --optimizer adamw --dtype bf16 \
     --target all -o "$B/llama12-bf16"
   rm "$B/llama12-bf16.safetensors"
-  # Remat policies (issue 7): per-layer checkpointing and auto at 50% of the no-remat bytes.
-  for v in "full:--remat full" "b50:--activation-budget 0.5"; do
+  # Remat policies (issue 7): per-layer checkpointing and auto at 50% of the no-remat bytes;
+  # Mixture-of-Channels (issue 8): K 384 of 2048.
+  for v in "full:--remat full" "b50:--activation-budget 0.5" "moc:--moc-k 384"; do
     $M compile scratch/llama12x768.onnx --shape input_ids=8x1024 --train --optimizer adamw --dtype bf16 \
       ${v#*:} --target all -o "$B/llama12-bf16-${v%%:*}"
     rm "$B/llama12-bf16-${v%%:*}.safetensors"
@@ -151,8 +152,8 @@ else
   echo "   memc llama12 FAILED: $(tail -1 "$T/llama12.err")"
   status=1
 fi
-for v in full b50; do
-  echo "== Llama 12 x d768 as above, memc variant $v (full: --remat full; b50: --activation-budget 0.5)"
+for v in full b50 moc; do
+  echo "== Llama 12 x d768 as above, memc variant $v (full: --remat full; b50: --activation-budget 0.5; moc: --moc-k 384)"
   if "$B/llama12-bf16-$v" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 6 --backend cuda \
       > "$T/llama12-$v.jsonl" 2> "$T/llama12-$v.err"; then
     python3 - "$T/llama12-$v.jsonl" "$v" <<'EOF'
