@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # memc's main job on the embedded examples: import a real exported Llama, evaluate every example
 # model (Llama, GPT-2, BERT, Qwen2 from both of PyTorch's ONNX exporters) against onnxruntime,
-# compile the Llama's training step under each memory policy and print its memory table, then
+# compile the Llama's training step under each memory policy (remat none/auto/full, a 50%
+# activation budget, Mixture-of-Channels) and print its memory table, then
 # train it a few steps and compare the losses with PyTorch's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ echo "== memc eval examples/models/llama-dynamo.onnx ... --backend cpu   (kernel
 $MEMC eval examples/models/llama-dynamo.onnx --input input_ids=examples/models/llama-dynamo/inputs/input_ids.npy \
   --out "$OUT/llama-dynamo-cpu" --check examples/models/llama-dynamo/ref --backend cpu | grep -E '^check'
 
-for policy in "--remat none" "--remat auto" "--remat full" "--activation-budget 0.5"; do
+for policy in "--remat none" "--remat auto" "--remat full" "--activation-budget 0.5" "--moc-k 0.25"; do
   tag=$(echo "$policy" | tr -d ' -.')
   echo
   echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x128 --train --optimizer adamw $policy --report"
