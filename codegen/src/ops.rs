@@ -389,7 +389,11 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
             let keep = f.v(&format!("arith.cmpi ult, {rank}, {kk} : index"));
             f.line(&format!("scf.if {keep} {{"));
             f.indent += 1;
-            let ci = f.v(&format!("arith.index_cast {} : index to {}", c[0], storage(odt)));
+            let ci = f.v(&format!(
+                "arith.index_cast {} : index to {}",
+                c[0],
+                storage(odt)
+            ));
             f.store(&ci, out, &full(row, &rank), &oshape, odt);
             f.indent -= 1;
             f.line("}");

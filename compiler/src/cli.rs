@@ -30,6 +30,9 @@ enum Command {
     Train(TrainCmdArgs),
     /// Run passes on textual IR: textual IR in, textual IR out.
     Opt(OptArgs),
+    /// Generate, check and simulate a pipeline-parallel schedule; report per-device peak
+    /// activation memory and the bubble rate.
+    Schedule(ScheduleArgs),
     /// Check the code generation toolchain (MLIR 19, LLVM 19 host and NVPTX) and the CUDA driver.
     #[cfg(feature = "codegen")]
     Toolchain,
@@ -194,6 +197,113 @@ struct OptArgs {
     /// lower-blocks).
     #[arg(long = "pass", value_delimiter = ',')]
     passes: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct ScheduleArgs {
+    /// Pipeline stages (devices).
+    #[arg(long)]
+    stages: usize,
+    /// Microbatches per step.
+    #[arg(long)]
+    microbatches: usize,
+    /// gpipe, 1f1b, interleaved, zb-h1, v-min, v-half or v-zb.
+    #[arg(long)]
+    schedule: String,
+    /// Pass costs F,B,W,COMM (time units; COMM between devices).
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 1.0, 1.0, 0.0])]
+    costs: Vec<f64>,
+    /// Print the result as JSON: `peak_activation_microbatches` (per device, in units of one
+    /// 1F1B stage's activations for one microbatch), `bubble_rate`, `makespan`, ...
+    #[arg(long)]
+    json: bool,
+    /// Draw the schedule as SVG.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// Write a Chrome/Perfetto trace (JSON).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+}
+
+fn schedule(args: ScheduleArgs) -> Result<()> {
+    use memc_passes::pipeline::{self, Costs, ScheduleKind};
+    let kind = ScheduleKind::parse(&args.schedule).ok_or_else(|| {
+        anyhow!(
+            "--schedule `{}` is not a schedule (gpipe, 1f1b, interleaved, zb-h1, v-min, v-half, v-zb)",
+            args.schedule
+        )
+    })?;
+    if args.costs.len() != 4
+        || args.costs.iter().any(|c| !(c.is_finite() && *c >= 0.0))
+        || args.costs[..3].iter().any(|&c| c <= 0.0)
+    {
+        bail!(
+            "--costs takes 4 values F,B,W,COMM, positive (COMM may be 0), got {:?}",
+            args.costs
+        );
+    }
+    let costs = Costs {
+        f: args.costs[0],
+        b: args.costs[1],
+        w: args.costs[2],
+        comm: args.costs[3],
+    };
+    let s = pipeline::generate(kind, args.stages, args.microbatches).map_err(|e| anyhow!("{e}"))?;
+    let sim = pipeline::simulate(&s, &costs).map_err(|e| anyhow!("{e}"))?;
+    if let Some(path) = &args.svg {
+        write_file(path, &pipeline::svg(&s, &sim))?;
+    }
+    if let Some(path) = &args.trace {
+        write_file(path, &pipeline::trace(&s, &sim))?;
+    }
+    if args.json {
+        let devices: Vec<Vec<String>> = s
+            .devices
+            .iter()
+            .map(|d| {
+                d.iter()
+                    .map(|p| format!("{:?}{}.{}", p.kind, p.chunk, p.mb))
+                    .collect()
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "schedule": kind.name(),
+                "stages": s.stages,
+                "microbatches": s.microbatches,
+                "chunks": s.chunks(),
+                "split_backward": s.split_backward(),
+                "costs": {"f": costs.f, "b": costs.b, "w": costs.w, "comm": costs.comm},
+                "peak_activation_microbatches": sim.peak_activation,
+                "bubble_rate": sim.bubble_rate,
+                "makespan": sim.makespan,
+                "order": devices,
+            })
+        );
+    } else {
+        println!(
+            "{}: {} stages, {} microbatches, {} chunks{}; makespan {:.2}, bubble rate {:.4}",
+            kind.name(),
+            s.stages,
+            s.microbatches,
+            s.chunks(),
+            if s.split_backward() {
+                ", B/W split"
+            } else {
+                ""
+            },
+            sim.makespan,
+            sim.bubble_rate
+        );
+        for (d, peak) in sim.peak_activation.iter().enumerate() {
+            println!(
+                "  device {d}: peak activations {peak} microbatch-stages, {} passes",
+                s.devices[d].len()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Parses `NAME=2x16` into a name and dims.
@@ -901,6 +1011,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Train(a) => train(a),
         Command::Opt(a) => opt(a),
+        Command::Schedule(a) => schedule(a),
         #[cfg(feature = "codegen")]
         Command::Toolchain => toolchain(),
     }

@@ -40,7 +40,7 @@ pub struct TrainProgramArgs {
     #[arg(long, default_value_t = 0.0)]
     pub momentum: f64,
     /// AdamW betas, as B1,B2.
-    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.9, 0.999])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.9, 0.999])]
     pub betas: Vec<f64>,
     /// AdamW epsilon.
     #[arg(long, default_value_t = 1e-8)]
@@ -138,6 +138,12 @@ pub fn parse_budget(text: &str) -> Result<memc_passes::remat::Budget> {
 
 /// Builds the training step into `g` (which holds the forward graph).
 pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
+    if args.betas.len() != 2 || args.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+        bail!(
+            "--betas takes two values in [0, 1), as B1,B2 (e.g. 0.9,0.999), got {:?}",
+            args.betas
+        );
+    }
     let optimizer = match args.optimizer {
         OptimizerArg::Sgd => Optimizer::Sgd {
             momentum: args.momentum,

@@ -1,0 +1,800 @@
+//! Pipeline schedules: generation, dependency check, event-driven simulation (`memc schedule`).
+//!
+//! The model is the Zero Bubble / Controllable Memory papers' (background.md §2): the layers are
+//! cut into chunks; chunk `c` of microbatch `j` has a forward pass `F`, an input-gradient pass
+//! `B` and, when the backward is split, a weight-gradient pass `W`. `F(c, j)` needs
+//! `F(c − 1, j)`; `B(c, j)` needs `F(c, j)` and `B(c + 1, j)`; `W(c, j)` needs `B(c, j)`.
+//! A pass on another device than its predecessor also waits for the communication cost.
+//! Activation memory is counted in units of one 1F1B stage's activations for one microbatch:
+//! `F` of a chunk allocates `1 / chunks_per_device` units, released when its `W` ends (or its
+//! `B` when the backward is not split).
+//!
+//! Placement: one chunk per device (GPipe, 1F1B, ZB-H1), two per device round-robin
+//! (interleaved 1F1B: chunk `c` on device `c mod p`), or two in a V (V-Min, V-Half, V-ZB:
+//! device `s` holds chunks `s` and `2p − 1 − s`).
+//!
+//! Generation is list scheduling with unit costs: whenever a device is idle it runs its most
+//! urgent ready pass (a backward first, then a forward if it stays within the schedule's
+//! memory limit, then a deferred `W`), which is how the papers' heuristics fill bubbles; the
+//! memory limit is what distinguishes the schedules (1F1B: `p − s` microbatches in flight on
+//! device `s`; V-Min `⌊(p+4)/3⌋`, V-Half `⌊(p+2)/2⌋`, V-ZB `p`). Simulation replays each
+//! device's order with the given costs.
+
+use std::fmt::Write as _;
+
+/// A pass kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Forward.
+    F,
+    /// Backward for the input gradient (with the weight gradient when not split).
+    B,
+    /// Backward for the weight gradient.
+    W,
+}
+
+/// One pass of one chunk for one microbatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pass {
+    /// Forward, input-gradient or weight-gradient.
+    pub kind: Kind,
+    /// The chunk (layer group), 0-based along the forward direction.
+    pub chunk: usize,
+    /// The microbatch.
+    pub mb: usize,
+}
+
+/// The schedules `memc schedule` generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleKind {
+    /// All forwards, then all backwards.
+    Gpipe,
+    /// One forward, one backward.
+    OneFOneB,
+    /// 1F1B over two chunks per device, round-robin.
+    Interleaved,
+    /// Zero Bubble H1: 1F1B's memory, W deferred into bubbles.
+    ZbH1,
+    /// V-shape, a third of 1F1B's memory.
+    VMin,
+    /// V-shape, half of 1F1B's memory.
+    VHalf,
+    /// V-shape, 1F1B's memory, near-zero bubbles.
+    VZb,
+}
+
+impl ScheduleKind {
+    /// Parses a `--schedule` name.
+    pub fn parse(name: &str) -> Option<ScheduleKind> {
+        Some(match name {
+            "gpipe" => ScheduleKind::Gpipe,
+            "1f1b" => ScheduleKind::OneFOneB,
+            "interleaved" => ScheduleKind::Interleaved,
+            "zb-h1" => ScheduleKind::ZbH1,
+            "v-min" => ScheduleKind::VMin,
+            "v-half" => ScheduleKind::VHalf,
+            "v-zb" => ScheduleKind::VZb,
+            _ => return None,
+        })
+    }
+
+    /// The `--schedule` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScheduleKind::Gpipe => "gpipe",
+            ScheduleKind::OneFOneB => "1f1b",
+            ScheduleKind::Interleaved => "interleaved",
+            ScheduleKind::ZbH1 => "zb-h1",
+            ScheduleKind::VMin => "v-min",
+            ScheduleKind::VHalf => "v-half",
+            ScheduleKind::VZb => "v-zb",
+        }
+    }
+
+    fn v_shape(self) -> bool {
+        matches!(
+            self,
+            ScheduleKind::VMin | ScheduleKind::VHalf | ScheduleKind::VZb
+        )
+    }
+
+    fn chunks_per_device(self) -> usize {
+        if self.v_shape() || self == ScheduleKind::Interleaved {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn split_backward(self) -> bool {
+        matches!(
+            self,
+            ScheduleKind::ZbH1 | ScheduleKind::VMin | ScheduleKind::VHalf | ScheduleKind::VZb
+        )
+    }
+
+    /// Activation memory limit of device `s` of `p`, in units (None: unlimited).
+    fn limit(self, s: usize, p: usize) -> Option<f64> {
+        Some(match self {
+            ScheduleKind::Gpipe => return None,
+            ScheduleKind::OneFOneB => (p - s) as f64,
+            ScheduleKind::ZbH1 => (p - s) as f64,
+            ScheduleKind::Interleaved => p as f64,
+            ScheduleKind::VMin => ((p + 4) / 3) as f64,
+            ScheduleKind::VHalf => ((p + 2) / 2) as f64,
+            ScheduleKind::VZb => p as f64,
+        })
+    }
+}
+
+/// Pass costs in time units, and the cost of sending an activation or gradient between
+/// devices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Costs {
+    /// Forward.
+    pub f: f64,
+    /// Input-gradient backward.
+    pub b: f64,
+    /// Weight-gradient backward.
+    pub w: f64,
+    /// Between devices.
+    pub comm: f64,
+}
+
+impl Default for Costs {
+    fn default() -> Costs {
+        Costs {
+            f: 1.0,
+            b: 1.0,
+            w: 1.0,
+            comm: 0.0,
+        }
+    }
+}
+
+/// A generated schedule: each device's passes in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    /// Which schedule.
+    pub kind: ScheduleKind,
+    /// Devices (pipeline stages).
+    pub stages: usize,
+    /// Microbatches.
+    pub microbatches: usize,
+    /// Each device's passes, in execution order.
+    pub devices: Vec<Vec<Pass>>,
+}
+
+impl Schedule {
+    /// Chunks in all.
+    pub fn chunks(&self) -> usize {
+        self.stages * self.kind.chunks_per_device()
+    }
+
+    /// The device that runs `chunk`.
+    pub fn device_of(&self, chunk: usize) -> usize {
+        let p = self.stages;
+        if self.kind.v_shape() {
+            if chunk < p {
+                chunk
+            } else {
+                2 * p - 1 - chunk
+            }
+        } else {
+            chunk % p
+        }
+    }
+
+    /// Whether the backward is split into B and W.
+    pub fn split_backward(&self) -> bool {
+        self.kind.split_backward()
+    }
+}
+
+/// One pass as simulated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timed {
+    /// The pass.
+    pub pass: Pass,
+    /// Device.
+    pub device: usize,
+    /// Start time.
+    pub start: f64,
+    /// End time.
+    pub end: f64,
+}
+
+/// What [`simulate`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Simulation {
+    /// Every pass with its times, per device in order.
+    pub passes: Vec<Timed>,
+    /// When the last pass ends.
+    pub makespan: f64,
+    /// Idle share of `devices × makespan`.
+    pub bubble_rate: f64,
+    /// Per device, the most activation memory held at once (units: one 1F1B stage, one
+    /// microbatch).
+    pub peak_activation: Vec<f64>,
+}
+
+fn deps(s: &Schedule, p: Pass) -> Vec<Pass> {
+    let last = s.chunks() - 1;
+    match p.kind {
+        Kind::F if p.chunk == 0 => vec![],
+        Kind::F => vec![Pass {
+            kind: Kind::F,
+            chunk: p.chunk - 1,
+            mb: p.mb,
+        }],
+        Kind::B if p.chunk == last => vec![Pass { kind: Kind::F, ..p }],
+        Kind::B => vec![
+            Pass { kind: Kind::F, ..p },
+            Pass {
+                kind: Kind::B,
+                chunk: p.chunk + 1,
+                mb: p.mb,
+            },
+        ],
+        Kind::W => vec![Pass { kind: Kind::B, ..p }],
+    }
+}
+
+fn cost(s: &Schedule, c: &Costs, k: Kind) -> f64 {
+    match k {
+        Kind::F => c.f,
+        Kind::B if !s.split_backward() => c.b + c.w,
+        Kind::B => c.b,
+        Kind::W => c.w,
+    }
+}
+
+/// Index of a pass in dense tables.
+fn slot(s: &Schedule, p: Pass) -> usize {
+    let k = match p.kind {
+        Kind::F => 0,
+        Kind::B => 1,
+        Kind::W => 2,
+    };
+    (k * s.chunks() + p.chunk) * s.microbatches + p.mb
+}
+
+/// Generates schedule `kind` for `stages` devices and `microbatches` microbatches (see the
+/// module docs).
+pub fn generate(
+    kind: ScheduleKind,
+    stages: usize,
+    microbatches: usize,
+) -> Result<Schedule, String> {
+    if stages == 0 || microbatches == 0 {
+        return Err("--stages and --microbatches must be at least 1".into());
+    }
+    let mut s = Schedule {
+        kind,
+        stages,
+        microbatches,
+        devices: vec![vec![]; stages],
+    };
+    if matches!(kind, ScheduleKind::VMin | ScheduleKind::VHalf) {
+        s.devices = building_blocks(kind, stages, microbatches);
+        check(&s)?;
+        return Ok(s);
+    }
+    let chunks = s.chunks();
+    let unit = 1.0 / kind.chunks_per_device() as f64;
+    let kinds: &[Kind] = if kind.split_backward() {
+        &[Kind::F, Kind::B, Kind::W]
+    } else {
+        &[Kind::F, Kind::B]
+    };
+    let total = kinds.len() * chunks * microbatches;
+    let mut done_at = vec![f64::INFINITY; 3 * chunks * microbatches];
+    let mut scheduled = vec![false; 3 * chunks * microbatches];
+    let mut free_at = vec![0.0f64; stages];
+    // Memory held or reserved per device: a microbatch admitted on a device (its forward of
+    // the device's first chunk) reserves what all its chunks there will hold, so a forward
+    // already under way always finishes (no deadlock on the limit).
+    let mut memory = vec![0.0f64; stages];
+    let per_device = kind.chunks_per_device() as f64 * 1.0;
+    // Memory releases pending: (time, device, amount).
+    let mut releases: Vec<(f64, usize, f64)> = vec![];
+    let mut count = 0;
+    let unit_costs = Costs::default();
+    let mut now = 0.0f64;
+    while count < total {
+        releases.retain(|&(t, d, m)| {
+            if t <= now {
+                memory[d] -= m;
+                false
+            } else {
+                true
+            }
+        });
+        let mut progressed = false;
+        for d in 0..stages {
+            if free_at[d] > now {
+                continue;
+            }
+            let limit = kind.limit(d, stages);
+            // Candidates on this device, most urgent first.
+            let mut best: Option<(u8, usize, usize, Pass)> = None;
+            for c in (0..chunks).filter(|&c| s.device_of(c) == d) {
+                for mb in 0..microbatches {
+                    for &k in kinds {
+                        let p = Pass {
+                            kind: k,
+                            chunk: c,
+                            mb,
+                        };
+                        if scheduled[slot(&s, p)]
+                            || !deps(&s, p).iter().all(|q| done_at[slot(&s, *q)] <= now)
+                        {
+                            continue;
+                        }
+                        let first = (0..chunks).find(|&x| s.device_of(x) == d) == Some(c);
+                        if k == Kind::F && first {
+                            if let Some(l) = limit {
+                                if memory[d] + per_device * unit > l + 1e-9 {
+                                    continue;
+                                }
+                            }
+                        }
+                        // Backwards first (the deepest chunk first), then forwards (the
+                        // earliest microbatch, the later chunk first so microbatches in flight
+                        // finish), then deferred weight gradients; GPipe runs forwards first.
+                        let rank = match (k, kind) {
+                            (Kind::F, ScheduleKind::Gpipe) => 0,
+                            (Kind::B, ScheduleKind::Gpipe) => 1,
+                            (Kind::B, _) => 0,
+                            (Kind::F, _) => 1,
+                            (Kind::W, _) => 2,
+                        };
+                        let key = (rank, mb, chunks - c, p);
+                        let better = match &best {
+                            None => true,
+                            Some(b) => (key.0, key.1, key.2) < (b.0, b.1, b.2),
+                        };
+                        if better {
+                            best = Some(key);
+                        }
+                    }
+                }
+            }
+            if let Some((_, _, _, p)) = best {
+                let end = now + cost(&s, &unit_costs, p.kind);
+                scheduled[slot(&s, p)] = true;
+                done_at[slot(&s, p)] = end;
+                free_at[d] = end;
+                s.devices[d].push(p);
+                count += 1;
+                progressed = true;
+                let first = (0..chunks).find(|&x| s.device_of(x) == d) == Some(p.chunk);
+                match p.kind {
+                    Kind::F if first => memory[d] += per_device * unit,
+                    Kind::F => {}
+                    Kind::B if !kind.split_backward() => releases.push((end, d, unit)),
+                    Kind::W => releases.push((end, d, unit)),
+                    Kind::B => {}
+                }
+            }
+        }
+        // Advance to the next event.
+        let next = free_at
+            .iter()
+            .copied()
+            .chain(done_at.iter().copied())
+            .chain(releases.iter().map(|r| r.0))
+            .filter(|&t| t > now && t.is_finite())
+            .fold(f64::INFINITY, f64::min);
+        if next.is_infinite() {
+            if !progressed && count < total {
+                return Err(format!(
+                    "{} deadlocks with {stages} stages and {microbatches} microbatches under its memory limit",
+                    kind.name()
+                ));
+            }
+            continue;
+        }
+        now = next;
+    }
+    check(&s)?;
+    Ok(s)
+}
+
+/// V-Min and V-Half from the paper's building blocks (background.md §2): device `i` runs
+/// microbatch `j`'s F (chunk i), f (chunk 2p−1−i), B (chunk 2p−1−i's input gradient) and b
+/// (chunk i's) in the order of their slots + 6j. The weight-gradient passes fill bubbles: in
+/// a unit-cost run, a device whose next F/f/B/b is not ready yet, or whose next forward would
+/// pass the schedule's memory limit, runs its oldest ready W instead (a W only frees memory).
+/// Every pass starts as early as its dependencies allow (the warm-up and cool-down squeeze).
+fn building_blocks(kind: ScheduleKind, p: usize, m: usize) -> Vec<Vec<Pass>> {
+    let chunks = 2 * p;
+    let mut fixed: Vec<Vec<(usize, Pass)>> = vec![];
+    for i in 0..p {
+        let (f0, f1, b1, b0) = match kind {
+            ScheduleKind::VMin => {
+                let d = if p % 3 == 0 { 2 } else { 0 };
+                (i, 2 * p - 1 - i, 2 * p + d + i, 4 * p + d - 1 - i)
+            }
+            _ => {
+                let d = if p % 2 == 0 { 3 } else { 0 };
+                (
+                    2 * i,
+                    3 * p - i - 2,
+                    3 * p + d + 2 * i - 1,
+                    6 * p + d - i - 2,
+                )
+            }
+        };
+        let (c0, c1) = (i, 2 * p - 1 - i);
+        let mut slots = vec![];
+        for j in 0..m {
+            let pass = |kind, chunk| Pass { kind, chunk, mb: j };
+            slots.push((f0 + 6 * j, 0, pass(Kind::F, c0)));
+            slots.push((f1 + 6 * j, 1, pass(Kind::F, c1)));
+            slots.push((b1 + 6 * j, 2, pass(Kind::B, c1)));
+            slots.push((b0 + 6 * j, 3, pass(Kind::B, c0)));
+        }
+        slots.sort_by_key(|x| (x.0, x.1));
+        fixed.push(slots.into_iter().map(|x| (x.0, x.2)).collect());
+    }
+    // Unit-cost run with W passes filling the gaps.
+    let index = |q: Pass| -> usize {
+        let k = match q.kind {
+            Kind::F => 0,
+            Kind::B => 1,
+            Kind::W => 2,
+        };
+        (k * chunks + q.chunk) * m + q.mb
+    };
+    let schedule = Schedule {
+        kind,
+        stages: p,
+        microbatches: m,
+        devices: vec![],
+    };
+    let mut done_at = vec![usize::MAX; 3 * chunks * m];
+    let mut next = vec![0usize; p];
+    let mut pending_w: Vec<std::collections::VecDeque<Pass>> = vec![Default::default(); p];
+    let mut out: Vec<Vec<Pass>> = vec![vec![]; p];
+    let mut memory = vec![0.0f64; p];
+    let limit = kind.limit(0, p).unwrap_or(f64::INFINITY);
+    let total = 3 * chunks * m;
+    let mut count = 0;
+    let mut t = 0usize;
+    while count < total {
+        let mut started = vec![];
+        for d in 0..p {
+            let ready = |q: &Pass| {
+                deps(&schedule, *q)
+                    .iter()
+                    .all(|r| done_at[index(*r)] != usize::MAX && done_at[index(*r)] <= t)
+            };
+            // A forward that would pass the memory limit waits for a W to free memory.
+            let fits = |q: &Pass| q.kind != Kind::F || memory[d] + 0.5 <= limit + 1e-9;
+            let pick = match fixed[d].get(next[d]) {
+                Some((_, q)) if ready(q) && fits(q) => {
+                    next[d] += 1;
+                    Some(*q)
+                }
+                _ => pending_w[d]
+                    .iter()
+                    .position(|w| ready(w))
+                    .and_then(|k| pending_w[d].remove(k)),
+            };
+            if let Some(q) = pick {
+                started.push((d, q));
+            }
+        }
+        for (d, q) in started {
+            done_at[index(q)] = t + 1;
+            out[d].push(q);
+            count += 1;
+            match q.kind {
+                Kind::F => memory[d] += 0.5,
+                Kind::W => memory[d] -= 0.5,
+                Kind::B => {}
+            }
+            if q.kind == Kind::B {
+                pending_w[d].push_back(Pass { kind: Kind::W, ..q });
+            }
+        }
+        t += 1;
+        if t > 64 * total {
+            break; // cannot happen for valid blocks; `check` reports the missing passes
+        }
+    }
+    out
+}
+
+/// Checks that every pass appears exactly once and that the devices' orders can run
+/// (no pass waits on one that comes later on a blocked device).
+pub fn check(s: &Schedule) -> Result<(), String> {
+    let kinds = if s.split_backward() { 3 } else { 2 };
+    let mut seen = vec![false; 3 * s.chunks() * s.microbatches];
+    let mut n = 0;
+    for (d, passes) in s.devices.iter().enumerate() {
+        for p in passes {
+            if p.chunk >= s.chunks() || p.mb >= s.microbatches || s.device_of(p.chunk) != d {
+                return Err(format!("{p:?} is not a pass of device {d}"));
+            }
+            if std::mem::replace(&mut seen[slot(s, *p)], true) {
+                return Err(format!("{p:?} appears twice"));
+            }
+            n += 1;
+        }
+    }
+    if n != kinds * s.chunks() * s.microbatches {
+        return Err(format!(
+            "{n} passes, expected {}",
+            kinds * s.chunks() * s.microbatches
+        ));
+    }
+    simulate(s, &Costs::default()).map(|_| ())
+}
+
+/// Replays `s` with `costs` (see the module docs).
+pub fn simulate(s: &Schedule, costs: &Costs) -> Result<Simulation, String> {
+    let mut done_at = vec![f64::INFINITY; 3 * s.chunks() * s.microbatches];
+    let mut next = vec![0usize; s.stages];
+    let mut free_at = vec![0.0f64; s.stages];
+    let mut passes = vec![];
+    let total: usize = s.devices.iter().map(Vec::len).sum();
+    while passes.len() < total {
+        let mut progressed = false;
+        for d in 0..s.stages {
+            while let Some(&p) = s.devices[d].get(next[d]) {
+                let mut ready = free_at[d];
+                let mut ok = true;
+                for q in deps(s, p) {
+                    let t = done_at[slot(s, q)];
+                    if t.is_infinite() {
+                        ok = false;
+                        break;
+                    }
+                    let comm = if s.device_of(q.chunk) != d {
+                        costs.comm
+                    } else {
+                        0.0
+                    };
+                    ready = ready.max(t + comm);
+                }
+                if !ok {
+                    break;
+                }
+                let end = ready + cost(s, costs, p.kind);
+                done_at[slot(s, p)] = end;
+                free_at[d] = end;
+                passes.push(Timed {
+                    pass: p,
+                    device: d,
+                    start: ready,
+                    end,
+                });
+                next[d] += 1;
+                progressed = true;
+            }
+        }
+        if !progressed {
+            return Err(format!(
+                "the schedule cannot run: device orders wait on each other ({} of {total} passes run)",
+                passes.len()
+            ));
+        }
+    }
+    let makespan = passes.iter().map(|t| t.end).fold(0.0, f64::max);
+    let busy: f64 = passes.iter().map(|t| t.end - t.start).sum();
+    let bubble_rate = if makespan > 0.0 {
+        1.0 - busy / (makespan * s.stages as f64)
+    } else {
+        0.0
+    };
+    // Peak memory: allocations at F starts, releases at W (or unsplit B) ends.
+    let unit = 1.0 / s.kind.chunks_per_device() as f64;
+    let mut peak_activation = vec![0.0f64; s.stages];
+    for (d, peak) in peak_activation.iter_mut().enumerate() {
+        let mut events: Vec<(f64, f64)> = vec![];
+        for t in passes.iter().filter(|t| t.device == d) {
+            match t.pass.kind {
+                Kind::F => events.push((t.start, unit)),
+                Kind::B if !s.split_backward() => events.push((t.end, -unit)),
+                Kind::W => events.push((t.end, -unit)),
+                Kind::B => {}
+            }
+        }
+        // Releases before allocations at the same instant.
+        events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let mut m = 0.0f64;
+        for (_, delta) in events {
+            m += delta;
+            *peak = peak.max(m);
+        }
+    }
+    Ok(Simulation {
+        passes,
+        makespan,
+        bubble_rate,
+        peak_activation,
+    })
+}
+
+fn label(p: &Pass, s: &Schedule) -> String {
+    let second = s.kind.chunks_per_device() == 2 && s.device_of(p.chunk) != p.chunk;
+    let k = match (p.kind, second) {
+        (Kind::F, false) => "F",
+        (Kind::F, true) => "f",
+        (Kind::B, false) => "B",
+        (Kind::B, true) => "b",
+        (Kind::W, false) => "W",
+        (Kind::W, true) => "w",
+    };
+    format!("{k}{}", p.mb)
+}
+
+/// The schedule drawn as in the papers' figures: one row per device, one box per pass.
+pub fn svg(s: &Schedule, sim: &Simulation) -> String {
+    let scale = 28.0;
+    let row = 26.0;
+    let left = 70.0;
+    let width = left + sim.makespan * scale + 20.0;
+    let height = 40.0 + row * s.stages as f64 + 20.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="10">"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{left}" y="16" font-size="13">{} — {} stages, {} microbatches, bubble {:.3}, peak {:?}</text>"#,
+        s.kind.name(),
+        s.stages,
+        s.microbatches,
+        sim.bubble_rate,
+        sim.peak_activation
+    );
+    for d in 0..s.stages {
+        let y = 30.0 + row * d as f64;
+        let _ = writeln!(
+            out,
+            r#"<text x="8" y="{:.1}">device {d}</text>"#,
+            y + row / 2.0 + 3.0
+        );
+    }
+    for t in &sim.passes {
+        let x = left + t.start * scale;
+        let y = 30.0 + row * t.device as f64;
+        let w = (t.end - t.start) * scale;
+        let second = s.kind.chunks_per_device() == 2 && s.device_of(t.pass.chunk) != t.pass.chunk;
+        let color = match (t.pass.kind, second) {
+            (Kind::F, false) => "#9ecae1",
+            (Kind::F, true) => "#3182bd",
+            (Kind::B, false) => "#a1d99b",
+            (Kind::B, true) => "#31a354",
+            (Kind::W, false) => "#fdae6b",
+            (Kind::W, true) => "#e6550d",
+        };
+        let _ = writeln!(
+            out,
+            r#"<rect x="{x:.1}" y="{y:.1}" width="{w:.1}" height="{:.1}" fill="{color}" stroke="white"/><text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            row - 4.0,
+            x + w / 2.0,
+            y + row / 2.0 + 2.0,
+            label(&t.pass, s)
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// Chrome/Perfetto trace JSON: one complete event per pass, a thread per device.
+pub fn trace(s: &Schedule, sim: &Simulation) -> String {
+    let events: Vec<String> = sim
+        .passes
+        .iter()
+        .map(|t| {
+            format!(
+                r#"{{"name":"{}","cat":"{:?}","ph":"X","ts":{:.3},"dur":{:.3},"pid":0,"tid":{},"args":{{"chunk":{},"microbatch":{}}}}}"#,
+                label(&t.pass, s),
+                t.pass.kind,
+                t.start * 1000.0,
+                (t.end - t.start) * 1000.0,
+                t.device,
+                t.pass.chunk,
+                t.pass.mb
+            )
+        })
+        .collect();
+    format!("{{\"traceEvents\":[\n{}\n]}}\n", events.join(",\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(kind: ScheduleKind, p: usize, m: usize) -> Simulation {
+        let s = generate(kind, p, m).unwrap();
+        simulate(&s, &Costs::default()).unwrap()
+    }
+
+    #[test]
+    fn one_f_one_b_holds_p_minus_s_and_has_the_textbook_bubble() {
+        for p in 2..=8 {
+            let m = 2 * p;
+            let sim = run(ScheduleKind::OneFOneB, p, m);
+            let want: Vec<f64> = (0..p).map(|s| (p - s) as f64).collect();
+            assert_eq!(sim.peak_activation, want, "p={p}");
+            // Unit F and B+W = 2: bubble (p−1)·3 / ((m + p − 1)·3) per device.
+            let bubble = (p - 1) as f64 / (m + p - 1) as f64;
+            assert!(
+                (sim.bubble_rate - bubble).abs() < 1e-9,
+                "p={p}: {}",
+                sim.bubble_rate
+            );
+        }
+    }
+
+    #[test]
+    fn v_shapes_hold_the_papers_memory() {
+        let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        for p in 2..=8 {
+            for m in [2 * p, 3 * p + 1, 4 * p] {
+                let vmin = run(ScheduleKind::VMin, p, m);
+                let vhalf = run(ScheduleKind::VHalf, p, m);
+                let vzb = run(ScheduleKind::VZb, p, m);
+                assert_eq!(
+                    max(&vmin.peak_activation),
+                    ((p + 4) / 3) as f64,
+                    "v-min p={p} m={m}"
+                );
+                assert_eq!(
+                    max(&vhalf.peak_activation),
+                    ((p + 2) / 2) as f64,
+                    "v-half p={p} m={m}"
+                );
+                assert!(max(&vzb.peak_activation) <= p as f64, "v-zb p={p} m={m}");
+                let one = run(ScheduleKind::OneFOneB, p, m);
+                assert!(vzb.bubble_rate < one.bubble_rate, "v-zb p={p} m={m}");
+            }
+        }
+        // The authors' reference run: p = 4, m = 16, unit costs.
+        let vmin = run(ScheduleKind::VMin, 4, 16);
+        assert!(vmin.bubble_rate <= 0.11, "{}", vmin.bubble_rate);
+    }
+
+    #[test]
+    fn every_schedule_is_complete_and_runs_with_any_costs() {
+        let kinds = [
+            ScheduleKind::Gpipe,
+            ScheduleKind::OneFOneB,
+            ScheduleKind::Interleaved,
+            ScheduleKind::ZbH1,
+            ScheduleKind::VMin,
+            ScheduleKind::VHalf,
+            ScheduleKind::VZb,
+        ];
+        let costs = Costs {
+            f: 1.0,
+            b: 2.0,
+            w: 0.5,
+            comm: 0.25,
+        };
+        for kind in kinds {
+            for p in 1..=6 {
+                for m in [1, p, 2 * p + 1] {
+                    let s = generate(kind, p, m).unwrap_or_else(|e| panic!("{e}"));
+                    check(&s).unwrap();
+                    let sim = simulate(&s, &costs).unwrap();
+                    assert!(sim.bubble_rate >= 0.0 && sim.bubble_rate < 1.0);
+                    assert_eq!(s, generate(kind, p, m).unwrap(), "deterministic");
+                }
+            }
+        }
+        // ZB-H1 keeps 1F1B's memory with a smaller bubble.
+        let (zb, one) = (
+            run(ScheduleKind::ZbH1, 4, 16),
+            run(ScheduleKind::OneFOneB, 4, 16),
+        );
+        assert_eq!(zb.peak_activation, one.peak_activation);
+        assert!(zb.bubble_rate < one.bubble_rate);
+    }
+}
