@@ -413,11 +413,11 @@ fn building_blocks(kind: ScheduleKind, p: usize, m: usize) -> Vec<Vec<Pass>> {
     for i in 0..p {
         let (f0, f1, b1, b0) = match kind {
             ScheduleKind::VMin => {
-                let d = if p % 3 == 0 { 2 } else { 0 };
+                let d = if p.is_multiple_of(3) { 2 } else { 0 };
                 (i, 2 * p - 1 - i, 2 * p + d + i, 4 * p + d - 1 - i)
             }
             _ => {
-                let d = if p % 2 == 0 { 3 } else { 0 };
+                let d = if p.is_multiple_of(2) { 3 } else { 0 };
                 (
                     2 * i,
                     3 * p - i - 2,
@@ -479,7 +479,7 @@ fn building_blocks(kind: ScheduleKind, p: usize, m: usize) -> Vec<Vec<Pass>> {
                 }
                 _ => pending_w[d]
                     .iter()
-                    .position(|w| ready(w))
+                    .position(&ready)
                     .and_then(|k| pending_w[d].remove(k)),
             };
             if let Some(q) = pick {
