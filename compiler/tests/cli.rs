@@ -961,3 +961,119 @@ fn trainable_regex_freezes_the_rest() {
     assert_eq!(r["training"]["trained_params"], 5 * 64);
     assert_eq!(r["grads_bytes"].as_u64().unwrap(), 5 * 256);
 }
+
+#[test]
+fn schedule_reports_memory_and_bubbles_and_rejects_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svg, trace) = (dir.path().join("s.svg"), dir.path().join("t.json"));
+    let o = memc(&[
+        "schedule",
+        "--stages",
+        "4",
+        "--microbatches",
+        "16",
+        "--schedule",
+        "v-min",
+        "--json",
+        "--svg",
+        s(&svg),
+        "--trace",
+        s(&trace),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        j["peak_activation_microbatches"],
+        serde_json::json!([2.0, 2.0, 2.0, 2.0])
+    );
+    assert!(j["bubble_rate"].as_f64().unwrap() <= 0.11);
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert_eq!(t["traceEvents"].as_array().unwrap().len(), 4 * 2 * 16 * 3);
+    let base = ["schedule", "--stages", "4", "--microbatches", "8"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|x| x.to_string()).collect()
+    };
+    fails_with(&with(&["--schedule", "zigzag"]), &["zigzag", "v-half"]);
+    fails_with(
+        &with(&["--schedule", "1f1b", "--costs", "1,2"]),
+        &["--costs", "4 values"],
+    );
+    fails_with(
+        &with(&["--schedule", "1f1b", "--costs", "1,0,1,0"]),
+        &["--costs"],
+    );
+    fails_with(
+        &[
+            "schedule",
+            "--stages",
+            "0",
+            "--microbatches",
+            "8",
+            "--schedule",
+            "1f1b",
+        ],
+        &["at least 1"],
+    );
+}
+
+#[test]
+fn training_flags_take_comma_lists_and_budgets() {
+    let model = example("llama-dynamo.onnx");
+    let m = s(&model);
+    let ok = memc(&[
+        "compile",
+        m,
+        "--shape",
+        "input_ids=2x16",
+        "--train",
+        "--betas",
+        "0.9,0.95",
+        "--activation-budget",
+        "60%",
+        "--emit",
+        "ir",
+    ]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    fails_with(
+        &[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x16",
+            "--train",
+            "--betas",
+            "0.9",
+        ],
+        &["--betas", "two values"],
+    );
+    fails_with(
+        &[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x16",
+            "--train",
+            "--activation-budget",
+            "lots",
+        ],
+        &["--activation-budget", "lots"],
+    );
+    fails_with(
+        &[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x16",
+            "--train",
+            "--activation-budget",
+            "10",
+        ],
+        &["smallest feasible", "--activation-budget"],
+    );
+    fails_with(
+        &["compile", m, "--shape", "input_ids=2x16", "--moc-k", "0"],
+        &["--moc-k"],
+    );
+}
