@@ -118,3 +118,62 @@ fn gpu_mapping_computes_the_same_training_step() {
         assert_eq!(plain, mapped, "{}", ex.name);
     }
 }
+
+/// Mixture-of-Channels (`--moc-k 0.25`) on the example Llama: its kernels (top-k with i16
+/// indices, gathers, the scatter into the down projection) assemble for sm_90a, and their GPU
+/// forms run on the host give bitwise the losses of the host kernels.
+#[test]
+fn moc_kernels_assemble_and_map() {
+    let libdevice = find_libdevice().unwrap();
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+    let program = || {
+        let (mut g, _) = ex.import();
+        memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+        memc_passes::moc::apply_moc(&mut g, memc_passes::moc::MocK::Ratio(0.25)).unwrap();
+        memc::train::build(&mut g, &a).unwrap();
+        assert!(g.op_counts().contains_key("top_k"));
+        g
+    };
+    let g = program();
+    let mut host = memc::train::host_program(&g, &ex.name, None).unwrap();
+    host.compile_device(90, &libdevice).unwrap();
+    let report = ptxas(&host.program.device.as_ref().unwrap().ptx, "sm_90a").unwrap();
+    assert!(
+        !report
+            .lines()
+            .any(|l| l.contains("spill")
+                && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")),
+        "{report}"
+    );
+    let path = ex.path.with_extension("").join("inputs/input_ids.npy");
+    let opts = memc::train::LoopOptions {
+        steps: 3,
+        lr: 1e-3,
+        weight_decay: 0.01,
+        peak_bytes: None,
+    };
+    let run = |mapped: bool| {
+        let mut g = program();
+        let mut host = memc::train::host_program(&g, &ex.name, Some(&a)).unwrap();
+        if mapped {
+            host.use_gpu_form_on_host().unwrap();
+        }
+        let mut data = memc::train::Batches::open(&path).unwrap();
+        memc::train::run_program(
+            &mut g,
+            &host,
+            &mut data,
+            &path.display().to_string(),
+            &opts,
+            &ex.name,
+        )
+        .unwrap()
+    };
+    let (plain, mapped) = (run(false), run(true));
+    eprintln!("moc: host kernels {plain:?}, GPU-mapped kernels on the host {mapped:?}");
+    assert_eq!(plain, mapped);
+}
