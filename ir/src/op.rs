@@ -174,8 +174,9 @@ pub enum Op {
     Residual,
     /// The LM head's cross-entropy, fused and chunked: `−mean_n log_softmax(h·w)[n, t_n]`
     /// computed `chunk` rows of `h` at a time, so the `[N, V]` logits are never held whole
-    /// (in f32 whatever `h`'s dtype). Inputs h `[N, d]`, w `[d, V]`, the targets `[N, 1]`
-    /// (integers) and optionally a bias `[V]` added to the logits; result an f32 scalar. Its
+    /// (in f32 when `h` is a half type). Inputs h `[N, d]`, w `[d, V]`, the targets `[N, 1]`
+    /// (integers) and optionally a bias `[V]` added to the logits; result a scalar (f32 for
+    /// half inputs, else h's dtype; [`loss_dtype`]). Its
     /// VJP recomputes each chunk's logits.
     LmHeadCe {
         /// Rows per chunk.
@@ -389,7 +390,7 @@ impl Op {
             Op::LmHeadCe { chunk } => {
                 // Per chunk: rows of h, their logits (in f32), log-probabilities, the targets'.
                 let (n, d) = (operands[0].shape[0], operands[0].shape[1]);
-                let f32_logits = operands[0].dtype != DType::F32;
+                let f32_logits = loss_dtype(operands[0].dtype) != operands[0].dtype;
                 let mut steps = vec![];
                 let mut picked = vec![];
                 for r0 in (0..n).step_by((*chunk).max(1)) {
@@ -872,10 +873,15 @@ impl Op {
                 check_axis(*axis, x.rank())?;
                 one(x.clone())
             }
-            Op::LayerNorm { axis, .. } => {
-                if !(2..=3).contains(&inputs.len()) {
+            Op::LayerNorm { axis, .. } | Op::RmsNorm { axis, .. } => {
+                // x, a scale and (layer_norm only) a bias, both of the normalised dims' shape.
+                let bias = matches!(self, Op::LayerNorm { .. });
+                let max = if bias { 3 } else { 2 };
+                if !(2..=max).contains(&inputs.len()) {
                     return Err(format!(
-                        "`layer_norm` takes 2 or 3 operands, got {}",
+                        "`{}` takes {} operands, got {}",
+                        self.name(),
+                        if bias { "2 or 3" } else { "2" },
                         inputs.len()
                     ));
                 }
@@ -885,7 +891,9 @@ impl Op {
                 for p in &inputs[1..] {
                     if p.dtype != x.dtype || p.shape[..] != x.shape[*axis..] {
                         return Err(format!(
-                            "`layer_norm` scale/bias must be {}{:?}, got {p}",
+                            "`{}` {} must be {}{:?}, got {p}",
+                            self.name(),
+                            if bias { "scale/bias" } else { "scale" },
                             x.dtype,
                             &x.shape[*axis..]
                         ));
@@ -1025,7 +1033,7 @@ impl Op {
                         "`lm_head_ce` takes h [N, d], w [d, V] of h's dtype and integer targets [N, 1], got {h}, {w}, {t}"
                     ));
                 }
-                one(TensorType::new(DType::F32, vec![]))
+                one(TensorType::new(loss_dtype(h.dtype), vec![]))
             }
             Op::Residual => {
                 arity(2)?;
@@ -1112,24 +1120,6 @@ impl Op {
                 let mut shape = x.shape.clone();
                 *shape.last_mut().unwrap() = e;
                 one(TensorType::new(x.dtype, shape))
-            }
-            Op::RmsNorm { axis, .. } => {
-                if inputs.len() != 2 {
-                    return Err(format!("`rms_norm` takes 2 operands, got {}", inputs.len()));
-                }
-                let x = &inputs[0];
-                float_operand(self, x)?;
-                check_axis(*axis, x.rank())?;
-                for p in &inputs[1..] {
-                    if p.dtype != x.dtype || p.shape[..] != x.shape[*axis..] {
-                        return Err(format!(
-                            "`rms_norm` scale must be {}{:?}, got {p}",
-                            x.dtype,
-                            &x.shape[*axis..]
-                        ));
-                    }
-                }
-                one(x.clone())
             }
             Op::Reduce {
                 kind,
@@ -1378,6 +1368,15 @@ impl Op {
                 one(TensorType::new(x.dtype, shape.clone()))
             }
         }
+    }
+}
+
+/// The dtype `lm_head_ce` computes its logits and loss in: f32 for half inputs, else the
+/// input's (f32 or f64).
+pub fn loss_dtype(h: DType) -> DType {
+    match h {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
     }
 }
 

@@ -820,7 +820,8 @@ fn layer_norm_vjp(
 
 /// The fused LM-head loss's VJP, chunk by chunk like its forward: each chunk's logits are
 /// recomputed, `g = (softmax − onehot(target))·dy/N`, `dh = g·wᵀ` (concatenated),
-/// `dw = Σ hᵀ·g` and the bias's `Σ g` (accumulated in f32). No `[N, V]` tensor is formed.
+/// `dw = Σ hᵀ·g` and the bias's `Σ g` (accumulated in f32, or f64 for f64). No `[N, V]`
+/// tensor is formed.
 fn lm_head_ce_vjp(
     b: &mut Builder,
     x: &[ValueId],
@@ -839,7 +840,8 @@ fn lm_head_ce_vjp(
     } else {
         None
     };
-    let one = b.scalar(memc_ir::DType::F32, 1.0);
+    let acc = memc_ir::loss_dtype(dt);
+    let one = b.scalar(acc, 1.0);
     let (mut dh, mut dw) = (vec![], None);
     for r0 in (0..n).step_by(chunk.max(1)) {
         let r1 = (r0 + chunk).min(n);
@@ -854,7 +856,7 @@ fn lm_head_ce_vjp(
             Some(bias) => b.add(logits, bias)?,
             None => logits,
         };
-        let logits = b.cast(logits, memc_ir::DType::F32)?;
+        let logits = b.cast(logits, acc)?;
         let p = b.op(Op::Softmax { axis: 1 }, &[logits])?;
         let tk = b.op(rows(1), &[t])?;
         let ones = b.expand(one, vec![r1 - r0, 1])?;
@@ -881,7 +883,7 @@ fn lm_head_ce_vjp(
         if wants[1] {
             let hkt = b.transpose(hk, vec![1, 0])?;
             let part = b.op(Op::MatMul, &[hkt, gk])?;
-            let part = b.cast(part, memc_ir::DType::F32)?;
+            let part = b.cast(part, acc)?;
             dw = Some(match dw {
                 Some(acc) => b.add(acc, part)?,
                 None => part,

@@ -98,6 +98,13 @@ fn run_case(c: &Case, rng: &mut Rng) {
         .reduce(ReduceKind::Sum, yw, (0..ys.len()).collect(), false)
         .unwrap();
     g.add_output("loss", loss);
+    // Blocks become their steps first, as in `build_training` (`residual` and `lm_head_ce`
+    // keep their own VJPs); lowering renumbers values, inputs first.
+    memc_passes::blocks::lower_blocks_where(&mut g, |op| {
+        !matches!(op, Op::Residual | Op::LmHeadCe { .. })
+    })
+    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let (loss, xs) = (g.outputs()[0].1, g.inputs().to_vec());
     let grads = differentiate(&mut g, loss, &xs).unwrap_or_else(|e| panic!("{}: {e}", c.name));
     for (i, &(_, gv)) in grads.iter().enumerate() {
         g.add_output(format!("grad{i}"), gv);
@@ -378,6 +385,87 @@ fn cases(r: &mut Rng) -> Vec<Case> {
             .unwrap()
         },
     ));
+    // Blocks (lowered to their steps) and the ops with their own block VJPs.
+    let (n, d, f, e) = (
+        2 + r.below(4),
+        3 + r.below(3),
+        4 + r.below(4),
+        2 + r.below(3),
+    );
+    v.push(case(
+        "Residual",
+        vec![(vec![n, d], Any), (vec![n, d], Any)],
+        |b, x| b.op(Op::Residual, &[x[0], x[1]]).unwrap(),
+    ));
+    v.push(case(
+        "SwigluFfn",
+        vec![
+            (vec![2, n, d], Any),
+            (vec![d, f], Any),
+            (vec![d, f], Any),
+            (vec![f, e], Any),
+        ],
+        |b, x| b.op(Op::SwigluFfn, x).unwrap(),
+    ));
+    v.push(case(
+        format!("MocFfn k {}", f / 2),
+        vec![
+            (vec![2, n, d], Any),
+            (vec![d, f], Any),
+            (vec![d, f], Any),
+            (vec![f, e], Any),
+        ],
+        move |b, x| b.op(Op::MocFfn { k: f / 2 }, x).unwrap(),
+    ));
+    for tanh in [false, true] {
+        v.push(case(
+            format!("GeluFfn tanh {tanh} with biases"),
+            vec![
+                (vec![n, d], Any),
+                (vec![d, f], Any),
+                (vec![f], Any),
+                (vec![f, e], Any),
+                (vec![e], Any),
+            ],
+            move |b, x| b.op(Op::GeluFfn { tanh }, x).unwrap(),
+        ));
+        v.push(case(
+            format!("GeluFfn tanh {tanh}"),
+            vec![(vec![n, d], Any), (vec![d, f], Any), (vec![f, e], Any)],
+            move |b, x| b.op(Op::GeluFfn { tanh }, x).unwrap(),
+        ));
+    }
+    v.push(case(
+        "Rope",
+        vec![
+            (vec![2, n, 2 * d], Any),
+            (vec![n, 2 * d], Any),
+            (vec![n, 2 * d], Any),
+        ],
+        |b, x| b.op(Op::Rope, x).unwrap(),
+    ));
+    let rows = 3 + r.below(5);
+    let vocab = 3 + r.below(6);
+    let targets: Vec<i64> = (0..rows).map(|_| r.below(vocab) as i64).collect();
+    for bias in [false, true] {
+        let t = targets.clone();
+        let mut operands = vec![(vec![rows, d], Any), (vec![d, vocab], Any)];
+        if bias {
+            operands.push((vec![vocab], Any));
+        }
+        v.push(case(
+            format!("LmHeadCe chunk 2 of {rows} rows, bias {bias}"),
+            operands,
+            move |b, x| {
+                let t =
+                    b.g.add_const(Tensor::from_i64(DType::I64, vec![rows, 1], &t));
+                let mut ops = vec![x[0], x[1], t];
+                ops.extend(x.get(2));
+                let y = b.op(Op::LmHeadCe { chunk: 2 }, &ops).unwrap();
+                b.reshape(y, vec![1]).unwrap()
+            },
+        ));
+    }
     for kind in [ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max] {
         let axes: Vec<usize> = (0..3).filter(|_| r.below(2) == 0).collect();
         let axes = if axes.is_empty() { vec![1] } else { axes };
