@@ -136,35 +136,26 @@ else
   status=1
 fi
 
-echo "== Llama 12 x d768, batch 8 x seq 1024, bf16 (fp32 master weights), AdamW"
-if "$B/llama12-bf16" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 8 --backend cuda \
-    > "$T/llama12.jsonl" 2> "$T/llama12.err"; then
-  python3 - "$T/llama12.jsonl" <<'EOF'
+# The default compile, then the variants (full: --remat full; b50: --activation-budget 0.5;
+# moc: --moc-k 384); one JSON line each, the default one followed by its kernel profile.
+for v in "" full b50 moc; do
+  exe="$B/llama12-bf16${v:+-$v}"
+  echo "== Llama 12 x d768, batch 8 x seq 1024, bf16 (fp32 master weights), AdamW, memc ${v:-default}"
+  if "$exe" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 8 --backend cuda \
+      > "$T/llama12$v.jsonl" 2> "$T/llama12$v.err"; then
+    python3 - "$T/llama12$v.jsonl" "memc${v:+ $v}" <<'EOF'
 import json, statistics, sys
 lines = [json.loads(l) for l in open(sys.argv[1])]
 ms = statistics.median(l["step_ms"] for l in lines[2:])
-print(json.dumps({"mode": "memc", "step_ms": round(ms, 2), "tokens_per_s": round(8192 / ms * 1e3),
+print(json.dumps({"mode": sys.argv[2], "step_ms": round(ms, 2), "tokens_per_s": round(8192 / ms * 1e3),
                   "peak_bytes": lines[-1]["peak_bytes"], "loss": round(lines[-1]["loss"], 4)}))
 EOF
-  MEMC_PROFILE=1 "$B/llama12-bf16" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 2 \
-    --backend cuda 2>&1 >/dev/null | sed 's/^/   /' | head -14
-else
-  echo "   memc llama12 FAILED: $(tail -1 "$T/llama12.err")"
-  status=1
-fi
-for v in full b50 moc; do
-  echo "== Llama 12 x d768 as above, memc variant $v (full: --remat full; b50: --activation-budget 0.5; moc: --moc-k 384)"
-  if "$B/llama12-bf16-$v" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 6 --backend cuda \
-      > "$T/llama12-$v.jsonl" 2> "$T/llama12-$v.err"; then
-    python3 - "$T/llama12-$v.jsonl" "$v" <<'EOF'
-import json, statistics, sys
-lines = [json.loads(l) for l in open(sys.argv[1])]
-ms = statistics.median(l["step_ms"] for l in lines[2:])
-print(json.dumps({"mode": f"memc {sys.argv[2]}", "step_ms": round(ms, 2), "tokens_per_s": round(8192 / ms * 1e3),
-                  "peak_bytes": lines[-1]["peak_bytes"], "loss": round(lines[-1]["loss"], 4)}))
-EOF
+    if [ -z "$v" ]; then
+      MEMC_PROFILE=1 "$exe" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 2 \
+        --backend cuda 2>&1 >/dev/null | sed 's/^/   /' | head -14
+    fi
   else
-    echo "   memc llama12 $v FAILED: $(tail -1 "$T/llama12-$v.err")"
+    echo "   memc llama12 ${v:-default} FAILED: $(tail -1 "$T/llama12$v.err")"
     status=1
   fi
 done

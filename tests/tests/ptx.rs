@@ -85,30 +85,8 @@ fn gpu_mapping_computes_the_same_training_step() {
         .filter(|e| !e.name.contains("opset") && e.family != "bert")
     {
         let a = train_args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto);
-        let path = ex.path.with_extension("").join("inputs/input_ids.npy");
-        let opts = memc::train::LoopOptions {
-            steps: 3,
-            lr: 1e-3,
-            weight_decay: 0.01,
-            peak_bytes: None,
-        };
-        let run = |mapped: bool| {
-            let (mut g, _) = training_program(&ex, &a);
-            let mut host = memc::train::host_program(&g, &ex.name, Some(&a)).unwrap();
-            if mapped {
-                host.use_gpu_form_on_host().unwrap();
-            }
-            let mut data = memc::train::Batches::open(&path).unwrap();
-            memc::train::run_program(
-                &mut g,
-                &host,
-                &mut data,
-                &path.display().to_string(),
-                &opts,
-                &ex.name,
-            )
-            .unwrap()
-        };
+        let program = || training_program(&ex, &a).0;
+        let run = |mapped: bool| host_losses(&ex, &a, &program, mapped);
         let plain = run(false);
         let mapped = run(true);
         eprintln!(
@@ -149,6 +127,20 @@ fn moc_kernels_assemble_and_map() {
                 && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")),
         "{report}"
     );
+    let run = |mapped: bool| host_losses(&ex, &a, &program, mapped);
+    let (plain, mapped) = (run(false), run(true));
+    eprintln!("moc: host kernels {plain:?}, GPU-mapped kernels on the host {mapped:?}");
+    assert_eq!(plain, mapped);
+}
+
+/// Losses of 3 AdamW steps of the training program `program()` makes for `ex`, on the cpu
+/// backend with its host kernels or (`mapped`) their GPU forms run on the host.
+fn host_losses(
+    ex: &memc_tests::Example,
+    a: &memc::train::TrainProgramArgs,
+    program: &dyn Fn() -> memc_ir::Graph,
+    mapped: bool,
+) -> Vec<f64> {
     let path = ex.path.with_extension("").join("inputs/input_ids.npy");
     let opts = memc::train::LoopOptions {
         steps: 3,
@@ -156,24 +148,19 @@ fn moc_kernels_assemble_and_map() {
         weight_decay: 0.01,
         peak_bytes: None,
     };
-    let run = |mapped: bool| {
-        let mut g = program();
-        let mut host = memc::train::host_program(&g, &ex.name, Some(&a)).unwrap();
-        if mapped {
-            host.use_gpu_form_on_host().unwrap();
-        }
-        let mut data = memc::train::Batches::open(&path).unwrap();
-        memc::train::run_program(
-            &mut g,
-            &host,
-            &mut data,
-            &path.display().to_string(),
-            &opts,
-            &ex.name,
-        )
-        .unwrap()
-    };
-    let (plain, mapped) = (run(false), run(true));
-    eprintln!("moc: host kernels {plain:?}, GPU-mapped kernels on the host {mapped:?}");
-    assert_eq!(plain, mapped);
+    let mut g = program();
+    let mut host = memc::train::host_program(&g, &ex.name, Some(a)).unwrap();
+    if mapped {
+        host.use_gpu_form_on_host().unwrap();
+    }
+    let mut data = memc::train::Batches::open(&path).unwrap();
+    memc::train::run_program(
+        &mut g,
+        &host,
+        &mut data,
+        &path.display().to_string(),
+        &opts,
+        &ex.name,
+    )
+    .unwrap()
 }
