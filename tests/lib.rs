@@ -112,12 +112,15 @@ pub fn train_args(
         momentum,
         betas: vec![0.9, 0.999],
         eps: 1e-8,
-        trainable: "all".into(),
+        trainable: None,
         clip_grad_norm: clip,
         remat,
         dtype: memc::train::DtypeArg::F32,
         activation_budget: None,
         no_fused_loss: false,
+        rev_check: false,
+        rev_check_threshold: None,
+        rev_store: false,
     }
 }
 
@@ -194,6 +197,7 @@ pub fn build_adamw(
         remat,
         fused_loss: true,
         compute_dtype: memc_ir::DType::F32,
+        rev_backward: memc_passes::train::RevBackward::Reconstruct { check: false },
     };
     build_training(g, &opts).map_err(|e| e.to_string())
 }

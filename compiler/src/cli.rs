@@ -57,6 +57,8 @@ struct ModelArgs {
     /// token (a count, or a fraction of d_ffn such as 0.25); its backward keeps only those.
     #[arg(long, value_name = "K|RATIO")]
     moc_k: Option<String>,
+    #[command(flatten)]
+    rev: crate::rev::RevArgs,
 }
 
 /// Parses `--moc-k`: an integer count or a fraction in (0, 1).
@@ -364,7 +366,7 @@ fn import(
     shapes: HashMap<String, Vec<usize>>,
     timer: &mut Timer,
     dump: Option<&Path>,
-) -> Result<Graph> {
+) -> Result<(Graph, Option<crate::rev::RevReport>)> {
     let model = timer.time("load", || onnx::load_model(&args.model))?;
     let opts = ImportOptions { shapes };
     let mut g = timer.time("import", || onnx::import_model(&args.model, &model, &opts))?;
@@ -437,7 +439,12 @@ fn import(
             );
         }
     }
-    Ok(g)
+    let model_name = args.model.display().to_string();
+    let rev = crate::rev::apply(&mut g, &args.rev, &model_name)?;
+    if let (Some(dir), Some(_)) = (dump, &rev) {
+        write_file(&dir.join("01-reversible.mir"), &memc_ir::print(&g))?;
+    }
+    Ok((g, rev))
 }
 
 /// Resident memory of this process, split into anonymous (copied or computed) and
@@ -464,7 +471,7 @@ fn compile(args: CompileArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let mut g = import(
+    let (mut g, rev) = import(
         &args.model,
         shapes(&args.model)?,
         &mut timer,
@@ -521,6 +528,9 @@ fn compile(args: CompileArgs) -> Result<()> {
     }
     if args.report {
         print!("{}", report::summary(&g));
+        if let Some(r) = &rev {
+            println!("reversible: {}", r.line());
+        }
         if let Some(t) = &train_stats {
             println!(
                 "training: {} weight tensors trained ({} parameters), {} frozen; {} backward nodes, {} optimizer nodes",
@@ -538,6 +548,18 @@ fn compile(args: CompileArgs) -> Result<()> {
                 println!(
                     "remat: saved activations {} -> {} bytes{budget}, {} nodes recomputed, {} layers{min}",
                     r.saved_bytes_before, r.saved_bytes_after, r.recomputed_nodes, r.layers
+                );
+            }
+            if let Some(r) = &t.reconstruct {
+                println!(
+                    "reversible backward: {} couplings inverted ({} nodes re-run or inverting){}",
+                    r.couplings,
+                    r.nodes,
+                    if r.drift_outputs > 0 {
+                        format!("; {} drift outputs (--rev-check)", r.drift_outputs)
+                    } else {
+                        String::new()
+                    }
                 );
             }
             if let Some(f) = &t.fused_loss {
@@ -566,6 +588,19 @@ fn compile(args: CompileArgs) -> Result<()> {
                     "cpu_backend".into(),
                     serde_json::json!({"arena_bytes": bytes, "kernels": kernels}),
                 );
+            }
+            if let Some(r) = &rev {
+                let mut j = r.json();
+                if let Some(rc) = train_stats.as_ref().and_then(|t| t.reconstruct.as_ref()) {
+                    j["backward"] = serde_json::json!({
+                        "couplings": rc.couplings,
+                        "nodes": rc.nodes,
+                        "drift_outputs": rc.drift_outputs,
+                    });
+                } else if train_stats.is_some() {
+                    j["backward"] = serde_json::json!("stored");
+                }
+                obj.insert("reversible".into(), j);
             }
             if let Some(t) = &train_stats {
                 obj.insert(
@@ -742,7 +777,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let mut g = import(&args.model, shapes, &mut timer, None)?;
+    let (mut g, _) = import(&args.model, shapes, &mut timer, None)?;
     memc_passes::blocks::lower_blocks(&mut g).map_err(|e| anyhow!("{model}: {e}"))?;
     let mut feeds = HashMap::new();
     for &v in g.inputs() {
@@ -873,7 +908,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let mut g = import(&args.model, shapes, &mut timer, None)?;
+    let (mut g, _) = import(&args.model, shapes, &mut timer, None)?;
     timer
         .time("train", || crate::train::build(&mut g, &args.training))
         .map_err(|e| anyhow!("{model}: {e:#}"))?;

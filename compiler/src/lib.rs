@@ -8,4 +8,5 @@ pub mod cli;
 pub mod io;
 pub mod onnx;
 pub mod report;
+pub mod rev;
 pub mod train;

@@ -45,9 +45,11 @@ pub struct TrainProgramArgs {
     /// AdamW epsilon.
     #[arg(long, default_value_t = 1e-8)]
     pub eps: f64,
-    /// Which weights are trained: `all`, or a regular expression searched in weight names.
-    #[arg(long, default_value = "all")]
-    pub trainable: String,
+    /// Which weights are trained: `all`, `adapters` (the adapters of --reversible), or a
+    /// regular expression searched in weight names. Default: `adapters` with --reversible
+    /// (MEFT's setting), else `all`.
+    #[arg(long)]
+    pub trainable: Option<String>,
     /// Clip the global gradient norm to this value.
     #[arg(long, value_name = "MAX_NORM")]
     pub clip_grad_norm: Option<f64>,
@@ -68,6 +70,18 @@ pub struct TrainProgramArgs {
     /// cross-entropy (which never holds them whole).
     #[arg(long)]
     pub no_fused_loss: bool,
+    /// With --reversible: also output each reversible layer's reconstruction drift,
+    /// max|x_reconstructed − x| / max|x| over its inputs, every step (keeps the inputs for
+    /// the comparison), and warn when it passes --rev-check-threshold.
+    #[arg(long)]
+    pub rev_check: bool,
+    /// The drift --rev-check warns past (default 1e-3 in f32, 5e-2 in bf16).
+    #[arg(long, value_name = "X")]
+    pub rev_check_threshold: Option<f64>,
+    /// With --reversible: keep the reversible stack's activations (ordinary autodiff)
+    /// instead of reconstructing them; the reference for gradients and memory.
+    #[arg(long)]
+    pub rev_store: bool,
     /// Compute dtype of the forward and backward passes (bf16 keeps f32 master weights and an
     /// f32 optimizer).
     #[arg(long, value_enum, default_value = "f32")]
@@ -159,16 +173,35 @@ pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
             bail!("--clip-grad-norm must be a positive number, got {c}");
         }
     }
-    let regex = if args.trainable == "all" {
-        None
-    } else {
-        Some(regex::Regex::new(&args.trainable).map_err(|e| {
-            anyhow!(
-                "--trainable `{}` is not a regular expression: {e}",
-                args.trainable
-            )
-        })?)
+    let reversible = g.nodes().iter().any(|n| n.op == memc_ir::Op::RevCouple);
+    let chosen = args
+        .trainable
+        .clone()
+        .unwrap_or_else(|| if reversible { "adapters" } else { "all" }.to_string());
+    let regex = match chosen.as_str() {
+        "all" => None,
+        "adapters" if !reversible => {
+            bail!("--trainable adapters needs --reversible (only reversible layers have adapters)")
+        }
+        "adapters" => Some(regex::Regex::new(memc_passes::reversible::ADAPTERS).unwrap()),
+        text => Some(
+            regex::Regex::new(text)
+                .map_err(|e| anyhow!("--trainable `{text}` is not a regular expression: {e}"))?,
+        ),
     };
+    if !reversible && (args.rev_check || args.rev_store) {
+        bail!(
+            "--{} needs --reversible",
+            if args.rev_check {
+                "rev-check"
+            } else {
+                "rev-store"
+            }
+        );
+    }
+    if args.rev_check && args.rev_store {
+        bail!("--rev-check measures the reconstruction, which --rev-store turns off");
+    }
     let trainable = |name: &str| regex.as_ref().is_none_or(|r| r.is_match(name));
     let opts = TrainOptions {
         loss: match args.loss {
@@ -195,6 +228,13 @@ pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
         compute_dtype: match args.dtype {
             DtypeArg::F32 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,
+        },
+        rev_backward: if args.rev_store {
+            train::RevBackward::Store
+        } else {
+            train::RevBackward::Reconstruct {
+                check: args.rev_check,
+            }
         },
     };
     let stats = train::build_training(g, &opts)?;

@@ -295,6 +295,40 @@ impl Graph {
         }
     }
 
+    /// Reorders the nodes so every node comes after the producers of its operands, keeping
+    /// the current order otherwise: each node is preceded by those of its (transitive)
+    /// producers that came later (a depth-first walk in program order). Passes that append
+    /// nodes read by earlier ones call this before [`Graph::compact`].
+    pub fn sort_topologically(&mut self) {
+        let n = self.nodes.len();
+        let mut state = vec![0u8; n]; // 0 new, 1 open, 2 emitted
+        let mut order = Vec::with_capacity(n);
+        for root in 0..n {
+            if state[root] != 0 {
+                continue;
+            }
+            let mut stack = vec![(root, 0usize)];
+            state[root] = 1;
+            while let Some(top) = stack.len().checked_sub(1) {
+                let (node, next) = stack[top];
+                if let Some(&v) = self.nodes[node].inputs.get(next) {
+                    stack[top].1 += 1;
+                    if let ValueDef::Node { node: p, .. } = self.values[v.index()].def {
+                        if state[p.index()] == 0 {
+                            state[p.index()] = 1;
+                            stack.push((p.index(), 0));
+                        }
+                    }
+                } else {
+                    stack.pop();
+                    state[node] = 2;
+                    order.push(NodeId(node as u32));
+                }
+            }
+        }
+        self.reorder_nodes(&order);
+    }
+
     /// Sets the phase of a node.
     pub fn set_phase(&mut self, n: NodeId, phase: Phase) {
         self.nodes[n.index()].phase = phase;

@@ -467,6 +467,7 @@ fn eval(op: &Op, ins: &[&Arr]) -> Result<Arr, String> {
         | Op::MocFfn { .. }
         | Op::Rope
         | Op::Residual
+        | Op::RevCouple
         | Op::LmHeadCe { .. } => {
             unreachable!("blocks are evaluated by their steps")
         }

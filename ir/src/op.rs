@@ -172,6 +172,12 @@ pub enum Op {
     /// (an attention or FFN sub-block's output), of one type. Marks the residual structure
     /// for the rewrites that need it (reversible layers); lowered to `add`.
     Residual,
+    /// One half of a reversible (MEFT) coupling, `s·a + f`: inputs the stream a, the branch f
+    /// computed from the other stream (both of one type) and the scale s (a rank-0 constant
+    /// of their dtype); result a's type. Marks the coupling so the training builder can invert
+    /// it in the backward pass (`a = (y − f)/s`) instead of keeping the layer's activations
+    /// (`memc_passes::reversible`); lowered to `mul` and `add`.
+    RevCouple,
     /// The LM head's cross-entropy, fused and chunked: `−mean_n log_softmax(h·w)[n, t_n]`
     /// computed `chunk` rows of `h` at a time, so the `[N, V]` logits are never held whole
     /// (in f32 when `h` is a half type). Inputs h `[N, d]`, w `[d, V]`, the targets `[N, 1]`
@@ -368,6 +374,10 @@ impl Op {
         use Operand::{Input, Step};
         match self {
             Op::Residual => Some(vec![(Op::Binary(BinaryOp::Add), vec![Input(0), Input(1)])]),
+            Op::RevCouple => Some(vec![
+                (Op::Binary(BinaryOp::Mul), vec![Input(0), Input(2)]),
+                (Op::Binary(BinaryOp::Add), vec![Step(0), Input(1)]),
+            ]),
             Op::MocFfn { k } => {
                 let mut shape = operands[0].shape.clone();
                 let last = shape.len().checked_sub(1)?;
@@ -505,6 +515,7 @@ impl Op {
             Op::SwigluFfn => "swiglu_ffn",
             Op::Rope => "rope",
             Op::Residual => "residual",
+            Op::RevCouple => "rev_couple",
             Op::LmHeadCe { .. } => "lm_head_ce",
             Op::TopK { .. } => "top_k",
             Op::MocFfn { .. } => "moc_ffn",
@@ -538,7 +549,8 @@ impl Op {
             | Op::GatherNd
             | Op::SwigluFfn
             | Op::Rope
-            | Op::Residual => vec![],
+            | Op::Residual
+            | Op::RevCouple => vec![],
             Op::GeluFfn { tanh } => vec![("tanh", Attr::Bool(*tanh))],
             Op::LmHeadCe { chunk } => vec![("chunk", Attr::Int(*chunk as i64))],
             Op::TopK { k } | Op::MocFfn { k } => vec![("k", Attr::Int(*k as i64))],
@@ -655,6 +667,7 @@ impl Op {
                 "swiglu_ffn" => Op::SwigluFfn,
                 "rope" => Op::Rope,
                 "residual" => Op::Residual,
+                "rev_couple" => Op::RevCouple,
                 "top_k" => Op::TopK {
                     k: uint(get("k")?, "k")?,
                 },
@@ -1042,6 +1055,20 @@ impl Op {
                     return Err(format!(
                         "`residual`: the stream and the branch must have one type, got {} and {}",
                         inputs[0], inputs[1]
+                    ));
+                }
+                one(inputs[0].clone())
+            }
+            Op::RevCouple => {
+                arity(3)?;
+                float_operand(self, &inputs[0])?;
+                if inputs[0] != inputs[1]
+                    || inputs[2].rank() != 0
+                    || inputs[2].dtype != inputs[0].dtype
+                {
+                    return Err(format!(
+                        "`rev_couple` takes the stream and the branch of one type and a rank-0 scale of their dtype, got {}, {} and {}",
+                        inputs[0], inputs[1], inputs[2]
                     ));
                 }
                 one(inputs[0].clone())

@@ -299,6 +299,16 @@ fn vjp(
         Op::LmHeadCe { chunk } => lm_head_ce_vjp(b, x, dy, *chunk, wants)?,
         // x + f with one type: the gradient flows to both unchanged.
         Op::Residual => vec![wants[0].then_some(dy), wants[1].then_some(dy)],
+        // s·a + f: the stream's gradient is scaled, the branch's is dy, the scale is constant.
+        Op::RevCouple => vec![
+            if wants[0] {
+                Some(b.op(Op::Binary(BinaryOp::Mul), &[dy, x[2]])?)
+            } else {
+                None
+            },
+            wants[1].then_some(dy),
+            None,
+        ],
         // Integer indices: no gradient.
         Op::TopK { .. } => vec![None],
         Op::SwigluFfn | Op::GeluFfn { .. } | Op::MocFfn { .. } | Op::Rope => {

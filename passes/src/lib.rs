@@ -17,7 +17,9 @@ pub mod moc;
 pub mod pipeline;
 pub mod plan;
 pub mod precision;
+pub mod reconstruct;
 pub mod remat;
+pub mod reversible;
 pub mod rules;
 pub mod train;
 

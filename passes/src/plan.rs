@@ -603,6 +603,7 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
             2 * rows * f * (2 * d + e) + rows * f * f + 3 * rows * *k as u64
         }
         Op::Residual => out.numel() as u64,
+        Op::RevCouple => 2 * out.numel() as u64,
         Op::LmHeadCe { .. } => {
             let h = &g.value(nd.inputs[0]).ty.shape;
             let v = g.value(nd.inputs[1]).ty.shape[1] as u64;

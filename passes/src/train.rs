@@ -13,6 +13,7 @@ use memc_ir::{
 
 use crate::autodiff::{differentiate, AutodiffError};
 use crate::build::Builder;
+use crate::reconstruct::{reconstruct, ReconstructStats};
 use crate::remat::{rematerialize, Policy, RematError, RematStats};
 
 /// The training loss.
@@ -69,6 +70,23 @@ pub struct TrainOptions<'a> {
     /// Compute dtype of the forward and backward passes; weights and the optimizer stay f32
     /// ([`crate::precision`]).
     pub compute_dtype: DType,
+    /// The backward pass of reversible couplings (`rev_couple`, [`crate::reversible`]).
+    pub rev_backward: RevBackward,
+}
+
+/// How the backward pass treats a reversible stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RevBackward {
+    /// Reconstruct each layer's inputs from its outputs ([`crate::reconstruct`]); with
+    /// `check`, also output each layer's reconstruction drift.
+    Reconstruct {
+        /// Output `memc.rev_drift.<layer>`.
+        check: bool,
+    },
+    /// Ordinary autodiff: keep the activations (the reference the reconstruction is
+    /// checked against).
+    #[default]
+    Store,
 }
 
 /// What the pass did.
@@ -88,6 +106,8 @@ pub struct TrainStats {
     pub remat: Option<RematStats>,
     /// The fused LM-head loss, when it was used.
     pub fused_loss: Option<FusedLoss>,
+    /// What the reversible backward pass did, when the program has couplings.
+    pub reconstruct: Option<ReconstructStats>,
 }
 
 /// How the fused LM-head loss ([`memc_ir::Op::LmHeadCe`]) was chunked.
@@ -125,8 +145,10 @@ pub enum TrainError {
 /// Builds the training step in place (see the module docs).
 pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, TrainError> {
     // Blocks become their steps; `residual` stays (its VJP is the identity to both operands)
-    // until rematerialisation has found the layers with it.
-    crate::blocks::lower_blocks_where(g, |op| *op != Op::Residual).map_err(TrainError::Build)?;
+    // until rematerialisation has found the layers with it, `rev_couple` until the backward
+    // pass has inverted it.
+    crate::blocks::lower_blocks_where(g, |op| !matches!(op, Op::Residual | Op::RevCouple))
+        .map_err(TrainError::Build)?;
     crate::precision::lower_precision(g, opts.compute_dtype).map_err(TrainError::Build)?;
     let (ids, logits) = find_logits(g)?;
     let head = if opts.fused_loss {
@@ -186,6 +208,13 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
     g.clear_outputs();
     g.add_output("loss", loss);
     g.compact();
+    let has_couplings = g.nodes().iter().any(|n| n.op == Op::RevCouple);
+    let reconstruct = match opts.rev_backward {
+        RevBackward::Reconstruct { check } if has_couplings => {
+            Some(reconstruct(g, check).map_err(TrainError::Build)?)
+        }
+        _ => None,
+    };
     let remat = match &opts.remat {
         Some(policy) => Some(rematerialize(g, policy).map_err(TrainError::Remat)?),
         None => None,
@@ -199,6 +228,7 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
         update_nodes,
         remat,
         fused_loss,
+        reconstruct,
     })
 }
 

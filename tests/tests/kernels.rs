@@ -36,12 +36,15 @@ fn kernels_of_training_programs_match_the_interpreter() {
             momentum: 0.9,
             betas: vec![0.9, 0.999],
             eps: 1e-8,
-            trainable: "all".into(),
+            trainable: None,
             clip_grad_norm: Some(1.0),
             remat: RematArg::Auto,
             dtype: memc::train::DtypeArg::F32,
             activation_budget: None,
             no_fused_loss: false,
+            rev_check: false,
+            rev_check_threshold: None,
+            rev_store: false,
         };
         build(&mut g, &args).unwrap();
         let mut feeds = inputs.clone();
