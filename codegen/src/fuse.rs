@@ -130,7 +130,70 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
             },
         ));
     }
-    // Program order of each kernel's last node keeps operands computed before use.
-    kernels.sort_by_key(|(_, k)| k.nodes.last().map(|n| n.index()));
-    kernels.into_iter().map(|(_, k)| k).collect()
+    order_kernels(g, kernels.into_iter().map(|(_, k)| k).collect(), &readers_of)
+}
+
+/// Orders the kernels: each after the kernels computing its operands and, since an update
+/// writes its target's buffer in place, each update after every other kernel reading the
+/// target; otherwise by their last nodes' program order (a kernel whose members interleave
+/// with another's, such as a parameter's update fused after a recomputation that still
+/// reads the parameter, must not overtake it).
+fn order_kernels(
+    g: &Graph,
+    kernels: Vec<Kernel>,
+    readers_of: &HashMap<ValueId, Vec<usize>>,
+) -> Vec<Kernel> {
+    use std::cmp::Reverse;
+    use std::collections::{BinaryHeap, HashSet};
+    let mut kernel_of = vec![0usize; g.nodes().len()];
+    for (k, kernel) in kernels.iter().enumerate() {
+        for &n in &kernel.nodes {
+            kernel_of[n.index()] = k;
+        }
+    }
+    let mut after: Vec<HashSet<usize>> = vec![HashSet::new(); kernels.len()];
+    for (k, kernel) in kernels.iter().enumerate() {
+        for &v in &kernel.inputs {
+            if let Some(p) = g.producer(v) {
+                after[kernel_of[p.index()]].insert(k);
+            }
+        }
+    }
+    for &(target, v) in g.updates() {
+        let Some(p) = g.producer(v) else { continue };
+        let u = kernel_of[p.index()];
+        for &r in readers_of.get(&target).into_iter().flatten() {
+            if kernel_of[r] != u {
+                after[kernel_of[r]].insert(u);
+            }
+        }
+    }
+    let mut waiting = vec![0usize; kernels.len()];
+    for next in &after {
+        for &k in next {
+            waiting[k] += 1;
+        }
+    }
+    let key = |k: usize| kernels[k].nodes.last().map_or(0, |n| n.index());
+    let mut ready: BinaryHeap<Reverse<(usize, usize)>> = (0..kernels.len())
+        .filter(|&k| waiting[k] == 0)
+        .map(|k| Reverse((key(k), k)))
+        .collect();
+    let mut order = Vec::with_capacity(kernels.len());
+    while let Some(Reverse((_, k))) = ready.pop() {
+        order.push(k);
+        for &next in &after[k] {
+            waiting[next] -= 1;
+            if waiting[next] == 0 {
+                ready.push(Reverse((key(next), next)));
+            }
+        }
+    }
+    assert_eq!(
+        order.len(),
+        kernels.len(),
+        "fused kernels depend on each other in a cycle (a memc bug)"
+    );
+    let mut slots: Vec<Option<Kernel>> = kernels.into_iter().map(Some).collect();
+    order.into_iter().map(|k| slots[k].take().unwrap()).collect()
 }

@@ -928,6 +928,15 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         lr: args.lr,
         weight_decay,
         peak_bytes: Some(memc_passes::plan::plan(&g).peak_bytes),
+        rev_drift_threshold: args.training.rev_check.then(|| {
+            crate::rev::drift_threshold(
+                args.training.rev_check_threshold,
+                match args.training.dtype {
+                    crate::train::DtypeArg::F32 => memc_ir::DType::F32,
+                    crate::train::DtypeArg::Bf16 => memc_ir::DType::BF16,
+                },
+            )
+        }),
     };
     match args.backend {
         #[cfg(feature = "codegen")]

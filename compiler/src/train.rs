@@ -281,6 +281,36 @@ pub struct LoopOptions {
     pub weight_decay: f64,
     /// Planned peak bytes, reported on every line.
     pub peak_bytes: Option<u64>,
+    /// With --rev-check: warn when a layer's reconstruction drift passes this.
+    pub rev_drift_threshold: Option<f64>,
+}
+
+/// The drift outputs of a `--rev-check` program (`memc.rev_drift.<layer>`), as a JSON
+/// array for the step's line; warns on stderr about the layers past `threshold`.
+pub fn rev_drift(outputs: &[(String, f64)], threshold: Option<f64>, step: usize) -> Option<serde_json::Value> {
+    let drift: Vec<f64> = outputs
+        .iter()
+        .filter(|(n, _)| n.starts_with(memc_passes::reconstruct::DRIFT_OUTPUT))
+        .map(|&(_, d)| d)
+        .collect();
+    if drift.is_empty() {
+        return None;
+    }
+    if let Some(t) = threshold {
+        let bad: Vec<String> = drift
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !(**d <= t))
+            .map(|(l, d)| format!("layer {l}: {d:.2e}"))
+            .collect();
+        if !bad.is_empty() {
+            eprintln!(
+                "warning: step {step}: reversible reconstruction drift past {t:e} ({}); make fewer layers reversible (--rev-layers) or train in f32",
+                bad.join(", ")
+            );
+        }
+    }
+    Some(drift.into())
 }
 
 /// The program's token input (`input_ids` when the model has one, else its only input other
@@ -404,6 +434,14 @@ pub fn run_reference(
         if let Some(p) = opts.peak_bytes {
             line["peak_bytes"] = p.into();
         }
+        let named: Vec<(String, f64)> = out
+            .outputs
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_f64_vec().first().copied().unwrap_or(f64::NAN)))
+            .collect();
+        if let Some(d) = rev_drift(&named, opts.rev_drift_threshold, step) {
+            line["rev_drift"] = d;
+        }
         println!("{line}");
     }
     Ok(losses)
@@ -460,6 +498,21 @@ pub fn training_info(
         }
         .to_string(),
         default_weight_decay: default_weight_decay(args.optimizer),
+        drift_outputs: g
+            .outputs()
+            .iter()
+            .filter(|(n, _)| n.starts_with(memc_passes::reconstruct::DRIFT_OUTPUT))
+            .map(|(n, _)| n.clone())
+            .collect(),
+        drift_threshold: args.rev_check.then(|| {
+            crate::rev::drift_threshold(
+                args.rev_check_threshold,
+                match args.dtype {
+                    DtypeArg::F32 => DType::F32,
+                    DtypeArg::Bf16 => DType::BF16,
+                },
+            )
+        }),
     })
 }
 

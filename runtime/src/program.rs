@@ -205,6 +205,11 @@ pub struct Training {
     pub optimizer: String,
     /// Weight decay used when `--weight-decay` is not given.
     pub default_weight_decay: f64,
+    /// Scalar outputs reported on every step's line as the `rev_drift` array (the
+    /// reconstruction drift of each reversible layer, `--rev-check`).
+    pub drift_outputs: Vec<String>,
+    /// Warn when a drift passes this.
+    pub drift_threshold: Option<f64>,
 }
 
 /// A compiled program.
@@ -409,8 +414,10 @@ impl Program {
                     return bad(format!("training input `{name}` is missing"));
                 }
             }
-            if self.output(&t.loss_output).is_none() {
-                return bad(format!("loss output `{}` is missing", t.loss_output));
+            for name in std::iter::once(&t.loss_output).chain(&t.drift_outputs) {
+                if self.output(name).is_none() {
+                    return bad(format!("output `{name}` is missing"));
+                }
             }
         }
         Ok(())

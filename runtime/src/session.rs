@@ -239,6 +239,11 @@ pub fn train(
     }
     data.skip(cfg.start_step * batch as u64);
     let loss = program.output(&t.loss_output).expect("validated").clone();
+    let drifts: Vec<Slot> = t
+        .drift_outputs
+        .iter()
+        .map(|n| program.output(n).expect("validated").clone())
+        .collect();
     let wd = cfg.weight_decay.unwrap_or(t.default_weight_decay);
     let scalars: Vec<(Slot, f64)> = [(&t.lr_input, cfg.lr), (&t.weight_decay_input, wd)]
         .into_iter()
@@ -282,15 +287,36 @@ pub fn train(
         }
         losses.push(l);
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "step": step,
             "loss": l,
             "tokens": batch * seq,
             "step_ms": (ms * 1000.0).round() / 1000.0,
             "backend": cpu.name(),
             "peak_bytes": cpu.arena_bytes(),
-        })
-        .to_string();
+        });
+        if !drifts.is_empty() {
+            let mut d = Vec::with_capacity(drifts.len());
+            for s in &drifts {
+                d.push(decode(s.dtype, &cpu.get(s)?)[0]);
+            }
+            if let Some(limit) = t.drift_threshold {
+                let bad: Vec<String> = d
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| !(**x <= limit))
+                    .map(|(l, x)| format!("layer {l}: {x:.2e}"))
+                    .collect();
+                if !bad.is_empty() {
+                    eprintln!(
+                        "warning: step {step}: reversible reconstruction drift past {limit:e} ({}); make fewer layers reversible (--rev-layers) or train in f32",
+                        bad.join(", ")
+                    );
+                }
+            }
+            line["rev_drift"] = d.into();
+        }
+        let line = line.to_string();
         let io = |source| RunError::Io {
             path: "stdout".into(),
             source,

@@ -122,6 +122,7 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
             lr: 1e-3,
             weight_decay: 0.01,
             peak_bytes: None,
+            rev_drift_threshold: None,
         };
         let cpu = memc::train::run_host(
             &mut g,

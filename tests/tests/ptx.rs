@@ -147,6 +147,7 @@ fn host_losses(
         lr: 1e-3,
         weight_decay: 0.01,
         peak_bytes: None,
+        rev_drift_threshold: None,
     };
     let mut g = program();
     let mut host = memc::train::host_program(&g, &ex.name, Some(a)).unwrap();

@@ -22,6 +22,7 @@ fn cpu_losses(ex: &Example, a: &TrainProgramArgs, steps: usize) -> Vec<f64> {
         lr: 1e-3,
         weight_decay: 0.01,
         peak_bytes: None,
+        rev_drift_threshold: None,
     };
     memc::train::run_host(
         &mut g,
