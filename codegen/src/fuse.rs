@@ -130,7 +130,11 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
             },
         ));
     }
-    order_kernels(g, kernels.into_iter().map(|(_, k)| k).collect(), &readers_of)
+    order_kernels(
+        g,
+        kernels.into_iter().map(|(_, k)| k).collect(),
+        &readers_of,
+    )
 }
 
 /// Orders the kernels: each after the kernels computing its operands and, since an update
@@ -195,5 +199,8 @@ fn order_kernels(
         "fused kernels depend on each other in a cycle (a memc bug)"
     );
     let mut slots: Vec<Option<Kernel>> = kernels.into_iter().map(Some).collect();
-    order.into_iter().map(|k| slots[k].take().unwrap()).collect()
+    order
+        .into_iter()
+        .map(|k| slots[k].take().unwrap())
+        .collect()
 }

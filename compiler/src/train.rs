@@ -287,7 +287,11 @@ pub struct LoopOptions {
 
 /// The drift outputs of a `--rev-check` program (`memc.rev_drift.<layer>`), as a JSON
 /// array for the step's line; warns on stderr about the layers past `threshold`.
-pub fn rev_drift(outputs: &[(String, f64)], threshold: Option<f64>, step: usize) -> Option<serde_json::Value> {
+pub fn rev_drift(
+    outputs: &[(String, f64)],
+    threshold: Option<f64>,
+    step: usize,
+) -> Option<serde_json::Value> {
     let drift: Vec<f64> = outputs
         .iter()
         .filter(|(n, _)| n.starts_with(memc_passes::reconstruct::DRIFT_OUTPUT))
@@ -437,7 +441,12 @@ pub fn run_reference(
         let named: Vec<(String, f64)> = out
             .outputs
             .iter()
-            .map(|(n, t)| (n.clone(), t.to_f64_vec().first().copied().unwrap_or(f64::NAN)))
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.to_f64_vec().first().copied().unwrap_or(f64::NAN),
+                )
+            })
             .collect();
         if let Some(d) = rev_drift(&named, opts.rev_drift_threshold, step) {
             line["rev_drift"] = d;
