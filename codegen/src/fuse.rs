@@ -204,3 +204,44 @@ fn order_kernels(
         .map(|k| slots[k].take().unwrap())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memc_ir::{BinaryOp, DType, ParamRole, Phase, Tensor, TensorType};
+
+    /// A parameter read (by a fused chain) after its update's chain has started: the chain
+    /// that reads it must run before the kernel that writes the update in place.
+    #[test]
+    fn an_update_waits_for_every_reader_of_its_target() {
+        let ty = TensorType::new(DType::F32, vec![4]);
+        let mut g = Graph::new();
+        let x = g.add_input("x", ty.clone());
+        let p = g.add_param("p", ParamRole::Weight, ty.clone(), None);
+        let c = g.add_const(Tensor::from_f64(DType::F32, vec![], &[0.5]));
+        let add = |g: &mut Graph, op: BinaryOp, a: ValueId, b: ValueId, phase: Phase| {
+            let v = g.add_node(Op::Binary(op), &[a, b], "n").unwrap()[0];
+            g.set_phase(g.producer(v).unwrap(), phase);
+            v
+        };
+        let a = add(&mut g, BinaryOp::Add, x, p, Phase::Forward); // #0
+        let t = add(&mut g, BinaryOp::Mul, p, c, Phase::Update); // #1
+        let r = add(&mut g, BinaryOp::Add, a, p, Phase::Recompute); // #2 reads p
+        let u = add(&mut g, BinaryOp::Sub, p, t, Phase::Update); // #3 the update
+        let out = add(&mut g, BinaryOp::Mul, r, r, Phase::Recompute); // #4
+        g.add_output("out", out);
+        g.add_update(p, u);
+        let kernels = fuse(&g);
+        let position = |n: u32| {
+            kernels
+                .iter()
+                .position(|k| k.nodes.contains(&NodeId(n)))
+                .unwrap()
+        };
+        assert_eq!(position(1), position(3), "the update chain fuses");
+        assert!(
+            position(2) < position(3),
+            "the reader of p runs before p is overwritten: {kernels:?}"
+        );
+    }
+}

@@ -1077,3 +1077,85 @@ fn training_flags_take_comma_lists_and_budgets() {
         &["--moc-k"],
     );
 }
+
+#[test]
+fn reversible_layers_report_and_reject_bad_options() {
+    let model = example("llama-dynamo.onnx");
+    let m = s(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let ok = memc(&[
+        "compile",
+        m,
+        "--shape",
+        "input_ids=2x16",
+        "--train",
+        "--reversible",
+        "meft3",
+        "--report-json",
+        s(&json),
+    ]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        ok.stderr.contains("reversible: meft3 on 2 of 2 layers"),
+        "{}",
+        ok.stderr
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rev = &r["reversible"];
+    assert_eq!(rev["variant"], "meft3");
+    assert_eq!(rev["layers"], 2);
+    assert_eq!(rev["adapters"], 4);
+    assert_eq!(rev["backward"]["couplings"], 4);
+    let dev = rev["start_deviation"].as_f64().unwrap();
+    assert!(dev > 0.0 && dev < 1.0, "{dev}");
+    // Adapters only by default (MEFT's setting).
+    assert_eq!(r["training"]["trained_params"], rev["adapter_params"]);
+    assert_eq!(r["training"]["remat"]["layers"], 0);
+
+    let base = ["compile", m, "--shape", "input_ids=2x16"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|x| x.to_string()).collect()
+    };
+    fails_with(
+        &with(&["--reversible", "meft1", "--rev-layers", "3"]),
+        &["--rev-layers 3", "1..=2"],
+    );
+    fails_with(
+        &with(&["--reversible", "meft2", "--adapter-rank", "0"]),
+        &["--adapter-rank 0"],
+    );
+    fails_with(
+        &with(&["--reversible", "meft3", "--no-canonicalize"]),
+        &["--reversible", "residual"],
+    );
+    fails_with(
+        &with(&["--train", "--trainable", "adapters"]),
+        &["--trainable adapters", "--reversible"],
+    );
+    fails_with(
+        &with(&["--train", "--rev-check"]),
+        &["--rev-check needs --reversible"],
+    );
+
+    // Training with the drift check: one drift per layer on every step's line.
+    let data = example("llama-dynamo/inputs/input_ids.npy");
+    let t = memc(&[
+        "train",
+        m,
+        "--data",
+        s(&data),
+        "--steps",
+        "2",
+        "--reversible",
+        "meft1",
+        "--rev-check",
+    ]);
+    assert_eq!(t.code, 0, "{}", t.stderr);
+    for line in lines_json(&t.stdout) {
+        let d = line["rev_drift"].as_array().unwrap();
+        assert_eq!(d.len(), 2);
+        assert!(d.iter().all(|x| x.as_f64().unwrap() < 1e-3), "{line}");
+    }
+}
