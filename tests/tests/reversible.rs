@@ -334,3 +334,30 @@ fn the_drift_check_measures_each_layer() {
         }
     }
 }
+
+#[test]
+fn reversible_rewrite_snapshots() {
+    let path = root().join("examples/models/depth/llama-L2.onnx");
+    let opts = memc::onnx::ImportOptions {
+        shapes: HashMap::from([("input_ids".to_string(), vec![1, 8])]),
+    };
+    for variant in VARIANTS {
+        let mut g = memc::onnx::import(&path, &opts).unwrap();
+        memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+        let stats = apply_reversible(
+            &mut g,
+            &RevOptions {
+                variant,
+                layers: None,
+                adapter_rank: 8,
+                seed: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!((stats.reversible_layers, stats.adapters), (2, 4));
+        insta::assert_snapshot!(
+            format!("reversible_llama_l2_{}", variant.name()),
+            format!("// --reversible {}\n{}", variant.name(), memc_ir::print(&g))
+        );
+    }
+}
