@@ -2,7 +2,7 @@
 # memc's main job on the embedded examples: import a real exported Llama, evaluate every example
 # model (Llama, GPT-2, BERT, Qwen2 from both of PyTorch's ONNX exporters) against onnxruntime,
 # compile the Llama's training step under each memory policy (remat none/auto/full, a 50%
-# activation budget, Mixture-of-Channels) and print its memory table, then
+# activation budget, Mixture-of-Channels, reversible MEFT layers) and print its memory table, then
 # train it a few steps and compare the losses with PyTorch's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ echo "== memc eval examples/models/llama-dynamo.onnx ... --backend cpu   (kernel
 $MEMC eval examples/models/llama-dynamo.onnx --input input_ids=examples/models/llama-dynamo/inputs/input_ids.npy \
   --out "$OUT/llama-dynamo-cpu" --check examples/models/llama-dynamo/ref --backend cpu | grep -E '^check'
 
-for policy in "--remat none" "--remat auto" "--remat full" "--activation-budget 0.5" "--moc-k 0.25"; do
+for policy in "--remat none" "--remat auto" "--remat full" "--activation-budget 0.5" "--moc-k 0.25" "--reversible meft1"; do
   tag=$(echo "$policy" | tr -d ' -.')
   echo
   echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x128 --train --optimizer adamw $policy --report"
@@ -57,6 +57,8 @@ for backend in ref cpu; do
   echo "== memc train examples/models/llama-dynamo.onnx --data examples/models/llama-dynamo/inputs/input_ids.npy --steps 5 --optimizer adamw --lr 1e-3 --backend $backend"
   $MEMC train examples/models/llama-dynamo.onnx --data examples/models/llama-dynamo/inputs/input_ids.npy --steps 5 --optimizer adamw --lr 1e-3 --backend $backend
 done
+echo "== memc train examples/models/llama-dynamo.onnx --data $DATA --steps 5 --reversible meft1 --rev-check --lr 1e-2 --backend cpu   (adapters only; drift per layer)"
+$MEMC train examples/models/llama-dynamo.onnx --data $DATA --steps 5 --reversible meft1 --rev-check --lr 1e-2 --backend cpu
 echo "   PyTorch (examples/models/llama-dynamo/train_ref.json, adamw):"
 python3 -c 'import json; print("  ", [round(x, 6) for x in json.load(open("examples/models/llama-dynamo/train_ref.json"))["adamw"]])'
 
