@@ -76,6 +76,13 @@ pub enum RematError {
          compile without --no-canonicalize"
     )]
     NoLayers,
+    /// Every layer is reversible: its backward pass reconstructs instead of keeping.
+    #[error(
+        "every layer is reversible (--reversible), so its backward pass keeps nothing inside \
+         the layers and --remat full and --activation-budget have no layer to checkpoint; drop \
+         them, or make only the first layers reversible with --rev-layers N"
+    )]
+    AllReversible,
     /// The solver failed.
     #[error("the 0/1 program of layer {layer} failed: {msg}")]
     Solver {
@@ -321,11 +328,14 @@ pub fn rematerialize(g: &mut Graph, policy: &Policy) -> Result<RematStats, Remat
             bytes if bytes < floor_bytes => cut.clone(),
             bytes => choose(bytes, false)?,
         },
-        Policy::Full if layers.is_empty() => return Err(RematError::NoLayers),
-        Policy::Full => full.clone(),
-        Policy::Budget(_) | Policy::Exact(_) if layers.is_empty() => {
-            return Err(RematError::NoLayers)
+        Policy::Full | Policy::Budget(_) | Policy::Exact(_) if layers.is_empty() => {
+            return Err(if g.nodes().iter().any(|n| n.op == Op::RevCouple) {
+                RematError::AllReversible
+            } else {
+                RematError::NoLayers
+            })
         }
+        Policy::Full => full.clone(),
         Policy::Budget(b) | Policy::Exact(b) => {
             let budget = match *b {
                 Budget::Bytes(x) => x,
