@@ -198,6 +198,7 @@ pub fn build_adamw(
         fused_loss: true,
         compute_dtype: memc_ir::DType::F32,
         rev_backward: memc_passes::train::RevBackward::Reconstruct { check: false },
+        pipeline_chunks: None,
     };
     build_training(g, &opts).map_err(|e| e.to_string())
 }

@@ -122,6 +122,8 @@ struct CompileArgs {
     /// Build the training step (loss, backward, optimizer) rather than inference.
     #[arg(long)]
     train: bool,
+    #[command(flatten)]
+    pipeline: crate::pipe::PipelineArgs,
     /// Which backends the executable (-o) carries code for; cuda and all add PTX kernels.
     #[arg(long, value_enum, default_value = "cpu")]
     target: TargetArg,
@@ -487,15 +489,32 @@ fn compile(args: CompileArgs) -> Result<()> {
             .map_err(|e| anyhow!("{model}: {e}"))?;
     }
     let mut train_stats = None;
+    let pipe = args.pipeline.chunks()?;
+    if pipe.is_some() && !args.train {
+        bail!("--pipeline-stages splits a training step: add --train");
+    }
     if args.train {
         let stats = timer
-            .time("train", || crate::train::build(&mut g, &args.training))
+            .time("train", || {
+                crate::train::build_pipelined(&mut g, &args.training, pipe.map(|(_, c)| c))
+            })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
         train_stats = Some(stats);
         if let Some(dir) = &args.dump_ir {
             write_file(&dir.join("02-train.mir"), &memc_ir::print(&g))?;
         }
     }
+    let pipeline_plan = match (
+        pipe,
+        train_stats
+            .as_ref()
+            .and_then(|t: &memc_passes::train::TrainStats| t.partition.clone()),
+    ) {
+        (Some((kind, _)), Some(part)) => Some(
+            crate::pipe::plan(&args.pipeline, kind, part).map_err(|e| anyhow!("{model}: {e:#}"))?,
+        ),
+        _ => None,
+    };
     let plan = timer.time("plan", || memc_passes::plan::plan(&g));
     let cpu_arena = timer.time("fuse", || cpu_arena(&g));
     match args.emit {
@@ -562,6 +581,11 @@ fn compile(args: CompileArgs) -> Result<()> {
                     }
                 );
             }
+            if let Some(p) = &pipeline_plan {
+                for line in p.lines() {
+                    println!("{line}");
+                }
+            }
             if let Some(f) = &t.fused_loss {
                 println!(
                     "loss: fused LM-head cross-entropy in {} chunks: at most {} bytes of logits at once instead of {} ({} bytes not held)",
@@ -588,6 +612,9 @@ fn compile(args: CompileArgs) -> Result<()> {
                     "cpu_backend".into(),
                     serde_json::json!({"arena_bytes": bytes, "kernels": kernels}),
                 );
+            }
+            if let Some(p) = &pipeline_plan {
+                obj.insert("pipeline".into(), p.json());
             }
             if let Some(r) = &rev {
                 let mut j = r.json();

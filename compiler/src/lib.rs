@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod io;
 pub mod onnx;
+pub mod pipe;
 pub mod report;
 pub mod rev;
 pub mod train;

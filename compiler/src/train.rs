@@ -152,6 +152,16 @@ pub fn parse_budget(text: &str) -> Result<memc_passes::remat::Budget> {
 
 /// Builds the training step into `g` (which holds the forward graph).
 pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
+    build_pipelined(g, args, None)
+}
+
+/// [`build`], also splitting the layers into `chunks` pipeline chunks
+/// ([`memc_passes::partition`]).
+pub fn build_pipelined(
+    g: &mut Graph,
+    args: &TrainProgramArgs,
+    chunks: Option<usize>,
+) -> Result<TrainStats> {
     if args.betas.len() != 2 || args.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
         bail!(
             "--betas takes two values in [0, 1), as B1,B2 (e.g. 0.9,0.999), got {:?}",
@@ -236,6 +246,7 @@ pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
                 check: args.rev_check,
             }
         },
+        pipeline_chunks: chunks,
     };
     let stats = train::build_training(g, &opts)?;
     memc_ir::verify(g).map_err(|e| {

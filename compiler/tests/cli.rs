@@ -1159,3 +1159,92 @@ fn reversible_layers_report_and_reject_bad_options() {
         assert!(d.iter().all(|x| x.as_f64().unwrap() < 1e-3), "{line}");
     }
 }
+
+#[test]
+fn pipeline_stages_report_each_devices_memory() {
+    let model = root().join("examples/models/depth/llama-L8.onnx");
+    let m = s(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("p.json");
+    for (schedule, chunks, head_device) in [("1f1b", 4, 3), ("v-half", 8, 0), ("interleaved", 8, 3)]
+    {
+        let o = memc(&[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x32",
+            "--train",
+            "--pipeline-stages",
+            "4",
+            "--microbatches",
+            "8",
+            "--schedule",
+            schedule,
+            "--report",
+            "--report-json",
+            s(&json),
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        assert!(
+            o.stdout
+                .contains(&format!("pipeline: {schedule} on 4 stages")),
+            "{}",
+            o.stdout
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let p = &r["pipeline"];
+        assert_eq!(p["chunks"].as_array().unwrap().len(), chunks);
+        assert_eq!(p["embedding_device"], 0);
+        assert_eq!(p["head_device"], head_device, "{schedule}");
+        let devices = p["devices"].as_array().unwrap();
+        assert_eq!(devices.len(), 4);
+        if schedule == "1f1b" {
+            // Device s keeps p − s microbatches of its chunk's activations.
+            for (d, dev) in devices.iter().enumerate() {
+                let c = &p["chunks"][d];
+                assert_eq!(
+                    dev["activation_peak_bytes"].as_u64().unwrap(),
+                    (4 - d as u64) * c["saved_bytes_per_microbatch"].as_u64().unwrap()
+                );
+            }
+        }
+    }
+    fails_with(
+        &[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x32",
+            "--train",
+            "--pipeline-stages",
+            "9",
+        ],
+        &["cannot split 8 layers into 9"],
+    );
+    fails_with(
+        &[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x32",
+            "--pipeline-stages",
+            "2",
+        ],
+        &["--pipeline-stages", "--train"],
+    );
+    fails_with(
+        &[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x32",
+            "--train",
+            "--pipeline-stages",
+            "2",
+            "--schedule",
+            "zz",
+        ],
+        &["--schedule `zz`"],
+    );
+}

@@ -14,6 +14,7 @@ pub mod canonicalize;
 pub mod consts;
 pub mod egraph;
 pub mod moc;
+pub mod partition;
 pub mod pipeline;
 pub mod plan;
 pub mod precision;

@@ -101,7 +101,8 @@ impl ScheduleKind {
         )
     }
 
-    fn chunks_per_device(self) -> usize {
+    /// Layer chunks per device: 2 for the V shapes and interleaved 1F1B, else 1.
+    pub fn chunks_per_device(self) -> usize {
         if self.v_shape() || self == ScheduleKind::Interleaved {
             2
         } else {

@@ -72,6 +72,8 @@ pub struct TrainOptions<'a> {
     pub compute_dtype: DType,
     /// The backward pass of reversible couplings (`rev_couple`, [`crate::reversible`]).
     pub rev_backward: RevBackward,
+    /// Split the layers into this many pipeline chunks ([`crate::partition`]).
+    pub pipeline_chunks: Option<usize>,
 }
 
 /// How the backward pass treats a reversible stack.
@@ -108,6 +110,8 @@ pub struct TrainStats {
     pub fused_loss: Option<FusedLoss>,
     /// What the reversible backward pass did, when the program has couplings.
     pub reconstruct: Option<ReconstructStats>,
+    /// The pipeline chunks, with `pipeline_chunks`.
+    pub partition: Option<crate::partition::Partition>,
 }
 
 /// How the fused LM-head loss ([`memc_ir::Op::LmHeadCe`]) was chunked.
@@ -140,6 +144,9 @@ pub enum TrainError {
     /// The rematerialisation policy cannot be applied.
     #[error(transparent)]
     Remat(#[from] RematError),
+    /// The layers cannot be split into the pipeline chunks asked for.
+    #[error("--pipeline-stages: {0}")]
+    Partition(String),
 }
 
 /// Builds the training step in place (see the module docs).
@@ -219,6 +226,10 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
         Some(policy) => Some(rematerialize(g, policy).map_err(TrainError::Remat)?),
         None => None,
     };
+    let partition = match opts.pipeline_chunks {
+        Some(c) => Some(crate::partition::partition(g, c).map_err(TrainError::Partition)?),
+        None => None,
+    };
     crate::blocks::lower_blocks(g).map_err(TrainError::Build)?;
     Ok(TrainStats {
         trained_tensors: grads.len(),
@@ -229,6 +240,7 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
         remat,
         fused_loss,
         reconstruct,
+        partition,
     })
 }
 

@@ -1,0 +1,231 @@
+//! `partition`: cuts a training program's layers into pipeline chunks balanced by cost
+//! (`memc compile --pipeline-stages`). Runs inside the training builder after
+//! rematerialisation, while the `residual` nodes still mark the layers ([`crate::remat::layers`]).
+//!
+//! Units are the layers; what comes before the first layer (the embedding, masks, rotary
+//! tables) joins the first chunk and what comes after the last (the final norm, the LM head,
+//! the loss) the last. A layer's cost is the FLOPs of its forward nodes times three (its
+//! backward is about twice its forward); the contiguous split into `chunks` minimises the most
+//! expensive chunk (dynamic programming over the cut points). Each chunk then reports its
+//! layers, cost, the weights its forward nodes read (a tied embedding counts in both chunks
+//! that read it) and the activation bytes its backward keeps per microbatch (forward values a
+//! non-forward node reads, by producer).
+
+use std::collections::{HashMap, HashSet};
+
+use memc_ir::{Graph, NodeId, ParamRole, Phase, ValueDef, ValueId};
+
+/// One chunk of a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Its layers, `first..end` (0-based).
+    pub layers: (usize, usize),
+    /// Forward and backward FLOPs per microbatch (3 × forward).
+    pub flops: u64,
+    /// Bytes of the weights its forward nodes read.
+    pub weight_bytes: u64,
+    /// Bytes of the gradients and optimizer state of its trained weights.
+    pub state_bytes: u64,
+    /// Activation bytes its backward pass keeps per microbatch.
+    pub saved_bytes: u64,
+    /// It holds the embedding (the nodes before the first layer).
+    pub embedding: bool,
+    /// It holds the LM head and the loss (the nodes after the last layer).
+    pub head: bool,
+}
+
+/// The chunks, in forward order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// Layers found.
+    pub layers: usize,
+    /// The chunks.
+    pub chunks: Vec<Chunk>,
+}
+
+/// Splits `g` (a training program whose `residual` nodes are not lowered yet) into `chunks`
+/// contiguous chunks of layers (see the module docs).
+pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, String> {
+    let layers = crate::remat::layers(g);
+    if layers.is_empty() {
+        return Err("no transformer layers were recognised (no `residual` around an `attention`), so there is nothing to split into pipeline stages".into());
+    }
+    if chunks == 0 || chunks > layers.len() {
+        return Err(format!(
+            "cannot split {} layers into {chunks} pipeline chunks (a chunk needs at least one layer; use fewer stages)",
+            layers.len()
+        ));
+    }
+    let forward = |n: NodeId| g.node(n).phase == Phase::Forward;
+    // Which layer each forward value belongs to: a layer's body and its output; before the
+    // first layer `None` (prologue), after the last `Some(len)` (epilogue).
+    let mut layer_of: HashMap<ValueId, usize> = HashMap::new();
+    for (i, l) in layers.iter().enumerate() {
+        for &v in l.body.iter().chain([&l.output]) {
+            layer_of.entry(v).or_insert(i);
+        }
+    }
+    let last_output = layers.last().unwrap().output;
+    // Descendants of the last layer's output are the epilogue.
+    let mut epilogue: HashSet<ValueId> = HashSet::new();
+    let mut frontier = vec![last_output];
+    let mut readers: HashMap<ValueId, Vec<NodeId>> = HashMap::new();
+    for (i, n) in g.nodes().iter().enumerate() {
+        if forward(NodeId(i as u32)) {
+            for &v in &n.inputs {
+                readers.entry(v).or_default().push(NodeId(i as u32));
+            }
+        }
+    }
+    while let Some(v) = frontier.pop() {
+        for &r in readers.get(&v).into_iter().flatten() {
+            for &o in &g.node(r).outputs {
+                if !layer_of.contains_key(&o) && epilogue.insert(o) {
+                    frontier.push(o);
+                }
+            }
+        }
+    }
+    let n_layers = layers.len();
+    // Unit of each forward node: 0 prologue, 1..=L layers, L + 1 epilogue.
+    let unit_of_node = |n: NodeId| -> usize {
+        let o = g.node(n).outputs[0];
+        match layer_of.get(&o) {
+            Some(&l) => l + 1,
+            None if epilogue.contains(&o) => n_layers + 1,
+            None => 0,
+        }
+    };
+    let units = n_layers + 2;
+    let mut unit_flops = vec![0u64; units];
+    let mut unit_saved = vec![0u64; units];
+    let mut unit_weights: Vec<HashSet<ValueId>> = vec![HashSet::new(); units];
+    let mut saved_seen = HashSet::new();
+    for (i, n) in g.nodes().iter().enumerate() {
+        let id = NodeId(i as u32);
+        if forward(id) {
+            let u = unit_of_node(id);
+            unit_flops[u] += 3 * crate::plan::node_flops(g, id);
+            for &v in &n.inputs {
+                if matches!(
+                    g.value(v).def,
+                    ValueDef::Param {
+                        role: ParamRole::Weight,
+                        ..
+                    }
+                ) {
+                    unit_weights[u].insert(v);
+                }
+            }
+        } else {
+            for &v in &n.inputs {
+                if let Some(p) = g.producer(v) {
+                    if forward(p) && saved_seen.insert(v) {
+                        unit_saved[unit_of_node(p)] += g.value(v).ty.bytes() as u64;
+                    }
+                }
+            }
+        }
+    }
+    // Gradient and optimizer-state bytes per trained weight: the weight's own size for its
+    // gradient, plus every optimizer-state tensor named after it.
+    let name = |v: ValueId| match &g.value(v).def {
+        ValueDef::Param { name, .. } => name.clone(),
+        _ => String::new(),
+    };
+    let updated: HashSet<ValueId> = g.updates().iter().map(|&(p, _)| p).collect();
+    let states: Vec<(String, u64)> = g
+        .values()
+        .iter()
+        .filter_map(|v| match &v.def {
+            ValueDef::Param {
+                name,
+                role: ParamRole::OptimizerState,
+                ..
+            } => Some((name.clone(), v.ty.bytes() as u64)),
+            _ => None,
+        })
+        .collect();
+    let state_bytes = |w: ValueId| -> u64 {
+        if !updated.contains(&w) {
+            return 0;
+        }
+        let n = name(w);
+        g.value(w).ty.bytes() as u64
+            + states
+                .iter()
+                .filter(|(s, _)| s.ends_with(&format!(".{n}")))
+                .map(|(_, b)| b)
+                .sum::<u64>()
+    };
+    // Balanced contiguous split of the layers; the prologue and epilogue ride with the first
+    // and last chunk.
+    let cost_of = |a: usize, b: usize| -> u64 {
+        // layers a..b (0-based), as units a+1..=b
+        let mut c: u64 = unit_flops[a + 1..=b].iter().sum();
+        if a == 0 {
+            c += unit_flops[0];
+        }
+        if b == n_layers {
+            c += unit_flops[n_layers + 1];
+        }
+        c
+    };
+    let inf = u64::MAX;
+    // best[k][b]: the smallest max cost splitting layers 0..b into k chunks; cut[k][b] its
+    // last chunk's start.
+    let mut best = vec![vec![inf; n_layers + 1]; chunks + 1];
+    let mut cut = vec![vec![0usize; n_layers + 1]; chunks + 1];
+    best[0][0] = 0;
+    for k in 1..=chunks {
+        for b in k..=n_layers {
+            for a in (k - 1)..b {
+                if best[k - 1][a] == inf {
+                    continue;
+                }
+                let c = best[k - 1][a].max(cost_of(a, b));
+                if c < best[k][b] {
+                    best[k][b] = c;
+                    cut[k][b] = a;
+                }
+            }
+        }
+    }
+    let mut bounds = vec![];
+    let mut b = n_layers;
+    for k in (1..=chunks).rev() {
+        let a = cut[k][b];
+        bounds.push((a, b));
+        b = a;
+    }
+    bounds.reverse();
+    let chunks = bounds
+        .into_iter()
+        .map(|(a, b)| {
+            let mut units: Vec<usize> = (a + 1..=b).collect();
+            if a == 0 {
+                units.push(0);
+            }
+            if b == n_layers {
+                units.push(n_layers + 1);
+            }
+            let weights: HashSet<ValueId> = units
+                .iter()
+                .flat_map(|&u| unit_weights[u].iter().copied())
+                .collect();
+            Chunk {
+                layers: (a, b),
+                flops: cost_of(a, b),
+                weight_bytes: weights.iter().map(|&w| g.value(w).ty.bytes() as u64).sum(),
+                state_bytes: weights.iter().map(|&w| state_bytes(w)).sum(),
+                saved_bytes: units.iter().map(|&u| unit_saved[u]).sum(),
+                embedding: a == 0,
+                head: b == n_layers,
+            }
+        })
+        .collect();
+    Ok(Partition {
+        layers: n_layers,
+        chunks,
+    })
+}
