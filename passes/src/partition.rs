@@ -97,6 +97,15 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, String> {
         }
     };
     let units = n_layers + 2;
+    let is_weight = |v: ValueId| {
+        matches!(
+            g.value(v).def,
+            ValueDef::Param {
+                role: ParamRole::Weight,
+                ..
+            }
+        )
+    };
     let mut unit_flops = vec![0u64; units];
     let mut unit_saved = vec![0u64; units];
     let mut unit_weights: Vec<HashSet<ValueId>> = vec![HashSet::new(); units];
@@ -107,14 +116,16 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, String> {
             let u = unit_of_node(id);
             unit_flops[u] += 3 * crate::plan::node_flops(g, id);
             for &v in &n.inputs {
-                if matches!(
-                    g.value(v).def,
-                    ValueDef::Param {
-                        role: ParamRole::Weight,
-                        ..
+                if is_weight(v) {
+                    // A weight read through the precision pass's `cast` belongs where the
+                    // cast's readers are.
+                    if matches!(n.op, memc_ir::Op::Cast { .. }) {
+                        for &r in readers.get(&n.outputs[0]).into_iter().flatten() {
+                            unit_weights[unit_of_node(r)].insert(v);
+                        }
+                    } else {
+                        unit_weights[u].insert(v);
                     }
-                ) {
-                    unit_weights[u].insert(v);
                 }
             }
         } else {

@@ -58,6 +58,22 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
         let weights: u64 = part.chunks.iter().map(|c| c.weight_bytes).sum();
         assert!(weights >= g.params_bytes() as u64);
     }
+    // In bf16 every weight is read through a cast: it still belongs to the chunk using it.
+    let mut b = a.clone();
+    b.dtype = memc::train::DtypeArg::Bf16;
+    let mut g = depth16();
+    let part = memc::train::build_pipelined(&mut g, &b, Some(4))
+        .unwrap()
+        .partition
+        .unwrap();
+    assert!(
+        part.chunks
+            .iter()
+            .all(|c| c.weight_bytes > 0 && c.state_bytes > 0),
+        "{part:?}"
+    );
+    let weights: u64 = part.chunks.iter().map(|c| c.weight_bytes).sum();
+    assert!(weights >= g.params_bytes() as u64);
     let mut g = depth16();
     let err = memc::train::build_pipelined(&mut g, &a, Some(17)).unwrap_err();
     assert!(
