@@ -199,6 +199,7 @@ pub fn build_adamw(
         compute_dtype: memc_ir::DType::F32,
         rev_backward: memc_passes::train::RevBackward::Reconstruct { check: false },
         pipeline_chunks: None,
+        grad_outputs: false,
     };
     build_training(g, &opts).map_err(|e| e.to_string())
 }

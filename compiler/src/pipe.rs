@@ -210,3 +210,318 @@ impl PipelinePlan {
         })
     }
 }
+
+/// Prefix of a node name that carries its chunk (`c3|...`), set by [`pipelined_program`].
+fn chunk_tag(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix('c')?;
+    let (k, _) = rest.split_once('|')?;
+    k.parse().ok()
+}
+
+/// The training program of one microbatch for a pipelined step: the canonical forward graph
+/// `g`'s layers cut into `stages × chunks_per_device` chunks, every forward node's name
+/// tagged with its chunk (autodiff names each backward node after the forward node it
+/// differentiates, so the tags carry over), built without rematerialisation and with
+/// `grad:<name>` outputs.
+pub fn pipelined_program(
+    mut g: memc_ir::Graph,
+    args: &crate::train::TrainProgramArgs,
+    kind: ScheduleKind,
+    stages: usize,
+) -> Result<(memc_ir::Graph, Partition)> {
+    let chunks = stages * kind.chunks_per_device();
+    let part = memc_passes::partition::partition(&g, chunks)
+        .map_err(|e| anyhow!("--pipeline-stages: {e}"))?;
+    for (i, c) in part.node_chunk.iter().enumerate() {
+        if let Some(c) = c {
+            let n = memc_ir::NodeId(i as u32);
+            let name = format!("c{c}|{}", g.node(n).name);
+            g.set_name(n, name);
+        }
+    }
+    let mut a = args.clone();
+    a.remat = crate::train::RematArg::None;
+    a.activation_budget = None;
+    if a.clip_grad_norm.is_some() {
+        bail!("--clip-grad-norm is not supported in a pipelined step yet");
+    }
+    crate::train::build_with(&mut g, &a, None, true)?;
+    Ok((g, part))
+}
+
+/// What one pipelined step computed: the mean loss over the microbatches and each trained
+/// weight's gradient of that mean.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    /// Mean of the microbatches' losses.
+    pub loss: f64,
+    /// `grad:<name>` → gradient (f64 values).
+    pub grads: std::collections::BTreeMap<String, Vec<f64>>,
+}
+
+/// One pass's share of the program: its nodes, what it reads from other passes and what it
+/// publishes.
+#[derive(Debug, Default, Clone)]
+struct PassNodes {
+    nodes: Vec<memc_ir::NodeId>,
+    external: Vec<memc_ir::ValueId>,
+    publish: Vec<memc_ir::ValueId>,
+}
+
+/// Runs one training step of `g` (from [`pipelined_program`]) with one thread per device,
+/// each running its passes in `schedule`'s exact order on the reference interpreter:
+/// forward passes hand activations to the next chunk, backward passes gradients to the
+/// previous one (through a shared per-microbatch store, waited on), weight-gradient passes
+/// run where the schedule put them. `feeds[j]` holds microbatch `j`'s inputs. Gradients
+/// that combine several chunks' weight gradients (a tied embedding) are summed after the
+/// passes, as a data-parallel all-reduce would.
+pub fn run_step(
+    g: &memc_ir::Graph,
+    schedule: &Schedule,
+    feeds: &[std::collections::HashMap<String, memc_ir::Tensor>],
+) -> Result<StepResult> {
+    use memc_ir::{NodeId, Phase, Tensor, ValueDef, ValueId};
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Condvar, Mutex};
+
+    let m = schedule.microbatches;
+    if feeds.len() != m {
+        bail!(
+            "{} microbatches of inputs for a schedule of {m}",
+            feeds.len()
+        );
+    }
+    let chunks = schedule.chunks();
+    let split = schedule.split_backward();
+    // (kind, chunk) of each node; None for the optimizer.
+    let last = chunks - 1;
+    let pass_of = |n: NodeId| -> Option<(Kind, usize)> {
+        let node = g.node(n);
+        let c = chunk_tag(&node.name).unwrap_or(last).min(last);
+        match node.phase {
+            Phase::Forward => Some((Kind::F, c)),
+            Phase::Backward | Phase::Recompute => Some((Kind::B, c)),
+            Phase::Weight if split => Some((Kind::W, c)),
+            Phase::Weight => Some((Kind::B, c)),
+            Phase::Update => None,
+        }
+    };
+    // A pass may read what the schedule guarantees is done: F(c) any earlier forward;
+    // B(c) any forward and the backwards of later chunks; W(c) also its own B. Anything
+    // else (a weight gradient summed over two chunks) runs after the passes ("late").
+    let allowed = |reader: (Kind, usize), producer: (Kind, usize)| -> bool {
+        match (reader.0, producer.0) {
+            (_, _) if reader == producer => true,
+            (Kind::F, Kind::F) => producer.1 <= reader.1,
+            (Kind::B | Kind::W, Kind::F) => true,
+            (Kind::B, Kind::B) => producer.1 >= reader.1,
+            (Kind::W, Kind::B) => producer.1 >= reader.1,
+            _ => false,
+        }
+    };
+    let mut where_: HashMap<ValueId, Option<(Kind, usize)>> = HashMap::new(); // None = late
+    let mut passes: HashMap<(Kind, usize), PassNodes> = HashMap::new();
+    let mut late: Vec<NodeId> = vec![];
+    for i in 0..g.nodes().len() {
+        let n = NodeId(i as u32);
+        let Some(p) = pass_of(n) else { continue };
+        let node = g.node(n);
+        let is_late = node.inputs.iter().any(|v| match where_.get(v) {
+            Some(None) => true,
+            Some(Some(q)) => !allowed(p, *q),
+            None => false,
+        });
+        let at = if is_late { None } else { Some(p) };
+        for &o in &node.outputs {
+            where_.insert(o, at);
+        }
+        match at {
+            Some(p) => passes.entry(p).or_default().nodes.push(n),
+            None => late.push(n),
+        }
+    }
+    // What each pass reads from others and publishes.
+    let outputs: HashSet<ValueId> = g.outputs().iter().map(|&(_, v)| v).collect();
+    let mut published: HashSet<ValueId> = outputs.clone();
+    for (p, pn) in passes.iter_mut() {
+        let mut ext = HashSet::new();
+        for &n in &pn.nodes {
+            for &v in &g.node(n).inputs {
+                if let Some(Some(q)) = where_.get(&v) {
+                    if q != p && ext.insert(v) {
+                        pn.external.push(v);
+                        published.insert(v);
+                    }
+                }
+            }
+        }
+    }
+    for &n in &late {
+        for &v in &g.node(n).inputs {
+            if matches!(where_.get(&v), Some(Some(_))) {
+                published.insert(v);
+            }
+        }
+    }
+    for (p, pn) in passes.iter_mut() {
+        for &n in &pn.nodes {
+            for &o in &g.node(n).outputs {
+                if published.contains(&o) && where_.get(&o) == Some(&Some(*p)) {
+                    pn.publish.push(o);
+                }
+            }
+        }
+    }
+    // Weights and constants, shared read-only.
+    let mut fixed: HashMap<ValueId, Tensor> = HashMap::new();
+    for (i, v) in g.values().iter().enumerate() {
+        match &v.def {
+            ValueDef::Param { data: Some(t), .. } | ValueDef::Const(t) => {
+                fixed.insert(ValueId(i as u32), t.clone());
+            }
+            _ => {}
+        }
+    }
+    let input_name: HashMap<ValueId, String> = g
+        .inputs()
+        .iter()
+        .filter_map(|&v| match &g.value(v).def {
+            ValueDef::Input { name } => Some((v, name.clone())),
+            _ => None,
+        })
+        .collect();
+    let stores: Vec<Mutex<HashMap<ValueId, Tensor>>> =
+        (0..m).map(|_| Mutex::new(HashMap::new())).collect();
+    let ready = Condvar::new();
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let eval = |n: NodeId, get: &dyn Fn(ValueId) -> Option<Tensor>| -> Result<Tensor> {
+        let node = g.node(n);
+        let args: Vec<Tensor> = node
+            .inputs
+            .iter()
+            .map(|&v| {
+                get(v).ok_or_else(|| anyhow!("node `{}`: operand %{} missing", node.name, v.0))
+            })
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = args.iter().collect();
+        memc_ir::eval_op(&node.op, &refs).map_err(|e| anyhow!("node `{}`: {e}", node.name))
+    };
+    let source = |v: ValueId, mb: usize| -> Option<Tensor> {
+        fixed
+            .get(&v)
+            .cloned()
+            .or_else(|| input_name.get(&v).and_then(|n| feeds[mb].get(n).cloned()))
+    };
+    let run_device = |d: usize| -> Result<()> {
+        // Values a pass computed that later passes of the same chunk read stay here.
+        let mut local: HashMap<(usize, usize), HashMap<ValueId, Tensor>> = HashMap::new();
+        for pass in &schedule.devices[d] {
+            let key = (pass.kind, pass.chunk);
+            let Some(pn) = passes.get(&key) else { continue };
+            // Wait for what other passes hand over.
+            let mut ext: HashMap<ValueId, Tensor> = HashMap::new();
+            {
+                let mut store = stores[pass.mb].lock().unwrap();
+                loop {
+                    if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                        bail!("another device failed");
+                    }
+                    let missing = pn.external.iter().any(|v| !store.contains_key(v));
+                    if !missing {
+                        break;
+                    }
+                    store = ready
+                        .wait_timeout(store, std::time::Duration::from_millis(200))
+                        .unwrap()
+                        .0;
+                }
+                for &v in &pn.external {
+                    ext.insert(v, store[&v].clone());
+                }
+            }
+            let mine = local.entry((pass.chunk, pass.mb)).or_default();
+            for &n in &pn.nodes {
+                let t = {
+                    let get = |v: ValueId| {
+                        mine.get(&v)
+                            .or_else(|| ext.get(&v))
+                            .cloned()
+                            .or_else(|| source(v, pass.mb))
+                    };
+                    eval(n, &get)?
+                };
+                mine.insert(g.node(n).outputs[0], t);
+            }
+            {
+                let mut store = stores[pass.mb].lock().unwrap();
+                for &v in &pn.publish {
+                    store.insert(v, mine[&v].clone());
+                }
+            }
+            ready.notify_all();
+            // The chunk's last pass for this microbatch frees what it kept.
+            let done = if split { Kind::W } else { Kind::B };
+            if pass.kind == done {
+                local.remove(&(pass.chunk, pass.mb));
+            }
+        }
+        Ok(())
+    };
+    std::thread::scope(|s| -> Result<()> {
+        let handles: Vec<_> = (0..schedule.stages)
+            .map(|d| {
+                let run = &run_device;
+                let failed = &failed;
+                let ready = &ready;
+                s.spawn(move || {
+                    let r = run(d);
+                    if r.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        ready.notify_all();
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let r = h
+                .join()
+                .map_err(|_| anyhow!("a pipeline worker panicked"))?;
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })?;
+    // Late nodes (gradients summed over chunks), then the outputs.
+    let mut loss = 0.0;
+    let mut grads: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for (mb, store) in stores.iter().enumerate() {
+        let mut store = store.lock().unwrap();
+        for &n in &late {
+            let t = {
+                let get = |v: ValueId| store.get(&v).cloned().or_else(|| source(v, mb));
+                eval(n, &get)?
+            };
+            store.insert(g.node(n).outputs[0], t);
+        }
+        for (name, v) in g.outputs() {
+            let t = store
+                .get(v)
+                .ok_or_else(|| anyhow!("output `{name}` was not computed"))?
+                .to_f64_vec();
+            if name == "loss" {
+                loss += t[0] / m as f64;
+            } else if name.starts_with("grad:") {
+                let acc = grads
+                    .entry(name.clone())
+                    .or_insert_with(|| vec![0.0; t.len()]);
+                for (a, x) in acc.iter_mut().zip(&t) {
+                    *a += x / m as f64;
+                }
+            }
+        }
+    }
+    Ok(StepResult { loss, grads })
+}

@@ -162,6 +162,17 @@ pub fn build_pipelined(
     args: &TrainProgramArgs,
     chunks: Option<usize>,
 ) -> Result<TrainStats> {
+    build_with(g, args, chunks, false)
+}
+
+/// [`build_pipelined`], optionally also outputting every trained weight's gradient as
+/// `grad:<name>` (the pipelined runner's program, [`crate::pipe`]).
+pub fn build_with(
+    g: &mut Graph,
+    args: &TrainProgramArgs,
+    chunks: Option<usize>,
+    grad_outputs: bool,
+) -> Result<TrainStats> {
     if args.betas.len() != 2 || args.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
         bail!(
             "--betas takes two values in [0, 1), as B1,B2 (e.g. 0.9,0.999), got {:?}",
@@ -247,6 +258,7 @@ pub fn build_pipelined(
             }
         },
         pipeline_chunks: chunks,
+        grad_outputs,
     };
     let stats = train::build_training(g, &opts)?;
     memc_ir::verify(g).map_err(|e| {

@@ -329,6 +329,11 @@ impl Graph {
         self.reorder_nodes(&order);
     }
 
+    /// Renames a node (names are for messages and passes that tag nodes; not in the text).
+    pub fn set_name(&mut self, n: NodeId, name: impl Into<String>) {
+        self.nodes[n.index()].name = name.into();
+    }
+
     /// Sets the phase of a node.
     pub fn set_phase(&mut self, n: NodeId, phase: Phase) {
         self.nodes[n.index()].phase = phase;

@@ -41,6 +41,9 @@ pub struct Partition {
     pub layers: usize,
     /// The chunks.
     pub chunks: Vec<Chunk>,
+    /// The chunk of each forward node of the partitioned graph (by node index; `None` for
+    /// the other phases): the prologue in the first chunk, the epilogue in the last.
+    pub node_chunk: Vec<Option<usize>>,
 }
 
 /// Splits `g` (a training program whose `residual` nodes are not lowered yet) into `chunks`
@@ -210,6 +213,24 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, String> {
         b = a;
     }
     bounds.reverse();
+    let chunk_of_unit = |u: usize| -> usize {
+        if u == 0 {
+            return 0;
+        }
+        if u == n_layers + 1 {
+            return bounds.len() - 1;
+        }
+        bounds
+            .iter()
+            .position(|&(a, b)| u > a && u <= b)
+            .expect("every layer is in a chunk")
+    };
+    let node_chunk: Vec<Option<usize>> = (0..g.nodes().len())
+        .map(|i| {
+            let id = NodeId(i as u32);
+            forward(id).then(|| chunk_of_unit(unit_of_node(id)))
+        })
+        .collect();
     let chunks = bounds
         .into_iter()
         .map(|(a, b)| {
@@ -238,5 +259,6 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, String> {
     Ok(Partition {
         layers: n_layers,
         chunks,
+        node_chunk,
     })
 }

@@ -74,6 +74,9 @@ pub struct TrainOptions<'a> {
     pub rev_backward: RevBackward,
     /// Split the layers into this many pipeline chunks ([`crate::partition`]).
     pub pipeline_chunks: Option<usize>,
+    /// Also output each trained weight's gradient as `grad:<name>` (after `loss`), for the
+    /// pipelined runner that accumulates them over microbatches.
+    pub grad_outputs: bool,
 }
 
 /// How the backward pass treats a reversible stack.
@@ -214,6 +217,13 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
     let trained_params = grads.iter().map(|&(p, _)| g.value(p).ty.numel()).sum();
     g.clear_outputs();
     g.add_output("loss", loss);
+    if opts.grad_outputs {
+        let named: Vec<(String, ValueId)> =
+            grads.iter().map(|&(p, gr)| (name_of(g, p), gr)).collect();
+        for (name, gr) in named {
+            g.add_output(format!("grad:{name}"), gr);
+        }
+    }
     g.compact();
     let has_couplings = g.nodes().iter().any(|n| n.op == Op::RevCouple);
     let reconstruct = match opts.rev_backward {

@@ -81,3 +81,118 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
         "{err:#}"
     );
 }
+
+/// The full-batch program's loss and gradients (reference interpreter).
+fn full_batch(path: &std::path::Path, ids: &memc_ir::Tensor) -> (f64, HashMap<String, Vec<f64>>) {
+    let opts = memc::onnx::ImportOptions {
+        shapes: HashMap::from([("input_ids".to_string(), ids.shape().to_vec())]),
+    };
+    let mut g = memc::onnx::import(path, &opts).unwrap();
+    memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+    let mut a = train_args(OptimizerArg::Sgd, 0.0, None, RematArg::None);
+    a.trainable = None;
+    memc::train::build_with(&mut g, &a, None, true).unwrap();
+    let mut feeds = HashMap::from([("input_ids".to_string(), ids.clone())]);
+    for (n, v) in [
+        ("memc.lr", 0.0),
+        ("memc.weight_decay", 0.0),
+        ("memc.step", 1.0),
+    ] {
+        feeds.insert(
+            n.to_string(),
+            memc_ir::Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]),
+        );
+    }
+    let r = memc_ir::run(&g, &feeds, &Default::default()).unwrap();
+    let loss = r.outputs[0].1.to_f64_vec()[0];
+    let grads = r.outputs[1..]
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_f64_vec()))
+        .collect();
+    (loss, grads)
+}
+
+#[test]
+fn pipelined_steps_equal_the_full_batch_step_for_every_schedule() {
+    let all = [
+        "gpipe",
+        "1f1b",
+        "interleaved",
+        "zb-h1",
+        "v-min",
+        "v-half",
+        "v-zb",
+    ];
+    check_pipelined(
+        &root().join("examples/models/depth/llama-L4.onnx"),
+        &all,
+        128,
+    );
+    // GPT-2 ties the LM head to the embedding: two chunks' weight gradients are summed.
+    check_pipelined(
+        &root().join("examples/models/gpt2-dynamo.onnx"),
+        &["gpipe", "1f1b", "zb-h1"],
+        256,
+    );
+}
+
+fn check_pipelined(path: &std::path::Path, schedules: &[&str], vocab: i64) {
+    use memc_passes::pipeline::{generate, ScheduleKind};
+    let (m, rows, seq) = (4usize, 1usize, 16usize);
+    let ids: Vec<i64> = (0..m * rows * seq)
+        .map(|i| (i as i64 * 37 + 11) % vocab)
+        .collect();
+    let all = memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![m * rows, seq], &ids);
+    let (want_loss, want) = full_batch(path, &all);
+    let mut feeds = vec![];
+    for j in 0..m {
+        let mut f = HashMap::new();
+        let part = &ids[j * rows * seq..(j + 1) * rows * seq];
+        f.insert(
+            "input_ids".to_string(),
+            memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![rows, seq], part),
+        );
+        for (n, v) in [
+            ("memc.lr", 0.0),
+            ("memc.weight_decay", 0.0),
+            ("memc.step", 1.0),
+        ] {
+            f.insert(
+                n.to_string(),
+                memc_ir::Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]),
+            );
+        }
+        feeds.push(f);
+    }
+    let a = train_args(OptimizerArg::Sgd, 0.0, None, RematArg::Auto);
+    for &name in schedules {
+        let kind = ScheduleKind::parse(name).unwrap();
+        let opts = memc::onnx::ImportOptions {
+            shapes: HashMap::from([("input_ids".to_string(), vec![rows, seq])]),
+        };
+        let mut g = memc::onnx::import(path, &opts).unwrap();
+        memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+        let (program, part) = memc::pipe::pipelined_program(g, &a, kind, 2).unwrap();
+        let schedule = generate(kind, 2, m).unwrap();
+        let got = memc::pipe::run_step(&program, &schedule, &feeds).unwrap();
+        let loss_err = (got.loss - want_loss).abs() / want_loss.abs();
+        let mut worst = 0f64;
+        assert_eq!(got.grads.len(), want.len());
+        for (n, w) in &want {
+            let x = &got.grads[n];
+            let scale = w.iter().fold(0f64, |a, b| a.max(b.abs())).max(1e-30);
+            worst = worst.max(x.iter().zip(w).fold(0f64, |a, (p, q)| a.max((p - q).abs())) / scale);
+        }
+        eprintln!(
+            "{} {name:<12} {} chunks on 2 devices, {m} microbatches: loss {:.6} vs {:.6} ({loss_err:.1e}), worst gradient {worst:.1e}",
+            path.file_name().unwrap().to_string_lossy(),
+            part.chunks.len(),
+            got.loss,
+            want_loss
+        );
+        assert!(
+            loss_err <= 1e-5 && worst <= 1e-4,
+            "{name}: loss {loss_err:e}, gradients {worst:e}"
+        );
+    }
+}
