@@ -159,6 +159,8 @@ struct TrainCmdArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "ref")]
     backend: Backend,
+    #[command(flatten)]
+    pipeline: crate::pipe::PipelineArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -935,6 +937,12 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
+    if let Some((kind, _)) = args.pipeline.chunks()? {
+        if args.backend != Backend::Ref {
+            bail!("--pipeline-stages runs on the reference backend (--backend ref) for now");
+        }
+        return train_pipelined(&args, kind, shapes, &mut data, &mut timer, &model);
+    }
     let (mut g, _) = import(&args.model, shapes, &mut timer, None)?;
     timer
         .time("train", || crate::train::build(&mut g, &args.training))
@@ -1005,6 +1013,99 @@ fn sanitize(name: &str) -> String {
             }
         })
         .collect()
+}
+
+/// `memc train --pipeline-stages`: each step's batch split into microbatches, run as a
+/// pipelined step ([`crate::pipe::run_step`]), then the optimizer.
+fn train_pipelined(
+    args: &TrainCmdArgs,
+    kind: memc_passes::pipeline::ScheduleKind,
+    mut shapes: HashMap<String, Vec<usize>>,
+    data: &mut crate::train::Batches,
+    timer: &mut Timer,
+    model: &str,
+) -> Result<()> {
+    let stages = args.pipeline.pipeline_stages.expect("checked");
+    let m = args.pipeline.microbatches.unwrap_or(2 * stages);
+    let (name, dims) = match shapes.get("input_ids") {
+        Some(d) => ("input_ids".to_string(), d.clone()),
+        None if shapes.len() == 1 => shapes
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .next()
+            .unwrap(),
+        None => bail!("{model}: pass --shape NAME=BxS for the token input"),
+    };
+    if dims.len() != 2 {
+        bail!("{model}: the token input `{name}` must be [batch, seq], got {dims:?}");
+    }
+    let (rows, seq) = (dims[0], dims[1]);
+    if m == 0 || rows % m != 0 {
+        bail!("--microbatches {m} does not divide the batch of {rows} rows (--shape {name}={rows}x{seq})");
+    }
+    shapes.insert(name.clone(), vec![rows / m, seq]);
+    let (g, _) = import(&args.model, shapes, timer, None)?;
+    let (mut program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
+        .map_err(|e| anyhow!("{model}: {e:#}"))?;
+    let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
+    let ((data_name, ty), others) = crate::train::token_input(&program, model)?;
+    if !others.is_empty() {
+        bail!(
+            "{model}: a pipelined step feeds only token ids; the model also takes {}",
+            others.join(", ")
+        );
+    }
+    if let Some(vocab) = crate::train::vocab_size(&program, &data_name) {
+        data.check_vocab(vocab, &args.data.display().to_string())?;
+    }
+    let wd = args
+        .weight_decay
+        .unwrap_or(crate::train::default_weight_decay(args.training.optimizer));
+    let scalar = |v: f64| Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
+    for step in 1..=args.steps {
+        let t0 = Instant::now();
+        let batch = data.next_batch(rows, ty.dtype).to_i64_vec();
+        let scalars = HashMap::from([
+            (memc_passes::train::LR_INPUT.to_string(), scalar(args.lr)),
+            (
+                memc_passes::train::WEIGHT_DECAY_INPUT.to_string(),
+                scalar(wd),
+            ),
+            (
+                memc_passes::train::STEP_INPUT.to_string(),
+                scalar(step as f64),
+            ),
+        ]);
+        let per = rows / m * seq;
+        let feeds: Vec<HashMap<String, Tensor>> = (0..m)
+            .map(|j| {
+                let mut f = scalars.clone();
+                f.insert(
+                    data_name.clone(),
+                    Tensor::from_i64(
+                        ty.dtype,
+                        vec![rows / m, seq],
+                        &batch[j * per..(j + 1) * per],
+                    ),
+                );
+                f
+            })
+            .collect();
+        let r = crate::pipe::run_step(&program, &schedule, &feeds)
+            .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
+        if !r.loss.is_finite() {
+            bail!("{model}: step {step}: the loss is {}", r.loss);
+        }
+        crate::pipe::apply_updates(&mut program, &r.grads, &scalars)
+            .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "{}",
+            serde_json::json!({"step": step, "loss": r.loss, "tokens": rows * seq, "step_ms": (ms * 1000.0).round() / 1000.0,
+                "pipeline": {"schedule": kind.name(), "stages": stages, "microbatches": m}})
+        );
+    }
+    Ok(())
 }
 
 fn opt(args: OptArgs) -> Result<()> {

@@ -525,3 +525,71 @@ pub fn run_step(
     }
     Ok(StepResult { loss, grads })
 }
+
+/// Applies the optimizer of `g` (its update nodes) to the gradients of a pipelined step
+/// (`grads`: `grad:<name>` → values), with the step's scalar inputs (`memc.lr`, ...); the
+/// weights and optimizer state of `g` take their new values.
+pub fn apply_updates(
+    g: &mut memc_ir::Graph,
+    grads: &std::collections::BTreeMap<String, Vec<f64>>,
+    scalars: &std::collections::HashMap<String, memc_ir::Tensor>,
+) -> Result<()> {
+    use memc_ir::{Phase, Tensor, ValueDef, ValueId};
+    use std::collections::HashMap;
+    let mut store: HashMap<ValueId, Tensor> = HashMap::new();
+    for (name, v) in g.outputs() {
+        if let Some(values) = grads.get(name) {
+            let ty = &g.value(*v).ty;
+            store.insert(*v, Tensor::from_f64(ty.dtype, ty.shape.clone(), values));
+        }
+    }
+    for (i, v) in g.values().iter().enumerate() {
+        let id = ValueId(i as u32);
+        let t = match &v.def {
+            ValueDef::Param { data: Some(t), .. } | ValueDef::Const(t) => t.clone(),
+            ValueDef::Param { data: None, .. } => {
+                Tensor::from_f64(v.ty.dtype, v.ty.shape.clone(), &vec![0.0; v.ty.numel()])
+            }
+            ValueDef::Input { name } => match scalars.get(name) {
+                Some(t) => t.clone(),
+                None => continue,
+            },
+            ValueDef::Node { .. } => continue,
+        };
+        store.entry(id).or_insert(t);
+    }
+    for node in g.nodes() {
+        if node.phase != Phase::Update {
+            continue;
+        }
+        let args: Vec<&Tensor> = node
+            .inputs
+            .iter()
+            .map(|v| {
+                store.get(v).ok_or_else(|| {
+                    anyhow!(
+                        "optimizer node `{}` reads %{} which the pipelined step did not produce",
+                        node.name,
+                        v.0
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        let t =
+            memc_ir::eval_op(&node.op, &args).map_err(|e| anyhow!("node `{}`: {e}", node.name))?;
+        store.insert(node.outputs[0], t);
+    }
+    let updates: Vec<(ValueId, ValueId)> = g.updates().to_vec();
+    for (p, v) in updates {
+        let t = store[&v].clone();
+        if t.to_f32_vec().iter().any(|x| !x.is_finite()) {
+            let name = match &g.value(p).def {
+                ValueDef::Param { name, .. } => name.clone(),
+                _ => String::new(),
+            };
+            bail!("the update of `{name}` is not finite (lower --lr)");
+        }
+        g.set_param_data(p, t);
+    }
+    Ok(())
+}

@@ -1248,3 +1248,68 @@ fn pipeline_stages_report_each_devices_memory() {
         &["--schedule `zz`"],
     );
 }
+
+#[test]
+fn pipelined_training_matches_plain_training() {
+    let model = root().join("examples/models/depth/llama-L4.onnx");
+    let m = s(&model);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ids.npy");
+    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 + 11) % 128).collect();
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let mut header = "{'descr': '<i8', 'fortran_order': False, 'shape': (8, 16), }".to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for x in ids {
+        bytes.extend(x.to_le_bytes());
+    }
+    std::fs::write(&data, bytes).unwrap();
+    let base = [
+        "train",
+        m,
+        "--data",
+        s(&data),
+        "--shape",
+        "input_ids=8x16",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+    ];
+    let losses = |extra: &[&str]| -> Vec<f64> {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let o = memc(&args);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        lines_json(&o.stdout)
+            .iter()
+            .map(|l| l["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let plain = losses(&[]);
+    for schedule in ["1f1b", "zb-h1", "v-zb", "interleaved"] {
+        let piped = losses(&[
+            "--pipeline-stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--schedule",
+            schedule,
+        ]);
+        for (a, b) in piped.iter().zip(&plain) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "{schedule}: {piped:?} vs {plain:?}"
+            );
+        }
+    }
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--pipeline-stages", "2", "--microbatches", "3"]);
+    fails_with(&args, &["--microbatches 3 does not divide"]);
+    let mut args: Vec<&str> = base.to_vec();
+    args.extend(["--pipeline-stages", "2", "--backend", "cpu"]);
+    fails_with(&args, &["--backend ref"]);
+}
