@@ -268,32 +268,20 @@ struct PassNodes {
     publish: Vec<memc_ir::ValueId>,
 }
 
-/// Runs one training step of `g` (from [`pipelined_program`]) with one thread per device,
-/// each running its passes in `schedule`'s exact order on the reference interpreter:
-/// forward passes hand activations to the next chunk, backward passes gradients to the
-/// previous one (through a shared per-microbatch store, waited on), weight-gradient passes
-/// run where the schedule put them. `feeds[j]` holds microbatch `j`'s inputs. Gradients
-/// that combine several chunks' weight gradients (a tied embedding) are summed after the
-/// passes, as a data-parallel all-reduce would.
-pub fn run_step(
-    g: &memc_ir::Graph,
-    schedule: &Schedule,
-    feeds: &[std::collections::HashMap<String, memc_ir::Tensor>],
-) -> Result<StepResult> {
-    use memc_ir::{NodeId, Phase, Tensor, ValueDef, ValueId};
-    use std::collections::{HashMap, HashSet};
-    use std::sync::{Condvar, Mutex};
+/// The program cut into the schedule's passes.
+struct PassPlan {
+    passes: std::collections::HashMap<(Kind, usize), PassNodes>,
+    /// Nodes that read another chunk's weight gradients (a tied head): run after the passes.
+    late: Vec<memc_ir::NodeId>,
+    /// Devices that read each published value (every device, for what late nodes read).
+    consumers: std::collections::HashMap<memc_ir::ValueId, Vec<usize>>,
+}
 
-    let m = schedule.microbatches;
-    if feeds.len() != m {
-        bail!(
-            "{} microbatches of inputs for a schedule of {m}",
-            feeds.len()
-        );
-    }
+fn plan_passes(g: &memc_ir::Graph, schedule: &Schedule) -> PassPlan {
+    use memc_ir::{NodeId, Phase, ValueId};
+    use std::collections::{HashMap, HashSet};
     let chunks = schedule.chunks();
     let split = schedule.split_backward();
-    // (kind, chunk) of each node; None for the optimizer.
     let last = chunks - 1;
     let pass_of = |n: NodeId| -> Option<(Kind, usize)> {
         let node = g.node(n);
@@ -311,11 +299,10 @@ pub fn run_step(
     // else (a weight gradient summed over two chunks) runs after the passes ("late").
     let allowed = |reader: (Kind, usize), producer: (Kind, usize)| -> bool {
         match (reader.0, producer.0) {
-            (_, _) if reader == producer => true,
+            _ if reader == producer => true,
             (Kind::F, Kind::F) => producer.1 <= reader.1,
             (Kind::B | Kind::W, Kind::F) => true,
-            (Kind::B, Kind::B) => producer.1 >= reader.1,
-            (Kind::W, Kind::B) => producer.1 >= reader.1,
+            (Kind::B | Kind::W, Kind::B) => producer.1 >= reader.1,
             _ => false,
         }
     };
@@ -340,9 +327,12 @@ pub fn run_step(
             None => late.push(n),
         }
     }
-    // What each pass reads from others and publishes.
-    let outputs: HashSet<ValueId> = g.outputs().iter().map(|&(_, v)| v).collect();
-    let mut published: HashSet<ValueId> = outputs.clone();
+    let all: Vec<usize> = (0..schedule.stages).collect();
+    let mut consumers: HashMap<ValueId, Vec<usize>> = HashMap::new();
+    // Outputs (the loss, the gradients) are published where they are computed.
+    for &(_, v) in g.outputs() {
+        consumers.entry(v).or_default();
+    }
     for (p, pn) in passes.iter_mut() {
         let mut ext = HashSet::new();
         for &n in &pn.nodes {
@@ -350,7 +340,11 @@ pub fn run_step(
                 if let Some(Some(q)) = where_.get(&v) {
                     if q != p && ext.insert(v) {
                         pn.external.push(v);
-                        published.insert(v);
+                        let c = consumers.entry(v).or_default();
+                        let d = schedule.device_of(p.1);
+                        if !c.contains(&d) {
+                            c.push(d);
+                        }
                     }
                 }
             }
@@ -359,20 +353,171 @@ pub fn run_step(
     for &n in &late {
         for &v in &g.node(n).inputs {
             if matches!(where_.get(&v), Some(Some(_))) {
-                published.insert(v);
+                consumers.insert(v, all.clone());
             }
         }
     }
     for (p, pn) in passes.iter_mut() {
         for &n in &pn.nodes {
             for &o in &g.node(n).outputs {
-                if published.contains(&o) && where_.get(&o) == Some(&Some(*p)) {
+                if consumers.contains_key(&o) && where_.get(&o) == Some(&Some(*p)) {
                     pn.publish.push(o);
                 }
             }
         }
     }
-    // Weights and constants, shared read-only.
+    PassPlan {
+        passes,
+        late,
+        consumers,
+    }
+}
+
+/// How passes hand values to each other: within one process (a shared store) or between
+/// processes ([`TcpExchange`]).
+pub trait Exchange: Sync {
+    /// Makes `t`, value `v` of microbatch `mb`, available to the devices `to` (and locally).
+    fn publish(
+        &self,
+        mb: usize,
+        v: memc_ir::ValueId,
+        t: &memc_ir::Tensor,
+        to: &[usize],
+    ) -> Result<()>;
+    /// Waits for value `v` of microbatch `mb`.
+    fn wait(&self, mb: usize, v: memc_ir::ValueId) -> Result<memc_ir::Tensor>;
+    /// The value if it is here, without waiting.
+    fn get(&self, mb: usize, v: memc_ir::ValueId) -> Option<memc_ir::Tensor>;
+    /// Wakes every waiter with an error (a device failed).
+    fn fail(&self);
+}
+
+/// The in-process exchange: one store per microbatch, waited on with a condition variable.
+pub struct SharedExchange {
+    stores: std::sync::Mutex<std::collections::HashMap<(usize, memc_ir::ValueId), memc_ir::Tensor>>,
+    ready: std::sync::Condvar,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl SharedExchange {
+    /// An empty exchange.
+    pub fn new() -> SharedExchange {
+        SharedExchange {
+            stores: Default::default(),
+            ready: Default::default(),
+            failed: Default::default(),
+        }
+    }
+
+    fn insert(&self, mb: usize, v: memc_ir::ValueId, t: memc_ir::Tensor) {
+        self.stores.lock().unwrap().insert((mb, v), t);
+        self.ready.notify_all();
+    }
+}
+
+impl Default for SharedExchange {
+    fn default() -> Self {
+        SharedExchange::new()
+    }
+}
+
+impl Exchange for SharedExchange {
+    fn publish(
+        &self,
+        mb: usize,
+        v: memc_ir::ValueId,
+        t: &memc_ir::Tensor,
+        _: &[usize],
+    ) -> Result<()> {
+        self.insert(mb, v, t.clone());
+        Ok(())
+    }
+
+    fn wait(&self, mb: usize, v: memc_ir::ValueId) -> Result<memc_ir::Tensor> {
+        let mut store = self.stores.lock().unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+                bail!("another device failed");
+            }
+            if let Some(t) = store.get(&(mb, v)) {
+                return Ok(t.clone());
+            }
+            if start.elapsed() > std::time::Duration::from_secs(600) {
+                bail!(
+                    "waited 600 s for %{} of microbatch {mb} (a peer stopped?)",
+                    v.0
+                );
+            }
+            store = self
+                .ready
+                .wait_timeout(store, std::time::Duration::from_millis(200))
+                .unwrap()
+                .0;
+        }
+    }
+
+    fn get(&self, mb: usize, v: memc_ir::ValueId) -> Option<memc_ir::Tensor> {
+        self.stores.lock().unwrap().get(&(mb, v)).cloned()
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.ready.notify_all();
+    }
+}
+
+/// Runs one training step of `g` (from [`pipelined_program`]) with one thread per device,
+/// each running its passes in `schedule`'s exact order on the reference interpreter:
+/// forward passes hand activations to the next chunk, backward passes gradients to the
+/// previous one (through a shared per-microbatch store, waited on), weight-gradient passes
+/// run where the schedule put them. `feeds[j]` holds microbatch `j`'s inputs. Gradients
+/// that combine several chunks' weight gradients (a tied embedding) are summed after the
+/// passes, as a data-parallel all-reduce would.
+pub fn run_step(
+    g: &memc_ir::Graph,
+    schedule: &Schedule,
+    feeds: &[std::collections::HashMap<String, memc_ir::Tensor>],
+) -> Result<StepResult> {
+    let ex = SharedExchange::new();
+    let devices: Vec<usize> = (0..schedule.stages).collect();
+    let r = run_devices(g, schedule, feeds, &devices, &ex)?;
+    Ok(StepResult {
+        loss: r.loss.ok_or_else(|| anyhow!("the loss was not computed"))?,
+        grads: r.grads,
+    })
+}
+
+/// What [`run_devices`] computed here: the mean loss if a device here computes it, and the
+/// mean gradients of the weights whose gradients are computed here.
+#[derive(Debug, Clone)]
+pub struct LocalResult {
+    /// Mean loss, when the last chunk runs here.
+    pub loss: Option<f64>,
+    /// `grad:<name>` → mean gradient.
+    pub grads: std::collections::BTreeMap<String, Vec<f64>>,
+}
+
+/// Runs the passes of `devices` (one thread each) for one step, exchanging values through
+/// `ex`, then the late nodes and the outputs available here.
+pub fn run_devices(
+    g: &memc_ir::Graph,
+    schedule: &Schedule,
+    feeds: &[std::collections::HashMap<String, memc_ir::Tensor>],
+    devices: &[usize],
+    ex: &dyn Exchange,
+) -> Result<LocalResult> {
+    use memc_ir::{NodeId, Tensor, ValueDef, ValueId};
+    use std::collections::HashMap;
+    let m = schedule.microbatches;
+    if feeds.len() != m {
+        bail!(
+            "{} microbatches of inputs for a schedule of {m}",
+            feeds.len()
+        );
+    }
+    let plan = plan_passes(g, schedule);
+    let split = schedule.split_backward();
     let mut fixed: HashMap<ValueId, Tensor> = HashMap::new();
     for (i, v) in g.values().iter().enumerate() {
         match &v.def {
@@ -390,10 +535,6 @@ pub fn run_step(
             _ => None,
         })
         .collect();
-    let stores: Vec<Mutex<HashMap<ValueId, Tensor>>> =
-        (0..m).map(|_| Mutex::new(HashMap::new())).collect();
-    let ready = Condvar::new();
-    let failed = std::sync::atomic::AtomicBool::new(false);
     let eval = |n: NodeId, get: &dyn Fn(ValueId) -> Option<Tensor>| -> Result<Tensor> {
         let node = g.node(n);
         let args: Vec<Tensor> = node
@@ -417,27 +558,12 @@ pub fn run_step(
         let mut local: HashMap<(usize, usize), HashMap<ValueId, Tensor>> = HashMap::new();
         for pass in &schedule.devices[d] {
             let key = (pass.kind, pass.chunk);
-            let Some(pn) = passes.get(&key) else { continue };
-            // Wait for what other passes hand over.
+            let Some(pn) = plan.passes.get(&key) else {
+                continue;
+            };
             let mut ext: HashMap<ValueId, Tensor> = HashMap::new();
-            {
-                let mut store = stores[pass.mb].lock().unwrap();
-                loop {
-                    if failed.load(std::sync::atomic::Ordering::SeqCst) {
-                        bail!("another device failed");
-                    }
-                    let missing = pn.external.iter().any(|v| !store.contains_key(v));
-                    if !missing {
-                        break;
-                    }
-                    store = ready
-                        .wait_timeout(store, std::time::Duration::from_millis(200))
-                        .unwrap()
-                        .0;
-                }
-                for &v in &pn.external {
-                    ext.insert(v, store[&v].clone());
-                }
+            for &v in &pn.external {
+                ext.insert(v, ex.wait(pass.mb, v)?);
             }
             let mine = local.entry((pass.chunk, pass.mb)).or_default();
             for &n in &pn.nodes {
@@ -452,13 +578,9 @@ pub fn run_step(
                 };
                 mine.insert(g.node(n).outputs[0], t);
             }
-            {
-                let mut store = stores[pass.mb].lock().unwrap();
-                for &v in &pn.publish {
-                    store.insert(v, mine[&v].clone());
-                }
+            for &v in &pn.publish {
+                ex.publish(pass.mb, v, &mine[&v], &plan.consumers[&v])?;
             }
-            ready.notify_all();
             // The chunk's last pass for this microbatch frees what it kept.
             let done = if split { Kind::W } else { Kind::B };
             if pass.kind == done {
@@ -468,16 +590,14 @@ pub fn run_step(
         Ok(())
     };
     std::thread::scope(|s| -> Result<()> {
-        let handles: Vec<_> = (0..schedule.stages)
-            .map(|d| {
+        let handles: Vec<_> = devices
+            .iter()
+            .map(|&d| {
                 let run = &run_device;
-                let failed = &failed;
-                let ready = &ready;
                 s.spawn(move || {
                     let r = run(d);
                     if r.is_err() {
-                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
-                        ready.notify_all();
+                        ex.fail();
                     }
                     r
                 })
@@ -494,25 +614,38 @@ pub fn run_step(
         }
         first
     })?;
-    // Late nodes (gradients summed over chunks), then the outputs.
-    let mut loss = 0.0;
+    // Late nodes (gradients summed over chunks), then the outputs computed here.
+    let mut loss = None;
     let mut grads: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for (mb, store) in stores.iter().enumerate() {
-        let mut store = store.lock().unwrap();
-        for &n in &late {
+    for mb in 0..m {
+        let mut late_values: HashMap<ValueId, Tensor> = HashMap::new();
+        for &n in &plan.late {
+            let mut args = HashMap::new();
+            for &v in &g.node(n).inputs {
+                if late_values.contains_key(&v) || source(v, mb).is_some() {
+                    continue;
+                }
+                args.insert(v, ex.wait(mb, v)?);
+            }
             let t = {
-                let get = |v: ValueId| store.get(&v).cloned().or_else(|| source(v, mb));
+                let get = |v: ValueId| {
+                    late_values
+                        .get(&v)
+                        .or_else(|| args.get(&v))
+                        .cloned()
+                        .or_else(|| source(v, mb))
+                };
                 eval(n, &get)?
             };
-            store.insert(g.node(n).outputs[0], t);
+            late_values.insert(g.node(n).outputs[0], t);
         }
         for (name, v) in g.outputs() {
-            let t = store
-                .get(v)
-                .ok_or_else(|| anyhow!("output `{name}` was not computed"))?
-                .to_f64_vec();
+            let Some(t) = late_values.get(v).cloned().or_else(|| ex.get(mb, *v)) else {
+                continue;
+            };
+            let t = t.to_f64_vec();
             if name == "loss" {
-                loss += t[0] / m as f64;
+                *loss.get_or_insert(0.0) += t[0] / m as f64;
             } else if name.starts_with("grad:") {
                 let acc = grads
                     .entry(name.clone())
@@ -523,7 +656,7 @@ pub fn run_step(
             }
         }
     }
-    Ok(StepResult { loss, grads })
+    Ok(LocalResult { loss, grads })
 }
 
 /// Applies the optimizer of `g` (its update nodes) to the gradients of a pipelined step
@@ -558,30 +691,28 @@ pub fn apply_updates(
         };
         store.entry(id).or_insert(t);
     }
+    // Update chains whose gradient is not here (another process owns the weight) are skipped.
     for node in g.nodes() {
         if node.phase != Phase::Update {
             continue;
         }
-        let args: Vec<&Tensor> = node
+        let Some(args) = node
             .inputs
             .iter()
-            .map(|v| {
-                store.get(v).ok_or_else(|| {
-                    anyhow!(
-                        "optimizer node `{}` reads %{} which the pipelined step did not produce",
-                        node.name,
-                        v.0
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
+            .map(|v| store.get(v))
+            .collect::<Option<Vec<&Tensor>>>()
+        else {
+            continue;
+        };
         let t =
             memc_ir::eval_op(&node.op, &args).map_err(|e| anyhow!("node `{}`: {e}", node.name))?;
         store.insert(node.outputs[0], t);
     }
     let updates: Vec<(ValueId, ValueId)> = g.updates().to_vec();
     for (p, v) in updates {
-        let t = store[&v].clone();
+        let Some(t) = store.get(&v).cloned() else {
+            continue;
+        };
         if t.to_f32_vec().iter().any(|x| !x.is_finite()) {
             let name = match &g.value(p).def {
                 ValueDef::Param { name, .. } => name.clone(),
