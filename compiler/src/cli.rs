@@ -1062,6 +1062,25 @@ fn train_pipelined(
         .weight_decay
         .unwrap_or(crate::train::default_weight_decay(args.training.optimizer));
     let scalar = |v: f64| Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
+    // One process per stage (torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): this
+    // process runs its device's passes and exchanges values with the others over TCP.
+    let rank_env = crate::pipe::RankEnv::from_env()?;
+    let exchange = match &rank_env {
+        Some(env) if env.world != stages => bail!(
+            "WORLD_SIZE {} must equal --pipeline-stages {stages} (one process per stage)",
+            env.world
+        ),
+        Some(env) => Some(crate::pipe::TcpExchange::connect(
+            env,
+            std::time::Duration::from_secs(120),
+        )?),
+        None => None,
+    };
+    let n_grads = program
+        .outputs()
+        .iter()
+        .filter(|(n, _)| n.starts_with("grad:"))
+        .count();
     for step in 1..=args.steps {
         let t0 = Instant::now();
         let batch = data.next_batch(rows, ty.dtype).to_i64_vec();
@@ -1091,19 +1110,44 @@ fn train_pipelined(
                 f
             })
             .collect();
-        let r = crate::pipe::run_step(&program, &schedule, &feeds)
-            .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
-        if !r.loss.is_finite() {
-            bail!("{model}: step {step}: the loss is {}", r.loss);
+        let r = match (&exchange, &rank_env) {
+            (Some(ex), Some(env)) => {
+                ex.begin_step(step);
+                crate::pipe::run_devices(&program, &schedule, &feeds, &[env.rank], ex)
+            }
+            _ => {
+                let devices: Vec<usize> = (0..stages).collect();
+                let ex = crate::pipe::SharedExchange::new();
+                crate::pipe::run_devices(&program, &schedule, &feeds, &devices, &ex).and_then(|r| {
+                    if r.grads.len() != n_grads || r.loss.is_none() {
+                        bail!(
+                            "the pipelined step computed {} of {n_grads} gradients (a memc bug)",
+                            r.grads.len()
+                        );
+                    }
+                    Ok(r)
+                })
+            }
+        }
+        .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
+        if let Some(l) = r.loss {
+            if !l.is_finite() {
+                bail!("{model}: step {step}: the loss is {l}");
+            }
         }
         crate::pipe::apply_updates(&mut program, &r.grads, &scalars)
             .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        println!(
-            "{}",
-            serde_json::json!({"step": step, "loss": r.loss, "tokens": rows * seq, "step_ms": (ms * 1000.0).round() / 1000.0,
-                "pipeline": {"schedule": kind.name(), "stages": stages, "microbatches": m}})
-        );
+        // The process holding the loss (the last chunk's stage) prints the step's line.
+        if let Some(loss) = r.loss {
+            let mut line = serde_json::json!({"step": step, "loss": loss, "tokens": rows * seq, "step_ms": (ms * 1000.0).round() / 1000.0,
+                "pipeline": {"schedule": kind.name(), "stages": stages, "microbatches": m}});
+            if let Some(env) = &rank_env {
+                line["rank"] = env.rank.into();
+                line["world_size"] = env.world.into();
+            }
+            println!("{line}");
+        }
     }
     Ok(())
 }

@@ -275,6 +275,8 @@ struct PassPlan {
     late: Vec<memc_ir::NodeId>,
     /// Devices that read each published value (every device, for what late nodes read).
     consumers: std::collections::HashMap<memc_ir::ValueId, Vec<usize>>,
+    /// The device computing each output (`None`: a late node, computed everywhere).
+    output_device: std::collections::HashMap<memc_ir::ValueId, Option<usize>>,
 }
 
 fn plan_passes(g: &memc_ir::Graph, schedule: &Schedule) -> PassPlan {
@@ -357,6 +359,34 @@ fn plan_passes(g: &memc_ir::Graph, schedule: &Schedule) -> PassPlan {
             }
         }
     }
+    // A weight used on several devices (a tied or deduplicated weight) is updated on each:
+    // its gradient goes to every device whose passes read it.
+    let mut readers_of_param: HashMap<String, Vec<usize>> = HashMap::new();
+    for ((_, c), pn) in &passes {
+        let d = schedule.device_of(*c);
+        for &n in &pn.nodes {
+            for &v in &g.node(n).inputs {
+                if let memc_ir::ValueDef::Param { name, .. } = &g.value(v).def {
+                    let r = readers_of_param.entry(name.clone()).or_default();
+                    if !r.contains(&d) {
+                        r.push(d);
+                    }
+                }
+            }
+        }
+    }
+    for (name, v) in g.outputs() {
+        if let Some(p) = name.strip_prefix("grad:") {
+            if let Some(devices) = readers_of_param.get(p) {
+                let c = consumers.entry(*v).or_default();
+                for &d in devices {
+                    if !c.contains(&d) {
+                        c.push(d);
+                    }
+                }
+            }
+        }
+    }
     for (p, pn) in passes.iter_mut() {
         for &n in &pn.nodes {
             for &o in &g.node(n).outputs {
@@ -366,10 +396,25 @@ fn plan_passes(g: &memc_ir::Graph, schedule: &Schedule) -> PassPlan {
             }
         }
     }
+    let output_device = g
+        .outputs()
+        .iter()
+        .map(|&(_, v)| {
+            (
+                v,
+                where_
+                    .get(&v)
+                    .copied()
+                    .flatten()
+                    .map(|p| schedule.device_of(p.1)),
+            )
+        })
+        .collect();
     PassPlan {
         passes,
         late,
         consumers,
+        output_device,
     }
 }
 
@@ -640,7 +685,21 @@ pub fn run_devices(
             late_values.insert(g.node(n).outputs[0], t);
         }
         for (name, v) in g.outputs() {
-            let Some(t) = late_values.get(v).cloned().or_else(|| ex.get(mb, *v)) else {
+            // Computed here, computed elsewhere and sent here (wait for it), or neither.
+            let t = match plan.output_device.get(v).copied().flatten() {
+                None => late_values.get(v).cloned(),
+                Some(d) if devices.contains(&d) => ex.get(mb, *v),
+                Some(_)
+                    if plan
+                        .consumers
+                        .get(v)
+                        .is_some_and(|c| c.iter().any(|d| devices.contains(d))) =>
+                {
+                    Some(ex.wait(mb, *v)?)
+                }
+                Some(_) => None,
+            };
+            let Some(t) = t else {
                 continue;
             };
             let t = t.to_f64_vec();
@@ -723,4 +782,253 @@ pub fn apply_updates(
         g.set_param_data(p, t);
     }
     Ok(())
+}
+
+/// Keys of one step's values in a [`TcpExchange`]'s store: steps are kept apart so that a
+/// peer already in the next step cannot be confused with this one.
+const STEP_STRIDE: usize = 1 << 32;
+
+/// The multi-process exchange (one process per pipeline stage, torchrun's conventions):
+/// rank `r` listens on `MASTER_ADDR:MASTER_PORT + 1 + r` (MASTER_PORT itself is torchrun's
+/// store), connects to every other rank, and sends each published value to the ranks that
+/// read it; a thread per incoming connection files what arrives. Single node: every rank
+/// is reached at MASTER_ADDR (the CPU stand-in for NCCL's point-to-point sends).
+pub struct TcpExchange {
+    rank: usize,
+    step: std::sync::atomic::AtomicUsize,
+    local: std::sync::Arc<SharedExchange>,
+    peers: Vec<Option<std::sync::Mutex<std::net::TcpStream>>>,
+}
+
+/// The torchrun environment of this process, if launched as one rank of several.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankEnv {
+    /// `RANK`.
+    pub rank: usize,
+    /// `WORLD_SIZE`.
+    pub world: usize,
+    /// `MASTER_ADDR`.
+    pub addr: String,
+    /// `MASTER_PORT`.
+    pub port: u16,
+}
+
+impl RankEnv {
+    /// Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `None` without WORLD_SIZE (or
+    /// with WORLD_SIZE 1).
+    pub fn from_env() -> Result<Option<RankEnv>> {
+        let var = |k: &str| std::env::var(k).ok();
+        let Some(world) = var("WORLD_SIZE") else {
+            return Ok(None);
+        };
+        let world: usize = world
+            .parse()
+            .map_err(|_| anyhow!("WORLD_SIZE `{world}` is not a number"))?;
+        if world <= 1 {
+            return Ok(None);
+        }
+        let rank: usize = var("RANK")
+            .ok_or_else(|| {
+                anyhow!("WORLD_SIZE is set but RANK is not (launch with torchrun or set both)")
+            })?
+            .parse()
+            .map_err(|_| anyhow!("RANK is not a number"))?;
+        if rank >= world {
+            bail!("RANK {rank} is not below WORLD_SIZE {world}");
+        }
+        let addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let port: u16 = var("MASTER_PORT")
+            .unwrap_or_else(|| "29500".into())
+            .parse()
+            .map_err(|_| anyhow!("MASTER_PORT is not a port number"))?;
+        if port as usize + world >= 65536 {
+            bail!("MASTER_PORT {port} + WORLD_SIZE {world} is past the last port");
+        }
+        Ok(Some(RankEnv {
+            rank,
+            world,
+            addr,
+            port,
+        }))
+    }
+}
+
+impl TcpExchange {
+    /// Listens, connects to every peer (retrying for up to `timeout`) and starts the
+    /// receivers.
+    pub fn connect(env: &RankEnv, timeout: std::time::Duration) -> Result<TcpExchange> {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let port = |r: usize| env.port + 1 + r as u16;
+        let listener = TcpListener::bind((env.addr.as_str(), port(env.rank))).map_err(|e| {
+            anyhow!(
+                "rank {}: cannot listen on {}:{}: {e}",
+                env.rank,
+                env.addr,
+                port(env.rank)
+            )
+        })?;
+        let local = std::sync::Arc::new(SharedExchange::new());
+        // Accept the peers' connections in the background.
+        let incoming = env.world - 1;
+        let rx_local = local.clone();
+        let me = env.rank;
+        std::thread::spawn(move || {
+            for _ in 0..incoming {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    rx_local.fail();
+                    return;
+                };
+                let rx = rx_local.clone();
+                std::thread::spawn(move || {
+                    let mut hello = [0u8; 4];
+                    if stream.read_exact(&mut hello).is_err() {
+                        rx.fail();
+                        return;
+                    }
+                    loop {
+                        match read_message(&mut stream) {
+                            Ok(Some((key, v, t))) => rx.insert(key, v, t),
+                            Ok(None) => return,
+                            Err(e) => {
+                                eprintln!("rank {me}: receiving: {e:#}");
+                                rx.fail();
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let start = std::time::Instant::now();
+        let mut peers = vec![];
+        for r in 0..env.world {
+            if r == env.rank {
+                peers.push(None);
+                continue;
+            }
+            let stream = loop {
+                match TcpStream::connect((env.addr.as_str(), port(r))) {
+                    Ok(s) => break s,
+                    Err(e) if start.elapsed() > timeout => bail!(
+                        "rank {}: cannot reach rank {r} at {}:{} after {:.0} s: {e}",
+                        env.rank,
+                        env.addr,
+                        port(r),
+                        timeout.as_secs_f64()
+                    ),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                }
+            };
+            stream.set_nodelay(true).ok();
+            let mut s = stream;
+            s.write_all(&(env.rank as u32).to_le_bytes())?;
+            peers.push(Some(std::sync::Mutex::new(s)));
+        }
+        Ok(TcpExchange {
+            rank: env.rank,
+            step: Default::default(),
+            local,
+            peers,
+        })
+    }
+
+    /// Starts step `step` (1-based): what earlier steps left is dropped.
+    pub fn begin_step(&self, step: usize) {
+        self.step.store(step, std::sync::atomic::Ordering::SeqCst);
+        self.local
+            .stores
+            .lock()
+            .unwrap()
+            .retain(|(k, _), _| *k >= step * STEP_STRIDE);
+    }
+
+    fn key(&self, mb: usize) -> usize {
+        self.step.load(std::sync::atomic::Ordering::SeqCst) * STEP_STRIDE + mb
+    }
+}
+
+fn read_message(
+    s: &mut impl std::io::Read,
+) -> Result<Option<(usize, memc_ir::ValueId, memc_ir::Tensor)>> {
+    let mut head = [0u8; 8];
+    match s.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let key = u64::from_le_bytes(head) as usize;
+    let mut u32s = [0u8; 12];
+    s.read_exact(&mut u32s)?;
+    let v = u32::from_le_bytes(u32s[0..4].try_into().unwrap());
+    let dtype_len = u32::from_le_bytes(u32s[4..8].try_into().unwrap()) as usize;
+    let rank = u32::from_le_bytes(u32s[8..12].try_into().unwrap()) as usize;
+    if dtype_len > 8 || rank > 16 {
+        bail!("a malformed message (dtype name of {dtype_len} bytes, rank {rank})");
+    }
+    let mut name = vec![0u8; dtype_len];
+    s.read_exact(&mut name)?;
+    let dtype = memc_ir::DType::from_name(std::str::from_utf8(&name)?)
+        .ok_or_else(|| anyhow!("a message with an unknown dtype"))?;
+    let mut shape = vec![];
+    for _ in 0..rank {
+        let mut d = [0u8; 8];
+        s.read_exact(&mut d)?;
+        shape.push(u64::from_le_bytes(d) as usize);
+    }
+    let ty = memc_ir::TensorType::new(dtype, shape);
+    let mut data = vec![0u8; ty.bytes()];
+    s.read_exact(&mut data)?;
+    let t = memc_ir::Tensor::from_bytes(ty, data.into()).map_err(|e| anyhow!("{e}"))?;
+    Ok(Some((key, memc_ir::ValueId(v), t)))
+}
+
+impl Exchange for TcpExchange {
+    fn publish(
+        &self,
+        mb: usize,
+        v: memc_ir::ValueId,
+        t: &memc_ir::Tensor,
+        to: &[usize],
+    ) -> Result<()> {
+        use std::io::Write;
+        let key = self.key(mb);
+        self.local.insert(key, v, t.clone());
+        let mut msg = Vec::with_capacity(t.bytes().len() + 64);
+        msg.extend((key as u64).to_le_bytes());
+        msg.extend(v.0.to_le_bytes());
+        let name = t.dtype().name().as_bytes();
+        msg.extend((name.len() as u32).to_le_bytes());
+        msg.extend((t.shape().len() as u32).to_le_bytes());
+        msg.extend(name);
+        for &d in t.shape() {
+            msg.extend((d as u64).to_le_bytes());
+        }
+        msg.extend_from_slice(t.bytes());
+        for &r in to {
+            if r == self.rank {
+                continue;
+            }
+            let Some(Some(peer)) = self.peers.get(r) else {
+                bail!("no connection to rank {r}");
+            };
+            peer.lock()
+                .unwrap()
+                .write_all(&msg)
+                .map_err(|e| anyhow!("rank {}: sending to rank {r}: {e}", self.rank))?;
+        }
+        Ok(())
+    }
+
+    fn wait(&self, mb: usize, v: memc_ir::ValueId) -> Result<memc_ir::Tensor> {
+        self.local.wait(self.key(mb), v)
+    }
+
+    fn get(&self, mb: usize, v: memc_ir::ValueId) -> Option<memc_ir::Tensor> {
+        self.local.get(self.key(mb), v)
+    }
+
+    fn fail(&self) {
+        self.local.fail();
+    }
 }

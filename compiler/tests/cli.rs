@@ -1313,3 +1313,138 @@ fn pipelined_training_matches_plain_training() {
     args.extend(["--pipeline-stages", "2", "--backend", "cpu"]);
     fails_with(&args, &["--backend ref"]);
 }
+
+/// A base port whose next `n` ports are free on the loopback interface.
+fn free_ports(n: u16) -> u16 {
+    for _ in 0..50 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = l.local_addr().unwrap().port();
+        drop(l);
+        if base as u32 + n as u32 >= 65535 {
+            continue;
+        }
+        if (1..=n).all(|k| std::net::TcpListener::bind(("127.0.0.1", base + k)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+#[test]
+fn pipelined_training_across_processes_matches_one_process() {
+    // One process per stage with torchrun's environment, values over loopback TCP.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ids.npy");
+    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 + 11) % 128).collect();
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let mut header = "{'descr': '<i8', 'fortran_order': False, 'shape': (8, 16), }".to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for x in ids {
+        bytes.extend(x.to_le_bytes());
+    }
+    std::fs::write(&data, bytes).unwrap();
+    let cases = [
+        ("examples/models/depth/llama-L4.onnx", "1f1b"),
+        ("examples/models/depth/llama-L4.onnx", "v-half"),
+        // GPT-2's tied head: two stages' weight gradients summed on both.
+        ("examples/models/gpt2-dynamo.onnx", "zb-h1"),
+    ];
+    for (model, schedule) in cases {
+        let model = root().join(model);
+        let base: Vec<String> = [
+            "train",
+            s(&model),
+            "--data",
+            s(&data),
+            "--shape",
+            "input_ids=8x16",
+            "--steps",
+            "3",
+            "--lr",
+            "1e-2",
+            "--pipeline-stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--schedule",
+            schedule,
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        let one: Vec<f64> = {
+            let o = memc(&base);
+            assert_eq!(o.code, 0, "{}", o.stderr);
+            lines_json(&o.stdout)
+                .iter()
+                .map(|l| l["loss"].as_f64().unwrap())
+                .collect()
+        };
+        let port = free_ports(2);
+        let children: Vec<_> = (0..2)
+            .map(|rank| {
+                Command::new(env!("CARGO_BIN_EXE_memc"))
+                    .args(&base)
+                    .env("RANK", rank.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("WORLD_SIZE", "2")
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut lines = vec![];
+        for c in children {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            lines.extend(lines_json(&String::from_utf8_lossy(&o.stdout)));
+        }
+        let multi: Vec<f64> = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
+        assert_eq!(multi.len(), 3, "one rank prints the loss: {lines:?}");
+        assert!(lines.iter().all(|l| l["world_size"] == 2));
+        for (a, b) in multi.iter().zip(&one) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs(),
+                "{schedule}: {multi:?} vs {one:?}"
+            );
+        }
+    }
+    // A WORLD_SIZE that is not the stage count.
+    let model = root().join("examples/models/depth/llama-L4.onnx");
+    let o = Command::new(env!("CARGO_BIN_EXE_memc"))
+        .args([
+            "train",
+            s(&model),
+            "--data",
+            s(&data),
+            "--shape",
+            "input_ids=8x16",
+            "--steps",
+            "1",
+            "--pipeline-stages",
+            "2",
+            "--microbatches",
+            "4",
+        ])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "3")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .contains("WORLD_SIZE 3 must equal --pipeline-stages 2"),
+        "{err}"
+    );
+}
