@@ -323,19 +323,10 @@ pub fn rev_drift(
     if drift.is_empty() {
         return None;
     }
-    if let Some(t) = threshold {
-        let bad: Vec<String> = drift
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| !(**d <= t))
-            .map(|(l, d)| format!("layer {l}: {d:.2e}"))
-            .collect();
-        if !bad.is_empty() {
-            eprintln!(
-                "warning: step {step}: reversible reconstruction drift past {t:e} ({}); make fewer layers reversible (--rev-layers) or train in f32",
-                bad.join(", ")
-            );
-        }
+    if let Some(w) =
+        threshold.and_then(|t| memc_runtime::session::drift_warning(&drift, t, step as u64))
+    {
+        eprintln!("{w}");
     }
     Some(drift.into())
 }

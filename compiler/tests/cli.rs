@@ -1255,19 +1255,7 @@ fn pipelined_training_matches_plain_training() {
     let m = s(&model);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ids.npy");
-    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 + 11) % 128).collect();
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    let mut header = "{'descr': '<i8', 'fortran_order': False, 'shape': (8, 16), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    for x in ids {
-        bytes.extend(x.to_le_bytes());
-    }
-    std::fs::write(&data, bytes).unwrap();
+    write_ids_8x16(&data);
     let base = [
         "train",
         m,
@@ -1335,19 +1323,7 @@ fn pipelined_training_across_processes_matches_one_process() {
     // One process per stage with torchrun's environment, values over loopback TCP.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ids.npy");
-    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 + 11) % 128).collect();
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    let mut header = "{'descr': '<i8', 'fortran_order': False, 'shape': (8, 16), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    for x in ids {
-        bytes.extend(x.to_le_bytes());
-    }
-    std::fs::write(&data, bytes).unwrap();
+    write_ids_8x16(&data);
     let cases = [
         ("examples/models/depth/llama-L4.onnx", "1f1b"),
         ("examples/models/depth/llama-L4.onnx", "v-half"),
@@ -1447,4 +1423,21 @@ fn pipelined_training_across_processes_matches_one_process() {
             .contains("WORLD_SIZE 3 must equal --pipeline-stages 2"),
         "{err}"
     );
+}
+
+/// Token ids `[8, 16]` (deterministic, below 128) as an int64 `.npy`.
+fn write_ids_8x16(path: &Path) {
+    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 + 11) % 128).collect();
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let mut header = "{'descr': '<i8', 'fortran_order': False, 'shape': (8, 16), }".to_string();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for x in ids {
+        bytes.extend(x.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
 }

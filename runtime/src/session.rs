@@ -300,19 +300,11 @@ pub fn train(
             for s in &drifts {
                 d.push(decode(s.dtype, &cpu.get(s)?)[0]);
             }
-            if let Some(limit) = t.drift_threshold {
-                let bad: Vec<String> = d
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, x)| !(**x <= limit))
-                    .map(|(l, x)| format!("layer {l}: {x:.2e}"))
-                    .collect();
-                if !bad.is_empty() {
-                    eprintln!(
-                        "warning: step {step}: reversible reconstruction drift past {limit:e} ({}); make fewer layers reversible (--rev-layers) or train in f32",
-                        bad.join(", ")
-                    );
-                }
+            if let Some(w) = t
+                .drift_threshold
+                .and_then(|limit| drift_warning(&d, limit, step))
+            {
+                eprintln!("{w}");
             }
             line["rev_drift"] = d.into();
         }
@@ -833,4 +825,21 @@ pub unsafe extern "C" fn memc_rt_main(
             2
         }
     }
+}
+
+/// The warning for reversible layers whose reconstruction drift (`drift[layer]`) passes
+/// `limit` at `step`, if any (`--rev-check`; shared by memc's reference loop).
+pub fn drift_warning(drift: &[f64], limit: f64, step: u64) -> Option<String> {
+    let bad: Vec<String> = drift
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| !(**x <= limit))
+        .map(|(l, x)| format!("layer {l}: {x:.2e}"))
+        .collect();
+    (!bad.is_empty()).then(|| {
+        format!(
+            "warning: step {step}: reversible reconstruction drift past {limit:e} ({}); make fewer layers reversible (--rev-layers) or train in f32",
+            bad.join(", ")
+        )
+    })
 }
