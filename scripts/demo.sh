@@ -3,7 +3,8 @@
 # model (Llama, GPT-2, BERT, Qwen2 from both of PyTorch's ONNX exporters) against onnxruntime,
 # compile the Llama's training step under each memory policy (remat none/auto/full, a 50%
 # activation budget, Mixture-of-Channels, reversible MEFT layers) and print its memory table, then
-# train it a few steps and compare the losses with PyTorch's.
+# train it a few steps and compare the losses with PyTorch's; split a deeper Llama into pipeline
+# stages and train it pipelined, in one process and one process per stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -61,6 +62,22 @@ echo "== memc train examples/models/llama-dynamo.onnx --data $DATA --steps 5 --r
 $MEMC train examples/models/llama-dynamo.onnx --data $DATA --steps 5 --reversible meft1 --rev-check --lr 1e-2 --backend cpu
 echo "   PyTorch (examples/models/llama-dynamo/train_ref.json, adamw):"
 python3 -c 'import json; print("  ", [round(x, 6) for x in json.load(open("examples/models/llama-dynamo/train_ref.json"))["adamw"]])'
+
+echo
+DEPTH=examples/models/depth/llama-L8.onnx
+echo "== memc schedule --stages 4 --microbatches 16 --schedule v-half --svg $OUT/v-half.svg"
+$MEMC schedule --stages 4 --microbatches 16 --schedule v-half --svg "$OUT/v-half.svg"
+echo "== memc compile $DEPTH --shape input_ids=2x32 --train --pipeline-stages 4 --microbatches 8 --schedule v-min --report   (stage split, per-device memory)"
+$MEMC compile $DEPTH --shape input_ids=2x32 --train --pipeline-stages 4 --microbatches 8 --schedule v-min --report | grep -E '^(pipeline|  device)'
+python3 -c 'import numpy as np; np.save("'"$OUT"'/ids8x32.npy", (np.arange(8*32).reshape(8, 32) * 37 + 11) % 128)'
+echo "== memc train $DEPTH --data $OUT/ids8x32.npy --shape input_ids=8x32 --steps 3 --lr 1e-2   (plain, then pipelined: 2 stages x 4 microbatches, zb-h1; then one process per stage)"
+$MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2
+$MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2 --pipeline-stages 2 --microbatches 4 --schedule zb-h1
+for rank in 0 1; do
+  RANK=$rank WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=${MEMC_DEMO_PORT:-29517} \
+    $MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2 --pipeline-stages 2 --microbatches 4 --schedule zb-h1 &
+done
+wait
 
 echo
 echo "== memc toolchain   (MLIR 19, LLVM 19 for x86-64 and NVPTX, the CUDA driver)"
