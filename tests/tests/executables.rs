@@ -425,3 +425,54 @@ fn bad_inputs_give_one_clear_error() {
         "input `input_ids` is i64[2x16]",
     );
 }
+
+#[test]
+fn reversible_executables_report_their_drift() {
+    // `--reversible --rev-check` compiled into an executable: every step's line carries one
+    // drift per layer; in bf16 the drift passes the default threshold and the run warns.
+    let dir = scratch("reversible");
+    let ex = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    for (dtype, warns) in [("f32", false), ("bf16", true)] {
+        let exe = dir.join(format!("llama-{dtype}"));
+        compile(
+            &ex,
+            &exe,
+            &[
+                "--train",
+                "--reversible",
+                "meft3",
+                "--rev-check",
+                "--dtype",
+                dtype,
+            ],
+        );
+        let mut cmd = Command::new(&exe);
+        cmd.arg("train")
+            .arg("--data")
+            .arg(input_file(&ex, "input_ids"))
+            .args(["--steps", "2", "--lr", "1e-2"]);
+        let out = run(&mut cmd);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let d = v["rev_drift"].as_array().unwrap();
+            assert_eq!(d.len(), 2, "{line}");
+            if !warns {
+                assert!(d.iter().all(|x| x.as_f64().unwrap() < 1e-3), "{line}");
+            }
+        }
+        assert_eq!(
+            stderr.contains("reconstruction drift past"),
+            warns,
+            "{dtype}: {stderr}"
+        );
+    }
+}
