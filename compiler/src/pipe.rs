@@ -442,6 +442,10 @@ pub struct SharedExchange {
     stores: std::sync::Mutex<std::collections::HashMap<(usize, memc_ir::ValueId), memc_ir::Tensor>>,
     ready: std::sync::Condvar,
     failed: std::sync::atomic::AtomicBool,
+    /// Peers whose connection closed, and how many there are ([`TcpExchange`]): when every
+    /// peer is gone, a missing value can no longer arrive.
+    closed: std::sync::atomic::AtomicUsize,
+    peers: std::sync::atomic::AtomicUsize,
 }
 
 impl SharedExchange {
@@ -451,6 +455,8 @@ impl SharedExchange {
             stores: Default::default(),
             ready: Default::default(),
             failed: Default::default(),
+            closed: Default::default(),
+            peers: Default::default(),
         }
     }
 
@@ -487,6 +493,14 @@ impl Exchange for SharedExchange {
             }
             if let Some(t) = store.get(&(mb, v)) {
                 return Ok(t.clone());
+            }
+            let peers = self.peers.load(std::sync::atomic::Ordering::SeqCst);
+            if peers > 0 && self.closed.load(std::sync::atomic::Ordering::SeqCst) >= peers {
+                bail!(
+                    "every other rank closed its connection while %{} of microbatch {} was awaited (did another rank fail?)",
+                    v.0,
+                    mb % STEP_STRIDE
+                );
             }
             if start.elapsed() > std::time::Duration::from_secs(600) {
                 bail!(
@@ -869,6 +883,9 @@ impl TcpExchange {
             )
         })?;
         let local = std::sync::Arc::new(SharedExchange::new());
+        local
+            .peers
+            .store(env.world - 1, std::sync::atomic::Ordering::SeqCst);
         // Accept the peers' connections in the background.
         let incoming = env.world - 1;
         let rx_local = local.clone();
@@ -889,7 +906,11 @@ impl TcpExchange {
                     loop {
                         match read_message(&mut stream) {
                             Ok(Some((key, v, t))) => rx.insert(key, v, t),
-                            Ok(None) => return,
+                            Ok(None) => {
+                                rx.closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                rx.ready.notify_all();
+                                return;
+                            }
                             Err(e) => {
                                 eprintln!("rank {me}: receiving: {e:#}");
                                 rx.fail();
