@@ -41,8 +41,9 @@ if [ "${1:-}" = "prepare" ]; then
     --target all -o "$B/llama12-bf16"
   rm "$B/llama12-bf16.safetensors"
   # Remat policies (issue 7): per-layer checkpointing and auto at 50% of the no-remat bytes;
-  # Mixture-of-Channels (issue 8): K 384 of 2048.
-  for v in "full:--remat full" "b50:--activation-budget 0.5" "moc:--moc-k 384"; do
+  # Mixture-of-Channels (issue 8): K 384 of 2048; reversible layers (issue 9): MEFT1 on the
+  # first 2 layers (adapters only; deeper stacks drift too far in bf16, BENCHMARKS.md).
+  for v in "full:--remat full" "b50:--activation-budget 0.5" "moc:--moc-k 384" "rev:--reversible meft1 --rev-layers 2"; do
     $M compile scratch/llama12x768.onnx --shape input_ids=8x1024 --train --optimizer adamw --dtype bf16 \
       ${v#*:} --target all -o "$B/llama12-bf16-${v%%:*}"
     rm "$B/llama12-bf16-${v%%:*}.safetensors"
@@ -137,8 +138,9 @@ else
 fi
 
 # The default compile, then the variants (full: --remat full; b50: --activation-budget 0.5;
-# moc: --moc-k 384); one JSON line each, the default one followed by its kernel profile.
-for v in "" full b50 moc; do
+# moc: --moc-k 384; rev: --reversible meft1 --rev-layers 2); one JSON line each, the default one
+# followed by its kernel profile.
+for v in "" full b50 moc rev; do
   exe="$B/llama12-bf16${v:+-$v}"
   echo "== Llama 12 x d768, batch 8 x seq 1024, bf16 (fp32 master weights), AdamW, memc ${v:-default}"
   if "$exe" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 8 --backend cuda \
