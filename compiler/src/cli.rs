@@ -475,12 +475,15 @@ fn compile(args: CompileArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let (mut g, rev) = import(
+    let (mut g, mut rev) = import(
         &args.model,
         shapes(&args.model)?,
         &mut timer,
         args.dump_ir.as_deref(),
     )?;
+    // The reversible model before training is built, for the report's baselines.
+    let rev_model = (rev.is_some() && args.train && (args.report || args.report_json.is_some()))
+        .then(|| g.clone());
     // The model's ops as canonicalised (blocks included), for the report; then blocks are
     // lowered to the ops training and code generation work on (`build` lowers them itself).
     let model_ops = g.op_counts();
@@ -518,6 +521,13 @@ fn compile(args: CompileArgs) -> Result<()> {
         _ => None,
     };
     let plan = timer.time("plan", || memc_passes::plan::plan(&g));
+    if let (Some(r), Some(m)) = (rev.as_mut(), &rev_model) {
+        timer
+            .time("baselines", || {
+                r.measure_baselines(m, &args.training, plan.saved_activation_bytes)
+            })
+            .map_err(|e| anyhow!("{model}: {e:#}"))?;
+    }
     let cpu_arena = timer.time("fuse", || cpu_arena(&g));
     match args.emit {
         Some(Emit::Ir) => print!("{}", canonical_ir.unwrap_or_else(|| memc_ir::print(&g))),
@@ -551,6 +561,9 @@ fn compile(args: CompileArgs) -> Result<()> {
         print!("{}", report::summary(&g));
         if let Some(r) = &rev {
             println!("reversible: {}", r.line());
+            if let Some(m) = r.memory_line() {
+                println!("{m}");
+            }
         }
         if let Some(t) = &train_stats {
             println!(

@@ -49,6 +49,12 @@ pub struct RevReport {
     /// ‖logits_reversible − logits_original‖₂ / ‖logits_original‖₂ at initialisation on a
     /// seeded random input, when the model is small enough for the reference interpreter.
     pub start_deviation: Option<f64>,
+    /// The canonical model before the rewrite (the full fine-tuning baseline of the report).
+    pub original: Graph,
+    /// Saved activation bytes of the training program: by reconstruction, with the
+    /// reversible model's activations stored, and full fine-tuning of the original model
+    /// (filled by the driver when it builds a training program).
+    pub saved_bytes: Option<(u64, u64, u64)>,
 }
 
 /// Forward FLOPs above which the starting-point deviation is not computed (the reference
@@ -80,6 +86,8 @@ pub fn apply(g: &mut Graph, args: &RevArgs, model: &str) -> Result<Option<RevRep
     let report = RevReport {
         stats,
         start_deviation,
+        original,
+        saved_bytes: None,
     };
     eprintln!("reversible: {}", report.line());
     Ok(Some(report))
@@ -105,11 +113,51 @@ impl RevReport {
         )
     }
 
+    /// Builds the two baselines of [`RevReport::saved_bytes`] next to `reconstruct_bytes`:
+    /// the reversible model `rev` (before training was built) with its activations stored,
+    /// and the original model with every weight trained.
+    pub fn measure_baselines(
+        &mut self,
+        rev: &Graph,
+        args: &crate::train::TrainProgramArgs,
+        reconstruct_bytes: u64,
+    ) -> Result<()> {
+        let saved = |mut g: Graph, a: &crate::train::TrainProgramArgs| -> Result<u64> {
+            crate::train::build(&mut g, a)?;
+            Ok(memc_passes::plan::plan(&g).saved_activation_bytes)
+        };
+        let mut stored = args.clone();
+        stored.rev_store = true;
+        stored.rev_check = false;
+        let mut full = args.clone();
+        full.trainable = Some("all".into());
+        full.rev_store = false;
+        full.rev_check = false;
+        self.saved_bytes = Some((
+            reconstruct_bytes,
+            saved(rev.clone(), &stored)?,
+            saved(self.original.clone(), &full)?,
+        ));
+        Ok(())
+    }
+
+    /// The report's line on memory, when measured.
+    pub fn memory_line(&self) -> Option<String> {
+        let (r, s, f) = self.saved_bytes?;
+        Some(format!(
+            "reversible memory: saved activations {r} bytes by reconstruction, {s} with the activations stored, {f} for full fine-tuning of the original model ({:.1}% less)",
+            100.0 * (1.0 - r as f64 / f.max(1) as f64)
+        ))
+    }
+
     /// The report's `reversible` object.
     pub fn json(&self) -> serde_json::Value {
         let s = &self.stats;
         let (l, b, switch) = s.variant.coefficients();
         serde_json::json!({
+            "saved_activation_bytes": self.saved_bytes.map(|(r, st, f)| serde_json::json!({
+                "reconstruct": r, "stored": st, "full_fine_tuning": f,
+            })),
             "variant": s.variant.name(),
             "layers": s.reversible_layers,
             "model_layers": s.layers,

@@ -1112,6 +1112,12 @@ fn reversible_layers_report_and_reject_bad_options() {
     assert!(dev > 0.0 && dev < 1.0, "{dev}");
     // Adapters only by default (MEFT's setting).
     assert_eq!(r["training"]["trained_params"], rev["adapter_params"]);
+    // Memory beside the baselines: the plan's own figure, less than full fine-tuning's.
+    let saved = &rev["saved_activation_bytes"];
+    assert_eq!(saved["reconstruct"], r["saved_activation_bytes"]);
+    assert!(saved["reconstruct"].as_u64().unwrap() < saved["stored"].as_u64().unwrap());
+    assert!(saved["stored"].as_u64().unwrap() <= saved["full_fine_tuning"].as_u64().unwrap() * 2);
+    assert!(saved["reconstruct"].as_u64().unwrap() < saved["full_fine_tuning"].as_u64().unwrap());
     assert_eq!(r["training"]["remat"]["layers"], 0);
 
     let base = ["compile", m, "--shape", "input_ids=2x16"];
