@@ -285,9 +285,24 @@ fn plan_passes(g: &memc_ir::Graph, schedule: &Schedule) -> PassPlan {
     let chunks = schedule.chunks();
     let split = schedule.split_backward();
     let last = chunks - 1;
+    // A node's chunk: its tag; an untagged backward node (the VJP of a node the training
+    // builder added, such as a precision cast) takes the chunk of what it reads; the rest
+    // (the loss) is the last chunk's.
+    let mut chunk_of: Vec<usize> = Vec::with_capacity(g.nodes().len());
+    for node in g.nodes() {
+        let c = chunk_tag(&node.name).unwrap_or_else(|| match node.phase {
+            Phase::Forward | Phase::Update => last,
+            _ => node
+                .inputs
+                .iter()
+                .find_map(|&v| g.producer(v).map(|p| chunk_of[p.index()]))
+                .unwrap_or(last),
+        });
+        chunk_of.push(c.min(last));
+    }
     let pass_of = |n: NodeId| -> Option<(Kind, usize)> {
         let node = g.node(n);
-        let c = chunk_tag(&node.name).unwrap_or(last).min(last);
+        let c = chunk_of[n.index()];
         match node.phase {
             Phase::Forward => Some((Kind::F, c)),
             Phase::Backward | Phase::Recompute => Some((Kind::B, c)),
@@ -311,8 +326,19 @@ fn plan_passes(g: &memc_ir::Graph, schedule: &Schedule) -> PassPlan {
     let mut where_: HashMap<ValueId, Option<(Kind, usize)>> = HashMap::new(); // None = late
     let mut passes: HashMap<(Kind, usize), PassNodes> = HashMap::new();
     let mut late: Vec<NodeId> = vec![];
+    // Forward nodes that read only weights, constants and inputs (weight casts of the
+    // precision pass, the embedding lookup, masks, rotary tables) belong to no pass: each
+    // pass (or the late nodes) that reads one computes it itself.
+    let free = |n: NodeId| {
+        g.node(n).phase == Phase::Forward
+            && g.node(n).inputs.iter().all(|&v| g.producer(v).is_none())
+    };
+    let mut copied: HashSet<(Option<(Kind, usize)>, NodeId)> = HashSet::new();
     for i in 0..g.nodes().len() {
         let n = NodeId(i as u32);
+        if free(n) {
+            continue;
+        }
         let Some(p) = pass_of(n) else { continue };
         let node = g.node(n);
         let is_late = node.inputs.iter().any(|v| match where_.get(v) {
@@ -324,10 +350,18 @@ fn plan_passes(g: &memc_ir::Graph, schedule: &Schedule) -> PassPlan {
         for &o in &node.outputs {
             where_.insert(o, at);
         }
-        match at {
-            Some(p) => passes.entry(p).or_default().nodes.push(n),
-            None => late.push(n),
+        let list = match at {
+            Some(p) => &mut passes.entry(p).or_default().nodes,
+            None => &mut late,
+        };
+        for &v in &node.inputs {
+            if let Some(f) = g.producer(v).filter(|&f| free(f)) {
+                if copied.insert((at, f)) {
+                    list.push(f);
+                }
+            }
         }
+        list.push(n);
     }
     let all: Vec<usize> = (0..schedule.stages).collect();
     let mut consumers: HashMap<ValueId, Vec<usize>> = HashMap::new();
@@ -418,6 +452,13 @@ fn plan_passes(g: &memc_ir::Graph, schedule: &Schedule) -> PassPlan {
     }
 }
 
+/// Nodes of `g` that no pass of `schedule` can run (they read another chunk's weight
+/// gradients, as a tied head's gradient sum does) and that therefore run after the passes;
+/// 0 for untied models (a diagnostic the tests check).
+pub fn late_node_count(g: &memc_ir::Graph, schedule: &Schedule) -> usize {
+    plan_passes(g, schedule).late.len()
+}
+
 /// How passes hand values to each other: within one process (a shared store) or between
 /// processes ([`TcpExchange`]).
 pub trait Exchange: Sync {
@@ -487,6 +528,7 @@ impl Exchange for SharedExchange {
     fn wait(&self, mb: usize, v: memc_ir::ValueId) -> Result<memc_ir::Tensor> {
         let mut store = self.stores.lock().unwrap();
         let start = std::time::Instant::now();
+        let peers = self.peers.load(std::sync::atomic::Ordering::SeqCst);
         loop {
             if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
                 bail!("another device failed");
@@ -494,7 +536,6 @@ impl Exchange for SharedExchange {
             if let Some(t) = store.get(&(mb, v)) {
                 return Ok(t.clone());
             }
-            let peers = self.peers.load(std::sync::atomic::Ordering::SeqCst);
             if peers > 0 && self.closed.load(std::sync::atomic::Ordering::SeqCst) >= peers {
                 bail!(
                     "every other rank closed its connection while %{} of microbatch {} was awaited (did another rank fail?)",
@@ -502,10 +543,11 @@ impl Exchange for SharedExchange {
                     mb % STEP_STRIDE
                 );
             }
-            if start.elapsed() > std::time::Duration::from_secs(600) {
+            if peers > 0 && start.elapsed() > std::time::Duration::from_secs(600) {
                 bail!(
-                    "waited 600 s for %{} of microbatch {mb} (a peer stopped?)",
-                    v.0
+                    "waited 600 s for %{} of microbatch {} (a peer stopped?)",
+                    v.0,
+                    mb % STEP_STRIDE
                 );
             }
             store = self
@@ -617,7 +659,11 @@ pub fn run_devices(
         let mut local: HashMap<(usize, usize), HashMap<ValueId, Tensor>> = HashMap::new();
         for pass in &schedule.devices[d] {
             let key = (pass.kind, pass.chunk);
+            let done = if split { Kind::W } else { Kind::B };
             let Some(pn) = plan.passes.get(&key) else {
+                if pass.kind == done {
+                    local.remove(&(pass.chunk, pass.mb));
+                }
                 continue;
             };
             let mut ext: HashMap<ValueId, Tensor> = HashMap::new();
@@ -641,7 +687,6 @@ pub fn run_devices(
                 ex.publish(pass.mb, v, &mine[&v], &plan.consumers[&v])?;
             }
             // The chunk's last pass for this microbatch frees what it kept.
-            let done = if split { Kind::W } else { Kind::B };
             if pass.kind == done {
                 local.remove(&(pass.chunk, pass.mb));
             }
@@ -654,10 +699,19 @@ pub fn run_devices(
             .map(|&d| {
                 let run = &run_device;
                 s.spawn(move || {
-                    let r = run(d);
-                    if r.is_err() {
-                        ex.fail();
+                    // A panicking worker still wakes the others (the guard fails the
+                    // exchange unless the worker returned Ok).
+                    struct Guard<'a>(&'a dyn Exchange, bool);
+                    impl Drop for Guard<'_> {
+                        fn drop(&mut self) {
+                            if !self.1 {
+                                self.0.fail();
+                            }
+                        }
                     }
+                    let mut guard = Guard(ex, false);
+                    let r = run(d);
+                    guard.1 = r.is_ok();
                     r
                 })
             })
@@ -890,32 +944,44 @@ impl TcpExchange {
         let incoming = env.world - 1;
         let rx_local = local.clone();
         let me = env.rank;
+        let world = env.world;
         std::thread::spawn(move || {
-            for _ in 0..incoming {
+            // Accept until every other rank has introduced itself once; anything else that
+            // connects (a port scan, a health check) is dropped.
+            let mut seen = vec![false; world];
+            seen[me] = true;
+            let mut accepted = 0;
+            while accepted < incoming {
                 let Ok((mut stream, _)) = listener.accept() else {
                     rx_local.fail();
                     return;
                 };
+                stream
+                    .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                    .ok();
+                let mut hello = [0u8; 4];
+                if stream.read_exact(&mut hello).is_err() {
+                    continue;
+                }
+                let peer = u32::from_le_bytes(hello) as usize;
+                if peer >= world || std::mem::replace(&mut seen[peer], true) {
+                    continue;
+                }
+                stream.set_read_timeout(None).ok();
+                accepted += 1;
                 let rx = rx_local.clone();
-                std::thread::spawn(move || {
-                    let mut hello = [0u8; 4];
-                    if stream.read_exact(&mut hello).is_err() {
-                        rx.fail();
-                        return;
-                    }
-                    loop {
-                        match read_message(&mut stream) {
-                            Ok(Some((key, v, t))) => rx.insert(key, v, t),
-                            Ok(None) => {
-                                rx.closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                                rx.ready.notify_all();
-                                return;
-                            }
-                            Err(e) => {
-                                eprintln!("rank {me}: receiving: {e:#}");
-                                rx.fail();
-                                return;
-                            }
+                std::thread::spawn(move || loop {
+                    match read_message(&mut stream) {
+                        Ok(Some((key, v, t))) => rx.insert(key, v, t),
+                        Ok(None) => {
+                            rx.closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            rx.ready.notify_all();
+                            return;
+                        }
+                        Err(e) => {
+                            eprintln!("rank {me}: receiving: {e:#}");
+                            rx.fail();
+                            return;
                         }
                     }
                 });
@@ -998,7 +1064,11 @@ fn read_message(
         shape.push(u64::from_le_bytes(d) as usize);
     }
     let ty = memc_ir::TensorType::new(dtype, shape);
-    let mut data = vec![0u8; ty.bytes()];
+    let bytes = ty
+        .checked_bytes()
+        .filter(|&b| b <= 1 << 36)
+        .ok_or_else(|| anyhow!("a message announcing a tensor of {ty} (too large)"))?;
+    let mut data = vec![0u8; bytes];
     s.read_exact(&mut data)?;
     let t = memc_ir::Tensor::from_bytes(ty, data.into()).map_err(|e| anyhow!("{e}"))?;
     Ok(Some((key, memc_ir::ValueId(v), t)))

@@ -49,6 +49,9 @@ pub struct Partition {
 /// Splits `g` (a training program whose `residual` nodes are not lowered yet) into `chunks`
 /// contiguous chunks of layers (see the module docs).
 pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, String> {
+    if g.nodes().iter().any(|n| n.op == memc_ir::Op::RevCouple) {
+        return Err("reversible layers (--reversible) are not split into pipeline stages yet; compile without --reversible".into());
+    }
     let layers = crate::remat::layers(g);
     if layers.is_empty() {
         return Err("no transformer layers were recognised (no `residual` around an `attention`), so there is nothing to split into pipeline stages".into());
@@ -165,10 +168,15 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, String> {
             return 0;
         }
         let n = name(w);
+        let own = [
+            format!("adamw.exp_avg.{n}"),
+            format!("adamw.exp_avg_sq.{n}"),
+            format!("sgd.momentum.{n}"),
+        ];
         g.value(w).ty.bytes() as u64
             + states
                 .iter()
-                .filter(|(s, _)| s.ends_with(&format!(".{n}")))
+                .filter(|(s, _)| own.contains(s))
                 .map(|(_, b)| b)
                 .sum::<u64>()
     };

@@ -78,9 +78,9 @@ pub enum RematError {
     NoLayers,
     /// Every layer is reversible: its backward pass reconstructs instead of keeping.
     #[error(
-        "every layer is reversible (--reversible), so its backward pass keeps nothing inside \
-         the layers and --remat full and --activation-budget have no layer to checkpoint; drop \
-         them, or make only the first layers reversible with --rev-layers N"
+        "every layer is reversible (--reversible), so no layer is left for --remat full or \
+         --activation-budget to checkpoint; drop them, or make only the first layers reversible \
+         with --rev-layers N"
     )]
     AllReversible,
     /// The solver failed.

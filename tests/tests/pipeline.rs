@@ -74,6 +74,22 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
     );
     let weights: u64 = part.chunks.iter().map(|c| c.weight_bytes).sum();
     assert!(weights >= g.params_bytes() as u64);
+    // In bf16 as in f32, every node but a shared weight's gradient sum runs in a pass (the
+    // weight casts are computed by each pass that reads them, their VJPs go with their
+    // chunk). Under 1F1B those sums run in backward passes too.
+    let path = root().join("examples/models/depth/llama-L4.onnx");
+    let opts = memc::onnx::ImportOptions {
+        shapes: HashMap::from([("input_ids".to_string(), vec![1, 16])]),
+    };
+    let mut g4 = memc::onnx::import(&path, &opts).unwrap();
+    memc_passes::canonicalize::canonicalize(&mut g4, &Default::default()).unwrap();
+    let (program, _) =
+        memc::pipe::pipelined_program(g4, &b, memc_passes::pipeline::ScheduleKind::OneFOneB, 2)
+            .unwrap();
+    let schedule =
+        memc_passes::pipeline::generate(memc_passes::pipeline::ScheduleKind::OneFOneB, 2, 4)
+            .unwrap();
+    assert_eq!(memc::pipe::late_node_count(&program, &schedule), 0);
     let mut g = depth16();
     let err = memc::train::build_pipelined(&mut g, &a, Some(17)).unwrap_err();
     assert!(
