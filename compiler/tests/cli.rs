@@ -1239,6 +1239,25 @@ fn pipeline_stages_report_each_devices_memory() {
         ],
         &["--pipeline-stages", "--train"],
     );
+    let o = memc(&[
+        "compile",
+        m,
+        "--shape",
+        "input_ids=2x32",
+        "--train",
+        "--reversible",
+        "meft1",
+        "--rev-layers",
+        "2",
+        "--pipeline-stages",
+        "2",
+    ]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    let last = o.stderr.lines().last().unwrap();
+    assert!(
+        last.starts_with("error: ") && last.contains("not split into pipeline stages"),
+        "{last}"
+    );
     fails_with(
         &[
             "compile",
