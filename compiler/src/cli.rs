@@ -1094,75 +1094,83 @@ fn train_pipelined(
         .iter()
         .filter(|(n, _)| n.starts_with("grad:"))
         .count();
-    for step in 1..=args.steps {
-        let t0 = Instant::now();
-        let batch = data.next_batch(rows, ty.dtype).to_i64_vec();
-        let scalars = HashMap::from([
-            (memc_passes::train::LR_INPUT.to_string(), scalar(args.lr)),
-            (
-                memc_passes::train::WEIGHT_DECAY_INPUT.to_string(),
-                scalar(wd),
-            ),
-            (
-                memc_passes::train::STEP_INPUT.to_string(),
-                scalar(step as f64),
-            ),
-        ]);
-        let per = rows / m * seq;
-        let feeds: Vec<HashMap<String, Tensor>> = (0..m)
-            .map(|j| {
-                let mut f = scalars.clone();
-                f.insert(
-                    data_name.clone(),
-                    Tensor::from_i64(
-                        ty.dtype,
-                        vec![rows / m, seq],
-                        &batch[j * per..(j + 1) * per],
-                    ),
-                );
-                f
-            })
-            .collect();
-        let r = match (&exchange, &rank_env) {
-            (Some(ex), Some(env)) => {
-                ex.begin_step(step);
-                crate::pipe::run_devices(&program, &schedule, &feeds, &[env.rank], ex)
-            }
-            _ => {
-                let devices: Vec<usize> = (0..stages).collect();
-                let ex = crate::pipe::SharedExchange::new();
-                crate::pipe::run_devices(&program, &schedule, &feeds, &devices, &ex).and_then(|r| {
-                    if r.grads.len() != n_grads || r.loss.is_none() {
-                        bail!(
-                            "the pipelined step computed {} of {n_grads} gradients (a memc bug)",
-                            r.grads.len()
-                        );
-                    }
-                    Ok(r)
+    // On an error, tell the other processes so they stop waiting.
+    let mut run_steps = || -> Result<()> {
+        for step in 1..=args.steps {
+            let t0 = Instant::now();
+            let batch = data.next_batch(rows, ty.dtype).to_i64_vec();
+            let scalars = HashMap::from([
+                (memc_passes::train::LR_INPUT.to_string(), scalar(args.lr)),
+                (
+                    memc_passes::train::WEIGHT_DECAY_INPUT.to_string(),
+                    scalar(wd),
+                ),
+                (
+                    memc_passes::train::STEP_INPUT.to_string(),
+                    scalar(step as f64),
+                ),
+            ]);
+            let per = rows / m * seq;
+            let feeds: Vec<HashMap<String, Tensor>> = (0..m)
+                .map(|j| {
+                    let mut f = scalars.clone();
+                    f.insert(
+                        data_name.clone(),
+                        Tensor::from_i64(
+                            ty.dtype,
+                            vec![rows / m, seq],
+                            &batch[j * per..(j + 1) * per],
+                        ),
+                    );
+                    f
                 })
+                .collect();
+            let r = match (&exchange, &rank_env) {
+                (Some(ex), Some(env)) => {
+                    ex.begin_step(step);
+                    crate::pipe::run_devices(&program, &schedule, &feeds, &[env.rank], ex)
+                }
+                _ => {
+                    let devices: Vec<usize> = (0..stages).collect();
+                    let ex = crate::pipe::SharedExchange::new();
+                    crate::pipe::run_devices(&program, &schedule, &feeds, &devices, &ex).and_then(|r| {
+                        if r.grads.len() != n_grads || r.loss.is_none() {
+                            bail!(
+                                "the pipelined step computed {} of {n_grads} gradients (a memc bug)",
+                                r.grads.len()
+                            );
+                        }
+                        Ok(r)
+                    })
+                }
             }
-        }
-        .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
-        if let Some(l) = r.loss {
-            if !l.is_finite() {
-                bail!("{model}: step {step}: the loss is {l}");
-            }
-        }
-        crate::pipe::apply_updates(&mut program, &r.grads, &scalars)
             .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        // The process holding the loss (the last chunk's stage) prints the step's line.
-        if let Some(loss) = r.loss {
-            let mut line = serde_json::json!({"step": step, "loss": loss, "tokens": rows * seq, "step_ms": (ms * 1000.0).round() / 1000.0,
-                "pipeline": {"schedule": kind.name(), "stages": stages, "microbatches": m}});
-            if let Some(env) = &rank_env {
-                line["rank"] = env.rank.into();
-                line["world_size"] = env.world.into();
+            if let Some(l) = r.loss {
+                if !l.is_finite() {
+                    bail!("{model}: step {step}: the loss is {l}");
+                }
             }
-            println!("{line}");
+            crate::pipe::apply_updates(&mut program, &r.grads, &scalars)
+                .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            // The process holding the loss (the last chunk's stage) prints the step's line.
+            if let Some(loss) = r.loss {
+                let mut line = serde_json::json!({"step": step, "loss": loss, "tokens": rows * seq, "step_ms": (ms * 1000.0).round() / 1000.0,
+                    "pipeline": {"schedule": kind.name(), "stages": stages, "microbatches": m}});
+                if let Some(env) = &rank_env {
+                    line["rank"] = env.rank.into();
+                    line["world_size"] = env.world.into();
+                }
+                println!("{line}");
+            }
         }
+        Ok(())
+    };
+    let result = run_steps();
+    if let (Err(_), Some(ex)) = (&result, &exchange) {
+        ex.abort();
     }
-    Ok(())
+    result
 }
 
 fn opt(args: OptArgs) -> Result<()> {

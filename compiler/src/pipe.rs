@@ -476,6 +476,9 @@ pub trait Exchange: Sync {
     fn get(&self, mb: usize, v: memc_ir::ValueId) -> Option<memc_ir::Tensor>;
     /// Wakes every waiter with an error (a device failed).
     fn fail(&self);
+    /// Which device publishes each value (so a wait can fail at once when that device's
+    /// process is gone).
+    fn expect_from(&self, _producers: std::collections::HashMap<memc_ir::ValueId, usize>) {}
 }
 
 /// The in-process exchange: one store per microbatch, waited on with a condition variable.
@@ -487,6 +490,9 @@ pub struct SharedExchange {
     /// peer is gone, a missing value can no longer arrive.
     closed: std::sync::atomic::AtomicUsize,
     peers: std::sync::atomic::AtomicUsize,
+    /// Ranks whose connection closed, and the rank publishing each value.
+    closed_ranks: std::sync::Mutex<std::collections::HashSet<usize>>,
+    producers: std::sync::Mutex<std::collections::HashMap<memc_ir::ValueId, usize>>,
 }
 
 impl SharedExchange {
@@ -498,6 +504,8 @@ impl SharedExchange {
             failed: Default::default(),
             closed: Default::default(),
             peers: Default::default(),
+            closed_ranks: Default::default(),
+            producers: Default::default(),
         }
     }
 
@@ -531,10 +539,19 @@ impl Exchange for SharedExchange {
         let peers = self.peers.load(std::sync::atomic::Ordering::SeqCst);
         loop {
             if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
-                bail!("another device failed");
+                bail!("another device or rank failed");
             }
             if let Some(t) = store.get(&(mb, v)) {
                 return Ok(t.clone());
+            }
+            if let Some(&r) = self.producers.lock().unwrap().get(&v) {
+                if self.closed_ranks.lock().unwrap().contains(&r) {
+                    bail!(
+                        "rank {r} closed its connection before sending %{} of microbatch {} (it stopped early or failed)",
+                        v.0,
+                        mb % STEP_STRIDE
+                    );
+                }
             }
             if peers > 0 && self.closed.load(std::sync::atomic::Ordering::SeqCst) >= peers {
                 bail!(
@@ -619,6 +636,12 @@ pub fn run_devices(
     }
     let plan = plan_passes(g, schedule);
     let split = schedule.split_backward();
+    ex.expect_from(
+        plan.passes
+            .iter()
+            .flat_map(|((_, c), pn)| pn.publish.iter().map(move |&v| (v, schedule.device_of(*c))))
+            .collect(),
+    );
     let mut fixed: HashMap<ValueId, Tensor> = HashMap::new();
     for (i, v) in g.values().iter().enumerate() {
         match &v.def {
@@ -856,6 +879,9 @@ pub fn apply_updates(
 /// peer already in the next step cannot be confused with this one.
 const STEP_STRIDE: usize = 1 << 32;
 
+/// The key of the message a failing rank sends instead of a value.
+const ABORT: u64 = u64::MAX;
+
 /// The multi-process exchange (one process per pipeline stage, torchrun's conventions):
 /// rank `r` listens on `MASTER_ADDR:MASTER_PORT + 1 + r` (MASTER_PORT itself is torchrun's
 /// store), connects to every other rank, and sends each published value to the ranks that
@@ -974,6 +1000,7 @@ impl TcpExchange {
                     match read_message(&mut stream) {
                         Ok(Some((key, v, t))) => rx.insert(key, v, t),
                         Ok(None) => {
+                            rx.closed_ranks.lock().unwrap().insert(peer);
                             rx.closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             rx.ready.notify_all();
                             return;
@@ -1030,6 +1057,16 @@ impl TcpExchange {
             .retain(|(k, _), _| *k >= step * STEP_STRIDE);
     }
 
+    /// Tells every peer that this rank failed (they stop waiting for it); best effort.
+    pub fn abort(&self) {
+        use std::io::Write;
+        for peer in self.peers.iter().flatten() {
+            if let Ok(mut p) = peer.lock() {
+                let _ = p.write_all(&ABORT.to_le_bytes());
+            }
+        }
+    }
+
     fn key(&self, mb: usize) -> usize {
         self.step.load(std::sync::atomic::Ordering::SeqCst) * STEP_STRIDE + mb
     }
@@ -1043,6 +1080,9 @@ fn read_message(
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
+    }
+    if u64::from_le_bytes(head) == ABORT {
+        bail!("the rank sending it failed (see its error)");
     }
     let key = u64::from_le_bytes(head) as usize;
     let mut u32s = [0u8; 12];
@@ -1121,5 +1161,9 @@ impl Exchange for TcpExchange {
 
     fn fail(&self) {
         self.local.fail();
+    }
+
+    fn expect_from(&self, producers: std::collections::HashMap<memc_ir::ValueId, usize>) {
+        *self.local.producers.lock().unwrap() = producers;
     }
 }

@@ -1418,6 +1418,53 @@ fn pipelined_training_across_processes_matches_one_process() {
             );
         }
     }
+    // A rank that stops early (1 step of 3): the other fails at once, naming it.
+    let model = root().join("examples/models/depth/llama-L4.onnx");
+    let port = free_ports(2);
+    let started = std::time::Instant::now();
+    let children: Vec<_> = [(0, "1"), (1, "3")]
+        .into_iter()
+        .map(|(rank, steps)| {
+            Command::new(env!("CARGO_BIN_EXE_memc"))
+                .args([
+                    "train",
+                    s(&model),
+                    "--data",
+                    s(&data),
+                    "--shape",
+                    "input_ids=8x16",
+                    "--steps",
+                    steps,
+                    "--pipeline-stages",
+                    "2",
+                    "--microbatches",
+                    "4",
+                ])
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert!(outs[0].status.success());
+    assert_eq!(outs[1].status.code(), Some(2));
+    let err = String::from_utf8_lossy(&outs[1].stderr);
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .contains("rank 0 closed its connection"),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
     // A WORLD_SIZE that is not the stage count.
     let model = root().join("examples/models/depth/llama-L4.onnx");
     let o = Command::new(env!("CARGO_BIN_EXE_memc"))
