@@ -203,3 +203,16 @@ pub fn build_adamw(
     };
     build_training(g, &opts).map_err(|e| e.to_string())
 }
+
+/// The model at `path` with `input_ids` bound to `dims`, imported and canonicalized as the
+/// driver does.
+pub fn canonical_model(path: &Path, dims: &[usize]) -> memc_ir::Graph {
+    let opts = memc::onnx::ImportOptions {
+        shapes: HashMap::from([("input_ids".to_string(), dims.to_vec())]),
+    };
+    let mut g =
+        memc::onnx::import(path, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    memc_passes::canonicalize::canonicalize(&mut g, &Default::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    g
+}

@@ -501,7 +501,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     if args.train {
         let stats = timer
             .time("train", || {
-                crate::train::build_pipelined(&mut g, &args.training, pipe.map(|(_, c)| c))
+                crate::train::build_with(&mut g, &args.training, pipe.map(|(_, c)| c), false)
             })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
         train_stats = Some(stats);

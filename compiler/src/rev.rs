@@ -181,13 +181,7 @@ fn start_deviation(original: &Graph, rev: &Graph) -> Result<Option<f64>> {
     if memc_passes::plan::flops(&lowered, &[memc_ir::Phase::Forward]) > DEVIATION_FLOPS {
         return Ok(None);
     }
-    let mut state = 0x5eed_u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = memc_passes::reversible::Rng::new(0x5eed);
     let mut feeds = HashMap::new();
     for &v in original.inputs() {
         let ValueDef::Input { name } = &original.value(v).def else {
@@ -196,19 +190,16 @@ fn start_deviation(original: &Graph, rev: &Graph) -> Result<Option<f64>> {
         let ty = &original.value(v).ty;
         let n = ty.numel();
         let t = if ty.dtype.is_float() {
-            let x: Vec<f64> = (0..n)
-                .map(|_| {
-                    let (u, w) = (next().max(1e-12), next());
-                    (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * w).cos()
-                })
-                .collect();
+            let x: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
             Tensor::from_f64(ty.dtype, ty.shape.clone(), &x)
         } else if ty.dtype == DType::Bool {
             Tensor::from_i64(ty.dtype, ty.shape.clone(), &vec![1; n])
         } else {
             match crate::train::vocab_size(original, name) {
                 Some(vocab) => {
-                    let ids: Vec<i64> = (0..n).map(|_| (next() * vocab as f64) as i64).collect();
+                    let ids: Vec<i64> = (0..n)
+                        .map(|_| (rng.uniform() * vocab as f64) as i64)
+                        .collect();
                     Tensor::from_i64(ty.dtype, ty.shape.clone(), &ids)
                 }
                 None => Tensor::from_i64(ty.dtype, ty.shape.clone(), &vec![1; n]),

@@ -152,21 +152,12 @@ pub fn parse_budget(text: &str) -> Result<memc_passes::remat::Budget> {
 
 /// Builds the training step into `g` (which holds the forward graph).
 pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
-    build_pipelined(g, args, None)
+    build_with(g, args, None, false)
 }
 
 /// [`build`], also splitting the layers into `chunks` pipeline chunks
-/// ([`memc_passes::partition`]).
-pub fn build_pipelined(
-    g: &mut Graph,
-    args: &TrainProgramArgs,
-    chunks: Option<usize>,
-) -> Result<TrainStats> {
-    build_with(g, args, chunks, false)
-}
-
-/// [`build_pipelined`], optionally also outputting every trained weight's gradient as
-/// `grad:<name>` (the pipelined runner's program, [`crate::pipe`]).
+/// ([`memc_passes::partition`]) and, with `grad_outputs`, outputting every trained weight's
+/// gradient as `grad:<name>` (the pipelined runner's program, [`crate::pipe`]).
 pub fn build_with(
     g: &mut Graph,
     args: &TrainProgramArgs,

@@ -1388,19 +1388,7 @@ fn pipelined_training_across_processes_matches_one_process() {
         };
         let port = free_ports(2);
         let children: Vec<_> = (0..2)
-            .map(|rank| {
-                Command::new(env!("CARGO_BIN_EXE_memc"))
-                    .args(&base)
-                    .env("RANK", rank.to_string())
-                    .env("LOCAL_RANK", rank.to_string())
-                    .env("WORLD_SIZE", "2")
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
+            .map(|rank| spawn_rank(&base, rank, 2, port))
             .collect();
         let mut lines = vec![];
         for c in children {
@@ -1425,29 +1413,21 @@ fn pipelined_training_across_processes_matches_one_process() {
     let children: Vec<_> = [(0, "1"), (1, "3")]
         .into_iter()
         .map(|(rank, steps)| {
-            Command::new(env!("CARGO_BIN_EXE_memc"))
-                .args([
-                    "train",
-                    s(&model),
-                    "--data",
-                    s(&data),
-                    "--shape",
-                    "input_ids=8x16",
-                    "--steps",
-                    steps,
-                    "--pipeline-stages",
-                    "2",
-                    "--microbatches",
-                    "4",
-                ])
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            let args = [
+                "train",
+                s(&model),
+                "--data",
+                s(&data),
+                "--shape",
+                "input_ids=8x16",
+                "--steps",
+                steps,
+                "--pipeline-stages",
+                "2",
+                "--microbatches",
+                "4",
+            ];
+            spawn_rank(&args, rank, 2, port)
         })
         .collect();
     let outs: Vec<_> = children
@@ -1512,4 +1492,25 @@ fn write_ids_8x16(path: &Path) {
         bytes.extend(x.to_le_bytes());
     }
     std::fs::write(path, bytes).unwrap();
+}
+
+/// `memc ARGS` as rank `rank` of `world` with torchrun's environment on the loopback, its
+/// stdout and stderr captured.
+fn spawn_rank<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    rank: usize,
+    world: usize,
+    port: u16,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_memc"))
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }

@@ -159,7 +159,7 @@ pub fn apply_reversible(g: &mut Graph, opts: &RevOptions) -> Result<RevStats, Re
         adapter_params: 0,
         post_norm,
     };
-    let mut rng = Rng(opts.seed ^ 0x6d65_6674);
+    let mut rng = Rng::new(opts.seed ^ 0x6d65_6674);
     let (lambda, beta, switch) = opts.variant.coefficients();
     let mut cx = Cx {
         g,
@@ -417,10 +417,16 @@ impl Cx<'_> {
     }
 }
 
-/// SplitMix64 with Box–Muller normals: deterministic adapter weights for a seed.
-struct Rng(u64);
+/// SplitMix64 with Box–Muller normals: deterministic adapter weights (and the driver's
+/// starting-point probe inputs) for a seed.
+pub struct Rng(u64);
 
 impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -429,11 +435,13 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn uniform(&mut self) -> f64 {
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
         ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
-    fn normal(&mut self) -> f64 {
+    /// Standard normal.
+    pub fn normal(&mut self) -> f64 {
         let (u, v) = (self.uniform(), self.uniform());
         (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
     }

@@ -98,10 +98,10 @@ fn run_case(c: &Case, rng: &mut Rng) {
         .reduce(ReduceKind::Sum, yw, (0..ys.len()).collect(), false)
         .unwrap();
     g.add_output("loss", loss);
-    // Blocks become their steps first, as in `build_training` (`residual` and `lm_head_ce`
-    // keep their own VJPs); lowering renumbers values, inputs first.
+    // Blocks become their steps first, as in `build_training` (`residual`, `rev_couple` and
+    // `lm_head_ce` keep their own VJPs); lowering renumbers values, inputs first.
     memc_passes::blocks::lower_blocks_where(&mut g, |op| {
-        !matches!(op, Op::Residual | Op::LmHeadCe { .. })
+        !matches!(op, Op::Residual | Op::RevCouple | Op::LmHeadCe { .. })
     })
     .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     let (loss, xs) = (g.outputs()[0].1, g.inputs().to_vec());
@@ -396,6 +396,14 @@ fn cases(r: &mut Rng) -> Vec<Case> {
         "Residual",
         vec![(vec![n, d], Any), (vec![n, d], Any)],
         |b, x| b.op(Op::Residual, &[x[0], x[1]]).unwrap(),
+    ));
+    v.push(case(
+        "RevCouple",
+        vec![(vec![n, d], Any), (vec![n, d], Any)],
+        |b, x| {
+            let s = b.scalar(b.dtype(x[0]), 0.1);
+            b.op(Op::RevCouple, &[x[0], x[1], s]).unwrap()
+        },
     ));
     v.push(case(
         "SwigluFfn",

@@ -8,11 +8,7 @@ use memc_tests::*;
 
 fn depth16() -> memc_ir::Graph {
     let path = root().join("examples/models/depth/llama-L16.onnx");
-    let opts = memc::onnx::ImportOptions {
-        shapes: HashMap::from([("input_ids".to_string(), vec![2, 32])]),
-    };
-    let mut g = memc::onnx::import(&path, &opts).unwrap();
-    memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+    let g = canonical_model(&path, &[2, 32]);
     g
 }
 
@@ -21,7 +17,7 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
     let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
     for chunks in [1, 2, 3, 4, 8, 16] {
         let mut g = depth16();
-        let stats = memc::train::build_pipelined(&mut g, &a, Some(chunks)).unwrap();
+        let stats = memc::train::build_with(&mut g, &a, Some(chunks), false).unwrap();
         let part = stats.partition.unwrap();
         assert_eq!(part.layers, 16);
         assert_eq!(part.chunks.len(), chunks);
@@ -62,7 +58,7 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
     let mut b = a.clone();
     b.dtype = memc::train::DtypeArg::Bf16;
     let mut g = depth16();
-    let part = memc::train::build_pipelined(&mut g, &b, Some(4))
+    let part = memc::train::build_with(&mut g, &b, Some(4), false)
         .unwrap()
         .partition
         .unwrap();
@@ -78,11 +74,7 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
     // weight casts are computed by each pass that reads them, their VJPs go with their
     // chunk). Under 1F1B those sums run in backward passes too.
     let path = root().join("examples/models/depth/llama-L4.onnx");
-    let opts = memc::onnx::ImportOptions {
-        shapes: HashMap::from([("input_ids".to_string(), vec![1, 16])]),
-    };
-    let mut g4 = memc::onnx::import(&path, &opts).unwrap();
-    memc_passes::canonicalize::canonicalize(&mut g4, &Default::default()).unwrap();
+    let g4 = canonical_model(&path, &[1, 16]);
     let (program, _) =
         memc::pipe::pipelined_program(g4, &b, memc_passes::pipeline::ScheduleKind::OneFOneB, 2)
             .unwrap();
@@ -91,7 +83,7 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
             .unwrap();
     assert_eq!(memc::pipe::late_node_count(&program, &schedule), 0);
     let mut g = depth16();
-    let err = memc::train::build_pipelined(&mut g, &a, Some(17)).unwrap_err();
+    let err = memc::train::build_with(&mut g, &a, Some(17), false).unwrap_err();
     assert!(
         format!("{err:#}").contains("cannot split 16 layers into 17"),
         "{err:#}"
@@ -100,11 +92,7 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
 
 /// The full-batch program's loss and gradients (reference interpreter).
 fn full_batch(path: &std::path::Path, ids: &memc_ir::Tensor) -> (f64, HashMap<String, Vec<f64>>) {
-    let opts = memc::onnx::ImportOptions {
-        shapes: HashMap::from([("input_ids".to_string(), ids.shape().to_vec())]),
-    };
-    let mut g = memc::onnx::import(path, &opts).unwrap();
-    memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+    let mut g = canonical_model(path, ids.shape());
     let mut a = train_args(OptimizerArg::Sgd, 0.0, None, RematArg::None);
     a.trainable = None;
     memc::train::build_with(&mut g, &a, None, true).unwrap();
@@ -183,11 +171,7 @@ fn check_pipelined(path: &std::path::Path, schedules: &[&str], vocab: i64) {
     let a = train_args(OptimizerArg::Sgd, 0.0, None, RematArg::Auto);
     for &name in schedules {
         let kind = ScheduleKind::parse(name).unwrap();
-        let opts = memc::onnx::ImportOptions {
-            shapes: HashMap::from([("input_ids".to_string(), vec![rows, seq])]),
-        };
-        let mut g = memc::onnx::import(path, &opts).unwrap();
-        memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+        let g = canonical_model(path, &[rows, seq]);
         let (program, part) = memc::pipe::pipelined_program(g, &a, kind, 2).unwrap();
         let schedule = generate(kind, 2, m).unwrap();
         let got = memc::pipe::run_step(&program, &schedule, &feeds).unwrap();

@@ -172,11 +172,7 @@ fn gradients_by_reconstruction_equal_stored_activations_on_every_example() {
 /// `scripts/gen-big-llama.py --hidden 32 --heads 4 --kv-heads 2 --ffn 64 --vocab 128`).
 fn depth_model(layers: usize, rev: Option<Variant>) -> Graph {
     let path = root().join(format!("examples/models/depth/llama-L{layers}.onnx"));
-    let opts = memc::onnx::ImportOptions {
-        shapes: HashMap::from([("input_ids".to_string(), vec![4, 32])]),
-    };
-    let mut g = memc::onnx::import(&path, &opts).unwrap();
-    memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+    let mut g = canonical_model(&path, &[4, 32]);
     if let Some(variant) = rev {
         apply_reversible(
             &mut g,
@@ -338,12 +334,8 @@ fn the_drift_check_measures_each_layer() {
 #[test]
 fn reversible_rewrite_snapshots() {
     let path = root().join("examples/models/depth/llama-L2.onnx");
-    let opts = memc::onnx::ImportOptions {
-        shapes: HashMap::from([("input_ids".to_string(), vec![1, 8])]),
-    };
     for variant in VARIANTS {
-        let mut g = memc::onnx::import(&path, &opts).unwrap();
-        memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+        let mut g = canonical_model(&path, &[1, 8]);
         let stats = apply_reversible(
             &mut g,
             &RevOptions {
