@@ -740,10 +740,13 @@ impl Slots {
                     need(d[s][k][j - 1]);
                 }
                 let from = after.map_or(0, |a| a + 1);
-                for slot in from..t {
-                    if taken[s][slot] {
-                        continue;
-                    }
+                for (slot, _) in taken[s]
+                    .iter()
+                    .enumerate()
+                    .take(t)
+                    .skip(from)
+                    .filter(|x| !x.1)
+                {
                     self.t[s][k][j] = slot;
                     if Self::memory(&self.t[s]) <= limit {
                         break;

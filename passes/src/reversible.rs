@@ -237,7 +237,7 @@ fn sub_blocks(g: &Graph) -> Result<(Vec<SubBlock>, bool), String> {
         .map(|i| NodeId(i as u32))
         .filter(|&n| g.node(n).phase == Phase::Forward && g.node(n).op == Op::Residual)
         .collect();
-    if residuals.len() < 2 || residuals.len() % 2 != 0 {
+    if residuals.len() < 2 || !residuals.len().is_multiple_of(2) {
         return Err(format!(
             "found {} `residual` nodes, not two per layer",
             residuals.len()
