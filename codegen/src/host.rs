@@ -169,6 +169,7 @@ impl HostProgram {
             consts: vec![],
             training: None,
             device: None,
+            pipeline: None,
             blob: vec![],
         };
         for &v in g.inputs() {
@@ -234,6 +235,57 @@ impl HostProgram {
         })
     }
 
+    /// Puts the kernels of `parts` (programs compiled on their own, such as a pipelined
+    /// step's passes) in one table under `top`: kernels equal up to their names are kept once
+    /// (renamed `memc_k{n}` in the table's order), each part's steps point into the table and
+    /// its constants move to `top`'s blob. Returns `top` with every kernel and each part's
+    /// program (its kernel list empty) with its constants' byte range in `top.blob`, for
+    /// [`memc_runtime::program::SubProgram`].
+    pub fn combine(
+        mut top: Program,
+        parts: Vec<HostProgram>,
+    ) -> (HostProgram, Vec<(Program, [u64; 2])>) {
+        let mut lowered: Vec<(String, String)> = vec![];
+        let mut mlir: Vec<String> = vec![];
+        let mut seen: HashMap<String, u32> = HashMap::new();
+        let mut out = Vec::with_capacity(parts.len());
+        for part in parts {
+            let mut remap = Vec::with_capacity(part.lowered.len());
+            for ((name, ir), m) in part.lowered.iter().zip(&part.mlir) {
+                // The kernel's symbols: its entry and helpers such as `@NAME_body`.
+                let key = rename_symbols(ir, name, "K");
+                let k = *seen.entry(key.clone()).or_insert_with(|| {
+                    let fresh = format!("memc_k{}", lowered.len());
+                    lowered.push((fresh.clone(), rename_symbols(&key, "K", &fresh)));
+                    mlir.push(rename_symbols(m, name, &fresh));
+                    lowered.len() as u32 - 1
+                });
+                remap.push(k);
+            }
+            let mut p = part.program;
+            for step in &mut p.steps {
+                if let Step::Kernel { kernel, .. } = step {
+                    *kernel = remap[*kernel as usize];
+                }
+            }
+            p.kernels.clear();
+            top.blob.resize(top.blob.len().next_multiple_of(8), 0);
+            let start = top.blob.len() as u64;
+            top.blob.extend_from_slice(&p.blob);
+            p.blob.clear();
+            out.push((p, [start, top.blob.len() as u64]));
+        }
+        top.kernels = lowered.iter().map(|(n, _)| n.clone()).collect();
+        (
+            HostProgram {
+                program: top,
+                lowered,
+                mlir,
+            },
+            out,
+        )
+    }
+
     /// Number of steps (generated kernels and GEMMs).
     pub fn kernel_count(&self) -> usize {
         self.program.steps.len()
@@ -292,5 +344,37 @@ impl HostProgram {
     /// entry points, for [`memc_runtime::cpu::Cpu::new`].
     pub fn with_kernels<R>(&self, f: impl FnOnce(&[KernelFn]) -> R) -> Result<R, KernelError> {
         with_host_kernels(&self.lowered, f)
+    }
+}
+
+/// `text` with every symbol `@from` (or `@from_...`, not `@from7`) renamed to `@to`.
+fn rename_symbols(text: &str, from: &str, to: &str) -> String {
+    let pat = format!("@{from}");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(&pat) {
+        let after = &rest[i + pat.len()..];
+        out.push_str(&rest[..i]);
+        if after.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            out.push_str(&pat);
+        } else {
+            out.push('@');
+            out.push_str(to);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rename_symbols_renames_a_kernel_and_its_helpers_only() {
+        let ir = "define void @memc_k1(ptr %0) { call @memc_k1_body() call @memc_k12() }";
+        assert_eq!(
+            super::rename_symbols(ir, "memc_k1", "memc_k7"),
+            "define void @memc_k7(ptr %0) { call @memc_k7_body() call @memc_k12() }"
+        );
     }
 }

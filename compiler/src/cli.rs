@@ -541,7 +541,15 @@ fn compile(args: CompileArgs) -> Result<()> {
         ),
         _ => {}
     }
-    if let Some(out) = &args.out {
+    if let (Some(out), Some((kind, _))) = (&args.out, pipe) {
+        if args.target != TargetArg::Cpu {
+            bail!("{model}: pipelined steps run on the cpu backend for now (--target cpu)");
+        }
+        let shapes = shapes(&args.model)?;
+        timer
+            .time("emit", || emit_pipelined(&args, kind, shapes, out, &model))
+            .map_err(|e| anyhow!("{e:#}"))?;
+    } else if let Some(out) = &args.out {
         timer
             .time("emit", || {
                 emit_executable(
@@ -709,6 +717,88 @@ fn emit_executable(
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `-o OUT --pipeline-stages P`: the pipelined step ([`crate::pipe::host_pipeline`]) as an
+/// executable, and OUT.safetensors.
+#[cfg(feature = "codegen")]
+fn emit_pipelined(
+    args: &CompileArgs,
+    kind: memc_passes::pipeline::ScheduleKind,
+    shapes: HashMap<String, Vec<usize>>,
+    out: &Path,
+    model: &str,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let stages = args.pipeline.pipeline_stages.expect("checked");
+    let m = args.pipeline.microbatches.unwrap_or(2 * stages);
+    let (shapes, rows, _) = micro_shapes(shapes, m, model)?;
+    let mut timer = Timer {
+        enabled: false,
+        phases: vec![],
+    };
+    let (g, _) = import(&args.model, shapes, &mut timer, None)?;
+    let (program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
+        .map_err(|e| anyhow!("{model}: {e:#}"))?;
+    let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
+    let host = crate::pipe::host_pipeline(&program, &schedule, &args.training, rows, model)?;
+    let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
+    let emitted = memc_codegen::link::emit_executable(&host, out, &lib)?;
+    let mut weights = out.as_os_str().to_owned();
+    weights.push(".safetensors");
+    let weights = PathBuf::from(weights);
+    let weight_bytes = crate::train::write_weights(&program, &host.program, &weights)?;
+    let pl = host.program.pipeline.as_ref().expect("a pipeline");
+    eprintln!(
+        "wrote {} ({} bytes: {} pass programs of a {} schedule on {stages} stages, {m} microbatches, {} generated kernels, {}-byte program) and {} ({weight_bytes} bytes of weights) in {:.1} s",
+        out.display(),
+        emitted.exe_bytes,
+        pl.passes.len(),
+        kind.name(),
+        emitted.kernels,
+        emitted.program_bytes,
+        weights.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "codegen"))]
+fn emit_pipelined(
+    _: &CompileArgs,
+    _: memc_passes::pipeline::ScheduleKind,
+    _: HashMap<String, Vec<usize>>,
+    _: &Path,
+    _: &str,
+) -> Result<()> {
+    bail!("-o: this memc was built without the `codegen` feature")
+}
+
+/// The token input's shape cut into `m` microbatches of rows: the shapes to import the
+/// microbatch program with, the batch's rows and the token input's name.
+fn micro_shapes(
+    mut shapes: HashMap<String, Vec<usize>>,
+    m: usize,
+    model: &str,
+) -> Result<(HashMap<String, Vec<usize>>, usize, String)> {
+    let (name, dims) = match shapes.get("input_ids") {
+        Some(d) => ("input_ids".to_string(), d.clone()),
+        None if shapes.len() == 1 => shapes
+            .iter()
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .next()
+            .unwrap(),
+        None => bail!("{model}: pass --shape NAME=BxS for the token input"),
+    };
+    if dims.len() != 2 {
+        bail!("{model}: the token input `{name}` must be [batch, seq], got {dims:?}");
+    }
+    let (rows, seq) = (dims[0], dims[1]);
+    if m == 0 || rows % m != 0 {
+        bail!("--microbatches {m} does not divide the batch of {rows} rows (--shape {name}={rows}x{seq})");
+    }
+    shapes.insert(name.clone(), vec![rows / m, seq]);
+    Ok((shapes, rows, name))
 }
 
 #[cfg(not(feature = "codegen"))]
@@ -951,9 +1041,6 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         phases: vec![],
     };
     if let Some((kind, _)) = args.pipeline.chunks()? {
-        if args.backend != Backend::Ref {
-            bail!("--pipeline-stages runs on the reference backend (--backend ref) for now");
-        }
         return train_pipelined(&args, kind, shapes, &mut data, &mut timer, &model);
     }
     let (mut g, _) = import(&args.model, shapes, &mut timer, None)?;
@@ -1033,30 +1120,15 @@ fn sanitize(name: &str) -> String {
 fn train_pipelined(
     args: &TrainCmdArgs,
     kind: memc_passes::pipeline::ScheduleKind,
-    mut shapes: HashMap<String, Vec<usize>>,
+    shapes: HashMap<String, Vec<usize>>,
     data: &mut crate::train::Batches,
     timer: &mut Timer,
     model: &str,
 ) -> Result<()> {
     let stages = args.pipeline.pipeline_stages.expect("checked");
     let m = args.pipeline.microbatches.unwrap_or(2 * stages);
-    let (name, dims) = match shapes.get("input_ids") {
-        Some(d) => ("input_ids".to_string(), d.clone()),
-        None if shapes.len() == 1 => shapes
-            .iter()
-            .map(|(n, d)| (n.clone(), d.clone()))
-            .next()
-            .unwrap(),
-        None => bail!("{model}: pass --shape NAME=BxS for the token input"),
-    };
-    if dims.len() != 2 {
-        bail!("{model}: the token input `{name}` must be [batch, seq], got {dims:?}");
-    }
-    let (rows, seq) = (dims[0], dims[1]);
-    if m == 0 || rows % m != 0 {
-        bail!("--microbatches {m} does not divide the batch of {rows} rows (--shape {name}={rows}x{seq})");
-    }
-    shapes.insert(name.clone(), vec![rows / m, seq]);
+    let (shapes, rows, name) = micro_shapes(shapes, m, model)?;
+    let seq = shapes[&name][1];
     let (g, _) = import(&args.model, shapes, timer, None)?;
     let (mut program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
@@ -1074,6 +1146,9 @@ fn train_pipelined(
     let wd = args
         .weight_decay
         .unwrap_or(crate::train::default_weight_decay(args.training.optimizer));
+    if args.backend == Backend::Cpu {
+        return train_pipelined_host(args, &mut program, &schedule, rows, wd, data, model);
+    }
     let scalar = |v: f64| Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
     // One process per stage (torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): this
     // process runs its device's passes and exchanges values with the others over TCP.
@@ -1171,6 +1246,62 @@ fn train_pipelined(
         ex.abort();
     }
     result
+}
+
+/// `memc train --backend cpu --pipeline-stages`: the pipelined step compiled as an emitted
+/// executable would run it ([`crate::pipe::host_pipeline`]), through the runtime's training
+/// loop (one thread per device).
+#[cfg(feature = "codegen")]
+fn train_pipelined_host(
+    args: &TrainCmdArgs,
+    program: &mut Graph,
+    schedule: &memc_passes::pipeline::Schedule,
+    rows: usize,
+    weight_decay: f64,
+    data: &mut crate::train::Batches,
+    model: &str,
+) -> Result<()> {
+    if crate::pipe::RankEnv::from_env()?.is_some() {
+        bail!("one process per stage (RANK, WORLD_SIZE) runs on the reference backend for now (--backend ref)");
+    }
+    let t0 = Instant::now();
+    let host = crate::pipe::host_pipeline(program, schedule, &args.training, rows, model)?;
+    let pl = host.program.pipeline.as_ref().expect("a pipeline");
+    eprintln!(
+        "compiled {} pass programs and the optimizer ({} kernels) for the host in {:.1} s",
+        pl.passes.len(),
+        host.program.kernels.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let opts = crate::train::LoopOptions {
+        steps: args.steps,
+        lr: args.lr,
+        weight_decay,
+        peak_bytes: None,
+        rev_drift_threshold: None,
+    };
+    crate::train::run_program(
+        program,
+        &host,
+        data,
+        &args.data.display().to_string(),
+        &opts,
+        model,
+    )?;
+    Ok(())
+}
+
+#[cfg(not(feature = "codegen"))]
+fn train_pipelined_host(
+    _: &TrainCmdArgs,
+    _: &mut Graph,
+    _: &memc_passes::pipeline::Schedule,
+    _: usize,
+    _: f64,
+    _: &mut crate::train::Batches,
+    _: &str,
+) -> Result<()> {
+    bail!("--backend cpu: this memc was built without the `codegen` feature")
 }
 
 fn opt(args: OptArgs) -> Result<()> {

@@ -1167,3 +1167,311 @@ impl Exchange for TcpExchange {
         *self.local.producers.lock().unwrap() = producers;
     }
 }
+
+/// The exchange name of value `v` in pass programs (`x.N`).
+fn key(v: memc_ir::ValueId) -> String {
+    format!("x.{}", v.0)
+}
+
+/// The sub-graph of `g` made of `nodes` (in order): operands computed by nodes outside it
+/// become inputs named [`key`], model inputs keep their names, weights and optimizer state
+/// become data-less params of the same name (their values come from the step at run time),
+/// constants keep their data; `outputs` are named by [`key`]; `updates` (of `g`) whose
+/// values it computes are kept.
+fn extract(
+    g: &memc_ir::Graph,
+    nodes: &[memc_ir::NodeId],
+    outputs: &[memc_ir::ValueId],
+) -> memc_ir::Graph {
+    use memc_ir::{Graph, ParamRole, ValueDef, ValueId};
+    use std::collections::HashMap;
+    let mut sub = Graph::new();
+    let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+    let operand = |sub: &mut Graph, map: &mut HashMap<ValueId, ValueId>, v: ValueId| -> ValueId {
+        if let Some(&m) = map.get(&v) {
+            return m;
+        }
+        let val = g.value(v);
+        let new = match &val.def {
+            ValueDef::Input { name } => sub.add_input(name.clone(), val.ty.clone()),
+            ValueDef::Param { name, role, data } => sub.add_param(
+                name.clone(),
+                *role,
+                val.ty.clone(),
+                if *role == ParamRole::Constant {
+                    data.clone()
+                } else {
+                    None
+                },
+            ),
+            ValueDef::Const(t) => sub.add_const(t.clone()),
+            ValueDef::Node { .. } => sub.add_input(key(v), val.ty.clone()),
+        };
+        map.insert(v, new);
+        new
+    };
+    for &n in nodes {
+        let node = g.node(n);
+        let ins: Vec<ValueId> = node.inputs.iter().map(|&v| operand(&mut sub, &mut map, v)).collect();
+        let tys = node.outputs.iter().map(|&o| g.value(o).ty.clone()).collect();
+        let outs = sub.add_node_typed(node.op.clone(), &ins, tys, node.name.clone());
+        let id = memc_ir::NodeId(sub.nodes().len() as u32 - 1);
+        sub.set_phase(id, node.phase);
+        for (&o, new) in node.outputs.iter().zip(outs) {
+            map.insert(o, new);
+        }
+    }
+    for &v in outputs {
+        let m = operand(&mut sub, &mut map, v);
+        sub.add_output(key(v), m);
+    }
+    for &(p, v) in g.updates() {
+        if let (Some(&pm), Some(&vm)) = (map.get(&p), map.get(&v)) {
+            sub.add_update(pm, vm);
+        }
+    }
+    sub
+}
+
+/// A pipelined training step compiled for the cpu backend (`memc compile --train
+/// --pipeline-stages ... -o`, `memc train --backend cpu --pipeline-stages`): `g` is the
+/// microbatch program ([`pipelined_program`]), cut into the schedule's passes as the
+/// reference runner cuts it; each pass becomes a program of its own (planned, fused,
+/// generated), the optimizer (with any gradient sum over chunks) another, run on the
+/// microbatch averages; the step's program holds the whole batch's inputs (`rows` rows of
+/// the token input), the loss, every weight and optimizer state, and the pipeline
+/// ([`memc_runtime::program::Pipeline`]). Its kernels are shared by every pass.
+#[cfg(feature = "codegen")]
+pub fn host_pipeline(
+    g: &memc_ir::Graph,
+    schedule: &Schedule,
+    args: &crate::train::TrainProgramArgs,
+    rows: usize,
+    model: &str,
+) -> Result<memc_codegen::host::HostProgram> {
+    use memc_ir::{NodeId, Phase, ValueDef, ValueId};
+    use memc_runtime::program::{Param, Pipeline, Program, Slot, SubProgram};
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    let plan = plan_passes(g, schedule);
+    let mut keys: Vec<(Kind, usize)> = plan.passes.keys().copied().collect();
+    keys.sort();
+    let index: HashMap<(Kind, usize), usize> =
+        keys.iter().enumerate().map(|(i, &k)| (k, i)).collect();
+    let label = |(k, c): (Kind, usize)| {
+        format!(
+            "{}{c}",
+            match k {
+                Kind::F => "F",
+                Kind::B => "B",
+                Kind::W => "W",
+            }
+        )
+    };
+    let verify = |sub: &memc_ir::Graph, what: &str| -> Result<()> {
+        memc_ir::verify(sub).map_err(|e| anyhow!("{model}: pipelined pass {what}: {e}"))
+    };
+    // The passes.
+    let mut readers: BTreeMap<String, u32> = BTreeMap::new();
+    let mut published: HashSet<ValueId> = HashSet::new();
+    let mut parts = vec![];
+    let mut subs: Vec<(String, u32)> = vec![];
+    for &k in &keys {
+        let pn = &plan.passes[&k];
+        let sub = extract(g, &pn.nodes, &pn.publish);
+        verify(&sub, &label(k))?;
+        for &v in &pn.external {
+            *readers.entry(key(v)).or_default() += 1;
+        }
+        published.extend(pn.publish.iter().copied());
+        parts.push(
+            crate::train::host_program(&sub, model, None)
+                .map_err(|e| anyhow!("{model}: pass {}: {e:#}", label(k)))?,
+        );
+        subs.push((label(k), schedule.device_of(k.1) as u32));
+    }
+    // The optimizer, after the gradient sums that read several chunks' weight gradients.
+    let updates: Vec<NodeId> = (0..g.nodes().len() as u32)
+        .map(NodeId)
+        .filter(|&n| g.node(n).phase == Phase::Update)
+        .collect();
+    // Nodes reading several chunks' weight gradients (a tied weight's gradient sum): run per
+    // microbatch after the passes; what the optimizer reads from them is averaged.
+    let late = if plan.late.is_empty() {
+        None
+    } else {
+        let inside: HashSet<ValueId> = plan
+            .late
+            .iter()
+            .flat_map(|&n| g.node(n).outputs.iter().copied())
+            .collect();
+        let mut outs: Vec<ValueId> = vec![];
+        for &n in &updates {
+            for &v in &g.node(n).inputs {
+                if inside.contains(&v) && !outs.contains(&v) {
+                    outs.push(v);
+                }
+            }
+        }
+        let sub = extract(g, &plan.late, &outs);
+        verify(&sub, "late")?;
+        for &v in sub.inputs() {
+            if let ValueDef::Input { name } = &sub.value(v).def {
+                if name.starts_with("x.") {
+                    *readers.entry(name.clone()).or_default() += 1;
+                }
+            }
+        }
+        published.extend(outs.iter().copied());
+        Some(
+            crate::train::host_program(&sub, model, None)
+                .map_err(|e| anyhow!("{model}: the gradient sums: {e:#}"))?,
+        )
+    };
+    let update = extract(g, &updates, &[]);
+    verify(&update, "update")?;
+    let loss_v = g
+        .outputs()
+        .first()
+        .map(|&(_, v)| v)
+        .ok_or_else(|| anyhow!("{model}: the training program has no loss"))?;
+    let mut averaged = vec![key(loss_v)];
+    for &v in update.inputs() {
+        if let ValueDef::Input { name } = &update.value(v).def {
+            if name.starts_with("x.") {
+                averaged.push(name.clone());
+            }
+        }
+    }
+    for a in &averaged {
+        let v = ValueId(a[2..].parse().expect("x.N"));
+        if !published.contains(&v) {
+            bail!("{model}: no pass outputs `{a}`, which the optimizer reads (a memc bug)");
+        }
+    }
+    let has_late = late.is_some();
+    parts.extend(late);
+    parts.push(
+        crate::train::host_program(&update, model, None)
+            .map_err(|e| anyhow!("{model}: the optimizer: {e:#}"))?,
+    );
+    // The step's interface: the whole batch, the loss, every weight and optimizer state.
+    let training = crate::train::training_info(g, args, model)?;
+    let mut offset = 0u64;
+    let mut place = |name: &str, dtype, shape: Vec<usize>| {
+        let s = Slot {
+            name: name.to_string(),
+            dtype,
+            shape,
+            offset,
+        };
+        offset = (offset + s.bytes()).next_multiple_of(256);
+        s
+    };
+    let mut inputs = vec![];
+    let mut seen = HashSet::new();
+    for p in &parts {
+        for s in &p.program.inputs {
+            if s.name.starts_with("x.") || !seen.insert(s.name.clone()) {
+                continue;
+            }
+            let mut shape = s.shape.clone();
+            if s.name == training.data_input {
+                shape[0] = rows;
+            } else if !s.name.starts_with("memc.") {
+                bail!(
+                    "{model}: a pipelined step feeds only token ids; the model also takes `{}`",
+                    s.name
+                );
+            }
+            inputs.push(place(&s.name, s.dtype, shape));
+        }
+    }
+    let loss_ty = &g.value(loss_v).ty;
+    let outputs = vec![place(
+        &training.loss_output,
+        memc_codegen::host::dtype(loss_ty.dtype),
+        loss_ty.shape.clone(),
+    )];
+    let mut params = vec![];
+    let mut seen = HashSet::new();
+    for p in &parts {
+        for q in &p.program.params {
+            if seen.insert(q.slot.name.clone()) {
+                params.push(Param {
+                    slot: place(&q.slot.name, q.slot.dtype, q.slot.shape.clone()),
+                    role: q.role,
+                });
+            }
+        }
+    }
+    let top = Program {
+        model: model.to_string(),
+        arena_bytes: offset,
+        kernels: vec![],
+        steps: vec![],
+        inputs,
+        outputs,
+        params,
+        consts: vec![],
+        training: Some(training),
+        device: None,
+        pipeline: None,
+        blob: vec![],
+    };
+    let (mut host, programs) = memc_codegen::host::HostProgram::combine(top, parts);
+    let mut programs = programs.into_iter();
+    let passes: Vec<SubProgram> = subs
+        .into_iter()
+        .zip(programs.by_ref())
+        .map(|((label, device), (program, blob))| SubProgram {
+            label,
+            device,
+            program,
+            blob,
+        })
+        .collect();
+    let late = has_late.then(|| {
+        let (program, blob) = programs.next().expect("the gradient sums");
+        SubProgram {
+            label: "late".into(),
+            device: 0,
+            program,
+            blob,
+        }
+    });
+    let (program, blob) = programs.next().expect("the optimizer");
+    let order = schedule
+        .devices
+        .iter()
+        .map(|d| {
+            d.iter()
+                .filter_map(|p| {
+                    index
+                        .get(&(p.kind, p.chunk))
+                        .map(|&i| (i as u32, p.mb as u32))
+                })
+                .collect()
+        })
+        .collect();
+    host.program.pipeline = Some(Box::new(Pipeline {
+        schedule: schedule.kind.name().to_string(),
+        stages: schedule.stages as u32,
+        microbatches: schedule.microbatches as u32,
+        passes,
+        order,
+        late,
+        update: SubProgram {
+            label: "update".into(),
+            device: 0,
+            program,
+            blob,
+        },
+        averaged,
+        loss: key(loss_v),
+        readers: readers.into_iter().collect(),
+    }));
+    host.program
+        .validate()
+        .map_err(|e| anyhow!("{model}: {e}"))?;
+    Ok(host)
+}

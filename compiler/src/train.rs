@@ -586,14 +586,15 @@ fn param_data(g: &Graph) -> HashMap<&str, &Tensor> {
 fn load_params(
     g: &Graph,
     program: &memc_runtime::program::Program,
-    cpu: &mut memc_runtime::cpu::Cpu,
-) {
+    backend: &mut dyn memc_runtime::Backend,
+) -> Result<()> {
     let data = param_data(g);
     for p in &program.params {
         if let Some(t) = data.get(p.slot.name.as_str()) {
-            cpu.arena_mut().set(&p.slot, t.bytes());
+            backend.set(&p.slot, t.bytes())?;
         }
     }
+    Ok(())
 }
 
 /// Writes `g`'s weights as the safetensors file an emitted executable reads.
@@ -668,12 +669,19 @@ pub fn run_program(
     };
     let (losses, trained) = host
         .with_kernels(|kernels| -> Result<(Vec<f64>, Vec<(String, Vec<u8>)>)> {
-            let mut cpu = memc_runtime::cpu::Cpu::new(program, kernels);
-            assert_eq!(cpu.arena().bytes() as u64, program.arena_bytes);
-            load_params(g, program, &mut cpu);
+            // A pipelined step runs its passes on one thread per device.
+            let mut cpu: Box<dyn memc_runtime::Backend> = match &program.pipeline {
+                Some(_) => Box::new(memc_runtime::pipeline::PipelineCpu::new(program, kernels)?),
+                None => {
+                    let cpu = memc_runtime::cpu::Cpu::new(program, kernels);
+                    assert_eq!(cpu.arena().bytes() as u64, program.arena_bytes);
+                    Box::new(cpu)
+                }
+            };
+            load_params(g, program, cpu.as_mut())?;
             let losses = memc_runtime::session::train(
                 program,
-                &mut cpu,
+                cpu.as_mut(),
                 &mut data.0,
                 data_path,
                 &[],
@@ -686,8 +694,8 @@ pub fn run_program(
             let trained = program
                 .params
                 .iter()
-                .map(|p| (p.slot.name.clone(), cpu.arena().get(&p.slot).to_vec()))
-                .collect();
+                .map(|p| Ok((p.slot.name.clone(), cpu.get(&p.slot)?)))
+                .collect::<Result<_>>()?;
             Ok((losses, trained))
         })
         .map_err(|e| anyhow!("{model}: {e}"))??;
@@ -721,7 +729,7 @@ pub fn eval_host(
     let program = &host.program;
     let out = host.with_kernels(|kernels| -> Result<Vec<(String, Tensor)>> {
         let mut cpu = memc_runtime::cpu::Cpu::new(program, kernels);
-        load_params(g, program, &mut cpu);
+        load_params(g, program, &mut cpu)?;
         for s in &program.inputs {
             let t = feeds
                 .get(&s.name)

@@ -21,6 +21,12 @@ pub struct Arena {
     bytes: usize,
 }
 
+// SAFETY: an arena owns its allocation; `get` reads through `&self` and `set` writes through
+// `&mut self`, so sharing `&Arena` between threads only reads, and moving it moves the
+// allocation.
+unsafe impl Send for Arena {}
+unsafe impl Sync for Arena {}
+
 impl Arena {
     /// Allocates `bytes` (at least one byte is reserved so the pointer is valid).
     pub fn new(bytes: u64) -> Arena {
@@ -92,6 +98,10 @@ pub struct Cpu {
     labels: Vec<String>,
     profile: Option<HashMap<String, (f64, usize)>>,
 }
+
+// SAFETY: a `Cpu`'s step pointers point into its own arena (moved with it) and its kernels
+// are plain functions keeping no state; it runs only through `&mut self`.
+unsafe impl Send for Cpu {}
 
 impl Cpu {
     /// Allocates the arena, writes the constants and binds every step to its kernel

@@ -212,6 +212,79 @@ pub struct Training {
     pub drift_threshold: Option<f64>,
 }
 
+/// A pipelined training step (`memc compile --train --pipeline-stages`): the step's batch is
+/// cut into microbatches, and each pass of the schedule (a chunk's forward `F`, input-gradient
+/// `B` or weight-gradient `W` for one microbatch) runs its own program on the device the
+/// schedule gives it ([`crate::pipeline::PipelineCpu`]: one thread per device).
+///
+/// The enclosing [`Program`] is the step's interface: the whole batch's inputs, the loss, and
+/// every weight and optimizer state (its arena holds only those); it has no steps of its own.
+/// Sub-programs name the values they exchange `x.N`: a pass's inputs are the microbatch's
+/// slice of the model inputs (by name) and `x.N` values other passes output; `averaged`
+/// values (the loss, weight gradients) are summed over the microbatches, divided by their
+/// number and fed to `update` (the optimizer, and gradient sums over chunks of a weight read
+/// by several), whose inputs are those and the step's scalars (`memc.lr`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pipeline {
+    /// The schedule's name (`1f1b`, `v-half`, ...).
+    pub schedule: String,
+    /// Devices (pipeline stages).
+    pub stages: u32,
+    /// Microbatches per step.
+    pub microbatches: u32,
+    /// The pass programs.
+    pub passes: Vec<SubProgram>,
+    /// Each device's passes in the schedule's order: (index in `passes`, microbatch).
+    pub order: Vec<Vec<(u32, u32)>>,
+    /// Nodes that read several chunks' weight gradients (a tied embedding's gradient sum),
+    /// run once per microbatch after the passes, like a pass whose outputs are averaged.
+    #[serde(default)]
+    pub late: Option<SubProgram>,
+    /// The optimizer program, run once per step after the passes.
+    pub update: SubProgram,
+    /// Values averaged over the microbatches (outputs of passes, inputs of `update`).
+    pub averaged: Vec<String>,
+    /// The averaged value that is the loss.
+    pub loss: String,
+    /// For each value passes hand to each other, how many passes read it per microbatch
+    /// (it is freed after the last).
+    pub readers: Vec<(String, u32)>,
+}
+
+/// A program inside a [`Pipeline`]: its kernel indices refer to the enclosing program's
+/// kernels, its constants to `blob` (a range of the enclosing program's blob).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubProgram {
+    /// `F3`, `B3`, `W3` (pass of chunk 3) or `update`.
+    pub label: String,
+    /// The device running it.
+    pub device: u32,
+    /// The program (its `kernels` and `blob` are empty; see [`SubProgram::resolve`]).
+    pub program: Program,
+    /// Its constants' byte range in the enclosing program's blob.
+    pub blob: [u64; 2],
+}
+
+impl SubProgram {
+    /// The program with its kernel names and constants filled in from `outer`.
+    pub fn resolve(&self, outer: &Program) -> Result<Program, ProgramError> {
+        let [start, end] = self.blob;
+        let blob = outer
+            .blob
+            .get(start as usize..end as usize)
+            .filter(|_| start <= end)
+            .ok_or_else(|| {
+                ProgramError::Corrupt(format!("pass `{}`'s constants lie outside the blob", self.label))
+            })?;
+        let mut p = self.program.clone();
+        p.kernels = outer.kernels.clone();
+        p.blob = blob.to_vec();
+        p.validate()
+            .map_err(|e| ProgramError::Corrupt(format!("pass `{}`: {e}", self.label)))?;
+        Ok(p)
+    }
+}
+
 /// A compiled program.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Program {
@@ -236,6 +309,9 @@ pub struct Program {
     /// Device code, when compiled for the cuda backend.
     #[serde(default)]
     pub device: Option<Device>,
+    /// A pipelined training step's passes (then `steps` is empty).
+    #[serde(default)]
+    pub pipeline: Option<Box<Pipeline>>,
     /// The constants' bytes (serialised after the JSON).
     #[serde(skip)]
     pub blob: Vec<u8>,
@@ -402,6 +478,18 @@ impl Program {
                 }
             }
         }
+        if let Some(pl) = &self.pipeline {
+            let passes = pl.passes.len();
+            if pl.order.len() != pl.stages as usize
+                || pl.order.iter().flatten().any(|&(k, _)| k as usize >= passes)
+                || pl.order.iter().flatten().any(|&(_, mb)| mb >= pl.microbatches)
+            {
+                return bad("the pipeline's order names a missing pass or microbatch".into());
+            }
+            for sub in pl.passes.iter().chain(&pl.late).chain(std::iter::once(&pl.update)) {
+                sub.resolve(self)?;
+            }
+        }
         if let Some(t) = &self.training {
             let names = [
                 Some(&t.data_input),
@@ -503,6 +591,7 @@ mod tests {
             }],
             training: None,
             device: None,
+            pipeline: None,
             blob: vec![7; 16],
         }
     }

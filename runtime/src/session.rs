@@ -295,6 +295,13 @@ pub fn train(
             "backend": cpu.name(),
             "peak_bytes": cpu.arena_bytes(),
         });
+        if let Some(p) = &program.pipeline {
+            line["pipeline"] = serde_json::json!({
+                "schedule": p.schedule,
+                "stages": p.stages,
+                "microbatches": p.microbatches,
+            });
+        }
         if !drifts.is_empty() {
             let mut d = Vec::with_capacity(drifts.len());
             for s in &drifts {
@@ -570,6 +577,29 @@ fn describe(program: &Program) -> String {
         program.param_bytes(Role::Weight),
         program.param_bytes(Role::OptimizerState),
     );
+    if let Some(p) = &program.pipeline {
+        let labels: Vec<String> = p
+            .passes
+            .iter()
+            .map(|q| format!("{}@{}", q.label, q.device))
+            .collect();
+        let arenas: u64 = p
+            .passes
+            .iter()
+            .chain(&p.late)
+            .chain(std::iter::once(&p.update))
+            .map(|q| q.program.arena_bytes)
+            .sum();
+        out += &format!(
+            "pipeline: {} on {} stages, {} microbatches per step; {} pass programs (chunk pass@device: {}){}, the optimizer; their arenas {arenas} bytes (arena_bytes above: the step's inputs, loss, weights and optimizer state)\n",
+            p.schedule,
+            p.stages,
+            p.microbatches,
+            p.passes.len(),
+            labels.join(" "),
+            if p.late.is_some() { ", gradient sums over chunks" } else { "" },
+        );
+    }
     for s in &program.inputs {
         out += &format!("input {}: {}\n", s.name, s.type_string());
     }
@@ -650,7 +680,14 @@ fn open_backend(
     kernels: &[KernelFn],
 ) -> Result<Box<dyn Backend>, RunError> {
     match cmd.get("--backend").unwrap_or("cpu") {
+        "cpu" if program.pipeline.is_some() => Ok(Box::new(
+            crate::pipeline::PipelineCpu::new(program, kernels)?,
+        )),
         "cpu" => Ok(Box::new(Cpu::new(program, kernels))),
+        "cuda" if program.pipeline.is_some() => Err(RunError::Usage(format!(
+            "{}: pipelined steps run on the cpu backend for now (--backend cpu)",
+            program.model
+        ))),
         "cuda" => Ok(Box::new(crate::gpu::Cuda::new(program)?)),
         b => Err(RunError::Usage(format!(
             "--backend `{b}`: expected cpu or cuda"

@@ -1,0 +1,361 @@
+//! Pipelined training steps on the CPU: a [`Program`] with a [`Pipeline`] runs as a
+//! [`Backend`] whose `run` is one pipelined step, so the training loop, checkpoints and the
+//! executable's command line work unchanged.
+//!
+//! One step: the weights are copied from the step's arena into every pass program that reads
+//! them; one thread per device runs its passes in the schedule's order, each pass taking the
+//! microbatch's slice of the model inputs and the `x.N` values other passes output (waiting
+//! for them), and putting its outputs where their readers find them (a value is freed after its
+//! last reader); the averaged values (loss, weight gradients) are summed as passes finish.
+//! Then the update program runs once on the averages and the step's scalars, and the new
+//! weights and optimizer state go back to the step's arena.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::cpu::{Arena, Cpu, KernelFn};
+use crate::program::{Pipeline, Program, Slot};
+use crate::session::{decode, encode};
+use crate::{Backend, RunError};
+
+/// A pass program ready to run: its backend, and where its inputs come from.
+struct Pass {
+    cpu: Cpu,
+    program: Program,
+    /// (slot in the step's arena, slot here) of each weight it reads.
+    weights: Vec<(Slot, Slot)>,
+}
+
+/// A pipelined training step on the CPU (see the module docs).
+pub struct PipelineCpu {
+    step: Arena,
+    interface: Program,
+    spec: Pipeline,
+    /// Each device's passes (index in `spec.passes`, pass).
+    devices: Vec<Vec<(usize, Pass)>>,
+    late: Option<Pass>,
+    update: Pass,
+    /// The most bytes the values in flight between passes took at once, last step.
+    held_peak: u64,
+}
+
+impl PipelineCpu {
+    /// Prepares every pass program of `program` (which must have a pipeline) with the kernel
+    /// entry points `kernels` (in `program.kernels` order).
+    pub fn new(program: &Program, kernels: &[KernelFn]) -> Result<PipelineCpu, RunError> {
+        let spec = *program
+            .pipeline
+            .clone()
+            .ok_or_else(|| RunError::Usage("not a pipelined program".into()))?;
+        let by_name: HashMap<&str, &Slot> = program
+            .params
+            .iter()
+            .map(|p| (p.slot.name.as_str(), &p.slot))
+            .collect();
+        let prepare = |sub: &crate::program::SubProgram| -> Result<Pass, RunError> {
+            let p = sub.resolve(program)?;
+            let mut weights = vec![];
+            for q in &p.params {
+                let outer = by_name.get(q.slot.name.as_str()).ok_or_else(|| {
+                    RunError::Program(crate::program::ProgramError::Corrupt(format!(
+                        "pass `{}` reads `{}`, which the step does not hold",
+                        sub.label, q.slot.name
+                    )))
+                })?;
+                weights.push(((*outer).clone(), q.slot.clone()));
+            }
+            Ok(Pass {
+                cpu: Cpu::new(&p, kernels),
+                program: p,
+                weights,
+            })
+        };
+        let mut devices: Vec<Vec<(usize, Pass)>> =
+            (0..spec.stages).map(|_| Vec::new()).collect();
+        for (k, sub) in spec.passes.iter().enumerate() {
+            let d = devices.get_mut(sub.device as usize).ok_or_else(|| {
+                RunError::Usage(format!("pass `{}` is on a missing device", sub.label))
+            })?;
+            d.push((k, prepare(sub)?));
+        }
+        let update = prepare(&spec.update)?;
+        let late = spec.late.as_ref().map(prepare).transpose()?;
+        Ok(PipelineCpu {
+            step: Arena::new(program.arena_bytes),
+            interface: program.clone(),
+            spec,
+            devices,
+            late,
+            update,
+            held_peak: 0,
+        })
+    }
+
+    /// The most bytes of values in flight between passes at once during the last step.
+    pub fn held_peak(&self) -> u64 {
+        self.held_peak
+    }
+}
+
+/// Values in flight between passes, keyed by (microbatch, name), each freed after its last
+/// reader.
+struct Store {
+    values: Mutex<StoreState>,
+    ready: Condvar,
+    failed: AtomicBool,
+}
+
+#[derive(Default)]
+struct StoreState {
+    map: HashMap<(u32, String), (Arc<Vec<u8>>, u32)>,
+    held: u64,
+    peak: u64,
+}
+
+impl Store {
+    fn put(&self, mb: u32, name: &str, bytes: Vec<u8>, readers: u32) {
+        let mut s = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        s.held += bytes.len() as u64;
+        s.peak = s.peak.max(s.held);
+        s.map.insert((mb, name.to_string()), (Arc::new(bytes), readers));
+        self.ready.notify_all();
+    }
+
+    fn take(&self, mb: u32, name: &str) -> Result<Arc<Vec<u8>>, RunError> {
+        let key = (mb, name.to_string());
+        let mut s = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(RunError::Usage("another pipeline worker failed".into()));
+            }
+            if let Some((bytes, left)) = s.map.get_mut(&key) {
+                let bytes = bytes.clone();
+                *left -= 1;
+                if *left == 0 {
+                    s.map.remove(&key);
+                    s.held -= bytes.len() as u64;
+                }
+                return Ok(bytes);
+            }
+            s = self.ready.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        let _guard = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        self.ready.notify_all();
+    }
+}
+
+/// The bytes of `slot` (of a microbatch program) taken from the whole step's `outer` slot:
+/// all of it when the sizes agree, else microbatch `mb`'s rows.
+fn slice<'a>(step: &'a Arena, outer: &Slot, slot: &Slot, mb: usize, m: usize) -> Option<&'a [u8]> {
+    let all = step.get(outer);
+    let n = slot.bytes() as usize;
+    if all.len() == n {
+        Some(all)
+    } else if all.len() == n * m {
+        Some(&all[mb * n..(mb + 1) * n])
+    } else {
+        None
+    }
+}
+
+impl Backend for PipelineCpu {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    /// Every program's arena (the step's, each pass's and the update's) plus the most the
+    /// values in flight between passes held at once in the last step.
+    fn arena_bytes(&self) -> u64 {
+        self.step.bytes() as u64
+            + self
+                .devices
+                .iter()
+                .flatten()
+                .map(|(_, p)| p.cpu.arena().bytes() as u64)
+                .sum::<u64>()
+            + self.update.cpu.arena().bytes() as u64
+            + self.held_peak
+    }
+
+    fn set(&mut self, slot: &Slot, bytes: &[u8]) -> Result<(), RunError> {
+        self.step.set(slot, bytes);
+        Ok(())
+    }
+
+    fn get(&mut self, slot: &Slot) -> Result<Vec<u8>, RunError> {
+        Ok(self.step.get(slot).to_vec())
+    }
+
+    fn run(&mut self) -> Result<(), RunError> {
+        let m = self.spec.microbatches as usize;
+        let step = &self.step;
+        let interface = &self.interface;
+        for pass in self
+            .devices
+            .iter_mut()
+            .flatten()
+            .map(|(_, p)| p)
+            .chain(self.late.as_mut())
+        {
+            for (outer, inner) in &pass.weights {
+                pass.cpu.arena_mut().set(inner, step.get(outer));
+            }
+        }
+        let readers: HashMap<&str, u32> = self
+            .spec
+            .readers
+            .iter()
+            .map(|(n, r)| (n.as_str(), *r))
+            .collect();
+        let averaged: Vec<&str> = self.spec.averaged.iter().map(String::as_str).collect();
+        let store = Store {
+            values: Mutex::new(StoreState::default()),
+            ready: Condvar::new(),
+            failed: AtomicBool::new(false),
+        };
+        let sums: Mutex<HashMap<String, Vec<f64>>> = Mutex::new(HashMap::new());
+        let order = &self.spec.order;
+        let run_pass = |pass: &mut Pass, mb: u32| -> Result<(), RunError> {
+            {
+                for slot in &pass.program.inputs {
+                    if slot.name.starts_with("x.") {
+                        let bytes = store.take(mb, &slot.name)?;
+                        pass.cpu.arena_mut().set(slot, &bytes);
+                        continue;
+                    }
+                    let outer = interface.input(&slot.name).ok_or_else(|| {
+                        RunError::Usage(format!("input `{}` is not an input of the step", slot.name))
+                    })?;
+                    let bytes = slice(step, outer, slot, mb as usize, m).ok_or_else(|| {
+                        RunError::Usage(format!(
+                            "input `{}`: {} does not split into {m} microbatches of {}",
+                            slot.name,
+                            outer.type_string(),
+                            slot.type_string()
+                        ))
+                    })?;
+                    pass.cpu.arena_mut().set(slot, bytes);
+                }
+                pass.cpu.run();
+                for slot in &pass.program.outputs {
+                    let bytes = pass.cpu.arena().get(slot);
+                    if averaged.contains(&slot.name.as_str()) {
+                        let v = decode(slot.dtype, bytes);
+                        let mut sums = sums.lock().unwrap_or_else(|e| e.into_inner());
+                        let acc = sums
+                            .entry(slot.name.clone())
+                            .or_insert_with(|| vec![0.0; v.len()]);
+                        for (a, x) in acc.iter_mut().zip(&v) {
+                            *a += x;
+                        }
+                    }
+                    if let Some(&r) = readers.get(slot.name.as_str()) {
+                        store.put(mb, &slot.name, bytes.to_vec(), r);
+                    }
+                }
+            }
+            Ok(())
+        };
+        let run_device = |d: usize, passes: &mut Vec<(usize, Pass)>| -> Result<(), RunError> {
+            for &(k, mb) in &order[d] {
+                let (_, pass) = passes
+                    .iter_mut()
+                    .find(|(i, _)| *i == k as usize)
+                    .ok_or_else(|| RunError::Usage(format!("pass {k} is not on device {d}")))?;
+                run_pass(pass, mb)?;
+            }
+            Ok(())
+        };
+        std::thread::scope(|s| -> Result<(), RunError> {
+            let handles: Vec<_> = self
+                .devices
+                .iter_mut()
+                .enumerate()
+                .map(|(d, passes)| {
+                    let (run, store) = (&run_device, &store);
+                    s.spawn(move || {
+                        // A failing or panicking worker wakes the others.
+                        struct Guard<'a>(&'a Store, bool);
+                        impl Drop for Guard<'_> {
+                            fn drop(&mut self) {
+                                if !self.1 {
+                                    self.0.fail();
+                                }
+                            }
+                        }
+                        let mut guard = Guard(store, false);
+                        let r = run(d, passes);
+                        guard.1 = r.is_ok();
+                        r
+                    })
+                })
+                .collect();
+            let mut first = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(RunError::Usage("a pipeline worker panicked".into())));
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        })?;
+        if let Some(late) = self.late.as_mut() {
+            for mb in 0..m as u32 {
+                run_pass(late, mb)?;
+            }
+        }
+        self.held_peak = store.values.into_inner().unwrap_or_else(|e| e.into_inner()).peak;
+        let sums = sums.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mean = |name: &str| -> Result<Vec<f64>, RunError> {
+            let s = sums.get(name).ok_or_else(|| {
+                RunError::Usage(format!("no pass computed `{name}` (a memc bug)"))
+            })?;
+            Ok(s.iter().map(|x| x / m as f64).collect())
+        };
+        // The optimizer on the averages.
+        let update = &mut self.update;
+        for slot in &update.program.inputs {
+            let bytes = if averaged.contains(&slot.name.as_str()) {
+                encode(slot.dtype, &mean(&slot.name)?)
+            } else {
+                let outer = interface.input(&slot.name).ok_or_else(|| {
+                    RunError::Usage(format!("update input `{}` is not an input of the step", slot.name))
+                })?;
+                self.step.get(outer).to_vec()
+            };
+            update.cpu.arena_mut().set(slot, &bytes);
+        }
+        for (outer, inner) in &update.weights {
+            update.cpu.arena_mut().set(inner, self.step.get(outer));
+        }
+        update.cpu.run();
+        for (outer, inner) in &update.weights {
+            let bytes = update.cpu.arena().get(inner).to_vec();
+            self.step.set(outer, &bytes);
+        }
+        let training = self
+            .interface
+            .training
+            .as_ref()
+            .ok_or_else(|| RunError::Usage("a pipelined program trains".into()))?;
+        let loss = self
+            .interface
+            .output(&training.loss_output)
+            .ok_or_else(|| RunError::Usage("the step has no loss output".into()))?
+            .clone();
+        let l = mean(&self.spec.loss)?;
+        self.step.set(&loss, &encode(loss.dtype, &l));
+        Ok(())
+    }
+
+    fn profile(&self) -> Option<String> {
+        None
+    }
+}
