@@ -1212,8 +1212,16 @@ fn extract(
     };
     for &n in nodes {
         let node = g.node(n);
-        let ins: Vec<ValueId> = node.inputs.iter().map(|&v| operand(&mut sub, &mut map, v)).collect();
-        let tys = node.outputs.iter().map(|&o| g.value(o).ty.clone()).collect();
+        let ins: Vec<ValueId> = node
+            .inputs
+            .iter()
+            .map(|&v| operand(&mut sub, &mut map, v))
+            .collect();
+        let tys = node
+            .outputs
+            .iter()
+            .map(|&o| g.value(o).ty.clone())
+            .collect();
         let outs = sub.add_node_typed(node.op.clone(), &ins, tys, node.name.clone());
         let id = memc_ir::NodeId(sub.nodes().len() as u32 - 1);
         sub.set_phase(id, node.phase);
@@ -1368,23 +1376,18 @@ pub fn host_pipeline(
         s
     };
     let mut inputs = vec![];
-    let mut seen = HashSet::new();
-    for p in &parts {
-        for s in &p.program.inputs {
-            if s.name.starts_with("x.") || !seen.insert(s.name.clone()) {
-                continue;
-            }
-            let mut shape = s.shape.clone();
-            if s.name == training.data_input {
-                shape[0] = rows;
-            } else if !s.name.starts_with("memc.") {
-                bail!(
-                    "{model}: a pipelined step feeds only token ids; the model also takes `{}`",
-                    s.name
-                );
-            }
-            inputs.push(place(&s.name, s.dtype, shape));
+    for &v in g.inputs() {
+        let ValueDef::Input { name } = &g.value(v).def else {
+            continue;
+        };
+        let ty = &g.value(v).ty;
+        let mut shape = ty.shape.clone();
+        if *name == training.data_input {
+            shape[0] = rows;
+        } else if !name.starts_with("memc.") {
+            bail!("{model}: a pipelined step feeds only token ids; the model also takes `{name}`");
         }
+        inputs.push(place(name, memc_codegen::host::dtype(ty.dtype), shape));
     }
     let loss_ty = &g.value(loss_v).ty;
     let outputs = vec![place(

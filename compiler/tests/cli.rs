@@ -1322,9 +1322,25 @@ fn pipelined_training_matches_plain_training() {
     let mut args: Vec<&str> = base.to_vec();
     args.extend(["--pipeline-stages", "2", "--microbatches", "3"]);
     fails_with(&args, &["--microbatches 3 does not divide"]);
-    let mut args: Vec<&str> = base.to_vec();
-    args.extend(["--pipeline-stages", "2", "--backend", "cpu"]);
-    fails_with(&args, &["--backend ref"]);
+    // The cpu backend: each pass a compiled program, one thread per device.
+    for schedule in ["v-half", "gpipe"] {
+        let piped = losses(&[
+            "--pipeline-stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--schedule",
+            schedule,
+            "--backend",
+            "cpu",
+        ]);
+        for (a, b) in piped.iter().zip(&plain) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "cpu {schedule}: {piped:?} vs {plain:?}"
+            );
+        }
+    }
 }
 
 /// A base port whose next `n` ports are free on the loopback interface.

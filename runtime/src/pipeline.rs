@@ -71,8 +71,7 @@ impl PipelineCpu {
                 weights,
             })
         };
-        let mut devices: Vec<Vec<(usize, Pass)>> =
-            (0..spec.stages).map(|_| Vec::new()).collect();
+        let mut devices: Vec<Vec<(usize, Pass)>> = (0..spec.stages).map(|_| Vec::new()).collect();
         for (k, sub) in spec.passes.iter().enumerate() {
             let d = devices.get_mut(sub.device as usize).ok_or_else(|| {
                 RunError::Usage(format!("pass `{}` is on a missing device", sub.label))
@@ -118,7 +117,8 @@ impl Store {
         let mut s = self.values.lock().unwrap_or_else(|e| e.into_inner());
         s.held += bytes.len() as u64;
         s.peak = s.peak.max(s.held);
-        s.map.insert((mb, name.to_string()), (Arc::new(bytes), readers));
+        s.map
+            .insert((mb, name.to_string()), (Arc::new(bytes), readers));
         self.ready.notify_all();
     }
 
@@ -229,7 +229,10 @@ impl Backend for PipelineCpu {
                         continue;
                     }
                     let outer = interface.input(&slot.name).ok_or_else(|| {
-                        RunError::Usage(format!("input `{}` is not an input of the step", slot.name))
+                        RunError::Usage(format!(
+                            "input `{}` is not an input of the step",
+                            slot.name
+                        ))
                     })?;
                     let bytes = slice(step, outer, slot, mb as usize, m).ok_or_else(|| {
                         RunError::Usage(format!(
@@ -311,7 +314,11 @@ impl Backend for PipelineCpu {
                 run_pass(late, mb)?;
             }
         }
-        self.held_peak = store.values.into_inner().unwrap_or_else(|e| e.into_inner()).peak;
+        self.held_peak = store
+            .values
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .peak;
         let sums = sums.into_inner().unwrap_or_else(|e| e.into_inner());
         let mean = |name: &str| -> Result<Vec<f64>, RunError> {
             let s = sums.get(name).ok_or_else(|| {
@@ -326,7 +333,10 @@ impl Backend for PipelineCpu {
                 encode(slot.dtype, &mean(&slot.name)?)
             } else {
                 let outer = interface.input(&slot.name).ok_or_else(|| {
-                    RunError::Usage(format!("update input `{}` is not an input of the step", slot.name))
+                    RunError::Usage(format!(
+                        "update input `{}` is not an input of the step",
+                        slot.name
+                    ))
                 })?;
                 self.step.get(outer).to_vec()
             };

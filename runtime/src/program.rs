@@ -274,7 +274,10 @@ impl SubProgram {
             .get(start as usize..end as usize)
             .filter(|_| start <= end)
             .ok_or_else(|| {
-                ProgramError::Corrupt(format!("pass `{}`'s constants lie outside the blob", self.label))
+                ProgramError::Corrupt(format!(
+                    "pass `{}`'s constants lie outside the blob",
+                    self.label
+                ))
             })?;
         let mut p = self.program.clone();
         p.kernels = outer.kernels.clone();
@@ -481,12 +484,25 @@ impl Program {
         if let Some(pl) = &self.pipeline {
             let passes = pl.passes.len();
             if pl.order.len() != pl.stages as usize
-                || pl.order.iter().flatten().any(|&(k, _)| k as usize >= passes)
-                || pl.order.iter().flatten().any(|&(_, mb)| mb >= pl.microbatches)
+                || pl
+                    .order
+                    .iter()
+                    .flatten()
+                    .any(|&(k, _)| k as usize >= passes)
+                || pl
+                    .order
+                    .iter()
+                    .flatten()
+                    .any(|&(_, mb)| mb >= pl.microbatches)
             {
                 return bad("the pipeline's order names a missing pass or microbatch".into());
             }
-            for sub in pl.passes.iter().chain(&pl.late).chain(std::iter::once(&pl.update)) {
+            for sub in pl
+                .passes
+                .iter()
+                .chain(&pl.late)
+                .chain(std::iter::once(&pl.update))
+            {
                 sub.resolve(self)?;
             }
         }

@@ -680,9 +680,9 @@ fn open_backend(
     kernels: &[KernelFn],
 ) -> Result<Box<dyn Backend>, RunError> {
     match cmd.get("--backend").unwrap_or("cpu") {
-        "cpu" if program.pipeline.is_some() => Ok(Box::new(
-            crate::pipeline::PipelineCpu::new(program, kernels)?,
-        )),
+        "cpu" if program.pipeline.is_some() => Ok(Box::new(crate::pipeline::PipelineCpu::new(
+            program, kernels,
+        )?)),
         "cpu" => Ok(Box::new(Cpu::new(program, kernels))),
         "cuda" if program.pipeline.is_some() => Err(RunError::Usage(format!(
             "{}: pipelined steps run on the cpu backend for now (--backend cpu)",

@@ -476,3 +476,195 @@ fn reversible_executables_report_their_drift() {
         );
     }
 }
+
+/// Every tensor of a safetensors file (weights or a checkpoint) as f64 values, by name.
+fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let values = match t.dtype() {
+                safetensors::Dtype::F32 => t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                d => panic!("{name}: {d:?}"),
+            };
+            (name, values)
+        })
+        .collect()
+}
+
+/// Token ids `[rows, seq]` in 0..128 as an int64 `.npy` file.
+fn write_ids(path: &Path, rows: usize, seq: usize) {
+    let ids: Vec<i64> = (0..rows * seq)
+        .map(|i| ((i * 37 + 11) % 128) as i64)
+        .collect();
+    memc_runtime::npy::write(
+        path,
+        &memc_runtime::npy::NpyArray {
+            dtype: memc_runtime::npy::NpyDtype::I64,
+            shape: vec![rows, seq],
+            data: ids.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
+    let dir = scratch("pipelined");
+    let data = dir.join("ids.npy");
+    write_ids(&data, 8, 16);
+    let memc_compile = |model: &str, out: &Path, extra: &[&str]| {
+        let mut cmd = Command::new(bin_dir().join("memc"));
+        cmd.arg("compile")
+            .arg(memc_tests::root().join(model))
+            .args(["--shape", "input_ids=8x16", "--train", "-o"])
+            .arg(out)
+            .args(extra);
+        ok(&mut cmd);
+    };
+    let run_train = |exe: &Path, extra: &[&str]| -> Vec<serde_json::Value> {
+        ok(Command::new(exe)
+            .arg("train")
+            .arg("--data")
+            .arg(&data)
+            .args(extra))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+    };
+    // Gradients: one SGD step with lr 1 moves each weight by minus its gradient (the mean over
+    // the microbatches for a pipelined step); the checkpoints after it must agree.
+    let llama = "examples/models/depth/llama-L4.onnx";
+    let plain = dir.join("plain");
+    memc_compile(llama, &plain, &["--optimizer", "sgd"]);
+    let w0 = tensors(&plain.with_extension("safetensors"));
+    let sgd_step = |exe: &Path, name: &str| {
+        let ckpt = dir.join(format!("{name}.ckpt.safetensors"));
+        let lines = run_train(
+            exe,
+            &[
+                "--steps",
+                "1",
+                "--lr",
+                "1",
+                "--save",
+                ckpt.to_str().unwrap(),
+            ],
+        );
+        (lines[0]["loss"].as_f64().unwrap(), tensors(&ckpt))
+    };
+    let (loss, want) = sgd_step(&plain, "plain");
+    let schedules = [
+        "gpipe",
+        "1f1b",
+        "interleaved",
+        "zb-h1",
+        "v-min",
+        "v-half",
+        "v-zb",
+    ];
+    for schedule in schedules {
+        let exe = dir.join(schedule);
+        memc_compile(
+            llama,
+            &exe,
+            &[
+                "--optimizer",
+                "sgd",
+                "--pipeline-stages",
+                "2",
+                "--microbatches",
+                "4",
+                "--schedule",
+                schedule,
+            ],
+        );
+        let info = ok(Command::new(&exe).arg("info"));
+        assert!(
+            info.contains(&format!("pipeline: {schedule} on 2 stages, 4 microbatches")),
+            "{info}"
+        );
+        let (got_loss, got) = sgd_step(&exe, schedule);
+        assert!(
+            (got_loss - loss).abs() <= 1e-5 * loss.abs(),
+            "{schedule}: loss {got_loss} vs {loss}"
+        );
+        for (name, w) in &want {
+            if !w0.contains_key(name) {
+                continue; // optimizer state
+            }
+            let g = &got[name];
+            let step: f64 = w
+                .iter()
+                .zip(&w0[name])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            let err: f64 = w
+                .iter()
+                .zip(g)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                err <= 1e-4 * step.max(1e-6),
+                "{schedule}: gradient of `{name}`: {err} off a step of {step}"
+            );
+        }
+    }
+    // AdamW over several steps, a tied head (GPT-2: its embedding's gradient summed over the
+    // first and last chunks after the passes), checkpoints that resume exactly.
+    for (model, schedule) in [
+        (llama, "v-half"),
+        ("examples/models/gpt2-dynamo.onnx", "zb-h1"),
+    ] {
+        let name = model.rsplit('/').next().unwrap().replace(".onnx", "");
+        let plain = dir.join(format!("{name}-adamw"));
+        memc_compile(model, &plain, &["--optimizer", "adamw"]);
+        let exe = dir.join(format!("{name}-{schedule}"));
+        memc_compile(
+            model,
+            &exe,
+            &[
+                "--optimizer",
+                "adamw",
+                "--pipeline-stages",
+                "2",
+                "--microbatches",
+                "4",
+                "--schedule",
+                schedule,
+            ],
+        );
+        let lr = ["--lr", "1e-2"];
+        let want = losses(&run_train(&plain, &[&lr[..], &["--steps", "4"]].concat()));
+        let ckpt = dir.join(format!("{name}.resume.safetensors"));
+        let first = run_train(
+            &exe,
+            &[&lr[..], &["--steps", "2", "--save", ckpt.to_str().unwrap()]].concat(),
+        );
+        assert_eq!(first[0]["pipeline"]["schedule"], schedule);
+        let resumed = run_train(
+            &exe,
+            &[
+                &lr[..],
+                &["--steps", "2", "--resume", ckpt.to_str().unwrap()],
+            ]
+            .concat(),
+        );
+        let got: Vec<f64> = losses(&first).into_iter().chain(losses(&resumed)).collect();
+        assert!(
+            max_rel(&got, &want) <= 1e-5,
+            "{name} {schedule}: {got:?} vs {want:?}"
+        );
+        fails(
+            Command::new(&exe)
+                .args(["train", "--backend", "cuda", "--data"])
+                .arg(&data),
+            "pipelined steps run on the cpu backend",
+        );
+    }
+}
