@@ -1239,6 +1239,41 @@ fn pipeline_stages_report_each_devices_memory() {
         ],
         &["--pipeline-stages", "--train"],
     );
+    let out = tempfile::tempdir().unwrap();
+    let exe = out.path().join("exe");
+    fails_with(
+        &[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x32",
+            "--train",
+            "--pipeline-stages",
+            "2",
+            "--target",
+            "cuda",
+            "-o",
+            s(&exe),
+        ],
+        &["pipelined steps run on the cpu backend", "--target cpu"],
+    );
+    fails_with(
+        &[
+            "compile",
+            m,
+            "--shape",
+            "input_ids=2x32",
+            "--train",
+            "--pipeline-stages",
+            "2",
+            "--microbatches",
+            "3",
+            "-o",
+            s(&exe),
+        ],
+        &["--microbatches 3 does not divide the batch of 2 rows"],
+    );
+    assert!(!exe.exists(), "nothing written on errors");
     let o = memc(&[
         "compile",
         m,

@@ -638,4 +638,57 @@ mod tests {
         let e = Program::from_bytes(&bad_gemm.to_bytes()).unwrap_err();
         assert!(e.to_string().contains("matmul"), "{e}");
     }
+
+    /// A step of two passes (the sample as each, its constant in the outer blob) and an
+    /// optimizer.
+    fn pipelined() -> Program {
+        let mut sub = sample();
+        sub.kernels.clear();
+        sub.blob.clear();
+        let pass = |label: &str, device| SubProgram {
+            label: label.into(),
+            device,
+            program: sub.clone(),
+            blob: [0, 16],
+        };
+        let mut p = sample();
+        p.steps.clear();
+        p.consts.clear();
+        p.pipeline = Some(Box::new(Pipeline {
+            schedule: "1f1b".into(),
+            stages: 2,
+            microbatches: 2,
+            passes: vec![pass("F0", 0), pass("F1", 1)],
+            order: vec![vec![(0, 0), (0, 1)], vec![(1, 0), (1, 1)]],
+            late: None,
+            update: pass("update", 0),
+            averaged: vec!["y".into()],
+            loss: "y".into(),
+            readers: vec![],
+        }));
+        p
+    }
+
+    #[test]
+    fn pipelines_round_trip_and_reject_corruption() {
+        let p = pipelined();
+        let back = Program::from_bytes(&p.to_bytes()).unwrap();
+        assert_eq!(back, p);
+        let sub = back.pipeline.as_ref().unwrap().passes[1]
+            .resolve(&back)
+            .unwrap();
+        assert_eq!((sub.kernels.len(), sub.blob.len()), (1, 16));
+        let mut bad = pipelined();
+        bad.pipeline.as_mut().unwrap().order[1].push((7, 0));
+        let e = Program::from_bytes(&bad.to_bytes()).unwrap_err();
+        assert!(e.to_string().contains("missing pass"), "{e}");
+        let mut bad = pipelined();
+        bad.pipeline.as_mut().unwrap().passes[0].blob = [8, 64];
+        let e = Program::from_bytes(&bad.to_bytes()).unwrap_err();
+        assert!(e.to_string().contains("`F0`'s constants"), "{e}");
+        let mut bad = pipelined();
+        bad.pipeline.as_mut().unwrap().update.program.arena_bytes = 8;
+        let e = Program::from_bytes(&bad.to_bytes()).unwrap_err();
+        assert!(e.to_string().contains("pass `update`"), "{e}");
+    }
 }
