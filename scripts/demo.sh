@@ -4,7 +4,7 @@
 # compile the Llama's training step under each memory policy (remat none/auto/full, a 50%
 # activation budget, Mixture-of-Channels, reversible MEFT layers) and print its memory table, then
 # train it a few steps and compare the losses with PyTorch's; split a deeper Llama into pipeline
-# stages and train it pipelined, in one process and one process per stage.
+# stages and train it pipelined, in one process, one process per stage and as an executable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -78,6 +78,10 @@ for rank in 0 1; do
     $MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2 --pipeline-stages 2 --microbatches 4 --schedule zb-h1 &
 done
 wait
+echo "== memc compile $DEPTH --shape input_ids=8x32 --train --pipeline-stages 2 --microbatches 4 --schedule v-half -o $OUT/piped   (each pass its own program; one thread per stage)"
+$MEMC compile $DEPTH --shape input_ids=8x32 --train --pipeline-stages 2 --microbatches 4 --schedule v-half -o "$OUT/piped"
+"$OUT/piped" info | grep -E '^pipeline'
+"$OUT/piped" train --data "$OUT/ids8x32.npy" --steps 3 --lr 1e-2
 
 echo
 echo "== memc toolchain   (MLIR 19, LLVM 19 for x86-64 and NVPTX, the CUDA driver)"

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use crate::cpu::{Arena, Cpu, KernelFn};
 use crate::program::{Pipeline, Program, Slot};
@@ -38,6 +39,7 @@ pub struct PipelineCpu {
     update: Pass,
     /// The most bytes the values in flight between passes took at once, last step.
     held_peak: u64,
+    timing: Timings,
 }
 
 impl PipelineCpu {
@@ -80,7 +82,12 @@ impl PipelineCpu {
         }
         let update = prepare(&spec.update)?;
         let late = spec.late.as_ref().map(prepare).transpose()?;
+        let timing = Timings {
+            devices: vec![Timing::default(); spec.stages as usize],
+            ..Timings::default()
+        };
         Ok(PipelineCpu {
+            timing,
             step: Arena::new(program.arena_bytes),
             interface: program.clone(),
             spec,
@@ -97,6 +104,25 @@ impl PipelineCpu {
     }
 }
 
+/// Seconds one device spent computing and waiting in one step, and when it finished (then
+/// summed over steps, `end` as the time it sat idle after its last pass).
+#[derive(Debug, Default, Clone, Copy)]
+struct Timing {
+    busy: f64,
+    waiting: f64,
+    end: f64,
+}
+
+/// Time spent in the steps so far.
+#[derive(Debug, Default)]
+struct Timings {
+    devices: Vec<Timing>,
+    passes: f64,
+    late: f64,
+    update: f64,
+    steps: u64,
+}
+
 /// Values in flight between passes, keyed by (microbatch, name), each freed after its last
 /// reader.
 struct Store {
@@ -105,9 +131,12 @@ struct Store {
     failed: AtomicBool,
 }
 
+/// A value's bytes and how many readers have yet to take it.
+type Held = (Arc<Vec<u8>>, u32);
+
 #[derive(Default)]
 struct StoreState {
-    map: HashMap<(u32, String), (Arc<Vec<u8>>, u32)>,
+    map: HashMap<(u32, String), Held>,
     held: u64,
     peak: u64,
 }
@@ -220,11 +249,15 @@ impl Backend for PipelineCpu {
         };
         let sums: Mutex<HashMap<String, Vec<f64>>> = Mutex::new(HashMap::new());
         let order = &self.spec.order;
-        let run_pass = |pass: &mut Pass, mb: u32| -> Result<(), RunError> {
+        // Returns the seconds spent waiting for other passes' values.
+        let run_pass = |pass: &mut Pass, mb: u32| -> Result<f64, RunError> {
+            let mut waited = 0.0;
             {
                 for slot in &pass.program.inputs {
                     if slot.name.starts_with("x.") {
+                        let t0 = Instant::now();
                         let bytes = store.take(mb, &slot.name)?;
+                        waited += t0.elapsed().as_secs_f64();
                         pass.cpu.arena_mut().set(slot, &bytes);
                         continue;
                     }
@@ -262,19 +295,25 @@ impl Backend for PipelineCpu {
                     }
                 }
             }
-            Ok(())
+            Ok(waited)
         };
-        let run_device = |d: usize, passes: &mut Vec<(usize, Pass)>| -> Result<(), RunError> {
+        let step_start = Instant::now();
+        let run_device = |d: usize, passes: &mut Vec<(usize, Pass)>| -> Result<Timing, RunError> {
+            let mut t = Timing::default();
             for &(k, mb) in &order[d] {
                 let (_, pass) = passes
                     .iter_mut()
                     .find(|(i, _)| *i == k as usize)
                     .ok_or_else(|| RunError::Usage(format!("pass {k} is not on device {d}")))?;
-                run_pass(pass, mb)?;
+                let t0 = Instant::now();
+                let waited = run_pass(pass, mb)?;
+                t.waiting += waited;
+                t.busy += t0.elapsed().as_secs_f64() - waited;
             }
-            Ok(())
+            t.end = step_start.elapsed().as_secs_f64();
+            Ok(t)
         };
-        std::thread::scope(|s| -> Result<(), RunError> {
+        let timings = std::thread::scope(|s| -> Result<Vec<Timing>, RunError> {
             let handles: Vec<_> = self
                 .devices
                 .iter_mut()
@@ -298,21 +337,33 @@ impl Backend for PipelineCpu {
                     })
                 })
                 .collect();
-            let mut first = Ok(());
+            let mut first = Ok(vec![]);
             for h in handles {
                 let r = h
                     .join()
                     .unwrap_or_else(|_| Err(RunError::Usage("a pipeline worker panicked".into())));
-                if first.is_ok() {
-                    first = r;
+                match (&mut first, r) {
+                    (Ok(all), Ok(t)) => all.push(t),
+                    (Ok(_), Err(e)) => first = Err(e),
+                    (Err(_), _) => {}
                 }
             }
             first
         })?;
+        let passes_done = step_start.elapsed().as_secs_f64();
+        for (acc, t) in self.timing.devices.iter_mut().zip(&timings) {
+            acc.busy += t.busy;
+            acc.waiting += t.waiting;
+            acc.end += passes_done - t.end;
+        }
+        self.timing.passes += passes_done;
+        self.timing.steps += 1;
         if let Some(late) = self.late.as_mut() {
+            let t0 = Instant::now();
             for mb in 0..m as u32 {
                 run_pass(late, mb)?;
             }
+            self.timing.late += t0.elapsed().as_secs_f64();
         }
         self.held_peak = store
             .values
@@ -345,7 +396,9 @@ impl Backend for PipelineCpu {
         for (outer, inner) in &update.weights {
             update.cpu.arena_mut().set(inner, self.step.get(outer));
         }
+        let t0 = Instant::now();
         update.cpu.run();
+        self.timing.update += t0.elapsed().as_secs_f64();
         for (outer, inner) in &update.weights {
             let bytes = update.cpu.arena().get(inner).to_vec();
             self.step.set(outer, &bytes);
@@ -365,7 +418,38 @@ impl Backend for PipelineCpu {
         Ok(())
     }
 
+    /// With `MEMC_PROFILE` set: each device's time computing, waiting for other devices'
+    /// values and idle after its last pass (the measured bubbles), and the late and update
+    /// programs' time, summed over the steps.
     fn profile(&self) -> Option<String> {
-        None
+        std::env::var_os("MEMC_PROFILE")?;
+        let t = &self.timing;
+        let ms = |s: f64| s * 1e3;
+        let mut out = format!(
+            "pipeline profile ({} steps, {}): passes {:.1} ms, gradient sums {:.1} ms, optimizer {:.1} ms\n",
+            t.steps,
+            self.spec.schedule,
+            ms(t.passes),
+            ms(t.late),
+            ms(t.update)
+        );
+        for (d, x) in t.devices.iter().enumerate() {
+            out += &format!(
+                "  device {d}: computing {:.1} ms, waiting {:.1} ms, done early by {:.1} ms; idle {:.1}% of the passes' time\n",
+                ms(x.busy),
+                ms(x.waiting),
+                ms(x.end),
+                100.0 * (1.0 - x.busy / t.passes.max(1e-12))
+            );
+        }
+        for (k, pass) in self.devices.iter().flatten() {
+            if let Some(p) = pass.cpu.profile() {
+                out += &format!("pass {}: {p}", self.spec.passes[*k].label);
+            }
+        }
+        if let Some(p) = self.update.cpu.profile() {
+            out += &format!("optimizer: {p}");
+        }
+        Some(out)
     }
 }
