@@ -471,6 +471,17 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 
 fn compile(args: CompileArgs) -> Result<()> {
     let model = args.model.model.display().to_string();
+    // A pipelined executable's limits, before any work.
+    if let (Some(p), Some(_)) = (args.pipeline.pipeline_stages, &args.out) {
+        if args.target != TargetArg::Cpu {
+            bail!("{model}: pipelined steps run on the cpu backend for now (--target cpu)");
+        }
+        micro_shapes(
+            shapes(&args.model)?,
+            args.pipeline.microbatches.unwrap_or(2 * p),
+            &model,
+        )?;
+    }
     let mut timer = Timer {
         enabled: args.model.time_passes,
         phases: vec![],
@@ -542,9 +553,6 @@ fn compile(args: CompileArgs) -> Result<()> {
         _ => {}
     }
     if let (Some(out), Some((kind, _))) = (&args.out, pipe) {
-        if args.target != TargetArg::Cpu {
-            bail!("{model}: pipelined steps run on the cpu backend for now (--target cpu)");
-        }
         let shapes = shapes(&args.model)?;
         timer
             .time("emit", || emit_pipelined(&args, kind, shapes, out, &model))

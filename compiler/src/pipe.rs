@@ -34,6 +34,9 @@ pub struct PipelinePlan {
     pub schedule: Schedule,
     /// Its unit-cost simulation.
     pub sim: Simulation,
+    /// Its simulation with each chunk's FLOPs as its passes' times (forward, input-gradient
+    /// and weight-gradient passes a third each): unequal stages show in the bubble.
+    pub flop_sim: Simulation,
     /// The chunks.
     pub partition: Partition,
     /// Per device: (chunks, weight bytes, gradient + optimizer bytes, activation peak bytes).
@@ -84,6 +87,17 @@ pub fn plan(args: &PipelineArgs, kind: ScheduleKind, partition: Partition) -> Re
     let schedule =
         pipeline::generate(kind, p, m).map_err(|e| anyhow!("--schedule {}: {e}", kind.name()))?;
     let sim = pipeline::simulate(&schedule, &Costs::default()).map_err(|e| anyhow!(e))?;
+    let split = schedule.split_backward();
+    let mean = partition.chunks.iter().map(|c| c.flops as f64).sum::<f64>()
+        / partition.chunks.len().max(1) as f64;
+    let time = |q: pipeline::Pass| {
+        let third = partition.chunks[q.chunk].flops as f64 / 3.0 / mean.max(1.0);
+        match q.kind {
+            Kind::B if !split => 2.0 * third,
+            _ => third,
+        }
+    };
+    let flop_sim = pipeline::simulate_with(&schedule, &time, 0.0).map_err(|e| anyhow!(e))?;
     let mut devices: Vec<Device> = (0..p)
         .map(|_| Device {
             chunks: vec![],
@@ -127,6 +141,7 @@ pub fn plan(args: &PipelineArgs, kind: ScheduleKind, partition: Partition) -> Re
     Ok(PipelinePlan {
         schedule,
         sim,
+        flop_sim,
         partition,
         devices,
     })
@@ -148,7 +163,7 @@ impl PipelinePlan {
     pub fn lines(&self) -> Vec<String> {
         let s = &self.schedule;
         let mut out = vec![format!(
-            "pipeline: {} on {} stages, {} microbatches: {} layers in {} chunks; embedding on device {}, LM head on device {}; bubble {:.3} (unit costs)",
+            "pipeline: {} on {} stages, {} microbatches: {} layers in {} chunks; embedding on device {}, LM head on device {}; bubble {:.3} (unit costs), {:.3} (each chunk's FLOPs as its passes' times)",
             s.kind.name(),
             s.stages,
             s.microbatches,
@@ -156,7 +171,8 @@ impl PipelinePlan {
             self.partition.chunks.len(),
             self.device_of_chunk(|c| c.embedding).unwrap_or(0),
             self.device_of_chunk(|c| c.head).unwrap_or(0),
-            self.sim.bubble_rate
+            self.sim.bubble_rate,
+            self.flop_sim.bubble_rate
         )];
         for (i, d) in self.devices.iter().enumerate() {
             let layers: Vec<String> = d.layers.iter().map(|(a, b)| format!("{a}..{b}")).collect();
@@ -188,6 +204,7 @@ impl PipelinePlan {
             "microbatches": s.microbatches,
             "layers": self.partition.layers,
             "bubble_rate": self.sim.bubble_rate,
+            "bubble_rate_flops": self.flop_sim.bubble_rate,
             "embedding_device": self.device_of_chunk(|c| c.embedding),
             "head_device": self.device_of_chunk(|c| c.head),
             "chunks": self.partition.chunks.iter().enumerate().map(|(i, c)| serde_json::json!({

@@ -542,7 +542,8 @@ fn list_schedule(
 /// 2p−1−i's input gradient) and b (chunk i's) at the block's slots + 6j; each weight-gradient
 /// pass takes the first free slot after its B or b ([`Slots::place_w`]). Then the warm-up and
 /// the cool-down are squeezed twice ([`Slots::squeeze`]): once with the W passes placed (warm-up
-/// and cool-down), once without them (cool-down only, the W passes placed afresh). The devices'
+/// and cool-down), once without them (cool-down only, the W passes placed afresh), never
+/// past the building block's memory. The devices'
 /// orders are the slots' order. At p = 4, m = 16 this gives the authors' 0.050 (V-Half) and
 /// 0.103 (V-Min) bubbles within ⌊(p+2)/2⌋ and ⌊(p+4)/3⌋ units.
 fn building_blocks(kind: ScheduleKind, p: usize, m: usize) -> Vec<Vec<Pass>> {
@@ -682,9 +683,9 @@ impl Slots {
     }
 
     /// The squeeze: passes in slot order move to the earliest free slot after their
-    /// dependencies when the device's peak memory does not rise; the steady state (from device
-    /// 0's first b to the last microbatch's first F) stays as it is, and so does the warm-up
-    /// unless `warm_up`.
+    /// dependencies when the device's peak memory stays within the largest peak any device
+    /// had before (the schedule's memory); the steady state (from device 0's first b to the
+    /// last microbatch's first F) stays as it is, and so does the warm-up unless `warm_up`.
     fn squeeze(&mut self, warm_up: bool) {
         let p = self.t.len();
         let limit = self.t.iter().map(|d| Self::memory(d)).max().unwrap_or(0);
@@ -704,9 +705,15 @@ impl Slots {
             .map(|d| vec![false; Self::end(d) + 1])
             .collect();
         let mut phase = 0;
+        // With few microbatches the last forward comes before device 0's first b: there is
+        // no steady state, and the cool-down starts at once.
+        let mut last_forward_seen = false;
         for (t, s, k, j) in order {
+            if phase == 0 && k == 0 && j + 1 == m {
+                last_forward_seen = true;
+            }
             if phase == 0 && k == 3 && s == 0 {
-                phase = 1;
+                phase = if last_forward_seen { 2 } else { 1 };
             }
             let fixed = match phase {
                 1 => {
@@ -788,6 +795,17 @@ pub fn check(s: &Schedule) -> Result<(), String> {
 
 /// Replays `s` with `costs` (see the module docs).
 pub fn simulate(s: &Schedule, costs: &Costs) -> Result<Simulation, String> {
+    simulate_with(s, &|p: Pass| cost(s, costs, p.kind), costs.comm)
+}
+
+/// Replays `s` with each pass taking `time(pass)` (a pass that is not split into B and W
+/// is given as its `B`), and `comm` for each value crossing devices: stages of unequal
+/// cost (an LM head on the last chunk) show in the bubble.
+pub fn simulate_with(
+    s: &Schedule,
+    time: &dyn Fn(Pass) -> f64,
+    comm: f64,
+) -> Result<Simulation, String> {
     let mut done_at = vec![f64::INFINITY; 3 * s.chunks() * s.microbatches];
     let mut next = vec![0usize; s.stages];
     let mut free_at = vec![0.0f64; s.stages];
@@ -805,17 +823,13 @@ pub fn simulate(s: &Schedule, costs: &Costs) -> Result<Simulation, String> {
                         ok = false;
                         break;
                     }
-                    let comm = if s.device_of(q.chunk) != d {
-                        costs.comm
-                    } else {
-                        0.0
-                    };
+                    let comm = if s.device_of(q.chunk) != d { comm } else { 0.0 };
                     ready = ready.max(t + comm);
                 }
                 if !ok {
                     break;
                 }
-                let end = ready + cost(s, costs, p.kind);
+                let end = ready + time(p);
                 done_at[slot(s, p)] = end;
                 free_at[d] = end;
                 passes.push(Timed {
@@ -1012,6 +1026,32 @@ mod tests {
         // The authors' reference run: p = 4, m = 16, unit costs.
         let vmin = run(ScheduleKind::VMin, 4, 16);
         assert!(vmin.bubble_rate <= 0.11, "{}", vmin.bubble_rate);
+    }
+
+    #[test]
+    fn per_pass_times_show_unequal_stages() {
+        // GPipe on 2 stages, 4 microbatches, stage 1 twice as slow: its 4 forwards (8) and
+        // backwards (16, unsplit B + W) run back to back after stage 0's first forward (1),
+        // then stage 0's last backward (2): makespan 27, busy 12 + 24.
+        let s = generate(ScheduleKind::Gpipe, 2, 4).unwrap();
+        let unit = simulate_with(
+            &s,
+            &|q: Pass| if q.kind == Kind::F { 1.0 } else { 2.0 },
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(unit, simulate(&s, &Costs::default()).unwrap());
+        let slow = simulate_with(
+            &s,
+            &|q: Pass| {
+                let t = if q.kind == Kind::F { 1.0 } else { 2.0 };
+                t * (1 + q.chunk) as f64
+            },
+            0.0,
+        )
+        .unwrap();
+        assert_eq!(slow.makespan, 27.0);
+        assert!((slow.bubble_rate - (1.0 - 36.0 / 54.0)).abs() < 1e-12);
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct PipelineCpu {
     update: Pass,
     /// The most bytes the values in flight between passes took at once, last step.
     held_peak: u64,
+    /// Bytes of the f64 sums of averaged values (per device), last step.
+    sums_bytes: u64,
     timing: Timings,
 }
 
@@ -95,6 +97,7 @@ impl PipelineCpu {
             late,
             update,
             held_peak: 0,
+            sums_bytes: 0,
         })
     }
 
@@ -122,6 +125,12 @@ struct Timings {
     update: f64,
     steps: u64,
 }
+
+/// Averaged outputs summed over microbatches, by name.
+type Sums = HashMap<String, Vec<f64>>;
+
+/// The error of a worker woken because another failed.
+const WOKEN: &str = "another pipeline worker failed";
 
 /// Values in flight between passes, keyed by (microbatch, name), each freed after its last
 /// reader.
@@ -156,11 +165,11 @@ impl Store {
         let mut s = self.values.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if self.failed.load(Ordering::SeqCst) {
-                return Err(RunError::Usage("another pipeline worker failed".into()));
+                return Err(RunError::Usage(WOKEN.into()));
             }
             if let Some((bytes, left)) = s.map.get_mut(&key) {
                 let bytes = bytes.clone();
-                *left -= 1;
+                *left = left.saturating_sub(1);
                 if *left == 0 {
                     s.map.remove(&key);
                     s.held -= bytes.len() as u64;
@@ -197,8 +206,9 @@ impl Backend for PipelineCpu {
         "cpu"
     }
 
-    /// Every program's arena (the step's, each pass's and the update's) plus the most the
-    /// values in flight between passes held at once in the last step.
+    /// Every program's arena (the step's, each pass's, the late and update programs'), plus
+    /// the most the values in flight between passes held at once and the gradient sums, in
+    /// the last step.
     fn arena_bytes(&self) -> u64 {
         self.step.bytes() as u64
             + self
@@ -207,8 +217,13 @@ impl Backend for PipelineCpu {
                 .flatten()
                 .map(|(_, p)| p.cpu.arena().bytes() as u64)
                 .sum::<u64>()
+            + self
+                .late
+                .as_ref()
+                .map_or(0, |l| l.cpu.arena().bytes() as u64)
             + self.update.cpu.arena().bytes() as u64
             + self.held_peak
+            + self.sums_bytes
     }
 
     fn set(&mut self, slot: &Slot, bytes: &[u8]) -> Result<(), RunError> {
@@ -247,10 +262,10 @@ impl Backend for PipelineCpu {
             ready: Condvar::new(),
             failed: AtomicBool::new(false),
         };
-        let sums: Mutex<HashMap<String, Vec<f64>>> = Mutex::new(HashMap::new());
         let order = &self.spec.order;
-        // Returns the seconds spent waiting for other passes' values.
-        let run_pass = |pass: &mut Pass, mb: u32| -> Result<f64, RunError> {
+        // Adds the averaged outputs into `sums` (each device its own: no lock while
+        // summing); returns the seconds spent waiting for other passes' values.
+        let run_pass = |pass: &mut Pass, mb: u32, sums: &mut Sums| -> Result<f64, RunError> {
             let mut waited = 0.0;
             {
                 for slot in &pass.program.inputs {
@@ -282,7 +297,6 @@ impl Backend for PipelineCpu {
                     let bytes = pass.cpu.arena().get(slot);
                     if averaged.contains(&slot.name.as_str()) {
                         let v = decode(slot.dtype, bytes);
-                        let mut sums = sums.lock().unwrap_or_else(|e| e.into_inner());
                         let acc = sums
                             .entry(slot.name.clone())
                             .or_insert_with(|| vec![0.0; v.len()]);
@@ -298,22 +312,24 @@ impl Backend for PipelineCpu {
             Ok(waited)
         };
         let step_start = Instant::now();
-        let run_device = |d: usize, passes: &mut Vec<(usize, Pass)>| -> Result<Timing, RunError> {
-            let mut t = Timing::default();
-            for &(k, mb) in &order[d] {
-                let (_, pass) = passes
-                    .iter_mut()
-                    .find(|(i, _)| *i == k as usize)
-                    .ok_or_else(|| RunError::Usage(format!("pass {k} is not on device {d}")))?;
-                let t0 = Instant::now();
-                let waited = run_pass(pass, mb)?;
-                t.waiting += waited;
-                t.busy += t0.elapsed().as_secs_f64() - waited;
-            }
-            t.end = step_start.elapsed().as_secs_f64();
-            Ok(t)
-        };
-        let timings = std::thread::scope(|s| -> Result<Vec<Timing>, RunError> {
+        let run_device =
+            |d: usize, passes: &mut Vec<(usize, Pass)>| -> Result<(Timing, Sums), RunError> {
+                let mut t = Timing::default();
+                let mut sums = Sums::new();
+                for &(k, mb) in &order[d] {
+                    let (_, pass) = passes
+                        .iter_mut()
+                        .find(|(i, _)| *i == k as usize)
+                        .ok_or_else(|| RunError::Usage(format!("pass {k} is not on device {d}")))?;
+                    let t0 = Instant::now();
+                    let waited = run_pass(pass, mb, &mut sums)?;
+                    t.waiting += waited;
+                    t.busy += t0.elapsed().as_secs_f64() - waited;
+                }
+                t.end = step_start.elapsed().as_secs_f64();
+                Ok((t, sums))
+            };
+        let results = std::thread::scope(|s| -> Result<Vec<(Timing, Sums)>, RunError> {
             let handles: Vec<_> = self
                 .devices
                 .iter_mut()
@@ -337,19 +353,34 @@ impl Backend for PipelineCpu {
                     })
                 })
                 .collect();
-            let mut first = Ok(vec![]);
+            let mut results = vec![];
+            let mut errors = vec![];
             for h in handles {
-                let r = h
-                    .join()
-                    .unwrap_or_else(|_| Err(RunError::Usage("a pipeline worker panicked".into())));
-                match (&mut first, r) {
-                    (Ok(all), Ok(t)) => all.push(t),
-                    (Ok(_), Err(e)) => first = Err(e),
-                    (Err(_), _) => {}
+                match h.join() {
+                    Ok(Ok(r)) => results.push(r),
+                    Ok(Err(e)) => errors.push(e),
+                    Err(_) => errors.push(RunError::Usage("a pipeline worker panicked".into())),
                 }
             }
-            first
+            // The failure itself, not the other workers' "another worker failed".
+            match errors.iter().position(|e| e.to_string() != WOKEN) {
+                Some(i) => Err(errors.swap_remove(i)),
+                None => errors.pop().map_or(Ok(results), Err),
+            }
         })?;
+        let mut sums = Sums::new();
+        let mut timings = Vec::with_capacity(results.len());
+        self.sums_bytes = 0;
+        for (t, part) in results {
+            timings.push(t);
+            self.sums_bytes += part.values().map(|v| 8 * v.len() as u64).sum::<u64>();
+            for (name, v) in part {
+                match sums.get_mut(&name) {
+                    Some(acc) => acc.iter_mut().zip(&v).for_each(|(a, x)| *a += x),
+                    None => drop(sums.insert(name, v)),
+                }
+            }
+        }
         let passes_done = step_start.elapsed().as_secs_f64();
         for (acc, t) in self.timing.devices.iter_mut().zip(&timings) {
             acc.busy += t.busy;
@@ -361,7 +392,7 @@ impl Backend for PipelineCpu {
         if let Some(late) = self.late.as_mut() {
             let t0 = Instant::now();
             for mb in 0..m as u32 {
-                run_pass(late, mb)?;
+                run_pass(late, mb, &mut sums)?;
             }
             self.timing.late += t0.elapsed().as_secs_f64();
         }
@@ -370,7 +401,6 @@ impl Backend for PipelineCpu {
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
             .peak;
-        let sums = sums.into_inner().unwrap_or_else(|e| e.into_inner());
         let mean = |name: &str| -> Result<Vec<f64>, RunError> {
             let s = sums.get(name).ok_or_else(|| {
                 RunError::Usage(format!("no pass computed `{name}` (a memc bug)"))

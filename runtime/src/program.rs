@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// The first bytes of a serialised program.
 pub const MAGIC: &[u8; 8] = b"MEMCPRG\0";
 /// The format version this runtime reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Element types of program buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,9 +282,206 @@ impl SubProgram {
         let mut p = self.program.clone();
         p.kernels = outer.kernels.clone();
         p.blob = blob.to_vec();
-        p.validate()
-            .map_err(|e| ProgramError::Corrupt(format!("pass `{}`: {e}", self.label)))?;
+        if p.pipeline.is_some() {
+            return Err(ProgramError::Corrupt(format!(
+                "pass `{}` holds a pipeline of its own",
+                self.label
+            )));
+        }
+        p.validate().map_err(|e| match e {
+            ProgramError::Corrupt(m) => {
+                ProgramError::Corrupt(format!("pass `{}`: {m}", self.label))
+            }
+            e => e,
+        })?;
         Ok(p)
+    }
+}
+
+impl Pipeline {
+    /// Checks that the step can run and computes what it says, given the sub-programs
+    /// resolved against `outer` (the step's program): every pass runs once per microbatch
+    /// on its own device, every exchanged value has one producer of the reader's size and
+    /// exactly as many readers as `readers` says, averaged values and weights agree in size
+    /// with where they go, and the devices' orders cannot wait on each other for ever (a
+    /// dry run).
+    fn check(&self, outer: &Program) -> Result<(), ProgramError> {
+        let passes: Vec<Program> = self
+            .passes
+            .iter()
+            .map(|p| p.resolve(outer))
+            .collect::<Result<_, _>>()?;
+        let late = self.late.as_ref().map(|p| p.resolve(outer)).transpose()?;
+        let update = self.update.resolve(outer)?;
+        self.agrees(outer, &passes, late.as_ref(), &update)
+            .map_err(ProgramError::Corrupt)
+    }
+
+    fn agrees(
+        &self,
+        outer: &Program,
+        passes: &[Program],
+        late: Option<&Program>,
+        update: &Program,
+    ) -> Result<(), String> {
+        let m = self.microbatches as usize;
+        if m == 0 || self.order.len() != self.stages as usize {
+            return Err("the pipeline has no microbatches or not one order per stage".into());
+        }
+        // Producers of exchanged and averaged values, with their sizes.
+        let mut producer: std::collections::HashMap<&str, (usize, u64)> = Default::default();
+        for (k, p) in passes.iter().enumerate() {
+            for o in &p.outputs {
+                if producer.insert(&o.name, (k, o.bytes())).is_some() {
+                    return Err(format!("`{}` is computed by two passes", o.name));
+                }
+            }
+        }
+        let mut reads: std::collections::HashMap<&str, u32> = Default::default();
+        let exchanged = |p: &Program| -> Vec<(String, u64)> {
+            p.inputs
+                .iter()
+                .filter(|s| s.name.starts_with("x."))
+                .map(|s| (s.name.clone(), s.bytes()))
+                .collect()
+        };
+        let mut late_outputs: std::collections::HashMap<&str, u64> = Default::default();
+        let labelled = self.passes.iter().map(|x| x.label.as_str()).zip(passes);
+        for (label, p) in labelled.chain(late.map(|l| ("late", l))) {
+            for (name, bytes) in exchanged(p) {
+                match producer.get(name.as_str()) {
+                    Some(&(_, b)) if b == bytes => {}
+                    _ => {
+                        return Err(format!(
+                            "pass `{label}` reads `{name}`, which no pass computes at its size"
+                        ))
+                    }
+                }
+                *reads
+                    .entry(producer.get_key_value(name.as_str()).unwrap().0)
+                    .or_default() += 1;
+            }
+            for s in p.inputs.iter().filter(|s| !s.name.starts_with("x.")) {
+                let ok = outer
+                    .input(&s.name)
+                    .is_some_and(|o| o.bytes() == s.bytes() || o.bytes() == s.bytes() * m as u64);
+                if !ok {
+                    return Err(format!(
+                        "pass `{label}` reads input `{}`, which the step does not give in {m} microbatches of its size",
+                        s.name
+                    ));
+                }
+            }
+        }
+        if let Some(l) = late {
+            for o in &l.outputs {
+                late_outputs.insert(&o.name, o.bytes());
+            }
+        }
+        let listed: std::collections::HashMap<&str, u32> =
+            self.readers.iter().map(|(n, r)| (n.as_str(), *r)).collect();
+        if listed.len() != self.readers.len() || listed != reads {
+            return Err("the pipeline's reader counts do not match its passes".into());
+        }
+        // Averaged values: computed by a pass or the late program, read by the update or
+        // the loss.
+        let size_of = |name: &str| {
+            producer
+                .get(name)
+                .map(|p| p.1)
+                .or_else(|| late_outputs.get(name).copied())
+        };
+        for name in &self.averaged {
+            if size_of(name).is_none() {
+                return Err(format!("averaged value `{name}` is computed by no pass"));
+            }
+        }
+        for s in &update.inputs {
+            let ok = if self.averaged.contains(&s.name) {
+                size_of(&s.name) == Some(s.bytes())
+            } else {
+                outer.input(&s.name).is_some_and(|o| o.bytes() == s.bytes())
+            };
+            if !ok {
+                return Err(format!(
+                    "the optimizer's input `{}` does not match its source",
+                    s.name
+                ));
+            }
+        }
+        let loss = outer
+            .training
+            .as_ref()
+            .and_then(|t| outer.output(&t.loss_output));
+        if !self.averaged.contains(&self.loss)
+            || loss.is_none_or(|l| size_of(&self.loss) != Some(l.bytes()))
+        {
+            return Err("the pipeline's loss does not match the step's".into());
+        }
+        // Weights: one size everywhere.
+        for p in passes.iter().chain(late).chain(std::iter::once(update)) {
+            for q in &p.params {
+                let ok = outer
+                    .params
+                    .iter()
+                    .any(|o| o.slot.name == q.slot.name && o.slot.bytes() == q.slot.bytes());
+                if !ok {
+                    return Err(format!(
+                        "`{}` is not a parameter of the step at that size",
+                        q.slot.name
+                    ));
+                }
+            }
+        }
+        // Every pass once per microbatch, on its device; the orders run to the end.
+        let mut seen = vec![vec![false; m]; passes.len()];
+        for (d, order) in self.order.iter().enumerate() {
+            for &(k, mb) in order {
+                let (k, mb) = (k as usize, mb as usize);
+                if k >= passes.len() || mb >= m || self.passes[k].device as usize != d {
+                    return Err(format!("device {d}'s order names a pass it does not run"));
+                }
+                if std::mem::replace(&mut seen[k][mb], true) {
+                    return Err(format!(
+                        "pass `{}` runs twice for microbatch {mb}",
+                        self.passes[k].label
+                    ));
+                }
+            }
+        }
+        if seen.iter().flatten().any(|x| !x) {
+            return Err("the pipeline's order leaves a pass out".into());
+        }
+        let mut done: std::collections::HashSet<(&str, usize)> = Default::default();
+        let mut next = vec![0usize; self.order.len()];
+        loop {
+            let mut progressed = false;
+            for (d, order) in self.order.iter().enumerate() {
+                while let Some(&(k, mb)) = order.get(next[d]) {
+                    let p = &passes[k as usize];
+                    let ready = p
+                        .inputs
+                        .iter()
+                        .filter(|s| s.name.starts_with("x."))
+                        .all(|s| done.contains(&(s.name.as_str(), mb as usize)));
+                    if !ready {
+                        break;
+                    }
+                    for o in &p.outputs {
+                        done.insert((o.name.as_str(), mb as usize));
+                    }
+                    next[d] += 1;
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if next.iter().zip(&self.order).any(|(n, o)| *n < o.len()) {
+            return Err("the devices' orders wait on each other for ever".into());
+        }
+        Ok(())
     }
 }
 
@@ -482,29 +679,7 @@ impl Program {
             }
         }
         if let Some(pl) = &self.pipeline {
-            let passes = pl.passes.len();
-            if pl.order.len() != pl.stages as usize
-                || pl
-                    .order
-                    .iter()
-                    .flatten()
-                    .any(|&(k, _)| k as usize >= passes)
-                || pl
-                    .order
-                    .iter()
-                    .flatten()
-                    .any(|&(_, mb)| mb >= pl.microbatches)
-            {
-                return bad("the pipeline's order names a missing pass or microbatch".into());
-            }
-            for sub in pl
-                .passes
-                .iter()
-                .chain(&pl.late)
-                .chain(std::iter::once(&pl.update))
-            {
-                sub.resolve(self)?;
-            }
+            pl.check(self)?;
         }
         if let Some(t) = &self.training {
             let names = [
@@ -642,29 +817,50 @@ mod tests {
     /// A step of two passes (the sample as each, its constant in the outer blob) and an
     /// optimizer.
     fn pipelined() -> Program {
-        let mut sub = sample();
-        sub.kernels.clear();
-        sub.blob.clear();
-        let pass = |label: &str, device| SubProgram {
+        // F0: x -> x.1; F1: x.1 -> x.2 (the loss, averaged); the optimizer reads x.2.
+        let sub = |input: &str, output: &str| {
+            let mut p = sample();
+            p.kernels.clear();
+            p.blob.clear();
+            p.inputs[0].name = input.into();
+            p.outputs[0].name = output.into();
+            p
+        };
+        let pass = |label: &str, device, program| SubProgram {
             label: label.into(),
             device,
-            program: sub.clone(),
+            program,
             blob: [0, 16],
         };
         let mut p = sample();
         p.steps.clear();
         p.consts.clear();
+        p.training = Some(Training {
+            data_input: "x".into(),
+            loss_output: "y".into(),
+            vocab: None,
+            lr_input: None,
+            weight_decay_input: None,
+            step_input: None,
+            optimizer: "sgd".into(),
+            default_weight_decay: 0.0,
+            drift_outputs: vec![],
+            drift_threshold: None,
+        });
         p.pipeline = Some(Box::new(Pipeline {
             schedule: "1f1b".into(),
             stages: 2,
             microbatches: 2,
-            passes: vec![pass("F0", 0), pass("F1", 1)],
+            passes: vec![
+                pass("F0", 0, sub("x", "x.1")),
+                pass("F1", 1, sub("x.1", "x.2")),
+            ],
             order: vec![vec![(0, 0), (0, 1)], vec![(1, 0), (1, 1)]],
             late: None,
-            update: pass("update", 0),
-            averaged: vec!["y".into()],
-            loss: "y".into(),
-            readers: vec![],
+            update: pass("update", 0, sub("x.2", "z")),
+            averaged: vec!["x.2".into()],
+            loss: "x.2".into(),
+            readers: vec![("x.1".into(), 1)],
         }));
         p
     }
@@ -681,7 +877,7 @@ mod tests {
         let mut bad = pipelined();
         bad.pipeline.as_mut().unwrap().order[1].push((7, 0));
         let e = Program::from_bytes(&bad.to_bytes()).unwrap_err();
-        assert!(e.to_string().contains("missing pass"), "{e}");
+        assert!(e.to_string().contains("a pass it does not run"), "{e}");
         let mut bad = pipelined();
         bad.pipeline.as_mut().unwrap().passes[0].blob = [8, 64];
         let e = Program::from_bytes(&bad.to_bytes()).unwrap_err();
@@ -690,5 +886,31 @@ mod tests {
         bad.pipeline.as_mut().unwrap().update.program.arena_bytes = 8;
         let e = Program::from_bytes(&bad.to_bytes()).unwrap_err();
         assert!(e.to_string().contains("pass `update`"), "{e}");
+        assert_eq!(e.to_string().matches("corrupt").count(), 1, "{e}");
+        // What would panic, hang or average wrongly at run time.
+        let cases: [(&str, fn(&mut Pipeline)); 7] = [
+            ("reader counts", |p| p.readers[0].1 = 0),
+            ("reader counts", |p| p.readers.clear()),
+            ("runs twice", |p| p.order[0] = vec![(0, 0), (0, 0)]),
+            ("leaves a pass out", |p| {
+                p.order[1].pop().map(drop).unwrap_or(())
+            }),
+            ("does not run", |p| p.order.swap(0, 1)),
+            ("wait on each other", |p| {
+                p.passes[0].program.inputs[0].name = "x.2".into();
+                p.readers.push(("x.2".into(), 1));
+            }),
+            ("no pass computes", |p| {
+                p.passes[1].program.inputs[0].shape = vec![2, 3]
+            }),
+        ];
+        for (want, corrupt) in cases {
+            let mut bad = pipelined();
+            corrupt(bad.pipeline.as_mut().unwrap());
+            let e = Program::from_bytes(&bad.to_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 }
