@@ -1533,7 +1533,7 @@ fn write_ids_8x16(path: &Path) {
     let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 + 11) % 128).collect();
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
     let mut header = "{'descr': '<i8', 'fortran_order': False, 'shape': (8, 16), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

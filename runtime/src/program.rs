@@ -888,7 +888,8 @@ mod tests {
         assert!(e.to_string().contains("pass `update`"), "{e}");
         assert_eq!(e.to_string().matches("corrupt").count(), 1, "{e}");
         // What would panic, hang or average wrongly at run time.
-        let cases: [(&str, fn(&mut Pipeline)); 7] = [
+        type Corrupt = fn(&mut Pipeline);
+        let cases: [(&str, Corrupt); 7] = [
             ("reader counts", |p| p.readers[0].1 = 0),
             ("reader counts", |p| p.readers.clear()),
             ("runs twice", |p| p.order[0] = vec![(0, 0), (0, 0)]),

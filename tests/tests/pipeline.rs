@@ -8,8 +8,7 @@ use memc_tests::*;
 
 fn depth16() -> memc_ir::Graph {
     let path = root().join("examples/models/depth/llama-L16.onnx");
-    let g = canonical_model(&path, &[2, 32]);
-    g
+    canonical_model(&path, &[2, 32])
 }
 
 #[test]
