@@ -1160,7 +1160,7 @@ fn train_pipelined(
     let scalar = |v: f64| Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
     // One process per stage (torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): this
     // process runs its device's passes and exchanges values with the others over TCP.
-    let rank_env = crate::pipe::RankEnv::from_env()?;
+    let rank_env = crate::pipe::rank_env()?;
     let exchange = match &rank_env {
         Some(env) if env.world != stages => bail!(
             "WORLD_SIZE {} must equal --pipeline-stages {stages} (one process per stage)",
@@ -1269,9 +1269,6 @@ fn train_pipelined_host(
     data: &mut crate::train::Batches,
     model: &str,
 ) -> Result<()> {
-    if crate::pipe::RankEnv::from_env()?.is_some() {
-        bail!("one process per stage (RANK, WORLD_SIZE) runs on the reference backend for now (--backend ref)");
-    }
     let t0 = Instant::now();
     let host = crate::pipe::host_pipeline(program, schedule, &args.training, rows, model)?;
     let pl = host.program.pipeline.as_ref().expect("a pipeline");

@@ -493,9 +493,13 @@ pub trait Exchange: Sync {
     fn get(&self, mb: usize, v: memc_ir::ValueId) -> Option<memc_ir::Tensor>;
     /// Wakes every waiter with an error (a device failed).
     fn fail(&self);
-    /// Which device publishes each value (so a wait can fail at once when that device's
-    /// process is gone).
-    fn expect_from(&self, _producers: std::collections::HashMap<memc_ir::ValueId, usize>) {}
+    /// Which device publishes each value, and its type (so a value can come from another
+    /// process, and a wait can fail at once when that process is gone).
+    fn expect_from(
+        &self,
+        _producers: std::collections::HashMap<memc_ir::ValueId, (usize, memc_ir::TensorType)>,
+    ) {
+    }
 }
 
 /// The in-process exchange: one store per microbatch, waited on with a condition variable.
@@ -503,13 +507,6 @@ pub struct SharedExchange {
     stores: std::sync::Mutex<std::collections::HashMap<(usize, memc_ir::ValueId), memc_ir::Tensor>>,
     ready: std::sync::Condvar,
     failed: std::sync::atomic::AtomicBool,
-    /// Peers whose connection closed, and how many there are ([`TcpExchange`]): when every
-    /// peer is gone, a missing value can no longer arrive.
-    closed: std::sync::atomic::AtomicUsize,
-    peers: std::sync::atomic::AtomicUsize,
-    /// Ranks whose connection closed, and the rank publishing each value.
-    closed_ranks: std::sync::Mutex<std::collections::HashSet<usize>>,
-    producers: std::sync::Mutex<std::collections::HashMap<memc_ir::ValueId, usize>>,
 }
 
 impl SharedExchange {
@@ -519,15 +516,14 @@ impl SharedExchange {
             stores: Default::default(),
             ready: Default::default(),
             failed: Default::default(),
-            closed: Default::default(),
-            peers: Default::default(),
-            closed_ranks: Default::default(),
-            producers: Default::default(),
         }
     }
 
     fn insert(&self, mb: usize, v: memc_ir::ValueId, t: memc_ir::Tensor) {
-        self.stores.lock().unwrap().insert((mb, v), t);
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((mb, v), t);
         self.ready.notify_all();
     }
 }
@@ -551,9 +547,7 @@ impl Exchange for SharedExchange {
     }
 
     fn wait(&self, mb: usize, v: memc_ir::ValueId) -> Result<memc_ir::Tensor> {
-        let mut store = self.stores.lock().unwrap();
-        let start = std::time::Instant::now();
-        let peers = self.peers.load(std::sync::atomic::Ordering::SeqCst);
+        let mut store = self.stores.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
                 bail!("another device or rank failed");
@@ -561,43 +555,21 @@ impl Exchange for SharedExchange {
             if let Some(t) = store.get(&(mb, v)) {
                 return Ok(t.clone());
             }
-            if let Some(&r) = self.producers.lock().unwrap().get(&v) {
-                if self.closed_ranks.lock().unwrap().contains(&r) {
-                    bail!(
-                        "rank {r} closed its connection before sending %{} of microbatch {} (it stopped early or failed)",
-                        v.0,
-                        mb % STEP_STRIDE
-                    );
-                }
-            }
-            if peers > 0 && self.closed.load(std::sync::atomic::Ordering::SeqCst) >= peers {
-                bail!(
-                    "every other rank closed its connection while %{} of microbatch {} was awaited (did another rank fail?)",
-                    v.0,
-                    mb % STEP_STRIDE
-                );
-            }
-            if peers > 0 && start.elapsed() > std::time::Duration::from_secs(600) {
-                bail!(
-                    "waited 600 s for %{} of microbatch {} (a peer stopped?)",
-                    v.0,
-                    mb % STEP_STRIDE
-                );
-            }
-            store = self
-                .ready
-                .wait_timeout(store, std::time::Duration::from_millis(200))
-                .unwrap()
-                .0;
+            store = self.ready.wait(store).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     fn get(&self, mb: usize, v: memc_ir::ValueId) -> Option<memc_ir::Tensor> {
-        self.stores.lock().unwrap().get(&(mb, v)).cloned()
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(mb, v))
+            .cloned()
     }
 
     fn fail(&self) {
         self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _s = self.stores.lock().unwrap_or_else(|e| e.into_inner());
         self.ready.notify_all();
     }
 }
@@ -656,7 +628,11 @@ pub fn run_devices(
     ex.expect_from(
         plan.passes
             .iter()
-            .flat_map(|((_, c), pn)| pn.publish.iter().map(move |&v| (v, schedule.device_of(*c))))
+            .flat_map(|((_, c), pn)| {
+                pn.publish
+                    .iter()
+                    .map(move |&v| (v, (schedule.device_of(*c), g.value(v).ty.clone())))
+            })
             .collect(),
     );
     let mut fixed: HashMap<ValueId, Tensor> = HashMap::new();
@@ -892,243 +868,64 @@ pub fn apply_updates(
     Ok(())
 }
 
-/// Keys of one step's values in a [`TcpExchange`]'s store: steps are kept apart so that a
-/// peer already in the next step cannot be confused with this one.
+/// The multi-process exchange (one process per pipeline stage, torchrun's conventions):
+/// values go to the ranks that read them over the runtime's [`memc_runtime::mesh::Mesh`]
+/// (TCP, rank `r` on `MASTER_PORT + 1 + r`), keyed by step and microbatch; what this rank
+/// publishes or receives stays in a local store for its other readers.
+pub struct TcpExchange {
+    mesh: memc_runtime::mesh::Mesh,
+    step: std::sync::atomic::AtomicU64,
+    local: SharedExchange,
+    /// The rank publishing each value and its type.
+    producers:
+        std::sync::Mutex<std::collections::HashMap<memc_ir::ValueId, (usize, memc_ir::TensorType)>>,
+    /// Held while a value is received, so that two readers here take it from the mesh once.
+    receiving: std::sync::Mutex<()>,
+}
+
+/// The torchrun environment of this process ([`memc_runtime::mesh::RankEnv`]).
+pub use memc_runtime::mesh::RankEnv;
+
+/// Reads the torchrun environment ([`RankEnv::from_env`]) as an `anyhow` result.
+pub fn rank_env() -> Result<Option<RankEnv>> {
+    RankEnv::from_env().map_err(|e| anyhow!(e))
+}
+
+/// Keys of one step's values in the local store: steps are kept apart so that a peer
+/// already in the next step cannot be confused with this one.
 const STEP_STRIDE: usize = 1 << 32;
 
-/// The key of the message a failing rank sends instead of a value.
-const ABORT: u64 = u64::MAX;
-
-/// The multi-process exchange (one process per pipeline stage, torchrun's conventions):
-/// rank `r` listens on `MASTER_ADDR:MASTER_PORT + 1 + r` (MASTER_PORT itself is torchrun's
-/// store), connects to every other rank, and sends each published value to the ranks that
-/// read it; a thread per incoming connection files what arrives. Single node: every rank
-/// is reached at MASTER_ADDR (the CPU stand-in for NCCL's point-to-point sends).
-pub struct TcpExchange {
-    rank: usize,
-    step: std::sync::atomic::AtomicUsize,
-    local: std::sync::Arc<SharedExchange>,
-    peers: Vec<Option<std::sync::Mutex<std::net::TcpStream>>>,
-}
-
-/// The torchrun environment of this process, if launched as one rank of several.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RankEnv {
-    /// `RANK`.
-    pub rank: usize,
-    /// `WORLD_SIZE`.
-    pub world: usize,
-    /// `MASTER_ADDR`.
-    pub addr: String,
-    /// `MASTER_PORT`.
-    pub port: u16,
-}
-
-impl RankEnv {
-    /// Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `None` without WORLD_SIZE (or
-    /// with WORLD_SIZE 1).
-    pub fn from_env() -> Result<Option<RankEnv>> {
-        let var = |k: &str| std::env::var(k).ok();
-        let Some(world) = var("WORLD_SIZE") else {
-            return Ok(None);
-        };
-        let world: usize = world
-            .parse()
-            .map_err(|_| anyhow!("WORLD_SIZE `{world}` is not a number"))?;
-        if world <= 1 {
-            return Ok(None);
-        }
-        let rank: usize = var("RANK")
-            .ok_or_else(|| {
-                anyhow!("WORLD_SIZE is set but RANK is not (launch with torchrun or set both)")
-            })?
-            .parse()
-            .map_err(|_| anyhow!("RANK is not a number"))?;
-        if rank >= world {
-            bail!("RANK {rank} is not below WORLD_SIZE {world}");
-        }
-        let addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let port: u16 = var("MASTER_PORT")
-            .unwrap_or_else(|| "29500".into())
-            .parse()
-            .map_err(|_| anyhow!("MASTER_PORT is not a port number"))?;
-        if port as usize + world >= 65536 {
-            bail!("MASTER_PORT {port} + WORLD_SIZE {world} is past the last port");
-        }
-        Ok(Some(RankEnv {
-            rank,
-            world,
-            addr,
-            port,
-        }))
-    }
-}
-
 impl TcpExchange {
-    /// Listens, connects to every peer (retrying for up to `timeout`) and starts the
-    /// receivers.
+    /// Connects to every peer (retrying for up to `timeout`).
     pub fn connect(env: &RankEnv, timeout: std::time::Duration) -> Result<TcpExchange> {
-        use std::io::{Read, Write};
-        use std::net::{TcpListener, TcpStream};
-        let port = |r: usize| env.port + 1 + r as u16;
-        let listener = TcpListener::bind((env.addr.as_str(), port(env.rank))).map_err(|e| {
-            anyhow!(
-                "rank {}: cannot listen on {}:{}: {e}",
-                env.rank,
-                env.addr,
-                port(env.rank)
-            )
-        })?;
-        let local = std::sync::Arc::new(SharedExchange::new());
-        local
-            .peers
-            .store(env.world - 1, std::sync::atomic::Ordering::SeqCst);
-        // Accept the peers' connections in the background.
-        let incoming = env.world - 1;
-        let rx_local = local.clone();
-        let me = env.rank;
-        let world = env.world;
-        std::thread::spawn(move || {
-            // Accept until every other rank has introduced itself once; anything else that
-            // connects (a port scan, a health check) is dropped.
-            let mut seen = vec![false; world];
-            seen[me] = true;
-            let mut accepted = 0;
-            while accepted < incoming {
-                let Ok((mut stream, _)) = listener.accept() else {
-                    rx_local.fail();
-                    return;
-                };
-                stream
-                    .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-                    .ok();
-                let mut hello = [0u8; 4];
-                if stream.read_exact(&mut hello).is_err() {
-                    continue;
-                }
-                let peer = u32::from_le_bytes(hello) as usize;
-                if peer >= world || std::mem::replace(&mut seen[peer], true) {
-                    continue;
-                }
-                stream.set_read_timeout(None).ok();
-                accepted += 1;
-                let rx = rx_local.clone();
-                std::thread::spawn(move || loop {
-                    match read_message(&mut stream) {
-                        Ok(Some((key, v, t))) => rx.insert(key, v, t),
-                        Ok(None) => {
-                            rx.closed_ranks.lock().unwrap().insert(peer);
-                            rx.closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            rx.ready.notify_all();
-                            return;
-                        }
-                        Err(e) => {
-                            eprintln!("rank {me}: receiving: {e:#}");
-                            rx.fail();
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        let start = std::time::Instant::now();
-        let mut peers = vec![];
-        for r in 0..env.world {
-            if r == env.rank {
-                peers.push(None);
-                continue;
-            }
-            let stream = loop {
-                match TcpStream::connect((env.addr.as_str(), port(r))) {
-                    Ok(s) => break s,
-                    Err(e) if start.elapsed() > timeout => bail!(
-                        "rank {}: cannot reach rank {r} at {}:{} after {:.0} s: {e}",
-                        env.rank,
-                        env.addr,
-                        port(r),
-                        timeout.as_secs_f64()
-                    ),
-                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
-                }
-            };
-            stream.set_nodelay(true).ok();
-            let mut s = stream;
-            s.write_all(&(env.rank as u32).to_le_bytes())?;
-            peers.push(Some(std::sync::Mutex::new(s)));
-        }
         Ok(TcpExchange {
-            rank: env.rank,
+            mesh: memc_runtime::mesh::Mesh::connect(env, timeout)?,
             step: Default::default(),
-            local,
-            peers,
+            local: SharedExchange::new(),
+            producers: Default::default(),
+            receiving: Default::default(),
         })
     }
 
     /// Starts step `step` (1-based): what earlier steps left is dropped.
     pub fn begin_step(&self, step: usize) {
-        self.step.store(step, std::sync::atomic::Ordering::SeqCst);
+        self.step
+            .store(step as u64, std::sync::atomic::Ordering::SeqCst);
         self.local
             .stores
             .lock()
-            .unwrap()
+            .unwrap_or_else(|e| e.into_inner())
             .retain(|(k, _), _| *k >= step * STEP_STRIDE);
     }
 
     /// Tells every peer that this rank failed (they stop waiting for it); best effort.
     pub fn abort(&self) {
-        use std::io::Write;
-        for peer in self.peers.iter().flatten() {
-            if let Ok(mut p) = peer.lock() {
-                let _ = p.write_all(&ABORT.to_le_bytes());
-            }
-        }
+        self.mesh.abort();
     }
 
     fn key(&self, mb: usize) -> usize {
-        self.step.load(std::sync::atomic::Ordering::SeqCst) * STEP_STRIDE + mb
+        self.step.load(std::sync::atomic::Ordering::SeqCst) as usize * STEP_STRIDE + mb
     }
-}
-
-fn read_message(
-    s: &mut impl std::io::Read,
-) -> Result<Option<(usize, memc_ir::ValueId, memc_ir::Tensor)>> {
-    let mut head = [0u8; 8];
-    match s.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    if u64::from_le_bytes(head) == ABORT {
-        bail!("the rank sending it failed (see its error)");
-    }
-    let key = u64::from_le_bytes(head) as usize;
-    let mut u32s = [0u8; 12];
-    s.read_exact(&mut u32s)?;
-    let v = u32::from_le_bytes(u32s[0..4].try_into().unwrap());
-    let dtype_len = u32::from_le_bytes(u32s[4..8].try_into().unwrap()) as usize;
-    let rank = u32::from_le_bytes(u32s[8..12].try_into().unwrap()) as usize;
-    if dtype_len > 8 || rank > 16 {
-        bail!("a malformed message (dtype name of {dtype_len} bytes, rank {rank})");
-    }
-    let mut name = vec![0u8; dtype_len];
-    s.read_exact(&mut name)?;
-    let dtype = memc_ir::DType::from_name(std::str::from_utf8(&name)?)
-        .ok_or_else(|| anyhow!("a message with an unknown dtype"))?;
-    let mut shape = vec![];
-    for _ in 0..rank {
-        let mut d = [0u8; 8];
-        s.read_exact(&mut d)?;
-        shape.push(u64::from_le_bytes(d) as usize);
-    }
-    let ty = memc_ir::TensorType::new(dtype, shape);
-    let bytes = ty
-        .checked_bytes()
-        .filter(|&b| b <= 1 << 36)
-        .ok_or_else(|| anyhow!("a message announcing a tensor of {ty} (too large)"))?;
-    let mut data = vec![0u8; bytes];
-    s.read_exact(&mut data)?;
-    let t = memc_ir::Tensor::from_bytes(ty, data.into()).map_err(|e| anyhow!("{e}"))?;
-    Ok(Some((key, memc_ir::ValueId(v), t)))
 }
 
 impl Exchange for TcpExchange {
@@ -1139,37 +936,40 @@ impl Exchange for TcpExchange {
         t: &memc_ir::Tensor,
         to: &[usize],
     ) -> Result<()> {
-        use std::io::Write;
-        let key = self.key(mb);
-        self.local.insert(key, v, t.clone());
-        let mut msg = Vec::with_capacity(t.bytes().len() + 64);
-        msg.extend((key as u64).to_le_bytes());
-        msg.extend(v.0.to_le_bytes());
-        let name = t.dtype().name().as_bytes();
-        msg.extend((name.len() as u32).to_le_bytes());
-        msg.extend((t.shape().len() as u32).to_le_bytes());
-        msg.extend(name);
-        for &d in t.shape() {
-            msg.extend((d as u64).to_le_bytes());
-        }
-        msg.extend_from_slice(t.bytes());
-        for &r in to {
-            if r == self.rank {
-                continue;
-            }
-            let Some(Some(peer)) = self.peers.get(r) else {
-                bail!("no connection to rank {r}");
-            };
-            peer.lock()
-                .unwrap()
-                .write_all(&msg)
-                .map_err(|e| anyhow!("rank {}: sending to rank {r}: {e}", self.rank))?;
+        self.local.insert(self.key(mb), v, t.clone());
+        let step = self.step.load(std::sync::atomic::Ordering::SeqCst);
+        for &r in to.iter().filter(|&&r| r != self.mesh.rank()) {
+            self.mesh
+                .send(r, step, mb as u32, &format!("%{}", v.0), t.bytes())?;
         }
         Ok(())
     }
 
     fn wait(&self, mb: usize, v: memc_ir::ValueId) -> Result<memc_ir::Tensor> {
-        self.local.wait(self.key(mb), v)
+        if let Some(t) = self.local.get(self.key(mb), v) {
+            return Ok(t);
+        }
+        let from = self
+            .producers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&v)
+            .cloned();
+        match from {
+            Some((r, ty)) if r != self.mesh.rank() => {
+                let _one = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(t) = self.local.get(self.key(mb), v) {
+                    return Ok(t);
+                }
+                let step = self.step.load(std::sync::atomic::Ordering::SeqCst);
+                let bytes = self.mesh.recv(r, step, mb as u32, &format!("%{}", v.0))?;
+                let t = memc_ir::Tensor::from_bytes(ty, bytes.into())
+                    .map_err(|e| anyhow!("%{} of microbatch {mb} from rank {r}: {e}", v.0))?;
+                self.local.insert(self.key(mb), v, t.clone());
+                Ok(t)
+            }
+            _ => self.local.wait(self.key(mb), v),
+        }
     }
 
     fn get(&self, mb: usize, v: memc_ir::ValueId) -> Option<memc_ir::Tensor> {
@@ -1180,8 +980,11 @@ impl Exchange for TcpExchange {
         self.local.fail();
     }
 
-    fn expect_from(&self, producers: std::collections::HashMap<memc_ir::ValueId, usize>) {
-        *self.local.producers.lock().unwrap() = producers;
+    fn expect_from(
+        &self,
+        producers: std::collections::HashMap<memc_ir::ValueId, (usize, memc_ir::TensorType)>,
+    ) {
+        *self.producers.lock().unwrap_or_else(|e| e.into_inner()) = producers;
     }
 }
 

@@ -669,16 +669,40 @@ pub fn run_program(
     };
     let (losses, trained) = host
         .with_kernels(|kernels| -> Result<(Vec<f64>, Vec<(String, Vec<u8>)>)> {
-            // A pipelined step runs its passes on one thread per device.
-            let mut cpu: Box<dyn memc_runtime::Backend> = match &program.pipeline {
-                Some(_) => Box::new(memc_runtime::pipeline::PipelineCpu::new(program, kernels)?),
-                None => {
+            // A pipelined step runs its passes on one thread per device, or its own stage's
+            // in each of one process per stage (torchrun's environment; rank 0 reports).
+            let env = match &program.pipeline {
+                Some(_) => memc_runtime::mesh::RankEnv::from_env().map_err(|e| anyhow!(e))?,
+                None => None,
+            };
+            let mut cpu: Box<dyn memc_runtime::Backend> = match (&program.pipeline, &env) {
+                (Some(p), Some(env)) => {
+                    if env.world != p.stages as usize {
+                        bail!(
+                            "WORLD_SIZE {} must equal --pipeline-stages {} (one process per stage)",
+                            env.world,
+                            p.stages
+                        );
+                    }
+                    let mesh = memc_runtime::mesh::Mesh::connect(
+                        env,
+                        std::time::Duration::from_secs(120),
+                    )?;
+                    Box::new(memc_runtime::pipeline::PipelineCpu::with_mesh(
+                        program, kernels, mesh,
+                    )?)
+                }
+                (Some(_), None) => {
+                    Box::new(memc_runtime::pipeline::PipelineCpu::new(program, kernels)?)
+                }
+                (None, _) => {
                     let cpu = memc_runtime::cpu::Cpu::new(program, kernels);
                     assert_eq!(cpu.arena().bytes() as u64, program.arena_bytes);
                     Box::new(cpu)
                 }
             };
             load_params(g, program, cpu.as_mut())?;
+            let (mut quiet, mut stdout) = (std::io::sink(), std::io::stdout().lock());
             let losses = memc_runtime::session::train(
                 program,
                 cpu.as_mut(),
@@ -686,7 +710,11 @@ pub fn run_program(
                 data_path,
                 &[],
                 &cfg,
-                &mut std::io::stdout().lock(),
+                if env.as_ref().is_some_and(|e| e.rank != 0) {
+                    &mut quiet
+                } else {
+                    &mut stdout
+                },
             )?;
             if let Some(p) = cpu.profile() {
                 eprint!("{p}");

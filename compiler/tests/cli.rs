@@ -1401,12 +1401,14 @@ fn pipelined_training_across_processes_matches_one_process() {
     let data = dir.path().join("ids.npy");
     write_ids_8x16(&data);
     let cases = [
-        ("examples/models/depth/llama-L4.onnx", "1f1b"),
-        ("examples/models/depth/llama-L4.onnx", "v-half"),
+        ("examples/models/depth/llama-L4.onnx", "1f1b", "ref"),
+        ("examples/models/depth/llama-L4.onnx", "v-half", "ref"),
         // GPT-2's tied head: two stages' weight gradients summed on both.
-        ("examples/models/gpt2-dynamo.onnx", "zb-h1"),
+        ("examples/models/gpt2-dynamo.onnx", "zb-h1", "ref"),
+        // Compiled pass programs, one stage per process.
+        ("examples/models/depth/llama-L4.onnx", "v-half", "cpu"),
     ];
-    for (model, schedule) in cases {
+    for (model, schedule, backend) in cases {
         let model = root().join(model);
         let base: Vec<String> = [
             "train",
@@ -1425,6 +1427,8 @@ fn pipelined_training_across_processes_matches_one_process() {
             "4",
             "--schedule",
             schedule,
+            "--backend",
+            backend,
         ]
         .iter()
         .map(|x| x.to_string())
@@ -1449,7 +1453,9 @@ fn pipelined_training_across_processes_matches_one_process() {
         }
         let multi: Vec<f64> = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
         assert_eq!(multi.len(), 3, "one rank prints the loss: {lines:?}");
-        assert!(lines.iter().all(|l| l["world_size"] == 2));
+        assert!(lines
+            .iter()
+            .all(|l| l["world_size"] == 2 || l["pipeline"]["world_size"] == 2));
         for (a, b) in multi.iter().zip(&one) {
             assert!(
                 (a - b).abs() <= 1e-6 * b.abs(),

@@ -67,6 +67,17 @@ pub enum ScheduleKind {
 }
 
 impl ScheduleKind {
+    /// Every schedule, in the order of the CLI's list.
+    pub const ALL: [ScheduleKind; 7] = [
+        ScheduleKind::Gpipe,
+        ScheduleKind::OneFOneB,
+        ScheduleKind::Interleaved,
+        ScheduleKind::ZbH1,
+        ScheduleKind::VMin,
+        ScheduleKind::VHalf,
+        ScheduleKind::VZb,
+    ];
+
     /// Parses a `--schedule` name.
     pub fn parse(name: &str) -> Option<ScheduleKind> {
         Some(match name {
@@ -1056,15 +1067,7 @@ mod tests {
 
     #[test]
     fn every_schedule_is_complete_and_runs_with_any_costs() {
-        let kinds = [
-            ScheduleKind::Gpipe,
-            ScheduleKind::OneFOneB,
-            ScheduleKind::Interleaved,
-            ScheduleKind::ZbH1,
-            ScheduleKind::VMin,
-            ScheduleKind::VHalf,
-            ScheduleKind::VZb,
-        ];
+        let kinds = ScheduleKind::ALL;
         let costs = Costs {
             f: 1.0,
             b: 2.0,

@@ -6,7 +6,8 @@
 //! - [`cpu`]: the arena and the cpu backend (generated kernels, GEMMs on [`gemm`]).
 //! - [`gpu`]: the cuda backend (the PTX module, cuBLAS GEMMs, one device arena), through
 //!   cudarc with dynamic loading: building needs no CUDA, running needs a driver.
-//! - [`pipeline`]: pipelined training steps (one thread per pipeline stage).
+//! - [`pipeline`]: pipelined training steps (one thread per pipeline stage, or one process
+//!   per stage exchanging values over a [`mesh`]).
 //! - [`session`]: the training loop, inference and the command line of emitted executables.
 //! - [`weights`]: safetensors weights and atomic checkpoints; [`npy`]: `.npy` files.
 
@@ -16,6 +17,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod gemm;
 pub mod gpu;
+pub mod mesh;
 pub mod npy;
 pub mod pipeline;
 pub mod program;

@@ -9,6 +9,12 @@
 //! last reader); the averaged values (loss, weight gradients) are summed as passes finish.
 //! Then the update program runs once on the averages and the step's scalars, and the new
 //! weights and optimizer state go back to the step's arena.
+//!
+//! With a [`Mesh`] (one process per stage, torchrun's environment) this process runs only
+//! its own stage's passes: values read on other stages are sent there, values computed there
+//! are received; after the passes every rank sends the averaged values it computed to the
+//! others, so each runs the late and update programs on the same sums and keeps the same
+//! weights (rank 0 reports the step).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crate::cpu::{Arena, Cpu, KernelFn};
+use crate::mesh::Mesh;
 use crate::program::{Pipeline, Program, Slot};
 use crate::session::{decode, encode};
 use crate::{Backend, RunError};
@@ -42,12 +49,45 @@ pub struct PipelineCpu {
     /// Bytes of the f64 sums of averaged values (per device), last step.
     sums_bytes: u64,
     timing: Timings,
+    /// The other ranks, when each stage is a process; this process runs stage `mesh.rank()`.
+    mesh: Option<Mesh>,
+    /// Steps run (keys the messages of a step).
+    steps: u64,
+    /// The stage computing each exchanged or averaged value (outputs of passes).
+    producer: HashMap<String, usize>,
+    /// The stages reading each exchanged value (every stage for what the late program reads).
+    consumers: HashMap<String, Vec<usize>>,
+    /// How many reads of each exchanged value happen in this process per microbatch.
+    local_readers: HashMap<String, u32>,
 }
 
 impl PipelineCpu {
     /// Prepares every pass program of `program` (which must have a pipeline) with the kernel
     /// entry points `kernels` (in `program.kernels` order).
     pub fn new(program: &Program, kernels: &[KernelFn]) -> Result<PipelineCpu, RunError> {
+        PipelineCpu::build(program, kernels, None)
+    }
+
+    /// Prepares this rank's stage of `program`, exchanging values with the other ranks
+    /// through `mesh` (one rank per stage).
+    pub fn with_mesh(
+        program: &Program,
+        kernels: &[KernelFn],
+        mesh: Mesh,
+    ) -> Result<PipelineCpu, RunError> {
+        PipelineCpu::build(program, kernels, Some(mesh))
+    }
+
+    /// This process's rank (0 without a mesh).
+    pub fn rank(&self) -> usize {
+        self.mesh.as_ref().map_or(0, Mesh::rank)
+    }
+
+    fn build(
+        program: &Program,
+        kernels: &[KernelFn],
+        mesh: Option<Mesh>,
+    ) -> Result<PipelineCpu, RunError> {
         let spec = *program
             .pipeline
             .clone()
@@ -75,12 +115,59 @@ impl PipelineCpu {
                 weights,
             })
         };
+        if let Some(m) = &mesh {
+            if m.world() != spec.stages as usize {
+                return Err(RunError::Usage(format!(
+                    "WORLD_SIZE {} must equal the program's {} pipeline stages (one process per stage)",
+                    m.world(),
+                    spec.stages
+                )));
+            }
+        }
+        let here = |d: usize| mesh.as_ref().is_none_or(|m| m.rank() == d);
+        let mut producer = HashMap::new();
+        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut local_readers: HashMap<String, u32> = HashMap::new();
+        let all: Vec<usize> = (0..spec.stages as usize).collect();
+        for sub in &spec.passes {
+            let d = sub.device as usize;
+            for o in &sub.program.outputs {
+                producer.insert(o.name.clone(), d);
+            }
+            for i in sub
+                .program
+                .inputs
+                .iter()
+                .filter(|i| i.name.starts_with("x."))
+            {
+                let c = consumers.entry(i.name.clone()).or_default();
+                if !c.contains(&d) {
+                    c.push(d);
+                }
+                if here(d) {
+                    *local_readers.entry(i.name.clone()).or_default() += 1;
+                }
+            }
+        }
+        if let Some(late) = &spec.late {
+            for i in late
+                .program
+                .inputs
+                .iter()
+                .filter(|i| i.name.starts_with("x."))
+            {
+                consumers.insert(i.name.clone(), all.clone());
+                *local_readers.entry(i.name.clone()).or_default() += 1;
+            }
+        }
         let mut devices: Vec<Vec<(usize, Pass)>> = (0..spec.stages).map(|_| Vec::new()).collect();
         for (k, sub) in spec.passes.iter().enumerate() {
             let d = devices.get_mut(sub.device as usize).ok_or_else(|| {
                 RunError::Usage(format!("pass `{}` is on a missing device", sub.label))
             })?;
-            d.push((k, prepare(sub)?));
+            if here(sub.device as usize) {
+                d.push((k, prepare(sub)?));
+            }
         }
         let update = prepare(&spec.update)?;
         let late = spec.late.as_ref().map(prepare).transpose()?;
@@ -98,6 +185,11 @@ impl PipelineCpu {
             update,
             held_peak: 0,
             sums_bytes: 0,
+            mesh,
+            steps: 0,
+            producer,
+            consumers,
+            local_readers,
         })
     }
 
@@ -180,6 +272,20 @@ impl Store {
         }
     }
 
+    /// The value if it is here (counting one read), without waiting.
+    fn try_take(&self, mb: u32, name: &str) -> Option<Arc<Vec<u8>>> {
+        let key = (mb, name.to_string());
+        let mut s = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        let (bytes, left) = s.map.get_mut(&key)?;
+        let bytes = bytes.clone();
+        *left = left.saturating_sub(1);
+        if *left == 0 {
+            s.map.remove(&key);
+            s.held -= bytes.len() as u64;
+        }
+        Some(bytes)
+    }
+
     fn fail(&self) {
         self.failed.store(true, Ordering::SeqCst);
         let _guard = self.values.lock().unwrap_or_else(|e| e.into_inner());
@@ -236,7 +342,26 @@ impl Backend for PipelineCpu {
     }
 
     fn run(&mut self) -> Result<(), RunError> {
+        self.steps += 1;
+        let r = self.one_step();
+        if let (Err(_), Some(mesh)) = (&r, &self.mesh) {
+            mesh.abort();
+        }
+        r
+    }
+
+    fn profile(&self) -> Option<String> {
+        self.report()
+    }
+}
+
+impl PipelineCpu {
+    fn one_step(&mut self) -> Result<(), RunError> {
         let m = self.spec.microbatches as usize;
+        let (mesh, step_no) = (self.mesh.as_ref(), self.steps);
+        let me = self.rank();
+        let here = |d: usize| mesh.is_none() || d == me;
+        let (producer, consumers) = (&self.producer, &self.consumers);
         let step = &self.step;
         let interface = &self.interface;
         for pass in self
@@ -250,12 +375,7 @@ impl Backend for PipelineCpu {
                 pass.cpu.arena_mut().set(inner, step.get(outer));
             }
         }
-        let readers: HashMap<&str, u32> = self
-            .spec
-            .readers
-            .iter()
-            .map(|(n, r)| (n.as_str(), *r))
-            .collect();
+        let readers = &self.local_readers;
         let averaged: Vec<&str> = self.spec.averaged.iter().map(String::as_str).collect();
         let store = Store {
             values: Mutex::new(StoreState::default()),
@@ -271,8 +391,32 @@ impl Backend for PipelineCpu {
                 for slot in &pass.program.inputs {
                     if slot.name.starts_with("x.") {
                         let t0 = Instant::now();
-                        let bytes = store.take(mb, &slot.name)?;
+                        let from = producer.get(&slot.name).copied().unwrap_or(me);
+                        let bytes = match mesh {
+                            // From another rank: the first reader here receives it and
+                            // leaves it for the others.
+                            Some(mesh) if !here(from) => match store.try_take(mb, &slot.name) {
+                                Some(b) => b,
+                                None => {
+                                    let b = mesh.recv(from, step_no, mb, &slot.name)?;
+                                    let left = readers.get(&slot.name).copied().unwrap_or(1);
+                                    if left > 1 {
+                                        store.put(mb, &slot.name, b.clone(), left - 1);
+                                    }
+                                    Arc::new(b)
+                                }
+                            },
+                            _ => store.take(mb, &slot.name)?,
+                        };
                         waited += t0.elapsed().as_secs_f64();
+                        if bytes.len() as u64 != slot.bytes() {
+                            return Err(RunError::Usage(format!(
+                                "`{}` of microbatch {mb}: {} bytes arrived for {}",
+                                slot.name,
+                                bytes.len(),
+                                slot.type_string()
+                            )));
+                        }
                         pass.cpu.arena_mut().set(slot, &bytes);
                         continue;
                     }
@@ -304,6 +448,13 @@ impl Backend for PipelineCpu {
                             *a += x;
                         }
                     }
+                    if let Some(mesh) = mesh {
+                        for &c in consumers.get(&slot.name).into_iter().flatten() {
+                            if c != me {
+                                mesh.send(c, step_no, mb, &slot.name, bytes)?;
+                            }
+                        }
+                    }
                     if let Some(&r) = readers.get(slot.name.as_str()) {
                         store.put(mb, &slot.name, bytes.to_vec(), r);
                     }
@@ -312,28 +463,30 @@ impl Backend for PipelineCpu {
             Ok(waited)
         };
         let step_start = Instant::now();
-        let run_device =
-            |d: usize, passes: &mut Vec<(usize, Pass)>| -> Result<(Timing, Sums), RunError> {
-                let mut t = Timing::default();
-                let mut sums = Sums::new();
-                for &(k, mb) in &order[d] {
-                    let (_, pass) = passes
-                        .iter_mut()
-                        .find(|(i, _)| *i == k as usize)
-                        .ok_or_else(|| RunError::Usage(format!("pass {k} is not on device {d}")))?;
-                    let t0 = Instant::now();
-                    let waited = run_pass(pass, mb, &mut sums)?;
-                    t.waiting += waited;
-                    t.busy += t0.elapsed().as_secs_f64() - waited;
-                }
-                t.end = step_start.elapsed().as_secs_f64();
-                Ok((t, sums))
-            };
-        let results = std::thread::scope(|s| -> Result<Vec<(Timing, Sums)>, RunError> {
+        let run_device = |d: usize,
+                          passes: &mut Vec<(usize, Pass)>|
+         -> Result<(usize, Timing, Sums), RunError> {
+            let mut t = Timing::default();
+            let mut sums = Sums::new();
+            for &(k, mb) in &order[d] {
+                let (_, pass) = passes
+                    .iter_mut()
+                    .find(|(i, _)| *i == k as usize)
+                    .ok_or_else(|| RunError::Usage(format!("pass {k} is not on device {d}")))?;
+                let t0 = Instant::now();
+                let waited = run_pass(pass, mb, &mut sums)?;
+                t.waiting += waited;
+                t.busy += t0.elapsed().as_secs_f64() - waited;
+            }
+            t.end = step_start.elapsed().as_secs_f64();
+            Ok((d, t, sums))
+        };
+        let results = std::thread::scope(|s| -> Result<Vec<(usize, Timing, Sums)>, RunError> {
             let handles: Vec<_> = self
                 .devices
                 .iter_mut()
                 .enumerate()
+                .filter(|(d, _)| here(*d))
                 .map(|(d, passes)| {
                     let (run, store) = (&run_device, &store);
                     s.spawn(move || {
@@ -369,10 +522,10 @@ impl Backend for PipelineCpu {
             }
         })?;
         let mut sums = Sums::new();
-        let mut timings = Vec::with_capacity(results.len());
+        let mut timings = vec![Timing::default(); self.spec.stages as usize];
         self.sums_bytes = 0;
-        for (t, part) in results {
-            timings.push(t);
+        for (d, t, part) in results {
+            timings[d] = t;
             self.sums_bytes += part.values().map(|v| 8 * v.len() as u64).sum::<u64>();
             for (name, v) in part {
                 match sums.get_mut(&name) {
@@ -382,13 +535,40 @@ impl Backend for PipelineCpu {
             }
         }
         let passes_done = step_start.elapsed().as_secs_f64();
-        for (acc, t) in self.timing.devices.iter_mut().zip(&timings) {
-            acc.busy += t.busy;
-            acc.waiting += t.waiting;
-            acc.end += passes_done - t.end;
+        for (d, (acc, t)) in self.timing.devices.iter_mut().zip(&timings).enumerate() {
+            if here(d) {
+                acc.busy += t.busy;
+                acc.waiting += t.waiting;
+                acc.end += passes_done - t.end;
+            }
         }
         self.timing.passes += passes_done;
         self.timing.steps += 1;
+        // Each rank's averaged values to the others: every rank then runs the same late and
+        // update programs on the same sums (late outputs are computed on every rank).
+        if let Some(mesh) = mesh {
+            for name in &self.spec.averaged {
+                let Some(&from) = producer.get(name) else {
+                    continue;
+                };
+                if from == me {
+                    let v = sums.get(name).ok_or_else(|| {
+                        RunError::Usage(format!("no pass here computed `{name}` (a memc bug)"))
+                    })?;
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    for r in (0..mesh.world()).filter(|&r| r != me) {
+                        mesh.send(r, step_no, u32::MAX, name, &bytes)?;
+                    }
+                } else {
+                    let b = mesh.recv(from, step_no, u32::MAX, name)?;
+                    let v = b
+                        .chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect();
+                    sums.insert(name.clone(), v);
+                }
+            }
+        }
         if let Some(late) = self.late.as_mut() {
             let t0 = Instant::now();
             for mb in 0..m as u32 {
@@ -411,7 +591,16 @@ impl Backend for PipelineCpu {
         let update = &mut self.update;
         for slot in &update.program.inputs {
             let bytes = if averaged.contains(&slot.name.as_str()) {
-                encode(slot.dtype, &mean(&slot.name)?)
+                let b = encode(slot.dtype, &mean(&slot.name)?);
+                if b.len() as u64 != slot.bytes() {
+                    return Err(RunError::Usage(format!(
+                        "`{}`: {} bytes of sums for {} (a rank sent a malformed value)",
+                        slot.name,
+                        b.len(),
+                        slot.type_string()
+                    )));
+                }
+                b
             } else {
                 let outer = interface.input(&slot.name).ok_or_else(|| {
                     RunError::Usage(format!(
@@ -443,15 +632,20 @@ impl Backend for PipelineCpu {
             .output(&training.loss_output)
             .ok_or_else(|| RunError::Usage("the step has no loss output".into()))?
             .clone();
-        let l = mean(&self.spec.loss)?;
-        self.step.set(&loss, &encode(loss.dtype, &l));
+        let l = encode(loss.dtype, &mean(&self.spec.loss)?);
+        if l.len() as u64 != loss.bytes() {
+            return Err(RunError::Usage(
+                "the loss does not match the step's (a memc bug)".into(),
+            ));
+        }
+        self.step.set(&loss, &l);
         Ok(())
     }
 
     /// With `MEMC_PROFILE` set: each device's time computing, waiting for other devices'
     /// values and idle after its last pass (the measured bubbles), and the late and update
     /// programs' time, summed over the steps.
-    fn profile(&self) -> Option<String> {
+    fn report(&self) -> Option<String> {
         std::env::var_os("MEMC_PROFILE")?;
         let t = &self.timing;
         let ms = |s: f64| s * 1e3;

@@ -301,6 +301,9 @@ pub fn train(
                 "stages": p.stages,
                 "microbatches": p.microbatches,
             });
+            if let Ok(Some(env)) = crate::mesh::RankEnv::from_env() {
+                line["pipeline"]["world_size"] = env.world.into();
+            }
         }
         if !drifts.is_empty() {
             let mut d = Vec::with_capacity(drifts.len());
@@ -680,9 +683,28 @@ fn open_backend(
     kernels: &[KernelFn],
 ) -> Result<Box<dyn Backend>, RunError> {
     match cmd.get("--backend").unwrap_or("cpu") {
-        "cpu" if program.pipeline.is_some() => Ok(Box::new(crate::pipeline::PipelineCpu::new(
-            program, kernels,
-        )?)),
+        "cpu" if program.pipeline.is_some() => {
+            // One process per stage when launched with torchrun's environment.
+            match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
+                Some(env) => {
+                    let stages = program.pipeline.as_ref().map_or(0, |p| p.stages as usize);
+                    if env.world != stages {
+                        return Err(RunError::Usage(format!(
+                            "WORLD_SIZE {} must equal the program's {stages} pipeline stages (one process per stage)",
+                            env.world
+                        )));
+                    }
+                    let mesh =
+                        crate::mesh::Mesh::connect(&env, std::time::Duration::from_secs(120))?;
+                    Ok(Box::new(crate::pipeline::PipelineCpu::with_mesh(
+                        program, kernels, mesh,
+                    )?))
+                }
+                None => Ok(Box::new(crate::pipeline::PipelineCpu::new(
+                    program, kernels,
+                )?)),
+            }
+        }
         "cpu" => Ok(Box::new(Cpu::new(program, kernels))),
         "cuda" if program.pipeline.is_some() => Err(RunError::Usage(format!(
             "{}: pipelined steps run on the cpu backend for now (--backend cpu)",
@@ -766,14 +788,27 @@ pub fn run_cli(
                     }
                 );
             }
+            // One process per pipeline stage: every rank ends each step with the same
+            // weights; rank 0 reports the steps and writes the checkpoint.
+            let rank = match program.pipeline {
+                Some(_) => crate::mesh::RankEnv::from_env()
+                    .map_err(RunError::Usage)?
+                    .map_or(0, |e| e.rank),
+                None => 0,
+            };
             let cfg = TrainConfig {
                 steps: cmd.number("--steps")?.unwrap_or(10),
                 lr: cmd.number("--lr")?.unwrap_or(1e-3),
                 weight_decay: cmd.number("--weight-decay")?,
                 start_step,
-                save: cmd.get("--save").map(PathBuf::from),
-                metrics: cmd.get("--metrics").map(PathBuf::from),
+                save: cmd.get("--save").filter(|_| rank == 0).map(PathBuf::from),
+                metrics: cmd
+                    .get("--metrics")
+                    .filter(|_| rank == 0)
+                    .map(PathBuf::from),
             };
+            let mut quiet = std::io::sink();
+            let mut stdout = std::io::stdout().lock();
             train(
                 &program,
                 cpu,
@@ -781,7 +816,7 @@ pub fn run_cli(
                 data_path,
                 &inputs(&cmd)?,
                 &cfg,
-                &mut std::io::stdout().lock(),
+                if rank == 0 { &mut stdout } else { &mut quiet },
             )?;
         }
         "infer" => {

@@ -559,31 +559,22 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
         (lines[0]["loss"].as_f64().unwrap(), tensors(&ckpt))
     };
     let (loss, want) = sgd_step(&plain, "plain");
-    let schedules = [
-        "gpipe",
-        "1f1b",
-        "interleaved",
-        "zb-h1",
-        "v-min",
-        "v-half",
-        "v-zb",
-    ];
-    for schedule in schedules {
+    // Two stages, four microbatches.
+    let piped = |optimizer: &'static str, schedule: &'static str| {
+        [
+            "--optimizer",
+            optimizer,
+            "--pipeline-stages",
+            "2",
+            "--microbatches",
+            "4",
+            "--schedule",
+            schedule,
+        ]
+    };
+    for schedule in memc_passes::pipeline::ScheduleKind::ALL.map(|k| k.name()) {
         let exe = dir.join(schedule);
-        memc_compile(
-            llama,
-            &exe,
-            &[
-                "--optimizer",
-                "sgd",
-                "--pipeline-stages",
-                "2",
-                "--microbatches",
-                "4",
-                "--schedule",
-                schedule,
-            ],
-        );
+        memc_compile(llama, &exe, &piped("sgd", schedule));
         let info = ok(Command::new(&exe).arg("info"));
         assert!(
             info.contains(&format!("pipeline: {schedule} on 2 stages, 4 microbatches")),
@@ -625,20 +616,7 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
         let plain = dir.join(format!("{name}-adamw"));
         memc_compile(model, &plain, &["--optimizer", "adamw"]);
         let exe = dir.join(format!("{name}-{schedule}"));
-        memc_compile(
-            model,
-            &exe,
-            &[
-                "--optimizer",
-                "adamw",
-                "--pipeline-stages",
-                "2",
-                "--microbatches",
-                "4",
-                "--schedule",
-                schedule,
-            ],
-        );
+        memc_compile(model, &exe, &piped("adamw", schedule));
         let lr = ["--lr", "1e-2"];
         let want = losses(&run_train(&plain, &[&lr[..], &["--steps", "4"]].concat()));
         let ckpt = dir.join(format!("{name}.resume.safetensors"));
@@ -667,4 +645,132 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
             "pipelined steps run on the cpu backend",
         );
     }
+}
+
+/// A base port whose next `n` ports are free on the loopback interface.
+fn free_ports(n: u16) -> u16 {
+    for _ in 0..50 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = l.local_addr().unwrap().port();
+        drop(l);
+        if base as u32 + n as u32 + 1 < 65535
+            && (1..=n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+#[test]
+fn pipelined_executables_run_one_process_per_stage() {
+    let dir = scratch("ranks");
+    let data = dir.join("ids.npy");
+    write_ids(&data, 8, 16);
+    let cases = [
+        ("examples/models/depth/llama-L4.onnx", "v-half", 2),
+        // GPT-2's tied embedding: its gradient parts go to every rank for the late sums.
+        ("examples/models/gpt2-dynamo.onnx", "zb-h1", 2),
+        ("examples/models/depth/llama-L4.onnx", "1f1b", 3),
+    ];
+    for (model, schedule, stages) in cases {
+        let exe = dir.join(format!("{schedule}-{stages}"));
+        let mut cmd = Command::new(bin_dir().join("memc"));
+        cmd.arg("compile")
+            .arg(memc_tests::root().join(model))
+            .args(["--shape", "input_ids=8x16", "--train", "-o"])
+            .arg(&exe)
+            .args([
+                "--pipeline-stages",
+                &stages.to_string(),
+                "--microbatches",
+                "4",
+            ])
+            .args(["--schedule", schedule]);
+        ok(&mut cmd);
+        let train = |steps: &str| {
+            let mut c = Command::new(&exe);
+            c.arg("train")
+                .arg("--data")
+                .arg(&data)
+                .args(["--steps", steps, "--lr", "1e-2"]);
+            c
+        };
+        let want = losses(
+            &ok(&mut train("3"))
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>(),
+        );
+        let port = free_ports(stages as u16 + 1);
+        let ranks: Vec<std::process::Child> = (0..stages)
+            .map(|r| {
+                train("3")
+                    .env("RANK", r.to_string())
+                    .env("WORLD_SIZE", stages.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = ranks
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        for (r, o) in outs.iter().enumerate() {
+            assert!(
+                o.status.success(),
+                "{model} {schedule} rank {r}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&outs[0].stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["pipeline"]["world_size"], stages);
+        let got = losses(&lines);
+        assert!(
+            max_rel(&got, &want) <= 1e-6,
+            "{model} {schedule}: {got:?} vs {want:?}"
+        );
+        assert!(
+            outs[1..].iter().all(|o| o.stdout.is_empty()),
+            "rank 0 reports"
+        );
+    }
+    // A rank that stops early: the other fails at once, naming it; a world of another size
+    // than the stages is one error line.
+    let exe = dir.join("v-half-2");
+    let port = free_ports(3);
+    let spawn = |rank: &str, steps: &str| {
+        Command::new(&exe)
+            .args(["train", "--data"])
+            .arg(&data)
+            .args(["--steps", steps])
+            .env("RANK", rank)
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("0", "3"), spawn("1", "1"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let err = String::from_utf8_lossy(&a.stderr);
+    assert_eq!(a.status.code(), Some(2), "{err}");
+    assert!(err.contains("rank 1 closed its connection"), "{err}");
+    fails(
+        Command::new(&exe)
+            .args(["train", "--data"])
+            .arg(&data)
+            .env("RANK", "0")
+            .env("WORLD_SIZE", "3"),
+        "WORLD_SIZE 3 must equal the program's 2 pipeline stages",
+    );
 }

@@ -117,15 +117,7 @@ fn full_batch(path: &std::path::Path, ids: &memc_ir::Tensor) -> (f64, HashMap<St
 
 #[test]
 fn pipelined_steps_equal_the_full_batch_step_for_every_schedule() {
-    let all = [
-        "gpipe",
-        "1f1b",
-        "interleaved",
-        "zb-h1",
-        "v-min",
-        "v-half",
-        "v-zb",
-    ];
+    let all = memc_passes::pipeline::ScheduleKind::ALL.map(|k| k.name());
     check_pipelined(
         &root().join("examples/models/depth/llama-L4.onnx"),
         &all,
