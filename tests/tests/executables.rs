@@ -293,7 +293,11 @@ fn bad_inputs_give_one_clear_error() {
 
     // The embedded program: one flipped byte is caught by the checksum.
     let mut bytes = std::fs::read(&exe).unwrap();
-    let magic = b"MEMCPRG\0\x01\x00\x00\x00";
+    let magic: Vec<u8> = memc_runtime::program::MAGIC
+        .iter()
+        .copied()
+        .chain(memc_runtime::program::VERSION.to_le_bytes())
+        .collect();
     let at = bytes
         .windows(magic.len())
         .position(|w| w == magic)
