@@ -1,7 +1,7 @@
 """Pipelined training steps on the CPU: an 8-layer, d_model 256 Llama (4 heads, d_ffn 704, vocab
 2048), batch 16 x seq 128, as one emitted executable per schedule (2 stages = 2 threads, 8
-microbatches) against the unpipelined executable and PyTorch eager (1 and 2 threads), in the
-same run.
+microbatches; threads, then one process per stage over loopback TCP) against the unpipelined
+executable and PyTorch eager (1 and 2 threads), in the same run.
 
     python3 scripts/bench-cpu-pipeline.py [--steps 5] [--schedules 1f1b,zb-h1,v-half]
 
@@ -33,14 +33,29 @@ data = os.path.join(tmp, "ids.npy")
 np.save(data, ids)
 
 
-def run(name, extra):
+def run(name, extra, ranks=0):
     exe = os.path.join(tmp, name)
-    subprocess.run([MEMC, "compile", MODEL, "--shape", "input_ids=16x128", "--train", "--optimizer", "adamw",
-                    "-o", exe, *extra], check=True, capture_output=True)
-    out = subprocess.run([exe, "train", "--data", data, "--steps", str(a.steps), "--lr", "1e-3"],
-                         capture_output=True, text=True, check=True, env={**os.environ, "MEMC_PROFILE": "1"})
-    lines = [json.loads(l) for l in out.stdout.splitlines()]
-    idle = [float(x) for x in re.findall(r"idle ([0-9.]+)% of the passes' time", out.stderr)]
+    if not os.path.exists(exe):
+        subprocess.run([MEMC, "compile", MODEL, "--shape", "input_ids=16x128", "--train", "--optimizer", "adamw",
+                        "-o", exe, *extra], check=True, capture_output=True)
+    cmd = [exe, "train", "--data", data, "--steps", str(a.steps), "--lr", "1e-3"]
+    env = {**os.environ, "MEMC_PROFILE": "1"}
+    if ranks:
+        # One process per stage (torchrun's environment); rank 0 reports.
+        port = str(29600 + os.getpid() % 1000)
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**env, "RANK": str(r), "WORLD_SIZE": str(ranks), "MASTER_PORT": port})
+                 for r in range(ranks)]
+        outs = [p.communicate() for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        stdout, stderr = outs[0][0], "".join(o[1] for o in outs)
+    else:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        stdout, stderr = out.stdout, out.stderr
+    lines = [json.loads(l) for l in stdout.splitlines()]
+    idle = [float(x) for x in re.findall(r"device \d+: computing [0-9.]+ ms, waiting [0-9.]+ ms, done early by [0-9.]+ ms; idle ([0-9.]+)%", stderr)]
+    if ranks:
+        idle = [x for x in idle if x < 100.0]  # each rank reports its own stage
     return statistics.median(l["step_ms"] for l in lines[1:]), [l["loss"] for l in lines], lines[-1]["peak_bytes"], idle
 
 
@@ -49,6 +64,7 @@ for s in a.schedules.split(","):
     sim = json.loads(subprocess.run([MEMC, "schedule", "--stages", "2", "--microbatches", "8", "--schedule", s, "--json"],
                                     capture_output=True, text=True, check=True).stdout)["bubble_rate"]
     rows.append((f"{s}, 2 stages x 8 microbatches", *run(s, ["--pipeline-stages", "2", "--microbatches", "8", "--schedule", s]), sim))
+    rows.append((f"{s}, same, one process per stage", *run(s, [], ranks=2), sim))
 
 spec = importlib.util.spec_from_file_location("gen", "scripts/gen-big-llama.py")
 gen = importlib.util.module_from_spec(spec)
