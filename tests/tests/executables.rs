@@ -651,6 +651,19 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
     }
 }
 
+/// `cmd` started as rank `rank` of `world` with torchrun's environment on the loopback, its
+/// output captured.
+fn as_rank(cmd: &mut Command, rank: usize, world: usize, port: u16) -> std::process::Child {
+    cmd.env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A base port whose next `n` ports are free on the loopback interface.
 fn free_ports(n: u16) -> u16 {
     for _ in 0..50 {
@@ -708,17 +721,7 @@ fn pipelined_executables_run_one_process_per_stage() {
         );
         let port = free_ports(stages as u16 + 1);
         let ranks: Vec<std::process::Child> = (0..stages)
-            .map(|r| {
-                train("3")
-                    .env("RANK", r.to_string())
-                    .env("WORLD_SIZE", stages.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", port.to_string())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
+            .map(|r| as_rank(&mut train("3"), r, stages, port))
             .collect();
         let outs: Vec<Output> = ranks
             .into_iter()
@@ -750,20 +753,14 @@ fn pipelined_executables_run_one_process_per_stage() {
     // than the stages is one error line.
     let exe = dir.join("v-half-2");
     let port = free_ports(3);
-    let spawn = |rank: &str, steps: &str| {
-        Command::new(&exe)
-            .args(["train", "--data"])
+    let spawn = |rank: usize, steps: &str| {
+        let mut c = Command::new(&exe);
+        c.args(["train", "--data"])
             .arg(&data)
-            .args(["--steps", steps])
-            .env("RANK", rank)
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_PORT", port.to_string())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+            .args(["--steps", steps]);
+        as_rank(&mut c, rank, 2, port)
     };
-    let (a, b) = (spawn("0", "3"), spawn("1", "1"));
+    let (a, b) = (spawn(0, "3"), spawn(1, "1"));
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
     let err = String::from_utf8_lossy(&a.stderr);
