@@ -82,6 +82,12 @@ echo "== memc compile $DEPTH --shape input_ids=8x32 --train --pipeline-stages 2 
 $MEMC compile $DEPTH --shape input_ids=8x32 --train --pipeline-stages 2 --microbatches 4 --schedule v-half -o "$OUT/piped"
 "$OUT/piped" info | grep -E '^pipeline'
 "$OUT/piped" train --data "$OUT/ids8x32.npy" --steps 3 --lr 1e-2
+echo "== the same executable as one process per stage (RANK=0,1 WORLD_SIZE=2; rank 0 reports)"
+for rank in 0 1; do
+  RANK=$rank WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$(( ${MEMC_DEMO_PORT:-29517} + 10 )) \
+    "$OUT/piped" train --data "$OUT/ids8x32.npy" --steps 3 --lr 1e-2 &
+done
+wait
 
 echo
 echo "== memc toolchain   (MLIR 19, LLVM 19 for x86-64 and NVPTX, the CUDA driver)"
