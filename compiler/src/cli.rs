@@ -233,12 +233,7 @@ struct ScheduleArgs {
 
 fn schedule(args: ScheduleArgs) -> Result<()> {
     use memc_passes::pipeline::{self, Costs, ScheduleKind};
-    let kind = ScheduleKind::parse(&args.schedule).ok_or_else(|| {
-        anyhow!(
-            "--schedule `{}` is not a schedule (gpipe, 1f1b, interleaved, zb-h1, v-min, v-half, v-zb)",
-            args.schedule
-        )
-    })?;
+    let kind = ScheduleKind::parse_named(&args.schedule).map_err(|e| anyhow!(e))?;
     if args.costs.len() != 4
         || args.costs.iter().any(|c| !(c.is_finite() && *c >= 0.0))
         || args.costs[..3].iter().any(|&c| c <= 0.0)

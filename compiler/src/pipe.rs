@@ -67,12 +67,7 @@ impl PipelineArgs {
         if p == 0 {
             bail!("--pipeline-stages must be at least 1");
         }
-        let kind = ScheduleKind::parse(&self.schedule).ok_or_else(|| {
-            anyhow!(
-                "--schedule `{}` is not a schedule (gpipe, 1f1b, interleaved, zb-h1, v-min, v-half, v-zb)",
-                self.schedule
-            )
-        })?;
+        let kind = ScheduleKind::parse_named(&self.schedule).map_err(|e| anyhow!(e))?;
         Ok(Some((kind, p * kind.chunks_per_device())))
     }
 }
@@ -1079,7 +1074,7 @@ pub fn host_pipeline(
 ) -> Result<memc_codegen::host::HostProgram> {
     use memc_ir::{NodeId, Phase, ValueDef, ValueId};
     use memc_runtime::program::{Param, Pipeline, Program, Slot, SubProgram};
-    use std::collections::{BTreeMap, HashMap, HashSet};
+    use std::collections::{HashMap, HashSet};
     let plan = plan_passes(g, schedule);
     let mut keys: Vec<(Kind, usize)> = plan.passes.keys().copied().collect();
     keys.sort();
@@ -1099,7 +1094,6 @@ pub fn host_pipeline(
         memc_ir::verify(sub).map_err(|e| anyhow!("{model}: pipelined pass {what}: {e}"))
     };
     // The passes.
-    let mut readers: BTreeMap<String, u32> = BTreeMap::new();
     let mut published: HashSet<ValueId> = HashSet::new();
     let mut parts = vec![];
     let mut subs: Vec<(String, u32)> = vec![];
@@ -1107,9 +1101,6 @@ pub fn host_pipeline(
         let pn = &plan.passes[&k];
         let sub = extract(g, &pn.nodes, &pn.publish);
         verify(&sub, &label(k))?;
-        for &v in &pn.external {
-            *readers.entry(key(v)).or_default() += 1;
-        }
         published.extend(pn.publish.iter().copied());
         parts.push(
             crate::train::host_program(&sub, model, None)
@@ -1142,13 +1133,6 @@ pub fn host_pipeline(
         }
         let sub = extract(g, &plan.late, &outs);
         verify(&sub, "late")?;
-        for &v in sub.inputs() {
-            if let ValueDef::Input { name } = &sub.value(v).def {
-                if name.starts_with("x.") {
-                    *readers.entry(name.clone()).or_default() += 1;
-                }
-            }
-        }
         published.extend(outs.iter().copied());
         Some(
             crate::train::host_program(&sub, model, None)
@@ -1291,7 +1275,6 @@ pub fn host_pipeline(
         },
         averaged,
         loss: key(loss_v),
-        readers: readers.into_iter().collect(),
     }));
     host.program
         .validate()

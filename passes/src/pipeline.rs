@@ -78,6 +78,17 @@ impl ScheduleKind {
         ScheduleKind::VZb,
     ];
 
+    /// Parses a `--schedule` name; the error lists the names.
+    pub fn parse_named(name: &str) -> Result<ScheduleKind, String> {
+        ScheduleKind::parse(name).ok_or_else(|| {
+            let names: Vec<&str> = ScheduleKind::ALL.iter().map(|k| k.name()).collect();
+            format!(
+                "--schedule `{name}` is not a schedule ({})",
+                names.join(", ")
+            )
+        })
+    }
+
     /// Parses a `--schedule` name.
     pub fn parse(name: &str) -> Option<ScheduleKind> {
         Some(match name {

@@ -192,11 +192,6 @@ impl PipelineCpu {
             local_readers,
         })
     }
-
-    /// The most bytes of values in flight between passes at once during the last step.
-    pub fn held_peak(&self) -> u64 {
-        self.held_peak
-    }
 }
 
 /// Seconds one device spent computing and waiting in one step, and when it finished (then
@@ -387,77 +382,72 @@ impl PipelineCpu {
         // summing); returns the seconds spent waiting for other passes' values.
         let run_pass = |pass: &mut Pass, mb: u32, sums: &mut Sums| -> Result<f64, RunError> {
             let mut waited = 0.0;
-            {
-                for slot in &pass.program.inputs {
-                    if slot.name.starts_with("x.") {
-                        let t0 = Instant::now();
-                        let from = producer.get(&slot.name).copied().unwrap_or(me);
-                        let bytes = match mesh {
-                            // From another rank: the first reader here receives it and
-                            // leaves it for the others.
-                            Some(mesh) if !here(from) => match store.try_take(mb, &slot.name) {
-                                Some(b) => b,
-                                None => {
-                                    let b = mesh.recv(from, step_no, mb, &slot.name)?;
-                                    let left = readers.get(&slot.name).copied().unwrap_or(1);
-                                    if left > 1 {
-                                        store.put(mb, &slot.name, b.clone(), left - 1);
-                                    }
-                                    Arc::new(b)
+            for slot in &pass.program.inputs {
+                if slot.name.starts_with("x.") {
+                    let t0 = Instant::now();
+                    let from = producer.get(&slot.name).copied().unwrap_or(me);
+                    let bytes = match mesh {
+                        // From another rank: the first reader here receives it and
+                        // leaves it for the others.
+                        Some(mesh) if !here(from) => match store.try_take(mb, &slot.name) {
+                            Some(b) => b,
+                            None => {
+                                let b = mesh.recv(from, step_no, mb, &slot.name)?;
+                                let left = readers.get(&slot.name).copied().unwrap_or(1);
+                                if left > 1 {
+                                    store.put(mb, &slot.name, b.clone(), left - 1);
                                 }
-                            },
-                            _ => store.take(mb, &slot.name)?,
-                        };
-                        waited += t0.elapsed().as_secs_f64();
-                        if bytes.len() as u64 != slot.bytes() {
-                            return Err(RunError::Usage(format!(
-                                "`{}` of microbatch {mb}: {} bytes arrived for {}",
-                                slot.name,
-                                bytes.len(),
-                                slot.type_string()
-                            )));
-                        }
-                        pass.cpu.arena_mut().set(slot, &bytes);
-                        continue;
-                    }
-                    let outer = interface.input(&slot.name).ok_or_else(|| {
-                        RunError::Usage(format!(
-                            "input `{}` is not an input of the step",
-                            slot.name
-                        ))
-                    })?;
-                    let bytes = slice(step, outer, slot, mb as usize, m).ok_or_else(|| {
-                        RunError::Usage(format!(
-                            "input `{}`: {} does not split into {m} microbatches of {}",
-                            slot.name,
-                            outer.type_string(),
-                            slot.type_string()
-                        ))
-                    })?;
-                    pass.cpu.arena_mut().set(slot, bytes);
-                }
-                pass.cpu.run();
-                for slot in &pass.program.outputs {
-                    let bytes = pass.cpu.arena().get(slot);
-                    if averaged.contains(&slot.name.as_str()) {
-                        let v = decode(slot.dtype, bytes);
-                        let acc = sums
-                            .entry(slot.name.clone())
-                            .or_insert_with(|| vec![0.0; v.len()]);
-                        for (a, x) in acc.iter_mut().zip(&v) {
-                            *a += x;
-                        }
-                    }
-                    if let Some(mesh) = mesh {
-                        for &c in consumers.get(&slot.name).into_iter().flatten() {
-                            if c != me {
-                                mesh.send(c, step_no, mb, &slot.name, bytes)?;
+                                Arc::new(b)
                             }
+                        },
+                        _ => store.take(mb, &slot.name)?,
+                    };
+                    waited += t0.elapsed().as_secs_f64();
+                    if bytes.len() as u64 != slot.bytes() {
+                        return Err(RunError::Usage(format!(
+                            "`{}` of microbatch {mb}: {} bytes arrived for {}",
+                            slot.name,
+                            bytes.len(),
+                            slot.type_string()
+                        )));
+                    }
+                    pass.cpu.arena_mut().set(slot, &bytes);
+                    continue;
+                }
+                let outer = interface.input(&slot.name).ok_or_else(|| {
+                    RunError::Usage(format!("input `{}` is not an input of the step", slot.name))
+                })?;
+                let bytes = slice(step, outer, slot, mb as usize, m).ok_or_else(|| {
+                    RunError::Usage(format!(
+                        "input `{}`: {} does not split into {m} microbatches of {}",
+                        slot.name,
+                        outer.type_string(),
+                        slot.type_string()
+                    ))
+                })?;
+                pass.cpu.arena_mut().set(slot, bytes);
+            }
+            pass.cpu.run();
+            for slot in &pass.program.outputs {
+                let bytes = pass.cpu.arena().get(slot);
+                if averaged.contains(&slot.name.as_str()) {
+                    let v = decode(slot.dtype, bytes);
+                    let acc = sums
+                        .entry(slot.name.clone())
+                        .or_insert_with(|| vec![0.0; v.len()]);
+                    for (a, x) in acc.iter_mut().zip(&v) {
+                        *a += x;
+                    }
+                }
+                if let Some(mesh) = mesh {
+                    for &c in consumers.get(&slot.name).into_iter().flatten() {
+                        if c != me {
+                            mesh.send(c, step_no, mb, &slot.name, bytes)?;
                         }
                     }
-                    if let Some(&r) = readers.get(slot.name.as_str()) {
-                        store.put(mb, &slot.name, bytes.to_vec(), r);
-                    }
+                }
+                if let Some(&r) = readers.get(slot.name.as_str()) {
+                    store.put(mb, &slot.name, bytes.to_vec(), r);
                 }
             }
             Ok(waited)

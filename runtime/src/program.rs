@@ -246,9 +246,6 @@ pub struct Pipeline {
     pub averaged: Vec<String>,
     /// The averaged value that is the loss.
     pub loss: String,
-    /// For each value passes hand to each other, how many passes read it per microbatch
-    /// (it is freed after the last).
-    pub readers: Vec<(String, u32)>,
 }
 
 /// A program inside a [`Pipeline`]: its kernel indices refer to the enclosing program's
@@ -301,8 +298,8 @@ impl SubProgram {
 impl Pipeline {
     /// Checks that the step can run and computes what it says, given the sub-programs
     /// resolved against `outer` (the step's program): every pass runs once per microbatch
-    /// on its own device, every exchanged value has one producer of the reader's size and
-    /// exactly as many readers as `readers` says, averaged values and weights agree in size
+    /// on its own device, every exchanged value has one producer of the reader's size
+    /// (its readers are counted from the passes' inputs at run time), averaged values and weights agree in size
     /// with where they go, and the devices' orders cannot wait on each other for ever (a
     /// dry run).
     fn check(&self, outer: &Program) -> Result<(), ProgramError> {
@@ -337,29 +334,19 @@ impl Pipeline {
                 }
             }
         }
-        let mut reads: std::collections::HashMap<&str, u32> = Default::default();
-        let exchanged = |p: &Program| -> Vec<(String, u64)> {
-            p.inputs
-                .iter()
-                .filter(|s| s.name.starts_with("x."))
-                .map(|s| (s.name.clone(), s.bytes()))
-                .collect()
-        };
         let mut late_outputs: std::collections::HashMap<&str, u64> = Default::default();
         let labelled = self.passes.iter().map(|x| x.label.as_str()).zip(passes);
         for (label, p) in labelled.chain(late.map(|l| ("late", l))) {
-            for (name, bytes) in exchanged(p) {
-                match producer.get(name.as_str()) {
-                    Some(&(_, b)) if b == bytes => {}
-                    _ => {
-                        return Err(format!(
-                            "pass `{label}` reads `{name}`, which no pass computes at its size"
-                        ))
-                    }
+            for s in p.inputs.iter().filter(|s| s.name.starts_with("x.")) {
+                if producer
+                    .get(s.name.as_str())
+                    .is_none_or(|&(_, b)| b != s.bytes())
+                {
+                    return Err(format!(
+                        "pass `{label}` reads `{}`, which no pass computes at its size",
+                        s.name
+                    ));
                 }
-                *reads
-                    .entry(producer.get_key_value(name.as_str()).unwrap().0)
-                    .or_default() += 1;
             }
             for s in p.inputs.iter().filter(|s| !s.name.starts_with("x.")) {
                 let ok = outer
@@ -377,11 +364,6 @@ impl Pipeline {
             for o in &l.outputs {
                 late_outputs.insert(&o.name, o.bytes());
             }
-        }
-        let listed: std::collections::HashMap<&str, u32> =
-            self.readers.iter().map(|(n, r)| (n.as_str(), *r)).collect();
-        if listed.len() != self.readers.len() || listed != reads {
-            return Err("the pipeline's reader counts do not match its passes".into());
         }
         // Averaged values: computed by a pass or the late program, read by the update or
         // the loss.
@@ -860,7 +842,6 @@ mod tests {
             update: pass("update", 0, sub("x.2", "z")),
             averaged: vec!["x.2".into()],
             loss: "x.2".into(),
-            readers: vec![("x.1".into(), 1)],
         }));
         p
     }
@@ -889,17 +870,14 @@ mod tests {
         assert_eq!(e.to_string().matches("corrupt").count(), 1, "{e}");
         // What would panic, hang or average wrongly at run time.
         type Corrupt = fn(&mut Pipeline);
-        let cases: [(&str, Corrupt); 7] = [
-            ("reader counts", |p| p.readers[0].1 = 0),
-            ("reader counts", |p| p.readers.clear()),
+        let cases: [(&str, Corrupt); 5] = [
             ("runs twice", |p| p.order[0] = vec![(0, 0), (0, 0)]),
             ("leaves a pass out", |p| {
                 p.order[1].pop().map(drop).unwrap_or(())
             }),
             ("does not run", |p| p.order.swap(0, 1)),
             ("wait on each other", |p| {
-                p.passes[0].program.inputs[0].name = "x.2".into();
-                p.readers.push(("x.2".into(), 1));
+                p.passes[0].program.inputs[0].name = "x.2".into()
             }),
             ("no pass computes", |p| {
                 p.passes[1].program.inputs[0].shape = vec![2, 3]
