@@ -220,10 +220,16 @@ impl Mesh {
         msg.extend((bytes.len() as u64).to_le_bytes());
         msg.extend(name.as_bytes());
         msg.extend(bytes);
+        // A send fails when the peer is gone: the same error as a receive from it.
         peer.lock()
             .unwrap_or_else(|e| e.into_inner())
             .write_all(&msg)
-            .map_err(|e| RunError::Usage(format!("rank {}: sending to rank {to}: {e}", self.rank)))
+            .map_err(|e| {
+                RunError::Usage(format!(
+                    "rank {}: rank {to} closed its connection before `{name}` of microbatch {mb} could be sent to it ({e}; it stopped early or failed)",
+                    self.rank
+                ))
+            })
     }
 
     /// Waits for `name` of microbatch `mb` of step `step` from rank `from`, and takes it.
