@@ -183,8 +183,7 @@ pub fn build_adamw(
     g: &mut memc_ir::Graph,
     remat: Option<memc_passes::remat::Policy>,
 ) -> Result<memc_passes::train::TrainStats, String> {
-    use memc_passes::train::{build_training, Loss, Optimizer, TrainOptions};
-    let all = |_: &str| true;
+    use memc_passes::train::{build_training, Loss, Optimizer, TrainOptions, Trainable};
     let opts = TrainOptions {
         loss: Loss::NextTokenCe,
         optimizer: Optimizer::AdamW {
@@ -193,7 +192,7 @@ pub fn build_adamw(
             eps: 1e-8,
         },
         clip_grad_norm: None,
-        trainable: &all,
+        trainable: Trainable::All,
         remat,
         fused_loss: true,
         compute_dtype: memc_ir::DType::F32,

@@ -1,7 +1,7 @@
-//! memc-codegen: fusion into kernels, kernel construction in MLIR (melior), lowering, and LLVM
+//! memc-codegen: kernel construction in MLIR (melior), lowering, and LLVM
 //! target code generation (inkwell) for the host and NVPTX.
 //!
-//! [`fuse`] groups a program into kernels; [`kernel`] builds fused elementwise kernels and
+//! Kernels are the groups of `memc_passes::fuse` (re-exported as [`fuse`]); [`kernel`] builds fused elementwise kernels and
 //! [`ops`] every other op as MLIR, lowers them with MLIR's passes and translates them to LLVM
 //! IR; [`host`] turns a planned, fused graph into the runtime's program format; [`jit`] runs
 //! the kernels in-process and [`link`] emits executables; [`toolchain::check`] proves the
@@ -9,7 +9,7 @@
 
 #![warn(missing_docs)]
 
-pub mod fuse;
+pub use memc_passes::fuse;
 pub mod host;
 pub mod jit;
 pub mod kernel;

@@ -9,6 +9,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use memc_ir::{Graph, Tensor, ValueDef};
 
+use memc_passes::manager::{PassManager, PassSpec};
+
 use crate::onnx::{self, ImportOptions};
 use crate::report::{self, PhaseTime};
 
@@ -63,16 +65,7 @@ struct ModelArgs {
 
 /// Parses `--moc-k`: an integer count or a fraction in (0, 1).
 fn parse_moc_k(text: &str) -> Result<memc_passes::moc::MocK> {
-    use memc_passes::moc::MocK;
-    if let Ok(k) = text.trim().parse::<usize>() {
-        if k > 0 {
-            return Ok(MocK::Count(k));
-        }
-    }
-    match text.trim().parse::<f64>() {
-        Ok(r) if r > 0.0 && r < 1.0 => Ok(MocK::Ratio(r)),
-        _ => bail!("--moc-k `{text}` is neither a channel count (384) nor a fraction of d_ffn in (0, 1) (0.25)"),
-    }
+    memc_passes::moc::MocK::parse(text).map_err(|e| anyhow!("--moc-k {e}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -198,11 +191,21 @@ struct EvalArgs {
 #[derive(Debug, Args)]
 struct OptArgs {
     /// Textual IR (`-` for stdin).
-    file: PathBuf,
-    /// Comma-separated passes to run in order (available: verify, dce, canonicalize,
-    /// lower-blocks).
-    #[arg(long = "pass", value_delimiter = ',')]
+    file: Option<PathBuf>,
+    /// Passes to run in order, in MLIR's syntax: `NAME` or `NAME{key=value ...}`,
+    /// comma-separated; repeatable (`memc opt --list-passes` lists them and their options).
+    /// The graph is verified after every pass.
+    #[arg(long = "pass", value_name = "PIPELINE")]
     passes: Vec<String>,
+    /// List every pass with its options.
+    #[arg(long)]
+    list_passes: bool,
+    /// Write the textual IR after every pass into DIR (`NN-pass.mir`).
+    #[arg(long, value_name = "DIR")]
+    dump_ir: Option<PathBuf>,
+    /// Print each pass's wall time and statistics to stderr.
+    #[arg(long)]
+    time_passes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -358,13 +361,14 @@ impl Timer {
     }
 }
 
-/// Loads, imports and verifies the model, then canonicalises it (unless
-/// `--no-canonicalize`); with `dump`, writes `00-import.mir` and `01-canonicalize.mir` there.
+/// Loads, imports and verifies the model, then runs the model passes through `pm`:
+/// canonicalize (unless `--no-canonicalize`), moc (`--moc-k`) and reversible (`--reversible`);
+/// `pm` dumps the imported graph first.
 fn import(
     args: &ModelArgs,
     shapes: HashMap<String, Vec<usize>>,
     timer: &mut Timer,
-    dump: Option<&Path>,
+    pm: &mut PassManager,
 ) -> Result<(Graph, Option<crate::rev::RevReport>)> {
     let model = timer.time("load", || onnx::load_model(&args.model))?;
     let opts = ImportOptions { shapes };
@@ -372,40 +376,23 @@ fn import(
     timer
         .time("verify", || memc_ir::verify(&g))
         .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
-    if let Some(dir) = dump {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_file(&dir.join("00-import.mir"), &memc_ir::print(&g))?;
-    }
+    pm.dump(&g, "import")?;
+    let name = args.model.display().to_string();
     if !args.no_canonicalize {
-        let limits = memc_passes::canonicalize::Limits::default();
-        let stats = timer
-            .time("canonicalize", || {
-                memc_passes::canonicalize::canonicalize(&mut g, &limits)
-            })
-            .map_err(|e| anyhow!("{}: canonicalize: {e}", args.model.display()))?;
-        if timer.enabled {
-            eprintln!(
-                "canonicalize: {} -> {} nodes, {} iterations ({}), {} e-nodes, recognised {:?}",
-                stats.nodes_before,
-                stats.nodes_after,
-                stats.iterations,
-                stats.stop,
-                stats.egraph_nodes,
-                stats.recognised
-            );
-        }
-        if let Some(dir) = dump {
-            write_file(&dir.join("01-canonicalize.mir"), &memc_ir::print(&g))?;
-        }
+        let spec = PassSpec::new("canonicalize", &[])?;
+        timer
+            .time("canonicalize", || pm.run_spec(&mut g, &spec))
+            .map_err(|e| anyhow!("{name}: {e}"))?;
     }
     if let Some(text) = &args.moc_k {
         let k = parse_moc_k(text)?;
-        let stats = memc_passes::moc::apply_moc(&mut g, k)
-            .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
+        let stats = pm
+            .run(&mut g, "moc", format!("moc{{k={text}}}"), |g| {
+                memc_passes::moc::apply_moc(g, k).map_err(|e| anyhow!("{name}: {e}"))
+            })?;
         if stats.rewritten == 0 {
             eprintln!(
-                "warning: {}: --moc-k: no SwiGLU FFN (`swiglu_ffn`) in the model, nothing rewritten{}; MoC applies to SwiGLU FFNs only",
-                args.model.display(),
+                "warning: {name}: --moc-k: no SwiGLU FFN (`swiglu_ffn`) in the model, nothing rewritten{}; MoC applies to SwiGLU FFNs only",
                 if stats.left_dense > 0 {
                     format!(" ({} GELU FFNs left dense)", stats.left_dense)
                 } else {
@@ -424,9 +411,6 @@ fn import(
                 }
             );
         }
-        if let Some(dir) = dump {
-            write_file(&dir.join("01-moc.mir"), &memc_ir::print(&g))?;
-        }
     }
     if timer.enabled {
         if let Some((anon, file)) = resident_memory() {
@@ -438,11 +422,7 @@ fn import(
             );
         }
     }
-    let model_name = args.model.display().to_string();
-    let rev = crate::rev::apply(&mut g, &args.rev, &model_name)?;
-    if let (Some(dir), Some(_)) = (dump, &rev) {
-        write_file(&dir.join("01-reversible.mir"), &memc_ir::print(&g))?;
-    }
+    let rev = crate::rev::apply(&mut g, &args.rev, &name, pm)?;
     Ok((g, rev))
 }
 
@@ -481,12 +461,10 @@ fn compile(args: CompileArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let (mut g, mut rev) = import(
-        &args.model,
-        shapes(&args.model)?,
-        &mut timer,
-        args.dump_ir.as_deref(),
-    )?;
+    let mut pm = PassManager::new()
+        .dump_to(args.dump_ir.clone())
+        .timed(args.model.time_passes);
+    let (mut g, mut rev) = import(&args.model, shapes(&args.model)?, &mut timer, &mut pm)?;
     // The reversible model before training is built, for the report's baselines.
     let rev_model = (rev.is_some() && args.train && (args.report || args.report_json.is_some()))
         .then(|| g.clone());
@@ -495,8 +473,9 @@ fn compile(args: CompileArgs) -> Result<()> {
     let model_ops = g.op_counts();
     let canonical_ir = (args.emit == Some(Emit::Ir) && !args.train).then(|| memc_ir::print(&g));
     if !args.train {
+        let spec = PassSpec::new("lower-blocks", &[])?;
         timer
-            .time("lower-blocks", || memc_passes::blocks::lower_blocks(&mut g))
+            .time("lower-blocks", || pm.run_spec(&mut g, &spec))
             .map_err(|e| anyhow!("{model}: {e}"))?;
     }
     let mut train_stats = None;
@@ -507,13 +486,10 @@ fn compile(args: CompileArgs) -> Result<()> {
     if args.train {
         let stats = timer
             .time("train", || {
-                crate::train::build_with(&mut g, &args.training, pipe.map(|(_, c)| c), false)
+                crate::train::build_managed(&mut g, &args.training, pipe.map(|(_, c)| c), false, &mut pm)
             })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
         train_stats = Some(stats);
-        if let Some(dir) = &args.dump_ir {
-            write_file(&dir.join("02-train.mir"), &memc_ir::print(&g))?;
-        }
     }
     let pipeline_plan = match (
         pipe,
@@ -740,7 +716,7 @@ fn emit_pipelined(
         enabled: false,
         phases: vec![],
     };
-    let (g, _) = import(&args.model, shapes, &mut timer, None)?;
+    let (g, _) = import(&args.model, shapes, &mut timer, &mut PassManager::new().timed(args.model.time_passes))?;
     let (program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
@@ -912,7 +888,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let (mut g, _) = import(&args.model, shapes, &mut timer, None)?;
+    let (mut g, _) = import(&args.model, shapes, &mut timer, &mut PassManager::new().timed(args.model.time_passes))?;
     memc_passes::blocks::lower_blocks(&mut g).map_err(|e| anyhow!("{model}: {e}"))?;
     let mut feeds = HashMap::new();
     for &v in g.inputs() {
@@ -1046,7 +1022,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
     if let Some((kind, _)) = args.pipeline.chunks()? {
         return train_pipelined(&args, kind, shapes, &mut data, &mut timer, &model);
     }
-    let (mut g, _) = import(&args.model, shapes, &mut timer, None)?;
+    let (mut g, _) = import(&args.model, shapes, &mut timer, &mut PassManager::new().timed(args.model.time_passes))?;
     timer
         .time("train", || crate::train::build(&mut g, &args.training))
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
@@ -1132,7 +1108,7 @@ fn train_pipelined(
     let m = args.pipeline.microbatches.unwrap_or(2 * stages);
     let (shapes, rows, name) = micro_shapes(shapes, m, model)?;
     let seq = shapes[&name][1];
-    let (g, _) = import(&args.model, shapes, timer, None)?;
+    let (g, _) = import(&args.model, shapes, timer, &mut PassManager::new().timed(args.model.time_passes))?;
     let (mut program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
@@ -1305,46 +1281,43 @@ fn train_pipelined_host(
 }
 
 fn opt(args: OptArgs) -> Result<()> {
-    let text = if args.file.as_os_str() == "-" {
+    if args.list_passes {
+        print!("{}", memc_passes::manager::list());
+        return Ok(());
+    }
+    let Some(path) = &args.file else {
+        bail!("memc opt needs a textual IR file (`-` for stdin), or --list-passes");
+    };
+    let file = path.display().to_string();
+    let mut specs = vec![];
+    for p in &args.passes {
+        specs.extend(memc_passes::manager::parse_pipeline(p).map_err(|e| anyhow!("--pass: {e}"))?);
+    }
+    let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
     } else {
-        std::fs::read_to_string(&args.file)
-            .with_context(|| format!("cannot read {}", args.file.display()))?
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {file}"))?
     };
-    let file = args.file.display().to_string();
     let mut g = memc_ir::parse(&text).map_err(|e| anyhow!("{file}: {e}"))?;
     memc_ir::verify(&g).map_err(|e| anyhow!("{file}: {e}"))?;
-    for p in &args.passes {
-        match p.as_str() {
-            "verify" => {}
-            "dce" => g.compact(),
-            "canonicalize" => {
-                let stats = memc_passes::canonicalize::canonicalize(
-                    &mut g,
-                    &memc_passes::canonicalize::Limits::default(),
-                )
-                .map_err(|e| anyhow!("{file}: canonicalize: {e}"))?;
-                eprintln!(
-                    "canonicalize: {} -> {} nodes, {} iterations ({}), recognised {:?}",
-                    stats.nodes_before,
-                    stats.nodes_after,
-                    stats.iterations,
-                    stats.stop,
-                    stats.recognised
-                );
+    let mut pm = PassManager::new()
+        .dump_to(args.dump_ir.clone())
+        .timed(args.time_passes);
+    let mut last = None;
+    for spec in &specs {
+        let stats = pm
+            .run_spec(&mut g, spec)
+            .map_err(|e| anyhow!("{file}: {e}"))?;
+        if !args.time_passes {
+            let line = stats.summary();
+            if !line.is_empty() {
+                eprintln!("{}: {line}", spec.decl.name);
             }
-            "lower-blocks" => {
-                let n = memc_passes::blocks::lower_blocks(&mut g)
-                    .map_err(|e| anyhow!("{file}: lower-blocks: {e}"))?;
-                eprintln!("lower-blocks: {n} blocks lowered");
-            }
-            other => bail!(
-                "--pass `{other}`: unknown pass (available: verify, dce, canonicalize, lower-blocks)"
-            ),
         }
-        memc_ir::verify(&g).map_err(|e| anyhow!("{file}: after pass `{p}`: {e}"))?;
+        last = Some(stats);
     }
-    print!("{}", memc_ir::print(&g));
+    let out = last.and_then(|s| s.render(&g)).unwrap_or_else(|| memc_ir::print(&g));
+    print!("{out}");
     Ok(())
 }
 

@@ -261,43 +261,7 @@ pub fn plan_svg(plan: &Plan, title: &str) -> String {
     s
 }
 
-/// `--emit plan`: the execution order and every buffer (value, type, offset, size, live steps,
-/// category). Value numbers are those of the textual IR.
+/// `--emit plan`: the execution order and every buffer ([`memc_passes::plan::text`]).
 pub fn plan_text(g: &Graph, plan: &Plan) -> String {
-    let mut s = format!(
-        "plan {{ peak_bytes = {}, steps = {} }}\n",
-        plan.peak_bytes, plan.steps
-    );
-    for (step, &n) in plan.order.iter().enumerate() {
-        let node = g.node(n);
-        let outs: Vec<String> = node.outputs.iter().map(|o| format!("%{}", o.0)).collect();
-        let tag = if node.phase == Phase::Forward {
-            String::new()
-        } else {
-            format!(" @{}", node.phase.tag())
-        };
-        let _ = writeln!(
-            s,
-            "  step {step}: {} = {}{tag}",
-            outs.join(", "),
-            node.op.name()
-        );
-    }
-    for b in &plan.buffers {
-        let _ = writeln!(
-            s,
-            "  buffer %{} : {} offset {} size {} live {}..{} {}",
-            b.value.0,
-            g.value(b.value).ty,
-            b.offset,
-            b.size,
-            b.start,
-            b.end,
-            b.category.name()
-        );
-    }
-    for (v, target) in &plan.aliases {
-        let _ = writeln!(s, "  alias %{} -> %{}", v.0, target.0);
-    }
-    s
+    memc_passes::plan::text(g, plan)
 }

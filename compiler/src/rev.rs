@@ -62,7 +62,12 @@ pub struct RevReport {
 const DEVIATION_FLOPS: u64 = 20_000_000_000;
 
 /// Applies `--reversible` to the canonical graph `g`, if given.
-pub fn apply(g: &mut Graph, args: &RevArgs, model: &str) -> Result<Option<RevReport>> {
+pub fn apply(
+    g: &mut Graph,
+    args: &RevArgs,
+    model: &str,
+    pm: &mut memc_passes::manager::PassManager,
+) -> Result<Option<RevReport>> {
     let Some(v) = args.reversible else {
         return Ok(None);
     };
@@ -72,16 +77,25 @@ pub fn apply(g: &mut Graph, args: &RevArgs, model: &str) -> Result<Option<RevRep
         VariantArg::Meft3 => Variant::Meft3,
     };
     let original = g.clone();
-    let stats = apply_reversible(
-        g,
-        &RevOptions {
-            variant,
-            layers: args.rev_layers,
-            adapter_rank: args.adapter_rank,
-            seed: args.adapter_seed,
-        },
-    )
-    .map_err(|e| anyhow!("{model}: {e}"))?;
+    let opts = RevOptions {
+        variant,
+        layers: args.rev_layers,
+        adapter_rank: args.adapter_rank,
+        seed: args.adapter_seed,
+    };
+    let mut text = format!(
+        "reversible{{variant={} adapter-rank={} seed={}",
+        variant.name(),
+        opts.adapter_rank,
+        opts.seed
+    );
+    if let Some(l) = opts.layers {
+        text += &format!(" layers={l}");
+    }
+    text += "}";
+    let stats = pm.run(g, "reversible", text, |g| {
+        apply_reversible(g, &opts).map_err(|e| anyhow!("{model}: {e}"))
+    })?;
     let start_deviation = start_deviation(&original, g)?;
     let report = RevReport {
         stats,

@@ -9,7 +9,8 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use memc_ir::{DType, Graph, Tensor, ValueDef};
 use memc_passes::remat::Policy;
-use memc_passes::train::{self, Loss, Optimizer, TrainOptions, TrainStats};
+use memc_passes::manager::PassManager;
+use memc_passes::train::{self, Loss, Optimizer, TrainError, TrainOptions, TrainStats, Trainable};
 
 /// The loss names of the CLI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,60 +111,16 @@ pub enum RematArg {
 
 /// Parses `--activation-budget` (see [`TrainProgramArgs::activation_budget`]).
 pub fn parse_budget(text: &str) -> Result<memc_passes::remat::Budget> {
-    use memc_passes::remat::Budget;
-    let t = text.trim();
-    let bad = || {
-        anyhow!(
-            "--activation-budget `{text}` is neither bytes (1500000000, 1.5GiB, 800MB) nor a \
-             fraction in (0, 1] (0.5, 50%)"
-        )
-    };
-    if let Some(p) = t.strip_suffix('%') {
-        let f: f64 = p.trim().parse().map_err(|_| bad())?;
-        return (f > 0.0 && f <= 100.0)
-            .then_some(Budget::Fraction(f / 100.0))
-            .ok_or_else(bad);
-    }
-    let units = [
-        ("KiB", 1u64 << 10),
-        ("MiB", 1 << 20),
-        ("GiB", 1 << 30),
-        ("KB", 1_000),
-        ("MB", 1_000_000),
-        ("GB", 1_000_000_000),
-        ("B", 1),
-    ];
-    for (suffix, scale) in units {
-        if let Some(n) = t.strip_suffix(suffix) {
-            let x: f64 = n.trim().parse().map_err(|_| bad())?;
-            return (x >= 0.0 && x.is_finite())
-                .then(|| Budget::Bytes((x * scale as f64).round() as u64))
-                .ok_or_else(bad);
-        }
-    }
-    if let Ok(b) = t.parse::<u64>() {
-        return Ok(Budget::Bytes(b));
-    }
-    let f: f64 = t.parse().map_err(|_| bad())?;
-    (f > 0.0 && f <= 1.0)
-        .then_some(Budget::Fraction(f))
-        .ok_or_else(bad)
+    memc_passes::remat::Budget::parse(text).map_err(|e| anyhow!("--activation-budget {e}"))
 }
 
-/// Builds the training step into `g` (which holds the forward graph).
-pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
-    build_with(g, args, None, false)
-}
-
-/// [`build`], also splitting the layers into `chunks` pipeline chunks
-/// ([`memc_passes::partition`]) and, with `grad_outputs`, outputting every trained weight's
-/// gradient as `grad:<name>` (the pipelined runner's program, [`crate::pipe`]).
-pub fn build_with(
-    g: &mut Graph,
+/// The library's training options for the CLI's arguments (every flag checked here, so the
+/// library's errors never need to name one).
+pub fn train_options(
     args: &TrainProgramArgs,
     chunks: Option<usize>,
     grad_outputs: bool,
-) -> Result<TrainStats> {
+) -> Result<TrainOptions> {
     if args.betas.len() != 2 || args.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
         bail!(
             "--betas takes two values in [0, 1), as B1,B2 (e.g. 0.9,0.999), got {:?}",
@@ -185,43 +142,16 @@ pub fn build_with(
             bail!("--clip-grad-norm must be a positive number, got {c}");
         }
     }
-    let reversible = g.nodes().iter().any(|n| n.op == memc_ir::Op::RevCouple);
-    let chosen = args
-        .trainable
-        .clone()
-        .unwrap_or_else(|| if reversible { "adapters" } else { "all" }.to_string());
-    let regex = match chosen.as_str() {
-        "all" => None,
-        "adapters" if !reversible => {
-            bail!("--trainable adapters needs --reversible (only reversible layers have adapters)")
-        }
-        "adapters" => Some(regex::Regex::new(memc_passes::reversible::ADAPTERS).unwrap()),
-        text => Some(
-            regex::Regex::new(text)
-                .map_err(|e| anyhow!("--trainable `{text}` is not a regular expression: {e}"))?,
-        ),
-    };
-    if !reversible && (args.rev_check || args.rev_store) {
-        bail!(
-            "--{} needs --reversible",
-            if args.rev_check {
-                "rev-check"
-            } else {
-                "rev-store"
-            }
-        );
-    }
-    if args.rev_check && args.rev_store {
-        bail!("--rev-check measures the reconstruction, which --rev-store turns off");
-    }
-    let trainable = |name: &str| regex.as_ref().is_none_or(|r| r.is_match(name));
-    let opts = TrainOptions {
+    Ok(TrainOptions {
         loss: match args.loss {
             LossArg::NextTokenCe => Loss::NextTokenCe,
         },
         optimizer,
         clip_grad_norm: args.clip_grad_norm,
-        trainable: &trainable,
+        trainable: args
+            .trainable
+            .as_deref()
+            .map_or(Trainable::Default, Trainable::parse),
         fused_loss: !args.no_fused_loss,
         remat: match (args.remat, &args.activation_budget) {
             (RematArg::None, None) => None,
@@ -250,12 +180,62 @@ pub fn build_with(
         },
         pipeline_chunks: chunks,
         grad_outputs,
-    };
-    let stats = train::build_training(g, &opts)?;
-    memc_ir::verify(g).map_err(|e| {
-        anyhow!("the training program is invalid (a memc bug, please report it): {e}")
-    })?;
-    Ok(stats)
+    })
+}
+
+/// Builds the training step into `g` (which holds the forward graph).
+pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
+    build_with(g, args, None, false)
+}
+
+/// [`build_managed`] with a manager that only verifies.
+pub fn build_with(
+    g: &mut Graph,
+    args: &TrainProgramArgs,
+    chunks: Option<usize>,
+    grad_outputs: bool,
+) -> Result<TrainStats> {
+    build_managed(g, args, chunks, grad_outputs, &mut PassManager::new())
+}
+
+/// [`build`], also splitting the layers into `chunks` pipeline chunks
+/// ([`memc_passes::partition`]) and, with `grad_outputs`, outputting every trained weight's
+/// gradient as `grad:<name>` (the pipelined runner's program, [`crate::pipe`]); the passes run
+/// through `pm` (dumps, timing).
+pub fn build_managed(
+    g: &mut Graph,
+    args: &TrainProgramArgs,
+    chunks: Option<usize>,
+    grad_outputs: bool,
+    pm: &mut PassManager,
+) -> Result<TrainStats> {
+    let opts = train_options(args, chunks, grad_outputs)?;
+    let reversible = g.nodes().iter().any(|n| n.op == memc_ir::Op::RevCouple);
+    if !reversible && (args.rev_check || args.rev_store) {
+        bail!(
+            "--{} needs --reversible",
+            if args.rev_check {
+                "rev-check"
+            } else {
+                "rev-store"
+            }
+        );
+    }
+    if args.rev_check && args.rev_store {
+        bail!("--rev-check measures the reconstruction, which --rev-store turns off");
+    }
+    train::build_training_with(g, &opts, pm).map_err(|e| match e {
+        TrainError::NoLogits(_) => anyhow!("--loss next-token-ce: {e}"),
+        TrainError::NothingTrainable(_) => anyhow!("--trainable: {e}"),
+        TrainError::NoAdapters => {
+            anyhow!("--trainable adapters needs --reversible (only reversible layers have adapters)")
+        }
+        TrainError::BadTrainable(re, msg) => {
+            anyhow!("--trainable `{re}` is not a regular expression: {msg}")
+        }
+        TrainError::Partition(msg) => anyhow!("--pipeline-stages: {msg}"),
+        e => anyhow!(e),
+    })
 }
 
 /// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling (the

@@ -140,6 +140,9 @@ pub struct Graph {
     outputs: Vec<(String, ValueId)>,
     /// State written back after a step: (param, its new value).
     updates: Vec<(ValueId, ValueId)>,
+    /// Gradients computed but not yet consumed by an optimizer: (weight, its gradient). The
+    /// autodiff pass declares them, the clip and optimizer passes read them.
+    grads: Vec<(ValueId, ValueId)>,
 }
 
 impl PartialEq for Graph {
@@ -156,6 +159,7 @@ impl PartialEq for Graph {
         self.inputs == other.inputs
             && self.outputs == other.outputs
             && self.updates == other.updates
+            && self.grads == other.grads
             && self.values.len() == other.values.len()
             && self
                 .values
@@ -361,6 +365,21 @@ impl Graph {
         &self.updates
     }
 
+    /// Declares `grad` as the gradient of the loss with respect to the weight `param`.
+    pub fn add_grad(&mut self, param: ValueId, grad: ValueId) {
+        self.grads.push((param, grad));
+    }
+
+    /// Declared gradients in order: (weight, gradient).
+    pub fn grads(&self) -> &[(ValueId, ValueId)] {
+        &self.grads
+    }
+
+    /// Removes and returns the declared gradients (the optimizer consumes them).
+    pub fn take_grads(&mut self) -> Vec<(ValueId, ValueId)> {
+        std::mem::take(&mut self.grads)
+    }
+
     /// The node defining `v`, if a node does.
     pub fn producer(&self, v: ValueId) -> Option<NodeId> {
         match self.values[v.index()].def {
@@ -458,7 +477,7 @@ impl Graph {
         for &(_, v) in &self.outputs {
             live[v.index()] = true;
         }
-        for &(p, v) in &self.updates {
+        for &(p, v) in self.updates.iter().chain(&self.grads) {
             live[p.index()] = true;
             live[v.index()] = true;
         }
@@ -517,9 +536,12 @@ impl Graph {
         self.outputs
             .iter_mut()
             .for_each(|(_, v)| *v = remap[v.index()]);
-        self.updates.iter_mut().for_each(|(p, v)| {
-            *p = remap[p.index()];
-            *v = remap[v.index()];
-        });
+        self.updates
+            .iter_mut()
+            .chain(self.grads.iter_mut())
+            .for_each(|(p, v)| {
+                *p = remap[p.index()];
+                *v = remap[v.index()];
+            });
     }
 }

@@ -24,6 +24,6 @@ pub use interp::{eval_op, interpret, run, InterpError, Run, RunOptions};
 pub use op::{broadcast_shapes, loss_dtype};
 pub use op::{Attr, BinaryOp, Op, Operand, ReduceKind, UnaryOp};
 pub use parse::{parse, ParseError};
-pub use print::print;
+pub use print::{print, print_annotated};
 pub use tensor::{Tensor, TensorError};
 pub use verify::{verify, VerifyError};

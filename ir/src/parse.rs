@@ -144,8 +144,15 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
                 let v = p.use_value()?;
                 p.g.add_update(target, v);
             }
+            Some(Tok::Ident(k)) if k == "grad" => {
+                p.pos += 1;
+                let target = p.use_value()?;
+                p.expect('=')?;
+                let v = p.use_value()?;
+                p.g.add_grad(target, v);
+            }
             Some(Tok::Value(_)) => p.definition()?,
-            _ => return Err(p.error("expected `%N = ...`, `output`, `update` or `}`")),
+            _ => return Err(p.error("expected `%N = ...`, `output`, `update`, `grad` or `}`")),
         }
     }
     if p.pos != p.toks.len() {

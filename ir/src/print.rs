@@ -10,6 +10,7 @@
 //!   %5 = neg(%4) : f32[2, 16, 64] @b
 //!   output "hidden" = %4
 //!   update %1 = %5
+//!   grad %1 = %5
 //! }
 //! ```
 //!
@@ -22,6 +23,13 @@ use crate::{Attr, DType, Graph, ParamRole, Tensor, ValueDef};
 
 /// Prints a graph as textual IR.
 pub fn print(g: &Graph) -> String {
+    print_annotated(g, &|_| None)
+}
+
+/// Prints a graph as textual IR with a `// note` after each node `note` has one for (a pass's
+/// results, such as the fused kernel a node belongs to). The notes are comments: the text
+/// parses back to the same graph.
+pub fn print_annotated(g: &Graph, note: &dyn Fn(crate::NodeId) -> Option<String>) -> String {
     let mut num = vec![u32::MAX; g.values().len()];
     let mut next = 0u32;
     let mut name = |v: crate::ValueId, num: &mut Vec<u32>| -> u32 {
@@ -57,7 +65,7 @@ pub fn print(g: &Graph) -> String {
             _ => {}
         }
     }
-    for node in g.nodes() {
+    for (node_index, node) in g.nodes().iter().enumerate() {
         let outs: Vec<String> = node
             .outputs
             .iter()
@@ -98,6 +106,9 @@ pub fn print(g: &Graph) -> String {
         if node.phase != crate::Phase::Forward {
             let _ = write!(s, " @{}", node.phase.tag());
         }
+        if let Some(n) = note(crate::NodeId(node_index as u32)) {
+            let _ = write!(s, "  // {n}");
+        }
         s.push('\n');
     }
     for (n, v) in g.outputs() {
@@ -117,6 +128,9 @@ pub fn print(g: &Graph) -> String {
     };
     for &(p, v) in g.updates() {
         let _ = writeln!(s, "  update {} = {}", show(p), show(v));
+    }
+    for &(p, v) in g.grads() {
+        let _ = writeln!(s, "  grad {} = {}", show(p), show(v));
     }
     s.push_str("}\n");
     s

@@ -177,6 +177,32 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             )),
         }
     }
+    let mut with_grad = HashSet::new();
+    for &(p, v) in g.grads() {
+        if !valid(p) || !valid(v) {
+            errors.push(format!("grad %{} = %{} refers to a missing value", p.0, v.0));
+            continue;
+        }
+        match &g.value(p).def {
+            ValueDef::Param {
+                role: crate::ParamRole::Weight,
+                name,
+                ..
+            } => {
+                if g.value(p).ty != g.value(v).ty {
+                    errors.push(format!(
+                        "gradient of `{name}`: {} has a gradient of type {}",
+                        g.value(p).ty,
+                        g.value(v).ty
+                    ));
+                }
+                if !with_grad.insert(p) {
+                    errors.push(format!("`{name}` has two gradients"));
+                }
+            }
+            _ => errors.push(format!("grad target %{} is not a weight", p.0)),
+        }
+    }
     let mut out_names = HashSet::new();
     for (name, v) in g.outputs() {
         if !valid(*v) {

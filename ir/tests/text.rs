@@ -263,7 +263,7 @@ fn parse_errors_name_the_line() {
         ),
         (
             "graph {\n  %0 = input \"x\" : f32[2]\n",
-            "line 2: expected `%N = ...`, `output`, `update` or `}`, found end of input",
+            "line 2: expected `%N = ...`, `output`, `update`, `grad` or `}`, found end of input",
         ),
     ];
     for (text, want) in cases {
@@ -288,4 +288,17 @@ fn printer_output_is_stable() {
     let g = parse(text).unwrap();
     verify(&g).unwrap();
     assert_eq!(print(&g), text);
+}
+
+#[test]
+fn declared_gradients_round_trip_and_are_checked() {
+    let text = "graph {\n  %0 = input \"x\" : f32[2]\n  %1 = param \"w\" : f32[2]\n  %2 = mul(%0, %1) : f32[2]\n  output \"y\" = %2\n  grad %1 = %2\n}\n";
+    let g = parse(text).unwrap();
+    assert_eq!(g.grads().len(), 1);
+    assert_eq!(memc_ir::print(&g), text);
+    memc_ir::verify(&g).unwrap();
+    // Only a weight has a gradient, of its own type.
+    let bad = text.replace("grad %1 = %2", "grad %0 = %2");
+    let err = memc_ir::verify(&parse(&bad).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("grad target %0 is not a weight"), "{err}");
 }

@@ -1,9 +1,8 @@
 //! memc-passes: every graph-to-graph pass (e-graph canonicalisation and memory rewrites,
-//! autodiff, rematerialisation, pipeline partitioning, ordering and memory planning). Each
-//! pass will be `fn(&mut Graph, &Options) -> Result<Stats>` in its own module.
-//!
-//! Today the crate only re-exports [`egg`], which the canonicalisation issue builds on; the test
-//! below proves the dependency works on this toolchain.
+//! the training build's passes, rematerialisation, pipeline partitioning and schedules,
+//! fusion and memory planning), declared once in the pass table ([`table::PASSES`]) and run
+//! by the pass manager ([`manager::PassManager`]), which verifies the graph after every pass.
+//! Each pass is `fn(&mut Graph, options) -> Result<Stats, Error>` in its own module.
 
 #![warn(missing_docs)]
 
@@ -13,6 +12,8 @@ pub mod build;
 pub mod canonicalize;
 pub mod consts;
 pub mod egraph;
+pub mod fuse;
+pub mod manager;
 pub mod moc;
 pub mod partition;
 pub mod pipeline;
@@ -22,6 +23,7 @@ pub mod reconstruct;
 pub mod remat;
 pub mod reversible;
 pub mod rules;
+pub mod table;
 pub mod train;
 
 pub use egg;

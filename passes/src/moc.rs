@@ -17,6 +17,26 @@ pub enum MocK {
     Ratio(f64),
 }
 
+/// A `k` that is neither a count nor a fraction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is neither a channel count (384) nor a fraction of d_ffn in (0, 1) (0.25)")]
+pub struct BadK(pub String);
+
+impl MocK {
+    /// A positive count (`384`) or a fraction of `d_ffn` in (0, 1) (`0.25`).
+    pub fn parse(text: &str) -> Result<MocK, BadK> {
+        if let Ok(k) = text.trim().parse::<usize>() {
+            if k > 0 {
+                return Ok(MocK::Count(k));
+            }
+        }
+        match text.trim().parse::<f64>() {
+            Ok(r) if r > 0.0 && r < 1.0 => Ok(MocK::Ratio(r)),
+            _ => Err(BadK(text.to_string())),
+        }
+    }
+}
+
 /// What [`apply_moc`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MocStats {

@@ -10,6 +10,7 @@
 //! kernel. Parameters, optimizer state, inputs and constants live for the whole step.
 
 use std::cmp::Reverse;
+use std::fmt::Write as _;
 use std::collections::{BinaryHeap, HashMap};
 
 use memc_ir::{Graph, NodeId, Op, ParamRole, Phase, ValueDef, ValueId};
@@ -623,4 +624,45 @@ pub fn flops(g: &Graph, phases: &[Phase]) -> u64 {
         .filter(|&n| phases.contains(&g.node(n).phase))
         .map(|n| node_flops(g, n))
         .sum()
+}
+
+/// The plan as text (`memc compile --emit plan`, the `plan` pass): the execution order and every buffer (value, type, offset, size, live steps,
+/// category). Value numbers are those of the textual IR.
+pub fn text(g: &Graph, plan: &Plan) -> String {
+    let mut s = format!(
+        "plan {{ peak_bytes = {}, steps = {} }}\n",
+        plan.peak_bytes, plan.steps
+    );
+    for (step, &n) in plan.order.iter().enumerate() {
+        let node = g.node(n);
+        let outs: Vec<String> = node.outputs.iter().map(|o| format!("%{}", o.0)).collect();
+        let tag = if node.phase == Phase::Forward {
+            String::new()
+        } else {
+            format!(" @{}", node.phase.tag())
+        };
+        let _ = writeln!(
+            s,
+            "  step {step}: {} = {}{tag}",
+            outs.join(", "),
+            node.op.name()
+        );
+    }
+    for b in &plan.buffers {
+        let _ = writeln!(
+            s,
+            "  buffer %{} : {} offset {} size {} live {}..{} {}",
+            b.value.0,
+            g.value(b.value).ty,
+            b.offset,
+            b.size,
+            b.start,
+            b.end,
+            b.category.name()
+        );
+    }
+    for (v, target) in &plan.aliases {
+        let _ = writeln!(s, "  alias %{} -> %{}", v.0, target.0);
+    }
+    s
 }

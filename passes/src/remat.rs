@@ -54,6 +54,70 @@ pub enum Budget {
     Fraction(f64),
 }
 
+impl Policy {
+    /// The remat pass's options as text (`policy=budget budget=0.5`).
+    pub fn text(&self) -> String {
+        match self {
+            Policy::MinCut => "policy=auto".into(),
+            Policy::Full => "policy=full".into(),
+            Policy::Budget(b) => format!("policy=auto budget={}", b.text()),
+            Policy::Exact(b) => format!("policy=exact budget={}", b.text()),
+        }
+    }
+}
+
+/// A budget that is neither bytes nor a fraction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is neither bytes (1500000000, 1.5GiB, 800MB) nor a fraction in (0, 1] (0.5, 50%)")]
+pub struct BadBudget(pub String);
+
+impl Budget {
+    /// Parses bytes (`1500000000`, `1.5GiB`, `800MB`) or a fraction of the bytes saved
+    /// without rematerialisation (`0.5`, `50%`).
+    pub fn parse(text: &str) -> Result<Budget, BadBudget> {
+        let t = text.trim();
+        let bad = || BadBudget(text.to_string());
+        if let Some(p) = t.strip_suffix('%') {
+            let f: f64 = p.trim().parse().map_err(|_| bad())?;
+            return (f > 0.0 && f <= 100.0)
+                .then_some(Budget::Fraction(f / 100.0))
+                .ok_or_else(bad);
+        }
+        let units = [
+            ("KiB", 1u64 << 10),
+            ("MiB", 1 << 20),
+            ("GiB", 1 << 30),
+            ("KB", 1_000),
+            ("MB", 1_000_000),
+            ("GB", 1_000_000_000),
+            ("B", 1),
+        ];
+        for (suffix, scale) in units {
+            if let Some(n) = t.strip_suffix(suffix) {
+                let x: f64 = n.trim().parse().map_err(|_| bad())?;
+                return (x >= 0.0 && x.is_finite())
+                    .then(|| Budget::Bytes((x * scale as f64).round() as u64))
+                    .ok_or_else(bad);
+            }
+        }
+        if let Ok(b) = t.parse::<u64>() {
+            return Ok(Budget::Bytes(b));
+        }
+        let f: f64 = t.parse().map_err(|_| bad())?;
+        (f > 0.0 && f <= 1.0)
+            .then_some(Budget::Fraction(f))
+            .ok_or_else(bad)
+    }
+
+    /// The budget as text ([`Budget::parse`] gives it back).
+    pub fn text(&self) -> String {
+        match self {
+            Budget::Bytes(b) => b.to_string(),
+            Budget::Fraction(f) => f.to_string(),
+        }
+    }
+}
+
 /// Why the pass could not apply a policy.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RematError {

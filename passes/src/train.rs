@@ -51,16 +51,68 @@ pub const WEIGHT_DECAY_INPUT: &str = "memc.weight_decay";
 /// 1-based step number input.
 pub const STEP_INPUT: &str = "memc.step";
 
+/// Which weights are trained.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Trainable {
+    /// The adapters of reversible layers when the graph has couplings (MEFT's setting), else
+    /// every float weight.
+    #[default]
+    Default,
+    /// Every float weight.
+    All,
+    /// The adapters of reversible layers ([`crate::reversible::ADAPTERS`]).
+    Adapters,
+    /// The weights whose names this regular expression matches (searched, not anchored).
+    Matching(String),
+}
+
+impl Trainable {
+    /// `all`, `adapters`, `default`, or a regular expression.
+    pub fn parse(text: &str) -> Trainable {
+        match text {
+            "default" => Trainable::Default,
+            "all" => Trainable::All,
+            "adapters" => Trainable::Adapters,
+            re => Trainable::Matching(re.to_string()),
+        }
+    }
+
+    /// The option's text ([`Trainable::parse`] gives it back).
+    pub fn text(&self) -> &str {
+        match self {
+            Trainable::Default => "default",
+            Trainable::All => "all",
+            Trainable::Adapters => "adapters",
+            Trainable::Matching(re) => re,
+        }
+    }
+
+    /// The predicate on weight names, for a graph with or without reversible couplings.
+    fn matcher(&self, reversible: bool) -> Result<Option<regex::Regex>, TrainError> {
+        let re = match self {
+            Trainable::All => return Ok(None),
+            Trainable::Default if !reversible => return Ok(None),
+            Trainable::Adapters if !reversible => return Err(TrainError::NoAdapters),
+            Trainable::Default | Trainable::Adapters => crate::reversible::ADAPTERS,
+            Trainable::Matching(re) => re,
+        };
+        regex::Regex::new(re)
+            .map(Some)
+            .map_err(|e| TrainError::BadTrainable(re.to_string(), e.to_string()))
+    }
+}
+
 /// How to build the training step.
-pub struct TrainOptions<'a> {
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
     /// The loss.
     pub loss: Loss,
     /// The optimizer.
     pub optimizer: Optimizer,
     /// Clip the global gradient norm to this value (`torch.nn.utils.clip_grad_norm_`).
     pub clip_grad_norm: Option<f64>,
-    /// Which weights are trained, by parameter name.
-    pub trainable: &'a dyn Fn(&str) -> bool,
+    /// Which weights are trained.
+    pub trainable: Trainable,
     /// What the backward pass keeps and what it recomputes ([`crate::remat`]); `None` keeps
     /// every value a gradient reads.
     pub remat: Option<Policy>,
@@ -79,6 +131,29 @@ pub struct TrainOptions<'a> {
     pub grad_outputs: bool,
 }
 
+impl Default for TrainOptions {
+    /// PyTorch's defaults: next-token cross-entropy (fused), AdamW (0.9, 0.999, 1e-8), every
+    /// weight trained, the minimum-cut rematerialisation, f32.
+    fn default() -> TrainOptions {
+        TrainOptions {
+            loss: Loss::NextTokenCe,
+            optimizer: Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            clip_grad_norm: None,
+            trainable: Trainable::Default,
+            remat: Some(Policy::MinCut),
+            fused_loss: true,
+            compute_dtype: DType::F32,
+            rev_backward: RevBackward::Reconstruct { check: false },
+            pipeline_chunks: None,
+            grad_outputs: false,
+        }
+    }
+}
+
 /// How the backward pass treats a reversible stack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RevBackward {
@@ -94,7 +169,7 @@ pub enum RevBackward {
     Store,
 }
 
-/// What the pass did.
+/// What the training build did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TrainStats {
     /// Trained weight tensors.
@@ -105,7 +180,7 @@ pub struct TrainStats {
     pub frozen_tensors: usize,
     /// Nodes added for the backward pass (B and W).
     pub backward_nodes: usize,
-    /// Nodes added for the optimizer step.
+    /// Nodes added for the optimizer step (clipping included).
     pub update_nodes: usize,
     /// What rematerialisation did, if it ran.
     pub remat: Option<RematStats>,
@@ -129,15 +204,25 @@ pub struct FusedLoss {
     pub chunk_bytes: u64,
 }
 
-/// Why a training step cannot be built.
+/// Why a training step cannot be built. The messages name the graph's problem, never a
+/// command-line flag (the driver maps its flags onto [`TrainOptions`]).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TrainError {
     /// The model has no output the loss can use.
-    #[error("--loss next-token-ce needs an output of shape [batch, seq, vocab] computed from an integer input of shape [batch, seq] (`input_ids`): {0}")]
+    #[error("the next-token loss needs an output of shape [batch, seq, vocab] computed from an integer input of shape [batch, seq] (`input_ids`): {0}")]
     NoLogits(String),
-    /// No weight matches `--trainable`.
-    #[error("no weight matches --trainable (the model's weights are named like `{0}`)")]
+    /// No weight is trainable.
+    #[error("no weight is trainable (the model's weights are named like `{0}`)")]
     NothingTrainable(String),
+    /// The adapters were asked for but the graph has no reversible layers.
+    #[error("only reversible layers have adapters to train, and the graph has none")]
+    NoAdapters,
+    /// The trainable-weights expression does not parse.
+    #[error("`{0}` is not a regular expression: {1}")]
+    BadTrainable(String, String),
+    /// A gradient pass ran before the loss or autodiff pass.
+    #[error("{0}")]
+    Order(&'static str),
     /// Differentiation failed.
     #[error(transparent)]
     Autodiff(#[from] AutodiffError),
@@ -148,25 +233,35 @@ pub enum TrainError {
     #[error(transparent)]
     Remat(#[from] RematError),
     /// The layers cannot be split into the pipeline chunks asked for.
-    #[error("--pipeline-stages: {0}")]
+    #[error("pipeline partition: {0}")]
     Partition(String),
+    /// The pass manager stopped (a dump could not be written, or a pass broke the graph).
+    #[error(transparent)]
+    Pass(#[from] crate::manager::PassError),
 }
 
-/// Builds the training step in place (see the module docs).
-pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, TrainError> {
-    // Blocks become their steps; `residual` stays (its VJP is the identity to both operands)
-    // until rematerialisation has found the layers with it, `rev_couple` until the backward
-    // pass has inverted it.
-    crate::blocks::lower_blocks_where(g, |op| !matches!(op, Op::Residual | Op::RevCouple))
-        .map_err(TrainError::Build)?;
-    crate::precision::lower_precision(g, opts.compute_dtype).map_err(TrainError::Build)?;
+/// What the loss pass built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LossStats {
+    /// The fused LM-head loss, when it was used.
+    pub fused: Option<FusedLoss>,
+}
+
+crate::pass_stats!(LossStats, fn summary(&self) -> String {
+    match &self.fused {
+        Some(f) => format!("fused LM-head cross-entropy in {} chunks ({} of {} logit bytes at once)", f.chunks, f.chunk_bytes, f.logits_bytes),
+        None => "cross-entropy over the whole logits".into(),
+    }
+});
+
+/// Adds the loss to the forward graph `g` and makes it the only output, `loss`: the fused,
+/// chunked LM-head cross-entropy when `fused` and the logits are one GEMM, else the plain
+/// next-token cross-entropy.
+pub fn add_loss(g: &mut Graph, loss: Loss, fused: bool) -> Result<LossStats, TrainError> {
+    let Loss::NextTokenCe = loss;
     let (ids, logits) = find_logits(g)?;
-    let head = if opts.fused_loss {
-        lm_head(g, logits)
-    } else {
-        None
-    };
-    let (loss, fused_loss) = match head {
+    let head = if fused { lm_head(g, logits) } else { None };
+    let (loss, fused) = match head {
         Some((h, w, bias)) => {
             let (loss, f) = fused_next_token_ce(g, ids, h, w, bias).map_err(TrainError::Build)?;
             (loss, Some(f))
@@ -176,82 +271,262 @@ pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, 
             None,
         ),
     };
+    g.clear_outputs();
+    g.add_output(LOSS_OUTPUT, loss);
+    Ok(LossStats { fused })
+}
 
+/// The name of the training step's loss output.
+pub const LOSS_OUTPUT: &str = "loss";
+
+/// What the autodiff pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AutodiffStats {
+    /// Trained weight tensors.
+    pub trained_tensors: usize,
+    /// Trained parameters (elements).
+    pub trained_params: usize,
+    /// Weights left frozen.
+    pub frozen_tensors: usize,
+    /// Nodes added for the backward pass (B and W).
+    pub backward_nodes: usize,
+}
+
+crate::pass_stats!(AutodiffStats, fn summary(&self) -> String {
+    format!("{} weights trained ({} parameters), {} frozen; {} backward nodes", self.trained_tensors, self.trained_params, self.frozen_tensors, self.backward_nodes)
+});
+
+fn param_name(g: &Graph, v: ValueId) -> String {
+    match &g.value(v).def {
+        ValueDef::Param { name, .. } => name.clone(),
+        _ => unreachable!("weights are params"),
+    }
+}
+
+/// Differentiates the `loss` output with respect to the trainable float weights (B and W
+/// phases, [`crate::autodiff`]) and declares each gradient on the graph ([`Graph::add_grad`]).
+pub fn autodiff(g: &mut Graph, trainable: &Trainable) -> Result<AutodiffStats, TrainError> {
+    let loss = g
+        .outputs()
+        .iter()
+        .find(|(n, _)| n == LOSS_OUTPUT)
+        .map(|&(_, v)| v)
+        .ok_or(TrainError::Order(
+            "autodiff differentiates the `loss` output: run the loss pass first",
+        ))?;
+    let reversible = g.nodes().iter().any(|n| n.op == Op::RevCouple);
+    let matcher = trainable.matcher(reversible)?;
     let weights: Vec<ValueId> = g
         .weights()
         .filter(|&w| g.value(w).ty.dtype.is_float())
         .collect();
-    let name_of = |g: &Graph, v: ValueId| match &g.value(v).def {
-        ValueDef::Param { name, .. } => name.clone(),
-        _ => unreachable!("weights are params"),
-    };
     let trained: Vec<ValueId> = weights
         .iter()
         .copied()
-        .filter(|&w| (opts.trainable)(&name_of(g, w)))
+        .filter(|&w| matcher.as_ref().is_none_or(|r| r.is_match(&param_name(g, w))))
         .collect();
     if trained.is_empty() {
-        let example = weights.first().map(|&w| name_of(g, w)).unwrap_or_default();
+        let example = weights
+            .first()
+            .map(|&w| param_name(g, w))
+            .unwrap_or_default();
         return Err(TrainError::NothingTrainable(example));
     }
     let before = g.nodes().len();
     let grads = differentiate(g, loss, &trained)?;
     let backward_nodes = g.nodes().len() - before;
-
-    let before = g.nodes().len();
-    let lr = g.add_input(LR_INPUT, TensorType::new(DType::F32, vec![]));
-    let wd = g.add_input(WEIGHT_DECAY_INPUT, TensorType::new(DType::F32, vec![]));
-    let step = g.add_input(STEP_INPUT, TensorType::new(DType::F32, vec![]));
-    let mut b = Builder::new(g, Phase::Update, "optimizer");
-    let grads = match opts.clip_grad_norm {
-        Some(max_norm) => clip(&mut b, &grads, max_norm).map_err(TrainError::Build)?,
-        None => grads,
-    };
-    let scalars = Scalars { lr, wd, step };
-    for &(p, grad) in &grads {
-        let name = name_of(b.g, p);
-        update(&mut b, &opts.optimizer, &scalars, p, grad, &name).map_err(TrainError::Build)?;
+    for &(p, gr) in &grads {
+        g.add_grad(p, gr);
     }
-    let update_nodes = b.g.nodes().len() - before;
+    Ok(AutodiffStats {
+        trained_tensors: grads.len(),
+        trained_params: grads.iter().map(|&(p, _)| g.value(p).ty.numel()).sum(),
+        frozen_tensors: weights.len() - trained.len(),
+        backward_nodes,
+    })
+}
 
-    let trained_params = grads.iter().map(|&(p, _)| g.value(p).ty.numel()).sum();
-    g.clear_outputs();
-    g.add_output("loss", loss);
-    if opts.grad_outputs {
-        let named: Vec<(String, ValueId)> =
-            grads.iter().map(|&(p, gr)| (name_of(g, p), gr)).collect();
-        for (name, gr) in named {
-            g.add_output(format!("grad:{name}"), gr);
+/// Nodes a gradient pass added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpdateStats {
+    /// Nodes added.
+    pub nodes: usize,
+}
+
+crate::pass_stats!(UpdateStats, fn summary(&self) -> String {
+    format!("{} nodes", self.nodes)
+});
+
+/// Scales the declared gradients so that their global norm is at most `max_norm`
+/// (`torch.nn.utils.clip_grad_norm_`).
+pub fn clip_grads(g: &mut Graph, max_norm: f64) -> Result<UpdateStats, TrainError> {
+    if g.grads().is_empty() {
+        return Err(TrainError::Order(
+            "clip scales the declared gradients: run the autodiff pass first",
+        ));
+    }
+    let before = g.nodes().len();
+    let grads = g.take_grads();
+    let mut b = Builder::new(g, Phase::Update, "optimizer");
+    let clipped = clip(&mut b, &grads, max_norm).map_err(TrainError::Build)?;
+    for (p, gr) in clipped {
+        g.add_grad(p, gr);
+    }
+    Ok(UpdateStats {
+        nodes: g.nodes().len() - before,
+    })
+}
+
+/// The step's scalar inputs, added the first time they are asked for.
+fn step_inputs(g: &mut Graph) -> Scalars {
+    let mut get = |name: &str| {
+        g.inputs()
+            .iter()
+            .copied()
+            .find(|&v| matches!(&g.value(v).def, ValueDef::Input { name: n } if n == name))
+            .unwrap_or_else(|| g.add_input(name, TensorType::new(DType::F32, vec![])))
+    };
+    Scalars {
+        lr: get(LR_INPUT),
+        wd: get(WEIGHT_DECAY_INPUT),
+        step: get(STEP_INPUT),
+    }
+}
+
+/// Consumes the declared gradients: one optimizer update per trained weight (and its state)
+/// reading the step's scalar inputs; with `grad_outputs`, each gradient is also an output
+/// `grad:<name>`. Removes what the step no longer reads.
+pub fn add_optimizer(
+    g: &mut Graph,
+    optimizer: &Optimizer,
+    grad_outputs: bool,
+) -> Result<UpdateStats, TrainError> {
+    if g.grads().is_empty() {
+        return Err(TrainError::Order(
+            "the optimizer updates the weights from their declared gradients: run the autodiff pass first",
+        ));
+    }
+    let before = g.nodes().len();
+    let scalars = step_inputs(g);
+    let grads = g.take_grads();
+    let mut b = Builder::new(g, Phase::Update, "optimizer");
+    for &(p, grad) in &grads {
+        let name = param_name(b.g, p);
+        update(&mut b, optimizer, &scalars, p, grad, &name).map_err(TrainError::Build)?;
+    }
+    let nodes = g.nodes().len() - before;
+    if grad_outputs {
+        for &(p, gr) in &grads {
+            let name = param_name(g, p);
+            g.add_output(format!("{GRAD_OUTPUT_PREFIX}{name}"), gr);
         }
     }
     g.compact();
+    Ok(UpdateStats { nodes })
+}
+
+/// The prefix of the gradient outputs of [`add_optimizer`] with `grad_outputs`.
+pub const GRAD_OUTPUT_PREFIX: &str = "grad:";
+
+/// Builds the training step in place (see the module docs), verifying after every pass.
+pub fn build_training(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats, TrainError> {
+    build_training_with(g, opts, &mut crate::manager::PassManager::new())
+}
+
+/// [`build_training`] through `pm` (dumps, timing): the passes `lower-blocks` (all blocks but
+/// `residual` and `rev_couple`), `precision`, `loss`, `autodiff`, `clip`, `optimizer`,
+/// `reconstruct`, `remat`, `partition` and `lower-blocks`, each from the pass table.
+pub fn build_training_with(
+    g: &mut Graph,
+    opts: &TrainOptions,
+    pm: &mut crate::manager::PassManager,
+) -> Result<TrainStats, TrainError> {
+    // Blocks become their steps; `residual` stays (its VJP is the identity to both operands)
+    // until rematerialisation has found the layers with it, `rev_couple` until the backward
+    // pass has inverted it.
+    pm.run(g, "lower-blocks", "lower-blocks{keep=residual,rev_couple}".into(), |g| {
+        crate::table::lower_blocks_keeping(g, &[Op::Residual, Op::RevCouple])
+            .map_err(TrainError::Build)
+    })?;
+    let dtype = opts.compute_dtype;
+    pm.run(g, "precision", format!("precision{{dtype={}}}", dtype.name()), |g| {
+        crate::precision::lower_precision(g, dtype).map_err(TrainError::Build)
+    })?;
+    let loss = pm.run(g, "loss", format!("loss{{fused={}}}", opts.fused_loss), |g| {
+        add_loss(g, opts.loss, opts.fused_loss)
+    })?;
+    let ad = pm.run(
+        g,
+        "autodiff",
+        format!("autodiff{{trainable={}}}", opts.trainable.text()),
+        |g| autodiff(g, &opts.trainable),
+    )?;
+    let mut update_nodes = 0;
+    if let Some(max_norm) = opts.clip_grad_norm {
+        update_nodes += pm
+            .run(g, "clip", format!("clip{{max-norm={max_norm}}}"), |g| {
+                clip_grads(g, max_norm)
+            })?
+            .nodes;
+    }
+    update_nodes += pm
+        .run(
+            g,
+            "optimizer",
+            format!("optimizer{{{}}}", optimizer_text(&opts.optimizer, opts.grad_outputs)),
+            |g| add_optimizer(g, &opts.optimizer, opts.grad_outputs),
+        )?
+        .nodes;
     let has_couplings = g.nodes().iter().any(|n| n.op == Op::RevCouple);
     let reconstruct = match opts.rev_backward {
-        RevBackward::Reconstruct { check } if has_couplings => {
-            Some(reconstruct(g, check).map_err(TrainError::Build)?)
-        }
+        RevBackward::Reconstruct { check } if has_couplings => Some(pm.run(
+            g,
+            "reconstruct",
+            format!("reconstruct{{check={check}}}"),
+            |g| reconstruct(g, check).map_err(TrainError::Build),
+        )?),
         _ => None,
     };
     let remat = match &opts.remat {
-        Some(policy) => Some(rematerialize(g, policy).map_err(TrainError::Remat)?),
+        Some(policy) => Some(pm.run(g, "remat", format!("remat{{{}}}", policy.text()), |g| {
+            rematerialize(g, policy).map_err(TrainError::Remat)
+        })?),
         None => None,
     };
     let partition = match opts.pipeline_chunks {
-        Some(c) => Some(crate::partition::partition(g, c).map_err(TrainError::Partition)?),
+        Some(c) => Some(pm.run(g, "partition", format!("partition{{chunks={c}}}"), |g| {
+            crate::partition::partition(g, c).map_err(TrainError::Partition)
+        })?),
         None => None,
     };
-    crate::blocks::lower_blocks(g).map_err(TrainError::Build)?;
+    pm.run(g, "lower-blocks", "lower-blocks".into(), |g| {
+        crate::table::lower_blocks_keeping(g, &[]).map_err(TrainError::Build)
+    })?;
     Ok(TrainStats {
-        trained_tensors: grads.len(),
-        trained_params,
-        frozen_tensors: weights.len() - trained.len(),
-        backward_nodes,
+        trained_tensors: ad.trained_tensors,
+        trained_params: ad.trained_params,
+        frozen_tensors: ad.frozen_tensors,
+        backward_nodes: ad.backward_nodes,
         update_nodes,
         remat,
-        fused_loss,
+        fused_loss: loss.fused,
         reconstruct,
         partition,
     })
+}
+
+/// The optimizer pass's options as text (`kind=adamw beta1=0.9 ...`).
+pub fn optimizer_text(o: &Optimizer, grad_outputs: bool) -> String {
+    let mut s = match *o {
+        Optimizer::Sgd { momentum } => format!("kind=sgd momentum={momentum}"),
+        Optimizer::AdamW { beta1, beta2, eps } => {
+            format!("kind=adamw beta1={beta1} beta2={beta2} eps={eps}")
+        }
+    };
+    if grad_outputs {
+        s += " grad-outputs=true";
+    }
+    s
 }
 
 /// The integer `[batch, seq]` input and the `[batch, seq, vocab]` float output.
