@@ -69,7 +69,15 @@ echo "== memc schedule --stages 4 --microbatches 16 --schedule v-half --svg $OUT
 $MEMC schedule --stages 4 --microbatches 16 --schedule v-half --svg "$OUT/v-half.svg"
 echo "== memc compile $DEPTH --shape input_ids=2x32 --train --pipeline-stages 4 --microbatches 8 --schedule v-min --report   (stage split, per-device memory)"
 $MEMC compile $DEPTH --shape input_ids=2x32 --train --pipeline-stages 4 --microbatches 8 --schedule v-min --report | grep -E '^(pipeline|  device)'
-python3 -c 'import numpy as np; np.save("'"$OUT"'/ids8x32.npy", (np.arange(8*32).reshape(8, 32) * 37 + 11) % 128)'
+# Token ids (i * 37 + 11) mod 128 as an int64 [8, 32] .npy, written with the standard library only.
+python3 - "$OUT/ids8x32.npy" <<'PY'
+import struct, sys
+header = "{'descr': '<i8', 'fortran_order': False, 'shape': (8, 32), }"
+header += " " * (63 - (10 + len(header)) % 64) + "\n"
+with open(sys.argv[1], "wb") as f:
+    f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
+    f.write(struct.pack("<256q", *[(i * 37 + 11) % 128 for i in range(256)]))
+PY
 echo "== memc train $DEPTH --data $OUT/ids8x32.npy --shape input_ids=8x32 --steps 3 --lr 1e-2   (plain, then pipelined: 2 stages x 4 microbatches, zb-h1; then one process per stage)"
 $MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2
 $MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2 --pipeline-stages 2 --microbatches 4 --schedule zb-h1

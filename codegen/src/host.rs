@@ -378,3 +378,65 @@ mod tests {
         );
     }
 }
+
+/// The cpu backend's kernel sequence and memory plan: `g`'s nodes put in the memory plan's
+/// order (which runs optimizer updates as soon as their gradients exist), fused into kernels
+/// in that order, and planned over those kernels (values inside a kernel need no buffer).
+/// Returns the reordered graph (same values), the kernels and the plan.
+pub fn layout(g: &Graph) -> (Graph, Vec<Kernel>, memc_passes::plan::Plan) {
+    let mut ordered = g.clone();
+    ordered.reorder_nodes(&memc_passes::plan::plan(g).order);
+    let kernels = crate::fuse::fuse(&ordered);
+    let steps: Vec<Vec<memc_ir::NodeId>> = kernels.iter().map(|k| k.nodes.clone()).collect();
+    let plan = memc_passes::plan::plan_steps(&ordered, &steps);
+    (ordered, kernels, plan)
+}
+
+/// Lowers `g` to the cpu backend's program (see [`layout`]): kernels generated and lowered,
+/// every value at its planned offset (the arena is the plan's peak). The caller adds the
+/// runtime's training description for a training program.
+pub fn lower(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
+    let (ordered, kernels, plan) = layout(g);
+    let mut layout = Layout {
+        arena_bytes: plan.peak_bytes,
+        offsets: Default::default(),
+    };
+    for b in &plan.buffers {
+        layout.offsets.insert(b.value, b.offset);
+    }
+    for &(v, target) in &plan.aliases {
+        let at = layout.offsets[&target];
+        layout.offsets.insert(v, at);
+    }
+    HostProgram::compile(&ordered, &kernels, &layout, model)
+}
+
+/// `g`'s interface as a program without kernels: every input, output, weight and optimizer
+/// state at its own offset (constants stay in the graph). A backend that runs `g` itself,
+/// such as the reference interpreter ([`crate::reference`]), serves it.
+pub fn interface(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
+    let mut layout = Layout::default();
+    let place = |v: ValueId, layout: &mut Layout| {
+        if let std::collections::hash_map::Entry::Vacant(e) = layout.offsets.entry(v) {
+            e.insert(layout.arena_bytes);
+            layout.arena_bytes =
+                (layout.arena_bytes + g.value(v).ty.bytes() as u64).next_multiple_of(256);
+        }
+    };
+    for &v in g.inputs() {
+        place(v, &mut layout);
+    }
+    for &(_, v) in g.outputs() {
+        place(v, &mut layout);
+    }
+    for (i, val) in g.values().iter().enumerate() {
+        if let ValueDef::Param {
+            role: ParamRole::Weight | ParamRole::OptimizerState,
+            ..
+        } = val.def
+        {
+            place(ValueId(i as u32), &mut layout);
+        }
+    }
+    HostProgram::compile(g, &[], &layout, model)
+}

@@ -3,7 +3,9 @@
 //!
 //! Kernels are the groups of `memc_passes::fuse` (re-exported as [`fuse`]); [`kernel`] builds fused elementwise kernels and
 //! [`ops`] every other op as MLIR, lowers them with MLIR's passes and translates them to LLVM
-//! IR; [`host`] turns a planned, fused graph into the runtime's program format; [`jit`] runs
+//! IR; [`host`] turns a planned, fused graph into the runtime's program format and
+//! [`pipeline`] a pipelined step into one; [`reference`] runs a graph on the interpreter
+//! behind the same format; [`jit`] runs
 //! the kernels in-process and [`link`] emits executables; [`toolchain::check`] proves the
 //! MLIR/LLVM toolchain (x86-64 and NVPTX).
 
@@ -15,5 +17,7 @@ pub mod jit;
 pub mod kernel;
 pub mod link;
 pub mod ops;
+pub mod pipeline;
 pub mod ptx;
+pub mod reference;
 pub mod toolchain;

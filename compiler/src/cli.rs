@@ -12,6 +12,7 @@ use memc_ir::{Graph, Tensor, ValueDef};
 use memc_passes::manager::{PassManager, PassSpec};
 
 use crate::onnx::{self, ImportOptions};
+use crate::pipe::PlanReport;
 use crate::report::{self, PhaseTime};
 
 /// memc: compile ONNX transformers into memory-lean training executables.
@@ -698,7 +699,7 @@ fn emit_executable(
     Ok(())
 }
 
-/// `-o OUT --pipeline-stages P`: the pipelined step ([`crate::pipe::host_pipeline`]) as an
+/// `-o OUT --pipeline-stages P`: the pipelined step ([`crate::pipe::lower_pipeline`]) as an
 /// executable, and OUT.safetensors.
 #[cfg(feature = "codegen")]
 fn emit_pipelined(
@@ -720,7 +721,14 @@ fn emit_pipelined(
     let (program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
-    let host = crate::pipe::host_pipeline(&program, &schedule, &args.training, rows, model)?;
+    let (host, _) = crate::pipe::lower_pipeline(
+        &program,
+        &schedule,
+        &args.training,
+        rows,
+        model,
+        crate::pipe::PassTarget::Cpu,
+    )?;
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
     let emitted = memc_codegen::link::emit_executable(&host, out, &lib)?;
     let mut weights = out.as_os_str().to_owned();
@@ -808,7 +816,7 @@ fn emit_ptx(_: &Graph, _: &str, _: u32) -> Result<String> {
 /// The cpu backend's arena size and kernel count: the plan over the fused kernels.
 #[cfg(feature = "codegen")]
 fn cpu_arena(g: &Graph) -> Option<(u64, usize)> {
-    let (_, kernels, plan) = crate::train::host_layout(g);
+    let (_, kernels, plan) = memc_codegen::host::layout(g);
     Some((plan.peak_bytes, kernels.len()))
 }
 
@@ -822,7 +830,7 @@ fn cpu_arena(_: &Graph) -> Option<(u64, usize)> {
 #[cfg(feature = "codegen")]
 fn emit_kernels(g: &Graph, llvm: bool) -> Result<()> {
     use memc_codegen::{kernel, ops};
-    let (ordered, kernels, _) = crate::train::host_layout(g);
+    let (ordered, kernels, _) = memc_codegen::host::layout(g);
     let lowerer = kernel::Lowerer::new();
     for (n, k) in kernels.iter().enumerate() {
         let name = format!("memc_k{n}");
@@ -1094,8 +1102,10 @@ fn sanitize(name: &str) -> String {
         .collect()
 }
 
-/// `memc train --pipeline-stages`: each step's batch split into microbatches, run as a
-/// pipelined step ([`crate::pipe::run_step`]), then the optimizer.
+/// `memc train --pipeline-stages`: each step's batch split into microbatches and run as the
+/// runtime's pipelined step ([`memc_runtime::pipeline::Pipelined`]), each pass on the
+/// reference interpreter or as generated kernels (`--backend cpu`), in one process or one
+/// process per stage (torchrun's environment).
 fn train_pipelined(
     args: &TrainCmdArgs,
     kind: memc_passes::pipeline::ScheduleKind,
@@ -1106,13 +1116,17 @@ fn train_pipelined(
 ) -> Result<()> {
     let stages = args.pipeline.pipeline_stages.expect("checked");
     let m = args.pipeline.microbatches.unwrap_or(2 * stages);
-    let (shapes, rows, name) = micro_shapes(shapes, m, model)?;
-    let seq = shapes[&name][1];
-    let (g, _) = import(&args.model, shapes, timer, &mut PassManager::new().timed(args.model.time_passes))?;
+    let (shapes, rows, _) = micro_shapes(shapes, m, model)?;
+    let (g, _) = import(
+        &args.model,
+        shapes,
+        timer,
+        &mut PassManager::new().timed(args.model.time_passes),
+    )?;
     let (mut program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
-    let ((data_name, ty), others) = crate::train::token_input(&program, model)?;
+    let ((data_name, _), others) = crate::train::token_input(&program, model)?;
     if !others.is_empty() {
         bail!(
             "{model}: a pipelined step feeds only token ids; the model also takes {}",
@@ -1125,113 +1139,12 @@ fn train_pipelined(
     let wd = args
         .weight_decay
         .unwrap_or(crate::train::default_weight_decay(args.training.optimizer));
-    if args.backend == Backend::Cpu {
-        return train_pipelined_host(args, &mut program, &schedule, rows, wd, data, model);
-    }
-    let scalar = |v: f64| Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
-    // One process per stage (torchrun's RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): this
-    // process runs its device's passes and exchanges values with the others over TCP.
-    let rank_env = crate::pipe::rank_env()?;
-    let exchange = match &rank_env {
-        Some(env) if env.world != stages => bail!(
-            "WORLD_SIZE {} must equal --pipeline-stages {stages} (one process per stage)",
-            env.world
-        ),
-        Some(env) => Some(crate::pipe::TcpExchange::connect(
-            env,
-            std::time::Duration::from_secs(120),
-        )?),
-        None => None,
-    };
-    let n_grads = program
-        .outputs()
-        .iter()
-        .filter(|(n, _)| n.starts_with("grad:"))
-        .count();
-    // On an error, tell the other processes so they stop waiting.
-    let mut run_steps = || -> Result<()> {
-        for step in 1..=args.steps {
-            let t0 = Instant::now();
-            let batch = data.next_batch(rows, ty.dtype).to_i64_vec();
-            let scalars = HashMap::from([
-                (memc_passes::train::LR_INPUT.to_string(), scalar(args.lr)),
-                (
-                    memc_passes::train::WEIGHT_DECAY_INPUT.to_string(),
-                    scalar(wd),
-                ),
-                (
-                    memc_passes::train::STEP_INPUT.to_string(),
-                    scalar(step as f64),
-                ),
-            ]);
-            let per = rows / m * seq;
-            let feeds: Vec<HashMap<String, Tensor>> = (0..m)
-                .map(|j| {
-                    let mut f = scalars.clone();
-                    f.insert(
-                        data_name.clone(),
-                        Tensor::from_i64(
-                            ty.dtype,
-                            vec![rows / m, seq],
-                            &batch[j * per..(j + 1) * per],
-                        ),
-                    );
-                    f
-                })
-                .collect();
-            let r = match (&exchange, &rank_env) {
-                (Some(ex), Some(env)) => {
-                    ex.begin_step(step);
-                    crate::pipe::run_devices(&program, &schedule, &feeds, &[env.rank], ex)
-                }
-                _ => {
-                    let devices: Vec<usize> = (0..stages).collect();
-                    let ex = crate::pipe::SharedExchange::new();
-                    crate::pipe::run_devices(&program, &schedule, &feeds, &devices, &ex).and_then(|r| {
-                        if r.grads.len() != n_grads || r.loss.is_none() {
-                            bail!(
-                                "the pipelined step computed {} of {n_grads} gradients (a memc bug)",
-                                r.grads.len()
-                            );
-                        }
-                        Ok(r)
-                    })
-                }
-            }
-            .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
-            if let Some(l) = r.loss {
-                if !l.is_finite() {
-                    bail!("{model}: step {step}: the loss is {l}");
-                }
-            }
-            crate::pipe::apply_updates(&mut program, &r.grads, &scalars)
-                .map_err(|e| anyhow!("{model}: step {step}: {e:#}"))?;
-            let ms = t0.elapsed().as_secs_f64() * 1e3;
-            // The process holding the loss (the last chunk's stage) prints the step's line.
-            if let Some(loss) = r.loss {
-                let mut line = serde_json::json!({"step": step, "loss": loss, "tokens": rows * seq, "step_ms": (ms * 1000.0).round() / 1000.0,
-                    "pipeline": {"schedule": kind.name(), "stages": stages, "microbatches": m}});
-                if let Some(env) = &rank_env {
-                    line["rank"] = env.rank.into();
-                    line["world_size"] = env.world.into();
-                }
-                println!("{line}");
-            }
-        }
-        Ok(())
-    };
-    let result = run_steps();
-    if let (Err(_), Some(ex)) = (&result, &exchange) {
-        ex.abort();
-    }
-    result
+    train_pipelined_on(args, &mut program, &schedule, rows, wd, data, model)
 }
 
-/// `memc train --backend cpu --pipeline-stages`: the pipelined step compiled as an emitted
-/// executable would run it ([`crate::pipe::host_pipeline`]), through the runtime's training
-/// loop (one thread per device).
+/// Lowers the pipelined step for `--backend` and trains it with the runtime's loop.
 #[cfg(feature = "codegen")]
-fn train_pipelined_host(
+fn train_pipelined_on(
     args: &TrainCmdArgs,
     program: &mut Graph,
     schedule: &memc_passes::pipeline::Schedule,
@@ -1240,15 +1153,23 @@ fn train_pipelined_host(
     data: &mut crate::train::Batches,
     model: &str,
 ) -> Result<()> {
+    use crate::pipe::PassTarget;
+    let target = match args.backend {
+        Backend::Cpu => PassTarget::Cpu,
+        _ => PassTarget::Reference,
+    };
     let t0 = Instant::now();
-    let host = crate::pipe::host_pipeline(program, schedule, &args.training, rows, model)?;
-    let pl = host.program.pipeline.as_ref().expect("a pipeline");
-    eprintln!(
-        "compiled {} pass programs and the optimizer ({} kernels) for the host in {:.1} s",
-        pl.passes.len(),
-        host.program.kernels.len(),
-        t0.elapsed().as_secs_f64()
-    );
+    let (host, graphs) =
+        crate::pipe::lower_pipeline(program, schedule, &args.training, rows, model, target)?;
+    if target == PassTarget::Cpu {
+        let pl = host.program.pipeline.as_ref().expect("a pipeline");
+        eprintln!(
+            "compiled {} pass programs and the optimizer ({} kernels) for the host in {:.1} s",
+            pl.passes.len(),
+            host.program.kernels.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
     let opts = crate::train::LoopOptions {
         steps: args.steps,
         lr: args.lr,
@@ -1256,6 +1177,7 @@ fn train_pipelined_host(
         peak_bytes: None,
         rev_drift_threshold: None,
     };
+    let reference = (target == PassTarget::Reference).then_some(&graphs[..]);
     crate::train::run_program(
         program,
         &host,
@@ -1263,12 +1185,13 @@ fn train_pipelined_host(
         &args.data.display().to_string(),
         &opts,
         model,
+        reference,
     )?;
     Ok(())
 }
 
 #[cfg(not(feature = "codegen"))]
-fn train_pipelined_host(
+fn train_pipelined_on(
     _: &TrainCmdArgs,
     _: &mut Graph,
     _: &memc_passes::pipeline::Schedule,
@@ -1277,7 +1200,7 @@ fn train_pipelined_host(
     _: &mut crate::train::Batches,
     _: &str,
 ) -> Result<()> {
-    bail!("--backend cpu: this memc was built without the `codegen` feature")
+    bail!("--pipeline-stages: this memc was built without the `codegen` feature")
 }
 
 fn opt(args: OptArgs) -> Result<()> {

@@ -441,26 +441,6 @@ pub fn run_reference(
     Ok(losses)
 }
 
-/// The cpu backend's kernel sequence and memory plan: `g`'s nodes put in the memory plan's
-/// order (which runs optimizer updates as soon as their gradients exist), fused into kernels
-/// in that order, and planned over those kernels (values inside a kernel need no buffer).
-/// Returns the reordered graph (same values), the kernels and the plan.
-#[cfg(feature = "codegen")]
-pub fn host_layout(
-    g: &Graph,
-) -> (
-    Graph,
-    Vec<memc_codegen::fuse::Kernel>,
-    memc_passes::plan::Plan,
-) {
-    let mut ordered = g.clone();
-    ordered.reorder_nodes(&memc_passes::plan::plan(g).order);
-    let kernels = memc_codegen::fuse::fuse(&ordered);
-    let steps: Vec<Vec<memc_ir::NodeId>> = kernels.iter().map(|k| k.nodes.clone()).collect();
-    let plan = memc_passes::plan::plan_steps(&ordered, &steps);
-    (ordered, kernels, plan)
-}
-
 /// What the runtime needs to train `g` (a training program): its token input, loss output,
 /// vocabulary, `memc.*` scalar inputs and the optimizer's default weight decay.
 pub fn training_info(
@@ -518,28 +498,15 @@ pub fn default_weight_decay(o: OptimizerArg) -> f64 {
     }
 }
 
-/// The cpu backend's program (see [`host_layout`]): kernels generated and lowered, every value
-/// at its planned offset (the arena is the plan's peak); with `training`, the runtime's
-/// training description is filled in.
+/// The cpu backend's program ([`memc_codegen::host::lower`]); with `training`, the
+/// runtime's training description is filled in.
 #[cfg(feature = "codegen")]
 pub fn host_program(
     g: &Graph,
     model: &str,
     training: Option<&TrainProgramArgs>,
 ) -> Result<memc_codegen::host::HostProgram> {
-    let (ordered, kernels, plan) = host_layout(g);
-    let mut layout = memc_codegen::host::Layout {
-        arena_bytes: plan.peak_bytes,
-        offsets: Default::default(),
-    };
-    for b in &plan.buffers {
-        layout.offsets.insert(b.value, b.offset);
-    }
-    for &(v, target) in &plan.aliases {
-        let at = layout.offsets[&target];
-        layout.offsets.insert(v, at);
-    }
-    let mut host = memc_codegen::host::HostProgram::compile(&ordered, &kernels, &layout, model)?;
+    let mut host = memc_codegen::host::lower(g, model)?;
     if let Some(args) = training {
         host.program.training = Some(training_info(g, args, model)?);
     }
@@ -624,11 +591,13 @@ pub fn run_host(
         t0.elapsed().as_secs_f64(),
         host.program.arena_bytes
     );
-    run_program(g, &host, data, data_path, opts, model)
+    run_program(g, &host, data, data_path, opts, model, None)
 }
 
-/// Runs a compiled training program ([`host_program`]) on the cpu backend with the runtime's
-/// training loop; see [`run_host`].
+/// Runs a compiled training program ([`host_program`]) with the runtime's training loop; see
+/// [`run_host`]. A pipelined program runs on the runtime's pipelined executor, in this process
+/// or as this rank's stage (torchrun's environment; rank 0 reports), each pass on the cpu
+/// backend or, given `reference` (each pass's graph), on the reference interpreter.
 #[cfg(feature = "codegen")]
 pub fn run_program(
     g: &mut Graph,
@@ -637,7 +606,9 @@ pub fn run_program(
     data_path: &str,
     opts: &LoopOptions,
     model: &str,
+    reference: Option<&[memc_codegen::pipeline::PassGraph]>,
 ) -> Result<Vec<f64>> {
+    use memc_runtime::pipeline::{PassBackend, Pipelined};
     let program = &host.program;
     let cfg = memc_runtime::session::TrainConfig {
         steps: opts.steps as u64,
@@ -649,38 +620,33 @@ pub fn run_program(
     };
     let (losses, trained) = host
         .with_kernels(|kernels| -> Result<(Vec<f64>, Vec<(String, Vec<u8>)>)> {
-            // A pipelined step runs its passes on one thread per device, or its own stage's
-            // in each of one process per stage (torchrun's environment; rank 0 reports).
-            let env = match &program.pipeline {
-                Some(_) => memc_runtime::mesh::RankEnv::from_env().map_err(|e| anyhow!(e))?,
-                None => None,
-            };
-            let mut cpu: Box<dyn memc_runtime::Backend> = match (&program.pipeline, &env) {
-                (Some(p), Some(env)) => {
-                    if env.world != p.stages as usize {
-                        bail!(
-                            "WORLD_SIZE {} must equal --pipeline-stages {} (one process per stage)",
-                            env.world,
-                            p.stages
-                        );
-                    }
-                    let mesh = memc_runtime::mesh::Mesh::connect(
-                        env,
-                        std::time::Duration::from_secs(120),
-                    )?;
-                    Box::new(memc_runtime::pipeline::PipelineCpu::with_mesh(
-                        program, kernels, mesh,
-                    )?)
+            let mut cpu: Box<dyn memc_runtime::Backend> = match (&program.pipeline, reference) {
+                (Some(_), Some(graphs)) => {
+                    let mut make = |label: &str,
+                                    p: &memc_runtime::program::Program|
+                     -> Result<PassBackend, memc_runtime::RunError> {
+                        let g = graphs.iter().find(|x| x.label == label).ok_or_else(|| {
+                            memc_runtime::RunError::Usage(format!("no graph for pass `{label}`"))
+                        })?;
+                        Ok(Box::new(memc_codegen::reference::Reference::new(
+                            g.graph.clone(),
+                            p,
+                        )))
+                    };
+                    Box::new(Pipelined::open(program, &mut make)?)
                 }
-                (Some(_), None) => {
-                    Box::new(memc_runtime::pipeline::PipelineCpu::new(program, kernels)?)
-                }
+                (Some(_), None) => Box::new(Pipelined::open_cpu(program, kernels)?),
                 (None, _) => {
                     let cpu = memc_runtime::cpu::Cpu::new(program, kernels);
                     assert_eq!(cpu.arena().bytes() as u64, program.arena_bytes);
                     Box::new(cpu)
                 }
             };
+            let rank = memc_runtime::mesh::RankEnv::from_env()
+                .ok()
+                .flatten()
+                .filter(|_| program.pipeline.is_some())
+                .map_or(0, |e| e.rank);
             load_params(g, program, cpu.as_mut())?;
             let (mut quiet, mut stdout) = (std::io::sink(), std::io::stdout().lock());
             let losses = memc_runtime::session::train(
@@ -690,11 +656,7 @@ pub fn run_program(
                 data_path,
                 &[],
                 &cfg,
-                if env.as_ref().is_some_and(|e| e.rank != 0) {
-                    &mut quiet
-                } else {
-                    &mut stdout
-                },
+                if rank != 0 { &mut quiet } else { &mut stdout },
             )?;
             if let Some(p) = cpu.profile() {
                 eprint!("{p}");

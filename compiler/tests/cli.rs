@@ -666,10 +666,32 @@ fn dump_ir_writes_a_parsable_file_per_pass() {
         "--train",
     ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
+    // One file per pass, numbered in running order: the import, the canonicalisation,
+    // then every pass of the training build.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "00-import.mir",
+            "01-canonicalize.mir",
+            "02-lower-blocks.mir",
+            "03-precision.mir",
+            "04-loss.mir",
+            "05-autodiff.mir",
+            "06-optimizer.mir",
+            "07-remat.mir",
+            "08-lower-blocks.mir"
+        ]
+    );
     for (file, has_attention) in [
         ("00-import.mir", false),
         ("01-canonicalize.mir", true),
-        ("02-train.mir", true),
+        ("07-remat.mir", true),
+        ("08-lower-blocks.mir", true),
     ] {
         let text = std::fs::read_to_string(dir.path().join(file)).unwrap();
         let g = memc_ir::parse(&text).unwrap();
@@ -835,7 +857,7 @@ fn bad_training_input() {
         &["compile", s(&mm), "--shape", "x=2x4", "--train"],
         &[
             "mm.onnx",
-            "--loss next-token-ce needs an output of shape [batch, seq, vocab]",
+            "--loss next-token-ce: the next-token loss needs an output of shape [batch, seq, vocab]",
         ],
     );
     // An unknown optimizer (clap's message, on one line).
@@ -929,7 +951,7 @@ fn bad_training_input() {
             "--trainable",
             "^nothing$",
         ],
-        &["no weight matches --trainable"],
+        &["--trainable: no weight is trainable"],
     );
     fails_with(
         &["train", s(&m), "--data", s(&data), "--trainable", "("],
@@ -1529,7 +1551,7 @@ fn pipelined_training_across_processes_matches_one_process() {
         err.lines()
             .last()
             .unwrap()
-            .contains("WORLD_SIZE 3 must equal --pipeline-stages 2"),
+            .contains("WORLD_SIZE 3 must equal the program's 2 pipeline stages"),
         "{err}"
     );
 }

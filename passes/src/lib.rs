@@ -23,6 +23,7 @@ pub mod reconstruct;
 pub mod remat;
 pub mod reversible;
 pub mod rules;
+pub mod stages;
 pub mod table;
 pub mod train;
 

@@ -87,7 +87,7 @@ pub struct Plan {
     pub steps: usize,
     /// Every buffer, sorted by value id.
     pub buffers: Vec<Buffer>,
-    /// Values written into another value's buffer: (update result, target).
+    /// Values written into another value's buffer: (update result, target), by value.
     pub aliases: Vec<(ValueId, ValueId)>,
     /// The arena size: the step's peak memory, in bytes.
     pub peak_bytes: u64,
@@ -269,7 +269,12 @@ pub fn plan_steps(g: &Graph, steps: &[Vec<NodeId>]) -> Plan {
         order,
         steps: n,
         buffers,
-        aliases: alias_of.into_iter().collect(),
+        aliases: {
+            // In value order: the plan's text is the same on every run.
+            let mut a: Vec<(ValueId, ValueId)> = alias_of.into_iter().collect();
+            a.sort();
+            a
+        },
         peak_bytes,
         max_live_bytes,
         peak_step,

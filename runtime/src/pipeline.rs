@@ -1,6 +1,9 @@
-//! Pipelined training steps on the CPU: a [`Program`] with a [`Pipeline`] runs as a
-//! [`Backend`] whose `run` is one pipelined step, so the training loop, checkpoints and the
-//! executable's command line work unchanged.
+//! Pipelined training steps: a [`Program`] with a [`Pipeline`] runs as a [`Backend`] whose
+//! `run` is one pipelined step, so the training loop, checkpoints and the executable's
+//! command line work unchanged. This is memc's one pipeline executor: each pass program runs
+//! on a backend of its own, the cpu backend's generated kernels ([`Pipelined::new`]) or any
+//! other [`Backend`] a caller plugs in ([`Pipelined::with_backends`]; the compiler plugs in
+//! the reference interpreter).
 //!
 //! One step: the weights are copied from the step's arena into every pass program that reads
 //! them; one thread per device runs its passes in the schedule's order, each pass taking the
@@ -27,16 +30,22 @@ use crate::program::{Pipeline, Program, Slot};
 use crate::session::{decode, encode};
 use crate::{Backend, RunError};
 
+/// A backend for one pass program (see [`Pipelined::with_backends`]).
+pub type PassBackend = Box<dyn Backend + Send>;
+
 /// A pass program ready to run: its backend, and where its inputs come from.
 struct Pass {
-    cpu: Cpu,
+    cpu: PassBackend,
     program: Program,
     /// (slot in the step's arena, slot here) of each weight it reads.
     weights: Vec<(Slot, Slot)>,
 }
 
-/// A pipelined training step on the CPU (see the module docs).
-pub struct PipelineCpu {
+/// The cpu backend's pipelined step (the name of earlier releases).
+pub type PipelineCpu = Pipelined;
+
+/// A pipelined training step (see the module docs).
+pub struct Pipelined {
     step: Arena,
     interface: Program,
     spec: Pipeline,
@@ -59,23 +68,82 @@ pub struct PipelineCpu {
     consumers: HashMap<String, Vec<usize>>,
     /// How many reads of each exchanged value happen in this process per microbatch.
     local_readers: HashMap<String, u32>,
+    /// The averaged values of the last step (mean over the microbatches), by name.
+    means: HashMap<String, Vec<f64>>,
 }
 
-impl PipelineCpu {
-    /// Prepares every pass program of `program` (which must have a pipeline) with the kernel
-    /// entry points `kernels` (in `program.kernels` order).
-    pub fn new(program: &Program, kernels: &[KernelFn]) -> Result<PipelineCpu, RunError> {
-        PipelineCpu::build(program, kernels, None)
+impl Pipelined {
+    /// Prepares every pass program of `program` (which must have a pipeline) on the cpu
+    /// backend with the kernel entry points `kernels` (in `program.kernels` order).
+    pub fn new(program: &Program, kernels: &[KernelFn]) -> Result<Pipelined, RunError> {
+        Pipelined::on_cpu(program, kernels, None)
     }
 
-    /// Prepares this rank's stage of `program`, exchanging values with the other ranks
-    /// through `mesh` (one rank per stage).
+    /// Prepares this rank's stage of `program` on the cpu backend, exchanging values with
+    /// the other ranks through `mesh` (one rank per stage).
     pub fn with_mesh(
         program: &Program,
         kernels: &[KernelFn],
         mesh: Mesh,
-    ) -> Result<PipelineCpu, RunError> {
-        PipelineCpu::build(program, kernels, Some(mesh))
+    ) -> Result<Pipelined, RunError> {
+        Pipelined::on_cpu(program, kernels, Some(mesh))
+    }
+
+    fn on_cpu(
+        program: &Program,
+        kernels: &[KernelFn],
+        mesh: Option<Mesh>,
+    ) -> Result<Pipelined, RunError> {
+        let mut make = |_: &str, p: &Program| -> Result<PassBackend, RunError> {
+            Ok(Box::new(Cpu::new(p, kernels)))
+        };
+        Pipelined::with_backends(program, &mut make, mesh)
+    }
+
+    /// Prepares the passes of `program` (this rank's stage only, with a `mesh`), each on the
+    /// backend `make` returns for it: `make(label, pass program)` is called for every pass
+    /// run here, the gradient sums (`late`) and the optimizer (`update`).
+    pub fn with_backends(
+        program: &Program,
+        make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
+        mesh: Option<Mesh>,
+    ) -> Result<Pipelined, RunError> {
+        Pipelined::build(program, make, mesh)
+    }
+
+    /// Opens `program`'s pipelined step with `make`'s pass backends: in this process alone,
+    /// or, launched with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    /// MASTER_PORT), as this rank's stage of one process per stage (the world must be the
+    /// program's stage count; the peers are waited for up to two minutes).
+    pub fn open(
+        program: &Program,
+        make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
+    ) -> Result<Pipelined, RunError> {
+        let stages = program
+            .pipeline
+            .as_ref()
+            .map_or(0, |p| p.stages);
+        let mesh = match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
+            Some(env) => {
+                check_world(env.world, stages)?;
+                Some(Mesh::connect(&env, std::time::Duration::from_secs(120))?)
+            }
+            None => None,
+        };
+        Pipelined::with_backends(program, make, mesh)
+    }
+
+    /// [`Pipelined::open`] on the cpu backend's generated kernels.
+    pub fn open_cpu(program: &Program, kernels: &[KernelFn]) -> Result<Pipelined, RunError> {
+        Pipelined::open(program, &mut |_, p: &Program| -> Result<PassBackend, RunError> {
+            Ok(Box::new(Cpu::new(p, kernels)))
+        })
+    }
+
+    /// The mean over the microbatches of each averaged value (the loss, the weight
+    /// gradients) in the last step, by name.
+    pub fn means(&self) -> &HashMap<String, Vec<f64>> {
+        &self.means
     }
 
     /// This process's rank (0 without a mesh).
@@ -85,9 +153,9 @@ impl PipelineCpu {
 
     fn build(
         program: &Program,
-        kernels: &[KernelFn],
+        make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
         mesh: Option<Mesh>,
-    ) -> Result<PipelineCpu, RunError> {
+    ) -> Result<Pipelined, RunError> {
         let spec = *program
             .pipeline
             .clone()
@@ -97,7 +165,7 @@ impl PipelineCpu {
             .iter()
             .map(|p| (p.slot.name.as_str(), &p.slot))
             .collect();
-        let prepare = |sub: &crate::program::SubProgram| -> Result<Pass, RunError> {
+        let mut prepare = |sub: &crate::program::SubProgram| -> Result<Pass, RunError> {
             let p = sub.resolve(program)?;
             let mut weights = vec![];
             for q in &p.params {
@@ -110,19 +178,13 @@ impl PipelineCpu {
                 weights.push(((*outer).clone(), q.slot.clone()));
             }
             Ok(Pass {
-                cpu: Cpu::new(&p, kernels),
+                cpu: make(&sub.label, &p)?,
                 program: p,
                 weights,
             })
         };
         if let Some(m) = &mesh {
-            if m.world() != spec.stages as usize {
-                return Err(RunError::Usage(format!(
-                    "WORLD_SIZE {} must equal the program's {} pipeline stages (one process per stage)",
-                    m.world(),
-                    spec.stages
-                )));
-            }
+            check_world(m.world(), spec.stages)?;
         }
         let here = |d: usize| mesh.as_ref().is_none_or(|m| m.rank() == d);
         let mut producer = HashMap::new();
@@ -169,13 +231,14 @@ impl PipelineCpu {
                 d.push((k, prepare(sub)?));
             }
         }
+        let late = spec.late.as_ref().map(&mut prepare).transpose()?;
         let update = prepare(&spec.update)?;
-        let late = spec.late.as_ref().map(prepare).transpose()?;
         let timing = Timings {
             devices: vec![Timing::default(); spec.stages as usize],
             ..Timings::default()
         };
-        Ok(PipelineCpu {
+        Ok(Pipelined {
+            means: HashMap::new(),
             timing,
             step: Arena::new(program.arena_bytes),
             interface: program.clone(),
@@ -192,6 +255,16 @@ impl PipelineCpu {
             local_readers,
         })
     }
+}
+
+/// One process per stage: the world must be the stage count.
+fn check_world(world: usize, stages: u32) -> Result<(), RunError> {
+    if world == stages as usize {
+        return Ok(());
+    }
+    Err(RunError::Usage(format!(
+        "WORLD_SIZE {world} must equal the program's {stages} pipeline stages (one process per stage)"
+    )))
 }
 
 /// Seconds one device spent computing and waiting in one step, and when it finished (then
@@ -302,9 +375,9 @@ fn slice<'a>(step: &'a Arena, outer: &Slot, slot: &Slot, mb: usize, m: usize) ->
     }
 }
 
-impl Backend for PipelineCpu {
+impl Backend for Pipelined {
     fn name(&self) -> &'static str {
-        "cpu"
+        self.update.cpu.name()
     }
 
     /// Every program's arena (the step's, each pass's, the late and update programs'), plus
@@ -316,13 +389,10 @@ impl Backend for PipelineCpu {
                 .devices
                 .iter()
                 .flatten()
-                .map(|(_, p)| p.cpu.arena().bytes() as u64)
+                .map(|(_, p)| p.cpu.arena_bytes())
                 .sum::<u64>()
-            + self
-                .late
-                .as_ref()
-                .map_or(0, |l| l.cpu.arena().bytes() as u64)
-            + self.update.cpu.arena().bytes() as u64
+            + self.late.as_ref().map_or(0, |l| l.cpu.arena_bytes())
+            + self.update.cpu.arena_bytes()
             + self.held_peak
             + self.sums_bytes
     }
@@ -350,7 +420,7 @@ impl Backend for PipelineCpu {
     }
 }
 
-impl PipelineCpu {
+impl Pipelined {
     fn one_step(&mut self) -> Result<(), RunError> {
         let m = self.spec.microbatches as usize;
         let (mesh, step_no) = (self.mesh.as_ref(), self.steps);
@@ -367,7 +437,7 @@ impl PipelineCpu {
             .chain(self.late.as_mut())
         {
             for (outer, inner) in &pass.weights {
-                pass.cpu.arena_mut().set(inner, step.get(outer));
+                pass.cpu.set(inner, step.get(outer))?;
             }
         }
         let readers = &self.local_readers;
@@ -411,7 +481,7 @@ impl PipelineCpu {
                             slot.type_string()
                         )));
                     }
-                    pass.cpu.arena_mut().set(slot, &bytes);
+                    pass.cpu.set(slot, &bytes)?;
                     continue;
                 }
                 let outer = interface.input(&slot.name).ok_or_else(|| {
@@ -425,11 +495,11 @@ impl PipelineCpu {
                         slot.type_string()
                     ))
                 })?;
-                pass.cpu.arena_mut().set(slot, bytes);
+                pass.cpu.set(slot, bytes)?;
             }
-            pass.cpu.run();
+            pass.cpu.run()?;
             for slot in &pass.program.outputs {
-                let bytes = pass.cpu.arena().get(slot);
+                let bytes = &pass.cpu.get(slot)?;
                 if averaged.contains(&slot.name.as_str()) {
                     let v = decode(slot.dtype, bytes);
                     let acc = sums
@@ -600,16 +670,16 @@ impl PipelineCpu {
                 })?;
                 self.step.get(outer).to_vec()
             };
-            update.cpu.arena_mut().set(slot, &bytes);
+            update.cpu.set(slot, &bytes)?;
         }
         for (outer, inner) in &update.weights {
-            update.cpu.arena_mut().set(inner, self.step.get(outer));
+            update.cpu.set(inner, self.step.get(outer))?;
         }
         let t0 = Instant::now();
-        update.cpu.run();
+        update.cpu.run()?;
         self.timing.update += t0.elapsed().as_secs_f64();
         for (outer, inner) in &update.weights {
-            let bytes = update.cpu.arena().get(inner).to_vec();
+            let bytes = update.cpu.get(inner)?;
             self.step.set(outer, &bytes);
         }
         let training = self
@@ -629,6 +699,10 @@ impl PipelineCpu {
             ));
         }
         self.step.set(&loss, &l);
+        self.means = sums
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().map(|x| x / m as f64).collect()))
+            .collect();
         Ok(())
     }
 

@@ -683,28 +683,10 @@ fn open_backend(
     kernels: &[KernelFn],
 ) -> Result<Box<dyn Backend>, RunError> {
     match cmd.get("--backend").unwrap_or("cpu") {
-        "cpu" if program.pipeline.is_some() => {
-            // One process per stage when launched with torchrun's environment.
-            match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
-                Some(env) => {
-                    let stages = program.pipeline.as_ref().map_or(0, |p| p.stages as usize);
-                    if env.world != stages {
-                        return Err(RunError::Usage(format!(
-                            "WORLD_SIZE {} must equal the program's {stages} pipeline stages (one process per stage)",
-                            env.world
-                        )));
-                    }
-                    let mesh =
-                        crate::mesh::Mesh::connect(&env, std::time::Duration::from_secs(120))?;
-                    Ok(Box::new(crate::pipeline::PipelineCpu::with_mesh(
-                        program, kernels, mesh,
-                    )?))
-                }
-                None => Ok(Box::new(crate::pipeline::PipelineCpu::new(
-                    program, kernels,
-                )?)),
-            }
-        }
+        // One process per stage when launched with torchrun's environment.
+        "cpu" if program.pipeline.is_some() => Ok(Box::new(
+            crate::pipeline::Pipelined::open_cpu(program, kernels)?,
+        )),
         "cpu" => Ok(Box::new(Cpu::new(program, kernels))),
         "cuda" if program.pipeline.is_some() => Err(RunError::Usage(format!(
             "{}: pipelined steps run on the cpu backend for now (--backend cpu)",

@@ -162,6 +162,7 @@ fn host_losses(
         &path.display().to_string(),
         &opts,
         &ex.name,
+        None,
     )
     .unwrap()
 }

@@ -318,7 +318,7 @@ fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
             &ex,
             &args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto),
         );
-        let (ordered, kernels, p) = memc::train::host_layout(&g);
+        let (ordered, kernels, p) = memc_codegen::host::layout(&g);
         memc_ir::verify(&ordered).unwrap();
         assert_eq!(p.steps, kernels.len());
         for (i, a) in p.buffers.iter().enumerate() {

@@ -1,0 +1,342 @@
+//! Lowering a pipelined training step to the runtime's program format: the microbatch
+//! program cut into the schedule's passes ([`memc_passes::stages`]), each pass a program of
+//! its own, the gradient sums over chunks ("late") and the optimizer two more, all under one
+//! step program whose [`Pipeline`] the runtime's executor
+//! ([`memc_runtime::pipeline::Pipelined`]) runs. How each pass program is produced is the
+//! caller's choice: generated kernels ([`crate::host::lower`]) or an interface for the
+//! reference interpreter ([`crate::host::interface`], [`crate::reference`]).
+//!
+//! Values cross passes under typed keys ([`ExchangeKey`]); the program format spells them
+//! `x.N`.
+
+use std::collections::{HashMap, HashSet};
+
+use memc_ir::{Graph, NodeId, ParamRole, Phase, ValueDef, ValueId};
+use memc_passes::pipeline::{Kind, Schedule};
+use memc_passes::stages::StagePlan;
+use memc_runtime::program::{Param, Pipeline, Program, Slot, SubProgram, Training};
+
+use crate::host::HostProgram;
+use crate::kernel::KernelError;
+
+/// The key of a value exchanged between passes: the value of the microbatch program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExchangeKey(pub ValueId);
+
+impl ExchangeKey {
+    /// Its name in pass programs (`x.N`).
+    pub fn name(self) -> String {
+        format!("x.{}", self.0 .0)
+    }
+
+    /// The key a pass program's input or output name stands for, if it is one.
+    pub fn parse(name: &str) -> Option<ExchangeKey> {
+        name.strip_prefix("x.")?
+            .parse()
+            .ok()
+            .map(|n| ExchangeKey(ValueId(n)))
+    }
+}
+
+/// One pass's graph, as [`lower`] cut it: its label (`F0`, `B1`, `W1`, `late`, `update`) and
+/// the sub-graph its program runs.
+pub struct PassGraph {
+    /// The label.
+    pub label: String,
+    /// The sub-graph.
+    pub graph: Graph,
+}
+
+fn err(model: &str, msg: impl std::fmt::Display) -> KernelError {
+    KernelError::Link(format!("{model}: {msg}"))
+}
+
+/// The sub-graph of `g` made of `nodes` (in order): operands computed by nodes outside it
+/// become inputs named by their [`ExchangeKey`], model inputs keep their names, weights and optimizer state
+/// become data-less params of the same name (their values come from the step at run time),
+/// constants keep their data; `outputs` are named by their keys; `updates` (of `g`) whose
+/// values it computes are kept.
+pub fn extract(g: &Graph, nodes: &[NodeId], outputs: &[ValueId]) -> Graph {
+    let mut sub = Graph::new();
+    let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+    let operand = |sub: &mut Graph, map: &mut HashMap<ValueId, ValueId>, v: ValueId| -> ValueId {
+        if let Some(&m) = map.get(&v) {
+            return m;
+        }
+        let val = g.value(v);
+        let new = match &val.def {
+            ValueDef::Input { name } => sub.add_input(name.clone(), val.ty.clone()),
+            ValueDef::Param { name, role, data } => sub.add_param(
+                name.clone(),
+                *role,
+                val.ty.clone(),
+                if *role == ParamRole::Constant {
+                    data.clone()
+                } else {
+                    None
+                },
+            ),
+            ValueDef::Const(t) => sub.add_const(t.clone()),
+            ValueDef::Node { .. } => sub.add_input(ExchangeKey(v).name(), val.ty.clone()),
+        };
+        map.insert(v, new);
+        new
+    };
+    for &n in nodes {
+        let node = g.node(n);
+        let ins: Vec<ValueId> = node
+            .inputs
+            .iter()
+            .map(|&v| operand(&mut sub, &mut map, v))
+            .collect();
+        let tys = node
+            .outputs
+            .iter()
+            .map(|&o| g.value(o).ty.clone())
+            .collect();
+        let outs = sub.add_node_typed(node.op.clone(), &ins, tys, node.name.clone());
+        let id = NodeId(sub.nodes().len() as u32 - 1);
+        sub.set_phase(id, node.phase);
+        for (&o, new) in node.outputs.iter().zip(outs) {
+            map.insert(o, new);
+        }
+    }
+    for &v in outputs {
+        let m = operand(&mut sub, &mut map, v);
+        sub.add_output(ExchangeKey(v).name(), m);
+    }
+    for &(p, v) in g.updates() {
+        if let (Some(&pm), Some(&vm)) = (map.get(&p), map.get(&v)) {
+            sub.add_update(pm, vm);
+        }
+    }
+    sub
+}
+
+/// Lowers the pipelined step: `g` is the microbatch program (forward nodes tagged by chunk),
+/// `stages` its cut into `schedule`'s passes ([`memc_passes::stages::split`]); each pass, the
+/// gradient sums and the optimizer become programs through `lower_pass`; the step's program
+/// holds the whole batch's inputs (`rows` rows of the token input), the loss, every weight
+/// and optimizer state, `training` and the pipeline. Returns it with each pass's graph (in the
+/// order of the pipeline's passes, then `late`, then `update`). The kernels of the parts are
+/// shared ([`HostProgram::combine`]).
+pub fn lower(
+    g: &Graph,
+    schedule: &Schedule,
+    stages: &StagePlan,
+    training: Training,
+    rows: usize,
+    model: &str,
+    lower_pass: &mut dyn FnMut(&Graph) -> Result<HostProgram, KernelError>,
+) -> Result<(HostProgram, Vec<PassGraph>), KernelError> {
+    let plan = stages;
+    let mut keys: Vec<(Kind, usize)> = plan.passes.keys().copied().collect();
+    keys.sort();
+    let index: HashMap<(Kind, usize), usize> =
+        keys.iter().enumerate().map(|(i, &k)| (k, i)).collect();
+    let label = |(k, c): (Kind, usize)| {
+        format!(
+            "{}{c}",
+            match k {
+                Kind::F => "F",
+                Kind::B => "B",
+                Kind::W => "W",
+            }
+        )
+    };
+    let verify = |sub: &Graph, what: &str| -> Result<(), KernelError> {
+        memc_ir::verify(sub).map_err(|e| err(model, format!("pipelined pass {what}: {e}")))
+    };
+    let mut graphs: Vec<PassGraph> = vec![];
+    // The passes.
+    let mut published: HashSet<ValueId> = HashSet::new();
+    let mut parts = vec![];
+    let mut subs: Vec<(String, u32)> = vec![];
+    for &k in &keys {
+        let pn = &plan.passes[&k];
+        let sub = extract(g, &pn.nodes, &pn.publish);
+        verify(&sub, &label(k))?;
+        published.extend(pn.publish.iter().copied());
+        parts.push(lower_pass(&sub).map_err(|e| err(model, format!("pass {}: {e}", label(k))))?);
+        subs.push((label(k), schedule.device_of(k.1) as u32));
+        graphs.push(PassGraph {
+            label: label(k),
+            graph: sub,
+        });
+    }
+    // The optimizer, after the gradient sums that read several chunks' weight gradients.
+    let updates: Vec<NodeId> = (0..g.nodes().len() as u32)
+        .map(NodeId)
+        .filter(|&n| g.node(n).phase == Phase::Update)
+        .collect();
+    // Nodes reading several chunks' weight gradients (a tied weight's gradient sum): run per
+    // microbatch after the passes; what the optimizer reads from them is averaged.
+    let late = if plan.late.is_empty() {
+        None
+    } else {
+        let inside: HashSet<ValueId> = plan
+            .late
+            .iter()
+            .flat_map(|&n| g.node(n).outputs.iter().copied())
+            .collect();
+        let mut outs: Vec<ValueId> = vec![];
+        for &n in &updates {
+            for &v in &g.node(n).inputs {
+                if inside.contains(&v) && !outs.contains(&v) {
+                    outs.push(v);
+                }
+            }
+        }
+        let sub = extract(g, &plan.late, &outs);
+        verify(&sub, "late")?;
+        published.extend(outs.iter().copied());
+        let p = lower_pass(&sub).map_err(|e| err(model, format!("the gradient sums: {e}")))?;
+        graphs.push(PassGraph {
+            label: "late".into(),
+            graph: sub,
+        });
+        Some(p)
+    };
+    let update = extract(g, &updates, &[]);
+    verify(&update, "update")?;
+    let loss_v = g
+        .outputs()
+        .first()
+        .map(|&(_, v)| v)
+        .ok_or_else(|| err(model, "the training program has no loss"))?;
+    let mut averaged = vec![ExchangeKey(loss_v)];
+    for &v in update.inputs() {
+        if let ValueDef::Input { name } = &update.value(v).def {
+            averaged.extend(ExchangeKey::parse(name));
+        }
+    }
+    for a in &averaged {
+        if !published.contains(&a.0) {
+            return Err(err(
+                model,
+                format!("no pass outputs `{}`, which the optimizer reads (a memc bug)", a.name()),
+            ));
+        }
+    }
+    let has_late = late.is_some();
+    parts.extend(late);
+    parts.push(lower_pass(&update).map_err(|e| err(model, format!("the optimizer: {e}")))?);
+    graphs.push(PassGraph {
+        label: "update".into(),
+        graph: update,
+    });
+    // The step's interface: the whole batch, the loss, every weight and optimizer state.
+    let mut offset = 0u64;
+    let mut place = |name: &str, dtype, shape: Vec<usize>| {
+        let s = Slot {
+            name: name.to_string(),
+            dtype,
+            shape,
+            offset,
+        };
+        offset = (offset + s.bytes()).next_multiple_of(256);
+        s
+    };
+    let mut inputs = vec![];
+    for &v in g.inputs() {
+        let ValueDef::Input { name } = &g.value(v).def else {
+            continue;
+        };
+        let ty = &g.value(v).ty;
+        let mut shape = ty.shape.clone();
+        if *name == training.data_input {
+            shape[0] = rows;
+        } else if !name.starts_with("memc.") {
+            return Err(err(
+                model,
+                format!("a pipelined step feeds only token ids; the model also takes `{name}`"),
+            ));
+        }
+        inputs.push(place(name, crate::host::dtype(ty.dtype), shape));
+    }
+    let loss_ty = &g.value(loss_v).ty;
+    let outputs = vec![place(
+        &training.loss_output,
+        crate::host::dtype(loss_ty.dtype),
+        loss_ty.shape.clone(),
+    )];
+    let mut params = vec![];
+    let mut seen = HashSet::new();
+    for p in &parts {
+        for q in &p.program.params {
+            if seen.insert(q.slot.name.clone()) {
+                params.push(Param {
+                    slot: place(&q.slot.name, q.slot.dtype, q.slot.shape.clone()),
+                    role: q.role,
+                });
+            }
+        }
+    }
+    let top = Program {
+        model: model.to_string(),
+        arena_bytes: offset,
+        kernels: vec![],
+        steps: vec![],
+        inputs,
+        outputs,
+        params,
+        consts: vec![],
+        training: Some(training),
+        device: None,
+        pipeline: None,
+        blob: vec![],
+    };
+    let (mut host, programs) = HostProgram::combine(top, parts);
+    let mut programs = programs.into_iter();
+    let passes: Vec<SubProgram> = subs
+        .into_iter()
+        .zip(programs.by_ref())
+        .map(|((label, device), (program, blob))| SubProgram {
+            label,
+            device,
+            program,
+            blob,
+        })
+        .collect();
+    let late = has_late.then(|| {
+        let (program, blob) = programs.next().expect("the gradient sums");
+        SubProgram {
+            label: "late".into(),
+            device: 0,
+            program,
+            blob,
+        }
+    });
+    let (program, blob) = programs.next().expect("the optimizer");
+    let order = schedule
+        .devices
+        .iter()
+        .map(|d| {
+            d.iter()
+                .filter_map(|p| {
+                    index
+                        .get(&(p.kind, p.chunk))
+                        .map(|&i| (i as u32, p.mb as u32))
+                })
+                .collect()
+        })
+        .collect();
+    host.program.pipeline = Some(Box::new(Pipeline {
+        schedule: schedule.kind.name().to_string(),
+        stages: schedule.stages as u32,
+        microbatches: schedule.microbatches as u32,
+        passes,
+        order,
+        late,
+        update: SubProgram {
+            label: "update".into(),
+            device: 0,
+            program,
+            blob,
+        },
+        averaged: averaged.iter().map(|a| a.name()).collect(),
+        loss: ExchangeKey(loss_v).name(),
+    }));
+    host.program.validate().map_err(|e| err(model, e))?;
+    Ok((host, graphs))
+}
