@@ -18,6 +18,10 @@ pub struct Reference {
     arena: Arena,
     /// The value of each input and parameter slot name.
     values: HashMap<String, ValueId>,
+    /// Stop at the first node with a non-finite result, naming it.
+    check_nan: bool,
+    /// The bytes reported as the arena (the memory plan's peak, when the caller gives it).
+    reported_bytes: u64,
 }
 
 impl Reference {
@@ -35,11 +39,27 @@ impl Reference {
             })
             .collect();
         Reference {
+            check_nan: false,
+            reported_bytes: program.arena_bytes,
             arena: Arena::new(program.arena_bytes),
             program: program.clone(),
             g,
             values,
         }
+    }
+
+    /// Also stops at the first node whose result is not finite, naming the node (the
+    /// reference backend's training loop).
+    pub fn checked(mut self) -> Reference {
+        self.check_nan = true;
+        self
+    }
+
+    /// Reports `bytes` as its arena: what the graph's memory plan allocates, which the
+    /// interpreter stands for.
+    pub fn reporting(mut self, bytes: u64) -> Reference {
+        self.reported_bytes = bytes;
+        self
     }
 
     fn tensor(&self, slot: &Slot) -> Result<(ValueId, Tensor), RunError> {
@@ -59,7 +79,7 @@ impl Backend for Reference {
     }
 
     fn arena_bytes(&self) -> u64 {
-        self.program.arena_bytes
+        self.reported_bytes
     }
 
     fn set(&mut self, slot: &Slot, bytes: &[u8]) -> Result<(), RunError> {
@@ -91,8 +111,11 @@ impl Backend for Reference {
             let (v, t) = self.tensor(&p.slot)?;
             self.g.set_param_data(v, t);
         }
-        let out = memc_ir::run(&self.g, &feeds, &RunOptions::default())
-            .map_err(|e| RunError::Usage(format!("{}: {e}", self.program.model)))?;
+        let opts = RunOptions {
+            check_nan: self.check_nan,
+        };
+        let out = memc_ir::run(&self.g, &feeds, &opts)
+            .map_err(|e| RunError::Usage(e.to_string()))?;
         for (slot, (_, t)) in self.program.outputs.iter().zip(&out.outputs) {
             self.arena.set(slot, t.bytes());
         }

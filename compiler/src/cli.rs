@@ -141,6 +141,10 @@ struct TrainCmdArgs {
     /// Without --shape, one batch is the whole file.
     #[arg(long, value_name = "FILE.npy")]
     data: PathBuf,
+    /// The model's other inputs (such as BERT's token_type_ids and attention_mask):
+    /// NAME=FILE.npy, held fixed across steps; repeatable.
+    #[arg(long = "input", value_name = "NAME=FILE.npy")]
+    inputs: Vec<String>,
     /// Optimizer steps to run.
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -1049,32 +1053,30 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         steps: args.steps,
         lr: args.lr,
         weight_decay,
-        peak_bytes: Some(memc_passes::plan::plan(&g).peak_bytes),
-        rev_drift_threshold: args.training.rev_check.then(|| {
-            crate::rev::drift_threshold(
-                args.training.rev_check_threshold,
-                match args.training.dtype {
-                    crate::train::DtypeArg::F32 => memc_ir::DType::F32,
-                    crate::train::DtypeArg::Bf16 => memc_ir::DType::BF16,
-                },
-            )
-        }),
+        fixed: fixed_inputs(&args.inputs)?,
     };
-    match args.backend {
-        #[cfg(feature = "codegen")]
-        Backend::Cpu => drop(crate::train::run_host(
-            &mut g,
-            &args.training,
-            &mut data,
-            &args.data.display().to_string(),
-            &opts,
-            &model,
-        )?),
-        _ => drop(crate::train::run_reference(
-            &mut g, &mut data, &opts, &model,
-        )?),
-    }
+    let run = match args.backend {
+        Backend::Cpu => crate::train::run_host,
+        _ => crate::train::run_reference,
+    };
+    let data_path = args.data.display().to_string();
+    run(&mut g, &args.training, &mut data, &data_path, &opts, &model)?;
     Ok(())
+}
+
+/// `--input NAME=FILE.npy` of `memc train`: the model's inputs held fixed across steps.
+fn fixed_inputs(given: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    let mut out: Vec<(String, PathBuf)> = vec![];
+    for g in given {
+        let (name, path) = g
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--input `{g}`: expected NAME=FILE.npy"))?;
+        if out.iter().any(|(n, _)| n == name) {
+            bail!("--input gives `{name}` twice");
+        }
+        out.push((name.to_string(), PathBuf::from(path)));
+    }
+    Ok(out)
 }
 
 fn numpy_name(d: memc_ir::DType) -> &'static str {
@@ -1174,10 +1176,12 @@ fn train_pipelined_on(
         steps: args.steps,
         lr: args.lr,
         weight_decay,
-        peak_bytes: None,
-        rev_drift_threshold: None,
+        fixed: fixed_inputs(&args.inputs)?,
     };
-    let reference = (target == PassTarget::Reference).then_some(&graphs[..]);
+    let exec = match target {
+        PassTarget::Cpu => crate::train::Exec::Kernels,
+        PassTarget::Reference => crate::train::Exec::Passes(&graphs),
+    };
     crate::train::run_program(
         program,
         &host,
@@ -1185,7 +1189,7 @@ fn train_pipelined_on(
         &args.data.display().to_string(),
         &opts,
         model,
-        reference,
+        exec,
     )?;
     Ok(())
 }

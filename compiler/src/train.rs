@@ -273,33 +273,8 @@ pub struct LoopOptions {
     pub lr: f64,
     /// Weight decay.
     pub weight_decay: f64,
-    /// Planned peak bytes, reported on every line.
-    pub peak_bytes: Option<u64>,
-    /// With --rev-check: warn when a layer's reconstruction drift passes this.
-    pub rev_drift_threshold: Option<f64>,
-}
-
-/// The drift outputs of a `--rev-check` program (`memc.rev_drift.<layer>`), as a JSON
-/// array for the step's line; warns on stderr about the layers past `threshold`.
-pub fn rev_drift(
-    outputs: &[(String, f64)],
-    threshold: Option<f64>,
-    step: usize,
-) -> Option<serde_json::Value> {
-    let drift: Vec<f64> = outputs
-        .iter()
-        .filter(|(n, _)| n.starts_with(memc_passes::reconstruct::DRIFT_OUTPUT))
-        .map(|&(_, d)| d)
-        .collect();
-    if drift.is_empty() {
-        return None;
-    }
-    if let Some(w) =
-        threshold.and_then(|t| memc_runtime::session::drift_warning(&drift, t, step as u64))
-    {
-        eprintln!("{w}");
-    }
-    Some(drift.into())
+    /// The model's other inputs, held fixed across steps: (name, `.npy` file).
+    pub fixed: Vec<(String, std::path::PathBuf)>,
 }
 
 /// The program's token input (`input_ids` when the model has one, else its only input other
@@ -335,28 +310,6 @@ pub fn token_input(g: &Graph, model: &str) -> Result<((String, memc_ir::TensorTy
     Ok(((name, ty), inputs.into_iter().map(|(n, _)| n).collect()))
 }
 
-/// The reference backend's data input: [`token_input`], checked against the data's row length
-/// (the reference loop feeds no other inputs).
-fn data_input(g: &Graph, data: &Batches, model: &str) -> Result<(String, memc_ir::TensorType)> {
-    let ((name, ty), others) = token_input(g, model)?;
-    if !others.is_empty() {
-        bail!(
-            "{model}: the model also takes {}, but memc train feeds only token ids from --data; compile it with -o and pass them to the executable's train --input NAME=FILE.npy",
-            others.join(", ")
-        );
-    }
-    if data.shape().1 != ty.shape[1] {
-        bail!(
-            "training data has rows of {} tokens but the program was compiled for {} (--shape {name}={}x{})",
-            data.shape().1,
-            ty.shape[1],
-            ty.shape[0],
-            data.shape().1
-        );
-    }
-    Ok((name, ty))
-}
-
 /// The vocabulary size: the smallest table a `gather` indexes with the token ids.
 pub fn vocab_size(g: &Graph, ids: &str) -> Option<usize> {
     let v = g
@@ -375,70 +328,33 @@ pub fn vocab_size(g: &Graph, ids: &str) -> Option<usize> {
         .min()
 }
 
-/// Trains on the reference backend, printing one JSON line per step; returns the losses.
+/// Trains on the reference backend (the interpreter behind the program interface,
+/// [`memc_codegen::reference`]) with the runtime's training loop, printing one JSON line per
+/// step (`peak_bytes`: the memory plan's peak); returns the losses. The weights are written
+/// back into `g` at the end.
 pub fn run_reference(
     g: &mut Graph,
+    args: &TrainProgramArgs,
     data: &mut Batches,
+    data_path: &str,
     opts: &LoopOptions,
     model: &str,
 ) -> Result<Vec<f64>> {
-    let (name, ty) = data_input(g, data, model)?;
-    let (batch, seq) = (ty.shape[0], ty.shape[1]);
-    let scalar = |v: f64| Tensor::from_f64(DType::F32, vec![], &[v]);
-    let run_opts = memc_ir::RunOptions { check_nan: true };
-    let mut losses = Vec::with_capacity(opts.steps);
-    for step in 1..=opts.steps {
-        let t0 = Instant::now();
-        let ids = data.next_batch(batch, ty.dtype);
-        let feeds = HashMap::from([
-            (name.clone(), ids),
-            (train::LR_INPUT.to_string(), scalar(opts.lr)),
-            (
-                train::WEIGHT_DECAY_INPUT.to_string(),
-                scalar(opts.weight_decay),
-            ),
-            (train::STEP_INPUT.to_string(), scalar(step as f64)),
-        ]);
-        let out =
-            memc_ir::run(g, &feeds, &run_opts).map_err(|e| anyhow!("{model}: step {step}: {e}"))?;
-        let loss = out.outputs[0].1.to_f64_vec()[0];
-        if !loss.is_finite() {
-            bail!("{model}: step {step}: the loss is {loss}");
-        }
-        for (p, t) in &out.updates {
-            if t.to_f32_vec().iter().any(|x| !x.is_finite()) {
-                let name = match &g.value(*p).def {
-                    ValueDef::Param { name, .. } => name.clone(),
-                    _ => unreachable!("updates target params"),
-                };
-                bail!("{model}: step {step}: the update of `{name}` is not finite (lower --lr or use --clip-grad-norm)");
-            }
-        }
-        for (p, t) in out.updates {
-            g.set_param_data(p, t);
-        }
-        losses.push(loss);
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let mut line = serde_json::json!({"step": step, "loss": loss, "tokens": batch * seq, "step_ms": (ms * 1000.0).round() / 1000.0});
-        if let Some(p) = opts.peak_bytes {
-            line["peak_bytes"] = p.into();
-        }
-        let named: Vec<(String, f64)> = out
-            .outputs
-            .iter()
-            .map(|(n, t)| {
-                (
-                    n.clone(),
-                    t.to_f64_vec().first().copied().unwrap_or(f64::NAN),
-                )
-            })
-            .collect();
-        if let Some(d) = rev_drift(&named, opts.rev_drift_threshold, step) {
-            line["rev_drift"] = d;
-        }
-        println!("{line}");
-    }
-    Ok(losses)
+    let mut host = memc_codegen::host::interface(g, model)?;
+    host.program.training = Some(training_info(g, args, model)?);
+    let exec = Exec::Reference(g.clone(), memc_passes::plan::plan(g).peak_bytes);
+    run_program(g, &host, data, data_path, opts, model, exec)
+}
+
+/// What runs a lowered program's steps ([`run_program`]).
+pub enum Exec<'a> {
+    /// Its generated kernels on the cpu backend.
+    Kernels,
+    /// The reference interpreter on this graph (the program is its interface), reporting
+    /// these bytes as its arena (the graph's planned peak).
+    Reference(Graph, u64),
+    /// A pipelined program's passes on the reference interpreter, given each pass's graph.
+    Passes(&'a [memc_codegen::pipeline::PassGraph]),
 }
 
 /// What the runtime needs to train `g` (a training program): its token input, loss output,
@@ -591,13 +507,13 @@ pub fn run_host(
         t0.elapsed().as_secs_f64(),
         host.program.arena_bytes
     );
-    run_program(g, &host, data, data_path, opts, model, None)
+    run_program(g, &host, data, data_path, opts, model, Exec::Kernels)
 }
 
-/// Runs a compiled training program ([`host_program`]) with the runtime's training loop; see
-/// [`run_host`]. A pipelined program runs on the runtime's pipelined executor, in this process
-/// or as this rank's stage (torchrun's environment; rank 0 reports), each pass on the cpu
-/// backend or, given `reference` (each pass's graph), on the reference interpreter.
+/// Runs a lowered training program with the runtime's training loop, its steps run as `exec`
+/// says (see [`run_host`], [`run_reference`]). A pipelined program runs on the runtime's
+/// pipelined executor, in this process or as this rank's stage (torchrun's environment; rank 0
+/// reports), each pass on the cpu backend or the reference interpreter.
 #[cfg(feature = "codegen")]
 pub fn run_program(
     g: &mut Graph,
@@ -606,7 +522,7 @@ pub fn run_program(
     data_path: &str,
     opts: &LoopOptions,
     model: &str,
-    reference: Option<&[memc_codegen::pipeline::PassGraph]>,
+    exec: Exec,
 ) -> Result<Vec<f64>> {
     use memc_runtime::pipeline::{PassBackend, Pipelined};
     let program = &host.program;
@@ -620,8 +536,13 @@ pub fn run_program(
     };
     let (losses, trained) = host
         .with_kernels(|kernels| -> Result<(Vec<f64>, Vec<(String, Vec<u8>)>)> {
-            let mut cpu: Box<dyn memc_runtime::Backend> = match (&program.pipeline, reference) {
-                (Some(_), Some(graphs)) => {
+            let mut cpu: Box<dyn memc_runtime::Backend> = match (&program.pipeline, exec) {
+                (_, Exec::Reference(graph, bytes)) => Box::new(
+                    memc_codegen::reference::Reference::new(graph, program)
+                        .checked()
+                        .reporting(bytes),
+                ),
+                (Some(_), Exec::Passes(graphs)) => {
                     let mut make = |label: &str,
                                     p: &memc_runtime::program::Program|
                      -> Result<PassBackend, memc_runtime::RunError> {
@@ -635,7 +556,7 @@ pub fn run_program(
                     };
                     Box::new(Pipelined::open(program, &mut make)?)
                 }
-                (Some(_), None) => Box::new(Pipelined::open_cpu(program, kernels)?),
+                (Some(_), _) => Box::new(Pipelined::open_cpu(program, kernels)?),
                 (None, _) => {
                     let cpu = memc_runtime::cpu::Cpu::new(program, kernels);
                     assert_eq!(cpu.arena().bytes() as u64, program.arena_bytes);
@@ -654,7 +575,7 @@ pub fn run_program(
                 cpu.as_mut(),
                 &mut data.0,
                 data_path,
-                &[],
+                &opts.fixed,
                 &cfg,
                 if rank != 0 { &mut quiet } else { &mut stdout },
             )?;

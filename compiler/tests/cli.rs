@@ -930,7 +930,7 @@ fn bad_training_input() {
             "vocabulary (0..256)",
         ],
     );
-    // A model with inputs besides the token ids.
+    // A model with inputs besides the token ids: they are given with --input.
     let bert = example("bert-dynamo.onnx");
     fails_with(
         &[
@@ -939,7 +939,7 @@ fn bad_training_input() {
             "--data",
             s(&example("bert-dynamo/inputs/input_ids.npy")),
         ],
-        &["token_type_ids", "feeds only token ids"],
+        &["token_type_ids", "--input token_type_ids=FILE.npy"],
     );
     // --trainable that matches nothing, or is not a regex.
     fails_with(
@@ -1592,4 +1592,35 @@ fn spawn_rank<S: AsRef<std::ffi::OsStr>>(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+#[test]
+fn train_feeds_the_models_other_inputs_from_input_files() {
+    // BERT takes token_type_ids and attention_mask besides the token ids: both backends
+    // train it with them held fixed, with the same losses.
+    let bert = example("bert-dynamo.onnx");
+    let dir = example("bert-dynamo/inputs");
+    let mut losses = vec![];
+    for backend in ["ref", "cpu"] {
+        let o = memc(&[
+            "train",
+            s(&bert),
+            "--data",
+            s(&dir.join("input_ids.npy")),
+            "--input",
+            &format!("token_type_ids={}", dir.join("token_type_ids.npy").display()),
+            "--input",
+            &format!("attention_mask={}", dir.join("attention_mask.npy").display()),
+            "--steps",
+            "2",
+            "--backend",
+            backend,
+        ]);
+        assert_eq!(o.code, 0, "{backend}: {}", o.stderr);
+        let lines = lines_json(&o.stdout);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["backend"], backend);
+        losses.push(lines[1]["loss"].as_f64().unwrap());
+    }
+    assert!((losses[0] - losses[1]).abs() <= 1e-4 * losses[0].abs(), "{losses:?}");
 }

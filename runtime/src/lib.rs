@@ -90,4 +90,12 @@ pub enum RunError {
         /// What happened and what to do.
         msg: String,
     },
+    /// A step failed.
+    #[error("step {step}: {source}")]
+    Step {
+        /// The step.
+        step: u64,
+        /// Why.
+        source: Box<RunError>,
+    },
 }

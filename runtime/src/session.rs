@@ -276,7 +276,10 @@ pub fn train(
         if let Some(s) = &step_slot {
             cpu.set(s, &encode(s.dtype, &[step as f64]))?;
         }
-        cpu.run()?;
+        cpu.run().map_err(|e| RunError::Step {
+            step,
+            source: Box::new(e),
+        })?;
         let l = decode(loss.dtype, &cpu.get(&loss)?)[0];
         if !l.is_finite() {
             return Err(RunError::Diverged {

@@ -94,8 +94,7 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
             steps: want.len(),
             lr: 1e-3,
             weight_decay: 0.01,
-            peak_bytes: None,
-            rev_drift_threshold: None,
+            fixed: vec![],
         };
         let cpu = memc::train::run_host(
             &mut g,

@@ -74,8 +74,7 @@ fn moc_llama_matches_on_both_backends_and_trains_close_to_dense() {
         steps: 3,
         lr: 1e-2,
         weight_decay: 0.0,
-        peak_bytes: None,
-        rev_drift_threshold: None,
+        fixed: vec![],
     };
     let cpu = memc::train::run_host(
         &mut g.clone(),

@@ -146,8 +146,7 @@ fn host_losses(
         steps: 3,
         lr: 1e-3,
         weight_decay: 0.01,
-        peak_bytes: None,
-        rev_drift_threshold: None,
+        fixed: vec![],
     };
     let mut g = program();
     let mut host = memc::train::host_program(&g, &ex.name, Some(a)).unwrap();
@@ -162,7 +161,7 @@ fn host_losses(
         &path.display().to_string(),
         &opts,
         &ex.name,
-        None,
+        memc::train::Exec::Kernels,
     )
     .unwrap()
 }

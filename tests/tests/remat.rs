@@ -232,8 +232,7 @@ fn remat_choices_keep_the_cpu_backend_losses_bitwise() {
             steps: 3,
             lr: 1e-3,
             weight_decay: 0.01,
-            peak_bytes: None,
-            rev_drift_threshold: None,
+            fixed: vec![],
         };
         memc::train::run_host(
             &mut g,

@@ -236,8 +236,7 @@ fn cpu_losses(g: &mut Graph, a: &TrainProgramArgs, steps: usize, lr: f64) -> Vec
         steps,
         lr,
         weight_decay: 0.0,
-        peak_bytes: None,
-        rev_drift_threshold: None,
+        fixed: vec![],
     };
     memc::train::run_host(
         g,

@@ -21,8 +21,7 @@ fn cpu_losses(ex: &Example, a: &TrainProgramArgs, steps: usize) -> Vec<f64> {
         steps,
         lr: 1e-3,
         weight_decay: 0.01,
-        peak_bytes: None,
-        rev_drift_threshold: None,
+        fixed: vec![],
     };
     memc::train::run_host(
         &mut g,
