@@ -1,0 +1,136 @@
+//! VJPs of the block ops that keep their own: `residual`, `rev_couple` and the chunked
+//! `lm_head_ce`; the other blocks (`swiglu_ffn`, `gelu_ffn`, `moc_ffn`, `rope`) are lowered to
+//! their steps before autodiff.
+
+use memc_ir::{BinaryOp, Op, ReduceKind, ValueId};
+
+use crate::build::Builder;
+
+/// VJPs of [`Op::LmHeadCe`], [`Op::Residual`] and [`Op::RevCouple`]; the other blocks are an
+/// error.
+pub(super) fn vjp(
+    b: &mut Builder,
+    op: &Op,
+    x: &[ValueId],
+    _y: ValueId,
+    dy: ValueId,
+    wants: &[bool],
+) -> Result<Vec<Option<ValueId>>, String> {
+    Ok(match op {
+        Op::LmHeadCe { chunk } => lm_head_ce_vjp(b, x, dy, *chunk, wants)?,
+        // x + f with one type: the gradient flows to both unchanged.
+        Op::Residual => vec![wants[0].then_some(dy), wants[1].then_some(dy)],
+        // s·a + f: the stream's gradient is scaled, the branch's is dy, the scale is constant.
+        Op::RevCouple => vec![
+            if wants[0] {
+                Some(b.op(Op::Binary(BinaryOp::Mul), &[dy, x[2]])?)
+            } else {
+                None
+            },
+            wants[1].then_some(dy),
+            None,
+        ],
+        Op::SwigluFfn | Op::GeluFfn { .. } | Op::MocFfn { .. } | Op::Rope => {
+            return Err(format!(
+                "`{}` has no VJP of its own: lower the blocks first (memc_passes::blocks::lower)",
+                op.name()
+            ))
+        }
+        _ => unreachable!("`{}` is not a block op", op.name()),
+    })
+}
+
+/// The fused LM-head loss's VJP, chunk by chunk like its forward: each chunk's logits are
+/// recomputed, `g = (softmax − onehot(target))·dy/N`, `dh = g·wᵀ` (concatenated),
+/// `dw = Σ hᵀ·g` and the bias's `Σ g` (accumulated in f32, or f64 for f64). No `[N, V]`
+/// tensor is formed.
+fn lm_head_ce_vjp(
+    b: &mut Builder,
+    x: &[ValueId],
+    dy: ValueId,
+    chunk: usize,
+    wants: &[bool],
+) -> Result<Vec<Option<ValueId>>, String> {
+    let (h, w, t, bias) = (x[0], x[1], x[2], x.get(3).copied());
+    let mut db = None;
+    let (n, d) = (b.shape(h)[0], b.shape(h)[1]);
+    let vocab = b.shape(w)[1];
+    let dt = b.dtype(h);
+    let scale = b.mul_scalar(dy, 1.0 / n as f64)?;
+    let wt = if wants[0] {
+        Some(b.transpose(w, vec![1, 0])?)
+    } else {
+        None
+    };
+    let acc = memc_ir::loss_dtype(dt);
+    let one = b.scalar(acc, 1.0);
+    let (mut dh, mut dw) = (vec![], None);
+    for r0 in (0..n).step_by(chunk.max(1)) {
+        let r1 = (r0 + chunk).min(n);
+        let rows = |width: usize| Op::Slice {
+            starts: vec![r0, 0],
+            ends: vec![r1, width],
+            steps: vec![1, 1],
+        };
+        let hk = b.op(rows(d), &[h])?;
+        let logits = b.op(Op::MatMul, &[hk, w])?;
+        let logits = match bias {
+            Some(bias) => b.add(logits, bias)?,
+            None => logits,
+        };
+        let logits = b.cast(logits, acc)?;
+        let p = b.op(Op::Softmax { axis: 1 }, &[logits])?;
+        let tk = b.op(rows(1), &[t])?;
+        let ones = b.expand(one, vec![r1 - r0, 1])?;
+        let onehot = b.op(
+            Op::ScatterElementsAdd {
+                axis: 1,
+                shape: vec![r1 - r0, vocab],
+            },
+            &[ones, tk],
+        )?;
+        let diff = b.sub(p, onehot)?;
+        let gk = b.mul(diff, scale)?;
+        if bias.is_some() && wants[3] {
+            let part = b.reduce(ReduceKind::Sum, gk, vec![0], false)?;
+            db = Some(match db {
+                Some(acc) => b.add(acc, part)?,
+                None => part,
+            });
+        }
+        let gk = b.cast(gk, dt)?;
+        if let Some(wt) = wt {
+            dh.push(b.op(Op::MatMul, &[gk, wt])?);
+        }
+        if wants[1] {
+            let hkt = b.transpose(hk, vec![1, 0])?;
+            let part = b.op(Op::MatMul, &[hkt, gk])?;
+            let part = b.cast(part, acc)?;
+            dw = Some(match dw {
+                Some(acc) => b.add(acc, part)?,
+                None => part,
+            });
+        }
+    }
+    let dh = if wants[0] {
+        Some(if dh.len() == 1 {
+            dh[0]
+        } else {
+            b.op(Op::Concat { axis: 0 }, &dh)?
+        })
+    } else {
+        None
+    };
+    let dw = match dw {
+        Some(acc) => Some(b.cast(acc, b.dtype(w))?),
+        None => None,
+    };
+    let mut out = vec![dh, dw, None];
+    if let Some(bias) = bias {
+        out.push(match db {
+            Some(acc) => Some(b.cast(acc, b.dtype(bias))?),
+            None => None,
+        });
+    }
+    Ok(out)
+}
