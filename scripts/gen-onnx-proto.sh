@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates compiler/src/onnx/proto.rs (prost 0.14 code, bytes fields as
-# bytes::Bytes) from the vendored compiler/proto/onnx.proto.
+# Regenerates frontend/src/proto.rs (prost 0.14 code, bytes fields as
+# bytes::Bytes) from the vendored frontend/proto/onnx.proto.
 #
 # Usage:
 #   scripts/gen-onnx-proto.sh              # regenerate from the committed proto
@@ -11,14 +11,14 @@
 # Uses protoc from the protoc-bin-vendored crate; no system protoc needed.
 set -euo pipefail
 
-# ONNX release the vendored compiler/proto/onnx.proto was taken from.
+# ONNX release the vendored frontend/proto/onnx.proto was taken from.
 ONNX_VERSION="1.23.2"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-PROTO=compiler/proto/onnx.proto
-OUT=compiler/src/onnx/proto.rs
+PROTO=frontend/proto/onnx.proto
+OUT=frontend/src/proto.rs
 
 if [[ "${1:-}" == "--from-pip" ]]; then
     PY="${PYTHON:-python3}"

@@ -37,7 +37,6 @@ enum Command {
     /// activation memory and the bubble rate.
     Schedule(ScheduleArgs),
     /// Check the code generation toolchain (MLIR 19, LLVM 19 host and NVPTX) and the CUDA driver.
-    #[cfg(feature = "codegen")]
     Toolchain,
 }
 
@@ -664,7 +663,6 @@ fn compile(args: CompileArgs) -> Result<()> {
 }
 
 /// `-o OUT`: the executable OUT (kernels, program and runtime) and OUT.safetensors.
-#[cfg(feature = "codegen")]
 fn emit_executable(
     g: &Graph,
     out: &Path,
@@ -705,7 +703,6 @@ fn emit_executable(
 
 /// `-o OUT --pipeline-stages P`: the pipelined step ([`crate::pipe::lower_pipeline`]) as an
 /// executable, and OUT.safetensors.
-#[cfg(feature = "codegen")]
 fn emit_pipelined(
     args: &CompileArgs,
     kind: memc_passes::pipeline::ScheduleKind,
@@ -754,17 +751,6 @@ fn emit_pipelined(
     Ok(())
 }
 
-#[cfg(not(feature = "codegen"))]
-fn emit_pipelined(
-    _: &CompileArgs,
-    _: memc_passes::pipeline::ScheduleKind,
-    _: HashMap<String, Vec<usize>>,
-    _: &Path,
-    _: &str,
-) -> Result<()> {
-    bail!("-o: this memc was built without the `codegen` feature")
-}
-
 /// The token input's shape cut into `m` microbatches of rows: the shapes to import the
 /// microbatch program with, the batch's rows and the token input's name.
 fn micro_shapes(
@@ -792,19 +778,7 @@ fn micro_shapes(
     Ok((shapes, rows, name))
 }
 
-#[cfg(not(feature = "codegen"))]
-fn emit_executable(
-    _: &Graph,
-    _: &Path,
-    _: &str,
-    _: Option<&crate::train::TrainProgramArgs>,
-    _: Option<u32>,
-) -> Result<()> {
-    bail!("-o: this memc was built without the `codegen` feature")
-}
-
 /// `--emit ptx`: the program's PTX module.
-#[cfg(feature = "codegen")]
 fn emit_ptx(g: &Graph, model: &str, sm: u32) -> Result<String> {
     let mut host = crate::train::host_program(g, model, None)?;
     let libdevice = memc_codegen::ptx::find_libdevice().map_err(|e| anyhow!(e))?;
@@ -812,26 +786,14 @@ fn emit_ptx(g: &Graph, model: &str, sm: u32) -> Result<String> {
     Ok(host.program.device.expect("compiled").ptx)
 }
 
-#[cfg(not(feature = "codegen"))]
-fn emit_ptx(_: &Graph, _: &str, _: u32) -> Result<String> {
-    bail!("--emit ptx: this memc was built without the `codegen` feature")
-}
-
 /// The cpu backend's arena size and kernel count: the plan over the fused kernels.
-#[cfg(feature = "codegen")]
 fn cpu_arena(g: &Graph) -> Option<(u64, usize)> {
     let (_, kernels, plan) = memc_codegen::host::layout(g);
     Some((plan.peak_bytes, kernels.len()))
 }
 
-#[cfg(not(feature = "codegen"))]
-fn cpu_arena(_: &Graph) -> Option<(u64, usize)> {
-    None
-}
-
 /// `--emit mlir|llvm`: every generated kernel of the cpu backend's program, in order (matrix
 /// products, which run on the GEMM library, as a comment).
-#[cfg(feature = "codegen")]
 fn emit_kernels(g: &Graph, llvm: bool) -> Result<()> {
     use memc_codegen::{kernel, ops};
     let (ordered, kernels, _) = memc_codegen::host::layout(g);
@@ -863,11 +825,6 @@ fn emit_kernels(g: &Graph, llvm: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(not(feature = "codegen"))]
-fn emit_kernels(_: &Graph, _: bool) -> Result<()> {
-    bail!("this memc was built without the `codegen` feature")
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
@@ -923,7 +880,6 @@ fn eval(args: EvalArgs) -> Result<()> {
         feeds.insert(name.clone(), t);
     }
     let outputs = match args.backend {
-        #[cfg(feature = "codegen")]
         Backend::Cpu => timer
             .time("cpu", || crate::train::eval_host(&g, &feeds))
             .map_err(|e| anyhow!("{model}: {e:#}"))?,
@@ -1145,7 +1101,6 @@ fn train_pipelined(
 }
 
 /// Lowers the pipelined step for `--backend` and trains it with the runtime's loop.
-#[cfg(feature = "codegen")]
 fn train_pipelined_on(
     args: &TrainCmdArgs,
     program: &mut Graph,
@@ -1194,19 +1149,6 @@ fn train_pipelined_on(
     Ok(())
 }
 
-#[cfg(not(feature = "codegen"))]
-fn train_pipelined_on(
-    _: &TrainCmdArgs,
-    _: &mut Graph,
-    _: &memc_passes::pipeline::Schedule,
-    _: usize,
-    _: f64,
-    _: &mut crate::train::Batches,
-    _: &str,
-) -> Result<()> {
-    bail!("--pipeline-stages: this memc was built without the `codegen` feature")
-}
-
 fn opt(args: OptArgs) -> Result<()> {
     if args.list_passes {
         print!("{}", memc_passes::manager::list());
@@ -1248,7 +1190,6 @@ fn opt(args: OptArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "codegen")]
 fn toolchain() -> Result<()> {
     let r = memc_codegen::toolchain::check()?;
     println!(
@@ -1280,7 +1221,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(a),
         Command::Opt(a) => opt(a),
         Command::Schedule(a) => schedule(a),
-        #[cfg(feature = "codegen")]
         Command::Toolchain => toolchain(),
     }
 }

@@ -6,7 +6,8 @@
 
 pub mod cli;
 pub mod io;
-pub mod onnx;
+/// The ONNX frontend (the `memc-onnx` crate).
+pub use memc_onnx as onnx;
 pub mod pipe;
 pub mod report;
 pub mod rev;

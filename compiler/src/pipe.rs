@@ -166,7 +166,6 @@ pub enum PassTarget {
 /// Lowers the microbatch program `g` ([`pipelined_program`]) under `schedule` into the step
 /// program the runtime's executor runs, its passes lowered for `target`; returns it with each
 /// pass's graph (which the reference interpreter runs).
-#[cfg(feature = "codegen")]
 pub fn lower_pipeline(
     g: &memc_ir::Graph,
     schedule: &pipeline::Schedule,

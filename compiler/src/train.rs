@@ -416,7 +416,6 @@ pub fn default_weight_decay(o: OptimizerArg) -> f64 {
 
 /// The cpu backend's program ([`memc_codegen::host::lower`]); with `training`, the
 /// runtime's training description is filled in.
-#[cfg(feature = "codegen")]
 pub fn host_program(
     g: &Graph,
     model: &str,
@@ -445,7 +444,6 @@ fn param_data(g: &Graph) -> HashMap<&str, &Tensor> {
 }
 
 /// Writes `g`'s weights (and optimizer state that has data) into the program's arena.
-#[cfg(feature = "codegen")]
 fn load_params(
     g: &Graph,
     program: &memc_runtime::program::Program,
@@ -490,7 +488,6 @@ pub fn write_weights(
 /// on the runtime's library, one arena sized by the plan) with the runtime's training loop,
 /// as an emitted executable does, printing one JSON line per step (`peak_bytes` is the
 /// arena's size); returns the losses. The weights are written back into `g` at the end.
-#[cfg(feature = "codegen")]
 pub fn run_host(
     g: &mut Graph,
     args: &TrainProgramArgs,
@@ -514,7 +511,6 @@ pub fn run_host(
 /// says (see [`run_host`], [`run_reference`]). A pipelined program runs on the runtime's
 /// pipelined executor, in this process or as this rank's stage (torchrun's environment; rank 0
 /// reports), each pass on the cpu backend or the reference interpreter.
-#[cfg(feature = "codegen")]
 pub fn run_program(
     g: &mut Graph,
     host: &memc_codegen::host::HostProgram,
@@ -611,7 +607,6 @@ pub fn run_program(
 }
 
 /// Runs a program once on the cpu backend and returns its named outputs.
-#[cfg(feature = "codegen")]
 pub fn eval_host(
     g: &Graph,
     feeds: &std::collections::HashMap<String, Tensor>,

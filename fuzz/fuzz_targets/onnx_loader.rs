@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = memc::onnx::import_bytes(data, &Default::default());
+    let _ = memc_onnx::import_bytes(data, &Default::default());
 });
