@@ -325,7 +325,7 @@ impl HostProgram {
         let mut launches = Vec::with_capacity(self.mlir.len());
         let mut device_ir = vec![];
         for ((name, _), mlir) in self.lowered.iter().zip(&self.mlir) {
-            let d = lowerer.lower_gpu(mlir, name)?;
+            let d = crate::ptx::lower_gpu(lowerer.context(), mlir, name)?;
             launches.push(d.launches);
             device_ir.extend(d.llvm_ir);
         }

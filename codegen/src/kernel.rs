@@ -652,13 +652,9 @@ impl Lowerer {
         lower_in(&self.context, mlir, name, n_args)
     }
 
-    /// The kernel mapped to the GPU and lowered to NVVM ([`crate::ptx::lower_gpu`]).
-    pub fn lower_gpu(
-        &self,
-        mlir: &str,
-        name: &str,
-    ) -> Result<crate::ptx::DeviceKernel, KernelError> {
-        crate::ptx::lower_gpu(&self.context, mlir, name)
+    /// The MLIR context its kernels are lowered in (the GPU path lowers in it too).
+    pub fn context(&self) -> &Context {
+        &self.context
     }
 }
 

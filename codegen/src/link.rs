@@ -16,7 +16,7 @@ use inkwell::targets::{
 };
 use inkwell::{AddressSpace, OptimizationLevel};
 
-use crate::host::HostProgram;
+use memc_runtime::program::Program;
 use crate::kernel::KernelError;
 
 /// The libraries a Rust static library needs on Linux (`rustc --print native-static-libs`).
@@ -121,18 +121,22 @@ pub struct Emitted {
     pub kernels: usize,
 }
 
-/// Builds the object of `host` (kernels optimised for this CPU, the serialised program, the
-/// kernel table and `main`) and links it with `runtime_lib` into the executable `out`
-/// (written beside it and renamed into place). Needs a C compiler driver (`cc`, or `$CC`).
+/// Builds the object of `program` and its generated `kernels` (name, LLVM IR; a lowered
+/// program's `HostProgram::lowered`): the kernels optimised for this CPU, the serialised
+/// program, the kernel table and `main`; links it with `runtime_lib` into the executable
+/// `out` (written beside it and renamed into place). Needs a C compiler driver (`cc`, or
+/// `$CC`).
 pub fn emit_executable(
-    host: &HostProgram,
+    program: &Program,
+    kernels: &[(String, String)],
     out: &Path,
     runtime_lib: &Path,
 ) -> Result<Emitted, KernelError> {
     let machine = host_machine()?;
     let ctx = Context::create();
-    let module = link_kernels(&ctx, host.lowered())?;
-    let program = host.program.to_bytes();
+    let module = link_kernels(&ctx, kernels)?;
+    let names = &program.kernels;
+    let program = program.to_bytes();
     let ptr = ctx.ptr_type(AddressSpace::default());
     let i64t = ctx.i64_type();
     let i32t = ctx.i32_type();
@@ -144,8 +148,8 @@ pub fn emit_executable(
     g_program.set_linkage(Linkage::Private);
     g_program.set_alignment(16);
 
-    let mut entries = Vec::with_capacity(host.program.kernels.len());
-    for name in &host.program.kernels {
+    let mut entries = Vec::with_capacity(names.len());
+    for name in names {
         let f = module
             .get_function(name)
             .ok_or_else(|| llvm(name, "the kernel's entry is missing"))?;

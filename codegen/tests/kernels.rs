@@ -266,7 +266,7 @@ fn device_text_snapshots() {
     let k = &fuse(&add)[0];
     let mlir = elementwise_mlir(&add, k, "bf16_add").unwrap();
     let ctx = memc_codegen::kernel::Lowerer::new();
-    let d = ctx.lower_gpu(&mlir, "bf16_add").unwrap();
+    let d = memc_codegen::ptx::lower_gpu(ctx.context(), &mlir, "bf16_add").unwrap();
     assert_eq!(d.launches.len(), 1);
     assert_eq!(
         d.launches[0].grid,

@@ -1,4 +1,4 @@
-//! The `memc` command line (design.md's CLI contract). Every failure is one `error:` line on
+//! The `memc` command line (the CLI documented in README.md). Every failure is one `error:` line on
 //! stderr and exit code 2.
 
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use memc_ir::{Graph, Tensor, ValueDef};
 
-use memc_passes::manager::{PassManager, PassSpec};
+use memc_passes::manager::PassManager;
 
 use crate::onnx::{self, ImportOptions};
 use crate::pipe::PlanReport;
@@ -383,7 +383,7 @@ fn import(
     pm.dump(&g, "import")?;
     let name = args.model.display().to_string();
     if !args.no_canonicalize {
-        let spec = PassSpec::new("canonicalize", &[])?;
+        let spec = memc_passes::table::spec("canonicalize", &[])?;
         timer
             .time("canonicalize", || pm.run_spec(&mut g, &spec))
             .map_err(|e| anyhow!("{name}: {e}"))?;
@@ -477,7 +477,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     let model_ops = g.op_counts();
     let canonical_ir = (args.emit == Some(Emit::Ir) && !args.train).then(|| memc_ir::print(&g));
     if !args.train {
-        let spec = PassSpec::new("lower-blocks", &[])?;
+        let spec = memc_passes::table::spec("lower-blocks", &[])?;
         timer
             .time("lower-blocks", || pm.run_spec(&mut g, &spec))
             .map_err(|e| anyhow!("{model}: {e}"))?;
@@ -677,7 +677,7 @@ fn emit_executable(
         host.compile_device(sm, &libdevice)?;
     }
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
-    let emitted = memc_codegen::link::emit_executable(&host, out, &lib)?;
+    let emitted = memc_codegen::link::emit_executable(&host.program, host.lowered(), out, &lib)?;
     let mut weights = out.as_os_str().to_owned();
     weights.push(".safetensors");
     let weights = PathBuf::from(weights);
@@ -731,7 +731,7 @@ fn emit_pipelined(
         crate::pipe::PassTarget::Cpu,
     )?;
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
-    let emitted = memc_codegen::link::emit_executable(&host, out, &lib)?;
+    let emitted = memc_codegen::link::emit_executable(&host.program, host.lowered(), out, &lib)?;
     let mut weights = out.as_os_str().to_owned();
     weights.push(".safetensors");
     let weights = PathBuf::from(weights);
@@ -758,15 +758,11 @@ fn micro_shapes(
     m: usize,
     model: &str,
 ) -> Result<(HashMap<String, Vec<usize>>, usize, String)> {
-    let (name, dims) = match shapes.get("input_ids") {
-        Some(d) => ("input_ids".to_string(), d.clone()),
-        None if shapes.len() == 1 => shapes
-            .iter()
-            .map(|(n, d)| (n.clone(), d.clone()))
-            .next()
-            .unwrap(),
-        None => bail!("{model}: pass --shape NAME=BxS for the token input"),
+    let names: Vec<&str> = shapes.keys().map(String::as_str).collect();
+    let Some(name) = memc_passes::train::token_input(&names).map(str::to_string) else {
+        bail!("{model}: pass --shape NAME=BxS for the token input")
     };
+    let dims = shapes[&name].clone();
     if dims.len() != 2 {
         bail!("{model}: the token input `{name}` must be [batch, seq], got {dims:?}");
     }
@@ -970,11 +966,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
             .map(|i| i.name())
             .filter(|n| !inits.contains(n))
             .collect();
-        let name = if inputs.contains(&"input_ids") {
-            "input_ids"
-        } else if inputs.len() == 1 {
-            inputs[0]
-        } else {
+        let Some(name) = memc_passes::train::token_input(&inputs) else {
             bail!(
                 "{model}: pass --shape NAME=BxS for the token input (inputs: {})",
                 inputs.join(", ")
@@ -1151,7 +1143,7 @@ fn train_pipelined_on(
 
 fn opt(args: OptArgs) -> Result<()> {
     if args.list_passes {
-        print!("{}", memc_passes::manager::list());
+        print!("{}", memc_passes::table::list());
         return Ok(());
     }
     let Some(path) = &args.file else {
@@ -1160,7 +1152,7 @@ fn opt(args: OptArgs) -> Result<()> {
     let file = path.display().to_string();
     let mut specs = vec![];
     for p in &args.passes {
-        specs.extend(memc_passes::manager::parse_pipeline(p).map_err(|e| anyhow!("--pass: {e}"))?);
+        specs.extend(memc_passes::table::parse_pipeline(p).map_err(|e| anyhow!("--pass: {e}"))?);
     }
     let text = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?

@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use memc_ir::{DType, Graph, Tensor, ValueDef};
 use memc_passes::reversible::{apply_reversible, RevOptions, RevStats, Variant};
 
-/// The couplings of the CLI (background.md §1).
+/// The couplings of the CLI (MEFT, "Make Pre-trained Model Reversible", NeurIPS 2023).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum VariantArg {
     /// F = layer + adapter, G = adapter; λ 0.1, β 1, streams switched.
@@ -243,10 +243,4 @@ fn start_deviation(original: &Graph, rev: &Graph) -> Result<Option<f64>> {
         .sum::<f64>()
         .sqrt();
     Ok(Some(diff / norm.max(f64::MIN_POSITIVE)))
-}
-
-/// The drift `--rev-check` warns past: the given threshold, else 1e-3 in f32 and 5e-2 in
-/// half precision.
-pub fn drift_threshold(given: Option<f64>, dtype: DType) -> f64 {
-    given.unwrap_or(if dtype == DType::F32 { 1e-3 } else { 5e-2 })
 }

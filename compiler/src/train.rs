@@ -291,17 +291,14 @@ pub fn token_input(g: &Graph, model: &str) -> Result<((String, memc_ir::TensorTy
             _ => None,
         })
         .collect();
-    let at = match inputs.iter().position(|(n, _)| n == "input_ids") {
-        Some(at) => at,
-        None if inputs.len() == 1 => 0,
+    let names: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
+    let at = match memc_passes::train::token_input(&names) {
+        Some(n) => names.iter().position(|&m| m == n).expect("a candidate"),
         None if inputs.is_empty() => bail!("{model}: the training program has no data input"),
-        None => {
-            let names: Vec<&str> = inputs.iter().map(|(n, _)| n.as_str()).collect();
-            bail!(
-                "{model}: the model takes inputs {} and none is `input_ids`: training feeds token ids to `input_ids`",
-                names.join(", ")
-            )
-        }
+        None => bail!(
+            "{model}: the model takes inputs {} and none is `input_ids`: training feeds token ids to `input_ids`",
+            names.join(", ")
+        ),
     };
     let (name, ty) = inputs.remove(at);
     if ty.shape.len() != 2 || !matches!(ty.dtype, DType::I64 | DType::I32) {
@@ -395,7 +392,7 @@ pub fn training_info(
             .map(|(n, _)| n.clone())
             .collect(),
         drift_threshold: args.rev_check.then(|| {
-            crate::rev::drift_threshold(
+            memc_passes::reconstruct::drift_threshold(
                 args.rev_check_threshold,
                 match args.dtype {
                     DtypeArg::F32 => DType::F32,
@@ -552,12 +549,8 @@ pub fn run_program(
                     };
                     Box::new(Pipelined::open(program, &mut make)?)
                 }
-                (Some(_), _) => Box::new(Pipelined::open_cpu(program, kernels)?),
-                (None, _) => {
-                    let cpu = memc_runtime::cpu::Cpu::new(program, kernels);
-                    assert_eq!(cpu.arena().bytes() as u64, program.arena_bytes);
-                    Box::new(cpu)
-                }
+                // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
+                _ => unsafe { memc_runtime::session::open_backend("cpu", program, kernels)? },
             };
             let rank = memc_runtime::mesh::RankEnv::from_env()
                 .ok()
@@ -614,7 +607,8 @@ pub fn eval_host(
     let host = host_program(g, "model", None)?;
     let program = &host.program;
     let out = host.with_kernels(|kernels| -> Result<Vec<(String, Tensor)>> {
-        let mut cpu = memc_runtime::cpu::Cpu::new(program, kernels);
+        // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
+        let mut cpu = unsafe { memc_runtime::cpu::Cpu::new(program, kernels) };
         load_params(g, program, &mut cpu)?;
         for s in &program.inputs {
             let t = feeds

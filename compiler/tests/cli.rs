@@ -12,6 +12,10 @@ use memc::onnx::proto::{
 };
 use prost::Message;
 
+#[path = "../../tests/support/ranks.rs"]
+mod ranks;
+use ranks::{as_rank, free_ports};
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1400,21 +1404,6 @@ fn pipelined_training_matches_plain_training() {
     }
 }
 
-/// A base port whose next `n` ports are free on the loopback interface.
-fn free_ports(n: u16) -> u16 {
-    for _ in 0..50 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = l.local_addr().unwrap().port();
-        drop(l);
-        if base as u32 + n as u32 >= 65535 {
-            continue;
-        }
-        if (1..=n).all(|k| std::net::TcpListener::bind(("127.0.0.1", base + k)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no free ports");
-}
 
 #[test]
 fn pipelined_training_across_processes_matches_one_process() {
@@ -1573,25 +1562,19 @@ fn write_ids_8x16(path: &Path) {
     std::fs::write(path, bytes).unwrap();
 }
 
-/// `memc ARGS` as rank `rank` of `world` with torchrun's environment on the loopback, its
-/// stdout and stderr captured.
+/// `memc ARGS` as rank `rank` of `world` with torchrun's environment on the loopback.
 fn spawn_rank<S: AsRef<std::ffi::OsStr>>(
     args: &[S],
     rank: usize,
     world: usize,
     port: u16,
 ) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_memc"))
-        .args(args)
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
+    as_rank(
+        Command::new(env!("CARGO_BIN_EXE_memc")).args(args),
+        rank,
+        world,
+        port,
+    )
 }
 
 #[test]

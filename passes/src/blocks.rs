@@ -165,3 +165,14 @@ mod tests {
         assert_eq!(run(&before), run(&g));
     }
 }
+
+/// What `lower-blocks` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lowered(pub usize);
+
+crate::pass_stats!(Lowered, fn summary(&self) -> String { format!("{} blocks lowered", self.0) });
+
+/// Lowers every block op of `g` but those in `keep`.
+pub fn lower_blocks_keeping(g: &mut Graph, keep: &[Op]) -> Result<Lowered, String> {
+    crate::blocks::lower_blocks_where(g, |op| !keep.contains(op)).map(Lowered)
+}

@@ -1,5 +1,6 @@
-//! The pass manager: one table declares every pass once ([`PASSES`]: name, one-line summary,
-//! typed options, entry point), and [`PassManager`] runs passes with the verifier after each,
+//! The pass manager: one table declares every pass once (`crate::table::PASSES`: name,
+//! one-line summary, typed options, entry point; built from this module's types), and
+//! [`PassManager`] runs passes with the verifier after each,
 //! optional timing and per-pass IR dumps. `memc opt` runs pipelines of the table's passes
 //! written in MLIR's syntax (`canonicalize,remat{policy=full}`); the training build
 //! ([`crate::train::build_training`]) is a list of the same passes.
@@ -150,7 +151,8 @@ pub enum OptKind {
 }
 
 impl OptKind {
-    fn describe(self) -> String {
+    /// What the option takes, in words (`--list-passes`, errors).
+    pub fn describe(self) -> String {
         match self {
             OptKind::Bool => "true or false".into(),
             OptKind::Count => "a non-negative integer".into(),
@@ -160,7 +162,8 @@ impl OptKind {
         }
     }
 
-    fn check(self, v: &str) -> bool {
+    /// Whether `v` is a value of this kind.
+    pub fn check(self, v: &str) -> bool {
         match self {
             OptKind::Bool => matches!(v, "true" | "false"),
             OptKind::Count => v.parse::<usize>().is_ok(),
@@ -302,81 +305,6 @@ pub struct PassSpec {
     pub options: Options,
 }
 
-impl PassSpec {
-    /// The pass `name` with `options` (`key=value` pairs), checked against the table.
-    pub fn new(name: &str, options: &[(&str, &str)]) -> Result<PassSpec, PassError> {
-        let decl = lookup(name)?;
-        let mut o = Options::none(decl);
-        for (k, v) in options {
-            o.set(k, v)?;
-        }
-        Ok(PassSpec { decl, options: o })
-    }
-}
-
-/// The table's entry for `name`.
-pub fn lookup(name: &str) -> Result<&'static PassDecl, PassError> {
-    crate::table::PASSES
-        .iter()
-        .find(|p| p.name == name)
-        .ok_or_else(|| PassError::UnknownPass {
-            name: name.to_string(),
-            available: crate::table::PASSES
-                .iter()
-                .map(|p| p.name)
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
-}
-
-/// Parses a pipeline in MLIR's syntax: passes separated by commas, each with optional
-/// `{key=value ...}` options (separated by spaces; a bare key is `key=true`).
-pub fn parse_pipeline(text: &str) -> Result<Vec<PassSpec>, PassError> {
-    let syntax = |msg: &str| PassError::Syntax {
-        text: text.to_string(),
-        msg: msg.to_string(),
-    };
-    let mut specs = vec![];
-    let mut rest = text.trim();
-    while !rest.is_empty() {
-        let end = rest.find([',', '{']).unwrap_or(rest.len());
-        let name = rest[..end].trim();
-        if name.is_empty() {
-            return Err(syntax("a pass name is missing"));
-        }
-        if let Some((a, _)) = name.split_once(char::is_whitespace) {
-            return Err(syntax(&format!("expected `,` after `{a}`")));
-        }
-        let decl = lookup(name)?;
-        let mut options = Options::none(decl);
-        rest = &rest[end..];
-        if let Some(body) = rest.strip_prefix('{') {
-            let close = body
-                .find('}')
-                .ok_or_else(|| syntax("an option list `{` is not closed"))?;
-            for item in body[..close].split_whitespace() {
-                let (k, v) = item.split_once('=').unwrap_or((item, "true"));
-                if k.is_empty() || v.is_empty() {
-                    return Err(syntax(&format!("option `{item}` is not key=value")));
-                }
-                options.set(k, v)?;
-            }
-            rest = &body[close + 1..];
-        }
-        rest = rest.trim_start();
-        if let Some(r) = rest.strip_prefix(',') {
-            rest = r.trim_start();
-            if rest.is_empty() {
-                return Err(syntax("the pipeline ends with a comma"));
-            }
-        } else if !rest.is_empty() {
-            return Err(syntax(&format!("expected `,` before `{rest}`")));
-        }
-        specs.push(PassSpec { decl, options });
-    }
-    Ok(specs)
-}
-
 /// One pass as it ran.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PassRecord {
@@ -435,10 +363,9 @@ impl PassManager {
         Ok(())
     }
 
-    /// Runs a pass given by its typed function `f` under the name `name` (a [`PASSES`] entry),
-    /// `display` being its options as text: times it, verifies the result, dumps and records.
-    ///
-    /// [`PASSES`]: crate::table::PASSES
+    /// Runs a pass given by its typed function `f` under the name `name` (an entry of
+    /// `crate::table::PASSES`), `display` being its options as text: times it, verifies the
+    /// result, dumps and records.
     pub fn run<T: PassStats, E: From<PassError>>(
         &mut self,
         g: &mut Graph,
@@ -446,7 +373,6 @@ impl PassManager {
         display: String,
         f: impl FnOnce(&mut Graph) -> Result<T, E>,
     ) -> Result<T, E> {
-        debug_assert!(lookup(name).is_ok(), "`{name}` is not in the pass table");
         let before = g.nodes().len();
         let t0 = Instant::now();
         let stats = f(g)?;
@@ -507,69 +433,5 @@ impl PassStats for Box<dyn PassStats> {
     }
     fn as_any(&self) -> &dyn Any {
         (**self).as_any()
-    }
-}
-
-/// `--list-passes`: every pass with its summary and options.
-pub fn list() -> String {
-    let mut s = String::new();
-    for p in crate::table::PASSES {
-        s += &format!("{:<18} {}\n", p.name, p.summary);
-        for o in p.options {
-            let default = o.default.map(|d| format!(" (default {d})")).unwrap_or_default();
-            s += &format!(
-                "    {:<14} {}: {}{default}\n",
-                o.key,
-                o.kind.describe(),
-                o.doc
-            );
-        }
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pipelines_parse_in_mlir_syntax() {
-        let p = parse_pipeline("dce, remat{policy=full},lower-blocks{keep=residual,rev_couple}")
-            .unwrap();
-        let names: Vec<String> = p.iter().map(|s| s.options.display()).collect();
-        assert_eq!(
-            names,
-            ["dce", "remat{policy=full}", "lower-blocks{keep=residual,rev_couple}"]
-        );
-        assert_eq!(p[1].options.text("policy"), Some("full"));
-        assert!(matches!(
-            parse_pipeline("nope"),
-            Err(PassError::UnknownPass { .. })
-        ));
-        assert!(matches!(
-            parse_pipeline("remat{polcy=full}"),
-            Err(PassError::UnknownOption { .. })
-        ));
-        assert!(matches!(
-            parse_pipeline("remat{policy=most}"),
-            Err(PassError::BadValue { .. })
-        ));
-        for bad in ["dce,", "remat{policy=full", ",dce", "dce dce"] {
-            assert!(
-                matches!(parse_pipeline(bad), Err(PassError::Syntax { .. })),
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn every_declared_default_fits_its_kind() {
-        for p in crate::table::PASSES {
-            for o in p.options {
-                if let Some(d) = o.default {
-                    assert!(o.kind.check(d), "{}: {}", p.name, o.key);
-                }
-            }
-        }
     }
 }

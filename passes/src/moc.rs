@@ -1,5 +1,5 @@
 //! `apply_moc`: Mixture-of-Channels. Every recognised `swiglu_ffn` becomes a `moc_ffn` that
-//! keeps the `k` largest gate channels per token (background.md §3); other FFNs (`gelu_ffn`)
+//! keeps the `k` largest gate channels per token (Mixture-of-Channels, arXiv 2511.09323); other FFNs (`gelu_ffn`)
 //! stay dense and are counted so the report can say so.
 //!
 //! The block's steps ([`memc_ir::Op::expansion`]) gather the selected gate and up values, so

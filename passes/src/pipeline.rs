@@ -1,6 +1,6 @@
 //! Pipeline schedules: generation, dependency check, event-driven simulation (`memc schedule`).
 //!
-//! The model is the Zero Bubble / Controllable Memory papers' (background.md §2): the layers are
+//! The model is the Zero Bubble / Controllable Memory papers' ("Zero Bubble Pipeline Parallelism", ICLR 2024; "Pipeline Parallelism with Controllable Memory", NeurIPS 2024): the layers are
 //! cut into chunks; chunk `c` of microbatch `j` has a forward pass `F`, an input-gradient pass
 //! `B` and, when the backward is split, a weight-gradient pass `W`. `F(c, j)` needs
 //! `F(c − 1, j)`; `B(c, j)` needs `F(c, j)` and `B(c + 1, j)`; `W(c, j)` needs `B(c, j)`.
@@ -348,7 +348,7 @@ pub fn generate(
     list_schedule(kind, stages, microbatches, false)
 }
 
-/// ZB-H1 (Zero Bubble, background.md §2) on device `i`: 1F1B's order of forwards and
+/// ZB-H1 ("Zero Bubble Pipeline Parallelism", ICLR 2024) on device `i`: 1F1B's order of forwards and
 /// backwards (`p − i` forwards of warm-up), each weight-gradient pass `W` deferred by `i`
 /// microbatches (the last ones run at the end, filling the cool-down). Device `i` then holds
 /// at most `p` microbatches, 1F1B's peak (on device 0), and the bubble drops to about a third
@@ -559,7 +559,7 @@ fn list_schedule(
     Ok(s)
 }
 
-/// V-Min and V-Half from the paper's building blocks (background.md §2), on a grid of unit
+/// V-Min and V-Half from the paper's building blocks ("Zero Bubble Pipeline Parallelism", ICLR 2024; "Pipeline Parallelism with Controllable Memory", NeurIPS 2024), on a grid of unit
 /// time slots. Device `i` puts microbatch `j`'s F (chunk i), f (chunk 2p−1−i), B (chunk
 /// 2p−1−i's input gradient) and b (chunk i's) at the block's slots + 6j; each weight-gradient
 /// pass takes the first free slot after its B or b ([`Slots::place_w`]). Then the warm-up and
@@ -1125,7 +1125,7 @@ mod tests {
                 );
             }
         }
-        // The authors' reference runs (background.md §2): p = 4, m = 16: V-Half 0.050, V-Min
+        // The authors' reference runs ("Zero Bubble Pipeline Parallelism", ICLR 2024; "Pipeline Parallelism with Controllable Memory", NeurIPS 2024): p = 4, m = 16: V-Half 0.050, V-Min
         // 0.103; p = 6, m = 24: V-Half 0.071 (V-Min: theirs 0.106, ours 0.111).
         let vhalf = run(ScheduleKind::VHalf, 4, 16);
         assert!(vhalf.bubble_rate <= 0.050, "{}", vhalf.bubble_rate);

@@ -1,5 +1,5 @@
 //! `apply_reversible`: makes a model's residual stack reversible with MEFT's couplings
-//! (background.md §1), on the canonical forward graph.
+//! (MEFT, "Make Pre-trained Model Reversible", NeurIPS 2023), on the canonical forward graph.
 //!
 //! The residual structure comes from the `residual` nodes the canonicalisation recognised: two
 //! per layer, each one *sub-block* (attention, then the FFN) from its stream operand to the

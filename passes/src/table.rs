@@ -8,7 +8,9 @@
 
 use memc_ir::{DType, Graph, NodeId, Op};
 
-use crate::manager::{Line, OptKind, OptionDecl, PassDecl, PassError, PassStats};
+use crate::manager::{
+    Line, OptKind, OptionDecl, Options, PassDecl, PassError, PassSpec, PassStats,
+};
 use crate::pass_stats;
 
 const fn opt(
@@ -135,7 +137,7 @@ pub static PASSES: &[PassDecl] = &[
                     .collect::<Result<Vec<_>, _>>()?,
                 None => vec![],
             };
-            lower_blocks_keeping(g, &keep)
+            crate::blocks::lower_blocks_keeping(g, &keep)
                 .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("lower-blocks", e))
         },
@@ -299,17 +301,6 @@ fn block_op(name: &str) -> Option<Op> {
     }
 }
 
-/// What `lower-blocks` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lowered(pub usize);
-
-pass_stats!(Lowered, fn summary(&self) -> String { format!("{} blocks lowered", self.0) });
-
-/// Lowers every block op of `g` but those in `keep`.
-pub fn lower_blocks_keeping(g: &mut Graph, keep: &[Op]) -> Result<Lowered, String> {
-    crate::blocks::lower_blocks_where(g, |op| !keep.contains(op)).map(Lowered)
-}
-
 /// The kernels of the `fusion` pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fusion(pub Vec<crate::fuse::Kernel>);
@@ -410,8 +401,102 @@ pass_stats!(crate::remat::RematStats, fn summary(&self) -> String {
     )
 });
 
+/// The pass `name` of the table with `options` (`key=value` pairs), checked.
+pub fn spec(name: &str, options: &[(&str, &str)]) -> Result<PassSpec, PassError> {
+    let decl = lookup(name)?;
+    let mut o = Options::none(decl);
+    for (k, v) in options {
+        o.set(k, v)?;
+    }
+    Ok(PassSpec { decl, options: o })
+}
+
+/// The table's entry for `name`.
+pub fn lookup(name: &str) -> Result<&'static PassDecl, PassError> {
+    PASSES
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| PassError::UnknownPass {
+            name: name.to_string(),
+            available: PASSES
+                .iter()
+                .map(|p| p.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Parses a pipeline in MLIR's syntax: passes separated by commas, each with optional
+/// `{key=value ...}` options (separated by spaces; a bare key is `key=true`).
+pub fn parse_pipeline(text: &str) -> Result<Vec<PassSpec>, PassError> {
+    let syntax = |msg: &str| PassError::Syntax {
+        text: text.to_string(),
+        msg: msg.to_string(),
+    };
+    let mut specs = vec![];
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let end = rest.find([',', '{']).unwrap_or(rest.len());
+        let name = rest[..end].trim();
+        if name.is_empty() {
+            return Err(syntax("a pass name is missing"));
+        }
+        if let Some((a, _)) = name.split_once(char::is_whitespace) {
+            return Err(syntax(&format!("expected `,` after `{a}`")));
+        }
+        let decl = lookup(name)?;
+        let mut options = Options::none(decl);
+        rest = &rest[end..];
+        if let Some(body) = rest.strip_prefix('{') {
+            let close = body
+                .find('}')
+                .ok_or_else(|| syntax("an option list `{` is not closed"))?;
+            for item in body[..close].split_whitespace() {
+                let (k, v) = item.split_once('=').unwrap_or((item, "true"));
+                if k.is_empty() || v.is_empty() {
+                    return Err(syntax(&format!("option `{item}` is not key=value")));
+                }
+                options.set(k, v)?;
+            }
+            rest = &body[close + 1..];
+        }
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r.trim_start();
+            if rest.is_empty() {
+                return Err(syntax("the pipeline ends with a comma"));
+            }
+        } else if !rest.is_empty() {
+            return Err(syntax(&format!("expected `,` before `{rest}`")));
+        }
+        specs.push(PassSpec { decl, options });
+    }
+    Ok(specs)
+}
+
+/// `--list-passes`: every pass with its summary and options.
+pub fn list() -> String {
+    let mut s = String::new();
+    for p in PASSES {
+        s += &format!("{:<18} {}\n", p.name, p.summary);
+        for o in p.options {
+            let default = o.default.map(|d| format!(" (default {d})")).unwrap_or_default();
+            s += &format!(
+                "    {:<14} {}: {}{default}\n",
+                o.key,
+                o.kind.describe(),
+                o.doc
+            );
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::manager::PassError;
+
     #[test]
     fn names_are_unique_and_the_summaries_one_line() {
         let mut names: Vec<&str> = super::PASSES.iter().map(|p| p.name).collect();
@@ -423,11 +508,53 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-        use crate::manager::Options;
-        let decl = crate::manager::lookup("remat").unwrap();
+
+        let decl = lookup("remat").unwrap();
         let mut o = Options::none(decl);
         assert!(o.set("policy", "full").is_ok());
         assert!(o.set("nope", "1").is_err());
         assert_eq!(o.display(), "remat{policy=full}");
+    }
+
+
+    #[test]
+    fn pipelines_parse_in_mlir_syntax() {
+        let p = parse_pipeline("dce, remat{policy=full},lower-blocks{keep=residual,rev_couple}")
+            .unwrap();
+        let names: Vec<String> = p.iter().map(|s| s.options.display()).collect();
+        assert_eq!(
+            names,
+            ["dce", "remat{policy=full}", "lower-blocks{keep=residual,rev_couple}"]
+        );
+        assert_eq!(p[1].options.text("policy"), Some("full"));
+        assert!(matches!(
+            parse_pipeline("nope"),
+            Err(PassError::UnknownPass { .. })
+        ));
+        assert!(matches!(
+            parse_pipeline("remat{polcy=full}"),
+            Err(PassError::UnknownOption { .. })
+        ));
+        assert!(matches!(
+            parse_pipeline("remat{policy=most}"),
+            Err(PassError::BadValue { .. })
+        ));
+        for bad in ["dce,", "remat{policy=full", ",dce", "dce dce"] {
+            assert!(
+                matches!(parse_pipeline(bad), Err(PassError::Syntax { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_declared_default_fits_its_kind() {
+        for p in crate::table::PASSES {
+            for o in p.options {
+                if let Some(d) = o.default {
+                    assert!(o.kind.check(d), "{}: {}", p.name, o.key);
+                }
+            }
+        }
     }
 }

@@ -276,6 +276,19 @@ pub fn add_loss(g: &mut Graph, loss: Loss, fused: bool) -> Result<LossStats, Tra
     Ok(LossStats { fused })
 }
 
+/// The input that carries the token ids, among `candidates` (input names): `input_ids` when
+/// it is one of them (Hugging Face's name), else the only candidate; `None` when neither
+/// rule picks one. Every part of memc that needs the token input decides with this rule.
+pub fn token_input<'a>(candidates: &[&'a str]) -> Option<&'a str> {
+    match candidates {
+        [one] => Some(one),
+        many => many.iter().copied().find(|&n| n == TOKEN_INPUT),
+    }
+}
+
+/// Hugging Face's name of the token input.
+pub const TOKEN_INPUT: &str = "input_ids";
+
 /// The name of the training step's loss output.
 pub const LOSS_OUTPUT: &str = "loss";
 
@@ -445,7 +458,7 @@ pub fn build_training_with(
     // until rematerialisation has found the layers with it, `rev_couple` until the backward
     // pass has inverted it.
     pm.run(g, "lower-blocks", "lower-blocks{keep=residual,rev_couple}".into(), |g| {
-        crate::table::lower_blocks_keeping(g, &[Op::Residual, Op::RevCouple])
+        crate::blocks::lower_blocks_keeping(g, &[Op::Residual, Op::RevCouple])
             .map_err(TrainError::Build)
     })?;
     let dtype = opts.compute_dtype;
@@ -500,7 +513,7 @@ pub fn build_training_with(
         None => None,
     };
     pm.run(g, "lower-blocks", "lower-blocks".into(), |g| {
-        crate::table::lower_blocks_keeping(g, &[]).map_err(TrainError::Build)
+        crate::blocks::lower_blocks_keeping(g, &[]).map_err(TrainError::Build)
     })?;
     Ok(TrainStats {
         trained_tensors: ad.trained_tensors,
@@ -539,15 +552,19 @@ fn find_logits(g: &Graph) -> Result<(ValueId, ValueId), TrainError> {
             matches!(g.value(v).ty.dtype, DType::I64 | DType::I32) && g.value(v).ty.rank() == 2
         })
         .collect();
-    let ids = match ids.as_slice() {
-        [one] => *one,
-        many => *many
-            .iter()
-            .find(|&&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == "input_ids"))
-            .ok_or_else(|| {
-                TrainError::NoLogits("the model has no single integer [batch, seq] input".into())
-            })?,
-    };
+    let names: Vec<&str> = ids
+        .iter()
+        .map(|&v| match &g.value(v).def {
+            ValueDef::Input { name } => name.as_str(),
+            _ => "",
+        })
+        .collect();
+    let ids = token_input(&names)
+        .and_then(|n| names.iter().position(|&m| m == n))
+        .map(|i| ids[i])
+        .ok_or_else(|| {
+            TrainError::NoLogits("the model has no single integer [batch, seq] input".into())
+        })?;
     let (bsz, seq) = (g.value(ids).ty.shape[0], g.value(ids).ty.shape[1]);
     if seq < 2 {
         return Err(TrainError::NoLogits(format!(

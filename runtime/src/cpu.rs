@@ -45,19 +45,64 @@ impl Arena {
         self.bytes
     }
 
+    /// A pointer `offset` bytes into the arena, for kernel arguments; panics past its end.
     fn at(&self, offset: u64) -> *mut u8 {
-        debug_assert!(offset as usize <= self.bytes);
-        // SAFETY: programs are validated: every buffer lies inside the arena.
+        assert!(
+            offset as usize <= self.bytes,
+            "offset {offset} is past the arena's {} bytes",
+            self.bytes
+        );
+        // SAFETY: `offset` is within the allocation (checked above; one past the end is allowed).
         unsafe { self.ptr.add(offset as usize) }
     }
 
-    /// The bytes of `slot`.
-    pub fn get(&self, slot: &Slot) -> &[u8] {
-        // SAFETY: validated programs keep every slot inside the arena.
-        unsafe { std::slice::from_raw_parts(self.at(slot.offset), slot.bytes() as usize) }
+    /// A pointer to buffer `b`; panics when it does not lie inside the arena.
+    fn buffer(&self, b: &Buf) -> *mut u8 {
+        assert!(
+            b.offset.checked_add(b.bytes).is_some_and(|end| end <= self.bytes as u64),
+            "a buffer of {} bytes at offset {} is past the arena's {} bytes",
+            b.bytes,
+            b.offset,
+            self.bytes
+        );
+        self.at(b.offset)
     }
 
-    /// Overwrites `slot` with `bytes` (exactly its size).
+    /// The whole arena.
+    fn all(&self) -> &[u8] {
+        // SAFETY: `ptr` is an allocation of at least `bytes` zero-initialised bytes that this
+        // arena owns; the borrow of `self` keeps it alive and unwritten.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+
+    /// The whole arena, writable.
+    fn all_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `all`; `&mut self` excludes every other borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+
+    /// The byte range of `slot`; panics when it does not lie inside the arena.
+    fn range(&self, slot: &Slot) -> std::ops::Range<usize> {
+        let start = slot.offset as usize;
+        let end = start.checked_add(slot.bytes() as usize);
+        match end {
+            Some(end) if end <= self.bytes => start..end,
+            _ => panic!(
+                "`{}` ({} bytes at offset {start}) is past the arena's {} bytes",
+                slot.name,
+                slot.bytes(),
+                self.bytes
+            ),
+        }
+    }
+
+    /// The bytes of `slot` (bounds-checked: a slot outside the arena panics).
+    pub fn get(&self, slot: &Slot) -> &[u8] {
+        let r = self.range(slot);
+        &self.all()[r]
+    }
+
+    /// Overwrites `slot` with `bytes` (exactly its size; bounds-checked).
     pub fn set(&mut self, slot: &Slot, bytes: &[u8]) {
         assert_eq!(
             bytes.len() as u64,
@@ -65,8 +110,8 @@ impl Arena {
             "`{}`: wrong size",
             slot.name
         );
-        // SAFETY: as in `get`; `&mut self` excludes other borrows.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.at(slot.offset), bytes.len()) }
+        let r = self.range(slot);
+        self.all_mut()[r].copy_from_slice(bytes);
     }
 }
 
@@ -105,9 +150,17 @@ unsafe impl Send for Cpu {}
 
 impl Cpu {
     /// Allocates the arena, writes the constants and binds every step to its kernel
-    /// (`kernels[i]` is the entry of `program.kernels[i]`). With `MEMC_PROFILE` set in the
-    /// environment, time per kind of step is kept for [`Cpu::profile`].
-    pub fn new(program: &Program, kernels: &[KernelFn]) -> Cpu {
+    /// (`kernels[i]` is the entry of `program.kernels[i]`). Every buffer of every step is
+    /// checked to lie inside the arena (a program that breaks this panics here). With
+    /// `MEMC_PROFILE` set in the environment, time per kind of step is kept for
+    /// [`Cpu::profile`].
+    ///
+    /// # Safety
+    ///
+    /// Each `kernels[i]` must be the entry point memc generated for `program.kernels[i]` of
+    /// this program (in the uniform `void kernel(void **buffers)` ABI): [`Cpu::run`] calls it
+    /// with its step's buffers, and it must read and write only those.
+    pub unsafe fn new(program: &Program, kernels: &[KernelFn]) -> Cpu {
         assert_eq!(
             kernels.len(),
             program.kernels.len(),
@@ -127,7 +180,7 @@ impl Cpu {
                     args,
                     label,
                 } => {
-                    let ptrs = args.iter().map(|b| arena.at(b.offset)).collect();
+                    let ptrs = args.iter().map(|b| arena.buffer(b)).collect();
                     steps.push(Ready::Kernel(kernels[*kernel as usize], ptrs));
                     labels.push(label.clone());
                 }
@@ -179,7 +232,8 @@ impl Cpu {
         for (n, step) in self.steps.iter().enumerate() {
             let t0 = self.profile.is_some().then(Instant::now);
             match step {
-                // SAFETY: the kernel takes exactly these buffers, each inside the arena.
+                // SAFETY: each buffer was checked to lie inside the arena in `new`, whose
+                // caller vouched that `f` touches only its step's buffers.
                 Ready::Kernel(f, ptrs) => unsafe { f(ptrs.as_ptr()) },
                 Ready::Gemm {
                     t,
@@ -190,16 +244,13 @@ impl Cpu {
                     out,
                 } => {
                     let arena = &self.arena;
-                    // SAFETY: the plan gives a GEMM's operands and result disjoint buffers
-                    // inside the arena.
+                    // SAFETY: `buffer` checks that each lies inside the arena; the plan gives a
+                    // GEMM's operands and result disjoint buffers.
                     let (sa, sb, so) = unsafe {
                         (
-                            std::slice::from_raw_parts(arena.at(a.offset), a.bytes as usize),
-                            std::slice::from_raw_parts(arena.at(b.offset), b.bytes as usize),
-                            std::slice::from_raw_parts_mut(
-                                arena.at(out.offset),
-                                out.bytes as usize,
-                            ),
+                            std::slice::from_raw_parts(arena.buffer(a), a.bytes as usize),
+                            std::slice::from_raw_parts(arena.buffer(b), b.bytes as usize),
+                            std::slice::from_raw_parts_mut(arena.buffer(out), out.bytes as usize),
                         )
                     };
                     matmul(*t, sa, a_shape, sb, b_shape, so);

@@ -27,7 +27,7 @@ use std::time::Instant;
 use crate::cpu::{Arena, Cpu, KernelFn};
 use crate::mesh::Mesh;
 use crate::program::{Pipeline, Program, Slot};
-use crate::session::{decode, encode};
+use crate::program::{decode, encode};
 use crate::{Backend, RunError};
 
 /// A backend for one pass program (see [`Pipelined::with_backends`]).
@@ -75,27 +75,42 @@ pub struct Pipelined {
 impl Pipelined {
     /// Prepares every pass program of `program` (which must have a pipeline) on the cpu
     /// backend with the kernel entry points `kernels` (in `program.kernels` order).
-    pub fn new(program: &Program, kernels: &[KernelFn]) -> Result<Pipelined, RunError> {
-        Pipelined::on_cpu(program, kernels, None)
+    ///
+    /// # Safety
+    ///
+    /// As for [`Cpu::new`]: `kernels` are the entries memc generated for `program.kernels`.
+    pub unsafe fn new(program: &Program, kernels: &[KernelFn]) -> Result<Pipelined, RunError> {
+        // SAFETY: the caller's contract.
+        unsafe { Pipelined::on_cpu(program, kernels, None) }
     }
 
     /// Prepares this rank's stage of `program` on the cpu backend, exchanging values with
     /// the other ranks through `mesh` (one rank per stage).
-    pub fn with_mesh(
+    ///
+    /// # Safety
+    ///
+    /// As for [`Cpu::new`]: `kernels` are the entries memc generated for `program.kernels`.
+    pub unsafe fn with_mesh(
         program: &Program,
         kernels: &[KernelFn],
         mesh: Mesh,
     ) -> Result<Pipelined, RunError> {
-        Pipelined::on_cpu(program, kernels, Some(mesh))
+        // SAFETY: the caller's contract.
+        unsafe { Pipelined::on_cpu(program, kernels, Some(mesh)) }
     }
 
-    fn on_cpu(
+    /// # Safety
+    ///
+    /// As for [`Cpu::new`].
+    unsafe fn on_cpu(
         program: &Program,
         kernels: &[KernelFn],
         mesh: Option<Mesh>,
     ) -> Result<Pipelined, RunError> {
         let mut make = |_: &str, p: &Program| -> Result<PassBackend, RunError> {
-            Ok(Box::new(Cpu::new(p, kernels)))
+            // SAFETY: every pass's kernels index the step program's table, whose entries the
+            // caller vouched for.
+            Ok(Box::new(unsafe { Cpu::new(p, kernels) }))
         };
         Pipelined::with_backends(program, &mut make, mesh)
     }
@@ -134,9 +149,17 @@ impl Pipelined {
     }
 
     /// [`Pipelined::open`] on the cpu backend's generated kernels.
-    pub fn open_cpu(program: &Program, kernels: &[KernelFn]) -> Result<Pipelined, RunError> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`Cpu::new`]: `kernels` are the entries memc generated for `program.kernels`.
+    pub unsafe fn open_cpu(
+        program: &Program,
+        kernels: &[KernelFn],
+    ) -> Result<Pipelined, RunError> {
         Pipelined::open(program, &mut |_, p: &Program| -> Result<PassBackend, RunError> {
-            Ok(Box::new(Cpu::new(p, kernels)))
+            // SAFETY: the caller's contract, for every pass.
+            Ok(Box::new(unsafe { Cpu::new(p, kernels) }))
         })
     }
 

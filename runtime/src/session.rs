@@ -1,13 +1,13 @@
 //! Running a program: the training loop (one JSON line per step, checkpoints), inference
 //! (`.npy` in, `.npy` out), and the command line of emitted executables
-//! (`OUT train|infer|info`, design.md's CLI contract), entered through [`memc_rt_main`].
+//! (`OUT train|infer|info`, the CLI documented in README.md), entered through [`memc_rt_main`].
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use half::{bf16, f16};
+
 
 use crate::cpu::{Cpu, KernelFn};
 use crate::npy::{self, NpyArray, NpyDtype};
@@ -105,41 +105,8 @@ impl Batches {
     }
 }
 
-/// `values` as little-endian elements of `dtype` (rounded to nearest).
-pub fn encode(dtype: Dtype, values: &[f64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size());
-    for &v in values {
-        match dtype {
-            Dtype::F32 => out.extend((v as f32).to_le_bytes()),
-            Dtype::F64 => out.extend(v.to_le_bytes()),
-            Dtype::F16 => out.extend(f16::from_f64(v).to_le_bytes()),
-            Dtype::Bf16 => out.extend(bf16::from_f64(v).to_le_bytes()),
-            Dtype::I64 => out.extend((v as i64).to_le_bytes()),
-            Dtype::I32 => out.extend((v as i32).to_le_bytes()),
-            Dtype::I16 => out.extend((v as i16).to_le_bytes()),
-            Dtype::Bool => out.push((v != 0.0) as u8),
-        }
-    }
-    out
-}
+pub use crate::program::{decode, encode};
 
-/// Little-endian elements of `dtype` as f64.
-pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
-    let c = dtype.size();
-    bytes
-        .chunks_exact(c)
-        .map(|b| match dtype {
-            Dtype::F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
-            Dtype::F64 => f64::from_le_bytes(b.try_into().unwrap()),
-            Dtype::F16 => f16::from_le_bytes(b.try_into().unwrap()).to_f64(),
-            Dtype::Bf16 => bf16::from_le_bytes(b.try_into().unwrap()).to_f64(),
-            Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f64,
-            Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f64,
-            Dtype::I16 => i16::from_le_bytes(b.try_into().unwrap()) as f64,
-            Dtype::Bool => (b[0] != 0) as u8 as f64,
-        })
-        .collect()
-}
 
 /// Run-time settings of a training run.
 #[derive(Debug, Clone)]
@@ -679,18 +646,25 @@ fn inputs(cmd: &Cmd) -> Result<Vec<(String, PathBuf)>, RunError> {
     Ok(inputs)
 }
 
-/// The backend `--backend` names (cpu by default).
-fn open_backend(
-    cmd: &Cmd,
+/// Opens `program` on the backend named `name` (`cpu` or `cuda`) with the generated
+/// kernels' entry points: a pipelined program on the pipelined executor (one process per
+/// stage when launched with torchrun's environment), any other on one arena.
+///
+/// # Safety
+///
+/// As for [`Cpu::new`]: `kernels` are the entries memc generated for `program.kernels`.
+pub unsafe fn open_backend(
+    name: &str,
     program: &Program,
     kernels: &[KernelFn],
 ) -> Result<Box<dyn Backend>, RunError> {
-    match cmd.get("--backend").unwrap_or("cpu") {
+    match name {
         // One process per stage when launched with torchrun's environment.
-        "cpu" if program.pipeline.is_some() => Ok(Box::new(
-            crate::pipeline::Pipelined::open_cpu(program, kernels)?,
-        )),
-        "cpu" => Ok(Box::new(Cpu::new(program, kernels))),
+        // SAFETY (both cpu arms): the caller's contract.
+        "cpu" if program.pipeline.is_some() => Ok(Box::new(unsafe {
+            crate::pipeline::Pipelined::open_cpu(program, kernels)?
+        })),
+        "cpu" => Ok(Box::new(unsafe { Cpu::new(program, kernels) })),
         "cuda" if program.pipeline.is_some() => Err(RunError::Usage(format!(
             "{}: pipelined steps run on the cpu backend for now (--backend cpu)",
             program.model
@@ -745,7 +719,10 @@ pub fn run_cli(
             PathBuf::from(p)
         }
     };
-    let mut backend = open_backend(&cmd, &program, kernels)?;
+    // SAFETY: `kernels` is the executable's kernel table, emitted with this program in its
+    // kernel order (see the caller's contract).
+    let mut backend =
+        unsafe { open_backend(cmd.get("--backend").unwrap_or("cpu"), &program, kernels)? };
     let cpu = backend.as_mut();
     match cmd.number::<u64>("--random-weights")? {
         Some(seed) => random_weights(&program, cpu, seed)?,

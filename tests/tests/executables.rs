@@ -9,6 +9,10 @@ use std::process::{Command, Output};
 use memc::train::{DtypeArg, OptimizerArg, RematArg, TrainProgramArgs};
 use memc_tests::{examples, max_rel, reference_losses, train_args, Example};
 
+#[path = "../support/ranks.rs"]
+mod ranks;
+use ranks::{as_rank, free_ports};
+
 /// `target/<profile>/`, where cargo puts `memc` and `libmemc_runtime.a`.
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -651,33 +655,6 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
     }
 }
 
-/// `cmd` started as rank `rank` of `world` with torchrun's environment on the loopback, its
-/// output captured.
-fn as_rank(cmd: &mut Command, rank: usize, world: usize, port: u16) -> std::process::Child {
-    cmd.env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// A base port whose next `n` ports are free on the loopback interface.
-fn free_ports(n: u16) -> u16 {
-    for _ in 0..50 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = l.local_addr().unwrap().port();
-        drop(l);
-        if base as u32 + n as u32 + 1 < 65535
-            && (1..=n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no free ports");
-}
 
 #[test]
 fn pipelined_executables_run_one_process_per_stage() {

@@ -15,8 +15,8 @@
 
 use std::path::{Path, PathBuf};
 
-use memc_passes::manager::{parse_pipeline, PassManager};
-use memc_passes::table::PASSES;
+use memc_passes::manager::PassManager;
+use memc_passes::table::{parse_pipeline, PASSES};
 
 /// The pipeline of a case's `// RUN:` line(s) and its expected error, if any.
 fn header(path: &Path, text: &str) -> (String, Option<String>) {

@@ -341,7 +341,8 @@ fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
         assert_eq!(host.program.arena_bytes, p.peak_bytes);
         let bytes = host
             .with_kernels(|k| {
-                memc_runtime::cpu::Cpu::new(&host.program, k)
+                // SAFETY: `k` are the JIT entries of this program's kernels.
+                unsafe { memc_runtime::cpu::Cpu::new(&host.program, k) }
                     .arena()
                     .bytes()
             })
