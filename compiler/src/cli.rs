@@ -240,7 +240,7 @@ struct ScheduleArgs {
 
 fn schedule(args: ScheduleArgs) -> Result<()> {
     use memc_passes::pipeline::{self, Costs, ScheduleKind};
-    let kind = ScheduleKind::parse_named(&args.schedule).map_err(|e| anyhow!(e))?;
+    let kind = ScheduleKind::parse_named(&args.schedule).map_err(|e| anyhow!("--schedule {e}"))?;
     if args.costs.len() != 4
         || args.costs.iter().any(|c| !(c.is_finite() && *c >= 0.0))
         || args.costs[..3].iter().any(|&c| c <= 0.0)
@@ -256,7 +256,8 @@ fn schedule(args: ScheduleArgs) -> Result<()> {
         w: args.costs[2],
         comm: args.costs[3],
     };
-    let s = pipeline::generate(kind, args.stages, args.microbatches).map_err(|e| anyhow!("{e}"))?;
+    let s = pipeline::generate(kind, args.stages, args.microbatches)
+        .map_err(|e| anyhow!("--stages {}, --microbatches {}: {e}", args.stages, args.microbatches))?;
     let sim = pipeline::simulate(&s, &costs).map_err(|e| anyhow!("{e}"))?;
     if let Some(path) = &args.svg {
         write_file(path, &pipeline::svg(&s, &sim))?;
@@ -392,7 +393,7 @@ fn import(
         let k = parse_moc_k(text)?;
         let stats = pm
             .run(&mut g, "moc", format!("moc{{k={text}}}"), |g| {
-                memc_passes::moc::apply_moc(g, k).map_err(|e| anyhow!("{name}: {e}"))
+                memc_passes::moc::apply_moc(g, k).map_err(|e| anyhow!("{name}: --moc-k: {e}"))
             })?;
         if stats.rewritten == 0 {
             eprintln!(

@@ -35,8 +35,20 @@ impl PipelineArgs {
         if p == 0 {
             bail!("--pipeline-stages must be at least 1");
         }
-        let kind = ScheduleKind::parse_named(&self.schedule).map_err(|e| anyhow!(e))?;
+        let kind = ScheduleKind::parse_named(&self.schedule).map_err(|e| anyhow!("--schedule {e}"))?;
         Ok(Some((kind, p * kind.chunks_per_device())))
+    }
+}
+
+/// A partition error in terms of the CLI's flags.
+pub fn partition_error(e: &memc_passes::partition::PartitionError) -> anyhow::Error {
+    use memc_passes::partition::PartitionError;
+    match e {
+        PartitionError::Reversible => anyhow!(
+            "--pipeline-stages: reversible layers (--reversible) are not split into pipeline stages yet; compile without --reversible"
+        ),
+        PartitionError::TooManyChunks { .. } => anyhow!("--pipeline-stages: {e}; use fewer stages"),
+        PartitionError::NoLayers => anyhow!("--pipeline-stages: {e}"),
     }
 }
 
@@ -140,8 +152,7 @@ pub fn pipelined_program(
     stages: usize,
 ) -> Result<(memc_ir::Graph, Partition)> {
     let chunks = stages * kind.chunks_per_device();
-    let part = memc_passes::partition::partition(&g, chunks)
-        .map_err(|e| anyhow!("--pipeline-stages: {e}"))?;
+    let part = memc_passes::partition::partition(&g, chunks).map_err(|e| partition_error(&e))?;
     memc_passes::stages::tag_chunks(&mut g, &part);
     let mut a = args.clone();
     a.remat = crate::train::RematArg::None;

@@ -94,7 +94,7 @@ pub fn apply(
     }
     text += "}";
     let stats = pm.run(g, "reversible", text, |g| {
-        apply_reversible(g, &opts).map_err(|e| anyhow!("{model}: {e}"))
+        apply_reversible(g, &opts).map_err(|e| anyhow!("{model}: {}", rev_error(&e)))
     })?;
     let start_deviation = start_deviation(&original, g)?;
     let report = RevReport {
@@ -105,6 +105,21 @@ pub fn apply(
     };
     eprintln!("reversible: {}", report.line());
     Ok(Some(report))
+}
+
+/// A reversible-layers error in terms of the CLI's flags.
+fn rev_error(e: &memc_passes::reversible::RevError) -> String {
+    use memc_passes::reversible::RevError;
+    match e {
+        RevError::NoLayers(_) => format!("--reversible: {e} (do not pass --no-canonicalize)"),
+        RevError::TooManyLayers { asked, layers } => {
+            format!("--rev-layers {asked} is outside 1..={layers} (the model has {layers} layers)")
+        }
+        RevError::BadRank { rank, d } => {
+            format!("--adapter-rank {rank} is outside 1..={d} (the model width)")
+        }
+        e => e.to_string(),
+    }
 }
 
 impl RevReport {

@@ -233,9 +233,25 @@ pub fn build_managed(
         TrainError::BadTrainable(re, msg) => {
             anyhow!("--trainable `{re}` is not a regular expression: {msg}")
         }
-        TrainError::Partition(msg) => anyhow!("--pipeline-stages: {msg}"),
+        TrainError::Partition(p) => crate::pipe::partition_error(&p),
+        TrainError::Remat(r) => remat_error(&r),
         e => anyhow!(e),
     })
+}
+
+/// A rematerialisation error in terms of the CLI's flags.
+pub fn remat_error(e: &memc_passes::remat::RematError) -> anyhow::Error {
+    use memc_passes::remat::RematError;
+    match e {
+        RematError::Infeasible { min, .. } => anyhow!("{e}; pass --activation-budget {min} or more"),
+        RematError::NoLayers => anyhow!(
+            "{e}: --remat full and --activation-budget have nothing to checkpoint; use --remat auto, or compile without --no-canonicalize"
+        ),
+        RematError::AllReversible => anyhow!(
+            "{e}: drop --remat full and --activation-budget, or make only the first layers reversible with --rev-layers N"
+        ),
+        e => anyhow!("{e}"),
+    }
 }
 
 /// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling (the

@@ -62,7 +62,7 @@ pub fn apply_moc(g: &mut Graph, k: MocK) -> Result<MocStats, String> {
                 };
                 if keep == 0 || keep > f {
                     return Err(format!(
-                        "--moc-k {keep} is outside 1..={f} (d_ffn of node `{}`)",
+                        "keeping {keep} channels is outside 1..={f} (d_ffn of node `{}`)",
                         g.node(n).name
                     ));
                 }

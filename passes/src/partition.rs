@@ -46,21 +46,40 @@ pub struct Partition {
     pub node_chunk: Vec<Option<usize>>,
 }
 
+/// Why a program cannot be partitioned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PartitionError {
+    /// The program has reversible couplings.
+    #[error("reversible layers are not split into pipeline stages yet")]
+    Reversible,
+    /// No layers were recognised.
+    #[error("no transformer layers were recognised (no `residual` around an `attention`), so there is nothing to split into pipeline stages")]
+    NoLayers,
+    /// More chunks than layers.
+    #[error("cannot split {layers} layers into {chunks} pipeline chunks (a chunk needs at least one layer)")]
+    TooManyChunks {
+        /// Layers found.
+        layers: usize,
+        /// Chunks asked for.
+        chunks: usize,
+    },
+}
+
 /// Splits `g` (a training program whose `residual` nodes are not lowered yet) into `chunks`
 /// contiguous chunks of layers (see the module docs).
-pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, String> {
+pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, PartitionError> {
     if g.nodes().iter().any(|n| n.op == memc_ir::Op::RevCouple) {
-        return Err("reversible layers (--reversible) are not split into pipeline stages yet; compile without --reversible".into());
+        return Err(PartitionError::Reversible);
     }
     let layers = crate::remat::layers(g);
     if layers.is_empty() {
-        return Err("no transformer layers were recognised (no `residual` around an `attention`), so there is nothing to split into pipeline stages".into());
+        return Err(PartitionError::NoLayers);
     }
     if chunks == 0 || chunks > layers.len() {
-        return Err(format!(
-            "cannot split {} layers into {chunks} pipeline chunks (a chunk needs at least one layer; use fewer stages)",
-            layers.len()
-        ));
+        return Err(PartitionError::TooManyChunks {
+            layers: layers.len(),
+            chunks,
+        });
     }
     let forward = |n: NodeId| g.node(n).phase == Phase::Forward;
     // Which layer each forward value belongs to: a layer's body and its output; before the

@@ -83,7 +83,7 @@ impl ScheduleKind {
         ScheduleKind::parse(name).ok_or_else(|| {
             let names: Vec<&str> = ScheduleKind::ALL.iter().map(|k| k.name()).collect();
             format!(
-                "--schedule `{name}` is not a schedule ({})",
+                "`{name}` is not a schedule ({})",
                 names.join(", ")
             )
         })
@@ -293,7 +293,7 @@ pub fn generate(
     microbatches: usize,
 ) -> Result<Schedule, String> {
     if stages == 0 || microbatches == 0 {
-        return Err("--stages and --microbatches must be at least 1".into());
+        return Err("the stage and microbatch counts must be at least 1".into());
     }
     let mut s = Schedule {
         kind,

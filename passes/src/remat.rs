@@ -124,8 +124,7 @@ pub enum RematError {
     /// The budget is below what must be kept.
     #[error(
         "the activation budget of {budget} bytes is below the smallest feasible one, {min} bytes \
-         (each layer's input and the minimum cut's choice outside the layers are kept); pass \
-         --activation-budget {min} or more"
+         (each layer's input and the minimum cut's choice outside the layers are kept)"
     )]
     Infeasible {
         /// The budget asked for.
@@ -135,16 +134,14 @@ pub enum RematError {
     },
     /// The graph has no layers to checkpoint.
     #[error(
-        "no transformer layers were recognised (no `residual` around an `attention`), so \
-         --remat full and --activation-budget have nothing to checkpoint; use --remat auto, or \
-         compile without --no-canonicalize"
+        "no transformer layers were recognised (no `residual` around an `attention`), so there \
+         is no layer to checkpoint"
     )]
     NoLayers,
     /// Every layer is reversible: its backward pass reconstructs instead of keeping.
     #[error(
-        "every layer is reversible (--reversible), so no layer is left for --remat full or \
-         --activation-budget to checkpoint; drop them, or make only the first layers reversible \
-         with --rev-layers N"
+        "every layer is reversible, so no layer is left to checkpoint (reversible layers \
+         reconstruct their activations instead)"
     )]
     AllReversible,
     /// The solver failed.

@@ -102,10 +102,10 @@ pub struct RevStats {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RevError {
     /// No residual layers were recognised.
-    #[error("--reversible: {0}; reversible layers need the residual blocks the canonicalisation recognises (do not pass --no-canonicalize)")]
+    #[error("{0}; reversible layers need the residual blocks the canonicalisation recognises")]
     NoLayers(String),
     /// `--rev-layers` is out of range.
-    #[error("--rev-layers {asked} is outside 1..={layers} (the model has {layers} layers)")]
+    #[error("{asked} reversible layers is outside 1..={layers} (the model has {layers} layers)")]
     TooManyLayers {
         /// Requested.
         asked: usize,
@@ -113,7 +113,7 @@ pub enum RevError {
         layers: usize,
     },
     /// `--adapter-rank` is out of range.
-    #[error("--adapter-rank {rank} is outside 1..={d} (the model width)")]
+    #[error("an adapter rank of {rank} is outside 1..={d} (the model width)")]
     BadRank {
         /// Requested.
         rank: usize,

@@ -234,7 +234,7 @@ pub enum TrainError {
     Remat(#[from] RematError),
     /// The layers cannot be split into the pipeline chunks asked for.
     #[error("pipeline partition: {0}")]
-    Partition(String),
+    Partition(crate::partition::PartitionError),
     /// The pass manager stopped (a dump could not be written, or a pass broke the graph).
     #[error(transparent)]
     Pass(#[from] crate::manager::PassError),

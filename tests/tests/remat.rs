@@ -63,7 +63,7 @@ fn one_layer_min_cut_is_near_the_exact_optimum_and_budgets_trade_memory_for_flop
     // Below it: an error naming the smallest feasible budget.
     let err = cost(&g, Some(Policy::Budget(Budget::Bytes(floor - 1)))).unwrap_err();
     assert!(
-        err.contains(&format!("--activation-budget {floor} or more")),
+        err.contains(&format!("the smallest feasible one, {floor} bytes")),
         "{err}"
     );
 }
