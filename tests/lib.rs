@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use memc_ir::Tensor;
 
+pub use memc_passes::remat::{Budget, Policy};
+pub use memc_passes::train::{Optimizer, RevBackward, TrainOptions, Trainable};
+
 /// The repository root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -69,14 +72,14 @@ impl Example {
     /// inputs.
     pub fn import(&self) -> (memc_ir::Graph, HashMap<String, Tensor>) {
         let inputs = self.inputs();
-        let opts = memc::onnx::ImportOptions {
+        let opts = memc_onnx::ImportOptions {
             shapes: inputs
                 .iter()
                 .map(|(k, t)| (k.clone(), t.shape().to_vec()))
                 .collect(),
         };
         let g =
-            memc::onnx::import(&self.path, &opts).unwrap_or_else(|e| panic!("{}: {e}", self.name));
+            memc_onnx::import(&self.path, &opts).unwrap_or_else(|e| panic!("{}: {e}", self.name));
         (g, inputs)
     }
 
@@ -101,28 +104,36 @@ pub fn rel_error(got: &Tensor, want: &Tensor) -> f64 {
 
 /// Training options as the CLI's defaults, with these choices.
 pub fn train_args(
-    optimizer: memc::train::OptimizerArg,
-    momentum: f64,
+    optimizer: Optimizer,
     clip: Option<f64>,
-    remat: memc::train::RematArg,
-) -> memc::train::TrainProgramArgs {
-    memc::train::TrainProgramArgs {
-        loss: memc::train::LossArg::NextTokenCe,
+    remat: Option<Policy>,
+) -> TrainOptions {
+    TrainOptions {
         optimizer,
-        momentum,
-        betas: vec![0.9, 0.999],
-        eps: 1e-8,
-        trainable: None,
         clip_grad_norm: clip,
         remat,
-        dtype: memc::train::DtypeArg::F32,
-        activation_budget: None,
-        no_fused_loss: false,
-        rev_check: false,
-        rev_check_threshold: None,
-        rev_store: false,
+        ..TrainOptions::default()
     }
 }
+
+/// `torch.optim.SGD` with this momentum.
+pub fn sgd(momentum: f64) -> Optimizer {
+    Optimizer::Sgd { momentum }
+}
+
+/// `torch.optim.AdamW` with PyTorch's defaults.
+pub fn adamw() -> Optimizer {
+    Optimizer::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+    }
+}
+
+/// The minimum-cut rematerialisation (the driver's default).
+pub const AUTO: Option<Policy> = Some(Policy::MinCut);
+/// Per-layer checkpointing.
+pub const FULL: Option<Policy> = Some(Policy::Full);
 
 /// PyTorch's training fixture of the example (`examples/train_fixtures.py`).
 pub fn train_reference(ex: &Example) -> serde_json::Value {
@@ -133,7 +144,7 @@ pub fn train_reference(ex: &Example) -> serde_json::Value {
 /// The example's training program (imported with its inputs' shapes, canonicalized) and one batch of its inputs.
 pub fn training_program(
     ex: &Example,
-    a: &memc::train::TrainProgramArgs,
+    a: &TrainOptions,
 ) -> (memc_ir::Graph, HashMap<String, memc_ir::Tensor>) {
     let (mut g, inputs) = ex.import();
     // As the driver does by default: rms_norm, layer_norm and attention recognised.
@@ -146,7 +157,7 @@ pub fn training_program(
 /// Runs `steps` steps on the reference backend (the interpreter), on the example's fixed batch (all its inputs) and returns the losses.
 pub fn reference_losses(
     ex: &Example,
-    a: &memc::train::TrainProgramArgs,
+    a: &TrainOptions,
     lr: f64,
     wd: f64,
     steps: usize,
@@ -183,34 +194,22 @@ pub fn build_adamw(
     g: &mut memc_ir::Graph,
     remat: Option<memc_passes::remat::Policy>,
 ) -> Result<memc_passes::train::TrainStats, String> {
-    use memc_passes::train::{build_training, Loss, Optimizer, TrainOptions, Trainable};
     let opts = TrainOptions {
-        loss: Loss::NextTokenCe,
-        optimizer: Optimizer::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        },
-        clip_grad_norm: None,
         trainable: Trainable::All,
         remat,
-        fused_loss: true,
-        compute_dtype: memc_ir::DType::F32,
-        rev_backward: memc_passes::train::RevBackward::Reconstruct { check: false },
-        pipeline_chunks: None,
-        grad_outputs: false,
+        ..train_args(adamw(), None, None)
     };
-    build_training(g, &opts).map_err(|e| e.to_string())
+    memc_passes::train::build_training(g, &opts).map_err(|e| e.to_string())
 }
 
 /// The model at `path` with `input_ids` bound to `dims`, imported and canonicalized as the
 /// driver does.
 pub fn canonical_model(path: &Path, dims: &[usize]) -> memc_ir::Graph {
-    let opts = memc::onnx::ImportOptions {
+    let opts = memc_onnx::ImportOptions {
         shapes: HashMap::from([("input_ids".to_string(), dims.to_vec())]),
     };
     let mut g =
-        memc::onnx::import(path, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        memc_onnx::import(path, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     memc_passes::canonicalize::canonicalize(&mut g, &Default::default())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     g

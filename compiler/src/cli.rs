@@ -488,13 +488,17 @@ fn compile(args: CompileArgs) -> Result<()> {
     if pipe.is_some() && !args.train {
         bail!("--pipeline-stages splits a training step: add --train");
     }
+    let mut train_opts = None;
     if args.train {
+        let opts = memc_passes::train::TrainOptions {
+            pipeline_chunks: pipe.map(|(_, c)| c),
+            ..crate::train::options_for(&g, &args.training)?
+        };
         let stats = timer
-            .time("train", || {
-                crate::train::build_managed(&mut g, &args.training, pipe.map(|(_, c)| c), false, &mut pm)
-            })
+            .time("train", || crate::train::build_managed(&mut g, &opts, &mut pm))
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
         train_stats = Some(stats);
+        train_opts = Some(opts);
     }
     let pipeline_plan = match (
         pipe,
@@ -511,7 +515,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     if let (Some(r), Some(m)) = (rev.as_mut(), &rev_model) {
         timer
             .time("baselines", || {
-                r.measure_baselines(m, &args.training, plan.saved_activation_bytes)
+                r.measure_baselines(m, train_opts.as_ref().expect("a training build"), plan.saved_activation_bytes)
             })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
     }
@@ -540,7 +544,7 @@ fn compile(args: CompileArgs) -> Result<()> {
                     &g,
                     out,
                     &model,
-                    args.train.then_some(&args.training),
+                    train_opts.as_ref(),
                     (args.target != TargetArg::Cpu).then_some(args.sm),
                 )
             })
@@ -668,7 +672,7 @@ fn emit_executable(
     g: &Graph,
     out: &Path,
     model: &str,
-    training: Option<&crate::train::TrainProgramArgs>,
+    training: Option<&memc_passes::train::TrainOptions>,
     sm: Option<u32>,
 ) -> Result<()> {
     let t0 = Instant::now();
@@ -720,13 +724,14 @@ fn emit_pipelined(
         phases: vec![],
     };
     let (g, _) = import(&args.model, shapes, &mut timer, &mut PassManager::new().timed(args.model.time_passes))?;
-    let (program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
+    let opts = crate::train::options_for(&g, &args.training)?;
+    let (program, _) = crate::pipe::pipelined_program(g, &opts, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
     let (host, _) = crate::pipe::lower_pipeline(
         &program,
         &schedule,
-        &args.training,
+        &opts,
         rows,
         model,
         crate::pipe::PassTarget::Cpu,
@@ -984,12 +989,11 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         return train_pipelined(&args, kind, shapes, &mut data, &mut timer, &model);
     }
     let (mut g, _) = import(&args.model, shapes, &mut timer, &mut PassManager::new().timed(args.model.time_passes))?;
+    let opts = crate::train::options_for(&g, &args.training)?;
     timer
-        .time("train", || crate::train::build(&mut g, &args.training))
+        .time("train", || crate::train::build(&mut g, &opts))
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
-    let weight_decay = args
-        .weight_decay
-        .unwrap_or(crate::train::default_weight_decay(args.training.optimizer));
+    let weight_decay = args.weight_decay.unwrap_or(opts.default_weight_decay());
     if let Some(vocab) = g.inputs().iter().find_map(|&v| match &g.value(v).def {
         ValueDef::Input { name } if !name.starts_with("memc.") => {
             crate::train::vocab_size(&g, name)
@@ -998,7 +1002,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
     }) {
         data.check_vocab(vocab, &args.data.display().to_string())?;
     }
-    let opts = crate::train::LoopOptions {
+    let loop_opts = crate::train::LoopOptions {
         steps: args.steps,
         lr: args.lr,
         weight_decay,
@@ -1009,7 +1013,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         _ => crate::train::run_reference,
     };
     let data_path = args.data.display().to_string();
-    run(&mut g, &args.training, &mut data, &data_path, &opts, &model)?;
+    run(&mut g, &opts, &mut data, &data_path, &loop_opts, &model)?;
     Ok(())
 }
 
@@ -1074,7 +1078,8 @@ fn train_pipelined(
         timer,
         &mut PassManager::new().timed(args.model.time_passes),
     )?;
-    let (mut program, _) = crate::pipe::pipelined_program(g, &args.training, kind, stages)
+    let opts = crate::train::options_for(&g, &args.training)?;
+    let (mut program, _) = crate::pipe::pipelined_program(g, &opts, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
     let ((data_name, _), others) = crate::train::token_input(&program, model)?;
@@ -1087,15 +1092,15 @@ fn train_pipelined(
     if let Some(vocab) = crate::train::vocab_size(&program, &data_name) {
         data.check_vocab(vocab, &args.data.display().to_string())?;
     }
-    let wd = args
-        .weight_decay
-        .unwrap_or(crate::train::default_weight_decay(args.training.optimizer));
-    train_pipelined_on(args, &mut program, &schedule, rows, wd, data, model)
+    let wd = args.weight_decay.unwrap_or(opts.default_weight_decay());
+    train_pipelined_on(args, &opts, &mut program, &schedule, rows, wd, data, model)
 }
 
 /// Lowers the pipelined step for `--backend` and trains it with the runtime's loop.
+#[allow(clippy::too_many_arguments)]
 fn train_pipelined_on(
     args: &TrainCmdArgs,
+    opts: &memc_passes::train::TrainOptions,
     program: &mut Graph,
     schedule: &memc_passes::pipeline::Schedule,
     rows: usize,
@@ -1110,7 +1115,7 @@ fn train_pipelined_on(
     };
     let t0 = Instant::now();
     let (host, graphs) =
-        crate::pipe::lower_pipeline(program, schedule, &args.training, rows, model, target)?;
+        crate::pipe::lower_pipeline(program, schedule, opts, rows, model, target)?;
     if target == PassTarget::Cpu {
         let pl = host.program.pipeline.as_ref().expect("a pipeline");
         eprintln!(

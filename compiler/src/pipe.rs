@@ -147,20 +147,21 @@ impl PlanReport for PipelinePlan {
 /// `grad:<name>` outputs.
 pub fn pipelined_program(
     mut g: memc_ir::Graph,
-    args: &crate::train::TrainProgramArgs,
+    opts: &memc_passes::train::TrainOptions,
     kind: ScheduleKind,
     stages: usize,
 ) -> Result<(memc_ir::Graph, Partition)> {
     let chunks = stages * kind.chunks_per_device();
     let part = memc_passes::partition::partition(&g, chunks).map_err(|e| partition_error(&e))?;
     memc_passes::stages::tag_chunks(&mut g, &part);
-    let mut a = args.clone();
-    a.remat = crate::train::RematArg::None;
-    a.activation_budget = None;
-    if a.clip_grad_norm.is_some() {
+    if opts.clip_grad_norm.is_some() {
         bail!("--clip-grad-norm is not supported in a pipelined step yet");
     }
-    crate::train::build_with(&mut g, &a, None, true)?;
+    let opts = memc_passes::train::TrainOptions {
+        remat: None,
+        ..opts.clone()
+    };
+    crate::train::build_with(&mut g, &opts, None, true)?;
     Ok((g, part))
 }
 
@@ -180,7 +181,7 @@ pub enum PassTarget {
 pub fn lower_pipeline(
     g: &memc_ir::Graph,
     schedule: &pipeline::Schedule,
-    args: &crate::train::TrainProgramArgs,
+    opts: &memc_passes::train::TrainOptions,
     rows: usize,
     model: &str,
     target: PassTarget,
@@ -189,7 +190,7 @@ pub fn lower_pipeline(
     Vec<memc_codegen::pipeline::PassGraph>,
 )> {
     let stages = memc_passes::stages::split(g, schedule);
-    let training = crate::train::training_info(g, args, model)?;
+    let training = crate::train::training_info(g, opts, model)?;
     let mut lower_pass = |sub: &memc_ir::Graph| match target {
         PassTarget::Cpu => memc_codegen::host::lower(sub, model),
         PassTarget::Reference => memc_codegen::host::interface(sub, model),

@@ -148,20 +148,23 @@ impl RevReport {
     pub fn measure_baselines(
         &mut self,
         rev: &Graph,
-        args: &crate::train::TrainProgramArgs,
+        opts: &memc_passes::train::TrainOptions,
         reconstruct_bytes: u64,
     ) -> Result<()> {
-        let saved = |mut g: Graph, a: &crate::train::TrainProgramArgs| -> Result<u64> {
+        use memc_passes::train::{RevBackward, TrainOptions, Trainable};
+        let saved = |mut g: Graph, a: &TrainOptions| -> Result<u64> {
             crate::train::build(&mut g, a)?;
             Ok(memc_passes::plan::plan(&g).saved_activation_bytes)
         };
-        let mut stored = args.clone();
-        stored.rev_store = true;
-        stored.rev_check = false;
-        let mut full = args.clone();
-        full.trainable = Some("all".into());
-        full.rev_store = false;
-        full.rev_check = false;
+        let stored = TrainOptions {
+            rev_backward: RevBackward::Store,
+            ..opts.clone()
+        };
+        let full = TrainOptions {
+            trainable: Trainable::All,
+            rev_backward: RevBackward::Reconstruct { check: false },
+            ..opts.clone()
+        };
         self.saved_bytes = Some((
             reconstruct_bytes,
             saved(rev.clone(), &stored)?,

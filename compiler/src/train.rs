@@ -180,36 +180,13 @@ pub fn train_options(
         },
         pipeline_chunks: chunks,
         grad_outputs,
+        rev_check_threshold: args.rev_check_threshold,
     })
 }
 
-/// Builds the training step into `g` (which holds the forward graph).
-pub fn build(g: &mut Graph, args: &TrainProgramArgs) -> Result<TrainStats> {
-    build_with(g, args, None, false)
-}
-
-/// [`build_managed`] with a manager that only verifies.
-pub fn build_with(
-    g: &mut Graph,
-    args: &TrainProgramArgs,
-    chunks: Option<usize>,
-    grad_outputs: bool,
-) -> Result<TrainStats> {
-    build_managed(g, args, chunks, grad_outputs, &mut PassManager::new())
-}
-
-/// [`build`], also splitting the layers into `chunks` pipeline chunks
-/// ([`memc_passes::partition`]) and, with `grad_outputs`, outputting every trained weight's
-/// gradient as `grad:<name>` (the pipelined runner's program, [`crate::pipe`]); the passes run
-/// through `pm` (dumps, timing).
-pub fn build_managed(
-    g: &mut Graph,
-    args: &TrainProgramArgs,
-    chunks: Option<usize>,
-    grad_outputs: bool,
-    pm: &mut PassManager,
-) -> Result<TrainStats> {
-    let opts = train_options(args, chunks, grad_outputs)?;
+/// The CLI's training options for the library ([`train_options`]), checked against the graph:
+/// the reversible-layer flags need reversible layers.
+pub fn options_for(g: &Graph, args: &TrainProgramArgs) -> Result<TrainOptions> {
     let reversible = g.nodes().iter().any(|n| n.op == memc_ir::Op::RevCouple);
     if !reversible && (args.rev_check || args.rev_store) {
         bail!(
@@ -224,7 +201,34 @@ pub fn build_managed(
     if args.rev_check && args.rev_store {
         bail!("--rev-check measures the reconstruction, which --rev-store turns off");
     }
-    train::build_training_with(g, &opts, pm).map_err(|e| match e {
+    train_options(args, None, false)
+}
+
+/// Builds the training step into `g` (which holds the forward graph).
+pub fn build(g: &mut Graph, opts: &TrainOptions) -> Result<TrainStats> {
+    build_managed(g, opts, &mut PassManager::new())
+}
+
+/// [`build`], also splitting the layers into `chunks` pipeline chunks
+/// ([`memc_passes::partition`]) and, with `grad_outputs`, outputting every trained weight's
+/// gradient as `grad:<name>` (the pipelined runner's program, [`crate::pipe`]).
+pub fn build_with(
+    g: &mut Graph,
+    opts: &TrainOptions,
+    chunks: Option<usize>,
+    grad_outputs: bool,
+) -> Result<TrainStats> {
+    let opts = TrainOptions {
+        pipeline_chunks: chunks,
+        grad_outputs,
+        ..opts.clone()
+    };
+    build_managed(g, &opts, &mut PassManager::new())
+}
+
+/// [`build`] through `pm` (dumps, timing); errors in terms of the CLI's flags.
+pub fn build_managed(g: &mut Graph, opts: &TrainOptions, pm: &mut PassManager) -> Result<TrainStats> {
+    train::build_training_with(g, opts, pm).map_err(|e| match e {
         TrainError::NoLogits(_) => anyhow!("--loss next-token-ce: {e}"),
         TrainError::NothingTrainable(_) => anyhow!("--trainable: {e}"),
         TrainError::NoAdapters => {
@@ -347,7 +351,7 @@ pub fn vocab_size(g: &Graph, ids: &str) -> Option<usize> {
 /// back into `g` at the end.
 pub fn run_reference(
     g: &mut Graph,
-    args: &TrainProgramArgs,
+    args: &TrainOptions,
     data: &mut Batches,
     data_path: &str,
     opts: &LoopOptions,
@@ -370,11 +374,12 @@ pub enum Exec<'a> {
     Passes(&'a [memc_codegen::pipeline::PassGraph]),
 }
 
-/// What the runtime needs to train `g` (a training program): its token input, loss output,
-/// vocabulary, `memc.*` scalar inputs and the optimizer's default weight decay.
+/// What the runtime needs to train `g` (a training program built with `opts`): its token
+/// input, loss output, vocabulary, `memc.*` scalar inputs, the optimizer's default weight
+/// decay and the drift check.
 pub fn training_info(
     g: &Graph,
-    args: &TrainProgramArgs,
+    opts: &TrainOptions,
     model: &str,
 ) -> Result<memc_runtime::program::Training> {
     let ((data_input, _), _) = token_input(g, model)?;
@@ -395,44 +400,29 @@ pub fn training_info(
         lr_input: has(train::LR_INPUT),
         weight_decay_input: has(train::WEIGHT_DECAY_INPUT),
         step_input: has(train::STEP_INPUT),
-        optimizer: match args.optimizer {
-            OptimizerArg::Sgd => "sgd",
-            OptimizerArg::Adamw => "adamw",
+        optimizer: match opts.optimizer {
+            Optimizer::Sgd { .. } => "sgd",
+            Optimizer::AdamW { .. } => "adamw",
         }
         .to_string(),
-        default_weight_decay: default_weight_decay(args.optimizer),
+        default_weight_decay: opts.default_weight_decay(),
         drift_outputs: g
             .outputs()
             .iter()
             .filter(|(n, _)| n.starts_with(memc_passes::reconstruct::DRIFT_OUTPUT))
             .map(|(n, _)| n.clone())
             .collect(),
-        drift_threshold: args.rev_check.then(|| {
-            memc_passes::reconstruct::drift_threshold(
-                args.rev_check_threshold,
-                match args.dtype {
-                    DtypeArg::F32 => DType::F32,
-                    DtypeArg::Bf16 => DType::BF16,
-                },
-            )
-        }),
+        drift_threshold: opts.drift_threshold(),
     })
 }
 
-/// PyTorch's default weight decay: 0.01 for AdamW, 0 for SGD.
-pub fn default_weight_decay(o: OptimizerArg) -> f64 {
-    match o {
-        OptimizerArg::Adamw => 0.01,
-        OptimizerArg::Sgd => 0.0,
-    }
-}
 
 /// The cpu backend's program ([`memc_codegen::host::lower`]); with `training`, the
 /// runtime's training description is filled in.
 pub fn host_program(
     g: &Graph,
     model: &str,
-    training: Option<&TrainProgramArgs>,
+    training: Option<&TrainOptions>,
 ) -> Result<memc_codegen::host::HostProgram> {
     let mut host = memc_codegen::host::lower(g, model)?;
     if let Some(args) = training {
@@ -503,7 +493,7 @@ pub fn write_weights(
 /// arena's size); returns the losses. The weights are written back into `g` at the end.
 pub fn run_host(
     g: &mut Graph,
-    args: &TrainProgramArgs,
+    args: &TrainOptions,
     data: &mut Batches,
     data_path: &str,
     opts: &LoopOptions,

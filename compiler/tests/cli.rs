@@ -1607,3 +1607,54 @@ fn train_feeds_the_models_other_inputs_from_input_files() {
     }
     assert!((losses[0] - losses[1]).abs() <= 1e-4 * losses[0].abs(), "{losses:?}");
 }
+
+#[test]
+fn opt_lists_runs_dumps_and_times_every_pass_of_the_table() {
+    // --list-passes names every pass of the table with its options.
+    let o = memc(&["opt", "--list-passes"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for p in memc_passes::table::PASSES {
+        assert!(
+            o.stdout.lines().any(|l| l.starts_with(p.name)),
+            "{} missing from:\n{}",
+            p.name,
+            o.stdout
+        );
+    }
+    assert!(o.stdout.contains("policy"), "{}", o.stdout);
+    // A training build from text, pass by pass, in MLIR's syntax and with repeated --pass;
+    // one dump per pass; the analyses render their results as comments that parse back.
+    let dir = tempfile::tempdir().unwrap();
+    let f = root().join("tests/passes/loss/tiny_lm_fused.mir");
+    let dumps = dir.path().join("dumps");
+    let o = memc(&[
+        "opt",
+        s(&f),
+        "--pass",
+        "loss{fused=false},autodiff{trainable=all}",
+        "--pass",
+        "optimizer{kind=sgd momentum=0.9},lower-blocks,plan",
+        "--dump-ir",
+        s(&dumps),
+        "--time-passes",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let g = memc_ir::parse(&o.stdout).unwrap();
+    memc_ir::verify(&g).unwrap();
+    assert!(o.stdout.contains("// plan { peak_bytes = "), "{}", o.stdout);
+    assert!(o.stderr.contains("time: optimizer{"), "{}", o.stderr);
+    let mut files: Vec<String> = std::fs::read_dir(&dumps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        ["00-loss.mir", "01-autodiff.mir", "02-optimizer.mir", "03-lower-blocks.mir", "04-plan.mir"]
+    );
+    // Bad pipelines: one line naming the pass or option.
+    fails_with(&["opt", s(&f), "--pass", "remat{policy=most}"], &["remat", "policy=most", "one of auto, full, exact"]);
+    fails_with(&["opt", s(&f), "--pass", "remat{polcy=full}"], &["no option `polcy`"]);
+    fails_with(&["opt", s(&f), "--pass", "loss,"], &["ends with a comma"]);
+    fails_with(&["opt", s(&f), "--pass", "optimizer"], &["run the autodiff pass first"]);
+}

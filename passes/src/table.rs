@@ -61,8 +61,8 @@ pub static PASSES: &[PassDecl] = &[
                 nodes: o.count("nodes").unwrap_or(500_000),
             };
             crate::canonicalize::canonicalize(g, &limits)
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("canonicalize", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -85,8 +85,8 @@ pub static PASSES: &[PassDecl] = &[
             let k = crate::moc::MocK::parse(text)
                 .map_err(|e| o.bad("k", text, e.to_string()))?;
             crate::moc::apply_moc(g, k)
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("moc", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -112,8 +112,8 @@ pub static PASSES: &[PassDecl] = &[
                 seed: o.count("seed").unwrap_or(0) as u64,
             };
             apply_reversible(g, &opts)
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("reversible", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -138,8 +138,8 @@ pub static PASSES: &[PassDecl] = &[
                 None => vec![],
             };
             crate::blocks::lower_blocks_keeping(g, &keep)
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("lower-blocks", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -153,8 +153,8 @@ pub static PASSES: &[PassDecl] = &[
                 _ => DType::BF16,
             };
             crate::precision::lower_precision(g, dtype)
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("precision", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -168,8 +168,8 @@ pub static PASSES: &[PassDecl] = &[
         )],
         run: |g, o| {
             crate::train::add_loss(g, crate::train::Loss::NextTokenCe, o.flag("fused"))
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("loss", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -184,8 +184,8 @@ pub static PASSES: &[PassDecl] = &[
         run: |g, o| {
             let t = crate::train::Trainable::parse(o.text("trainable").unwrap_or("default"));
             crate::train::autodiff(g, &t)
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("autodiff", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -198,8 +198,8 @@ pub static PASSES: &[PassDecl] = &[
                 return Err(o.bad("max-norm", &m.to_string(), "a positive number"));
             }
             crate::train::clip_grads(g, m)
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("clip", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -226,8 +226,8 @@ pub static PASSES: &[PassDecl] = &[
                 },
             };
             crate::train::add_optimizer(g, &optimizer, o.flag("grad-outputs"))
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("optimizer", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -236,8 +236,8 @@ pub static PASSES: &[PassDecl] = &[
         options: &[opt("check", OptKind::Bool, Some("false"), "also output each layer's reconstruction drift")],
         run: |g, o| {
             crate::reconstruct::reconstruct(g, o.flag("check"))
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("reconstruct", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -264,8 +264,8 @@ pub static PASSES: &[PassDecl] = &[
                 (_, None) => Policy::MinCut,
             };
             crate::remat::rematerialize(g, &policy)
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("remat", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -274,8 +274,8 @@ pub static PASSES: &[PassDecl] = &[
         options: &[opt("chunks", OptKind::Count, Some("2"), "how many chunks")],
         run: |g, o| {
             crate::partition::partition(g, o.count("chunks").unwrap_or(2))
-                .map(|s| Box::new(s) as Box<dyn PassStats>)
                 .map_err(|e| PassError::failed("partition", e))
+                .map(boxed)
         },
     },
     PassDecl {
@@ -291,6 +291,11 @@ pub static PASSES: &[PassDecl] = &[
         run: |g, _| Ok(Box::new(crate::plan::plan(g))),
     },
 ];
+
+/// A pass's statistics behind the table's uniform return type.
+fn boxed<T: PassStats>(stats: T) -> Box<dyn PassStats> {
+    Box::new(stats)
+}
 
 /// The block op named `name` (as printed), for `lower-blocks{keep=...}`.
 fn block_op(name: &str) -> Option<Op> {

@@ -129,6 +129,9 @@ pub struct TrainOptions {
     /// Also output each trained weight's gradient as `grad:<name>` (after `loss`), for the
     /// pipelined runner that accumulates them over microbatches.
     pub grad_outputs: bool,
+    /// With the reconstruction drift checked: the drift worth a warning when the step runs
+    /// (`None`: [`crate::reconstruct::drift_threshold`]'s default for the compute dtype).
+    pub rev_check_threshold: Option<f64>,
 }
 
 impl Default for TrainOptions {
@@ -150,7 +153,25 @@ impl Default for TrainOptions {
             rev_backward: RevBackward::Reconstruct { check: false },
             pipeline_chunks: None,
             grad_outputs: false,
+            rev_check_threshold: None,
         }
+    }
+}
+
+impl TrainOptions {
+    /// PyTorch's default weight decay for the optimizer: 0.01 for AdamW, 0 for SGD.
+    pub fn default_weight_decay(&self) -> f64 {
+        match self.optimizer {
+            Optimizer::AdamW { .. } => 0.01,
+            Optimizer::Sgd { .. } => 0.0,
+        }
+    }
+
+    /// The drift the runtime warns past, when the reconstruction drift is checked.
+    pub fn drift_threshold(&self) -> Option<f64> {
+        (self.rev_backward == RevBackward::Reconstruct { check: true }).then(|| {
+            crate::reconstruct::drift_threshold(self.rev_check_threshold, self.compute_dtype)
+        })
     }
 }
 

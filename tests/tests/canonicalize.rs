@@ -3,10 +3,10 @@
 //! (one norm op per norm of the model, one `attention` and one FFN block per layer, logits
 //! unchanged), and training through the recognised ops on the cpu backend.
 
-use memc::train::{OptimizerArg, RematArg};
 use memc_passes::canonicalize::{canonicalize, Limits};
 use memc_tests::{
-    examples, max_rel, reference_losses, train_args, train_reference, training_program,
+    adamw, examples, max_rel, reference_losses, train_args, train_reference, training_program,
+    AUTO,
 };
 
 #[test]
@@ -76,7 +76,7 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
         .into_iter()
         .filter(|e| e.family != "bert" && !e.name.contains("opset"))
     {
-        let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+        let a = train_args(adamw(), None, AUTO);
         // `training_program` canonicalizes, as the driver does.
         let (mut g, _) = training_program(&ex, &a);
         assert!(g.op_counts().contains_key("attention"));

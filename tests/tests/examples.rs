@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use memc::onnx::{import, ImportOptions};
+use memc_onnx::{import, ImportOptions};
 use memc_ir::ValueDef;
 use memc_tests::{examples, rel_error};
 
@@ -64,7 +64,7 @@ fn weights_are_the_models_parameters_without_copies() {
         assert_eq!(weights, ex.torch_params, "{}", ex.name);
         // Parameters point into the memory-mapped file: none was copied.
         let file = std::fs::metadata(&ex.path).unwrap().len() as usize;
-        let model = memc::onnx::load_model(&ex.path).unwrap();
+        let model = memc_onnx::load_model(&ex.path).unwrap();
         let lo = model
             .graph
             .as_ref()

@@ -6,8 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use memc::train::{DtypeArg, OptimizerArg, RematArg, TrainProgramArgs};
-use memc_tests::{examples, max_rel, reference_losses, train_args, Example};
+use memc_tests::{adamw, examples, max_rel, reference_losses, train_args, Example, TrainOptions, AUTO};
 
 #[path = "../support/ranks.rs"]
 mod ranks;
@@ -96,8 +95,8 @@ fn losses(lines: &[serde_json::Value]) -> Vec<f64> {
     lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect()
 }
 
-fn adamw() -> TrainProgramArgs {
-    train_args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto)
+fn adamw_clipped() -> TrainOptions {
+    train_args(adamw(), Some(1.0), AUTO)
 }
 
 const ADAMW: &[&str] = &["--train", "--optimizer", "adamw", "--clip-grad-norm", "1.0"];
@@ -151,7 +150,7 @@ fn every_example_executable_trains_like_the_reference_backend() {
         compile(&ex, &exe, ADAMW);
         let lines = train(&ex, &exe, &["--steps", "3", "--lr", "1e-3"]);
         let got = losses(&lines);
-        let want = reference_losses(&ex, &adamw(), 1e-3, 0.01, 3);
+        let want = reference_losses(&ex, &adamw_clipped(), 1e-3, 0.01, 3);
         let err = max_rel(&got, &want);
         eprintln!(
             "{:<28} executable vs reference backend, 3 AdamW steps: {err:.2e}",
@@ -198,9 +197,9 @@ fn bf16_executable_tracks_f32() {
             &["--train", "--optimizer", "adamw", "--dtype", "bf16"],
         );
         let half = losses(&train(&ex, &exe, &["--steps", "20", "--lr", "1e-3"]));
-        let f32_args = TrainProgramArgs {
-            dtype: DtypeArg::F32,
-            ..train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto)
+        let f32_args = TrainOptions {
+            compute_dtype: memc_ir::DType::F32,
+            ..train_args(adamw(), None, AUTO)
         };
         let full = reference_losses(&ex, &f32_args, 1e-3, 0.01, 20);
         let err = max_rel(&half, &full);

@@ -5,8 +5,9 @@
 
 use std::collections::HashMap;
 
-use memc::onnx::{import, ImportOptions};
-use memc::train::{build, OptimizerArg, RematArg, TrainProgramArgs};
+use memc_onnx::{import, ImportOptions};
+use memc::train::build;
+use memc_passes::train::{Optimizer, TrainOptions};
 use memc_codegen::fuse::fuse;
 use memc_codegen::jit::with_host_jit;
 use memc_codegen::kernel::{elementwise_mlir, lower};
@@ -28,23 +29,12 @@ fn kernels_of_training_programs_match_the_interpreter() {
                 .collect(),
         };
         let mut g = import(&ex.path, &opts).unwrap();
-        let args = TrainProgramArgs {
-            loss: memc::train::LossArg::NextTokenCe,
+        let args = TrainOptions {
             // SGD keeps the updates proportional to the gradients, so they are compared tightly
             // (AdamW's first step is lr·sign(g) and flips on gradients near zero).
-            optimizer: OptimizerArg::Sgd,
-            momentum: 0.9,
-            betas: vec![0.9, 0.999],
-            eps: 1e-8,
-            trainable: None,
+            optimizer: Optimizer::Sgd { momentum: 0.9 },
             clip_grad_norm: Some(1.0),
-            remat: RematArg::Auto,
-            dtype: memc::train::DtypeArg::F32,
-            activation_budget: None,
-            no_fused_loss: false,
-            rev_check: false,
-            rev_check_threshold: None,
-            rev_store: false,
+            ..TrainOptions::default()
         };
         build(&mut g, &args).unwrap();
         let mut feeds = inputs.clone();

@@ -3,11 +3,10 @@
 //! K = d_ffn/4 close to dense; and the FFN's saved bytes per token drop at least 3× at
 //! d_model 768, d_ffn 2048, K 384.
 
-use memc::train::{OptimizerArg, RematArg};
 use memc_ir::{DType, Graph, Phase, Tensor};
 use memc_passes::moc::{apply_moc, MocK};
 use memc_passes::plan::plan;
-use memc_tests::{build_adamw, examples, max_rel, train_args, train_reference};
+use memc_tests::{adamw, build_adamw, examples, max_rel, train_args, train_reference, AUTO};
 
 /// Reference-backend losses of `g` (a training program) over `steps` AdamW steps (lr 1e-2,
 /// no weight decay) on `feeds`.
@@ -48,7 +47,7 @@ fn moc_llama_matches_on_both_backends_and_trains_close_to_dense() {
         .into_iter()
         .find(|e| e.name == "llama-dynamo")
         .unwrap();
-    let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+    let a = train_args(adamw(), None, AUTO);
     let program = |moc: bool| {
         let (mut g, inputs) = ex.import();
         memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
@@ -174,7 +173,7 @@ fn moc_training_reproduces_pytorch() {
         let (mut g, inputs) = ex.import();
         memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
         apply_moc(&mut g, MocK::Count(32)).unwrap();
-        let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+        let a = train_args(adamw(), None, AUTO);
         memc::train::build(&mut g, &a).unwrap();
         let got = reference_with(g, &inputs, want.len(), 1e-3, 0.01);
         let err = max_rel(&got, &want);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use memc::onnx::{import, ImportOptions};
+use memc_onnx::{import, ImportOptions};
 use memc_ir::{DType, Tensor};
 use memc_tests::root;
 

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use memc::train::{OptimizerArg, RematArg};
 use memc_tests::*;
 
 fn depth16() -> memc_ir::Graph {
@@ -13,7 +12,7 @@ fn depth16() -> memc_ir::Graph {
 
 #[test]
 fn chunks_cover_the_layers_in_order_balanced_by_cost() {
-    let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+    let a = train_args(adamw(), None, AUTO);
     for chunks in [1, 2, 3, 4, 8, 16] {
         let mut g = depth16();
         let stats = memc::train::build_with(&mut g, &a, Some(chunks), false).unwrap();
@@ -55,7 +54,7 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
     }
     // In bf16 every weight is read through a cast: it still belongs to the chunk using it.
     let mut b = a.clone();
-    b.dtype = memc::train::DtypeArg::Bf16;
+    b.compute_dtype = memc_ir::DType::BF16;
     let mut g = depth16();
     let part = memc::train::build_with(&mut g, &b, Some(4), false)
         .unwrap()
@@ -92,8 +91,8 @@ fn chunks_cover_the_layers_in_order_balanced_by_cost() {
 /// The full-batch program's loss and gradients (reference interpreter).
 fn full_batch(path: &std::path::Path, ids: &memc_ir::Tensor) -> (f64, HashMap<String, Vec<f64>>) {
     let mut g = canonical_model(path, ids.shape());
-    let mut a = train_args(OptimizerArg::Sgd, 0.0, None, RematArg::None);
-    a.trainable = None;
+    let mut a = train_args(sgd(0.0), None, None);
+    a.trainable = Trainable::Default;
     memc::train::build_with(&mut g, &a, None, true).unwrap();
     let mut feeds = HashMap::from([("input_ids".to_string(), ids.clone())]);
     for (n, v) in [
@@ -136,7 +135,7 @@ fn pipelined_steps_equal_the_full_batch_step_for_every_schedule() {
 fn run_step(
     program: &memc_ir::Graph,
     schedule: &memc_passes::pipeline::Schedule,
-    args: &memc::train::TrainProgramArgs,
+    args: &TrainOptions,
     ids: &[i64],
     rows: usize,
     seq: usize,
@@ -226,7 +225,7 @@ fn check_pipelined(path: &std::path::Path, schedules: &[&str], vocab: i64) {
         }
         feeds.push(f);
     }
-    let a = train_args(OptimizerArg::Sgd, 0.0, None, RematArg::Auto);
+    let a = train_args(sgd(0.0), None, AUTO);
     for &name in schedules {
         let kind = ScheduleKind::parse(name).unwrap();
         let g = canonical_model(path, &[rows, seq]);

@@ -2,9 +2,8 @@
 //! to blocks and threads and lowered to PTX, assembles with ptxas (PyPI's nvidia-cuda-nvcc)
 //! for sm_90a; ptxas's register and spill report is printed (`--nocapture`) for BENCHMARKS.md.
 
-use memc::train::{OptimizerArg, RematArg};
 use memc_codegen::ptx::{find_libdevice, ptxas};
-use memc_tests::{examples, train_args, training_program};
+use memc_tests::{adamw, examples, train_args, training_program, TrainOptions, AUTO};
 
 #[test]
 fn every_training_kernel_assembles_for_sm_90a() {
@@ -12,7 +11,7 @@ fn every_training_kernel_assembles_for_sm_90a() {
     for ex in examples() {
         let (g, _) = training_program(
             &ex,
-            &train_args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto),
+            &train_args(adamw(), Some(1.0), AUTO),
         );
         let mut host = memc::train::host_program(&g, &ex.name, None).unwrap();
         host.compile_device(90, &libdevice)
@@ -65,7 +64,7 @@ fn sm_80_too() {
         .unwrap();
     let (g, _) = training_program(
         &ex,
-        &train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto),
+        &train_args(adamw(), None, AUTO),
     );
     let mut host = memc::train::host_program(&g, &ex.name, None).unwrap();
     host.compile_device(80, &libdevice).unwrap();
@@ -84,7 +83,7 @@ fn gpu_mapping_computes_the_same_training_step() {
         .into_iter()
         .filter(|e| !e.name.contains("opset") && e.family != "bert")
     {
-        let a = train_args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto);
+        let a = train_args(adamw(), Some(1.0), AUTO);
         let program = || training_program(&ex, &a).0;
         let run = |mapped: bool| host_losses(&ex, &a, &program, mapped);
         let plain = run(false);
@@ -107,7 +106,7 @@ fn moc_kernels_assemble_and_map() {
         .into_iter()
         .find(|e| e.name == "llama-dynamo")
         .unwrap();
-    let a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+    let a = train_args(adamw(), None, AUTO);
     let program = || {
         let (mut g, _) = ex.import();
         memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
@@ -137,7 +136,7 @@ fn moc_kernels_assemble_and_map() {
 /// backend with its host kernels or (`mapped`) their GPU forms run on the host.
 fn host_losses(
     ex: &memc_tests::Example,
-    a: &memc::train::TrainProgramArgs,
+    a: &TrainOptions,
     program: &dyn Fn() -> memc_ir::Graph,
     mapped: bool,
 ) -> Vec<f64> {

@@ -3,11 +3,12 @@
 //! budgets name the smallest feasible one, and on one layer the minimum cut is within 5% of
 //! the exact 0/1 program's recomputed FLOPs at the same memory.
 
-use memc::train::{OptimizerArg, RematArg, TrainProgramArgs};
 use memc_ir::{Graph, Phase};
 use memc_passes::plan::{flops, plan};
-use memc_passes::remat::{Budget, Policy};
-use memc_tests::{build_adamw, examples, reference_losses, root, train_args, training_program};
+use memc_tests::{
+    adamw, build_adamw, examples, reference_losses, root, train_args, training_program, Budget,
+    Policy, TrainOptions, AUTO, FULL,
+};
 
 /// (saved activation bytes, recomputed FLOPs) of `g`'s training step under `policy`.
 fn cost(g: &Graph, policy: Option<Policy>) -> Result<(u64, u64), String> {
@@ -68,10 +69,14 @@ fn one_layer_min_cut_is_near_the_exact_optimum_and_budgets_trade_memory_for_flop
     );
 }
 
-fn with_budget(remat: RematArg, budget: Option<&str>) -> TrainProgramArgs {
-    let mut a = train_args(OptimizerArg::Adamw, 0.0, None, remat);
-    a.activation_budget = budget.map(str::to_string);
-    a
+/// AdamW with `remat`, or the minimum cut under an activation `budget` (bytes or a
+/// fraction, as `--activation-budget` takes it).
+fn with_budget(remat: Option<Policy>, budget: Option<&str>) -> TrainOptions {
+    let remat = match budget {
+        Some(b) => Some(Policy::Budget(Budget::parse(b).unwrap())),
+        None => remat,
+    };
+    train_args(adamw(), None, remat)
 }
 
 #[test]
@@ -80,15 +85,15 @@ fn every_policy_keeps_the_losses_bitwise_and_budgets_hold() {
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
     {
-        let want = reference_losses(&ex, &with_budget(RematArg::None, None), 1e-3, 0.01, 2);
-        let (g, _) = training_program(&ex, &with_budget(RematArg::None, None));
+        let want = reference_losses(&ex, &with_budget(None, None), 1e-3, 0.01, 2);
+        let (g, _) = training_program(&ex, &with_budget(None, None));
         let none = plan(&g).saved_activation_bytes;
         for (remat, budget) in [
-            (RematArg::Full, None),
-            (RematArg::Auto, Some("0.5")),
-            (RematArg::Auto, Some("80%")),
+            (FULL, None),
+            (AUTO, Some("0.5")),
+            (AUTO, Some("80%")),
         ] {
-            let a = with_budget(remat, budget);
+            let a = with_budget(remat.clone(), budget);
             let (g, _) = training_program(&ex, &a);
             let saved = plan(&g).saved_activation_bytes;
             if let Some(f) = budget {
@@ -118,28 +123,30 @@ fn bad_budgets_and_policies_say_what_to_do() {
         .into_iter()
         .find(|e| e.name == "llama-dynamo")
         .unwrap();
-    let run = |a: &TrainProgramArgs| {
+    let run = |a: &TrainOptions| {
         let (mut g, _) = ex.import();
         memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
         memc::train::build(&mut g, a).map(|_| ())
     };
-    let err = run(&with_budget(RematArg::Auto, Some("1000"))).unwrap_err();
+    let err = run(&with_budget(AUTO, Some("1000"))).unwrap_err();
     assert!(
         format!("{err:#}").contains("below the smallest feasible one"),
         "{err:#}"
     );
-    for bad in ["lots", "0", "1.5", "-3MB", "150%"] {
-        let err = run(&with_budget(RematArg::Auto, Some(bad))).unwrap_err();
-        assert!(
-            format!("{err:#}").contains("--activation-budget"),
-            "{bad}: {err:#}"
-        );
+    // Budgets that are neither bytes nor a fraction are refused when parsed (the CLI's
+    // --activation-budget errors are tested in compiler/tests/cli.rs).
+    for bad in ["lots", "1.5", "-3MB", "150%"] {
+        assert!(Budget::parse(bad).is_err(), "{bad}");
     }
-    let err = run(&with_budget(RematArg::Full, Some("0.5"))).unwrap_err();
-    assert!(format!("{err:#}").contains("needs --remat auto"), "{err:#}");
+    // Zero bytes is a budget, and below what must be kept.
+    let err = run(&with_budget(AUTO, Some("0"))).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("pass --activation-budget"),
+        "{err:#}"
+    );
     // Without canonicalisation there are no recognised layers to checkpoint.
     let (mut g, _) = ex.import();
-    let err = memc::train::build(&mut g, &with_budget(RematArg::Full, None)).unwrap_err();
+    let err = memc::train::build(&mut g, &with_budget(FULL, None)).unwrap_err();
     assert!(
         format!("{err:#}").contains("no transformer layers"),
         "{err:#}"
@@ -151,13 +158,13 @@ fn bad_budgets_and_policies_say_what_to_do() {
         ("4096", 4096),
     ] {
         assert_eq!(
-            memc::train::parse_budget(text).unwrap(),
+            Budget::parse(text).unwrap(),
             Budget::Bytes(bytes),
             "{text}"
         );
     }
     assert_eq!(
-        memc::train::parse_budget("50%").unwrap(),
+        Budget::parse("50%").unwrap(),
         Budget::Fraction(0.5)
     );
 }
@@ -168,9 +175,9 @@ fn the_fused_loss_never_holds_the_logits_and_trains_like_the_plain_one() {
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
     {
-        let fused = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
+        let fused = train_args(adamw(), None, AUTO);
         let mut plain = fused.clone();
-        plain.no_fused_loss = true;
+        plain.fused_loss = false;
         let (g, inputs) = training_program(&ex, &fused);
         let ids = &inputs["input_ids"];
         let (bsz, seq) = (ids.shape()[0], ids.shape()[1]);
@@ -225,7 +232,7 @@ fn remat_choices_keep_the_cpu_backend_losses_bitwise() {
         .find(|e| e.name == "llama-dynamo")
         .unwrap();
     let path = ex.path.with_extension("").join("inputs/input_ids.npy");
-    let run = |a: &TrainProgramArgs| {
+    let run = |a: &TrainOptions| {
         let (mut g, _) = training_program(&ex, a);
         let mut data = memc::train::Batches::open(&path).unwrap();
         let lopts = memc::train::LoopOptions {
@@ -244,9 +251,9 @@ fn remat_choices_keep_the_cpu_backend_losses_bitwise() {
         )
         .unwrap()
     };
-    let want = run(&with_budget(RematArg::None, None));
-    for (remat, budget) in [(RematArg::Full, None), (RematArg::Auto, Some("0.4"))] {
-        let got = run(&with_budget(remat, budget));
+    let want = run(&with_budget(None, None));
+    for (remat, budget) in [(FULL, None), (AUTO, Some("0.4"))] {
+        let got = run(&with_budget(remat.clone(), budget));
         assert_eq!(got, want, "{remat:?} {budget:?}");
     }
 }

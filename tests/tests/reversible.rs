@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use memc::train::{OptimizerArg, RematArg, TrainProgramArgs};
 use memc_ir::{DType, Graph, Tensor};
 use memc_passes::reversible::{apply_reversible, RevOptions, Variant};
 use memc_tests::*;
@@ -32,11 +31,14 @@ fn reversible(
     (g, inputs)
 }
 
-fn sgd(trainable: &str, store: bool, check: bool) -> TrainProgramArgs {
-    let mut a = train_args(OptimizerArg::Sgd, 0.0, None, RematArg::Auto);
-    a.trainable = Some(trainable.into());
-    a.rev_store = store;
-    a.rev_check = check;
+fn sgd_options(trainable: &str, store: bool, check: bool) -> TrainOptions {
+    let mut a = train_args(sgd(0.0), None, AUTO);
+    a.trainable = Trainable::parse(trainable);
+    a.rev_backward = if store {
+        RevBackward::Store
+    } else {
+        RevBackward::Reconstruct { check }
+    };
     a
 }
 
@@ -120,7 +122,7 @@ fn gradients_by_reconstruction_equal_stored_activations_on_every_example() {
                 let (g0, inputs) = reversible(&ex, variant, layers);
                 let build = |store: bool| {
                     let mut g = g0.clone();
-                    memc::train::build(&mut g, &sgd("all", store, false))
+                    memc::train::build(&mut g, &sgd_options("all", store, false))
                         .unwrap_or_else(|e| panic!("{}: {e:#}", ex.name));
                     g
                 };
@@ -195,10 +197,10 @@ fn saved_activations_do_not_grow_with_depth() {
         for layers in [2, 4, 8, 16] {
             let mut plain = depth_model(layers, None);
             let mut rev = depth_model(layers, Some(variant));
-            memc::train::build(&mut plain, &sgd("all", false, false)).unwrap();
+            memc::train::build(&mut plain, &sgd_options("all", false, false)).unwrap();
             let mut stored = rev.clone();
-            memc::train::build(&mut rev, &sgd("adapters", false, false)).unwrap();
-            memc::train::build(&mut stored, &sgd("adapters", true, false)).unwrap();
+            memc::train::build(&mut rev, &sgd_options("adapters", false, false)).unwrap();
+            memc::train::build(&mut stored, &sgd_options("adapters", true, false)).unwrap();
             let saved = |g: &Graph| memc_passes::plan::plan(g).saved_activation_bytes;
             rows.push((layers, saved(&plain), saved(&stored), saved(&rev)));
         }
@@ -225,7 +227,7 @@ fn saved_activations_do_not_grow_with_depth() {
     }
 }
 
-fn cpu_losses(g: &mut Graph, a: &TrainProgramArgs, steps: usize, lr: f64) -> Vec<f64> {
+fn cpu_losses(g: &mut Graph, a: &TrainOptions, steps: usize, lr: f64) -> Vec<f64> {
     let ex = examples()
         .into_iter()
         .find(|e| e.name == "llama-dynamo")
@@ -257,8 +259,8 @@ fn the_cpu_backend_reconstructs_like_the_reference_and_adapters_fine_tune() {
         .unwrap();
     for variant in VARIANTS {
         let (g0, inputs) = reversible(&ex, variant, None);
-        let mut a = train_args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
-        a.trainable = Some("adapters".into());
+        let mut a = train_args(adamw(), None, AUTO);
+        a.trainable = Trainable::Adapters;
         let mut g = g0.clone();
         memc::train::build(&mut g, &a).unwrap();
         // Reference backend, 3 steps.
@@ -299,11 +301,11 @@ fn the_drift_check_measures_each_layer() {
         .unwrap();
     let (g0, inputs) = reversible(&ex, Variant::Meft3, None);
     for (dtype, bound) in [
-        (memc::train::DtypeArg::F32, 1e-3),
-        (memc::train::DtypeArg::Bf16, 50.0),
+        (memc_ir::DType::F32, 1e-3),
+        (memc_ir::DType::BF16, 50.0),
     ] {
-        let mut a = sgd("adapters", false, true);
-        a.dtype = dtype;
+        let mut a = sgd_options("adapters", false, true);
+        a.compute_dtype = dtype;
         let mut g = g0.clone();
         memc::train::build(&mut g, &a).unwrap();
         let r = memc_ir::run(&g, &feeds(&inputs, 0.1, 1), &Default::default()).unwrap();
@@ -318,7 +320,7 @@ fn the_drift_check_measures_each_layer() {
         assert!(drift
             .iter()
             .all(|d| d.is_finite() && *d >= 0.0 && *d <= bound));
-        if dtype == memc::train::DtypeArg::Bf16 {
+        if dtype == memc_ir::DType::BF16 {
             // bf16 rounding, divided by 0.1 twice per layer, shows.
             assert!(drift[0] > 1e-2, "{drift:?}");
         } else {

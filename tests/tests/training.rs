@@ -4,16 +4,16 @@
 
 use std::collections::HashMap;
 
-use memc::train::{Batches, DtypeArg, OptimizerArg, RematArg, TrainProgramArgs};
+use memc::train::Batches;
 use memc_ir::Phase;
 use memc_passes::plan::{plan, ALIGN};
 use memc_tests::{
-    examples, max_rel, reference_losses as losses, train_args as args, train_reference,
-    training_program as program, Example,
+    adamw, examples, max_rel, reference_losses as losses, sgd, train_args as args,
+    train_reference, training_program as program, Example, TrainOptions, AUTO,
 };
 
 /// `steps` AdamW steps (lr 1e-3, weight decay 0.01) on the cpu backend, on the example's batch.
-fn cpu_losses(ex: &Example, a: &TrainProgramArgs, steps: usize) -> Vec<f64> {
+fn cpu_losses(ex: &Example, a: &TrainOptions, steps: usize) -> Vec<f64> {
     let (mut g, _) = program(ex, a);
     let path = ex.path.with_extension("").join("inputs/input_ids.npy");
     let mut data = Batches::open(&path).unwrap();
@@ -37,22 +37,15 @@ fn cpu_losses(ex: &Example, a: &TrainProgramArgs, steps: usize) -> Vec<f64> {
 #[test]
 fn every_example_reproduces_pytorch_losses() {
     let runs = [
-        ("sgd", OptimizerArg::Sgd, 0.0, None, 0.1, 0.0),
-        ("sgd_momentum", OptimizerArg::Sgd, 0.9, None, 0.1, 0.0),
-        ("adamw", OptimizerArg::Adamw, 0.0, None, 1e-3, 0.01),
-        (
-            "adamw_clip",
-            OptimizerArg::Adamw,
-            0.0,
-            Some(1.0),
-            1e-3,
-            0.01,
-        ),
+        ("sgd", sgd(0.0), None, 0.1, 0.0),
+        ("sgd_momentum", sgd(0.9), None, 0.1, 0.0),
+        ("adamw", adamw(), None, 1e-3, 0.01),
+        ("adamw_clip", adamw(), Some(1.0), 1e-3, 0.01),
     ];
     for ex in examples() {
         let want = train_reference(&ex);
-        for (key, opt, momentum, clip, lr, wd) in runs {
-            let got = losses(&ex, &args(opt, momentum, clip, RematArg::Auto), lr, wd, 5);
+        for (key, opt, clip, lr, wd) in runs {
+            let got = losses(&ex, &args(opt, clip, AUTO), lr, wd, 5);
             let want: Vec<f64> = want[key]
                 .as_array()
                 .unwrap()
@@ -81,14 +74,14 @@ fn rematerialisation_never_changes_a_loss() {
     {
         let none = losses(
             &ex,
-            &args(OptimizerArg::Adamw, 0.0, None, RematArg::None),
+            &args(adamw(), None, None),
             1e-3,
             0.01,
             2,
         );
         let auto = losses(
             &ex,
-            &args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto),
+            &args(adamw(), None, AUTO),
             1e-3,
             0.01,
             2,
@@ -100,7 +93,7 @@ fn rematerialisation_never_changes_a_loss() {
 #[test]
 fn memc_saves_no_more_activation_bytes_than_pytorch() {
     for ex in examples() {
-        let (g, _) = program(&ex, &args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto));
+        let (g, _) = program(&ex, &args(adamw(), None, AUTO));
         let p = plan(&g);
         let torch = train_reference(&ex)["saved_activation_bytes"]
             .as_u64()
@@ -121,8 +114,8 @@ fn memc_saves_no_more_activation_bytes_than_pytorch() {
 #[test]
 fn memory_plans_are_consistent() {
     for ex in examples().into_iter().filter(|e| !e.name.contains("opset")) {
-        for remat in [RematArg::None, RematArg::Auto] {
-            let (g, _) = program(&ex, &args(OptimizerArg::Adamw, 0.0, Some(1.0), remat));
+        for remat in [None, AUTO] {
+            let (g, _) = program(&ex, &args(adamw(), Some(1.0), remat));
             let p = plan(&g);
             // The order is topological, and updates come after every other reader of their target.
             let mut step = vec![usize::MAX; g.nodes().len()];
@@ -202,7 +195,7 @@ fn backward_is_split_into_b_and_w() {
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
     {
-        let (g, _) = program(&ex, &args(OptimizerArg::Sgd, 0.0, None, RematArg::None));
+        let (g, _) = program(&ex, &args(sgd(0.0), None, None));
         let phase_of = |v| g.producer(v).map(|p| g.node(p).phase);
         let (mut b, mut w) = (0, 0);
         for node in g.nodes() {
@@ -254,7 +247,7 @@ fn cpu_backend_reproduces_the_reference_losses() {
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && e.family != "bert" && !e.name.contains("opset"))
     {
-        let a = args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto);
+        let a = args(adamw(), Some(1.0), AUTO);
         let reference = losses(&ex, &a, 1e-3, 0.01, 3);
         let cpu = cpu_losses(&ex, &a, 3);
         let err = max_rel(&cpu, &reference);
@@ -276,9 +269,9 @@ fn bf16_training_tracks_f32() {
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && e.family != "bert" && !e.name.contains("opset"))
     {
-        let f32_args = args(OptimizerArg::Adamw, 0.0, None, RematArg::Auto);
-        let bf16_args = TrainProgramArgs {
-            dtype: DtypeArg::Bf16,
+        let f32_args = args(adamw(), None, AUTO);
+        let bf16_args = TrainOptions {
+            compute_dtype: memc_ir::DType::BF16,
             ..f32_args.clone()
         };
         let full = losses(&ex, &f32_args, 1e-3, 0.01, 20);
@@ -315,7 +308,7 @@ fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
     {
         let (g, _) = program(
             &ex,
-            &args(OptimizerArg::Adamw, 0.0, Some(1.0), RematArg::Auto),
+            &args(adamw(), Some(1.0), AUTO),
         );
         let (ordered, kernels, p) = memc_codegen::host::layout(&g);
         memc_ir::verify(&ordered).unwrap();
