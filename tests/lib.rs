@@ -103,11 +103,7 @@ pub fn rel_error(got: &Tensor, want: &Tensor) -> f64 {
 }
 
 /// Training options as the CLI's defaults, with these choices.
-pub fn train_args(
-    optimizer: Optimizer,
-    clip: Option<f64>,
-    remat: Option<Policy>,
-) -> TrainOptions {
+pub fn train_args(optimizer: Optimizer, clip: Option<f64>, remat: Option<Policy>) -> TrainOptions {
     TrainOptions {
         optimizer,
         clip_grad_norm: clip,

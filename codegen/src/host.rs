@@ -367,18 +367,6 @@ fn rename_symbols(text: &str, from: &str, to: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rename_symbols_renames_a_kernel_and_its_helpers_only() {
-        let ir = "define void @memc_k1(ptr %0) { call @memc_k1_body() call @memc_k12() }";
-        assert_eq!(
-            super::rename_symbols(ir, "memc_k1", "memc_k7"),
-            "define void @memc_k7(ptr %0) { call @memc_k7_body() call @memc_k12() }"
-        );
-    }
-}
-
 /// The cpu backend's kernel sequence and memory plan: `g`'s nodes put in the memory plan's
 /// order (which runs optimizer updates as soon as their gradients exist), fused into kernels
 /// in that order, and planned over those kernels (values inside a kernel need no buffer).
@@ -439,4 +427,16 @@ pub fn interface(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
         }
     }
     HostProgram::compile(g, &[], &layout, model)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rename_symbols_renames_a_kernel_and_its_helpers_only() {
+        let ir = "define void @memc_k1(ptr %0) { call @memc_k1_body() call @memc_k12() }";
+        assert_eq!(
+            super::rename_symbols(ir, "memc_k1", "memc_k7"),
+            "define void @memc_k7(ptr %0) { call @memc_k7_body() call @memc_k12() }"
+        );
+    }
 }

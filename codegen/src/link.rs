@@ -16,8 +16,8 @@ use inkwell::targets::{
 };
 use inkwell::{AddressSpace, OptimizationLevel};
 
-use memc_runtime::program::Program;
 use crate::kernel::KernelError;
+use memc_runtime::program::Program;
 
 /// The libraries a Rust static library needs on Linux (`rustc --print native-static-libs`).
 const NATIVE_LIBS: &[&str] = &[

@@ -214,7 +214,10 @@ pub fn lower(
         if !published.contains(&a.0) {
             return Err(err(
                 model,
-                format!("no pass outputs `{}`, which the optimizer reads (a memc bug)", a.name()),
+                format!(
+                    "no pass outputs `{}`, which the optimizer reads (a memc bug)",
+                    a.name()
+                ),
             ));
         }
     }

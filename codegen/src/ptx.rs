@@ -81,8 +81,11 @@ fn list(s: &str) -> Vec<String> {
         .collect()
 }
 
+/// The induction variables, lower bounds, upper bounds and steps of an `scf.parallel`.
+type ParallelHeader = (Vec<String>, Vec<String>, Vec<String>, Vec<String>);
+
 /// Parses `scf.parallel (IVS) = (LBS) to (UBS) step (STEPS) {`.
-fn parallel_header(line: &str) -> Option<(Vec<String>, Vec<String>, Vec<String>, Vec<String>)> {
+fn parallel_header(line: &str) -> Option<ParallelHeader> {
     let rest = line.trim().strip_prefix("scf.parallel (")?;
     let (ivs, rest) = rest.split_once(") = (")?;
     let (lbs, rest) = rest.split_once(") to (")?;

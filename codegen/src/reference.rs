@@ -114,8 +114,8 @@ impl Backend for Reference {
         let opts = RunOptions {
             check_nan: self.check_nan,
         };
-        let out = memc_ir::run(&self.g, &feeds, &opts)
-            .map_err(|e| RunError::Usage(e.to_string()))?;
+        let out =
+            memc_ir::run(&self.g, &feeds, &opts).map_err(|e| RunError::Usage(e.to_string()))?;
         for (slot, (_, t)) in self.program.outputs.iter().zip(&out.outputs) {
             self.arena.set(slot, t.bytes());
         }

@@ -256,8 +256,13 @@ fn schedule(args: ScheduleArgs) -> Result<()> {
         w: args.costs[2],
         comm: args.costs[3],
     };
-    let s = pipeline::generate(kind, args.stages, args.microbatches)
-        .map_err(|e| anyhow!("--stages {}, --microbatches {}: {e}", args.stages, args.microbatches))?;
+    let s = pipeline::generate(kind, args.stages, args.microbatches).map_err(|e| {
+        anyhow!(
+            "--stages {}, --microbatches {}: {e}",
+            args.stages,
+            args.microbatches
+        )
+    })?;
     let sim = pipeline::simulate(&s, &costs).map_err(|e| anyhow!("{e}"))?;
     if let Some(path) = &args.svg {
         write_file(path, &pipeline::svg(&s, &sim))?;
@@ -391,10 +396,9 @@ fn import(
     }
     if let Some(text) = &args.moc_k {
         let k = parse_moc_k(text)?;
-        let stats = pm
-            .run(&mut g, "moc", format!("moc{{k={text}}}"), |g| {
-                memc_passes::moc::apply_moc(g, k).map_err(|e| anyhow!("{name}: --moc-k: {e}"))
-            })?;
+        let stats = pm.run(&mut g, "moc", format!("moc{{k={text}}}"), |g| {
+            memc_passes::moc::apply_moc(g, k).map_err(|e| anyhow!("{name}: --moc-k: {e}"))
+        })?;
         if stats.rewritten == 0 {
             eprintln!(
                 "warning: {name}: --moc-k: no SwiGLU FFN (`swiglu_ffn`) in the model, nothing rewritten{}; MoC applies to SwiGLU FFNs only",
@@ -495,7 +499,9 @@ fn compile(args: CompileArgs) -> Result<()> {
             ..crate::train::options_for(&g, &args.training)?
         };
         let stats = timer
-            .time("train", || crate::train::build_managed(&mut g, &opts, &mut pm))
+            .time("train", || {
+                crate::train::build_managed(&mut g, &opts, &mut pm)
+            })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
         train_stats = Some(stats);
         train_opts = Some(opts);
@@ -515,7 +521,11 @@ fn compile(args: CompileArgs) -> Result<()> {
     if let (Some(r), Some(m)) = (rev.as_mut(), &rev_model) {
         timer
             .time("baselines", || {
-                r.measure_baselines(m, train_opts.as_ref().expect("a training build"), plan.saved_activation_bytes)
+                r.measure_baselines(
+                    m,
+                    train_opts.as_ref().expect("a training build"),
+                    plan.saved_activation_bytes,
+                )
             })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
     }
@@ -723,7 +733,12 @@ fn emit_pipelined(
         enabled: false,
         phases: vec![],
     };
-    let (g, _) = import(&args.model, shapes, &mut timer, &mut PassManager::new().timed(args.model.time_passes))?;
+    let (g, _) = import(
+        &args.model,
+        shapes,
+        &mut timer,
+        &mut PassManager::new().timed(args.model.time_passes),
+    )?;
     let opts = crate::train::options_for(&g, &args.training)?;
     let (program, _) = crate::pipe::pipelined_program(g, &opts, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
@@ -859,7 +874,12 @@ fn eval(args: EvalArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let (mut g, _) = import(&args.model, shapes, &mut timer, &mut PassManager::new().timed(args.model.time_passes))?;
+    let (mut g, _) = import(
+        &args.model,
+        shapes,
+        &mut timer,
+        &mut PassManager::new().timed(args.model.time_passes),
+    )?;
     memc_passes::blocks::lower_blocks(&mut g).map_err(|e| anyhow!("{model}: {e}"))?;
     let mut feeds = HashMap::new();
     for &v in g.inputs() {
@@ -988,7 +1008,12 @@ fn train(args: TrainCmdArgs) -> Result<()> {
     if let Some((kind, _)) = args.pipeline.chunks()? {
         return train_pipelined(&args, kind, shapes, &mut data, &mut timer, &model);
     }
-    let (mut g, _) = import(&args.model, shapes, &mut timer, &mut PassManager::new().timed(args.model.time_passes))?;
+    let (mut g, _) = import(
+        &args.model,
+        shapes,
+        &mut timer,
+        &mut PassManager::new().timed(args.model.time_passes),
+    )?;
     let opts = crate::train::options_for(&g, &args.training)?;
     timer
         .time("train", || crate::train::build(&mut g, &opts))
@@ -1114,8 +1139,7 @@ fn train_pipelined_on(
         _ => PassTarget::Reference,
     };
     let t0 = Instant::now();
-    let (host, graphs) =
-        crate::pipe::lower_pipeline(program, schedule, opts, rows, model, target)?;
+    let (host, graphs) = crate::pipe::lower_pipeline(program, schedule, opts, rows, model, target)?;
     if target == PassTarget::Cpu {
         let pl = host.program.pipeline.as_ref().expect("a pipeline");
         eprintln!(
@@ -1183,7 +1207,9 @@ fn opt(args: OptArgs) -> Result<()> {
         }
         last = Some(stats);
     }
-    let out = last.and_then(|s| s.render(&g)).unwrap_or_else(|| memc_ir::print(&g));
+    let out = last
+        .and_then(|s| s.render(&g))
+        .unwrap_or_else(|| memc_ir::print(&g));
     print!("{out}");
     Ok(())
 }

@@ -35,7 +35,8 @@ impl PipelineArgs {
         if p == 0 {
             bail!("--pipeline-stages must be at least 1");
         }
-        let kind = ScheduleKind::parse_named(&self.schedule).map_err(|e| anyhow!("--schedule {e}"))?;
+        let kind =
+            ScheduleKind::parse_named(&self.schedule).map_err(|e| anyhow!("--schedule {e}"))?;
         Ok(Some((kind, p * kind.chunks_per_device())))
     }
 }
@@ -164,7 +165,6 @@ pub fn pipelined_program(
     crate::train::build_with(&mut g, &opts, None, true)?;
     Ok((g, part))
 }
-
 
 /// Where the passes of a lowered pipelined step run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

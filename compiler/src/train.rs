@@ -8,8 +8,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 use memc_ir::{DType, Graph, Tensor, ValueDef};
-use memc_passes::remat::Policy;
 use memc_passes::manager::PassManager;
+use memc_passes::remat::Policy;
 use memc_passes::train::{self, Loss, Optimizer, TrainError, TrainOptions, TrainStats, Trainable};
 
 /// The loss names of the CLI.
@@ -227,12 +227,18 @@ pub fn build_with(
 }
 
 /// [`build`] through `pm` (dumps, timing); errors in terms of the CLI's flags.
-pub fn build_managed(g: &mut Graph, opts: &TrainOptions, pm: &mut PassManager) -> Result<TrainStats> {
+pub fn build_managed(
+    g: &mut Graph,
+    opts: &TrainOptions,
+    pm: &mut PassManager,
+) -> Result<TrainStats> {
     train::build_training_with(g, opts, pm).map_err(|e| match e {
         TrainError::NoLogits(_) => anyhow!("--loss next-token-ce: {e}"),
         TrainError::NothingTrainable(_) => anyhow!("--trainable: {e}"),
         TrainError::NoAdapters => {
-            anyhow!("--trainable adapters needs --reversible (only reversible layers have adapters)")
+            anyhow!(
+                "--trainable adapters needs --reversible (only reversible layers have adapters)"
+            )
         }
         TrainError::BadTrainable(re, msg) => {
             anyhow!("--trainable `{re}` is not a regular expression: {msg}")
@@ -363,6 +369,9 @@ pub fn run_reference(
     run_program(g, &host, data, data_path, opts, model, exec)
 }
 
+/// Tensors by name, as bytes.
+type NamedBytes = Vec<(String, Vec<u8>)>;
+
 /// What runs a lowered program's steps ([`run_program`]).
 pub enum Exec<'a> {
     /// Its generated kernels on the cpu backend.
@@ -415,7 +424,6 @@ pub fn training_info(
         drift_threshold: opts.drift_threshold(),
     })
 }
-
 
 /// The cpu backend's program ([`memc_codegen::host::lower`]); with `training`, the
 /// runtime's training description is filled in.
@@ -534,15 +542,16 @@ pub fn run_program(
         metrics: None,
     };
     let (losses, trained) = host
-        .with_kernels(|kernels| -> Result<(Vec<f64>, Vec<(String, Vec<u8>)>)> {
-            let mut cpu: Box<dyn memc_runtime::Backend> = match (&program.pipeline, exec) {
-                (_, Exec::Reference(graph, bytes)) => Box::new(
-                    memc_codegen::reference::Reference::new(graph, program)
-                        .checked()
-                        .reporting(bytes),
-                ),
-                (Some(_), Exec::Passes(graphs)) => {
-                    let mut make = |label: &str,
+        .with_kernels(|kernels| -> Result<(Vec<f64>, NamedBytes)> {
+            let mut cpu: Box<dyn memc_runtime::Backend> =
+                match (&program.pipeline, exec) {
+                    (_, Exec::Reference(graph, bytes)) => Box::new(
+                        memc_codegen::reference::Reference::new(graph, program)
+                            .checked()
+                            .reporting(bytes),
+                    ),
+                    (Some(_), Exec::Passes(graphs)) => {
+                        let mut make = |label: &str,
                                     p: &memc_runtime::program::Program|
                      -> Result<PassBackend, memc_runtime::RunError> {
                         let g = graphs.iter().find(|x| x.label == label).ok_or_else(|| {
@@ -553,11 +562,11 @@ pub fn run_program(
                             p,
                         )))
                     };
-                    Box::new(Pipelined::open(program, &mut make)?)
-                }
-                // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
-                _ => unsafe { memc_runtime::session::open_backend("cpu", program, kernels)? },
-            };
+                        Box::new(Pipelined::open(program, &mut make)?)
+                    }
+                    // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
+                    _ => unsafe { memc_runtime::session::open_backend("cpu", program, kernels)? },
+                };
             let rank = memc_runtime::mesh::RankEnv::from_env()
                 .ok()
                 .flatten()

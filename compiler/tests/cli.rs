@@ -1404,7 +1404,6 @@ fn pipelined_training_matches_plain_training() {
     }
 }
 
-
 #[test]
 fn pipelined_training_across_processes_matches_one_process() {
     // One process per stage with torchrun's environment, values over loopback TCP.
@@ -1591,9 +1590,15 @@ fn train_feeds_the_models_other_inputs_from_input_files() {
             "--data",
             s(&dir.join("input_ids.npy")),
             "--input",
-            &format!("token_type_ids={}", dir.join("token_type_ids.npy").display()),
+            &format!(
+                "token_type_ids={}",
+                dir.join("token_type_ids.npy").display()
+            ),
             "--input",
-            &format!("attention_mask={}", dir.join("attention_mask.npy").display()),
+            &format!(
+                "attention_mask={}",
+                dir.join("attention_mask.npy").display()
+            ),
             "--steps",
             "2",
             "--backend",
@@ -1605,7 +1610,10 @@ fn train_feeds_the_models_other_inputs_from_input_files() {
         assert_eq!(lines[0]["backend"], backend);
         losses.push(lines[1]["loss"].as_f64().unwrap());
     }
-    assert!((losses[0] - losses[1]).abs() <= 1e-4 * losses[0].abs(), "{losses:?}");
+    assert!(
+        (losses[0] - losses[1]).abs() <= 1e-4 * losses[0].abs(),
+        "{losses:?}"
+    );
 }
 
 #[test]
@@ -1650,11 +1658,26 @@ fn opt_lists_runs_dumps_and_times_every_pass_of_the_table() {
     files.sort();
     assert_eq!(
         files,
-        ["00-loss.mir", "01-autodiff.mir", "02-optimizer.mir", "03-lower-blocks.mir", "04-plan.mir"]
+        [
+            "00-loss.mir",
+            "01-autodiff.mir",
+            "02-optimizer.mir",
+            "03-lower-blocks.mir",
+            "04-plan.mir"
+        ]
     );
     // Bad pipelines: one line naming the pass or option.
-    fails_with(&["opt", s(&f), "--pass", "remat{policy=most}"], &["remat", "policy=most", "one of auto, full, exact"]);
-    fails_with(&["opt", s(&f), "--pass", "remat{polcy=full}"], &["no option `polcy`"]);
+    fails_with(
+        &["opt", s(&f), "--pass", "remat{policy=most}"],
+        &["remat", "policy=most", "one of auto, full, exact"],
+    );
+    fails_with(
+        &["opt", s(&f), "--pass", "remat{polcy=full}"],
+        &["no option `polcy`"],
+    );
     fails_with(&["opt", s(&f), "--pass", "loss,"], &["ends with a comma"]);
-    fails_with(&["opt", s(&f), "--pass", "optimizer"], &["run the autodiff pass first"]);
+    fails_with(
+        &["opt", s(&f), "--pass", "optimizer"],
+        &["run the autodiff pass first"],
+    );
 }

@@ -180,7 +180,10 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
     let mut with_grad = HashSet::new();
     for &(p, v) in g.grads() {
         if !valid(p) || !valid(v) {
-            errors.push(format!("grad %{} = %{} refers to a missing value", p.0, v.0));
+            errors.push(format!(
+                "grad %{} = %{} refers to a missing value",
+                p.0, v.0
+            ));
             continue;
         }
         match &g.value(p).def {

@@ -299,6 +299,8 @@ fn declared_gradients_round_trip_and_are_checked() {
     memc_ir::verify(&g).unwrap();
     // Only a weight has a gradient, of its own type.
     let bad = text.replace("grad %1 = %2", "grad %0 = %2");
-    let err = memc_ir::verify(&parse(&bad).unwrap()).unwrap_err().to_string();
+    let err = memc_ir::verify(&parse(&bad).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("grad target %0 is not a weight"), "{err}");
 }

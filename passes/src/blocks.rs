@@ -170,7 +170,12 @@ mod tests {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lowered(pub usize);
 
-crate::pass_stats!(Lowered, fn summary(&self) -> String { format!("{} blocks lowered", self.0) });
+crate::pass_stats! {
+    Lowered,
+    fn summary(&self) -> String {
+        format!("{} blocks lowered", self.0)
+    }
+}
 
 /// Lowers every block op of `g` but those in `keep`.
 pub fn lower_blocks_keeping(g: &mut Graph, keep: &[Op]) -> Result<Lowered, String> {

@@ -133,7 +133,12 @@ macro_rules! pass_stats {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Line(pub String);
 
-pass_stats!(Line, fn summary(&self) -> String { self.0.clone() });
+pass_stats! {
+    Line,
+    fn summary(&self) -> String {
+        self.0.clone()
+    }
+}
 
 /// What an option takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,21 +234,23 @@ impl Options {
 
     /// Sets `key` to `value`, checking both against the declaration.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), PassError> {
-        let decl = self.decls.iter().find(|d| d.key == key).ok_or_else(|| {
-            PassError::UnknownOption {
-                pass: self.pass.into(),
-                key: key.into(),
-                known: if self.decls.is_empty() {
-                    "none".into()
-                } else {
-                    self.decls
-                        .iter()
-                        .map(|d| d.key)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                },
-            }
-        })?;
+        let decl =
+            self.decls
+                .iter()
+                .find(|d| d.key == key)
+                .ok_or_else(|| PassError::UnknownOption {
+                    pass: self.pass.into(),
+                    key: key.into(),
+                    known: if self.decls.is_empty() {
+                        "none".into()
+                    } else {
+                        self.decls
+                            .iter()
+                            .map(|d| d.key)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                })?;
         if !decl.kind.check(value) {
             return Err(self.bad(key, value, decl.kind.describe()));
         }
@@ -291,7 +298,11 @@ impl Options {
         if self.values.is_empty() {
             return self.pass.to_string();
         }
-        let kv: Vec<String> = self.values.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let kv: Vec<String> = self
+            .values
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         format!("{}{{{}}}", self.pass, kv.join(" "))
     }
 }

@@ -82,10 +82,7 @@ impl ScheduleKind {
     pub fn parse_named(name: &str) -> Result<ScheduleKind, String> {
         ScheduleKind::parse(name).ok_or_else(|| {
             let names: Vec<&str> = ScheduleKind::ALL.iter().map(|k| k.name()).collect();
-            format!(
-                "`{name}` is not a schedule ({})",
-                names.join(", ")
-            )
+            format!("`{name}` is not a schedule ({})", names.join(", "))
         })
     }
 

@@ -10,8 +10,8 @@
 //! kernel. Parameters, optimizer state, inputs and constants live for the whole step.
 
 use std::cmp::Reverse;
-use std::fmt::Write as _;
 use std::collections::{BinaryHeap, HashMap};
+use std::fmt::Write as _;
 
 use memc_ir::{Graph, NodeId, Op, ParamRole, Phase, ValueDef, ValueId};
 

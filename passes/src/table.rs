@@ -310,7 +310,7 @@ fn block_op(name: &str) -> Option<Op> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fusion(pub Vec<crate::fuse::Kernel>);
 
-pass_stats!(Fusion,
+pass_stats! {Fusion,
     fn summary(&self) -> String {
         let fused = self.0.iter().filter(|k| k.elementwise).count();
         format!("{} kernels, {fused} generated from fused nodes", self.0.len())
@@ -326,22 +326,22 @@ pass_stats!(Fusion,
             kernel_of[n.index()].map(|(i, e)| format!("kernel {i}{}", if e { " (fused)" } else { "" }))
         }))
     }
-);
+}
 
 fn commented(text: &str) -> String {
     text.lines().map(|l| format!("// {l}\n")).collect()
 }
 
-pass_stats!(crate::plan::Plan,
+pass_stats! {crate::plan::Plan,
     fn summary(&self) -> String {
         format!("peak {} bytes over {} steps", self.peak_bytes, self.steps)
     }
     fn render(&self, g: &Graph) -> Option<String> {
         Some(memc_ir::print(g) + &commented(&crate::plan::text(g, self)))
     }
-);
+}
 
-pass_stats!(crate::partition::Partition,
+pass_stats! {crate::partition::Partition,
     fn summary(&self) -> String {
         format!("{} layers in {} chunks", self.layers, self.chunks.len())
     }
@@ -360,51 +360,51 @@ pass_stats!(crate::partition::Partition,
         });
         Some(annotated + &commented(&table))
     }
-);
+}
 
-pass_stats!(crate::canonicalize::CanonStats, fn summary(&self) -> String {
+pass_stats! {crate::canonicalize::CanonStats, fn summary(&self) -> String {
     format!(
         "{} -> {} nodes, {} iterations ({}), recognised {:?}",
         self.nodes_before, self.nodes_after, self.iterations, self.stop, self.recognised
     )
-});
+}}
 
-pass_stats!(crate::consts::ConstStats, fn summary(&self) -> String {
+pass_stats! {crate::consts::ConstStats, fn summary(&self) -> String {
     format!(
         "constants {} -> {} bytes ({} merged, {} shrunk)",
         self.bytes_before, self.bytes_after, self.merged, self.shrunk
     )
-});
+}}
 
-pass_stats!(crate::moc::MocStats, fn summary(&self) -> String {
+pass_stats! {crate::moc::MocStats, fn summary(&self) -> String {
     let k = self.k.map(|(k, f)| format!(", keeping {k} of {f} channels")).unwrap_or_default();
     format!("{} swiglu_ffn -> moc_ffn{k}; {} FFNs left dense", self.rewritten, self.left_dense)
-});
+}}
 
-pass_stats!(crate::reversible::RevStats, fn summary(&self) -> String {
+pass_stats! {crate::reversible::RevStats, fn summary(&self) -> String {
     format!(
         "{} of {} layers reversible ({}), {} adapters ({} parameters)",
         self.reversible_layers, self.layers, self.variant.name(), self.adapters, self.adapter_params
     )
-});
+}}
 
-pass_stats!(crate::precision::PrecisionStats, fn summary(&self) -> String {
+pass_stats! {crate::precision::PrecisionStats, fn summary(&self) -> String {
     format!("{} weights cast, {} nodes converted", self.cast_weights, self.converted_nodes)
-});
+}}
 
-pass_stats!(crate::reconstruct::ReconstructStats, fn summary(&self) -> String {
+pass_stats! {crate::reconstruct::ReconstructStats, fn summary(&self) -> String {
     format!(
         "{} couplings inverted ({} nodes), {} drift outputs",
         self.couplings, self.nodes, self.drift_outputs
     )
-});
+}}
 
-pass_stats!(crate::remat::RematStats, fn summary(&self) -> String {
+pass_stats! {crate::remat::RematStats, fn summary(&self) -> String {
     format!(
         "saved activations {} -> {} bytes, {} nodes recomputed, {} layers",
         self.saved_bytes_before, self.saved_bytes_after, self.recomputed_nodes, self.layers
     )
-});
+}}
 
 /// The pass `name` of the table with `options` (`key=value` pairs), checked.
 pub fn spec(name: &str, options: &[(&str, &str)]) -> Result<PassSpec, PassError> {
@@ -423,11 +423,7 @@ pub fn lookup(name: &str) -> Result<&'static PassDecl, PassError> {
         .find(|p| p.name == name)
         .ok_or_else(|| PassError::UnknownPass {
             name: name.to_string(),
-            available: PASSES
-                .iter()
-                .map(|p| p.name)
-                .collect::<Vec<_>>()
-                .join(", "),
+            available: PASSES.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
         })
 }
 
@@ -485,7 +481,10 @@ pub fn list() -> String {
     for p in PASSES {
         s += &format!("{:<18} {}\n", p.name, p.summary);
         for o in p.options {
-            let default = o.default.map(|d| format!(" (default {d})")).unwrap_or_default();
+            let default = o
+                .default
+                .map(|d| format!(" (default {d})"))
+                .unwrap_or_default();
             s += &format!(
                 "    {:<14} {}: {}{default}\n",
                 o.key,
@@ -513,14 +512,12 @@ mod tests {
 
     #[test]
     fn options_are_checked() {
-
         let decl = lookup("remat").unwrap();
         let mut o = Options::none(decl);
         assert!(o.set("policy", "full").is_ok());
         assert!(o.set("nope", "1").is_err());
         assert_eq!(o.display(), "remat{policy=full}");
     }
-
 
     #[test]
     fn pipelines_parse_in_mlir_syntax() {
@@ -529,7 +526,11 @@ mod tests {
         let names: Vec<String> = p.iter().map(|s| s.options.display()).collect();
         assert_eq!(
             names,
-            ["dce", "remat{policy=full}", "lower-blocks{keep=residual,rev_couple}"]
+            [
+                "dce",
+                "remat{policy=full}",
+                "lower-blocks{keep=residual,rev_couple}"
+            ]
         );
         assert_eq!(p[1].options.text("policy"), Some("full"));
         assert!(matches!(

@@ -268,12 +268,18 @@ pub struct LossStats {
     pub fused: Option<FusedLoss>,
 }
 
-crate::pass_stats!(LossStats, fn summary(&self) -> String {
-    match &self.fused {
-        Some(f) => format!("fused LM-head cross-entropy in {} chunks ({} of {} logit bytes at once)", f.chunks, f.chunk_bytes, f.logits_bytes),
-        None => "cross-entropy over the whole logits".into(),
+crate::pass_stats! {
+    LossStats,
+    fn summary(&self) -> String {
+        match &self.fused {
+            Some(f) => format!(
+                "fused LM-head cross-entropy in {} chunks ({} of {} logit bytes at once)",
+                f.chunks, f.chunk_bytes, f.logits_bytes
+            ),
+            None => "cross-entropy over the whole logits".into(),
+        }
     }
-});
+}
 
 /// Adds the loss to the forward graph `g` and makes it the only output, `loss`: the fused,
 /// chunked LM-head cross-entropy when `fused` and the logits are one GEMM, else the plain
@@ -326,9 +332,15 @@ pub struct AutodiffStats {
     pub backward_nodes: usize,
 }
 
-crate::pass_stats!(AutodiffStats, fn summary(&self) -> String {
-    format!("{} weights trained ({} parameters), {} frozen; {} backward nodes", self.trained_tensors, self.trained_params, self.frozen_tensors, self.backward_nodes)
-});
+crate::pass_stats! {
+    AutodiffStats,
+    fn summary(&self) -> String {
+        format!(
+            "{} weights trained ({} parameters), {} frozen; {} backward nodes",
+            self.trained_tensors, self.trained_params, self.frozen_tensors, self.backward_nodes
+        )
+    }
+}
 
 fn param_name(g: &Graph, v: ValueId) -> String {
     match &g.value(v).def {
@@ -357,7 +369,11 @@ pub fn autodiff(g: &mut Graph, trainable: &Trainable) -> Result<AutodiffStats, T
     let trained: Vec<ValueId> = weights
         .iter()
         .copied()
-        .filter(|&w| matcher.as_ref().is_none_or(|r| r.is_match(&param_name(g, w))))
+        .filter(|&w| {
+            matcher
+                .as_ref()
+                .is_none_or(|r| r.is_match(&param_name(g, w)))
+        })
         .collect();
     if trained.is_empty() {
         let example = weights
@@ -387,9 +403,12 @@ pub struct UpdateStats {
     pub nodes: usize,
 }
 
-crate::pass_stats!(UpdateStats, fn summary(&self) -> String {
-    format!("{} nodes", self.nodes)
-});
+crate::pass_stats! {
+    UpdateStats,
+    fn summary(&self) -> String {
+        format!("{} nodes", self.nodes)
+    }
+}
 
 /// Scales the declared gradients so that their global norm is at most `max_norm`
 /// (`torch.nn.utils.clip_grad_norm_`).
@@ -478,17 +497,28 @@ pub fn build_training_with(
     // Blocks become their steps; `residual` stays (its VJP is the identity to both operands)
     // until rematerialisation has found the layers with it, `rev_couple` until the backward
     // pass has inverted it.
-    pm.run(g, "lower-blocks", "lower-blocks{keep=residual,rev_couple}".into(), |g| {
-        crate::blocks::lower_blocks_keeping(g, &[Op::Residual, Op::RevCouple])
-            .map_err(TrainError::Build)
-    })?;
+    pm.run(
+        g,
+        "lower-blocks",
+        "lower-blocks{keep=residual,rev_couple}".into(),
+        |g| {
+            crate::blocks::lower_blocks_keeping(g, &[Op::Residual, Op::RevCouple])
+                .map_err(TrainError::Build)
+        },
+    )?;
     let dtype = opts.compute_dtype;
-    pm.run(g, "precision", format!("precision{{dtype={}}}", dtype.name()), |g| {
-        crate::precision::lower_precision(g, dtype).map_err(TrainError::Build)
-    })?;
-    let loss = pm.run(g, "loss", format!("loss{{fused={}}}", opts.fused_loss), |g| {
-        add_loss(g, opts.loss, opts.fused_loss)
-    })?;
+    pm.run(
+        g,
+        "precision",
+        format!("precision{{dtype={}}}", dtype.name()),
+        |g| crate::precision::lower_precision(g, dtype).map_err(TrainError::Build),
+    )?;
+    let loss = pm.run(
+        g,
+        "loss",
+        format!("loss{{fused={}}}", opts.fused_loss),
+        |g| add_loss(g, opts.loss, opts.fused_loss),
+    )?;
     let ad = pm.run(
         g,
         "autodiff",
@@ -507,7 +537,10 @@ pub fn build_training_with(
         .run(
             g,
             "optimizer",
-            format!("optimizer{{{}}}", optimizer_text(&opts.optimizer, opts.grad_outputs)),
+            format!(
+                "optimizer{{{}}}",
+                optimizer_text(&opts.optimizer, opts.grad_outputs)
+            ),
             |g| add_optimizer(g, &opts.optimizer, opts.grad_outputs),
         )?
         .nodes;
@@ -522,15 +555,19 @@ pub fn build_training_with(
         _ => None,
     };
     let remat = match &opts.remat {
-        Some(policy) => Some(pm.run(g, "remat", format!("remat{{{}}}", policy.text()), |g| {
-            rematerialize(g, policy).map_err(TrainError::Remat)
-        })?),
+        Some(policy) => Some(
+            pm.run(g, "remat", format!("remat{{{}}}", policy.text()), |g| {
+                rematerialize(g, policy).map_err(TrainError::Remat)
+            })?,
+        ),
         None => None,
     };
     let partition = match opts.pipeline_chunks {
-        Some(c) => Some(pm.run(g, "partition", format!("partition{{chunks={c}}}"), |g| {
-            crate::partition::partition(g, c).map_err(TrainError::Partition)
-        })?),
+        Some(c) => Some(
+            pm.run(g, "partition", format!("partition{{chunks={c}}}"), |g| {
+                crate::partition::partition(g, c).map_err(TrainError::Partition)
+            })?,
+        ),
         None => None,
     };
     pm.run(g, "lower-blocks", "lower-blocks".into(), |g| {

@@ -59,7 +59,9 @@ impl Arena {
     /// A pointer to buffer `b`; panics when it does not lie inside the arena.
     fn buffer(&self, b: &Buf) -> *mut u8 {
         assert!(
-            b.offset.checked_add(b.bytes).is_some_and(|end| end <= self.bytes as u64),
+            b.offset
+                .checked_add(b.bytes)
+                .is_some_and(|end| end <= self.bytes as u64),
             "a buffer of {} bytes at offset {} is past the arena's {} bytes",
             b.bytes,
             b.offset,

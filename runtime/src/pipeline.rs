@@ -26,8 +26,8 @@ use std::time::Instant;
 
 use crate::cpu::{Arena, Cpu, KernelFn};
 use crate::mesh::Mesh;
-use crate::program::{Pipeline, Program, Slot};
 use crate::program::{decode, encode};
+use crate::program::{Pipeline, Program, Slot};
 use crate::{Backend, RunError};
 
 /// A backend for one pass program (see [`Pipelined::with_backends`]).
@@ -134,10 +134,7 @@ impl Pipelined {
         program: &Program,
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
     ) -> Result<Pipelined, RunError> {
-        let stages = program
-            .pipeline
-            .as_ref()
-            .map_or(0, |p| p.stages);
+        let stages = program.pipeline.as_ref().map_or(0, |p| p.stages);
         let mesh = match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
             Some(env) => {
                 check_world(env.world, stages)?;
@@ -153,11 +150,10 @@ impl Pipelined {
     /// # Safety
     ///
     /// As for [`Cpu::new`]: `kernels` are the entries memc generated for `program.kernels`.
-    pub unsafe fn open_cpu(
-        program: &Program,
-        kernels: &[KernelFn],
-    ) -> Result<Pipelined, RunError> {
-        Pipelined::open(program, &mut |_, p: &Program| -> Result<PassBackend, RunError> {
+    pub unsafe fn open_cpu(program: &Program, kernels: &[KernelFn]) -> Result<Pipelined, RunError> {
+        Pipelined::open(program, &mut |_,
+                                       p: &Program|
+         -> Result<PassBackend, RunError> {
             // SAFETY: the caller's contract, for every pass.
             Ok(Box::new(unsafe { Cpu::new(p, kernels) }))
         })

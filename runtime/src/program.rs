@@ -9,8 +9,8 @@
 //! checks all of it, then [`Program::validate`] checks every buffer lies inside the arena, so
 //! a corrupt executable fails with one clear error rather than writing out of bounds.
 
-use serde::{Deserialize, Serialize};
 use half::{bf16, f16};
+use serde::{Deserialize, Serialize};
 
 /// The first bytes of a serialised program.
 pub const MAGIC: &[u8; 8] = b"MEMCPRG\0";
@@ -705,6 +705,42 @@ impl Program {
     }
 }
 
+/// `values` as little-endian elements of `dtype` (rounded to nearest).
+pub fn encode(dtype: Dtype, values: &[f64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * dtype.size());
+    for &v in values {
+        match dtype {
+            Dtype::F32 => out.extend((v as f32).to_le_bytes()),
+            Dtype::F64 => out.extend(v.to_le_bytes()),
+            Dtype::F16 => out.extend(f16::from_f64(v).to_le_bytes()),
+            Dtype::Bf16 => out.extend(bf16::from_f64(v).to_le_bytes()),
+            Dtype::I64 => out.extend((v as i64).to_le_bytes()),
+            Dtype::I32 => out.extend((v as i32).to_le_bytes()),
+            Dtype::I16 => out.extend((v as i16).to_le_bytes()),
+            Dtype::Bool => out.push((v != 0.0) as u8),
+        }
+    }
+    out
+}
+
+/// Little-endian elements of `dtype` as f64.
+pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+    let c = dtype.size();
+    bytes
+        .chunks_exact(c)
+        .map(|b| match dtype {
+            Dtype::F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::F64 => f64::from_le_bytes(b.try_into().unwrap()),
+            Dtype::F16 => f16::from_le_bytes(b.try_into().unwrap()).to_f64(),
+            Dtype::Bf16 => bf16::from_le_bytes(b.try_into().unwrap()).to_f64(),
+            Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::I16 => i16::from_le_bytes(b.try_into().unwrap()) as f64,
+            Dtype::Bool => (b[0] != 0) as u8 as f64,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -893,40 +929,4 @@ mod tests {
             assert!(e.contains(want), "{want}: {e}");
         }
     }
-}
-
-/// `values` as little-endian elements of `dtype` (rounded to nearest).
-pub fn encode(dtype: Dtype, values: &[f64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * dtype.size());
-    for &v in values {
-        match dtype {
-            Dtype::F32 => out.extend((v as f32).to_le_bytes()),
-            Dtype::F64 => out.extend(v.to_le_bytes()),
-            Dtype::F16 => out.extend(f16::from_f64(v).to_le_bytes()),
-            Dtype::Bf16 => out.extend(bf16::from_f64(v).to_le_bytes()),
-            Dtype::I64 => out.extend((v as i64).to_le_bytes()),
-            Dtype::I32 => out.extend((v as i32).to_le_bytes()),
-            Dtype::I16 => out.extend((v as i16).to_le_bytes()),
-            Dtype::Bool => out.push((v != 0.0) as u8),
-        }
-    }
-    out
-}
-
-/// Little-endian elements of `dtype` as f64.
-pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
-    let c = dtype.size();
-    bytes
-        .chunks_exact(c)
-        .map(|b| match dtype {
-            Dtype::F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
-            Dtype::F64 => f64::from_le_bytes(b.try_into().unwrap()),
-            Dtype::F16 => f16::from_le_bytes(b.try_into().unwrap()).to_f64(),
-            Dtype::Bf16 => bf16::from_le_bytes(b.try_into().unwrap()).to_f64(),
-            Dtype::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f64,
-            Dtype::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f64,
-            Dtype::I16 => i16::from_le_bytes(b.try_into().unwrap()) as f64,
-            Dtype::Bool => (b[0] != 0) as u8 as f64,
-        })
-        .collect()
 }

@@ -7,8 +7,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-
-
 use crate::cpu::{Cpu, KernelFn};
 use crate::npy::{self, NpyArray, NpyDtype};
 use crate::program::{Dtype, Program, Role, Slot};
@@ -106,7 +104,6 @@ impl Batches {
 }
 
 pub use crate::program::{decode, encode};
-
 
 /// Run-time settings of a training run.
 #[derive(Debug, Clone)]
@@ -867,7 +864,13 @@ pub fn drift_warning(drift: &[f64], limit: f64, step: u64) -> Option<String> {
     let bad: Vec<String> = drift
         .iter()
         .enumerate()
-        .filter(|(_, x)| !(**x <= limit))
+        // Past the limit, or not a number.
+        .filter(|(_, x)| {
+            !matches!(
+                (**x).partial_cmp(&limit),
+                Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+            )
+        })
         .map(|(l, x)| format!("layer {l}: {x:.2e}"))
         .collect();
     (!bad.is_empty()).then(|| {

@@ -5,8 +5,7 @@
 
 use memc_passes::canonicalize::{canonicalize, Limits};
 use memc_tests::{
-    adamw, examples, max_rel, reference_losses, train_args, train_reference, training_program,
-    AUTO,
+    adamw, examples, max_rel, reference_losses, train_args, train_reference, training_program, AUTO,
 };
 
 #[test]

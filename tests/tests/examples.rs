@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use memc_onnx::{import, ImportOptions};
 use memc_ir::ValueDef;
+use memc_onnx::{import, ImportOptions};
 use memc_tests::{examples, rel_error};
 
 fn shapes_of(inputs: &HashMap<String, memc_ir::Tensor>) -> ImportOptions {

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use memc_tests::{adamw, examples, max_rel, reference_losses, train_args, Example, TrainOptions, AUTO};
+use memc_tests::{
+    adamw, examples, max_rel, reference_losses, train_args, Example, TrainOptions, AUTO,
+};
 
 #[path = "../support/ranks.rs"]
 mod ranks;
@@ -653,7 +655,6 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
         );
     }
 }
-
 
 #[test]
 fn pipelined_executables_run_one_process_per_stage() {

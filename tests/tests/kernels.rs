@@ -5,14 +5,14 @@
 
 use std::collections::HashMap;
 
-use memc_onnx::{import, ImportOptions};
 use memc::train::build;
-use memc_passes::train::{Optimizer, TrainOptions};
 use memc_codegen::fuse::fuse;
 use memc_codegen::jit::with_host_jit;
 use memc_codegen::kernel::{elementwise_mlir, lower};
 use memc_codegen::ops::op_mlir;
 use memc_ir::{DType, Op, ParamRole, Tensor, ValueDef, ValueId};
+use memc_onnx::{import, ImportOptions};
+use memc_passes::train::{Optimizer, TrainOptions};
 use memc_tests::examples;
 
 #[test]

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use memc_onnx::{import, ImportOptions};
 use memc_ir::{DType, Tensor};
+use memc_onnx::{import, ImportOptions};
 use memc_tests::root;
 
 fn npys(dir: &std::path::Path) -> HashMap<String, Tensor> {

@@ -97,8 +97,7 @@ fn text_cases() {
         let case = path.file_stem().unwrap().to_string_lossy().to_string();
         let text = std::fs::read_to_string(&path).unwrap();
         let (pipeline, error) = header(&path, &text);
-        let specs = parse_pipeline(&pipeline)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let specs = parse_pipeline(&pipeline).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(
             specs.last().map(|s| s.decl.name),
             Some(pass.as_str()),
@@ -138,7 +137,9 @@ fn text_cases() {
                 continue;
             }
             (Ok(_), Some(want)) => {
-                failures.push(format!("{pass}/{case}: passed, expected an error with `{want}`"));
+                failures.push(format!(
+                    "{pass}/{case}: passed, expected an error with `{want}`"
+                ));
                 continue;
             }
         }

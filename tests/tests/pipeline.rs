@@ -152,16 +152,25 @@ fn run_step(
     )
     .unwrap();
     let p = &host.program;
-    let mut make = |label: &str, sub: &memc_runtime::program::Program| -> Result<PassBackend, memc_runtime::RunError> {
+    let mut make = |label: &str,
+                    sub: &memc_runtime::program::Program|
+     -> Result<PassBackend, memc_runtime::RunError> {
         let g = &graphs.iter().find(|x| x.label == label).unwrap().graph;
-        Ok(Box::new(memc_codegen::reference::Reference::new(g.clone(), sub)))
+        Ok(Box::new(memc_codegen::reference::Reference::new(
+            g.clone(),
+            sub,
+        )))
     };
     let mut pipe = Pipelined::with_backends(p, &mut make, None).unwrap();
     let weights: HashMap<&str, &memc_ir::Tensor> = program
         .values()
         .iter()
         .filter_map(|v| match &v.def {
-            memc_ir::ValueDef::Param { name, data: Some(t), .. } => Some((name.as_str(), t)),
+            memc_ir::ValueDef::Param {
+                name,
+                data: Some(t),
+                ..
+            } => Some((name.as_str(), t)),
             _ => None,
         })
         .collect();
@@ -169,7 +178,8 @@ fn run_step(
         if let Some(t) = weights.get(q.slot.name.as_str()) {
             pipe.set(&q.slot, t.bytes()).unwrap();
         } else {
-            pipe.set(&q.slot, &vec![0u8; q.slot.bytes() as usize]).unwrap();
+            pipe.set(&q.slot, &vec![0u8; q.slot.bytes() as usize])
+                .unwrap();
         }
     }
     for s in &p.inputs {

@@ -9,10 +9,7 @@ use memc_tests::{adamw, examples, train_args, training_program, TrainOptions, AU
 fn every_training_kernel_assembles_for_sm_90a() {
     let libdevice = find_libdevice().expect("scripts/setup.sh installs nvidia-cuda-nvcc");
     for ex in examples() {
-        let (g, _) = training_program(
-            &ex,
-            &train_args(adamw(), Some(1.0), AUTO),
-        );
+        let (g, _) = training_program(&ex, &train_args(adamw(), Some(1.0), AUTO));
         let mut host = memc::train::host_program(&g, &ex.name, None).unwrap();
         host.compile_device(90, &libdevice)
             .unwrap_or_else(|e| panic!("{}: {e}", ex.name));
@@ -62,10 +59,7 @@ fn sm_80_too() {
         .into_iter()
         .find(|e| e.name == "llama-dynamo")
         .unwrap();
-    let (g, _) = training_program(
-        &ex,
-        &train_args(adamw(), None, AUTO),
-    );
+    let (g, _) = training_program(&ex, &train_args(adamw(), None, AUTO));
     let mut host = memc::train::host_program(&g, &ex.name, None).unwrap();
     host.compile_device(80, &libdevice).unwrap();
     let ptx = &host.program.device.as_ref().unwrap().ptx;

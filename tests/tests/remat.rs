@@ -88,11 +88,7 @@ fn every_policy_keeps_the_losses_bitwise_and_budgets_hold() {
         let want = reference_losses(&ex, &with_budget(None, None), 1e-3, 0.01, 2);
         let (g, _) = training_program(&ex, &with_budget(None, None));
         let none = plan(&g).saved_activation_bytes;
-        for (remat, budget) in [
-            (FULL, None),
-            (AUTO, Some("0.5")),
-            (AUTO, Some("80%")),
-        ] {
+        for (remat, budget) in [(FULL, None), (AUTO, Some("0.5")), (AUTO, Some("80%"))] {
             let a = with_budget(remat.clone(), budget);
             let (g, _) = training_program(&ex, &a);
             let saved = plan(&g).saved_activation_bytes;
@@ -157,16 +153,9 @@ fn bad_budgets_and_policies_say_what_to_do() {
         ("800MB", 800_000_000),
         ("4096", 4096),
     ] {
-        assert_eq!(
-            Budget::parse(text).unwrap(),
-            Budget::Bytes(bytes),
-            "{text}"
-        );
+        assert_eq!(Budget::parse(text).unwrap(), Budget::Bytes(bytes), "{text}");
     }
-    assert_eq!(
-        Budget::parse("50%").unwrap(),
-        Budget::Fraction(0.5)
-    );
+    assert_eq!(Budget::parse("50%").unwrap(), Budget::Fraction(0.5));
 }
 
 #[test]

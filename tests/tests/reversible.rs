@@ -300,10 +300,7 @@ fn the_drift_check_measures_each_layer() {
         .find(|e| e.name == "llama-dynamo")
         .unwrap();
     let (g0, inputs) = reversible(&ex, Variant::Meft3, None);
-    for (dtype, bound) in [
-        (memc_ir::DType::F32, 1e-3),
-        (memc_ir::DType::BF16, 50.0),
-    ] {
+    for (dtype, bound) in [(memc_ir::DType::F32, 1e-3), (memc_ir::DType::BF16, 50.0)] {
         let mut a = sgd_options("adapters", false, true);
         a.compute_dtype = dtype;
         let mut g = g0.clone();

@@ -8,8 +8,8 @@ use memc::train::Batches;
 use memc_ir::Phase;
 use memc_passes::plan::{plan, ALIGN};
 use memc_tests::{
-    adamw, examples, max_rel, reference_losses as losses, sgd, train_args as args,
-    train_reference, training_program as program, Example, TrainOptions, AUTO,
+    adamw, examples, max_rel, reference_losses as losses, sgd, train_args as args, train_reference,
+    training_program as program, Example, TrainOptions, AUTO,
 };
 
 /// `steps` AdamW steps (lr 1e-3, weight decay 0.01) on the cpu backend, on the example's batch.
@@ -72,20 +72,8 @@ fn rematerialisation_never_changes_a_loss() {
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
     {
-        let none = losses(
-            &ex,
-            &args(adamw(), None, None),
-            1e-3,
-            0.01,
-            2,
-        );
-        let auto = losses(
-            &ex,
-            &args(adamw(), None, AUTO),
-            1e-3,
-            0.01,
-            2,
-        );
+        let none = losses(&ex, &args(adamw(), None, None), 1e-3, 0.01, 2);
+        let auto = losses(&ex, &args(adamw(), None, AUTO), 1e-3, 0.01, 2);
         assert_eq!(none, auto, "{}: bitwise equal losses expected", ex.name);
     }
 }
@@ -306,10 +294,7 @@ fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
         .into_iter()
         .filter(|e| e.exporter == "dynamo" && !e.name.contains("opset"))
     {
-        let (g, _) = program(
-            &ex,
-            &args(adamw(), Some(1.0), AUTO),
-        );
+        let (g, _) = program(&ex, &args(adamw(), Some(1.0), AUTO));
         let (ordered, kernels, p) = memc_codegen::host::layout(&g);
         memc_ir::verify(&ordered).unwrap();
         assert_eq!(p.steps, kernels.len());
