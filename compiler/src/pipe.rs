@@ -1,6 +1,6 @@
 //! `--pipeline-stages P --microbatches M --schedule S`: the options, the microbatch program
 //! (the canonical forward graph cut into chunks, [`memc_passes::partition`], its forward
-//! nodes tagged, then built into a training step) and the report of each device's memory
+//! nodes given their chunk, then built into a training step) and the report of each device's memory
 //! ([`memc_passes::stages::memory_plan`]). Cutting into the schedule's passes is
 //! [`memc_passes::stages`], lowering `memc_codegen::pipeline`, running the runtime's
 //! executor (`memc_runtime::pipeline::Pipelined`).
@@ -142,10 +142,10 @@ impl PlanReport for PipelinePlan {
 }
 
 /// The training program of one microbatch for a pipelined step: the canonical forward graph
-/// `g`'s layers cut into `stages × chunks_per_device` chunks, every forward node's name
-/// tagged with its chunk (autodiff names each backward node after the forward node it
-/// differentiates, so the tags carry over), built without rematerialisation and with
-/// `grad:<name>` outputs.
+/// `g`'s layers cut into `stages × chunks_per_device` chunks, every forward node given its
+/// chunk ([`memc_ir::Node::chunk`]; autodiff gives each backward node the chunk of the
+/// forward node it differentiates), built without rematerialisation and with `grad:<name>`
+/// outputs.
 pub fn pipelined_program(
     mut g: memc_ir::Graph,
     opts: &memc_passes::train::TrainOptions,

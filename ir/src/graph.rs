@@ -129,6 +129,10 @@ pub struct Node {
     pub name: String,
     /// The part of the training step it belongs to.
     pub phase: Phase,
+    /// The pipeline chunk it belongs to, in a program split into chunks: set on the forward
+    /// nodes by the pipeline split and kept by every pass that derives nodes from a node (its
+    /// backward, its lowered steps, its recomputation); not part of the text.
+    pub chunk: Option<u32>,
 }
 
 /// A tensor program: values, nodes in program order, named outputs.
@@ -258,6 +262,7 @@ impl Graph {
             outputs: outputs.clone(),
             name: name.into(),
             phase: Phase::Forward,
+            chunk: None,
         });
         outputs
     }
@@ -336,6 +341,16 @@ impl Graph {
     /// Renames a node (names are for messages and passes that tag nodes; not in the text).
     pub fn set_name(&mut self, n: NodeId, name: impl Into<String>) {
         self.nodes[n.index()].name = name.into();
+    }
+
+    /// Sets the pipeline chunk of a node ([`Node::chunk`]).
+    pub fn set_chunk(&mut self, n: NodeId, chunk: Option<u32>) {
+        self.nodes[n.index()].chunk = chunk;
+    }
+
+    /// The node defining `v`'s chunk, to give a node derived from it ([`Node::chunk`]).
+    pub fn chunk_of(&self, n: NodeId) -> Option<u32> {
+        self.nodes[n.index()].chunk
     }
 
     /// Sets the phase of a node.

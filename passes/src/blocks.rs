@@ -47,6 +47,7 @@ pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<
                 .add_node(op, &args, format!("{}/{k}", node.name))
                 .map_err(|e| format!("lowering `{}` ({}): {e}", node.op.name(), node.name))?;
             g.set_phase(*ids.last().unwrap(), node.phase);
+            g.set_chunk(*ids.last().unwrap(), node.chunk);
             results.push(out[0]);
         }
         replaced.insert(node.outputs[0], *results.last().expect("a block has steps"));

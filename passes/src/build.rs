@@ -12,6 +12,8 @@ pub struct Builder<'g> {
     pub phase: Phase,
     /// Name given to every node added (for error messages).
     pub name: String,
+    /// Pipeline chunk given to every node added ([`memc_ir::Node::chunk`]).
+    pub chunk: Option<u32>,
 }
 
 /// Result of a builder call.
@@ -24,6 +26,18 @@ impl<'g> Builder<'g> {
             g,
             phase,
             name: name.into(),
+            chunk: None,
+        }
+    }
+
+    /// A builder adding `phase` nodes derived from node `origin` (its name and chunk).
+    pub fn for_node(g: &'g mut Graph, phase: Phase, origin: memc_ir::NodeId) -> Builder<'g> {
+        let (name, chunk) = (g.node(origin).name.clone(), g.chunk_of(origin));
+        Builder {
+            g,
+            phase,
+            name,
+            chunk,
         }
     }
 
@@ -32,6 +46,7 @@ impl<'g> Builder<'g> {
         let out = self.g.add_node(op, inputs, self.name.clone())?;
         let node = self.g.producer(out[0]).expect("a node result");
         self.g.set_phase(node, self.phase);
+        self.g.set_chunk(node, self.chunk);
         Ok(out[0])
     }
 

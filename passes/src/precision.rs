@@ -95,6 +95,10 @@ pub fn lower_precision(g: &mut Graph, dtype: DType) -> Result<PrecisionStats, St
         let results = out
             .add_node(op, &inputs, node.name.clone())
             .map_err(|e| format!("node `{}` ({}): {e}", node.name, node.op.name()))?;
+        if let Some(&r) = results.first() {
+            let new = out.producer(r).expect("a node result");
+            out.set_chunk(new, node.chunk);
+        }
         if results
             .iter()
             .zip(&node.outputs)

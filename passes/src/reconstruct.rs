@@ -117,6 +117,7 @@ pub fn reconstruct(g: &mut Graph, check: bool) -> Result<ReconstructStats, Strin
             let outs = g.add_node_typed(nd.op.clone(), &inputs, types, nd.name.clone());
             let id = g.producer(outs[0]).unwrap();
             g.set_phase(id, Phase::Recompute);
+            g.set_chunk(id, nd.chunk);
             group.push(id);
             for (&o, &cv) in nd.outputs.iter().zip(&outs) {
                 clone.insert(o, cv);

@@ -641,6 +641,7 @@ fn materialize(
     let outs = g.add_node_typed(node.op.clone(), &inputs, types, node.name.clone());
     let new = g.producer(outs[0]).unwrap();
     g.set_phase(new, Phase::Recompute);
+    g.set_chunk(new, node.chunk);
     fresh.push(new);
     for (&o, &c) in node.outputs.iter().zip(&outs) {
         clone_of.insert(o, c);

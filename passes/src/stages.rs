@@ -1,5 +1,5 @@
 //! `stages`: a pipelined training program cut into the schedule's passes. Every node of the
-//! microbatch program (built with its forward nodes tagged by chunk, see [`tag_chunks`]) goes
+//! microbatch program (built with its forward nodes' chunks set, see [`tag_chunks`]) goes
 //! to the pass that runs it: forward nodes to their chunk's F pass, input-gradient and
 //! recomputation nodes to its B pass, weight-gradient nodes to its W pass (or B when the
 //! schedule does not split the backward). A pass may read only what the schedule guarantees
@@ -21,22 +21,13 @@ use memc_ir::{Graph, NodeId, Phase, ValueDef, ValueId};
 use crate::partition::Partition;
 use crate::pipeline::{self, Costs, Kind, Schedule, Simulation};
 
-/// Prefix of a node name that carries its chunk (`c3|...`), set by [`tag_chunks`]; autodiff
-/// names each backward node after the forward node it differentiates, so the tags carry
-/// over to the backward pass.
-pub fn chunk_tag(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix('c')?;
-    let (k, _) = rest.split_once('|')?;
-    k.parse().ok()
-}
-
-/// Tags every forward node of `g` that `partition` places with its chunk ([`chunk_tag`]).
+/// Sets the chunk ([`memc_ir::Node::chunk`]) of every forward node of `g` that `partition`
+/// places; the passes that derive nodes from a node (autodiff, block lowering, precision,
+/// recomputation) give them its chunk.
 pub fn tag_chunks(g: &mut Graph, partition: &Partition) {
     for (i, c) in partition.node_chunk.iter().enumerate() {
         if let Some(c) = c {
-            let n = NodeId(i as u32);
-            let name = format!("c{c}|{}", g.node(n).name);
-            g.set_name(n, name);
+            g.set_chunk(NodeId(i as u32), Some(*c as u32));
         }
     }
 }
@@ -67,25 +58,28 @@ pub struct StagePlan {
     pub output_device: HashMap<ValueId, Option<usize>>,
 }
 
-/// Cuts `g`, a microbatch training program whose forward nodes carry chunk tags, into
+/// Cuts `g`, a microbatch training program whose forward nodes carry their chunk, into
 /// `schedule`'s passes (see the module docs).
 pub fn split(g: &Graph, schedule: &Schedule) -> StagePlan {
     let chunks = schedule.chunks();
     let split = schedule.split_backward();
     let last = chunks - 1;
-    // A node's chunk: its tag; an untagged backward node (the VJP of a node the training
-    // builder added, such as a precision cast) takes the chunk of what it reads; the rest
-    // (the loss) is the last chunk's.
+    // A node's chunk: its own ([`memc_ir::Node::chunk`]); a backward node without one (the VJP
+    // of a node the training builder added, such as a precision cast) takes the chunk of what
+    // it reads; the rest (the loss) is the last chunk's.
     let mut chunk_of: Vec<usize> = Vec::with_capacity(g.nodes().len());
     for node in g.nodes() {
-        let c = chunk_tag(&node.name).unwrap_or_else(|| match node.phase {
-            Phase::Forward | Phase::Update => last,
-            _ => node
-                .inputs
-                .iter()
-                .find_map(|&v| g.producer(v).map(|p| chunk_of[p.index()]))
-                .unwrap_or(last),
-        });
+        let c = node
+            .chunk
+            .map(|c| c as usize)
+            .unwrap_or_else(|| match node.phase {
+                Phase::Forward | Phase::Update => last,
+                _ => node
+                    .inputs
+                    .iter()
+                    .find_map(|&v| g.producer(v).map(|p| chunk_of[p.index()]))
+                    .unwrap_or(last),
+            });
         chunk_of.push(c.min(last));
     }
     let pass_of = |n: NodeId| -> Option<(Kind, usize)> {

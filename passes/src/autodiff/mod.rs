@@ -95,7 +95,7 @@ pub fn differentiate(
         let Some(&dy) = adjoint.get(&node.outputs[0]) else {
             continue;
         };
-        let mut b = Builder::new(g, Phase::Backward, node.name.clone());
+        let mut b = Builder::for_node(g, Phase::Backward, memc_ir::NodeId(i as u32));
         let wants: Vec<bool> = node.inputs.iter().map(|v| requires.contains(v)).collect();
         let grads =
             vjp(&mut b, &node.op, &node.inputs, node.outputs[0], dy, &wants).map_err(|msg| {
