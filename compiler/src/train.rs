@@ -623,7 +623,7 @@ pub fn eval_host(
     let program = &host.program;
     let out = host.with_kernels(|kernels| -> Result<Vec<(String, Tensor)>> {
         // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
-        let mut cpu = unsafe { memc_runtime::cpu::Cpu::new(program, kernels) };
+        let mut cpu = unsafe { memc_runtime::cpu::Cpu::new(program.checked()?, kernels) };
         load_params(g, program, &mut cpu)?;
         for s in &program.inputs {
             let t = feeds

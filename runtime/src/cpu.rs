@@ -1,4 +1,4 @@
-//! The cpu backend: one arena of exactly [`Program::arena_bytes`], the generated host kernels
+//! The cpu backend: one arena of exactly [`crate::program::Program::arena_bytes`], the generated host kernels
 //! called through their uniform entry `void kernel(void **buffers)`, GEMMs on
 //! [`crate::gemm`].
 
@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::gemm::{matmul, GemmType};
-use crate::program::{Buf, Dtype, Program, Slot, Step};
+use crate::program::{Buf, Checked, Dtype, Slot, Step};
 
 /// A generated kernel's entry point.
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8);
@@ -152,9 +152,9 @@ unsafe impl Send for Cpu {}
 
 impl Cpu {
     /// Allocates the arena, writes the constants and binds every step to its kernel
-    /// (`kernels[i]` is the entry of `program.kernels[i]`). Every buffer of every step is
-    /// checked to lie inside the arena (a program that breaks this panics here). With
-    /// `MEMC_PROFILE` set in the environment, time per kind of step is kept for
+    /// (`kernels[i]` is the entry of `program.kernels[i]`). The program is [`Checked`], so
+    /// every buffer lies inside the arena (and `new` asserts it again where it takes a
+    /// pointer). With `MEMC_PROFILE` set in the environment, time per kind of step is kept for
     /// [`Cpu::profile`].
     ///
     /// # Safety
@@ -162,7 +162,7 @@ impl Cpu {
     /// Each `kernels[i]` must be the entry point memc generated for `program.kernels[i]` of
     /// this program (in the uniform `void kernel(void **buffers)` ABI): [`Cpu::run`] calls it
     /// with its step's buffers, and it must read and write only those.
-    pub unsafe fn new(program: &Program, kernels: &[KernelFn]) -> Cpu {
+    pub unsafe fn new(program: Checked<'_>, kernels: &[KernelFn]) -> Cpu {
         assert_eq!(
             kernels.len(),
             program.kernels.len(),

@@ -110,7 +110,7 @@ impl Pipelined {
         let mut make = |_: &str, p: &Program| -> Result<PassBackend, RunError> {
             // SAFETY: every pass's kernels index the step program's table, whose entries the
             // caller vouched for.
-            Ok(Box::new(unsafe { Cpu::new(p, kernels) }))
+            Ok(Box::new(unsafe { Cpu::new(p.checked()?, kernels) }))
         };
         Pipelined::with_backends(program, &mut make, mesh)
     }
@@ -155,7 +155,7 @@ impl Pipelined {
                                        p: &Program|
          -> Result<PassBackend, RunError> {
             // SAFETY: the caller's contract, for every pass.
-            Ok(Box::new(unsafe { Cpu::new(p, kernels) }))
+            Ok(Box::new(unsafe { Cpu::new(p.checked()?, kernels) }))
         })
     }
 

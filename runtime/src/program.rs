@@ -500,6 +500,20 @@ pub struct Program {
     pub blob: Vec<u8>,
 }
 
+/// A program that passed [`Program::validate`] (every slot and step buffer inside the arena,
+/// every constant inside the blob, every kernel present, GEMM shapes matching their buffers):
+/// the only way to get one is [`Program::checked`], so holding one is the proof backends rely
+/// on.
+#[derive(Debug, Clone, Copy)]
+pub struct Checked<'a>(&'a Program);
+
+impl std::ops::Deref for Checked<'_> {
+    type Target = Program;
+    fn deref(&self) -> &Program {
+        self.0
+    }
+}
+
 /// A program that cannot be read or is inconsistent.
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
@@ -576,6 +590,12 @@ impl Program {
         program.blob = blob.to_vec();
         program.validate()?;
         Ok(program)
+    }
+
+    /// The program as [`Checked`]: validated, so that backends can rely on it.
+    pub fn checked(&self) -> Result<Checked<'_>, ProgramError> {
+        self.validate()?;
+        Ok(Checked(self))
     }
 
     /// Checks every buffer lies inside the arena, every kernel index exists, every constant

@@ -661,7 +661,7 @@ pub unsafe fn open_backend(
         "cpu" if program.pipeline.is_some() => Ok(Box::new(unsafe {
             crate::pipeline::Pipelined::open_cpu(program, kernels)?
         })),
-        "cpu" => Ok(Box::new(unsafe { Cpu::new(program, kernels) })),
+        "cpu" => Ok(Box::new(unsafe { Cpu::new(program.checked()?, kernels) })),
         "cuda" if program.pipeline.is_some() => Err(RunError::Usage(format!(
             "{}: pipelined steps run on the cpu backend for now (--backend cpu)",
             program.model

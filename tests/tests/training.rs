@@ -320,7 +320,7 @@ fn cpu_backend_runs_in_one_arena_of_the_planned_size() {
         let bytes = host
             .with_kernels(|k| {
                 // SAFETY: `k` are the JIT entries of this program's kernels.
-                unsafe { memc_runtime::cpu::Cpu::new(&host.program, k) }
+                unsafe { memc_runtime::cpu::Cpu::new(host.program.checked().unwrap(), k) }
                     .arena()
                     .bytes()
             })
