@@ -14,15 +14,36 @@ use std::collections::HashMap;
 
 use memc_ir::{Graph, NodeId, Op, Operand, ValueId};
 
+/// Why blocks could not be lowered.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LowerError {
+    /// A step of a block did not fit its operands (a memc bug).
+    #[error("lowering `{op}` ({node}): {msg}")]
+    Step {
+        /// The block op.
+        op: &'static str,
+        /// The block node's name.
+        node: String,
+        /// What did not fit.
+        msg: String,
+    },
+    /// A block's result is written back as a state update.
+    #[error("a block's result is a state update; lower blocks before building training")]
+    UpdatedBlock,
+    /// The lowered graph does not verify (a memc bug).
+    #[error("lowering blocks produced an invalid graph (a memc bug): {0}")]
+    Invalid(String),
+}
+
 /// Replaces every block op of `g` by its steps and returns how many were replaced; `g` is
 /// left compacted when any was.
-pub fn lower_blocks(g: &mut Graph) -> Result<usize, String> {
+pub fn lower_blocks(g: &mut Graph) -> Result<usize, LowerError> {
     lower_blocks_where(g, |_| true)
 }
 
 /// [`lower_blocks`] for the block ops `which` accepts (the training builder keeps `residual`
 /// until rematerialisation has used it to find the layers). Each step takes its block's phase.
-pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<usize, String> {
+pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<usize, LowerError> {
     let original = g.nodes().len();
     let mut spliced: HashMap<usize, Vec<NodeId>> = HashMap::new();
     let mut replaced: HashMap<ValueId, ValueId> = HashMap::new();
@@ -45,7 +66,11 @@ pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<
             ids.push(NodeId(g.nodes().len() as u32));
             let out = g
                 .add_node(op, &args, format!("{}/{k}", node.name))
-                .map_err(|e| format!("lowering `{}` ({}): {e}", node.op.name(), node.name))?;
+                .map_err(|msg| LowerError::Step {
+                    op: node.op.name(),
+                    node: node.name.clone(),
+                    msg,
+                })?;
             g.set_phase(*ids.last().unwrap(), node.phase);
             g.set_chunk(*ids.last().unwrap(), node.chunk);
             results.push(out[0]);
@@ -57,9 +82,7 @@ pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<
         return Ok(0);
     }
     if g.updates().iter().any(|(_, v)| replaced.contains_key(v)) {
-        return Err(
-            "a block's result is a state update; lower blocks before building training".into(),
-        );
+        return Err(LowerError::UpdatedBlock);
     }
     for i in 0..g.nodes().len() {
         let n = NodeId(i as u32);
@@ -92,8 +115,7 @@ pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<
     }
     g.reorder_nodes(&order);
     g.compact();
-    memc_ir::verify(g)
-        .map_err(|e| format!("lowering blocks produced an invalid graph (a memc bug): {e}"))?;
+    memc_ir::verify(g).map_err(|e| LowerError::Invalid(e.to_string()))?;
     Ok(spliced.len())
 }
 
@@ -179,6 +201,6 @@ crate::pass_stats! {
 }
 
 /// Lowers every block op of `g` but those in `keep`.
-pub fn lower_blocks_keeping(g: &mut Graph, keep: &[Op]) -> Result<Lowered, String> {
+pub fn lower_blocks_keeping(g: &mut Graph, keep: &[Op]) -> Result<Lowered, LowerError> {
     crate::blocks::lower_blocks_where(g, |op| !keep.contains(op)).map(Lowered)
 }

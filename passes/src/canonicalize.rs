@@ -39,6 +39,20 @@ impl Default for Limits {
     }
 }
 
+/// Why the canonicalisation failed (each a memc bug: the rules keep types and values).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CanonError {
+    /// No term could be extracted for a root.
+    #[error("{0}")]
+    Extract(String),
+    /// The extracted terms could not be stored back as a graph.
+    #[error("{0}")]
+    Store(String),
+    /// The stored graph does not verify.
+    #[error("canonicalize produced an invalid graph (a memc bug): {0}")]
+    Invalid(String),
+}
+
 /// What [`canonicalize`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CanonStats {
@@ -71,7 +85,7 @@ pub const RECOGNISED: &[&str] = &[
 ];
 
 /// Rewrites `g` (a forward graph) in place (see the module docs).
-pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, String> {
+pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonError> {
     let before = g.nodes().len();
     let loaded = load(g);
     let roots: Vec<Id> = loaded.roots.iter().map(|r| r.1).collect();
@@ -105,10 +119,9 @@ pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, String
             recognised: BTreeMap::new(),
         });
     }
-    let chosen = extract(&runner.egraph, &roots)?;
-    let out = store(g, &runner.egraph, &chosen, &loaded.roots)?;
-    memc_ir::verify(&out)
-        .map_err(|e| format!("canonicalize produced an invalid graph (a memc bug): {e}"))?;
+    let chosen = extract(&runner.egraph, &roots).map_err(CanonError::Extract)?;
+    let out = store(g, &runner.egraph, &chosen, &loaded.roots).map_err(CanonError::Store)?;
+    memc_ir::verify(&out).map_err(|e| CanonError::Invalid(e.to_string()))?;
     let counts = out.op_counts();
     let recognised = RECOGNISED
         .iter()

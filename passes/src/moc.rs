@@ -37,6 +37,24 @@ impl MocK {
     }
 }
 
+/// Why MoC could not rewrite a graph.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MocError {
+    /// The channels kept are not within the FFN's width.
+    #[error("keeping {keep} channels is outside 1..={d_ffn} (d_ffn of node `{node}`)")]
+    OutOfRange {
+        /// Channels asked for.
+        keep: usize,
+        /// The FFN's width.
+        d_ffn: usize,
+        /// The FFN node's name.
+        node: String,
+    },
+    /// The rewritten graph does not verify (a memc bug).
+    #[error("MoC produced an invalid graph (a memc bug): {0}")]
+    Invalid(String),
+}
+
 /// What [`apply_moc`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MocStats {
@@ -49,7 +67,7 @@ pub struct MocStats {
 }
 
 /// Rewrites `g`'s SwiGLU blocks (see the module docs).
-pub fn apply_moc(g: &mut Graph, k: MocK) -> Result<MocStats, String> {
+pub fn apply_moc(g: &mut Graph, k: MocK) -> Result<MocStats, MocError> {
     let mut stats = MocStats::default();
     for i in 0..g.nodes().len() {
         let n = NodeId(i as u32);
@@ -61,10 +79,11 @@ pub fn apply_moc(g: &mut Graph, k: MocK) -> Result<MocStats, String> {
                     MocK::Ratio(r) => ((r * f as f64).round() as usize).max(1),
                 };
                 if keep == 0 || keep > f {
-                    return Err(format!(
-                        "keeping {keep} channels is outside 1..={f} (d_ffn of node `{}`)",
-                        g.node(n).name
-                    ));
+                    return Err(MocError::OutOfRange {
+                        keep,
+                        d_ffn: f,
+                        node: g.node(n).name.clone(),
+                    });
                 }
                 g.set_op(n, Op::MocFfn { k: keep });
                 stats.rewritten += 1;
@@ -74,6 +93,6 @@ pub fn apply_moc(g: &mut Graph, k: MocK) -> Result<MocStats, String> {
             _ => {}
         }
     }
-    memc_ir::verify(g).map_err(|e| format!("MoC produced an invalid graph (a memc bug): {e}"))?;
+    memc_ir::verify(g).map_err(|e| MocError::Invalid(e.to_string()))?;
     Ok(stats)
 }

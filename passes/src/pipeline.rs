@@ -79,10 +79,14 @@ impl ScheduleKind {
     ];
 
     /// Parses a `--schedule` name; the error lists the names.
-    pub fn parse_named(name: &str) -> Result<ScheduleKind, String> {
-        ScheduleKind::parse(name).ok_or_else(|| {
-            let names: Vec<&str> = ScheduleKind::ALL.iter().map(|k| k.name()).collect();
-            format!("`{name}` is not a schedule ({})", names.join(", "))
+    pub fn parse_named(name: &str) -> Result<ScheduleKind, ScheduleError> {
+        ScheduleKind::parse(name).ok_or_else(|| ScheduleError::Unknown {
+            name: name.to_string(),
+            known: ScheduleKind::ALL
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
@@ -282,15 +286,54 @@ fn slot(s: &Schedule, p: Pass) -> usize {
     (k * s.chunks() + p.chunk) * s.microbatches + p.mb
 }
 
+/// Why a schedule cannot be generated or replayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// No schedule has this name.
+    #[error("`{name}` is not a schedule ({known})")]
+    Unknown {
+        /// The name given.
+        name: String,
+        /// The schedules' names, comma-separated.
+        known: String,
+    },
+    /// No stages or no microbatches.
+    #[error("the stage and microbatch counts must be at least 1")]
+    Empty,
+    /// The generator found no pass to place under the schedule's memory limit.
+    #[error("{schedule} deadlocks with {stages} stages and {microbatches} microbatches under its memory limit")]
+    Deadlock {
+        /// The schedule.
+        schedule: &'static str,
+        /// Stages.
+        stages: usize,
+        /// Microbatches.
+        microbatches: usize,
+    },
+    /// The devices' orders wait on each other.
+    #[error(
+        "the schedule cannot run: device orders wait on each other ({ran} of {total} passes run)"
+    )]
+    Stuck {
+        /// Passes that ran.
+        ran: usize,
+        /// Passes in all.
+        total: usize,
+    },
+    /// The schedule does not hold each pass once on its device.
+    #[error("{0}")]
+    Malformed(String),
+}
+
 /// Generates schedule `kind` for `stages` devices and `microbatches` microbatches (see the
 /// module docs).
 pub fn generate(
     kind: ScheduleKind,
     stages: usize,
     microbatches: usize,
-) -> Result<Schedule, String> {
+) -> Result<Schedule, ScheduleError> {
     if stages == 0 || microbatches == 0 {
-        return Err("the stage and microbatch counts must be at least 1".into());
+        return Err(ScheduleError::Empty);
     }
     let mut s = Schedule {
         kind,
@@ -426,7 +469,7 @@ fn list_schedule(
     stages: usize,
     microbatches: usize,
     forwards_first: bool,
-) -> Result<Schedule, String> {
+) -> Result<Schedule, ScheduleError> {
     let mut s = Schedule {
         kind,
         stages,
@@ -543,10 +586,11 @@ fn list_schedule(
             .fold(f64::INFINITY, f64::min);
         if next.is_infinite() {
             if !progressed && count < total {
-                return Err(format!(
-                    "{} deadlocks with {stages} stages and {microbatches} microbatches under its memory limit",
-                    kind.name()
-                ));
+                return Err(ScheduleError::Deadlock {
+                    schedule: kind.name(),
+                    stages,
+                    microbatches,
+                });
             }
             continue;
         }
@@ -788,32 +832,34 @@ impl Slots {
 
 /// Checks that every pass appears exactly once and that the devices' orders can run
 /// (no pass waits on one that comes later on a blocked device).
-pub fn check(s: &Schedule) -> Result<(), String> {
+pub fn check(s: &Schedule) -> Result<(), ScheduleError> {
     let kinds = if s.split_backward() { 3 } else { 2 };
     let mut seen = vec![false; 3 * s.chunks() * s.microbatches];
     let mut n = 0;
     for (d, passes) in s.devices.iter().enumerate() {
         for p in passes {
             if p.chunk >= s.chunks() || p.mb >= s.microbatches || s.device_of(p.chunk) != d {
-                return Err(format!("{p:?} is not a pass of device {d}"));
+                return Err(ScheduleError::Malformed(format!(
+                    "{p:?} is not a pass of device {d}"
+                )));
             }
             if std::mem::replace(&mut seen[slot(s, *p)], true) {
-                return Err(format!("{p:?} appears twice"));
+                return Err(ScheduleError::Malformed(format!("{p:?} appears twice")));
             }
             n += 1;
         }
     }
     if n != kinds * s.chunks() * s.microbatches {
-        return Err(format!(
+        return Err(ScheduleError::Malformed(format!(
             "{n} passes, expected {}",
             kinds * s.chunks() * s.microbatches
-        ));
+        )));
     }
     simulate(s, &Costs::default()).map(|_| ())
 }
 
 /// Replays `s` with `costs` (see the module docs).
-pub fn simulate(s: &Schedule, costs: &Costs) -> Result<Simulation, String> {
+pub fn simulate(s: &Schedule, costs: &Costs) -> Result<Simulation, ScheduleError> {
     simulate_with(s, &|p: Pass| cost(s, costs, p.kind), costs.comm)
 }
 
@@ -824,7 +870,7 @@ pub fn simulate_with(
     s: &Schedule,
     time: &dyn Fn(Pass) -> f64,
     comm: f64,
-) -> Result<Simulation, String> {
+) -> Result<Simulation, ScheduleError> {
     let mut done_at = vec![f64::INFINITY; 3 * s.chunks() * s.microbatches];
     let mut next = vec![0usize; s.stages];
     let mut free_at = vec![0.0f64; s.stages];
@@ -862,10 +908,10 @@ pub fn simulate_with(
             }
         }
         if !progressed {
-            return Err(format!(
-                "the schedule cannot run: device orders wait on each other ({} of {total} passes run)",
-                passes.len()
-            ));
+            return Err(ScheduleError::Stuck {
+                ran: passes.len(),
+                total,
+            });
         }
     }
     let makespan = passes.iter().map(|t| t.end).fold(0.0, f64::max);

@@ -17,11 +17,38 @@ pub struct PrecisionStats {
     pub converted_nodes: usize,
 }
 
+/// Why a graph could not be lowered to a compute dtype.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrecisionError {
+    /// The compute dtype is not a float type.
+    #[error("compute dtype {0} is not a float type")]
+    NotFloat(DType),
+    /// A node's types do not fit the new precision.
+    #[error("node `{node}` ({op}): {msg}")]
+    Node {
+        /// The node's name.
+        node: String,
+        /// Its op.
+        op: &'static str,
+        /// What does not fit.
+        msg: String,
+    },
+    /// A cast could not be added (a memc bug).
+    #[error("{0}")]
+    Cast(String),
+}
+
+impl From<String> for PrecisionError {
+    fn from(msg: String) -> PrecisionError {
+        PrecisionError::Cast(msg)
+    }
+}
+
 /// Rewrites `g` to compute in `dtype` (see the module docs). Errors name the node whose types
 /// do not fit the new precision.
-pub fn lower_precision(g: &mut Graph, dtype: DType) -> Result<PrecisionStats, String> {
+pub fn lower_precision(g: &mut Graph, dtype: DType) -> Result<PrecisionStats, PrecisionError> {
     if !matches!(dtype, DType::BF16 | DType::F16 | DType::F32) {
-        return Err(format!("compute dtype {dtype} is not a float type"));
+        return Err(PrecisionError::NotFloat(dtype));
     }
     if dtype == DType::F32 {
         return Ok(PrecisionStats::default());
@@ -94,7 +121,11 @@ pub fn lower_precision(g: &mut Graph, dtype: DType) -> Result<PrecisionStats, St
         };
         let results = out
             .add_node(op, &inputs, node.name.clone())
-            .map_err(|e| format!("node `{}` ({}): {e}", node.name, node.op.name()))?;
+            .map_err(|msg| PrecisionError::Node {
+                node: node.name.clone(),
+                op: node.op.name(),
+                msg,
+            })?;
         if let Some(&r) = results.first() {
             let new = out.producer(r).expect("a node result");
             out.set_chunk(new, node.chunk);

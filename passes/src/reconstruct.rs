@@ -38,9 +38,31 @@ pub struct ReconstructStats {
     pub drift_outputs: usize,
 }
 
+/// Why the reversible backward pass could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReconstructError {
+    /// A coupling is not one this pass can invert.
+    #[error("`rev_couple` {node}: {why}")]
+    Coupling {
+        /// The coupling's name.
+        node: String,
+        /// Why.
+        why: &'static str,
+    },
+    /// A node of the inversion could not be built (a memc bug).
+    #[error("{0}")]
+    Build(String),
+}
+
+impl From<String> for ReconstructError {
+    fn from(msg: String) -> ReconstructError {
+        ReconstructError::Build(msg)
+    }
+}
+
 /// Rewrites the backward pass of every `rev_couple` of `g` (see the module docs). A program
 /// without couplings is left alone.
-pub fn reconstruct(g: &mut Graph, check: bool) -> Result<ReconstructStats, String> {
+pub fn reconstruct(g: &mut Graph, check: bool) -> Result<ReconstructStats, ReconstructError> {
     let forward = |g: &Graph, n: NodeId| g.node(n).phase == Phase::Forward;
     let couples: Vec<NodeId> = (0..g.nodes().len())
         .map(|i| NodeId(i as u32))
@@ -96,11 +118,9 @@ pub fn reconstruct(g: &mut Graph, check: bool) -> Result<ReconstructStats, Strin
                 }
             }
         }
-        let b = driver.ok_or_else(|| {
-            format!(
-                "`rev_couple` {}: its branch depends on no stream of the reversible stack",
-                node.name
-            )
+        let b = driver.ok_or_else(|| ReconstructError::Coupling {
+            node: node.name.clone(),
+            why: "its branch depends on no stream of the reversible stack",
         })?;
         let y_r = *known.get(&y).unwrap_or(&y);
         let b_r = *known.get(&b).unwrap_or(&b);
@@ -123,11 +143,9 @@ pub fn reconstruct(g: &mut Graph, check: bool) -> Result<ReconstructStats, Strin
                 clone.insert(o, cv);
             }
         }
-        let f_r = *clone.get(&f).ok_or_else(|| {
-            format!(
-                "`rev_couple` {}: its branch is not computed from its stream",
-                node.name
-            )
+        let f_r = *clone.get(&f).ok_or_else(|| ReconstructError::Coupling {
+            node: node.name.clone(),
+            why: "its branch is not computed from its stream",
         })?;
         let a_r = match known.get(&a) {
             Some(&r) => r,
@@ -144,10 +162,10 @@ pub fn reconstruct(g: &mut Graph, check: bool) -> Result<ReconstructStats, Strin
         };
         for (v, r) in clone {
             if subst.insert(v, r).is_some_and(|old| old != r) {
-                return Err(format!(
-                    "`rev_couple` {}: a value of its branch belongs to another coupling's too",
-                    node.name
-                ));
+                return Err(ReconstructError::Coupling {
+                    node: node.name.clone(),
+                    why: "a value of its branch belongs to another coupling's too",
+                });
             }
         }
         subst.insert(a, a_r);

@@ -274,7 +274,10 @@ pub struct Device {
 
 /// Plans the pipeline of `partition` under `schedule` (see the module docs): each device's
 /// chunks, weights, their state and the most activation bytes it holds at once.
-pub fn memory_plan(schedule: Schedule, partition: Partition) -> Result<PipelinePlan, String> {
+pub fn memory_plan(
+    schedule: Schedule,
+    partition: Partition,
+) -> Result<PipelinePlan, crate::pipeline::ScheduleError> {
     let p = schedule.stages;
     let sim = pipeline::simulate(&schedule, &Costs::default())?;
     let split = schedule.split_backward();

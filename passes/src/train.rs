@@ -250,6 +250,15 @@ pub enum TrainError {
     /// Building the loss or optimizer failed (a bug in memc).
     #[error("building the training step failed: {0}")]
     Build(String),
+    /// Lowering the blocks failed.
+    #[error("building the training step failed: {0}")]
+    Lower(#[from] crate::blocks::LowerError),
+    /// The reversible backward pass could not be built.
+    #[error("building the training step failed: {0}")]
+    Reconstruct(#[from] crate::reconstruct::ReconstructError),
+    /// Lowering to the compute dtype failed.
+    #[error("building the training step failed: {0}")]
+    Precision(#[from] crate::precision::PrecisionError),
     /// The rematerialisation policy cannot be applied.
     #[error(transparent)]
     Remat(#[from] RematError),
@@ -503,7 +512,7 @@ pub fn build_training_with(
         "lower-blocks{keep=residual,rev_couple}".into(),
         |g| {
             crate::blocks::lower_blocks_keeping(g, &[Op::Residual, Op::RevCouple])
-                .map_err(TrainError::Build)
+                .map_err(TrainError::Lower)
         },
     )?;
     let dtype = opts.compute_dtype;
@@ -511,7 +520,7 @@ pub fn build_training_with(
         g,
         "precision",
         format!("precision{{dtype={}}}", dtype.name()),
-        |g| crate::precision::lower_precision(g, dtype).map_err(TrainError::Build),
+        |g| crate::precision::lower_precision(g, dtype).map_err(TrainError::Precision),
     )?;
     let loss = pm.run(
         g,
@@ -550,7 +559,7 @@ pub fn build_training_with(
             g,
             "reconstruct",
             format!("reconstruct{{check={check}}}"),
-            |g| reconstruct(g, check).map_err(TrainError::Build),
+            |g| reconstruct(g, check).map_err(TrainError::Reconstruct),
         )?),
         _ => None,
     };
@@ -571,7 +580,7 @@ pub fn build_training_with(
         None => None,
     };
     pm.run(g, "lower-blocks", "lower-blocks".into(), |g| {
-        crate::blocks::lower_blocks_keeping(g, &[]).map_err(TrainError::Build)
+        crate::blocks::lower_blocks_keeping(g, &[]).map_err(TrainError::Lower)
     })?;
     Ok(TrainStats {
         trained_tensors: ad.trained_tensors,
