@@ -849,17 +849,9 @@ fn eval(args: EvalArgs) -> Result<()> {
         bail!("--backend cuda: not available yet in this memc; use --backend cpu or ref");
     }
     let mut given: HashMap<String, (PathBuf, Tensor)> = HashMap::new();
-    for spec in &args.inputs {
-        let (name, file) = spec
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--input `{spec}`: expected NAME=FILE.npy"))?;
-        let t = crate::io::read_tensor(Path::new(file))?;
-        if given
-            .insert(name.to_string(), (PathBuf::from(file), t))
-            .is_some()
-        {
-            bail!("--input gives `{name}` twice");
-        }
+    for (name, file) in fixed_inputs(&args.inputs)? {
+        let t = crate::io::read_tensor(&file)?;
+        given.insert(name, (file, t));
     }
     // Dynamic dims not bound by --shape are bound by the arrays given.
     let mut shapes = shapes(&args.model)?;
@@ -1042,19 +1034,11 @@ fn train(args: TrainCmdArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--input NAME=FILE.npy` of `memc train`: the model's inputs held fixed across steps.
+/// `--input NAME=FILE.npy` of `memc eval` and `memc train` (the executables' parser).
 fn fixed_inputs(given: &[String]) -> Result<Vec<(String, PathBuf)>> {
-    let mut out: Vec<(String, PathBuf)> = vec![];
-    for g in given {
-        let (name, path) = g
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--input `{g}`: expected NAME=FILE.npy"))?;
-        if out.iter().any(|(n, _)| n == name) {
-            bail!("--input gives `{name}` twice");
-        }
-        out.push((name.to_string(), PathBuf::from(path)));
-    }
-    Ok(out)
+    Ok(memc_runtime::session::parse_inputs(
+        given.iter().map(String::as_str),
+    )?)
 }
 
 fn numpy_name(d: memc_ir::DType) -> &'static str {

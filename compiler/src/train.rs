@@ -116,11 +116,7 @@ pub fn parse_budget(text: &str) -> Result<memc_passes::remat::Budget> {
 
 /// The library's training options for the CLI's arguments (every flag checked here, so the
 /// library's errors never need to name one).
-pub fn train_options(
-    args: &TrainProgramArgs,
-    chunks: Option<usize>,
-    grad_outputs: bool,
-) -> Result<TrainOptions> {
+pub fn train_options(args: &TrainProgramArgs) -> Result<TrainOptions> {
     if args.betas.len() != 2 || args.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
         bail!(
             "--betas takes two values in [0, 1), as B1,B2 (e.g. 0.9,0.999), got {:?}",
@@ -178,8 +174,8 @@ pub fn train_options(
                 check: args.rev_check,
             }
         },
-        pipeline_chunks: chunks,
-        grad_outputs,
+        pipeline_chunks: None,
+        grad_outputs: false,
         rev_check_threshold: args.rev_check_threshold,
     })
 }
@@ -201,7 +197,7 @@ pub fn options_for(g: &Graph, args: &TrainProgramArgs) -> Result<TrainOptions> {
     if args.rev_check && args.rev_store {
         bail!("--rev-check measures the reconstruction, which --rev-store turns off");
     }
-    train_options(args, None, false)
+    train_options(args)
 }
 
 /// Builds the training step into `g` (which holds the forward graph).

@@ -348,7 +348,7 @@ impl Graph {
         self.nodes[n.index()].chunk = chunk;
     }
 
-    /// The node defining `v`'s chunk, to give a node derived from it ([`Node::chunk`]).
+    /// Node `n`'s pipeline chunk ([`Node::chunk`]), for a node derived from it.
     pub fn chunk_of(&self, n: NodeId) -> Option<u32> {
         self.nodes[n.index()].chunk
     }

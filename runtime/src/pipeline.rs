@@ -518,9 +518,9 @@ impl Pipelined {
             }
             pass.cpu.run()?;
             for slot in &pass.program.outputs {
-                let bytes = &pass.cpu.get(slot)?;
+                let bytes = pass.cpu.get(slot)?;
                 if averaged.contains(&slot.name.as_str()) {
-                    let v = decode(slot.dtype, bytes);
+                    let v = decode(slot.dtype, &bytes);
                     let acc = sums
                         .entry(slot.name.clone())
                         .or_insert_with(|| vec![0.0; v.len()]);
@@ -531,12 +531,12 @@ impl Pipelined {
                 if let Some(mesh) = mesh {
                     for &c in consumers.get(&slot.name).into_iter().flatten() {
                         if c != me {
-                            mesh.send(c, step_no, mb, &slot.name, bytes)?;
+                            mesh.send(c, step_no, mb, &slot.name, &bytes)?;
                         }
                     }
                 }
                 if let Some(&r) = readers.get(slot.name.as_str()) {
-                    store.put(mb, &slot.name, bytes.to_vec(), r);
+                    store.put(mb, &slot.name, bytes, r);
                 }
             }
             Ok(waited)

@@ -628,17 +628,28 @@ fn random_weights(program: &Program, backend: &mut dyn Backend, seed: u64) -> Re
 
 /// Every `--input NAME=FILE.npy`.
 fn inputs(cmd: &Cmd) -> Result<Vec<(String, PathBuf)>, RunError> {
+    parse_inputs(
+        cmd.opts
+            .iter()
+            .filter(|(f, _)| f == "--input")
+            .map(|(_, v)| v.as_str()),
+    )
+}
+
+/// `--input NAME=FILE.npy` values (of executables, `memc train` and `memc eval`): each
+/// `NAME=PATH`, every name once.
+pub fn parse_inputs<'a>(
+    given: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<(String, PathBuf)>, RunError> {
     let mut inputs: Vec<(String, PathBuf)> = vec![];
-    for (f, v) in &cmd.opts {
-        if f == "--input" {
-            let (name, path) = v
-                .split_once('=')
-                .ok_or_else(|| RunError::Usage(format!("--input `{v}`: expected NAME=FILE.npy")))?;
-            if inputs.iter().any(|(n, _)| n == name) {
-                return Err(RunError::Usage(format!("--input gives `{name}` twice")));
-            }
-            inputs.push((name.to_string(), PathBuf::from(path)));
+    for v in given {
+        let (name, path) = v
+            .split_once('=')
+            .ok_or_else(|| RunError::Usage(format!("--input `{v}`: expected NAME=FILE.npy")))?;
+        if inputs.iter().any(|(n, _)| n == name) {
+            return Err(RunError::Usage(format!("--input gives `{name}` twice")));
         }
+        inputs.push((name.to_string(), PathBuf::from(path)));
     }
     Ok(inputs)
 }
