@@ -138,6 +138,13 @@ pub(crate) fn convert(ctx: &mut Ctx, node: &NodeProto, inputs: &[Option<Val>]) -
     let one = |v: Val| Ok(vec![v]);
     match op_type {
         "Identity" => one(n.input(0)?),
+        // relu(x) = max(x, 0).
+        "Relu" => {
+            let x = n.input(0)?;
+            let zero = Val::Const(Tensor::from_f32(ctx.ty(&x).dtype, vec![], &[0.0]));
+            one(ctx.emit(Op::Binary(BinaryOp::Max), &[x, zero], &name)?)
+        }
+        "Dropout" => dropout(ctx, &n),
         "Where" => one(ctx.emit(Op::Where, &[n.input(0)?, n.input(1)?, n.input(2)?], &name)?),
         "Cast" => {
             let to = super::dtype_of(n.int("to", 0)? as i32)?;
@@ -698,6 +705,38 @@ fn cumsum(x: &Tensor, axis: usize, exclusive: bool, reverse: bool) -> Tensor {
 }
 
 /// ONNX Gelu (opset 20): `approximate = "none"` is memc's `gelu`, `"tanh"` its `gelu_tanh`.
+/// Dropout in inference mode is the identity. Active dropout (a constant true
+/// `training_mode` with a non-zero ratio) is refused: memc trains with dropout off.
+fn dropout(ctx: &mut Ctx, n: &N) -> Res<Vec<Val>> {
+    let x = n.input(0)?;
+    let ratio = match n.inputs.get(1).cloned().flatten() {
+        Some(Val::Const(t)) => t.to_f64_vec().first().copied().unwrap_or(0.0),
+        Some(Val::Ir(_)) => return Err("the dropout ratio must be a constant".into()),
+        None => 0.5,
+    };
+    let training = match n.inputs.get(2).cloned().flatten() {
+        Some(Val::Const(t)) => t.to_i64_vec().first().copied().unwrap_or(0) != 0,
+        Some(Val::Ir(_)) => {
+            return Err("training_mode must be a constant; export the model in eval mode".into())
+        }
+        None => false,
+    };
+    if training && ratio != 0.0 {
+        return Err(format!(
+            "active dropout (ratio {ratio}, training_mode true) is not supported: memc trains \
+             with dropout off; export the model in eval mode (model.eval()) or set its dropout \
+             probabilities to 0"
+        ));
+    }
+    if n.node.output.len() > 1 && !n.node.output[1].is_empty() {
+        let shape = ctx.ty(&x).shape.clone();
+        let ones = vec![1i64; shape.iter().product()];
+        let mask = Tensor::from_i64(DType::Bool, shape, &ones);
+        return Ok(vec![x, Val::Const(mask)]);
+    }
+    Ok(vec![x])
+}
+
 fn gelu(ctx: &mut Ctx, n: &N) -> Res<Vec<Val>> {
     let name = n.name().to_string();
     let x = n.input(0)?;

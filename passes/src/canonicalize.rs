@@ -122,6 +122,18 @@ pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonE
     let chosen = extract(&runner.egraph, &roots).map_err(CanonError::Extract)?;
     let out = store(g, &runner.egraph, &chosen, &loaded.roots).map_err(CanonError::Store)?;
     memc_ir::verify(&out).map_err(|e| CanonError::Invalid(e.to_string()))?;
+    if out.op_counts() == g.op_counts() {
+        // Only equalities that neither recognise nor remove anything applied (a scalar
+        // moved through a product): the graph stays exactly as it was.
+        return Ok(CanonStats {
+            nodes_before: before,
+            nodes_after: before,
+            iterations: runner.iterations.len(),
+            egraph_nodes: runner.egraph.total_number_of_nodes(),
+            stop,
+            recognised: BTreeMap::new(),
+        });
+    }
     let counts = out.op_counts();
     let recognised = RECOGNISED
         .iter()

@@ -1,6 +1,7 @@
-//! `apply_moc`: Mixture-of-Channels. Every recognised `swiglu_ffn` becomes a `moc_ffn` that
-//! keeps the `k` largest gate channels per token (Mixture-of-Channels, arXiv 2511.09323); other FFNs (`gelu_ffn`)
-//! stay dense and are counted so the report can say so.
+//! `apply_moc`: Mixture-of-Channels. Every recognised gated FFN (`swiglu_ffn`, and the gated
+//! GELU `gelu_ffn` with 4 operands, GeGLU) becomes a `moc_ffn` that keeps the `k` largest gate
+//! channels per token (Mixture-of-Channels, arXiv 2511.09323); ungated FFNs (`gelu_ffn` with
+//! 3 or 5 operands) stay dense and are counted so the report can say so.
 //!
 //! The block's steps ([`memc_ir::Op::expansion`]) gather the selected gate and up values, so
 //! the backward pass keeps `k` values of each and their indices (i32) per token instead of
@@ -58,7 +59,7 @@ pub enum MocError {
 /// What [`apply_moc`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MocStats {
-    /// `swiglu_ffn` blocks rewritten.
+    /// Gated FFN blocks (`swiglu_ffn`, 4-operand `gelu_ffn`) rewritten.
     pub rewritten: usize,
     /// Channels kept per token, of how many (of the first rewritten block).
     pub k: Option<(usize, usize)>,
@@ -66,32 +67,35 @@ pub struct MocStats {
     pub left_dense: usize,
 }
 
-/// Rewrites `g`'s SwiGLU blocks (see the module docs).
+/// Rewrites `g`'s gated FFN blocks (see the module docs).
 pub fn apply_moc(g: &mut Graph, k: MocK) -> Result<MocStats, MocError> {
     let mut stats = MocStats::default();
     for i in 0..g.nodes().len() {
         let n = NodeId(i as u32);
-        match g.node(n).op {
-            Op::SwigluFfn => {
-                let f = g.value(g.node(n).inputs[1]).ty.shape[1];
-                let keep = match k {
-                    MocK::Count(c) => c,
-                    MocK::Ratio(r) => ((r * f as f64).round() as usize).max(1),
-                };
-                if keep == 0 || keep > f {
-                    return Err(MocError::OutOfRange {
-                        keep,
-                        d_ffn: f,
-                        node: g.node(n).name.clone(),
-                    });
-                }
-                g.set_op(n, Op::MocFfn { k: keep });
-                stats.rewritten += 1;
-                stats.k.get_or_insert((keep, f));
+        let gelu = match g.node(n).op {
+            Op::SwigluFfn => None,
+            Op::GeluFfn { tanh } if g.node(n).inputs.len() == 4 => Some(tanh),
+            Op::GeluFfn { .. } => {
+                stats.left_dense += 1;
+                continue;
             }
-            Op::GeluFfn { .. } => stats.left_dense += 1,
-            _ => {}
+            _ => continue,
+        };
+        let f = g.value(g.node(n).inputs[1]).ty.shape[1];
+        let keep = match k {
+            MocK::Count(c) => c,
+            MocK::Ratio(r) => ((r * f as f64).round() as usize).max(1),
+        };
+        if keep == 0 || keep > f {
+            return Err(MocError::OutOfRange {
+                keep,
+                d_ffn: f,
+                node: g.node(n).name.clone(),
+            });
         }
+        g.set_op(n, Op::MocFfn { k: keep, gelu });
+        stats.rewritten += 1;
+        stats.k.get_or_insert((keep, f));
     }
     memc_ir::verify(g).map_err(|e| MocError::Invalid(e.to_string()))?;
     Ok(stats)

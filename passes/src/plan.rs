@@ -591,7 +591,7 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
             let rows = x.numel() as u64 / d.max(1);
             let f = ty(1).shape[1] as u64;
             let e = *out.shape.last().unwrap_or(&1) as u64;
-            let projections = if nd.op == Op::SwigluFfn { 2 } else { 1 };
+            let projections = if nd.inputs.len() == 4 { 2 } else { 1 };
             2 * rows * f * (projections * d + e) + 3 * rows * f + rows * e
         }
         Op::Rope => 3 * out.numel() as u64,
@@ -600,7 +600,7 @@ pub fn node_flops(g: &Graph, node: NodeId) -> u64 {
             let x = &g.value(nd.inputs[0]).ty;
             x.numel() as u64 * *x.shape.last().unwrap_or(&1) as u64
         }
-        Op::MocFfn { k } => {
+        Op::MocFfn { k, .. } => {
             let x = &g.value(nd.inputs[0]).ty;
             let d = *x.shape.last().unwrap_or(&1) as u64;
             let rows = x.numel() as u64 / d.max(1);

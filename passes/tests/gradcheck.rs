@@ -423,7 +423,7 @@ fn cases(r: &mut Rng) -> Vec<Case> {
             (vec![d, f], Any),
             (vec![f, e], Any),
         ],
-        move |b, x| b.op(Op::MocFfn { k: f / 2 }, x).unwrap(),
+        move |b, x| b.op(Op::MocFfn { k: f / 2, gelu: None }, x).unwrap(),
     ));
     for tanh in [false, true] {
         v.push(case(

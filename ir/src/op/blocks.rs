@@ -12,7 +12,7 @@ use crate::{DType, TensorType};
 pub(super) fn infer(op: &Op, inputs: &[TensorType]) -> Result<Vec<TensorType>, String> {
     let arity = |n: usize| arity(op, inputs, n);
     match op {
-        Op::MocFfn { k } => {
+        Op::MocFfn { k, .. } => {
             let y = Op::SwigluFfn.infer(inputs)?;
             let f = inputs[1].shape[1];
             if *k == 0 || *k > f {
@@ -92,14 +92,16 @@ pub(super) fn infer(op: &Op, inputs: &[TensorType]) -> Result<Vec<TensorType>, S
         }
         Op::SwigluFfn | Op::GeluFfn { .. } => {
             let n = inputs.len();
+            // A 4-operand `gelu_ffn` is gated (GeGLU): x, w_gate, w_up, w_down as SwiGLU's.
+            let gated = n == 4;
             let bias = match (op, n) {
-                (Op::SwigluFfn, 4) | (Op::GeluFfn { .. }, 3) => false,
+                (Op::SwigluFfn, 4) | (Op::GeluFfn { .. }, 3 | 4) => false,
                 (Op::GeluFfn { .. }, 5) => true,
                 _ => {
                     return Err(format!(
                         "`{}` takes {} operands, got {n}",
                         op.name(),
-                        if *op == Op::SwigluFfn { "4" } else { "3 or 5" }
+                        if *op == Op::SwigluFfn { "4" } else { "3, 4 (gated) or 5" }
                     ))
                 }
             };
@@ -108,7 +110,7 @@ pub(super) fn infer(op: &Op, inputs: &[TensorType]) -> Result<Vec<TensorType>, S
             let d = *x.shape.last().ok_or("the FFN input must have rank ≥ 1")?;
             // (weight, rows) pairs; biases follow their weight.
             let (w_in, w_out): (Vec<&TensorType>, &TensorType) = match op {
-                Op::SwigluFfn => (vec![&inputs[1], &inputs[2]], &inputs[3]),
+                _ if gated => (vec![&inputs[1], &inputs[2]], &inputs[3]),
                 _ if bias => (vec![&inputs[1]], &inputs[3]),
                 _ => (vec![&inputs[1]], &inputs[2]),
             };
@@ -157,7 +159,12 @@ pub(super) fn expansion(op: &Op, operands: &[TensorType]) -> Option<Vec<(Op, Vec
             (Op::Binary(BinaryOp::Mul), vec![Input(0), Input(2)]),
             (Op::Binary(BinaryOp::Add), vec![Step(0), Input(1)]),
         ]),
-        Op::MocFfn { k } => {
+        Op::MocFfn { k, gelu } => {
+            let act = match gelu {
+                None => UnaryOp::Silu,
+                Some(false) => UnaryOp::Gelu,
+                Some(true) => UnaryOp::GeluTanh,
+            };
             let mut shape = operands[0].shape.clone();
             let last = shape.len().checked_sub(1)?;
             shape[last] = operands[1].shape[1];
@@ -167,7 +174,7 @@ pub(super) fn expansion(op: &Op, operands: &[TensorType]) -> Option<Vec<(Op, Vec
                 (Op::TopK { k: *k }, vec![Step(0)]),
                 (Op::GatherElements { axis: last }, vec![Step(0), Step(2)]),
                 (Op::GatherElements { axis: last }, vec![Step(1), Step(2)]),
-                (Op::Unary(UnaryOp::Silu), vec![Step(3)]),
+                (Op::Unary(act), vec![Step(3)]),
                 (Op::Binary(BinaryOp::Mul), vec![Step(5), Step(4)]),
                 (
                     Op::ScatterElementsAdd { axis: last, shape },
@@ -258,7 +265,16 @@ pub(super) fn expansion(op: &Op, operands: &[TensorType]) -> Option<Vec<(Op, Vec
             } else {
                 UnaryOp::Gelu
             });
-            Some(if operands.len() == 5 {
+            Some(if operands.len() == 4 {
+                // Gated (GeGLU): (gelu(x·w_gate) ⊙ (x·w_up))·w_down.
+                vec![
+                    (Op::MatMul, vec![Input(0), Input(1)]),
+                    (Op::MatMul, vec![Input(0), Input(2)]),
+                    (act, vec![Step(0)]),
+                    (Op::Binary(BinaryOp::Mul), vec![Step(2), Step(1)]),
+                    (Op::MatMul, vec![Step(3), Input(3)]),
+                ]
+            } else if operands.len() == 5 {
                 vec![
                     (Op::MatMul, vec![Input(0), Input(1)]),
                     (Op::Binary(BinaryOp::Add), vec![Step(0), Input(2)]),

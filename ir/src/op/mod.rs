@@ -176,6 +176,8 @@ pub enum Op {
     SwigluFfn,
     /// A GELU feed-forward block, `gelu(x·w1 + b1)·w2 + b2` (biases optional: inputs x, w1
     /// `[d, f]`, [b1 `[f]`,] w2 `[f, e]`[, b2 `[e]`], i.e. 3 or 5 operands); result `[.., e]`.
+    /// With 4 operands it is gated (GeGLU, Gemma's MLP): `(gelu(x·w_gate) ⊙ (x·w_up))·w_down`,
+    /// operands as [`Op::SwigluFfn`].
     GeluFfn {
         /// The tanh approximation of GELU instead of the exact (erf) one.
         tanh: bool,
@@ -219,6 +221,9 @@ pub enum Op {
     MocFfn {
         /// Channels kept per token.
         k: usize,
+        /// The gate's activation: `None` SiLU (SwiGLU), `Some(tanh)` GELU (GeGLU, a gated
+        /// [`Op::GeluFfn`]; `tanh` as there). Printed as `gelu_tanh` only when GELU.
+        gelu: Option<bool>,
     },
     /// Reduction over `axes` (sorted, unique).
     Reduce {
@@ -445,7 +450,14 @@ impl Op {
             | Op::RevCouple => vec![],
             Op::GeluFfn { tanh } => vec![("tanh", Attr::Bool(*tanh))],
             Op::LmHeadCe { chunk } => vec![("chunk", Attr::Int(*chunk as i64))],
-            Op::TopK { k } | Op::MocFfn { k } => vec![("k", Attr::Int(*k as i64))],
+            Op::TopK { k } => vec![("k", Attr::Int(*k as i64))],
+            Op::MocFfn { k, gelu } => {
+                let mut a = vec![("k", Attr::Int(*k as i64))];
+                if let Some(t) = gelu {
+                    a.push(("gelu_tanh", Attr::Bool(*t)));
+                }
+                a
+            }
             Op::Attention { scale } | Op::AttentionLse { scale } => {
                 vec![("scale", Attr::Float(*scale))]
             }
@@ -539,6 +551,11 @@ impl Op {
                 },
                 "moc_ffn" => Op::MocFfn {
                     k: uint(get("k")?, "k")?,
+                    gelu: if attrs.contains_key("gelu_tanh") {
+                        Some(boolean(get("gelu_tanh")?, "gelu_tanh")?)
+                    } else {
+                        None
+                    },
                 },
                 "lm_head_ce" => Op::LmHeadCe {
                     chunk: match uint(get("chunk")?, "chunk")? {

@@ -4,7 +4,7 @@
 //! ```text
 //! silu:        x · sigmoid(x)                                   ==  silu(x)
 //! gelu-erf:    x · 0.5 · (1 + erf(x / √2))                      ==  gelu(x)        (x·(1/√2) too)
-//! gelu-tanh:   x · 0.5 · (1 + tanh(√(2/π) · (x + 0.044715·x³)))  ==  gelu_tanh(x)
+//! gelu-tanh:   x · 0.5 · (1 + tanh(√(2/π) · (x + 0.044715·x³)))  ==  gelu_tanh(x)   (x³ = pow(x, 3) or x·(x·x))
 //! ```
 //!
 //! Products and sums match in either operand order, and the GELU product in each grouping
@@ -83,19 +83,23 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
                 vec![half, s, ("?one", 1.0)],
             ));
         }
-        let tanh = "(add* (tanh (mul* (add* ?x (mul* (pow ?x ?three) ?k)) ?c)) ?one)";
-        table.push((
-            format!("gelu-tanh/{g_name}"),
-            grouping.replace('P', tanh),
-            "gelu_tanh",
-            vec![
-                half,
-                ("?three", 3.0),
-                ("?k", 0.044715),
-                ("?c", c),
-                ("?one", 1.0),
-            ],
-        ));
+        // x³ as pow(x, 3) (dynamo) or x·(x·x) (TorchScript's decomposition of tanh GELU).
+        for (cube_name, cube, three) in [
+            ("pow", "(pow ?x ?three)", true),
+            ("mul", "(mul* ?x (mul ?x ?x))", false),
+        ] {
+            let tanh = format!("(add* (tanh (mul* (add* ?x (mul* {cube} ?k)) ?c)) ?one)");
+            let mut checks = vec![half, ("?k", 0.044715), ("?c", c), ("?one", 1.0)];
+            if three {
+                checks.push(("?three", 3.0));
+            }
+            table.push((
+                format!("gelu-tanh/{cube_name}/{g_name}"),
+                grouping.replace('P', &tanh),
+                "gelu_tanh",
+                checks,
+            ));
+        }
     }
     let mut out = vec![];
     for (name, pattern, op, constants) in table {

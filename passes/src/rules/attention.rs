@@ -2,14 +2,20 @@
 //! `attention` op, with grouped-query head repetition folded in.
 //!
 //! ```text
-//! attention:      where(isnan(P), 0, P)·v,  P = softmax((q·a)·(kᵀ·b) + mask)  ==  attention[scale=a·b](q, k, v, mask)
-//! attention-bare: softmax((q·a)·(kᵀ·b) + mask)·v                           ==  attention[scale=a·b](q, k, v, mask)
-//! attention-gqa:  attention(q, repeat_kv(k), repeat_kv(v), m)              ==  attention(q, k, v, m)
+//! attention:       P·v,  P = softmax(α·(q·kᵀ) + mask)               ==  attention[scale=α](q, k, v, mask)
+//! attention-guard: where(isnan(P), 0, P)·v                          ==  the same
+//! scalar-matmul:   (x·c)·y  ==  (x·y)·c  ==  x·(y·c)                 (c a one-element constant)
+//! scalar-layout:   layout(x·c)  ==  layout(x)·c                      (transpose, reshape, expand)
+//! attention-gqa:   attention(q, repeat_kv(k), repeat_kv(v), m)     ==  attention(q, k, v, m)
 //! ```
 //!
-//! `kᵀ` is whatever the exporter wrote; the rule names `k` as `transpose(kᵀ, [0,1,3,2])` and
-//! the layout rules ([`super::layout`]) fold that transpose into the exporter's. `repeat_kv`
-//! is `reshape(expand(reshape(x, [B,Hk,1,T,D]), [B,Hk,g,T,D]), [B,Hk·g,T,D])`.
+//! `α·(q·kᵀ)` is any chain of multiplications and divisions by one-element constants around
+//! the product, so the eager spelling (`(q·kᵀ)·s`, `(q·kᵀ)/√d`) and the SDPA exports' (q and
+//! kᵀ each scaled by `d^-1/4` before the product, which `scalar-matmul` pulls out) match the
+//! same rule; α is the chain's product. `kᵀ` is whatever the exporter wrote; the rule names
+//! `k` as `transpose(kᵀ, [0,1,3,2])` and the layout rules ([`super::layout`]) fold that
+//! transpose into the exporter's. `repeat_kv` is
+//! `reshape(expand(reshape(x, [B,Hk,1,T,D]), [B,Hk,g,T,D]), [B,Hk·g,T,D])`.
 
 use egg::{Applier, EGraph, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
 use memc_ir::Attr;
@@ -17,13 +23,62 @@ use memc_ir::Attr;
 use super::{add_attr, add_op, ints, merge, scalar, ty};
 use crate::egraph::{Memc, TypeAnalysis};
 
+/// How many scalar multiplications and divisions may wrap `q·kᵀ`.
+const SCALE_DEPTH: usize = 4;
+
+/// The operands of `class` when it is the op `name`.
+fn nodes<'a>(
+    egraph: &'a EGraph<Memc, TypeAnalysis>,
+    class: Id,
+    name: &'a str,
+) -> impl Iterator<Item = &'a [Id]> + 'a {
+    egraph[class].nodes.iter().filter_map(move |n| match n {
+        Memc::Op(op, kids) if op.as_str() == name => Some(kids.as_slice()),
+        _ => None,
+    })
+}
+
+/// Every `(α, q, kᵀ)` with `class == α·(q·kᵀ)`, `q·kᵀ` a 4-D batched product.
+fn scaled_products(
+    egraph: &EGraph<Memc, TypeAnalysis>,
+    class: Id,
+    depth: usize,
+) -> Vec<(f64, Id, Id)> {
+    let mut out = vec![];
+    for kids in nodes(egraph, class, "matmul") {
+        if let &[q, kt] = kids {
+            if ty(egraph, q).is_some_and(|t| t.shape.len() == 4)
+                && ty(egraph, kt).is_some_and(|t| t.shape.len() == 4)
+            {
+                out.push((1.0, q, kt));
+            }
+        }
+    }
+    if depth == 0 {
+        return out;
+    }
+    for (op, inverse) in [("mul", false), ("div", true)] {
+        for kids in nodes(egraph, class, op) {
+            let &[a, b] = kids else { continue };
+            let sides: &[(Id, Id)] = if inverse { &[(a, b)] } else { &[(a, b), (b, a)] };
+            for &(x, c) in sides {
+                let Some(c) = scalar(egraph, c).filter(|c| *c != 0.0 && c.is_finite()) else {
+                    continue;
+                };
+                let f = if inverse { 1.0 / c } else { c };
+                for (alpha, q, kt) in scaled_products(egraph, x, depth - 1) {
+                    out.push((alpha * f, q, kt));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `attention` from `softmax(scores)·v`, `scores = α·(q·kᵀ) + mask`.
 struct Sdpa {
-    q: Var,
-    kt: Var,
+    scores: Var,
     v: Var,
-    mask: Var,
-    a: Var,
-    b: Var,
     zero: Option<Var>,
 }
 
@@ -36,44 +91,81 @@ impl Applier<Memc, TypeAnalysis> for Sdpa {
         _ast: Option<&PatternAst<Memc>>,
         _rule: Symbol,
     ) -> Vec<Id> {
-        let (q, kt, v, mask) = (
-            subst[self.q],
-            subst[self.kt],
-            subst[self.v],
-            subst[self.mask],
-        );
-        let (Some(a), Some(b)) = (scalar(egraph, subst[self.a]), scalar(egraph, subst[self.b]))
-        else {
-            return vec![];
-        };
         if let Some(z) = self.zero {
             if scalar(egraph, subst[z]) != Some(0.0) {
                 return vec![];
             }
         }
-        let (Some(qt), Some(ktt), Some(vt), Some(yt)) = (
-            ty(egraph, q),
-            ty(egraph, kt),
-            ty(egraph, v),
-            ty(egraph, eclass),
-        ) else {
+        let (scores, v) = (subst[self.scores], subst[self.v]);
+        let (Some(vt), Some(yt)) = (ty(egraph, v), ty(egraph, eclass)) else {
             return vec![];
         };
-        let ok = qt.shape.len() == 4
-            && ktt.shape.len() == 4
-            && vt.shape.len() == 4
-            && ktt.shape[..2] == qt.shape[..2]
-            && ktt.shape[2] == qt.shape[3]
-            && vt.shape[..2] == qt.shape[..2]
-            && vt.shape[2] == ktt.shape[3]
-            && yt.shape == [qt.shape[0], qt.shape[1], qt.shape[2], vt.shape[3]];
-        if !ok {
+        // (α·(q·kᵀ), mask) pairs: the mask is the other operand of an add.
+        let mut found = vec![];
+        for kids in nodes(egraph, scores, "add") {
+            if let &[a, b] = kids {
+                for (s, m) in [(a, b), (b, a)] {
+                    for (alpha, q, kt) in scaled_products(egraph, s, SCALE_DEPTH) {
+                        found.push((alpha, q, kt, m));
+                    }
+                }
+            }
+        }
+        for (alpha, q, kt, mask) in found {
+            let (Some(qt), Some(ktt), Some(mt)) = (ty(egraph, q), ty(egraph, kt), ty(egraph, mask))
+            else {
+                continue;
+            };
+            let ok = ktt.shape[..2] == qt.shape[..2]
+                && ktt.shape[2] == qt.shape[3]
+                && vt.shape.len() == 4
+                && vt.shape[..2] == qt.shape[..2]
+                && vt.shape[2] == ktt.shape[3]
+                && mt.dtype == qt.dtype
+                && yt.shape == [qt.shape[0], qt.shape[1], qt.shape[2], vt.shape[3]];
+            if !ok {
+                continue;
+            }
+            let perm = add_attr(egraph, "perm", Attr::Ints(vec![0, 1, 3, 2]));
+            let k = add_op(egraph, "transpose", vec![perm, kt]);
+            let scale = add_attr(egraph, "scale", Attr::Float(alpha as f32));
+            let id = add_op(egraph, "attention", vec![scale, q, k, v, mask]);
+            let merged = merge(egraph, eclass, id);
+            if !merged.is_empty() {
+                return merged;
+            }
+        }
+        vec![]
+    }
+}
+
+/// `op(.., x·c, ..) == op(.., x, ..)·c` for a one-element constant `c`.
+struct PullScalar {
+    /// The rewritten op's pattern with `?x` in place of `x·c`.
+    inner: Pattern<Memc>,
+    c: Var,
+}
+
+impl Applier<Memc, TypeAnalysis> for PullScalar {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph<Memc, TypeAnalysis>,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Memc>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let c = subst[self.c];
+        if scalar(egraph, c).is_none() || ty(egraph, c).is_none_or(|t| t.shape.iter().product::<usize>() != 1) {
             return vec![];
         }
-        let perm = add_attr(egraph, "perm", Attr::Ints(vec![0, 1, 3, 2]));
-        let k = add_op(egraph, "transpose", vec![perm, kt]);
-        let scale = add_attr(egraph, "scale", Attr::Float((a * b) as f32));
-        let id = add_op(egraph, "attention", vec![scale, q, k, v, mask]);
+        // A scalar of rank 0 or all ones broadcasts to any result; the product must keep the
+        // op's type (`merge` checks).
+        let inner = egraph.add_instantiation(&self.inner.ast, subst);
+        if ty(egraph, inner).is_none() {
+            return vec![];
+        }
+        let id = add_op(egraph, "mul", vec![inner, c]);
         merge(egraph, eclass, id)
     }
 }
@@ -140,38 +232,43 @@ impl Applier<Memc, TypeAnalysis> for Gqa {
 /// The attention rules (see the module docs).
 pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
     let var = |v: &str| -> Var { v.parse().unwrap() };
-    let scores = "(add (matmul (mul ?q ?a) (mul ?kt ?b)) ?mask)";
-    let sm = format!("(softmax axis=3 {scores})");
+    let pattern = |p: &str| p.parse::<Pattern<Memc>>().expect("a valid pattern");
+    let sm = "(softmax axis=3 ?scores)";
     let mut out = vec![];
-    for (name, pattern, guarded) in [
+    for (name, p, guarded) in [
         (
-            "attention",
+            "attention-guard",
             format!("(matmul (where (is_nan {sm}) ?zero {sm}) ?v)"),
             true,
         ),
-        ("attention-bare", format!("(matmul {sm} ?v)"), false),
+        ("attention", format!("(matmul {sm} ?v)"), false),
     ] {
-        out.push(
-            Rewrite::new(
-                name,
-                pattern.parse::<Pattern<Memc>>().expect("a valid pattern"),
-                Sdpa {
-                    q: var("?q"),
-                    kt: var("?kt"),
-                    v: var("?v"),
-                    mask: var("?mask"),
-                    a: var("?a"),
-                    b: var("?b"),
-                    zero: guarded.then(|| var("?zero")),
-                },
-            )
-            .expect("a valid rule"),
-        );
+        let applier = Sdpa {
+            scores: var("?scores"),
+            v: var("?v"),
+            zero: guarded.then(|| var("?zero")),
+        };
+        out.push(Rewrite::new(name, pattern(&p), applier).expect("a valid rule"));
+    }
+    for (name, from, to) in [
+        ("scalar-matmul-left", "(matmul (mul ?x ?c) ?y)", "(matmul ?x ?y)"),
+        ("scalar-matmul-left-swapped", "(matmul (mul ?c ?x) ?y)", "(matmul ?x ?y)"),
+        ("scalar-matmul-right", "(matmul ?y (mul ?x ?c))", "(matmul ?y ?x)"),
+        ("scalar-matmul-right-swapped", "(matmul ?y (mul ?c ?x))", "(matmul ?y ?x)"),
+        ("scalar-transpose", "(transpose ?p (mul ?x ?c))", "(transpose ?p ?x)"),
+        ("scalar-reshape", "(reshape ?p (mul ?x ?c))", "(reshape ?p ?x)"),
+        ("scalar-expand", "(expand ?p (mul ?x ?c))", "(expand ?p ?x)"),
+    ] {
+        let applier = PullScalar {
+            inner: pattern(to),
+            c: var("?c"),
+        };
+        out.push(Rewrite::new(name, pattern(from), applier).expect("a valid rule"));
     }
     let repeat = |x: &str, a: &str, b: &str, c: &str| {
         format!("(reshape {a} (expand {b} (reshape {c} {x})))")
     };
-    let pattern = format!(
+    let p = format!(
         "(attention ?scale ?q {} {} ?mask)",
         repeat("?k", "?s0", "?s1", "?s2"),
         repeat("?v", "?s3", "?s4", "?s5")
@@ -179,7 +276,7 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
     out.push(
         Rewrite::new(
             "attention-gqa",
-            pattern.parse::<Pattern<Memc>>().expect("a valid pattern"),
+            pattern(&p),
             Gqa {
                 scale: var("?scale"),
                 q: var("?q"),
