@@ -53,7 +53,7 @@ pub enum PartitionError {
     #[error("reversible layers are not split into pipeline stages yet")]
     Reversible,
     /// No layers were recognised.
-    #[error("no transformer layers were recognised (no `residual` around an `attention`), so there is nothing to split into pipeline stages")]
+    #[error("no transformer layers were recognised (no residual connection around an attention or softmax), so there is nothing to split into pipeline stages")]
     NoLayers,
     /// More chunks than layers.
     #[error("cannot split {layers} layers into {chunks} pipeline chunks (a chunk needs at least one layer)")]

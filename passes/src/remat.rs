@@ -134,8 +134,8 @@ pub enum RematError {
     },
     /// The graph has no layers to checkpoint.
     #[error(
-        "no transformer layers were recognised (no `residual` around an `attention`), so there \
-         is no layer to checkpoint"
+        "no transformer layers were recognised (no residual connection around an attention \
+         or softmax), so there is no layer to checkpoint"
     )]
     NoLayers,
     /// Every layer is reversible: its backward pass reconstructs instead of keeping.
@@ -203,24 +203,25 @@ pub struct Layer {
 }
 
 /// The layers of a forward graph, found from its `residual` nodes (kept until after this
-/// pass by the training builder): a residual whose branch is attention's output projection
-/// starts a layer at its stream operand.
+/// pass by the training builder): the residual stream. A residual whose branch computes an
+/// attention (a recognised `attention`, or any `softmax`: an attention the rules did not
+/// recognise is still a layer's) starts a layer at its stream operand.
 pub fn layers(g: &Graph) -> Vec<Layer> {
-    fn reaches_attention(g: &Graph, v: ValueId, depth: usize) -> bool {
-        let Some(p) = g.producer(v) else { return false };
-        let n = g.node(p);
-        match &n.op {
-            Op::Attention { .. } => true,
-            _ if depth == 0 => false,
-            Op::MatMul | Op::Reshape { .. } | Op::Transpose { .. } | Op::Cast { .. } => {
-                reaches_attention(g, n.inputs[0], depth - 1)
+    /// Whether the branch `v`, computed from the stream `x`, holds an attention.
+    fn attends(g: &Graph, v: ValueId, x: ValueId) -> bool {
+        let (mut stack, mut seen) = (vec![v], HashSet::new());
+        while let Some(v) = stack.pop() {
+            if v == x || !seen.insert(v) || seen.len() > 100_000 {
+                continue;
             }
-            Op::Binary(memc_ir::BinaryOp::Add) => n
-                .inputs
-                .iter()
-                .any(|&i| g.value(i).ty.rank() > 1 && reaches_attention(g, i, depth - 1)),
-            _ => false,
+            let Some(p) = g.producer(v) else { continue };
+            let n = g.node(p);
+            if matches!(n.op, Op::Attention { .. } | Op::Softmax { .. }) {
+                return true;
+            }
+            stack.extend(n.inputs.iter().copied());
         }
+        false
     }
     let forward = |n: &memc_ir::Node| n.phase == Phase::Forward;
     let residuals: Vec<&memc_ir::Node> = g
@@ -230,7 +231,7 @@ pub fn layers(g: &Graph) -> Vec<Layer> {
         .collect();
     let inputs: Vec<ValueId> = residuals
         .iter()
-        .filter(|n| reaches_attention(g, n.inputs[1], 8))
+        .filter(|n| attends(g, n.inputs[1], n.inputs[0]))
         .map(|n| n.inputs[0])
         .collect();
     let Some(last) = residuals.last() else {

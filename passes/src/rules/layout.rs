@@ -6,7 +6,15 @@
 //! reshape-reshape:      reshape[s](reshape[t](x))      ==  reshape[s](x)
 //! matmul-reshape:       reshape[s](x)·w                ==  reshape[s'](x·w)       (w a matrix; s keeps x's last dim)
 //! bias-reshape:         reshape[s](m) + b              ==  reshape[s](m + b)      (b a vector; s keeps m's last dim)
+//! add-reshape:          reshape[s](x) + y              ==  reshape[s](x + reshape[shape(x)](y))   (y of the sum's type)
+//!
+//! norm-reshape:         norm[axis=r-1](reshape[s](x), ..)  ==  reshape[s](norm[axis=rank(x)-1](x, ..))   (s keeps the last dim)
+//! max-reshape:          max(reshape[s](x), c)          ==  reshape[s](max(x, c))  (c a one-element constant: ReLU)
 //! ```
+//!
+//! `add-reshape`, `norm-reshape` and `max-reshape` bring a sub-block run on a flattened
+//! stream (OPT's FFN runs on `[B·S, d]`) back to the stream's own shape, where the residual
+//! rule sees it.
 //!
 //! The last two undo the flattening GPT-2's `Conv1D` (and other exporters' `Gemm`s) put
 //! around every projection (`[B, S, d] → [B·S, d]`), so a block reads as the same
@@ -143,6 +151,101 @@ impl Applier<Memc, TypeAnalysis> for ThroughReshape {
     }
 }
 
+/// `reshape[s](x) + y == reshape[s](x + reshape[shape(x)](y))`, y of the sum's type.
+struct AddReshape {
+    s: Var,
+    x: Var,
+    y: Var,
+}
+
+impl Applier<Memc, TypeAnalysis> for AddReshape {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph<Memc, TypeAnalysis>,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Memc>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (x, y) = (subst[self.x], subst[self.y]);
+        let (Some(xt), Some(yt), Some(out)) = (ty(egraph, x), ty(egraph, y), ty(egraph, eclass))
+        else {
+            return vec![];
+        };
+        if yt != out || xt.shape == out.shape || xt.dtype != out.dtype {
+            return vec![];
+        }
+        let back = add_attr(
+            egraph,
+            "shape",
+            Attr::Ints(xt.shape.iter().map(|&d| d as i64).collect()),
+        );
+        let y2 = add_op(egraph, "reshape", vec![back, y]);
+        let sum = add_op(egraph, "add", vec![x, y2]);
+        let id = add_op(egraph, "reshape", vec![subst[self.s], sum]);
+        merge(egraph, eclass, id)
+    }
+}
+
+/// `op(reshape[s](x), rest..) == reshape[s](op(x, rest..))` for a norm over the last axis
+/// (`norm`) or `max` with a one-element constant, when `s` keeps `x`'s last dim.
+struct OutOfReshape {
+    op: &'static str,
+    s: Var,
+    x: Var,
+    rest: Vec<Var>,
+    axis: Var,
+    epsilon: Option<Var>,
+}
+
+impl Applier<Memc, TypeAnalysis> for OutOfReshape {
+    fn apply_one(
+        &self,
+        egraph: &mut EGraph<Memc, TypeAnalysis>,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Memc>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let x = subst[self.x];
+        let (Some(xt), Some(out), Some(s)) =
+            (ty(egraph, x), ty(egraph, eclass), ints(egraph, subst[self.s]))
+        else {
+            return vec![];
+        };
+        if xt.shape.is_empty() || s.last().copied() != xt.shape.last().map(|&d| d as i64) {
+            return vec![];
+        }
+        let mut kids = vec![];
+        if let Some(eps) = self.epsilon {
+            // The norm must cover the last axis only (its weights' shapes then agree, which
+            // `merge`'s type check confirms).
+            let axis = match &egraph[subst[self.axis]].data.attr {
+                Some(crate::egraph::AttrLeaf {
+                    value: Attr::Int(a),
+                    ..
+                }) => *a,
+                _ => return vec![],
+            };
+            if axis + 1 != out.shape.len() as i64 {
+                return vec![];
+            }
+            kids.push(add_attr(egraph, "axis", Attr::Int(xt.shape.len() as i64 - 1)));
+            kids.push(subst[eps]);
+        }
+        kids.push(x);
+        for &r in &self.rest {
+            kids.push(subst[r]);
+        }
+        if self.epsilon.is_none() && super::scalar(egraph, subst[self.rest[0]]).is_none() {
+            return vec![];
+        }
+        let inner = add_op(egraph, self.op, kids);
+        let id = add_op(egraph, "reshape", vec![subst[self.s], inner]);
+        merge(egraph, eclass, id)
+    }
+}
+
 /// `reshape[s](reshape[t](x)) == reshape[s](x)`.
 struct ReshapeReshape {
     s: Var,
@@ -213,6 +316,69 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
                 x: var("?x"),
                 other: var("?w"),
                 bias: false,
+            },
+        )
+        .unwrap(),
+        Rewrite::new(
+            "max-reshape",
+            "(max (reshape ?s ?x) ?c)".parse::<Pattern<Memc>>().unwrap(),
+            OutOfReshape {
+                op: "max",
+                s: var("?s"),
+                x: var("?x"),
+                rest: vec![var("?c")],
+                axis: var("?c"),
+                epsilon: None,
+            },
+        )
+        .unwrap(),
+        Rewrite::new(
+            "layer-norm-reshape",
+            "(layer_norm ?axis ?eps (reshape ?s ?x) ?w ?b)"
+                .parse::<Pattern<Memc>>()
+                .unwrap(),
+            OutOfReshape {
+                op: "layer_norm",
+                s: var("?s"),
+                x: var("?x"),
+                rest: vec![var("?w"), var("?b")],
+                axis: var("?axis"),
+                epsilon: Some(var("?eps")),
+            },
+        )
+        .unwrap(),
+        Rewrite::new(
+            "rms-norm-reshape",
+            "(rms_norm ?axis ?eps (reshape ?s ?x) ?w)"
+                .parse::<Pattern<Memc>>()
+                .unwrap(),
+            OutOfReshape {
+                op: "rms_norm",
+                s: var("?s"),
+                x: var("?x"),
+                rest: vec![var("?w")],
+                axis: var("?axis"),
+                epsilon: Some(var("?eps")),
+            },
+        )
+        .unwrap(),
+        Rewrite::new(
+            "add-reshape",
+            "(add (reshape ?s ?x) ?y)".parse::<Pattern<Memc>>().unwrap(),
+            AddReshape {
+                s: var("?s"),
+                x: var("?x"),
+                y: var("?y"),
+            },
+        )
+        .unwrap(),
+        Rewrite::new(
+            "add-reshape-swapped",
+            "(add ?y (reshape ?s ?x))".parse::<Pattern<Memc>>().unwrap(),
+            AddReshape {
+                s: var("?s"),
+                x: var("?x"),
+                y: var("?y"),
             },
         )
         .unwrap(),

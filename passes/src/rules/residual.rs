@@ -3,13 +3,14 @@
 //! couplings) find the residual stream without re-deriving it.
 //!
 //! ```text
-//! residual:  x + f  ==  residual(x, f)   (f an FFN block, or attention's output projection, computed from x)
+//! residual:  x + f  ==  residual(x, f)   (f a sub-block's output projection, computed from x)
 //! ```
 //!
-//! `f` qualifies when its class holds a `swiglu_ffn`/`gelu_ffn`, or an `attention` is reached
-//! from it through at most [`PROJECTION_DEPTH`] GEMM, bias and layout ops (the output
-//! projection); and `x` is read by `f`'s computation (searched through at most
-//! [`READ_LIMIT`] classes). Both operands have one type (no broadcasting). Adds of
+//! `f` qualifies when its class holds a `swiglu_ffn`/`gelu_ffn`/`attention`, or a projection
+//! (a GEMM by a weight matrix), possibly behind bias adds and layout ops (at most
+//! [`PROJECTION_DEPTH`]; a sandwich norm over it, Gemma 2), or the sum of two such (parallel attention and FFN, GPT-NeoX and
+//! Phi), so a layer whose attention or FFN is not recognised still has its residuals; and
+//! `x` is read by `f`'s computation (searched through at most [`READ_LIMIT`] classes). Both operands have one type (no broadcasting). Adds of
 //! embeddings, biases or masks stay `add`.
 
 use std::collections::HashSet;
@@ -37,12 +38,22 @@ fn is_branch(egraph: &EGraph<Memc, TypeAnalysis>, class: Id, depth: usize) -> bo
     let rank = |c: Id| ty(egraph, c).map(|t| t.shape.len());
     ops(egraph, class).any(|(name, kids)| match (name, kids) {
         ("swiglu_ffn" | "gelu_ffn" | "attention", _) => true,
+        // A projection: a GEMM by a weight matrix (attention's output projection, an FFN's
+        // down projection, recognised or not).
+        ("matmul", &[_, w]) if rank(w) == Some(2) => true,
         _ if depth == 0 => false,
         ("add", &[a, b]) => {
             (rank(b) == Some(1) && is_branch(egraph, a, depth - 1))
                 || (rank(a) == Some(1) && is_branch(egraph, b, depth - 1))
+                // Parallel sub-blocks (GPT-NeoX, Phi): attention + FFN, both from the stream.
+                || (is_branch(egraph, a, depth - 1) && is_branch(egraph, b, depth - 1))
         }
         ("matmul", &[a, _]) => is_branch(egraph, a, depth - 1),
+        // Sandwich norms (Gemma 2): the sub-block's output is normalised before the add.
+        ("rms_norm" | "layer_norm", kids) => kids
+            .iter()
+            .find(|&&c| ty(egraph, c).is_some())
+            .is_some_and(|&x| is_branch(egraph, x, depth - 1)),
         ("reshape" | "transpose", &[_, x]) => is_branch(egraph, x, depth - 1),
         _ => false,
     })
