@@ -18,7 +18,8 @@ TorchScript at opset 17, batch and sequence dynamic). For each export it writes,
 and, once per class and attention (the weights and batch do not depend on the exporter),
 ``<class>-<attn>.train.json``: PyTorch's 5-step loss trajectories with SGD (lr 0.1) and
 AdamW (lr 1e-3, weight decay 0.01), the loss being memc's ``--loss next-token-ce`` (mean
-cross entropy of ``logits[:, :-1]`` against ``input_ids[:, 1:]``), every dropout at 0,
+cross entropy of ``logits[:, :-1]`` against ``input_ids[:, 1:]``), every dropout at 0
+(checked: the train-mode loss equals the eval-mode loss bit for bit),
 ``model.parameters()`` trained (tied weights once).
 
 ``manifest.json`` lists every export with its status: ``ok``, or ``failed`` with the
@@ -197,8 +198,10 @@ def zero_dropout(wrapper):
     for mod in wrapper.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-        for attr in ("attention_dropout", "dropout", "attn_pdrop", "resid_pdrop"):
-            if isinstance(getattr(mod, attr, None), float):
+        # Float probabilities modules copy from the config (`attention_dropout`,
+        # GPTBigCode's `attn_dropout`, GPT-2's `attn_pdrop`, ...).
+        for attr, v in list(vars(mod).items()):
+            if ("dropout" in attr or "pdrop" in attr) and isinstance(v, float):
                 setattr(mod, attr, 0.0)
     for k, v in list(vars(wrapper.model.config).items()):
         if ("dropout" in k or "pdrop" in k) and isinstance(v, float):
@@ -210,17 +213,27 @@ def trajectories(row, attn, feeds):
     for kind in ("sgd", "adamw"):
         wrapper, _ = build(row, attn)
         zero_dropout(wrapper)
-        wrapper.train()
+        ids = torch.from_numpy(feeds["input_ids"])
+        args = [torch.from_numpy(feeds[n]) for n in wrapper.names]
+
+        def next_token_ce():
+            logits = wrapper(*args)
+            return torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+        with torch.no_grad():
+            eval_loss = next_token_ce().item()
+            wrapper.train()
+            train_loss = next_token_ce().item()
+        if eval_loss != train_loss:
+            # Some dropout is still active: the trajectory would not be memc's.
+            raise RuntimeError(f"train-mode loss {train_loss} != eval-mode loss {eval_loss}")
         params = list(wrapper.parameters())
         opt = (torch.optim.SGD(params, lr=0.1) if kind == "sgd"
                else torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01))
-        ids = torch.from_numpy(feeds["input_ids"])
-        args = [torch.from_numpy(feeds[n]) for n in wrapper.names]
         losses = []
         for _ in range(STEPS):
-            logits = wrapper(*args)
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            loss = next_token_ce()
             losses.append(loss.item())
             loss.backward()
             opt.step()

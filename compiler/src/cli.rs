@@ -379,7 +379,7 @@ fn import(
     shapes: HashMap<String, Vec<usize>>,
     timer: &mut Timer,
     pm: &mut PassManager,
-) -> Result<(Graph, Option<crate::rev::RevReport>)> {
+) -> Result<(Graph, Option<crate::rev::RevReport>, memc_passes::summary::Recognition)> {
     let model = timer.time("load", || onnx::load_model(&args.model))?;
     let opts = ImportOptions { shapes };
     let mut g = timer.time("import", || onnx::import_model(&args.model, &model, &opts))?;
@@ -394,6 +394,19 @@ fn import(
             .time("canonicalize", || pm.run_spec(&mut g, &spec))
             .map_err(|e| anyhow!("{name}: {e}"))?;
     }
+    // What was recognised, before MoC and reversible layers restructure the blocks.
+    let recognition = memc_passes::summary::describe(&g);
+    for u in &recognition.unrecognised {
+        eprintln!(
+            "warning: {name}: {} not recognised{}; this rules out {}",
+            u.what,
+            match u.nodes.len() {
+                0 => String::new(),
+                _ => format!(" (nodes {})", u.nodes.join(", ")),
+            },
+            u.rules_out
+        );
+    }
     if let Some(text) = &args.moc_k {
         let k = parse_moc_k(text)?;
         let stats = pm.run(&mut g, "moc", format!("moc{{k={text}}}"), |g| {
@@ -401,9 +414,9 @@ fn import(
         })?;
         if stats.rewritten == 0 {
             eprintln!(
-                "warning: {name}: --moc-k: no SwiGLU FFN (`swiglu_ffn`) in the model, nothing rewritten{}; MoC applies to SwiGLU FFNs only",
+                "warning: {name}: --moc-k: no gated FFN (SwiGLU `swiglu_ffn` or GeGLU, a gated `gelu_ffn`) in the model, nothing rewritten{}; MoC applies to gated FFNs only",
                 if stats.left_dense > 0 {
-                    format!(" ({} GELU FFNs left dense)", stats.left_dense)
+                    format!(" ({} ungated FFNs left dense)", stats.left_dense)
                 } else {
                     String::new()
                 }
@@ -411,10 +424,10 @@ fn import(
         }
         if let Some((k, f)) = stats.k {
             eprintln!(
-                "moc: {} swiglu_ffn -> moc_ffn, keeping {k} of {f} channels per token{}",
+                "moc: {} gated FFNs -> moc_ffn, keeping {k} of {f} channels per token{}",
                 stats.rewritten,
                 if stats.left_dense > 0 {
-                    format!("; {} GELU FFNs left dense", stats.left_dense)
+                    format!("; {} ungated FFNs left dense", stats.left_dense)
                 } else {
                     String::new()
                 }
@@ -432,7 +445,7 @@ fn import(
         }
     }
     let rev = crate::rev::apply(&mut g, &args.rev, &name, pm)?;
-    Ok((g, rev))
+    Ok((g, rev, recognition))
 }
 
 /// Resident memory of this process, split into anonymous (copied or computed) and
@@ -473,7 +486,8 @@ fn compile(args: CompileArgs) -> Result<()> {
     let mut pm = PassManager::new()
         .dump_to(args.dump_ir.clone())
         .timed(args.model.time_passes);
-    let (mut g, mut rev) = import(&args.model, shapes(&args.model)?, &mut timer, &mut pm)?;
+    let (mut g, mut rev, recognition) =
+        import(&args.model, shapes(&args.model)?, &mut timer, &mut pm)?;
     // The reversible model before training is built, for the report's baselines.
     let rev_model = (rev.is_some() && args.train && (args.report || args.report_json.is_some()))
         .then(|| g.clone());
@@ -565,6 +579,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     }
     if args.report {
         print!("{}", report::summary(&g));
+        print!("{}", report::layers_text(&recognition));
         if let Some(r) = &rev {
             println!("reversible: {}", r.line());
             if let Some(m) = r.memory_line() {
@@ -624,6 +639,9 @@ fn compile(args: CompileArgs) -> Result<()> {
     }
     if let Some(path) = &args.report_json {
         let mut r = report::json_report(&model, &g, &model_ops, &timer.phases);
+        if let Some(obj) = r.as_object_mut() {
+            obj.insert("layers".into(), report::layers_json(&recognition));
+        }
         if let (Some(obj), serde_json::Value::Object(p)) =
             (r.as_object_mut(), report::plan_json(&g, &plan))
         {
@@ -733,7 +751,7 @@ fn emit_pipelined(
         enabled: false,
         phases: vec![],
     };
-    let (g, _) = import(
+    let (g, _, _) = import(
         &args.model,
         shapes,
         &mut timer,
@@ -866,7 +884,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let (mut g, _) = import(
+    let (mut g, _, _) = import(
         &args.model,
         shapes,
         &mut timer,
@@ -1000,7 +1018,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
     if let Some((kind, _)) = args.pipeline.chunks()? {
         return train_pipelined(&args, kind, shapes, &mut data, &mut timer, &model);
     }
-    let (mut g, _) = import(
+    let (mut g, _, _) = import(
         &args.model,
         shapes,
         &mut timer,
@@ -1081,7 +1099,7 @@ fn train_pipelined(
     let stages = args.pipeline.pipeline_stages.expect("checked");
     let m = args.pipeline.microbatches.unwrap_or(2 * stages);
     let (shapes, rows, _) = micro_shapes(shapes, m, model)?;
-    let (g, _) = import(
+    let (g, _, _) = import(
         &args.model,
         shapes,
         timer,

@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use memc_ir::{Graph, ParamRole, Phase, ValueDef};
 use memc_passes::plan::{flops, Category, Plan, ALIGN};
+use memc_passes::summary::Recognition;
 use serde_json::{json, Value};
 
 /// Wall time of one compiler phase.
@@ -66,6 +67,63 @@ pub fn json_report(
         "outputs": outputs,
         "passes": phases.iter().map(|p| json!({"name": p.name, "ms": p.ms})).collect::<Vec<_>>(),
     })
+}
+
+/// `--report-json`'s `layers`: one object per layer (`attention` with `heads`, `kv_heads` and
+/// `kind`, or null when unrecognised; `ffn`, `ffn_fused_gate_up`, `norm`, `norms`,
+/// `qk_norms`, `residual`, `unrecognised`), and `unrecognised` beside them when nothing was.
+pub fn layers_json(r: &Recognition) -> Value {
+    let layers: Vec<Value> = r
+        .layers
+        .iter()
+        .map(|l| {
+            json!({
+                "attention": l.attention.as_ref().map(|a| json!({
+                    "heads": a.heads, "kv_heads": a.kv_heads, "kind": a.kind(),
+                })),
+                "ffn": l.ffn,
+                "ffn_fused_gate_up": l.ffn_fused_gate_up,
+                "norm": l.norm,
+                "norms": l.norms,
+                "qk_norms": l.qk_norms,
+                "residual": l.residual,
+                "unrecognised": l.unrecognised,
+            })
+        })
+        .collect();
+    Value::Array(layers)
+}
+
+/// `--report`'s recognition lines: one per layer, then what was not recognised.
+pub fn layers_text(r: &Recognition) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "layers: {}", r.layers.len());
+    for (i, l) in r.layers.iter().enumerate() {
+        let attention = match &l.attention {
+            Some(a) => format!("attention {} ({} heads, {} kv)", a.kind(), a.heads, a.kv_heads),
+            None => "attention UNRECOGNISED".into(),
+        };
+        let _ = writeln!(
+            s,
+            "  layer {i}: {attention}, ffn {}{}, {} x {}{}, {}",
+            l.ffn,
+            if l.ffn_fused_gate_up { " (fused gate/up)" } else { "" },
+            l.norms,
+            l.norm,
+            if l.qk_norms > 0 { format!(" + {} q/k norms", l.qk_norms) } else { String::new() },
+            l.residual
+        );
+    }
+    for u in &r.unrecognised {
+        let _ = writeln!(
+            s,
+            "  not recognised: {}{}; rules out {}",
+            u.what,
+            if u.nodes.is_empty() { String::new() } else { format!(" ({})", u.nodes.join(", ")) },
+            u.rules_out
+        );
+    }
+    s
 }
 
 /// A short human summary of a graph: sizes and op counts.

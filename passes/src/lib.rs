@@ -24,6 +24,7 @@ pub mod remat;
 pub mod reversible;
 pub mod rules;
 pub mod stages;
+pub mod summary;
 pub mod table;
 pub mod train;
 
