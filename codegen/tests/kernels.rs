@@ -371,7 +371,7 @@ fn attention_and_rms_norm_kernels() {
     let mask = Tensor::from_f64(DType::F32, vec![1, 1, s, t], &mask);
     for (h, hk) in [(2, 2), (4, 2), (3, 1)] {
         check_op(
-            Op::Attention { scale: 0.35 },
+            Op::Attention(memc_ir::Scores::scaled(0.35)),
             &[
                 ty(&[2, h, s, 8]),
                 ty(&[2, hk, t, 8]),
@@ -386,14 +386,14 @@ fn attention_and_rms_norm_kernels() {
     for (h, hk) in [(2, 2), (4, 2)] {
         let (q, k, v) = (ty(&[2, h, s, 8]), ty(&[2, hk, t, 8]), ty(&[2, hk, t, 6]));
         check_op(
-            Op::AttentionLse { scale: 0.35 },
+            Op::AttentionLse(memc_ir::Scores::scaled(0.35)),
             &[q.clone(), k.clone(), ty(&[1, 1, s, t])],
             1e-5,
             &[(2, mask.clone())],
         );
         for wrt in 0..3 {
             check_op(
-                Op::AttentionGrad { scale: 0.35, wrt },
+                Op::AttentionGrad { scores: memc_ir::Scores::scaled(0.35), wrt },
                 &[
                     q.clone(),
                     k.clone(),
@@ -405,6 +405,51 @@ fn attention_and_rms_norm_kernels() {
                 ],
                 1e-5,
                 &[(3, mask.clone())],
+            );
+        }
+    }
+    // The score attributes: soft-capping, causal and window masking (no mask tensor: a
+    // rank-0 zero), more keys than queries; forward and backward kernels.
+    let capped = memc_ir::Scores {
+        scale: 0.35,
+        softcap: 2.0,
+        causal: true,
+        window: 3,
+    };
+    let zero = Tensor::from_f64(DType::F32, Vec::<usize>::new(), &[0.0]);
+    for sc in [
+        capped,
+        memc_ir::Scores { window: 0, ..capped },
+        memc_ir::Scores { softcap: 0.0, ..capped },
+    ] {
+        let (h, hk) = (4, 2);
+        let (q, k, v) = (ty(&[2, h, s, 8]), ty(&[2, hk, t, 8]), ty(&[2, hk, t, 6]));
+        check_op(
+            Op::Attention(sc),
+            &[q.clone(), k.clone(), v.clone(), ty(&[])],
+            1e-5,
+            &[(3, zero.clone())],
+        );
+        check_op(
+            Op::AttentionLse(sc),
+            &[q.clone(), k.clone(), ty(&[])],
+            1e-5,
+            &[(2, zero.clone())],
+        );
+        for wrt in 0..3 {
+            check_op(
+                Op::AttentionGrad { scores: sc, wrt },
+                &[
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    ty(&[]),
+                    ty(&[2, h, s]),
+                    ty(&[2, h, s, 6]),
+                    ty(&[2, h, s]),
+                ],
+                1e-5,
+                &[(3, zero.clone())],
             );
         }
     }

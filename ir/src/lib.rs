@@ -22,7 +22,7 @@ pub use dtype::{DType, TensorType};
 pub use graph::{Graph, Node, NodeId, ParamRole, Phase, Value, ValueDef, ValueId};
 pub use interp::{eval_op, interpret, run, InterpError, Run, RunOptions};
 pub use op::{broadcast_shapes, loss_dtype};
-pub use op::{Attr, BinaryOp, Op, Operand, ReduceKind, UnaryOp};
+pub use op::{Attr, BinaryOp, Op, Operand, ReduceKind, Scores, UnaryOp};
 pub use parse::{parse, ParseError};
 pub use print::{print, print_annotated};
 pub use tensor::{Tensor, TensorError};

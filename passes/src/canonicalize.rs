@@ -68,6 +68,9 @@ pub struct CanonStats {
     pub stop: String,
     /// Ops of each recognised kind in the result (`rms_norm`: 5).
     pub recognised: BTreeMap<String, usize>,
+    /// Constant attention masks replaced by `causal`/`window` attributes
+    /// ([`crate::masks::fold_masks`]).
+    pub masks_folded: usize,
 }
 
 /// The ops the canonicalisation introduces.
@@ -84,8 +87,20 @@ pub const RECOGNISED: &[&str] = &[
     "residual",
 ];
 
-/// Rewrites `g` (a forward graph) in place (see the module docs).
+/// Rewrites `g` (a forward graph) in place (see the module docs), then folds its constant
+/// attention masks into attributes ([`crate::masks::fold_masks`]).
 pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonError> {
+    let mut stats = rewrite(g, limits)?;
+    stats.masks_folded = crate::masks::fold_masks(g).folded;
+    if stats.masks_folded > 0 {
+        stats.nodes_after = g.nodes().len();
+        memc_ir::verify(g).map_err(|e| CanonError::Invalid(e.to_string()))?;
+    }
+    Ok(stats)
+}
+
+/// The e-graph rewrite.
+fn rewrite(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonError> {
     let before = g.nodes().len();
     let loaded = load(g);
     let roots: Vec<Id> = loaded.roots.iter().map(|r| r.1).collect();
@@ -117,6 +132,7 @@ pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonE
             egraph_nodes: runner.egraph.total_number_of_nodes(),
             stop,
             recognised: BTreeMap::new(),
+            masks_folded: 0,
         });
     }
     let chosen = extract(&runner.egraph, &roots).map_err(CanonError::Extract)?;
@@ -132,6 +148,7 @@ pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonE
             egraph_nodes: runner.egraph.total_number_of_nodes(),
             stop,
             recognised: BTreeMap::new(),
+            masks_folded: 0,
         });
     }
     let counts = out.op_counts();
@@ -146,6 +163,7 @@ pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonE
         egraph_nodes: runner.egraph.total_number_of_nodes(),
         stop,
         recognised,
+        masks_folded: 0,
     };
     *g = out;
     Ok(stats)

@@ -14,6 +14,7 @@ pub mod consts;
 pub mod egraph;
 pub mod fuse;
 pub mod manager;
+pub mod masks;
 pub mod moc;
 pub mod partition;
 pub mod pipeline;

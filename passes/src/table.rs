@@ -364,8 +364,12 @@ pass_stats! {crate::partition::Partition,
 
 pass_stats! {crate::canonicalize::CanonStats, fn summary(&self) -> String {
     format!(
-        "{} -> {} nodes, {} iterations ({}), recognised {:?}",
-        self.nodes_before, self.nodes_after, self.iterations, self.stop, self.recognised
+        "{} -> {} nodes, {} iterations ({}), recognised {:?}{}",
+        self.nodes_before, self.nodes_after, self.iterations, self.stop, self.recognised,
+        match self.masks_folded {
+            0 => String::new(),
+            n => format!(", {n} attention masks folded into causal/window attributes"),
+        }
     )
 }}
 

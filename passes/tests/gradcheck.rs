@@ -329,7 +329,7 @@ fn cases(r: &mut Rng) -> Vec<Case> {
                 (vec![1, 1, sq, tk], Any),
             ],
             move |b, x| {
-                b.op(Op::Attention { scale: 0.7 }, &[x[0], x[1], x[2], x[3]])
+                b.op(Op::Attention(memc_ir::Scores::scaled(0.7)), &[x[0], x[1], x[2], x[3]])
                     .unwrap()
             },
         ));
@@ -366,8 +366,35 @@ fn cases(r: &mut Rng) -> Vec<Case> {
                     vec![1, 1, sq, tk],
                     &mask,
                 ));
-                b.op(Op::Attention { scale: 0.7 }, &[x[0], x[1], x[2], m])
+                b.op(Op::Attention(memc_ir::Scores::scaled(0.7)), &[x[0], x[1], x[2], m])
                     .unwrap()
+            },
+        ));
+    }
+    {
+        // Soft-capped, causal and windowed scores (no mask tensor: a rank-0 zero), more keys
+        // than queries: the flash path's gradients through the cap's tanh.
+        let (bq, sq, tk, d, dv) = (1 + r.below(2), 2 + r.below(2), 4, 1 + r.below(3), 2);
+        v.push(case(
+            format!("Attention (softcap, causal, window) S {sq} T {tk}"),
+            vec![
+                (vec![bq, 2, sq, d], Any),
+                (vec![bq, 1, tk, d], Any),
+                (vec![bq, 1, tk, dv], Any),
+            ],
+            move |b, x| {
+                let m = b.g.add_const(memc_ir::Tensor::from_f64(
+                    memc_ir::DType::F64,
+                    Vec::<usize>::new(),
+                    &[0.0],
+                ));
+                let sc = memc_ir::Scores {
+                    scale: 0.7,
+                    softcap: 1.5,
+                    causal: true,
+                    window: 2,
+                };
+                b.op(Op::Attention(sc), &[x[0], x[1], x[2], m]).unwrap()
             },
         ));
     }

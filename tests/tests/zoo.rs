@@ -15,11 +15,7 @@ use serde_json::Value;
 
 /// What the rules do not recognise yet, by family: the test checks these are still the only
 /// differences (so fixing one fails here until the entry goes).
-const KNOWN_GAPS: &[(&str, &str)] = &[
-    // Logit soft-capping (tanh(s/c)·c between q·kᵀ and the softmax) has no `attention`
-    // attribute yet: the layers are found, their attention stays unrecognised.
-    ("gemma2", "attention"),
-];
+const KNOWN_GAPS: &[(&str, &str)] = &[];
 
 /// Families the importer cannot take yet, with the reason (checked against the error).
 const IMPORT_GAPS: &[(&str, &str)] = &[
@@ -294,4 +290,36 @@ fn zoo_models_train_like_pytorch_with_and_without_canonicalisation() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Under `--remat full` no tensor of S×S elements is held on any causal zoo model: the causal
+/// and sliding-window masks are `attention` attributes, the probabilities are recomputed row by
+/// row. (S = 12 here, a length no weight dimension of the zoo has.)
+#[test]
+fn no_s_by_s_tensor_under_full_remat() {
+    const S: usize = 12;
+    let mut failures = vec![];
+    for e in zoo()
+        .into_iter()
+        .filter(|e| e.causal() && import_gap(&e.family).is_none())
+    {
+        let opts = memc_onnx::ImportOptions {
+            shapes: HashMap::from([("input_ids".to_string(), vec![2, S])]),
+        };
+        let mut g = memc_onnx::import(&e.path, &opts).unwrap_or_else(|err| panic!("{}: {err}", e.name));
+        memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
+        let a = train_args(adamw(), None, memc_tests::FULL);
+        memc::train::build(&mut g, &a).unwrap_or_else(|err| panic!("{}: {err:#}", e.name));
+        let held: Vec<String> = g
+            .values()
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.ty.rank() >= 2 && v.ty.shape[v.ty.rank() - 2..] == [S, S])
+            .map(|(i, v)| format!("%{i}: {}", v.ty))
+            .collect();
+        if !held.is_empty() {
+            failures.push(format!("{}: {}", e.name, held.join(", ")));
+        }
+    }
+    assert!(failures.is_empty(), "S×S tensors:\n{}", failures.join("\n"));
 }

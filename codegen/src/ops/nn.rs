@@ -2,7 +2,7 @@
 //! `rms_norm`) and attention (an online softmax, nothing of size S×T stored) with its backward
 //! ops (`attention_lse`, `attention_grad`), which recompute the scores row by row.
 
-use memc_ir::{DType, Op};
+use memc_ir::{DType, Op, Scores};
 
 use super::{Cx, F};
 use crate::kernel::KernelError;
@@ -14,9 +14,9 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
         Op::Softmax { axis } | Op::LogSoftmax { axis } => softmax(f, cx, *axis),
         Op::LayerNorm { axis, epsilon } => layer_norm(f, cx, *axis, *epsilon),
         Op::RmsNorm { axis, epsilon } => rms_norm(f, cx, *axis, *epsilon),
-        Op::Attention { scale } => attention(f, cx, *scale),
-        Op::AttentionLse { scale } | Op::AttentionGrad { scale, .. } => {
-            attention_backward(f, cx, *scale)
+        Op::Attention(sc) => attention(f, cx, sc),
+        Op::AttentionLse(sc) | Op::AttentionGrad { scores: sc, .. } => {
+            attention_backward(f, cx, sc)
         }
         _ => unreachable!("`{}` is not a neural-network op", cx.node.op.name()),
     }
@@ -176,7 +176,7 @@ fn rms_norm(f: &mut F, cx: &Cx, axis: usize, epsilon: f32) {
 
 /// `attention`: one row of queries per parallel iteration, one pass over the keys (the online
 /// softmax), then a division by the row sum.
-fn attention(f: &mut F, cx: &Cx, scale: f32) {
+fn attention(f: &mut F, cx: &Cx, scores: &Scores) {
     let Cx {
         tys,
         out,
@@ -196,7 +196,7 @@ fn attention(f: &mut F, cx: &Cx, scale: f32) {
     let ivs = f.parallel(&xshape[..3]);
     let grp = f.index(h / hk);
     let kh = f.v(&format!("arith.divui {}, {grp} : index", ivs[1]));
-    let scale_c = f.fconst(scale as f64, at);
+    let scale_c = f.fconst(scores.scale as f64, at);
     let sh = ScoreShapes {
         q: &xshape,
         k: &kshape,
@@ -205,9 +205,10 @@ fn attention(f: &mut F, cx: &Cx, scale: f32) {
         dt: xdt,
         mask_dt: mdt,
         at,
+        scores,
     };
     let score = |f: &mut F, j: &str| -> String {
-        attention_score(f, &sh, &scale_c, [&ivs[0], &ivs[1], &ivs[2]], &kh, j)
+        attention_score(f, &sh, &scale_c, [&ivs[0], &ivs[1], &ivs[2]], &kh, j).0
     };
     // One pass with the online softmax: a running max m and sum l; when a score
     // raises the max, the row accumulated so far is rescaled by exp(m_old - m_new).
@@ -281,7 +282,7 @@ fn attention(f: &mut F, cx: &Cx, scale: f32) {
 
 /// `attention_lse` or `attention_grad`: their shared setup (the scale and −∞ constants, the
 /// score), then `attention_lse`'s row log-sum-exp or the gradient ([`attention_grad`]).
-fn attention_backward(f: &mut F, cx: &Cx, scale: f32) {
+fn attention_backward(f: &mut F, cx: &Cx, scores: &Scores) {
     let Cx {
         node,
         tys,
@@ -302,7 +303,7 @@ fn attention_backward(f: &mut F, cx: &Cx, scale: f32) {
     let (mshape, mdt) = tys[mi].clone();
     let (h, hk, t) = (xshape[1], kshape[1], kshape[2]);
     let group = h / hk;
-    let scale_c = f.fconst(scale as f64, at);
+    let scale_c = f.fconst(scores.scale as f64, at);
     let ninf = f.fconst(f64::NEG_INFINITY, at);
     let sh = ScoreShapes {
         q: &xshape,
@@ -312,9 +313,10 @@ fn attention_backward(f: &mut F, cx: &Cx, scale: f32) {
         dt: xdt,
         mask_dt: mdt,
         at,
+        scores,
     };
-    // The score of query row (b, h, i) against key j.
-    let score = |f: &mut F, bq: &str, hq: &str, i: &str, kh: &str, j: &str| -> String {
+    // The score of query row (b, h, i) against key j, and its soft-cap derivative.
+    let score = |f: &mut F, bq: &str, hq: &str, i: &str, kh: &str, j: &str| {
         attention_score(f, &sh, &scale_c, [bq, hq, i], kh, j)
     };
     match wrt {
@@ -324,13 +326,13 @@ fn attention_backward(f: &mut F, cx: &Cx, scale: f32) {
             let grp = f.index(group);
             let kh = f.v(&format!("arith.divui {}, {grp} : index", ivs[1]));
             let max = f.fold(&[t], &ninf, at, &mut |f, j, acc| {
-                let s = score(f, &ivs[0], &ivs[1], &ivs[2], &kh, &j[0]);
+                let s = score(f, &ivs[0], &ivs[1], &ivs[2], &kh, &j[0]).0;
                 f.v(&format!("arith.maximumf {acc}, {s} : {at}"))
             });
             let dead = f.v(&format!("arith.cmpf oeq, {max}, {ninf} : {at}"));
             let zero = f.fconst(0.0, at);
             let sum = f.fold(&[t], &zero, at, &mut |f, j, acc| {
-                let s = score(f, &ivs[0], &ivs[1], &ivs[2], &kh, &j[0]);
+                let s = score(f, &ivs[0], &ivs[1], &ivs[2], &kh, &j[0]).0;
                 let e = f.v(&format!("arith.subf {s}, {max} : {at}"));
                 let p = f.v(&format!("math.exp {e} : {at}"));
                 f.v(&format!("arith.addf {acc}, {p} : {at}"))
@@ -346,8 +348,8 @@ fn attention_backward(f: &mut F, cx: &Cx, scale: f32) {
 }
 
 /// A recomputed attention score: `(f, b, h, i, kh, j)` gives query row (b, h, i)'s score against
-/// key j of key/value head kh.
-type Score<'a> = dyn Fn(&mut F, &str, &str, &str, &str, &str) -> String + 'a;
+/// key j of key/value head kh, and the soft-cap's derivative when there is one.
+type Score<'a> = dyn Fn(&mut F, &str, &str, &str, &str, &str) -> (String, Option<String>) + 'a;
 
 /// `attention_grad`'s `wrt` (0: dq, 1: dk, 2: dv) from the recomputed probabilities, given the
 /// emitted scale and −∞ constants and the score.
@@ -374,7 +376,7 @@ fn attention_grad(f: &mut F, cx: &Cx, wrt: usize, scale_c: &str, ninf: &str, sco
         let row = [bq.to_string(), hq.to_string(), i.to_string()];
         let lse = f.load(4, &row, &rshape, xdt);
         let dead = f.v(&format!("arith.cmpf oeq, {lse}, {ninf} : {at}"));
-        let s = score(f, bq, hq, i, kh, j);
+        let (s, dcap) = score(f, bq, hq, i, kh, j);
         let e = f.v(&format!("arith.subf {s}, {lse} : {at}"));
         let ex = f.v(&format!("math.exp {e} : {at}"));
         let zero = f.fconst(0.0, at);
@@ -398,7 +400,10 @@ fn attention_grad(f: &mut F, cx: &Cx, wrt: usize, scale_c: &str, ninf: &str, sco
         let delta = f.load(6, &row, &rshape, xdt);
         let c = f.v(&format!("arith.subf {dp}, {delta} : {at}"));
         let pc = f.v(&format!("arith.mulf {p}, {c} : {at}"));
-        let ds = f.v(&format!("arith.mulf {pc}, {scale_c} : {at}"));
+        let mut ds = f.v(&format!("arith.mulf {pc}, {scale_c} : {at}"));
+        if let Some(dcap) = dcap {
+            ds = f.v(&format!("arith.mulf {ds}, {dcap} : {at}"));
+        }
         (p, ds)
     };
     let zero_row = |f: &mut F, idx3: &[String], n: usize| {
@@ -471,10 +476,13 @@ struct ScoreShapes<'a> {
     dt: DType,
     mask_dt: DType,
     at: &'a str,
+    scores: &'a Scores,
 }
 
-/// `q[b, h, i, :]·k[b, kh, j, :]·scale + mask[b, h, i, j]` (the mask broadcast): the score
-/// every attention kernel (forward, log-sum-exp, gradients) recomputes.
+/// `q[b, h, i, :]·k[b, kh, j, :]·scale`, soft-capped, `+ mask[b, h, i, j]` (the mask
+/// broadcast), `-inf` where the causal or window attributes hide key j ([`Scores`]): the score
+/// every attention kernel (forward, log-sum-exp, gradients) recomputes; with the soft-cap's
+/// derivative `1 − tanh²` when there is one.
 fn attention_score(
     f: &mut F,
     sh: &ScoreShapes,
@@ -482,7 +490,7 @@ fn attention_score(
     [b, h, i]: [&str; 3],
     kh: &str,
     j: &str,
-) -> String {
+) -> (String, Option<String>) {
     let at = sh.at;
     let zero = f.fconst(0.0, at);
     let dot = f.fold(&[sh.q[3]], &zero, at, &mut |f, c, acc| {
@@ -501,7 +509,17 @@ fn attention_score(
         let pr = f.v(&format!("arith.mulf {qv}, {kv} : {at}"));
         f.v(&format!("arith.addf {acc}, {pr} : {at}"))
     });
-    let sc = f.v(&format!("arith.mulf {dot}, {scale} : {at}"));
+    let mut sc = f.v(&format!("arith.mulf {dot}, {scale} : {at}"));
+    let mut dcap = None;
+    if sh.scores.softcap > 0.0 {
+        let c = f.fconst(sh.scores.softcap as f64, at);
+        let x = f.v(&format!("arith.divf {sc}, {c} : {at}"));
+        let t = f.v(&format!("math.tanh {x} : {at}"));
+        sc = f.v(&format!("arith.mulf {t}, {c} : {at}"));
+        let one = f.fconst(1.0, at);
+        let t2 = f.v(&format!("arith.mulf {t}, {t} : {at}"));
+        dcap = Some(f.v(&format!("arith.subf {one}, {t2} : {at}")));
+    }
     let full = [b, h, i, j];
     let lead = 4 - sh.mask.len();
     let midx: Vec<String> = (0..sh.mask.len())
@@ -514,5 +532,29 @@ fn attention_score(
         })
         .collect();
     let m = f.load(sh.mask_arg, &midx, sh.mask, sh.mask_dt);
-    f.v(&format!("arith.addf {sc}, {m} : {at}"))
+    let mut s = f.v(&format!("arith.addf {sc}, {m} : {at}"));
+    let (causal, window) = (sh.scores.causal, sh.scores.window);
+    if causal || window > 0 {
+        // The query's position among the keys is i + T − S: compare i + T with j + S.
+        let (tt, ss) = (f.index(sh.k[2]), f.index(sh.q[2]));
+        let qi = f.v(&format!("arith.addi {i}, {tt} : index"));
+        let kj = f.v(&format!("arith.addi {j}, {ss} : index"));
+        let mut hidden = None;
+        if causal {
+            hidden = Some(f.v(&format!("arith.cmpi ugt, {kj}, {qi} : index")));
+        }
+        if window > 0 {
+            let w = f.index(window);
+            let jw = f.v(&format!("arith.addi {kj}, {w} : index"));
+            let old = f.v(&format!("arith.cmpi uge, {qi}, {jw} : index"));
+            hidden = Some(match hidden {
+                Some(c) => f.v(&format!("arith.ori {c}, {old} : i1")),
+                None => old,
+            });
+        }
+        let ninf = f.fconst(f64::NEG_INFINITY, at);
+        let hidden = hidden.expect("causal or window");
+        s = f.v(&format!("arith.select {hidden}, {ninf}, {s} : {at}"));
+    }
+    (s, dcap)
 }

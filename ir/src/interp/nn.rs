@@ -3,7 +3,7 @@
 //! `attention_grad`).
 
 use super::{broadcast_strides, offsets, Arr, Data};
-use crate::Op;
+use crate::{Op, Scores};
 
 /// [`Op::Softmax`], [`Op::LogSoftmax`], [`Op::LayerNorm`], [`Op::RmsNorm`], [`Op::Attention`],
 /// [`Op::AttentionLse`] and [`Op::AttentionGrad`]; `shape` is the result's.
@@ -60,16 +60,32 @@ pub(super) fn eval(op: &Op, ins: &[&Arr], shape: &[usize]) -> Result<Data, Strin
             }
             Data::F(out)
         }
-        Op::Attention { scale } => attention(ins, *scale),
-        Op::AttentionLse { scale } | Op::AttentionGrad { scale, .. } => {
-            attention_backward(op, ins, *scale)
+        Op::Attention(sc) => attention(ins, sc),
+        Op::AttentionLse(sc) | Op::AttentionGrad { scores: sc, .. } => {
+            attention_backward(op, ins, sc)
         }
         _ => unreachable!("`{}` is not a neural-network op", op.name()),
     })
 }
 
+/// One score of [`Scores`] from the dot product `dot` and the mask value `m`, with
+/// d score / d(dot·scale) (the soft-cap's derivative, 1 without one).
+fn score(sc: &Scores, dot: f64, m: f64, hidden: bool) -> (f64, f64) {
+    if hidden {
+        return (f64::NEG_INFINITY, 0.0);
+    }
+    let r = dot * sc.scale as f64;
+    if sc.softcap > 0.0 {
+        let c = sc.softcap as f64;
+        let t = (r / c).tanh();
+        (c * t + m, 1.0 - t * t)
+    } else {
+        (r + m, 1.0)
+    }
+}
+
 /// Attention's forward pass: one row of scores at a time, a fully masked row giving zeros.
-fn attention(ins: &[&Arr], scale: f32) -> Data {
+fn attention(ins: &[&Arr], sc: &Scores) -> Data {
     let (q, k, v) = (ins[0].f(), ins[1].f(), ins[2].f());
     let (qs, ks, vs) = (&ins[0].shape, &ins[1].shape, &ins[2].shape);
     let (b, h, s, d) = (qs[0], qs[1], qs[2], qs[3]);
@@ -89,7 +105,8 @@ fn attention(ins: &[&Arr], scale: f32) -> Data {
                 for (j, r) in row.iter_mut().enumerate() {
                     let ko = ((bi * hk + kh) * t + j) * d;
                     let dot: f64 = (0..d).map(|c| q[qo + c] * k[ko + c]).sum();
-                    *r = dot * scale as f64 + m[moff[((bi * h + hi) * s + i) * t + j]];
+                    let mv = m[moff[((bi * h + hi) * s + i) * t + j]];
+                    *r = score(sc, dot, mv, sc.hides(i, j, s, t)).0;
                     max = max.max(*r);
                 }
                 let sum: f64 = row.iter().map(|r| (r - max).exp()).sum();
@@ -112,7 +129,7 @@ fn attention(ins: &[&Arr], scale: f32) -> Data {
 
 /// `attention_lse` (`op` is [`Op::AttentionLse`]) or one `attention_grad`, recomputing the
 /// scores row by row.
-fn attention_backward(op: &Op, ins: &[&Arr], scale: f32) -> Data {
+fn attention_backward(op: &Op, ins: &[&Arr], sc: &Scores) -> Data {
     let grad = match op {
         Op::AttentionGrad { wrt, .. } => Some(*wrt),
         _ => None,
@@ -126,11 +143,13 @@ fn attention_backward(op: &Op, ins: &[&Arr], scale: f32) -> Data {
     let scores = [b, h, s, t];
     let moff = offsets(&scores, &broadcast_strides(&ins[mi].shape, &scores), 0);
     let m = ins[mi].f();
-    let score = |bi: usize, hi: usize, i: usize, j: usize| -> f64 {
+    // The score and its soft-cap derivative.
+    let score = |bi: usize, hi: usize, i: usize, j: usize| -> (f64, f64) {
         let qo = ((bi * h + hi) * s + i) * d;
         let ko = ((bi * hk + hi / group) * t + j) * d;
         let dot: f64 = (0..d).map(|c| q[qo + c] * k[ko + c]).sum();
-        dot * scale as f64 + m[moff[((bi * h + hi) * s + i) * t + j]]
+        let mv = m[moff[((bi * h + hi) * s + i) * t + j]];
+        score(sc, dot, mv, sc.hides(i, j, s, t))
     };
     match grad {
         None => {
@@ -138,7 +157,7 @@ fn attention_backward(op: &Op, ins: &[&Arr], scale: f32) -> Data {
             for bi in 0..b {
                 for hi in 0..h {
                     for i in 0..s {
-                        let row: Vec<f64> = (0..t).map(|j| score(bi, hi, i, j)).collect();
+                        let row: Vec<f64> = (0..t).map(|j| score(bi, hi, i, j).0).collect();
                         let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                         out.push(if max == f64::NEG_INFINITY {
                             max
@@ -160,14 +179,15 @@ fn attention_backward(op: &Op, ins: &[&Arr], scale: f32) -> Data {
                     for i in 0..s {
                         let r = (bi * h + hi) * s + i;
                         for j in 0..t {
+                            let (sj, dcap) = score(bi, hi, i, j);
                             let p = if lse[r] == f64::NEG_INFINITY {
                                 0.0
                             } else {
-                                (score(bi, hi, i, j) - lse[r]).exp()
+                                (sj - lse[r]).exp()
                             };
                             let vo = ((bi * hk + kh) * t + j) * dv;
                             let dp: f64 = (0..dv).map(|c| dy[r * dv + c] * v[vo + c]).sum();
-                            let ds = p * (dp - delta[r]) * scale as f64;
+                            let ds = p * (dp - delta[r]) * dcap * sc.scale as f64;
                             let ko = ((bi * hk + kh) * t + j) * d;
                             match wrt {
                                 0 => (0..d).for_each(|c| out[r * d + c] += ds * k[ko + c]),

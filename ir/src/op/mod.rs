@@ -60,6 +60,88 @@ pub enum UnaryOp {
     GeluTanh,
 }
 
+/// How the attention ops score query row `i` against key `j`: `r = q_i·k_j·scale`, soft-capped
+/// to `softcap·tanh(r/softcap)` when `softcap > 0` (Gemma 2), plus the mask; and `-inf` where
+/// `causal` hides a later key (`j > i + T − S`) or `window > 0` an older one
+/// (`i + T − S − j ≥ window`: each query sees its last `window` keys). The attributes replace
+/// the S×T masks exporters build.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    /// The factor applied to `q·kᵀ`.
+    pub scale: f32,
+    /// The logit soft-cap (0: none).
+    pub softcap: f32,
+    /// Keys after the query are hidden.
+    pub causal: bool,
+    /// Keys this far behind the query or more are hidden (0: none).
+    pub window: usize,
+}
+
+impl Scores {
+    /// `q·kᵀ·scale` plus the mask, nothing else.
+    pub fn scaled(scale: f32) -> Scores {
+        Scores {
+            scale,
+            softcap: 0.0,
+            causal: false,
+            window: 0,
+        }
+    }
+
+    /// Whether key `j` of `t` is hidden from query `i` of `s` by `causal` or `window` (the
+    /// query's position among the keys is `i + t − s`).
+    pub fn hides(&self, i: usize, j: usize, s: usize, t: usize) -> bool {
+        let (qi, kj) = (i + t, j + s);
+        (self.causal && kj > qi) || (self.window > 0 && qi >= kj + self.window)
+    }
+
+    /// The attributes as printed: `scale`, then `softcap`, `causal` and `window` when set.
+    fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        let mut a = vec![("scale", Attr::Float(self.scale))];
+        if self.softcap != 0.0 {
+            a.push(("softcap", Attr::Float(self.softcap)));
+        }
+        if self.causal {
+            a.push(("causal", Attr::Bool(true)));
+        }
+        if self.window != 0 {
+            a.push(("window", Attr::Int(self.window as i64)));
+        }
+        a
+    }
+}
+
+/// The [`Scores`] attributes: `scale`, and `softcap`, `causal` and `window` when present.
+fn scores(
+    attrs: &BTreeMap<String, Attr>,
+    get: &mut dyn FnMut(&str) -> Result<Attr, String>,
+) -> Result<Scores, String> {
+    let float = |a: Attr, k: &str| match a {
+        Attr::Float(e) => Ok(e),
+        _ => Err(format!("attribute `{k}` must be a float")),
+    };
+    let mut s = Scores::scaled(float(get("scale")?, "scale")?);
+    if attrs.contains_key("softcap") {
+        s.softcap = float(get("softcap")?, "softcap")?;
+        if !(s.softcap > 0.0 && s.softcap.is_finite()) {
+            return Err("attribute `softcap` must be positive".into());
+        }
+    }
+    if attrs.contains_key("causal") {
+        s.causal = match get("causal")? {
+            Attr::Bool(b) => b,
+            _ => return Err("attribute `causal` must be a bool".into()),
+        };
+    }
+    if attrs.contains_key("window") {
+        s.window = match get("window")? {
+            Attr::Int(w) if w >= 0 => w as usize,
+            _ => return Err("attribute `window` must be a count".into()),
+        };
+    }
+    Ok(s)
+}
+
 /// Elementwise binary ops with NumPy broadcasting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BinaryOp {
@@ -144,28 +226,23 @@ pub enum Op {
         /// Added to the mean square.
         epsilon: f32,
     },
-    /// Scaled dot-product attention, `softmax(q·kᵀ·scale + mask)·v` over the last dim
-    /// (a row whose softmax is undefined, all `-inf`, gives zeros). Inputs q `[B, H, S, D]`,
-    /// k `[B, Hk, T, D]`, v `[B, Hk, T, Dv]` and an additive mask broadcastable to
-    /// `[B, H, S, T]`; `H` is a multiple of `Hk` (grouped-query attention: query head `h`
+    /// Scaled dot-product attention, `softmax(s)·v` over the last dim with the scores `s`
+    /// of [`Scores`] (a row whose softmax is undefined, all `-inf`, gives zeros). Inputs q
+    /// `[B, H, S, D]`, k `[B, Hk, T, D]`, v `[B, Hk, T, Dv]` and an additive mask
+    /// broadcastable to `[B, H, S, T]` (a rank-0 zero when the causal and window attributes
+    /// say everything); `H` is a multiple of `Hk` (grouped-query attention: query head `h`
     /// reads key/value head `h / (H / Hk)`). Result `[B, H, S, Dv]`.
-    Attention {
-        /// The factor applied to `q·kᵀ`.
-        scale: f32,
-    },
-    /// The row-wise log-sum-exp of attention's scores, `log Σ_j exp(q·kᵀ·scale + mask)`
-    /// (`-inf` for a fully masked row): inputs q, k and mask as for
-    /// [`Op::Attention`]; result `[B, H, S]`. Part of attention's backward pass.
-    AttentionLse {
-        /// As in [`Op::Attention`].
-        scale: f32,
-    },
+    Attention(Scores),
+    /// The row-wise log-sum-exp of attention's scores, `log Σ_j exp(s_j)` (`-inf` for a fully
+    /// masked row): inputs q, k and mask as for [`Op::Attention`]; result `[B, H, S]`. Part
+    /// of attention's backward pass.
+    AttentionLse(Scores),
     /// One gradient of attention, recomputing the probabilities row by row from the saved
     /// log-sum-exp (no S×T tensor): inputs q, k, v, mask, lse (`[B, H, S]`), dy (`[B, H, S,
     /// Dv]`) and delta = Σ_c dy·y (`[B, H, S]`); `wrt` 0 gives dq, 1 dk, 2 dv.
     AttentionGrad {
         /// As in [`Op::Attention`].
-        scale: f32,
+        scores: Scores,
         /// Which operand's gradient.
         wrt: usize,
     },
@@ -458,13 +535,12 @@ impl Op {
                 }
                 a
             }
-            Op::Attention { scale } | Op::AttentionLse { scale } => {
-                vec![("scale", Attr::Float(*scale))]
+            Op::Attention(s) | Op::AttentionLse(s) => s.attrs(),
+            Op::AttentionGrad { scores, wrt } => {
+                let mut a = scores.attrs();
+                a.push(("wrt", Attr::Int(*wrt as i64)));
+                a
             }
-            Op::AttentionGrad { scale, wrt } => vec![
-                ("scale", Attr::Float(*scale)),
-                ("wrt", Attr::Int(*wrt as i64)),
-            ],
             Op::Cast { to } => vec![("to", Attr::DType(*to))],
             Op::Softmax { axis } | Op::LogSoftmax { axis } | Op::Concat { axis } => {
                 vec![("axis", Attr::Int(*axis as i64))]
@@ -593,28 +669,15 @@ impl Op {
                         _ => return Err("attribute `epsilon` must be a float".into()),
                     },
                 },
-                "attention_lse" => Op::AttentionLse {
-                    scale: match get("scale")? {
-                        Attr::Float(e) => e,
-                        _ => return Err("attribute `scale` must be a float".into()),
-                    },
-                },
+                "attention_lse" => Op::AttentionLse(scores(attrs, &mut get)?),
                 "attention_grad" => Op::AttentionGrad {
-                    scale: match get("scale")? {
-                        Attr::Float(e) => e,
-                        _ => return Err("attribute `scale` must be a float".into()),
-                    },
+                    scores: scores(attrs, &mut get)?,
                     wrt: match uint(get("wrt")?, "wrt")? {
                         w @ 0..=2 => w,
                         _ => return Err("attribute `wrt` must be 0, 1 or 2".into()),
                     },
                 },
-                "attention" => Op::Attention {
-                    scale: match get("scale")? {
-                        Attr::Float(e) => e,
-                        _ => return Err("attribute `scale` must be a float".into()),
-                    },
-                },
+                "attention" => Op::Attention(scores(attrs, &mut get)?),
                 "rms_norm" => Op::RmsNorm {
                     axis: uint(get("axis")?, "axis")?,
                     epsilon: match get("epsilon")? {

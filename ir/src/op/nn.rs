@@ -1,7 +1,7 @@
 //! Shape inference of the neural-network ops: `softmax`, `log_softmax`, the norms (`layer_norm`,
 //! `rms_norm`) and attention with its backward ops (`attention_lse`, `attention_grad`).
 
-use super::{arity, broadcast_shapes, check_axis, float_operand, one, Op};
+use super::{arity, broadcast_shapes, check_axis, float_operand, one, Op, Scores};
 use crate::TensorType;
 
 /// [`Op::infer`] for [`Op::Softmax`], [`Op::LogSoftmax`], [`Op::LayerNorm`], [`Op::RmsNorm`],
@@ -97,7 +97,7 @@ pub(super) fn infer(op: &Op, inputs: &[TensorType]) -> Result<Vec<TensorType>, S
                 (&inputs[2], &inputs[3])
             };
             // The attention these belong to must be well typed.
-            let y = Op::Attention { scale: 1.0 }.infer(&[
+            let y = Op::Attention(Scores::scaled(1.0)).infer(&[
                 q.clone(),
                 k.clone(),
                 v.clone(),

@@ -37,8 +37,17 @@ pub(super) fn vjp(
                 op.name()
             ))
         }
-        Op::Attention { scale } if !wants[3] => attention_flash_vjp(b, x, y, dy, *scale, wants)?,
-        Op::Attention { scale } => attention_vjp(b, x, dy, *scale as f64, wants)?,
+        Op::Attention(sc) if !wants[3] => attention_flash_vjp(b, x, y, dy, *sc, wants)?,
+        Op::Attention(sc) if *sc == memc_ir::Scores::scaled(sc.scale) => {
+            attention_vjp(b, x, dy, sc.scale as f64, wants)?
+        }
+        Op::Attention(_) => {
+            return Err(
+                "a trained attention mask with soft-capping, causal or window attributes has no \
+                 gradient in memc; keep the mask constant"
+                    .into(),
+            )
+        }
         _ => unreachable!("`{}` is not a neural-network op", op.name()),
     })
 }
@@ -52,17 +61,17 @@ fn attention_flash_vjp(
     x: &[ValueId],
     y: ValueId,
     dy: ValueId,
-    scale: f32,
+    scores: memc_ir::Scores,
     wants: &[bool],
 ) -> Result<Vec<Option<ValueId>>, String> {
-    let lse = b.op(Op::AttentionLse { scale }, &[x[0], x[1], x[3]])?;
+    let lse = b.op(Op::AttentionLse(scores), &[x[0], x[1], x[3]])?;
     let dyy = b.mul(dy, y)?;
     let delta = b.reduce(ReduceKind::Sum, dyy, vec![3], false)?;
     let mut out = vec![];
     for (wrt, &want) in wants.iter().enumerate().take(3) {
         out.push(if want {
             Some(b.op(
-                Op::AttentionGrad { scale, wrt },
+                Op::AttentionGrad { scores, wrt },
                 &[x[0], x[1], x[2], x[3], lse, dy, delta],
             )?)
         } else {

@@ -4,6 +4,7 @@
 //! ```text
 //! attention:       P·v,  P = softmax(α·(q·kᵀ) + mask)               ==  attention[scale=α](q, k, v, mask)
 //! attention-guard: where(isnan(P), 0, P)·v                          ==  the same
+//! softcap:         P = softmax(c·tanh(α·(q·kᵀ)) + mask)             ==  attention[scale=α·c, softcap=c]
 //! scalar-matmul:   (x·c)·y  ==  (x·y)·c  ==  x·(y·c)                 (c a one-element constant)
 //! scalar-layout:   layout(x·c)  ==  layout(x)·c                      (transpose, reshape, expand)
 //! attention-gqa:   attention(q, repeat_kv(k), repeat_kv(v), m)     ==  attention(q, k, v, m)
@@ -75,7 +76,31 @@ fn scaled_products(
     out
 }
 
-/// `attention` from `softmax(scores)·v`, `scores = α·(q·kᵀ) + mask`.
+/// Every `(α, softcap, q, kᵀ)` with `class == softcap·tanh(α·(q·kᵀ)/softcap)`, or `class ==
+/// α·(q·kᵀ)` with softcap 0: logit soft-capping is `c·tanh(y)` with `y` a scaled product.
+fn capped_products(egraph: &EGraph<Memc, TypeAnalysis>, class: Id) -> Vec<(f64, f64, Id, Id)> {
+    let mut out: Vec<(f64, f64, Id, Id)> = scaled_products(egraph, class, SCALE_DEPTH)
+        .into_iter()
+        .map(|(a, q, kt)| (a, 0.0, q, kt))
+        .collect();
+    for kids in nodes(egraph, class, "mul") {
+        let &[a, b] = kids else { continue };
+        for (t, c) in [(a, b), (b, a)] {
+            let Some(c) = scalar(egraph, c).filter(|c| *c > 0.0 && c.is_finite()) else {
+                continue;
+            };
+            for tk in nodes(egraph, t, "tanh") {
+                for (alpha, q, kt) in scaled_products(egraph, tk[0], SCALE_DEPTH) {
+                    // c·tanh(α·qk) = c·tanh((α·c)·qk / c): scale α·c, softcap c.
+                    out.push((alpha * c, c, q, kt));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `attention` from `softmax(scores)·v`, `scores = α·(q·kᵀ) + mask` (soft-capped or not).
 struct Sdpa {
     scores: Var,
     v: Var,
@@ -105,13 +130,13 @@ impl Applier<Memc, TypeAnalysis> for Sdpa {
         for kids in nodes(egraph, scores, "add") {
             if let &[a, b] = kids {
                 for (s, m) in [(a, b), (b, a)] {
-                    for (alpha, q, kt) in scaled_products(egraph, s, SCALE_DEPTH) {
-                        found.push((alpha, q, kt, m));
+                    for (alpha, cap, q, kt) in capped_products(egraph, s) {
+                        found.push((alpha, cap, q, kt, m));
                     }
                 }
             }
         }
-        for (alpha, q, kt, mask) in found {
+        for (alpha, cap, q, kt, mask) in found {
             let (Some(qt), Some(ktt), Some(mt)) = (ty(egraph, q), ty(egraph, kt), ty(egraph, mask))
             else {
                 continue;
@@ -128,8 +153,12 @@ impl Applier<Memc, TypeAnalysis> for Sdpa {
             }
             let perm = add_attr(egraph, "perm", Attr::Ints(vec![0, 1, 3, 2]));
             let k = add_op(egraph, "transpose", vec![perm, kt]);
-            let scale = add_attr(egraph, "scale", Attr::Float(alpha as f32));
-            let id = add_op(egraph, "attention", vec![scale, q, k, v, mask]);
+            let mut kids = vec![add_attr(egraph, "scale", Attr::Float(alpha as f32))];
+            if cap > 0.0 {
+                kids.push(add_attr(egraph, "softcap", Attr::Float(cap as f32)));
+            }
+            kids.extend([q, k, v, mask]);
+            let id = add_op(egraph, "attention", kids);
             let merged = merge(egraph, eclass, id);
             if !merged.is_empty() {
                 return merged;
@@ -172,7 +201,8 @@ impl Applier<Memc, TypeAnalysis> for PullScalar {
 
 /// Folds `repeat_kv` of k and v into the attention.
 struct Gqa {
-    scale: Var,
+    /// The attention's attribute children (scale, and softcap when present).
+    attrs: Vec<Var>,
     q: Var,
     k: Var,
     v: Var,
@@ -220,11 +250,9 @@ impl Applier<Memc, TypeAnalysis> for Gqa {
         {
             return vec![];
         }
-        let id = add_op(
-            egraph,
-            "attention",
-            vec![subst[self.scale], subst[self.q], k, v, subst[self.mask]],
-        );
+        let mut kids: Vec<Id> = self.attrs.iter().map(|&a| subst[a]).collect();
+        kids.extend([subst[self.q], k, v, subst[self.mask]]);
+        let id = add_op(egraph, "attention", kids);
         merge(egraph, eclass, id)
     }
 }
@@ -268,25 +296,31 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
     let repeat = |x: &str, a: &str, b: &str, c: &str| {
         format!("(reshape {a} (expand {b} (reshape {c} {x})))")
     };
-    let p = format!(
-        "(attention ?scale ?q {} {} ?mask)",
-        repeat("?k", "?s0", "?s1", "?s2"),
-        repeat("?v", "?s3", "?s4", "?s5")
-    );
-    out.push(
-        Rewrite::new(
-            "attention-gqa",
-            pattern(&p),
-            Gqa {
-                scale: var("?scale"),
-                q: var("?q"),
-                k: var("?k"),
-                v: var("?v"),
-                mask: var("?mask"),
-                shapes: ["?s0", "?s1", "?s2", "?s3", "?s4", "?s5"].map(var),
-            },
-        )
-        .expect("a valid rule"),
-    );
+    for (name, attrs) in [
+        ("attention-gqa", &["?scale"][..]),
+        ("attention-gqa-softcap", &["?scale", "?softcap"][..]),
+    ] {
+        let p = format!(
+            "(attention {} ?q {} {} ?mask)",
+            attrs.join(" "),
+            repeat("?k", "?s0", "?s1", "?s2"),
+            repeat("?v", "?s3", "?s4", "?s5")
+        );
+        out.push(
+            Rewrite::new(
+                name,
+                pattern(&p),
+                Gqa {
+                    attrs: attrs.iter().map(|a| var(a)).collect(),
+                    q: var("?q"),
+                    k: var("?k"),
+                    v: var("?v"),
+                    mask: var("?mask"),
+                    shapes: ["?s0", "?s1", "?s2", "?s3", "?s4", "?s5"].map(var),
+                },
+            )
+            .expect("a valid rule"),
+        );
+    }
     out
 }
