@@ -396,7 +396,8 @@ fn import(
     }
     // What was recognised, before MoC and reversible layers restructure the blocks.
     let recognition = memc_passes::summary::describe(&g);
-    for u in &recognition.unrecognised {
+    // With --no-canonicalize nothing is recognised by request: no warnings.
+    for u in recognition.unrecognised.iter().filter(|_| !args.no_canonicalize) {
         eprintln!(
             "warning: {name}: {} not recognised{}; this rules out {}",
             u.what,

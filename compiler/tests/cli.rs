@@ -1681,3 +1681,60 @@ fn opt_lists_runs_dumps_and_times_every_pass_of_the_table() {
         &["run the autodiff pass first"],
     );
 }
+
+/// `Dropout` in inference mode is the identity (`Relu` is `max(x, 0)`); active dropout (a
+/// constant true `training_mode` with a non-zero ratio) is one clear error.
+#[test]
+fn dropout_and_relu_import() {
+    use memc::onnx::proto::{attribute_proto::AttributeType, AttributeProto};
+    let constant = |out: &str, attr: AttributeProto| NodeProto {
+        op_type: Some("Constant".into()),
+        name: Some(format!("/test/{out}")),
+        output: vec![out.into()],
+        attribute: vec![attr],
+        ..Default::default()
+    };
+    let ratio = constant(
+        "r",
+        AttributeProto {
+            name: Some("value_float".into()),
+            r#type: Some(AttributeType::Float as i32),
+            f: Some(0.1),
+            ..Default::default()
+        },
+    );
+    let training = |on: i64| {
+        constant(
+            "t",
+            AttributeProto {
+                name: Some("value_int".into()),
+                r#type: Some(AttributeType::Int as i32),
+                i: Some(on),
+                ..Default::default()
+            },
+        )
+    };
+    let w = weight(TensorProto {
+        float_data: (0..8).map(|v| v as f32 - 3.0).collect(),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("dropout.onnx");
+    let nodes = |on: i64| {
+        vec![
+            ratio.clone(),
+            training(on),
+            node("Relu", &["h"], &["a"]),
+            node("Dropout", &["a", "r", "t"], &["y"]),
+        ]
+    };
+    std::fs::write(&model, matmul_model(w.clone(), nodes(0))).unwrap();
+    let o = memc(&["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("max("), "{}", o.stdout);
+    std::fs::write(&model, matmul_model(w, nodes(1))).unwrap();
+    fails_with(
+        &["compile", s(&model), "--shape", "x=1x4", "--emit", "ir"],
+        &["Dropout", "active dropout", "model.eval()"],
+    );
+}

@@ -174,6 +174,8 @@ pub struct ClassData {
     pub attr: Option<AttrLeaf>,
     /// The value of a one-element constant.
     pub scalar: Option<f64>,
+    /// The value of a constant whose elements are all equal (bools as 0 and 1), of any size.
+    pub splat: Option<f64>,
 }
 
 /// Types every e-class from the graph's values and [`Op::infer`].
@@ -183,6 +185,8 @@ pub struct TypeAnalysis {
     pub values: HashMap<u32, TensorType>,
     /// Values of its one-element constants.
     pub scalars: HashMap<u32, f64>,
+    /// Values of its constants whose elements are all equal.
+    pub splats: HashMap<u32, f64>,
 }
 
 impl Analysis<Memc> for TypeAnalysis {
@@ -194,11 +198,13 @@ impl Analysis<Memc> for TypeAnalysis {
                 ty: egraph.analysis.values.get(&v.0).cloned(),
                 attr: None,
                 scalar: egraph.analysis.scalars.get(&v.0).copied(),
+                splat: egraph.analysis.splats.get(&v.0).copied(),
             },
             Memc::Attr(a) => ClassData {
                 ty: None,
                 attr: Some(a.clone()),
                 scalar: None,
+                splat: None,
             },
             Memc::Op(..) => {
                 let ty = op_of(enode, |c| egraph[c].data.attr.clone()).and_then(|(op, ins)| {
@@ -210,6 +216,7 @@ impl Analysis<Memc> for TypeAnalysis {
                     ty,
                     attr: None,
                     scalar: None,
+                    splat: None,
                 }
             }
         }
@@ -225,6 +232,10 @@ impl Analysis<Memc> for TypeAnalysis {
         let mut changed = false;
         if a.ty.is_none() && b.ty.is_some() {
             a.ty = b.ty;
+            changed = true;
+        }
+        if a.splat.is_none() && b.splat.is_some() {
+            a.splat = b.splat;
             changed = true;
         }
         if a.scalar.is_none() && b.scalar.is_some() {
@@ -267,6 +278,14 @@ pub fn load(g: &Graph) -> Loaded {
             data.filter(|t| t.shape().iter().product::<usize>() == 1 && t.dtype().is_float())
         {
             analysis.scalars.insert(i as u32, t.to_f64_vec()[0]);
+        }
+        // Splats of up to a few thousand elements (masks' all-true parts); bigger constants
+        // are weights, not read here.
+        if let Some(t) = data.filter(|t| t.numel() <= 1 << 16) {
+            let v = t.to_f64_vec();
+            if v.iter().all(|&x| x == v[0]) {
+                analysis.splats.insert(i as u32, v[0]);
+            }
         }
     }
     let mut egraph = MemcGraph::new(analysis);

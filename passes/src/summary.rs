@@ -102,7 +102,9 @@ pub fn describe(g: &Graph) -> Recognition {
             .filter(|&n| matches!(g.node(n).op, Op::Softmax { .. }))
             .map(|n| node_name(g, n))
             .collect();
-        if !softmax.is_empty() || g.nodes().iter().any(|n| n.op == Op::MatMul) {
+        // A softmax without layers around it is an attention the rules missed; a graph
+        // without one is no transformer (nothing to say).
+        if !softmax.is_empty() {
             out.unrecognised.push(Unrecognised {
                 what: "transformer layers (no residual connection around an attention or softmax)"
                     .into(),
