@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# memc's main job on the embedded examples: import a real exported Llama, evaluate every example
+# memc's main job on the embedded examples: import a real exported Llama, show what it recognises
+# in one model of each of 16 Hugging Face families (the zoo), evaluate every example
 # model (Llama, GPT-2, BERT, Qwen2 from both of PyTorch's ONNX exporters) against onnxruntime,
 # compile the Llama's training step under each memory policy (remat none/auto/full, a 50%
 # activation budget, Mixture-of-Channels, reversible MEFT layers) and print its memory table, then
@@ -16,6 +17,20 @@ mkdir -p "$OUT"
 echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --report"
 $MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --report --report-json "$OUT/llama-dynamo.json"
 echo "   (report JSON: $OUT/llama-dynamo.json; textual IR: add --emit ir)"
+echo
+
+# One model of each family of the zoo (examples/zoo, scripts/export-zoo.py): what memc
+# recognises in each, layer by layer, straight from the exporter's ops.
+for family in llama mistral qwen2 qwen3 phi3 gemma gemma2 gpt2 gptneox opt bert roberta phi gptbigcode stablelm olmo; do
+  model=examples/zoo/$family-eager-torchscript.onnx
+  shapes=(--shape input_ids=2x16)
+  case $family in
+    bert) shapes+=(--shape attention_mask=2x16 --shape token_type_ids=2x16) ;;
+    roberta) shapes+=(--shape attention_mask=2x16) ;;
+  esac
+  echo "== memc compile $model ${shapes[*]} --report   (layers)"
+  $MEMC compile "$model" "${shapes[@]}" --report | sed -n '/^layers:/,/^memory plan/p' | grep -E '^(layers|  layer 0|  not)'
+done
 echo
 
 for model in examples/models/*.onnx; do

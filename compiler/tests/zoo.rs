@@ -132,3 +132,40 @@ fn the_cpu_backend_trains_one_model_of_each_family() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The encoders (BERT, RoBERTa: padding masks, token types, RoBERTa's run-time CumSum of
+/// position ids) evaluated on the cpu backend against onnxruntime's logits, every export.
+#[test]
+fn encoders_match_onnxruntime_on_the_cpu_backend() {
+    let dir = root().join("examples/zoo");
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
+            .unwrap();
+    let out = std::env::temp_dir().join(format!("memc-zoo-enc-{}", std::process::id()));
+    let mut n = 0;
+    for e in m["models"].as_array().unwrap() {
+        if e["status"] != "ok" || e["expected"]["attention"]["causal"] != false {
+            continue;
+        }
+        let file = dir.join(e["file"].as_str().unwrap());
+        let base = file.with_extension("");
+        let mut args: Vec<String> = vec!["eval".into(), file.display().to_string()];
+        for name in e["inputs"].as_array().unwrap() {
+            let name = name.as_str().unwrap();
+            args.push("--input".into());
+            args.push(format!("{name}={}", base.join("inputs").join(format!("{name}.npy")).display()));
+        }
+        args.extend(["--backend".into(), "cpu".into(), "--out".into(), out.display().to_string()]);
+        args.extend(["--check".into(), base.join("ref").display().to_string()]);
+        let o = Command::new(env!("CARGO_BIN_EXE_memc")).args(&args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}: {}", e["name"], String::from_utf8_lossy(&o.stderr));
+        let line = stdout.lines().find(|l| l.starts_with("check logits")).unwrap();
+        let err: f64 = line.split(" = ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        eprintln!("{:<32} cpu vs onnxruntime {err:.1e}", e["name"].as_str().unwrap());
+        assert!(err <= 1e-4, "{}: {line}", e["name"]);
+        n += 1;
+    }
+    assert_eq!(n, 8, "BERT and RoBERTa, 4 exports each");
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -4,7 +4,7 @@
 //! constants once input shapes are bound; [`Ctx::emit`] folds any node whose operands are all
 //! constant, so exporter shape arithmetic disappears here.
 
-use memc_ir::{BinaryOp, DType, Op, ReduceKind, Tensor, UnaryOp};
+use memc_ir::{BinaryOp, DType, Op, ReduceKind, Tensor, UnaryOp, ValueId};
 
 use super::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 use super::{load, Ctx, Val};
@@ -321,9 +321,14 @@ pub(crate) fn convert(ctx: &mut Ctx, node: &NodeProto, inputs: &[Option<Val>]) -
             one(reshape(ctx, x, vec![outer.iter().product(), inner.iter().product()], &name)?)
         }
         "CumSum" => {
-            let x = const_tensor(&n.input(0)?, "CumSum's operand")?;
-            let a = axis(*const_ints(&n.input(1)?, "the axis")?.first().ok_or("the axis is empty")?, x.shape().len())?;
-            one(Val::Const(cumsum(&x, a, n.int("exclusive", 0)? != 0, n.int("reverse", 0)? != 0)))
+            let x = n.input(0)?;
+            let rank = ctx.ty(&x).shape.len();
+            let a = axis(*const_ints(&n.input(1)?, "the axis")?.first().ok_or("the axis is empty")?, rank)?;
+            let (exclusive, reverse) = (n.int("exclusive", 0)? != 0, n.int("reverse", 0)? != 0);
+            match x {
+                Val::Const(x) => one(Val::Const(cumsum(&x, a, exclusive, reverse))),
+                Val::Ir(v) => one(cumsum_of_mask(ctx, v, a, exclusive, reverse, &name)?),
+            }
         }
         "GatherND" => {
             if n.int("batch_dims", 0)? != 0 {
@@ -646,14 +651,76 @@ fn range(n: &N) -> Res<Vec<Val>> {
     }
 }
 
-/// The tensor of a constant operand of an op memc only folds (never runs).
-fn const_tensor(v: &Val, what: &str) -> Res<Tensor> {
-    match v {
-        Val::Const(t) => Ok(t.clone()),
-        Val::Ir(_) => Err(format!(
-            "{what} depends on run-time data; memc folds this op only on compile-time constants (it appears in exporters' mask arithmetic)"
-        )),
+/// The longest axis a run-time CumSum runs along (its triangle is `len²` f32 values).
+const CUMSUM_MAX_LEN: usize = 8192;
+
+/// A run-time CumSum over 0/1 values (casts of a boolean mask: RoBERTa's position ids count
+/// the non-padding tokens): `cumsum(x) = x·U` along the axis, U the (strict, for `exclusive`;
+/// lower, for `reverse`) upper triangle of ones, computed in f32, which is exact for these
+/// counts (at most [`CUMSUM_MAX_LEN`]), then cast back to x's dtype.
+fn cumsum_of_mask(
+    ctx: &mut Ctx,
+    x: ValueId,
+    a: usize,
+    exclusive: bool,
+    reverse: bool,
+    name: &str,
+) -> Res<Val> {
+    let ty = ctx.g.value(x).ty.clone();
+    // 0/1 values: a boolean, through any chain of casts.
+    let mut src = x;
+    while ctx.g.value(src).ty.dtype != DType::Bool {
+        match ctx.g.producer(src).map(|p| ctx.g.node(p)) {
+            Some(node) if matches!(node.op, Op::Cast { .. }) => src = node.inputs[0],
+            _ => break,
+        }
     }
+    let zero_one = ctx.g.value(src).ty.dtype == DType::Bool;
+    if !zero_one {
+        return Err("CumSum's operand depends on run-time data; memc folds this op only on \
+                    compile-time constants, or computes it at run time over a cast of a boolean \
+                    mask (position ids from a padding mask)"
+            .into());
+    }
+    let len = ty.shape[a];
+    if len > CUMSUM_MAX_LEN {
+        return Err(format!(
+            "a run-time CumSum along an axis of {len} (more than {CUMSUM_MAX_LEN}) is not supported"
+        ));
+    }
+    let rank = ty.shape.len();
+    let mut v = ctx.emit(Op::Cast { to: DType::F32 }, &[Val::Ir(x)], name)?;
+    // Move the axis last, multiply by the triangle, move it back.
+    let perm: Vec<usize> = (0..rank).filter(|&d| d != a).chain([a]).collect();
+    let moved = a + 1 != rank;
+    if moved {
+        v = ctx.emit(Op::Transpose { perm: perm.clone() }, &[v], name)?;
+    }
+    let tri: Vec<f32> = (0..len * len)
+        .map(|e| {
+            let (i, j) = (e / len, e % len);
+            let keep = match (reverse, exclusive) {
+                (false, false) => i <= j,
+                (false, true) => i < j,
+                (true, false) => i >= j,
+                (true, true) => i > j,
+            };
+            keep as u8 as f32
+        })
+        .collect();
+    let u = Val::Const(Tensor::from_f32(DType::F32, vec![len, len], &tri));
+    v = ctx.emit(Op::MatMul, &[v, u], name)?;
+    if moved {
+        let mut back = vec![0; rank];
+        for (k, &p) in perm.iter().enumerate() {
+            back[p] = k;
+        }
+        v = ctx.emit(Op::Transpose { perm: back }, &[v], name)?;
+    }
+    if ty.dtype != DType::F32 {
+        v = ctx.emit(Op::Cast { to: ty.dtype }, &[v], name)?;
+    }
+    Ok(v)
 }
 
 /// ONNX CumSum on a constant.
