@@ -92,6 +92,7 @@ fn causal_window(t: &Tensor) -> Option<(bool, usize)> {
 pub fn fold_masks(g: &mut Graph) -> MaskStats {
     let mut stats = MaskStats::default();
     let mut zero: Option<ValueId> = None;
+    let mut seen: std::collections::HashMap<ValueId, Option<(bool, usize)>> = Default::default();
     for i in 0..g.nodes().len() {
         let n = NodeId(i as u32);
         let Op::Attention(sc) = g.node(n).op else {
@@ -106,9 +107,12 @@ pub fn fold_masks(g: &mut Graph) -> MaskStats {
         let ms = &g.value(mask).ty.shape;
         // The mask must span the query and key dims itself.
         let spans = ms.len() >= 2 && ms[ms.len() - 2] == q.shape[2] && ms[ms.len() - 1] == t;
-        let found = constant(g, mask)
-            .filter(|_| spans)
-            .and_then(causal_window);
+        // Layers share one mask: read each once.
+        let found = *seen.entry(mask).or_insert_with(|| {
+            constant(g, mask)
+                .filter(|_| spans)
+                .and_then(causal_window)
+        });
         let Some((causal, window)) = found else {
             stats.kept += 1;
             continue;
