@@ -423,6 +423,19 @@ impl Graph {
         &self.nodes[n.index()]
     }
 
+    /// How messages name node `n`: its name, or `%N` (its first result) when it has none
+    /// (nodes a rewrite created), so no message names a node with an empty string.
+    pub fn node_label(&self, n: NodeId) -> String {
+        let node = self.node(n);
+        match node.name.as_str() {
+            "" => node
+                .outputs
+                .first()
+                .map_or_else(|| format!("#{}", n.index()), |v| format!("%{}", v.0)),
+            s => s.to_string(),
+        }
+    }
+
     /// All values, indexed by [`ValueId`].
     pub fn values(&self) -> &[Value] {
         &self.values

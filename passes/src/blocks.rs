@@ -48,6 +48,7 @@ pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<
     let mut spliced: HashMap<usize, Vec<NodeId>> = HashMap::new();
     let mut replaced: HashMap<ValueId, ValueId> = HashMap::new();
     for i in 0..original {
+        let label = g.node_label(NodeId(i as u32));
         let node = g.node(NodeId(i as u32)).clone();
         let types: Vec<_> = node.inputs.iter().map(|&v| g.value(v).ty.clone()).collect();
         let Some(steps) = node.op.expansion(&types).filter(|_| which(&node.op)) else {
@@ -68,7 +69,7 @@ pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<
                 .add_node(op, &args, format!("{}/{k}", node.name))
                 .map_err(|msg| LowerError::Step {
                     op: node.op.name(),
-                    node: node.name.clone(),
+                    node: label.clone(),
                     msg,
                 })?;
             g.set_phase(*ids.last().unwrap(), node.phase);

@@ -90,7 +90,7 @@ pub fn apply_moc(g: &mut Graph, k: MocK) -> Result<MocStats, MocError> {
             return Err(MocError::OutOfRange {
                 keep,
                 d_ffn: f,
-                node: g.node(n).name.clone(),
+                node: g.node_label(n),
             });
         }
         g.set_op(n, Op::MocFfn { k: keep, gelu });

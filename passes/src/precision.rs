@@ -113,7 +113,8 @@ pub fn lower_precision(g: &mut Graph, dtype: DType) -> Result<PrecisionStats, Pr
             _ => {}
         }
     }
-    for node in g.nodes() {
+    for (i, node) in g.nodes().iter().enumerate() {
+        let label = g.node_label(memc_ir::NodeId(i as u32));
         let inputs: Vec<ValueId> = node.inputs.iter().map(|v| map[v]).collect();
         let op = match &node.op {
             Op::Cast { to } => Op::Cast { to: narrow(*to) },
@@ -122,7 +123,7 @@ pub fn lower_precision(g: &mut Graph, dtype: DType) -> Result<PrecisionStats, Pr
         let results = out
             .add_node(op, &inputs, node.name.clone())
             .map_err(|msg| PrecisionError::Node {
-                node: node.name.clone(),
+                node: label,
                 op: node.op.name(),
                 msg,
             })?;

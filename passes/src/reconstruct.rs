@@ -91,6 +91,7 @@ pub fn reconstruct(g: &mut Graph, check: bool) -> Result<ReconstructStats, Recon
     // (layer input, its reconstruction) pairs for the drift check, per coupling.
     let mut inverted: Vec<(usize, ValueId, ValueId)> = vec![];
     for (k, &c) in couples.iter().enumerate().rev() {
+        let label = g.node_label(c);
         let node = g.node(c).clone();
         let (a, f, s, y) = (
             node.inputs[0],
@@ -119,7 +120,7 @@ pub fn reconstruct(g: &mut Graph, check: bool) -> Result<ReconstructStats, Recon
             }
         }
         let b = driver.ok_or_else(|| ReconstructError::Coupling {
-            node: node.name.clone(),
+            node: label.clone(),
             why: "its branch depends on no stream of the reversible stack",
         })?;
         let y_r = *known.get(&y).unwrap_or(&y);

@@ -260,15 +260,11 @@ fn sub_blocks(g: &Graph) -> Result<(Vec<SubBlock>, bool), String> {
             _ if start == r.outputs[0] => false,
             Some(p) if is_norm(&g.node(p).op) && g.node(p).inputs[0] == r.outputs[0] => true,
             _ => {
-                let name = |n: &memc_ir::Node| match n.name.as_str() {
-                    "" => format!("%{}", n.outputs[0].0),
-                    s => s.to_string(),
-                };
                 return Err(format!(
                     "the stream of residual `{}` does not start from residual `{}` or its norm \
                      (it is computed by `{}`)",
-                    name(next),
-                    name(r),
+                    g.node_label(w[1]),
+                    g.node_label(w[0]),
                     g.producer(start)
                         .map_or("an input".to_string(), |p| g.node(p).op.name().to_string())
                 ))

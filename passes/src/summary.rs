@@ -71,11 +71,7 @@ pub struct Recognition {
 }
 
 fn node_name(g: &Graph, n: NodeId) -> String {
-    let node = g.node(n);
-    match node.name.as_str() {
-        "" => format!("%{} ({})", node.outputs[0].0, node.op.name()),
-        s => format!("{s} ({})", node.op.name()),
-    }
+    format!("{} ({})", g.node_label(n), g.node(n).op.name())
 }
 
 fn is_norm(op: &Op) -> bool {
