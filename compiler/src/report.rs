@@ -69,8 +69,8 @@ pub fn json_report(
     })
 }
 
-/// `--report-json`'s `layers`: one object per layer (`attention` with `heads`, `kv_heads` and
-/// `kind`, or null when unrecognised; `ffn`, `ffn_fused_gate_up`, `norm`, `norms`,
+/// `--report-json`'s `layers`: one object per layer (`attention` with `heads`, `kv_heads`,
+/// `kind`, `causal`, `window`, `softcap` and `full_mask`, or null when unrecognised; `ffn`, `ffn_fused_gate_up`, `norm`, `norms`,
 /// `qk_norms`, `residual`, `unrecognised`), and `unrecognised` beside them when nothing was.
 pub fn layers_json(r: &Recognition) -> Value {
     let layers: Vec<Value> = r
@@ -80,6 +80,8 @@ pub fn layers_json(r: &Recognition) -> Value {
             json!({
                 "attention": l.attention.as_ref().map(|a| json!({
                     "heads": a.heads, "kv_heads": a.kv_heads, "kind": a.kind(),
+                    "causal": a.scores.causal, "window": a.scores.window,
+                    "softcap": a.scores.softcap, "full_mask": a.full_mask,
                 })),
                 "ffn": l.ffn,
                 "ffn_fused_gate_up": l.ffn_fused_gate_up,
@@ -100,7 +102,10 @@ pub fn layers_text(r: &Recognition) -> String {
     let _ = writeln!(s, "layers: {}", r.layers.len());
     for (i, l) in r.layers.iter().enumerate() {
         let attention = match &l.attention {
-            Some(a) => format!("attention {} ({} heads, {} kv)", a.kind(), a.heads, a.kv_heads),
+            Some(a) => {
+                let notes: String = a.notes().iter().map(|n| format!(", {n}")).collect();
+                format!("attention {} ({} heads, {} kv{notes})", a.kind(), a.heads, a.kv_heads)
+            }
             None => "attention UNRECOGNISED".into(),
         };
         let _ = writeln!(

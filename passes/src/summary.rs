@@ -8,15 +8,37 @@ use std::collections::HashSet;
 use memc_ir::{BinaryOp, Graph, NodeId, Op, ValueDef, ValueId};
 
 /// A layer's attention, as recognised.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AttentionBlock {
     /// Query heads.
     pub heads: usize,
     /// Key/value heads.
     pub kv_heads: usize,
+    /// Its scores' attributes (causal, window, soft-cap), as `--report` prints them.
+    pub scores: memc_ir::Scores,
+    /// Whether its mask is still a tensor with the query and key dims (S×T).
+    pub full_mask: bool,
 }
 
 impl AttentionBlock {
+    /// `causal`, `window W`, `softcap C` and `S×T mask`, as they apply.
+    pub fn notes(&self) -> Vec<String> {
+        let mut v = vec![];
+        if self.scores.causal {
+            v.push("causal".to_string());
+        }
+        if self.scores.window > 0 {
+            v.push(format!("window {}", self.scores.window));
+        }
+        if self.scores.softcap > 0.0 {
+            v.push(format!("softcap {}", self.scores.softcap));
+        }
+        if self.full_mask {
+            v.push("S×T mask".to_string());
+        }
+        v
+    }
+
     /// `mha` (one key/value head per query head), `mqa` (one for all) or `gqa`.
     pub fn kind(&self) -> &'static str {
         if self.kv_heads == self.heads {
@@ -30,7 +52,7 @@ impl AttentionBlock {
 }
 
 /// One layer's blocks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LayerBlocks {
     /// The recognised attention (`None` when the layer's softmax was not recognised as one).
     pub attention: Option<AttentionBlock>,
@@ -51,7 +73,7 @@ pub struct LayerBlocks {
 }
 
 /// Something the rules did not recognise, and what that rules out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Unrecognised {
     /// What (`layer 0 attention`).
     pub what: String,
@@ -62,7 +84,7 @@ pub struct Unrecognised {
 }
 
 /// What [`describe`] found.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Recognition {
     /// The layers, in order.
     pub layers: Vec<LayerBlocks>,
@@ -133,9 +155,14 @@ pub fn describe(g: &Graph) -> Recognition {
         nodes.sort();
         let ops = || nodes.iter().map(|&n| (n, g.node(n)));
         let attention = ops().find_map(|(_, n)| match n.op {
-            Op::Attention { .. } => Some(AttentionBlock {
+            Op::Attention(scores) => Some(AttentionBlock {
                 heads: g.value(n.inputs[0]).ty.shape[1],
                 kv_heads: g.value(n.inputs[1]).ty.shape[1],
+                scores,
+                full_mask: {
+                    let m = &g.value(n.inputs[3]).ty.shape;
+                    m.len() >= 2 && m[m.len() - 2] > 1 && m[m.len() - 1] > 1
+                },
             }),
             _ => None,
         });

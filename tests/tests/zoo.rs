@@ -143,6 +143,24 @@ fn differences(l: &LayerBlocks, want: &Value) -> Vec<String> {
         }
         None => out.push("attention: not recognised".into()),
     }
+    if let Some(a) = &l.attention {
+        let causal = wa["causal"].as_bool().unwrap();
+        if a.scores.causal != causal || (causal && a.full_mask) {
+            out.push(format!(
+                "attention mask: causal {} (an S×T tensor: {}), want causal {causal} as an attribute",
+                a.scores.causal, a.full_mask
+            ));
+        }
+        let cap = wa["softcap"].as_f64().unwrap_or(0.0);
+        if (a.scores.softcap as f64 - cap).abs() > 1e-6 * cap.max(1.0) {
+            out.push(format!("attention softcap {}, want {cap}", a.scores.softcap));
+        }
+        // A sliding window on every layer (Mistral) or on some (Gemma 2 alternates).
+        let w = wa["sliding_window"].as_u64().unwrap_or(0) as usize;
+        if a.scores.window != 0 && a.scores.window != w {
+            out.push(format!("attention window {}, want {w}", a.scores.window));
+        }
+    }
     if l.ffn != want["ffn"].as_str().unwrap() {
         out.push(format!("ffn: {}, want {}", l.ffn, want["ffn"]));
     }
@@ -197,6 +215,11 @@ fn every_zoo_file_gets_its_configs_blocks_and_keeps_its_logits() {
             .filter(|(f, _)| *f == e.family)
             .map(|(_, what)| *what)
             .collect();
+        let w = e.expected["attention"]["sliding_window"].as_u64().unwrap_or(0) as usize;
+        let windows = r.layers.iter().filter(|l| l.attention.as_ref().is_some_and(|a| a.scores.window == w)).count();
+        if w > 0 && windows == 0 {
+            failures.push(format!("{}: no layer has the sliding window of {w}", e.name));
+        }
         for (i, l) in r.layers.iter().enumerate() {
             let diffs = differences(l, &e.expected);
             for d in &diffs {
@@ -226,7 +249,10 @@ fn every_zoo_file_gets_its_configs_blocks_and_keeps_its_logits() {
             r.layers.len(),
             l.attention
                 .as_ref()
-                .map_or("attention ?".to_string(), |a| format!("{} {}/{}", a.kind(), a.heads, a.kv_heads)),
+                .map_or("attention ?".to_string(), |a| {
+                    let notes: String = a.notes().iter().map(|n| format!(" {n}")).collect();
+                    format!("{} {}/{}{notes}", a.kind(), a.heads, a.kv_heads)
+                }),
             l.ffn,
             if l.ffn_fused_gate_up { " fused" } else { "" },
             l.norms,
