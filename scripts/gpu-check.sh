@@ -8,7 +8,8 @@
 #                                  # prints one table; finishes in well under 8 minutes
 #
 # The run phase needs only the bundle, a CUDA driver, Python with numpy, and PyTorch for the
-# baselines. It checks every example executable on the cuda backend against the cpu backend
+# baselines. It checks every example executable (and two zoo models: soft-capped, windowed
+# attention) on the cuda backend against the cpu backend
 # (training losses over 3 AdamW steps, inference outputs), measures the fused elementwise
 # kernels' bandwidth against torch's device-to-device copy, and benchmarks a bf16 training
 # step (forward + backward + AdamW) of a 12-layer d_model 768 Llama at batch 8 x seq 1024
@@ -16,6 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
+# The example executables checked cuda against cpu: the four example families, and zoo models
+# whose attention kernels have soft-capping and sliding windows (Gemma 2, Mistral).
+MODELS="models/llama-dynamo models/gpt2-dynamo models/qwen2-dynamo models/bert-dynamo zoo/gemma2-eager-torchscript zoo/mistral-eager-torchscript"
 
 if [ "${1:-}" = "prepare" ]; then
   scripts/setup.sh
@@ -23,14 +27,14 @@ if [ "${1:-}" = "prepare" ]; then
   M=target/release/memc
   rm -rf "$B"
   mkdir -p "$B/data" scratch
-  for fam in llama gpt2 qwen2 bert; do
-    name=$fam-dynamo
+  for src in $MODELS; do
+    name=$(basename "$src")
     shapes=(--shape input_ids=2x16)
-    [ "$fam" = bert ] && shapes+=(--shape attention_mask=2x16 --shape token_type_ids=2x16)
-    $M compile "examples/models/$name.onnx" "${shapes[@]}" --target all -o "$B/$name-infer" 2>/dev/null
-    $M compile "examples/models/$name.onnx" "${shapes[@]}" --train --optimizer adamw --clip-grad-norm 1.0 \
+    [ "$name" = bert-dynamo ] && shapes+=(--shape attention_mask=2x16 --shape token_type_ids=2x16)
+    $M compile "examples/$src.onnx" "${shapes[@]}" --target all -o "$B/$name-infer" 2>/dev/null
+    $M compile "examples/$src.onnx" "${shapes[@]}" --train --optimizer adamw --clip-grad-norm 1.0 \
       --target all -o "$B/$name-train" 2>/dev/null
-    cp -r "examples/models/$name/inputs" "$B/data/$name"
+    cp -r "examples/$src/inputs" "$B/data/$name"
   done
   [ -f scratch/eltwise.onnx ] || python3 scripts/gen-elementwise.py scratch/eltwise.onnx
   $M compile scratch/eltwise.onnx --target all -o "$B/eltwise" 2>/dev/null
@@ -75,11 +79,11 @@ echo "== $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,
 status=0
 
 echo "== cuda vs cpu: example executables"
-for fam in llama gpt2 qwen2 bert; do
-  name=$fam-dynamo
+for src in $MODELS; do
+  name=$(basename "$src")
   d=$B/data/$name
   fixed=()
-  [ "$fam" = bert ] && fixed=(--input "attention_mask=$d/attention_mask.npy" --input "token_type_ids=$d/token_type_ids.npy")
+  [ "$name" = bert-dynamo ] && fixed=(--input "attention_mask=$d/attention_mask.npy" --input "token_type_ids=$d/token_type_ids.npy")
   inputs=(--input "input_ids=$d/input_ids.npy" "${fixed[@]}")
   for backend in cpu cuda; do
     if ! "$B/$name-train" train --data "$d/input_ids.npy" "${fixed[@]}" --steps 3 --backend $backend \

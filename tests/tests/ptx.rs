@@ -158,3 +158,36 @@ fn host_losses(
     )
     .unwrap()
 }
+
+/// The zoo's kernels beyond the examples' (Gemma 2's soft-capped, sliding-window attention and
+/// GeGLU, Mistral's window, Gemma's MQA, GPT-NeoX's parallel layers, OPT's ReLU) assemble for
+/// sm_90a too.
+#[test]
+fn zoo_attention_variants_assemble_for_sm_90a() {
+    let libdevice = find_libdevice().unwrap();
+    for name in [
+        "gemma2-eager-torchscript",
+        "mistral-eager-torchscript",
+        "gemma-sdpa-dynamo",
+        "gptneox-eager-dynamo",
+        "opt-eager-torchscript",
+    ] {
+        let path = memc_tests::root().join(format!("examples/zoo/{name}.onnx"));
+        let mut g = memc_tests::canonical_model(&path, &[2, 16]);
+        memc::train::build(&mut g, &train_args(adamw(), Some(1.0), AUTO))
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let mut host = memc::train::host_program(&g, name, None).unwrap();
+        host.compile_device(90, &libdevice)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let device = host.program.device.as_ref().unwrap();
+        let report = ptxas(&device.ptx, "sm_90a").unwrap_or_else(|e| panic!("{name}: {e}"));
+        let spills = report
+            .lines()
+            .filter(|l| {
+                l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")
+            })
+            .count();
+        eprintln!("{name:<28} {} PTX entries, {spills} kernels spill", device.ptx.matches(".entry ").count());
+        assert_eq!(spills, 0, "{name}: {report}");
+    }
+}

@@ -194,8 +194,8 @@ struct OutOfReshape {
     s: Var,
     x: Var,
     rest: Vec<Var>,
-    axis: Var,
-    epsilon: Option<Var>,
+    /// A norm's `axis` and `epsilon` attributes (`None` for `max`).
+    norm: Option<(Var, Var)>,
 }
 
 impl Applier<Memc, TypeAnalysis> for OutOfReshape {
@@ -217,10 +217,10 @@ impl Applier<Memc, TypeAnalysis> for OutOfReshape {
             return vec![];
         }
         let mut kids = vec![];
-        if let Some(eps) = self.epsilon {
+        if let Some((axis, eps)) = self.norm {
             // The norm must cover the last axis only (its weights' shapes then agree, which
             // `merge`'s type check confirms).
-            let axis = match &egraph[subst[self.axis]].data.attr {
+            let axis = match &egraph[subst[axis]].data.attr {
                 Some(crate::egraph::AttrLeaf {
                     value: Attr::Int(a),
                     ..
@@ -237,7 +237,7 @@ impl Applier<Memc, TypeAnalysis> for OutOfReshape {
         for &r in &self.rest {
             kids.push(subst[r]);
         }
-        if self.epsilon.is_none() && super::scalar(egraph, subst[self.rest[0]]).is_none() {
+        if self.norm.is_none() && super::scalar(egraph, subst[self.rest[0]]).is_none() {
             return vec![];
         }
         let inner = add_op(egraph, self.op, kids);
@@ -327,8 +327,7 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
                 s: var("?s"),
                 x: var("?x"),
                 rest: vec![var("?c")],
-                axis: var("?c"),
-                epsilon: None,
+                norm: None,
             },
         )
         .unwrap(),
@@ -342,8 +341,7 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
                 s: var("?s"),
                 x: var("?x"),
                 rest: vec![var("?w"), var("?b")],
-                axis: var("?axis"),
-                epsilon: Some(var("?eps")),
+                norm: Some((var("?axis"), var("?eps"))),
             },
         )
         .unwrap(),
@@ -357,8 +355,7 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
                 s: var("?s"),
                 x: var("?x"),
                 rest: vec![var("?w")],
-                axis: var("?axis"),
-                epsilon: Some(var("?eps")),
+                norm: Some((var("?axis"), var("?eps"))),
             },
         )
         .unwrap(),
