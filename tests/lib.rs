@@ -159,6 +159,18 @@ pub fn reference_losses(
     steps: usize,
 ) -> Vec<f64> {
     let (mut g, inputs) = training_program(ex, a);
+    interpreter_losses(&mut g, &inputs, lr, wd, steps)
+}
+
+/// Runs `steps` steps of the training program `g` on the interpreter with the fixed batch
+/// `inputs`, updating its weights, and returns the losses.
+pub fn interpreter_losses(
+    g: &mut memc_ir::Graph,
+    inputs: &HashMap<String, memc_ir::Tensor>,
+    lr: f64,
+    wd: f64,
+    steps: usize,
+) -> Vec<f64> {
     let mut out = Vec::new();
     for step in 1..=steps {
         let mut feeds = inputs.clone();
@@ -166,7 +178,7 @@ pub fn reference_losses(
         feeds.insert("memc.lr".into(), scalar(lr));
         feeds.insert("memc.weight_decay".into(), scalar(wd));
         feeds.insert("memc.step".into(), scalar(step as f64));
-        let r = memc_ir::run(&g, &feeds, &memc_ir::RunOptions { check_nan: true }).unwrap();
+        let r = memc_ir::run(g, &feeds, &memc_ir::RunOptions { check_nan: true }).unwrap();
         for (p, t) in r.updates {
             g.set_param_data(p, t);
         }

@@ -423,6 +423,19 @@ impl Graph {
         &self.nodes[n.index()]
     }
 
+    /// The data of `v` when it is a compile-time constant: a literal or a constant param.
+    pub fn constant(&self, v: ValueId) -> Option<&Tensor> {
+        match &self.value(v).def {
+            ValueDef::Const(t) => Some(t),
+            ValueDef::Param {
+                role: ParamRole::Constant,
+                data: Some(t),
+                ..
+            } => Some(t),
+            _ => None,
+        }
+    }
+
     /// How messages name node `n`: its name, or `%N` (its first result) when it has none
     /// (nodes a rewrite created), so no message names a node with an empty string.
     pub fn node_label(&self, n: NodeId) -> String {

@@ -123,33 +123,26 @@ fn rewrite(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonError> {
         .iter()
         .map(|i| i.applied.values().sum::<usize>())
         .sum();
+    // What is reported when the graph stays exactly as it was (node order included).
+    let unchanged = CanonStats {
+        nodes_before: before,
+        nodes_after: before,
+        iterations: runner.iterations.len(),
+        egraph_nodes: runner.egraph.total_number_of_nodes(),
+        stop: stop.clone(),
+        recognised: BTreeMap::new(),
+        masks_folded: 0,
+    };
     if applied == 0 {
-        // Nothing recognised: the graph stays exactly as it was (node order included).
-        return Ok(CanonStats {
-            nodes_before: before,
-            nodes_after: before,
-            iterations: runner.iterations.len(),
-            egraph_nodes: runner.egraph.total_number_of_nodes(),
-            stop,
-            recognised: BTreeMap::new(),
-            masks_folded: 0,
-        });
+        return Ok(unchanged);
     }
     let chosen = extract(&runner.egraph, &roots).map_err(CanonError::Extract)?;
     let out = store(g, &runner.egraph, &chosen, &loaded.roots).map_err(CanonError::Store)?;
     memc_ir::verify(&out).map_err(|e| CanonError::Invalid(e.to_string()))?;
     if out.op_counts() == g.op_counts() {
         // Only equalities that neither recognise nor remove anything applied (a scalar
-        // moved through a product): the graph stays exactly as it was.
-        return Ok(CanonStats {
-            nodes_before: before,
-            nodes_after: before,
-            iterations: runner.iterations.len(),
-            egraph_nodes: runner.egraph.total_number_of_nodes(),
-            stop,
-            recognised: BTreeMap::new(),
-            masks_folded: 0,
-        });
+        // moved through a product).
+        return Ok(unchanged);
     }
     let counts = out.op_counts();
     let recognised = RECOGNISED

@@ -31,17 +31,6 @@ pub struct ConstStats {
 /// Constants smaller than this are left alone (an `expand` would cost more than it saves).
 const MIN_BYTES: usize = 4096;
 
-fn constant(g: &Graph, v: ValueId) -> Option<&Tensor> {
-    match &g.value(v).def {
-        ValueDef::Const(t) => Some(t),
-        ValueDef::Param {
-            role: ParamRole::Constant,
-            data: Some(t),
-            ..
-        } => Some(t),
-        _ => None,
-    }
-}
 
 /// `t` shrunk to size 1 along `dim` if every slice along `dim` equals the first.
 fn squeeze_dim(t: &Tensor, dim: usize) -> Option<Tensor> {
@@ -75,18 +64,18 @@ pub fn compact_constants(g: &mut Graph) -> ConstStats {
     let mut stats = ConstStats::default();
     let consts: Vec<ValueId> = (0..g.values().len())
         .map(|i| ValueId(i as u32))
-        .filter(|&v| constant(g, v).is_some())
+        .filter(|&v| g.constant(v).is_some())
         .collect();
     stats.bytes_before = consts
         .iter()
-        .map(|&v| constant(g, v).unwrap().bytes().len() as u64)
+        .map(|&v| g.constant(v).unwrap().bytes().len() as u64)
         .sum();
 
     // 1. One value per distinct (type, bytes).
     let mut first: HashMap<(TensorType, &[u8]), ValueId> = HashMap::new();
     let mut replace: HashMap<ValueId, ValueId> = HashMap::new();
     for &v in &consts {
-        let t = constant(g, v).unwrap();
+        let t = g.constant(v).unwrap();
         if t.bytes().len() < MIN_BYTES {
             continue;
         }
@@ -109,7 +98,7 @@ pub fn compact_constants(g: &mut Graph) -> ConstStats {
     // 2. Shrink broadcast dims behind an `expand`.
     let mut new_nodes: Vec<NodeId> = vec![];
     for v in kept {
-        let t = constant(g, v).unwrap().clone();
+        let t = g.constant(v).unwrap().clone();
         if t.bytes().len() < MIN_BYTES {
             continue;
         }
@@ -184,7 +173,7 @@ pub fn compact_constants(g: &mut Graph) -> ConstStats {
     g.reorder_nodes(&order);
     g.compact();
     stats.bytes_after = (0..g.values().len())
-        .filter_map(|i| constant(g, ValueId(i as u32)))
+        .filter_map(|i| g.constant(ValueId(i as u32)))
         .map(|t| t.bytes().len() as u64)
         .sum();
     stats

@@ -10,7 +10,7 @@
 //! rank-0 zero and the attributes say the rest; any other mask (padding from a run-time input,
 //! an ALiBi bias) is left as it is. Unused constants are dropped.
 
-use memc_ir::{Graph, NodeId, Op, ParamRole, Scores, Tensor, ValueDef, ValueId};
+use memc_ir::{Graph, NodeId, Op, Scores, Tensor, ValueId};
 
 /// Values at or below this are a hidden key (PyTorch writes `torch.finfo(dtype).min`).
 const HIDDEN: f64 = -1e30;
@@ -24,18 +24,6 @@ pub struct MaskStats {
     pub kept: usize,
 }
 
-/// The constant data of `v`, if it is one.
-fn constant(g: &Graph, v: ValueId) -> Option<&Tensor> {
-    match &g.value(v).def {
-        ValueDef::Const(t) => Some(t),
-        ValueDef::Param {
-            role: ParamRole::Constant,
-            data: Some(t),
-            ..
-        } => Some(t),
-        _ => None,
-    }
-}
 
 /// The causal flag and window of a mask of shape `[.., S, T]` (rank ≥ 2, leading dims
 /// broadcast), when it is exactly such a mask.
@@ -109,7 +97,7 @@ pub fn fold_masks(g: &mut Graph) -> MaskStats {
         let spans = ms.len() >= 2 && ms[ms.len() - 2] == q.shape[2] && ms[ms.len() - 1] == t;
         // Layers share one mask: read each once.
         let found = *seen.entry(mask).or_insert_with(|| {
-            constant(g, mask)
+            g.constant(mask)
                 .filter(|_| spans)
                 .and_then(causal_window)
         });

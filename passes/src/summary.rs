@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use memc_ir::{BinaryOp, Graph, NodeId, Op, ValueDef, ValueId};
+use memc_ir::{BinaryOp, Graph, NodeId, Op, ValueId};
 
 /// A layer's attention, as recognised.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,12 +102,8 @@ fn is_norm(op: &Op) -> bool {
 
 /// Whether `v` is a one-element constant equal to 0.
 fn is_zero(g: &Graph, v: ValueId) -> bool {
-    let t = match &g.value(v).def {
-        ValueDef::Const(t) => t,
-        ValueDef::Param { data: Some(t), .. } => t,
-        _ => return false,
-    };
-    t.numel() == 1 && t.dtype().is_float() && t.to_f64_vec()[0] == 0.0
+    g.constant(v)
+        .is_some_and(|t| t.numel() == 1 && t.dtype().is_float() && t.to_f64_vec()[0] == 0.0)
 }
 
 /// Describes the layers of the forward graph `g` (see the module docs).

@@ -271,20 +271,7 @@ fn losses(e: &Entry, optimizer: Optimizer, lr: f64, wd: f64, canonical: bool) ->
     }
     let a = train_args(optimizer, None, AUTO);
     memc::train::build(&mut g, &a).unwrap_or_else(|err| panic!("{}: {err:#}", e.name));
-    let mut out = vec![];
-    for step in 1..=5 {
-        let mut feeds = inputs.clone();
-        let scalar = |v: f64| Tensor::from_f64(memc_ir::DType::F32, vec![], &[v]);
-        feeds.insert("memc.lr".into(), scalar(lr));
-        feeds.insert("memc.weight_decay".into(), scalar(wd));
-        feeds.insert("memc.step".into(), scalar(step as f64));
-        let r = memc_ir::run(&g, &feeds, &memc_ir::RunOptions { check_nan: true }).unwrap();
-        for (p, t) in r.updates {
-            g.set_param_data(p, t);
-        }
-        out.push(r.outputs[0].1.to_f64_vec()[0]);
-    }
-    out
+    memc_tests::interpreter_losses(&mut g, &inputs, lr, wd, 5)
 }
 
 /// TorchScript exports keep the model's parameters as initializers, so their trajectories
