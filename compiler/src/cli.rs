@@ -50,13 +50,16 @@ struct ModelArgs {
     /// Print the wall time of each compiler phase to stderr.
     #[arg(long)]
     time_passes: bool,
-    /// Skip the e-graph canonicalisation (which recognises norms, activations, FFN blocks and
-    /// attention in the exporter's ops and rewrites them into `rms_norm`, `layer_norm`,
-    /// `silu`, `gelu`, `gelu_tanh`, `swiglu_ffn`, `gelu_ffn` and `attention`).
+    /// Skip the e-graph canonicalisation (which recognises norms, activations, FFN blocks,
+    /// residual connections and attention in the exporter's ops and rewrites them into
+    /// `rms_norm`, `layer_norm`, `silu`, `gelu`, `gelu_tanh`, `swiglu_ffn`, `gelu_ffn`,
+    /// `rope`, `residual` and `attention`, constant causal and window masks becoming
+    /// attention's attributes).
     #[arg(long)]
     no_canonicalize: bool,
-    /// Mixture-of-Channels: every SwiGLU FFN keeps only the K largest gate channels per
-    /// token (a count, or a fraction of d_ffn such as 0.25); its backward keeps only those.
+    /// Mixture-of-Channels: every gated FFN (SwiGLU, GeGLU) keeps only the K largest gate
+    /// channels per token (a count, or a fraction of d_ffn such as 0.25); its backward keeps
+    /// only those.
     #[arg(long, value_name = "K|RATIO")]
     moc_k: Option<String>,
     #[command(flatten)]
