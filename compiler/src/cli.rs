@@ -547,10 +547,14 @@ fn compile(args: CompileArgs) -> Result<()> {
             })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
     }
-    let cpu_arena = timer.time("fuse", || cpu_arena(&g));
+    // The plan that runs: over the fused kernels, in their order (what the cpu backend and
+    // executables allocate, exactly). The report states it; the node-level plan above is
+    // the one fusion must not exceed.
+    let (ordered, kernels, run_plan) = timer.time("fuse", || memc_codegen::host::layout(&g));
+    let cpu_arena = Some((run_plan.peak_bytes, kernels.len()));
     match args.emit {
         Some(Emit::Ir) => print!("{}", canonical_ir.unwrap_or_else(|| memc_ir::print(&g))),
-        Some(Emit::Plan) => print!("{}", report::plan_text(&g, &plan)),
+        Some(Emit::Plan) => print!("{}", report::plan_text(&ordered, &run_plan)),
         Some(e @ (Emit::Mlir | Emit::Llvm)) => {
             emit_kernels(&g, e == Emit::Llvm).map_err(|e| anyhow!("{model}: {e}"))?
         }
@@ -579,7 +583,7 @@ fn compile(args: CompileArgs) -> Result<()> {
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
     }
     if let Some(path) = &args.plot {
-        write_file(path, &report::plan_svg(&plan, &model))?;
+        write_file(path, &report::plan_svg(&run_plan, &model))?;
     }
     if args.report {
         print!("{}", report::summary(&g));
@@ -636,9 +640,12 @@ fn compile(args: CompileArgs) -> Result<()> {
                 );
             }
         }
-        print!("{}", report::plan_table(&g, &plan));
+        print!("{}", report::plan_table(&ordered, &run_plan));
         if let Some((bytes, kernels)) = cpu_arena {
-            println!("cpu backend: {kernels} kernels after fusion, one arena of {bytes} bytes (the plan over the fused kernels)");
+            println!(
+                "cpu backend: {kernels} kernels after fusion, one arena of {bytes} bytes (the plan above; the node-level plan before fusion: {} bytes)",
+                plan.peak_bytes
+            );
         }
     }
     if let Some(path) = &args.report_json {
@@ -647,9 +654,10 @@ fn compile(args: CompileArgs) -> Result<()> {
             obj.insert("layers".into(), report::layers_json(&recognition));
         }
         if let (Some(obj), serde_json::Value::Object(p)) =
-            (r.as_object_mut(), report::plan_json(&g, &plan))
+            (r.as_object_mut(), report::plan_json(&ordered, &run_plan))
         {
             obj.extend(p);
+            obj.insert("node_plan_peak_bytes".into(), serde_json::json!(plan.peak_bytes));
             if let Some((bytes, kernels)) = cpu_arena {
                 obj.insert(
                     "cpu_backend".into(),
@@ -826,10 +834,6 @@ fn emit_ptx(g: &Graph, model: &str, sm: u32) -> Result<String> {
 }
 
 /// The cpu backend's arena size and kernel count: the plan over the fused kernels.
-fn cpu_arena(g: &Graph) -> Option<(u64, usize)> {
-    let (_, kernels, plan) = memc_codegen::host::layout(g);
-    Some((plan.peak_bytes, kernels.len()))
-}
 
 /// `--emit mlir|llvm`: every generated kernel of the cpu backend's program, in order (matrix
 /// products, which run on the GEMM library, as a comment).

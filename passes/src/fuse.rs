@@ -75,7 +75,8 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
                 && &g.value(v).ty.shape == shape
                 && readers_of.get(&v).is_some_and(|r| r.len() == 1)
                 && !escapes(v)
-                && group_of[p] != group_of[i];
+                && group_of[p] != group_of[i]
+                && !raises_memory(g, &readers_of, &groups[group_of[p]], &group_of, group_of[i], i, v);
             if fusable {
                 let (from, into) = (group_of[i], group_of[p]);
                 let moved = std::mem::take(&mut groups[from]);
@@ -135,6 +136,54 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
         kernels.into_iter().map(|(_, k)| k).collect(),
         &readers_of,
     )
+}
+
+/// Whether fusing node `i` (of group `from`) into the group `into` of its operand `v`'s producer
+/// would hold more memory than it saves. The fused kernel runs at `i`, so the external inputs of
+/// `into` that nothing after `into` reads stay live until `i` instead of being freed at
+/// `into`'s last member; when other nodes run in between (allocating their results), that
+/// extension counts against the `v` buffer fusion saves. An accumulation over chunks
+/// (`((g1 + g2) + g3) + ...`, each `gk` a GEMM's result) thus stays a chain of adds instead of
+/// one kernel holding every `gk`.
+fn raises_memory(
+    g: &Graph,
+    readers_of: &HashMap<ValueId, Vec<usize>>,
+    into: &[usize],
+    group_of: &[usize],
+    from: usize,
+    i: usize,
+    v: ValueId,
+) -> bool {
+    let Some(&last) = into.iter().max() else {
+        return false;
+    };
+    let gi = group_of[last];
+    let foreign_between = (last + 1..i).any(|k| group_of[k] != gi && group_of[k] != from);
+    if !foreign_between {
+        return false;
+    }
+    let mut extended = 0usize;
+    let mut seen = Vec::new();
+    for &m in into {
+        for &x in &g.nodes()[m].inputs {
+            // Inputs, weights, constants, outputs and updates live for the whole step anyway.
+            let Some(p) = g.producer(x) else { continue };
+            let escapes = g.outputs().iter().any(|&(_, o)| o == x)
+                || g.updates().iter().any(|&(_, u)| u == x);
+            if group_of[p.index()] == gi || seen.contains(&x) || escapes {
+                continue;
+            }
+            seen.push(x);
+            // Held longer only if no later node outside the group reads it anyway.
+            let read_later = readers_of
+                .get(&x)
+                .is_some_and(|r| r.iter().any(|&k| k > last && group_of[k] != gi));
+            if !read_later {
+                extended += g.value(x).ty.bytes();
+            }
+        }
+    }
+    extended > g.value(v).ty.bytes()
 }
 
 /// Orders the kernels: each after the kernels computing its operands and, since an update

@@ -735,8 +735,19 @@ fn lm_head(g: &Graph, logits: ValueId) -> Option<(ValueId, ValueId, Option<Value
     .then_some((h, w, bias))
 }
 
-/// Next-token cross-entropy through the fused, chunked `lm_head_ce`: chunks of about
-/// `N·d/V` rows, so a chunk's logits are about the size of `h`.
+/// Rows per chunk at least, for GEMM efficiency: thin chunks stream the whole `[d, V]` head
+/// weight three times each (logits, dh, dw) for little arithmetic.
+const GEMM_ROWS: usize = 128;
+/// A chunk's logits are kept under this when [`GEMM_ROWS`] rows would exceed it (huge
+/// vocabularies), down to [`MIN_ROWS`].
+const CHUNK_BYTES: usize = 64 << 20;
+/// Rows per chunk at the very least.
+const MIN_ROWS: usize = 16;
+
+/// Next-token cross-entropy through the fused, chunked `lm_head_ce`: chunks of about `N·d/V`
+/// rows (a chunk's logits about the size of `h`), but at least [`GEMM_ROWS`] rows so the
+/// chunks' GEMMs run at full speed, unless that many rows of logits would exceed
+/// [`CHUNK_BYTES`]; and at least two chunks, so the whole logits are never held.
 fn fused_next_token_ce(
     g: &mut Graph,
     ids: ValueId,
@@ -751,7 +762,11 @@ fn fused_next_token_ce(
     let vocab = g.value(w).ty.shape[1];
     let n = bsz * (seq - 1);
     let chunks = vocab.div_ceil(d.max(1)).clamp(1, n);
-    let chunk = n.div_ceil(chunks);
+    let by_h = n.div_ceil(chunks);
+    let gemm_rows = GEMM_ROWS.min((CHUNK_BYTES / (vocab * 4).max(1)).max(MIN_ROWS));
+    let chunk = by_h.max(gemm_rows).clamp(1, n);
+    // Never the whole logits at once: at least two chunks.
+    let chunk = if chunk >= n && n > 1 { n.div_ceil(2) } else { chunk };
     let mut b = Builder::new(g, Phase::Forward, "loss");
     let shifted = b.op(
         Op::Slice {
