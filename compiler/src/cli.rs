@@ -159,6 +159,9 @@ struct TrainCmdArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "ref")]
     backend: Backend,
+    /// Threads for the cpu backend's GEMMs, 1 to 4 (default: every physical core, up to 4).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     #[command(flatten)]
     pipeline: crate::pipe::PipelineArgs,
 }
@@ -992,6 +995,9 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn train(args: TrainCmdArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        memc_runtime::gemm::set_threads(n).map_err(|e| anyhow!(e))?;
+    }
     if args.backend == Backend::Cuda {
         bail!("--backend cuda: not available yet in this memc; use --backend cpu or ref");
     }

@@ -1738,3 +1738,26 @@ fn dropout_and_relu_import() {
         &["Dropout", "active dropout", "model.eval()"],
     );
 }
+
+/// `--threads`: the cpu backend's GEMMs on 1 or 2 threads give identical losses (the threads
+/// split rows and columns, never a sum); out of range is one error.
+#[test]
+fn threads_change_speed_not_results() {
+    let m = example("llama-dynamo.onnx");
+    let data = example("llama-dynamo/inputs/input_ids.npy");
+    let run = |t: &str| {
+        let o = memc(&[
+            "train", s(&m), "--data", s(&data), "--steps", "2", "--backend", "cpu", "--threads", t,
+        ]);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        o.stdout
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run("1"), run("2"));
+    fails_with(
+        &["train", s(&m), "--data", s(&data), "--threads", "9"],
+        &["--threads 9", "1 to 4"],
+    );
+}

@@ -447,10 +447,10 @@ pub fn infer(
 }
 
 const USAGE: &str = "usage:
-  EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu|cuda]
+  EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu|cuda] [--threads N]
             [--input NAME=FILE.npy (other model inputs, held fixed)] [--save CKPT.safetensors]
             [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume CKPT.safetensors] [--metrics FILE] [--weights FILE]
-  EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE] [--repeat N]
+  EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE] [--repeat N] [--threads N]
   EXE info  (what the program is: arena, kernels, inputs, outputs, parameters)
 The weights are read from EXE.safetensors unless --weights is given.";
 
@@ -477,6 +477,7 @@ impl Cmd {
                 "--metrics",
                 "--weights",
                 "--random-weights",
+                "--threads",
             ],
             "infer" => &[
                 "--input",
@@ -485,6 +486,7 @@ impl Cmd {
                 "--weights",
                 "--random-weights",
                 "--repeat",
+                "--threads",
             ],
             "info" => &[],
             "" => return Err(usage("expected a command: train, infer or info".into())),
@@ -719,6 +721,9 @@ pub fn run_cli(
         return Ok(());
     }
 
+    if let Some(n) = cmd.number::<usize>("--threads")? {
+        crate::gemm::set_threads(n).map_err(RunError::Usage)?;
+    }
     let weights_path = match cmd.get("--weights") {
         Some(w) => PathBuf::from(w),
         None => {
