@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""The compiled training step at realistic sizes against PyTorch, interleaved in one run.
+
+    python3 scripts/bench-cpu-real.py [--steps 5] [--models 4x256,8x512,12x768]
+
+For each Llama (`scripts/gen-big-llama.py`, vocab 32000, random weights; generated into
+scratch/ when missing):
+
+  4x256:  4 layers, d_model 256, 4 heads, 2 KV heads, d_ffn 704, batch 4 x seq 128
+  8x512:  8 layers, d_model 512, 8 heads, 4 KV heads, d_ffn 1408, batch 4 x seq 256
+  12x768: 12 layers, d_model 768, 12 heads, 12 KV heads, d_ffn 2048, batch 8 x seq 1024
+          (compile and memory only: arena against the plans; its step is not timed here)
+
+it compiles the AdamW fp32 training executable (`memc compile --train --optimizer adamw -o`,
+release build, timed: cold, the compile has no cache), reads `--report-json`'s `peak_bytes`
+(the plan over the fused kernels) and `node_plan_peak_bytes` (the plan before fusion) and
+`OUT info`'s arena, then alternates memc's executable (all cores) and PyTorch eager (all cores,
+the same weights' shapes, data and loss) one step block at a time, so both see the same
+machine state. Times are medians of the steps after the first; peak RSS is each process's
+`ru_maxrss` (memc: the executable process; PyTorch: measured in a child process).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+MODELS = {
+    "4x256": (["--layers", "4", "--hidden", "256", "--heads", "4", "--kv-heads", "2", "--ffn", "704"], (4, 128)),
+    "8x512": (["--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "4", "--ffn", "1408"], (4, 256)),
+    "12x768": (["--layers", "12", "--hidden", "768", "--heads", "12", "--kv-heads", "12", "--ffn", "2048"], (8, 1024)),
+}
+
+TORCH_STEP = r"""
+import importlib.util, json, resource, statistics, sys, time
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("gen", "scripts/gen-big-llama.py")
+gen = importlib.util.module_from_spec(spec); spec.loader.exec_module(gen)
+layers, hidden, heads, kv, ffn, steps, ids = sys.argv[1:]
+torch.set_num_threads(torch.get_num_threads())
+model = gen.build(0, int(layers), int(hidden), int(heads), int(kv), int(ffn), 32000).train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+x = torch.from_numpy(np.load(ids))
+times = []
+for _ in range(int(steps)):
+    t = time.perf_counter()
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    loss.backward(); opt.step(); opt.zero_grad()
+    times.append((time.perf_counter() - t) * 1e3)
+print(json.dumps({"ms": statistics.median(times[1:]), "threads": torch.get_num_threads(),
+                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+WRAP = r"""
+import resource, subprocess, sys
+r = subprocess.run(sys.argv[1:], check=True, capture_output=True, text=True)
+sys.stdout.write(r.stdout)
+print("RSS", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def measured(cmd):
+    """Runs `cmd` in a fresh wrapper process: its stdout and its own peak RSS in bytes."""
+    out = subprocess.run([sys.executable, "-c", WRAP, *cmd], check=True, capture_output=True,
+                         text=True).stdout.splitlines()
+    return "\n".join(out[:-1]), int(out[-1].split()[1])
+
+
+def gen_args(args):
+    v = dict(zip(args[::2], args[1::2]))
+    return [v["--layers"], v["--hidden"], v["--heads"], v["--kv-heads"], v["--ffn"]]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--models", default="4x256,8x512,12x768")
+    a = ap.parse_args()
+    os.makedirs("scratch", exist_ok=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "memc", "-p", "memc-runtime"], check=True)
+    for name in a.models.split(","):
+        args, (b, s) = MODELS[name]
+        onnx = f"scratch/llama{name}.onnx"
+        if not os.path.exists(onnx):
+            subprocess.run([sys.executable, "scripts/gen-big-llama.py", onnx, *args, "--vocab", "32000"], check=True)
+        ids = f"scratch/ids{name}.npy"
+        np.save(ids, np.random.default_rng(0).integers(0, 32000, (b, s)).astype(np.int64))
+        exe, report = f"scratch/llama{name}-exe", f"scratch/llama{name}.json"
+        t0 = time.perf_counter()
+        subprocess.run(["target/release/memc", "compile", onnx, "--shape", f"input_ids={b}x{s}", "--train",
+                        "--optimizer", "adamw", "-o", exe, "--report-json", report],
+                       check=True, capture_output=True)
+        compile_s = time.perf_counter() - t0
+        r = json.load(open(report))
+        info = subprocess.run([exe, "info"], check=True, capture_output=True, text=True).stdout
+        arena = int(next(l.split()[1] for l in info.splitlines() if l.startswith("arena_bytes:")))
+        print(f"== llama {name}, batch {b} x seq {s}")
+        print(f"   memc compile -o: {compile_s:.1f} s")
+        print(f"   OUT info arena {arena} bytes; --report-json peak_bytes {r['peak_bytes']}; "
+              f"node-level plan {r['node_plan_peak_bytes']} (arena = peak: {arena == r['peak_bytes']}, "
+              f"<= node plan: {arena <= r['node_plan_peak_bytes']})")
+        if name == "12x768":
+            continue
+        memc_ms, torch_ms, memc_rss, torch_rss, losses = [], [], 0, 0, None
+        for _ in range(2):  # interleaved: memc, PyTorch, memc, PyTorch
+            out, rss = measured([exe, "train", "--data", ids, "--steps", str(a.steps), "--lr", "1e-3"])
+            lines = [json.loads(l) for l in out.splitlines()]
+            memc_ms.append(statistics.median(l["step_ms"] for l in lines[1:]))
+            memc_rss = max(memc_rss, rss)
+            losses = [round(l["loss"], 5) for l in lines]
+            t = subprocess.run([sys.executable, "-c", TORCH_STEP, *gen_args(args), str(a.steps), ids],
+                               check=True, capture_output=True, text=True)
+            tj = json.loads(t.stdout)
+            torch_ms.append(tj["ms"])
+            torch_rss = max(torch_rss, tj["rss"])
+        print(f"   memc executable: {min(memc_ms):.0f} ms/step (runs {[round(x) for x in memc_ms]}), "
+              f"peak RSS {memc_rss / 1e9:.2f} GB; losses {losses}")
+        print(f"   PyTorch eager, {tj['threads']} threads: {min(torch_ms):.0f} ms/step "
+              f"(runs {[round(x) for x in torch_ms]}), peak RSS {torch_rss / 1e9:.2f} GB")
+        print(f"   ratio memc / PyTorch: {min(memc_ms) / min(torch_ms):.2f}")
+
+
+if __name__ == "__main__":
+    main()
