@@ -43,6 +43,12 @@ fn llvm(kernel: &str, msg: impl ToString) -> KernelError {
 /// A target machine for this host's CPU (its name and features: AVX2, AVX-512, ...).
 pub(crate) fn host_machine() -> Result<TargetMachine, KernelError> {
     Target::initialize_native(&InitializationConfig::default()).map_err(|e| llvm("host", e))?;
+    target_machine()
+}
+
+/// [`host_machine`] once LLVM's native target is initialised (the shards' threads call this:
+/// the initialisation itself is not thread-safe).
+fn target_machine() -> Result<TargetMachine, KernelError> {
     let triple = TargetMachine::get_default_triple();
     let target = Target::from_triple(&triple).map_err(|e| llvm("host", e))?;
     target
@@ -73,6 +79,71 @@ pub(crate) fn link_kernels<'c>(
         module.link_in_module(m).map_err(|e| llvm(name, e))?;
     }
     Ok(module)
+}
+
+/// Optimises and compiles `kernels` into object files `TMP.kN.o`, in as many shards as the
+/// machine has cores (each shard its own LLVM context and thread), balanced by IR size and
+/// kept in kernel order. On an error no object is left behind. The caller has initialised
+/// LLVM's native target ([`host_machine`]).
+fn compile_shards(kernels: &[(String, String)], tmp: &Path) -> Result<Vec<PathBuf>, KernelError> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let total: usize = kernels.iter().map(|(_, ir)| ir.len()).sum();
+    let shards = cores.clamp(1, kernels.len().max(1));
+    let mut bounds = vec![0];
+    let mut acc = 0;
+    for (i, (_, ir)) in kernels.iter().enumerate() {
+        acc += ir.len();
+        if bounds.len() < shards && acc * shards >= total * bounds.len() {
+            bounds.push(i + 1);
+        }
+    }
+    if *bounds.last().unwrap() != kernels.len() {
+        bounds.push(kernels.len());
+    }
+    let parts: Vec<&[(String, String)]> = bounds.windows(2).map(|w| &kernels[w[0]..w[1]]).collect();
+    let results: Vec<Result<PathBuf, KernelError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                scope.spawn(move || {
+                    let machine = target_machine()?;
+                    let ctx = Context::create();
+                    let module = link_kernels(&ctx, part)?;
+                    optimize(&module, &machine)?;
+                    let obj = tmp.with_extension(format!("k{i}.o"));
+                    machine
+                        .write_to_file(&module, FileType::Object, &obj)
+                        .map_err(|e| llvm("object", e))?;
+                    Ok(obj)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(llvm("object", "a compiler thread panicked")))
+            })
+            .collect()
+    });
+    let mut objects = vec![];
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(o) => objects.push(o),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        for o in &objects {
+            let _ = std::fs::remove_file(o);
+        }
+        return Err(e);
+    }
+    Ok(objects)
 }
 
 /// Runs LLVM's `default<O2>` pipeline on `module` for `machine`.
@@ -133,8 +204,14 @@ pub fn emit_executable(
     runtime_lib: &Path,
 ) -> Result<Emitted, KernelError> {
     let machine = host_machine()?;
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    // The kernels are optimised and compiled in shards, one thread per core, each into its
+    // own object; the main module declares them.
+    let objects = compile_shards(kernels, &tmp)?;
     let ctx = Context::create();
-    let module = link_kernels(&ctx, kernels)?;
+    let module = ctx.create_module("memc.main");
     let names = &program.kernels;
     let program = program.to_bytes();
     let ptr = ctx.ptr_type(AddressSpace::default());
@@ -150,9 +227,15 @@ pub fn emit_executable(
 
     let mut entries = Vec::with_capacity(names.len());
     for name in names {
-        let f = module
-            .get_function(name)
-            .ok_or_else(|| llvm(name, "the kernel's entry is missing"))?;
+        if !kernels.iter().any(|(k, _)| k == name) {
+            return Err(llvm(name, "the kernel's entry is missing"));
+        }
+        // Every entry is `void(ptr)`: the runtime's `KernelFn`.
+        let f = module.add_function(
+            name,
+            ctx.void_type().fn_type(&[ptr.into()], false),
+            Some(Linkage::External),
+        );
         entries.push(f.as_global_value().as_pointer_value());
     }
     let table = ptr.const_array(&entries);
@@ -208,23 +291,31 @@ pub fn emit_executable(
     optimize(&module, &machine)?;
 
     let link = |msg: String| KernelError::Link(msg);
-    let mut tmp = out.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
     let obj = tmp.with_extension("o");
-    machine
+    let written = machine
         .write_to_file(&module, FileType::Object, &obj)
-        .map_err(|e| llvm("object", e))?;
+        .map_err(|e| llvm("object", e));
+    let remove_objects = || {
+        let _ = std::fs::remove_file(&obj);
+        for o in &objects {
+            let _ = std::fs::remove_file(o);
+        }
+    };
+    if let Err(e) = written {
+        remove_objects();
+        return Err(e);
+    }
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
     let output = Command::new(&cc)
         .arg("-o")
         .arg(&tmp)
         .arg(&obj)
+        .args(&objects)
         .arg(runtime_lib)
         .args(["-Wl,--gc-sections", "-Wl,--strip-debug"])
         .args(NATIVE_LIBS)
         .output();
-    let _ = std::fs::remove_file(&obj);
+    remove_objects();
     let output = output.map_err(|e| {
         link(format!(
             "cannot run the C compiler driver `{cc}` to link the executable: {e} (install gcc or clang, or set CC)"
