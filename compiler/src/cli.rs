@@ -836,8 +836,6 @@ fn emit_ptx(g: &Graph, model: &str, sm: u32) -> Result<String> {
     Ok(host.program.device.expect("compiled").ptx)
 }
 
-/// The cpu backend's arena size and kernel count: the plan over the fused kernels.
-
 /// `--emit mlir|llvm`: every generated kernel of the cpu backend's program, in order (matrix
 /// products, which run on the GEMM library, as a comment).
 fn emit_kernels(g: &Graph, llvm: bool) -> Result<()> {

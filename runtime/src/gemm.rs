@@ -274,6 +274,22 @@ fn from_f32(t: GemmType, v: &[f32], out: &mut [u8]) {
     }
 }
 
+/// GEMM threads at most (`matrixmultiply` uses up to 4).
+pub const MAX_THREADS: usize = 4;
+
+/// Runs the GEMMs on `n` threads (1 to [`MAX_THREADS`]); the default is every physical core,
+/// up to [`MAX_THREADS`]. Takes effect only before the first GEMM of the process, so the
+/// drivers call it first thing.
+pub fn set_threads(n: usize) -> Result<(), String> {
+    if !(1..=MAX_THREADS).contains(&n) {
+        return Err(format!("--threads {n}: give 1 to {MAX_THREADS}"));
+    }
+    // `matrixmultiply` reads this once, at its first threaded GEMM; nothing else reads it.
+    std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
+    Ok(())
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,19 +322,4 @@ mod tests {
         matmul(GemmType::F32, &v, &[3], &m, &[3, 2], &mut out);
         assert_eq!(floats(&out), vec![4., 5.]);
     }
-}
-
-/// GEMM threads at most (`matrixmultiply` uses up to 4).
-pub const MAX_THREADS: usize = 4;
-
-/// Runs the GEMMs on `n` threads (1 to [`MAX_THREADS`]); the default is every physical core,
-/// up to [`MAX_THREADS`]. Takes effect only before the first GEMM of the process, so the
-/// drivers call it first thing.
-pub fn set_threads(n: usize) -> Result<(), String> {
-    if !(1..=MAX_THREADS).contains(&n) {
-        return Err(format!("--threads {n}: give 1 to {MAX_THREADS}"));
-    }
-    // `matrixmultiply` reads this once, at its first threaded GEMM; nothing else reads it.
-    std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
-    Ok(())
 }
