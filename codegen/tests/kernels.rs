@@ -393,7 +393,10 @@ fn attention_and_rms_norm_kernels() {
         );
         for wrt in 0..3 {
             check_op(
-                Op::AttentionGrad { scores: memc_ir::Scores::scaled(0.35), wrt },
+                Op::AttentionGrad {
+                    scores: memc_ir::Scores::scaled(0.35),
+                    wrt,
+                },
                 &[
                     q.clone(),
                     k.clone(),
@@ -419,8 +422,14 @@ fn attention_and_rms_norm_kernels() {
     let zero = Tensor::from_f64(DType::F32, Vec::<usize>::new(), &[0.0]);
     for sc in [
         capped,
-        memc_ir::Scores { window: 0, ..capped },
-        memc_ir::Scores { softcap: 0.0, ..capped },
+        memc_ir::Scores {
+            window: 0,
+            ..capped
+        },
+        memc_ir::Scores {
+            softcap: 0.0,
+            ..capped
+        },
     ] {
         let (h, hk) = (4, 2);
         let (q, k, v) = (ty(&[2, h, s, 8]), ty(&[2, hk, t, 8]), ty(&[2, hk, t, 6]));

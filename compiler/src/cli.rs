@@ -385,7 +385,11 @@ fn import(
     shapes: HashMap<String, Vec<usize>>,
     timer: &mut Timer,
     pm: &mut PassManager,
-) -> Result<(Graph, Option<crate::rev::RevReport>, memc_passes::summary::Recognition)> {
+) -> Result<(
+    Graph,
+    Option<crate::rev::RevReport>,
+    memc_passes::summary::Recognition,
+)> {
     let model = timer.time("load", || onnx::load_model(&args.model))?;
     let opts = ImportOptions { shapes };
     let mut g = timer.time("import", || onnx::import_model(&args.model, &model, &opts))?;
@@ -403,7 +407,11 @@ fn import(
     // What was recognised, before MoC and reversible layers restructure the blocks.
     let recognition = memc_passes::summary::describe(&g);
     // With --no-canonicalize nothing is recognised by request: no warnings.
-    for u in recognition.unrecognised.iter().filter(|_| !args.no_canonicalize) {
+    for u in recognition
+        .unrecognised
+        .iter()
+        .filter(|_| !args.no_canonicalize)
+    {
         eprintln!(
             "warning: {name}: {} not recognised{}; this rules out {}",
             u.what,
@@ -660,7 +668,10 @@ fn compile(args: CompileArgs) -> Result<()> {
             (r.as_object_mut(), report::plan_json(&ordered, &run_plan))
         {
             obj.extend(p);
-            obj.insert("node_plan_peak_bytes".into(), serde_json::json!(plan.peak_bytes));
+            obj.insert(
+                "node_plan_peak_bytes".into(),
+                serde_json::json!(plan.peak_bytes),
+            );
             if let Some((bytes, kernels)) = cpu_arena {
                 obj.insert(
                     "cpu_backend".into(),

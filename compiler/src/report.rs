@@ -104,7 +104,12 @@ pub fn layers_text(r: &Recognition) -> String {
         let attention = match &l.attention {
             Some(a) => {
                 let notes: String = a.notes().iter().map(|n| format!(", {n}")).collect();
-                format!("attention {} ({} heads, {} kv{notes})", a.kind(), a.heads, a.kv_heads)
+                format!(
+                    "attention {} ({} heads, {} kv{notes})",
+                    a.kind(),
+                    a.heads,
+                    a.kv_heads
+                )
             }
             None => "attention UNRECOGNISED".into(),
         };
@@ -112,10 +117,18 @@ pub fn layers_text(r: &Recognition) -> String {
             s,
             "  layer {i}: {attention}, ffn {}{}, {} x {}{}, {}",
             l.ffn,
-            if l.ffn_fused_gate_up { " (fused gate/up)" } else { "" },
+            if l.ffn_fused_gate_up {
+                " (fused gate/up)"
+            } else {
+                ""
+            },
             l.norms,
             l.norm,
-            if l.qk_norms > 0 { format!(" + {} q/k norms", l.qk_norms) } else { String::new() },
+            if l.qk_norms > 0 {
+                format!(" + {} q/k norms", l.qk_norms)
+            } else {
+                String::new()
+            },
             l.residual
         );
     }
@@ -124,7 +137,11 @@ pub fn layers_text(r: &Recognition) -> String {
             s,
             "  not recognised: {}{}; rules out {}",
             u.what,
-            if u.nodes.is_empty() { String::new() } else { format!(" ({})", u.nodes.join(", ")) },
+            if u.nodes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", u.nodes.join(", "))
+            },
             u.rules_out
         );
     }

@@ -1747,7 +1747,16 @@ fn threads_change_speed_not_results() {
     let data = example("llama-dynamo/inputs/input_ids.npy");
     let run = |t: &str| {
         let o = memc(&[
-            "train", s(&m), "--data", s(&data), "--steps", "2", "--backend", "cpu", "--threads", t,
+            "train",
+            s(&m),
+            "--data",
+            s(&data),
+            "--steps",
+            "2",
+            "--backend",
+            "cpu",
+            "--threads",
+            t,
         ]);
         assert_eq!(o.code, 0, "{}", o.stderr);
         o.stdout

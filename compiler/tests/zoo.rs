@@ -20,8 +20,7 @@ fn root() -> PathBuf {
 fn causal_zoo() -> Vec<(PathBuf, String, Value)> {
     let dir = root().join("examples/zoo");
     let m: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     m["models"]
         .as_array()
         .unwrap()
@@ -43,7 +42,14 @@ fn step(file: &Path, backend: &str, extra: &[&str]) -> Result<(Value, String), S
     let o = Command::new(env!("CARGO_BIN_EXE_memc"))
         .arg("train")
         .arg(file)
-        .args(["--shape", "input_ids=2x16", "--steps", "1", "--backend", backend])
+        .args([
+            "--shape",
+            "input_ids=2x16",
+            "--steps",
+            "1",
+            "--backend",
+            backend,
+        ])
         .arg("--data")
         .arg(&data)
         .args(extra)
@@ -86,9 +92,14 @@ fn every_transform_trains_a_step_on_every_causal_zoo_model() {
                 Ok((_, stderr)) => {
                     // MoC rewrites every gated FFN and says so; elsewhere it warns.
                     if t[0] == "--moc-k" {
-                        let said = if gated { "moc: 2 gated FFNs" } else { "warning:" };
+                        let said = if gated {
+                            "moc: 2 gated FFNs"
+                        } else {
+                            "warning:"
+                        };
                         if !stderr.contains(said) {
-                            failures.push(format!("{name} {}: no `{said}` in {stderr}", t.join(" ")));
+                            failures
+                                .push(format!("{name} {}: no `{said}` in {stderr}", t.join(" ")));
                         }
                     }
                     row.push("ok");
@@ -140,14 +151,14 @@ fn the_cpu_backend_trains_one_model_of_each_family() {
 fn logits_match_onnxruntime_on_the_cpu_backend() {
     let dir = root().join("examples/zoo");
     let m: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let out = std::env::temp_dir().join(format!("memc-zoo-enc-{}", std::process::id()));
     let mut n = 0;
     for e in m["models"].as_array().unwrap() {
         let encoder = e["expected"]["attention"]["causal"] == false;
         if e["status"] != "ok"
-            || !(encoder || e["name"].as_str().unwrap().ends_with("-sdpa-dynamo")
+            || !(encoder
+                || e["name"].as_str().unwrap().ends_with("-sdpa-dynamo")
                 || e["name"] == "gemma2-eager-dynamo")
         {
             continue;
@@ -158,19 +169,53 @@ fn logits_match_onnxruntime_on_the_cpu_backend() {
         for name in e["inputs"].as_array().unwrap() {
             let name = name.as_str().unwrap();
             args.push("--input".into());
-            args.push(format!("{name}={}", base.join("inputs").join(format!("{name}.npy")).display()));
+            args.push(format!(
+                "{name}={}",
+                base.join("inputs").join(format!("{name}.npy")).display()
+            ));
         }
-        args.extend(["--backend".into(), "cpu".into(), "--out".into(), out.display().to_string()]);
+        args.extend([
+            "--backend".into(),
+            "cpu".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ]);
         args.extend(["--check".into(), base.join("ref").display().to_string()]);
-        let o = Command::new(env!("CARGO_BIN_EXE_memc")).args(&args).output().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_memc"))
+            .args(&args)
+            .output()
+            .unwrap();
         let stdout = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{}: {}", e["name"], String::from_utf8_lossy(&o.stderr));
-        let line = stdout.lines().find(|l| l.starts_with("check logits")).unwrap();
-        let err: f64 = line.split(" = ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-        eprintln!("{:<32} cpu vs onnxruntime {err:.1e}", e["name"].as_str().unwrap());
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            e["name"],
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("check logits"))
+            .unwrap();
+        let err: f64 = line
+            .split(" = ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        eprintln!(
+            "{:<32} cpu vs onnxruntime {err:.1e}",
+            e["name"].as_str().unwrap()
+        );
         assert!(err <= 1e-4, "{}: {line}", e["name"]);
         n += 1;
     }
-    assert_eq!(n, 8 + 14, "BERT and RoBERTa, 4 exports each, and one of each other family");
+    assert_eq!(
+        n,
+        8 + 14,
+        "BERT and RoBERTa, 4 exports each, and one of each other family"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }

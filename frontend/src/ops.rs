@@ -677,10 +677,12 @@ fn cumsum_of_mask(
     }
     let zero_one = ctx.g.value(src).ty.dtype == DType::Bool;
     if !zero_one {
-        return Err("CumSum's operand depends on run-time data; memc folds this op only on \
+        return Err(
+            "CumSum's operand depends on run-time data; memc folds this op only on \
                     compile-time constants, or computes it at run time over a cast of a boolean \
                     mask (position ids from a padding mask)"
-            .into());
+                .into(),
+        );
     }
     let len = ty.shape[a];
     if len > CUMSUM_MAX_LEN {

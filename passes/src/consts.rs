@@ -31,7 +31,6 @@ pub struct ConstStats {
 /// Constants smaller than this are left alone (an `expand` would cost more than it saves).
 const MIN_BYTES: usize = 4096;
 
-
 /// `t` shrunk to size 1 along `dim` if every slice along `dim` equals the first.
 fn squeeze_dim(t: &Tensor, dim: usize) -> Option<Tensor> {
     let shape = t.shape();

@@ -76,7 +76,15 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
                 && readers_of.get(&v).is_some_and(|r| r.len() == 1)
                 && !escapes(v)
                 && group_of[p] != group_of[i]
-                && !raises_memory(g, &readers_of, &groups[group_of[p]], &group_of, group_of[i], i, v);
+                && !raises_memory(
+                    g,
+                    &readers_of,
+                    &groups[group_of[p]],
+                    &group_of,
+                    group_of[i],
+                    i,
+                    v,
+                );
             if fusable {
                 let (from, into) = (group_of[i], group_of[p]);
                 let moved = std::mem::take(&mut groups[from]);

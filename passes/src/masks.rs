@@ -24,7 +24,6 @@ pub struct MaskStats {
     pub kept: usize,
 }
 
-
 /// The causal flag and window of a mask of shape `[.., S, T]` (rank ≥ 2, leading dims
 /// broadcast), when it is exactly such a mask.
 fn causal_window(t: &Tensor) -> Option<(bool, usize)> {
@@ -65,7 +64,11 @@ fn causal_window(t: &Tensor) -> Option<(bool, usize)> {
         for i in 0..s {
             for j in 0..k {
                 let x = slice[i * k + j];
-                let ok = if sc.hides(i, j, s, k) { hidden(x) } else { x == 0.0 };
+                let ok = if sc.hides(i, j, s, k) {
+                    hidden(x)
+                } else {
+                    x == 0.0
+                };
                 if !ok {
                     return None;
                 }
@@ -96,11 +99,9 @@ pub fn fold_masks(g: &mut Graph) -> MaskStats {
         // The mask must span the query and key dims itself.
         let spans = ms.len() >= 2 && ms[ms.len() - 2] == q.shape[2] && ms[ms.len() - 1] == t;
         // Layers share one mask: read each once.
-        let found = *seen.entry(mask).or_insert_with(|| {
-            g.constant(mask)
-                .filter(|_| spans)
-                .and_then(causal_window)
-        });
+        let found = *seen
+            .entry(mask)
+            .or_insert_with(|| g.constant(mask).filter(|_| spans).and_then(causal_window));
         let Some((causal, window)) = found else {
             stats.kept += 1;
             continue;
@@ -148,9 +149,15 @@ mod tests {
             Some((true, 3))
         );
         // More keys than queries (a cache of 2 before the block).
-        assert_eq!(causal_window(&mask(4, 6, |i, j| j > i + 2)), Some((true, 0)));
+        assert_eq!(
+            causal_window(&mask(4, 6, |i, j| j > i + 2)),
+            Some((true, 0))
+        );
         // Not a triangle: one visible future key.
-        assert_eq!(causal_window(&mask(6, 6, |i, j| j > i && (i, j) != (0, 5))), None);
+        assert_eq!(
+            causal_window(&mask(6, 6, |i, j| j > i && (i, j) != (0, 5))),
+            None
+        );
         // Padding (a column hidden for every query) is not causal.
         assert_eq!(causal_window(&mask(6, 6, |i, j| j > i || j == 0)), None);
         // All zeros: nothing to fold.

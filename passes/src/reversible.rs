@@ -256,11 +256,12 @@ fn sub_blocks(g: &Graph) -> Result<(Vec<SubBlock>, bool), String> {
     for w in residuals.windows(2) {
         let (r, next) = (g.node(w[0]), g.node(w[1]));
         let start = next.inputs[0];
-        let normed = match g.producer(start) {
-            _ if start == r.outputs[0] => false,
-            Some(p) if is_norm(&g.node(p).op) && g.node(p).inputs[0] == r.outputs[0] => true,
-            _ => {
-                return Err(format!(
+        let normed =
+            match g.producer(start) {
+                _ if start == r.outputs[0] => false,
+                Some(p) if is_norm(&g.node(p).op) && g.node(p).inputs[0] == r.outputs[0] => true,
+                _ => {
+                    return Err(format!(
                     "the stream of residual `{}` does not start from residual `{}` or its norm \
                      (it is computed by `{}`)",
                     g.node_label(w[1]),
@@ -268,8 +269,8 @@ fn sub_blocks(g: &Graph) -> Result<(Vec<SubBlock>, bool), String> {
                     g.producer(start)
                         .map_or("an input".to_string(), |p| g.node(p).op.name().to_string())
                 ))
-            }
-        };
+                }
+            };
         if *post_norm.get_or_insert(normed) != normed {
             return Err("the residual blocks mix pre-norm and post-norm".into());
         }

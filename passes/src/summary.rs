@@ -172,7 +172,8 @@ pub fn describe(g: &Graph) -> Recognition {
             out.unrecognised.push(Unrecognised {
                 what: format!("layer {i} attention"),
                 nodes: softmax,
-                rules_out: "flash-style attention (the S×S probabilities are kept for the backward pass)",
+                rules_out:
+                    "flash-style attention (the S×S probabilities are kept for the backward pass)",
             });
         }
         let ffn = ops()
@@ -186,8 +187,7 @@ pub fn describe(g: &Graph) -> Recognition {
             .or_else(|| {
                 ops()
                     .any(|(_, n)| {
-                        n.op == Op::Binary(BinaryOp::Max)
-                            && n.inputs.iter().any(|&v| is_zero(g, v))
+                        n.op == Op::Binary(BinaryOp::Max) && n.inputs.iter().any(|&v| is_zero(g, v))
                     })
                     .then_some("relu")
             })
@@ -202,8 +202,7 @@ pub fn describe(g: &Graph) -> Recognition {
         let ffn_fused_gate_up = ops().any(|(_, n)| {
             matches!(n.op, Op::SwigluFfn | Op::GeluFfn { .. } | Op::MocFfn { .. })
                 && n.inputs.len() == 4
-                && g
-                    .producer(n.inputs[1])
+                && g.producer(n.inputs[1])
                     .is_some_and(|p| matches!(g.node(p).op, Op::Slice { .. }))
         });
         let (mut norms, mut qk_norms, mut kinds) = (0, 0, HashSet::new());

@@ -766,7 +766,11 @@ fn fused_next_token_ce(
     let gemm_rows = GEMM_ROWS.min((CHUNK_BYTES / (vocab * 4).max(1)).max(MIN_ROWS));
     let chunk = by_h.max(gemm_rows).clamp(1, n);
     // Never the whole logits at once: at least two chunks.
-    let chunk = if chunk >= n && n > 1 { n.div_ceil(2) } else { chunk };
+    let chunk = if chunk >= n && n > 1 {
+        n.div_ceil(2)
+    } else {
+        chunk
+    };
     let mut b = Builder::new(g, Phase::Forward, "loss");
     let shifted = b.op(
         Op::Slice {

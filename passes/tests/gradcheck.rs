@@ -329,8 +329,11 @@ fn cases(r: &mut Rng) -> Vec<Case> {
                 (vec![1, 1, sq, tk], Any),
             ],
             move |b, x| {
-                b.op(Op::Attention(memc_ir::Scores::scaled(0.7)), &[x[0], x[1], x[2], x[3]])
-                    .unwrap()
+                b.op(
+                    Op::Attention(memc_ir::Scores::scaled(0.7)),
+                    &[x[0], x[1], x[2], x[3]],
+                )
+                .unwrap()
             },
         ));
     }
@@ -366,8 +369,11 @@ fn cases(r: &mut Rng) -> Vec<Case> {
                     vec![1, 1, sq, tk],
                     &mask,
                 ));
-                b.op(Op::Attention(memc_ir::Scores::scaled(0.7)), &[x[0], x[1], x[2], m])
-                    .unwrap()
+                b.op(
+                    Op::Attention(memc_ir::Scores::scaled(0.7)),
+                    &[x[0], x[1], x[2], m],
+                )
+                .unwrap()
             },
         ));
     }
@@ -450,7 +456,16 @@ fn cases(r: &mut Rng) -> Vec<Case> {
             (vec![d, f], Any),
             (vec![f, e], Any),
         ],
-        move |b, x| b.op(Op::MocFfn { k: f / 2, gelu: None }, x).unwrap(),
+        move |b, x| {
+            b.op(
+                Op::MocFfn {
+                    k: f / 2,
+                    gelu: None,
+                },
+                x,
+            )
+            .unwrap()
+        },
     ));
     for tanh in [false, true] {
         v.push(case(

@@ -289,7 +289,6 @@ pub fn set_threads(n: usize) -> Result<(), String> {
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,7 +187,10 @@ fn zoo_attention_variants_assemble_for_sm_90a() {
                 l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")
             })
             .count();
-        eprintln!("{name:<28} {} PTX entries, {spills} kernels spill", device.ptx.matches(".entry ").count());
+        eprintln!(
+            "{name:<28} {} PTX entries, {spills} kernels spill",
+            device.ptx.matches(".entry ").count()
+        );
         assert_eq!(spills, 0, "{name}: {report}");
     }
 }

@@ -103,8 +103,10 @@ fn import_gap(family: &str) -> Option<&'static str> {
 fn every_class_and_export_is_accounted_for() {
     let m = manifest();
     let models = m["models"].as_array().unwrap();
-    let families: std::collections::BTreeSet<&str> =
-        models.iter().map(|e| e["family"].as_str().unwrap()).collect();
+    let families: std::collections::BTreeSet<&str> = models
+        .iter()
+        .map(|e| e["family"].as_str().unwrap())
+        .collect();
     assert!(families.len() >= 15, "{families:?}");
     for f in &families {
         for attn in ["eager", "sdpa"] {
@@ -115,7 +117,10 @@ fn every_class_and_export_is_accounted_for() {
                     .find(|e| e["name"] == name.as_str())
                     .unwrap_or_else(|| panic!("{name} is not in the manifest"));
                 match e["status"].as_str().unwrap() {
-                    "ok" => assert!(root().join("examples/zoo").join(e["file"].as_str().unwrap()).exists()),
+                    "ok" => assert!(root()
+                        .join("examples/zoo")
+                        .join(e["file"].as_str().unwrap())
+                        .exists()),
                     _ => assert!(
                         !e["error"].as_str().unwrap_or("").is_empty(),
                         "{name} failed without a recorded error"
@@ -153,7 +158,10 @@ fn differences(l: &LayerBlocks, want: &Value) -> Vec<String> {
         }
         let cap = wa["softcap"].as_f64().unwrap_or(0.0);
         if (a.scores.softcap as f64 - cap).abs() > 1e-6 * cap.max(1.0) {
-            out.push(format!("attention softcap {}, want {cap}", a.scores.softcap));
+            out.push(format!(
+                "attention softcap {}, want {cap}",
+                a.scores.softcap
+            ));
         }
         // A sliding window on every layer (Mistral) or on some (Gemma 2 alternates).
         let w = wa["sliding_window"].as_u64().unwrap_or(0) as usize;
@@ -171,14 +179,24 @@ fn differences(l: &LayerBlocks, want: &Value) -> Vec<String> {
         out.push(format!("norm: {}, want {}", l.norm, want["norm"]));
     }
     if l.norms as u64 != want["norms_per_layer"].as_u64().unwrap() {
-        out.push(format!("norms: {}, want {}", l.norms, want["norms_per_layer"]));
+        out.push(format!(
+            "norms: {}, want {}",
+            l.norms, want["norms_per_layer"]
+        ));
     }
-    let qk = if wa["qk_norm"].as_bool().unwrap() { 2 } else { 0 };
+    let qk = if wa["qk_norm"].as_bool().unwrap() {
+        2
+    } else {
+        0
+    };
     if l.qk_norms != qk {
         out.push(format!("q/k norms: {}, want {qk}", l.qk_norms));
     }
     if l.residual != want["residual"].as_str().unwrap() {
-        out.push(format!("residual: {}, want {}", l.residual, want["residual"]));
+        out.push(format!(
+            "residual: {}, want {}",
+            l.residual, want["residual"]
+        ));
     }
     out
 }
@@ -186,7 +204,10 @@ fn differences(l: &LayerBlocks, want: &Value) -> Vec<String> {
 #[test]
 fn every_zoo_file_gets_its_configs_blocks_and_keeps_its_logits() {
     let mut failures = vec![];
-    eprintln!("{:<32} {:<8} layer blocks (attention, ffn, norms, residual)", "file", "logits");
+    eprintln!(
+        "{:<32} {:<8} layer blocks (attention, ffn, norms, residual)",
+        "file", "logits"
+    );
     for e in zoo() {
         let (mut g, inputs) = match e.import() {
             Ok(x) => x,
@@ -201,24 +222,40 @@ fn every_zoo_file_gets_its_configs_blocks_and_keeps_its_logits() {
             }
         };
         if let Some(why) = import_gap(&e.family) {
-            failures.push(format!("{}: imports now ({why} is fixed): drop it from IMPORT_GAPS", e.name));
+            failures.push(format!(
+                "{}: imports now ({why} is fixed): drop it from IMPORT_GAPS",
+                e.name
+            ));
         }
         memc_passes::canonicalize::canonicalize(&mut g, &Default::default())
             .unwrap_or_else(|err| panic!("{}: {err}", e.name));
         let r = describe(&g);
         let want_layers = e.expected["layers"].as_u64().unwrap() as usize;
         if r.layers.len() != want_layers {
-            failures.push(format!("{}: {} layers, want {want_layers}", e.name, r.layers.len()));
+            failures.push(format!(
+                "{}: {} layers, want {want_layers}",
+                e.name,
+                r.layers.len()
+            ));
         }
         let gaps: Vec<&str> = KNOWN_GAPS
             .iter()
             .filter(|(f, _)| *f == e.family)
             .map(|(_, what)| *what)
             .collect();
-        let w = e.expected["attention"]["sliding_window"].as_u64().unwrap_or(0) as usize;
-        let windows = r.layers.iter().filter(|l| l.attention.as_ref().is_some_and(|a| a.scores.window == w)).count();
+        let w = e.expected["attention"]["sliding_window"]
+            .as_u64()
+            .unwrap_or(0) as usize;
+        let windows = r
+            .layers
+            .iter()
+            .filter(|l| l.attention.as_ref().is_some_and(|a| a.scores.window == w))
+            .count();
         if w > 0 && windows == 0 {
-            failures.push(format!("{}: no layer has the sliding window of {w}", e.name));
+            failures.push(format!(
+                "{}: no layer has the sliding window of {w}",
+                e.name
+            ));
         }
         for (i, l) in r.layers.iter().enumerate() {
             let diffs = differences(l, &e.expected);
@@ -240,24 +277,29 @@ fn every_zoo_file_gets_its_configs_blocks_and_keeps_its_logits() {
         let want = npys(e.dir().join("ref"));
         let err = rel_error(&out[0].1, &want["logits"]);
         if err > 1e-4 {
-            failures.push(format!("{}: logits differ from onnxruntime by {err:.2e}", e.name));
+            failures.push(format!(
+                "{}: logits differ from onnxruntime by {err:.2e}",
+                e.name
+            ));
         }
         let l = &r.layers[0];
         eprintln!(
             "{:<32} {err:<8.1e} {} x [{}, {}{}, {} {}{}, {}]",
             e.name,
             r.layers.len(),
-            l.attention
-                .as_ref()
-                .map_or("attention ?".to_string(), |a| {
-                    let notes: String = a.notes().iter().map(|n| format!(" {n}")).collect();
-                    format!("{} {}/{}{notes}", a.kind(), a.heads, a.kv_heads)
-                }),
+            l.attention.as_ref().map_or("attention ?".to_string(), |a| {
+                let notes: String = a.notes().iter().map(|n| format!(" {n}")).collect();
+                format!("{} {}/{}{notes}", a.kind(), a.heads, a.kv_heads)
+            }),
             l.ffn,
             if l.ffn_fused_gate_up { " fused" } else { "" },
             l.norms,
             l.norm,
-            if l.qk_norms > 0 { format!(" +{} qk", l.qk_norms) } else { String::new() },
+            if l.qk_norms > 0 {
+                format!(" +{} qk", l.qk_norms)
+            } else {
+                String::new()
+            },
             l.residual
         );
     }
@@ -296,15 +338,28 @@ fn zoo_models_train_like_pytorch_with_and_without_canonicalisation() {
             continue;
         }
         let Some(train) = &e.train else { continue };
-        let reference: Value = serde_json::from_str(&std::fs::read_to_string(train).unwrap()).unwrap();
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(train).unwrap()).unwrap();
         let want = |k: &str| -> Vec<f64> {
-            reference[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+            reference[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
         };
         let s = losses(&e, sgd(0.0), 0.1, 0.0, true);
         let a = losses(&e, adamw(), 1e-3, 0.01, true);
         let raw = losses(&e, adamw(), 1e-3, 0.01, false);
-        let (es, ea, ec) = (max_rel(&s, &want("sgd")), max_rel(&a, &want("adamw")), max_rel(&a, &raw));
-        eprintln!("{:<32} vs PyTorch: sgd {es:.1e}, adamw {ea:.1e}; vs --no-canonicalize {ec:.1e}", e.name);
+        let (es, ea, ec) = (
+            max_rel(&s, &want("sgd")),
+            max_rel(&a, &want("adamw")),
+            max_rel(&a, &raw),
+        );
+        eprintln!(
+            "{:<32} vs PyTorch: sgd {es:.1e}, adamw {ea:.1e}; vs --no-canonicalize {ec:.1e}",
+            e.name
+        );
         if es > 1e-5 || ea > 1e-5 || ec > 1e-5 {
             failures.push(format!(
                 "{}: sgd {es:.1e}, adamw {ea:.1e}, canonical vs not {ec:.1e}",
@@ -329,7 +384,8 @@ fn no_s_by_s_tensor_under_full_remat() {
         let opts = memc_onnx::ImportOptions {
             shapes: HashMap::from([("input_ids".to_string(), vec![2, S])]),
         };
-        let mut g = memc_onnx::import(&e.path, &opts).unwrap_or_else(|err| panic!("{}: {err}", e.name));
+        let mut g =
+            memc_onnx::import(&e.path, &opts).unwrap_or_else(|err| panic!("{}: {err}", e.name));
         memc_passes::canonicalize::canonicalize(&mut g, &Default::default()).unwrap();
         let a = train_args(adamw(), None, memc_tests::FULL);
         memc::train::build(&mut g, &a).unwrap_or_else(|err| panic!("{}: {err:#}", e.name));

@@ -101,7 +101,11 @@ pub(super) fn infer(op: &Op, inputs: &[TensorType]) -> Result<Vec<TensorType>, S
                     return Err(format!(
                         "`{}` takes {} operands, got {n}",
                         op.name(),
-                        if *op == Op::SwigluFfn { "4" } else { "3, 4 (gated) or 5" }
+                        if *op == Op::SwigluFfn {
+                            "4"
+                        } else {
+                            "3, 4 (gated) or 5"
+                        }
                     ))
                 }
             };

@@ -77,8 +77,7 @@ impl Applier<Memc, TypeAnalysis> for AndTrue {
         else {
             return vec![];
         };
-        if egraph[c].data.splat != Some(1.0) || ct.dtype != DType::Bool || xt.dtype != DType::Bool
-        {
+        if egraph[c].data.splat != Some(1.0) || ct.dtype != DType::Bool || xt.dtype != DType::Bool {
             return vec![];
         }
         if xt.shape == out.shape {
@@ -115,7 +114,11 @@ impl Applier<Memc, TypeAnalysis> for WhereExpand {
         if !one(subst[self.a]) || !one(subst[self.b]) {
             return vec![];
         }
-        let w = add_op(egraph, "where", vec![subst[self.m], subst[self.a], subst[self.b]]);
+        let w = add_op(
+            egraph,
+            "where",
+            vec![subst[self.m], subst[self.a], subst[self.b]],
+        );
         let id = add_op(egraph, "expand", vec![subst[self.s], w]);
         merge(egraph, eclass, id)
     }
@@ -170,7 +173,10 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
         rule("transpose-id", "(transpose ?p ?x)", None, true),
     ];
     let pattern = |p: &str| p.parse::<Pattern<Memc>>().expect("a valid pattern");
-    for (name, p) in [("and-true", "(and ?x ?c)"), ("and-true-swapped", "(and ?c ?x)")] {
+    for (name, p) in [
+        ("and-true", "(and ?x ?c)"),
+        ("and-true-swapped", "(and ?c ?x)"),
+    ] {
         let applier = AndTrue {
             x: var("?x"),
             c: var("?c"),

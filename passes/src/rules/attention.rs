@@ -61,7 +61,11 @@ fn scaled_products(
     for (op, inverse) in [("mul", false), ("div", true)] {
         for kids in nodes(egraph, class, op) {
             let &[a, b] = kids else { continue };
-            let sides: &[(Id, Id)] = if inverse { &[(a, b)] } else { &[(a, b), (b, a)] };
+            let sides: &[(Id, Id)] = if inverse {
+                &[(a, b)]
+            } else {
+                &[(a, b), (b, a)]
+            };
             for &(x, c) in sides {
                 let Some(c) = scalar(egraph, c).filter(|c| *c != 0.0 && c.is_finite()) else {
                     continue;
@@ -185,7 +189,9 @@ impl Applier<Memc, TypeAnalysis> for PullScalar {
         _rule: Symbol,
     ) -> Vec<Id> {
         let c = subst[self.c];
-        if scalar(egraph, c).is_none() || ty(egraph, c).is_none_or(|t| t.shape.iter().product::<usize>() != 1) {
+        if scalar(egraph, c).is_none()
+            || ty(egraph, c).is_none_or(|t| t.shape.iter().product::<usize>() != 1)
+        {
             return vec![];
         }
         // A scalar of rank 0 or all ones broadcasts to any result; the product must keep the
@@ -279,12 +285,36 @@ pub fn rules() -> Vec<Rewrite<Memc, TypeAnalysis>> {
         out.push(Rewrite::new(name, pattern(&p), applier).expect("a valid rule"));
     }
     for (name, from, to) in [
-        ("scalar-matmul-left", "(matmul (mul ?x ?c) ?y)", "(matmul ?x ?y)"),
-        ("scalar-matmul-left-swapped", "(matmul (mul ?c ?x) ?y)", "(matmul ?x ?y)"),
-        ("scalar-matmul-right", "(matmul ?y (mul ?x ?c))", "(matmul ?y ?x)"),
-        ("scalar-matmul-right-swapped", "(matmul ?y (mul ?c ?x))", "(matmul ?y ?x)"),
-        ("scalar-transpose", "(transpose ?p (mul ?x ?c))", "(transpose ?p ?x)"),
-        ("scalar-reshape", "(reshape ?p (mul ?x ?c))", "(reshape ?p ?x)"),
+        (
+            "scalar-matmul-left",
+            "(matmul (mul ?x ?c) ?y)",
+            "(matmul ?x ?y)",
+        ),
+        (
+            "scalar-matmul-left-swapped",
+            "(matmul (mul ?c ?x) ?y)",
+            "(matmul ?x ?y)",
+        ),
+        (
+            "scalar-matmul-right",
+            "(matmul ?y (mul ?x ?c))",
+            "(matmul ?y ?x)",
+        ),
+        (
+            "scalar-matmul-right-swapped",
+            "(matmul ?y (mul ?c ?x))",
+            "(matmul ?y ?x)",
+        ),
+        (
+            "scalar-transpose",
+            "(transpose ?p (mul ?x ?c))",
+            "(transpose ?p ?x)",
+        ),
+        (
+            "scalar-reshape",
+            "(reshape ?p (mul ?x ?c))",
+            "(reshape ?p ?x)",
+        ),
         ("scalar-expand", "(expand ?p (mul ?x ?c))", "(expand ?p ?x)"),
     ] {
         let applier = PullScalar {

@@ -96,15 +96,22 @@ impl Applier<Memc, TypeAnalysis> for SliceMatmul {
             return vec![];
         }
         // Every axis but the last taken whole.
-        let Some(full) = ty(egraph, eclass) else { return vec![] };
-        let whole = (0..r - 1).all(|i| starts[i] == 0 && steps[i] == 1 && full.shape[i] as i64 == ends[i]);
+        let Some(full) = ty(egraph, eclass) else {
+            return vec![];
+        };
+        let whole =
+            (0..r - 1).all(|i| starts[i] == 0 && steps[i] == 1 && full.shape[i] as i64 == ends[i]);
         if !whole || steps[r - 1] != 1 {
             return vec![];
         }
         let cols = |v: i64| Attr::Ints(vec![0, v]);
         let ws = vec![
             add_attr(egraph, "starts", cols(starts[r - 1])),
-            add_attr(egraph, "ends", Attr::Ints(vec![wt.shape[0] as i64, ends[r - 1]])),
+            add_attr(
+                egraph,
+                "ends",
+                Attr::Ints(vec![wt.shape[0] as i64, ends[r - 1]]),
+            ),
             add_attr(egraph, "steps", Attr::Ints(vec![1, 1])),
             subst[self.w],
         ];

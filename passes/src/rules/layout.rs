@@ -208,9 +208,11 @@ impl Applier<Memc, TypeAnalysis> for OutOfReshape {
         _rule: Symbol,
     ) -> Vec<Id> {
         let x = subst[self.x];
-        let (Some(xt), Some(out), Some(s)) =
-            (ty(egraph, x), ty(egraph, eclass), ints(egraph, subst[self.s]))
-        else {
+        let (Some(xt), Some(out), Some(s)) = (
+            ty(egraph, x),
+            ty(egraph, eclass),
+            ints(egraph, subst[self.s]),
+        ) else {
             return vec![];
         };
         if xt.shape.is_empty() || s.last().copied() != xt.shape.last().map(|&d| d as i64) {
@@ -230,7 +232,11 @@ impl Applier<Memc, TypeAnalysis> for OutOfReshape {
             if axis + 1 != out.shape.len() as i64 {
                 return vec![];
             }
-            kids.push(add_attr(egraph, "axis", Attr::Int(xt.shape.len() as i64 - 1)));
+            kids.push(add_attr(
+                egraph,
+                "axis",
+                Attr::Int(xt.shape.len() as i64 - 1),
+            ));
             kids.push(subst[eps]);
         }
         kids.push(x);
