@@ -52,7 +52,8 @@ pub fn examples() -> Vec<Example> {
         .collect()
 }
 
-fn read_dir_npys(dir: &Path) -> HashMap<String, Tensor> {
+/// Every `.npy` file of `dir`, by file stem.
+pub fn read_dir_npys(dir: &Path) -> HashMap<String, Tensor> {
     let mut m = HashMap::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let p = entry.unwrap().path();

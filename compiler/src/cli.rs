@@ -562,7 +562,6 @@ fn compile(args: CompileArgs) -> Result<()> {
     // executables allocate, exactly). The report states it; the node-level plan above is
     // the one fusion must not exceed.
     let (ordered, kernels, run_plan) = timer.time("fuse", || memc_codegen::host::layout(&g));
-    let cpu_arena = Some((run_plan.peak_bytes, kernels.len()));
     match args.emit {
         Some(Emit::Ir) => print!("{}", canonical_ir.unwrap_or_else(|| memc_ir::print(&g))),
         Some(Emit::Plan) => print!("{}", report::plan_text(&ordered, &run_plan)),
@@ -652,12 +651,12 @@ fn compile(args: CompileArgs) -> Result<()> {
             }
         }
         print!("{}", report::plan_table(&ordered, &run_plan));
-        if let Some((bytes, kernels)) = cpu_arena {
-            println!(
-                "cpu backend: {kernels} kernels after fusion, one arena of {bytes} bytes (the plan above; the node-level plan before fusion: {} bytes)",
-                plan.peak_bytes
-            );
-        }
+        println!(
+            "cpu backend: {} kernels after fusion, one arena of {} bytes (the plan above; the node-level plan before fusion: {} bytes)",
+            kernels.len(),
+            run_plan.peak_bytes,
+            plan.peak_bytes
+        );
     }
     if let Some(path) = &args.report_json {
         let mut r = report::json_report(&model, &g, &model_ops, &timer.phases);
@@ -672,12 +671,10 @@ fn compile(args: CompileArgs) -> Result<()> {
                 "node_plan_peak_bytes".into(),
                 serde_json::json!(plan.peak_bytes),
             );
-            if let Some((bytes, kernels)) = cpu_arena {
-                obj.insert(
-                    "cpu_backend".into(),
-                    serde_json::json!({"arena_bytes": bytes, "kernels": kernels}),
-                );
-            }
+            obj.insert(
+                "cpu_backend".into(),
+                serde_json::json!({"arena_bytes": run_plan.peak_bytes, "kernels": kernels.len()}),
+            );
             if let Some(p) = &pipeline_plan {
                 obj.insert("pipeline".into(), p.json());
             }

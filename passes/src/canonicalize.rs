@@ -91,7 +91,7 @@ pub const RECOGNISED: &[&str] = &[
 /// attention masks into attributes ([`crate::masks::fold_masks`]).
 pub fn canonicalize(g: &mut Graph, limits: &Limits) -> Result<CanonStats, CanonError> {
     let mut stats = rewrite(g, limits)?;
-    stats.masks_folded = crate::masks::fold_masks(g).folded;
+    stats.masks_folded = crate::masks::fold_masks(g);
     if stats.masks_folded > 0 {
         stats.nodes_after = g.nodes().len();
         memc_ir::verify(g).map_err(|e| CanonError::Invalid(e.to_string()))?;

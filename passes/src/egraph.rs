@@ -274,17 +274,15 @@ pub fn load(g: &Graph) -> Loaded {
             } => Some(t),
             _ => None,
         };
-        if let Some(t) =
-            data.filter(|t| t.shape().iter().product::<usize>() == 1 && t.dtype().is_float())
-        {
-            analysis.scalars.insert(i as u32, t.to_f64_vec()[0]);
-        }
-        // Splats of up to a few thousand elements (masks' all-true parts); bigger constants
-        // are weights, not read here.
+        // Splats of up to 65,536 elements (masks' all-true parts); bigger constants are
+        // weights, not read here. A one-element float splat is also a scalar.
         if let Some(t) = data.filter(|t| t.numel() <= 1 << 16) {
             let v = t.to_f64_vec();
-            if v.iter().all(|&x| x == v[0]) {
+            if !v.is_empty() && v.iter().all(|&x| x == v[0]) {
                 analysis.splats.insert(i as u32, v[0]);
+                if v.len() == 1 && t.dtype().is_float() {
+                    analysis.scalars.insert(i as u32, v[0]);
+                }
             }
         }
     }

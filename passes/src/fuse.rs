@@ -9,7 +9,7 @@
 //! but a kernel's last then feeds only the kernel, so kernels are convex (no path leaves a
 //! kernel and comes back) and can run in the program's order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use memc_ir::{Graph, NodeId, Op, ValueId};
 
@@ -48,9 +48,14 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
             }
         }
     }
-    let escapes = |v: ValueId| {
-        g.outputs().iter().any(|&(_, o)| o == v) || g.updates().iter().any(|&(_, u)| u == v)
-    };
+    // Outputs and update results: live to the end of the step.
+    let escaping: HashSet<ValueId> = g
+        .outputs()
+        .iter()
+        .map(|&(_, o)| o)
+        .chain(g.updates().iter().map(|&(_, u)| u))
+        .collect();
+    let escapes = |v: ValueId| escaping.contains(&v);
     let mut group_of: Vec<usize> = (0..n).collect();
     let mut groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
     for i in 0..n {
@@ -76,15 +81,7 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
                 && readers_of.get(&v).is_some_and(|r| r.len() == 1)
                 && !escapes(v)
                 && group_of[p] != group_of[i]
-                && !raises_memory(
-                    g,
-                    &readers_of,
-                    &groups[group_of[p]],
-                    &group_of,
-                    group_of[i],
-                    i,
-                    v,
-                );
+                && !raises_memory(g, &readers_of, &escaping, &groups, &group_of, i, v);
             if fusable {
                 let (from, into) = (group_of[i], group_of[p]);
                 let moved = std::mem::take(&mut groups[from]);
@@ -146,8 +143,8 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
     )
 }
 
-/// Whether fusing node `i` (of group `from`) into the group `into` of its operand `v`'s producer
-/// would hold more memory than it saves. The fused kernel runs at `i`, so the external inputs of
+/// Whether fusing node `i` into the group `into` of its operand `v`'s producer would hold
+/// more memory than it saves. The fused kernel runs at `i`, so the external inputs of
 /// `into` that nothing after `into` reads stay live until `i` instead of being freed at
 /// `into`'s last member; when other nodes run in between (allocating their results), that
 /// extension counts against the `v` buffer fusion saves. An accumulation over chunks
@@ -156,12 +153,16 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
 fn raises_memory(
     g: &Graph,
     readers_of: &HashMap<ValueId, Vec<usize>>,
-    into: &[usize],
+    escaping: &HashSet<ValueId>,
+    groups: &[Vec<usize>],
     group_of: &[usize],
-    from: usize,
     i: usize,
     v: ValueId,
 ) -> bool {
+    let Some(p) = g.producer(v) else {
+        return false;
+    };
+    let (into, from) = (&groups[group_of[p.index()]], group_of[i]);
     let Some(&last) = into.iter().max() else {
         return false;
     };
@@ -176,9 +177,7 @@ fn raises_memory(
         for &x in &g.nodes()[m].inputs {
             // Inputs, weights, constants, outputs and updates live for the whole step anyway.
             let Some(p) = g.producer(x) else { continue };
-            let escapes = g.outputs().iter().any(|&(_, o)| o == x)
-                || g.updates().iter().any(|&(_, u)| u == x);
-            if group_of[p.index()] == gi || seen.contains(&x) || escapes {
+            if group_of[p.index()] == gi || seen.contains(&x) || escaping.contains(&x) {
                 continue;
             }
             seen.push(x);
@@ -205,7 +204,7 @@ fn order_kernels(
     readers_of: &HashMap<ValueId, Vec<usize>>,
 ) -> Vec<Kernel> {
     use std::cmp::Reverse;
-    use std::collections::{BinaryHeap, HashSet};
+    use std::collections::BinaryHeap;
     let mut kernel_of = vec![0usize; g.nodes().len()];
     for (k, kernel) in kernels.iter().enumerate() {
         for &n in &kernel.nodes {

@@ -15,15 +15,6 @@ use memc_ir::{Graph, NodeId, Op, Scores, Tensor, ValueId};
 /// Values at or below this are a hidden key (PyTorch writes `torch.finfo(dtype).min`).
 const HIDDEN: f64 = -1e30;
 
-/// What [`fold_masks`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MaskStats {
-    /// Attention masks replaced by attributes.
-    pub folded: usize,
-    /// Attention masks left as tensors.
-    pub kept: usize,
-}
-
 /// The causal flag and window of a mask of shape `[.., S, T]` (rank ≥ 2, leading dims
 /// broadcast), when it is exactly such a mask.
 fn causal_window(t: &Tensor) -> Option<(bool, usize)> {
@@ -79,9 +70,9 @@ fn causal_window(t: &Tensor) -> Option<(bool, usize)> {
 }
 
 /// Folds every constant causal or sliding-window attention mask of `g` into attributes (see
-/// the module docs).
-pub fn fold_masks(g: &mut Graph) -> MaskStats {
-    let mut stats = MaskStats::default();
+/// the module docs); returns how many masks it folded.
+pub fn fold_masks(g: &mut Graph) -> usize {
+    let mut folded = 0;
     let mut zero: Option<ValueId> = None;
     let mut seen: std::collections::HashMap<ValueId, Option<(bool, usize)>> = Default::default();
     for i in 0..g.nodes().len() {
@@ -103,7 +94,6 @@ pub fn fold_masks(g: &mut Graph) -> MaskStats {
             .entry(mask)
             .or_insert_with(|| g.constant(mask).filter(|_| spans).and_then(causal_window));
         let Some((causal, window)) = found else {
-            stats.kept += 1;
             continue;
         };
         let z = *zero.get_or_insert_with(|| {
@@ -120,12 +110,12 @@ pub fn fold_masks(g: &mut Graph) -> MaskStats {
                 ..sc
             }),
         );
-        stats.folded += 1;
+        folded += 1;
     }
-    if stats.folded > 0 {
+    if folded > 0 {
         g.compact();
     }
-    stats
+    folded
 }
 
 #[cfg(test)]

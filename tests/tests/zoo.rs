@@ -36,7 +36,7 @@ impl Entry {
     }
 
     fn inputs(&self) -> HashMap<String, Tensor> {
-        npys(self.dir().join("inputs"))
+        memc_tests::read_dir_npys(&self.dir().join("inputs"))
     }
 
     fn import(&self) -> Result<(memc_ir::Graph, HashMap<String, Tensor>), String> {
@@ -54,17 +54,6 @@ impl Entry {
     fn causal(&self) -> bool {
         self.expected["attention"]["causal"].as_bool().unwrap()
     }
-}
-
-fn npys(dir: PathBuf) -> HashMap<String, Tensor> {
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| {
-            let p = e.unwrap().path();
-            let name = p.file_stem().unwrap().to_string_lossy().to_string();
-            (name, memc::io::read_tensor(&p).unwrap())
-        })
-        .collect()
 }
 
 fn manifest() -> Value {
@@ -274,7 +263,7 @@ fn every_zoo_file_gets_its_configs_blocks_and_keeps_its_logits() {
             }
         }
         let out = memc_ir::interpret(&g, &inputs).unwrap_or_else(|err| panic!("{}: {err}", e.name));
-        let want = npys(e.dir().join("ref"));
+        let want = memc_tests::read_dir_npys(&e.dir().join("ref"));
         let err = rel_error(&out[0].1, &want["logits"]);
         if err > 1e-4 {
             failures.push(format!(

@@ -21,22 +21,21 @@
 use egg::{Applier, EGraph, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
 use memc_ir::Attr;
 
-use super::{add_attr, add_op, ints, merge, scalar, ty};
+use super::{add_attr, add_op, ints, merge, ops, scalar, ty};
 use crate::egraph::{Memc, TypeAnalysis};
 
 /// How many scalar multiplications and divisions may wrap `q·kᵀ`.
 const SCALE_DEPTH: usize = 4;
 
-/// The operands of `class` when it is the op `name`.
+/// The children of `class`'s e-nodes of the op `name`.
 fn nodes<'a>(
     egraph: &'a EGraph<Memc, TypeAnalysis>,
     class: Id,
     name: &'a str,
 ) -> impl Iterator<Item = &'a [Id]> + 'a {
-    egraph[class].nodes.iter().filter_map(move |n| match n {
-        Memc::Op(op, kids) if op.as_str() == name => Some(kids.as_slice()),
-        _ => None,
-    })
+    ops(egraph, class)
+        .filter(move |(op, _)| *op == name)
+        .map(|(_, kids)| kids)
 }
 
 /// Every `(α, q, kᵀ)` with `class == α·(q·kᵀ)`, `q·kᵀ` a 4-D batched product.
@@ -189,13 +188,11 @@ impl Applier<Memc, TypeAnalysis> for PullScalar {
         _rule: Symbol,
     ) -> Vec<Id> {
         let c = subst[self.c];
-        if scalar(egraph, c).is_none()
-            || ty(egraph, c).is_none_or(|t| t.shape.iter().product::<usize>() != 1)
-        {
+        // One element (what `scalar` holds) broadcasts to any result; the product must keep
+        // the op's type (`merge` checks).
+        if scalar(egraph, c).is_none() {
             return vec![];
         }
-        // A scalar of rank 0 or all ones broadcasts to any result; the product must keep the
-        // op's type (`merge` checks).
         let inner = egraph.add_instantiation(&self.inner.ast, subst);
         if ty(egraph, inner).is_none() {
             return vec![];

@@ -28,6 +28,17 @@ pub fn all() -> Vec<egg::Rewrite<Memc, TypeAnalysis>> {
     rules
 }
 
+/// The op e-nodes of `class`: each op's name and children (attributes first).
+pub(crate) fn ops(
+    egraph: &EGraph<Memc, TypeAnalysis>,
+    class: Id,
+) -> impl Iterator<Item = (&str, &[Id])> {
+    egraph[class].nodes.iter().filter_map(|n| match n {
+        Memc::Op(name, kids) => Some((name.as_str(), kids.as_slice())),
+        _ => None,
+    })
+}
+
 /// The tensor type of class `id`.
 pub(crate) fn ty(egraph: &EGraph<Memc, TypeAnalysis>, id: Id) -> Option<TensorType> {
     egraph[id].data.ty.clone()

@@ -17,20 +17,13 @@ use std::collections::HashSet;
 
 use egg::{Applier, EGraph, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
 
-use super::{add_op, merge, ty};
+use super::{add_op, merge, ops, ty};
 use crate::egraph::{Memc, TypeAnalysis};
 
 /// How many GEMM, bias-add and layout ops may separate `attention` from the branch's output.
 pub const PROJECTION_DEPTH: usize = 8;
 /// How many classes the search for the stream inside the branch visits at most.
 pub const READ_LIMIT: usize = 4096;
-
-fn ops(egraph: &EGraph<Memc, TypeAnalysis>, class: Id) -> impl Iterator<Item = (&str, &[Id])> {
-    egraph[class].nodes.iter().filter_map(|n| match n {
-        Memc::Op(name, kids) => Some((name.as_str(), kids.as_slice())),
-        _ => None,
-    })
-}
 
 /// Whether `class` is a sub-block's output: an FFN, or attention behind a projection (GEMMs,
 /// layout ops and bias adds, never another residual add).
