@@ -73,9 +73,18 @@ fn sm_80_too() {
 /// dialect conversion are MLIR's; this checks memc's index arithmetic without a GPU.
 #[test]
 fn gpu_mapping_computes_the_same_training_step() {
+    // The examples, and two zoo models for soft-capped, causal and windowed attention.
+    let zoo = ["gemma2-eager-torchscript", "mistral-sdpa-dynamo"].map(|name| memc_tests::Example {
+        name: name.to_string(),
+        family: name.split('-').next().unwrap().to_string(),
+        exporter: name.rsplit('-').next().unwrap().to_string(),
+        path: memc_tests::root().join(format!("examples/zoo/{name}.onnx")),
+        torch_params: 0,
+    });
     for ex in examples()
         .into_iter()
         .filter(|e| !e.name.contains("opset") && e.family != "bert")
+        .chain(zoo)
     {
         let a = train_args(adamw(), Some(1.0), AUTO);
         let program = || training_program(&ex, &a).0;
