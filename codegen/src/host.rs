@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use memc_ir::{DType, Graph, Op, ParamRole, ValueDef, ValueId};
 use memc_runtime::cpu::KernelFn;
-use memc_runtime::program::{Buf, Const, Dtype, Param, Program, Role, Slot, Step};
+use memc_runtime::program::{Buf, Const, Dtype, Native, Param, Program, Role, Slot, Step};
 
 use crate::fuse::Kernel;
 use crate::jit::with_host_kernels;
@@ -143,10 +143,12 @@ impl HostProgram {
                     lowered.len() as u32 - 1
                 }
             };
+            let native = if k.elementwise { None } else { native(g, node) };
             steps.push(Step::Kernel {
                 kernel,
                 args,
                 label,
+                native,
             });
         }
 
@@ -345,6 +347,46 @@ impl HostProgram {
     pub fn with_kernels<R>(&self, f: impl FnOnce(&[KernelFn]) -> R) -> Result<R, KernelError> {
         with_host_kernels(&self.lowered, f)
     }
+}
+
+/// The runtime's own implementation of `node`, which the cpu backend runs in place of the
+/// generated kernel: the tiled attention ([`memc_runtime::attention`]) for an `attention`,
+/// `attention_lse` or `attention_grad` node of f32, f64 or bf16; `None` for every other node.
+pub fn native(g: &Graph, node: &memc_ir::Node) -> Option<Native> {
+    use memc_runtime::attention::{Part, Spec};
+    let (part, sc, mask) = match &node.op {
+        Op::Attention(sc) => (Part::Forward, sc, 3),
+        Op::AttentionLse(sc) => (Part::Lse, sc, 2),
+        Op::AttentionGrad { scores, wrt } => (
+            [Part::GradQ, Part::GradK, Part::GradV][(*wrt).min(2)],
+            scores,
+            3,
+        ),
+        _ => return None,
+    };
+    let ty = |i: usize| &g.value(node.inputs[i]).ty;
+    let t = ty(0).dtype;
+    if !matches!(t, DType::F32 | DType::F64 | DType::BF16) {
+        return None;
+    }
+    let four = |i: usize| -> Option<[usize; 4]> { ty(i).shape.clone().try_into().ok() };
+    let dv = if part == Part::Lse {
+        ty(1).shape[3]
+    } else {
+        ty(2).shape[3]
+    };
+    Some(Native::Attention(Spec {
+        part,
+        dtype: dtype(t),
+        q: four(0)?,
+        k: four(1)?,
+        dv,
+        mask: ty(mask).shape.clone(),
+        scale: sc.scale,
+        softcap: sc.softcap,
+        causal: sc.causal,
+        window: sc.window,
+    }))
 }
 
 /// `text` with every symbol `@from` (or `@from_...`, not `@from7`) renamed to `@to`.

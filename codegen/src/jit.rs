@@ -1,7 +1,9 @@
 //! Running host kernels in-process through LLVM's JIT: for checking kernels against the
 //! reference interpreter without building an executable.
 
+use inkwell::attributes::AttributeLoc;
 use inkwell::context::Context;
+use inkwell::targets::TargetMachine;
 use inkwell::OptimizationLevel;
 use memc_runtime::cpu::KernelFn;
 
@@ -28,9 +30,19 @@ extern "C" {
     fn pow(x: f64, y: f64) -> f64;
 }
 
-/// The C math functions lowered kernels may call (an emitted executable links libm).
-fn libm() -> [(&'static str, usize); 16] {
+/// `__truncsfbf2`, the compiler-rt helper LLVM calls to round f32 to bf16 on CPUs without
+/// a bf16 instruction (MLIR expands the conversion to integer ops, but LLVM's optimiser folds
+/// them back into one `fptrunc`): round to nearest even, NaN kept quiet. The bf16 result is
+/// returned in the low 16 bits of an SSE register, as the ABI for `__bf16` has it.
+extern "C" fn truncsfbf2(x: f32) -> f32 {
+    f32::from_bits(half::bf16::from_f32(x).to_bits() as u32)
+}
+
+/// The C math functions lowered kernels may call (an emitted executable links libm), and the
+/// bf16 rounding helper.
+fn libm() -> [(&'static str, usize); 17] {
     [
+        ("__truncsfbf2", truncsfbf2 as *const () as usize),
         ("expf", expf as *const () as usize),
         ("logf", logf as *const () as usize),
         ("sqrtf", sqrtf as *const () as usize),
@@ -87,7 +99,23 @@ pub fn with_host_kernels<R>(
     let machine = host_machine()?;
     let ctx = Context::create();
     let module = link_kernels(&ctx, kernels)?;
+    // The JIT generates code for a generic CPU unless each function names the host's, as
+    // emitted executables do (their target machine is the host's).
+    let cpu = TargetMachine::get_host_cpu_name().to_string();
+    let features = TargetMachine::get_host_cpu_features().to_string();
+    for func in module.get_functions() {
+        if func.count_basic_blocks() > 0 {
+            for (k, v) in [("target-cpu", &cpu), ("target-features", &features)] {
+                func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute(k, v));
+            }
+        }
+    }
     optimize(&module, &machine)?;
+    // Declared so that the JIT can map it: code generation may call it (see `truncsfbf2`).
+    if module.get_function("__truncsfbf2").is_none() {
+        let f32t = ctx.f32_type();
+        module.add_function("__truncsfbf2", f32t.fn_type(&[f32t.into()], false), None);
+    }
     let engine = module
         .create_jit_execution_engine(OptimizationLevel::Default)
         .map_err(|e| llvm("jit", e.to_string()))?;

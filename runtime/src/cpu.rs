@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use crate::gemm::{matmul, GemmType};
-use crate::program::{Buf, Checked, Dtype, Slot, Step};
+use crate::program::{Buf, Checked, Dtype, Native, Slot, Step};
 
 /// A generated kernel's entry point.
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8);
@@ -136,6 +136,8 @@ enum Ready {
         b_shape: Vec<usize>,
         out: Buf,
     },
+    /// A step the runtime implements ([`Native`]): its operands, then its result.
+    Native(Native, Vec<Buf>),
 }
 
 /// A program ready to run on the CPU: its arena (constants loaded) and its steps.
@@ -178,9 +180,22 @@ impl Cpu {
         for step in &program.steps {
             match step {
                 Step::Kernel {
+                    args,
+                    label,
+                    native: Some(native),
+                    ..
+                } => {
+                    for b in args {
+                        arena.buffer(b);
+                    }
+                    steps.push(Ready::Native(native.clone(), args.clone()));
+                    labels.push(label.clone());
+                }
+                Step::Kernel {
                     kernel,
                     args,
                     label,
+                    native: None,
                 } => {
                     let ptrs = args.iter().map(|b| arena.buffer(b)).collect();
                     steps.push(Ready::Kernel(kernels[*kernel as usize], ptrs));
@@ -256,6 +271,22 @@ impl Cpu {
                         )
                     };
                     matmul(*t, sa, a_shape, sb, b_shape, so);
+                }
+                Ready::Native(Native::Attention(spec), args) => {
+                    let arena = &self.arena;
+                    let (out, ins) = args.split_last().expect("operands and a result");
+                    // SAFETY: `buffer` checks that each lies inside the arena; the plan gives a
+                    // step's result a buffer disjoint from its operands'.
+                    let ins: Vec<&[u8]> = ins
+                        .iter()
+                        .map(|b| unsafe {
+                            std::slice::from_raw_parts(arena.buffer(b), b.bytes as usize)
+                        })
+                        .collect();
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(arena.buffer(out), out.bytes as usize)
+                    };
+                    crate::attention::run(spec, &ins, out);
                 }
             }
             if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {

@@ -275,15 +275,13 @@ fn from_f32(t: GemmType, v: &[f32], out: &mut [u8]) {
 }
 
 /// GEMM threads at most (`matrixmultiply` uses up to 4).
-pub const MAX_THREADS: usize = 4;
+pub use crate::pool::MAX_THREADS;
 
-/// Runs the GEMMs on `n` threads (1 to [`MAX_THREADS`]); the default is every physical core,
-/// up to [`MAX_THREADS`]. Takes effect only before the first GEMM of the process, so the
-/// drivers call it first thing.
+/// Runs the GEMMs and the runtime's parallel steps ([`crate::pool`]) on `n` threads (1 to
+/// [`MAX_THREADS`]); the default is every core, up to [`MAX_THREADS`]. Takes effect only
+/// before the first GEMM or parallel step of the process, so the drivers call it first thing.
 pub fn set_threads(n: usize) -> Result<(), String> {
-    if !(1..=MAX_THREADS).contains(&n) {
-        return Err(format!("--threads {n}: give 1 to {MAX_THREADS}"));
-    }
+    crate::pool::set_threads(n)?;
     // `matrixmultiply` reads this once, at its first threaded GEMM; nothing else reads it.
     std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
     Ok(())

@@ -158,6 +158,7 @@ impl Cuda {
                     kernel,
                     args,
                     label,
+                    ..
                 } => {
                     for l in &device.launches[*kernel as usize] {
                         let f = match functions.get(&l.function) {

@@ -3,16 +3,19 @@
 //! (`libmemc_runtime.a`) with the generated kernels and the serialised program.
 //!
 //! - [`program`]: the program format (arena size, buffers, steps), produced by memc-codegen.
-//! - [`cpu`]: the arena and the cpu backend (generated kernels, GEMMs on [`gemm`]).
+//! - [`cpu`]: the arena and the cpu backend (generated kernels, GEMMs on [`gemm`], tiled
+//!   [`attention`]).
 //! - [`gpu`]: the cuda backend (the PTX module, cuBLAS GEMMs, one device arena), through
 //!   cudarc with dynamic loading: building needs no CUDA, running needs a driver.
 //! - [`pipeline`]: pipelined training steps (one thread per pipeline stage, or one process
 //!   per stage exchanging values over a [`mesh`]).
+//! - [`pool`]: the worker threads that run a step's independent tasks across cores.
 //! - [`session`]: the training loop, inference and the command line of emitted executables.
 //! - [`weights`]: safetensors weights and atomic checkpoints; [`npy`]: `.npy` files.
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod gemm;
@@ -20,6 +23,7 @@ pub mod gpu;
 pub mod mesh;
 pub mod npy;
 pub mod pipeline;
+pub mod pool;
 pub mod program;
 pub mod session;
 pub mod weights;

@@ -144,6 +144,10 @@ pub enum Step {
         args: Vec<Buf>,
         /// What it computes, for profiles (`fused elementwise`, `softmax`, ...).
         label: String,
+        /// The runtime's own implementation, which the cpu backend runs instead of the
+        /// kernel (the cuda backend runs the kernel's GPU mapping).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        native: Option<Native>,
     },
     /// `out = a @ b` (NumPy matmul semantics) on the CPU GEMM library.
     Gemm {
@@ -160,6 +164,14 @@ pub enum Step {
         /// The result.
         out: Buf,
     },
+}
+
+/// A step the runtime implements itself on the CPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Native {
+    /// Tiled attention ([`crate::attention`]).
+    Attention(crate::attention::Spec),
 }
 
 /// One launch of a device function: grid and block dims and, for each kernel parameter, the
@@ -626,9 +638,19 @@ impl Program {
         }
         for (n, step) in self.steps.iter().enumerate() {
             let bufs: Vec<&Buf> = match step {
-                Step::Kernel { kernel, args, .. } => {
+                Step::Kernel {
+                    kernel,
+                    args,
+                    native,
+                    ..
+                } => {
                     if *kernel as usize >= self.kernels.len() {
                         return bad(format!("step {n} calls kernel {kernel}, which is missing"));
+                    }
+                    if let Some(Native::Attention(spec)) = native {
+                        let bytes: Vec<u64> = args.iter().map(|b| b.bytes).collect();
+                        spec.check(&bytes)
+                            .map_err(|e| ProgramError::Corrupt(format!("step {n}: {e}")))?;
                     }
                     args.iter().collect()
                 }
@@ -790,6 +812,7 @@ mod tests {
                         },
                     ],
                     label: "fused elementwise".into(),
+                    native: None,
                 },
                 Step::Gemm {
                     dtype: Dtype::F32,
