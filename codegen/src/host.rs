@@ -77,6 +77,7 @@ impl HostProgram {
         let mut lowered: Vec<(String, String)> = Vec::new();
         let mut seen: HashMap<String, u32> = HashMap::new();
         let mut kernel_mlir: Vec<String> = Vec::new();
+        let mut ranges: Vec<Option<u64>> = Vec::new();
         let lowerer = Lowerer::new();
         for (n, k) in kernels.iter().enumerate() {
             let name = format!("step{n}");
@@ -136,9 +137,17 @@ impl HostProgram {
                 None => {
                     let name = format!("memc_k{}", lowered.len());
                     let mlir = key.replace("@K(", &format!("@{name}("));
-                    let ir = lowerer.lower(&mlir, &name, args.len())?.llvm_ir;
+                    // The host runs the split form where there is one (a row range argument,
+                    // `crate::threads`); the GPU mapping reads the kernel as generated.
+                    let split = crate::threads::split_form(&mlir, &name);
+                    let ir = match &split {
+                        Some((host, _)) => lowerer.lower(host, &name, args.len() + 1)?,
+                        None => lowerer.lower(&mlir, &name, args.len())?,
+                    }
+                    .llvm_ir;
                     lowered.push((name, ir));
                     kernel_mlir.push(mlir);
+                    ranges.push(split.map(|(_, rows)| rows));
                     seen.insert(key, lowered.len() as u32 - 1);
                     lowered.len() as u32 - 1
                 }
@@ -149,6 +158,7 @@ impl HostProgram {
                 args,
                 label,
                 native,
+                range: ranges[kernel as usize],
             });
         }
 
@@ -301,7 +311,8 @@ impl HostProgram {
     /// Replaces every host kernel by its GPU form ([`crate::ptx::gpu_form`]: loops tiled into
     /// blocks and threads, bounds guards, sequential code in one-thread launches) lowered for
     /// the host. The host lowering ignores the mapping, so running the program then checks
-    /// the GPU mapping's index arithmetic on the CPU, against the untransformed kernels.
+    /// the GPU mapping's index arithmetic on the CPU, against the untransformed kernels (every
+    /// step runs its kernel, whole: no row ranges, no runtime attention).
     pub fn use_gpu_form_on_host(&mut self) -> Result<(), KernelError> {
         let lowerer = Lowerer::new();
         for ((name, ir), mlir) in self.lowered.iter_mut().zip(&self.mlir) {
@@ -312,6 +323,14 @@ impl HostProgram {
                 .map(|l| l.matches(": memref<").count())
                 .unwrap_or(0);
             *ir = lowerer.lower(&mapped, name, n_args)?.llvm_ir;
+        }
+        // The GPU forms take no row range (each runs whole), and every kernel runs, attention
+        // included, rather than the runtime's own implementation.
+        for step in &mut self.program.steps {
+            if let Step::Kernel { range, native, .. } = step {
+                *range = None;
+                *native = None;
+            }
         }
         Ok(())
     }

@@ -669,10 +669,13 @@ fn lower_in(
         msg,
     };
     // The kernel body is `NAME_body`; `NAME` is the uniform entry added below.
-    let renamed = mlir.replacen(
-        &format!("func.func @{name}("),
-        &format!("func.func @{name}_body("),
-        1,
+    let renamed = vector_math(
+        &mlir.replacen(
+            &format!("func.func @{name}("),
+            &format!("func.func @{name}_body("),
+            1,
+        ),
+        name,
     );
     let mut module = Module::parse(context, &renamed)
         .ok_or_else(|| err(format!("the generated module does not parse:\n{mlir}")))?;
@@ -711,6 +714,99 @@ fn lower_in(
         llvm_ir: m.print_to_string().to_string(),
     })
 }
+
+/// `mlir` with every f32 `math.exp` replaced by a call to `@NAME_expf`, appended: exp as
+/// arithmetic ([`EXPF`]) that LLVM inlines and vectorises, where libm's `expf` is an opaque
+/// scalar call that stops the loop vectoriser (softmax, SiLU and sigmoid are exp-bound).
+/// Host kernels only: the GPU path keeps `math.exp` (libdevice).
+pub(crate) fn vector_math(mlir: &str, name: &str) -> String {
+    if !mlir.contains("math.exp ") {
+        return mlir.to_string();
+    }
+    let mut out = String::with_capacity(mlir.len() + EXPF.len());
+    let mut used = false;
+    for line in mlir.lines() {
+        match line.split_once(" = math.exp ") {
+            Some((lhs, rhs)) if rhs.ends_with(" : f32") => {
+                let x = rhs.trim_end_matches(" : f32");
+                out += &format!("{lhs} = func.call @{name}_expf({x}) : (f32) -> f32\n");
+                used = true;
+            }
+            _ => {
+                out += line;
+                out.push('\n');
+            }
+        }
+    }
+    if used {
+        out += &EXPF.replace("@expf", &format!("@{name}_expf"));
+    }
+    out
+}
+
+/// `exp` for f32 as arithmetic (Cephes' `expf`: n = round(x·log₂e) by the 1.5·2²³ trick,
+/// r = x − n·ln 2 in two parts, a degree-6 polynomial, then scaled by 2ⁿ in two halves so that results down to the
+/// subnormals are right); within 2 ulp of libm. `exp(−∞) = 0`, `exp(+∞) = +∞` (and above
+/// 88.72), NaN stays NaN; below −110 the result is 0.
+const EXPF: &str = "func.func @expf(%x: f32) -> f32 {
+  %lo = arith.constant -1.100000e+02 : f32
+  %hi = arith.constant 88.7228394 : f32
+  %log2e = arith.constant 1.44269502 : f32
+  %magic = arith.constant 12582912.0 : f32
+  %c1 = arith.constant 0.693359375 : f32
+  %c2 = arith.constant -2.12194440e-04 : f32
+  %p0 = arith.constant 1.98756912e-04 : f32
+  %p1 = arith.constant 1.39819994e-03 : f32
+  %p2 = arith.constant 8.33345205e-03 : f32
+  %p3 = arith.constant 4.16657962e-02 : f32
+  %p4 = arith.constant 1.66666657e-01 : f32
+  %p5 = arith.constant 5.00000012e-01 : f32
+  %one = arith.constant 1.0 : f32
+  %inf = arith.constant 0x7F800000 : f32
+  %i1 = arith.constant 1 : i32
+  %bias = arith.constant 127 : i32
+  %sh = arith.constant 23 : i32
+  %xa = arith.maxnumf %x, %lo : f32
+  %xc = arith.minnumf %xa, %hi : f32
+  %t = arith.mulf %xc, %log2e : f32
+  %tm = arith.addf %t, %magic : f32
+  %nf = arith.subf %tm, %magic : f32
+  %a1 = arith.mulf %nf, %c1 : f32
+  %r0 = arith.subf %xc, %a1 : f32
+  %a2 = arith.mulf %nf, %c2 : f32
+  %r = arith.subf %r0, %a2 : f32
+  %m0 = arith.mulf %p0, %r : f32
+  %q0 = arith.addf %m0, %p1 : f32
+  %m1 = arith.mulf %q0, %r : f32
+  %q1 = arith.addf %m1, %p2 : f32
+  %m2 = arith.mulf %q1, %r : f32
+  %q2 = arith.addf %m2, %p3 : f32
+  %m3 = arith.mulf %q2, %r : f32
+  %q3 = arith.addf %m3, %p4 : f32
+  %m4 = arith.mulf %q3, %r : f32
+  %q4 = arith.addf %m4, %p5 : f32
+  %rr = arith.mulf %r, %r : f32
+  %qr = arith.mulf %q4, %rr : f32
+  %y0 = arith.addf %qr, %r : f32
+  %y = arith.addf %y0, %one : f32
+  %n = arith.fptosi %nf : f32 to i32
+  %n1 = arith.shrsi %n, %i1 : i32
+  %n2 = arith.subi %n, %n1 : i32
+  %e1 = arith.addi %n1, %bias : i32
+  %e2 = arith.addi %n2, %bias : i32
+  %b1 = arith.shli %e1, %sh : i32
+  %b2 = arith.shli %e2, %sh : i32
+  %s1 = arith.bitcast %b1 : i32 to f32
+  %s2 = arith.bitcast %b2 : i32 to f32
+  %z1 = arith.mulf %y, %s1 : f32
+  %z = arith.mulf %z1, %s2 : f32
+  %big = arith.cmpf ogt, %x, %hi : f32
+  %zb = arith.select %big, %inf, %z : f32
+  %nan = arith.cmpf uno, %x, %x : f32
+  %res = arith.select %nan, %x, %zb : f32
+  return %res : f32
+}
+";
 
 /// `void name(ptr %buffers) { call name_body(buffers[0], ..., buffers[n-1]) }`
 fn add_entry<'c>(

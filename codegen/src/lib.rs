@@ -20,4 +20,5 @@ pub mod ops;
 pub mod pipeline;
 pub mod ptx;
 pub mod reference;
+pub mod threads;
 pub mod toolchain;

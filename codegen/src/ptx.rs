@@ -66,7 +66,7 @@ fn braces(line: &str) -> i32 {
 }
 
 /// The value of `%name = arith.constant N : index` in `lines`.
-fn index_constant(lines: &[&str], name: &str) -> Option<usize> {
+pub(crate) fn index_constant(lines: &[&str], name: &str) -> Option<usize> {
     let prefix = format!("{name} = arith.constant ");
     lines.iter().find_map(|l| {
         let rest = l.trim().strip_prefix(&prefix)?;
@@ -82,16 +82,37 @@ fn list(s: &str) -> Vec<String> {
 }
 
 /// The induction variables, lower bounds, upper bounds and steps of an `scf.parallel`.
-type ParallelHeader = (Vec<String>, Vec<String>, Vec<String>, Vec<String>);
+pub(crate) type ParallelHeader = (Vec<String>, Vec<String>, Vec<String>, Vec<String>);
 
 /// Parses `scf.parallel (IVS) = (LBS) to (UBS) step (STEPS) {`.
-fn parallel_header(line: &str) -> Option<ParallelHeader> {
+pub(crate) fn parallel_header(line: &str) -> Option<ParallelHeader> {
     let rest = line.trim().strip_prefix("scf.parallel (")?;
     let (ivs, rest) = rest.split_once(") = (")?;
     let (lbs, rest) = rest.split_once(") to (")?;
     let (ubs, rest) = rest.split_once(") step (")?;
     let steps = rest.strip_suffix(") {")?;
     Some((list(ivs), list(lbs), list(ubs), list(steps)))
+}
+
+/// The top-level statements of a function body: a line and, when it opens a region,
+/// everything up to its close; `None` when the regions do not balance.
+pub(crate) fn statements<'a, 'b>(body: &'b [&'a str]) -> Option<Vec<&'b [&'a str]>> {
+    let mut stmts = vec![];
+    let mut i = 0;
+    while i < body.len() {
+        let mut depth = braces(body[i]);
+        let mut j = i + 1;
+        while depth > 0 && j < body.len() {
+            depth += braces(body[j]);
+            j += 1;
+        }
+        if depth != 0 {
+            return None;
+        }
+        stmts.push(&body[i..j]);
+        i = j;
+    }
+    Some(stmts)
 }
 
 /// The kernel `mlir` (one `func.func @name`, as [`crate::kernel::elementwise_mlir`] and
@@ -117,22 +138,7 @@ pub fn gpu_form(mlir: &str, name: &str) -> Result<String, KernelError> {
         let _ = writeln!(out, "{l}");
     }
     out += "  %memc_c0 = arith.constant 0 : index\n  %memc_c1 = arith.constant 1 : index\n";
-    // Top-level statements: a line and, when it opens a region, everything up to its close.
-    let mut stmts: Vec<&[&str]> = vec![];
-    let mut i = 0;
-    while i < body.len() {
-        let mut depth = braces(body[i]);
-        let mut j = i + 1;
-        while depth > 0 && j < body.len() {
-            depth += braces(body[j]);
-            j += 1;
-        }
-        if depth != 0 {
-            return Err(err("unbalanced regions".into()));
-        }
-        stmts.push(&body[i..j]);
-        i = j;
-    }
+    let stmts = statements(body).ok_or_else(|| err("unbalanced regions".into()))?;
     let mut sequential: Vec<&[&str]> = vec![];
     let flush = |out: &mut String, seq: &mut Vec<&[&str]>| {
         if seq.is_empty() {

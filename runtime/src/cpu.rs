@@ -128,6 +128,9 @@ impl Drop for Arena {
 /// A prepared step: the kernel's entry and its argument pointers, or a GEMM.
 enum Ready {
     Kernel(KernelFn, Vec<*mut u8>),
+    /// A kernel taking a row range over `0..rows` after its buffers, and the bytes its
+    /// buffers span (how much work a call is).
+    Split(KernelFn, Vec<*mut u8>, u64, u64),
     Gemm {
         t: GemmType,
         a: Buf,
@@ -157,13 +160,15 @@ impl Cpu {
     /// (`kernels[i]` is the entry of `program.kernels[i]`). The program is [`Checked`], so
     /// every buffer lies inside the arena (and `new` asserts it again where it takes a
     /// pointer). With `MEMC_PROFILE` set in the environment, time per kind of step is kept for
-    /// [`Cpu::profile`].
+    /// [`Cpu::profile`] (`MEMC_PROFILE=shapes`: GEMMs apart by shape, and more rows).
     ///
     /// # Safety
     ///
     /// Each `kernels[i]` must be the entry point memc generated for `program.kernels[i]` of
     /// this program (in the uniform `void kernel(void **buffers)` ABI): [`Cpu::run`] calls it
-    /// with its step's buffers, and it must read and write only those.
+    /// with its step's buffers (and, for a step with a row `range`, a pointer to `[lo, hi]`
+    /// after them: the kernel then touches only those rows), and it must read and write only
+    /// those.
     pub unsafe fn new(program: Checked<'_>, kernels: &[KernelFn]) -> Cpu {
         assert_eq!(
             kernels.len(),
@@ -175,6 +180,7 @@ impl Cpu {
             let at = c.blob_offset as usize;
             arena.set(&c.slot, &program.blob[at..at + c.slot.bytes() as usize]);
         }
+        let by_shape = shapes();
         let mut steps = Vec::with_capacity(program.steps.len());
         let mut labels = Vec::with_capacity(program.steps.len());
         for step in &program.steps {
@@ -196,9 +202,17 @@ impl Cpu {
                     args,
                     label,
                     native: None,
+                    range,
                 } => {
                     let ptrs = args.iter().map(|b| arena.buffer(b)).collect();
-                    steps.push(Ready::Kernel(kernels[*kernel as usize], ptrs));
+                    let f = kernels[*kernel as usize];
+                    steps.push(match range {
+                        Some(rows) => {
+                            let bytes = args.iter().map(|b| b.bytes).sum();
+                            Ready::Split(f, ptrs, *rows, bytes)
+                        }
+                        None => Ready::Kernel(f, ptrs),
+                    });
                     labels.push(label.clone());
                 }
                 Step::Gemm {
@@ -222,7 +236,11 @@ impl Cpu {
                         b_shape: b_shape.clone(),
                         out: *out,
                     });
-                    labels.push("matmul".into());
+                    labels.push(if by_shape {
+                        format!("matmul {a_shape:?}x{b_shape:?}")
+                    } else {
+                        "matmul".into()
+                    });
                 }
             }
         }
@@ -252,6 +270,7 @@ impl Cpu {
                 // SAFETY: each buffer was checked to lie inside the arena in `new`, whose
                 // caller vouched that `f` touches only its step's buffers.
                 Ready::Kernel(f, ptrs) => unsafe { f(ptrs.as_ptr()) },
+                Ready::Split(f, ptrs, rows, bytes) => run_split(*f, ptrs, *rows, *bytes),
                 Ready::Gemm {
                     t,
                     a,
@@ -305,7 +324,7 @@ impl Cpu {
         rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
         let total: f64 = rows.iter().map(|r| r.1 .0).sum();
         let mut out = format!("profile: {total:.1} ms in kernels\n");
-        for (name, (ms, calls)) in rows.iter().take(12) {
+        for (name, (ms, calls)) in rows.iter().take(if shapes() { 60 } else { 12 }) {
             out += &format!(
                 "  {name:<24} {ms:>10.3} ms {:>5.1}% {calls:>7} calls\n",
                 100.0 * ms / total.max(1e-9)
@@ -313,6 +332,41 @@ impl Cpu {
         }
         Some(out)
     }
+}
+
+/// Whether `MEMC_PROFILE=shapes`: the profile tells GEMMs apart by their shapes.
+fn shapes() -> bool {
+    std::env::var_os("MEMC_PROFILE").is_some_and(|v| v == "shapes")
+}
+
+/// Buffers spanning fewer bytes than this run on one thread: waking the pool costs more.
+const SPLIT_BYTES: u64 = 1 << 18;
+
+/// Runs a split kernel over rows `0..rows`: in one call when the kernel is small, else in
+/// row ranges across [`crate::pool`]'s threads (a few ranges per thread, for balance).
+fn run_split(f: KernelFn, ptrs: &[*mut u8], rows: u64, bytes: u64) {
+    struct Args<'a>(&'a [*mut u8]);
+    // SAFETY: the kernel's tasks write disjoint rows of its buffers (the split form's
+    // contract, `memc_codegen::threads`), so sharing the pointers between threads is sound.
+    unsafe impl Sync for Args<'_> {}
+    let call = |lo: u64, hi: u64, args: &Args| {
+        let range = [lo as i64, hi as i64];
+        let mut all = args.0.to_vec();
+        all.push(range.as_ptr() as *mut u8);
+        // SAFETY: the caller of `Cpu::new` vouched for the kernel; it reads `[lo, hi]` after
+        // its buffers, a sub-range of its parallel dim.
+        unsafe { f(all.as_ptr()) }
+    };
+    let args = Args(ptrs);
+    let threads = crate::pool::threads() as u64;
+    if threads <= 1 || bytes < SPLIT_BYTES {
+        return call(0, rows, &args);
+    }
+    let tasks = rows.min(4 * threads);
+    crate::pool::parallel_for(tasks as usize, &|t| {
+        let t = t as u64;
+        call(t * rows / tasks, (t + 1) * rows / tasks, &args)
+    });
 }
 
 impl crate::Backend for Cpu {

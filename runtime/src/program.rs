@@ -148,6 +148,11 @@ pub enum Step {
         /// kernel (the cuda backend runs the kernel's GPU mapping).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         native: Option<Native>,
+        /// The extent of the host kernel's outermost parallel dim when the kernel takes a row
+        /// range (a pointer to `[lo, hi]` as `i64`s after its buffers): the cpu backend splits
+        /// `0..range` across threads. `None`: the kernel runs whole, on one thread.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        range: Option<u64>,
     },
     /// `out = a @ b` (NumPy matmul semantics) on the CPU GEMM library.
     Gemm {
@@ -642,10 +647,14 @@ impl Program {
                     kernel,
                     args,
                     native,
+                    range,
                     ..
                 } => {
                     if *kernel as usize >= self.kernels.len() {
                         return bad(format!("step {n} calls kernel {kernel}, which is missing"));
+                    }
+                    if *range == Some(0) {
+                        return bad(format!("step {n}: an empty row range"));
                     }
                     if let Some(Native::Attention(spec)) = native {
                         let bytes: Vec<u64> = args.iter().map(|b| b.bytes).collect();
@@ -813,6 +822,7 @@ mod tests {
                     ],
                     label: "fused elementwise".into(),
                     native: None,
+                    range: None,
                 },
                 Step::Gemm {
                     dtype: Dtype::F32,
