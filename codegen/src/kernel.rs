@@ -317,12 +317,19 @@ fn reduction_kernel(
     let ct = compute(ot);
     // Accumulate inside the innermost loop.
     let acc_in = format!("%acc{}", axes.len() - 1);
+    // Sums may be reassociated so that LLVM vectorises them (a different rounding, the same
+    // for every run and thread count); the NaN-propagating max is kept exact.
     let op = if kind == ReduceKind::Max {
         "arith.maximumf"
     } else {
         "arith.addf"
     };
-    let sum = body.emit(&format!("{op} {acc_in}, {x} : {ct}"));
+    let flags = if kind == ReduceKind::Max {
+        ""
+    } else {
+        " fastmath<reassoc>"
+    };
+    let sum = body.emit(&format!("{op} {acc_in}, {x}{flags} : {ct}"));
     let _ = writeln!(body.text, "    scf.yield {sum} : {ct}");
     let init = if kind == ReduceKind::Max {
         if ct == "f64" {

@@ -392,17 +392,35 @@ pub fn autodiff(g: &mut Graph, trainable: &Trainable) -> Result<AutodiffStats, T
         return Err(TrainError::NothingTrainable(example));
     }
     let before = g.nodes().len();
-    let grads = differentiate(g, loss, &trained)?;
+    // The fused LM-head loss computes its gradients with the loss (each chunk's logits once);
+    // the loss output moves to the new loss value and the `lm_head_ce` node goes.
+    let grads = match crate::autodiff::differentiate_fused_loss(g, loss, &trained)? {
+        Some((new_loss, grads)) => {
+            let outputs: Vec<(String, ValueId)> = g
+                .outputs()
+                .iter()
+                .map(|(n, v)| (n.clone(), if *v == loss { new_loss } else { *v }))
+                .collect();
+            g.clear_outputs();
+            for (n, v) in outputs {
+                g.add_output(n, v);
+            }
+            grads
+        }
+        None => differentiate(g, loss, &trained)?,
+    };
     let backward_nodes = g.nodes().len() - before;
     for &(p, gr) in &grads {
         g.add_grad(p, gr);
     }
-    Ok(AutodiffStats {
+    let stats = AutodiffStats {
         trained_tensors: grads.len(),
         trained_params: grads.iter().map(|&(p, _)| g.value(p).ty.numel()).sum(),
         frozen_tensors: weights.len() - trained.len(),
         backward_nodes,
-    })
+    };
+    g.compact();
+    Ok(stats)
 }
 
 /// Nodes a gradient pass added.

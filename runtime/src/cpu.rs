@@ -206,6 +206,12 @@ impl Cpu {
                 } => {
                     let ptrs = args.iter().map(|b| arena.buffer(b)).collect();
                     let f = kernels[*kernel as usize];
+                    if by_shape {
+                        let bytes: u64 = args.iter().map(|b| b.bytes).sum();
+                        labels.push(format!("{label} k{kernel} ({} MB)", bytes >> 20));
+                    } else {
+                        labels.push(label.clone());
+                    }
                     steps.push(match range {
                         Some(rows) => {
                             let bytes = args.iter().map(|b| b.bytes).sum();
@@ -213,7 +219,6 @@ impl Cpu {
                         }
                         None => Ready::Kernel(f, ptrs),
                     });
-                    labels.push(label.clone());
                 }
                 Step::Gemm {
                     dtype,

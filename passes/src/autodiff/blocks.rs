@@ -134,3 +134,118 @@ fn lm_head_ce_vjp(
     }
     Ok(out)
 }
+
+/// The fused LM-head loss and its gradients in one pass over the chunks, for a training step
+/// whose loss is `lm_head_ce`'s result (its gradient is 1): each chunk's logits are computed
+/// once, then its log-sum-exp (`max + log Σ exp(l − max)`), its loss `Σ (lse − l_target)` and
+/// `g = (exp(l − lse) − onehot(target))/N` (the target compared with a column index, so the
+/// whole of `g` is one elementwise kernel), `dh = g·wᵀ` (concatenated), `dw = Σ hᵀ·g` and the
+/// bias's `Σ g`, accumulated in f32 (f64 for f64). Nothing of `[N, V]` is formed and, unlike
+/// [`lm_head_ce_vjp`], no chunk's logits are computed twice. Returns the loss (the mean over the
+/// rows, as `lm_head_ce`'s) and the operands' gradients.
+pub(super) fn lm_head_ce_with_grads(
+    b: &mut Builder,
+    x: &[ValueId],
+    chunk: usize,
+    loss_dtype: memc_ir::DType,
+    wants: &[bool],
+) -> Result<(ValueId, Vec<Option<ValueId>>), String> {
+    let (h, w, t, bias) = (x[0], x[1], x[2], x.get(3).copied());
+    let (n, d) = (b.shape(h)[0], b.shape(h)[1]);
+    let vocab = b.shape(w)[1];
+    let dt = b.dtype(h);
+    let acc = memc_ir::loss_dtype(dt);
+    let grads = wants[0] || wants[1] || (bias.is_some() && wants[3]);
+    let wt = if wants[0] {
+        Some(b.transpose(w, vec![1, 0])?)
+    } else {
+        None
+    };
+    let tdt = b.dtype(t);
+    let columns: Vec<i64> = (0..vocab as i64).collect();
+    // The column indices, a named constant (it is as long as the vocabulary).
+    let columns = b.g.add_param(
+        "memc.loss.columns",
+        memc_ir::ParamRole::Constant,
+        memc_ir::TensorType::new(tdt, vec![1, vocab]),
+        Some(memc_ir::Tensor::from_i64(tdt, vec![1, vocab], &columns)),
+    );
+    let inv_n = b.scalar(acc, 1.0 / n as f64);
+    let zero = b.scalar(acc, 0.0);
+    let (mut total, mut dh, mut dw, mut db) = (None, vec![], None, None);
+    let sum = |b: &mut Builder, acc: Option<ValueId>, part: ValueId| -> Result<ValueId, String> {
+        match acc {
+            Some(a) => b.add(a, part),
+            None => Ok(part),
+        }
+    };
+    for r0 in (0..n).step_by(chunk.max(1)) {
+        let r1 = (r0 + chunk).min(n);
+        let rows = |width: usize| Op::Slice {
+            starts: vec![r0, 0],
+            ends: vec![r1, width],
+            steps: vec![1, 1],
+        };
+        let hk = b.op(rows(d), &[h])?;
+        let logits = b.op(Op::MatMul, &[hk, w])?;
+        let logits = match bias {
+            Some(bias) => b.add(logits, bias)?,
+            None => logits,
+        };
+        let logits = b.cast(logits, acc)?;
+        let max = b.reduce(ReduceKind::Max, logits, vec![1], true)?;
+        let shifted = b.sub(logits, max)?;
+        let e = b.unary(memc_ir::UnaryOp::Exp, shifted)?;
+        let s = b.reduce(ReduceKind::Sum, e, vec![1], true)?;
+        let ls = b.unary(memc_ir::UnaryOp::Log, s)?;
+        let lse = b.add(ls, max)?;
+        let tk = b.op(rows(1), &[t])?;
+        let picked = b.op(Op::GatherElements { axis: 1 }, &[logits, tk])?;
+        let nll = b.sub(lse, picked)?;
+        let part = b.reduce(ReduceKind::Sum, nll, vec![0, 1], false)?;
+        total = Some(sum(b, total, part)?);
+        if !grads {
+            continue;
+        }
+        let centred = b.sub(logits, lse)?;
+        let p = b.unary(memc_ir::UnaryOp::Exp, centred)?;
+        let p = b.mul(p, inv_n)?;
+        let hit = b.binary(BinaryOp::Equal, columns, tk)?;
+        let target = b.op(Op::Where, &[hit, inv_n, zero])?;
+        let gk = b.sub(p, target)?;
+        if bias.is_some() && wants[3] {
+            let part = b.reduce(ReduceKind::Sum, gk, vec![0], false)?;
+            db = Some(sum(b, db, part)?);
+        }
+        let gk = b.cast(gk, dt)?;
+        if let Some(wt) = wt {
+            dh.push(b.op(Op::MatMul, &[gk, wt])?);
+        }
+        if wants[1] {
+            let hkt = b.transpose(hk, vec![1, 0])?;
+            let part = b.op(Op::MatMul, &[hkt, gk])?;
+            let part = b.cast(part, acc)?;
+            dw = Some(sum(b, dw, part)?);
+        }
+    }
+    let total = total.ok_or("an lm_head_ce without rows")?;
+    let loss = b.mul(total, inv_n)?;
+    let loss = b.cast(loss, loss_dtype)?;
+    let dh = match (wants[0], dh.len()) {
+        (false, _) | (_, 0) => None,
+        (true, 1) => Some(dh[0]),
+        (true, _) => Some(b.op(Op::Concat { axis: 0 }, &dh)?),
+    };
+    let dw = match dw {
+        Some(acc) => Some(b.cast(acc, b.dtype(w))?),
+        None => None,
+    };
+    let mut out = vec![dh, dw, None];
+    if let Some(bias) = bias {
+        out.push(match db {
+            Some(acc) => Some(b.cast(acc, b.dtype(bias))?),
+            None => None,
+        });
+    }
+    Ok((loss, out))
+}

@@ -54,6 +54,61 @@ pub fn differentiate(
     loss: ValueId,
     wrt: &[ValueId],
 ) -> Result<Vec<(ValueId, ValueId)>, AutodiffError> {
+    check_wrt(g, loss, wrt)?;
+    let one = g.add_const(memc_ir::Tensor::from_f64(
+        g.value(loss).ty.dtype,
+        vec![],
+        &[1.0],
+    ));
+    let first_backward = g.nodes().len();
+    backward(g, &[(loss, one)], wrt, first_backward)
+}
+
+/// [`differentiate`] for a loss that is the result of `lm_head_ce` (the fused LM-head loss):
+/// the loss and its gradients are computed together, chunk by chunk, so no chunk's logits are
+/// computed twice (`blocks::lm_head_ce_with_grads`), then the backward pass continues from
+/// the head's operands. Returns the new loss value (the caller makes it the output in place of
+/// the `lm_head_ce` result, which is then unread) and the gradients, or `None` when `loss` is
+/// not an `lm_head_ce` result.
+#[allow(clippy::type_complexity)]
+pub fn differentiate_fused_loss(
+    g: &mut Graph,
+    loss: ValueId,
+    wrt: &[ValueId],
+) -> Result<Option<(ValueId, Vec<(ValueId, ValueId)>)>, AutodiffError> {
+    let Some(node_id) = g.producer(loss) else {
+        return Ok(None);
+    };
+    let node = g.node(node_id).clone();
+    let Op::LmHeadCe { chunk } = node.op else {
+        return Ok(None);
+    };
+    check_wrt(g, loss, wrt)?;
+    let requires = requires_grad(g, wrt);
+    let wants: Vec<bool> = node.inputs.iter().map(|v| requires.contains(v)).collect();
+    let first_backward = g.nodes().len();
+    let loss_dtype = g.value(loss).ty.dtype;
+    let mut b = Builder::for_node(g, Phase::Backward, node_id);
+    let (new_loss, grads) =
+        blocks::lm_head_ce_with_grads(&mut b, &node.inputs, chunk, loss_dtype, &wants).map_err(
+            |msg| AutodiffError::Vjp {
+                node: node_id.index(),
+                op: node.op.name(),
+                msg,
+            },
+        )?;
+    let seeds: Vec<(ValueId, ValueId)> = node
+        .inputs
+        .iter()
+        .zip(grads)
+        .filter_map(|(&x, gx)| Some((x, gx?)))
+        .collect();
+    let grads = backward(g, &seeds, wrt, first_backward)?;
+    Ok(Some((new_loss, grads)))
+}
+
+/// The loss is a float scalar and every `wrt` a float tensor.
+fn check_wrt(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<(), AutodiffError> {
     let lt = &g.value(loss).ty;
     if !lt.dtype.is_float() || lt.rank() != 0 {
         return Err(AutodiffError::BadLoss(lt.to_string()));
@@ -63,10 +118,27 @@ pub fn differentiate(
             return Err(AutodiffError::NotFloat(w.0));
         }
     }
-    let n_forward = g.nodes().len();
+    Ok(())
+}
+
+/// The backward pass from `seeds` (values and their gradients): every node on a path from
+/// `wrt` to a seeded value gets its VJP, in reverse program order; nodes from
+/// `first_backward` on are split into B and W ([`split_b_w`]).
+fn backward(
+    g: &mut Graph,
+    seeds: &[(ValueId, ValueId)],
+    wrt: &[ValueId],
+    first_backward: usize,
+) -> Result<Vec<(ValueId, ValueId)>, AutodiffError> {
+    let n_forward = seeds
+        .iter()
+        .filter_map(|&(v, _)| g.producer(v))
+        .map(|p| p.index() + 1)
+        .max()
+        .unwrap_or(0);
     let requires = requires_grad(g, wrt);
-    // Nodes on a path from `wrt` to the loss, in reverse program order.
-    let mut needed: HashSet<ValueId> = HashSet::from([loss]);
+    // Nodes on a path from `wrt` to a seed, in reverse program order.
+    let mut needed: HashSet<ValueId> = seeds.iter().map(|&(v, _)| v).collect();
     let mut order = Vec::new();
     for i in (0..n_forward).rev() {
         let node = &g.nodes()[i];
@@ -83,13 +155,20 @@ pub fn differentiate(
     }
 
     let mut adjoint: HashMap<ValueId, ValueId> = HashMap::new();
-    let one = g.add_const(memc_ir::Tensor::from_f64(
-        g.value(loss).ty.dtype,
-        vec![],
-        &[1.0],
-    ));
-    adjoint.insert(loss, one);
-    let first_backward = g.nodes().len();
+    for &(v, gv) in seeds {
+        let total = match adjoint.get(&v) {
+            Some(&prev) => {
+                let mut b = Builder::new(g, Phase::Backward, "seed");
+                b.add(prev, gv).map_err(|msg| AutodiffError::Vjp {
+                    node: first_backward,
+                    op: "add",
+                    msg,
+                })?
+            }
+            None => gv,
+        };
+        adjoint.insert(v, total);
+    }
     for i in order {
         let node = g.nodes()[i].clone();
         let Some(&dy) = adjoint.get(&node.outputs[0]) else {
