@@ -17,7 +17,11 @@ release build, timed: cold, the compile has no cache), reads `--report-json`'s `
 `OUT info`'s arena, then alternates memc's executable (all cores) and PyTorch eager (all cores,
 the same weights' shapes, data and loss) one step block at a time, so both see the same
 machine state. Times are medians of the steps after the first; peak RSS is each process's
-`ru_maxrss` (memc: the executable process; PyTorch: measured in a child process).
+`ru_maxrss` (memc: the executable process; PyTorch: measured in a child process). It also
+checks peak RSS − arena against the weights file + 64 MiB, trains once more on one thread
+(`--threads 1`: the losses must equal the all-core ones within 1e-6), and with `--remat` compiles
+`--remat full` and times it against PyTorch with per-layer activation checkpointing
+(`gradient_checkpointing_enable`), each against its own plain run.
 """
 import argparse
 import json
@@ -40,9 +44,12 @@ import importlib.util, json, resource, statistics, sys, time
 import numpy as np, torch
 spec = importlib.util.spec_from_file_location("gen", "scripts/gen-big-llama.py")
 gen = importlib.util.module_from_spec(spec); spec.loader.exec_module(gen)
-layers, hidden, heads, kv, ffn, steps, ids = sys.argv[1:]
+layers, hidden, heads, kv, ffn, steps, ids, ckpt = sys.argv[1:]
 torch.set_num_threads(torch.get_num_threads())
 model = gen.build(0, int(layers), int(hidden), int(heads), int(kv), int(ffn), 32000).train()
+if ckpt == "1":
+    # Activation checkpointing per decoder layer (the layer's input kept, the rest recomputed).
+    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 x = torch.from_numpy(np.load(ids))
 times = []
@@ -81,6 +88,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", default="4x256,8x512,12x768")
+    ap.add_argument("--remat", action="store_true",
+                    help="also time --remat full against PyTorch's activation checkpointing")
     a = ap.parse_args()
     os.makedirs("scratch", exist_ok=True)
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "memc", "-p", "memc-runtime"], check=True)
@@ -107,23 +116,50 @@ def main():
               f"<= node plan: {arena <= r['node_plan_peak_bytes']})")
         if name == "12x768":
             continue
+        weights = os.path.getsize(exe + ".safetensors")
+
+        def memc_run(path, extra=()):
+            out, rss = measured([path, "train", "--data", ids, "--steps", str(a.steps), "--lr", "1e-3", *extra])
+            lines = [json.loads(l) for l in out.splitlines()]
+            return statistics.median(l["step_ms"] for l in lines[1:]), rss, [l["loss"] for l in lines]
+
+        def torch_run(ckpt):
+            t = subprocess.run([sys.executable, "-c", TORCH_STEP, *gen_args(args), str(a.steps), ids, ckpt],
+                               check=True, capture_output=True, text=True)
+            return json.loads(t.stdout)
+
         memc_ms, torch_ms, memc_rss, torch_rss, losses = [], [], 0, 0, None
         for _ in range(2):  # interleaved: memc, PyTorch, memc, PyTorch
-            out, rss = measured([exe, "train", "--data", ids, "--steps", str(a.steps), "--lr", "1e-3"])
-            lines = [json.loads(l) for l in out.splitlines()]
-            memc_ms.append(statistics.median(l["step_ms"] for l in lines[1:]))
+            ms, rss, losses = memc_run(exe)
+            memc_ms.append(ms)
             memc_rss = max(memc_rss, rss)
-            losses = [round(l["loss"], 5) for l in lines]
-            t = subprocess.run([sys.executable, "-c", TORCH_STEP, *gen_args(args), str(a.steps), ids],
-                               check=True, capture_output=True, text=True)
-            tj = json.loads(t.stdout)
+            tj = torch_run("0")
             torch_ms.append(tj["ms"])
             torch_rss = max(torch_rss, tj["rss"])
         print(f"   memc executable: {min(memc_ms):.0f} ms/step (runs {[round(x) for x in memc_ms]}), "
-              f"peak RSS {memc_rss / 1e9:.2f} GB; losses {losses}")
+              f"peak RSS {memc_rss / 1e9:.2f} GB; losses {[round(x, 5) for x in losses]}")
         print(f"   PyTorch eager, {tj['threads']} threads: {min(torch_ms):.0f} ms/step "
               f"(runs {[round(x) for x in torch_ms]}), peak RSS {torch_rss / 1e9:.2f} GB")
         print(f"   ratio memc / PyTorch: {min(memc_ms) / min(torch_ms):.2f}")
+        over = memc_rss - arena
+        print(f"   peak RSS - arena = {over / 2**20:.0f} MiB <= weights + 64 MiB = "
+              f"{(weights + (64 << 20)) / 2**20:.0f} MiB: {over <= weights + (64 << 20)}")
+        ms1, _, losses1 = memc_run(exe, ["--threads", "1"])
+        diff = max(abs(x - y) for x, y in zip(losses, losses1))
+        print(f"   --threads 1: {ms1:.0f} ms/step; max |loss difference| to all cores {diff:.1e} "
+              f"(within 1e-6: {diff <= 1e-6})")
+        if a.remat:
+            rexe = exe + "-remat"
+            subprocess.run(["target/release/memc", "compile", onnx, "--shape", f"input_ids={b}x{s}", "--train",
+                            "--optimizer", "adamw", "--remat", "full", "-o", rexe, "--report-json", report],
+                           check=True, capture_output=True)
+            rpeak = json.load(open(report))["peak_bytes"]
+            rms, rrss, _ = memc_run(rexe)
+            ck = torch_run("1")
+            print(f"   --remat full: arena {rpeak} bytes (plain {arena}), {rms:.0f} ms/step = "
+                  f"{rms / min(memc_ms):.2f} x plain, RSS {rrss / 1e9:.2f} GB")
+            print(f"   PyTorch checkpointing: {ck['ms']:.0f} ms/step = {ck['ms'] / min(torch_ms):.2f} x plain, "
+                  f"RSS {ck['rss'] / 1e9:.2f} GB")
 
 
 if __name__ == "__main__":

@@ -327,12 +327,23 @@ impl HostProgram {
         // The GPU forms take no row range (each runs whole), and every kernel runs, attention
         // included, rather than the runtime's own implementation.
         for step in &mut self.program.steps {
-            if let Step::Kernel { range, native, .. } = step {
+            if let Step::Kernel { range, .. } = step {
                 *range = None;
+            }
+        }
+        self.without_native();
+        Ok(())
+    }
+
+    /// Makes every step run its generated kernel, the attention kernels included, rather than
+    /// the runtime's own implementation ([`native`]): the program the GPU mapping is checked
+    /// against bit for bit.
+    pub fn without_native(&mut self) {
+        for step in &mut self.program.steps {
+            if let Step::Kernel { native, .. } = step {
                 *native = None;
             }
         }
-        Ok(())
     }
 
     /// Adds device code for the cuda backend: every kernel mapped to GPU blocks and threads

@@ -163,6 +163,49 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, PartitionError> 
             }
         }
     }
+    // A weight no forward node reads (the fused LM-head loss's head: its forward runs with its
+    // gradients, `autodiff::differentiate_fused_loss`) belongs to the unit of the forward
+    // values its readers derive from, and those readers count as that unit's forward work
+    // (3× their FLOPs, as forward nodes do).
+    let read_forward: HashSet<ValueId> = unit_weights.iter().flatten().copied().collect();
+    let mut derived: Vec<Option<usize>> = Vec::with_capacity(g.nodes().len());
+    for (i, n) in g.nodes().iter().enumerate() {
+        let id = NodeId(i as u32);
+        let unit = if forward(id) {
+            Some(unit_of_node(id))
+        } else {
+            let producers = || n.inputs.iter().filter_map(|&v| g.producer(v));
+            producers()
+                .find(|&p| forward(p))
+                .map(unit_of_node)
+                .or_else(|| producers().find_map(|p| derived[p.index()]))
+        };
+        derived.push(unit);
+        if forward(id) {
+            continue;
+        }
+        let Some(u) = unit else { continue };
+        // The weight itself, or the precision pass's `cast` of it (in either phase: passes
+        // compute the casts they read).
+        let weight_behind = |v: ValueId| -> Option<ValueId> {
+            if is_weight(v) {
+                return Some(v);
+            }
+            let p = g.node(g.producer(v)?);
+            let w = *p.inputs.first()?;
+            (matches!(p.op, memc_ir::Op::Cast { .. }) && is_weight(w)).then_some(w)
+        };
+        let own: Vec<ValueId> = n
+            .inputs
+            .iter()
+            .filter_map(|&v| weight_behind(v))
+            .filter(|w| !read_forward.contains(w))
+            .collect();
+        if !own.is_empty() {
+            unit_weights[u].extend(own);
+            unit_flops[u] += 3 * crate::plan::node_flops(g, id);
+        }
+    }
     // Gradient and optimizer-state bytes per trained weight: the weight's own size for its
     // gradient, plus every optimizer-state tensor named after it.
     let name = |v: ValueId| match &g.value(v).def {

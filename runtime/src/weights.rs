@@ -47,10 +47,16 @@ pub fn load(path: &Path, program: &Program, arena: &mut dyn Backend) -> Result<L
         path: file.clone(),
         msg,
     };
-    let bytes = std::fs::read(path).map_err(|source| RunError::Io {
+    // The file is mapped, not read: each tensor is copied into the arena, then its pages are
+    // let go, so loading holds about one tensor beyond the arena (the plan's bytes).
+    let io = |source| RunError::Io {
         path: file.clone(),
         source,
-    })?;
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the mapping is read-only and private; memc replaces weight and checkpoint files
+    // by renaming a new file into place, never by writing into the file a reader maps.
+    let bytes = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut loaded = Loaded::default();
@@ -81,6 +87,7 @@ pub fn load(path: &Path, program: &Program, arena: &mut dyn Backend) -> Result<L
             )));
         }
         arena.set(&p.slot, t.data())?;
+        release(&bytes, t.data());
         loaded.tensors += 1;
     }
     loaded.optimizer_state = has_state;
@@ -100,6 +107,17 @@ pub fn load(path: &Path, program: &Program, arena: &mut dyn Backend) -> Result<L
         );
     }
     Ok(loaded)
+}
+
+/// Lets the pages of `part` (a slice of the mapping `map`) go from this process's memory; they
+/// are read from the file again if touched.
+fn release(map: &memmap2::Mmap, part: &[u8]) {
+    let offset = part.as_ptr() as usize - map.as_ptr() as usize;
+    // SAFETY: `DontNeed` on a private read-only file mapping only drops resident pages, which
+    // are read back from the file on the next access; the range lies inside the mapping.
+    let _ = unsafe {
+        map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, part.len())
+    };
 }
 
 /// Writes the parameters of `roles` from the arena to `path` atomically, with `metadata`.

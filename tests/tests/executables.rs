@@ -752,3 +752,42 @@ fn pipelined_executables_run_one_process_per_stage() {
         "WORLD_SIZE 3 must equal the program's 2 pipeline stages",
     );
 }
+
+/// Work split across threads never changes results: one executable trains to the same losses,
+/// bit for bit, on one thread and on two, at a size where the kernels split into row ranges,
+/// attention runs in several query and key blocks and the GEMMs are threaded.
+#[test]
+fn thread_count_does_not_change_losses() {
+    let dir = scratch("threads");
+    let data = dir.join("ids.npy");
+    write_ids(&data, 8, 128);
+    let exe = dir.join("llama");
+    let mut cmd = Command::new(bin_dir().join("memc"));
+    cmd.arg("compile")
+        .arg(memc_tests::root().join("examples/models/llama-dynamo.onnx"))
+        .args([
+            "--shape",
+            "input_ids=8x128",
+            "--train",
+            "--optimizer",
+            "adamw",
+            "-o",
+        ])
+        .arg(&exe);
+    ok(&mut cmd);
+    let run = |threads: &str| {
+        let out = ok(Command::new(&exe)
+            .arg("train")
+            .arg("--data")
+            .arg(&data)
+            .args(["--steps", "3", "--threads", threads]));
+        out.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|l| l["loss"].as_f64().unwrap())
+            .collect::<Vec<f64>>()
+    };
+    let (one, two) = (run("1"), run("2"));
+    assert_eq!(one.len(), 3);
+    assert_eq!(one, two, "losses on 1 and 2 threads");
+    assert_eq!(run("2"), two, "losses run to run");
+}
