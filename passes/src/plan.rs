@@ -164,7 +164,28 @@ pub fn plan_steps(g: &Graph, steps: &[Vec<NodeId>]) -> Plan {
     }
 
     // Update results share their target's buffer.
-    let alias_of: HashMap<ValueId, ValueId> = g.updates().iter().map(|&(p, v)| (v, p)).collect();
+    let mut alias_of: HashMap<ValueId, ValueId> =
+        g.updates().iter().map(|&(p, v)| (v, p)).collect();
+    // A reshape that is a step of its own is a view: its result shares its operand's buffer
+    // (a value is never written after it is computed), so it costs no memory and no kernel.
+    // Only for operands that are node results with a buffer of their own.
+    let mut views: Vec<(ValueId, ValueId)> = vec![];
+    for group in steps {
+        let &[node] = &group[..] else { continue };
+        let nd = g.node(node);
+        if !matches!(nd.op, memc_ir::Op::Reshape { .. }) {
+            continue;
+        }
+        let (x, y) = (nd.inputs[0], nd.outputs[0]);
+        if alias_of.contains_key(&y) {
+            continue;
+        }
+        let root = views.iter().find(|&&(v, _)| v == x).map_or(x, |&(_, r)| r);
+        if matches!(g.value(root).def, ValueDef::Node { .. }) && !alias_of.contains_key(&root) {
+            views.push((y, root));
+        }
+    }
+    alias_of.extend(views.iter().copied());
     let mut end = vec![0usize; g.values().len()];
     let mut used_later = vec![false; g.values().len()];
     for &node in &order {
@@ -179,6 +200,11 @@ pub fn plan_steps(g: &Graph, steps: &[Vec<NodeId>]) -> Plan {
     }
     for (_, v) in g.outputs() {
         end[v.index()] = last;
+    }
+    // A view keeps its operand's buffer alive as long as itself.
+    for &(v, root) in &views {
+        end[root.index()] = end[root.index()].max(end[v.index()]);
+        used_later[root.index()] |= used_later[v.index()];
     }
     let gradients: Vec<bool> = {
         let mut is = vec![false; g.values().len()];

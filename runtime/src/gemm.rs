@@ -220,6 +220,21 @@ impl Geometry {
     fn run<T: Copy>(&self, gemm: Gemm<T>, one: T, zero: T, a: &[T], b: &[T], out: &mut [T]) {
         let (m, k, n) = (self.m, self.k, self.n);
         assert_eq!(out.len(), self.count * m * n);
+        if self.count > 1 && self.b_count == 1 && self.a_count == self.count {
+            // A batch against one matrix (activations times a weight): the batch's rows are
+            // contiguous, so this is one GEMM of count·m rows, the weight packed once.
+            let single = Geometry {
+                m: self.count * m,
+                count: 1,
+                a_count: 1,
+                b_count: 1,
+                batch: vec![],
+                a_batch: vec![],
+                b_batch: vec![],
+                ..*self
+            };
+            return single.run(gemm, one, zero, a, b, out);
+        }
         for (bi, (ia, ib)) in self.operands().into_iter().enumerate() {
             let (oa, ob) = (ia * m * k, ib * k * n);
             // SAFETY: `a`, `b` and `out` hold m·k, k·n and m·n elements at these offsets (shapes

@@ -51,11 +51,19 @@ fn matmul_vjp(
         let full = b.op(Op::MatMul, &[g2, wt])?;
         let s = b.shape(a2);
         let r = b.unbroadcast(full, &s)?;
-        Some(b.reshape(r, sa)?)
+        Some(b.reshape(r, sa.clone())?)
     } else {
         None
     };
-    let gw = if wants[1] {
+    let gw = if wants[1] && sa.len() >= 3 && sw.len() == 2 {
+        // A weight shared by the whole batch: its gradient is one GEMM over every row of
+        // the batch, aᵀ [K, rows]·dy [rows, N], not one per batch element summed after.
+        let (k, n) = (sw[0], sw[1]);
+        let a_rows = b.reshape(a2, vec![b.shape(a2).iter().product::<usize>() / k, k])?;
+        let g_rows = b.reshape(g2, vec![b.shape(g2).iter().product::<usize>() / n, n])?;
+        let at = b.transpose(a_rows, vec![1, 0])?;
+        Some(b.op(Op::MatMul, &[at, g_rows])?)
+    } else if wants[1] {
         let at = b.transpose_last2(a2)?;
         let full = b.op(Op::MatMul, &[at, g2])?;
         let s = b.shape(w2);
