@@ -19,7 +19,8 @@ the same weights' shapes, data and loss) one step block at a time, so both see t
 machine state. Times are medians of the steps after the first; peak RSS is each process's
 `ru_maxrss` (memc: the executable process; PyTorch: measured in a child process). It also
 checks peak RSS − arena against the weights file + 64 MiB, trains once more on one thread
-(`--threads 1`: the losses must equal the all-core ones within 1e-6), and with `--remat` compiles
+(`--threads 1`: the losses must equal the all-core ones within 1e-6), with `--unfused` times
+`--no-fused-loss` (the whole logits held) against the fused loss, and with `--remat` compiles
 `--remat full` and times it against PyTorch with per-layer activation checkpointing
 (`gradient_checkpointing_enable`), each against its own plain run.
 """
@@ -88,6 +89,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--models", default="4x256,8x512,12x768")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time the executable with --no-fused-loss (the whole logits held)")
     ap.add_argument("--remat", action="store_true",
                     help="also time --remat full against PyTorch's activation checkpointing")
     a = ap.parse_args()
@@ -148,6 +151,16 @@ def main():
         diff = max(abs(x - y) for x, y in zip(losses, losses1))
         print(f"   --threads 1: {ms1:.0f} ms/step; max |loss difference| to all cores {diff:.1e} "
               f"(within 1e-6: {diff <= 1e-6})")
+        if a.unfused:
+            uexe = exe + "-unfused"
+            subprocess.run(["target/release/memc", "compile", onnx, "--shape", f"input_ids={b}x{s}", "--train",
+                            "--optimizer", "adamw", "--no-fused-loss", "-o", uexe, "--report-json", report],
+                           check=True, capture_output=True)
+            upeak = json.load(open(report))["peak_bytes"]
+            ums, _, _ = memc_run(uexe)
+            fms, _, _ = memc_run(exe)
+            print(f"   --no-fused-loss: arena {upeak} bytes (fused {arena}), {ums:.0f} ms/step; "
+                  f"fused {fms:.0f} ms/step = {fms / ums:.2f} x unfused")
         if a.remat:
             rexe = exe + "-remat"
             subprocess.run(["target/release/memc", "compile", onnx, "--shape", f"input_ids={b}x{s}", "--train",

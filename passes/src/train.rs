@@ -754,8 +754,10 @@ fn lm_head(g: &Graph, logits: ValueId) -> Option<(ValueId, ValueId, Option<Value
 }
 
 /// Rows per chunk at least, for GEMM efficiency: thin chunks stream the whole `[d, V]` head
-/// weight three times each (logits, dh, dw) for little arithmetic.
-const GEMM_ROWS: usize = 128;
+/// weight three times each (logits, dh, dw) for little arithmetic. 256 rather than 128: 9%
+/// faster steps for the 4-layer d256 Llama at 4 × 128 (8% more arena), 5% for the 8-layer d512
+/// (`scripts/bench-cpu-real.py`, BENCHMARKS.md).
+const GEMM_ROWS: usize = 256;
 /// A chunk's logits are kept under this when [`GEMM_ROWS`] rows would exceed it (huge
 /// vocabularies), down to [`MIN_ROWS`].
 const CHUNK_BYTES: usize = 64 << 20;
