@@ -315,22 +315,24 @@ fn reduction_kernel(
     let out = last.outputs[0];
     let ot = g.value(out).ty.dtype;
     let ct = compute(ot);
-    // Accumulate inside the innermost loop.
-    let acc_in = format!("%acc{}", axes.len() - 1);
-    // Sums may be reassociated so that LLVM vectorises them (a different rounding, the same
-    // for every run and thread count); the NaN-propagating max is kept exact.
-    let op = if kind == ReduceKind::Max {
-        "arith.maximumf"
+    // Accumulate inside the innermost loop. Sums may be reassociated so that LLVM vectorises
+    // them (a different rounding, the same for every run and thread count). A max runs as
+    // `maxnum` (which vectorises, `ops::reduce::maxnum`) beside an "any NaN" flag, and is NaN
+    // when the flag is set: the NaN-propagating max of the interpreter, exactly.
+    let inner = axes.len() - 1;
+    let acc_in = format!("%acc{inner}");
+    let is_max = kind == ReduceKind::Max;
+    if is_max {
+        let m = body.emit(&crate::ops::reduce::maxnum(&acc_in, &x, ct));
+        let u = body.emit(&format!("arith.cmpf uno, {x}, {x} : {ct}"));
+        let n = body.emit(&format!("arith.ori %nan{inner}, {u} : i1"));
+        let _ = writeln!(body.text, "    scf.yield {m}, {n} : {ct}, i1");
     } else {
-        "arith.addf"
-    };
-    let flags = if kind == ReduceKind::Max {
-        ""
-    } else {
-        " fastmath<reassoc>"
-    };
-    let sum = body.emit(&format!("{op} {acc_in}, {x}{flags} : {ct}"));
-    let _ = writeln!(body.text, "    scf.yield {sum} : {ct}");
+        let sum = body.emit(&format!(
+            "arith.addf {acc_in}, {x} fastmath<reassoc> : {ct}"
+        ));
+        let _ = writeln!(body.text, "    scf.yield {sum} : {ct}");
+    }
     let init = if kind == ReduceKind::Max {
         if ct == "f64" {
             "0xFFF0000000000000".to_string()
@@ -356,22 +358,46 @@ fn reduction_kernel(
         );
     }
     let _ = writeln!(s, "    %init = arith.constant {init} : {ct}");
+    if is_max {
+        let _ = writeln!(s, "    %nan_init = arith.constant false");
+    }
     for (j, &d) in axes.iter().enumerate() {
-        let carried = if j == 0 {
-            "%init".to_string()
+        let (carried, carried_nan) = if j == 0 {
+            ("%init".to_string(), "%nan_init".to_string())
         } else {
-            format!("%acc{}", j - 1)
+            (format!("%acc{}", j - 1), format!("%nan{}", j - 1))
         };
-        let _ = writeln!(s, "    %res{j} = scf.for %r{d} = %c0 to {} step %c1 iter_args(%acc{j} = {carried}) -> ({ct}) {{", dims[d]);
+        if is_max {
+            let _ = writeln!(s, "    %res{j}:2 = scf.for %r{d} = %c0 to {} step %c1 iter_args(%acc{j} = {carried}, %nan{j} = {carried_nan}) -> ({ct}, i1) {{", dims[d]);
+        } else {
+            let _ = writeln!(s, "    %res{j} = scf.for %r{d} = %c0 to {} step %c1 iter_args(%acc{j} = {carried}) -> ({ct}) {{", dims[d]);
+        }
     }
     s += &body.text;
     for j in (0..axes.len()).rev() {
         let _ = writeln!(s, "    }}");
         if j > 0 {
-            let _ = writeln!(s, "    scf.yield %res{j} : {ct}");
+            if is_max {
+                let _ = writeln!(s, "    scf.yield %res{j}#0, %res{j}#1 : {ct}, i1");
+            } else {
+                let _ = writeln!(s, "    scf.yield %res{j} : {ct}");
+            }
         }
     }
     let mut result = "%res0".to_string();
+    if is_max {
+        let nan = if ct == "f64" {
+            "0x7FF8000000000000"
+        } else {
+            "0x7FC00000"
+        };
+        let _ = writeln!(s, "    %nan_c = arith.constant {nan} : {ct}");
+        let _ = writeln!(
+            s,
+            "    %maxv = arith.select %res0#1, %nan_c, %res0#0 : {ct}"
+        );
+        result = "%maxv".to_string();
+    }
     if kind == ReduceKind::Mean {
         let count: usize = axes.iter().map(|&a| shape[a]).product();
         let _ = writeln!(

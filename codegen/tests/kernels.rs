@@ -286,6 +286,7 @@ fn chains_ending_in_reductions() {
         (memc_ir::ReduceKind::Mean, vec![2], true),
         (memc_ir::ReduceKind::Sum, vec![0, 2], false),
         (memc_ir::ReduceKind::Max, vec![1], true),
+        (memc_ir::ReduceKind::Max, vec![0, 2], false),
         (memc_ir::ReduceKind::Sum, vec![0, 1, 2], false),
     ] {
         let g = graph(
@@ -310,6 +311,73 @@ fn chains_ending_in_reductions() {
             "the chain and its reduction are one kernel"
         );
         check(&g, 1e-5);
+    }
+}
+
+/// A max reduction (vectorised as `maxnumf` beside an "any NaN" flag) is NaN exactly where a
+/// reduced row holds a NaN, as the interpreter's; −∞ rows stay −∞.
+#[test]
+fn max_reductions_keep_nans() {
+    let mut xs: Vec<f64> = (0..4 * 40).map(|i| ((i * 37) % 23) as f64 - 11.0).collect();
+    xs[40 + 17] = f64::NAN; // row 1
+    xs[3 * 40..4 * 40]
+        .iter_mut()
+        .for_each(|x| *x = f64::INFINITY); // row 3: −∞ once negated
+    xs[2 * 40 + 39] = f64::NAN; // row 2, last element
+    let n = xs.len();
+    let g = graph(&[("x", DType::F32, &[n])], |g, x| {
+        let r = op(g, Op::Reshape { shape: vec![4, 40] }, &[x[0]]);
+        let e = op(g, Op::Unary(UnaryOp::Neg), &[r]);
+        vec![op(
+            g,
+            Op::Reduce {
+                kind: memc_ir::ReduceKind::Max,
+                axes: vec![1],
+                keep_dims: false,
+            },
+            &[e],
+        )]
+    });
+    let kernels = fuse(&g);
+    let red = kernels.last().unwrap();
+    let mlir = elementwise_mlir(&g, red, "k0").unwrap();
+    let l = lower(&mlir, "k0", red.inputs.len() + red.outputs.len()).unwrap();
+    // The reshape's result, negated then reduced.
+    let mut bufs: Vec<Vec<u8>> = vec![
+        xs.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect(),
+        vec![0u8; 16],
+    ];
+    with_host_jit(&[("k0".to_string(), l.llvm_ir)], |call| {
+        let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        call("k0", &ptrs);
+    })
+    .unwrap();
+    let got: Vec<f32> = bufs[1]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let row_max = |r: usize| -> f32 {
+        (0..40)
+            .map(|j| -(xs[r * 40 + j] as f32))
+            .fold(f32::NEG_INFINITY, f32::max)
+    };
+    assert_eq!(got[0], row_max(0), "{got:?}");
+    assert!(got[1].is_nan() && got[2].is_nan(), "{got:?}");
+    assert_eq!(got[3], f32::NEG_INFINITY, "{got:?}");
+    assert_eq!(red.inputs.len(), 1);
+    // The same as a kernel of its own (`reduce_max`), over either axis.
+    let x = Tensor::from_f64(DType::F32, vec![4, 40], &xs);
+    for axes in [vec![1], vec![0]] {
+        check_op(
+            Op::Reduce {
+                kind: memc_ir::ReduceKind::Max,
+                axes,
+                keep_dims: true,
+            },
+            &[TensorType::new(DType::F32, vec![4, 40])],
+            0.0,
+            &[(0, x.clone())],
+        );
     }
 }
 
@@ -347,7 +415,7 @@ fn check_op(op: Op, inputs: &[TensorType], tol: f64, fixed: &[(usize, Tensor)]) 
     let got = Tensor::from_bytes(want.ty().clone(), bufs.pop().unwrap().into()).unwrap();
     for (i, (x, y)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
         assert!(
-            *x == y || (x - y).abs() <= tol * (1.0 + y.abs()),
+            *x == y || (x.is_nan() && y.is_nan()) || (x - y).abs() <= tol * (1.0 + y.abs()),
             "{} [{i}]: kernel {x} vs interpreter {y}",
             op.name()
         );

@@ -24,7 +24,7 @@ mod gather;
 mod layout;
 mod linalg;
 mod nn;
-mod reduce;
+pub(crate) mod reduce;
 
 /// Arithmetic type: f32 for half types, else the storage type.
 fn arith(d: DType) -> &'static str {

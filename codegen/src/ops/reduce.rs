@@ -35,7 +35,7 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
                 (_, true) => f.fconst(0.0, at),
                 (_, false) => f.v(&format!("arith.constant 0 : {at}")),
             };
-            let acc = f.fold(&red, &init, at, &mut |f, rivs, acc| {
+            let index = |rivs: &[String]| -> Vec<String> {
                 let mut idx = Vec::with_capacity(xshape.len());
                 let (mut kp, mut kr) = (0, 0);
                 for d in 0..xshape.len() {
@@ -47,15 +47,32 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
                         kp += 1;
                     }
                 }
-                let x = f.load(0, &idx, &xshape, xdt);
-                let op = match (kind, float) {
-                    (ReduceKind::Max, true) => "arith.maximumf",
-                    (ReduceKind::Max, false) => "arith.maxsi",
-                    (_, true) => "arith.addf",
-                    (_, false) => "arith.addi",
-                };
-                f.v(&format!("{op} {acc}, {x} : {at}"))
+                idx
+            };
+            // Float sums may be reassociated and a float max runs as `maxnum` (`maxnum`), so
+            // LLVM vectorises both; a second pass flags a NaN, which makes the max NaN, exactly
+            // as the interpreter's.
+            let acc = f.fold(&red, &init, at, &mut |f, rivs, acc| {
+                let x = f.load(0, &index(rivs), &xshape, xdt);
+                match (kind, float) {
+                    (ReduceKind::Max, true) => f.v(&maxnum(acc, &x, at)),
+                    (ReduceKind::Max, false) => f.v(&format!("arith.maxsi {acc}, {x} : {at}")),
+                    (_, true) => f.v(&format!("arith.addf {acc}, {x} fastmath<reassoc> : {at}")),
+                    (_, false) => f.v(&format!("arith.addi {acc}, {x} : {at}")),
+                }
             });
+            let acc = if *kind == ReduceKind::Max && float {
+                let none = f.v("arith.constant false");
+                let any_nan = f.fold(&red, &none, "i1", &mut |f, rivs, acc| {
+                    let x = f.load(0, &index(rivs), &xshape, xdt);
+                    let u = f.v(&format!("arith.cmpf uno, {x}, {x} : {at}"));
+                    f.v(&format!("arith.ori {acc}, {u} : i1"))
+                });
+                let nan = f.fconst(f64::NAN, at);
+                f.v(&format!("arith.select {any_nan}, {nan}, {acc} : {at}"))
+            } else {
+                acc
+            };
             let result = if *kind == ReduceKind::Mean {
                 let count: usize = red.iter().product();
                 let c = f.fconst(count as f64, at);
@@ -120,4 +137,14 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
         _ => unreachable!("`{}` is not a reduction", cx.node.op.name()),
     }
     Ok(())
+}
+
+/// `max(acc, x)` ignoring NaNs and the sign of zero, as LLVM's `maxnum` with the flags that let
+/// its loop vectoriser treat a fold of them as a max reduction. (MLIR's `arith.maxnumf` is
+/// expanded into compares and selects by `arith-expand`, which LLVM does not recognise.) The
+/// callers flag NaNs on their own.
+pub(crate) fn maxnum(acc: &str, x: &str, ty: &str) -> String {
+    format!(
+        "llvm.intr.maxnum({acc}, {x}) {{fastmathFlags = #llvm.fastmath<nnan, nsz>}} : ({ty}, {ty}) -> {ty}"
+    )
 }
