@@ -85,7 +85,7 @@ impl HostProgram {
             // A reshape the plan made a view (its result where its operand is) runs nothing.
             if k.nodes.len() == 1
                 && matches!(node.op, Op::Reshape { .. })
-                && layout.offsets.get(&node.inputs[0]).is_some()
+                && layout.offsets.contains_key(&node.inputs[0])
                 && layout.offsets.get(&node.inputs[0]) == layout.offsets.get(&node.outputs[0])
             {
                 continue;
