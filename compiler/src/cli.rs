@@ -1281,6 +1281,16 @@ pub fn main() -> ! {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Import folds large constants (masks, rotary tables) through the interpreter, one
+    // freshly allocated tensor per op: with glibc's defaults each large allocation is its own
+    // mapping, zeroed page by page and unmapped on free (45% of a 12-layer import in page
+    // faults). Serving them from the heap, which keeps freed memory for reuse, avoids that.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
