@@ -20,7 +20,29 @@ fn bin_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
+/// `$TMP/memc-exe-PID/NAME`, created. The first call removes the directories of earlier runs
+/// whose process is gone (each run leaves about 170 MB of executables).
 fn scratch(name: &str) -> PathBuf {
+    static CLEAN: std::sync::Once = std::sync::Once::new();
+    CLEAN.call_once(|| {
+        // Without /proc there is no telling a finished run from a running one.
+        let (Ok(entries), true) = (
+            std::fs::read_dir(std::env::temp_dir()),
+            Path::new("/proc/self").exists(),
+        ) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let file = e.file_name();
+            let Some(pid) = file.to_str().and_then(|n| n.strip_prefix("memc-exe-")) else {
+                continue;
+            };
+            let alive = Path::new("/proc").join(pid).exists();
+            if pid.parse::<u32>().is_ok() && !alive {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
     let d = std::env::temp_dir()
         .join(format!("memc-exe-{}", std::process::id()))
         .join(name);
