@@ -82,12 +82,15 @@ impl HostProgram {
         for (n, k) in kernels.iter().enumerate() {
             let name = format!("step{n}");
             let node = g.node(k.nodes[0]);
-            // A reshape the plan made a view (its result where its operand is) runs nothing.
-            if k.nodes.len() == 1
-                && matches!(node.op, Op::Reshape { .. })
-                && layout.offsets.contains_key(&node.inputs[0])
-                && layout.offsets.get(&node.inputs[0]) == layout.offsets.get(&node.outputs[0])
-            {
+            // A reshape or transpose the plan made a view (its result where its operand is)
+            // runs nothing: a transposed view's readers are GEMMs reading it through strides.
+            let view = |n: memc_ir::NodeId| {
+                let nd = g.node(n);
+                matches!(nd.op, Op::Reshape { .. } | Op::Transpose { .. })
+                    && layout.offsets.contains_key(&nd.inputs[0])
+                    && layout.offsets.get(&nd.inputs[0]) == layout.offsets.get(&nd.outputs[0])
+            };
+            if k.nodes.len() == 1 && view(k.nodes[0]) {
                 continue;
             }
             if !k.elementwise && matches!(node.op, Op::MatMul) {
@@ -99,6 +102,11 @@ impl HostProgram {
                     });
                 }
                 let (a, b, o) = (node.inputs[0], node.inputs[1], node.outputs[0]);
+                // An operand that is a transposed view is read in its operand's layout.
+                let stored_transposed = |v: ValueId| {
+                    g.producer(v)
+                        .is_some_and(|p| memc_passes::plan::transposed_view(g, p) && view(p))
+                };
                 steps.push(Step::Gemm {
                     dtype: dtype(t),
                     a: buf(a, &name)?,
@@ -106,6 +114,8 @@ impl HostProgram {
                     b: buf(b, &name)?,
                     b_shape: g.value(b).ty.shape.clone(),
                     out: buf(o, &name)?,
+                    a_t: stored_transposed(a),
+                    b_t: stored_transposed(b),
                 });
                 continue;
             }

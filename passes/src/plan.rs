@@ -129,6 +129,35 @@ pub fn plan(g: &Graph) -> Plan {
     plan_steps(g, &steps)
 }
 
+/// Whether `node` is a `transpose` that swaps the last two dims and nothing else: what a GEMM
+/// can read through strides, so the memory plan makes it a view when only GEMMs read it.
+pub fn transposed_view(g: &Graph, node: NodeId) -> bool {
+    let Op::Transpose { perm } = &g.node(node).op else {
+        return false;
+    };
+    let r = perm.len();
+    r >= 2
+        && (0..r).all(|d| {
+            perm[d]
+                == match r - d {
+                    2 => r - 1,
+                    1 => r - 2,
+                    _ => d,
+                }
+        })
+}
+
+/// The nodes reading each value.
+fn readers_of(g: &Graph) -> HashMap<ValueId, Vec<NodeId>> {
+    let mut readers: HashMap<ValueId, Vec<NodeId>> = HashMap::new();
+    for (i, n) in g.nodes().iter().enumerate() {
+        for &v in &n.inputs {
+            readers.entry(v).or_default().push(NodeId(i as u32));
+        }
+    }
+    readers
+}
+
 /// Plans `g` for a given sequence of steps, each running a group of nodes at once (a fused
 /// kernel). A value produced and consumed within one group, and not an output or an update,
 /// gets no buffer. The groups must be in an order where every operand is computed by an
@@ -168,21 +197,39 @@ pub fn plan_steps(g: &Graph, steps: &[Vec<NodeId>]) -> Plan {
         g.updates().iter().map(|&(p, v)| (v, p)).collect();
     // A reshape that is a step of its own is a view: its result shares its operand's buffer
     // (a value is never written after it is computed), so it costs no memory and no kernel.
-    // Only for operands that are node results with a buffer of their own.
+    // So is a transpose of the last two dims that only GEMMs read: they read the operand's
+    // buffer through strides (`transposed_view`). Only for operands that are node results
+    // with a buffer of their own (a weight's transpose would see its in-place update).
+    let readers = readers_of(g);
+    let outputs: std::collections::HashSet<ValueId> = g.outputs().iter().map(|&(_, v)| v).collect();
     let mut views: Vec<(ValueId, ValueId)> = vec![];
+    let mut transposed: std::collections::HashSet<ValueId> = Default::default();
     for group in steps {
         let &[node] = &group[..] else { continue };
         let nd = g.node(node);
-        if !matches!(nd.op, memc_ir::Op::Reshape { .. }) {
-            continue;
-        }
         let (x, y) = (nd.inputs[0], nd.outputs[0]);
-        if alias_of.contains_key(&y) {
+        let transpose = match nd.op {
+            Op::Reshape { .. } => false,
+            Op::Transpose { .. } if transposed_view(g, node) => {
+                let gemms_only = readers
+                    .get(&y)
+                    .is_some_and(|rs| rs.iter().all(|&r| matches!(g.node(r).op, Op::MatMul)));
+                if !gemms_only || outputs.contains(&y) {
+                    continue;
+                }
+                true
+            }
+            _ => continue,
+        };
+        if alias_of.contains_key(&y) || transposed.contains(&x) {
             continue;
         }
         let root = views.iter().find(|&&(v, _)| v == x).map_or(x, |&(_, r)| r);
         if matches!(g.value(root).def, ValueDef::Node { .. }) && !alias_of.contains_key(&root) {
             views.push((y, root));
+            if transpose {
+                transposed.insert(y);
+            }
         }
     }
     alias_of.extend(views.iter().copied());

@@ -138,6 +138,7 @@ enum Ready {
         b: Buf,
         b_shape: Vec<usize>,
         out: Buf,
+        trans: (bool, bool),
     },
     /// A step the runtime implements ([`Native`]): its operands, then its result.
     Native(Native, Vec<Buf>),
@@ -227,6 +228,8 @@ impl Cpu {
                     b,
                     b_shape,
                     out,
+                    a_t,
+                    b_t,
                 } => {
                     let t = match dtype {
                         Dtype::F64 => GemmType::F64,
@@ -240,6 +243,7 @@ impl Cpu {
                         b: *b,
                         b_shape: b_shape.clone(),
                         out: *out,
+                        trans: (*a_t, *b_t),
                     });
                     labels.push(if by_shape {
                         format!("matmul {a_shape:?}x{b_shape:?}")
@@ -283,6 +287,7 @@ impl Cpu {
                     b,
                     b_shape,
                     out,
+                    trans,
                 } => {
                     let arena = &self.arena;
                     // SAFETY: `buffer` checks that each lies inside the arena; the plan gives a
@@ -294,7 +299,7 @@ impl Cpu {
                             std::slice::from_raw_parts_mut(arena.buffer(out), out.bytes as usize),
                         )
                     };
-                    matmul(*t, sa, a_shape, sb, b_shape, so);
+                    matmul(*t, sa, a_shape, sb, b_shape, so, *trans);
                 }
                 Ready::Native(Native::Attention(spec), args) => {
                     let arena = &self.arena;

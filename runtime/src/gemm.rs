@@ -42,6 +42,8 @@ pub struct Geometry {
     batch: Vec<usize>,
     a_batch: Vec<usize>,
     b_batch: Vec<usize>,
+    /// Operands stored transposed (see [`matmul`]).
+    trans: (bool, bool),
 }
 
 impl Geometry {
@@ -96,6 +98,7 @@ impl Geometry {
             batch,
             a_batch: ab,
             b_batch: bb,
+            trans: (false, false),
         })
     }
 
@@ -141,8 +144,21 @@ pub fn shapes_agree(ash: &[usize], bsh: &[usize], out_numel: u64) -> bool {
 
 /// `out = a @ b` for row-major `a` (shape `ash`) and `b` (shape `bsh`), raw little-endian bytes.
 /// The shapes must satisfy `memc_ir::Op::MatMul`'s typing rules (the verifier checks them).
-pub fn matmul(t: GemmType, a: &[u8], ash: &[usize], b: &[u8], bsh: &[usize], out: &mut [u8]) {
-    let plan = Geometry::of(ash, bsh).expect("matmul shapes checked by the verifier");
+///
+/// `trans` says which operands are stored with their last two dims swapped (`a` as `[.., k, m]`,
+/// `b` as `[.., n, k]`; the shapes given are the product's operands'): they are read through
+/// strides, never copied.
+pub fn matmul(
+    t: GemmType,
+    a: &[u8],
+    ash: &[usize],
+    b: &[u8],
+    bsh: &[usize],
+    out: &mut [u8],
+    trans: (bool, bool),
+) {
+    let mut plan = Geometry::of(ash, bsh).expect("matmul shapes checked by the verifier");
+    plan.trans = trans;
     match t {
         // f32 operands are used in place when aligned (arena buffers always are).
         GemmType::F32 => {
@@ -220,7 +236,7 @@ impl Geometry {
     fn run<T: Copy>(&self, gemm: Gemm<T>, one: T, zero: T, a: &[T], b: &[T], out: &mut [T]) {
         let (m, k, n) = (self.m, self.k, self.n);
         assert_eq!(out.len(), self.count * m * n);
-        if self.count > 1 && self.b_count == 1 && self.a_count == self.count {
+        if self.count > 1 && self.b_count == 1 && self.a_count == self.count && !self.trans.0 {
             // A batch against one matrix (activations times a weight): the batch's rows are
             // contiguous, so this is one GEMM of count·m rows, the weight packed once.
             let single = Geometry {
@@ -237,8 +253,11 @@ impl Geometry {
         }
         for (bi, (ia, ib)) in self.operands().into_iter().enumerate() {
             let (oa, ob) = (ia * m * k, ib * k * n);
+            // Row and column strides: row-major, or the transposed storage.
+            let (rsa, csa) = if self.trans.0 { (1, m) } else { (k, 1) };
+            let (rsb, csb) = if self.trans.1 { (1, k) } else { (n, 1) };
             // SAFETY: `a`, `b` and `out` hold m·k, k·n and m·n elements at these offsets (shapes
-            // checked by the IR verifier); strides are row-major.
+            // checked by the IR verifier), in either layout.
             unsafe {
                 gemm(
                     m,
@@ -246,11 +265,11 @@ impl Geometry {
                     n,
                     one,
                     a.as_ptr().add(oa),
-                    k as isize,
-                    1,
+                    rsa as isize,
+                    csa as isize,
                     b.as_ptr().add(ob),
-                    n as isize,
-                    1,
+                    rsb as isize,
+                    csb as isize,
                     zero,
                     out.as_mut_ptr().add(bi * m * n),
                     n as isize,
@@ -322,7 +341,15 @@ mod tests {
         let a = bytes(&[1., 0., 0., 1., 2., 0., 0., 2.]);
         let b = bytes(&[1., 2., 3., 4., 5., 6.]);
         let mut out = vec![0u8; 12 * 4];
-        matmul(GemmType::F32, &a, &[2, 1, 2, 2], &b, &[3, 2, 1], &mut out);
+        matmul(
+            GemmType::F32,
+            &a,
+            &[2, 1, 2, 2],
+            &b,
+            &[3, 2, 1],
+            &mut out,
+            (false, false),
+        );
         assert_eq!(
             floats(&out),
             vec![1., 2., 3., 4., 5., 6., 2., 4., 6., 8., 10., 12.]
@@ -331,7 +358,52 @@ mod tests {
         let v = bytes(&[1., 2., 3.]);
         let m = bytes(&[1., 0., 0., 1., 1., 1.]);
         let mut out = vec![0u8; 8];
-        matmul(GemmType::F32, &v, &[3], &m, &[3, 2], &mut out);
+        matmul(
+            GemmType::F32,
+            &v,
+            &[3],
+            &m,
+            &[3, 2],
+            &mut out,
+            (false, false),
+        );
         assert_eq!(floats(&out), vec![4., 5.]);
+    }
+
+    #[test]
+    fn transposed_operands_are_read_through_strides() {
+        // a [2, 3, 2] (batched), b [2, 4]; stored transposed: a as [2, 2, 3], b as [4, 2].
+        let a: Vec<f32> = (0..12).map(|x| x as f32 - 5.0).collect();
+        let b: Vec<f32> = (0..8).map(|x| (x * x) as f32 * 0.5).collect();
+        let t = |x: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+            x.chunks(rows * cols)
+                .flat_map(|m| (0..cols).flat_map(move |c| (0..rows).map(move |r| m[r * cols + c])))
+                .collect()
+        };
+        let mut want = vec![0u8; 2 * 3 * 4 * 4];
+        matmul(
+            GemmType::F32,
+            &bytes(&a),
+            &[2, 3, 2],
+            &bytes(&b),
+            &[2, 4],
+            &mut want,
+            (false, false),
+        );
+        for (ta, tb) in [(true, false), (false, true), (true, true)] {
+            let sa = if ta { t(&a, 3, 2) } else { a.clone() };
+            let sb = if tb { t(&b, 2, 4) } else { b.clone() };
+            let mut got = vec![0u8; want.len()];
+            matmul(
+                GemmType::F32,
+                &bytes(&sa),
+                &[2, 3, 2],
+                &bytes(&sb),
+                &[2, 4],
+                &mut got,
+                (ta, tb),
+            );
+            assert_eq!(floats(&got), floats(&want), "{ta} {tb}");
+        }
     }
 }

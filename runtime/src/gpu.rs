@@ -33,6 +33,9 @@ struct Gemm {
     stride_a: i64,
     stride_b: i64,
     batch: i32,
+    /// `a` stored as row-major `[k, m]` (a transposed view), `b` as `[n, k]`.
+    a_t: bool,
+    b_t: bool,
 }
 
 enum Ready {
@@ -85,10 +88,8 @@ pub struct Cuda {
 fn gemms(
     base: u64,
     dtype: Dtype,
-    a: &Buf,
-    ash: &[usize],
-    b: &Buf,
-    bsh: &[usize],
+    (a, ash, a_t): (&Buf, &[usize], bool),
+    (b, bsh, b_t): (&Buf, &[usize], bool),
     out: &Buf,
 ) -> Vec<Gemm> {
     let g = Geometry::of(ash, bsh).expect("a validated program's GEMM shapes agree");
@@ -105,6 +106,8 @@ fn gemms(
         stride_a: sa,
         stride_b: sb,
         batch: count as i32,
+        a_t,
+        b_t,
     };
     let uniform = |c: usize| c == g.count || c == 1;
     if uniform(g.a_count) && uniform(g.b_count) {
@@ -192,9 +195,15 @@ impl Cuda {
                     b,
                     b_shape,
                     out,
+                    a_t,
+                    b_t,
                 } => {
                     steps.push(Ready::Gemm(gemms(
-                        base, *dtype, a, a_shape, b, b_shape, out,
+                        base,
+                        *dtype,
+                        (a, a_shape, *a_t),
+                        (b, b_shape, *b_t),
+                        out,
                     )));
                     labels.push("matmul".into());
                 }
@@ -247,26 +256,34 @@ impl Cuda {
                 &zero32 as *const f32 as *const c_void,
             )
         };
-        let op = blas_sys::cublasOperation_t::CUBLAS_OP_N;
-        // Row-major C[m,n] = A[m,k] B[k,n] is column-major Cᵀ[n,m] = Bᵀ[n,k] Aᵀ[k,m].
+        // Row-major C[m,n] = A[m,k] B[k,n] is column-major Cᵀ[n,m] = Bᵀ[n,k] Aᵀ[k,m]: row-major
+        // B is column-major Bᵀ (leading dim n), row-major A is Aᵀ (leading dim k). An operand
+        // stored transposed (row-major B as [n,k], A as [k,m]) is column-major B or A itself,
+        // so cuBLAS transposes it (leading dims k and m).
+        let (n_op, t_op) = (
+            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            blas_sys::cublasOperation_t::CUBLAS_OP_T,
+        );
+        let (op_b, ld_b) = if g.b_t { (t_op, g.k) } else { (n_op, g.n) };
+        let (op_a, ld_a) = if g.a_t { (t_op, g.m) } else { (n_op, g.k) };
         // SAFETY: the pointers lie in the arena (validated program) and the handle's stream is
         // the backend's stream.
         unsafe {
             blas::gemm_strided_batched_ex(
                 *blas.handle(),
-                op,
-                op,
+                op_b,
+                op_a,
                 g.n,
                 g.m,
                 g.k,
                 alpha,
                 g.b as *const c_void,
                 t,
-                g.n,
+                ld_b,
                 g.stride_b,
                 g.a as *const c_void,
                 t,
-                g.k,
+                ld_a,
                 g.stride_a,
                 beta,
                 g.c as *mut c_void,
@@ -404,14 +421,26 @@ mod tests {
             buf(1000, &[5, 6]),
             buf(2000, &[2, 3, 4, 6]),
         );
-        let g = gemms(0, Dtype::F32, &a, &[2, 3, 4, 5], &b, &[5, 6], &o);
+        let g = gemms(
+            0,
+            Dtype::F32,
+            (&a, &[2, 3, 4, 5], false),
+            (&b, &[5, 6], false),
+            &o,
+        );
         assert_eq!(g.len(), 1);
         assert_eq!((g[0].batch, g[0].stride_a, g[0].stride_b), (6, 20, 0));
         assert_eq!((g[0].m, g[0].k, g[0].n), (4, 5, 6));
         // [2,1,4,5] @ [1,3,5,6]: both broadcast along different dims: one call per product,
         // reading the right matrices.
         let (a, b) = (buf(0, &[2, 1, 4, 5]), buf(1000, &[1, 3, 5, 6]));
-        let g = gemms(0, Dtype::F32, &a, &[2, 1, 4, 5], &b, &[1, 3, 5, 6], &o);
+        let g = gemms(
+            0,
+            Dtype::F32,
+            (&a, &[2, 1, 4, 5], false),
+            (&b, &[1, 3, 5, 6], false),
+            &o,
+        );
         assert_eq!(g.len(), 6);
         let a_mats: Vec<u64> = g.iter().map(|c| c.a / (20 * 4)).collect();
         let b_mats: Vec<u64> = g.iter().map(|c| (c.b - 1000) / (30 * 4)).collect();

@@ -168,6 +168,13 @@ pub enum Step {
         b_shape: Vec<usize>,
         /// The result.
         out: Buf,
+        /// `a` is stored with its last two dims swapped (row-major `[.., k, m]`): a transpose
+        /// the memory plan made a view of its operand.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        a_t: bool,
+        /// `b` is stored with its last two dims swapped (row-major `[.., n, k]`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        b_t: bool,
     },
 }
 
@@ -670,6 +677,7 @@ impl Program {
                     b,
                     b_shape,
                     out,
+                    ..
                 } => {
                     let numel = |s: &[usize]| (s.iter().product::<usize>() * dtype.size()) as u64;
                     if a_shape.is_empty()
@@ -840,6 +848,8 @@ mod tests {
                         offset: 48,
                         bytes: 16,
                     },
+                    a_t: false,
+                    b_t: false,
                 },
             ],
             inputs: vec![slot("x", 0)],
