@@ -403,6 +403,13 @@ impl Graph {
         }
     }
 
+    /// Makes every output that names `v` name `f(v)` instead (a pass replacing values).
+    pub fn map_outputs(&mut self, f: impl Fn(ValueId) -> ValueId) {
+        for (_, v) in &mut self.outputs {
+            *v = f(*v);
+        }
+    }
+
     /// Names a value as a graph output.
     pub fn add_output(&mut self, name: impl Into<String>, v: ValueId) {
         self.outputs.push((name.into(), v));

@@ -97,15 +97,7 @@ pub fn lower_blocks_where(g: &mut Graph, which: impl Fn(&Op) -> bool) -> Result<
             g.set_inputs(n, inputs);
         }
     }
-    let outputs: Vec<(String, ValueId)> = g
-        .outputs()
-        .iter()
-        .map(|(name, v)| (name.clone(), *replaced.get(v).unwrap_or(v)))
-        .collect();
-    g.clear_outputs();
-    for (name, v) in outputs {
-        g.add_output(name, v);
-    }
+    g.map_outputs(|v| *replaced.get(&v).unwrap_or(&v));
     // The steps go where the block was; the block itself (now unread) is dropped by `compact`.
     let mut order = Vec::with_capacity(g.nodes().len());
     for i in 0..original {

@@ -155,13 +155,7 @@ pub fn compact_constants(g: &mut Graph) -> ConstStats {
             g.set_inputs(n, new);
         }
     }
-    let outputs: Vec<(String, ValueId)> = g.outputs().to_vec();
-    if outputs.iter().any(|(_, v)| replace.contains_key(v)) {
-        g.clear_outputs();
-        for (name, v) in outputs {
-            g.add_output(name, *replace.get(&v).unwrap_or(&v));
-        }
-    }
+    g.map_outputs(|v| *replace.get(&v).unwrap_or(&v));
     // The expands (which read only constants) run first.
     let mut order = new_nodes.clone();
     order.extend(

@@ -216,15 +216,7 @@ pub fn apply_reversible(g: &mut Graph, opts: &RevOptions) -> Result<RevStats, Re
             g.set_inputs(node, inputs);
         }
     }
-    let outputs: Vec<(String, ValueId)> = g
-        .outputs()
-        .iter()
-        .map(|(name, v)| (name.clone(), if *v == old { out } else { *v }))
-        .collect();
-    g.clear_outputs();
-    for (name, v) in outputs {
-        g.add_output(name, v);
-    }
+    g.map_outputs(|v| if v == old { out } else { v });
     g.sort_topologically();
     g.compact();
     memc_ir::verify(g).map_err(|e| RevError::Build(e.to_string()))?;

@@ -396,15 +396,7 @@ pub fn autodiff(g: &mut Graph, trainable: &Trainable) -> Result<AutodiffStats, T
     // the loss output moves to the new loss value and the `lm_head_ce` node goes.
     let grads = match crate::autodiff::differentiate_fused_loss(g, loss, &trained)? {
         Some((new_loss, grads)) => {
-            let outputs: Vec<(String, ValueId)> = g
-                .outputs()
-                .iter()
-                .map(|(n, v)| (n.clone(), if *v == loss { new_loss } else { *v }))
-                .collect();
-            g.clear_outputs();
-            for (n, v) in outputs {
-                g.add_output(n, v);
-            }
+            g.map_outputs(|v| if v == loss { new_loss } else { v });
             grads
         }
         None => differentiate(g, loss, &trained)?,

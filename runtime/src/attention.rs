@@ -158,7 +158,8 @@ trait Real:
     fn read(src: &[u8], dt: Dtype, i: usize) -> Self;
     /// Writes `x` as element `i` of `dst`.
     fn write(dst: &mut [u8], dt: Dtype, i: usize, x: Self);
-    /// `c = alpha·a·b + beta·c`, strided (matrixmultiply's convention).
+    /// `c = a·b + beta·c` for `a` and `b` strided (row stride, column stride:
+    /// matrixmultiply's convention) and `c` row-major [m × n].
     ///
     /// # Safety
     /// The pointers and strides must address valid m×k, k×n and m×n matrices.
@@ -168,15 +169,11 @@ trait Real:
         k: usize,
         n: usize,
         a: *const Self,
-        rsa: isize,
-        csa: isize,
+        sa: (isize, isize),
         b: *const Self,
-        rsb: isize,
-        csb: isize,
+        sb: (isize, isize),
         beta: Self,
         c: *mut Self,
-        rsc: isize,
-        csc: isize,
     );
 }
 
@@ -217,18 +214,18 @@ impl Real for f32 {
         k: usize,
         n: usize,
         a: *const f32,
-        rsa: isize,
-        csa: isize,
+        (rsa, csa): (isize, isize),
         b: *const f32,
-        rsb: isize,
-        csb: isize,
+        (rsb, csb): (isize, isize),
         beta: f32,
         c: *mut f32,
-        rsc: isize,
-        csc: isize,
     ) {
         // SAFETY: the caller's contract.
-        unsafe { matrixmultiply::sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+        unsafe {
+            matrixmultiply::sgemm(
+                m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1,
+            )
+        }
     }
 }
 
@@ -259,86 +256,57 @@ impl Real for f64 {
         k: usize,
         n: usize,
         a: *const f64,
-        rsa: isize,
-        csa: isize,
+        (rsa, csa): (isize, isize),
         b: *const f64,
-        rsb: isize,
-        csb: isize,
+        (rsb, csb): (isize, isize),
         beta: f64,
         c: *mut f64,
-        rsc: isize,
-        csc: isize,
     ) {
         // SAFETY: the caller's contract.
-        unsafe { matrixmultiply::dgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc) }
+        unsafe {
+            matrixmultiply::dgemm(
+                m, k, n, 1.0, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1,
+            )
+        }
     }
 }
 
-/// `c = a·bᵀ + beta·c` for row-major `a` [m × k], `b` [n × k], `c` [m × n].
-fn gemm_nt<T: Real>(m: usize, k: usize, n: usize, a: &[T], b: &[T], beta: T, c: &mut [T]) {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    // SAFETY: the slices hold the matrices (asserted above).
-    unsafe {
-        T::gemm(
-            m,
-            k,
-            n,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            1,
-            k as isize,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
-    }
-}
-
-/// `c = a·b + beta·c` for row-major `a` [m × k], `b` [k × n], `c` [m × n].
-fn gemm_nn<T: Real>(m: usize, k: usize, n: usize, a: &[T], b: &[T], beta: T, c: &mut [T]) {
+/// `c = a·b + beta·c` for row-major `c` [m × n]: `a` is row-major [m × k], or [k × m] holding
+/// its transpose when `a_t`; `b` is [k × n], or [n × k] when `b_t` (the convention of
+/// [`crate::gemm::matmul`]'s `trans`).
+#[allow(clippy::too_many_arguments)]
+fn product<T: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    (a, a_t): (&[T], bool),
+    (b, b_t): (&[T], bool),
+    beta: T,
+    c: &mut [T],
+) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: the slices hold the matrices (asserted above).
+    let sa = if a_t {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let sb = if b_t {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // SAFETY: the slices hold the matrices (asserted above) in the layouts the strides say.
     unsafe {
         T::gemm(
             m,
             k,
             n,
             a.as_ptr(),
-            k as isize,
-            1,
+            sa,
             b.as_ptr(),
-            n as isize,
-            1,
+            sb,
             beta,
             c.as_mut_ptr(),
-            n as isize,
-            1,
-        )
-    }
-}
-
-/// `c = aᵀ·b + beta·c` for row-major `a` [k × m], `b` [k × n], `c` [m × n].
-fn gemm_tn<T: Real>(m: usize, k: usize, n: usize, a: &[T], b: &[T], beta: T, c: &mut [T]) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: the slices hold the matrices (asserted above).
-    unsafe {
-        T::gemm(
-            m,
-            k,
-            n,
-            a.as_ptr(),
-            1,
-            m as isize,
-            b.as_ptr(),
-            n as isize,
-            1,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
         )
     }
 }
@@ -522,7 +490,7 @@ fn query_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, hq: usize, i0: usize,
                     continue;
                 }
                 g.load(k, krow0 + j0, bc, g.d, &mut kt);
-                gemm_nt(br, g.d, bc, &qt, &kt, T::ZERO, &mut sc);
+                product(br, g.d, bc, (&qt, false), (&kt, true), T::ZERO, &mut sc);
                 g.scores(mask, bq, hq, i0, br, j0, bc, &mut sc, &mut dcap);
                 for r in 0..br {
                     let row = &mut sc[r * bc..(r + 1) * bc];
@@ -553,7 +521,7 @@ fn query_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, hq: usize, i0: usize,
                 }
                 if sp.part == Part::Forward {
                     g.load(v.unwrap(), krow0 + j0, bc, g.dv, &mut vt);
-                    gemm_nn(br, bc, g.dv, &sc, &vt, T::ONE, &mut acc);
+                    product(br, bc, g.dv, (&sc, false), (&vt, false), T::ONE, &mut acc);
                 }
             }
             for r in 0..br {
@@ -596,11 +564,11 @@ fn query_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, hq: usize, i0: usize,
                 }
                 g.load(k, krow0 + j0, bc, g.d, &mut kt);
                 g.load(v.unwrap(), krow0 + j0, bc, g.dv, &mut vt);
-                gemm_nt(br, g.d, bc, &qt, &kt, T::ZERO, &mut sc);
+                product(br, g.d, bc, (&qt, false), (&kt, true), T::ZERO, &mut sc);
                 g.scores(mask, bq, hq, i0, br, j0, bc, &mut sc, &mut dcap);
-                gemm_nt(br, g.dv, bc, &dyt, &vt, T::ZERO, &mut dp);
+                product(br, g.dv, bc, (&dyt, false), (&vt, true), T::ZERO, &mut dp);
                 grad_scores(sp, br, bc, &lt, &dt, &mut sc, &dp, &dcap);
-                gemm_nn(br, bc, g.d, &sc, &kt, T::ONE, &mut dq);
+                product(br, bc, g.d, (&sc, false), (&kt, false), T::ONE, &mut dq);
             }
             for (e, &x) in dq.iter().enumerate() {
                 T::write(out, sp.dtype, e, x);
@@ -672,14 +640,14 @@ fn key_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, kh: usize, j0: usize, o
             g.load(q, row0, br, g.d, &mut qt);
             g.load(lse, row0, br, 1, &mut lt);
             g.load(dy, row0, br, g.dv, &mut dyt);
-            gemm_nt(br, g.d, bc, &qt, &kt, T::ZERO, &mut sc);
+            product(br, g.d, bc, (&qt, false), (&kt, true), T::ZERO, &mut sc);
             g.scores(mask, bq, hq, i0, br, j0, bc, &mut sc, &mut dcap);
             if want_k {
                 // dk_j += Σ_i ds_ij q_i.
                 g.load(delta, row0, br, 1, &mut dt);
-                gemm_nt(br, g.dv, bc, &dyt, &vt, T::ZERO, &mut dp);
+                product(br, g.dv, bc, (&dyt, false), (&vt, true), T::ZERO, &mut dp);
                 grad_scores(sp, br, bc, &lt, &dt, &mut sc, &dp, &dcap);
-                gemm_tn(bc, br, g.d, &sc, &qt, T::ONE, &mut acc);
+                product(bc, br, g.d, (&sc, true), (&qt, false), T::ONE, &mut acc);
             } else {
                 // dv_j += Σ_i p_ij dy_i.
                 for r in 0..br {
@@ -688,7 +656,7 @@ fn key_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, kh: usize, j0: usize, o
                         *x = if dead { T::ZERO } else { (*x - lt[r]).exp() };
                     }
                 }
-                gemm_tn(bc, br, g.dv, &sc, &dyt, T::ONE, &mut acc);
+                product(bc, br, g.dv, (&sc, true), (&dyt, false), T::ONE, &mut acc);
             }
         }
     }

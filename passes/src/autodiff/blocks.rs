@@ -40,6 +40,34 @@ pub(super) fn vjp(
     })
 }
 
+/// Rows `r0..r1` (of `width` columns) of a matrix.
+fn rows(r0: usize, r1: usize, width: usize) -> Op {
+    Op::Slice {
+        starts: vec![r0, 0],
+        ends: vec![r1, width],
+        steps: vec![1, 1],
+    }
+}
+
+/// A chunk of the LM head: the rows `hk` of `h` that `slice` takes, and their logits
+/// `hk·w (+ bias)` in the loss dtype `acc`.
+fn chunk_logits(
+    b: &mut Builder,
+    h: ValueId,
+    w: ValueId,
+    bias: Option<ValueId>,
+    slice: Op,
+    acc: memc_ir::DType,
+) -> Result<(ValueId, ValueId), String> {
+    let hk = b.op(slice, &[h])?;
+    let logits = b.op(Op::MatMul, &[hk, w])?;
+    let logits = match bias {
+        Some(bias) => b.add(logits, bias)?,
+        None => logits,
+    };
+    Ok((hk, b.cast(logits, acc)?))
+}
+
 /// The fused LM-head loss's VJP, chunk by chunk like its forward: each chunk's logits are
 /// recomputed, `g = (softmax − onehot(target))·dy/N`, `dh = g·wᵀ` (concatenated),
 /// `dw = Σ hᵀ·g` and the bias's `Σ g` (accumulated in f32, or f64 for f64). No `[N, V]`
@@ -67,18 +95,8 @@ fn lm_head_ce_vjp(
     let (mut dh, mut dw) = (vec![], None);
     for r0 in (0..n).step_by(chunk.max(1)) {
         let r1 = (r0 + chunk).min(n);
-        let rows = |width: usize| Op::Slice {
-            starts: vec![r0, 0],
-            ends: vec![r1, width],
-            steps: vec![1, 1],
-        };
-        let hk = b.op(rows(d), &[h])?;
-        let logits = b.op(Op::MatMul, &[hk, w])?;
-        let logits = match bias {
-            Some(bias) => b.add(logits, bias)?,
-            None => logits,
-        };
-        let logits = b.cast(logits, acc)?;
+        let rows = |width: usize| rows(r0, r1, width);
+        let (hk, logits) = chunk_logits(b, h, w, bias, rows(d), acc)?;
         let p = b.op(Op::Softmax { axis: 1 }, &[logits])?;
         let tk = b.op(rows(1), &[t])?;
         let ones = b.expand(one, vec![r1 - r0, 1])?;
@@ -181,18 +199,8 @@ pub(super) fn lm_head_ce_with_grads(
     };
     for r0 in (0..n).step_by(chunk.max(1)) {
         let r1 = (r0 + chunk).min(n);
-        let rows = |width: usize| Op::Slice {
-            starts: vec![r0, 0],
-            ends: vec![r1, width],
-            steps: vec![1, 1],
-        };
-        let hk = b.op(rows(d), &[h])?;
-        let logits = b.op(Op::MatMul, &[hk, w])?;
-        let logits = match bias {
-            Some(bias) => b.add(logits, bias)?,
-            None => logits,
-        };
-        let logits = b.cast(logits, acc)?;
+        let rows = |width: usize| rows(r0, r1, width);
+        let (hk, logits) = chunk_logits(b, h, w, bias, rows(d), acc)?;
         let max = b.reduce(ReduceKind::Max, logits, vec![1], true)?;
         let shifted = b.sub(logits, max)?;
         let e = b.unary(memc_ir::UnaryOp::Exp, shifted)?;
