@@ -74,11 +74,11 @@ impl HostProgram {
             })
         };
         let mut steps = Vec::with_capacity(kernels.len());
-        let mut lowered: Vec<(String, String)> = Vec::new();
+        // Each distinct kernel: name, the MLIR the host runs, number of buffer arguments.
+        let mut pending: Vec<(String, String, usize)> = Vec::new();
         let mut seen: HashMap<String, u32> = HashMap::new();
         let mut kernel_mlir: Vec<String> = Vec::new();
         let mut ranges: Vec<Option<u64>> = Vec::new();
-        let lowerer = Lowerer::new();
         for (n, k) in kernels.iter().enumerate() {
             let name = format!("step{n}");
             let node = g.node(k.nodes[0]);
@@ -153,21 +153,19 @@ impl HostProgram {
             let kernel = match seen.get(&key) {
                 Some(&k) => k,
                 None => {
-                    let name = format!("memc_k{}", lowered.len());
+                    let name = format!("memc_k{}", pending.len());
                     let mlir = key.replace("@K(", &format!("@{name}("));
                     // The host runs the split form where there is one (a row range argument,
                     // `crate::threads`); the GPU mapping reads the kernel as generated.
                     let split = crate::threads::split_form(&mlir, &name);
-                    let ir = match &split {
-                        Some((host, _)) => lowerer.lower(host, &name, args.len() + 1)?,
-                        None => lowerer.lower(&mlir, &name, args.len())?,
-                    }
-                    .llvm_ir;
-                    lowered.push((name, ir));
+                    pending.push(match &split {
+                        Some((host, _)) => (name, host.clone(), args.len() + 1),
+                        None => (name, mlir.clone(), args.len()),
+                    });
                     kernel_mlir.push(mlir);
                     ranges.push(split.map(|(_, rows)| rows));
-                    seen.insert(key, lowered.len() as u32 - 1);
-                    lowered.len() as u32 - 1
+                    seen.insert(key, pending.len() as u32 - 1);
+                    pending.len() as u32 - 1
                 }
             };
             let native = if k.elementwise { None } else { native(g, node) };
@@ -179,6 +177,10 @@ impl HostProgram {
                 range: ranges[kernel as usize],
             });
         }
+        // The distinct kernels lowered through MLIR to LLVM IR, on every core.
+        let irs = crate::kernel::lower_many(&pending)?;
+        let lowered: Vec<(String, String)> =
+            pending.into_iter().map(|(n, _, _)| n).zip(irs).collect();
 
         let slot = |v: ValueId, name: &str| {
             layout.offsets.get(&v).map(|&offset| Slot {

@@ -636,17 +636,17 @@ fn cast(b: &mut Body, x: &str, from: DType, to: DType) -> Result<String, String>
 
 /// A kernel lowered through MLIR and translated to LLVM IR.
 pub struct Lowered {
-    /// The kernel's MLIR after lowering to the LLVM dialect.
-    pub llvm_dialect: String,
     /// The LLVM IR, with the uniform entry point.
     pub llvm_ir: String,
 }
 
 /// An MLIR context with every dialect, pass and LLVM translation registered.
 pub(crate) fn mlir_context() -> Context {
+    // Pass registration is global and not safe to race: once per process.
+    static PASSES: std::sync::Once = std::sync::Once::new();
+    PASSES.call_once(register_all_passes);
     let registry = DialectRegistry::new();
     register_all_dialects(&registry);
-    register_all_passes();
     let context = Context::new();
     context.append_dialect_registry(&registry);
     context.load_all_available_dialects();
@@ -722,7 +722,6 @@ fn lower_in(
         .map_err(|e| err(e.to_string()))?;
     pm.run(&mut module)
         .map_err(|e| err(format!("lowering failed: {e}")))?;
-    let llvm_dialect = module.as_operation().to_string();
 
     let llvm = LlvmContext::create();
     // SAFETY: MLIR translates into the LLVM context we own; the module it returns is owned by
@@ -743,9 +742,33 @@ fn lower_in(
         msg: e.to_string(),
     })?;
     Ok(Lowered {
-        llvm_dialect,
         llvm_ir: m.print_to_string().to_string(),
     })
+}
+
+/// Lowers every kernel of `kernels` (name, MLIR, number of memref arguments) as [`lower`]
+/// does, on as many threads as the machine has cores (each with its own [`Lowerer`], taking
+/// the next kernel when done with one); the LLVM IR in `kernels`' order, or the first error
+/// in that order.
+pub fn lower_many(kernels: &[(String, String, usize)]) -> Result<Vec<String>, KernelError> {
+    // Setting up a context costs milliseconds: a thread per few kernels at most.
+    crate::cores::for_each_index(
+        kernels.len(),
+        kernels.len().div_ceil(4),
+        Lowerer::new,
+        |lowerer, i| {
+            let (name, mlir, n_args) = &kernels[i];
+            lowerer.lower(mlir, name, *n_args).map(|l| l.llvm_ir)
+        },
+        || {
+            Err(KernelError::Mlir {
+                kernel: "lowering".into(),
+                msg: "a lowering thread panicked".into(),
+            })
+        },
+    )
+    .into_iter()
+    .collect()
 }
 
 /// `mlir` with every f32 `math.exp` replaced by a call to `@NAME_expf`, appended: exp as

@@ -12,10 +12,12 @@
 #![warn(missing_docs)]
 
 pub use memc_passes::fuse;
+mod cores;
 pub mod host;
 pub mod jit;
 pub mod kernel;
 pub mod link;
+pub mod objects;
 pub mod ops;
 pub mod pipeline;
 pub mod ptx;

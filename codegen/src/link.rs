@@ -33,7 +33,7 @@ const NATIVE_LIBS: &[&str] = &[
 /// The runtime's static library file name.
 pub const RUNTIME_LIB: &str = "libmemc_runtime.a";
 
-fn llvm(kernel: &str, msg: impl ToString) -> KernelError {
+pub(crate) fn llvm(kernel: &str, msg: impl ToString) -> KernelError {
     KernelError::Llvm {
         kernel: kernel.to_string(),
         msg: msg.to_string(),
@@ -48,7 +48,7 @@ pub(crate) fn host_machine() -> Result<TargetMachine, KernelError> {
 
 /// [`host_machine`] once LLVM's native target is initialised (the shards' threads call this:
 /// the initialisation itself is not thread-safe).
-fn target_machine() -> Result<TargetMachine, KernelError> {
+pub(crate) fn target_machine() -> Result<TargetMachine, KernelError> {
     let triple = TargetMachine::get_default_triple();
     let target = Target::from_triple(&triple).map_err(|e| llvm("host", e))?;
     target
@@ -81,77 +81,15 @@ pub(crate) fn link_kernels<'c>(
     Ok(module)
 }
 
-/// Optimises and compiles `kernels` into object files `TMP.kN.o`, in as many shards as the
-/// machine has cores (each shard its own LLVM context and thread), balanced by IR size and
-/// kept in kernel order. On an error no object is left behind. The caller has initialised
-/// LLVM's native target ([`host_machine`]).
-fn compile_shards(kernels: &[(String, String)], tmp: &Path) -> Result<Vec<PathBuf>, KernelError> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let total: usize = kernels.iter().map(|(_, ir)| ir.len()).sum();
-    let shards = cores.clamp(1, kernels.len().max(1));
-    let mut bounds = vec![0];
-    let mut acc = 0;
-    for (i, (_, ir)) in kernels.iter().enumerate() {
-        acc += ir.len();
-        if bounds.len() < shards && acc * shards >= total * bounds.len() {
-            bounds.push(i + 1);
-        }
-    }
-    if *bounds.last().unwrap() != kernels.len() {
-        bounds.push(kernels.len());
-    }
-    let parts: Vec<&[(String, String)]> = bounds.windows(2).map(|w| &kernels[w[0]..w[1]]).collect();
-    let results: Vec<Result<PathBuf, KernelError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = parts
-            .iter()
-            .enumerate()
-            .map(|(i, part)| {
-                scope.spawn(move || {
-                    let machine = target_machine()?;
-                    let ctx = Context::create();
-                    let module = link_kernels(&ctx, part)?;
-                    optimize(&module, &machine)?;
-                    let obj = tmp.with_extension(format!("k{i}.o"));
-                    machine
-                        .write_to_file(&module, FileType::Object, &obj)
-                        .map_err(|e| llvm("object", e))?;
-                    Ok(obj)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(llvm("object", "a compiler thread panicked")))
-            })
-            .collect()
-    });
-    let mut objects = vec![];
-    let mut first_error = None;
-    for r in results {
-        match r {
-            Ok(o) => objects.push(o),
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        for o in &objects {
-            let _ = std::fs::remove_file(o);
-        }
-        return Err(e);
-    }
-    Ok(objects)
-}
+/// The LLVM pass pipeline kernels are optimised with.
+pub(crate) const OPT_PIPELINE: &str = "default<O2>";
 
 /// Runs LLVM's `default<O2>` pipeline on `module` for `machine`.
 pub(crate) fn optimize(module: &Module, machine: &TargetMachine) -> Result<(), KernelError> {
     module.set_triple(&machine.get_triple());
     module.set_data_layout(&machine.get_target_data().get_data_layout());
     module
-        .run_passes("default<O2>", machine, PassBuilderOptions::create())
+        .run_passes(OPT_PIPELINE, machine, PassBuilderOptions::create())
         .map_err(|e| llvm("optimize", e))
 }
 
@@ -188,6 +126,8 @@ pub struct Emitted {
     pub exe_bytes: u64,
     /// Size of the embedded program (description and constants).
     pub program_bytes: u64,
+    /// How many of the kernels the kernel cache already held ([`crate::objects`]).
+    pub cached_kernels: usize,
     /// Generated kernels linked in.
     pub kernels: usize,
 }
@@ -207,9 +147,9 @@ pub fn emit_executable(
     let mut tmp = out.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    // The kernels are optimised and compiled in shards, one thread per core, each into its
-    // own object; the main module declares them.
-    let objects = compile_shards(kernels, &tmp)?;
+    // The kernels are optimised and compiled on every core, each into its own object (or
+    // found in the kernel cache); the main module declares them.
+    let objects = crate::objects::compile_objects(kernels, &tmp)?;
     let ctx = Context::create();
     let module = ctx.create_module("memc.main");
     let names = &program.kernels;
@@ -297,9 +237,7 @@ pub fn emit_executable(
         .map_err(|e| llvm("object", e));
     let remove_objects = || {
         let _ = std::fs::remove_file(&obj);
-        for o in &objects {
-            let _ = std::fs::remove_file(o);
-        }
+        objects.remove_temporary();
     };
     if let Err(e) = written {
         remove_objects();
@@ -310,7 +248,7 @@ pub fn emit_executable(
         .arg("-o")
         .arg(&tmp)
         .arg(&obj)
-        .args(&objects)
+        .args(&objects.paths)
         .arg(runtime_lib)
         .args(["-Wl,--gc-sections", "-Wl,--strip-debug"])
         .args(NATIVE_LIBS)
@@ -338,5 +276,6 @@ pub fn emit_executable(
         exe_bytes,
         program_bytes: program.len() as u64,
         kernels: entries.len(),
+        cached_kernels: objects.cached,
     })
 }

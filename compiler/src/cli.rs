@@ -733,11 +733,32 @@ fn emit_executable(
         host.compile_device(sm, &libdevice)?;
     }
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
-    let emitted = memc_codegen::link::emit_executable(&host.program, host.lowered(), out, &lib)?;
     let mut weights = out.as_os_str().to_owned();
     weights.push(".safetensors");
     let weights = PathBuf::from(weights);
-    let weight_bytes = crate::train::write_weights(g, &host.program, &weights)?;
+    // The weights are written (mostly copying and waiting on the disk) while the kernels
+    // compile.
+    let (emitted, weight_bytes) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| crate::train::write_weights(g, &host.program, &weights));
+        let emitted = memc_codegen::link::emit_executable(&host.program, host.lowered(), out, &lib);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the thread writing the weights panicked")));
+        (emitted, written)
+    });
+    let (emitted, weight_bytes) = match (emitted, weight_bytes) {
+        (Ok(e), Ok(w)) => (e, w),
+        (Err(e), w) => {
+            if w.is_ok() {
+                let _ = std::fs::remove_file(&weights);
+            }
+            return Err(e.into());
+        }
+        (Ok(_), Err(e)) => {
+            let _ = std::fs::remove_file(out);
+            return Err(e);
+        }
+    };
     let gemms = host
         .program
         .steps
@@ -745,10 +766,11 @@ fn emit_executable(
         .filter(|s| matches!(s, memc_runtime::program::Step::Gemm { .. }))
         .count();
     eprintln!(
-        "wrote {} ({} bytes: {} generated kernels, {gemms} GEMMs, {}-byte program; arena {} bytes) and {} ({weight_bytes} bytes of weights) in {:.1} s",
+        "wrote {} ({} bytes: {} generated kernels ({} from the kernel cache), {gemms} GEMMs, {}-byte program; arena {} bytes) and {} ({weight_bytes} bytes of weights) in {:.1} s",
         out.display(),
         emitted.exe_bytes,
         emitted.kernels,
+        emitted.cached_kernels,
         emitted.program_bytes,
         host.program.arena_bytes,
         weights.display(),

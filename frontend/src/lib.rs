@@ -108,12 +108,39 @@ const INLINE_CONST_MAX: usize = 64;
 /// the memory a (possibly hostile) model file can make the importer allocate.
 pub(crate) const CONST_FOLD_MAX_BYTES: usize = 256 << 20;
 
+/// Folded results with at least this many elements are remembered, so the same op on the same
+/// constants is evaluated once.
+const FOLD_MEMO_MIN_ELEMENTS: usize = INLINE_CONST_MAX + 1;
+
+/// An operand in the fold memo's key: small constants by value (exporters repeat scalars per
+/// layer), large ones by the address of their data.
+#[derive(PartialEq, Eq, Hash)]
+enum FoldOperand {
+    Value(TensorType, Vec<u8>),
+    At(TensorType, usize, usize),
+}
+
+impl FoldOperand {
+    fn of(t: &Tensor) -> FoldOperand {
+        let b = t.bytes();
+        if b.len() <= 64 {
+            FoldOperand::Value(t.ty().clone(), b.to_vec())
+        } else {
+            FoldOperand::At(t.ty().clone(), b.as_ptr() as usize, b.len())
+        }
+    }
+}
+
 /// Import state: the graph being built and what each ONNX value name means.
 pub(crate) struct Ctx {
     pub(crate) g: Graph,
     env: HashMap<String, Val>,
     /// Materialised constants, keyed by data identity, so a constant used twice is one value.
     consts: HashMap<(usize, usize, TensorType), ValueId>,
+    /// Folded results of large constant ops, keyed by the op and its operands' data identity
+    /// (with the operands, which keeps those addresses from being reused).
+    #[allow(clippy::type_complexity)]
+    folded: HashMap<(String, Vec<FoldOperand>), (Vec<Tensor>, Tensor)>,
     n_const_params: usize,
     pub(crate) opset: i64,
 }
@@ -171,7 +198,23 @@ impl Ctx {
                     Val::Ir(_) => unreachable!(),
                 })
                 .collect();
-            return memc_ir::eval_op(&op, &ts).map(Val::Const);
+            // The same op on the same constants (each layer's copy of the attention mask's
+            // `Where`, say) folds once; the memo holds its operands, so their addresses stay
+            // theirs for the whole import.
+            let large = out[0].numel() >= FOLD_MEMO_MIN_ELEMENTS;
+            let key = large.then(|| {
+                let ids: Vec<_> = ts.iter().map(|t| FoldOperand::of(t)).collect();
+                (format!("{op:?}"), ids)
+            });
+            if let Some(hit) = key.as_ref().and_then(|k| self.folded.get(k)) {
+                return Ok(Val::Const(hit.1.clone()));
+            }
+            let folded = memc_ir::eval_op(&op, &ts)?;
+            if let Some(key) = key {
+                let held = ts.iter().map(|t| (*t).clone()).collect();
+                self.folded.insert(key, (held, folded.clone()));
+            }
+            return Ok(Val::Const(folded));
         }
         let ids: Vec<ValueId> = operands.iter().map(|v| self.ir(v)).collect();
         let out = self.g.add_node(op, &ids, name)?;
@@ -305,6 +348,7 @@ fn import_impl(
         g: Graph::new(),
         env: HashMap::new(),
         consts: HashMap::new(),
+        folded: HashMap::new(),
         n_const_params: 0,
         opset,
     };

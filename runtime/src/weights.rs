@@ -153,13 +153,35 @@ pub fn save_tensors(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad)?;
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(bad)?;
-    write_atomically(path, &bytes)
+    // Streamed into the file tensor by tensor: no second copy of every weight in memory.
+    let mut failed = None;
+    let written = write_atomically_with(path, |tmp| {
+        safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => e,
+            e => {
+                let msg = e.to_string();
+                failed = Some(e);
+                std::io::Error::other(msg)
+            }
+        })
+    });
+    match (written, failed) {
+        (Err(_), Some(e)) => Err(bad(e)),
+        (r, _) => r,
+    }
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it into place.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
-    use std::io::Write;
+    write_atomically_with(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// Lets `write` create and fill a temporary file beside `path` (`PATH.tmpPID`), syncs it and
+/// renames it into place; on any error the temporary file is removed and `path` is untouched.
+pub fn write_atomically_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<(), RunError> {
     let io = |source| RunError::Io {
         path: path.display().to_string(),
         source,
@@ -167,8 +189,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
-    let result = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+    let result = write(&tmp)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
         .and_then(|_| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

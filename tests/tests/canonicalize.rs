@@ -3,6 +3,8 @@
 //! (one norm op per norm of the model, one `attention` and one FFN block per layer, logits
 //! unchanged), and training through the recognised ops on the cpu backend.
 
+use std::collections::HashMap;
+
 use memc_passes::canonicalize::{canonicalize, Limits};
 use memc_tests::{
     adamw, examples, max_rel, reference_losses, train_args, train_reference, training_program, AUTO,
@@ -114,5 +116,32 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
             "{}: {reference:?} / {cpu:?} vs {want:?}",
             ex.name
         );
+    }
+}
+
+/// Import folds the same op on the same constants once: the exporters repeat each layer's
+/// mask arithmetic (`Where(mask, 0, -inf)` per layer), and every copy was a separate constant
+/// of batch × seq × seq elements. No two constants (of more than 64 elements) of an imported example are equal.
+#[test]
+fn every_example_imports_each_large_folded_constant_once() {
+    for ex in examples() {
+        let (g, _) = ex.import();
+        let mut seen: HashMap<(&memc_ir::TensorType, &[u8]), String> = HashMap::new();
+        for v in g.values() {
+            let memc_ir::ValueDef::Param {
+                name,
+                role: memc_ir::ParamRole::Constant,
+                data: Some(t),
+            } = &v.def
+            else {
+                continue;
+            };
+            if t.numel() <= 64 {
+                continue;
+            }
+            if let Some(first) = seen.insert((t.ty(), &t.bytes()[..]), name.clone()) {
+                panic!("{}: constants `{first}` and `{name}` are equal", ex.name);
+            }
+        }
     }
 }

@@ -813,3 +813,55 @@ fn thread_count_does_not_change_losses() {
     assert_eq!(one, two, "losses on 1 and 2 threads");
     assert_eq!(run("2"), two, "losses run to run");
 }
+
+/// The kernel cache: a second compile of the same model takes every kernel from the cache and
+/// emits the same executable; an unusable cache directory (a file in its place) or a disabled
+/// cache compiles everything and still emits it.
+#[test]
+fn kernel_cache_reuses_every_kernel_and_changes_nothing() {
+    let dir = scratch("kernel-cache");
+    let cache = dir.join("cache");
+    let model = memc_tests::root().join("examples/models/llama-dynamo.onnx");
+    let compile = |out: &Path, cache: &Path| -> String {
+        let o = run(Command::new(bin_dir().join("memc"))
+            .env("MEMC_KERNEL_CACHE", cache)
+            .arg("compile")
+            .arg(&model)
+            .args(["--shape", "input_ids=2x16", "--train", "-o"])
+            .arg(out));
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{stderr}");
+        stderr
+    };
+    let cached = |stderr: &str| -> (usize, usize) {
+        let (_, rest) = stderr.split_once("bytes: ").expect(stderr);
+        let (n, rest) = rest.split_once(" generated kernels (").expect(stderr);
+        let (hits, _) = rest.split_once(" from the kernel cache").expect(stderr);
+        (n.parse().unwrap(), hits.parse().unwrap())
+    };
+    let (cold, warm) = (dir.join("cold"), dir.join("warm"));
+    let (n, hits) = cached(&compile(&cold, &cache));
+    assert!(
+        n > 0 && hits == 0,
+        "a fresh cache holds nothing: {n} kernels, {hits} hits"
+    );
+    let entries = std::fs::read_dir(&cache).unwrap().count();
+    assert_eq!(entries, n, "one object per kernel in the cache");
+    assert_eq!(cached(&compile(&warm, &cache)), (n, n));
+    assert_eq!(std::fs::read(&cold).unwrap(), std::fs::read(&warm).unwrap());
+    // A file where the cache directory should be, and the cache turned off.
+    let blocked = dir.join("blocked");
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    for (cache, out) in [(blocked.as_path(), "b"), (Path::new("off"), "c")] {
+        let out = dir.join(out);
+        assert_eq!(cached(&compile(&out, cache)), (n, 0));
+        assert_eq!(std::fs::read(&cold).unwrap(), std::fs::read(&out).unwrap());
+    }
+    assert!(
+        std::fs::read_dir(&dir).unwrap().flatten().all(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            !name.contains(".tmp") && !name.ends_with(".o")
+        }),
+        "no temporary objects left beside the executables"
+    );
+}
