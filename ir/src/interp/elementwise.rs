@@ -1,7 +1,7 @@
 //! The elementwise ops' semantics: unary ops (in f64, integer `neg` wrapping), binary ops with
 //! NumPy broadcasting, `where` and `cast`.
 
-use super::{broadcast_strides, offsets, Arr, Data};
+use super::{broadcast_strides, Arr, Data};
 use crate::{BinaryOp, DType, Op, UnaryOp};
 
 /// [`Op::Unary`], [`Op::Binary`], [`Op::Where`] and [`Op::Cast`]; `dt` and `shape` are the result's.
@@ -15,45 +15,30 @@ pub(super) fn eval(op: &Op, ins: &[&Arr], dt: DType, shape: &[usize]) -> Result<
             Data::I(ins[0].i().iter().map(|&v| v.wrapping_neg()).collect())
         }
         Op::Unary(u) => Data::F(ins[0].f().iter().map(|&v| unary(*u, v)).collect()),
-        Op::Binary(b) => {
-            let n = shape.iter().product();
-            let (oa, ob) = (
-                Idx::new(&ins[0].shape, shape),
-                Idx::new(&ins[1].shape, shape),
-            );
-            binary(*b, ins[0], ins[1], n, &oa, &ob)?
-        }
+        Op::Binary(b) => binary(*b, ins[0], ins[1], shape)?,
         Op::Where => {
-            let n: usize = shape.iter().product();
-            let oc = Idx::new(&ins[0].shape, shape);
-            let (oa, ob) = (
-                Idx::new(&ins[1].shape, shape),
-                Idx::new(&ins[2].shape, shape),
-            );
+            let s = [0, 1, 2].map(|i| broadcast_strides(&ins[i].shape, shape));
             let c = ins[0].i();
+            let pick = |k: [usize; 3]| c[k[0]] != 0;
             match (&ins[1].data, &ins[2].data) {
-                (Data::F(a), Data::F(b)) => Data::F(
-                    (0..n)
-                        .map(|k| {
-                            if c[oc.at(k)] != 0 {
-                                a[oa.at(k)]
-                            } else {
-                                b[ob.at(k)]
-                            }
-                        })
-                        .collect(),
-                ),
-                (Data::I(a), Data::I(b)) => Data::I(
-                    (0..n)
-                        .map(|k| {
-                            if c[oc.at(k)] != 0 {
-                                a[oa.at(k)]
-                            } else {
-                                b[ob.at(k)]
-                            }
-                        })
-                        .collect(),
-                ),
+                (Data::F(a), Data::F(b)) => {
+                    Data::F(map_broadcast(shape, [&s[0], &s[1], &s[2]], |k| {
+                        if pick(k) {
+                            a[k[1]]
+                        } else {
+                            b[k[2]]
+                        }
+                    }))
+                }
+                (Data::I(a), Data::I(b)) => {
+                    Data::I(map_broadcast(shape, [&s[0], &s[1], &s[2]], |k| {
+                        if pick(k) {
+                            a[k[1]]
+                        } else {
+                            b[k[2]]
+                        }
+                    }))
+                }
                 _ => unreachable!(),
             }
         }
@@ -101,94 +86,121 @@ fn nan_or(a: f64, b: f64, f: fn(f64, f64) -> f64) -> f64 {
     }
 }
 
-/// Where element `k` of a broadcast result reads an operand: the same index, always index 0,
-/// or a precomputed map.
-enum Idx {
-    Same,
-    Scalar,
-    Map(Vec<usize>),
-}
-
-impl Idx {
-    fn new(shape: &[usize], out: &[usize]) -> Idx {
-        if shape == out {
-            Idx::Same
-        } else if shape.iter().all(|&d| d == 1) {
-            Idx::Scalar
-        } else {
-            Idx::Map(offsets(out, &broadcast_strides(shape, out), 0))
+/// `f` of every element of a broadcast result of `shape` (row-major), given where it reads each
+/// of the `K` operands (their flat offsets; `strides` are the operands' per-dim strides against
+/// `shape`, 0 where broadcast). The walk goes row by row with running offsets: no index vector
+/// per element.
+fn map_broadcast<const K: usize, R>(
+    shape: &[usize],
+    strides: [&[usize]; K],
+    mut f: impl FnMut([usize; K]) -> R,
+) -> Vec<R> {
+    let n: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    let Some((&inner, outer)) = shape.split_last() else {
+        out.push(f([0; K]));
+        return out;
+    };
+    let step: [usize; K] = std::array::from_fn(|i| strides[i][outer.len()]);
+    let mut idx = vec![0usize; outer.len()];
+    let mut base = [0usize; K];
+    loop {
+        for j in 0..inner {
+            out.push(f(std::array::from_fn(|i| base[i] + j * step[i])));
+        }
+        // The next row: the outer dims' odometer.
+        let mut d = outer.len();
+        loop {
+            if d == 0 {
+                return out;
+            }
+            d -= 1;
+            idx[d] += 1;
+            for i in 0..K {
+                base[i] += strides[i][d];
+            }
+            if idx[d] < outer[d] {
+                break;
+            }
+            for i in 0..K {
+                base[i] -= strides[i][d] * outer[d];
+            }
+            idx[d] = 0;
         }
     }
-
-    #[inline]
-    fn at(&self, k: usize) -> usize {
-        match self {
-            Idx::Same => k,
-            Idx::Scalar => 0,
-            Idx::Map(m) => m[k],
-        }
-    }
 }
 
-fn binary(b: BinaryOp, a: &Arr, c: &Arr, n: usize, oa: &Idx, ob: &Idx) -> Result<Data, String> {
-    let cmp = |f: &dyn Fn(usize) -> bool| Data::I((0..n).map(|k| f(k) as i64).collect());
+fn binary(b: BinaryOp, a: &Arr, c: &Arr, shape: &[usize]) -> Result<Data, String> {
+    let (sa, sb) = (
+        broadcast_strides(&a.shape, shape),
+        broadcast_strides(&c.shape, shape),
+    );
+    // `f(x, y)` of every pair of elements the broadcast result pairs up.
+    fn zip<X: Copy, Y: Copy, R>(
+        shape: &[usize],
+        (x, sa): (&[X], &[usize]),
+        (y, sb): (&[Y], &[usize]),
+        f: impl Fn(X, Y) -> R,
+    ) -> Vec<R> {
+        map_broadcast(shape, [sa, sb], |[i, j]| f(x[i], y[j]))
+    }
     Ok(match (&a.data, &c.data) {
         (Data::F(x), Data::F(y)) => {
-            let (x, y) = (|k: usize| x[oa.at(k)], |k: usize| y[ob.at(k)]);
+            let (x, y) = ((&x[..], &sa[..]), (&y[..], &sb[..]));
+            let cmp =
+                |f: fn(&f64, &f64) -> bool| Data::I(zip(shape, x, y, |a, b| f(&a, &b) as i64));
             match b {
-                BinaryOp::Add => Data::F((0..n).map(|k| x(k) + y(k)).collect()),
-                BinaryOp::Sub => Data::F((0..n).map(|k| x(k) - y(k)).collect()),
-                BinaryOp::Mul => Data::F((0..n).map(|k| x(k) * y(k)).collect()),
-                BinaryOp::Div => Data::F((0..n).map(|k| x(k) / y(k)).collect()),
-                BinaryOp::Pow => Data::F((0..n).map(|k| x(k).powf(y(k))).collect()),
-                BinaryOp::Equal => cmp(&|k| x(k) == y(k)),
-                BinaryOp::Less => cmp(&|k| x(k) < y(k)),
-                BinaryOp::LessEqual => cmp(&|k| x(k) <= y(k)),
-                BinaryOp::Greater => cmp(&|k| x(k) > y(k)),
-                BinaryOp::GreaterEqual => cmp(&|k| x(k) >= y(k)),
-                BinaryOp::Max => Data::F((0..n).map(|k| nan_or(x(k), y(k), f64::max)).collect()),
-                BinaryOp::Min => Data::F((0..n).map(|k| nan_or(x(k), y(k), f64::min)).collect()),
+                BinaryOp::Add => Data::F(zip(shape, x, y, |a, b| a + b)),
+                BinaryOp::Sub => Data::F(zip(shape, x, y, |a, b| a - b)),
+                BinaryOp::Mul => Data::F(zip(shape, x, y, |a, b| a * b)),
+                BinaryOp::Div => Data::F(zip(shape, x, y, |a, b| a / b)),
+                BinaryOp::Pow => Data::F(zip(shape, x, y, f64::powf)),
+                BinaryOp::Equal => cmp(f64::eq),
+                BinaryOp::Less => cmp(f64::lt),
+                BinaryOp::LessEqual => cmp(f64::le),
+                BinaryOp::Greater => cmp(f64::gt),
+                BinaryOp::GreaterEqual => cmp(f64::ge),
+                BinaryOp::Max => Data::F(zip(shape, x, y, |a, b| nan_or(a, b, f64::max))),
+                BinaryOp::Min => Data::F(zip(shape, x, y, |a, b| nan_or(a, b, f64::min))),
                 BinaryOp::And => unreachable!(),
             }
         }
+        // Only `pow` mixes dtypes: a float base with an integer exponent.
         (Data::F(x), Data::I(y)) => {
-            // Only `pow` mixes dtypes: a float base with an integer exponent.
-            Data::F(
-                (0..n)
-                    .map(|k| x[oa.at(k)].powf(y[ob.at(k)] as f64))
-                    .collect(),
-            )
+            Data::F(zip(shape, (x, &sa), (y, &sb), |a, b| a.powf(b as f64)))
         }
-        (Data::I(x), Data::F(y)) => Data::I(
-            (0..n)
-                .map(|k| (x[oa.at(k)] as f64).powf(y[ob.at(k)]) as i64)
-                .collect(),
-        ),
+        (Data::I(x), Data::F(y)) => Data::I(zip(shape, (x, &sa), (y, &sb), |a, b| {
+            (a as f64).powf(b) as i64
+        })),
         (Data::I(x), Data::I(y)) => {
-            let (x, y) = (|k: usize| x[oa.at(k)], |k: usize| y[ob.at(k)]);
+            let (x, y) = ((&x[..], &sa[..]), (&y[..], &sb[..]));
+            let cmp =
+                |f: fn(&i64, &i64) -> bool| Data::I(zip(shape, x, y, |a, b| f(&a, &b) as i64));
             match b {
-                BinaryOp::Add => Data::I((0..n).map(|k| x(k).wrapping_add(y(k))).collect()),
-                BinaryOp::Sub => Data::I((0..n).map(|k| x(k).wrapping_sub(y(k))).collect()),
-                BinaryOp::Mul => Data::I((0..n).map(|k| x(k).wrapping_mul(y(k))).collect()),
+                BinaryOp::Add => Data::I(zip(shape, x, y, i64::wrapping_add)),
+                BinaryOp::Sub => Data::I(zip(shape, x, y, i64::wrapping_sub)),
+                BinaryOp::Mul => Data::I(zip(shape, x, y, i64::wrapping_mul)),
                 BinaryOp::Div => {
-                    if (0..n).any(|k| y(k) == 0) {
+                    // Every element of a broadcast operand is read at least once.
+                    if shape.iter().product::<usize>() > 0 && y.0.contains(&0) {
                         return Err("integer division by zero".into());
                     }
-                    Data::I((0..n).map(|k| x(k).wrapping_div(y(k))).collect())
+                    Data::I(zip(shape, x, y, i64::wrapping_div))
                 }
-                BinaryOp::Pow => Data::I(
-                    (0..n)
-                        .map(|k| x(k).wrapping_pow(y(k).clamp(0, u32::MAX as i64) as u32))
-                        .collect(),
-                ),
-                BinaryOp::Equal => cmp(&|k| x(k) == y(k)),
-                BinaryOp::Less => cmp(&|k| x(k) < y(k)),
-                BinaryOp::LessEqual => cmp(&|k| x(k) <= y(k)),
-                BinaryOp::Greater => cmp(&|k| x(k) > y(k)),
-                BinaryOp::GreaterEqual => cmp(&|k| x(k) >= y(k)),
-                BinaryOp::Max => Data::I((0..n).map(|k| x(k).max(y(k))).collect()),
-                BinaryOp::Min => Data::I((0..n).map(|k| x(k).min(y(k))).collect()),
-                BinaryOp::And => cmp(&|k| x(k) != 0 && y(k) != 0),
+                BinaryOp::Pow => Data::I(zip(shape, x, y, |a, b| {
+                    a.wrapping_pow(b.clamp(0, u32::MAX as i64) as u32)
+                })),
+                BinaryOp::Equal => cmp(i64::eq),
+                BinaryOp::Less => cmp(i64::lt),
+                BinaryOp::LessEqual => cmp(i64::le),
+                BinaryOp::Greater => cmp(i64::gt),
+                BinaryOp::GreaterEqual => cmp(i64::ge),
+                BinaryOp::Max => Data::I(zip(shape, x, y, i64::max)),
+                BinaryOp::Min => Data::I(zip(shape, x, y, i64::min)),
+                BinaryOp::And => Data::I(zip(shape, x, y, |a, b| (a != 0 && b != 0) as i64)),
             }
         }
     })
