@@ -28,17 +28,13 @@ pub(crate) fn for_each_index<S, T: Send>(
             done.push((i, f(&mut state, i)));
         }
     };
-    let parts: Vec<Vec<(usize, T)>> = if threads == 1 {
-        vec![work()]
-    } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        })
-    };
+    let parts: Vec<Vec<(usize, T)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads).map(|_| scope.spawn(work)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
     let mut results: Vec<Option<T>> = (0..n).map(|_| None).collect();
     for (i, r) in parts.into_iter().flatten() {
         results[i] = Some(r);
@@ -47,4 +43,41 @@ pub(crate) fn for_each_index<S, T: Send>(
         .into_iter()
         .map(|r| r.unwrap_or_else(&lost))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_each_index;
+
+    #[test]
+    fn every_index_once_in_order_and_panics_are_lost_items() {
+        let squares = for_each_index(
+            100,
+            usize::MAX,
+            || 0usize,
+            |calls, i| {
+                *calls += 1;
+                i * i
+            },
+            || usize::MAX,
+        );
+        assert_eq!(squares, (0..100).map(|i| i * i).collect::<Vec<_>>());
+        assert!(for_each_index(0, 4, || (), |_, i| i, || 0).is_empty());
+        // A thread that panics loses the items it held; the others still come back.
+        let r = for_each_index(
+            8,
+            usize::MAX,
+            || (),
+            |_, i| {
+                if i == 3 {
+                    panic!("item 3");
+                }
+                Some(i)
+            },
+            || None,
+        );
+        assert_eq!(r.len(), 8);
+        assert_eq!(r[3], None);
+        assert!(r.iter().flatten().all(|&i| i != 3));
+    }
 }
