@@ -334,15 +334,18 @@ impl HostProgram {
     /// the GPU mapping's index arithmetic on the CPU, against the untransformed kernels (every
     /// step runs its kernel, whole: no row ranges, no runtime attention).
     pub fn use_gpu_form_on_host(&mut self) -> Result<(), KernelError> {
-        let lowerer = Lowerer::new();
-        for ((name, ir), mlir) in self.lowered.iter_mut().zip(&self.mlir) {
-            let mapped = crate::ptx::gpu_form(mlir, name)?;
+        let mut mapped = Vec::with_capacity(self.lowered.len());
+        for ((name, _), mlir) in self.lowered.iter().zip(&self.mlir) {
             let n_args = mlir
                 .lines()
                 .find(|l| l.starts_with("func.func @"))
                 .map(|l| l.matches(": memref<").count())
                 .unwrap_or(0);
-            *ir = lowerer.lower(&mapped, name, n_args)?.llvm_ir;
+            mapped.push((name.clone(), crate::ptx::gpu_form(mlir, name)?, n_args));
+        }
+        let irs = crate::kernel::lower_many(&mapped)?;
+        for ((_, ir), new) in self.lowered.iter_mut().zip(irs) {
+            *ir = new;
         }
         // The GPU forms take no row range (each runs whole), and every kernel runs, attention
         // included, rather than the runtime's own implementation.

@@ -149,10 +149,14 @@ pub fn emit_executable(
     let tmp = PathBuf::from(tmp);
     // The kernels are optimised and compiled on every core, each into its own object (or
     // found in the kernel cache); the main module declares them.
+    let names = &program.kernels;
+    if let Some(name) = names.iter().find(|n| !kernels.iter().any(|(k, _)| k == *n)) {
+        return Err(llvm(name, "the kernel's entry is missing"));
+    }
+    // Dropping `objects` removes its temporary objects, on every path out.
     let objects = crate::objects::compile_objects(kernels, &tmp)?;
     let ctx = Context::create();
     let module = ctx.create_module("memc.main");
-    let names = &program.kernels;
     let program = program.to_bytes();
     let ptr = ctx.ptr_type(AddressSpace::default());
     let i64t = ctx.i64_type();
@@ -167,9 +171,6 @@ pub fn emit_executable(
 
     let mut entries = Vec::with_capacity(names.len());
     for name in names {
-        if !kernels.iter().any(|(k, _)| k == name) {
-            return Err(llvm(name, "the kernel's entry is missing"));
-        }
         // Every entry is `void(ptr)`: the runtime's `KernelFn`.
         let f = module.add_function(
             name,
@@ -235,12 +236,8 @@ pub fn emit_executable(
     let written = machine
         .write_to_file(&module, FileType::Object, &obj)
         .map_err(|e| llvm("object", e));
-    let remove_objects = || {
-        let _ = std::fs::remove_file(&obj);
-        objects.remove_temporary();
-    };
     if let Err(e) = written {
-        remove_objects();
+        let _ = std::fs::remove_file(&obj);
         return Err(e);
     }
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
@@ -253,7 +250,9 @@ pub fn emit_executable(
         .args(["-Wl,--gc-sections", "-Wl,--strip-debug"])
         .args(NATIVE_LIBS)
         .output();
-    remove_objects();
+    let _ = std::fs::remove_file(&obj);
+    let cached_kernels = objects.cached;
+    drop(objects);
     let output = output.map_err(|e| {
         link(format!(
             "cannot run the C compiler driver `{cc}` to link the executable: {e} (install gcc or clang, or set CC)"
@@ -276,6 +275,6 @@ pub fn emit_executable(
         exe_bytes,
         program_bytes: program.len() as u64,
         kernels: entries.len(),
-        cached_kernels: objects.cached,
+        cached_kernels,
     })
 }

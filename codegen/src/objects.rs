@@ -45,15 +45,15 @@ fn without_loop_strength_reduction() {
 pub struct Objects {
     /// One object per kernel, in the kernels' order (in the cache, or temporary).
     pub paths: Vec<PathBuf>,
-    /// The temporary ones among `paths` (the caller removes them once linked).
+    /// The temporary ones among `paths` (removed when the `Objects` is dropped, linked or
+    /// not).
     pub temporary: Vec<PathBuf>,
     /// How many kernels the cache already held.
     pub cached: usize,
 }
 
-impl Objects {
-    /// Removes the temporary objects.
-    pub fn remove_temporary(&self) {
+impl Drop for Objects {
+    fn drop(&mut self) {
         for p in &self.temporary {
             let _ = std::fs::remove_file(p);
         }
@@ -164,12 +164,10 @@ pub fn compile_objects(kernels: &[(String, String)], tmp: &Path) -> Result<Objec
         }
     }
     if let Some((_, e)) = first_error {
-        objects.remove_temporary();
         return Err(e);
     }
     objects.paths = slots.into_iter().flatten().collect();
     if objects.paths.len() != kernels.len() {
-        objects.remove_temporary();
         return Err(llvm("object", "a kernel was not compiled (a memc bug)"));
     }
     Ok(objects)

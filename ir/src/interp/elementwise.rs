@@ -150,19 +150,17 @@ fn binary(b: BinaryOp, a: &Arr, c: &Arr, shape: &[usize]) -> Result<Data, String
     Ok(match (&a.data, &c.data) {
         (Data::F(x), Data::F(y)) => {
             let (x, y) = ((&x[..], &sa[..]), (&y[..], &sb[..]));
-            let cmp =
-                |f: fn(&f64, &f64) -> bool| Data::I(zip(shape, x, y, |a, b| f(&a, &b) as i64));
             match b {
                 BinaryOp::Add => Data::F(zip(shape, x, y, |a, b| a + b)),
                 BinaryOp::Sub => Data::F(zip(shape, x, y, |a, b| a - b)),
                 BinaryOp::Mul => Data::F(zip(shape, x, y, |a, b| a * b)),
                 BinaryOp::Div => Data::F(zip(shape, x, y, |a, b| a / b)),
                 BinaryOp::Pow => Data::F(zip(shape, x, y, f64::powf)),
-                BinaryOp::Equal => cmp(f64::eq),
-                BinaryOp::Less => cmp(f64::lt),
-                BinaryOp::LessEqual => cmp(f64::le),
-                BinaryOp::Greater => cmp(f64::gt),
-                BinaryOp::GreaterEqual => cmp(f64::ge),
+                BinaryOp::Equal => Data::I(zip(shape, x, y, |a, b| (a == b) as i64)),
+                BinaryOp::Less => Data::I(zip(shape, x, y, |a, b| (a < b) as i64)),
+                BinaryOp::LessEqual => Data::I(zip(shape, x, y, |a, b| (a <= b) as i64)),
+                BinaryOp::Greater => Data::I(zip(shape, x, y, |a, b| (a > b) as i64)),
+                BinaryOp::GreaterEqual => Data::I(zip(shape, x, y, |a, b| (a >= b) as i64)),
                 BinaryOp::Max => Data::F(zip(shape, x, y, |a, b| nan_or(a, b, f64::max))),
                 BinaryOp::Min => Data::F(zip(shape, x, y, |a, b| nan_or(a, b, f64::min))),
                 BinaryOp::And => unreachable!(),
@@ -177,8 +175,6 @@ fn binary(b: BinaryOp, a: &Arr, c: &Arr, shape: &[usize]) -> Result<Data, String
         })),
         (Data::I(x), Data::I(y)) => {
             let (x, y) = ((&x[..], &sa[..]), (&y[..], &sb[..]));
-            let cmp =
-                |f: fn(&i64, &i64) -> bool| Data::I(zip(shape, x, y, |a, b| f(&a, &b) as i64));
             match b {
                 BinaryOp::Add => Data::I(zip(shape, x, y, i64::wrapping_add)),
                 BinaryOp::Sub => Data::I(zip(shape, x, y, i64::wrapping_sub)),
@@ -193,11 +189,11 @@ fn binary(b: BinaryOp, a: &Arr, c: &Arr, shape: &[usize]) -> Result<Data, String
                 BinaryOp::Pow => Data::I(zip(shape, x, y, |a, b| {
                     a.wrapping_pow(b.clamp(0, u32::MAX as i64) as u32)
                 })),
-                BinaryOp::Equal => cmp(i64::eq),
-                BinaryOp::Less => cmp(i64::lt),
-                BinaryOp::LessEqual => cmp(i64::le),
-                BinaryOp::Greater => cmp(i64::gt),
-                BinaryOp::GreaterEqual => cmp(i64::ge),
+                BinaryOp::Equal => Data::I(zip(shape, x, y, |a, b| (a == b) as i64)),
+                BinaryOp::Less => Data::I(zip(shape, x, y, |a, b| (a < b) as i64)),
+                BinaryOp::LessEqual => Data::I(zip(shape, x, y, |a, b| (a <= b) as i64)),
+                BinaryOp::Greater => Data::I(zip(shape, x, y, |a, b| (a > b) as i64)),
+                BinaryOp::GreaterEqual => Data::I(zip(shape, x, y, |a, b| (a >= b) as i64)),
                 BinaryOp::Max => Data::I(zip(shape, x, y, i64::max)),
                 BinaryOp::Min => Data::I(zip(shape, x, y, i64::min)),
                 BinaryOp::And => Data::I(zip(shape, x, y, |a, b| (a != 0 && b != 0) as i64)),

@@ -130,14 +130,25 @@ fn lm_head_ce_vjp(
             });
         }
     }
-    let dh = if wants[0] {
-        Some(if dh.len() == 1 {
-            dh[0]
-        } else {
-            b.op(Op::Concat { axis: 0 }, &dh)?
-        })
-    } else {
-        None
+    head_grads(b, wants[0], dh, dw, db, w, bias)
+}
+
+/// `lm_head_ce`'s operand gradients from the per-chunk pieces: `dh` the chunks' row blocks
+/// (concatenated, when wanted and there are any), `dw` and `db` the f32 accumulations cast back
+/// to the weight's and bias's dtypes; the column-index operand gets none.
+fn head_grads(
+    b: &mut Builder,
+    wants_dh: bool,
+    dh: Vec<ValueId>,
+    dw: Option<ValueId>,
+    db: Option<ValueId>,
+    w: ValueId,
+    bias: Option<ValueId>,
+) -> Result<Vec<Option<ValueId>>, String> {
+    let dh = match (wants_dh, dh.len()) {
+        (false, _) | (_, 0) => None,
+        (true, 1) => Some(dh[0]),
+        (true, _) => Some(b.op(Op::Concat { axis: 0 }, &dh)?),
     };
     let dw = match dw {
         Some(acc) => Some(b.cast(acc, b.dtype(w))?),
@@ -239,21 +250,5 @@ pub(super) fn lm_head_ce_with_grads(
     let total = total.ok_or("an lm_head_ce without rows")?;
     let loss = b.mul(total, inv_n)?;
     let loss = b.cast(loss, loss_dtype)?;
-    let dh = match (wants[0], dh.len()) {
-        (false, _) | (_, 0) => None,
-        (true, 1) => Some(dh[0]),
-        (true, _) => Some(b.op(Op::Concat { axis: 0 }, &dh)?),
-    };
-    let dw = match dw {
-        Some(acc) => Some(b.cast(acc, b.dtype(w))?),
-        None => None,
-    };
-    let mut out = vec![dh, dw, None];
-    if let Some(bias) = bias {
-        out.push(match db {
-            Some(acc) => Some(b.cast(acc, b.dtype(bias))?),
-            None => None,
-        });
-    }
-    Ok((loss, out))
+    Ok((loss, head_grads(b, wants[0], dh, dw, db, w, bias)?))
 }
