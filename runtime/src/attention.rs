@@ -16,6 +16,8 @@
 //! [`crate::pool`], so results do not depend on the number of threads. bf16 operands are
 //! computed in f32, f64 ones in f64.
 
+use std::marker::PhantomData;
+
 use serde::{Deserialize, Serialize};
 
 use crate::program::Dtype;
@@ -151,6 +153,7 @@ trait Real:
     const ONE: Self;
     const NEG_INF: Self;
     fn of(x: f32) -> Self;
+    /// `exp`: as vectorisable arithmetic for f32 ([`crate::vmath::exp_f32`]), libm for f64.
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn tanh(self) -> Self;
@@ -158,6 +161,10 @@ trait Real:
     fn read(src: &[u8], dt: Dtype, i: usize) -> Self;
     /// Writes `x` as element `i` of `dst`.
     fn write(dst: &mut [u8], dt: Dtype, i: usize, x: Self);
+    /// Elements `start..start + dst.len()` of `src` into `dst` (`add`: added to it).
+    fn read_row(src: &[u8], dt: Dtype, start: usize, dst: &mut [Self], add: bool);
+    /// `src` as elements `start..start + src.len()` of `dst`.
+    fn write_row(dst: &mut [u8], dt: Dtype, start: usize, src: &[Self]);
     /// `c = a·b + beta·c` for `a` and `b` strided (row stride, column stride:
     /// matrixmultiply's convention) and `c` row-major [m × n].
     ///
@@ -184,8 +191,9 @@ impl Real for f32 {
     fn of(x: f32) -> f32 {
         x
     }
+    #[inline(always)]
     fn exp(self) -> f32 {
-        f32::exp(self)
+        crate::vmath::exp_f32(self)
     }
     fn ln(self) -> f32 {
         f32::ln(self)
@@ -207,6 +215,44 @@ impl Real for f32 {
                 dst[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(x).to_le_bytes())
             }
             _ => dst[4 * i..4 * i + 4].copy_from_slice(&x.to_le_bytes()),
+        }
+    }
+    #[inline(always)]
+    fn read_row(src: &[u8], dt: Dtype, start: usize, dst: &mut [f32], add: bool) {
+        let n = dst.len();
+        match dt {
+            Dtype::Bf16 => {
+                let src = &src[2 * start..2 * (start + n)];
+                for (x, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    let y = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                    *x = if add { *x + y } else { y };
+                }
+            }
+            _ => {
+                let src = &src[4 * start..4 * (start + n)];
+                for (x, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    let y = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    *x = if add { *x + y } else { y };
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    fn write_row(dst: &mut [u8], dt: Dtype, start: usize, src: &[f32]) {
+        let n = src.len();
+        match dt {
+            Dtype::Bf16 => {
+                let dst = &mut dst[2 * start..2 * (start + n)];
+                for (c, &x) in dst.chunks_exact_mut(2).zip(src) {
+                    c.copy_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+                }
+            }
+            _ => {
+                let dst = &mut dst[4 * start..4 * (start + n)];
+                for (c, &x) in dst.chunks_exact_mut(4).zip(src) {
+                    c.copy_from_slice(&x.to_le_bytes());
+                }
+            }
         }
     }
     unsafe fn gemm(
@@ -251,6 +297,19 @@ impl Real for f64 {
     fn write(dst: &mut [u8], _: Dtype, i: usize, x: f64) {
         dst[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes())
     }
+    fn read_row(src: &[u8], _: Dtype, start: usize, dst: &mut [f64], add: bool) {
+        let src = &src[8 * start..8 * (start + dst.len())];
+        for (x, c) in dst.iter_mut().zip(src.chunks_exact(8)) {
+            let y = f64::from_le_bytes(c.try_into().unwrap());
+            *x = if add { *x + y } else { y };
+        }
+    }
+    fn write_row(dst: &mut [u8], _: Dtype, start: usize, src: &[f64]) {
+        let dst = &mut dst[8 * start..8 * (start + src.len())];
+        for (c, &x) in dst.chunks_exact_mut(8).zip(src) {
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+    }
     unsafe fn gemm(
         m: usize,
         k: usize,
@@ -275,6 +334,7 @@ impl Real for f64 {
 /// its transpose when `a_t`; `b` is [k × n], or [n × k] when `b_t` (the convention of
 /// [`crate::gemm::matmul`]'s `trans`).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn product<T: Real>(
     m: usize,
     k: usize,
@@ -351,6 +411,7 @@ impl Geo<'_> {
     /// the raw products `sc` (row-major br × bc); returns the soft-cap derivatives in `dcap`
     /// when there is a soft-cap.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn scores<T: Real>(
         &self,
         mask: &[u8],
@@ -369,33 +430,107 @@ impl Geo<'_> {
         let [mb, mh, mi, mj] = self.mstride;
         for r in 0..br {
             let i = i0 + r;
-            let mrow = bq * mb + hq * mh + i * mi;
-            for c in 0..bc {
-                let j = j0 + c;
-                let x = &mut sc[r * bc + c];
-                let mut s = *x * scale;
-                if sp.softcap > 0.0 {
-                    let th = (s / cap).tanh();
-                    s = cap * th;
-                    dcap[r * bc + c] = T::ONE - th * th;
+            let row = &mut sc[r * bc..(r + 1) * bc];
+            if sp.softcap > 0.0 {
+                for (x, dc) in row.iter_mut().zip(&mut dcap[r * bc..(r + 1) * bc]) {
+                    let th = (*x * scale / cap).tanh();
+                    *x = cap * th;
+                    *dc = T::ONE - th * th;
                 }
-                s = s + T::read(mask, sp.dtype, mrow + j * mj);
-                let (qi, kj) = (i + self.t, j + self.s);
-                if (sp.causal && kj > qi) || (sp.window > 0 && qi >= kj + sp.window) {
-                    s = T::NEG_INF;
-                }
-                *x = s;
+            } else {
+                row.iter_mut().for_each(|x| *x = *x * scale);
             }
+            let mrow = bq * mb + hq * mh + i * mi;
+            match mj {
+                0 => {
+                    let m = T::read(mask, sp.dtype, mrow);
+                    row.iter_mut().for_each(|x| *x = *x + m);
+                }
+                1 => T::read_row(mask, sp.dtype, mrow + j0, row, true),
+                _ => {
+                    for (c, x) in row.iter_mut().enumerate() {
+                        *x = *x + T::read(mask, sp.dtype, mrow + (j0 + c) * mj);
+                    }
+                }
+            }
+            // Key j is hidden from query i when it lies after the query's position
+            // (j + S > i + T, causal) or `window` or more before it (i + T ≥ j + S + window):
+            // the visible keys are `first..end`, as columns of this block `c0..c1`.
+            let q1 = i + self.t + 1;
+            let end = if sp.causal {
+                q1.saturating_sub(self.s)
+            } else {
+                usize::MAX
+            };
+            let first = if sp.window > 0 {
+                q1.saturating_sub(self.s + sp.window)
+            } else {
+                0
+            };
+            let c0 = first.saturating_sub(j0).min(bc);
+            let c1 = end.saturating_sub(j0).min(bc).max(c0);
+            row[..c0].fill(T::NEG_INF);
+            row[c1..].fill(T::NEG_INF);
         }
     }
 
-    /// Rows `r0..r0+n` (each `w` wide) of the [.., rows, w] operand starting at row `base`,
-    /// into `dst`.
+    /// Rows `base..base+n` (each `w` wide) of the [.., rows, w] operand `src`, into `dst`.
+    #[inline(always)]
     fn load<T: Real>(&self, src: &[u8], base: usize, n: usize, w: usize, dst: &mut [T]) {
-        let start = base * w;
-        for (e, x) in dst[..n * w].iter_mut().enumerate() {
-            *x = T::read(src, self.spec.dtype, start + e);
+        T::read_row(src, self.spec.dtype, base * w, &mut dst[..n * w], false);
+    }
+}
+
+/// Lanes of the row reductions below: a fixed count, so sums do not depend on the vector width
+/// the code was compiled for ([`crate::vmath::simd`]).
+const LANES: usize = 16;
+
+/// The largest element of `row` (−∞ for an empty row; NaNs are passed over).
+#[inline(always)]
+fn row_max<T: Real>(row: &[T]) -> T {
+    let mut lanes = [T::NEG_INF; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
         }
+    }
+    let mut mx = T::NEG_INF;
+    for &x in chunks.remainder().iter().chain(&lanes) {
+        if x > mx {
+            mx = x;
+        }
+    }
+    mx
+}
+
+/// `row[c] = exp(row[c] − shift)`; returns the sum of the new row.
+#[inline(always)]
+fn exp_shifted_sum<T: Real>(row: &mut [T], shift: T) -> T {
+    let mut lanes = [T::ZERO; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, x) in lanes.iter_mut().zip(c) {
+            *x = (*x - shift).exp();
+            *s = *s + *x;
+        }
+    }
+    let mut sum = T::ZERO;
+    for x in chunks.into_remainder() {
+        *x = (*x - shift).exp();
+        sum = sum + *x;
+    }
+    lanes.iter().fold(sum, |a, &s| a + s)
+}
+
+/// `row[c] = exp(row[c] − lse)`, the probabilities from scores and their row's log-sum-exp
+/// (zeros for a row whose lse is −∞: every key hidden).
+#[inline(always)]
+fn probabilities<T: Real>(row: &mut [T], lse: T) {
+    if lse == T::NEG_INF {
+        row.fill(T::ZERO);
+    } else {
+        row.iter_mut().for_each(|x| *x = (*x - lse).exp());
     }
 }
 
@@ -445,7 +580,16 @@ fn run_typed<T: Real>(spec: &Spec, ins: &[&[u8]], out: &mut [u8]) {
                 let i0 = qb * BR;
                 let row0 = bh * s + i0;
                 let out = part(row0 * w, BR.min(s - i0) * w);
-                query_block::<T>(&geo, ins, bh / h, bh % h, i0, out)
+                crate::vmath::simd(Task::<T> {
+                    geo: &geo,
+                    ins,
+                    b: bh / h,
+                    head: bh % h,
+                    first: i0,
+                    out,
+                    query: true,
+                    real: PhantomData,
+                })
             })
         }
         Part::GradK | Part::GradV => {
@@ -454,14 +598,58 @@ fn run_typed<T: Real>(spec: &Spec, ins: &[&[u8]], out: &mut [u8]) {
                 let (bk, kb) = (task / kblocks, task % kblocks);
                 let j0 = kb * BC;
                 let out = part((bk * t + j0) * w, BC.min(t - j0) * w);
-                key_block::<T>(&geo, ins, bk / hk, bk % hk, j0, out)
+                crate::vmath::simd(Task::<T> {
+                    geo: &geo,
+                    ins,
+                    b: bk / hk,
+                    head: bk % hk,
+                    first: j0,
+                    out,
+                    query: false,
+                    real: PhantomData,
+                })
             })
+        }
+    }
+}
+
+/// One task: a block of query rows ([`query_block`]) or of keys ([`key_block`]), run through
+/// [`crate::vmath::simd`].
+struct Task<'a, T> {
+    geo: &'a Geo<'a>,
+    ins: &'a [&'a [u8]],
+    b: usize,
+    head: usize,
+    first: usize,
+    out: &'a mut [u8],
+    query: bool,
+    real: PhantomData<T>,
+}
+
+impl<T: Real> crate::vmath::Vectorised for Task<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let Task {
+            geo,
+            ins,
+            b,
+            head,
+            first,
+            out,
+            ..
+        } = self;
+        if self.query {
+            query_block::<T>(geo, ins, b, head, first, out)
+        } else {
+            key_block::<T>(geo, ins, b, head, first, out)
         }
     }
 }
 
 /// Forward, log-sum-exp or dq for query rows `i0..` of head (bq, hq): `out` holds exactly
 /// those rows.
+#[inline(always)]
 fn query_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, hq: usize, i0: usize, out: &mut [u8]) {
     let sp = g.spec;
     let br = BR.min(g.s - i0);
@@ -494,24 +682,15 @@ fn query_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, hq: usize, i0: usize,
                 g.scores(mask, bq, hq, i0, br, j0, bc, &mut sc, &mut dcap);
                 for r in 0..br {
                     let row = &mut sc[r * bc..(r + 1) * bc];
-                    let mut mx = m[r];
-                    for &x in row.iter() {
-                        if x > mx {
-                            mx = x;
-                        }
-                    }
+                    let mx = row_max(row);
+                    let mx = if mx > m[r] { mx } else { m[r] };
                     if mx == T::NEG_INF {
                         // Every score so far is −∞: the row stays empty.
-                        row.iter_mut().for_each(|x| *x = T::ZERO);
+                        row.fill(T::ZERO);
                         continue;
                     }
                     let corr = (m[r] - mx).exp();
-                    let mut sum = T::ZERO;
-                    for x in row.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum = sum + *x;
-                    }
-                    l[r] = l[r] * corr + sum;
+                    l[r] = l[r] * corr + exp_shifted_sum(row, mx);
                     m[r] = mx;
                     if corr != T::ONE {
                         acc[r * g.dv..(r + 1) * g.dv]
@@ -524,26 +703,27 @@ fn query_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, hq: usize, i0: usize,
                     product(br, bc, g.dv, (&sc, false), (&vt, false), T::ONE, &mut acc);
                 }
             }
-            for r in 0..br {
-                if sp.part == Part::Lse {
+            if sp.part == Part::Lse {
+                for r in 0..br {
                     let lse = if m[r] == T::NEG_INF {
                         T::NEG_INF
                     } else {
                         m[r] + l[r].ln()
                     };
                     T::write(out, sp.dtype, r, lse);
-                } else {
+                }
+            } else {
+                for r in 0..br {
                     // A row of −∞ scores has no distribution: zeros.
                     let inv = if m[r] == T::NEG_INF {
                         T::ZERO
                     } else {
                         T::ONE / l[r]
                     };
-                    for c in 0..g.dv {
-                        let y = acc[r * g.dv + c] * inv;
-                        T::write(out, sp.dtype, r * g.dv + c, y);
-                    }
+                    let row = &mut acc[r * g.dv..(r + 1) * g.dv];
+                    row.iter_mut().for_each(|y| *y = *y * inv);
                 }
+                T::write_row(out, sp.dtype, 0, &acc[..br * g.dv]);
             }
         }
         _ => {
@@ -570,9 +750,7 @@ fn query_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, hq: usize, i0: usize,
                 grad_scores(sp, br, bc, &lt, &dt, &mut sc, &dp, &dcap);
                 product(br, bc, g.d, (&sc, false), (&kt, false), T::ONE, &mut dq);
             }
-            for (e, &x) in dq.iter().enumerate() {
-                T::write(out, sp.dtype, e, x);
-            }
+            T::write_row(out, sp.dtype, 0, &dq);
         }
     }
 }
@@ -580,6 +758,7 @@ fn query_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, hq: usize, i0: usize,
 /// Turns scores `sc` (br × bc) into `ds = p·(dp − delta)·scale·dcap` with `p = exp(s − lse)`
 /// (0 for a row whose lse is −∞).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn grad_scores<T: Real>(
     sp: &Spec,
     br: usize,
@@ -592,21 +771,18 @@ fn grad_scores<T: Real>(
 ) {
     let scale = T::of(sp.scale);
     for r in 0..br {
-        let dead = lse[r] == T::NEG_INF;
-        for c in 0..bc {
-            let e = r * bc + c;
-            let p = if dead {
-                T::ZERO
-            } else {
-                (sc[e] - lse[r]).exp()
-            };
-            sc[e] = p * (dp[e] - delta[r]) * scale * dcap[e];
+        let row = &mut sc[r * bc..(r + 1) * bc];
+        probabilities(row, lse[r]);
+        let (dp, dcap) = (&dp[r * bc..(r + 1) * bc], &dcap[r * bc..(r + 1) * bc]);
+        for ((x, &dp), &dc) in row.iter_mut().zip(dp).zip(dcap) {
+            *x = *x * (dp - delta[r]) * scale * dc;
         }
     }
 }
 
 /// dk or dv for keys `j0..` of key/value head (bq, kh), summed over the head's query heads
 /// and every query block: `out` holds exactly those rows.
+#[inline(always)]
 fn key_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, kh: usize, j0: usize, out: &mut [u8]) {
     let sp = g.spec;
     let bc = BC.min(g.t - j0);
@@ -651,16 +827,11 @@ fn key_block<T: Real>(g: &Geo, ins: &[&[u8]], bq: usize, kh: usize, j0: usize, o
             } else {
                 // dv_j += Σ_i p_ij dy_i.
                 for r in 0..br {
-                    let dead = lt[r] == T::NEG_INF;
-                    for x in &mut sc[r * bc..(r + 1) * bc] {
-                        *x = if dead { T::ZERO } else { (*x - lt[r]).exp() };
-                    }
+                    probabilities(&mut sc[r * bc..(r + 1) * bc], lt[r]);
                 }
                 product(bc, br, g.dv, (&sc, true), (&dyt, false), T::ONE, &mut acc);
             }
         }
     }
-    for (e, &x) in acc.iter().enumerate() {
-        T::write(out, sp.dtype, e, x);
-    }
+    T::write_row(out, sp.dtype, 0, &acc);
 }

@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod pool;
 pub mod program;
 pub mod session;
+pub mod vmath;
 pub mod weights;
 
 /// Where a program runs: the cpu backend ([`cpu::Cpu`]) or the cuda backend
