@@ -59,9 +59,12 @@ pub enum KernelError {
 
 /// The MLIR lowering pipeline, from func/arith/math/scf/memref to the LLVM dialect. bf16
 /// conversions are expanded into integer ops (`arith-expand`), so no compiler-rt helper is
-/// needed; transcendental functions become calls to the C math library.
+/// needed. Math ops LLVM has intrinsics for go to them first (`sqrt` becomes an instruction
+/// the loop vectoriser can widen; `exp`, `log`, `sin`, `cos` and `powf` become the same C
+/// math library calls in LLVM's lowering); the rest (`tanh`, `erf`) become calls to the C
+/// math library directly.
 pub const LOWERING: &str = "builtin.module(canonicalize,arith-expand{include-bf16=true},convert-scf-to-cf,\
-convert-math-to-libm,convert-math-to-llvm,expand-strided-metadata,finalize-memref-to-llvm,convert-arith-to-llvm,\
+convert-math-to-llvm,convert-math-to-libm,expand-strided-metadata,finalize-memref-to-llvm,convert-arith-to-llvm,\
 convert-func-to-llvm{use-bare-ptr-memref-call-conv=1},convert-cf-to-llvm,reconcile-unrealized-casts)";
 
 /// The MLIR element type a dtype is stored as (bool as i8).
@@ -257,6 +260,7 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
     for (j, &v) in k.outputs.iter().enumerate() {
         let t = &g.value(v).ty;
         let val = env[&v].clone();
+        let arg = stored_through(g, k, v).unwrap_or(k.inputs.len() + j);
         let stored = match t.dtype {
             DType::F16 | DType::BF16 => match rounded.get(&v) {
                 Some(r) => r.clone(),
@@ -267,8 +271,7 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
         };
         let _ = writeln!(
             body.text,
-            "    memref.store {stored}, %a{}[{}] : {}",
-            k.inputs.len() + j,
+            "    memref.store {stored}, %a{arg}[{}] : {}",
             ivs.join(", "),
             memref(g, v)
         );
@@ -291,6 +294,17 @@ pub fn elementwise_mlir(g: &Graph, k: &Kernel, name: &str) -> Result<String, Ker
     }
     let _ = writeln!(s, "  return\n}}");
     Ok(s)
+}
+
+/// The operand argument through which an elementwise kernel stores its result `v`, when `v`
+/// is an update's result whose target is one of the kernel's operands: the two share one
+/// buffer in every program (the memory plan aliases an update to its target), and storing
+/// through the operand's own argument lets LLVM see one array read and written at the same
+/// index (vectorisable) rather than two arguments that might overlap. `None`: the result's
+/// own argument. A caller passing separate buffers finds the result in that operand's.
+pub fn stored_through(g: &Graph, k: &Kernel, v: ValueId) -> Option<usize> {
+    let &(target, _) = g.updates().iter().find(|&&(_, u)| u == v)?;
+    k.inputs.iter().position(|&x| x == target)
 }
 
 /// Closes a chain that ends in a reduction: `scf.parallel` over the kept dims, `scf.for` loops

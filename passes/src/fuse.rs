@@ -5,9 +5,11 @@
 //! normalisations to their own kernels).
 //!
 //! An elementwise node joins the kernel of an operand's producer when that producer is
-//! elementwise, has the same result shape, and the operand has no other reader. Every member
-//! but a kernel's last then feeds only the kernel, so kernels are convex (no path leaves a
-//! kernel and comes back) and can run in the program's order.
+//! elementwise, has the same result shape, and the operand has no other reader and is not an
+//! output (an update's result may be: the kernel also stores it, as an optimizer's new moments
+//! feed the parameter's update). Every member but a kernel's last then feeds no node outside
+//! the kernel, so kernels are convex (no path leaves a kernel and comes back) and can run in
+//! the program's order.
 
 use std::collections::{HashMap, HashSet};
 
@@ -56,6 +58,11 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
         .chain(g.updates().iter().map(|&(_, u)| u))
         .collect();
     let escapes = |v: ValueId| escaping.contains(&v);
+    // Update results (an optimizer's new moments) may also feed a later elementwise node
+    // of their kernel (the parameter's own update): one pass reads the gradient and the
+    // state once and writes each new value, where separate kernels read them again.
+    let updated: HashSet<ValueId> = g.updates().iter().map(|&(_, u)| u).collect();
+    let outputs: HashSet<ValueId> = g.outputs().iter().map(|&(_, o)| o).collect();
     let mut group_of: Vec<usize> = (0..n).collect();
     let mut groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
     for i in 0..n {
@@ -79,7 +86,7 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
             let fusable = is_elementwise(&producer.op)
                 && &g.value(v).ty.shape == shape
                 && readers_of.get(&v).is_some_and(|r| r.len() == 1)
-                && !escapes(v)
+                && (!escapes(v) || (updated.contains(&v) && !outputs.contains(&v)))
                 && group_of[p] != group_of[i]
                 && !raises_memory(g, &readers_of, &escaping, &groups, &group_of, i, v);
             if fusable {
@@ -190,7 +197,13 @@ fn raises_memory(
             }
         }
     }
-    extended > g.value(v).ty.bytes()
+    // An escaping `v` keeps its buffer whether fused or not: fusing saves nothing.
+    let saved = if escaping.contains(&v) {
+        0
+    } else {
+        g.value(v).ty.bytes()
+    };
+    extended > saved
 }
 
 /// Orders the kernels: each after the kernels computing its operands and, since an update

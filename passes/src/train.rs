@@ -891,21 +891,13 @@ fn update(
         Optimizer::AdamW { beta1, beta2, eps } => {
             let m = state(b, p, format!("adamw.exp_avg.{name}"));
             let v = state(b, p, format!("adamw.exp_avg_sq.{name}"));
-            // p ← p·(1 − lr·wd)
+            // The scalars first, so that the tensor work below is one chain that fusion makes
+            // one pass over p, m, v and the gradient. 1 − lr·wd:
             let lw = b.mul(lr, wd)?;
             let keep = {
                 let n = b.neg(lw)?;
                 b.add_scalar(n, 1.0)?
             };
-            let decayed = b.mul(p, keep)?;
-            // m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²
-            let m1 = b.mul_scalar(m, beta1)?;
-            let g1 = b.mul_scalar(grad, 1.0 - beta1)?;
-            let new_m = b.add(m1, g1)?;
-            let v1 = b.mul_scalar(v, beta2)?;
-            let gg = b.mul(grad, grad)?;
-            let g2 = b.mul_scalar(gg, 1.0 - beta2)?;
-            let new_v = b.add(v1, g2)?;
             // bias corrections 1 − βᵗ, computed in f32 like PyTorch's scalar math
             let bc = |b: &mut Builder, beta: f64| -> Result<ValueId, String> {
                 let base = b.scalar(DType::F32, beta);
@@ -916,12 +908,22 @@ fn update(
             };
             let bc1 = bc(b, beta1)?;
             let bc2 = bc(b, beta2)?;
+            let sbc2 = b.unary(UnaryOp::Sqrt, bc2)?;
+            let step_size = b.div(lr, bc1)?;
+            // p ← p·(1 − lr·wd)
+            let decayed = b.mul(p, keep)?;
+            // m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²
+            let m1 = b.mul_scalar(m, beta1)?;
+            let g1 = b.mul_scalar(grad, 1.0 - beta1)?;
+            let new_m = b.add(m1, g1)?;
+            let v1 = b.mul_scalar(v, beta2)?;
+            let gg = b.mul(grad, grad)?;
+            let g2 = b.mul_scalar(gg, 1.0 - beta2)?;
+            let new_v = b.add(v1, g2)?;
             // p ← p − lr/bc1 · m / (√v/√bc2 + eps)
             let sv = b.unary(UnaryOp::Sqrt, new_v)?;
-            let sbc2 = b.unary(UnaryOp::Sqrt, bc2)?;
             let denom = b.div(sv, sbc2)?;
             let denom = b.add_scalar(denom, eps)?;
-            let step_size = b.div(lr, bc1)?;
             let ratio = b.div(new_m, denom)?;
             let delta = b.mul(ratio, step_size)?;
             let new_p = b.sub(decayed, delta)?;

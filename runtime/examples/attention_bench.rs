@@ -7,14 +7,26 @@ use memc_runtime::program::Dtype;
 use std::time::Instant;
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).map(|x| x.parse().expect("a number")).collect();
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|x| x.parse().expect("a number"))
+        .collect();
     let get = |i: usize, d: usize| a.get(i).copied().unwrap_or(d);
-    let (b, h, hk, s, d, iters) = (get(0, 4), get(1, 8), get(2, 4), get(3, 256), get(4, 64), get(5, 20));
+    let (b, h, hk, s, d, iters) = (
+        get(0, 4),
+        get(1, 8),
+        get(2, 4),
+        get(3, 256),
+        get(4, 64),
+        get(5, 20),
+    );
     let mut seed = 12345u64;
     let mut rnd = |n: usize| -> Vec<u8> {
         (0..n)
             .flat_map(|_| {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5).to_le_bytes()
             })
             .collect()
@@ -39,7 +51,13 @@ fn main() {
     };
     let mut lse = vec![0u8; b * h * s * 4];
     run(&spec(Part::Lse), &[&q, &k, &mask], &mut lse);
-    let parts = [Part::Forward, Part::Lse, Part::GradQ, Part::GradK, Part::GradV];
+    let parts = [
+        Part::Forward,
+        Part::Lse,
+        Part::GradQ,
+        Part::GradK,
+        Part::GradV,
+    ];
     for part in parts {
         let sp = spec(part);
         let ins: Vec<&[u8]> = match part {
@@ -56,7 +74,10 @@ fn main() {
             run(&sp, &ins, &mut out);
         }
         let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
-        let sum: f64 = out.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).sum();
+        let sum: f64 = out
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .sum();
         println!("{part:?}: {ms:.3} ms  (checksum {sum:.6e})");
     }
 }

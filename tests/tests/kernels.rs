@@ -125,11 +125,12 @@ fn kernels_of_training_programs_match_the_interpreter() {
                     let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
                     call(&entry[n], &ptrs);
                     for (j, &v) in outs.iter().enumerate() {
-                        let t = Tensor::from_bytes(
-                            g.value(v).ty.clone(),
-                            bufs[ins.len() + j].clone().into(),
-                        )
-                        .unwrap();
+                        // An update's result is stored through its target's operand (they
+                        // share a buffer in programs; here they are apart).
+                        let b =
+                            memc_codegen::kernel::stored_through(&g, k, v).unwrap_or(ins.len() + j);
+                        let t = Tensor::from_bytes(g.value(v).ty.clone(), bufs[b].clone().into())
+                            .unwrap();
                         store.insert(v, t);
                     }
                 } else {
