@@ -1,6 +1,9 @@
-//! Matrix products for the cpu backend, on the `matrixmultiply` crate: NumPy `matmul`
-//! semantics (batched, broadcast batch dims, 1-D operands promoted), f32 and f64, bf16 through
-//! f32 with the result rounded.
+//! Matrix products for the cpu backend, on the `gemm` crate's kernels (faer's; measured
+//! 10–30% faster than `matrixmultiply` on the Llamas' shapes and 8% on the 8-layer step,
+//! BENCHMARKS.md): NumPy `matmul` semantics (batched, broadcast batch dims, 1-D operands
+//! promoted), f32 and f64, bf16 through f32 with the result rounded. A large product is split
+//! across the runtime's own threads ([`crate::pool`]; no second thread pool competing for the
+//! cores), by rows or by columns, whichever is larger.
 
 use half::bf16;
 
@@ -166,24 +169,17 @@ pub fn matmul(
             let b = as_elems::<f32>(b).unwrap_or_else(|| to_f32(t, b).into());
             // SAFETY: every bit pattern is a valid f32.
             match unsafe { out.align_to_mut::<f32>() } {
-                (&mut [], o, &mut []) => plan.run(matrixmultiply::sgemm, 1.0, 0.0, &a, &b, o),
+                (&mut [], o, &mut []) => plan.run(&a, &b, o),
                 _ => {
                     let mut o = vec![0f32; out.len() / 4];
-                    plan.run(matrixmultiply::sgemm, 1.0, 0.0, &a, &b, &mut o);
+                    plan.run(&a, &b, &mut o);
                     from_f32(t, &o, out);
                 }
             }
         }
         GemmType::BF16 => {
             let mut o = vec![0f32; out.len() / 2];
-            plan.run(
-                matrixmultiply::sgemm,
-                1.0,
-                0.0,
-                &to_f32(t, a),
-                &to_f32(t, b),
-                &mut o,
-            );
+            plan.run(&to_f32(t, a), &to_f32(t, b), &mut o);
             from_f32(t, &o, out);
         }
         GemmType::F64 => {
@@ -193,12 +189,84 @@ pub fn matmul(
                     .collect()
             };
             let mut o = vec![0f64; out.len() / 8];
-            plan.run(matrixmultiply::dgemm, 1.0, 0.0, &f(a), &f(b), &mut o);
+            plan.run(&f(a), &f(b), &mut o);
             for (dst, v) in out.chunks_exact_mut(8).zip(o) {
                 dst.copy_from_slice(&v.to_le_bytes());
             }
         }
     }
+}
+
+/// Products below this many multiply-adds run on one thread.
+const PARALLEL_MIN: usize = 1 << 18;
+
+/// `c = alpha·a·b + beta·c` for an m×k `a`, a k×n `b` and an m×n `c`, each given by its
+/// (row, column) element strides; `beta = 0` does not read `c`. With `parallel`, a large
+/// product is split across [`crate::pool`]'s threads into blocks of rows (or columns, when
+/// there are more of them), each thread's part one single-threaded `gemm` call; every element
+/// is computed the same way whatever the split, so results do not depend on the thread count.
+///
+/// # Safety
+/// The pointers and strides must address valid, non-overlapping matrices (c writable).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn strided<T: Copy + PartialEq + Default + Send + Sync + 'static>(
+    (m, k, n): (usize, usize, usize),
+    alpha: T,
+    (a, rsa, csa): (*const T, isize, isize),
+    (b, rsb, csb): (*const T, isize, isize),
+    beta: T,
+    (c, rsc, csc): (*mut T, isize, isize),
+    parallel: bool,
+) {
+    let part = |m: usize, n: usize, a: *const T, b: *const T, c: *mut T| {
+        // SAFETY: the caller's contract, for this block.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c,
+                csc,
+                rsc,
+                beta != T::default(),
+                a,
+                csa,
+                rsa,
+                b,
+                csb,
+                rsb,
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    let threads = crate::pool::threads();
+    if !parallel || threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
+        return part(m, n, a, b, c);
+    }
+    let by_rows = m >= n;
+    let total = if by_rows { m } else { n };
+    // Blocks of whole 16-row (or column) panels, one per thread.
+    let size = total.div_ceil(threads).div_ceil(16) * 16;
+    let (a, b, c) = (a as usize, b as usize, c as usize);
+    crate::pool::parallel_for(total.div_ceil(size), &|t| {
+        let (lo, len) = (t * size, size.min(total - t * size));
+        let (a, b, c) = (a as *const T, b as *const T, c as *mut T);
+        let lo = lo as isize;
+        // SAFETY: the blocks are disjoint rows (or columns) of `c` and lie inside the
+        // matrices the caller vouched for.
+        unsafe {
+            if by_rows {
+                part(len, n, a.offset(lo * rsa), b, c.offset(lo * rsc))
+            } else {
+                part(m, len, a, b.offset(lo * csb), c.offset(lo * csc))
+            }
+        }
+    });
 }
 
 /// `bytes` as a slice of `T` when it is aligned for `T` (little-endian host).
@@ -213,27 +281,12 @@ where
     }
 }
 
-/// `matrixmultiply`'s GEMM signature for element type `T`.
-type Gemm<T> = unsafe fn(
-    usize,
-    usize,
-    usize,
-    T,
-    *const T,
-    isize,
-    isize,
-    *const T,
-    isize,
-    isize,
-    T,
-    *mut T,
-    isize,
-    isize,
-);
-
 impl Geometry {
     /// One GEMM per batch element (broadcast batch dims read the same operand).
-    fn run<T: Copy>(&self, gemm: Gemm<T>, one: T, zero: T, a: &[T], b: &[T], out: &mut [T]) {
+    fn run<T>(&self, a: &[T], b: &[T], out: &mut [T])
+    where
+        T: Copy + PartialEq + Default + Send + Sync + 'static + From<u8>,
+    {
         let (m, k, n) = (self.m, self.k, self.n);
         assert_eq!(out.len(), self.count * m * n);
         if self.count > 1 && self.b_count == 1 && self.a_count == self.count && !self.trans.0 {
@@ -249,7 +302,7 @@ impl Geometry {
                 b_batch: vec![],
                 ..*self
             };
-            return single.run(gemm, one, zero, a, b, out);
+            return single.run(a, b, out);
         }
         for (bi, (ia, ib)) in self.operands().into_iter().enumerate() {
             let (oa, ob) = (ia * m * k, ib * k * n);
@@ -259,21 +312,14 @@ impl Geometry {
             // SAFETY: `a`, `b` and `out` hold m·k, k·n and m·n elements at these offsets (shapes
             // checked by the IR verifier), in either layout.
             unsafe {
-                gemm(
-                    m,
-                    k,
-                    n,
-                    one,
-                    a.as_ptr().add(oa),
-                    rsa as isize,
-                    csa as isize,
-                    b.as_ptr().add(ob),
-                    rsb as isize,
-                    csb as isize,
-                    zero,
-                    out.as_mut_ptr().add(bi * m * n),
-                    n as isize,
-                    1,
+                strided(
+                    (m, k, n),
+                    T::from(1),
+                    (a.as_ptr().add(oa), rsa as isize, csa as isize),
+                    (b.as_ptr().add(ob), rsb as isize, csb as isize),
+                    T::default(),
+                    (out.as_mut_ptr().add(bi * m * n), n as isize, 1),
+                    true,
                 );
             }
         }
@@ -308,17 +354,14 @@ fn from_f32(t: GemmType, v: &[f32], out: &mut [u8]) {
     }
 }
 
-/// GEMM threads at most (`matrixmultiply` uses up to 4).
+/// Threads at most.
 pub use crate::pool::MAX_THREADS;
 
 /// Runs the GEMMs and the runtime's parallel steps ([`crate::pool`]) on `n` threads (1 to
 /// [`MAX_THREADS`]); the default is every core, up to [`MAX_THREADS`]. Takes effect only
 /// before the first GEMM or parallel step of the process, so the drivers call it first thing.
 pub fn set_threads(n: usize) -> Result<(), String> {
-    crate::pool::set_threads(n)?;
-    // `matrixmultiply` reads this once, at its first threaded GEMM; nothing else reads it.
-    std::env::set_var("MATMUL_NUM_THREADS", n.to_string());
-    Ok(())
+    crate::pool::set_threads(n)
 }
 
 #[cfg(test)]

@@ -14,13 +14,7 @@ pub fn exp_f32(x: f32) -> f32 {
     const LO: f32 = -110.0;
     const HI: f32 = 88.722_84;
     const MAGIC: f32 = 12_582_912.0;
-    let xc = if x < LO {
-        LO
-    } else if x > HI {
-        HI
-    } else {
-        x
-    };
+    let xc = x.clamp(LO, HI);
     let nf = (xc * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     let r = (xc - nf * 0.693_359_4) - nf * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
@@ -28,7 +22,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5; // Cephes' 5.0000001201e-1, which rounds to 0.5 in f32
     let y = p * (r * r) + r + 1.0;
     // NaN converts to 0 here, and `y` is already NaN.
     let n = nf as i32;
