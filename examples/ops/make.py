@@ -275,6 +275,15 @@ def casts():
     x = np.concatenate([special, normal(r, 12) * np.float32(100)]).reshape(2, 3, 4)
     case(n, 17, [node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
                  node("Cast", ["h"], ["y"], to=TensorProto.FLOAT)], {"x": x})
+    # CastLike (opset 15): the dynamo exporter's unoptimised graphs cast scalars this way.
+    n = "castlike_float_to_int64"
+    x = np.array([[1.7, -1.7, 2.5, -2.5, 0.5], [-0.5, 3.99, -3.99, 0.0, 100.25]], np.float32)
+    case(n, 15, [node("CastLike", ["x", "t"], ["y"])],
+         {"x": x, "t": np.array([3], np.int64)})
+    n = "castlike_int64_to_float"
+    x = np.array([[2**24 + 1, -7, 0], [5, -(2**40) - 3, 12]], np.int64)
+    case(n, 20, [node("CastLike", ["x", "t"], ["y"])],
+         {"x": x, "t": np.zeros((2, 2), np.float32)})
 
 
 def matmuls():

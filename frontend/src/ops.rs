@@ -154,6 +154,15 @@ pub(crate) fn convert(ctx: &mut Ctx, node: &NodeProto, inputs: &[Option<Val>]) -
             }
             one(ctx.emit(Op::Cast { to }, &[x], &name)?)
         }
+        // CastLike(x, t): x cast to t's element type (t's values are not read).
+        "CastLike" => {
+            let to = ctx.ty(&n.input(1)?).dtype;
+            let x = n.input(0)?;
+            if ctx.ty(&x).dtype == to {
+                return one(x);
+            }
+            one(ctx.emit(Op::Cast { to }, &[x], &name)?)
+        }
         "MatMul" => one(ctx.emit(Op::MatMul, &[n.input(0)?, n.input(1)?], &name)?),
         "Gemm" => gemm(ctx, &n),
         "Softmax" | "LogSoftmax" => {
