@@ -60,7 +60,8 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
     let escapes = |v: ValueId| escaping.contains(&v);
     // Update results (an optimizer's new moments) may also feed a later elementwise node
     // of their kernel (the parameter's own update): one pass reads the gradient and the
-    // state once and writes each new value, where separate kernels read them again.
+    // state once and writes each new value, where separate kernels read them again. Not a
+    // reduction: a reduction kernel stores one result, its own.
     let updated: HashSet<ValueId> = g.updates().iter().map(|&(_, u)| u).collect();
     let outputs: HashSet<ValueId> = g.outputs().iter().map(|&(_, o)| o).collect();
     let mut group_of: Vec<usize> = (0..n).collect();
@@ -86,7 +87,7 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
             let fusable = is_elementwise(&producer.op)
                 && &g.value(v).ty.shape == shape
                 && readers_of.get(&v).is_some_and(|r| r.len() == 1)
-                && (!escapes(v) || (updated.contains(&v) && !outputs.contains(&v)))
+                && (!escapes(v) || (!reduction && updated.contains(&v) && !outputs.contains(&v)))
                 && group_of[p] != group_of[i]
                 && !raises_memory(g, &readers_of, &escaping, &groups, &group_of, i, v);
             if fusable {

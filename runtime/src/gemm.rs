@@ -197,26 +197,29 @@ pub fn matmul(
     }
 }
 
-/// Products below this many multiply-adds run on one thread.
+/// Products below this many multiply-adds are one call on one thread.
 const PARALLEL_MIN: usize = 1 << 18;
 
+/// Rows (or columns) per part of a large product, roughly (two parts at least, and at most
+/// [`crate::pool::MAX_THREADS`]): the parts run across the pool's threads.
+const PANEL: usize = 512;
+
 /// `c = alpha·a·b + beta·c` for an m×k `a`, a k×n `b` and an m×n `c`, each given by its
-/// (row, column) element strides; `beta = 0` does not read `c`. With `parallel`, a large
-/// product is split across [`crate::pool`]'s threads into blocks of rows (or columns, when
-/// there are more of them), each thread's part one single-threaded `gemm` call; every element
-/// is computed the same way whatever the split, so results do not depend on the thread count.
+/// (row, column) element strides; `beta = 0` does not read `c`. A large product is split
+/// into parts of about [`PANEL`] rows (or columns, when there are more of them), each one
+/// single-threaded `gemm` call, run across [`crate::pool`]'s threads; the parts depend on the
+/// shape only, not on the thread count, so neither do the results.
 ///
 /// # Safety
 /// The pointers and strides must address valid, non-overlapping matrices (c writable).
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn strided<T: Copy + PartialEq + Default + Send + Sync + 'static>(
+unsafe fn strided<T: Copy + PartialEq + Default + Send + Sync + 'static>(
     (m, k, n): (usize, usize, usize),
     alpha: T,
     (a, rsa, csa): (*const T, isize, isize),
     (b, rsb, csb): (*const T, isize, isize),
     beta: T,
     (c, rsc, csc): (*mut T, isize, isize),
-    parallel: bool,
 ) {
     let part = |m: usize, n: usize, a: *const T, b: *const T, c: *mut T| {
         // SAFETY: the caller's contract, for this block.
@@ -244,14 +247,20 @@ pub(crate) unsafe fn strided<T: Copy + PartialEq + Default + Send + Sync + 'stat
             )
         }
     };
-    let threads = crate::pool::threads();
-    if !parallel || threads <= 1 || m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
+    if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MIN {
         return part(m, n, a, b, c);
     }
+    // Parts of about PANEL rows (or columns, when there are more of them), at least two and at
+    // most MAX_THREADS, chosen from the shape alone: each element is computed by the same call
+    // on one thread or many. (The `gemm` crate picks its blocking and kernels from a call's
+    // shape, so a split that followed the thread count would round differently.)
     let by_rows = m >= n;
     let total = if by_rows { m } else { n };
-    // Blocks of whole 16-row (or column) panels, one per thread.
-    let size = total.div_ceil(threads).div_ceil(16) * 16;
+    if total < 2 * 16 {
+        return part(m, n, a, b, c);
+    }
+    let parts = (total / PANEL).clamp(2, crate::pool::MAX_THREADS);
+    let size = total.div_ceil(parts).div_ceil(16) * 16;
     let (a, b, c) = (a as usize, b as usize, c as usize);
     crate::pool::parallel_for(total.div_ceil(size), &|t| {
         let (lo, len) = (t * size, size.min(total - t * size));
@@ -319,7 +328,6 @@ impl Geometry {
                     (b.as_ptr().add(ob), rsb as isize, csb as isize),
                     T::default(),
                     (out.as_mut_ptr().add(bi * m * n), n as isize, 1),
-                    true,
                 );
             }
         }
@@ -450,11 +458,12 @@ mod tests {
         }
     }
 
-    /// Products large enough to be split across the pool's threads (by rows when m ≥ n, by
-    /// columns otherwise; operands plain or transposed, row counts not a multiple of the 16-row
-    /// panels) match a naive f64 product, and equal the single-threaded product bit for bit.
+    /// Products large enough to be split into parts across the pool's threads (by rows when
+    /// m ≥ n, by columns otherwise; operands plain or transposed, sizes not a multiple of the
+    /// 16-row panels, a depth the `gemm` crate cuts into uneven chunks) match a naive f64
+    /// product, and are bit for bit the same run to run (the parts depend on the shape only).
     #[test]
-    fn split_products_match_a_naive_product_and_one_thread() {
+    fn split_products_match_a_naive_product() {
         let mut seed = 7u64;
         let mut rnd = |n: usize| -> Vec<f32> {
             (0..n)
@@ -464,9 +473,9 @@ mod tests {
                 })
                 .collect()
         };
-        for (m, k, n) in [(301, 67, 45), (37, 90, 403)] {
+        for (m, k, n) in [(301, 67, 45), (37, 90, 403), (64, 688, 1100)] {
             let (a, b) = (rnd(m * k), rnd(k * n));
-            for (ta, tb) in [(false, false), (true, true)] {
+            for (ta, tb) in [(false, false), (true, true), (false, true), (true, false)] {
                 // Stored as the transpose when asked: a as [k, m], b as [n, k].
                 let at: Vec<f32> = (0..k * m).map(|e| a[(e % m) * k + e / m]).collect();
                 let bt: Vec<f32> = (0..n * k).map(|e| b[(e % k) * n + e / k]).collect();
@@ -482,25 +491,17 @@ mod tests {
                     (ta, tb),
                 );
                 let got = floats(&out);
-                let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
-                let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-                let mut one = vec![0f32; m * n];
-                // SAFETY: the buffers hold the matrices in the layouts the strides say.
-                unsafe {
-                    strided(
-                        (m, k, n),
-                        1.0,
-                        (sa.as_ptr(), rsa, csa),
-                        (sb.as_ptr(), rsb, csb),
-                        0.0,
-                        (one.as_mut_ptr(), n as isize, 1),
-                        false,
-                    )
-                };
-                assert!(
-                    got == one,
-                    "{m}x{k}x{n} {ta} {tb}: split differs from one thread"
+                let mut again = vec![0u8; m * n * 4];
+                matmul(
+                    GemmType::F32,
+                    &bytes(sa),
+                    &[m, k],
+                    &bytes(sb),
+                    &[k, n],
+                    &mut again,
+                    (ta, tb),
                 );
+                assert!(out == again, "{m}x{k}x{n} {ta} {tb}: differs run to run");
                 for r in 0..m {
                     for c in 0..n {
                         let want: f64 = (0..k)

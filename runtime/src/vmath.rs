@@ -89,6 +89,7 @@ fn level() -> Level {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
         {
             Level::Avx512
