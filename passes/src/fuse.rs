@@ -51,19 +51,17 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
         }
     }
     // Outputs and update results: live to the end of the step.
-    let escaping: HashSet<ValueId> = g
-        .outputs()
-        .iter()
-        .map(|&(_, o)| o)
-        .chain(g.updates().iter().map(|&(_, u)| u))
-        .collect();
-    let escapes = |v: ValueId| escaping.contains(&v);
-    // Update results (an optimizer's new moments) may also feed a later elementwise node
-    // of their kernel (the parameter's own update): one pass reads the gradient and the
-    // state once and writes each new value, where separate kernels read them again. Not a
-    // reduction: a reduction kernel stores one result, its own.
-    let updated: HashSet<ValueId> = g.updates().iter().map(|&(_, u)| u).collect();
     let outputs: HashSet<ValueId> = g.outputs().iter().map(|&(_, o)| o).collect();
+    let updated: HashSet<ValueId> = g.updates().iter().map(|&(_, u)| u).collect();
+    let escaping: HashSet<ValueId> = outputs.union(&updated).copied().collect();
+    let escapes = |v: ValueId| escaping.contains(&v);
+    // An update's result (an optimizer's new moment) may also feed a later elementwise node of
+    // its kernel (the parameter's own update): one pass reads the gradient and the state once
+    // and writes each new value, where separate kernels read them again. Not a reduction: a
+    // reduction kernel stores one result, its own.
+    let joinable = |v: ValueId, reduction: bool| {
+        !outputs.contains(&v) && (!updated.contains(&v) || !reduction)
+    };
     let mut group_of: Vec<usize> = (0..n).collect();
     let mut groups: Vec<Vec<usize>> = (0..n).map(|i| vec![i]).collect();
     for i in 0..n {
@@ -87,7 +85,7 @@ pub fn fuse(g: &Graph) -> Vec<Kernel> {
             let fusable = is_elementwise(&producer.op)
                 && &g.value(v).ty.shape == shape
                 && readers_of.get(&v).is_some_and(|r| r.len() == 1)
-                && (!escapes(v) || (!reduction && updated.contains(&v) && !outputs.contains(&v)))
+                && joinable(v, reduction)
                 && group_of[p] != group_of[i]
                 && !raises_memory(g, &readers_of, &escaping, &groups, &group_of, i, v);
             if fusable {

@@ -638,9 +638,10 @@ impl<T: Real> crate::vmath::Vectorised for Task<'_, T> {
             head,
             first,
             out,
+            query,
             ..
         } = self;
-        if self.query {
+        if query {
             query_block::<T>(geo, ins, b, head, first, out)
         } else {
             key_block::<T>(geo, ins, b, head, first, out)

@@ -480,28 +480,18 @@ mod tests {
                 let at: Vec<f32> = (0..k * m).map(|e| a[(e % m) * k + e / m]).collect();
                 let bt: Vec<f32> = (0..n * k).map(|e| b[(e % k) * n + e / k]).collect();
                 let (sa, sb) = (if ta { &at } else { &a }, if tb { &bt } else { &b });
-                let mut out = vec![0u8; m * n * 4];
-                matmul(
-                    GemmType::F32,
-                    &bytes(sa),
-                    &[m, k],
-                    &bytes(sb),
-                    &[k, n],
-                    &mut out,
-                    (ta, tb),
+                let product = || {
+                    let mut out = vec![0u8; m * n * 4];
+                    let (a, b) = (bytes(sa), bytes(sb));
+                    matmul(GemmType::F32, &a, &[m, k], &b, &[k, n], &mut out, (ta, tb));
+                    out
+                };
+                let out = product();
+                assert!(
+                    out == product(),
+                    "{m}x{k}x{n} {ta} {tb}: differs run to run"
                 );
                 let got = floats(&out);
-                let mut again = vec![0u8; m * n * 4];
-                matmul(
-                    GemmType::F32,
-                    &bytes(sa),
-                    &[m, k],
-                    &bytes(sb),
-                    &[k, n],
-                    &mut again,
-                    (ta, tb),
-                );
-                assert!(out == again, "{m}x{k}x{n} {ta} {tb}: differs run to run");
                 for r in 0..m {
                     for c in 0..n {
                         let want: f64 = (0..k)
