@@ -257,9 +257,14 @@ def export_one(row, attn, exporter, feeds):
                 export.export_torchscript(wrapper, args, row[4], path, dynamic, 17)
             m = export.postprocess(path, notes, 18 if exporter == "dynamo" else 17)
             # The dynamo exporter's per-node stack traces name this machine's paths and
-            # double the file; the zoo drops them.
+            # double the file; the zoo drops them, keeping what memc reads (each node's FX
+            # node and module scopes: which parameter a folded initializer is).
             for node in export.iter_nodes(m.graph):
+                keep = [(p.key, p.value) for p in node.metadata_props
+                        if p.key in ("pkg.torch.onnx.fx_node", "pkg.torch.onnx.name_scopes")]
                 del node.metadata_props[:]
+                for k, v in keep:
+                    node.metadata_props.add(key=k, value=v)
             onnx.save(m, str(path))
             ref = export.ort_run(path, feeds)["logits"]
             err = export.rel_err(ref, run_torch(wrapper, feeds))

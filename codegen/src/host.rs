@@ -202,6 +202,7 @@ impl HostProgram {
             training: None,
             device: None,
             pipeline: None,
+            checkpoint: Default::default(),
             blob: vec![],
         };
         for &v in g.inputs() {

@@ -287,6 +287,7 @@ pub fn lower(
         training: Some(training),
         device: None,
         pipeline: None,
+        checkpoint: Default::default(),
         blob: vec![],
     };
     let (mut host, programs) = HostProgram::combine(top, parts);

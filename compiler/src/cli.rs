@@ -47,6 +47,12 @@ struct ModelArgs {
     /// Bind an input's dims: NAME=DxD... (e.g. input_ids=2x16); repeatable.
     #[arg(long = "shape", value_name = "NAME=DxD")]
     shapes: Vec<String>,
+    /// A Hugging Face checkpoint to bind to the model's parameters instead of the ONNX file's
+    /// values: a model.safetensors, a sharded model.safetensors.index.json, or a model
+    /// directory holding either (its config.json and other small files are copied into
+    /// directories `--save` writes).
+    #[arg(long, value_name = "PATH")]
+    weights: Option<PathBuf>,
     /// Print the wall time of each compiler phase to stderr.
     #[arg(long)]
     time_passes: bool,
@@ -162,6 +168,11 @@ struct TrainCmdArgs {
     /// Threads for the cpu backend's GEMMs, 1 to 4 (default: every physical core, up to 4).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// At the end, write a Hugging Face model directory here: model.safetensors (the
+    /// checkpoint's names, shapes and element types), optimizer.safetensors,
+    /// trainer_state.json, and config.json and the other small files of a --weights directory.
+    #[arg(long, value_name = "DIR")]
+    save: Option<PathBuf>,
     #[command(flatten)]
     pipeline: crate::pipe::PipelineArgs,
 }
@@ -389,10 +400,33 @@ fn import(
     Graph,
     Option<crate::rev::RevReport>,
     memc_passes::summary::Recognition,
+    crate::checkpoint::Parameters,
 )> {
     let model = timer.time("load", || onnx::load_model(&args.model))?;
     let opts = ImportOptions { shapes };
     let mut g = timer.time("import", || onnx::import_model(&args.model, &model, &opts))?;
+    // The parameters' checkpoint names, and their values from --weights.
+    let prov = onnx::provenance::provenance(model.graph.as_ref().expect("load_model checks"));
+    let weights = args
+        .weights
+        .as_deref()
+        .map(crate::checkpoint::Weights::open)
+        .transpose()?;
+    let params = timer.time("weights", || {
+        crate::checkpoint::apply(
+            &mut g,
+            &prov,
+            weights.as_ref(),
+            &args.model.display().to_string(),
+        )
+    })?;
+    if let Some(w) = &weights {
+        eprintln!(
+            "weights: bound {} tensors of {} to the model's parameters",
+            params.bound,
+            w.path.display()
+        );
+    }
     timer
         .time("verify", || memc_ir::verify(&g))
         .map_err(|e| anyhow!("{}: {e}", args.model.display()))?;
@@ -460,7 +494,7 @@ fn import(
         }
     }
     let rev = crate::rev::apply(&mut g, &args.rev, &name, pm)?;
-    Ok((g, rev, recognition))
+    Ok((g, rev, recognition, params))
 }
 
 /// Resident memory of this process, split into anonymous (copied or computed) and
@@ -501,7 +535,7 @@ fn compile(args: CompileArgs) -> Result<()> {
     let mut pm = PassManager::new()
         .dump_to(args.dump_ir.clone())
         .timed(args.model.time_passes);
-    let (mut g, mut rev, recognition) =
+    let (mut g, mut rev, recognition, params) =
         import(&args.model, shapes(&args.model)?, &mut timer, &mut pm)?;
     // The reversible model before training is built, for the report's baselines.
     let rev_model = (rev.is_some() && args.train && (args.report || args.report_json.is_some()))
@@ -588,6 +622,7 @@ fn compile(args: CompileArgs) -> Result<()> {
                     &model,
                     train_opts.as_ref(),
                     (args.target != TargetArg::Cpu).then_some(args.sm),
+                    &params.layout,
                 )
             })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
@@ -725,9 +760,11 @@ fn emit_executable(
     model: &str,
     training: Option<&memc_passes::train::TrainOptions>,
     sm: Option<u32>,
+    layout: &memc_runtime::program::CheckpointLayout,
 ) -> Result<()> {
     let t0 = Instant::now();
     let mut host = crate::train::host_program(g, model, training)?;
+    host.program.checkpoint = layout.clone();
     if let Some(sm) = sm {
         let libdevice = memc_codegen::ptx::find_libdevice().map_err(|e| anyhow!(e))?;
         host.compile_device(sm, &libdevice)?;
@@ -796,7 +833,7 @@ fn emit_pipelined(
         enabled: false,
         phases: vec![],
     };
-    let (g, _, _) = import(
+    let (g, _, _, params) = import(
         &args.model,
         shapes,
         &mut timer,
@@ -806,7 +843,7 @@ fn emit_pipelined(
     let (program, _) = crate::pipe::pipelined_program(g, &opts, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
-    let (host, _) = crate::pipe::lower_pipeline(
+    let (mut host, _) = crate::pipe::lower_pipeline(
         &program,
         &schedule,
         &opts,
@@ -814,6 +851,7 @@ fn emit_pipelined(
         model,
         crate::pipe::PassTarget::Cpu,
     )?;
+    host.program.checkpoint = params.layout;
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
     let emitted = memc_codegen::link::emit_executable(&host.program, host.lowered(), out, &lib)?;
     let mut weights = out.as_os_str().to_owned();
@@ -923,7 +961,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         enabled: args.model.time_passes,
         phases: vec![],
     };
-    let (mut g, _, _) = import(
+    let (mut g, _, _, _) = import(
         &args.model,
         shapes,
         &mut timer,
@@ -1060,7 +1098,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
     if let Some((kind, _)) = args.pipeline.chunks()? {
         return train_pipelined(&args, kind, shapes, &mut data, &mut timer, &model);
     }
-    let (mut g, _, _) = import(
+    let (mut g, _, _, params) = import(
         &args.model,
         shapes,
         &mut timer,
@@ -1084,6 +1122,8 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         lr: args.lr,
         weight_decay,
         fixed: fixed_inputs(&args.inputs)?,
+        save: args.save.clone(),
+        layout: params.layout,
     };
     let run = match args.backend {
         Backend::Cpu => crate::train::run_host,
@@ -1141,7 +1181,7 @@ fn train_pipelined(
     let stages = args.pipeline.pipeline_stages.expect("checked");
     let m = args.pipeline.microbatches.unwrap_or(2 * stages);
     let (shapes, rows, _) = micro_shapes(shapes, m, model)?;
-    let (g, _, _) = import(
+    let (g, _, _, params) = import(
         &args.model,
         shapes,
         timer,
@@ -1162,7 +1202,17 @@ fn train_pipelined(
         data.check_vocab(vocab, &args.data.display().to_string())?;
     }
     let wd = args.weight_decay.unwrap_or(opts.default_weight_decay());
-    train_pipelined_on(args, &opts, &mut program, &schedule, rows, wd, data, model)
+    train_pipelined_on(
+        args,
+        &opts,
+        &mut program,
+        &schedule,
+        rows,
+        wd,
+        data,
+        model,
+        &params.layout,
+    )
 }
 
 /// Lowers the pipelined step for `--backend` and trains it with the runtime's loop.
@@ -1176,6 +1226,7 @@ fn train_pipelined_on(
     weight_decay: f64,
     data: &mut crate::train::Batches,
     model: &str,
+    layout: &memc_runtime::program::CheckpointLayout,
 ) -> Result<()> {
     use crate::pipe::PassTarget;
     let target = match args.backend {
@@ -1183,7 +1234,9 @@ fn train_pipelined_on(
         _ => PassTarget::Reference,
     };
     let t0 = Instant::now();
-    let (host, graphs) = crate::pipe::lower_pipeline(program, schedule, opts, rows, model, target)?;
+    let (mut host, graphs) =
+        crate::pipe::lower_pipeline(program, schedule, opts, rows, model, target)?;
+    host.program.checkpoint = layout.clone();
     if target == PassTarget::Cpu {
         let pl = host.program.pipeline.as_ref().expect("a pipeline");
         eprintln!(
@@ -1198,6 +1251,8 @@ fn train_pipelined_on(
         lr: args.lr,
         weight_decay,
         fixed: fixed_inputs(&args.inputs)?,
+        save: args.save.clone(),
+        layout: layout.clone(),
     };
     let exec = match target {
         PassTarget::Cpu => crate::train::Exec::Kernels,

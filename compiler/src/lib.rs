@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod cli;
 pub mod io;
 /// The ONNX frontend (the `memc-onnx` crate).

@@ -297,6 +297,10 @@ pub struct LoopOptions {
     pub weight_decay: f64,
     /// The model's other inputs, held fixed across steps: (name, `.npy` file).
     pub fixed: Vec<(String, std::path::PathBuf)>,
+    /// Write a Hugging Face model directory here at the end.
+    pub save: Option<std::path::PathBuf>,
+    /// How that directory stores the weights (`crate::checkpoint::apply`).
+    pub layout: memc_runtime::program::CheckpointLayout,
 }
 
 /// The program's token input (`input_ids` when the model has one, else its only input other
@@ -361,6 +365,7 @@ pub fn run_reference(
 ) -> Result<Vec<f64>> {
     let mut host = memc_codegen::host::interface(g, model)?;
     host.program.training = Some(training_info(g, args, model)?);
+    host.program.checkpoint = opts.layout.clone();
     let exec = Exec::Reference(g.clone(), memc_passes::plan::plan(g).peak_bytes);
     run_program(g, &host, data, data_path, opts, model, exec)
 }
@@ -504,7 +509,8 @@ pub fn run_host(
     model: &str,
 ) -> Result<Vec<f64>> {
     let t0 = Instant::now();
-    let host = host_program(g, model, Some(args)).map_err(|e| anyhow!("{model}: {e:#}"))?;
+    let mut host = host_program(g, model, Some(args)).map_err(|e| anyhow!("{model}: {e:#}"))?;
+    host.program.checkpoint = opts.layout.clone();
     eprintln!(
         "compiled {} kernels for the host in {:.1} s; arena {} bytes",
         host.kernel_count(),
@@ -534,7 +540,7 @@ pub fn run_program(
         lr: opts.lr,
         weight_decay: Some(opts.weight_decay),
         start_step: 0,
-        save: None,
+        save: opts.save.clone(),
         metrics: None,
     };
     let (losses, trained) = host

@@ -105,6 +105,27 @@ pub enum Role {
     OptimizerState,
 }
 
+/// How `--save DIR` writes a Hugging Face model directory beyond the weights' names (which are
+/// the slots' names, the checkpoint's own when the model was compiled with `--weights`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointLayout {
+    /// The element type a weight is stored in where it is not its slot's: a bf16 or f16
+    /// checkpoint trains in f32 (its master weights go to the optimizer file).
+    #[serde(default)]
+    pub dtypes: std::collections::BTreeMap<String, Dtype>,
+    /// Small files of the input model directory (`config.json`, tokenizer files) by file
+    /// name, copied into every saved directory.
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, String>,
+}
+
+impl CheckpointLayout {
+    /// Whether it says nothing (an f32 model without a model directory).
+    pub fn is_empty(&self) -> bool {
+        self.dtypes.is_empty() && self.files.is_empty()
+    }
+}
+
 /// A parameter: lives in the arena for the whole run, loaded from the weights file (or zero).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Param {
@@ -519,6 +540,9 @@ pub struct Program {
     /// A pipelined training step's passes (then `steps` is empty).
     #[serde(default)]
     pub pipeline: Option<Box<Pipeline>>,
+    /// How a saved model directory stores the weights (`--save DIR`).
+    #[serde(default, skip_serializing_if = "CheckpointLayout::is_empty")]
+    pub checkpoint: CheckpointLayout,
     /// The constants' bytes (serialised after the JSON).
     #[serde(skip)]
     pub blob: Vec<u8>,

@@ -2,7 +2,6 @@
 //! (`.npy` in, `.npy` out), and the command line of emitted executables
 //! (`OUT train|infer|info`, the CLI documented in README.md), entered through [`memc_rt_main`].
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,7 +9,7 @@ use std::time::Instant;
 use crate::cpu::{Cpu, KernelFn};
 use crate::npy::{self, NpyArray, NpyDtype};
 use crate::program::{Dtype, Program, Role, Slot};
-use crate::weights::{self, STEP_KEY};
+use crate::weights;
 use crate::Backend;
 use crate::RunError;
 
@@ -116,7 +115,7 @@ pub struct TrainConfig {
     pub weight_decay: Option<f64>,
     /// Steps already taken (a resumed run continues the count and the data).
     pub start_step: u64,
-    /// Write a checkpoint (weights and optimizer state) here at the end.
+    /// Write a Hugging Face model directory here at the end (`weights::save_dir`).
     pub save: Option<PathBuf>,
     /// Also append every step's JSON line to this file.
     pub metrics: Option<PathBuf>,
@@ -298,21 +297,9 @@ pub fn train(
             })?;
         }
     }
-    if let Some(path) = &cfg.save {
-        let meta = HashMap::from([
-            (
-                STEP_KEY.to_string(),
-                (cfg.start_step + cfg.steps).to_string(),
-            ),
-            ("memc.model".to_string(), program.model.clone()),
-        ]);
-        weights::save(
-            path,
-            program,
-            cpu,
-            &[Role::Weight, Role::OptimizerState],
-            meta,
-        )?;
+    if let Some(dir) = &cfg.save {
+        let step = cfg.start_step + cfg.steps;
+        weights::save_dir(dir, program, cpu, step, step * batch as u64)?;
     }
     Ok(losses)
 }
@@ -448,8 +435,8 @@ pub fn infer(
 
 const USAGE: &str = "usage:
   EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu|cuda] [--threads N]
-            [--input NAME=FILE.npy (other model inputs, held fixed)] [--save CKPT.safetensors]
-            [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume CKPT.safetensors] [--metrics FILE] [--weights FILE]
+            [--input NAME=FILE.npy (other model inputs, held fixed)] [--save DIR]
+            [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume DIR] [--metrics FILE] [--weights FILE]
   EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE] [--repeat N] [--threads N]
   EXE info  (what the program is: arena, kernels, inputs, outputs, parameters)
 The weights are read from EXE.safetensors unless --weights is given.";
@@ -751,7 +738,7 @@ pub fn run_cli(
             let mut data = Batches::open(Path::new(data_path))?;
             let mut start_step = 0;
             if let Some(ckpt) = cmd.get("--resume") {
-                let loaded = weights::load(Path::new(ckpt), &program, cpu)?;
+                let loaded = weights::load_dir(Path::new(ckpt), &program, cpu)?;
                 start_step = loaded.step.unwrap_or(0);
                 eprintln!(
                     "resumed from {ckpt}: {} tensors{}, step {start_step}",

@@ -197,3 +197,229 @@ pub fn write_atomically_with(
     }
     result.map_err(io)
 }
+
+/// The weights of a saved model directory (Hugging Face's file name).
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Optimizer state and f32 master weights of a saved model directory.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Weights memc added to the model (reversible layers' adapters, named `memc.*`).
+pub const ADAPTERS_FILE: &str = "adapters.safetensors";
+/// The step count and data position of a saved model directory; written last, so a directory
+/// that has it is complete.
+pub const STATE_FILE: &str = "trainer_state.json";
+/// The prefix of a master weight's name in [`OPTIMIZER_FILE`].
+const MASTER: &str = "master.";
+
+/// Whether weight `name` is one memc added (saved to [`ADAPTERS_FILE`]).
+fn added_by_memc(name: &str) -> bool {
+    name.starts_with("memc.")
+}
+
+/// Refuses the single-file checkpoint form: checkpoints are model directories.
+fn check_dir_form(dir: &Path, flag: &str) -> Result<(), RunError> {
+    if dir.extension().is_some_and(|e| e == "safetensors") || dir.is_file() {
+        return Err(RunError::Usage(format!(
+            "{flag} {}: checkpoints are model directories now (model.safetensors, optimizer.safetensors, trainer_state.json); pass a directory",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes a Hugging Face model directory: [`MODEL_FILE`] (the model's weights under their
+/// names, in the checkpoint's element types), [`ADAPTERS_FILE`] (weights memc added, when
+/// there are any), [`OPTIMIZER_FILE`] (optimizer state, and the f32 master weights of weights
+/// stored in a narrower type, so resuming is bitwise), the files the program carries
+/// (`config.json`, ...), and last [`STATE_FILE`] (`global_step`, `rows_consumed`). Every
+/// file is written to a temporary name and renamed.
+pub fn save_dir(
+    dir: &Path,
+    program: &Program,
+    arena: &mut dyn Backend,
+    step: u64,
+    rows_consumed: u64,
+) -> Result<(), RunError> {
+    check_dir_form(dir, "--save")?;
+    std::fs::create_dir_all(dir).map_err(|source| RunError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut model = vec![];
+    let mut adapters = vec![];
+    let mut optimizer = vec![];
+    for p in &program.params {
+        let bytes = arena.get(&p.slot)?;
+        match p.role {
+            Role::OptimizerState => optimizer.push((p.slot.clone(), bytes)),
+            Role::Weight if added_by_memc(&p.slot.name) => adapters.push((p.slot.clone(), bytes)),
+            Role::Weight => match program.checkpoint.dtypes.get(&p.slot.name) {
+                Some(&d) if d != p.slot.dtype => {
+                    let narrow =
+                        crate::program::encode(d, &crate::program::decode(p.slot.dtype, &bytes));
+                    let master = Slot {
+                        name: format!("{MASTER}{}", p.slot.name),
+                        ..p.slot.clone()
+                    };
+                    optimizer.push((master, bytes));
+                    model.push((
+                        Slot {
+                            dtype: d,
+                            ..p.slot.clone()
+                        },
+                        narrow,
+                    ));
+                }
+                _ => model.push((p.slot.clone(), bytes)),
+            },
+        }
+    }
+    let pt = || HashMap::from([("format".to_string(), "pt".to_string())]);
+    let write = |name: &str, tensors: &[(Slot, Vec<u8>)]| {
+        let views: Vec<(Slot, &[u8])> = tensors.iter().map(|(s, b)| (s.clone(), &b[..])).collect();
+        save_tensors(&dir.join(name), &views, pt())
+    };
+    write(MODEL_FILE, &model)?;
+    if !adapters.is_empty() {
+        write(ADAPTERS_FILE, &adapters)?;
+    }
+    if !optimizer.is_empty() {
+        write(OPTIMIZER_FILE, &optimizer)?;
+    }
+    for (name, text) in &program.checkpoint.files {
+        write_atomically(&dir.join(name), text.as_bytes())?;
+    }
+    let state = serde_json::json!({
+        "global_step": step,
+        "rows_consumed": rows_consumed,
+        "memc_model": program.model,
+    });
+    write_atomically(&dir.join(STATE_FILE), format!("{state:#}\n").as_bytes())
+}
+
+/// Reads a directory [`save_dir`] wrote into the arena: every weight (its master copy where
+/// the optimizer file has one), the optimizer state and the step count. A tensor missing, of
+/// another shape, or one the program does not have is an error naming it.
+pub fn load_dir(
+    dir: &Path,
+    program: &Program,
+    arena: &mut dyn Backend,
+) -> Result<Loaded, RunError> {
+    check_dir_form(dir, "--resume")?;
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(|source| RunError::Io {
+        path: state_path.display().to_string(),
+        source,
+    })?;
+    let bad_state = |msg: &str| RunError::Weights {
+        path: state_path.display().to_string(),
+        msg: msg.to_string(),
+    };
+    let state: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad_state(&format!("not JSON: {e}")))?;
+    let step = state["global_step"]
+        .as_u64()
+        .ok_or_else(|| bad_state("no `global_step` count"))?;
+    let mut files: Vec<(String, memmap2::Mmap)> = vec![];
+    for name in [MODEL_FILE, ADAPTERS_FILE, OPTIMIZER_FILE] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let f = std::fs::File::open(&path).map_err(|source| RunError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        // SAFETY: read-only private mapping of a file memc replaces only by renaming.
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| RunError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        files.push((path.display().to_string(), map));
+    }
+    let parsed = files
+        .iter()
+        .map(|(path, map)| {
+            SafeTensors::deserialize(map).map_err(|e| RunError::Weights {
+                path: path.clone(),
+                msg: format!("not a valid safetensors file: {e}"),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let find = |name: &str| {
+        files
+            .iter()
+            .zip(&parsed)
+            .find_map(|((path, _), st)| st.tensor(name).ok().map(|t| (path.clone(), t)))
+    };
+    let mut loaded = Loaded {
+        step: Some(step),
+        ..Default::default()
+    };
+    let mut used = std::collections::HashSet::new();
+    for p in &program.params {
+        let master = format!("{MASTER}{}", p.slot.name);
+        let (path, t, name) = match find(&master) {
+            Some((path, t)) => (path, t, master),
+            None => match find(&p.slot.name) {
+                Some((path, t)) => (path, t, p.slot.name.clone()),
+                None if p.role == Role::OptimizerState => continue,
+                None => return Err(RunError::Weights {
+                    path: dir.display().to_string(),
+                    msg: format!(
+                        "tensor `{}` ({}) is missing: the directory was not saved for this program",
+                        p.slot.name,
+                        p.slot.type_string()
+                    ),
+                }),
+            },
+        };
+        if t.shape() != p.slot.shape.as_slice() {
+            return Err(RunError::Weights {
+                path,
+                msg: format!(
+                    "tensor `{name}` is {:?}, the program expects {}",
+                    t.shape(),
+                    p.slot.type_string()
+                ),
+            });
+        }
+        let bytes = if t.dtype() == st_dtype(p.slot.dtype) {
+            t.data().to_vec()
+        } else {
+            let from = [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::F64]
+                .into_iter()
+                .find(|d| st_dtype(*d) == t.dtype())
+                .filter(|_| {
+                    matches!(
+                        p.slot.dtype,
+                        Dtype::F32 | Dtype::F16 | Dtype::Bf16 | Dtype::F64
+                    )
+                })
+                .ok_or_else(|| RunError::Weights {
+                    path: path.clone(),
+                    msg: format!(
+                        "tensor `{name}` is {:?}, the program expects {}",
+                        t.dtype(),
+                        p.slot.type_string()
+                    ),
+                })?;
+            crate::program::encode(p.slot.dtype, &crate::program::decode(from, t.data()))
+        };
+        arena.set(&p.slot, &bytes)?;
+        used.insert(name);
+        loaded.tensors += 1;
+        loaded.optimizer_state |= p.role == Role::OptimizerState;
+    }
+    for ((path, _), st) in files.iter().zip(&parsed) {
+        for name in st.names() {
+            let master_of = name.strip_prefix(MASTER).unwrap_or(name);
+            if !used.contains(name) && !program.params.iter().any(|p| p.slot.name == master_of) {
+                return Err(RunError::Weights {
+                    path: path.clone(),
+                    msg: format!("tensor `{name}` is not a parameter of this program (the directory belongs to another model)"),
+                });
+            }
+        }
+    }
+    Ok(loaded)
+}

@@ -305,22 +305,10 @@ fn losses(e: &Entry, optimizer: Optimizer, lr: f64, wd: f64, canonical: bool) ->
     memc_tests::interpreter_losses(&mut g, &inputs, lr, wd, 5)
 }
 
-/// Zoo files whose trained parameter count is not PyTorch's, and why (issue 20: the trainable
-/// set is exactly the model's parameters).
-const PARAM_COUNT_GAPS: &[(&str, &str)] = &[
-    (
-        "olmo-eager-dynamo",
-        "the exporter folds OLMo's non-parametric LayerNorm scale into a ones initializer (`val_N`), trained as a weight",
-    ),
-    (
-        "olmo-sdpa-dynamo",
-        "the exporter folds OLMo's non-parametric LayerNorm scale into a ones initializer (`val_N`), trained as a weight",
-    ),
-];
-
 /// The training step trains exactly as many parameters as the PyTorch model has (the count
 /// `scripts/export-zoo.py` recorded), on every zoo file that has a training reference, both
-/// exporters, except the gaps listed above; a listed gap that closes fails the test.
+/// exporters: buffers and folded constants frozen, folded parameters found
+/// (`memc_onnx::provenance`).
 #[test]
 fn zoo_models_train_pytorchs_parameter_count() {
     let mut failures = vec![];
@@ -337,21 +325,16 @@ fn zoo_models_train_pytorchs_parameter_count() {
         let stats =
             memc::train::build(&mut g, &a).unwrap_or_else(|err| panic!("{}: {err:#}", e.name));
         let got = stats.trained_params;
-        let gap = PARAM_COUNT_GAPS.iter().find(|(n, _)| *n == e.name);
-        match (got == want, gap) {
-            (true, None) | (false, Some(_)) => {}
-            (false, None) => failures.push(format!("{}: {got} trained, PyTorch {want}", e.name)),
-            (true, Some(_)) => failures.push(format!(
-                "{}: trains PyTorch's {want} now: drop it from PARAM_COUNT_GAPS",
-                e.name
-            )),
+        if got != want {
+            failures.push(format!("{}: {got} trained, PyTorch {want}", e.name));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// TorchScript exports keep the model's parameters as initializers, so their trajectories
-/// are PyTorch's; canonicalising changes nothing beyond rounding on any export (dynamo's too).
+/// Both exporters' files train PyTorch's parameters (the dynamo exporter's folded transposes
+/// undone, its buffers and constants frozen), so their trajectories are PyTorch's;
+/// canonicalising changes nothing beyond rounding.
 #[test]
 fn zoo_models_train_like_pytorch_with_and_without_canonicalisation() {
     let mut failures = vec![];
@@ -359,18 +342,6 @@ fn zoo_models_train_like_pytorch_with_and_without_canonicalisation() {
         .into_iter()
         .filter(|e| e.causal() && import_gap(&e.family).is_none())
     {
-        if e.exporter == "dynamo" {
-            // Dynamo exports fold some parameters into constants, so only canonical against
-            // not (PyTorch's trajectory trains them).
-            let a = losses(&e, adamw(), 1e-3, 0.01, true);
-            let raw = losses(&e, adamw(), 1e-3, 0.01, false);
-            let ec = max_rel(&a, &raw);
-            eprintln!("{:<32} vs --no-canonicalize {ec:.1e}", e.name);
-            if ec > 1e-5 {
-                failures.push(format!("{}: canonical vs not {ec:.1e}", e.name));
-            }
-            continue;
-        }
         let Some(train) = &e.train else { continue };
         let reference: Value =
             serde_json::from_str(&std::fs::read_to_string(train).unwrap()).unwrap();

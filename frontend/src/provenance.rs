@@ -1,0 +1,452 @@
+//! Which initializers are the model's parameters, and which parameter each one is.
+//!
+//! PyTorch trains its `nn.Parameter`s; an ONNX file holds initializers, some of them parameters
+//! under their state-dict names, some parameters folded by the exporter (a linear layer's weight
+//! stored transposed under a made-up name), some buffers (rotary `inv_freq`) and folded constants
+//! (causal masks, cos/sin tables at fixed shapes). [`provenance`] sorts them, in this order:
+//!
+//! 1. **What the exporter recorded.** The dynamo exporter writes the exported program's graph
+//!    signature (`pkg.torch.export.ExportedProgram.graph_signature`: each placeholder is a
+//!    `PARAMETER`, `BUFFER`, `CONSTANT_TENSOR` or `USER_INPUT`, with its state-dict target) and,
+//!    on every node, the FX node it came from (`pkg.torch.onnx.fx_node`, whose arguments name
+//!    the placeholders the node read) and its module scopes (`pkg.torch.onnx.name_scopes`). An
+//!    initializer named as a parameter's target is that parameter; a folded initializer read by
+//!    a node whose FX node read exactly one parameter placeholder the node does not read by name
+//!    is that parameter (the same parameter again when the exporter also kept it by name: a
+//!    tied LM head stored a second time, transposed) (transposed when the FX node is `aten.linear` and the ONNX node a
+//!    `MatMul`: the ONNX operand is `Wᵀ`). With a signature, every other initializer is frozen:
+//!    buffers, and constants the exporter folded.
+//! 2. **Module scopes.** A folded initializer that is a `MatMul`'s right operand inside module
+//!    scope `M` (the dynamo scopes above, or the TorchScript exporter's node names
+//!    `/M/with/slashes/MatMul`) is `M.weight`, transposed, when no initializer is already named
+//!    `M.weight`. This names TorchScript's `onnx::MatMul_N` weights.
+//! 3. **How the graph uses it** (no signature: TorchScript records no buffers). A float
+//!    initializer of more than one element is a parameter when it meets data: a node combines
+//!    it, or what layout ops, gathers and scalar arithmetic made of it, with a value computed
+//!    from the model's inputs. A buffer such as `inv_freq` only meets position ids made from
+//!    shapes (`Range`) before it becomes a cos/sin table, so it is not one.
+//!
+//! A recorded parameter the exporter folded into an expression (Gemma's `1 + w` norms: the
+//! initializer `add_N` is read inside `M` whose parameter `M.weight` no initializer carries) is
+//! trained as its folded value under the initializer's own name and marked
+//! [`Origin::FoldedExpression`], since the expression cannot be undone from the file alone.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::proto;
+
+const SIGNATURE_KEY: &str = "pkg.torch.export.ExportedProgram.graph_signature";
+const FX_NODE_KEY: &str = "pkg.torch.onnx.fx_node";
+const SCOPES_KEY: &str = "pkg.torch.onnx.name_scopes";
+
+/// How one initializer enters the graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The parameter `name` (its PyTorch state-dict name), stored transposed when `transposed`
+    /// (the initializer is `nameᵀ`).
+    Parameter {
+        /// The parameter's state-dict name.
+        name: String,
+        /// Whether the initializer holds the transpose of the parameter.
+        transposed: bool,
+        /// Why it is this parameter (for the report).
+        how: &'static str,
+    },
+    /// A parameter folded by the exporter into an expression memc cannot undo; trained as the
+    /// folded value under the initializer's name.
+    FoldedExpression {
+        /// The parameter it was folded from.
+        of: String,
+    },
+    /// Not a parameter: a buffer, or a constant the exporter folded.
+    Frozen {
+        /// Why (for the report).
+        why: &'static str,
+    },
+}
+
+/// The origin of every float initializer with more than one element, and of uses bound to a
+/// different parameter than their initializer's.
+#[derive(Debug, Clone, Default)]
+pub struct Provenance {
+    /// Whether the exporter recorded a parameter signature (rule 1 applied).
+    pub recorded: bool,
+    /// By initializer name.
+    pub inits: HashMap<String, Origin>,
+    /// The parameters the signature lists (empty without one), in its order.
+    pub signature_params: Vec<String>,
+}
+
+impl Provenance {
+    /// The origin of initializer `name` (`None`: not a float tensor of several elements, a
+    /// constant whatever the rules say).
+    pub fn of(&self, name: &str) -> Option<&Origin> {
+        self.inits.get(name)
+    }
+}
+
+/// One placeholder of the exported program's signature.
+#[derive(Debug, Clone)]
+struct Placeholder {
+    kind: String,
+    target: String,
+}
+
+/// Parses the signature's `# inputs` section: `NAME: KIND target='TARGET' ...` lines.
+fn parse_signature(text: &str) -> HashMap<String, Placeholder> {
+    let mut out = HashMap::new();
+    let mut in_inputs = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(section) = line.strip_prefix('#') {
+            in_inputs = section.trim() == "inputs";
+            continue;
+        }
+        if !in_inputs {
+            continue;
+        }
+        let Some((name, rest)) = line.split_once(": ") else {
+            continue;
+        };
+        let kind = rest
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let target = rest
+            .split_once("target='")
+            .and_then(|(_, t)| t.split_once('\''))
+            .map(|(t, _)| t.to_string())
+            .unwrap_or_default();
+        out.insert(name.to_string(), Placeholder { kind, target });
+    }
+    out
+}
+
+/// An FX node's target op and the `%names` among its arguments.
+fn parse_fx_node(text: &str) -> (String, Vec<String>) {
+    let target = text
+        .split_once("target=")
+        .and_then(|(_, t)| t.split_once(']'))
+        .map(|(t, _)| t.to_string())
+        .unwrap_or_default();
+    let args = text.split_once("](").map(|(_, a)| a).unwrap_or_default();
+    let names = args
+        .split('%')
+        .skip(1)
+        .map(|s| {
+            s.chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect();
+    (target, names)
+}
+
+fn meta<'a>(props: &'a [proto::StringStringEntryProto], key: &str) -> Option<&'a str> {
+    props.iter().find(|p| p.key() == key).map(|p| p.value())
+}
+
+/// The innermost module scope of a node: the dynamo exporter's recorded scopes, else the
+/// TorchScript exporter's node name (`/model/layers.0/self_attn/q_proj/MatMul`).
+fn module_scope(node: &proto::NodeProto) -> Option<String> {
+    if let Some(scopes) = meta(&node.metadata_props, SCOPES_KEY) {
+        // A Python list: ['', 'model', 'model.layers.0', ..., 'linear']; the last is the FX
+        // node itself, the one before the innermost module.
+        let items: Vec<&str> = scopes
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(", ")
+            .map(|s| s.trim_matches('\''))
+            .collect();
+        return (items.len() >= 2)
+            .then(|| items[items.len() - 2].to_string())
+            .filter(|s| !s.is_empty());
+    }
+    let name = node.name();
+    let parts: Vec<&str> = name.split('/').collect();
+    if !name.starts_with('/') || parts.len() < 3 {
+        return None;
+    }
+    Some(parts[1..parts.len() - 1].join("."))
+}
+
+/// Ops through which a tensor is still "the parameter" for rule 3: layout, casts, gathers.
+const PASS_THROUGH: &[&str] = &[
+    "Cast",
+    "CastLike",
+    "Transpose",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Expand",
+    "Identity",
+    "Flatten",
+    "Gather",
+];
+
+/// Elementwise ops through which a tensor stays "the parameter" when the other operand is a
+/// constant scalar (Gemma's `w + 1`).
+const SCALAR_ARITH: &[&str] = &["Add", "Sub", "Mul", "Div"];
+
+/// Sorts the graph's float initializers of more than one element (see the module docs).
+pub fn provenance(graph: &proto::GraphProto) -> Provenance {
+    let float_init: HashMap<&str, &proto::TensorProto> = graph
+        .initializer
+        .iter()
+        .filter(|t| {
+            let float = matches!(
+                proto::tensor_proto::DataType::try_from(t.data_type()),
+                Ok(proto::tensor_proto::DataType::Float
+                    | proto::tensor_proto::DataType::Double
+                    | proto::tensor_proto::DataType::Float16
+                    | proto::tensor_proto::DataType::Bfloat16)
+            );
+            float && t.dims.iter().product::<i64>() > 1
+        })
+        .map(|t| (t.name(), t))
+        .collect();
+    let init_names: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+    let signature = meta(&graph.metadata_props, SIGNATURE_KEY).map(parse_signature);
+    let mut prov = Provenance {
+        recorded: signature.is_some(),
+        ..Default::default()
+    };
+    // Module scope rule (2): folded initializers read by a MatMul as its right operand.
+    let scope_weight = |name: &str| -> Option<String> {
+        graph.node.iter().find_map(|n| {
+            let right = n.op_type() == "MatMul" && n.input.get(1).map(String::as_str) == Some(name);
+            let scope = module_scope(n)?;
+            let weight = format!("{scope}.weight");
+            (right && !init_names.contains(weight.as_str())).then_some(weight)
+        })
+    };
+
+    if let Some(sig) = &signature {
+        let params: HashSet<&str> = sig
+            .values()
+            .filter(|p| p.kind == "PARAMETER")
+            .map(|p| p.target.as_str())
+            .collect();
+        prov.signature_params = sig
+            .values()
+            .filter(|p| p.kind == "PARAMETER")
+            .map(|p| p.target.clone())
+            .collect();
+        prov.signature_params.sort();
+        // Parameters no initializer carries by name: folded by the exporter.
+        let missing: HashSet<&str> = params
+            .iter()
+            .copied()
+            .filter(|t| !init_names.contains(t))
+            .collect();
+        let mut taken: HashSet<String> = HashSet::new();
+        for (&name, _) in &float_init {
+            if params.contains(name) {
+                prov.inits.insert(
+                    name.to_string(),
+                    Origin::Parameter {
+                        name: name.to_string(),
+                        transposed: false,
+                        how: "a parameter in the exporter's signature",
+                    },
+                );
+            }
+        }
+        // Rule 1 by FX node: the folded initializer read by a node whose FX node read one
+        // missing parameter placeholder.
+        for node in &graph.node {
+            let Some(fx) = meta(&node.metadata_props, FX_NODE_KEY) else {
+                continue;
+            };
+            let (target, args) = parse_fx_node(fx);
+            // Parameters the FX node read that this node does not read by name: a missing
+            // one, or a tied one the exporter also stored folded (a tied LM head, transposed).
+            let placeholders: Vec<&str> = args
+                .iter()
+                .filter_map(|a| sig.get(a))
+                .filter(|p| p.kind == "PARAMETER" && !node.input.contains(&p.target))
+                .map(|p| p.target.as_str())
+                .collect();
+            let folded: Vec<(usize, &str)> = node
+                .input
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| {
+                    float_init.contains_key(i.as_str()) && !params.contains(i.as_str())
+                })
+                .map(|(k, i)| (k, i.as_str()))
+                .collect();
+            if let ([param], [(k, init)]) = (placeholders.as_slice(), folded.as_slice()) {
+                if prov.inits.contains_key(*init) {
+                    continue;
+                }
+                let transposed =
+                    target.contains("aten.linear") && node.op_type() == "MatMul" && *k == 1;
+                taken.insert(param.to_string());
+                prov.inits.insert(
+                    init.to_string(),
+                    Origin::Parameter {
+                        name: param.to_string(),
+                        transposed,
+                        how: "folded by the exporter from this parameter (its FX node)",
+                    },
+                );
+            }
+        }
+        // Rule 2, then folded expressions, else frozen.
+        for (&name, _) in &float_init {
+            if prov.inits.contains_key(name) {
+                continue;
+            }
+            let origin = if let Some(w) =
+                scope_weight(name).filter(|w| missing.contains(w.as_str()) && !taken.contains(w))
+            {
+                taken.insert(w.clone());
+                Origin::Parameter {
+                    name: w,
+                    transposed: true,
+                    how: "a MatMul weight inside the parameter's module",
+                }
+            } else if let Some(of) = graph
+                .node
+                .iter()
+                .filter(|n| n.input.iter().any(|i| i == name))
+                .filter_map(module_scope)
+                .map(|s| format!("{s}.weight"))
+                .find(|w| missing.contains(w.as_str()) && !taken.contains(w))
+            {
+                taken.insert(of.clone());
+                Origin::FoldedExpression { of }
+            } else {
+                let buffer = sig
+                    .values()
+                    .any(|p| p.target == name && p.kind != "PARAMETER");
+                Origin::Frozen {
+                    why: if buffer {
+                        "a buffer in the exporter's signature"
+                    } else {
+                        "a constant the exporter folded (no parameter in its signature)"
+                    },
+                }
+            };
+            prov.inits.insert(name.to_string(), origin);
+        }
+        return prov;
+    }
+
+    // No signature: rule 3 decides, rule 2 names.
+    let meets = meets_data(graph);
+    for (&name, _) in &float_init {
+        let origin = if !meets.contains(name) {
+            Origin::Frozen {
+                why: "meets no data: only shape-derived values (a buffer such as a rotary table)",
+            }
+        } else if let Some(w) = scope_weight(name) {
+            Origin::Parameter {
+                name: w,
+                transposed: true,
+                how: "a MatMul weight inside the parameter's module (the exporter's node names)",
+            }
+        } else {
+            Origin::Parameter {
+                name: name.to_string(),
+                transposed: false,
+                how: "meets data in the graph",
+            }
+        };
+        prov.inits.insert(name.to_string(), origin);
+    }
+    prov
+}
+
+/// The initializers that meet data (rule 3).
+fn meets_data(graph: &proto::GraphProto) -> HashSet<&str> {
+    let inits: HashMap<&str, &proto::TensorProto> =
+        graph.initializer.iter().map(|t| (t.name(), t)).collect();
+    // Values computed from the model's inputs (not from their shapes alone).
+    let mut data: HashSet<&str> = graph
+        .input
+        .iter()
+        .map(|i| i.name())
+        .filter(|n| !inits.contains_key(n))
+        .collect();
+    let mut scalar: HashSet<&str> = inits
+        .iter()
+        .filter(|(_, t)| t.dims.iter().product::<i64>() <= 1)
+        .map(|(n, _)| *n)
+        .collect();
+    for n in &graph.node {
+        let from_shape = matches!(n.op_type(), "Shape" | "Size");
+        if !from_shape && n.input.iter().any(|i| data.contains(i.as_str())) {
+            data.extend(n.output.iter().map(String::as_str));
+        }
+        if n.op_type() == "Constant"
+            && n.attribute.iter().any(|a| {
+                a.name() == "value_float"
+                    || a.name() == "value_int"
+                    || a.t
+                        .as_ref()
+                        .is_some_and(|t| t.dims.iter().product::<i64>() <= 1)
+            })
+        {
+            scalar.extend(n.output.iter().map(String::as_str));
+        }
+    }
+    let mut consumers: HashMap<&str, Vec<&proto::NodeProto>> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            consumers.entry(i.as_str()).or_default().push(n);
+        }
+    }
+    let mut out = HashSet::new();
+    for name in inits.keys() {
+        // Follow the initializer through pass-through ops until it meets data.
+        let mut stack = vec![*name];
+        let mut seen: HashSet<&str> = HashSet::new();
+        'walk: while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            for n in consumers.get(v).into_iter().flatten() {
+                let others = n.input.iter().filter(|i| i.as_str() != v && !i.is_empty());
+                let mut others_data = others.clone().any(|i| data.contains(i.as_str()));
+                if n.op_type() == "Gather" && n.input.first().map(String::as_str) != Some(v) {
+                    others_data = others_data || data.contains(v);
+                }
+                if others_data {
+                    out.insert(*name);
+                    break 'walk;
+                }
+                let through = PASS_THROUGH.contains(&n.op_type())
+                    || (SCALAR_ARITH.contains(&n.op_type())
+                        && others.clone().all(|i| scalar.contains(i.as_str())));
+                if through {
+                    stack.extend(n.output.iter().map(String::as_str));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_and_fx_nodes_parse() {
+        let sig = parse_signature(
+            "\n# inputs\np_w: PARAMETER target='m.w'\nb_f: BUFFER target='m.f' persistent=False\nids: USER_INPUT\n\n# outputs\nout: USER_OUTPUT\n",
+        );
+        assert_eq!(sig["p_w"].kind, "PARAMETER");
+        assert_eq!(sig["p_w"].target, "m.w");
+        assert_eq!(sig["b_f"].target, "m.f");
+        assert_eq!(sig["ids"].kind, "USER_INPUT");
+        assert!(!sig.contains_key("out"));
+        let (t, args) = parse_fx_node(
+            "%linear : [num_users=1] = call_function[target=torch.ops.aten.linear.default](args = (%mul_4, %p_w), kwargs = {})",
+        );
+        assert_eq!(t, "torch.ops.aten.linear.default");
+        assert_eq!(args, ["mul_4", "p_w"]);
+    }
+}
