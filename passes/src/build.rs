@@ -149,8 +149,16 @@ impl<'g> Builder<'g> {
         self.op(Op::Expand { shape }, &[x])
     }
 
-    /// Permute dims (no node for the identity).
+    /// Permute dims (no node for the identity; a transpose of a transpose is one, of its
+    /// operand).
     pub fn transpose(&mut self, x: ValueId, perm: Vec<usize>) -> BResult {
+        if let Some(n) = self.g.producer(x) {
+            if let Op::Transpose { perm: inner } = &self.g.node(n).op {
+                let composed: Vec<usize> = perm.iter().map(|&p| inner[p]).collect();
+                let operand = self.g.node(n).inputs[0];
+                return self.transpose(operand, composed);
+            }
+        }
         if perm.iter().enumerate().all(|(i, &p)| i == p) {
             return Ok(x);
         }

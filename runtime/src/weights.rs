@@ -363,14 +363,16 @@ pub fn load_dir(
             None => match find(&p.slot.name) {
                 Some((path, t)) => (path, t, p.slot.name.clone()),
                 None if p.role == Role::OptimizerState => continue,
-                None => return Err(RunError::Weights {
-                    path: dir.display().to_string(),
-                    msg: format!(
+                None => {
+                    return Err(RunError::Weights {
+                        path: dir.display().to_string(),
+                        msg: format!(
                         "tensor `{}` ({}) is missing: the directory was not saved for this program",
                         p.slot.name,
                         p.slot.type_string()
                     ),
-                }),
+                    })
+                }
             },
         };
         if t.shape() != p.slot.shape.as_slice() {

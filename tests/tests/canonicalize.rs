@@ -96,6 +96,8 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
             lr: 1e-3,
             weight_decay: 0.01,
             fixed: vec![],
+            save: None,
+            layout: Default::default(),
         };
         let cpu = memc::train::run_host(
             &mut g,

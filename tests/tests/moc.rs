@@ -74,6 +74,8 @@ fn moc_llama_matches_on_both_backends_and_trains_close_to_dense() {
         lr: 1e-2,
         weight_decay: 0.0,
         fixed: vec![],
+        save: None,
+        layout: Default::default(),
     };
     let cpu = memc::train::run_host(
         &mut g.clone(),

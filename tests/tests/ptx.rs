@@ -149,6 +149,8 @@ fn host_losses(
         lr: 1e-3,
         weight_decay: 0.01,
         fixed: vec![],
+        save: None,
+        layout: Default::default(),
     };
     let mut g = program();
     let mut host = memc::train::host_program(&g, &ex.name, Some(a)).unwrap();

@@ -232,6 +232,8 @@ fn remat_choices_keep_the_cpu_backend_losses_bitwise() {
             lr: 1e-3,
             weight_decay: 0.01,
             fixed: vec![],
+            save: None,
+            layout: Default::default(),
         };
         memc::train::run_host(
             &mut g,

@@ -239,6 +239,8 @@ fn cpu_losses(g: &mut Graph, a: &TrainOptions, steps: usize, lr: f64) -> Vec<f64
         lr,
         weight_decay: 0.0,
         fixed: vec![],
+        save: None,
+        layout: Default::default(),
     };
     memc::train::run_host(
         g,

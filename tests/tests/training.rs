@@ -22,6 +22,8 @@ fn cpu_losses(ex: &Example, a: &TrainOptions, steps: usize) -> Vec<f64> {
         lr: 1e-3,
         weight_decay: 0.01,
         fixed: vec![],
+        save: None,
+        layout: Default::default(),
     };
     memc::train::run_host(
         &mut g,

@@ -23,6 +23,12 @@ pub(super) fn vjp(
             for (i, &p) in perm.iter().enumerate() {
                 inv[p] = i;
             }
+            // A transposed weight's gradient is a product (`xᵀ·dy`): (AB)ᵀ = BᵀAᵀ gives the
+            // weight's own gradient from one GEMM reading transposed views, not a GEMM and
+            // a transpose copy.
+            if let Some(d) = transposed_product(b, dy, perm)? {
+                return Ok(vec![Some(d)]);
+            }
             vec![Some(b.transpose(dy, inv)?)]
         }
         Op::Slice { starts, steps, .. } => {
@@ -91,4 +97,25 @@ pub(super) fn vjp(
         )?)],
         _ => unreachable!("`{}` is not a layout op", op.name()),
     })
+}
+
+/// `(A·B)ᵀ` as `Bᵀ·Aᵀ` when `dy` is a matrix product and `perm` swaps a matrix's dims.
+fn transposed_product(
+    b: &mut Builder,
+    dy: ValueId,
+    perm: &[usize],
+) -> Result<Option<ValueId>, String> {
+    if perm != [1, 0] {
+        return Ok(None);
+    }
+    let Some(n) = b.g.producer(dy) else {
+        return Ok(None);
+    };
+    let node = b.g.node(n);
+    if node.op != Op::MatMul || b.shape(dy).len() != 2 {
+        return Ok(None);
+    }
+    let (x, y) = (node.inputs[0], node.inputs[1]);
+    let (yt, xt) = (b.transpose(y, vec![1, 0])?, b.transpose(x, vec![1, 0])?);
+    Ok(Some(b.op(Op::MatMul, &[yt, xt])?))
 }
