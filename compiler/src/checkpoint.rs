@@ -268,13 +268,13 @@ pub fn apply(
     };
 
     // Names the exporter merged into another parameter (tied weights): signature parameters
-    // no initializer stands for.
+    // no parameter of the graph is named.
     let standing: HashSet<&str> = prov
         .inits
-        .iter()
-        .flat_map(|(init, o)| match o {
-            Origin::Parameter { name, .. } => vec![name.as_str(), init.as_str()],
-            _ => vec![init.as_str()],
+        .values()
+        .filter_map(|o| match o {
+            Origin::Parameter { name, .. } => Some(name.as_str()),
+            _ => None,
         })
         .collect();
     let merged: HashSet<String> = prov

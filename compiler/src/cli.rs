@@ -644,6 +644,7 @@ fn compile(args: CompileArgs) -> Result<()> {
                 "training: {} weight tensors trained ({} parameters), {} frozen; {} backward nodes, {} optimizer nodes",
                 t.trained_tensors, t.trained_params, t.frozen_tensors, t.backward_nodes, t.update_nodes
             );
+            print!("{}", report::parameters_text(&parameter_rows(&g, &params)));
             if let Some(r) = &t.remat {
                 let budget = r
                     .budget_bytes
@@ -726,6 +727,12 @@ fn compile(args: CompileArgs) -> Result<()> {
                 }
                 obj.insert("reversible".into(), j);
             }
+            if train_stats.is_some() {
+                obj.insert(
+                    "parameters".into(),
+                    report::parameters_json(&parameter_rows(&g, &params)),
+                );
+            }
             if let Some(t) = &train_stats {
                 obj.insert(
                     "training".into(),
@@ -751,6 +758,30 @@ fn compile(args: CompileArgs) -> Result<()> {
         write_file(path, &(serde_json::to_string_pretty(&r)? + "\n"))?;
     }
     Ok(())
+}
+
+/// Every weight and frozen initializer of the training graph `g`: whether it is trained (has a
+/// gradient, or an update once the optimizer consumed the gradients) and why it is a parameter or not (`crate::checkpoint::apply`'s notes).
+fn parameter_rows(g: &Graph, params: &crate::checkpoint::Parameters) -> Vec<report::ParamRow> {
+    let trained: std::collections::HashSet<&str> = g
+        .grads()
+        .iter()
+        .chain(g.updates())
+        .filter_map(|(w, _)| match &g.value(*w).def {
+            ValueDef::Param { name, .. } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    params
+        .notes
+        .iter()
+        .map(|(name, weight, why)| report::ParamRow {
+            name: name.clone(),
+            trained: trained.contains(name.as_str()),
+            weight: *weight,
+            why: why.clone(),
+        })
+        .collect()
 }
 
 /// `-o OUT`: the executable OUT (kernels, program and runtime) and OUT.safetensors.

@@ -345,3 +345,43 @@ pub fn plan_svg(plan: &Plan, title: &str) -> String {
 pub fn plan_text(g: &Graph, plan: &Plan) -> String {
     memc_passes::plan::text(g, plan)
 }
+
+/// One weight or frozen initializer, for the report's parameter table.
+#[derive(Debug, Clone)]
+pub struct ParamRow {
+    /// Its name (the checkpoint's, or the ONNX initializer's when it is no parameter).
+    pub name: String,
+    /// Whether the training step updates it.
+    pub trained: bool,
+    /// Whether it is one of the model's parameters (else a buffer or a folded constant).
+    pub weight: bool,
+    /// Why it is a parameter or not.
+    pub why: String,
+}
+
+/// The `--report` lines on parameters: the trained count, then every frozen initializer and
+/// parameter with why (`--report-json`'s `parameters` lists them all).
+pub fn parameters_text(rows: &[ParamRow]) -> String {
+    let trained = rows.iter().filter(|r| r.trained).count();
+    let weights = rows.iter().filter(|r| r.weight).count();
+    let mut out =
+        format!("parameters: {trained} of the model's {weights} parameters trained; frozen:\n");
+    for r in rows.iter().filter(|r| !r.weight) {
+        out.push_str(&format!("  frozen {:<40} {}\n", r.name, r.why));
+    }
+    for r in rows.iter().filter(|r| r.weight && !r.trained) {
+        out.push_str(&format!(
+            "  frozen {:<40} a parameter --trainable leaves out\n",
+            r.name
+        ));
+    }
+    out
+}
+
+/// `--report-json`'s `parameters`: every weight and frozen initializer with whether it is
+/// trained and why.
+pub fn parameters_json(rows: &[ParamRow]) -> serde_json::Value {
+    rows.iter()
+        .map(|r| serde_json::json!({"name": r.name, "trained": r.trained, "parameter": r.weight, "why": r.why}))
+        .collect()
+}

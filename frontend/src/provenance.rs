@@ -27,7 +27,9 @@
 //!    shapes (`Range`) before it becomes a cos/sin table, so it is not one.
 //!
 //! A recorded parameter the exporter folded into an expression (Gemma's `1 + w` norms: the
-//! initializer `add_N` is read inside `M` whose parameter `M.weight` no initializer carries) is
+//! exporter's optimizer records on the value `add_N` that it was `folded_from` the parameter
+//! and a constant; older files without that record: it is read inside module `M` whose
+//! parameter `M.weight` no initializer carries) is
 //! trained as its folded value under the initializer's own name and marked
 //! [`Origin::FoldedExpression`], since the expression cannot be undone from the file alone.
 
@@ -38,6 +40,7 @@ use crate::proto;
 const SIGNATURE_KEY: &str = "pkg.torch.export.ExportedProgram.graph_signature";
 const FX_NODE_KEY: &str = "pkg.torch.onnx.fx_node";
 const SCOPES_KEY: &str = "pkg.torch.onnx.name_scopes";
+const FOLDED_FROM_KEY: &str = "pkg.onnxscript.optimizer.folded_from";
 
 /// How one initializer enters the graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +214,12 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
         recorded: signature.is_some(),
         ..Default::default()
     };
+    let right_operand = |name: &str| {
+        graph
+            .node
+            .iter()
+            .any(|n| n.op_type() == "MatMul" && n.input.get(1).map(String::as_str) == Some(name))
+    };
     // Module scope rule (2): folded initializers read by a MatMul as its right operand.
     let scope_weight = |name: &str| -> Option<String> {
         graph.node.iter().find_map(|n| {
@@ -240,14 +249,51 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
             .filter(|t| !init_names.contains(t))
             .collect();
         let mut taken: HashSet<String> = HashSet::new();
+        // Tied parameters the exporter stored once: the name the first node reading the
+        // initializer knew it by (a tied embedding is read as the embedding first).
+        let mut first_name: HashMap<&str, &str> = HashMap::new();
+        for node in &graph.node {
+            let Some(fx) = meta(&node.metadata_props, FX_NODE_KEY) else {
+                continue;
+            };
+            let (_, args) = parse_fx_node(fx);
+            let read: Vec<&str> = args
+                .iter()
+                .filter_map(|a| sig.get(a))
+                .filter(|p| p.kind == "PARAMETER")
+                .map(|p| p.target.as_str())
+                .collect();
+            for input in &node.input {
+                let input = input.as_str();
+                if !params.contains(input) || first_name.contains_key(input) {
+                    continue;
+                }
+                let alias: Vec<&str> = read
+                    .iter()
+                    .copied()
+                    .filter(|t| missing.contains(t))
+                    .collect();
+                let known = match (read.contains(&input), alias.as_slice()) {
+                    (false, [other]) => other,
+                    _ => input,
+                };
+                first_name.insert(input, known);
+            }
+        }
         for (&name, _) in &float_init {
             if params.contains(name) {
+                let known = first_name.get(name).copied().unwrap_or(name);
+                taken.insert(known.to_string());
                 prov.inits.insert(
                     name.to_string(),
                     Origin::Parameter {
-                        name: name.to_string(),
+                        name: known.to_string(),
                         transposed: false,
-                        how: "a parameter in the exporter's signature",
+                        how: if known == name {
+                            "a parameter in the exporter's signature"
+                        } else {
+                            "a parameter in the exporter's signature, tied to the one stored under this initializer's name"
+                        },
                     },
                 );
             }
@@ -261,12 +307,16 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
             let (target, args) = parse_fx_node(fx);
             // Parameters the FX node read that this node does not read by name: a missing
             // one, or a tied one the exporter also stored folded (a tied LM head, transposed).
-            let placeholders: Vec<&str> = args
+            let mut placeholders: Vec<&str> = args
                 .iter()
                 .filter_map(|a| sig.get(a))
                 .filter(|p| p.kind == "PARAMETER" && !node.input.contains(&p.target))
                 .map(|p| p.target.as_str())
                 .collect();
+            if placeholders.len() > 1 {
+                // `aten.linear(x, w, b)` as MatMul then Add: the folded one is the missing one.
+                placeholders.retain(|p| missing.contains(p));
+            }
             let folded: Vec<(usize, &str)> = node
                 .input
                 .iter()
@@ -293,12 +343,46 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
                 );
             }
         }
+        // What the exporter's optimizer recorded it folded each value from
+        // (`pkg.onnxscript.optimizer.folded_from` on the value's `value_info`).
+        let folded_from: HashMap<&str, Vec<String>> = graph
+            .value_info
+            .iter()
+            .filter_map(|vi| {
+                let list = meta(&vi.metadata_props, FOLDED_FROM_KEY)?;
+                let names = list
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(", ")
+                    .map(|s| s.trim_matches('\'').to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                Some((vi.name(), names))
+            })
+            .collect();
         // Rule 2, then folded expressions, else frozen.
         for (&name, _) in &float_init {
             if prov.inits.contains_key(name) {
                 continue;
             }
-            let origin = if let Some(w) =
+            let sources: &[String] = folded_from.get(name).map_or(&[], Vec::as_slice);
+            let recorded: Vec<&str> = sources
+                .iter()
+                .map(String::as_str)
+                .filter(|s| params.contains(s))
+                .collect();
+            let origin = if let ([of], true) = (recorded.as_slice(), sources.len() > 1) {
+                // Folded from one parameter and constants: an expression of it.
+                taken.insert(of.to_string());
+                Origin::FoldedExpression { of: of.to_string() }
+            } else if let ([of], true) = (recorded.as_slice(), right_operand(name)) {
+                // Folded from the parameter alone and multiplied by: its transpose.
+                taken.insert(of.to_string());
+                Origin::Parameter {
+                    name: of.to_string(),
+                    transposed: true,
+                    how: "folded by the exporter from this parameter alone (its record), a MatMul weight",
+                }
+            } else if let Some(w) =
                 scope_weight(name).filter(|w| missing.contains(w.as_str()) && !taken.contains(w))
             {
                 taken.insert(w.clone());
@@ -330,6 +414,47 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
                 }
             };
             prov.inits.insert(name.to_string(), origin);
+        }
+        // A tied embedding the export renamed after the LM head everywhere (its placeholder
+        // is read by no FX node): the one parameter no initializer and no FX node names is
+        // the table a `Gather` reads that other nodes read too, stored under the embedding's
+        // name as Hugging Face stores tied weights.
+        let mut read: HashSet<&str> = HashSet::new();
+        for node in &graph.node {
+            if let Some(fx) = meta(&node.metadata_props, FX_NODE_KEY) {
+                for a in parse_fx_node(fx).1 {
+                    if let Some(p) = sig.get(&a) {
+                        read.insert(p.target.as_str());
+                    }
+                }
+            }
+        }
+        let unread: Vec<&&str> = missing
+            .iter()
+            .filter(|t| !read.contains(**t) && !taken.contains(**t))
+            .collect();
+        if let [embedding] = unread.as_slice() {
+            let tables: HashSet<&str> = graph
+                .node
+                .iter()
+                .filter(|n| n.op_type() == "Gather")
+                .filter_map(|n| n.input.first().map(String::as_str))
+                .filter(|t| params.contains(t))
+                .filter(|t| {
+                    graph
+                        .node
+                        .iter()
+                        .filter(|n| n.input.iter().any(|i| i == t))
+                        .count()
+                        > 1
+                })
+                .collect();
+            if let [table] = tables.into_iter().collect::<Vec<_>>().as_slice() {
+                if let Some(Origin::Parameter { name, how, .. }) = prov.inits.get_mut(*table) {
+                    *name = embedding.to_string();
+                    *how = "the tied embedding the exporter stored under the LM head's name";
+                }
+            }
         }
         return prov;
     }

@@ -200,6 +200,10 @@ pub fn train(
     if let Some(v) = t.vocab {
         data.check_vocab(v as usize, data_path)?;
     }
+    if let Some(dir) = &cfg.save {
+        // Before any step: a run is not thrown away at its end for a bad --save.
+        weights::check_dir_form(dir, "--save")?;
+    }
     data.skip(cfg.start_step * batch as u64);
     let loss = program.output(&t.loss_output).expect("validated").clone();
     let drifts: Vec<Slot> = t

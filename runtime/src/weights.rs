@@ -216,7 +216,7 @@ fn added_by_memc(name: &str) -> bool {
 }
 
 /// Refuses the single-file checkpoint form: checkpoints are model directories.
-fn check_dir_form(dir: &Path, flag: &str) -> Result<(), RunError> {
+pub fn check_dir_form(dir: &Path, flag: &str) -> Result<(), RunError> {
     if dir.extension().is_some_and(|e| e == "safetensors") || dir.is_file() {
         return Err(RunError::Usage(format!(
             "{flag} {}: checkpoints are model directories now (model.safetensors, optimizer.safetensors, trainer_state.json); pass a directory",

@@ -10,73 +10,12 @@ use memc_tests::{
     adamw, examples, max_rel, reference_losses, train_args, Example, TrainOptions, AUTO,
 };
 
+#[path = "../support/cmd.rs"]
+mod cmd;
 #[path = "../support/ranks.rs"]
 mod ranks;
+use cmd::{bin_dir, fails, ok, run, scratch};
 use ranks::{as_rank, free_ports};
-
-/// `target/<profile>/`, where cargo puts `memc` and `libmemc_runtime.a`.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-/// `$TMP/memc-exe-PID/NAME`, created. The first call removes the directories of earlier runs
-/// whose process is gone (each run leaves about 170 MB of executables).
-fn scratch(name: &str) -> PathBuf {
-    static CLEAN: std::sync::Once = std::sync::Once::new();
-    CLEAN.call_once(|| {
-        // Without /proc there is no telling a finished run from a running one.
-        let (Ok(entries), true) = (
-            std::fs::read_dir(std::env::temp_dir()),
-            Path::new("/proc/self").exists(),
-        ) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let file = e.file_name();
-            let Some(pid) = file.to_str().and_then(|n| n.strip_prefix("memc-exe-")) else {
-                continue;
-            };
-            let alive = Path::new("/proc").join(pid).exists();
-            if pid.parse::<u32>().is_ok() && !alive {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    });
-    let d = std::env::temp_dir()
-        .join(format!("memc-exe-{}", std::process::id()))
-        .join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    out
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs `cmd`, expecting failure with exit code 2 and one `error:` line mentioning `needle`.
-fn fails(cmd: &mut Command, needle: &str) {
-    let out = run(cmd);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{cmd:?}: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{cmd:?}: one line expected:\n{stderr}");
-    assert!(
-        lines[0].starts_with("error: ") && lines[0].contains(needle),
-        "{cmd:?}: expected `{needle}` in:\n{stderr}"
-    );
-}
 
 fn input_file(ex: &Example, name: &str) -> PathBuf {
     ex.path
@@ -245,7 +184,7 @@ fn checkpoints_resume_exactly() {
     let exe = dir.join("llama");
     compile(&ex, &exe, ADAMW);
     let straight = losses(&train(&ex, &exe, &["--steps", "6"]));
-    let ckpt = dir.join("ckpt.safetensors");
+    let ckpt = dir.join("ckpt");
     let metrics = dir.join("metrics.jsonl");
     let first = train(
         &ex,
@@ -274,13 +213,43 @@ fn checkpoints_resume_exactly() {
     assert_eq!(losses(&first), straight[..4]);
     // Weights, AdamW moments and the step count (bias correction) all come back.
     assert_eq!(losses(&resumed), straight[4..], "resumed vs uninterrupted");
+    // A Hugging Face model directory: the weights under the checkpoint's names, the
+    // optimizer state apart, the step and data position last.
+    let names: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(names.iter().any(|n| n == f), "{f} in {names:?}");
+    }
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["global_step"], 4);
+    assert_eq!(state["rows_consumed"], 8);
     assert!(
-        !std::fs::read_dir(&dir).unwrap().any(|e| e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .contains(".tmp")),
-        "no temporary files are left behind"
+        !names.iter().any(|n| n.contains(".tmp")),
+        "no temporary files are left behind: {names:?}"
+    );
+    // The single-file form is refused before any step.
+    let file = dir.join("ckpt.safetensors");
+    let out = Command::new(&exe)
+        .args([
+            "train",
+            "--data",
+            input_file(&ex, "input_ids").to_str().unwrap(),
+        ])
+        .args(["--steps", "1", "--save", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("pass a directory") && out.stdout.is_empty(),
+        "{err}"
     );
 }
 
@@ -351,9 +320,17 @@ fn bad_inputs_give_one_clear_error() {
     let truncated = dir.join("truncated.safetensors");
     let w = std::fs::read(exe.with_extension("safetensors")).unwrap();
     std::fs::write(&truncated, &w[..w.len() / 2]).unwrap();
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    std::fs::write(broken.join("trainer_state.json"), "{\"global_step\": 1}").unwrap();
     fails(
-        &mut train_cmd(&["--resume", truncated.to_str().unwrap()]),
+        &mut train_cmd(&["--resume", broken.to_str().unwrap()]),
         "not a valid safetensors file",
+    );
+    fails(
+        &mut train_cmd(&["--resume", dir.to_str().unwrap()]),
+        "trainer_state.json",
     );
     fails(
         &mut train_cmd(&["--weights", truncated.to_str().unwrap()]),
@@ -365,12 +342,17 @@ fn bad_inputs_give_one_clear_error() {
         .unwrap();
     let gpt2 = dir.join("gpt2");
     compile(&other, &gpt2, &[]);
+    let gpt2_dir = dir.join("gpt2-ckpt");
+    ok(Command::new(&gpt2)
+        .args([
+            "train",
+            "--data",
+            input_file(&other, "input_ids").to_str().unwrap(),
+        ])
+        .args(["--steps", "1", "--save", gpt2_dir.to_str().unwrap()]));
     fails(
-        &mut train_cmd(&[
-            "--resume",
-            gpt2.with_extension("safetensors").to_str().unwrap(),
-        ]),
-        "is missing: the file was not written for this program",
+        &mut train_cmd(&["--resume", gpt2_dir.to_str().unwrap()]),
+        "is missing: the directory was not saved for this program",
     );
     fails(
         &mut train_cmd(&["--weights", dir.join("nope.safetensors").to_str().unwrap()]),
@@ -575,7 +557,7 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
     memc_compile(llama, &plain, &["--optimizer", "sgd"]);
     let w0 = tensors(&plain.with_extension("safetensors"));
     let sgd_step = |exe: &Path, name: &str| {
-        let ckpt = dir.join(format!("{name}.ckpt.safetensors"));
+        let ckpt = dir.join(format!("{name}.ckpt"));
         let lines = run_train(
             exe,
             &[
@@ -587,7 +569,10 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
                 ckpt.to_str().unwrap(),
             ],
         );
-        (lines[0]["loss"].as_f64().unwrap(), tensors(&ckpt))
+        (
+            lines[0]["loss"].as_f64().unwrap(),
+            tensors(&ckpt.join("model.safetensors")),
+        )
     };
     let (loss, want) = sgd_step(&plain, "plain");
     // Two stages, four microbatches.
@@ -650,7 +635,7 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
         memc_compile(model, &exe, &piped("adamw", schedule));
         let lr = ["--lr", "1e-2"];
         let want = losses(&run_train(&plain, &[&lr[..], &["--steps", "4"]].concat()));
-        let ckpt = dir.join(format!("{name}.resume.safetensors"));
+        let ckpt = dir.join(format!("{name}.resume"));
         let first = run_train(
             &exe,
             &[&lr[..], &["--steps", "2", "--save", ckpt.to_str().unwrap()]].concat(),
