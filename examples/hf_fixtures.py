@@ -18,9 +18,13 @@ initializers cannot be what makes a test pass, and writes under ``examples/model
   writes it (same keys as ``<family>-hf/model.safetensors``);
 * ``<family>-hf-trained.json``: ``adamw``, the 5 losses (each before its step's update).
 
-For llama also ``llama-hf-bf16/`` (the same weights saved in bfloat16) and
+For llama also ``llama-hf-bf16/`` (the same weights saved in bfloat16),
 ``llama-hf-sharded/`` (the fp32 checkpoint in shards with a
-``model.safetensors.index.json``).
+``model.safetensors.index.json``), and ``static/llama-dynamo-static.onnx``: the example llama
+(``export.build``, the exported weights) exported by the dynamo exporter at fixed shapes
+[2, 16], where the exporter stores the causal mask and the rotary cos/sin tables as
+initializers (they must stay frozen: ``models/llama-dynamo/train_ref.json`` is its
+reference).
 
 The batch is ``models/<family>-dynamo/inputs/input_ids.npy`` (int64 [2, 16]); the loss is
 transformers' causal-LM loss (``model(input_ids=ids, labels=ids).loss``: the mean cross
@@ -75,6 +79,11 @@ def main():
     attn_of = {}
     for m in manifest["models"]:
         attn_of.setdefault(m["family"], m.get("attn_implementation", "eager"))
+    static = MODELS / "static"
+    static.mkdir(exist_ok=True)
+    wrapper = export.build("llama", attn_of.get("llama", "eager"))
+    ids = torch.from_numpy(np.load(MODELS / "llama-dynamo" / "inputs" / "input_ids.npy"))
+    export.export_dynamo(wrapper, (ids,), ["input_ids"], static / "llama-dynamo-static.onnx", False)
     for family in FAMILIES:
         attn = attn_of.get(family, "eager")
         ids = torch.from_numpy(np.load(MODELS / f"{family}-dynamo" / "inputs" / "input_ids.npy"))

@@ -364,8 +364,11 @@ pub struct ParamRow {
 pub fn parameters_text(rows: &[ParamRow]) -> String {
     let trained = rows.iter().filter(|r| r.trained).count();
     let weights = rows.iter().filter(|r| r.weight).count();
-    let mut out =
-        format!("parameters: {trained} of the model's {weights} parameters trained; frozen:\n");
+    let frozen = rows.len() - trained;
+    let mut out = format!(
+        "parameters: {trained} of the model's {weights} parameters trained; {frozen} initializers frozen{}\n",
+        if frozen > 0 { ":" } else { "" }
+    );
     for r in rows.iter().filter(|r| !r.weight) {
         out.push_str(&format!("  frozen {:<40} {}\n", r.name, r.why));
     }

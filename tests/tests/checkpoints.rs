@@ -143,6 +143,57 @@ fn weights_from_either_exporter_train_like_pytorch_and_save_the_checkpoints_layo
     }
 }
 
+/// At fixed shapes the dynamo exporter stores the causal mask and the rotary cos/sin tables as
+/// initializers: they are frozen, so the step trains PyTorch's parameters and its trajectory.
+#[test]
+fn fixed_shape_dynamo_exports_train_only_the_parameters() {
+    let dir = scratch("static");
+    let model = models().join("static/llama-dynamo-static.onnx");
+    let report = dir.join("report.json");
+    ok(memc()
+        .arg("compile")
+        .arg(&model)
+        .args(["--train", "--report-json"])
+        .arg(&report));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let llama = examples()
+        .into_iter()
+        .find(|e| e.name == "llama-dynamo")
+        .unwrap();
+    assert_eq!(r["training"]["trained_params"], llama.torch_params);
+    let frozen: Vec<&str> = r["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["parameter"].as_bool().unwrap())
+        .map(|p| p["why"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        frozen.len(),
+        3,
+        "the mask and the cos/sin tables: {frozen:?}"
+    );
+    let stdout = ok(memc()
+        .arg("train")
+        .arg(&model)
+        .arg("--data")
+        .arg(ids("llama"))
+        .args(["--optimizer", "adamw", "--lr", "1e-3", "--steps", "5"]));
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(models().join("llama-dynamo/train_ref.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<f64> = reference["adamw"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let err = max_rel(&losses(&stdout), &want);
+    assert!(err <= 1e-5, "fixed-shape export vs PyTorch: {err:.1e}");
+}
+
 #[test]
 fn without_weights_the_parameters_take_the_checkpoints_names() {
     // Without --weights, the ONNX file's parameters are named as the Hugging Face checkpoint
