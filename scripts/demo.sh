@@ -57,13 +57,21 @@ done
 
 echo
 DATA=examples/models/llama-dynamo/inputs/input_ids.npy
-echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw -o $OUT/llama"
-$MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw -o "$OUT/llama"
+echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw --weights examples/models/llama-hf -o $OUT/llama"
+echo "   (the Hugging Face checkpoint examples/models/llama-hf bound to the exported graph's parameters)"
+$MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw \
+  --weights examples/models/llama-hf -o "$OUT/llama"
 "$OUT/llama" info
-echo "== $OUT/llama train --data $DATA --steps 5 --lr 1e-3 --save $OUT/llama-ckpt.safetensors"
-"$OUT/llama" train --data $DATA --steps 5 --lr 1e-3 --save "$OUT/llama-ckpt.safetensors"
-echo "== $OUT/llama train --data $DATA --steps 2 --lr 1e-3 --resume $OUT/llama-ckpt.safetensors"
-"$OUT/llama" train --data $DATA --steps 2 --lr 1e-3 --resume "$OUT/llama-ckpt.safetensors"
+rm -rf "$OUT/llama-ft" "$OUT/llama-ft2"
+echo "== $OUT/llama train --data $DATA --steps 5 --lr 1e-3 --save $OUT/llama-ft"
+"$OUT/llama" train --data $DATA --steps 5 --lr 1e-3 --save "$OUT/llama-ft"
+echo "   $(ls "$OUT/llama-ft" | tr '\n' ' ')(a Hugging Face model directory)"
+echo "== $OUT/llama train --data $DATA --steps 2 --lr 1e-3 --resume $OUT/llama-ft --save $OUT/llama-ft2"
+"$OUT/llama" train --data $DATA --steps 2 --lr 1e-3 --resume "$OUT/llama-ft" --save "$OUT/llama-ft2"
+if python3 -c "import torch, transformers" 2>/dev/null; then
+  echo "== python3 scripts/hf-roundtrip.py $OUT/llama-ft2 examples/models/llama-dynamo.onnx $DATA"
+  python3 scripts/hf-roundtrip.py "$OUT/llama-ft2" examples/models/llama-dynamo.onnx $DATA --memc "$MEMC" 2>/dev/null
+fi
 echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 -o $OUT/llama-infer; $OUT/llama-infer infer ..."
 $MEMC compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 -o "$OUT/llama-infer"
 "$OUT/llama-infer" infer --input input_ids=$DATA --out "$OUT/llama-infer-out"

@@ -2,7 +2,8 @@
 //! TorchScript, opset 14–17) into a forward [`Graph`] with static shapes.
 //!
 //! The file is memory-mapped and decoded by prost from the mapping, so initializers'
-//! `raw_data` point into the mapping: parameters are never copied. Dynamic input dims are bound
+//! `raw_data` point into the mapping: parameters are not copied (a folded transpose is, once,
+//! into its parameter's layout; [`provenance`] says which initializers are parameters). Dynamic input dims are bound
 //! from [`ImportOptions::shapes`]; every other shape is inferred by memc itself (the file's
 //! `value_info` is not trusted), and shape arithmetic (`Shape → Gather → Concat → Reshape`,
 //! masks from `Range`/`Less`/`Where`) folds to constants as it is met, by the reference

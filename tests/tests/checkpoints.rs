@@ -418,3 +418,28 @@ fn saved_directories_load_with_transformers() {
         );
     }
 }
+
+/// Reversible layers' adapters are weights memc added: they go to `adapters.safetensors`,
+/// so the saved `model.safetensors` is still exactly the base checkpoint's key set.
+#[test]
+fn reversible_adapters_are_saved_apart_from_the_base_checkpoint() {
+    let dir = scratch("hf-adapters");
+    let out = dir.join("saved");
+    ok(memc()
+        .arg("train")
+        .arg(models().join("llama-dynamo.onnx"))
+        .args(["--reversible", "meft1", "--weights"])
+        .arg(models().join("llama-hf"))
+        .arg("--data")
+        .arg(ids("llama"))
+        .args(["--optimizer", "adamw", "--steps", "2", "--save"])
+        .arg(&out));
+    let base = tensors(&models().join("llama-hf/model.safetensors"));
+    let saved = tensors(&out.join("model.safetensors"));
+    assert_eq!(
+        saved.keys().collect::<Vec<_>>(),
+        base.keys().collect::<Vec<_>>()
+    );
+    let adapters = tensors(&out.join("adapters.safetensors"));
+    assert!(!adapters.is_empty() && adapters.keys().all(|k| k.starts_with("memc.rev.")));
+}
