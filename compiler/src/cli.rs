@@ -173,6 +173,10 @@ struct TrainCmdArgs {
     /// trainer_state.json, and config.json and the other small files of a --weights directory.
     #[arg(long, value_name = "DIR")]
     save: Option<PathBuf>,
+    /// Continue from a directory --save wrote: its weights, optimizer state, step count and
+    /// data position (bit for bit an uninterrupted run).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
     #[command(flatten)]
     pipeline: crate::pipe::PipelineArgs,
 }
@@ -1154,6 +1158,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         weight_decay,
         fixed: fixed_inputs(&args.inputs)?,
         save: args.save.clone(),
+        resume: args.resume.clone(),
         layout: params.layout,
     };
     let run = match args.backend {
@@ -1283,6 +1288,7 @@ fn train_pipelined_on(
         weight_decay,
         fixed: fixed_inputs(&args.inputs)?,
         save: args.save.clone(),
+        resume: args.resume.clone(),
         layout: layout.clone(),
     };
     let exec = match target {

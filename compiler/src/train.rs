@@ -299,6 +299,8 @@ pub struct LoopOptions {
     pub fixed: Vec<(String, std::path::PathBuf)>,
     /// Write a Hugging Face model directory here at the end.
     pub save: Option<std::path::PathBuf>,
+    /// Continue from a directory `save` wrote (weights, optimizer state, step and data).
+    pub resume: Option<std::path::PathBuf>,
     /// How that directory stores the weights (`crate::checkpoint::apply`).
     pub layout: memc_runtime::program::CheckpointLayout,
 }
@@ -535,7 +537,7 @@ pub fn run_program(
 ) -> Result<Vec<f64>> {
     use memc_runtime::pipeline::{PassBackend, Pipelined};
     let program = &host.program;
-    let cfg = memc_runtime::session::TrainConfig {
+    let mut cfg = memc_runtime::session::TrainConfig {
         steps: opts.steps as u64,
         lr: opts.lr,
         weight_decay: Some(opts.weight_decay),
@@ -575,6 +577,16 @@ pub fn run_program(
                 .filter(|_| program.pipeline.is_some())
                 .map_or(0, |e| e.rank);
             load_params(g, program, cpu.as_mut())?;
+            if let Some(dir) = &opts.resume {
+                let loaded = memc_runtime::weights::load_dir(dir, program, cpu.as_mut())?;
+                cfg.start_step = loaded.step.unwrap_or(0);
+                eprintln!(
+                    "resumed from {}: {} tensors, step {}",
+                    dir.display(),
+                    loaded.tensors,
+                    cfg.start_step
+                );
+            }
             let (mut quiet, mut stdout) = (std::io::sink(), std::io::stdout().lock());
             let losses = memc_runtime::session::train(
                 program,

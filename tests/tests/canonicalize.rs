@@ -97,6 +97,7 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
             weight_decay: 0.01,
             fixed: vec![],
             save: None,
+            resume: None,
             layout: Default::default(),
         };
         let cpu = memc::train::run_host(

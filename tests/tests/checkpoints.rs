@@ -443,3 +443,25 @@ fn reversible_adapters_are_saved_apart_from_the_base_checkpoint() {
     let adapters = tensors(&out.join("adapters.safetensors"));
     assert!(!adapters.is_empty() && adapters.keys().all(|k| k.starts_with("memc.rev.")));
 }
+
+/// `memc train --save DIR` then `--resume DIR` continues bit for bit (cpu backend).
+#[test]
+fn memc_train_resumes_a_saved_directory() {
+    let dir = scratch("hf-resume");
+    let train = |extra: &[&str]| {
+        losses(&ok(memc()
+            .arg("train")
+            .arg(models().join("qwen2-torchscript.onnx"))
+            .arg("--weights")
+            .arg(models().join("qwen2-hf"))
+            .arg("--data")
+            .arg(ids("qwen2"))
+            .args(["--optimizer", "adamw", "--backend", "cpu"])
+            .args(extra)))
+    };
+    let (a, straight) = (dir.join("a"), dir.join("straight"));
+    let all = train(&["--steps", "4", "--save", straight.to_str().unwrap()]);
+    let first = train(&["--steps", "2", "--save", a.to_str().unwrap()]);
+    let rest = train(&["--steps", "2", "--resume", a.to_str().unwrap()]);
+    assert_eq!([first, rest].concat(), all);
+}

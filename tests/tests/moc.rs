@@ -75,6 +75,7 @@ fn moc_llama_matches_on_both_backends_and_trains_close_to_dense() {
         weight_decay: 0.0,
         fixed: vec![],
         save: None,
+        resume: None,
         layout: Default::default(),
     };
     let cpu = memc::train::run_host(

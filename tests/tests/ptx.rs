@@ -150,6 +150,7 @@ fn host_losses(
         weight_decay: 0.01,
         fixed: vec![],
         save: None,
+        resume: None,
         layout: Default::default(),
     };
     let mut g = program();

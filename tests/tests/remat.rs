@@ -233,6 +233,7 @@ fn remat_choices_keep_the_cpu_backend_losses_bitwise() {
             weight_decay: 0.01,
             fixed: vec![],
             save: None,
+            resume: None,
             layout: Default::default(),
         };
         memc::train::run_host(

@@ -240,6 +240,7 @@ fn cpu_losses(g: &mut Graph, a: &TrainOptions, steps: usize, lr: f64) -> Vec<f64
         weight_decay: 0.0,
         fixed: vec![],
         save: None,
+        resume: None,
         layout: Default::default(),
     };
     memc::train::run_host(

@@ -23,6 +23,7 @@ fn cpu_losses(ex: &Example, a: &TrainOptions, steps: usize) -> Vec<f64> {
         weight_decay: 0.01,
         fixed: vec![],
         save: None,
+        resume: None,
         layout: Default::default(),
     };
     memc::train::run_host(
