@@ -889,6 +889,7 @@ mod tests {
             training: None,
             device: None,
             pipeline: None,
+            checkpoint: Default::default(),
             blob: vec![7; 16],
         }
     }
