@@ -342,8 +342,10 @@ fn bad_inputs_give_one_clear_error() {
         .unwrap();
     let gpt2 = dir.join("gpt2");
     compile(&other, &gpt2, &[]);
+    let gpt2_train = dir.join("gpt2-train");
+    compile(&other, &gpt2_train, ADAMW);
     let gpt2_dir = dir.join("gpt2-ckpt");
-    ok(Command::new(&gpt2)
+    ok(Command::new(&gpt2_train)
         .args([
             "train",
             "--data",
