@@ -193,7 +193,8 @@ const SCALAR_ARITH: &[&str] = &["Add", "Sub", "Mul", "Div"];
 
 /// Sorts the graph's float initializers of more than one element (see the module docs).
 pub fn provenance(graph: &proto::GraphProto) -> Provenance {
-    let float_init: HashMap<&str, &proto::TensorProto> = graph
+    // In file order, so every rule's choices are the same run to run.
+    let float_init: Vec<&str> = graph
         .initializer
         .iter()
         .filter(|t| {
@@ -206,8 +207,9 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
             );
             float && t.dims.iter().product::<i64>() > 1
         })
-        .map(|t| (t.name(), t))
+        .map(|t| t.name())
         .collect();
+    let is_float_init: HashSet<&str> = float_init.iter().copied().collect();
     let init_names: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
     let signature = meta(&graph.metadata_props, SIGNATURE_KEY).map(parse_signature);
     let mut prov = Provenance {
@@ -280,7 +282,7 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
                 first_name.insert(input, known);
             }
         }
-        for (&name, _) in &float_init {
+        for &name in &float_init {
             if params.contains(name) {
                 let known = first_name.get(name).copied().unwrap_or(name);
                 taken.insert(known.to_string());
@@ -321,9 +323,7 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
                 .input
                 .iter()
                 .enumerate()
-                .filter(|(_, i)| {
-                    float_init.contains_key(i.as_str()) && !params.contains(i.as_str())
-                })
+                .filter(|(_, i)| is_float_init.contains(i.as_str()) && !params.contains(i.as_str()))
                 .map(|(k, i)| (k, i.as_str()))
                 .collect();
             if let ([param], [(k, init)]) = (placeholders.as_slice(), folded.as_slice()) {
@@ -360,7 +360,7 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
             })
             .collect();
         // Rule 2, then folded expressions, else frozen.
-        for (&name, _) in &float_init {
+        for &name in &float_init {
             if prov.inits.contains_key(name) {
                 continue;
             }
@@ -461,7 +461,7 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
 
     // No signature: rule 3 decides, rule 2 names.
     let meets = meets_data(graph);
-    for (&name, _) in &float_init {
+    for &name in &float_init {
         let origin = if !meets.contains(name) {
             Origin::Frozen {
                 why: "meets no data: only shape-derived values (a buffer such as a rotary table)",

@@ -24,7 +24,6 @@ const IMPORT_GAPS: &[(&str, &str)] = &[];
 struct Entry {
     name: String,
     family: String,
-    exporter: String,
     path: PathBuf,
     expected: Value,
     train: Option<PathBuf>,
@@ -73,7 +72,6 @@ fn zoo() -> Vec<Entry> {
         .map(|e| Entry {
             name: e["name"].as_str().unwrap().into(),
             family: e["family"].as_str().unwrap().into(),
-            exporter: e["exporter"].as_str().unwrap().into(),
             path: dir.join(e["file"].as_str().unwrap()),
             expected: e["expected"].clone(),
             train: e["train"].as_str().map(|t| dir.join(t)),
