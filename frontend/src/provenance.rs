@@ -558,6 +558,72 @@ fn meets_data(graph: &proto::GraphProto) -> HashSet<&str> {
 mod tests {
     use super::*;
 
+    fn init(name: &str, dims: &[i64]) -> proto::TensorProto {
+        proto::TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(proto::tensor_proto::DataType::Float as i32),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, name: &str, inputs: &[&str], output: &str) -> proto::NodeProto {
+        proto::NodeProto {
+            op_type: Some(op.into()),
+            name: Some(name.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    /// Without a signature (TorchScript): a weight meets data; a rotary `inv_freq` only meets
+    /// position ids made from shapes; a position table gathered at such ids still meets data
+    /// after the gather; a `MatMul` weight with a made-up name is named by its node's scope.
+    #[test]
+    fn usage_decides_without_a_signature() {
+        let graph = proto::GraphProto {
+            input: vec![proto::ValueInfoProto {
+                name: Some("x".into()),
+                ..Default::default()
+            }],
+            initializer: vec![
+                init("onnx::MatMul_7", &[4, 4]),
+                init("rotary.inv_freq", &[2]),
+                init("wpe.weight", &[8, 4]),
+            ],
+            node: vec![
+                node("Shape", "/Shape", &["x"], "shape"),
+                node("Range", "/Range", &["shape", "shape", "shape"], "pos"),
+                node("Unsqueeze", "/rotary/Unsqueeze", &["rotary.inv_freq"], "f1"),
+                node("MatMul", "/rotary/MatMul", &["f1", "pos"], "freqs"),
+                node("Cos", "/rotary/Cos", &["freqs"], "cos"),
+                node("Mul", "/rotary/Mul", &["x", "cos"], "xr"),
+                node("Gather", "/wpe/Gather", &["wpe.weight", "pos"], "pe"),
+                node("Add", "/Add", &["xr", "pe"], "h"),
+                node(
+                    "MatMul",
+                    "/layers.0/q_proj/MatMul",
+                    &["h", "onnx::MatMul_7"],
+                    "q",
+                ),
+            ],
+            ..Default::default()
+        };
+        let p = provenance(&graph);
+        assert!(!p.recorded);
+        assert!(matches!(
+            p.of("rotary.inv_freq"),
+            Some(Origin::Frozen { .. })
+        ));
+        assert!(
+            matches!(p.of("wpe.weight"), Some(Origin::Parameter { name, transposed: false, .. }) if name == "wpe.weight")
+        );
+        assert!(
+            matches!(p.of("onnx::MatMul_7"), Some(Origin::Parameter { name, transposed: true, .. }) if name == "layers.0.q_proj.weight")
+        );
+    }
+
     #[test]
     fn signature_and_fx_nodes_parse() {
         let sig = parse_signature(
