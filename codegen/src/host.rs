@@ -203,6 +203,7 @@ impl HostProgram {
             device: None,
             pipeline: None,
             checkpoint: Default::default(),
+            index_bounds: vec![],
             blob: vec![],
         };
         for &v in g.inputs() {
@@ -210,6 +211,7 @@ impl HostProgram {
                 program.inputs.extend(slot(v, name));
             }
         }
+        program.index_bounds = index_bounds(g);
         for (name, v) in g.outputs() {
             let s = slot(*v, name).ok_or_else(|| KernelError::Unsupported {
                 kernel: "outputs".into(),
@@ -535,4 +537,68 @@ mod tests {
             "define void @memc_k7(ptr %0) { call @memc_k7_body() call @memc_k12() }"
         );
     }
+}
+
+/// Every graph input whose elements are gather indices (directly or through reshapes, casts,
+/// transposes, slices and expands), with the smallest table dimension they index: the range
+/// the runtime checks such an input against before a run (kernels clamp indices).
+pub fn index_bounds(g: &Graph) -> Vec<memc_runtime::program::IndexBound> {
+    use memc_ir::Op;
+    let mut users: HashMap<ValueId, Vec<&memc_ir::Node>> = HashMap::new();
+    for n in g.nodes() {
+        for &i in &n.inputs {
+            users.entry(i).or_default().push(n);
+        }
+    }
+    let mut out = vec![];
+    for &input in g.inputs() {
+        let ValueDef::Input { name } = &g.value(input).def else {
+            continue;
+        };
+        if g.value(input).ty.dtype.is_float() {
+            continue;
+        }
+        let mut best: Option<(u64, String)> = None;
+        let mut stack = vec![input];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(v) = stack.pop() {
+            if !seen.insert(v) {
+                continue;
+            }
+            for n in users.get(&v).into_iter().flatten() {
+                let table = match &n.op {
+                    Op::Gather { axis } | Op::GatherElements { axis } if n.inputs[1] == v => {
+                        let t = n.inputs[0];
+                        Some((g.value(t).ty.shape[*axis] as u64, t))
+                    }
+                    Op::Reshape { .. }
+                    | Op::Cast { .. }
+                    | Op::Transpose { .. }
+                    | Op::Slice { .. }
+                    | Op::Expand { .. } => {
+                        stack.extend(n.outputs.iter().copied());
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some((bound, t)) = table {
+                    let what = match &g.value(t).def {
+                        ValueDef::Param { name, .. } => format!("the rows of `{name}`"),
+                        _ => format!("a table of {bound}"),
+                    };
+                    if best.as_ref().is_none_or(|(b, _)| bound < *b) {
+                        best = Some((bound, what));
+                    }
+                }
+            }
+        }
+        if let Some((bound, table)) = best {
+            out.push(memc_runtime::program::IndexBound {
+                input: name.clone(),
+                bound,
+                table,
+            });
+        }
+    }
+    out
 }

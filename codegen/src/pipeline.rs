@@ -288,6 +288,7 @@ pub fn lower(
         device: None,
         pipeline: None,
         checkpoint: Default::default(),
+        index_bounds: vec![],
         blob: vec![],
     };
     let (mut host, programs) = HostProgram::combine(top, parts);

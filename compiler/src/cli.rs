@@ -512,10 +512,10 @@ fn resident_memory() -> Option<(u64, u64)> {
     Some((kb("RssAnon:")? * 1024, kb("RssFile:")? * 1024))
 }
 
+/// Writes a report, plot or plan file with the runtime's one output writer (temporary file
+/// and rename; through symbolic links; FIFOs and devices written directly).
 fn write_file(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, path))
+    memc_runtime::weights::write_atomically(path, text.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -558,6 +558,9 @@ fn compile(args: CompileArgs) -> Result<()> {
     let pipe = args.pipeline.chunks()?;
     if pipe.is_some() && !args.train {
         bail!("--pipeline-stages splits a training step: add --train");
+    }
+    if let (Some(flag), false) = (args.training.training_only_flag(), args.train) {
+        bail!("{flag} shapes a training step: add --train");
     }
     let mut train_opts = None;
     if args.train {
@@ -1428,6 +1431,7 @@ pub fn main() -> ! {
             std::process::exit(2)
         }
     };
+    memc_runtime::session::exit_on_output_errors();
     match run(cli) {
         Ok(()) => std::process::exit(0),
         Err(e) => {

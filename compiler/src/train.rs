@@ -89,6 +89,24 @@ pub struct TrainProgramArgs {
     pub dtype: DtypeArg,
 }
 
+impl TrainProgramArgs {
+    /// A flag given that only a training build reads (`None`: none), for the error without
+    /// `--train`.
+    pub fn training_only_flag(&self) -> Option<&'static str> {
+        [
+            (self.activation_budget.is_some(), "--activation-budget"),
+            (self.clip_grad_norm.is_some(), "--clip-grad-norm"),
+            (self.trainable.is_some(), "--trainable"),
+            (self.rev_check, "--rev-check"),
+            (self.rev_check_threshold.is_some(), "--rev-check-threshold"),
+            (self.rev_store, "--rev-store"),
+            (self.no_fused_loss, "--no-fused-loss"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+}
+
 /// Compute dtypes of the CLI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
@@ -137,6 +155,20 @@ pub fn train_options(args: &TrainProgramArgs) -> Result<TrainOptions> {
         if !(c > 0.0 && c.is_finite()) {
             bail!("--clip-grad-norm must be a positive number, got {c}");
         }
+    }
+    if let Some(t) = args.rev_check_threshold {
+        if !(t > 0.0 && t.is_finite()) {
+            bail!("--rev-check-threshold must be a positive number, got {t}");
+        }
+    }
+    if !(args.eps > 0.0 && args.eps.is_finite()) {
+        bail!("--eps must be a positive number, got {}", args.eps);
+    }
+    if !(0.0..1.0).contains(&args.momentum) {
+        bail!("--momentum must be in [0, 1), got {}", args.momentum);
+    }
+    if args.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+        bail!("--betas must each be in [0, 1), got {:?}", args.betas);
     }
     Ok(TrainOptions {
         loss: match args.loss {
@@ -643,6 +675,7 @@ pub fn eval_host(
             let t = feeds
                 .get(&s.name)
                 .ok_or_else(|| anyhow!("input `{}` has no value", s.name))?;
+            memc_runtime::session::check_indices(program, s, t.bytes(), "--input")?;
             cpu.arena_mut().set(s, t.bytes());
         }
         cpu.run();

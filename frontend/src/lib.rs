@@ -261,6 +261,43 @@ fn tied_source(g: &Graph, t: &Tensor) -> Option<(ValueId, bool)> {
     None
 }
 
+/// Gathers whose indices folded to constants (position ids made from the bound shapes) must
+/// index inside their table: the reference interpreter refuses an index out of range, and the
+/// kernels would clamp it, so a sequence longer than a model's position table is an error
+/// here, at import, on every backend.
+fn check_constant_indices(g: &Graph) -> Result<(), (String, String, String)> {
+    for n in g.nodes() {
+        let (memc_ir::Op::Gather { axis } | memc_ir::Op::GatherElements { axis }) = &n.op else {
+            continue;
+        };
+        let t = match &g.value(n.inputs[1]).def {
+            ValueDef::Const(t)
+            | ValueDef::Param {
+                data: Some(t),
+                role: ParamRole::Constant,
+                ..
+            } => t,
+            _ => continue,
+        };
+        let table = n.inputs[0];
+        let dim = g.value(table).ty.shape[*axis] as i64;
+        if let Some(&i) = t.to_i64_vec().iter().find(|&&i| i < -dim || i >= dim) {
+            let what = match &g.value(table).def {
+                ValueDef::Param { name, .. } => format!("`{name}`"),
+                _ => "its table".to_string(),
+            };
+            return Err((
+                n.name.clone(),
+                n.op.name().to_string(),
+                format!(
+                    "index {i} (computed from the bound input shapes) is outside the {dim} rows of {what}: the shapes are too large for this model (a sequence longer than its position table?); bind smaller ones with --shape"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether weight `id` holds exactly `t`.
 fn same_data(g: &Graph, id: ValueId, t: &Tensor) -> bool {
     matches!(&g.value(id).def, ValueDef::Param { data: Some(d), .. } if d.ty() == t.ty() && d.bytes() == t.bytes())
@@ -502,6 +539,13 @@ fn import_impl(
     }
     ctx.g.compact();
     memc_ir::verify(&ctx.g).map_err(|source| ImportError::Verify { path: p(), source })?;
+    check_constant_indices(&ctx.g).map_err(|(node, op, msg)| ImportError::Node {
+        path: p(),
+        node,
+        op,
+        opset,
+        msg,
+    })?;
     // Folded masks and tables: stored once, at their smallest broadcast shape.
     memc_passes::consts::compact_constants(&mut ctx.g);
     memc_ir::verify(&ctx.g).map_err(|source| ImportError::Verify { path: p(), source })?;

@@ -248,7 +248,14 @@ pub(crate) fn convert(ctx: &mut Ctx, node: &NodeProto, inputs: &[Option<Val>]) -
         "Concat" => {
             let ins: Vec<Val> = n.inputs.iter().flatten().cloned().collect();
             let first = ins.first().ok_or("no operands")?;
-            let a = axis(n.int("axis", 0)?, ctx.ty(first).rank())?;
+            let rank = ctx.ty(first).rank();
+            if let Some((k, v)) = ins.iter().enumerate().find(|(_, v)| ctx.ty(v).rank() != rank) {
+                return Err(format!(
+                    "operand {k} has rank {}, operand 0 has rank {rank}: Concat joins tensors of one rank",
+                    ctx.ty(v).rank()
+                ));
+            }
+            let a = axis(n.int("axis", 0)?, rank)?;
             // Empty operands (common in exporter shape arithmetic) contribute nothing.
             let ins: Vec<Val> = ins.into_iter().filter(|v| ctx.ty(v).shape[a] != 0 || ctx.ty(v).numel() != 0).collect();
             if ins.len() == 1 {
@@ -539,7 +546,15 @@ fn split(ctx: &mut Ctx, n: &N) -> Res<Vec<Val>> {
             .collect::<Res<_>>()?,
         None => {
             let parts = if ctx.opset >= 18 {
-                n.int("num_outputs", outs as i64)? as usize
+                let k = n.int("num_outputs", outs as i64)?;
+                // The node's outputs bound the parts: never allocate for a count the file
+                // merely claims.
+                if k < 1 || k as usize != outs {
+                    return Err(format!(
+                        "num_outputs = {k}, but the node has {outs} outputs"
+                    ));
+                }
+                outs
             } else {
                 outs
             };

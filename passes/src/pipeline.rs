@@ -300,6 +300,14 @@ pub enum ScheduleError {
     /// No stages or no microbatches.
     #[error("the stage and microbatch counts must be at least 1")]
     Empty,
+    /// More stages or microbatches than a schedule is generated for ([`check_sizes`]).
+    #[error("{stages} stages × {microbatches} microbatches is past what memc schedules (at most {MAX_STAGES} stages, {MAX_MICROBATCHES} microbatches, {MAX_CELLS} stage-microbatch pairs)")]
+    TooLarge {
+        /// The stage count asked for.
+        stages: usize,
+        /// The microbatch count asked for.
+        microbatches: usize,
+    },
     /// The generator found no pass to place under the schedule's memory limit.
     #[error("{schedule} deadlocks with {stages} stages and {microbatches} microbatches under its memory limit")]
     Deadlock {
@@ -325,6 +333,31 @@ pub enum ScheduleError {
     Malformed(String),
 }
 
+/// The most stages a schedule is generated for.
+pub const MAX_STAGES: usize = 256;
+/// The most microbatches a schedule is generated for.
+pub const MAX_MICROBATCHES: usize = 1024;
+/// The most stage × microbatch pairs: a schedule holds a few passes per pair, and its
+/// generation and simulation take time and memory in proportion.
+pub const MAX_CELLS: usize = 1 << 14;
+
+/// Refuses sizes no schedule is generated for, before anything is allocated for them.
+pub fn check_sizes(stages: usize, microbatches: usize) -> Result<(), ScheduleError> {
+    if stages == 0 || microbatches == 0 {
+        return Err(ScheduleError::Empty);
+    }
+    if stages > MAX_STAGES
+        || microbatches > MAX_MICROBATCHES
+        || stages.saturating_mul(microbatches) > MAX_CELLS
+    {
+        return Err(ScheduleError::TooLarge {
+            stages,
+            microbatches,
+        });
+    }
+    Ok(())
+}
+
 /// Generates schedule `kind` for `stages` devices and `microbatches` microbatches (see the
 /// module docs).
 pub fn generate(
@@ -332,9 +365,7 @@ pub fn generate(
     stages: usize,
     microbatches: usize,
 ) -> Result<Schedule, ScheduleError> {
-    if stages == 0 || microbatches == 0 {
-        return Err(ScheduleError::Empty);
-    }
+    check_sizes(stages, microbatches)?;
     let mut s = Schedule {
         kind,
         stages,

@@ -202,15 +202,16 @@ pub fn to_bytes(a: &NpyArray) -> Vec<u8> {
     out
 }
 
-/// Writes a `.npy` file atomically (a temporary file renamed into place).
+/// Writes a `.npy` file with the one output writer (`weights::write_atomically_with`).
 pub fn write(path: &Path, a: &NpyArray) -> Result<(), NpyError> {
     let io = |source| NpyError::Io {
         path: path.display().to_string(),
         source,
     };
-    let tmp = path.with_extension("npy.tmp");
-    std::fs::write(&tmp, to_bytes(a)).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::weights::write_atomically(path, &to_bytes(a)).map_err(|e| match e {
+        crate::RunError::Io { source, .. } => io(source),
+        other => io(std::io::Error::other(other.to_string())),
+    })
 }
 
 #[cfg(test)]

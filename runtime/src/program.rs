@@ -105,6 +105,18 @@ pub enum Role {
     OptimizerState,
 }
 
+/// Every element of input `input` must lie in `0..bound`: it indexes `table` (a gather's
+/// rows, such as the token embedding's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexBound {
+    /// The input's name.
+    pub input: String,
+    /// The exclusive upper bound.
+    pub bound: u64,
+    /// What it indexes, for messages (`the rows of model.embed_tokens.weight`).
+    pub table: String,
+}
+
 /// How `--save DIR` writes a Hugging Face model directory beyond the weights' names (which are
 /// the slots' names, the checkpoint's own when the model was compiled with `--weights`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -543,6 +555,10 @@ pub struct Program {
     /// How a saved model directory stores the weights (`--save DIR`).
     #[serde(default, skip_serializing_if = "CheckpointLayout::is_empty")]
     pub checkpoint: CheckpointLayout,
+    /// Inputs used as gather indices and the range their elements must lie in: kernels clamp
+    /// an index for memory safety, the runtime refuses the input before running instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index_bounds: Vec<IndexBound>,
     /// The constants' bytes (serialised after the JSON).
     #[serde(skip)]
     pub blob: Vec<u8>,
@@ -890,6 +906,7 @@ mod tests {
             device: None,
             pipeline: None,
             checkpoint: Default::default(),
+            index_bounds: vec![],
             blob: vec![7; 16],
         }
     }

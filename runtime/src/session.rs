@@ -121,6 +121,40 @@ pub struct TrainConfig {
     pub metrics: Option<PathBuf>,
 }
 
+impl TrainConfig {
+    /// Refuses settings no run can mean: no steps, a negative or non-finite learning rate or
+    /// weight decay, a step count that would overflow.
+    pub fn validate(&self) -> Result<(), RunError> {
+        if self.steps == 0 {
+            return Err(RunError::Usage("--steps must be at least 1".into()));
+        }
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return Err(RunError::Usage(format!(
+                "--lr must be a finite number ≥ 0, got {}",
+                self.lr
+            )));
+        }
+        if let Some(wd) = self.weight_decay {
+            if !(wd >= 0.0 && wd.is_finite()) {
+                return Err(RunError::Usage(format!(
+                    "--weight-decay must be a finite number ≥ 0, got {wd}"
+                )));
+            }
+        }
+        if self
+            .start_step
+            .checked_add(self.steps)
+            .is_none_or(|end| end > 1 << 53)
+        {
+            return Err(RunError::Usage(format!(
+                "step {} + {} steps is past the largest step count memc keeps exactly (2^53)",
+                self.start_step, self.steps
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Trains `program` on `cpu` (weights already loaded), printing one JSON line per step to
 /// `out`; returns the losses. `fixed` gives the model's other inputs (name, `.npy` file; e.g.
 /// an attention mask), held fixed across steps. Stops with an error when the loss stops
@@ -175,6 +209,7 @@ pub fn train(
             ))
         })?;
         let bytes = read_input(s, path)?;
+        check_indices(program, s, &bytes, &path.display().to_string())?;
         cpu.set(s, &bytes)?;
     }
     if ids.shape.len() != 2 {
@@ -200,6 +235,7 @@ pub fn train(
     if let Some(v) = t.vocab {
         data.check_vocab(v as usize, data_path)?;
     }
+    cfg.validate()?;
     if let Some(dir) = &cfg.save {
         // Before any step: a run is not thrown away at its end for a bad --save.
         weights::check_dir_form(dir, "--save")?;
@@ -306,6 +342,38 @@ pub fn train(
         weights::save_dir(dir, program, cpu, step, step * batch as u64)?;
     }
     Ok(losses)
+}
+
+/// Checks an index input's elements against the program's bound for it (`IndexBound`): the
+/// kernels clamp indices, so an out-of-range one would give a silently wrong result.
+pub fn check_indices(
+    program: &Program,
+    slot: &Slot,
+    bytes: &[u8],
+    source: &str,
+) -> Result<(), RunError> {
+    let Some(b) = program.index_bounds.iter().find(|b| b.input == slot.name) else {
+        return Ok(());
+    };
+    let values = decode(slot.dtype, bytes);
+    // As the reference interpreter (and ONNX): a negative index counts from the end.
+    let n = b.bound as f64;
+    if let Some(k) = values.iter().position(|&x| x < -n || x >= n) {
+        let mut at = vec![0; slot.shape.len()];
+        let mut rest = k;
+        for d in (0..slot.shape.len()).rev() {
+            at[d] = rest % slot.shape[d].max(1);
+            rest /= slot.shape[d].max(1);
+        }
+        return Err(RunError::Data {
+            path: source.to_string(),
+            msg: format!(
+                "input `{}`: {} at position {at:?} is outside 0..{} ({} it indexes; -{}..0 counts from the end)",
+                slot.name, values[k], b.bound, b.table, b.bound
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Reads `FILE.npy` as the bytes of input `slot` (dtype and shape must match; float32 data
@@ -421,6 +489,7 @@ pub fn infer(
                 ))
             })?;
         let bytes = read_input(slot, path)?;
+        check_indices(program, slot, &bytes, &path.display().to_string())?;
         cpu.set(slot, &bytes)?;
     }
     cpu.run()?;
@@ -833,6 +902,7 @@ pub unsafe extern "C" fn memc_rt_main(
     kernels: *const KernelFn,
     n_kernels: u64,
 ) -> i32 {
+    exit_on_output_errors();
     let args: Vec<String> = (0..argc.max(0) as usize)
         .map(|i| {
             // SAFETY: the caller passes `argc` valid C strings.
@@ -886,4 +956,24 @@ pub fn drift_warning(drift: &[f64], limit: f64, step: u64) -> Option<String> {
             bad.join(", ")
         )
     })
+}
+
+/// `print!` panics when standard output cannot be written (a full disk, a closed pipe): this
+/// panic hook turns that into the usual one `error:` line and exit code 2 (memc's and the
+/// executables' entry points install it); other panics go to the default hook.
+pub fn exit_on_output_errors() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if let Some(why) = msg.strip_prefix("failed printing to stdout: ") {
+            eprintln!("error: cannot write to standard output: {why}");
+            std::process::exit(2);
+        }
+        default(info);
+    }));
 }

@@ -176,8 +176,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), RunError> {
     write_atomically_with(path, |tmp| std::fs::write(tmp, bytes))
 }
 
-/// Lets `write` create and fill a temporary file beside `path` (`PATH.tmpPID`), syncs it and
-/// renames it into place; on any error the temporary file is removed and `path` is untouched.
+/// The one output writer: lets `write` fill the file `path` names.
+///
+/// - A regular file (or a new one) is written to a temporary file beside it
+///   (`.NAME.tmpPID.N`, unique to this process and call), synced and renamed into place; on
+///   any error the temporary file is removed and `path` is untouched. Temporary files of this
+///   naming left by a writer whose process is gone are removed first.
+/// - A symbolic link is followed: its target is what gets replaced (the link stays).
+/// - A FIFO, character device or socket (`/dev/stdout`, a pipe) is written directly.
 pub fn write_atomically_with(
     path: &Path,
     write: impl FnOnce(&Path) -> std::io::Result<()>,
@@ -186,16 +192,74 @@ pub fn write_atomically_with(
         path: path.display().to_string(),
         source,
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
+    // What `path` finally is (links followed): a pipe or device is written in place.
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.is_file() && !m.is_dir() {
+            return write(path).map_err(io);
+        }
+    }
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => resolve_link(path).map_err(io)?,
+        _ => path.to_path_buf(),
+    };
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    remove_stale_temporaries(&dir, &name);
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp{}.{n}", std::process::id()));
     let result = write(&tmp)
         .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path));
+        .and_then(|_| std::fs::rename(&tmp, &target));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io)
+}
+
+/// Where a symbolic link finally points (its target need not exist yet).
+fn resolve_link(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let mut at = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let next = std::fs::read_link(&at)?;
+                at = match at.parent() {
+                    Some(d) if next.is_relative() => d.join(next),
+                    _ => next,
+                };
+            }
+            _ => return Ok(at),
+        }
+    }
+    Err(std::io::Error::other("too many levels of symbolic links"))
+}
+
+/// Removes `.NAME.tmpPID.N` files in `dir` whose writing process no longer exists (only where
+/// `/proc` tells; elsewhere nothing is removed).
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp");
+    let (Ok(entries), true) = (std::fs::read_dir(dir), Path::new("/proc/self").exists()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// The weights of a saved model directory (Hugging Face's file name).
@@ -362,7 +426,15 @@ pub fn load_dir(
             Some((path, t)) => (path, t, master),
             None => match find(&p.slot.name) {
                 Some((path, t)) => (path, t, p.slot.name.clone()),
-                None if p.role == Role::OptimizerState => continue,
+                None if p.role == Role::OptimizerState => {
+                    return Err(RunError::Weights {
+                        path: dir.join(OPTIMIZER_FILE).display().to_string(),
+                        msg: format!(
+                            "optimizer state `{}` is missing: the directory was saved by a program with another optimizer (or by Hugging Face: start from it with --weights instead)",
+                            p.slot.name
+                        ),
+                    })
+                }
                 None => {
                     return Err(RunError::Weights {
                         path: dir.display().to_string(),
@@ -418,7 +490,11 @@ pub fn load_dir(
             if !used.contains(name) && !program.params.iter().any(|p| p.slot.name == master_of) {
                 return Err(RunError::Weights {
                     path: path.clone(),
-                    msg: format!("tensor `{name}` is not a parameter of this program (the directory belongs to another model)"),
+                    msg: if path.ends_with(OPTIMIZER_FILE) {
+                        format!("tensor `{name}` is not optimizer state of this program (the directory was saved with another optimizer or model)")
+                    } else {
+                        format!("tensor `{name}` is not a parameter of this program (the directory belongs to another model)")
+                    },
                 });
             }
         }

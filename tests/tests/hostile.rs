@@ -1,0 +1,473 @@
+//! Hostile but fair input (issue 21), as a table of command → the one error it must give:
+//! index inputs out of range refused by every backend (the kernels clamp, so the runtime checks
+//! first), constant indices past a position table refused at import, nonsense flag values,
+//! unbounded schedule sizes, a checkpoint of another optimizer, importer nodes whose attributes
+//! would panic or allocate without bound, standard output that cannot be written, and output
+//! paths that are links, FIFOs or devices.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use memc_onnx::proto;
+use memc_tests::root;
+
+#[path = "../support/cmd.rs"]
+mod cmd;
+use cmd::{bin_dir, ok, run, scratch};
+
+fn memc() -> Command {
+    Command::new(bin_dir().join("memc"))
+}
+
+fn model(name: &str) -> PathBuf {
+    root().join("examples/models").join(name)
+}
+
+/// Runs `cmd` and expects exit code 2 with a last stderr line `error: ...needle...` and no
+/// panic.
+fn refuses(cmd: &mut Command, needle: &str) {
+    let out = run(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        out.status.code() == Some(2)
+            && last.starts_with("error: ")
+            && last.contains(needle)
+            && !stderr.contains("panicked"),
+        "{cmd:?}: expected exit 2 and `error: ...{needle}...`, got {:?}:\n{stderr}",
+        out.status.code()
+    );
+}
+
+/// Writes `ids` (int64, shape `shape`) as a `.npy`.
+fn ids_file(path: &Path, shape: &[usize], ids: &[i64]) -> PathBuf {
+    memc_runtime::npy::write(
+        path,
+        &memc_runtime::npy::NpyArray {
+            dtype: memc_runtime::npy::NpyDtype::I64,
+            shape: shape.to_vec(),
+            data: ids.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        },
+    )
+    .unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn hostile_commands_give_one_clear_error() {
+    let dir = scratch("hostile");
+    let llama = model("llama-dynamo.onnx");
+    let data = model("llama-dynamo/inputs/input_ids.npy");
+    let mut ids: Vec<i64> = (0..32).collect();
+    ids[19] = 256;
+    let vocab = ids_file(&dir.join("vocab.npy"), &[2, 16], &ids);
+    ids[19] = -257;
+    let negative = ids_file(&dir.join("negative.npy"), &[2, 16], &ids);
+    let mut tt = vec![0i64; 32];
+    tt[0] = 5;
+    let token_types = ids_file(&dir.join("tt.npy"), &[2, 16], &tt);
+
+    let train_exe = dir.join("llama-adamw");
+    ok(memc()
+        .arg("compile")
+        .arg(&llama)
+        .args([
+            "--shape",
+            "input_ids=2x16",
+            "--train",
+            "--optimizer",
+            "adamw",
+            "-o",
+        ])
+        .arg(&train_exe));
+    let sgd_exe = dir.join("llama-sgd");
+    ok(memc()
+        .arg("compile")
+        .arg(&llama)
+        .args([
+            "--shape",
+            "input_ids=2x16",
+            "--train",
+            "--optimizer",
+            "sgd",
+            "-o",
+        ])
+        .arg(&sgd_exe));
+    let infer_exe = dir.join("llama-infer");
+    ok(memc()
+        .arg("compile")
+        .arg(&llama)
+        .args(["--shape", "input_ids=2x16", "-o"])
+        .arg(&infer_exe));
+    let bert_exe = dir.join("bert-infer");
+    ok(memc()
+        .arg("compile")
+        .arg(model("bert-dynamo.onnx"))
+        .args([
+            "--shape",
+            "input_ids=2x16",
+            "--shape",
+            "token_type_ids=2x16",
+        ])
+        .args(["--shape", "attention_mask=2x16", "-o"])
+        .arg(&bert_exe));
+    let sgd_dir = dir.join("sgd-ckpt");
+    ok(Command::new(&sgd_exe)
+        .arg("train")
+        .arg("--data")
+        .arg(&data)
+        .args(["--steps", "1", "--save"])
+        .arg(&sgd_dir));
+
+    let memc_train = |extra: &[&str]| {
+        let mut c = memc();
+        c.arg("train")
+            .arg(&llama)
+            .arg("--data")
+            .arg(&data)
+            .args(extra);
+        c
+    };
+    let exe_train = |extra: &[&str]| {
+        let mut c = Command::new(&train_exe);
+        c.arg("train").arg("--data").arg(&data).args(extra);
+        c
+    };
+    let cases: Vec<(&str, Command, &str)> = vec![
+        // Index inputs out of range: every backend refuses, naming the input and position.
+        (
+            "token id = vocab, reference",
+            {
+                let mut c = memc();
+                c.arg("eval")
+                    .arg(&llama)
+                    .arg("--input")
+                    .arg(format!("input_ids={}", vocab.display()));
+                c.arg("--out").arg(dir.join("o1"));
+                c
+            },
+            "index 256 is out of range",
+        ),
+        (
+            "token id = vocab, cpu backend",
+            {
+                let mut c = memc();
+                c.arg("eval")
+                    .arg(&llama)
+                    .arg("--input")
+                    .arg(format!("input_ids={}", vocab.display()));
+                c.args(["--backend", "cpu", "--out"]).arg(dir.join("o2"));
+                c
+            },
+            "input `input_ids`: 256 at position [1, 3] is outside 0..256",
+        ),
+        (
+            "token id below -vocab, executable",
+            {
+                let mut c = Command::new(&infer_exe);
+                c.arg("infer")
+                    .arg("--input")
+                    .arg(format!("input_ids={}", negative.display()));
+                c.arg("--out").arg(dir.join("o3"));
+                c
+            },
+            "-257 at position [1, 3] is outside 0..256",
+        ),
+        (
+            "token type 5 of 2, executable",
+            {
+                let mut c = Command::new(&bert_exe);
+                c.arg("infer");
+                for (n, f) in [
+                    ("input_ids", model("bert-dynamo/inputs/input_ids.npy")),
+                    ("token_type_ids", token_types.clone()),
+                    (
+                        "attention_mask",
+                        model("bert-dynamo/inputs/attention_mask.npy"),
+                    ),
+                ] {
+                    c.arg("--input").arg(format!("{n}={}", f.display()));
+                }
+                c.arg("--out").arg(dir.join("o4"));
+                c
+            },
+            "input `token_type_ids`: 5 at position [0, 0] is outside 0..2",
+        ),
+        (
+            "a sequence past GPT-2's position table",
+            {
+                let mut c = memc();
+                c.arg("compile")
+                    .arg(model("gpt2-dynamo.onnx"))
+                    .args(["--shape", "input_ids=1x100"]);
+                c
+            },
+            "outside the 64 rows of `model.transformer.wpe.weight`",
+        ),
+        // Nonsense values.
+        (
+            "negative learning rate",
+            memc_train(&["--lr=-1"]),
+            "--lr must be a finite number ≥ 0",
+        ),
+        (
+            "zero steps",
+            memc_train(&["--steps", "0"]),
+            "--steps must be at least 1",
+        ),
+        (
+            "executable: negative learning rate",
+            exe_train(&["--lr", "-1"]),
+            "--lr must be a finite number ≥ 0",
+        ),
+        (
+            "executable: zero steps",
+            exe_train(&["--steps", "0"]),
+            "--steps must be at least 1",
+        ),
+        (
+            "executable: NaN weight decay",
+            exe_train(&["--weight-decay", "nan"]),
+            "--weight-decay must be a finite number ≥ 0",
+        ),
+        (
+            "a training flag without --train",
+            {
+                let mut c = memc();
+                c.arg("compile").arg(&llama).args([
+                    "--shape",
+                    "input_ids=2x16",
+                    "--activation-budget",
+                    "0.5",
+                ]);
+                c
+            },
+            "--activation-budget shapes a training step: add --train",
+        ),
+        (
+            "NaN drift threshold",
+            {
+                let mut c = memc();
+                c.arg("compile")
+                    .arg(&llama)
+                    .args(["--shape", "input_ids=2x16", "--train"]);
+                c.args(["--reversible", "meft1", "--rev-check-threshold", "nan"]);
+                c
+            },
+            "--rev-check-threshold must be a positive number",
+        ),
+        (
+            "an SGD checkpoint resumed by an AdamW executable",
+            {
+                let mut c = exe_train(&["--steps", "1", "--resume"]);
+                c.arg(&sgd_dir);
+                c
+            },
+            "saved by a program with another optimizer",
+        ),
+        // Bounded work.
+        (
+            "a billion microbatches",
+            {
+                let mut c = memc();
+                c.arg("compile")
+                    .arg(&llama)
+                    .args(["--shape", "input_ids=8x16", "--train"]);
+                c.args(["--pipeline-stages", "2", "--microbatches", "1000000000"]);
+                c
+            },
+            "past what memc schedules",
+        ),
+        (
+            "a schedule of 1000 stages × 10000 microbatches",
+            {
+                let mut c = memc();
+                c.args([
+                    "schedule",
+                    "--stages",
+                    "1000",
+                    "--microbatches",
+                    "10000",
+                    "--schedule",
+                    "1f1b",
+                ]);
+                c
+            },
+            "past what memc schedules",
+        ),
+        // Standard output that cannot be written.
+        (
+            "--emit ir onto a full device",
+            {
+                let mut c = memc();
+                c.arg("compile")
+                    .arg(&llama)
+                    .args(["--shape", "input_ids=2x16", "--emit", "ir"]);
+                c.stdout(Stdio::from(std::fs::File::create("/dev/full").unwrap()));
+                c
+            },
+            "cannot write to standard output: No space left on device",
+        ),
+        (
+            "executable info onto a full device",
+            {
+                let mut c = Command::new(&infer_exe);
+                c.arg("info");
+                c.stdout(Stdio::from(std::fs::File::create("/dev/full").unwrap()));
+                c
+            },
+            "cannot write to standard output: No space left on device",
+        ),
+    ];
+    for (what, mut cmd, needle) in cases {
+        eprintln!("{what}");
+        refuses(&mut cmd, needle);
+    }
+}
+
+#[test]
+fn output_paths_that_are_links_and_fifos_are_written_through() {
+    let dir = scratch("hostile-writers");
+    let llama = model("llama-dynamo.onnx");
+    let report = |path: &Path| {
+        ok(memc()
+            .arg("compile")
+            .arg(&llama)
+            .args(["--shape", "input_ids=2x16", "--report-json"])
+            .arg(path));
+    };
+    // A symbolic link: its target is replaced, the link stays.
+    let target = dir.join("real.json");
+    std::fs::write(&target, "old").unwrap();
+    let link = dir.join("link.json");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    report(&link);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let text = std::fs::read_to_string(&target).unwrap();
+    assert!(text.contains("peak_bytes"), "{text}");
+    // A FIFO: written directly (a temporary file and a rename would replace it).
+    let fifo = dir.join("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    report(&fifo);
+    assert!(reader.join().unwrap().contains("peak_bytes"));
+    assert!(
+        !std::fs::metadata(&fifo).unwrap().is_file(),
+        "the FIFO was replaced"
+    );
+    // A temporary file of a writer that is gone is cleaned up; nothing of ours is left.
+    let stale = dir.join(".out.json.tmp999999999.0");
+    std::fs::write(&stale, "partial").unwrap();
+    report(&dir.join("out.json"));
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".tmp")), "{names:?}");
+}
+
+/// Nodes whose attributes or operands would make the importer panic or allocate without
+/// bound: each is one error naming the node.
+#[test]
+fn the_importer_refuses_malformed_nodes() {
+    fn init(name: &str, dims: &[i64], values: &[f32]) -> proto::TensorProto {
+        proto::TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(proto::tensor_proto::DataType::Float as i32),
+            float_data: values.to_vec(),
+            ..Default::default()
+        }
+    }
+    fn int_attr(name: &str, i: i64) -> proto::AttributeProto {
+        proto::AttributeProto {
+            name: Some(name.into()),
+            i: Some(i),
+            r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+            ..Default::default()
+        }
+    }
+    let model = |node: proto::NodeProto, inits: Vec<proto::TensorProto>| proto::ModelProto {
+        ir_version: Some(10),
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(18),
+        }],
+        graph: Some(proto::GraphProto {
+            output: node
+                .output
+                .iter()
+                .map(|o| proto::ValueInfoProto {
+                    name: Some(o.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            node: vec![node],
+            initializer: inits,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<proto::AttributeProto>| {
+        proto::NodeProto {
+            op_type: Some(op.into()),
+            name: Some(format!("bad_{op}")),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            attribute: attrs,
+            ..Default::default()
+        }
+    };
+    let x = || init("x", &[4], &[1.0, 2.0, 3.0, 4.0]);
+    let cases = [
+        (
+            model(
+                node(
+                    "Split",
+                    &["x"],
+                    &["a", "b"],
+                    vec![int_attr("num_outputs", -1)],
+                ),
+                vec![x()],
+            ),
+            "num_outputs = -1, but the node has 2 outputs",
+        ),
+        (
+            model(
+                node(
+                    "Split",
+                    &["x"],
+                    &["a", "b"],
+                    vec![int_attr("num_outputs", 1 << 40)],
+                ),
+                vec![x()],
+            ),
+            "num_outputs = 1099511627776, but the node has 2 outputs",
+        ),
+        (
+            model(
+                node("Concat", &["s", "x"], &["y"], vec![int_attr("axis", 0)]),
+                vec![init("s", &[], &[1.0]), x()],
+            ),
+            "operand 1 has rank 1, operand 0 has rank 0",
+        ),
+    ];
+    for (m, needle) in cases {
+        let err = memc_onnx::import_model(Path::new("hostile.onnx"), &m, &Default::default())
+            .expect_err(needle)
+            .to_string();
+        assert!(err.contains(needle) && err.contains("bad_"), "{err}");
+    }
+}
