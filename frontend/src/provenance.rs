@@ -173,6 +173,13 @@ fn module_scope(node: &proto::NodeProto) -> Option<String> {
     Some(parts[1..parts.len() - 1].join("."))
 }
 
+/// Whether a tensor of `dims` (as a file claims them: any values) has at most one element.
+fn at_most_one(dims: &[i64]) -> bool {
+    dims.iter()
+        .try_fold(1i64, |n, &d| n.checked_mul(d))
+        .is_some_and(|n| n <= 1)
+}
+
 /// Ops through which a tensor is still "the parameter" for rule 3: layout, casts, gathers.
 const PASS_THROUGH: &[&str] = &[
     "Cast",
@@ -205,7 +212,7 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
                     | proto::tensor_proto::DataType::Float16
                     | proto::tensor_proto::DataType::Bfloat16)
             );
-            float && t.dims.iter().product::<i64>() > 1
+            float && !at_most_one(&t.dims)
         })
         .map(|t| t.name())
         .collect();
@@ -497,7 +504,7 @@ fn meets_data(graph: &proto::GraphProto) -> HashSet<&str> {
         .collect();
     let mut scalar: HashSet<&str> = inits
         .iter()
-        .filter(|(_, t)| t.dims.iter().product::<i64>() <= 1)
+        .filter(|(_, t)| at_most_one(&t.dims))
         .map(|(n, _)| *n)
         .collect();
     for n in &graph.node {
@@ -509,9 +516,7 @@ fn meets_data(graph: &proto::GraphProto) -> HashSet<&str> {
             && n.attribute.iter().any(|a| {
                 a.name() == "value_float"
                     || a.name() == "value_int"
-                    || a.t
-                        .as_ref()
-                        .is_some_and(|t| t.dims.iter().product::<i64>() <= 1)
+                    || a.t.as_ref().is_some_and(|t| at_most_one(&t.dims))
             })
         {
             scalar.extend(n.output.iter().map(String::as_str));

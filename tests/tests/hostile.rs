@@ -471,3 +471,123 @@ fn the_importer_refuses_malformed_nodes() {
         assert!(err.contains(needle) && err.contains("bad_"), "{err}");
     }
 }
+
+/// A bounded field-level mutation run (what a structure-aware fuzzer does, deterministic and
+/// short enough for every CI run): attributes, dims, operand lists and op types of real
+/// exports are mutated and imported; every mutant gives a graph or an error, never a panic.
+#[test]
+fn field_mutations_never_panic_the_importer() {
+    let files = [
+        "llama-dynamo.onnx",
+        "gpt2-torchscript.onnx",
+        "bert-dynamo.onnx",
+    ];
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let evil = [
+        -1i64,
+        0,
+        1,
+        2,
+        -2,
+        i64::MAX,
+        i64::MIN,
+        1 << 40,
+        -(1 << 40),
+        65536,
+        7,
+    ];
+    let shapes = std::collections::HashMap::from([
+        ("input_ids".to_string(), vec![2, 16]),
+        ("token_type_ids".to_string(), vec![2, 16]),
+        ("attention_mask".to_string(), vec![2, 16]),
+    ]);
+    let opts = memc_onnx::ImportOptions { shapes };
+    let mut panics = vec![];
+    let mut imported = 0;
+    for file in files {
+        let path = model(file);
+        let base = memc_onnx::load_model(&path).unwrap();
+        for round in 0..400 {
+            let mut m = base.clone();
+            let g = m.graph.as_mut().unwrap();
+            let what;
+            let k = (next() as usize) % g.node.len();
+            let node = &mut g.node[k];
+            match next() % 6 {
+                0 if !node.attribute.is_empty() => {
+                    let a = (next() as usize) % node.attribute.len();
+                    let v = evil[(next() as usize) % evil.len()];
+                    let name = node.name().to_string();
+                    let attr = &mut node.attribute[a];
+                    attr.i = Some(v);
+                    for x in attr.ints.iter_mut() {
+                        *x = v;
+                    }
+                    what = format!("node {name} attribute {} = {v}", attr.name());
+                }
+                1 if !node.input.is_empty() => {
+                    node.input.pop();
+                    what = format!("node {} loses its last operand", node.name());
+                }
+                2 => {
+                    let other = g.node[(next() as usize) % g.node.len()]
+                        .op_type()
+                        .to_string();
+                    let node = &mut g.node[k];
+                    what = format!("node {} becomes a {other}", node.name());
+                    node.op_type = Some(other);
+                }
+                3 if !node.input.is_empty() && !g.initializer.is_empty() => {
+                    let i = (next() as usize) % node.input.len();
+                    let init = g.initializer[(next() as usize) % g.initializer.len()]
+                        .name()
+                        .to_string();
+                    let node = &mut g.node[k];
+                    what = format!("node {} reads {init} as operand {i}", node.name());
+                    node.input[i] = init;
+                }
+                4 if !g.initializer.is_empty() => {
+                    let t = (next() as usize) % g.initializer.len();
+                    let v = evil[(next() as usize) % evil.len()];
+                    let init = &mut g.initializer[t];
+                    if let Some(d) = init.dims.first_mut() {
+                        *d = v;
+                    }
+                    what = format!("initializer {} dim 0 = {v}", init.name());
+                }
+                _ => {
+                    let v = evil[(next() as usize) % evil.len()];
+                    node.attribute.push(proto::AttributeProto {
+                        name: Some("axis".into()),
+                        i: Some(v),
+                        r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+                        ..Default::default()
+                    });
+                    what = format!("node {} gets axis = {v}", node.name());
+                }
+            }
+            let result =
+                std::panic::catch_unwind(|| memc_onnx::import_model(&path, &m, &opts).map(|_| ()));
+            match result {
+                Err(_) => panics.push(format!("{file} #{round}: {what}")),
+                Ok(Ok(())) => imported += 1,
+                Ok(Err(_)) => {}
+            }
+        }
+    }
+    eprintln!(
+        "{} mutants imported, the rest refused with an error",
+        imported
+    );
+    assert!(
+        panics.is_empty(),
+        "the importer panicked on:\n{}",
+        panics.join("\n")
+    );
+}
