@@ -527,18 +527,6 @@ pub fn interface(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
     HostProgram::compile(g, &[], &layout, model)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rename_symbols_renames_a_kernel_and_its_helpers_only() {
-        let ir = "define void @memc_k1(ptr %0) { call @memc_k1_body() call @memc_k12() }";
-        assert_eq!(
-            super::rename_symbols(ir, "memc_k1", "memc_k7"),
-            "define void @memc_k7(ptr %0) { call @memc_k7_body() call @memc_k12() }"
-        );
-    }
-}
-
 /// Every graph input whose elements are gather indices (directly or through reshapes, casts,
 /// transposes, slices and expands), with the smallest table dimension they index: the range
 /// the runtime checks such an input against before a run (kernels clamp indices).
@@ -601,4 +589,16 @@ pub fn index_bounds(g: &Graph) -> Vec<memc_runtime::program::IndexBound> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rename_symbols_renames_a_kernel_and_its_helpers_only() {
+        let ir = "define void @memc_k1(ptr %0) { call @memc_k1_body() call @memc_k12() }";
+        assert_eq!(
+            super::rename_symbols(ir, "memc_k1", "memc_k7"),
+            "define void @memc_k7(ptr %0) { call @memc_k7_body() call @memc_k12() }"
+        );
+    }
 }

@@ -102,6 +102,10 @@ pub(crate) enum Val {
     Ir(ValueId),
 }
 
+/// The newest default-domain opset ONNX defines (ONNX 1.23); a file claiming a later one is
+/// refused rather than read with older semantics.
+const MAX_OPSET: i64 = 28;
+
 /// Constants with more elements than this become [`ParamRole::Constant`] params rather than
 /// inline literals, to keep the textual IR readable.
 const INLINE_CONST_MAX: usize = 64;
@@ -397,6 +401,11 @@ fn import_impl(
     let opset = *opsets
         .get("")
         .ok_or_else(|| malformed("it imports no default-domain opset"))?;
+    if !(1..=MAX_OPSET).contains(&opset) {
+        return Err(malformed(&format!(
+            "default-domain opset {opset} is not one ONNX defines (1 to {MAX_OPSET} as of ONNX 1.23); export with torch.onnx.export(..., opset_version=18)"
+        )));
+    }
     let mut ctx = Ctx {
         g: Graph::new(),
         env: HashMap::new(),
