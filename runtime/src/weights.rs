@@ -308,6 +308,17 @@ pub fn save_dir(
         path: dir.display().to_string(),
         source,
     })?;
+    // The state file marks a complete directory: gone until everything else is written, so
+    // an interrupted save over an earlier one is never taken for complete.
+    match std::fs::remove_file(dir.join(STATE_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(RunError::Io {
+                path: dir.join(STATE_FILE).display().to_string(),
+                source: e,
+            })
+        }
+        _ => {}
+    }
     let mut model = vec![];
     let mut adapters = vec![];
     let mut optimizer = vec![];
@@ -343,11 +354,21 @@ pub fn save_dir(
         save_tensors(&dir.join(name), &views, pt())
     };
     write(MODEL_FILE, &model)?;
-    if !adapters.is_empty() {
-        write(ADAPTERS_FILE, &adapters)?;
-    }
-    if !optimizer.is_empty() {
-        write(OPTIMIZER_FILE, &optimizer)?;
+    // A file this program has nothing for is removed, not left from an earlier save.
+    for (name, tensors) in [(ADAPTERS_FILE, &adapters), (OPTIMIZER_FILE, &optimizer)] {
+        if tensors.is_empty() {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(RunError::Io {
+                        path: dir.join(name).display().to_string(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        } else {
+            write(name, tensors)?;
+        }
     }
     for (name, text) in &program.checkpoint.files {
         write_atomically(&dir.join(name), text.as_bytes())?;
