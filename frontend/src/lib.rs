@@ -307,20 +307,60 @@ fn same_data(g: &Graph, id: ValueId, t: &Tensor) -> bool {
     matches!(&g.value(id).def, ValueDef::Param { data: Some(d), .. } if d.ty() == t.ty() && d.bytes() == t.bytes())
 }
 
-/// The transpose of a matrix, any element type.
+/// The transpose of a matrix, any element type, in 64 × 64 blocks (a model's weights pass
+/// through here once at import, so it runs at memory speed).
 fn transpose2(t: &Tensor) -> Tensor {
-    let (n, m) = (t.shape()[0], t.shape()[1]);
-    let size = t.dtype().size();
-    let src = t.bytes();
-    let mut out = vec![0u8; src.len()];
-    for i in 0..n {
-        for j in 0..m {
-            let (a, b) = ((i * m + j) * size, (j * n + i) * size);
-            out[b..b + size].copy_from_slice(&src[a..a + size]);
+    fn blocked<T: Copy + Default>(src: &[T], n: usize, m: usize) -> Vec<T> {
+        const B: usize = 64;
+        let mut out = vec![T::default(); src.len()];
+        for i0 in (0..n).step_by(B) {
+            for j0 in (0..m).step_by(B) {
+                for i in i0..(i0 + B).min(n) {
+                    for j in j0..(j0 + B).min(m) {
+                        out[j * n + i] = src[i * m + j];
+                    }
+                }
+            }
         }
+        out
     }
+    let (n, m) = (t.shape()[0], t.shape()[1]);
+    let src = t.bytes();
+    let bytes: Vec<u8> = match t.dtype().size() {
+        4 => {
+            // Element by element into the result's bytes: one allocation.
+            const B: usize = 64;
+            let mut out = vec![0u8; src.len()];
+            for i0 in (0..n).step_by(B) {
+                for j0 in (0..m).step_by(B) {
+                    for i in i0..(i0 + B).min(n) {
+                        let row = &src[4 * i * m..4 * (i + 1) * m];
+                        for j in j0..(j0 + B).min(m) {
+                            let at = 4 * (j * n + i);
+                            out[at..at + 4].copy_from_slice(&row[4 * j..4 * j + 4]);
+                        }
+                    }
+                }
+            }
+            out
+        }
+        2 => {
+            let halves: Vec<u16> = src
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            blocked(&halves, n, m)
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect()
+        }
+        size => {
+            let elems: Vec<&[u8]> = src.chunks_exact(size).collect();
+            blocked(&elems, n, m).concat()
+        }
+    };
     let ty = TensorType::new(t.dtype(), vec![m, n]);
-    Tensor::from_bytes(ty, out.into()).expect("same size")
+    Tensor::from_bytes(ty, bytes.into()).expect("same size")
 }
 
 /// Maps an ONNX `TensorProto.DataType` code to memc's dtype.

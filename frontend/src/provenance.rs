@@ -223,19 +223,28 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
         recorded: signature.is_some(),
         ..Default::default()
     };
+    // The nodes reading each value, once (the rules below ask per initializer).
+    let mut consumers: HashMap<&str, Vec<&proto::NodeProto>> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            consumers.entry(i.as_str()).or_default().push(n);
+        }
+    }
+    let readers = |name: &str| consumers.get(name).map_or(&[][..], Vec::as_slice);
     let right_operand = |name: &str| {
-        graph
-            .node
+        readers(name)
             .iter()
             .any(|n| n.op_type() == "MatMul" && n.input.get(1).map(String::as_str) == Some(name))
     };
     // Module scope rule (2): folded initializers read by a MatMul as its right operand.
     let scope_weight = |name: &str| -> Option<String> {
-        graph.node.iter().find_map(|n| {
+        readers(name).iter().find_map(|n| {
             let right = n.op_type() == "MatMul" && n.input.get(1).map(String::as_str) == Some(name);
-            let scope = module_scope(n)?;
-            let weight = format!("{scope}.weight");
-            (right && !init_names.contains(weight.as_str())).then_some(weight)
+            if !right {
+                return None;
+            }
+            let weight = format!("{}.weight", module_scope(n)?);
+            (!init_names.contains(weight.as_str())).then_some(weight)
         })
     };
 
@@ -398,10 +407,9 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
                     transposed: true,
                     how: "a MatMul weight inside the parameter's module",
                 }
-            } else if let Some(of) = graph
-                .node
+            } else if let Some(of) = readers(name)
                 .iter()
-                .filter(|n| n.input.iter().any(|i| i == name))
+                .copied()
                 .filter_map(module_scope)
                 .map(|s| format!("{s}.weight"))
                 .find(|w| missing.contains(w.as_str()) && !taken.contains(w))
@@ -447,14 +455,7 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
                 .filter(|n| n.op_type() == "Gather")
                 .filter_map(|n| n.input.first().map(String::as_str))
                 .filter(|t| params.contains(t))
-                .filter(|t| {
-                    graph
-                        .node
-                        .iter()
-                        .filter(|n| n.input.iter().any(|i| i == t))
-                        .count()
-                        > 1
-                })
+                .filter(|t| readers(t).len() > 1)
                 .collect();
             if let [table] = tables.into_iter().collect::<Vec<_>>().as_slice() {
                 if let Some(Origin::Parameter { name, how, .. }) = prov.inits.get_mut(*table) {
