@@ -68,15 +68,14 @@ pub enum Origin {
     },
 }
 
-/// The origin of every float initializer with more than one element, and of uses bound to a
-/// different parameter than their initializer's.
+/// The origin of every float initializer with more than one element.
 #[derive(Debug, Clone, Default)]
 pub struct Provenance {
     /// Whether the exporter recorded a parameter signature (rule 1 applied).
     pub recorded: bool,
     /// By initializer name.
     pub inits: HashMap<String, Origin>,
-    /// The parameters the signature lists (empty without one), in its order.
+    /// The parameters the signature lists (empty without one), sorted by name.
     pub signature_params: Vec<String>,
 }
 
