@@ -55,23 +55,18 @@ impl Weights {
     /// Opens a `model.safetensors`, a sharded `model.safetensors.index.json`, or a directory
     /// holding either.
     pub fn open(path: &Path) -> Result<Weights> {
-        let shown = path.display();
-        let (dir, files) = if path.is_dir() {
-            let index = path.join("model.safetensors.index.json");
-            let single = path.join("model.safetensors");
-            let files = if index.exists() {
-                shards(&index)?
-            } else if single.exists() {
-                vec![single]
-            } else {
-                bail!("--weights {shown}: the directory has no model.safetensors or model.safetensors.index.json")
-            };
-            (Some(path.to_path_buf()), files)
-        } else if path.to_string_lossy().ends_with(".index.json") {
-            (None, shards(path)?)
-        } else {
-            (None, vec![path.to_path_buf()])
-        };
+        if path.is_dir()
+            && !path.join("model.safetensors").exists()
+            && !path.join("model.safetensors.index.json").exists()
+        {
+            bail!(
+                "--weights {}: the directory has no model.safetensors or model.safetensors.index.json",
+                path.display()
+            );
+        }
+        let files =
+            memc_runtime::weights::checkpoint_files(path).map_err(|e| anyhow!("--weights: {e}"))?;
+        let dir = path.is_dir().then(|| path.to_path_buf());
         let mut mapped = vec![];
         for f in files {
             let file = std::fs::File::open(&f)
@@ -135,26 +130,6 @@ impl Weights {
         }
         Ok(out)
     }
-}
-
-/// The shard files a `model.safetensors.index.json` names (its `weight_map` values).
-fn shards(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index)
-        .with_context(|| format!("--weights: cannot read {}", index.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("--weights {}: not JSON: {e}", index.display()))?;
-    let map = v["weight_map"]
-        .as_object()
-        .ok_or_else(|| anyhow!("--weights {}: no `weight_map` object", index.display()))?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|f| f.as_str())
-        .map(|f| dir.join(f))
-        .collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
 }
 
 /// What [`apply`] decided, for the report.

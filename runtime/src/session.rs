@@ -509,7 +509,7 @@ pub fn infer(
 const USAGE: &str = "usage:
   EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu|cuda] [--threads N]
             [--input NAME=FILE.npy (other model inputs, held fixed)] [--save DIR]
-            [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume DIR] [--metrics FILE] [--weights FILE]
+            [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume DIR] [--metrics FILE] [--weights FILE|HF_DIR]
   EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE] [--repeat N] [--threads N]
   EXE info  (what the program is: arena, kernels, inputs, outputs, parameters)
 The weights are read from EXE.safetensors unless --weights is given.";
@@ -784,13 +784,20 @@ pub fn run_cli(
     if let Some(n) = cmd.number::<usize>("--threads")? {
         crate::gemm::set_threads(n).map_err(RunError::Usage)?;
     }
-    let weights_path = match cmd.get("--weights") {
-        Some(w) => PathBuf::from(w),
-        None => {
-            let mut p = exe.as_os_str().to_owned();
-            p.push(".safetensors");
-            PathBuf::from(p)
+    let own_weights = {
+        let mut p = exe.as_os_str().to_owned();
+        p.push(".safetensors");
+        PathBuf::from(p)
+    };
+    // `--weights` names the executable's own weights file format, or a Hugging Face
+    // checkpoint (a model directory or a sharded index): its tensors replace the weights of
+    // the same names, the executable's own file giving the rest (reversible adapters).
+    let (weights_path, checkpoint) = match cmd.get("--weights").map(PathBuf::from) {
+        Some(w) if w.is_dir() || w.to_string_lossy().ends_with(".index.json") => {
+            (own_weights, Some(w))
         }
+        Some(w) => (w, None),
+        None => (own_weights, None),
     };
     // SAFETY: `kernels` is the executable's kernel table, emitted with this program in its
     // kernel order (see the caller's contract).
@@ -801,6 +808,10 @@ pub fn run_cli(
         Some(seed) => random_weights(&program, cpu, seed)?,
         None => {
             weights::load(&weights_path, &program, cpu)?;
+            if let Some(ck) = &checkpoint {
+                let n = weights::load_checkpoint(ck, &program, cpu)?;
+                eprintln!("weights: {n} tensors of {} bound by name", ck.display());
+            }
         }
     }
     match cmd.verb.as_str() {

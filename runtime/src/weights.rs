@@ -522,3 +522,141 @@ pub fn load_dir(
     }
     Ok(loaded)
 }
+
+/// Binds a Hugging Face checkpoint (a model directory, a `model.safetensors.index.json` or a
+/// `model.safetensors`) to the program's weights by name (the program's weights carry the
+/// checkpoint's names, `memc compile` gives them): each weight that memc did not add is set
+/// from the tensor of its name, converted from bf16/f16; a weight the checkpoint lacks, a
+/// tensor of another shape, or a tensor no weight has is an error naming it. Returns the
+/// tensors bound.
+pub fn load_checkpoint(
+    path: &Path,
+    program: &Program,
+    arena: &mut dyn Backend,
+) -> Result<usize, RunError> {
+    let bad = |p: &Path, msg: String| RunError::Weights {
+        path: p.display().to_string(),
+        msg,
+    };
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| RunError::Io { path: p, source }
+    };
+    let files = checkpoint_files(path)?;
+    let mut maps = vec![];
+    for f in &files {
+        let file = std::fs::File::open(f).map_err(io(f))?;
+        // SAFETY: a read-only private mapping of a checkpoint that is only read.
+        maps.push(unsafe { memmap2::Mmap::map(&file) }.map_err(io(f))?);
+    }
+    let parsed = maps
+        .iter()
+        .zip(&files)
+        .map(|(m, f)| {
+            SafeTensors::deserialize(m)
+                .map_err(|e| bad(f, format!("not a valid safetensors file: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut bound = 0;
+    let mut names = std::collections::HashSet::new();
+    for p in program
+        .params
+        .iter()
+        .filter(|p| p.role == Role::Weight && !added_by_memc(&p.slot.name))
+    {
+        let Some((f, t)) = files
+            .iter()
+            .zip(&parsed)
+            .find_map(|(f, st)| st.tensor(&p.slot.name).ok().map(|t| (f, t)))
+        else {
+            return Err(bad(
+                path,
+                format!(
+                    "the checkpoint has no tensor `{}` ({}): is it a checkpoint of this model?",
+                    p.slot.name,
+                    p.slot.type_string()
+                ),
+            ));
+        };
+        if t.shape() != p.slot.shape.as_slice() {
+            return Err(bad(
+                f,
+                format!(
+                    "tensor `{}` is {:?}, the program's weight is {}",
+                    p.slot.name,
+                    t.shape(),
+                    p.slot.type_string()
+                ),
+            ));
+        }
+        let from = [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::F64]
+            .into_iter()
+            .find(|d| st_dtype(*d) == t.dtype())
+            .ok_or_else(|| {
+                bad(
+                    f,
+                    format!(
+                        "tensor `{}` is {:?}, not a float type",
+                        p.slot.name,
+                        t.dtype()
+                    ),
+                )
+            })?;
+        let bytes = if from == p.slot.dtype {
+            t.data().to_vec()
+        } else {
+            crate::program::encode(p.slot.dtype, &crate::program::decode(from, t.data()))
+        };
+        arena.set(&p.slot, &bytes)?;
+        names.insert(p.slot.name.as_str());
+        bound += 1;
+    }
+    for (f, st) in files.iter().zip(&parsed) {
+        if let Some(extra) = st.names().into_iter().find(|n| !names.contains(*n)) {
+            return Err(bad(f, format!("tensor `{extra}` binds to no weight of this program (is it a checkpoint of this model?)")));
+        }
+    }
+    Ok(bound)
+}
+
+/// The safetensors files of a Hugging Face checkpoint: a directory's `model.safetensors` or the
+/// shards its `model.safetensors.index.json` names, an index's shards, or the file itself.
+pub fn checkpoint_files(path: &Path) -> Result<Vec<std::path::PathBuf>, RunError> {
+    let index = if path.is_dir() {
+        let i = path.join("model.safetensors.index.json");
+        i.exists().then_some(i)
+    } else {
+        path.to_string_lossy()
+            .ends_with(".index.json")
+            .then(|| path.to_path_buf())
+    };
+    let Some(i) = index else {
+        return Ok(vec![if path.is_dir() {
+            path.join(MODEL_FILE)
+        } else {
+            path.to_path_buf()
+        }]);
+    };
+    let bad = |msg: String| RunError::Weights {
+        path: i.display().to_string(),
+        msg,
+    };
+    let text = std::fs::read_to_string(&i).map_err(|source| RunError::Io {
+        path: i.display().to_string(),
+        source,
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let map = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let dir = i.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<_> = map
+        .values()
+        .filter_map(|x| x.as_str())
+        .map(|x| dir.join(x))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}

@@ -68,3 +68,15 @@ pub fn fails(cmd: &mut Command, needle: &str) {
         "{cmd:?}: expected `{needle}` in:\n{stderr}"
     );
 }
+
+/// `memc compile MODEL --shape input_ids=2x16 EXTRA... -o OUT`, which must succeed: an example
+/// model's executable.
+pub fn compile_exe(model: &Path, out: &Path, extra: &[&str]) {
+    ok(Command::new(bin_dir().join("memc"))
+        .arg("compile")
+        .arg(model)
+        .args(["--shape", "input_ids=2x16"])
+        .args(extra)
+        .arg("-o")
+        .arg(out));
+}

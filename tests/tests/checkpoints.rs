@@ -14,7 +14,7 @@ use safetensors::SafeTensors;
 
 #[path = "../support/cmd.rs"]
 mod cmd;
-use cmd::{bin_dir, fails, ok, run, scratch};
+use cmd::{bin_dir, compile_exe, fails, ok, run, scratch};
 
 /// The causal-LM families `examples/hf_fixtures.py` saved checkpoints of.
 const FAMILIES: [&str; 3] = ["llama", "qwen2", "gpt2"];
@@ -53,6 +53,18 @@ fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f64>)> {
         .collect()
 }
 
+/// PyTorch's 5 AdamW losses recorded in `examples/models/FILE`.
+fn pytorch_adamw(file: &str) -> Vec<f64> {
+    let text = std::fs::read_to_string(models().join(file)).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    reference["adamw"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 fn losses(stdout: &str) -> Vec<f64> {
     stdout
         .lines()
@@ -69,16 +81,7 @@ fn weights_from_either_exporter_train_like_pytorch_and_save_the_checkpoints_layo
     let dir = scratch("hf-train");
     for family in FAMILIES {
         let hf = models().join(format!("{family}-hf"));
-        let reference: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(models().join(format!("{family}-hf-trained.json"))).unwrap(),
-        )
-        .unwrap();
-        let want: Vec<f64> = reference["adamw"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let want = pytorch_adamw(&format!("{family}-hf-trained.json"));
         let input = tensors(&hf.join("model.safetensors"));
         let trained = tensors(&models().join(format!("{family}-hf-trained.safetensors")));
         for exporter in ["dynamo", "torchscript"] {
@@ -180,16 +183,7 @@ fn fixed_shape_dynamo_exports_train_only_the_parameters() {
         .arg("--data")
         .arg(ids("llama"))
         .args(["--optimizer", "adamw", "--lr", "1e-3", "--steps", "5"]));
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(models().join("llama-dynamo/train_ref.json")).unwrap(),
-    )
-    .unwrap();
-    let want: Vec<f64> = reference["adamw"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let want = pytorch_adamw("llama-dynamo/train_ref.json");
     let err = max_rel(&losses(&stdout), &want);
     assert!(err <= 1e-5, "fixed-shape export vs PyTorch: {err:.1e}");
 }
@@ -233,20 +227,17 @@ fn executables_fine_tune_a_bf16_checkpoint_and_resume_bitwise() {
     let dir = scratch("hf-bf16");
     let hf = models().join("llama-hf-bf16");
     let exe = dir.join("llama");
-    ok(memc()
-        .arg("compile")
-        .arg(models().join("llama-torchscript.onnx"))
-        .args([
-            "--shape",
-            "input_ids=2x16",
+    compile_exe(
+        &models().join("llama-torchscript.onnx"),
+        &exe,
+        &[
             "--train",
             "--optimizer",
             "adamw",
             "--weights",
-        ])
-        .arg(&hf)
-        .arg("-o")
-        .arg(&exe));
+            hf.to_str().unwrap(),
+        ],
+    );
     let train = |extra: &[&str]| {
         ok(Command::new(&exe)
             .arg("train")
@@ -464,4 +455,38 @@ fn memc_train_resumes_a_saved_directory() {
     let first = train(&["--steps", "2", "--save", a.to_str().unwrap()]);
     let rest = train(&["--steps", "2", "--resume", a.to_str().unwrap()]);
     assert_eq!([first, rest].concat(), all);
+}
+
+/// An executable compiled once, without `--weights`, binds a Hugging Face checkpoint at run
+/// time by name (its weights carry the checkpoint's names): PyTorch's trajectory from it; a
+/// checkpoint of another model is one error naming the missing tensor.
+#[test]
+fn executables_bind_a_checkpoint_at_run_time() {
+    let dir = scratch("hf-runtime");
+    let exe = dir.join("llama");
+    compile_exe(
+        &models().join("llama-torchscript.onnx"),
+        &exe,
+        &["--train", "--optimizer", "adamw"],
+    );
+    let train = |weights: &Path| {
+        let mut c = Command::new(&exe);
+        c.arg("train")
+            .arg("--data")
+            .arg(ids("llama"))
+            .args(["--steps", "5", "--weights"])
+            .arg(weights);
+        c
+    };
+    let got = losses(&ok(&mut train(&models().join("llama-hf"))));
+    let want = pytorch_adamw("llama-hf-trained.json");
+    assert!(max_rel(&got, &want) <= 1e-5, "{got:?} vs PyTorch {want:?}");
+    let sharded = losses(&ok(&mut train(
+        &models().join("llama-hf-sharded/model.safetensors.index.json"),
+    )));
+    assert_eq!(sharded, got);
+    fails(
+        &mut train(&models().join("qwen2-hf")),
+        "the checkpoint has no tensor `lm_head.weight`",
+    );
 }

@@ -13,7 +13,7 @@ use memc_tests::root;
 
 #[path = "../support/cmd.rs"]
 mod cmd;
-use cmd::{bin_dir, ok, run, scratch};
+use cmd::{bin_dir, compile_exe, ok, run, scratch};
 
 fn memc() -> Command {
     Command::new(bin_dir().join("memc"))
@@ -68,31 +68,9 @@ fn hostile_commands_give_one_clear_error() {
     let token_types = ids_file(&dir.join("tt.npy"), &[2, 16], &tt);
 
     let train_exe = dir.join("llama-adamw");
-    ok(memc()
-        .arg("compile")
-        .arg(&llama)
-        .args([
-            "--shape",
-            "input_ids=2x16",
-            "--train",
-            "--optimizer",
-            "adamw",
-            "-o",
-        ])
-        .arg(&train_exe));
+    compile_exe(&llama, &train_exe, &["--train", "--optimizer", "adamw"]);
     let sgd_exe = dir.join("llama-sgd");
-    ok(memc()
-        .arg("compile")
-        .arg(&llama)
-        .args([
-            "--shape",
-            "input_ids=2x16",
-            "--train",
-            "--optimizer",
-            "sgd",
-            "-o",
-        ])
-        .arg(&sgd_exe));
+    compile_exe(&llama, &sgd_exe, &["--train", "--optimizer", "sgd"]);
     let infer_exe = dir.join("llama-infer");
     ok(memc()
         .arg("compile")
