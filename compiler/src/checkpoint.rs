@@ -24,7 +24,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use memc_ir::{DType, Graph, ParamRole, Tensor, TensorType, ValueDef, ValueId};
 use memc_onnx::provenance::{Origin, Provenance};
 use memc_runtime::program::{CheckpointLayout, Dtype};
-use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
 
 /// Files of an input model directory that are weights, not copied into saved directories.
 const WEIGHT_FILES: &[&str] = &[
@@ -42,13 +42,13 @@ const WEIGHT_FILES: &[&str] = &[
 /// Small files (`config.json`, tokenizer files) larger than this are not copied.
 const COPY_MAX_BYTES: u64 = 64 << 20;
 
-/// A checkpoint opened for binding: its safetensors files, mapped.
+/// A checkpoint opened for binding: its safetensors files, mapped (headers checked).
 pub struct Weights {
     /// What the user passed, for messages.
     pub path: PathBuf,
     /// The model directory, when PATH was one (its small files are copied on save).
     dir: Option<PathBuf>,
-    files: Vec<(PathBuf, memmap2::Mmap)>,
+    files: Vec<(String, memmap2::Mmap)>,
 }
 
 impl Weights {
@@ -64,46 +64,21 @@ impl Weights {
                 path.display()
             );
         }
-        let files =
-            memc_runtime::weights::checkpoint_files(path).map_err(|e| anyhow!("--weights: {e}"))?;
-        let dir = path.is_dir().then(|| path.to_path_buf());
-        let mut mapped = vec![];
-        for f in files {
-            let file = std::fs::File::open(&f)
-                .with_context(|| format!("--weights: cannot open {}", f.display()))?;
-            // SAFETY: a read-only private mapping; the checkpoint is only read.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("--weights: cannot map {}", f.display()))?;
-            SafeTensors::deserialize(&map).map_err(|e| {
-                anyhow!(
-                    "--weights {}: not a valid safetensors file: {e}",
-                    f.display()
-                )
-            })?;
-            mapped.push((f, map));
-        }
+        let files = memc_runtime::weights::checkpoint_files(path)
+            .and_then(|f| memc_runtime::weights::map_files(&f))
+            .map_err(|e| anyhow!("--weights: {e}"))?;
+        memc_runtime::weights::parse_files(&files).map_err(|e| anyhow!("--weights: {e}"))?;
         Ok(Weights {
             path: path.to_path_buf(),
-            dir,
-            files: mapped,
+            dir: path.is_dir().then(|| path.to_path_buf()),
+            files,
         })
     }
 
-    /// Every tensor: name → (file index).
-    fn index(&self) -> BTreeMap<String, usize> {
-        let mut out = BTreeMap::new();
-        for (k, (_, map)) in self.files.iter().enumerate() {
-            let st = SafeTensors::deserialize(map).expect("checked on open");
-            for name in st.names() {
-                out.insert(name.to_string(), k);
-            }
-        }
-        out
-    }
-
-    fn tensor(&self, file: usize, name: &str) -> safetensors::tensor::TensorView<'_> {
-        let st = SafeTensors::deserialize(&self.files[file].1).expect("checked on open");
-        st.tensor(name).expect("listed by index")
+    /// Every tensor by name, each file's header parsed once.
+    fn tensors(&self) -> BTreeMap<String, TensorView<'_>> {
+        let parsed = memc_runtime::weights::parse_files(&self.files).expect("checked on open");
+        parsed.iter().flat_map(|st| st.tensors()).collect()
     }
 
     /// The small files of the model directory, by name.
@@ -208,7 +183,7 @@ pub fn apply(
             _ => None,
         })
         .collect();
-    let index = weights.map(Weights::index).unwrap_or_default();
+    let index = weights.map(Weights::tensors).unwrap_or_default();
     // Keep the prefix or drop it, whichever names more of the checkpoint (dropped without one).
     let prefix = match (&common, weights) {
         (Some(p), Some(_)) => {
@@ -272,7 +247,7 @@ pub fn apply(
                     key: &str,
                     used: &mut HashSet<String>|
      -> Result<()> {
-        let t = w.tensor(index[key], key);
+        let t = &index[key];
         let want = g.value(id).ty.clone();
         if t.shape() != want.shape.as_slice() {
             bail!(
@@ -325,7 +300,7 @@ pub fn apply(
         let shape = g.value(id).ty.shape.clone();
         let open: Vec<&String> = index
             .keys()
-            .filter(|k| !used.contains(*k) && w.tensor(index[*k], k).shape() == shape.as_slice())
+            .filter(|k| !used.contains(*k) && index[*k].shape() == shape.as_slice())
             .collect();
         let aliases: Vec<&&String> = open
             .iter()
@@ -350,7 +325,7 @@ pub fn apply(
         let same: Vec<&&String> = open
             .iter()
             .filter(|k| {
-                let t = w.tensor(index[k.as_str()], k);
+                let t = &index[k.as_str()];
                 dtype_of(t.dtype()).is_some_and(|(_, rt)| {
                     memc_runtime::program::decode(rt, t.data())
                         .iter()

@@ -307,17 +307,20 @@ fn same_data(g: &Graph, id: ValueId, t: &Tensor) -> bool {
     matches!(&g.value(id).def, ValueDef::Param { data: Some(d), .. } if d.ty() == t.ty() && d.bytes() == t.bytes())
 }
 
-/// The transpose of a matrix, any element type, in 64 × 64 blocks (a model's weights pass
-/// through here once at import, so it runs at memory speed).
+/// The transpose of a matrix, any element type, in 64 × 64 blocks straight into the result's
+/// bytes (a model's folded transposes pass through here once at import).
 fn transpose2(t: &Tensor) -> Tensor {
-    fn blocked<T: Copy + Default>(src: &[T], n: usize, m: usize) -> Vec<T> {
+    /// Elements of `S` bytes (a constant, so each copy is one load and store).
+    fn blocked<const S: usize>(src: &[u8], n: usize, m: usize) -> Vec<u8> {
         const B: usize = 64;
-        let mut out = vec![T::default(); src.len()];
+        let mut out = vec![0u8; src.len()];
         for i0 in (0..n).step_by(B) {
             for j0 in (0..m).step_by(B) {
                 for i in i0..(i0 + B).min(n) {
+                    let row = &src[S * i * m..S * (i + 1) * m];
                     for j in j0..(j0 + B).min(m) {
-                        out[j * n + i] = src[i * m + j];
+                        let at = S * (j * n + i);
+                        out[at..at + S].copy_from_slice(&row[S * j..S * (j + 1)]);
                     }
                 }
             }
@@ -326,41 +329,14 @@ fn transpose2(t: &Tensor) -> Tensor {
     }
     let (n, m) = (t.shape()[0], t.shape()[1]);
     let src = t.bytes();
-    let bytes: Vec<u8> = match t.dtype().size() {
-        4 => {
-            // Element by element into the result's bytes: one allocation.
-            const B: usize = 64;
-            let mut out = vec![0u8; src.len()];
-            for i0 in (0..n).step_by(B) {
-                for j0 in (0..m).step_by(B) {
-                    for i in i0..(i0 + B).min(n) {
-                        let row = &src[4 * i * m..4 * (i + 1) * m];
-                        for j in j0..(j0 + B).min(m) {
-                            let at = 4 * (j * n + i);
-                            out[at..at + 4].copy_from_slice(&row[4 * j..4 * j + 4]);
-                        }
-                    }
-                }
-            }
-            out
-        }
-        2 => {
-            let halves: Vec<u16> = src
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            blocked(&halves, n, m)
-                .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .collect()
-        }
-        size => {
-            let elems: Vec<&[u8]> = src.chunks_exact(size).collect();
-            blocked(&elems, n, m).concat()
-        }
+    let out = match t.dtype().size() {
+        1 => blocked::<1>(src, n, m),
+        2 => blocked::<2>(src, n, m),
+        4 => blocked::<4>(src, n, m),
+        _ => blocked::<8>(src, n, m),
     };
     let ty = TensorType::new(t.dtype(), vec![m, n]);
-    Tensor::from_bytes(ty, bytes.into()).expect("same size")
+    Tensor::from_bytes(ty, out.into()).expect("same size")
 }
 
 /// Maps an ONNX `TensorProto.DataType` code to memc's dtype.

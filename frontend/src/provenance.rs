@@ -266,20 +266,32 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
             .filter(|t| !init_names.contains(t))
             .collect();
         let mut taken: HashSet<String> = HashSet::new();
+        // Each node's FX node, parsed once: its target and the parameters it read.
+        let fx: Vec<Option<(String, Vec<&str>)>> = graph
+            .node
+            .iter()
+            .map(|n| {
+                let (target, args) = parse_fx_node(meta(&n.metadata_props, FX_NODE_KEY)?);
+                let read = args
+                    .iter()
+                    .filter_map(|a| sig.get(a))
+                    .filter(|p| p.kind == "PARAMETER")
+                    .map(|p| p.target.as_str())
+                    .collect();
+                Some((target, read))
+            })
+            .collect();
+        let with_fx = || {
+            graph
+                .node
+                .iter()
+                .zip(&fx)
+                .filter_map(|(n, f)| f.as_ref().map(|(t, read)| (n, t, read)))
+        };
         // Tied parameters the exporter stored once: the name the first node reading the
         // initializer knew it by (a tied embedding is read as the embedding first).
         let mut first_name: HashMap<&str, &str> = HashMap::new();
-        for node in &graph.node {
-            let Some(fx) = meta(&node.metadata_props, FX_NODE_KEY) else {
-                continue;
-            };
-            let (_, args) = parse_fx_node(fx);
-            let read: Vec<&str> = args
-                .iter()
-                .filter_map(|a| sig.get(a))
-                .filter(|p| p.kind == "PARAMETER")
-                .map(|p| p.target.as_str())
-                .collect();
+        for (node, _, read) in with_fx() {
             for input in &node.input {
                 let input = input.as_str();
                 if !params.contains(input) || first_name.contains_key(input) {
@@ -317,18 +329,13 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
         }
         // Rule 1 by FX node: the folded initializer read by a node whose FX node read one
         // missing parameter placeholder.
-        for node in &graph.node {
-            let Some(fx) = meta(&node.metadata_props, FX_NODE_KEY) else {
-                continue;
-            };
-            let (target, args) = parse_fx_node(fx);
+        for (node, target, read) in with_fx() {
             // Parameters the FX node read that this node does not read by name: a missing
             // one, or a tied one the exporter also stored folded (a tied LM head, transposed).
-            let mut placeholders: Vec<&str> = args
+            let mut placeholders: Vec<&str> = read
                 .iter()
-                .filter_map(|a| sig.get(a))
-                .filter(|p| p.kind == "PARAMETER" && !node.input.contains(&p.target))
-                .map(|p| p.target.as_str())
+                .copied()
+                .filter(|t| !node.input.iter().any(|i| i == t))
                 .collect();
             if placeholders.len() > 1 {
                 // `aten.linear(x, w, b)` as MatMul then Add: the folded one is the missing one.
@@ -433,16 +440,9 @@ pub fn provenance(graph: &proto::GraphProto) -> Provenance {
         // is read by no FX node): the one parameter no initializer and no FX node names is
         // the table a `Gather` reads that other nodes read too, stored under the embedding's
         // name as Hugging Face stores tied weights.
-        let mut read: HashSet<&str> = HashSet::new();
-        for node in &graph.node {
-            if let Some(fx) = meta(&node.metadata_props, FX_NODE_KEY) {
-                for a in parse_fx_node(fx).1 {
-                    if let Some(p) = sig.get(&a) {
-                        read.insert(p.target.as_str());
-                    }
-                }
-            }
-        }
+        let read: HashSet<&str> = with_fx()
+            .flat_map(|(_, _, read)| read.iter().copied())
+            .collect();
         let unread: Vec<&&str> = missing
             .iter()
             .filter(|t| !read.contains(**t) && !taken.contains(**t))

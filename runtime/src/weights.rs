@@ -11,9 +11,6 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::program::{Dtype, Program, Role, Slot};
 use crate::{Backend, RunError};
 
-/// The metadata key holding the number of optimizer steps a checkpoint has taken.
-pub const STEP_KEY: &str = "memc.step";
-
 fn st_dtype(d: Dtype) -> StDtype {
     match d {
         Dtype::F32 => StDtype::F32,
@@ -27,86 +24,153 @@ fn st_dtype(d: Dtype) -> StDtype {
     }
 }
 
-/// What [`load`] found.
+/// What [`load_dir`] found.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
     /// Tensors loaded.
     pub tensors: usize,
-    /// Whether the file held the optimizer state.
+    /// Whether the directory held the optimizer state.
     pub optimizer_state: bool,
-    /// Steps taken, from a checkpoint's metadata.
+    /// Steps taken.
     pub step: Option<u64>,
 }
 
-/// Loads `path` into the arena: every weight (trained or frozen) of the program must be in
-/// the file with its dtype and shape; optimizer state is loaded when present (all of it or
-/// none); a tensor the program does not have is an error (the file belongs to another model).
-pub fn load(path: &Path, program: &Program, arena: &mut dyn Backend) -> Result<Loaded, RunError> {
-    let file = path.display().to_string();
-    let bad = |msg: String| RunError::Weights {
-        path: file.clone(),
-        msg,
-    };
-    // The file is mapped, not read: each tensor is copied into the arena, then its pages are
-    // let go, so loading holds about one tensor beyond the arena (the plan's bytes).
-    let io = |source| RunError::Io {
-        path: file.clone(),
-        source,
-    };
-    let f = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: the mapping is read-only and private; memc replaces weight and checkpoint files
-    // by renaming a new file into place, never by writing into the file a reader maps.
-    let bytes = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let mut loaded = Loaded::default();
-    let state: Vec<_> = program
-        .params
+/// Safetensors files mapped, not read (path shown, mapping): each tensor is copied into the
+/// arena, then its pages are let go, so loading holds about one tensor beyond the arena (the
+/// plan's bytes).
+pub fn map_files(paths: &[std::path::PathBuf]) -> Result<Vec<(String, memmap2::Mmap)>, RunError> {
+    paths
         .iter()
-        .filter(|p| p.role == Role::OptimizerState)
-        .collect();
-    let has_state = state.iter().any(|p| st.tensor(&p.slot.name).is_ok());
-    for p in &program.params {
-        if p.role == Role::OptimizerState && !has_state {
-            continue;
+        .map(|path| {
+            let io = |source| RunError::Io {
+                path: path.display().to_string(),
+                source,
+            };
+            let f = std::fs::File::open(path).map_err(io)?;
+            // SAFETY: the mapping is read-only and private; memc replaces weight and checkpoint
+            // files by renaming a new file into place, never by writing into a file a reader maps.
+            let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
+            Ok((path.display().to_string(), map))
+        })
+        .collect()
+}
+
+/// Each mapped file's safetensors header, checked.
+pub fn parse_files(files: &[(String, memmap2::Mmap)]) -> Result<Vec<SafeTensors<'_>>, RunError> {
+    files
+        .iter()
+        .map(|(path, map)| {
+            SafeTensors::deserialize(map).map_err(|e| RunError::Weights {
+                path: path.clone(),
+                msg: format!("not a valid safetensors file: {e}"),
+            })
+        })
+        .collect()
+}
+
+/// Tensor `name` in the first file that has it: (file index, tensor).
+fn find<'a>(parsed: &'a [SafeTensors<'a>], name: &str) -> Option<(usize, TensorView<'a>)> {
+    parsed
+        .iter()
+        .enumerate()
+        .find_map(|(k, st)| st.tensor(name).ok().map(|t| (k, t)))
+}
+
+/// The runtime's element type of a stored one.
+fn stored_dtype(d: StDtype) -> Option<Dtype> {
+    [
+        Dtype::F32,
+        Dtype::F64,
+        Dtype::F16,
+        Dtype::Bf16,
+        Dtype::I64,
+        Dtype::I32,
+        Dtype::I16,
+        Dtype::Bool,
+    ]
+    .into_iter()
+    .find(|x| st_dtype(*x) == d)
+}
+
+/// Copies tensor `t` (`name` in mapped file `file`) into `slot`: its shape must be the slot's;
+/// a float tensor of another float type is converted (bf16/f16 checkpoints, f32 masters).
+fn copy_into(
+    arena: &mut dyn Backend,
+    slot: &Slot,
+    name: &str,
+    file: &(String, memmap2::Mmap),
+    t: &TensorView,
+) -> Result<(), RunError> {
+    let is_float = |d: Dtype| matches!(d, Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::Bf16);
+    let from = stored_dtype(t.dtype());
+    let convertible =
+        from.is_some_and(|f| f == slot.dtype || (is_float(f) && is_float(slot.dtype)));
+    if t.shape() != slot.shape.as_slice() || !convertible {
+        return Err(RunError::Weights {
+            path: file.0.clone(),
+            msg: format!(
+                "tensor `{name}` is {:?}{:?}, the program expects {}",
+                t.dtype(),
+                t.shape(),
+                slot.type_string()
+            ),
+        });
+    }
+    match from {
+        Some(f) if f != slot.dtype => arena.set(
+            slot,
+            &crate::program::encode(slot.dtype, &crate::program::decode(f, t.data())),
+        )?,
+        _ => arena.set(slot, t.data())?,
+    }
+    release(&file.1, t.data());
+    Ok(())
+}
+
+/// The first tensor of `parsed` not in `used`, as the error `msg(file, name)` gives.
+fn refuse_unused(
+    files: &[(String, memmap2::Mmap)],
+    parsed: &[SafeTensors],
+    used: &std::collections::HashSet<String>,
+    msg: impl Fn(&str, &str) -> String,
+) -> Result<(), RunError> {
+    for ((path, _), st) in files.iter().zip(parsed) {
+        if let Some(name) = st.names().into_iter().find(|n| !used.contains(*n)) {
+            return Err(RunError::Weights {
+                path: path.clone(),
+                msg: msg(path, name),
+            });
         }
-        let t = st.tensor(&p.slot.name).map_err(|_| {
-            bad(format!(
+    }
+    Ok(())
+}
+
+/// Loads the weights file `path` (an executable's `OUT.safetensors`, or one like it) into the
+/// arena: every weight (trained or frozen) of the program must be in the file with its shape;
+/// a tensor that is not a weight of the program is an error (the file belongs to another
+/// model). Returns the tensors loaded.
+pub fn load(path: &Path, program: &Program, arena: &mut dyn Backend) -> Result<usize, RunError> {
+    let files = map_files(&[path.to_path_buf()])?;
+    let parsed = parse_files(&files)?;
+    let mut used = std::collections::HashSet::new();
+    for p in program.params.iter().filter(|p| p.role == Role::Weight) {
+        let (k, t) = find(&parsed, &p.slot.name).ok_or_else(|| RunError::Weights {
+            path: files[0].0.clone(),
+            msg: format!(
                 "tensor `{}` ({}) is missing: the file was not written for this program",
                 p.slot.name,
                 p.slot.type_string()
-            ))
+            ),
         })?;
-        if t.dtype() != st_dtype(p.slot.dtype) || t.shape() != p.slot.shape.as_slice() {
-            return Err(bad(format!(
-                "tensor `{}` is {:?}{:?}, the program expects {}",
-                p.slot.name,
-                t.dtype(),
-                t.shape(),
-                p.slot.type_string()
-            )));
-        }
-        arena.set(&p.slot, t.data())?;
-        release(&bytes, t.data());
-        loaded.tensors += 1;
+        copy_into(arena, &p.slot, &p.slot.name, &files[k], &t)?;
+        used.insert(p.slot.name.clone());
     }
-    loaded.optimizer_state = has_state;
-    for name in st.names() {
-        if !program.params.iter().any(|p| p.slot.name == name) {
-            return Err(bad(format!(
-                "tensor `{name}` is not a parameter of this program (the file belongs to another model)"
-            )));
-        }
-    }
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    if let Some(s) = meta.metadata().as_ref().and_then(|m| m.get(STEP_KEY)) {
-        loaded.step = Some(
-            s.parse()
-                .map_err(|_| bad(format!("metadata {STEP_KEY} = `{s}` is not a step count")))?,
-        );
-    }
-    Ok(loaded)
+    refuse_unused(&files, &parsed, &used, |_, name| {
+        format!(
+            "tensor `{name}` is not a weight of this program (the file belongs to another model)"
+        )
+    })?;
+    Ok(used.len())
 }
 
 /// Lets the pages of `part` (a slice of the mapping `map`) go from this process's memory; they
@@ -118,22 +182,6 @@ fn release(map: &memmap2::Mmap, part: &[u8]) {
     let _ = unsafe {
         map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, part.len())
     };
-}
-
-/// Writes the parameters of `roles` from the arena to `path` atomically, with `metadata`.
-pub fn save(
-    path: &Path,
-    program: &Program,
-    arena: &mut dyn Backend,
-    roles: &[Role],
-    metadata: HashMap<String, String>,
-) -> Result<(), RunError> {
-    let mut data = vec![];
-    for p in program.params.iter().filter(|p| roles.contains(&p.role)) {
-        data.push((p.slot.clone(), arena.get(&p.slot)?));
-    }
-    let tensors: Vec<(Slot, &[u8])> = data.iter().map(|(s, b)| (s.clone(), &b[..])).collect();
-    save_tensors(path, &tensors, metadata)
 }
 
 /// Writes tensors (named and typed by their slots) to `path` atomically, with `metadata`.
@@ -310,15 +358,7 @@ pub fn save_dir(
     })?;
     // The state file marks a complete directory: gone until everything else is written, so
     // an interrupted save over an earlier one is never taken for complete.
-    match std::fs::remove_file(dir.join(STATE_FILE)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(RunError::Io {
-                path: dir.join(STATE_FILE).display().to_string(),
-                source: e,
-            })
-        }
-        _ => {}
-    }
+    remove_if_present(&dir.join(STATE_FILE))?;
     let mut model = vec![];
     let mut adapters = vec![];
     let mut optimizer = vec![];
@@ -357,15 +397,7 @@ pub fn save_dir(
     // A file this program has nothing for is removed, not left from an earlier save.
     for (name, tensors) in [(ADAPTERS_FILE, &adapters), (OPTIMIZER_FILE, &optimizer)] {
         if tensors.is_empty() {
-            match std::fs::remove_file(dir.join(name)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(RunError::Io {
-                        path: dir.join(name).display().to_string(),
-                        source: e,
-                    })
-                }
-                _ => {}
-            }
+            remove_if_present(&dir.join(name))?;
         } else {
             write(name, tensors)?;
         }
@@ -379,6 +411,17 @@ pub fn save_dir(
         "memc_model": program.model,
     });
     write_atomically(&dir.join(STATE_FILE), format!("{state:#}\n").as_bytes())
+}
+
+/// Removes `path` if it exists.
+fn remove_if_present(path: &Path) -> Result<(), RunError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RunError::Io {
+            path: path.display().to_string(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Reads a directory [`save_dir`] wrote into the arena: every weight (its master copy where
@@ -404,38 +447,13 @@ pub fn load_dir(
     let step = state["global_step"]
         .as_u64()
         .ok_or_else(|| bad_state("no `global_step` count"))?;
-    let mut files: Vec<(String, memmap2::Mmap)> = vec![];
-    for name in [MODEL_FILE, ADAPTERS_FILE, OPTIMIZER_FILE] {
-        let path = dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let f = std::fs::File::open(&path).map_err(|source| RunError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        // SAFETY: read-only private mapping of a file memc replaces only by renaming.
-        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| RunError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        files.push((path.display().to_string(), map));
-    }
-    let parsed = files
-        .iter()
-        .map(|(path, map)| {
-            SafeTensors::deserialize(map).map_err(|e| RunError::Weights {
-                path: path.clone(),
-                msg: format!("not a valid safetensors file: {e}"),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let find = |name: &str| {
-        files
-            .iter()
-            .zip(&parsed)
-            .find_map(|((path, _), st)| st.tensor(name).ok().map(|t| (path.clone(), t)))
-    };
+    let paths: Vec<std::path::PathBuf> = [MODEL_FILE, ADAPTERS_FILE, OPTIMIZER_FILE]
+        .into_iter()
+        .map(|name| dir.join(name))
+        .filter(|path| path.exists())
+        .collect();
+    let files = map_files(&paths)?;
+    let parsed = parse_files(&files)?;
     let mut loaded = Loaded {
         step: Some(step),
         ..Default::default()
@@ -443,83 +461,47 @@ pub fn load_dir(
     let mut used = std::collections::HashSet::new();
     for p in &program.params {
         let master = format!("{MASTER}{}", p.slot.name);
-        let (path, t, name) = match find(&master) {
-            Some((path, t)) => (path, t, master),
-            None => match find(&p.slot.name) {
-                Some((path, t)) => (path, t, p.slot.name.clone()),
-                None if p.role == Role::OptimizerState => {
-                    return Err(RunError::Weights {
-                        path: dir.join(OPTIMIZER_FILE).display().to_string(),
-                        msg: format!(
-                            "optimizer state `{}` is missing: the directory was saved by a program with another optimizer (or by Hugging Face: start from it with --weights instead)",
-                            p.slot.name
-                        ),
-                    })
+        let (name, (k, t)) = match (find(&parsed, &master), find(&parsed, &p.slot.name)) {
+            (Some(found), bare) => {
+                // The weight beside its master copy is the same value, narrowed.
+                if bare.is_some() {
+                    used.insert(p.slot.name.clone());
                 }
-                None => {
-                    return Err(RunError::Weights {
-                        path: dir.display().to_string(),
-                        msg: format!(
+                (master, found)
+            }
+            (None, Some(found)) => (p.slot.name.clone(), found),
+            (None, None) if p.role == Role::OptimizerState => {
+                return Err(RunError::Weights {
+                    path: dir.join(OPTIMIZER_FILE).display().to_string(),
+                    msg: format!(
+                        "optimizer state `{}` is missing: the directory was saved by a program with another optimizer (or by Hugging Face: start from it with --weights instead)",
+                        p.slot.name
+                    ),
+                });
+            }
+            (None, None) => {
+                return Err(RunError::Weights {
+                    path: dir.display().to_string(),
+                    msg: format!(
                         "tensor `{}` ({}) is missing: the directory was not saved for this program",
                         p.slot.name,
                         p.slot.type_string()
                     ),
-                    })
-                }
-            },
+                });
+            }
         };
-        if t.shape() != p.slot.shape.as_slice() {
-            return Err(RunError::Weights {
-                path,
-                msg: format!(
-                    "tensor `{name}` is {:?}, the program expects {}",
-                    t.shape(),
-                    p.slot.type_string()
-                ),
-            });
-        }
-        let bytes = if t.dtype() == st_dtype(p.slot.dtype) {
-            t.data().to_vec()
-        } else {
-            let from = [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::F64]
-                .into_iter()
-                .find(|d| st_dtype(*d) == t.dtype())
-                .filter(|_| {
-                    matches!(
-                        p.slot.dtype,
-                        Dtype::F32 | Dtype::F16 | Dtype::Bf16 | Dtype::F64
-                    )
-                })
-                .ok_or_else(|| RunError::Weights {
-                    path: path.clone(),
-                    msg: format!(
-                        "tensor `{name}` is {:?}, the program expects {}",
-                        t.dtype(),
-                        p.slot.type_string()
-                    ),
-                })?;
-            crate::program::encode(p.slot.dtype, &crate::program::decode(from, t.data()))
-        };
-        arena.set(&p.slot, &bytes)?;
+        copy_into(arena, &p.slot, &name, &files[k], &t)?;
         used.insert(name);
         loaded.tensors += 1;
         loaded.optimizer_state |= p.role == Role::OptimizerState;
     }
-    for ((path, _), st) in files.iter().zip(&parsed) {
-        for name in st.names() {
-            let master_of = name.strip_prefix(MASTER).unwrap_or(name);
-            if !used.contains(name) && !program.params.iter().any(|p| p.slot.name == master_of) {
-                return Err(RunError::Weights {
-                    path: path.clone(),
-                    msg: if path.ends_with(OPTIMIZER_FILE) {
-                        format!("tensor `{name}` is not optimizer state of this program (the directory was saved with another optimizer or model)")
-                    } else {
-                        format!("tensor `{name}` is not a parameter of this program (the directory belongs to another model)")
-                    },
-                });
-            }
+    refuse_unused(&files, &parsed, &used, |path, name| {
+        if path.ends_with(OPTIMIZER_FILE) {
+            format!("tensor `{name}` is not optimizer state of this program (the directory was saved with another optimizer or model)")
+        } else {
+            format!("tensor `{name}` is not a parameter of this program (the directory belongs to another model)")
         }
-    }
+    })?;
     Ok(loaded)
 }
 
@@ -534,89 +516,29 @@ pub fn load_checkpoint(
     program: &Program,
     arena: &mut dyn Backend,
 ) -> Result<usize, RunError> {
-    let bad = |p: &Path, msg: String| RunError::Weights {
-        path: p.display().to_string(),
-        msg,
-    };
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |source| RunError::Io { path: p, source }
-    };
-    let files = checkpoint_files(path)?;
-    let mut maps = vec![];
-    for f in &files {
-        let file = std::fs::File::open(f).map_err(io(f))?;
-        // SAFETY: a read-only private mapping of a checkpoint that is only read.
-        maps.push(unsafe { memmap2::Mmap::map(&file) }.map_err(io(f))?);
-    }
-    let parsed = maps
-        .iter()
-        .zip(&files)
-        .map(|(m, f)| {
-            SafeTensors::deserialize(m)
-                .map_err(|e| bad(f, format!("not a valid safetensors file: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut bound = 0;
-    let mut names = std::collections::HashSet::new();
+    let files = map_files(&checkpoint_files(path)?)?;
+    let parsed = parse_files(&files)?;
+    let mut used = std::collections::HashSet::new();
     for p in program
         .params
         .iter()
         .filter(|p| p.role == Role::Weight && !added_by_memc(&p.slot.name))
     {
-        let Some((f, t)) = files
-            .iter()
-            .zip(&parsed)
-            .find_map(|(f, st)| st.tensor(&p.slot.name).ok().map(|t| (f, t)))
-        else {
-            return Err(bad(
-                path,
-                format!(
-                    "the checkpoint has no tensor `{}` ({}): is it a checkpoint of this model?",
-                    p.slot.name,
-                    p.slot.type_string()
-                ),
-            ));
-        };
-        if t.shape() != p.slot.shape.as_slice() {
-            return Err(bad(
-                f,
-                format!(
-                    "tensor `{}` is {:?}, the program's weight is {}",
-                    p.slot.name,
-                    t.shape(),
-                    p.slot.type_string()
-                ),
-            ));
-        }
-        let from = [Dtype::F32, Dtype::F16, Dtype::Bf16, Dtype::F64]
-            .into_iter()
-            .find(|d| st_dtype(*d) == t.dtype())
-            .ok_or_else(|| {
-                bad(
-                    f,
-                    format!(
-                        "tensor `{}` is {:?}, not a float type",
-                        p.slot.name,
-                        t.dtype()
-                    ),
-                )
-            })?;
-        let bytes = if from == p.slot.dtype {
-            t.data().to_vec()
-        } else {
-            crate::program::encode(p.slot.dtype, &crate::program::decode(from, t.data()))
-        };
-        arena.set(&p.slot, &bytes)?;
-        names.insert(p.slot.name.as_str());
-        bound += 1;
+        let (k, t) = find(&parsed, &p.slot.name).ok_or_else(|| RunError::Weights {
+            path: path.display().to_string(),
+            msg: format!(
+                "the checkpoint has no tensor `{}` ({}): is it a checkpoint of this model?",
+                p.slot.name,
+                p.slot.type_string()
+            ),
+        })?;
+        copy_into(arena, &p.slot, &p.slot.name, &files[k], &t)?;
+        used.insert(p.slot.name.clone());
     }
-    for (f, st) in files.iter().zip(&parsed) {
-        if let Some(extra) = st.names().into_iter().find(|n| !names.contains(*n)) {
-            return Err(bad(f, format!("tensor `{extra}` binds to no weight of this program (is it a checkpoint of this model?)")));
-        }
-    }
-    Ok(bound)
+    refuse_unused(&files, &parsed, &used, |_, name| {
+        format!("tensor `{name}` binds to no weight of this program (is it a checkpoint of this model?)")
+    })?;
+    Ok(used.len())
 }
 
 /// The safetensors files of a Hugging Face checkpoint: a directory's `model.safetensors` or the
