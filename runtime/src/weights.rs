@@ -150,14 +150,39 @@ fn refuse_unused(
 /// a tensor that is not a weight of the program is an error (the file belongs to another
 /// model). Returns the tensors loaded.
 pub fn load(path: &Path, program: &Program, arena: &mut dyn Backend) -> Result<usize, RunError> {
-    let files = map_files(&[path.to_path_buf()])?;
+    load_weights(
+        &[path.to_path_buf()],
+        path,
+        program,
+        arena,
+        |_| true,
+        "the file was not written for this program",
+    )
+}
+
+/// Sets each weight whose name `pick` accepts from the tensor of that name in the files
+/// `paths` (`shown` in messages): a weight with no tensor, or a tensor no weight takes, is an
+/// error naming it, `hint` saying what that means. Returns the tensors set.
+fn load_weights(
+    paths: &[std::path::PathBuf],
+    shown: &Path,
+    program: &Program,
+    arena: &mut dyn Backend,
+    pick: impl Fn(&str) -> bool,
+    hint: &str,
+) -> Result<usize, RunError> {
+    let files = map_files(paths)?;
     let parsed = parse_files(&files)?;
     let mut used = std::collections::HashSet::new();
-    for p in program.params.iter().filter(|p| p.role == Role::Weight) {
+    for p in program
+        .params
+        .iter()
+        .filter(|p| p.role == Role::Weight && pick(&p.slot.name))
+    {
         let (k, t) = find(&parsed, &p.slot.name).ok_or_else(|| RunError::Weights {
-            path: files[0].0.clone(),
+            path: shown.display().to_string(),
             msg: format!(
-                "tensor `{}` ({}) is missing: the file was not written for this program",
+                "there is no tensor `{}` ({}): {hint}",
                 p.slot.name,
                 p.slot.type_string()
             ),
@@ -166,9 +191,7 @@ pub fn load(path: &Path, program: &Program, arena: &mut dyn Backend) -> Result<u
         used.insert(p.slot.name.clone());
     }
     refuse_unused(&files, &parsed, &used, |_, name| {
-        format!(
-            "tensor `{name}` is not a weight of this program (the file belongs to another model)"
-        )
+        format!("tensor `{name}` is no weight of this program: {hint}")
     })?;
     Ok(used.len())
 }
@@ -516,29 +539,14 @@ pub fn load_checkpoint(
     program: &Program,
     arena: &mut dyn Backend,
 ) -> Result<usize, RunError> {
-    let files = map_files(&checkpoint_files(path)?)?;
-    let parsed = parse_files(&files)?;
-    let mut used = std::collections::HashSet::new();
-    for p in program
-        .params
-        .iter()
-        .filter(|p| p.role == Role::Weight && !added_by_memc(&p.slot.name))
-    {
-        let (k, t) = find(&parsed, &p.slot.name).ok_or_else(|| RunError::Weights {
-            path: path.display().to_string(),
-            msg: format!(
-                "the checkpoint has no tensor `{}` ({}): is it a checkpoint of this model?",
-                p.slot.name,
-                p.slot.type_string()
-            ),
-        })?;
-        copy_into(arena, &p.slot, &p.slot.name, &files[k], &t)?;
-        used.insert(p.slot.name.clone());
-    }
-    refuse_unused(&files, &parsed, &used, |_, name| {
-        format!("tensor `{name}` binds to no weight of this program (is it a checkpoint of this model?)")
-    })?;
-    Ok(used.len())
+    load_weights(
+        &checkpoint_files(path)?,
+        path,
+        program,
+        arena,
+        |name| !added_by_memc(name),
+        "is it a checkpoint of this model?",
+    )
 }
 
 /// The safetensors files of a Hugging Face checkpoint: a directory's `model.safetensors` or the

@@ -487,6 +487,6 @@ fn executables_bind_a_checkpoint_at_run_time() {
     assert_eq!(sharded, got);
     fails(
         &mut train(&models().join("qwen2-hf")),
-        "the checkpoint has no tensor `lm_head.weight`",
+        "there is no tensor `lm_head.weight`",
     );
 }
