@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use memc_ir::{DType, Graph, Op, ParamRole, ValueDef, ValueId};
 use memc_runtime::cpu::KernelFn;
-use memc_runtime::program::{Buf, Const, Dtype, Native, Param, Program, Role, Slot, Step};
+use memc_runtime::program::{Buf, Const, Dtype, Native, Param, Program, Role, Slot, Step, Written};
 
 use crate::fuse::Kernel;
 use crate::jit::with_host_kernels;
@@ -74,6 +74,15 @@ impl HostProgram {
             })
         };
         let mut steps = Vec::with_capacity(kernels.len());
+        let mut results: Vec<Vec<Written>> = Vec::with_capacity(kernels.len());
+        let written = |v: ValueId, kernel: &crate::fuse::Kernel, name: &str| {
+            Ok::<_, KernelError>(Written {
+                buf: buf(v, name)?,
+                dtype: dtype(g.value(v).ty.dtype),
+                shape: g.value(v).ty.shape.clone(),
+                what: what(g, kernel, v),
+            })
+        };
         // Each distinct kernel: name, the MLIR the host runs, number of buffer arguments.
         let mut pending: Vec<(String, String, usize)> = Vec::new();
         let mut seen: HashMap<String, u32> = HashMap::new();
@@ -117,6 +126,7 @@ impl HostProgram {
                     a_t: stored_transposed(a),
                     b_t: stored_transposed(b),
                 });
+                results.push(vec![written(o, k, &name)?]);
                 continue;
             }
             let (mlir, ins, outs, label) = if k.elementwise {
@@ -169,6 +179,11 @@ impl HostProgram {
                 }
             };
             let native = if k.elementwise { None } else { native(g, node) };
+            results.push(
+                outs.iter()
+                    .map(|&v| written(v, k, &name))
+                    .collect::<Result<_, _>>()?,
+            );
             steps.push(Step::Kernel {
                 kernel,
                 args,
@@ -204,6 +219,7 @@ impl HostProgram {
             pipeline: None,
             checkpoint: Default::default(),
             index_bounds: vec![],
+            results,
             blob: vec![],
         };
         for &v in g.inputs() {
@@ -235,6 +251,7 @@ impl HostProgram {
                             } else {
                                 Role::OptimizerState
                             },
+                            updated: g.updates().iter().any(|&(p, _)| p == v),
                         });
                     }
                     continue;
@@ -446,6 +463,34 @@ pub fn native(g: &Graph, node: &memc_ir::Node) -> Option<Native> {
 }
 
 /// `text` with every symbol `@from` (or `@from_...`, not `@from7`) renamed to `@to`.
+/// The op that computes `v` in `kernel`, as the reference interpreter names a node (``node #12
+/// `add` (name)``), and the kernel's other ops when it fuses several.
+fn what(g: &Graph, kernel: &Kernel, v: ValueId) -> String {
+    let node = |n: memc_ir::NodeId| {
+        let nd = g.node(n);
+        let name = if nd.name.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", nd.name)
+        };
+        format!("node #{} `{}`{name}", n.0, nd.op.name())
+    };
+    let Some(p) = g.producer(v) else {
+        return format!("%{}", v.0);
+    };
+    if kernel.nodes.len() <= 1 {
+        return node(p);
+    }
+    let mut ops: Vec<&str> = kernel.nodes.iter().map(|&n| g.node(n).op.name()).collect();
+    ops.dedup();
+    format!(
+        "{} (a kernel fusing {} nodes: {})",
+        node(p),
+        kernel.nodes.len(),
+        ops.join(", ")
+    )
+}
+
 fn rename_symbols(text: &str, from: &str, to: &str) -> String {
     let pat = format!("@{from}");
     let mut out = String::with_capacity(text.len());

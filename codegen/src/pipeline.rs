@@ -263,15 +263,21 @@ pub fn lower(
         crate::host::dtype(loss_ty.dtype),
         loss_ty.shape.clone(),
     )];
-    let mut params = vec![];
-    let mut seen = HashSet::new();
+    let mut params: Vec<Param> = vec![];
+    let mut seen: HashMap<String, usize> = HashMap::new();
     for p in &parts {
         for q in &p.program.params {
-            if seen.insert(q.slot.name.clone()) {
-                params.push(Param {
-                    slot: place(&q.slot.name, q.slot.dtype, q.slot.shape.clone()),
-                    role: q.role,
-                });
+            match seen.get(&q.slot.name) {
+                // The pass that updates a weight need not be the first that reads it.
+                Some(&i) => params[i].updated |= q.updated,
+                None => {
+                    seen.insert(q.slot.name.clone(), params.len());
+                    params.push(Param {
+                        slot: place(&q.slot.name, q.slot.dtype, q.slot.shape.clone()),
+                        role: q.role,
+                        updated: q.updated,
+                    });
+                }
             }
         }
     }
@@ -289,6 +295,7 @@ pub fn lower(
         pipeline: None,
         checkpoint: Default::default(),
         index_bounds: vec![],
+        results: vec![],
         blob: vec![],
     };
     let (mut host, programs) = HostProgram::combine(top, parts);

@@ -57,6 +57,11 @@ fn check(g: &Graph, tol: f64) {
             _ => unreachable!(),
         })
         .collect();
+    check_with(g, tol, feeds)
+}
+
+/// [`check`] on the inputs `feeds`.
+fn check_with(g: &Graph, tol: f64, feeds: HashMap<String, Tensor>) {
     let want: HashMap<ValueId, Tensor> = {
         let out = interpret(g, &feeds).unwrap();
         g.outputs()
@@ -76,10 +81,10 @@ fn check(g: &Graph, tol: f64) {
         }
     }
     let kernels = fuse(g);
-    assert!(
-        kernels.iter().all(|k| k.elementwise),
-        "these graphs are all elementwise"
-    );
+    for k in &kernels {
+        let ops: Vec<&str> = k.nodes.iter().map(|&n| g.node(n).op.name()).collect();
+        assert!(k.elementwise, "these graphs are all elementwise: {ops:?}");
+    }
     let mut lowered = Vec::new();
     for (n, k) in kernels.iter().enumerate() {
         let name = format!("k{n}");
@@ -107,7 +112,7 @@ fn check(g: &Graph, tol: f64) {
         let got = Tensor::from_bytes(ty.clone(), store[&v].clone().into()).unwrap();
         let (a, b) = (got.to_f64_vec(), t.to_f64_vec());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            let ok = (x.is_nan() && y.is_nan()) || (x - y).abs() <= tol * (1.0 + y.abs());
+            let ok = x == y || (x.is_nan() && y.is_nan()) || (x - y).abs() <= tol * (1.0 + y.abs());
             assert!(
                 ok,
                 "output %{} [{i}] ({ty}): kernels {x} vs interpreter {y}",
@@ -436,7 +441,7 @@ fn check_op(op: Op, inputs: &[TensorType], tol: f64, fixed: &[(usize, Tensor)]) 
         let got = Tensor::from_bytes(want.ty().clone(), out.into()).unwrap();
         for (i, (x, y)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
             assert!(
-                *x == y || (x - y).abs() <= tol * (1.0 + y.abs()),
+                *x == y || (x.is_nan() && y.is_nan()) || (x - y).abs() <= tol * (1.0 + y.abs()),
                 "{} [{i}]: tiled {x} vs interpreter {y}",
                 op.name()
             );
@@ -691,6 +696,207 @@ fn exp_as_arithmetic_matches_libm() {
             (got.is_nan() && want.is_nan()) || got == want || ulps <= 2,
             "exp({}) = {got}, libm {want} ({ulps} ulp)",
             xs[i]
+        );
+    }
+}
+
+/// Values a diverging step produces: NaN, ±∞, numbers whose squares overflow f32, zeros and
+/// ordinary values, in every pattern across two operands.
+fn hostile_values(n: usize, shift: usize) -> Vec<f64> {
+    let pool = [
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        3.0e30,
+        -2.0e25,
+        0.0,
+        -0.0,
+        1.5,
+        -0.75,
+        1.0e-30,
+        88.0,
+        -104.0,
+    ];
+    (0..n).map(|i| pool[(i * 5 + shift) % pool.len()]).collect()
+}
+
+/// Compiled kernels give NaN and ±∞ exactly where the interpreter does (maxima, minima,
+/// comparisons, selects, reductions, the transcendental functions), so a non-finite value is
+/// neither swallowed nor made up by code generation.
+#[test]
+fn non_finite_values_propagate_as_in_the_interpreter() {
+    use memc_ir::ReduceKind;
+    let shape = [4usize, 12];
+    let n = 48;
+    let g = graph(
+        &[("x", DType::F32, &shape), ("y", DType::F32, &shape)],
+        |g, x| {
+            let mut outs = vec![];
+            for u in [
+                UnaryOp::Neg,
+                UnaryOp::Exp,
+                UnaryOp::Log,
+                UnaryOp::Sqrt,
+                UnaryOp::Reciprocal,
+                UnaryOp::Tanh,
+                UnaryOp::Erf,
+                UnaryOp::Sigmoid,
+                UnaryOp::Silu,
+                UnaryOp::Gelu,
+                UnaryOp::GeluTanh,
+                UnaryOp::IsNaN,
+            ] {
+                outs.push(op(g, Op::Unary(u), &[x[0]]));
+            }
+            for b in [
+                BinaryOp::Add,
+                BinaryOp::Sub,
+                BinaryOp::Mul,
+                BinaryOp::Div,
+                BinaryOp::Pow,
+                BinaryOp::Max,
+                BinaryOp::Min,
+                BinaryOp::Equal,
+                BinaryOp::Less,
+                BinaryOp::GreaterEqual,
+            ] {
+                outs.push(op(g, Op::Binary(b), &[x[0], x[1]]));
+            }
+            let less = op(g, Op::Binary(BinaryOp::Less), &[x[0], x[1]]);
+            outs.push(op(g, Op::Where, &[less, x[0], x[1]]));
+            // Reductions at the end of a fused chain (a chain's last node).
+            for kind in [ReduceKind::Sum, ReduceKind::Mean, ReduceKind::Max] {
+                let neg = op(g, Op::Unary(UnaryOp::Neg), &[x[0]]);
+                let r = Op::Reduce {
+                    kind,
+                    axes: vec![1],
+                    keep_dims: false,
+                };
+                outs.push(op(g, r, &[neg]));
+            }
+            outs
+        },
+    );
+    let feeds = HashMap::from([
+        (
+            "x".to_string(),
+            Tensor::from_f64(DType::F32, shape.to_vec(), &hostile_values(n, 0)),
+        ),
+        (
+            "y".to_string(),
+            Tensor::from_f64(DType::F32, shape.to_vec(), &hostile_values(n, 7)),
+        ),
+    ]);
+    check_with(&g, 1e-6, feeds);
+    // The kernels of their own: reductions, softmax and log-softmax over rows with NaN and ±∞.
+    let x = Tensor::from_f64(DType::F32, shape.to_vec(), &hostile_values(n, 3));
+    let reduce = |kind, axis| Op::Reduce {
+        kind,
+        axes: vec![axis],
+        keep_dims: true,
+    };
+    for op in [
+        Op::Softmax { axis: 1 },
+        Op::LogSoftmax { axis: 1 },
+        reduce(ReduceKind::Sum, 1),
+        reduce(ReduceKind::Mean, 0),
+        reduce(ReduceKind::Max, 1),
+    ] {
+        check_op(
+            op,
+            &[TensorType::new(DType::F32, shape.to_vec())],
+            1e-6,
+            &[(0, x.clone())],
+        );
+    }
+}
+
+/// The norms' statistics do not overflow where the interpreter's (f64) do not: a row of
+/// values near 1e20 (its sum of squares is past f32's range) normalises to the interpreter's
+/// finite result, not to zeros.
+#[test]
+fn norms_of_large_rows_match_the_interpreter() {
+    let (rows, d) = (3usize, 64usize);
+    let xs: Vec<f64> = (0..rows * d)
+        .map(|i| {
+            (1.0 + (i % 7) as f64)
+                * 10f64.powi(18 + (i % 3) as i32)
+                * if i % 2 == 0 { 1.0 } else { -1.0 }
+        })
+        .collect();
+    let x = Tensor::from_f64(DType::F32, vec![rows, d], &xs);
+    let w = Tensor::from_f64(
+        DType::F32,
+        vec![d],
+        &(0..d).map(|i| 0.5 + i as f64 / 64.0).collect::<Vec<_>>(),
+    );
+    let b = Tensor::from_f64(DType::F32, vec![d], &vec![0.25; d]);
+    let ty = TensorType::new(DType::F32, vec![rows, d]);
+    let wt = TensorType::new(DType::F32, vec![d]);
+    check_op(
+        Op::RmsNorm {
+            axis: 1,
+            epsilon: 1e-6,
+        },
+        &[ty.clone(), wt.clone()],
+        1e-6,
+        &[(0, x.clone()), (1, w.clone())],
+    );
+    check_op(
+        Op::LayerNorm {
+            axis: 1,
+            epsilon: 1e-5,
+        },
+        &[ty, wt.clone(), wt],
+        1e-6,
+        &[(0, x), (1, w), (2, b)],
+    );
+}
+
+/// Attention's backward at scores near 1e11, where the stored (f32) log-sum-exp is off by
+/// thousands: `p = exp(s − lse)` is clamped at 1 in the interpreter, the generated kernels and
+/// the cpu backend's tiled attention alike, so a zero upstream gradient gives zero gradients
+/// (unclamped, `p` overflows and `∞ · 0` is a NaN the interpreter and the kernels disagreed on).
+#[test]
+fn attention_grad_at_huge_scores_stays_finite() {
+    let (b, h, s, d) = (1usize, 2usize, 5usize, 8usize);
+    let ty = |sh: &[usize]| TensorType::new(DType::F32, sh.to_vec());
+    let mut r = Rng(3);
+    let mut big = |n: usize| -> Vec<f64> { (0..n).map(|_| (r.next() + 0.5) * 3.0e5).collect() };
+    let q = Tensor::from_f64(DType::F32, vec![b, h, s, d], &big(b * h * s * d));
+    let k = Tensor::from_f64(DType::F32, vec![b, h, s, d], &big(b * h * s * d));
+    let v = Tensor::from_f64(DType::F32, vec![b, h, s, d], &big(b * h * s * d));
+    let zero = Tensor::from_f64(DType::F32, Vec::<usize>::new(), &[0.0]);
+    let sc = memc_ir::Scores::scaled(0.35);
+    let lse = memc_ir::eval_op(&Op::AttentionLse(sc), &[&q, &k, &zero]).unwrap();
+    assert!(lse.to_f64_vec().iter().all(|x| x.is_finite() && *x > 1e10));
+    let dy = Tensor::from_f64(DType::F32, vec![b, h, s, d], &vec![0.0; b * h * s * d]);
+    let delta = Tensor::from_f64(DType::F32, vec![b, h, s], &vec![0.0; b * h * s]);
+    for wrt in 0..3 {
+        let op = Op::AttentionGrad { scores: sc, wrt };
+        let args = [&q, &k, &v, &zero, &lse, &dy, &delta];
+        let want = memc_ir::eval_op(&op, &args).unwrap();
+        assert!(
+            want.to_f64_vec().iter().all(|x| *x == 0.0),
+            "interpreter, wrt {wrt}"
+        );
+        check_op(
+            op,
+            &[
+                ty(&[b, h, s, d]),
+                ty(&[b, h, s, d]),
+                ty(&[b, h, s, d]),
+                ty(&[]),
+                ty(&[b, h, s]),
+                ty(&[b, h, s, d]),
+                ty(&[b, h, s]),
+            ],
+            0.0,
+            &args
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (i, (*t).clone()))
+                .collect::<Vec<_>>(),
         );
     }
 }

@@ -678,7 +678,7 @@ pub fn eval_host(
             memc_runtime::session::check_indices(program, s, t.bytes(), "--input")?;
             cpu.arena_mut().set(s, t.bytes());
         }
-        cpu.run();
+        cpu.run()?;
         Ok(g.outputs()
             .iter()
             .zip(&program.outputs)

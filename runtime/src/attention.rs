@@ -525,13 +525,18 @@ fn exp_shifted_sum<T: Real>(row: &mut [T], shift: T) -> T {
 }
 
 /// `row[c] = exp(row[c] − lse)`, the probabilities from scores and their row's log-sum-exp
-/// (zeros for a row whose lse is −∞: every key hidden).
+/// (zeros for a row whose lse is −∞: every key hidden). The exponent is clamped at 0 (a NaN
+/// kept): `lse` was rounded when stored, so `s − lse` can come out above 0, and with large
+/// scores `p` would overflow where it is at most 1.
 #[inline(always)]
 fn probabilities<T: Real>(row: &mut [T], lse: T) {
     if lse == T::NEG_INF {
         row.fill(T::ZERO);
     } else {
-        row.iter_mut().for_each(|x| *x = (*x - lse).exp());
+        row.iter_mut().for_each(|x| {
+            let e = *x - lse;
+            *x = if e > T::ZERO { T::ZERO } else { e }.exp()
+        });
     }
 }
 

@@ -6,8 +6,9 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::HashMap;
 use std::time::Instant;
 
+use crate::finite::{self, Bad};
 use crate::gemm::{matmul, GemmType};
-use crate::program::{Buf, Checked, Dtype, Native, Slot, Step};
+use crate::program::{Buf, Checked, Dtype, Native, Slot, Step, Written};
 
 /// A generated kernel's entry point.
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8);
@@ -98,6 +99,12 @@ impl Arena {
         }
     }
 
+    /// The bytes of buffer `b` (bounds-checked: a buffer outside the arena panics).
+    pub fn bytes_of(&self, b: &Buf) -> &[u8] {
+        self.buffer(b);
+        &self.all()[b.offset as usize..(b.offset + b.bytes) as usize]
+    }
+
     /// The bytes of `slot` (bounds-checked: a slot outside the arena panics).
     pub fn get(&self, slot: &Slot) -> &[u8] {
         let r = self.range(slot);
@@ -150,6 +157,15 @@ pub struct Cpu {
     steps: Vec<Ready>,
     labels: Vec<String>,
     profile: Option<HashMap<String, (f64, usize)>>,
+    /// What each step writes, checked for NaNs after it when set ([`check_nan`]).
+    check: Option<Vec<Vec<Written>>>,
+}
+
+/// Whether `MEMC_CHECK_NAN` is set (to anything but `0`): compiled programs then check every
+/// step's results for NaNs and stop at the first step that wrote one, naming its op, as the
+/// reference backend does after every node. It costs a pass over every result.
+pub fn check_nan() -> bool {
+    std::env::var_os("MEMC_CHECK_NAN").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
 // SAFETY: a `Cpu`'s step pointers point into its own arena (moved with it) and its kernels
@@ -258,6 +274,7 @@ impl Cpu {
             steps,
             labels,
             profile: std::env::var_os("MEMC_PROFILE").map(|_| HashMap::new()),
+            check: (check_nan() && !program.results.is_empty()).then(|| program.results.clone()),
         }
     }
 
@@ -271,8 +288,9 @@ impl Cpu {
         &mut self.arena
     }
 
-    /// Runs every step once.
-    pub fn run(&mut self) {
+    /// Runs every step once. With [`check_nan`] set, the first step whose result holds a NaN
+    /// stops the run (the steps before it have run).
+    pub fn run(&mut self) -> Result<(), crate::RunError> {
         for (n, step) in self.steps.iter().enumerate() {
             let t0 = self.profile.is_some().then(Instant::now);
             match step {
@@ -323,7 +341,26 @@ impl Cpu {
                 e.0 += t0.elapsed().as_secs_f64() * 1e3;
                 e.1 += 1;
             }
+            if let Some(check) = &self.check {
+                for w in &check[n] {
+                    let bytes = self.arena.bytes_of(&w.buf);
+                    if let Some((k, value)) = finite::first(bytes, w.dtype, Bad::Nan) {
+                        return Err(crate::RunError::NonFinite {
+                            what: w.what.clone(),
+                            ty: w.type_string(),
+                            value,
+                            at: format!(" at {:?}", finite::position(&w.shape, k)),
+                        });
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// The first element of `slot` that is `bad`, read in place.
+    pub fn first_bad(&self, slot: &Slot, bad: Bad) -> Option<(usize, f64)> {
+        finite::first(self.arena.get(slot), slot.dtype, bad)
     }
 
     /// Time per kind of step (most first), when `MEMC_PROFILE` is set: the table printed at
@@ -398,8 +435,15 @@ impl crate::Backend for Cpu {
     }
 
     fn run(&mut self) -> Result<(), crate::RunError> {
-        Cpu::run(self);
-        Ok(())
+        Cpu::run(self)
+    }
+
+    fn first_bad(
+        &mut self,
+        slot: &Slot,
+        bad: Bad,
+    ) -> Result<Option<(usize, f64)>, crate::RunError> {
+        Ok(Cpu::first_bad(self, slot, bad))
     }
 
     fn profile(&self) -> Option<String> {

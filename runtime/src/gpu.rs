@@ -12,8 +12,9 @@ use std::time::Instant;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as cu, sys as cu_sys, CudaContext, CudaStream};
 
+use crate::finite;
 use crate::gemm::Geometry;
-use crate::program::{Buf, Dtype, Program, Slot, Step};
+use crate::program::{Buf, Dtype, Program, Slot, Step, Written};
 use crate::{Backend, RunError};
 
 fn err(what: &str, e: impl std::fmt::Debug) -> RunError {
@@ -80,6 +81,9 @@ pub struct Cuda {
     steps: Vec<Ready>,
     labels: Vec<String>,
     profile: Option<HashMap<String, (f64, usize)>>,
+    /// With `MEMC_CHECK_NAN` ([`crate::cpu::check_nan`]), what each of `steps` writes: a
+    /// program step's results after its last launch.
+    check: Option<Vec<Vec<Written>>>,
 }
 
 /// The GEMM calls of `out = a @ b` (NumPy semantics, batch dims broadcast): one
@@ -155,7 +159,9 @@ impl Cuda {
         let mut functions: HashMap<String, cu_sys::CUfunction> = HashMap::new();
         let mut steps = Vec::with_capacity(program.steps.len());
         let mut labels = Vec::with_capacity(program.steps.len());
-        for step in &program.steps {
+        let mut checks: Vec<Vec<Written>> = Vec::with_capacity(program.steps.len());
+        for (n, step) in program.steps.iter().enumerate() {
+            let written = program.results.get(n).cloned().unwrap_or_default();
             match step {
                 Step::Kernel {
                     kernel,
@@ -186,6 +192,10 @@ impl Cuda {
                                 .collect(),
                         ));
                         labels.push(label.clone());
+                        checks.push(vec![]);
+                    }
+                    if let Some(last) = checks.last_mut() {
+                        *last = written;
                     }
                 }
                 Step::Gemm {
@@ -206,6 +216,7 @@ impl Cuda {
                         out,
                     )));
                     labels.push("matmul".into());
+                    checks.push(written);
                 }
             }
         }
@@ -218,6 +229,7 @@ impl Cuda {
             steps,
             labels,
             profile: std::env::var_os("MEMC_PROFILE").map(|_| HashMap::new()),
+            check: crate::cpu::check_nan().then_some(checks),
         };
         for c in &program.consts {
             let at = c.blob_offset as usize;
@@ -342,6 +354,8 @@ impl Backend for Cuda {
             steps,
             labels,
             profile,
+            check,
+            base,
             ..
         } = self;
         let cu_stream = stream.cu_stream();
@@ -371,6 +385,21 @@ impl Backend for Cuda {
                 let e = p.entry(labels[n].clone()).or_insert((0.0, 0));
                 e.0 += t0.elapsed().as_secs_f64() * 1e3;
                 e.1 += 1;
+            }
+            for w in check.as_ref().map_or(&[][..], |c| &c[n][..]) {
+                let mut host = vec![0u8; w.buf.bytes as usize];
+                // SAFETY: the buffer lies inside the arena (the program is checked).
+                unsafe { cu::memcpy_dtoh_async(&mut host, *base + w.buf.offset, cu_stream) }
+                    .map_err(|e| err(&format!("reading the result of step {n}"), e))?;
+                stream.synchronize().map_err(|e| err("synchronize", e))?;
+                if let Some((k, value)) = finite::first(&host, w.dtype, finite::Bad::Nan) {
+                    return Err(RunError::NonFinite {
+                        what: w.what.clone(),
+                        ty: w.type_string(),
+                        value,
+                        at: format!(" at {:?}", finite::position(&w.shape, k)),
+                    });
+                }
             }
         }
         stream

@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod cpu;
 pub mod cuda;
+pub mod finite;
 pub mod gemm;
 pub mod gpu;
 pub mod mesh;
@@ -42,6 +43,15 @@ pub trait Backend {
     fn get(&mut self, slot: &program::Slot) -> Result<Vec<u8>, RunError>;
     /// Runs every step of the program once.
     fn run(&mut self) -> Result<(), RunError>;
+    /// The first element of `slot` that is `bad` (its flat index and value). The default
+    /// copies the slot out ([`Backend::get`]); the cpu backend reads its arena in place.
+    fn first_bad(
+        &mut self,
+        slot: &program::Slot,
+        bad: finite::Bad,
+    ) -> Result<Option<(usize, f64)>, RunError> {
+        Ok(finite::first(&self.get(slot)?, slot.dtype, bad))
+    }
     /// Time per kind of step, when `MEMC_PROFILE` is set.
     fn profile(&self) -> Option<String>;
 }
@@ -85,6 +95,18 @@ pub enum RunError {
     /// The cuda backend failed (no driver, no device, a driver or cuBLAS error).
     #[error("cuda backend: {0}")]
     Cuda(String),
+    /// A step wrote a NaN where the check after every step (`MEMC_CHECK_NAN=1`) looked.
+    #[error("{what} produced a non-finite value ({value}) in its {ty} result{at}")]
+    NonFinite {
+        /// The op that wrote it ([`program::Written::what`]).
+        what: String,
+        /// The result's type.
+        ty: String,
+        /// The value.
+        value: f64,
+        /// ` at [i, j, ..]`, or empty.
+        at: String,
+    },
     /// Training diverged.
     #[error("{model}: step {step}: {msg}")]
     Diverged {
@@ -96,11 +118,11 @@ pub enum RunError {
         msg: String,
     },
     /// A step failed.
-    #[error("step {step}: {source}")]
+    #[error("step {step}: {cause}")]
     Step {
         /// The step.
         step: u64,
-        /// Why.
-        source: Box<RunError>,
+        /// Why (shown in the message, so not an error `source`, which would repeat it).
+        cause: Box<RunError>,
     },
 }

@@ -145,6 +145,10 @@ pub struct Param {
     pub slot: Slot,
     /// What it is.
     pub role: Role,
+    /// The step writes it (a trained weight, optimizer state): what the training loop checks
+    /// for non-finite values after every step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub updated: bool,
 }
 
 /// A constant: its bytes are in the program's constant blob at `blob_offset`.
@@ -163,6 +167,27 @@ pub struct Buf {
     pub offset: u64,
     /// Size in bytes.
     pub bytes: u64,
+}
+
+/// A result a step writes, for the check after every step that `MEMC_CHECK_NAN=1` turns on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Written {
+    /// Its buffer.
+    pub buf: Buf,
+    /// Its element type.
+    pub dtype: Dtype,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// The op that computes it, for messages: ``node #201 `attention_grad` ``.
+    pub what: String,
+}
+
+impl Written {
+    /// `f32[2, 4, 16, 16]`.
+    pub fn type_string(&self) -> String {
+        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        format!("{}[{}]", self.dtype.name(), dims.join(", "))
+    }
 }
 
 /// One step of the program.
@@ -559,6 +584,10 @@ pub struct Program {
     /// an index for memory safety, the runtime refuses the input before running instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub index_bounds: Vec<IndexBound>,
+    /// What each step writes (one list per step, or none at all): the results the
+    /// non-finite check (`MEMC_CHECK_NAN=1`) reads after the step, and the op it names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<Vec<Written>>,
     /// The constants' bytes (serialised after the JSON).
     #[serde(skip)]
     pub blob: Vec<u8>,
@@ -743,6 +772,32 @@ impl Program {
                 ));
             }
         }
+        if !self.results.is_empty() && self.results.len() != self.steps.len() {
+            return bad(format!(
+                "{} step results for {} steps",
+                self.results.len(),
+                self.steps.len()
+            ));
+        }
+        for (n, w) in self
+            .results
+            .iter()
+            .enumerate()
+            .flat_map(|(n, r)| r.iter().map(move |w| (n, w)))
+        {
+            let numel = w
+                .shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+            if numel.and_then(|e| e.checked_mul(w.dtype.size() as u64)) != Some(w.buf.bytes)
+                || !inside(w.buf.offset, w.buf.bytes)
+            {
+                return bad(format!(
+                    "step {n}: result {} does not fit its buffer",
+                    w.what
+                ));
+            }
+        }
         if let Some(d) = &self.device {
             if d.launches.len() != self.kernels.len() {
                 return bad("the device code does not cover every kernel".into());
@@ -897,6 +952,7 @@ mod tests {
             params: vec![Param {
                 slot: slot("w", 32),
                 role: Role::Weight,
+                updated: true,
             }],
             consts: vec![Const {
                 slot: slot("%3", 16),
@@ -907,6 +963,7 @@ mod tests {
             pipeline: None,
             checkpoint: Default::default(),
             index_bounds: vec![],
+            results: vec![],
             blob: vec![7; 16],
         }
     }

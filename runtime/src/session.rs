@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::cpu::{Cpu, KernelFn};
+use crate::finite;
 use crate::npy::{self, NpyArray, NpyDtype};
 use crate::program::{Dtype, Program, Role, Slot};
 use crate::weights;
@@ -248,10 +249,22 @@ pub fn train(
         .map(|n| program.output(n).expect("validated").clone())
         .collect();
     let wd = cfg.weight_decay.unwrap_or(t.default_weight_decay);
-    let scalars: Vec<(Slot, f64)> = [(&t.lr_input, cfg.lr), (&t.weight_decay_input, wd)]
-        .into_iter()
-        .filter_map(|(name, v)| Some((program.input(name.as_ref()?)?.clone(), v)))
-        .collect();
+    let mut scalars: Vec<(Slot, f64)> = vec![];
+    for (name, v, flag) in [
+        (&t.lr_input, cfg.lr, "--lr"),
+        (&t.weight_decay_input, wd, "--weight-decay"),
+    ] {
+        let Some(s) = name.as_ref().and_then(|n| program.input(n)) else {
+            continue;
+        };
+        if !decode(s.dtype, &encode(s.dtype, &[v]))[0].is_finite() {
+            return Err(RunError::Usage(format!(
+                "{flag} {v:e} does not fit the program's {} scalar",
+                s.dtype.name()
+            )));
+        }
+        scalars.push((s.clone(), v));
+    }
     for (s, _) in &scalars {
         cpu.set(s, &encode(s.dtype, &[0.0]))?;
     }
@@ -267,6 +280,12 @@ pub fn train(
         })?),
         None => None,
     };
+    if let Some((name, at, v)) = first_bad_weight(program, cpu)? {
+        return Err(RunError::Usage(format!(
+            "{}: the trained weight `{name}` holds {v} at {at:?} before the first step: train from finite weights",
+            program.model
+        )));
+    }
     let mut losses = Vec::with_capacity(cfg.steps as usize);
     for step in cfg.start_step + 1..=cfg.start_step + cfg.steps {
         let t0 = Instant::now();
@@ -281,15 +300,23 @@ pub fn train(
         }
         cpu.run().map_err(|e| RunError::Step {
             step,
-            source: Box::new(e),
+            cause: Box::new(e),
         })?;
         let l = decode(loss.dtype, &cpu.get(&loss)?)[0];
+        let diverged = |what: String| RunError::Diverged {
+            model: program.model.clone(),
+            step,
+            msg: format!("{what}. {DIVERGED}"),
+        };
         if !l.is_finite() {
-            return Err(RunError::Diverged {
-                model: program.model.clone(),
-                step,
-                msg: format!("the loss is {l} (lower --lr or compile with --clip-grad-norm)"),
-            });
+            return Err(diverged(format!("the loss is {l}")));
+        }
+        // A step whose gradients or update went non-finite leaves a NaN or an infinity in the
+        // weights (SGD and AdamW both carry it there), whatever the loss was.
+        if let Some((name, at, v)) = first_bad_weight(program, cpu)? {
+            return Err(diverged(format!(
+                "the update left {v} in `{name}` at {at:?} (the step's loss was {l})"
+            )));
         }
         losses.push(l);
         let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -344,6 +371,26 @@ pub fn train(
     Ok(losses)
 }
 
+/// The first trained weight holding a NaN or an infinity: its name, the element's position and
+/// its value. Read in place on the cpu backend (a pass over the weights, a small part of a
+/// step's memory traffic).
+fn first_bad_weight(
+    program: &Program,
+    cpu: &mut dyn Backend,
+) -> Result<Option<(String, Vec<usize>, f64)>, RunError> {
+    for p in program
+        .params
+        .iter()
+        .filter(|p| p.updated && p.role == Role::Weight)
+    {
+        if let Some((k, v)) = cpu.first_bad(&p.slot, finite::Bad::NonFinite)? {
+            let at = finite::position(&p.slot.shape, k);
+            return Ok(Some((p.slot.name.clone(), at, v)));
+        }
+    }
+    Ok(None)
+}
+
 /// Checks an index input's elements against the program's bound for it (`IndexBound`): the
 /// kernels clamp indices, so an out-of-range one would give a silently wrong result.
 pub fn check_indices(
@@ -359,12 +406,7 @@ pub fn check_indices(
     // As the reference interpreter (and ONNX): a negative index counts from the end.
     let n = b.bound as f64;
     if let Some(k) = values.iter().position(|&x| x < -n || x >= n) {
-        let mut at = vec![0; slot.shape.len()];
-        let mut rest = k;
-        for d in (0..slot.shape.len()).rev() {
-            at[d] = rest % slot.shape[d].max(1);
-            rest /= slot.shape[d].max(1);
-        }
+        let at = crate::finite::position(&slot.shape, k);
         return Err(RunError::Data {
             path: source.to_string(),
             msg: format!(
@@ -505,6 +547,12 @@ pub fn infer(
     }
     Ok(written)
 }
+
+/// What a diverged step means for the run's state, and what to do: every error that stops a
+/// run at a non-finite value ends with it.
+const DIVERGED: &str = "The weights in memory hold this step's update and nothing was saved: \
+    the last --save directory is as it was. Lower --lr or compile with --clip-grad-norm; \
+    MEMC_CHECK_NAN=1 names the first op that produced a NaN";
 
 const USAGE: &str = "usage:
   EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu|cuda] [--threads N]

@@ -39,6 +39,32 @@ fn refuses(cmd: &mut Command, needle: &str) {
     );
 }
 
+/// A copy of checkpoint directory `from` at `to` whose first f32 tensor in `model.safetensors`
+/// holds +∞ at element `at`; returns the tensor's name.
+fn poisoned_copy(from: &Path, to: &Path, at: usize) -> String {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    let path = to.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let (name, start) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, t)| t["dtype"] == "F32")
+        .map(|(k, t)| (k.clone(), t["data_offsets"][0].as_u64().unwrap() as usize))
+        .min_by_key(|(_, start)| *start)
+        .unwrap();
+    let at = 8 + n + start + 4 * at;
+    bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    name
+}
+
 /// Writes `ids` (int64, shape `shape`) as a `.npy`.
 fn ids_file(path: &Path, shape: &[usize], ids: &[i64]) -> PathBuf {
     memc_runtime::npy::write(
@@ -111,7 +137,80 @@ fn hostile_commands_give_one_clear_error() {
         c.arg("train").arg("--data").arg(&data).args(extra);
         c
     };
+    let sgd_train = |extra: &[&str]| {
+        let mut c = Command::new(&sgd_exe);
+        c.arg("train").arg("--data").arg(&data).args(extra);
+        c
+    };
+    let poisoned = dir.join("poisoned-ckpt");
+    let poisoned_name = poisoned_copy(&sgd_dir, &poisoned, 3);
+    let poisoned_needle =
+        format!("the trained weight `{poisoned_name}` holds inf at [0, 3] before the first step");
+    let check_nan = |mut c: Command| {
+        c.env("MEMC_CHECK_NAN", "1");
+        c
+    };
     let cases: Vec<(&str, Command, &str)> = vec![
+        // Non-finite values: every backend stops at the same step (the reference at the
+        // first node whose result holds a NaN; compiled programs at a NaN loss or a
+        // non-finite weight after the update, or, with MEMC_CHECK_NAN=1, at the first kernel
+        // that wrote a NaN, named as the reference names a node).
+        (
+            "SGD at lr 1e12, reference",
+            memc_train(&["--optimizer", "sgd", "--lr", "1e12", "--steps", "3"]),
+            "step 2: node #",
+        ),
+        (
+            "SGD at lr 1e12, cpu backend",
+            memc_train(&["--optimizer", "sgd", "--lr", "1e12", "--steps", "3", "--backend", "cpu"]),
+            "step 2: the loss is NaN. The weights in memory hold this step's update and nothing was saved",
+        ),
+        (
+            "SGD at lr 1e12, executable",
+            sgd_train(&["--lr", "1e12", "--steps", "3"]),
+            "step 2: the loss is NaN",
+        ),
+        (
+            "SGD at lr 1e12, cpu backend, MEMC_CHECK_NAN=1",
+            check_nan(memc_train(&[
+                "--optimizer", "sgd", "--lr", "1e12", "--steps", "3", "--backend", "cpu",
+            ])),
+            "produced a non-finite value (NaN) in its f32[",
+        ),
+        (
+            "SGD at lr 1e12, executable, MEMC_CHECK_NAN=1",
+            check_nan(sgd_train(&["--lr", "1e12", "--steps", "3"])),
+            "produced a non-finite value (NaN) in its f32[",
+        ),
+        (
+            "AdamW at lr 3.4e38: the update overflows, the loss is finite; reference",
+            memc_train(&["--optimizer", "adamw", "--lr", "3.4e38", "--steps", "2"]),
+            "step 1: node #",
+        ),
+        (
+            "AdamW at lr 3.4e38: the update overflows, the loss is finite; executable",
+            exe_train(&["--lr", "3.4e38", "--steps", "2"]),
+            "step 1: the update left NaN in `",
+        ),
+        (
+            "AdamW at lr 3.4e38, executable, MEMC_CHECK_NAN=1",
+            check_nan(exe_train(&["--lr", "3.4e38", "--steps", "2"])),
+            "step 1: node #",
+        ),
+        (
+            "a learning rate past f32",
+            exe_train(&["--lr", "1e39"]),
+            "--lr 1e39 does not fit the program's f32 scalar",
+        ),
+        (
+            "a checkpoint holding an infinity, executable",
+            {
+                let mut c = sgd_train(&["--steps", "1", "--resume"]);
+                c.arg(&poisoned);
+                c
+            },
+            &poisoned_needle,
+        ),
         // Index inputs out of range: every backend refuses, naming the input and position.
         (
             "token id = vocab, reference",

@@ -85,7 +85,9 @@ fn softmax(f: &mut F, cx: &Cx, axis: usize) {
 }
 
 /// `layer_norm` over the dims from `axis`: mean and variance, then the scaled (and biased)
-/// normalised values.
+/// normalised values. The statistics and the normalisation are computed in f64, as the
+/// interpreter does: in f32 a row of large but finite values overflows its sum of squares, and
+/// the result would be a silent zero where the interpreter's is finite.
 fn layer_norm(f: &mut F, cx: &Cx, axis: usize, epsilon: f32) {
     let Cx {
         node,
@@ -102,43 +104,50 @@ fn layer_norm(f: &mut F, cx: &Cx, axis: usize, epsilon: f32) {
     let count: usize = inner.iter().product();
     let ivs = f.parallel(&outer);
     let cat = |a: &[String], b: &[String]| -> Vec<String> { a.iter().chain(b).cloned().collect() };
-    let zero = f.fconst(0.0, at);
-    let sum = f.fold(&inner, &zero, at, &mut |f, r, acc| {
+    let zero = f.fconst(0.0, WIDE);
+    let sum = f.fold(&inner, &zero, WIDE, &mut |f, r, acc| {
         let x = f.load(0, &cat(&ivs, r), &xshape, xdt);
-        f.v(&format!("arith.addf {acc}, {x} : {at}"))
+        let x = widen(f, &x, at);
+        f.v(&format!("arith.addf {acc}, {x} : {WIDE}"))
     });
-    let cnt = f.fconst(count as f64, at);
-    let mean = f.v(&format!("arith.divf {sum}, {cnt} : {at}"));
-    let sq = f.fold(&inner, &zero, at, &mut |f, r, acc| {
+    let cnt = f.fconst(count as f64, WIDE);
+    let mean = f.v(&format!("arith.divf {sum}, {cnt} : {WIDE}"));
+    let sq = f.fold(&inner, &zero, WIDE, &mut |f, r, acc| {
         let x = f.load(0, &cat(&ivs, r), &xshape, xdt);
-        let d = f.v(&format!("arith.subf {x}, {mean} : {at}"));
-        let d2 = f.v(&format!("arith.mulf {d}, {d} : {at}"));
-        f.v(&format!("arith.addf {acc}, {d2} : {at}"))
+        let x = widen(f, &x, at);
+        let d = f.v(&format!("arith.subf {x}, {mean} : {WIDE}"));
+        let d2 = f.v(&format!("arith.mulf {d}, {d} : {WIDE}"));
+        f.v(&format!("arith.addf {acc}, {d2} : {WIDE}"))
     });
-    let var = f.v(&format!("arith.divf {sq}, {cnt} : {at}"));
-    let eps = f.fconst(epsilon as f64, at);
-    let ve = f.v(&format!("arith.addf {var}, {eps} : {at}"));
-    let sd = f.v(&format!("math.sqrt {ve} : {at}"));
-    let one = f.fconst(1.0, at);
-    let rstd = f.v(&format!("arith.divf {one}, {sd} : {at}"));
+    let var = f.v(&format!("arith.divf {sq}, {cnt} : {WIDE}"));
+    let eps = f.fconst(epsilon as f64, WIDE);
+    let ve = f.v(&format!("arith.addf {var}, {eps} : {WIDE}"));
+    let sd = f.v(&format!("math.sqrt {ve} : {WIDE}"));
+    let one = f.fconst(1.0, WIDE);
+    let rstd = f.v(&format!("arith.divf {one}, {sd} : {WIDE}"));
     let has_bias = node.inputs.len() == 3;
     f.each(&inner, &mut |f, r| {
         let idx = cat(&ivs, r);
         let x = f.load(0, &idx, &xshape, xdt);
-        let d = f.v(&format!("arith.subf {x}, {mean} : {at}"));
-        let xh = f.v(&format!("arith.mulf {d}, {rstd} : {at}"));
+        let x = widen(f, &x, at);
+        let d = f.v(&format!("arith.subf {x}, {mean} : {WIDE}"));
+        let xh = f.v(&format!("arith.mulf {d}, {rstd} : {WIDE}"));
         let s = f.load(1, r, &inner, xdt);
-        let mut y = f.v(&format!("arith.mulf {xh}, {s} : {at}"));
+        let s = widen(f, &s, at);
+        let mut y = f.v(&format!("arith.mulf {xh}, {s} : {WIDE}"));
         if has_bias {
             let b = f.load(2, r, &inner, xdt);
-            y = f.v(&format!("arith.addf {y}, {b} : {at}"));
+            let b = widen(f, &b, at);
+            y = f.v(&format!("arith.addf {y}, {b} : {WIDE}"));
         }
+        let y = narrow(f, &y, at);
         f.store(&y, out, &idx, &oshape, odt);
     });
     f.end_parallel(outer.len());
 }
 
-/// `rms_norm` over the dims from `axis`: the mean square, then the scaled normalised values.
+/// `rms_norm` over the dims from `axis`: the mean square, then the scaled normalised values,
+/// in f64 as [`layer_norm`].
 fn rms_norm(f: &mut F, cx: &Cx, axis: usize, epsilon: f32) {
     let Cx {
         out,
@@ -154,28 +163,53 @@ fn rms_norm(f: &mut F, cx: &Cx, axis: usize, epsilon: f32) {
     let count: usize = inner.iter().product();
     let ivs = f.parallel(&outer);
     let cat = |a: &[String], b: &[String]| -> Vec<String> { a.iter().chain(b).cloned().collect() };
-    let zero = f.fconst(0.0, at);
-    let sq = f.fold(&inner, &zero, at, &mut |f, r, acc| {
+    let zero = f.fconst(0.0, WIDE);
+    let sq = f.fold(&inner, &zero, WIDE, &mut |f, r, acc| {
         let x = f.load(0, &cat(&ivs, r), &xshape, xdt);
-        let x2 = f.v(&format!("arith.mulf {x}, {x} : {at}"));
-        f.v(&format!("arith.addf {acc}, {x2} : {at}"))
+        let x = widen(f, &x, at);
+        let x2 = f.v(&format!("arith.mulf {x}, {x} : {WIDE}"));
+        f.v(&format!("arith.addf {acc}, {x2} : {WIDE}"))
     });
-    let cnt = f.fconst(count as f64, at);
-    let ms = f.v(&format!("arith.divf {sq}, {cnt} : {at}"));
-    let eps = f.fconst(epsilon as f64, at);
-    let me = f.v(&format!("arith.addf {ms}, {eps} : {at}"));
-    let sd = f.v(&format!("math.sqrt {me} : {at}"));
-    let one = f.fconst(1.0, at);
-    let r = f.v(&format!("arith.divf {one}, {sd} : {at}"));
+    let cnt = f.fconst(count as f64, WIDE);
+    let ms = f.v(&format!("arith.divf {sq}, {cnt} : {WIDE}"));
+    let eps = f.fconst(epsilon as f64, WIDE);
+    let me = f.v(&format!("arith.addf {ms}, {eps} : {WIDE}"));
+    let sd = f.v(&format!("math.sqrt {me} : {WIDE}"));
+    let one = f.fconst(1.0, WIDE);
+    let r = f.v(&format!("arith.divf {one}, {sd} : {WIDE}"));
     f.each(&inner, &mut |f, ri| {
         let idx = cat(&ivs, ri);
         let x = f.load(0, &idx, &xshape, xdt);
-        let xh = f.v(&format!("arith.mulf {x}, {r} : {at}"));
+        let x = widen(f, &x, at);
+        let xh = f.v(&format!("arith.mulf {x}, {r} : {WIDE}"));
         let s = f.load(1, ri, &inner, xdt);
-        let y = f.v(&format!("arith.mulf {xh}, {s} : {at}"));
+        let s = widen(f, &s, at);
+        let y = f.v(&format!("arith.mulf {xh}, {s} : {WIDE}"));
+        let y = narrow(f, &y, at);
         f.store(&y, out, &idx, &oshape, odt);
     });
     f.end_parallel(outer.len());
+}
+
+/// The norms' arithmetic type.
+const WIDE: &str = "f64";
+
+/// `x` (of arithmetic type `at`) as f64.
+fn widen(f: &mut F, x: &str, at: &str) -> String {
+    if at == WIDE {
+        x.to_string()
+    } else {
+        f.v(&format!("arith.extf {x} : {at} to {WIDE}"))
+    }
+}
+
+/// `x` (f64) rounded to arithmetic type `at`.
+fn narrow(f: &mut F, x: &str, at: &str) -> String {
+    if at == WIDE {
+        x.to_string()
+    } else {
+        f.v(&format!("arith.truncf {x} : {WIDE} to {at}"))
+    }
 }
 
 /// `attention`: one row of queries per parallel iteration, one pass over the keys (the online
@@ -382,8 +416,10 @@ fn attention_grad(f: &mut F, cx: &Cx, wrt: usize, scale_c: &str, ninf: &str, sco
         let dead = f.v(&format!("arith.cmpf oeq, {lse}, {ninf} : {at}"));
         let (s, dcap) = score(f, bq, hq, i, kh, j);
         let e = f.v(&format!("arith.subf {s}, {lse} : {at}"));
-        let ex = f.v(&format!("math.exp {e} : {at}"));
+        // p ≤ 1: the stored lse is rounded, so s − lse can come out above 0 (NaN kept).
         let zero = f.fconst(0.0, at);
+        let e = f.v(&format!("arith.minimumf {e}, {zero} : {at}"));
+        let ex = f.v(&format!("math.exp {e} : {at}"));
         let p = f.v(&format!("arith.select {dead}, {zero}, {ex} : {at}"));
         let dp = f.fold(&[dv], &zero, at, &mut |f, c, acc| {
             let g = f.load(

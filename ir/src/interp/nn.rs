@@ -180,10 +180,13 @@ fn attention_backward(op: &Op, ins: &[&Arr], sc: &Scores) -> Data {
                         let r = (bi * h + hi) * s + i;
                         for j in 0..t {
                             let (sj, dcap) = score(bi, hi, i, j);
+                            // p = exp(s − lse) ≤ 1: lse was rounded to its storage type, so
+                            // s − lse can come out above 0; it is clamped there (NaN kept).
                             let p = if lse[r] == f64::NEG_INFINITY {
                                 0.0
                             } else {
-                                (sj - lse[r]).exp()
+                                let e = sj - lse[r];
+                                (if e > 0.0 { 0.0 } else { e }).exp()
                             };
                             let vo = ((bi * hk + kh) * t + j) * dv;
                             let dp: f64 = (0..dv).map(|c| dy[r * dv + c] * v[vo + c]).sum();
