@@ -231,45 +231,51 @@ pub fn emit_executable(
     module.verify().map_err(|e| llvm("main", e))?;
     optimize(&module, &machine)?;
 
-    let link = |msg: String| KernelError::Link(msg);
     let obj = tmp.with_extension("o");
     let written = machine
-        .write_to_file(&module, FileType::Object, &obj)
-        .map_err(|e| llvm("object", e));
-    if let Err(e) = written {
+        .write_to_memory_buffer(&module, FileType::Object)
+        .map_err(|e| llvm("object", e))?;
+    std::fs::write(&obj, written.as_slice()).map_err(|e| {
         let _ = std::fs::remove_file(&obj);
-        return Err(e);
-    }
+        KernelError::Link(format!("cannot write {}: {e}", obj.display()))
+    })?;
+    // The executable goes through the runtime's one output writer: linked into a temporary
+    // file beside `out` (or a link's target), then renamed into place.
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
-    let output = Command::new(&cc)
-        .arg("-o")
-        .arg(&tmp)
-        .arg(&obj)
-        .args(&objects.paths)
-        .arg(runtime_lib)
-        .args(["-Wl,--gc-sections", "-Wl,--strip-debug"])
-        .args(NATIVE_LIBS)
-        .output();
+    let linked = memc_runtime::weights::write_atomically_with(out, |tmp| {
+        let output = Command::new(&cc)
+            .arg("-o")
+            .arg(tmp)
+            .arg(&obj)
+            .args(&objects.paths)
+            .arg(runtime_lib)
+            .args(["-Wl,--gc-sections", "-Wl,--strip-debug"])
+            .args(NATIVE_LIBS)
+            .output()
+            .map_err(|e| {
+                std::io::Error::other(format!(
+                    "cannot run the C compiler driver `{cc}` to link the executable: {e} (install gcc or clang, or set CC)"
+                ))
+            })?;
+        if output.status.success() {
+            return Ok(());
+        }
+        // The line that says why: a full disk first (the driver's own summary, `collect2:
+        // error: ld returned 1 exit status`, would hide it), then the first error.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let line = |pat: &[&str]| stderr.lines().find(|l| pat.iter().any(|p| l.contains(p)));
+        let why = line(&["No space left", "Disk quota"])
+            .or_else(|| line(&["final link failed", "cannot open output file"]))
+            .or_else(|| line(&["error", "undefined"]))
+            .unwrap_or(stderr.lines().next().unwrap_or("no output"));
+        Err(std::io::Error::other(format!(
+            "`{cc}` failed to link the executable: {why}"
+        )))
+    });
     let _ = std::fs::remove_file(&obj);
     let cached_kernels = objects.cached;
     drop(objects);
-    let output = output.map_err(|e| {
-        link(format!(
-            "cannot run the C compiler driver `{cc}` to link the executable: {e} (install gcc or clang, or set CC)"
-        ))
-    })?;
-    if !output.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let first = stderr
-            .lines()
-            .find(|l| l.contains("error") || l.contains("undefined"))
-            .unwrap_or(stderr.lines().next().unwrap_or("no output"));
-        return Err(link(format!(
-            "`{cc}` failed to link the executable: {first}"
-        )));
-    }
-    std::fs::rename(&tmp, out).map_err(|e| link(format!("cannot write {}: {e}", out.display())))?;
+    linked.map_err(|e| KernelError::Link(e.to_string()))?;
     let exe_bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     Ok(Emitted {
         exe_bytes,

@@ -370,7 +370,7 @@ pub fn import(path: &Path, opts: &ImportOptions) -> Result<Graph, ImportError> {
 pub fn import_bytes(data: &[u8], opts: &ImportOptions) -> Result<Graph, ImportError> {
     let path = Path::new("<memory>");
     let model = load::decode(path, bytes::Bytes::copy_from_slice(data))?;
-    import_impl(path, &model, opts, None)
+    import_impl(path, &model, opts, load::ExternalData::none())
 }
 
 /// Imports an already decoded model (see [`load_model`]); external data is looked up next to
@@ -380,15 +380,14 @@ pub fn import_model(
     model: &proto::ModelProto,
     opts: &ImportOptions,
 ) -> Result<Graph, ImportError> {
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    import_impl(path, model, opts, Some(dir))
+    import_impl(path, model, opts, load::ExternalData::beside(path))
 }
 
 fn import_impl(
     path: &Path,
     model: &proto::ModelProto,
     opts: &ImportOptions,
-    ext_dir: Option<PathBuf>,
+    mut ext: load::ExternalData,
 ) -> Result<Graph, ImportError> {
     let p = || path.to_path_buf();
     let malformed = |msg: &str| ImportError::Malformed {
@@ -435,7 +434,6 @@ fn import_impl(
     // PyTorch's layout (a folded transpose is undone and the graph transposes the parameter);
     // everything else is a constant and folds (`provenance` says which is which).
     let prov = provenance::provenance(graph);
-    let mut ext = load::ExternalData::new(ext_dir);
     let mut params: HashMap<String, ValueId> = HashMap::new();
     for init in &graph.initializer {
         let name = init.name().to_string();
@@ -543,6 +541,15 @@ fn import_impl(
                 err(format!("input `{name}` is not produced by any earlier node, initializer or graph input (the graph is not topologically sorted or is truncated)"))
             })?;
             inputs.push(Some(v));
+        }
+        if let Some(name) = node
+            .output
+            .iter()
+            .find(|n| !n.is_empty() && ctx.env.contains_key(*n))
+        {
+            return Err(err(format!(
+                "output `{name}` is already defined by an earlier node, an initializer or a graph input (ONNX graphs assign each name once)"
+            )));
         }
         let outs = ops::convert(&mut ctx, node, &inputs).map_err(err)?;
         for (name, v) in node.output.iter().zip(outs) {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
 use memc_ir::{DType, Tensor, TensorType};
@@ -53,15 +53,74 @@ pub(crate) fn decode(path: &Path, bytes: Bytes) -> Result<ModelProto, ImportErro
 pub(crate) struct ExternalData {
     /// Where data files are looked up; `None` for in-memory models, which may not have any.
     dir: Option<PathBuf>,
+    /// The directories a data file may resolve into: the model's directory and, when the
+    /// model file is a symbolic link (a Hugging Face cache), the directory of its target.
+    roots: Vec<PathBuf>,
     files: HashMap<String, Bytes>,
 }
 
 impl ExternalData {
-    pub(crate) fn new(dir: Option<PathBuf>) -> ExternalData {
+    /// External data of an in-memory model: none may be read.
+    pub(crate) fn none() -> ExternalData {
         ExternalData {
-            dir,
+            dir: None,
+            roots: vec![],
             files: HashMap::new(),
         }
+    }
+
+    /// External data of the model file at `model`: files in its directory only.
+    pub(crate) fn beside(model: &Path) -> ExternalData {
+        let dir = model.parent().map(Path::to_path_buf).unwrap_or_default();
+        let roots = [
+            dir.canonicalize().ok(),
+            model
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        ExternalData {
+            dir: Some(dir),
+            roots,
+            files: HashMap::new(),
+        }
+    }
+
+    /// The file `location` names, which must stay inside the model's directory and be a
+    /// regular file: a model file is untrusted input, and must not make memc read what the
+    /// user did not give it (onnx's checker and onnxruntime refuse the same locations).
+    fn resolve(&self, dir: &Path, location: &str) -> Result<PathBuf, String> {
+        let rel = Path::new(location);
+        let plain = rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if location.is_empty() || !plain {
+            return Err(format!(
+                "its external data location `{location}` is not a relative path inside the model's directory (absolute paths and `..` are refused)"
+            ));
+        }
+        let path = dir.join(rel);
+        let real = path.canonicalize().map_err(|e| {
+            format!(
+                "cannot read its external data file `{}` ({e}); keep the data file next to the model",
+                path.display()
+            )
+        })?;
+        if !self.roots.iter().any(|r| real.starts_with(r)) {
+            return Err(format!(
+                "its external data location `{location}` resolves to `{}`, outside the model's directory",
+                real.display()
+            ));
+        }
+        if !std::fs::metadata(&real).is_ok_and(|m| m.is_file()) {
+            return Err(format!(
+                "its external data location `{location}` is not a regular file"
+            ));
+        }
+        Ok(real)
     }
 
     fn slice(
@@ -75,7 +134,7 @@ impl ExternalData {
                 .dir
                 .as_ref()
                 .ok_or("it uses external data, which an in-memory model cannot have")?;
-            let path = dir.join(location);
+            let path = self.resolve(dir, location)?;
             let data = map_file(&path).map_err(|e| {
                 format!("cannot read its external data file `{}` ({e}); keep the data file next to the model", path.display())
             })?;
@@ -142,6 +201,14 @@ pub(crate) fn tensor(t: &TensorProto, ext: &mut ExternalData) -> Result<Tensor, 
                 Err(format!("has {got} values for a tensor of type {ty}"))
             }
         };
+        // The values are counted before anything is allocated: dims are untrusted, and a
+        // tensor of 2^40 elements with no data must be an error, not a 4 TiB allocation.
+        count(match ty.dtype {
+            DType::F64 => t.double_data.len(),
+            DType::F32 => t.float_data.len(),
+            DType::I64 => t.int64_data.len(),
+            _ => t.int32_data.len(),
+        })?;
         let mut out = Vec::with_capacity(ty.bytes());
         match ty.dtype {
             DType::F64 => {

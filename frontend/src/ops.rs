@@ -288,7 +288,7 @@ pub(crate) fn convert(ctx: &mut Ctx, node: &NodeProto, inputs: &[Option<Val>]) -
         "ConstantOfShape" => {
             let dims = const_ints(&n.input(0)?, "the shape")?;
             let value = match n.attr("value").and_then(|a| a.t.as_ref()) {
-                Some(t) => load::tensor(t, &mut super::load::ExternalData::new(None))?,
+                Some(t) => load::tensor(t, &mut super::load::ExternalData::none())?,
                 None => Tensor::from_f32(DType::F32, vec![1], &[0.0]),
             };
             if value.numel() != 1 {
@@ -604,7 +604,7 @@ fn constant(n: &N) -> Res<Tensor> {
     match a.name() {
         "value" => load::tensor(
             a.t.as_ref().ok_or("`value` holds no tensor")?,
-            &mut load::ExternalData::new(None),
+            &mut load::ExternalData::none(),
         ),
         "value_float" => Ok(Tensor::from_f32(DType::F32, vec![], &[a.f()])),
         "value_floats" => Ok(Tensor::from_f32(

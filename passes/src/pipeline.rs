@@ -495,12 +495,35 @@ fn interleaved(p: usize, m: usize, i: usize) -> Vec<Pass> {
 
 /// List scheduling (see the module docs); `forwards_first` ranks a ready forward above a
 /// ready backward (V-Half's alternative to its building blocks).
+///
+/// Event-driven, `O(n log n)` in the number of passes: each device keeps its ready passes
+/// ordered by urgency (the forwards that admit a microbatch apart: the memory limit blocks all
+/// of them or none), a pass becomes ready when its last dependency ends, and time jumps from
+/// one pass's end to the next.
 fn list_schedule(
     kind: ScheduleKind,
     stages: usize,
     microbatches: usize,
     forwards_first: bool,
 ) -> Result<Schedule, ScheduleError> {
+    use std::cmp::Reverse;
+    use std::collections::{BTreeSet, BinaryHeap};
+
+    /// A time, ordered for the heap (times are finite sums of unit costs).
+    #[derive(Clone, Copy, PartialEq)]
+    struct Time(f64);
+    impl Eq for Time {}
+    impl Ord for Time {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            self.0.total_cmp(&other.0)
+        }
+    }
+    impl PartialOrd for Time {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+
     let mut s = Schedule {
         kind,
         stages,
@@ -509,124 +532,165 @@ fn list_schedule(
     };
     let chunks = s.chunks();
     let unit = 1.0 / kind.chunks_per_device() as f64;
-    let kinds: &[Kind] = if kind.split_backward() {
-        &[Kind::F, Kind::B, Kind::W]
-    } else {
-        &[Kind::F, Kind::B]
+    let split = kind.split_backward();
+    let total = if split { 3 } else { 2 } * chunks * microbatches;
+    // Each device's first chunk: its forward admits a microbatch to the device.
+    let mut first = vec![usize::MAX; stages];
+    for c in (0..chunks).rev() {
+        first[s.device_of(c)] = c;
+    }
+    // Backwards first (the deepest chunk first), then forwards (the earliest microbatch, the
+    // later chunk first so microbatches in flight finish), then deferred weight gradients;
+    // GPipe runs forwards first. The rank tells the kinds apart, so every key is unique.
+    let rank = |k: Kind| match (k, kind) {
+        (Kind::F, ScheduleKind::Gpipe) => 0u8,
+        (Kind::B, ScheduleKind::Gpipe) => 1,
+        (Kind::F, _) if forwards_first => 0,
+        (Kind::B, _) if forwards_first => 1,
+        (Kind::B, _) => 0,
+        (Kind::F, _) => 1,
+        (Kind::W, _) => 2,
     };
-    let total = kinds.len() * chunks * microbatches;
+    type Key = (u8, usize, usize, Kind);
+    let key = |p: Pass| -> Key { (rank(p.kind), p.mb, chunks - p.chunk, p.kind) };
+    let pass_of = |k: &Key| Pass {
+        kind: k.3,
+        chunk: chunks - k.2,
+        mb: k.1,
+    };
+    // Ready passes per device; the forwards that admit a microbatch apart.
+    let mut ready: Vec<BTreeSet<Key>> = vec![BTreeSet::new(); stages];
+    let mut admit: Vec<BTreeSet<Key>> = vec![BTreeSet::new(); stages];
+    let mut queued = vec![false; 3 * chunks * microbatches];
     let mut done_at = vec![f64::INFINITY; 3 * chunks * microbatches];
-    let mut scheduled = vec![false; 3 * chunks * microbatches];
     let mut free_at = vec![0.0f64; stages];
     // Memory held or reserved per device: a microbatch admitted on a device (its forward of
     // the device's first chunk) reserves what all its chunks there will hold, so a forward
     // already under way always finishes (no deadlock on the limit).
     let mut memory = vec![0.0f64; stages];
-    let per_device = kind.chunks_per_device() as f64 * 1.0;
-    // Memory releases pending: (time, device, amount).
-    let mut releases: Vec<(f64, usize, f64)> = vec![];
-    let mut count = 0;
+    let per_device = kind.chunks_per_device() as f64;
+    // Passes' ends, and memory releases (time, device).
+    let mut ends: BinaryHeap<Reverse<(Time, Kind, usize, usize)>> = BinaryHeap::new();
+    let mut releases: BinaryHeap<Reverse<(Time, usize)>> = BinaryHeap::new();
+    // Each device's order, the schedule's once complete.
+    let mut orders: Vec<Vec<Pass>> = vec![vec![]; stages];
+    let mut enqueue = |p: Pass, ready: &mut [BTreeSet<Key>], admit: &mut [BTreeSet<Key>]| {
+        if !std::mem::replace(&mut queued[slot(&s, p)], true) {
+            let d = s.device_of(p.chunk);
+            if p.kind == Kind::F && p.chunk == first[d] {
+                admit[d].insert(key(p));
+            } else {
+                ready[d].insert(key(p));
+            }
+        }
+    };
+    for mb in 0..microbatches {
+        let p = Pass {
+            kind: Kind::F,
+            chunk: 0,
+            mb,
+        };
+        enqueue(p, &mut ready, &mut admit);
+    }
+    let last = chunks - 1;
     let unit_costs = Costs::default();
+    let mut count = 0;
     let mut now = 0.0f64;
     while count < total {
-        releases.retain(|&(t, d, m)| {
-            if t <= now {
-                memory[d] -= m;
-                false
-            } else {
-                true
+        while let Some(&Reverse((Time(t), d))) = releases.peek() {
+            if t > now {
+                break;
             }
-        });
+            releases.pop();
+            memory[d] -= unit;
+        }
+        // A pass that has ended makes each dependent whose dependencies have all ended ready.
+        while let Some(&Reverse((Time(t), kind, chunk, mb))) = ends.peek() {
+            if t > now {
+                break;
+            }
+            ends.pop();
+            let p = Pass { kind, chunk, mb };
+            let dependents: Vec<Pass> = match kind {
+                Kind::F => {
+                    let mut v = vec![];
+                    if chunk < last {
+                        v.push(Pass {
+                            chunk: chunk + 1,
+                            ..p
+                        });
+                    }
+                    v.push(Pass { kind: Kind::B, ..p });
+                    v
+                }
+                Kind::B => {
+                    let mut v = vec![];
+                    if chunk > 0 {
+                        v.push(Pass {
+                            chunk: chunk - 1,
+                            ..p
+                        });
+                    }
+                    if split {
+                        v.push(Pass { kind: Kind::W, ..p });
+                    }
+                    v
+                }
+                Kind::W => vec![],
+            };
+            for q in dependents {
+                if deps(&s, q).iter().all(|r| done_at[slot(&s, *r)] <= now) {
+                    enqueue(q, &mut ready, &mut admit);
+                }
+            }
+        }
         let mut progressed = false;
         for d in 0..stages {
             if free_at[d] > now {
                 continue;
             }
-            let limit = kind.limit(d, stages);
-            // Candidates on this device, most urgent first.
-            let mut best: Option<(u8, usize, usize, Pass)> = None;
-            for c in (0..chunks).filter(|&c| s.device_of(c) == d) {
-                for mb in 0..microbatches {
-                    for &k in kinds {
-                        let p = Pass {
-                            kind: k,
-                            chunk: c,
-                            mb,
-                        };
-                        if scheduled[slot(&s, p)]
-                            || !deps(&s, p).iter().all(|q| done_at[slot(&s, *q)] <= now)
-                        {
-                            continue;
-                        }
-                        let first = (0..chunks).find(|&x| s.device_of(x) == d) == Some(c);
-                        if k == Kind::F && first {
-                            if let Some(l) = limit {
-                                if memory[d] + per_device * unit > l + 1e-9 {
-                                    continue;
-                                }
-                            }
-                        }
-                        // Backwards first (the deepest chunk first), then forwards (the
-                        // earliest microbatch, the later chunk first so microbatches in flight
-                        // finish), then deferred weight gradients; GPipe runs forwards first.
-                        let rank = match (k, kind) {
-                            (Kind::F, ScheduleKind::Gpipe) => 0,
-                            (Kind::B, ScheduleKind::Gpipe) => 1,
-                            (Kind::F, _) if forwards_first => 0,
-                            (Kind::B, _) if forwards_first => 1,
-                            (Kind::B, _) => 0,
-                            (Kind::F, _) => 1,
-                            (Kind::W, _) => 2,
-                        };
-                        let key = (rank, mb, chunks - c, p);
-                        let better = match &best {
-                            None => true,
-                            Some(b) => (key.0, key.1, key.2) < (b.0, b.1, b.2),
-                        };
-                        if better {
-                            best = Some(key);
-                        }
-                    }
-                }
-            }
-            if let Some((_, _, _, p)) = best {
-                let end = now + cost(&s, &unit_costs, p.kind);
-                scheduled[slot(&s, p)] = true;
-                done_at[slot(&s, p)] = end;
-                free_at[d] = end;
-                s.devices[d].push(p);
-                count += 1;
-                progressed = true;
-                let first = (0..chunks).find(|&x| s.device_of(x) == d) == Some(p.chunk);
-                match p.kind {
-                    Kind::F if first => memory[d] += per_device * unit,
-                    Kind::F => {}
-                    Kind::B if !kind.split_backward() => releases.push((end, d, unit)),
-                    Kind::W => releases.push((end, d, unit)),
-                    Kind::B => {}
-                }
+            let fits = match kind.limit(d, stages) {
+                Some(l) => memory[d] + per_device * unit <= l + 1e-9,
+                None => true,
+            };
+            let best = match (ready[d].first(), admit[d].first().filter(|_| fits)) {
+                (Some(a), Some(b)) => Some(*a.min(b)),
+                (a, b) => a.or(b).copied(),
+            };
+            let Some(k) = best else {
+                continue;
+            };
+            ready[d].remove(&k);
+            admit[d].remove(&k);
+            let p = pass_of(&k);
+            let end = now + cost(&s, &unit_costs, p.kind);
+            done_at[slot(&s, p)] = end;
+            free_at[d] = end;
+            orders[d].push(p);
+            ends.push(Reverse((Time(end), p.kind, p.chunk, p.mb)));
+            count += 1;
+            progressed = true;
+            match p.kind {
+                Kind::F if p.chunk == first[d] => memory[d] += per_device * unit,
+                Kind::B if !split => releases.push(Reverse((Time(end), d))),
+                Kind::W => releases.push(Reverse((Time(end), d))),
+                _ => {}
             }
         }
-        // Advance to the next event.
-        let next = free_at
-            .iter()
-            .copied()
-            .chain(done_at.iter().copied())
-            .chain(releases.iter().map(|r| r.0))
-            .filter(|&t| t > now && t.is_finite())
-            .fold(f64::INFINITY, f64::min);
-        if next.is_infinite() {
-            if !progressed && count < total {
+        // Advance to the next pass's end (releases happen at ends too).
+        match ends.peek() {
+            Some(&Reverse((Time(t), ..))) => now = now.max(t),
+            None if !progressed && count < total => {
                 return Err(ScheduleError::Deadlock {
                     schedule: kind.name(),
                     stages,
                     microbatches,
                 });
             }
-            continue;
+            None => {}
         }
-        now = next;
     }
+    s.devices = orders;
     check(&s)?;
     Ok(s)
 }

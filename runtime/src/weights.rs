@@ -46,6 +46,13 @@ pub fn map_files(paths: &[std::path::PathBuf]) -> Result<Vec<(String, memmap2::M
                 path: path.display().to_string(),
                 source,
             };
+            // Opening a FIFO would wait for a writer: weights are regular files.
+            if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+                return Err(RunError::Weights {
+                    path: path.display().to_string(),
+                    msg: "not a regular file".into(),
+                });
+            }
             let f = std::fs::File::open(path).map_err(io)?;
             // SAFETY: the mapping is read-only and private; memc replaces weight and checkpoint
             // files by renaming a new file into place, never by writing into a file a reader maps.
@@ -581,11 +588,36 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<std::path::PathBuf>, RunError
         .as_object()
         .ok_or_else(|| bad("no `weight_map` object".into()))?;
     let dir = i.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<_> = map
-        .values()
-        .filter_map(|x| x.as_str())
-        .map(|x| dir.join(x))
-        .collect();
+    // The index is untrusted input: the shards it names must be files of its own directory
+    // (or, for an index that is a symbolic link as in a Hugging Face cache, of its target's).
+    let roots: Vec<std::path::PathBuf> = [
+        dir.canonicalize().ok(),
+        i.canonicalize()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut files = vec![];
+    for name in map.values() {
+        let name = name
+            .as_str()
+            .ok_or_else(|| bad(format!("`weight_map` holds {name}, not a file name")))?;
+        let plain = Path::new(name)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        let file = dir.join(name);
+        let inside = file
+            .canonicalize()
+            .is_ok_and(|real| roots.iter().any(|r| real.starts_with(r)));
+        if name.is_empty() || !plain || (file.exists() && !inside) {
+            return Err(bad(format!(
+                "`weight_map` names `{name}`, which is not a file beside the index"
+            )));
+        }
+        files.push(file);
+    }
     files.sort();
     files.dedup();
     Ok(files)

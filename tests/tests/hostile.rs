@@ -426,6 +426,22 @@ fn output_paths_that_are_links_and_fifos_are_written_through() {
         .is_symlink());
     let text = std::fs::read_to_string(&target).unwrap();
     assert!(text.contains("peak_bytes"), "{text}");
+    // An executable onto a link: linked into a temporary beside the target, renamed there.
+    let exe_target = dir.join("real-exe");
+    std::fs::write(&exe_target, "old").unwrap();
+    let exe_link = dir.join("exe-link");
+    let _ = std::fs::remove_file(&exe_link);
+    std::os::unix::fs::symlink(&exe_target, &exe_link).unwrap();
+    ok(memc()
+        .arg("compile")
+        .arg(&llama)
+        .args(["--shape", "input_ids=2x16", "-o"])
+        .arg(&exe_link));
+    assert!(std::fs::symlink_metadata(&exe_link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    ok(Command::new(&exe_link).arg("info"));
     // A FIFO: written directly (a temporary file and a rename would replace it).
     let fifo = dir.join("fifo");
     let _ = std::fs::remove_file(&fifo);
@@ -674,5 +690,218 @@ fn field_mutations_never_panic_the_importer() {
         panics.is_empty(),
         "the importer panicked on:\n{}",
         panics.join("\n")
+    );
+}
+
+/// `examples/hostile/` (made by `scripts/hostile-models.py`, with what onnx's checker and
+/// onnxruntime did with each file in `expected.json`): memc refuses every file either of them
+/// refuses, each for its own reason, without reading outside the model's directory. Then what
+/// the script cannot commit: a symbolic link out of the directory and a FIFO as external data,
+/// and a sharded checkpoint index naming files outside its directory.
+#[test]
+fn model_files_are_refused_where_onnx_and_onnxruntime_refuse_them() {
+    let dir = root().join("examples/hostile");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let why = std::collections::HashMap::from([
+        (
+            "external-parent",
+            "is not a relative path inside the model's directory",
+        ),
+        (
+            "external-absolute",
+            "is not a relative path inside the model's directory",
+        ),
+        (
+            "external-past-end",
+            "the data file is truncated or belongs to another model",
+        ),
+        ("raw-data-short", "needs 4194304 bytes but has 16"),
+        ("negative-dim", "negative dim -4"),
+        ("huge-no-data", "initializer `x`"),
+        ("split-num-outputs", "num_outputs = -1"),
+        ("concat-ranks", "operand 1 has rank 1, operand 0 has rank 0"),
+        ("transpose-perm", "is not a permutation"),
+        ("reshape-two-unknowns", "invalid target shape [-1, -1]"),
+        ("attribute-type", "axis"),
+        (
+            "undefined-operand",
+            "input `nowhere` is not produced by any earlier node",
+        ),
+        ("defined-twice", "output `y` is already defined"),
+        ("opset-99", "default-domain opset 99"),
+        ("gather-constant-index", "index 7 is out of range"),
+    ]);
+    let cases = expected["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), why.len(), "a reason for every case");
+    for (name, outcome) in cases {
+        let refused = ["onnx_checker", "onnxruntime"]
+            .iter()
+            .any(|tool| outcome[tool]["refused"] == true);
+        assert!(
+            refused,
+            "{name}: neither tool refuses it; it is not a hostile case"
+        );
+        let path = dir.join(format!("{name}.onnx"));
+        let err = memc_onnx::import(&path, &Default::default())
+            .map(|_| ())
+            .expect_err(name)
+            .to_string();
+        assert!(err.contains(why[name.as_str()]), "{name}: {err}");
+    }
+
+    // A symbolic link in the model's directory to a file outside it, and a FIFO.
+    let work = scratch("hostile-links");
+    let m = memc_onnx::load_model(&dir.join("external-past-end.onnx")).unwrap();
+    let with_location = |location: &str| {
+        let mut m = m.clone();
+        let t = &mut m.graph.as_mut().unwrap().initializer[0];
+        for kv in &mut t.external_data {
+            match kv.key() {
+                "location" => kv.value = Some(location.into()),
+                "offset" => kv.value = Some("0".into()),
+                _ => {}
+            }
+        }
+        m
+    };
+    std::os::unix::fs::symlink(model("llama-dynamo.onnx"), work.join("link.bin")).unwrap();
+    let err = memc_onnx::import_model(
+        &work.join("m.onnx"),
+        &with_location("link.bin"),
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("outside the model's directory"), "{err}");
+    let fifo = work.join("fifo.bin");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let err = memc_onnx::import_model(
+        &work.join("m.onnx"),
+        &with_location("fifo.bin"),
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("is not a regular file"), "{err}");
+    // A file inside the directory reached through a link inside it is fine.
+    std::fs::copy(dir.join("hostile-data.bin"), work.join("data.bin")).unwrap();
+    std::os::unix::fs::symlink(work.join("data.bin"), work.join("alias.bin")).unwrap();
+    memc_onnx::import_model(
+        &work.join("m.onnx"),
+        &with_location("alias.bin"),
+        &Default::default(),
+    )
+    .unwrap();
+
+    // A sharded checkpoint's index naming shards outside its directory.
+    for (shard, needle) in [
+        (
+            "../llama-dynamo.onnx",
+            "which is not a file beside the index",
+        ),
+        ("/etc/hostname", "which is not a file beside the index"),
+        ("link.bin", "which is not a file beside the index"),
+    ] {
+        let index = work.join("model.safetensors.index.json");
+        std::fs::write(
+            &index,
+            serde_json::json!({"weight_map": {"w": shard}}).to_string(),
+        )
+        .unwrap();
+        let err = memc_runtime::weights::checkpoint_files(&index)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{shard}: {err}");
+    }
+}
+
+/// A bounded byte-level mutation run over the fuzz target's seeds (`fuzz/seeds/`, the
+/// regression inputs of every crash the fuzzer found included), in every CI run: each seed as
+/// it is, then mutants (bit flips, extreme bytes, truncations, insertions, duplicated ranges)
+/// through `memc_onnx::import_bytes`, the fuzz target's entry (protobuf decoding, initializer
+/// loading, shape binding, every op converter, folding, verification). Every input gives a
+/// graph or an error, never a panic.
+#[test]
+fn byte_mutations_never_panic_the_loader() {
+    let seeds = root().join("fuzz/seeds");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&seeds)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 9, "{} seeds", files.len());
+    assert!(files.iter().any(|f| f
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("regress-")));
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let opts = memc_onnx::ImportOptions {
+        shapes: std::collections::HashMap::from([("input_ids".to_string(), vec![1, 8])]),
+    };
+    // `MEMC_MUTANTS=N` runs N per seed (longer local runs); CI runs 150.
+    let rounds: usize = std::env::var("MEMC_MUTANTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(150);
+    let mut panics = vec![];
+    let mut runs = 0;
+    for file in &files {
+        let seed = std::fs::read(file).unwrap();
+        for round in 0..rounds {
+            let mut m = seed.clone();
+            let what = if round == 0 {
+                "as it is".to_string()
+            } else {
+                let at = (next() as usize) % m.len().max(1);
+                match next() % 5 {
+                    0 => {
+                        m[at] ^= 1 << (next() % 8);
+                        format!("bit flip at {at}")
+                    }
+                    1 => {
+                        m[at] = [0x00, 0xff, 0x7f, 0x80][(next() % 4) as usize];
+                        format!("extreme byte at {at}")
+                    }
+                    2 => {
+                        m.truncate(at);
+                        format!("truncated at {at}")
+                    }
+                    3 => {
+                        let bytes: Vec<u8> = (0..1 + next() % 8).map(|_| next() as u8).collect();
+                        m.splice(at..at, bytes);
+                        format!("bytes inserted at {at}")
+                    }
+                    _ => {
+                        let len = ((next() as usize) % 64).min(m.len() - at);
+                        let chunk = m[at..at + len].to_vec();
+                        m.splice(at..at, chunk);
+                        format!("{len} bytes at {at} repeated")
+                    }
+                }
+            };
+            runs += 1;
+            let r = std::panic::catch_unwind(|| memc_onnx::import_bytes(&m, &opts).map(|_| ()));
+            if r.is_err() {
+                panics.push(format!("{}: {what}", file.display()));
+            }
+        }
+    }
+    assert!(
+        panics.is_empty(),
+        "{} of {runs} inputs panicked: {panics:#?}",
+        panics.len()
     );
 }
