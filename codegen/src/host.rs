@@ -168,9 +168,12 @@ impl HostProgram {
                     // The host runs the split form where there is one (a row range argument,
                     // `crate::threads`); the GPU mapping reads the kernel as generated.
                     let split = crate::threads::split_form(&mlir, &name);
+                    // Buffers, the index flag of a gather, the row range of a split kernel.
+                    let n = args.len()
+                        + usize::from(!k.elementwise && crate::ops::takes_index_flag(&node.op));
                     pending.push(match &split {
-                        Some((host, _)) => (name, host.clone(), args.len() + 1),
-                        None => (name, mlir.clone(), args.len()),
+                        Some((host, _)) => (name, host.clone(), n + 1),
+                        None => (name, mlir.clone(), n),
                     });
                     kernel_mlir.push(mlir);
                     ranges.push(split.map(|(_, rows)| rows));
@@ -184,12 +187,15 @@ impl HostProgram {
                     .map(|&v| written(v, k, &name))
                     .collect::<Result<_, _>>()?,
             );
+            let index_check = (!k.elementwise && crate::ops::takes_index_flag(&node.op))
+                .then(|| what(g, k, node.outputs[0]));
             steps.push(Step::Kernel {
                 kernel,
                 args,
                 label,
                 native,
                 range: ranges[kernel as usize],
+                index_check,
             });
         }
         // The distinct kernels lowered through MLIR to LLVM IR, on every core.

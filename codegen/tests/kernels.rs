@@ -386,6 +386,35 @@ fn max_reductions_keep_nans() {
     }
 }
 
+/// Runs the kernel of `g`'s one node on `args`: its result (of type `ty`, `bytes` long) and,
+/// for a gather, the index flag it leaves.
+fn run_op(g: &Graph, args: &[Tensor], ty: &TensorType, bytes: usize) -> (Tensor, [i64; 4]) {
+    let node = g.producer(g.outputs()[0].1).unwrap();
+    let flagged = memc_codegen::ops::takes_index_flag(&g.node(node).op);
+    let mlir = memc_codegen::ops::op_mlir(g, node, "k").unwrap();
+    let n = args.len() + 1 + usize::from(flagged);
+    let l = lower(&mlir, "k", n).unwrap_or_else(|e| panic!("{e}\n{mlir}"));
+    let mut bufs: Vec<Vec<u8>> = args.iter().map(|t| t.bytes().to_vec()).collect();
+    bufs.push(vec![0u8; bytes]);
+    if flagged {
+        bufs.push(vec![0u8; 32]);
+    }
+    with_host_jit(&[("k".to_string(), l.llvm_ir)], |call| {
+        let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        call("k", &ptrs);
+    })
+    .unwrap();
+    let mut flag = [0i64; 4];
+    if flagged {
+        let f = bufs.pop().unwrap();
+        for (k, c) in f.chunks_exact(8).enumerate() {
+            flag[k] = i64::from_le_bytes(c.try_into().unwrap());
+        }
+    }
+    let got = Tensor::from_bytes(ty.clone(), bufs.pop().unwrap().into()).unwrap();
+    (got, flag)
+}
+
 /// A single-op graph's generated kernel (`ops::op_mlir`) on random inputs (and `extra`
 /// constants) against the interpreter.
 fn check_op(op: Op, inputs: &[TensorType], tol: f64, fixed: &[(usize, Tensor)]) {
@@ -407,17 +436,8 @@ fn check_op(op: Op, inputs: &[TensorType], tol: f64, fixed: &[(usize, Tensor)]) 
     g.add_output("y", y);
     let refs: Vec<&Tensor> = args.iter().collect();
     let want = memc_ir::eval_op(&op, &refs).unwrap();
-    let node = g.producer(y).unwrap();
-    let mlir = memc_codegen::ops::op_mlir(&g, node, "k").unwrap();
-    let l = lower(&mlir, "k", ins.len() + 1).unwrap_or_else(|e| panic!("{e}\n{mlir}"));
-    let mut bufs: Vec<Vec<u8>> = args.iter().map(|t| t.bytes().to_vec()).collect();
-    bufs.push(vec![0u8; want.bytes().len()]);
-    with_host_jit(&[("k".to_string(), l.llvm_ir)], |call| {
-        let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
-        call("k", &ptrs);
-    })
-    .unwrap();
-    let got = Tensor::from_bytes(want.ty().clone(), bufs.pop().unwrap().into()).unwrap();
+    let (got, flag) = run_op(&g, &args, want.ty(), want.bytes().len());
+    assert_eq!(flag, [0; 4], "{}: the index flag is set", op.name());
     for (i, (x, y)) in got.to_f64_vec().iter().zip(want.to_f64_vec()).enumerate() {
         assert!(
             *x == y || (x.is_nan() && y.is_nan()) || (x - y).abs() <= tol * (1.0 + y.abs()),
@@ -427,7 +447,7 @@ fn check_op(op: Op, inputs: &[TensorType], tol: f64, fixed: &[(usize, Tensor)]) 
     }
     // The cpu backend's own implementation, where the runtime has one (tiled attention).
     if let Some(memc_runtime::program::Native::Attention(spec)) =
-        memc_codegen::host::native(&g, g.node(node))
+        memc_codegen::host::native(&g, g.node(g.producer(y).unwrap()))
     {
         let bytes: Vec<u64> = args
             .iter()
@@ -898,5 +918,64 @@ fn attention_grad_at_huge_scores_stays_finite() {
                 .map(|(i, t)| (i, (*t).clone()))
                 .collect::<Vec<_>>(),
         );
+    }
+}
+
+/// The gathers' kernels against the interpreter, negative indices included, and with an index
+/// out of range: the interpreter refuses it, the kernel clamps it (no access outside its
+/// buffers) and reports it in the index flag (hit, index, axis, size), which the runtime turns
+/// into the same refusal.
+#[test]
+fn gathers_report_indices_out_of_range() {
+    let table = Tensor::from_f64(
+        DType::F32,
+        vec![5, 3],
+        &(0..15).map(|i| i as f64 * 0.5 - 2.0).collect::<Vec<_>>(),
+    );
+    let ty = |d, s: &[usize]| TensorType::new(d, s.to_vec());
+    let idx = |d, s: &[usize], v: &[i64]| Tensor::from_i64(d, s.to_vec(), v);
+    let cases = [
+        (
+            Op::Gather { axis: 0 },
+            idx(DType::I64, &[2, 2], &[0, 4, -1, 2]),
+            idx(DType::I64, &[2, 2], &[0, 5, -1, 2]),
+            [1, 5, 0, 5],
+        ),
+        (
+            Op::Gather { axis: 1 },
+            idx(DType::I32, &[2], &[2, -3]),
+            idx(DType::I32, &[2], &[2, -4]),
+            [1, -4, 1, 3],
+        ),
+        (
+            Op::GatherElements { axis: 0 },
+            idx(DType::I64, &[2, 3], &[0, 1, 4, -5, 3, 2]),
+            idx(DType::I64, &[2, 3], &[0, 1, 4, 7, 3, 2]),
+            [1, 7, 0, 5],
+        ),
+        (
+            Op::GatherNd,
+            idx(DType::I64, &[2, 2], &[4, 2, -5, 0]),
+            idx(DType::I64, &[2, 2], &[4, 3, 0, 0]),
+            [1, 3, 1, 3],
+        ),
+    ];
+    for (op, good, bad, flag) in cases {
+        let ity = good.ty().clone();
+        check_op(
+            op.clone(),
+            &[ty(DType::F32, &[5, 3]), ity],
+            0.0,
+            &[(0, table.clone()), (1, good.clone())],
+        );
+        let err = memc_ir::eval_op(&op, &[&table, &bad]).unwrap_err();
+        assert!(err.contains("out of range"), "{}: {err}", op.name());
+        let want = memc_ir::eval_op(&op, &[&table, &good]).unwrap();
+        let mut g = Graph::new();
+        let ins = [g.add_const(table.clone()), g.add_const(bad.clone())];
+        let y = g.add_node(op.clone(), &ins, "").unwrap()[0];
+        g.add_output("y", y);
+        let (_, got) = run_op(&g, &[table.clone(), bad], want.ty(), want.bytes().len());
+        assert_eq!(got, flag, "{}", op.name());
     }
 }

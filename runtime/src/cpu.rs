@@ -159,6 +159,39 @@ pub struct Cpu {
     profile: Option<HashMap<String, (f64, usize)>>,
     /// What each step writes, checked for NaNs after it when set ([`check_nan`]).
     check: Option<Vec<Vec<Written>>>,
+    /// The index flag the gathers' kernels take.
+    flag: IndexFlag,
+    /// The steps that take it (in order) and the op each runs, for messages.
+    index_checks: Vec<(usize, String)>,
+}
+
+/// Four `i64`s a gather's kernel sets when it meets an out-of-range index: hit, the index,
+/// the axis, the axis's size. Heap-allocated, so its address is fixed for the kernels.
+struct IndexFlag(*mut [i64; 4]);
+
+impl IndexFlag {
+    fn new() -> IndexFlag {
+        IndexFlag(Box::into_raw(Box::new([0; 4])))
+    }
+
+    /// Takes what a kernel reported, clearing it.
+    fn take(&self) -> Option<[i64; 4]> {
+        // SAFETY: the allocation lives as long as `self`; no kernel runs during the call.
+        unsafe {
+            let v = self.0.read_volatile();
+            (v[0] != 0).then(|| {
+                self.0.write_volatile([0; 4]);
+                v
+            })
+        }
+    }
+}
+
+impl Drop for IndexFlag {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `Box::into_raw` in `new`, freed once.
+        drop(unsafe { Box::from_raw(self.0) })
+    }
 }
 
 /// Whether `MEMC_CHECK_NAN` is set (to anything but `0`): compiled programs then check every
@@ -183,9 +216,9 @@ impl Cpu {
     ///
     /// Each `kernels[i]` must be the entry point memc generated for `program.kernels[i]` of
     /// this program (in the uniform `void kernel(void **buffers)` ABI): [`Cpu::run`] calls it
-    /// with its step's buffers (and, for a step with a row `range`, a pointer to `[lo, hi]`
-    /// after them: the kernel then touches only those rows), and it must read and write only
-    /// those.
+    /// with its step's buffers (then, for a step with an `index_check`, a pointer to the four
+    /// `i64`s of the index flag; and for a step with a row `range`, a pointer to `[lo, hi]`:
+    /// the kernel then touches only those rows), and it must read and write only those.
     pub unsafe fn new(program: Checked<'_>, kernels: &[KernelFn]) -> Cpu {
         assert_eq!(
             kernels.len(),
@@ -198,6 +231,8 @@ impl Cpu {
             arena.set(&c.slot, &program.blob[at..at + c.slot.bytes() as usize]);
         }
         let by_shape = shapes();
+        let flag = IndexFlag::new();
+        let mut index_checks = vec![];
         let mut steps = Vec::with_capacity(program.steps.len());
         let mut labels = Vec::with_capacity(program.steps.len());
         for step in &program.steps {
@@ -220,8 +255,13 @@ impl Cpu {
                     label,
                     native: None,
                     range,
+                    index_check,
                 } => {
-                    let ptrs = args.iter().map(|b| arena.buffer(b)).collect();
+                    let mut ptrs: Vec<*mut u8> = args.iter().map(|b| arena.buffer(b)).collect();
+                    if let Some(what) = index_check {
+                        ptrs.push(flag.0.cast());
+                        index_checks.push((steps.len(), what.clone()));
+                    }
                     let f = kernels[*kernel as usize];
                     if by_shape {
                         let bytes: u64 = args.iter().map(|b| b.bytes).sum();
@@ -275,6 +315,8 @@ impl Cpu {
             labels,
             profile: std::env::var_os("MEMC_PROFILE").map(|_| HashMap::new()),
             check: (check_nan() && !program.results.is_empty()).then(|| program.results.clone()),
+            flag,
+            index_checks,
         }
     }
 
@@ -291,6 +333,8 @@ impl Cpu {
     /// Runs every step once. With [`check_nan`] set, the first step whose result holds a NaN
     /// stops the run (the steps before it have run).
     pub fn run(&mut self) -> Result<(), crate::RunError> {
+        self.flag.take();
+        let mut next_check = 0;
         for (n, step) in self.steps.iter().enumerate() {
             let t0 = self.profile.is_some().then(Instant::now);
             match step {
@@ -340,6 +384,18 @@ impl Cpu {
                 let e = p.entry(self.labels[n].clone()).or_insert((0.0, 0));
                 e.0 += t0.elapsed().as_secs_f64() * 1e3;
                 e.1 += 1;
+            }
+            if self.index_checks.get(next_check).is_some_and(|c| c.0 == n) {
+                let what = &self.index_checks[next_check].1;
+                next_check += 1;
+                if let Some([_, index, axis, size]) = self.flag.take() {
+                    return Err(crate::RunError::IndexOutOfRange {
+                        what: what.clone(),
+                        index,
+                        axis,
+                        size,
+                    });
+                }
             }
             if let Some(check) = &self.check {
                 for w in &check[n] {

@@ -84,6 +84,10 @@ pub struct Cuda {
     /// With `MEMC_CHECK_NAN` ([`crate::cpu::check_nan`]), what each of `steps` writes: a
     /// program step's results after its last launch.
     check: Option<Vec<Vec<Written>>>,
+    /// The gathers' index flag (four `i64`s, its own allocation: the arena stays the plan's
+    /// size), and for each of `steps` the op whose kernel sets it (after its last launch).
+    flag: u64,
+    index_checks: Vec<Option<String>>,
 }
 
 /// The GEMM calls of `out = a @ b` (NumPy semantics, batch dims broadcast): one
@@ -156,6 +160,10 @@ impl Cuda {
         // SAFETY: `base` holds `bytes` bytes.
         unsafe { cu::memset_d8_async(base, 0, bytes as usize, stream.cu_stream()) }
             .map_err(|e| err("zeroing the arena", e))?;
+        // SAFETY: plain allocation in the current context.
+        let flag =
+            unsafe { cu::malloc_sync(32) }.map_err(|e| err("allocating the index flag", e))?;
+        let mut index_checks: Vec<Option<String>> = Vec::with_capacity(program.steps.len());
         let mut functions: HashMap<String, cu_sys::CUfunction> = HashMap::new();
         let mut steps = Vec::with_capacity(program.steps.len());
         let mut labels = Vec::with_capacity(program.steps.len());
@@ -167,6 +175,7 @@ impl Cuda {
                     kernel,
                     args,
                     label,
+                    index_check,
                     ..
                 } => {
                     for l in &device.launches[*kernel as usize] {
@@ -188,14 +197,22 @@ impl Cuda {
                             l.block,
                             l.args
                                 .iter()
-                                .map(|&i| base + args[i as usize].offset)
+                                .map(|&i| match args.get(i as usize) {
+                                    Some(b) => base + b.offset,
+                                    // The index flag, after the buffers (validated).
+                                    None => flag,
+                                })
                                 .collect(),
                         ));
                         labels.push(label.clone());
                         checks.push(vec![]);
+                        index_checks.push(None);
                     }
                     if let Some(last) = checks.last_mut() {
                         *last = written;
+                    }
+                    if let Some(last) = index_checks.last_mut() {
+                        last.clone_from(index_check);
                     }
                 }
                 Step::Gemm {
@@ -217,6 +234,7 @@ impl Cuda {
                     )));
                     labels.push("matmul".into());
                     checks.push(written);
+                    index_checks.push(None);
                 }
             }
         }
@@ -230,6 +248,8 @@ impl Cuda {
             labels,
             profile: std::env::var_os("MEMC_PROFILE").map(|_| HashMap::new()),
             check: crate::cpu::check_nan().then_some(checks),
+            flag,
+            index_checks,
         };
         for c in &program.consts {
             let at = c.blob_offset as usize;
@@ -356,9 +376,14 @@ impl Backend for Cuda {
             profile,
             check,
             base,
+            flag,
+            index_checks,
             ..
         } = self;
         let cu_stream = stream.cu_stream();
+        // SAFETY: `flag` holds 32 bytes.
+        unsafe { cu::memset_d8_async(*flag, 0, 32, cu_stream) }
+            .map_err(|e| err("clearing the index flag", e))?;
         for (n, step) in steps.iter_mut().enumerate() {
             let t0 = profile.is_some().then(Instant::now);
             match step {
@@ -385,6 +410,25 @@ impl Backend for Cuda {
                 let e = p.entry(labels[n].clone()).or_insert((0.0, 0));
                 e.0 += t0.elapsed().as_secs_f64() * 1e3;
                 e.1 += 1;
+            }
+            if let Some(what) = &index_checks[n] {
+                let mut host = [0u8; 32];
+                // SAFETY: `flag` holds 32 bytes.
+                unsafe { cu::memcpy_dtoh_async(&mut host[..], *flag, cu_stream) }
+                    .map_err(|e| err("reading the index flag", e))?;
+                stream.synchronize().map_err(|e| err("synchronize", e))?;
+                let v: Vec<i64> = host
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                if v[0] != 0 {
+                    return Err(RunError::IndexOutOfRange {
+                        what: what.clone(),
+                        index: v[1],
+                        axis: v[2],
+                        size: v[3],
+                    });
+                }
             }
             for w in check.as_ref().map_or(&[][..], |c| &c[n][..]) {
                 let mut host = vec![0u8; w.buf.bytes as usize];
@@ -428,6 +472,8 @@ impl Drop for Cuda {
         let _ = self.stream.synchronize();
         // SAFETY: allocated in `new`; no work is pending.
         let _ = unsafe { cu::free_sync(self.base) };
+        // SAFETY: as above.
+        let _ = unsafe { cu::free_sync(self.flag) };
     }
 }
 

@@ -107,6 +107,19 @@ pub enum RunError {
         /// ` at [i, j, ..]`, or empty.
         at: String,
     },
+    /// A gather's kernel met an index out of range (one computed in the graph: inputs are
+    /// checked before the step).
+    #[error("{what}: index {index} is out of range for dim {axis} of size {size}")]
+    IndexOutOfRange {
+        /// The op ([`program::Step::Kernel`]'s `index_check`).
+        what: String,
+        /// The index.
+        index: i64,
+        /// The indexed dim.
+        axis: i64,
+        /// Its size.
+        size: i64,
+    },
     /// Training diverged.
     #[error("{model}: step {step}: {msg}")]
     Diverged {

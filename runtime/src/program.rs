@@ -211,6 +211,11 @@ pub enum Step {
         /// `0..range` across threads. `None`: the kernel runs whole, on one thread.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         range: Option<u64>,
+        /// A gather's kernel: it takes the runtime's index flag (four `i64`s: hit, index,
+        /// axis, size) after its buffers, set when an index was out of range; the op, for the
+        /// message (``node #24 `gather` ``).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        index_check: Option<String>,
     },
     /// `out = a @ b` (NumPy matmul semantics) on the CPU GEMM library.
     Gemm {
@@ -803,9 +808,17 @@ impl Program {
                 return bad("the device code does not cover every kernel".into());
             }
             for step in &self.steps {
-                if let Step::Kernel { kernel, args, .. } = step {
+                if let Step::Kernel {
+                    kernel,
+                    args,
+                    index_check,
+                    ..
+                } = step
+                {
                     for l in &d.launches[*kernel as usize] {
-                        if l.args.iter().any(|&a| a as usize >= args.len()) {
+                        // The index flag comes after the buffers.
+                        let n = args.len() + usize::from(index_check.is_some());
+                        if l.args.iter().any(|&a| a as usize >= n) {
                             return bad(format!(
                                 "launch of `{}` names a missing buffer",
                                 l.function
@@ -926,6 +939,7 @@ mod tests {
                     label: "fused elementwise".into(),
                     native: None,
                     range: None,
+                    index_check: None,
                 },
                 Step::Gemm {
                     dtype: Dtype::F32,

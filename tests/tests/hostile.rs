@@ -115,6 +115,39 @@ fn hostile_commands_give_one_clear_error() {
         ])
         .args(["--shape", "attention_mask=2x16", "-o"])
         .arg(&bert_exe));
+    // RoBERTa computes its position ids in the graph (a cumulative sum over the tokens that
+    // are not padding): 80 tokens run past its 66-row position table, which no up-front
+    // check of the inputs sees; the gathers' kernels report it.
+    let roberta = root().join("examples/zoo/roberta-eager-dynamo.onnx");
+    let roberta_shapes = [
+        "--shape",
+        "input_ids=1x80",
+        "--shape",
+        "attention_mask=1x80",
+    ];
+    let roberta_ids = ids_file(&dir.join("roberta-ids.npy"), &[1, 80], &[5; 80]);
+    let roberta_mask = ids_file(&dir.join("roberta-mask.npy"), &[1, 80], &[1; 80]);
+    let roberta_inputs = [
+        format!("input_ids={}", roberta_ids.display()),
+        format!("attention_mask={}", roberta_mask.display()),
+    ];
+    let roberta_exe = dir.join("roberta-infer");
+    ok(memc()
+        .arg("compile")
+        .arg(&roberta)
+        .args(roberta_shapes)
+        .arg("-o")
+        .arg(&roberta_exe));
+    let roberta_eval = |backend: &str| {
+        let mut c = memc();
+        c.arg("eval").arg(&roberta).args(roberta_shapes);
+        for i in &roberta_inputs {
+            c.arg("--input").arg(i);
+        }
+        c.args(["--backend", backend, "--out"])
+            .arg(dir.join(format!("ro-{backend}")));
+        c
+    };
     let sgd_dir = dir.join("sgd-ckpt");
     ok(Command::new(&sgd_exe)
         .arg("train")
@@ -151,6 +184,30 @@ fn hostile_commands_give_one_clear_error() {
         c
     };
     let cases: Vec<(&str, Command, &str)> = vec![
+        // Indices computed in the graph, out of range: every backend refuses.
+        (
+            "RoBERTa at 80 positions of 66, reference",
+            roberta_eval("ref"),
+            "`gather`: index 66 is out of range for dim 0 of size 66",
+        ),
+        (
+            "RoBERTa at 80 positions of 66, cpu backend",
+            roberta_eval("cpu"),
+            "is out of range for dim",
+        ),
+        (
+            "RoBERTa at 80 positions of 66, executable",
+            {
+                let mut c = Command::new(&roberta_exe);
+                c.arg("infer");
+                for i in &roberta_inputs {
+                    c.arg("--input").arg(i);
+                }
+                c.arg("--out").arg(dir.join("ro-exe"));
+                c
+            },
+            "is out of range for dim",
+        ),
         // Non-finite values: every backend stops at the same step (the reference at the
         // first node whose result holds a NaN; compiled programs at a NaN loss or a
         // non-finite weight after the update, or, with MEMC_CHECK_NAN=1, at the first kernel

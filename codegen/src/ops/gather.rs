@@ -29,7 +29,7 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
                 &ivs[*axis..*axis + ishape.len()],
                 &ishape,
                 idt,
-                xshape[*axis],
+                (*axis, xshape[*axis]),
             );
             let mut idx: Vec<String> = ivs[..*axis].to_vec();
             idx.push(k);
@@ -40,7 +40,7 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
         Op::GatherElements { axis } => {
             let (ishape, idt) = tys[1].clone();
             let ivs = f.parallel(&oshape);
-            let k = f.index_operand(1, &ivs, &ishape, idt, xshape[*axis]);
+            let k = f.index_operand(1, &ivs, &ishape, idt, (*axis, xshape[*axis]));
             let mut idx = ivs.clone();
             idx[*axis] = k;
             f.copy((0, &idx, &xshape, xdt), (out, &ivs, &oshape, odt));
@@ -56,7 +56,7 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
                 let kk = f.index(k);
                 let mut ii: Vec<String> = ivs[..lead].to_vec();
                 ii.push(kk);
-                idx.push(f.index_operand(1, &ii, &ishape, idt, dim));
+                idx.push(f.index_operand(1, &ii, &ishape, idt, (k, dim)));
             }
             idx.extend_from_slice(&ivs[lead..]);
             f.copy((0, &idx, &xshape, xdt), (out, &ivs, &oshape, odt));
@@ -75,7 +75,7 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
             };
             scatter_loops(f, &xshape, &seq, &mut |f, ivs| {
                 let idx = if elements {
-                    let k = f.index_operand(1, ivs, &ishape, idt, oshape[*axis]);
+                    let k = f.index_operand(1, ivs, &ishape, idt, (*axis, oshape[*axis]));
                     let mut idx = ivs.to_vec();
                     idx[*axis] = k;
                     idx
@@ -85,7 +85,7 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
                         &ivs[*axis..*axis + ishape.len()],
                         &ishape,
                         idt,
-                        oshape[*axis],
+                        (*axis, oshape[*axis]),
                     );
                     let mut idx: Vec<String> = ivs[..*axis].to_vec();
                     idx.push(k);
@@ -107,7 +107,7 @@ pub(super) fn emit(f: &mut F, cx: &Cx) -> Result<(), KernelError> {
                     let kk = f.index(k);
                     let mut ii: Vec<String> = ivs[..lead].to_vec();
                     ii.push(kk);
-                    idx.push(f.index_operand(1, &ii, &ishape, idt, dim));
+                    idx.push(f.index_operand(1, &ii, &ishape, idt, (k, dim)));
                 }
                 idx.extend_from_slice(&ivs[lead..]);
                 accumulate(f, ivs, &idx, &xshape, xdt, out, &oshape, odt);

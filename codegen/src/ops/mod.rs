@@ -4,7 +4,9 @@
 //! `scf.parallel` over independent result elements and `scf.for` where a value accumulates.
 //! Floating-point math runs in f32 (f64 for f64 tensors); bf16 is widened on load and rounded
 //! on store. Index operands are clamped into range, so a bad index cannot touch memory outside
-//! a buffer (the runtime validates user-supplied indices before a step).
+//! a buffer; a gather's kernel also reports an index outside its range (as the interpreter
+//! refuses it) through a last argument of four `i64`s ([`INDEX_FLAG`]) that the runtime reads
+//! after the step, so an index computed in the graph cannot give a silently wrong result.
 //!
 //! The kernels are split by op family, one file each, with the same families as shape inference
 //! and the interpreter (`memc_ir`) and the VJPs (`memc_passes::autodiff`): `layout`, `gather`,
@@ -44,6 +46,21 @@ struct F {
     text: String,
     next: usize,
     indent: usize,
+    /// The argument of the index flag ([`INDEX_FLAG`]), in a gather's kernel.
+    flag: Option<usize>,
+}
+
+/// The index flag a gather's kernel takes after its buffers: `[hit, index, axis, size]`, the
+/// first out-of-range index it met (any one of them when several threads meet one), `hit` 1.
+pub const INDEX_FLAG: &str = "memref<4xi64>";
+
+/// Whether `op`'s kernel takes the index flag: the gathers (their scatter transposes run on
+/// indices the forward pass checked).
+pub fn takes_index_flag(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Gather { .. } | Op::GatherElements { .. } | Op::GatherNd
+    )
 }
 
 impl F {
@@ -175,14 +192,16 @@ impl F {
         ));
     }
 
-    /// An index operand read from `arg[idx]`, made non-negative and clamped into `0..dim`.
+    /// An index operand read from `arg[idx]`, made non-negative and clamped into `0..dim` (dim
+    /// `axis` of the indexed operand); with the index flag, one outside `-dim..dim` is also
+    /// reported there.
     fn index_operand(
         &mut self,
         arg: usize,
         idx: &[String],
         shape: &[usize],
         d: DType,
-        dim: usize,
+        (axis, dim): (usize, usize),
     ) -> String {
         let raw = self.v(&format!(
             "memref.load %a{arg}[{}] : {}",
@@ -190,6 +209,29 @@ impl F {
             memref(shape, d)
         ));
         let ty = storage(d);
+        if let Some(flag) = self.flag {
+            let lo = self.v(&format!("arith.constant -{dim} : {ty}"));
+            let hi = self.v(&format!("arith.constant {dim} : {ty}"));
+            let below = self.v(&format!("arith.cmpi slt, {raw}, {lo} : {ty}"));
+            let above = self.v(&format!("arith.cmpi sge, {raw}, {hi} : {ty}"));
+            let bad = self.v(&format!("arith.ori {below}, {above} : i1"));
+            self.line(&format!("scf.if {bad} {{"));
+            self.indent += 1;
+            let wide = if ty == "i64" {
+                raw.clone()
+            } else {
+                self.v(&format!("arith.extsi {raw} : {ty} to i64"))
+            };
+            let one = self.v("arith.constant 1 : i64");
+            let ax = self.v(&format!("arith.constant {axis} : i64"));
+            let size = self.v(&format!("arith.constant {dim} : i64"));
+            for (k, v) in [one, wide, ax, size].iter().enumerate() {
+                let at = self.index(k);
+                self.line(&format!("memref.store {v}, %a{flag}[{at}] : {INDEX_FLAG}"));
+            }
+            self.indent -= 1;
+            self.line("}");
+        }
         let zero = self.v(&format!("arith.constant 0 : {ty}"));
         let n = self.v(&format!("arith.constant {dim} : {ty}"));
         let last = self.v(&format!("arith.constant {} : {ty}", dim.saturating_sub(1)));
@@ -282,15 +324,20 @@ pub fn op_mlir(g: &Graph, n: NodeId, name: &str) -> Result<String, KernelError> 
     let out = node.inputs.len();
     let (oshape, odt) = tys[out].clone();
     let (xshape, xdt) = tys[0].clone();
-    let params: Vec<String> = tys
+    let mut params: Vec<String> = tys
         .iter()
         .enumerate()
         .map(|(i, (s, d))| format!("%a{i}: {}", memref(s, *d)))
         .collect();
+    let flag = takes_index_flag(&node.op).then_some(tys.len());
+    if let Some(a) = flag {
+        params.push(format!("%a{a}: {INDEX_FLAG}"));
+    }
     let mut f = F {
         text: String::new(),
         next: 0,
         indent: 1,
+        flag,
     };
     f.line("%c0 = arith.constant 0 : index");
     f.line("%c1 = arith.constant 1 : index");
