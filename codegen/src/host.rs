@@ -169,8 +169,11 @@ impl HostProgram {
                     // `crate::threads`); the GPU mapping reads the kernel as generated.
                     let split = crate::threads::split_form(&mlir, &name);
                     // Buffers, the index flag of a gather, the row range of a split kernel.
-                    let n = args.len()
-                        + usize::from(!k.elementwise && crate::ops::takes_index_flag(&node.op));
+                    let n = if k.elementwise {
+                        args.len()
+                    } else {
+                        crate::ops::kernel_args(g, k.nodes[0])
+                    };
                     pending.push(match &split {
                         Some((host, _)) => (name, host.clone(), n + 1),
                         None => (name, mlir.clone(), n),

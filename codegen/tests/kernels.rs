@@ -392,7 +392,7 @@ fn run_op(g: &Graph, args: &[Tensor], ty: &TensorType, bytes: usize) -> (Tensor,
     let node = g.producer(g.outputs()[0].1).unwrap();
     let flagged = memc_codegen::ops::takes_index_flag(&g.node(node).op);
     let mlir = memc_codegen::ops::op_mlir(g, node, "k").unwrap();
-    let n = args.len() + 1 + usize::from(flagged);
+    let n = memc_codegen::ops::kernel_args(g, node);
     let l = lower(&mlir, "k", n).unwrap_or_else(|e| panic!("{e}\n{mlir}"));
     let mut bufs: Vec<Vec<u8>> = args.iter().map(|t| t.bytes().to_vec()).collect();
     bufs.push(vec![0u8; bytes]);

@@ -964,7 +964,7 @@ fn emit_kernels(g: &Graph, llvm: bool) -> Result<()> {
         } else {
             (
                 ops::op_mlir(&ordered, k.nodes[0], &name)?,
-                node.inputs.len() + node.outputs.len(),
+                ops::kernel_args(&ordered, k.nodes[0]),
                 format!("`{}`", node.op.name()),
             )
         };

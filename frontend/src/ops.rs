@@ -710,8 +710,9 @@ fn cumsum_of_mask(
     }
     let len = ty.shape[a];
     if len > CUMSUM_MAX_LEN {
+        let gb = (len as f64).powi(2) * 4.0 / 1e9;
         return Err(format!(
-            "a run-time CumSum along an axis of {len} (more than {CUMSUM_MAX_LEN}) is not supported"
+            "a run-time CumSum along an axis of {len}: memc computes it as a product with a {len}×{len} triangle ({gb:.0} GB), so it takes at most {CUMSUM_MAX_LEN}; bind a shorter sequence with --shape"
         ));
     }
     let rank = ty.shape.len();

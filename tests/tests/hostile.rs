@@ -338,6 +338,17 @@ fn hostile_commands_give_one_clear_error() {
             },
             "outside the 64 rows of `model.transformer.wpe.weight`",
         ),
+        (
+            "GPT-2 at 100000 × 100000 tokens: the mask's run-time CumSum, said why",
+            {
+                let mut c = memc();
+                c.arg("compile")
+                    .arg(model("gpt2-dynamo.onnx"))
+                    .args(["--shape", "input_ids=100000x100000"]);
+                c
+            },
+            "100000×100000 triangle (40 GB), so it takes at most 8192",
+        ),
         // Nonsense values.
         (
             "negative learning rate",

@@ -95,7 +95,12 @@ fn kernels_of_training_programs_match_the_interpreter() {
             let callee = match seen.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let l = lower(&mlir, &name, ins.len() + outs.len())
+                    let n = if k.elementwise {
+                        ins.len() + outs.len()
+                    } else {
+                        memc_codegen::ops::kernel_args(&g, k.nodes[0])
+                    };
+                    let l = lower(&mlir, &name, n)
                         .unwrap_or_else(|e| panic!("{}: {e}\n{mlir}", ex.name));
                     lowered.push((name.clone(), l.llvm_ir));
                     seen.insert(key, name.clone());
@@ -122,8 +127,16 @@ fn kernels_of_training_programs_match_the_interpreter() {
                     for &v in outs {
                         bufs.push(vec![0u8; g.value(v).ty.bytes()]);
                     }
-                    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+                    // A gather's index flag, which must stay clear.
+                    let flagged = !k.elementwise
+                        && memc_codegen::ops::takes_index_flag(&g.node(k.nodes[0]).op);
+                    let mut flag = [0i64; 4];
+                    let mut ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+                    if flagged {
+                        ptrs.push(flag.as_mut_ptr().cast());
+                    }
                     call(&entry[n], &ptrs);
+                    assert_eq!(flag, [0; 4], "{}: kernel {n} reports an index", ex.name);
                     for (j, &v) in outs.iter().enumerate() {
                         // An update's result is stored through its target's operand (they
                         // share a buffer in programs; here they are apart).

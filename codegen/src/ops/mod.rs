@@ -63,6 +63,13 @@ pub fn takes_index_flag(op: &Op) -> bool {
     )
 }
 
+/// The arguments of node `n`'s kernel ([`op_mlir`]): its operands, its results, and the index
+/// flag of a gather.
+pub fn kernel_args(g: &Graph, n: NodeId) -> usize {
+    let node = g.node(n);
+    node.inputs.len() + node.outputs.len() + usize::from(takes_index_flag(&node.op))
+}
+
 impl F {
     fn line(&mut self, s: &str) {
         let _ = writeln!(self.text, "{}{s}", "  ".repeat(self.indent));
