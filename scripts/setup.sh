@@ -14,7 +14,8 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-APT_PACKAGES=(llvm-19-dev libmlir-19-dev mlir-19-tools libclang-19-dev libpolly-19-dev zlib1g-dev libzstd-dev pkg-config)
+# openmpi-bin: mpirun and libmpi.so.40, which pipelined runs across processes load at run time.
+APT_PACKAGES=(llvm-19-dev libmlir-19-dev mlir-19-tools libclang-19-dev libpolly-19-dev zlib1g-dev libzstd-dev pkg-config openmpi-bin)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

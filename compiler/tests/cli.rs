@@ -1472,6 +1472,23 @@ fn pipelined_training_across_processes_matches_one_process() {
                 "{schedule}: {multi:?} vs {one:?}"
             );
         }
+        // The same two ranks launched by mpirun, over MPI.
+        let o = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-n", "2"])
+            .arg(env!("CARGO_BIN_EXE_memc"))
+            .args(&base)
+            .output()
+            .expect("mpirun is missing: run scripts/setup.sh (it installs Open MPI)");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let lines = lines_json(&String::from_utf8_lossy(&o.stdout));
+        let mpi: Vec<f64> = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
+        assert_eq!(mpi.len(), 3, "rank 0 prints the losses: {lines:?}");
+        for (a, b) in mpi.iter().zip(&one) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs(),
+                "{schedule} under mpirun: {mpi:?} vs {one:?}"
+            );
+        }
     }
     // A rank that stops early (1 step of 3): the other fails at once, naming it.
     let model = root().join("examples/models/depth/llama-L4.onnx");

@@ -22,6 +22,7 @@ pub mod finite;
 pub mod gemm;
 pub mod gpu;
 pub mod mesh;
+pub mod mpi;
 pub mod npy;
 pub mod pipeline;
 pub mod pool;

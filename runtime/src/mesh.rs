@@ -20,23 +20,51 @@ use crate::RunError;
 /// The key of the message a failing rank sends instead of a value.
 const ABORT: u64 = u64::MAX;
 
-/// The torchrun environment of this process, if launched as one rank of several.
+/// How the ranks of a pipelined step exchange named buffers: the TCP [`Mesh`] or MPI
+/// ([`crate::mpi::Mpi`]).
+pub trait Transport: Send + Sync {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn world(&self) -> usize;
+    /// Sends `bytes`, named `name`, of microbatch `mb` of step `step`, to rank `to`.
+    fn send(&self, to: usize, step: u64, mb: u32, name: &str, bytes: &[u8])
+        -> Result<(), RunError>;
+    /// Waits for `name` of microbatch `mb` of step `step` from rank `from`, and takes it.
+    fn recv(&self, from: usize, step: u64, mb: u32, name: &str) -> Result<Vec<u8>, RunError>;
+    /// Tells the other ranks that this one failed; best effort.
+    fn abort(&self);
+}
+
+/// The launch environment of this process, if launched as one rank of several: by an MPI
+/// launcher (`mpirun`), or with torchrun's variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankEnv {
-    /// `RANK`.
+    /// `RANK` (`OMPI_COMM_WORLD_RANK` under mpirun).
     pub rank: usize,
-    /// `WORLD_SIZE`.
+    /// `WORLD_SIZE` (`OMPI_COMM_WORLD_SIZE`).
     pub world: usize,
     /// `MASTER_ADDR` (default 127.0.0.1).
     pub addr: String,
     /// `MASTER_PORT` (default 29500).
     pub port: u16,
+    /// Launched by MPI: the ranks talk over MPI, not the TCP mesh.
+    pub mpi: bool,
 }
 
 impl RankEnv {
-    /// Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `None` without WORLD_SIZE (or
-    /// with WORLD_SIZE 1).
+    /// Reads Open MPI's rank and size, else RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
+    /// `None` for a single process.
     pub fn from_env() -> Result<Option<RankEnv>, String> {
+        if let Some((rank, world)) = crate::mpi::launched() {
+            return Ok(Some(RankEnv {
+                rank,
+                world,
+                addr: String::new(),
+                port: 0,
+                mpi: true,
+            }));
+        }
         let var = |k: &str| std::env::var(k).ok();
         let Some(world) = var("WORLD_SIZE") else {
             return Ok(None);
@@ -69,6 +97,7 @@ impl RankEnv {
             world,
             addr,
             port,
+            mpi: false,
         }))
     }
 }
@@ -289,6 +318,35 @@ impl Mesh {
     }
 }
 
+impl Transport for Mesh {
+    fn rank(&self) -> usize {
+        Mesh::rank(self)
+    }
+
+    fn world(&self) -> usize {
+        Mesh::world(self)
+    }
+
+    fn send(
+        &self,
+        to: usize,
+        step: u64,
+        mb: u32,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), RunError> {
+        Mesh::send(self, to, step, mb, name, bytes)
+    }
+
+    fn recv(&self, from: usize, step: u64, mb: u32, name: &str) -> Result<Vec<u8>, RunError> {
+        Mesh::recv(self, from, step, mb, name)
+    }
+
+    fn abort(&self) {
+        Mesh::abort(self)
+    }
+}
+
 impl Inbox {
     fn fail(&self) {
         self.failed.store(true, Ordering::SeqCst);
@@ -353,6 +411,7 @@ mod tests {
             world: 3,
             addr: "127.0.0.1".into(),
             port,
+            mpi: false,
         };
         let meshes: Vec<Mesh> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..3)

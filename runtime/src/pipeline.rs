@@ -13,7 +13,8 @@
 //! Then the update program runs once on the averages and the step's scalars, and the new
 //! weights and optimizer state go back to the step's arena.
 //!
-//! With a [`Mesh`] (one process per stage, torchrun's environment) this process runs only
+//! With a [`Transport`] (one process per stage: MPI under `mpirun`, else the TCP [`Mesh`]
+//! with torchrun's environment) this process runs only
 //! its own stage's passes: values read on other stages are sent there, values computed there
 //! are received; after the passes every rank sends the averaged values it computed to the
 //! others, so each runs the late and update programs on the same sums and keeps the same
@@ -25,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crate::cpu::{Arena, Cpu, KernelFn};
-use crate::mesh::Mesh;
+use crate::mesh::{Mesh, Transport};
 use crate::program::{decode, encode};
 use crate::program::{Pipeline, Program, Slot};
 use crate::{Backend, RunError};
@@ -59,7 +60,7 @@ pub struct Pipelined {
     sums_bytes: u64,
     timing: Timings,
     /// The other ranks, when each stage is a process; this process runs stage `mesh.rank()`.
-    mesh: Option<Mesh>,
+    mesh: Option<Box<dyn Transport>>,
     /// Steps run (keys the messages of a step).
     steps: u64,
     /// The stage computing each exchanged or averaged value (outputs of passes).
@@ -93,7 +94,7 @@ impl Pipelined {
     pub unsafe fn with_mesh(
         program: &Program,
         kernels: &[KernelFn],
-        mesh: Mesh,
+        mesh: Box<dyn Transport>,
     ) -> Result<Pipelined, RunError> {
         // SAFETY: the caller's contract.
         unsafe { Pipelined::on_cpu(program, kernels, Some(mesh)) }
@@ -105,7 +106,7 @@ impl Pipelined {
     unsafe fn on_cpu(
         program: &Program,
         kernels: &[KernelFn],
-        mesh: Option<Mesh>,
+        mesh: Option<Box<dyn Transport>>,
     ) -> Result<Pipelined, RunError> {
         let mut make = |_: &str, p: &Program| -> Result<PassBackend, RunError> {
             // SAFETY: every pass's kernels index the step program's table, whose entries the
@@ -121,27 +122,33 @@ impl Pipelined {
     pub fn with_backends(
         program: &Program,
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
-        mesh: Option<Mesh>,
+        mesh: Option<Box<dyn Transport>>,
     ) -> Result<Pipelined, RunError> {
         Pipelined::build(program, make, mesh)
     }
 
     /// Opens `program`'s pipelined step with `make`'s pass backends: in this process alone,
-    /// or, launched with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    /// MASTER_PORT), as this rank's stage of one process per stage (the world must be the
-    /// program's stage count; the peers are waited for up to two minutes).
+    /// or, launched by `mpirun` (over MPI) or with torchrun's environment (RANK, WORLD_SIZE,
+    /// MASTER_ADDR, MASTER_PORT; over the TCP mesh), as this rank's stage of one process per
+    /// stage (the world must be the program's stage count; mesh peers are waited for up to
+    /// two minutes).
     pub fn open(
         program: &Program,
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
     ) -> Result<Pipelined, RunError> {
         let stages = program.pipeline.as_ref().map_or(0, |p| p.stages);
-        let mesh = match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
-            Some(env) => {
-                check_world(env.world, stages)?;
-                Some(Mesh::connect(&env, std::time::Duration::from_secs(120))?)
-            }
-            None => None,
-        };
+        let mesh: Option<Box<dyn Transport>> =
+            match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
+                Some(env) if env.mpi => Some(Box::new(crate::mpi::Mpi::init(stages as usize)?)),
+                Some(env) => {
+                    check_world(env.world, stages)?;
+                    Some(Box::new(Mesh::connect(
+                        &env,
+                        std::time::Duration::from_secs(120),
+                    )?))
+                }
+                None => None,
+            };
         Pipelined::with_backends(program, make, mesh)
     }
 
@@ -167,13 +174,13 @@ impl Pipelined {
 
     /// This process's rank (0 without a mesh).
     pub fn rank(&self) -> usize {
-        self.mesh.as_ref().map_or(0, Mesh::rank)
+        self.mesh.as_ref().map_or(0, |m| m.rank())
     }
 
     fn build(
         program: &Program,
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
-        mesh: Option<Mesh>,
+        mesh: Option<Box<dyn Transport>>,
     ) -> Result<Pipelined, RunError> {
         let spec = *program
             .pipeline

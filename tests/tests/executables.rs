@@ -852,3 +852,96 @@ fn kernel_cache_reuses_every_kernel_and_changes_nothing() {
         "no temporary objects left beside the executables"
     );
 }
+
+/// `mpirun -n P OUT train ...`: the ranks of a pipelined executable talk over MPI (libmpi
+/// loaded at run time; `scripts/setup.sh` installs Open MPI), rank 0 prints the single-process
+/// losses within 1e-6 (Llama V-Half, GPT-2's tied head under ZB-H1, Llama 1F1B on 3 ranks),
+/// and a job of another size than the stages is one error line.
+#[test]
+fn pipelined_executables_run_under_mpirun() {
+    let mpirun = ["mpirun", "/usr/bin/mpirun"]
+        .into_iter()
+        .find(|m| {
+            Command::new(m)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("mpirun is missing: run scripts/setup.sh (it installs Open MPI)");
+    let dir = scratch("mpirun");
+    let data = dir.join("ids.npy");
+    write_ids(&data, 8, 16);
+    let launch = |n: usize, exe: &Path, steps: &str| {
+        let mut c = Command::new(mpirun);
+        // Root in containers; more ranks than cores; ranks sharing cores yield when idle.
+        c.args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--mca",
+            "mpi_yield_when_idle",
+            "1",
+        ])
+        .args(["-n", &n.to_string()])
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .arg(exe)
+        .args(["train", "--threads", "1", "--data"])
+        .arg(&data)
+        .args(["--steps", steps, "--lr", "1e-2"]);
+        c.output().unwrap()
+    };
+    for (model, schedule, stages) in [
+        ("examples/models/depth/llama-L4.onnx", "v-half", 2usize),
+        ("examples/models/gpt2-dynamo.onnx", "zb-h1", 2),
+        ("examples/models/depth/llama-L4.onnx", "1f1b", 3),
+    ] {
+        let exe = dir.join(format!("{schedule}-{stages}"));
+        let mut cmd = Command::new(bin_dir().join("memc"));
+        cmd.arg("compile")
+            .arg(memc_tests::root().join(model))
+            .args(["--shape", "input_ids=8x16", "--train", "-o"])
+            .arg(&exe)
+            .args([
+                "--pipeline-stages",
+                &stages.to_string(),
+                "--microbatches",
+                "4",
+            ])
+            .args(["--schedule", schedule]);
+        ok(&mut cmd);
+        let want = losses(
+            &ok(Command::new(&exe)
+                .args(["train", "--threads", "1", "--data"])
+                .arg(&data)
+                .args(["--steps", "3", "--lr", "1e-2"]))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect::<Vec<_>>(),
+        );
+        let out = launch(stages, &exe, "3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{model} {schedule}: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Only rank 0 prints (mpirun gathers every rank's standard output).
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{stdout}");
+        assert_eq!(lines[0]["pipeline"]["world_size"], stages);
+        let got = losses(&lines);
+        assert!(
+            max_rel(&got, &want) <= 1e-6,
+            "{model} {schedule}: {got:?} vs {want:?}"
+        );
+    }
+    let out = launch(3, &dir.join("v-half-2"), "1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("the MPI job has 3 ranks, but the program has 2 pipeline stages"),
+        "{stderr}"
+    );
+}
