@@ -39,18 +39,18 @@ struct Lib {
         Handle,
         *mut Handle,
     ) -> c_int,
-    recv: unsafe extern "C" fn(
+    irecv: unsafe extern "C" fn(
         *mut c_void,
         c_int,
         Handle,
         c_int,
         c_int,
         Handle,
-        *mut c_void,
+        *mut Handle,
     ) -> c_int,
+    cancel: unsafe extern "C" fn(*mut Handle) -> c_int,
     waitall: unsafe extern "C" fn(c_int, *mut Handle, *mut c_void) -> c_int,
     test: unsafe extern "C" fn(*mut Handle, *mut c_int, *mut c_void) -> c_int,
-    abort: unsafe extern "C" fn(Handle, c_int) -> c_int,
 }
 
 /// `MPI_THREAD_SERIALIZED` in Open MPI: calls from any thread, one at a time (every call
@@ -78,7 +78,15 @@ pub struct Mpi {
     rank: usize,
     world: usize,
     state: Mutex<State>,
+    /// How long a receive waits for its peer before it names the peer and fails.
+    timeout: std::time::Duration,
+    /// This rank failed: it leaves without finalising (mpirun then ends the other ranks).
+    failed: std::sync::atomic::AtomicBool,
 }
+
+/// How long a rank waits for a peer's message by default (`MEMC_RANK_TIMEOUT`, seconds): a
+/// peer that stopped or hangs is named, never waited on forever.
+pub const DEFAULT_TIMEOUT_S: u64 = 600;
 
 #[derive(Default)]
 struct State {
@@ -134,10 +142,10 @@ impl Lib {
             comm_rank: sym!(b"MPI_Comm_rank\0"),
             comm_size: sym!(b"MPI_Comm_size\0"),
             isend: sym!(b"MPI_Isend\0"),
-            recv: sym!(b"MPI_Recv\0"),
+            irecv: sym!(b"MPI_Irecv\0"),
+            cancel: sym!(b"MPI_Cancel\0"),
             waitall: sym!(b"MPI_Waitall\0"),
             test: sym!(b"MPI_Test\0"),
-            abort: sym!(b"MPI_Abort\0"),
             _lib: lib,
         })
     }
@@ -172,11 +180,25 @@ impl Mpi {
             (lib.comm_rank)(lib.comm_world, &mut rank);
             (lib.comm_size)(lib.comm_world, &mut world);
         }
+        let timeout = match std::env::var("MEMC_RANK_TIMEOUT") {
+            Ok(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|s| *s > 0.0 && s.is_finite())
+                .ok_or_else(|| {
+                    fail(format!(
+                        "MEMC_RANK_TIMEOUT `{v}` is not a positive number of seconds"
+                    ))
+                })?,
+            Err(_) => DEFAULT_TIMEOUT_S as f64,
+        };
         let mpi = Mpi {
             lib,
             rank: rank as usize,
             world: world as usize,
             state: Mutex::new(State::default()),
+            timeout: std::time::Duration::from_secs_f64(timeout),
+            failed: std::sync::atomic::AtomicBool::new(false),
         };
         if mpi.world != expected {
             let e = fail(format!(
@@ -223,23 +245,47 @@ impl Mpi {
         Ok(())
     }
 
-    /// Receives `n` bytes from `from`.
+    /// Receives `n` bytes from `from`, waiting at most the timeout for each part (polling,
+    /// with back-off, so ranks sharing cores do not spin on each other).
     fn recv_bytes(&self, from: usize, n: usize) -> Result<Vec<u8>, RunError> {
         let mut out = vec![0u8; n];
         for part in out.chunks_mut(PART) {
-            // SAFETY: `part` is writable for its length; a null status is MPI_STATUS_IGNORE.
+            let mut req: Handle = std::ptr::null_mut();
+            // SAFETY: `part` stays borrowed until the request completes or is cancelled.
             let rc = unsafe {
-                (self.lib.recv)(
+                (self.lib.irecv)(
                     part.as_mut_ptr().cast(),
                     part.len() as c_int,
                     self.lib.byte,
                     from as c_int,
                     TAG,
                     self.lib.comm_world,
-                    std::ptr::null_mut(),
+                    &mut req,
                 )
             };
-            self.check(rc, "MPI_Recv")?;
+            self.check(rc, "MPI_Irecv")?;
+            let start = std::time::Instant::now();
+            let mut nap = std::time::Duration::from_micros(1);
+            loop {
+                let mut done = 0;
+                // SAFETY: `req` is this receive's request; a null status is ignored.
+                let rc = unsafe { (self.lib.test)(&mut req, &mut done, std::ptr::null_mut()) };
+                self.check(rc, "MPI_Test")?;
+                if done != 0 {
+                    break;
+                }
+                if start.elapsed() > self.timeout {
+                    // SAFETY: a pending receive of this process.
+                    unsafe { (self.lib.cancel)(&mut req) };
+                    return Err(fail(format!(
+                        "rank {}: rank {from} sent nothing for {:.0} s (it stopped, hangs or failed; MEMC_RANK_TIMEOUT sets the wait)",
+                        self.rank,
+                        self.timeout.as_secs_f64()
+                    )));
+                }
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(std::time::Duration::from_millis(1));
+            }
         }
         Ok(out)
     }
@@ -331,14 +377,19 @@ impl Transport for Mpi {
         }
     }
 
+    /// Marks this rank failed. It then exits with its error line and without finalising,
+    /// and the launcher ends the other ranks (MPI_Abort would end this process before its
+    /// error is printed).
     fn abort(&self) {
-        // SAFETY: MPI_Abort on MPI_COMM_WORLD ends every rank of the job.
-        unsafe { (self.lib.abort)(self.lib.comm_world, 2) };
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 impl Drop for Mpi {
     fn drop(&mut self) {
+        if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let mut st = std::mem::take(&mut *self.lock());
         let _ = self.complete(&mut st);
         // SAFETY: every request is complete; no MPI call follows.

@@ -944,4 +944,34 @@ fn pipelined_executables_run_under_mpirun() {
             && stderr.contains("the MPI job has 3 ranks, but the program has 2 pipeline stages"),
         "{stderr}"
     );
+    // A rank that stops sending (rank 1 runs 1 step of 3, then waits to finalise): rank 0
+    // names it once MEMC_RANK_TIMEOUT passes, and the job ends; no hang.
+    let exe = dir.join("v-half-2");
+    let started = std::time::Instant::now();
+    let out = Command::new(mpirun)
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-x",
+            "MEMC_RANK_TIMEOUT",
+        ])
+        .env("MEMC_RANK_TIMEOUT", "3")
+        .args(["-n", "1"])
+        .arg(&exe)
+        .args(["train", "--threads", "1", "--data"])
+        .arg(&data)
+        .args(["--steps", "3", ":", "-n", "1"])
+        .arg(&exe)
+        .args(["train", "--threads", "1", "--data"])
+        .arg(&data)
+        .args(["--steps", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("rank 0: rank 1 sent nothing for 3 s")
+            && started.elapsed() < std::time::Duration::from_secs(60),
+        "{stderr}"
+    );
 }
