@@ -348,6 +348,7 @@ pub fn lower(
         },
         averaged: averaged.iter().map(|a| a.name()).collect(),
         loss: ExchangeKey(loss_v).name(),
+        data_parallel: 1,
     }));
     host.program.validate().map_err(|e| err(model, e))?;
     Ok((host, graphs))

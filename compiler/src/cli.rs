@@ -526,9 +526,10 @@ fn compile(args: CompileArgs) -> Result<()> {
         if args.target != TargetArg::Cpu {
             bail!("{model}: pipelined steps run on the cpu backend for now (--target cpu)");
         }
-        micro_shapes(
+        replica_shapes(
             shapes(&args.model)?,
             args.pipeline.microbatches.unwrap_or(2 * p),
+            args.pipeline.data_parallel,
             &model,
         )?;
     }
@@ -866,7 +867,7 @@ fn emit_pipelined(
     let t0 = Instant::now();
     let stages = args.pipeline.pipeline_stages.expect("checked");
     let m = args.pipeline.microbatches.unwrap_or(2 * stages);
-    let (shapes, rows, _) = micro_shapes(shapes, m, model)?;
+    let (shapes, rows) = replica_shapes(shapes, m, args.pipeline.data_parallel, model)?;
     let mut timer = Timer {
         enabled: false,
         phases: vec![],
@@ -890,6 +891,9 @@ fn emit_pipelined(
         crate::pipe::PassTarget::Cpu,
     )?;
     host.program.checkpoint = params.layout;
+    if let Some(pl) = host.program.pipeline.as_mut() {
+        pl.data_parallel = args.pipeline.data_parallel.unwrap_or(1) as u32;
+    }
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
     let emitted = memc_codegen::link::emit_executable(&host.program, host.lowered(), out, &lib)?;
     let mut weights = out.as_os_str().to_owned();
@@ -909,6 +913,26 @@ fn emit_pipelined(
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// With `--data-parallel D`, one replica's share: the shapes to import the microbatch
+/// program with and the rows of one replica's step (the batch's `1/D`).
+fn replica_shapes(
+    shapes: HashMap<String, Vec<usize>>,
+    m: usize,
+    replicas: Option<usize>,
+    model: &str,
+) -> Result<(HashMap<String, Vec<usize>>, usize)> {
+    let d = replicas.unwrap_or(1);
+    let (shapes, rows, name) = micro_shapes(shapes, m * d, model).map_err(|e| {
+        if d > 1 {
+            anyhow!("--data-parallel {d} × --microbatches {m}: {e}")
+        } else {
+            e
+        }
+    })?;
+    let _ = name;
+    Ok((shapes, rows / d))
 }
 
 /// The token input's shape cut into `m` microbatches of rows: the shapes to import the
@@ -1219,7 +1243,7 @@ fn train_pipelined(
 ) -> Result<()> {
     let stages = args.pipeline.pipeline_stages.expect("checked");
     let m = args.pipeline.microbatches.unwrap_or(2 * stages);
-    let (shapes, rows, _) = micro_shapes(shapes, m, model)?;
+    let (shapes, rows) = replica_shapes(shapes, m, args.pipeline.data_parallel, model)?;
     let (g, _, _, params) = import(
         &args.model,
         shapes,
@@ -1276,6 +1300,9 @@ fn train_pipelined_on(
     let (mut host, graphs) =
         crate::pipe::lower_pipeline(program, schedule, opts, rows, model, target)?;
     host.program.checkpoint = layout.clone();
+    if let Some(pl) = host.program.pipeline.as_mut() {
+        pl.data_parallel = args.pipeline.data_parallel.unwrap_or(1) as u32;
+    }
     if target == PassTarget::Cpu {
         let pl = host.program.pipeline.as_ref().expect("a pipeline");
         eprintln!(

@@ -24,6 +24,11 @@ pub struct PipelineArgs {
     /// gpipe, 1f1b, interleaved, zb-h1, v-min, v-half or v-zb (with --pipeline-stages).
     #[arg(long, value_name = "S", default_value = "1f1b")]
     pub schedule: String,
+    /// Replicas of the pipeline (data parallelism, with --pipeline-stages): each step's batch
+    /// is cut into D slices, one per replica, and the gradients are averaged across them;
+    /// launched as P × D ranks (mpirun -n P·D).
+    #[arg(long, value_name = "D", requires = "pipeline_stages")]
+    pub data_parallel: Option<usize>,
 }
 
 impl PipelineArgs {
@@ -34,6 +39,9 @@ impl PipelineArgs {
         };
         if p == 0 {
             bail!("--pipeline-stages must be at least 1");
+        }
+        if self.data_parallel == Some(0) {
+            bail!("--data-parallel must be at least 1");
         }
         let kind =
             ScheduleKind::parse_named(&self.schedule).map_err(|e| anyhow!("--schedule {e}"))?;

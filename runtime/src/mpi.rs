@@ -153,8 +153,9 @@ impl Lib {
 
 impl Mpi {
     /// Loads libmpi and joins the job: `MPI_Init_thread`, this process's rank and the world
-    /// size, which must be `expected` (the program's stage count).
-    pub fn init(expected: usize) -> Result<Mpi, RunError> {
+    /// size, which must be `stages × replicas` (the program's).
+    pub fn init(stages: usize, replicas: usize) -> Result<Mpi, RunError> {
+        let expected = stages * replicas;
         let lib = Lib::load().map_err(fail)?;
         let (mut done, mut provided) = (0, 0);
         // SAFETY: Open MPI's functions with valid out-pointers; argc/argv may be null.
@@ -201,8 +202,13 @@ impl Mpi {
             failed: std::sync::atomic::AtomicBool::new(false),
         };
         if mpi.world != expected {
+            let layout = if replicas == 1 {
+                format!("{stages} pipeline stages")
+            } else {
+                format!("{stages} pipeline stages × {replicas} data-parallel replicas")
+            };
             let e = fail(format!(
-                "rank {}: the MPI job has {} ranks, but the program has {expected} pipeline stages (launch with mpirun -n {expected})",
+                "rank {}: the MPI job has {} ranks, but the program has {layout} (launch with mpirun -n {expected})",
                 mpi.rank, mpi.world
             ));
             return Err(e);

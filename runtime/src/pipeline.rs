@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crate::cpu::{Arena, Cpu, KernelFn};
-use crate::mesh::{Mesh, Transport};
+use crate::mesh::{Mesh, Replica, Transport};
 use crate::program::{decode, encode};
 use crate::program::{Pipeline, Program, Slot};
 use crate::{Backend, RunError};
@@ -61,6 +61,8 @@ pub struct Pipelined {
     timing: Timings,
     /// The other ranks, when each stage is a process; this process runs stage `mesh.rank()`.
     mesh: Option<Box<dyn Transport>>,
+    /// The other replicas, with data parallelism.
+    dp: Option<DataParallel>,
     /// Steps run (keys the messages of a step).
     steps: u64,
     /// The stage computing each exchanged or averaged value (outputs of passes).
@@ -137,19 +139,50 @@ impl Pipelined {
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
     ) -> Result<Pipelined, RunError> {
         let stages = program.pipeline.as_ref().map_or(0, |p| p.stages);
-        let mesh: Option<Box<dyn Transport>> =
+        let replicas = program.pipeline.as_ref().map_or(1, |p| p.data_parallel);
+        let job: Option<std::sync::Arc<dyn Transport>> =
             match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
-                Some(env) if env.mpi => Some(Box::new(crate::mpi::Mpi::init(stages as usize)?)),
+                Some(env) if env.mpi => Some(std::sync::Arc::new(crate::mpi::Mpi::init(
+                    stages as usize,
+                    replicas as usize,
+                )?)),
                 Some(env) => {
-                    check_world(env.world, stages)?;
-                    Some(Box::new(Mesh::connect(
+                    check_world(env.world, stages, replicas)?;
+                    Some(std::sync::Arc::new(Mesh::connect(
                         &env,
                         std::time::Duration::from_secs(120),
                     )?))
                 }
+                None if replicas > 1 => {
+                    return Err(RunError::Usage(format!(
+                        "{}: compiled for {replicas} data-parallel replicas of {stages} pipeline stages: launch {} ranks (mpirun -n {})",
+                        program.model,
+                        stages * replicas,
+                        stages * replicas
+                    )))
+                }
                 None => None,
             };
-        Pipelined::with_backends(program, make, mesh)
+        let Some(job) = job else {
+            return Pipelined::with_backends(program, make, None);
+        };
+        let p = stages as usize;
+        let replica = job.rank() / p;
+        let view: Box<dyn Transport> = Box::new(Replica {
+            inner: job.clone(),
+            base: replica * p,
+            size: p,
+        });
+        let mut pipe = Pipelined::with_backends(program, make, Some(view))?;
+        if replicas > 1 {
+            pipe.dp = Some(DataParallel {
+                transport: job,
+                replicas: replicas as usize,
+                replica,
+                stages: p,
+            });
+        }
+        Ok(pipe)
     }
 
     /// [`Pipelined::open`] on the cpu backend's generated kernels.
@@ -210,7 +243,7 @@ impl Pipelined {
             })
         };
         if let Some(m) = &mesh {
-            check_world(m.world(), spec.stages)?;
+            check_world(m.world(), spec.stages, 1)?;
         }
         let here = |d: usize| mesh.as_ref().is_none_or(|m| m.rank() == d);
         let mut producer = HashMap::new();
@@ -275,6 +308,7 @@ impl Pipelined {
             held_peak: 0,
             sums_bytes: 0,
             mesh,
+            dp: None,
             steps: 0,
             producer,
             consumers,
@@ -283,14 +317,74 @@ impl Pipelined {
     }
 }
 
-/// One process per stage: the world must be the stage count.
-fn check_world(world: usize, stages: u32) -> Result<(), RunError> {
-    if world == stages as usize {
+/// One process per stage of each replica: the world must be stages × replicas.
+fn check_world(world: usize, stages: u32, replicas: u32) -> Result<(), RunError> {
+    if world == (stages * replicas) as usize {
         return Ok(());
     }
-    Err(RunError::Usage(format!(
-        "WORLD_SIZE {world} must equal the program's {stages} pipeline stages (one process per stage)"
-    )))
+    Err(RunError::Usage(if replicas == 1 {
+        format!(
+            "WORLD_SIZE {world} must equal the program's {stages} pipeline stages (one process per stage)"
+        )
+    } else {
+        format!(
+            "WORLD_SIZE {world} must equal the program's {stages} pipeline stages × {replicas} data-parallel replicas"
+        )
+    }))
+}
+
+/// This rank's place among the data-parallel replicas: the job's transport, and which
+/// replica it runs (its stage's peers are the same stage of every replica).
+struct DataParallel {
+    transport: std::sync::Arc<dyn Transport>,
+    replicas: usize,
+    replica: usize,
+    stages: usize,
+}
+
+impl DataParallel {
+    /// Replaces each of `sums` (this replica's, by name) with the sum over every replica's,
+    /// added in replica order so every replica gets the same bits; `names` in a fixed order.
+    fn all_reduce(
+        &self,
+        step: u64,
+        names: &[String],
+        sums: &mut HashMap<String, Vec<f64>>,
+    ) -> Result<(), RunError> {
+        let stage = self.transport.rank() % self.stages;
+        let peer = |k: usize| k * self.stages + stage;
+        // Distinct from the replica's own messages, which use real microbatches and MAX.
+        let tag = u32::MAX - 1;
+        for name in names {
+            let Some(mine) = sums.get(name) else {
+                continue;
+            };
+            let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+            for k in (0..self.replicas).filter(|&k| k != self.replica) {
+                self.transport.send(peer(k), step, tag, name, &bytes)?;
+            }
+            let mut total = vec![0f64; mine.len()];
+            for k in 0..self.replicas {
+                let part = if k == self.replica {
+                    bytes.clone()
+                } else {
+                    self.transport.recv(peer(k), step, tag, name)?
+                };
+                if part.len() != bytes.len() {
+                    return Err(RunError::Usage(format!(
+                        "replica {k} sent {} bytes of `{name}`, this one has {}",
+                        part.len(),
+                        bytes.len()
+                    )));
+                }
+                for (t, c) in total.iter_mut().zip(part.chunks_exact(8)) {
+                    *t += f64::from_le_bytes(c.try_into().expect("8 bytes"));
+                }
+            }
+            sums.insert(name.clone(), total);
+        }
+        Ok(())
+    }
 }
 
 /// Seconds one device spent computing and waiting in one step, and when it finished (then
@@ -662,6 +756,15 @@ impl Pipelined {
             }
             self.timing.late += t0.elapsed().as_secs_f64();
         }
+        // Data parallelism: every replica's sums added up, the means taken over all of their
+        // microbatches.
+        let m = match &self.dp {
+            Some(dp) => {
+                dp.all_reduce(step_no, &self.spec.averaged, &mut sums)?;
+                m * dp.replicas
+            }
+            None => m,
+        };
         self.held_peak = store
             .values
             .into_inner()

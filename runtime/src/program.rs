@@ -334,6 +334,19 @@ pub struct Pipeline {
     pub averaged: Vec<String>,
     /// The averaged value that is the loss.
     pub loss: String,
+    /// Replicas of the pipeline (data parallelism): each reads its slice of every batch (the
+    /// program's data input is one replica's rows) and the averaged values are averaged across
+    /// replicas too; launched as `stages × data_parallel` ranks.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub data_parallel: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// A program inside a [`Pipeline`]: its kernel indices refer to the enclosing program's
@@ -391,6 +404,9 @@ impl Pipeline {
     /// with where they go, and the devices' orders cannot wait on each other for ever (a
     /// dry run).
     fn check(&self, outer: &Program) -> Result<(), ProgramError> {
+        if self.data_parallel == 0 {
+            return Err(ProgramError::Corrupt("zero data-parallel replicas".into()));
+        }
         let passes: Vec<Program> = self
             .passes
             .iter()
@@ -1055,6 +1071,7 @@ mod tests {
             update: pass("update", 0, sub("x.2", "z")),
             averaged: vec!["x.2".into()],
             loss: "x.2".into(),
+            data_parallel: 1,
         }));
         p
     }

@@ -222,6 +222,18 @@ pub fn train(
         )));
     }
     let (batch, seq) = (ids.shape[0], ids.shape[1]);
+    // Data parallelism: each replica's program takes `batch` rows, its slice of a step's
+    // `replicas × batch` (replica r of rank g is g / stages).
+    let (replicas, replica) = match &program.pipeline {
+        Some(p) if p.data_parallel > 1 => {
+            let rank = crate::mesh::RankEnv::from_env()
+                .map_err(RunError::Usage)?
+                .map_or(0, |e| e.rank);
+            (p.data_parallel as usize, rank / p.stages.max(1) as usize)
+        }
+        _ => (1, 0),
+    };
+    let step_rows = batch * replicas;
     if data.shape().1 != seq {
         return Err(RunError::Data {
             path: data_path.to_string(),
@@ -241,7 +253,7 @@ pub fn train(
         // Before any step: a run is not thrown away at its end for a bad --save.
         weights::check_dir_form(dir, "--save")?;
     }
-    data.skip(cfg.start_step * batch as u64);
+    data.skip(cfg.start_step * step_rows as u64);
     let loss = program.output(&t.loss_output).expect("validated").clone();
     let drifts: Vec<Slot> = t
         .drift_outputs
@@ -289,8 +301,9 @@ pub fn train(
     let mut losses = Vec::with_capacity(cfg.steps as usize);
     for step in cfg.start_step + 1..=cfg.start_step + cfg.steps {
         let t0 = Instant::now();
-        let batch_ids = data.next_batch(batch);
-        let values: Vec<f64> = batch_ids.iter().map(|&x| x as f64).collect();
+        let batch_ids = data.next_batch(step_rows);
+        let mine = &batch_ids[replica * batch * seq..(replica + 1) * batch * seq];
+        let values: Vec<f64> = mine.iter().map(|&x| x as f64).collect();
         cpu.set(&ids, &encode(ids.dtype, &values))?;
         for (s, v) in &scalars {
             cpu.set(s, &encode(s.dtype, &[*v]))?;
@@ -323,7 +336,7 @@ pub fn train(
         let mut line = serde_json::json!({
             "step": step,
             "loss": l,
-            "tokens": batch * seq,
+            "tokens": step_rows * seq,
             "step_ms": (ms * 1000.0).round() / 1000.0,
             "backend": cpu.name(),
             "peak_bytes": cpu.arena_bytes(),
@@ -334,6 +347,9 @@ pub fn train(
                 "stages": p.stages,
                 "microbatches": p.microbatches,
             });
+            if p.data_parallel > 1 {
+                line["pipeline"]["data_parallel"] = p.data_parallel.into();
+            }
             if let Ok(Some(env)) = crate::mesh::RankEnv::from_env() {
                 line["pipeline"]["world_size"] = env.world.into();
             }
@@ -366,7 +382,7 @@ pub fn train(
     }
     if let Some(dir) = &cfg.save {
         let step = cfg.start_step + cfg.steps;
-        weights::save_dir(dir, program, cpu, step, step * batch as u64)?;
+        weights::save_dir(dir, program, cpu, step, step * step_rows as u64)?;
     }
     Ok(losses)
 }

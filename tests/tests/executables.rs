@@ -870,7 +870,8 @@ fn pipelined_executables_run_under_mpirun() {
         .expect("mpirun is missing: run scripts/setup.sh (it installs Open MPI)");
     let dir = scratch("mpirun");
     let data = dir.join("ids.npy");
-    write_ids(&data, 8, 16);
+    // Three batches: steps read different rows (a resume must find its place).
+    write_ids(&data, 24, 16);
     let launch = |n: usize, exe: &Path, steps: &str| {
         let mut c = Command::new(mpirun);
         // Root in containers; more ranks than cores; ranks sharing cores yield when idle.
@@ -944,6 +945,101 @@ fn pipelined_executables_run_under_mpirun() {
             && stderr.contains("the MPI job has 3 ranks, but the program has 2 pipeline stages"),
         "{stderr}"
     );
+    // Pipeline × data parallel: P × D ranks, each replica on its slice of every batch, the
+    // gradients averaged across replicas: the losses of the whole batch in one process
+    // (the same microbatch size) within 1e-6; a checkpoint after 2 steps resumes to the same
+    // third step; a single process of a replicated program is one error line.
+    for (model, schedule, stages, replicas) in [
+        (
+            "examples/models/depth/llama-L4.onnx",
+            "v-half",
+            2usize,
+            2usize,
+        ),
+        ("examples/models/depth/llama-L4.onnx", "1f1b", 1, 2),
+        ("examples/models/gpt2-dynamo.onnx", "zb-h1", 2, 2),
+    ] {
+        let compile = |name: &str, m: usize, d: usize| {
+            let exe = dir.join(name);
+            let mut cmd = Command::new(bin_dir().join("memc"));
+            cmd.arg("compile")
+                .arg(memc_tests::root().join(model))
+                .args(["--shape", "input_ids=8x16", "--train", "-o"])
+                .arg(&exe)
+                .args(["--pipeline-stages", &stages.to_string()])
+                .args(["--microbatches", &m.to_string()])
+                .args(["--data-parallel", &d.to_string(), "--schedule", schedule]);
+            ok(&mut cmd);
+            exe
+        };
+        let tag = format!("{schedule}-{stages}x{replicas}");
+        let whole = compile(&format!("{tag}-whole"), 2 * replicas, 1);
+        let dp = compile(&tag, 2, replicas);
+        let want = losses(
+            &ok(Command::new(&whole)
+                .args(["train", "--threads", "1", "--data"])
+                .arg(&data)
+                .args(["--steps", "3", "--lr", "1e-2"]))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect::<Vec<_>>(),
+        );
+        let out = launch(stages * replicas, &dp, "3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<serde_json::Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{stdout}");
+        assert_eq!(lines[0]["pipeline"]["data_parallel"], replicas);
+        assert_eq!(lines[0]["tokens"], 8 * 16);
+        let got = losses(&lines);
+        assert!(max_rel(&got, &want) <= 1e-6, "{tag}: {got:?} vs {want:?}");
+        if stages == 2 && schedule == "v-half" {
+            let ckpt = dir.join(format!("{tag}-ckpt"));
+            let mut c = Command::new(mpirun);
+            c.args(["--allow-run-as-root", "--oversubscribe", "-n", "4"])
+                .arg(&dp)
+                .args(["train", "--threads", "1", "--data"])
+                .arg(&data)
+                .args(["--steps", "2", "--lr", "1e-2", "--save"])
+                .arg(&ckpt);
+            ok(&mut c);
+            let mut c = Command::new(mpirun);
+            c.args(["--allow-run-as-root", "--oversubscribe", "-n", "4"])
+                .arg(&dp)
+                .args(["train", "--threads", "1", "--data"])
+                .arg(&data)
+                .args(["--steps", "1", "--lr", "1e-2", "--resume"])
+                .arg(&ckpt);
+            let resumed: Vec<serde_json::Value> = ok(&mut c)
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(resumed[0]["step"], 3);
+            let r = losses(&resumed)[0];
+            assert!(
+                (r - got[2]).abs() <= 1e-6 * got[2].abs(),
+                "{tag}: resumed {r} vs {}",
+                got[2]
+            );
+            let single = run(Command::new(&dp)
+                .args(["train", "--data"])
+                .arg(&data)
+                .args(["--steps", "1"]));
+            let err = String::from_utf8_lossy(&single.stderr);
+            assert!(
+                single.status.code() == Some(2)
+                    && err.contains("compiled for 2 data-parallel replicas of 2 pipeline stages: launch 4 ranks"),
+                "{err}"
+            );
+        }
+    }
     // A rank that stops sending (rank 1 runs 1 step of 3, then waits to finalise): rank 0
     // names it once MEMC_RANK_TIMEOUT passes, and the job ends; no hang.
     let exe = dir.join("v-half-2");
