@@ -166,6 +166,30 @@ pub struct Mesh {
     world: usize,
     peers: Vec<Option<Mutex<TcpStream>>>,
     inbox: Arc<Inbox>,
+    /// How long a receive waits for its peer ([`rank_timeout`]).
+    timeout: Duration,
+}
+
+/// What a rank says first on a connection, then its rank: a listener that answers otherwise
+/// is not a memc rank.
+const MAGIC: &[u8; 4] = b"MEMC";
+
+/// How long a rank waits for a peer's message before naming it (`MEMC_RANK_TIMEOUT`, seconds;
+/// default 600): a peer that stopped or hangs is never waited on forever.
+pub fn rank_timeout() -> Result<Duration, RunError> {
+    match std::env::var("MEMC_RANK_TIMEOUT") {
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| *s > 0.0 && s.is_finite())
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| {
+                RunError::Usage(format!(
+                    "MEMC_RANK_TIMEOUT `{v}` is not a positive number of seconds"
+                ))
+            }),
+        Err(_) => Ok(Duration::from_secs(600)),
+    }
 }
 
 impl Mesh {
@@ -196,12 +220,18 @@ impl Mesh {
                     return;
                 };
                 stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                let mut hello = [0u8; 4];
-                if stream.read_exact(&mut hello).is_err() {
+                let mut hello = [0u8; 8];
+                if stream.read_exact(&mut hello).is_err() || &hello[..4] != MAGIC {
                     continue;
                 }
-                let peer = u32::from_le_bytes(hello) as usize;
+                let peer = u32::from_le_bytes(hello[4..].try_into().expect("4 bytes")) as usize;
                 if peer >= world || std::mem::replace(&mut seen[peer], true) {
+                    continue;
+                }
+                // The answer that tells the peer it reached a memc rank.
+                let mut ack = MAGIC.to_vec();
+                ack.extend((me as u32).to_le_bytes());
+                if stream.write_all(&ack).is_err() {
                     continue;
                 }
                 stream.set_read_timeout(None).ok();
@@ -247,9 +277,27 @@ impl Mesh {
                 }
             };
             stream.set_nodelay(true).ok();
+            let mut hello = MAGIC.to_vec();
+            hello.extend((me as u32).to_le_bytes());
             stream
-                .write_all(&(me as u32).to_le_bytes())
+                .write_all(&hello)
                 .map_err(|e| fail(format!("cannot greet rank {r}: {e}")))?;
+            // Whatever listens there must answer as memc's rank r.
+            stream
+                .set_read_timeout(Some(timeout.min(Duration::from_secs(10))))
+                .ok();
+            let mut ack = [0u8; 8];
+            let answered = stream.read_exact(&mut ack).is_ok()
+                && &ack[..4] == MAGIC
+                && u32::from_le_bytes(ack[4..].try_into().expect("4 bytes")) as usize == r;
+            if !answered {
+                return Err(fail(format!(
+                    "{}:{} answers, but not as memc's rank {r} (another program holds the port? set MASTER_PORT)",
+                    env.addr,
+                    port(r)
+                )));
+            }
+            stream.set_read_timeout(None).ok();
             peers.push(Some(Mutex::new(stream)));
         }
         Ok(Mesh {
@@ -257,6 +305,7 @@ impl Mesh {
             world,
             peers,
             inbox,
+            timeout: rank_timeout()?,
         })
     }
 
@@ -304,12 +353,20 @@ impl Mesh {
     /// Waits for `name` of microbatch `mb` of step `step` from rank `from`, and takes it.
     pub fn recv(&self, from: usize, step: u64, mb: u32, name: &str) -> Result<Vec<u8>, RunError> {
         let key = (step, mb, name.to_string());
+        let started = Instant::now();
         let mut m = self
             .inbox
             .messages
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         loop {
+            if started.elapsed() > self.timeout {
+                return Err(RunError::Usage(format!(
+                    "rank {}: rank {from} sent nothing for {:.0} s (it stopped, hangs or failed; MEMC_RANK_TIMEOUT sets the wait)",
+                    self.rank,
+                    self.timeout.as_secs_f64()
+                )));
+            }
             if let Some(bytes) = m.values.remove(&key) {
                 return Ok(bytes);
             }
@@ -474,5 +531,46 @@ mod tests {
         drop(meshes.remove(0));
         let e = meshes[1].recv(0, 2, 0, "x.9").unwrap_err().to_string();
         assert!(e.contains("rank 0 closed its connection"), "{e}");
+    }
+
+    #[test]
+    fn a_foreign_listener_and_a_silent_peer_are_named() {
+        let at = |port, rank| RankEnv {
+            rank,
+            world: 2,
+            addr: "127.0.0.1".into(),
+            port,
+            mpi: false,
+        };
+        // Another program on rank 1's port: it accepts and reads, never answers as memc.
+        let port = free_base(2);
+        let foreign = TcpListener::bind(("127.0.0.1", port + 2)).unwrap();
+        let held = std::thread::spawn(move || {
+            let (mut s, _) = foreign.accept().unwrap();
+            let mut buf = [0u8; 64];
+            let _ = s.read(&mut buf);
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let e = Mesh::connect(&at(port, 0), Duration::from_secs(2))
+            .err()
+            .expect("a foreign listener is refused")
+            .to_string();
+        assert!(e.contains("answers, but not as memc's rank 1"), "{e}");
+        held.join().unwrap();
+        // Two ranks; rank 1 never sends: rank 0 names it once its wait is over.
+        let port = free_base(2);
+        let mut meshes: Vec<Mesh> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|r| {
+                    s.spawn(move || Mesh::connect(&at(port, r), Duration::from_secs(20)).unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        meshes[0].timeout = Duration::from_millis(500);
+        let started = Instant::now();
+        let e = meshes[0].recv(1, 1, 0, "x.1").unwrap_err().to_string();
+        assert!(e.contains("rank 0: rank 1 sent nothing for"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

@@ -78,15 +78,12 @@ pub struct Mpi {
     rank: usize,
     world: usize,
     state: Mutex<State>,
-    /// How long a receive waits for its peer before it names the peer and fails.
+    /// How long a receive waits for its peer before it names the peer and fails
+    /// ([`crate::mesh::rank_timeout`]).
     timeout: std::time::Duration,
     /// This rank failed: it leaves without finalising (mpirun then ends the other ranks).
     failed: std::sync::atomic::AtomicBool,
 }
-
-/// How long a rank waits for a peer's message by default (`MEMC_RANK_TIMEOUT`, seconds): a
-/// peer that stopped or hangs is named, never waited on forever.
-pub const DEFAULT_TIMEOUT_S: u64 = 600;
 
 #[derive(Default)]
 struct State {
@@ -181,24 +178,13 @@ impl Mpi {
             (lib.comm_rank)(lib.comm_world, &mut rank);
             (lib.comm_size)(lib.comm_world, &mut world);
         }
-        let timeout = match std::env::var("MEMC_RANK_TIMEOUT") {
-            Ok(v) => v
-                .parse::<f64>()
-                .ok()
-                .filter(|s| *s > 0.0 && s.is_finite())
-                .ok_or_else(|| {
-                    fail(format!(
-                        "MEMC_RANK_TIMEOUT `{v}` is not a positive number of seconds"
-                    ))
-                })?,
-            Err(_) => DEFAULT_TIMEOUT_S as f64,
-        };
+        let timeout = crate::mesh::rank_timeout()?;
         let mpi = Mpi {
             lib,
             rank: rank as usize,
             world: world as usize,
             state: Mutex::new(State::default()),
-            timeout: std::time::Duration::from_secs_f64(timeout),
+            timeout,
             failed: std::sync::atomic::AtomicBool::new(false),
         };
         if mpi.world != expected {
