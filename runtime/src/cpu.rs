@@ -414,11 +414,6 @@ impl Cpu {
         Ok(())
     }
 
-    /// The first element of `slot` that is `bad`, read in place.
-    pub fn first_bad(&self, slot: &Slot, bad: Bad) -> Option<(usize, f64)> {
-        finite::first(self.arena.get(slot), slot.dtype, bad)
-    }
-
     /// Time per kind of step (most first), when `MEMC_PROFILE` is set: the table printed at
     /// the end of a run.
     pub fn profile(&self) -> Option<String> {
@@ -499,7 +494,8 @@ impl crate::Backend for Cpu {
         slot: &Slot,
         bad: Bad,
     ) -> Result<Option<(usize, f64)>, crate::RunError> {
-        Ok(Cpu::first_bad(self, slot, bad))
+        // Read in place: no copy of the weights.
+        Ok(finite::first(self.arena.get(slot), slot.dtype, bad))
     }
 
     fn profile(&self) -> Option<String> {

@@ -192,6 +192,14 @@ pub fn rank_timeout() -> Result<Duration, RunError> {
     }
 }
 
+/// The error of rank `me` whose wait for rank `from` outlasted `timeout`.
+pub(crate) fn silent_peer(me: usize, from: usize, timeout: Duration) -> RunError {
+    RunError::Usage(format!(
+        "rank {me}: rank {from} sent nothing for {:.0} s (it stopped, hangs or failed; MEMC_RANK_TIMEOUT sets the wait)",
+        timeout.as_secs_f64()
+    ))
+}
+
 impl Mesh {
     /// Listens, connects to every peer (retrying for up to `timeout`) and starts the
     /// receivers.
@@ -309,18 +317,30 @@ impl Mesh {
         })
     }
 
+    /// Ranks whose connection has closed so far.
+    pub fn closed(&self) -> HashSet<usize> {
+        let m = self
+            .inbox
+            .messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        m.closed.keys().copied().collect()
+    }
+}
+
+impl Transport for Mesh {
     /// This process's rank.
-    pub fn rank(&self) -> usize {
+    fn rank(&self) -> usize {
         self.rank
     }
 
     /// The number of ranks.
-    pub fn world(&self) -> usize {
+    fn world(&self) -> usize {
         self.world
     }
 
     /// Sends `bytes`, named `name`, of microbatch `mb` of step `step`, to rank `to`.
-    pub fn send(
+    fn send(
         &self,
         to: usize,
         step: u64,
@@ -351,7 +371,7 @@ impl Mesh {
     }
 
     /// Waits for `name` of microbatch `mb` of step `step` from rank `from`, and takes it.
-    pub fn recv(&self, from: usize, step: u64, mb: u32, name: &str) -> Result<Vec<u8>, RunError> {
+    fn recv(&self, from: usize, step: u64, mb: u32, name: &str) -> Result<Vec<u8>, RunError> {
         let key = (step, mb, name.to_string());
         let started = Instant::now();
         let mut m = self
@@ -361,11 +381,7 @@ impl Mesh {
             .unwrap_or_else(|e| e.into_inner());
         loop {
             if started.elapsed() > self.timeout {
-                return Err(RunError::Usage(format!(
-                    "rank {}: rank {from} sent nothing for {:.0} s (it stopped, hangs or failed; MEMC_RANK_TIMEOUT sets the wait)",
-                    self.rank,
-                    self.timeout.as_secs_f64()
-                )));
+                return Err(silent_peer(self.rank, from, self.timeout));
             }
             if let Some(bytes) = m.values.remove(&key) {
                 return Ok(bytes);
@@ -396,51 +412,12 @@ impl Mesh {
     }
 
     /// Tells every peer that this rank failed (they stop waiting for it); best effort.
-    pub fn abort(&self) {
+    fn abort(&self) {
         for peer in self.peers.iter().flatten() {
             if let Ok(mut p) = peer.lock() {
                 let _ = p.write_all(&ABORT.to_le_bytes());
             }
         }
-    }
-
-    /// Ranks whose connection has closed so far.
-    pub fn closed(&self) -> HashSet<usize> {
-        let m = self
-            .inbox
-            .messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        m.closed.keys().copied().collect()
-    }
-}
-
-impl Transport for Mesh {
-    fn rank(&self) -> usize {
-        Mesh::rank(self)
-    }
-
-    fn world(&self) -> usize {
-        Mesh::world(self)
-    }
-
-    fn send(
-        &self,
-        to: usize,
-        step: u64,
-        mb: u32,
-        name: &str,
-        bytes: &[u8],
-    ) -> Result<(), RunError> {
-        Mesh::send(self, to, step, mb, name, bytes)
-    }
-
-    fn recv(&self, from: usize, step: u64, mb: u32, name: &str) -> Result<Vec<u8>, RunError> {
-        Mesh::recv(self, from, step, mb, name)
-    }
-
-    fn abort(&self) {
-        Mesh::abort(self)
     }
 }
 

@@ -269,11 +269,7 @@ impl Mpi {
                 if start.elapsed() > self.timeout {
                     // SAFETY: a pending receive of this process.
                     unsafe { (self.lib.cancel)(&mut req) };
-                    return Err(fail(format!(
-                        "rank {}: rank {from} sent nothing for {:.0} s (it stopped, hangs or failed; MEMC_RANK_TIMEOUT sets the wait)",
-                        self.rank,
-                        self.timeout.as_secs_f64()
-                    )));
+                    return Err(crate::mesh::silent_peer(self.rank, from, self.timeout));
                 }
                 std::thread::sleep(nap);
                 nap = (nap * 2).min(std::time::Duration::from_millis(1));

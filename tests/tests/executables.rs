@@ -678,19 +678,7 @@ fn pipelined_executables_run_one_process_per_stage() {
     ];
     for (model, schedule, stages) in cases {
         let exe = dir.join(format!("{schedule}-{stages}"));
-        let mut cmd = Command::new(bin_dir().join("memc"));
-        cmd.arg("compile")
-            .arg(memc_tests::root().join(model))
-            .args(["--shape", "input_ids=8x16", "--train", "-o"])
-            .arg(&exe)
-            .args([
-                "--pipeline-stages",
-                &stages.to_string(),
-                "--microbatches",
-                "4",
-            ])
-            .args(["--schedule", schedule]);
-        ok(&mut cmd);
+        compile_pipelined(model, &exe, schedule, stages, 4, 1);
         let train = |steps: &str| {
             let mut c = Command::new(&exe);
             c.arg("train")
@@ -853,6 +841,19 @@ fn kernel_cache_reuses_every_kernel_and_changes_nothing() {
     );
 }
 
+/// Compiles `model` (from the repository root) at 8 × 16 tokens into the pipelined
+/// executable `exe`: `stages` stages, `m` microbatches, `d` data-parallel replicas.
+fn compile_pipelined(model: &str, exe: &Path, schedule: &str, stages: usize, m: usize, d: usize) {
+    ok(Command::new(bin_dir().join("memc"))
+        .arg("compile")
+        .arg(memc_tests::root().join(model))
+        .args(["--shape", "input_ids=8x16", "--train", "-o"])
+        .arg(exe)
+        .args(["--pipeline-stages", &stages.to_string()])
+        .args(["--microbatches", &m.to_string()])
+        .args(["--data-parallel", &d.to_string(), "--schedule", schedule]));
+}
+
 /// `mpirun -n P OUT train ...`: the ranks of a pipelined executable talk over MPI (libmpi
 /// loaded at run time; `scripts/setup.sh` installs Open MPI), rank 0 prints the single-process
 /// losses within 1e-6 (Llama V-Half, GPT-2's tied head under ZB-H1, Llama 1F1B on 3 ranks),
@@ -896,19 +897,7 @@ fn pipelined_executables_run_under_mpirun() {
         ("examples/models/depth/llama-L4.onnx", "1f1b", 3),
     ] {
         let exe = dir.join(format!("{schedule}-{stages}"));
-        let mut cmd = Command::new(bin_dir().join("memc"));
-        cmd.arg("compile")
-            .arg(memc_tests::root().join(model))
-            .args(["--shape", "input_ids=8x16", "--train", "-o"])
-            .arg(&exe)
-            .args([
-                "--pipeline-stages",
-                &stages.to_string(),
-                "--microbatches",
-                "4",
-            ])
-            .args(["--schedule", schedule]);
-        ok(&mut cmd);
+        compile_pipelined(model, &exe, schedule, stages, 4, 1);
         let want = losses(
             &ok(Command::new(&exe)
                 .args(["train", "--threads", "1", "--data"])
@@ -961,15 +950,7 @@ fn pipelined_executables_run_under_mpirun() {
     ] {
         let compile = |name: &str, m: usize, d: usize| {
             let exe = dir.join(name);
-            let mut cmd = Command::new(bin_dir().join("memc"));
-            cmd.arg("compile")
-                .arg(memc_tests::root().join(model))
-                .args(["--shape", "input_ids=8x16", "--train", "-o"])
-                .arg(&exe)
-                .args(["--pipeline-stages", &stages.to_string()])
-                .args(["--microbatches", &m.to_string()])
-                .args(["--data-parallel", &d.to_string(), "--schedule", schedule]);
-            ok(&mut cmd);
+            compile_pipelined(model, &exe, schedule, stages, m, d);
             exe
         };
         let tag = format!("{schedule}-{stages}x{replicas}");
