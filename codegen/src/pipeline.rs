@@ -1,6 +1,8 @@
 //! Lowering a pipelined training step to the runtime's program format: the microbatch
 //! program cut into the schedule's passes ([`memc_passes::stages`]), each pass a program of
-//! its own, the gradient sums over chunks ("late") and the optimizer two more, all under one
+//! its own, the gradient sums over chunks ("late") one more and the optimizer one per stage and
+//! replica ([`optimizer_shards`]: each stage updates the weights it reads, each replica a share
+//! of them), all under one
 //! step program whose [`Pipeline`] the runtime's executor
 //! ([`memc_runtime::pipeline::Pipelined`]) runs. How each pass program is produced is the
 //! caller's choice: generated kernels ([`crate::host::lower`]) or an interface for the
@@ -38,7 +40,7 @@ impl ExchangeKey {
     }
 }
 
-/// One pass's graph, as [`lower`] cut it: its label (`F0`, `B1`, `W1`, `late`, `update`) and
+/// One pass's graph, as [`lower`] cut it: its label (`F0`, `B1`, `W1`, `late`, `U0`, `U0.1`) and
 /// the sub-graph its program runs.
 pub struct PassGraph {
     /// The label.
@@ -118,7 +120,8 @@ pub fn extract(g: &Graph, nodes: &[NodeId], outputs: &[ValueId]) -> Graph {
 /// gradient sums and the optimizer become programs through `lower_pass`; the step's program
 /// holds the whole batch's inputs (`rows` rows of the token input), the loss, every weight
 /// and optimizer state, `training` and the pipeline. Returns it with each pass's graph (in the
-/// order of the pipeline's passes, then `late`, then `update`). The kernels of the parts are
+/// order of the pipeline's passes, then `late`, then the updates). `replicas` is the data-parallel
+/// replica count the optimizer is sharded over (1: none). The kernels of the parts are
 /// shared ([`HostProgram::combine`]).
 pub fn lower(
     g: &Graph,
@@ -126,6 +129,7 @@ pub fn lower(
     stages: &StagePlan,
     training: Training,
     rows: usize,
+    replicas: usize,
     model: &str,
     lower_pass: &mut dyn FnMut(&Graph) -> Result<HostProgram, KernelError>,
 ) -> Result<(HostProgram, Vec<PassGraph>), KernelError> {
@@ -197,18 +201,42 @@ pub fn lower(
         });
         Some(p)
     };
-    let update = extract(g, &updates, &[]);
-    verify(&update, "update")?;
+    let has_late = late.is_some();
+    parts.extend(late);
     let loss_v = g
         .outputs()
         .first()
         .map(|&(_, v)| v)
         .ok_or_else(|| err(model, "the training program has no loss"))?;
     let mut averaged = vec![ExchangeKey(loss_v)];
-    for &v in update.inputs() {
-        if let ValueDef::Input { name } = &update.value(v).def {
-            averaged.extend(ExchangeKey::parse(name));
+    let groups =
+        optimizer_shards(g, plan, schedule, &updates, replicas).map_err(|e| err(model, e))?;
+    let mut update_subs: Vec<(String, u32, u32)> = vec![];
+    for ((stage, shard), nodes) in &groups {
+        let label = if replicas > 1 {
+            format!("U{stage}.{shard}")
+        } else {
+            format!("U{stage}")
+        };
+        let update = extract(g, nodes, &[]);
+        verify(&update, &label)?;
+        for &v in update.inputs() {
+            if let ValueDef::Input { name } = &update.value(v).def {
+                if let Some(k) = ExchangeKey::parse(name) {
+                    if !averaged.contains(&k) {
+                        averaged.push(k);
+                    }
+                }
+            }
         }
+        parts.push(
+            lower_pass(&update).map_err(|e| err(model, format!("the optimizer ({label}): {e}")))?,
+        );
+        update_subs.push((label.clone(), *stage as u32, *shard as u32));
+        graphs.push(PassGraph {
+            label,
+            graph: update,
+        });
     }
     for a in &averaged {
         if !published.contains(&a.0) {
@@ -221,13 +249,6 @@ pub fn lower(
             ));
         }
     }
-    let has_late = late.is_some();
-    parts.extend(late);
-    parts.push(lower_pass(&update).map_err(|e| err(model, format!("the optimizer: {e}")))?);
-    graphs.push(PassGraph {
-        label: "update".into(),
-        graph: update,
-    });
     // The step's interface: the whole batch, the loss, every weight and optimizer state.
     let mut offset = 0u64;
     let mut place = |name: &str, dtype, shape: Vec<usize>| {
@@ -306,6 +327,7 @@ pub fn lower(
         .map(|((label, device), (program, blob))| SubProgram {
             label,
             device,
+            shard: 0,
             program,
             blob,
         })
@@ -315,11 +337,22 @@ pub fn lower(
         SubProgram {
             label: "late".into(),
             device: 0,
+            shard: 0,
             program,
             blob,
         }
     });
-    let (program, blob) = programs.next().expect("the optimizer");
+    let updates: Vec<SubProgram> = update_subs
+        .into_iter()
+        .zip(programs)
+        .map(|((label, device, shard), (program, blob))| SubProgram {
+            label,
+            device,
+            shard,
+            program,
+            blob,
+        })
+        .collect();
     let order = schedule
         .devices
         .iter()
@@ -340,16 +373,119 @@ pub fn lower(
         passes,
         order,
         late,
-        update: SubProgram {
-            label: "update".into(),
-            device: 0,
-            program,
-            blob,
-        },
+        updates,
         averaged: averaged.iter().map(|a| a.name()).collect(),
         loss: ExchangeKey(loss_v).name(),
-        data_parallel: 1,
+        data_parallel: replicas as u32,
     }));
     host.program.validate().map_err(|e| err(model, e))?;
     Ok((host, graphs))
+}
+
+/// The optimizer's nodes cut into one program per (stage, replica): ZeRO stage 1 at tensor
+/// granularity (as PyTorch's `ZeroRedundancyOptimizer` partitions parameters). Each trained
+/// weight's update, with the optimizer state it reads and writes, goes to every stage whose
+/// passes read the weight (a tied weight is updated on each, from the same gradient, to the
+/// same bits) and, within a stage, to one replica: the weights in decreasing size, each to
+/// the replica holding the fewest bytes so far. Returns the groups in (stage, replica)
+/// order, each group's nodes in program order; groups that would be empty are left out.
+fn optimizer_shards(
+    g: &Graph,
+    plan: &StagePlan,
+    schedule: &Schedule,
+    updates: &[NodeId],
+    replicas: usize,
+) -> Result<Vec<((usize, usize), Vec<NodeId>)>, String> {
+    let stages = schedule.stages;
+    let is_update: HashSet<NodeId> = updates.iter().copied().collect();
+    // The optimizer nodes each value depends on (its backward slice inside the optimizer).
+    let slice = |v: ValueId| -> HashSet<NodeId> {
+        let mut seen = HashSet::new();
+        let mut todo: Vec<ValueId> = vec![v];
+        while let Some(v) = todo.pop() {
+            if let Some(n) = g.producer(v).filter(|n| is_update.contains(n)) {
+                if seen.insert(n) {
+                    todo.extend(g.node(n).inputs.iter().copied());
+                }
+            }
+        }
+        seen
+    };
+    let param_name = |v: ValueId| match &g.value(v).def {
+        ValueDef::Param { name, role, .. } => Some((name.clone(), *role)),
+        _ => None,
+    };
+    // Trained weights and their slices; then each piece of optimizer state joins the weight
+    // whose update reads its new value.
+    let mut weights: Vec<(String, HashSet<NodeId>, u64)> = vec![];
+    for &(p, v) in g.updates() {
+        if let Some((name, ParamRole::Weight)) = param_name(p) {
+            weights.push((name, slice(v), g.value(p).ty.bytes() as u64));
+        }
+    }
+    for &(p, v) in g.updates() {
+        let Some((name, role)) = param_name(p) else {
+            continue;
+        };
+        if role == ParamRole::Weight {
+            continue;
+        }
+        let producer = g.producer(v).filter(|n| is_update.contains(n));
+        let owner = weights
+            .iter_mut()
+            .find(|w| producer.is_some_and(|n| w.1.contains(&n)))
+            .ok_or_else(|| {
+                format!("optimizer state `{name}` is not read by any weight's update (a memc bug)")
+            })?;
+        owner.1.extend(slice(v));
+        owner.2 += g.value(p).ty.bytes() as u64;
+    }
+    // The stages whose passes read each weight (the gradient sums read none).
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (&(_, chunk), pn) in &plan.passes {
+        let d = schedule.device_of(chunk);
+        for &n in &pn.nodes {
+            for &v in &g.node(n).inputs {
+                if let ValueDef::Param { name, .. } = &g.value(v).def {
+                    let r = readers.entry(name.as_str()).or_default();
+                    if !r.contains(&d) {
+                        r.push(d);
+                    }
+                }
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| {
+        weights[b]
+            .2
+            .cmp(&weights[a].2)
+            .then(weights[a].0.cmp(&weights[b].0))
+    });
+    let mut load = vec![vec![0u64; replicas.max(1)]; stages];
+    let mut groups: HashMap<(usize, usize), HashSet<NodeId>> = HashMap::new();
+    for i in order {
+        let (name, nodes, bytes) = &weights[i];
+        let on = readers
+            .get(name.as_str())
+            .cloned()
+            .unwrap_or_else(|| vec![0]);
+        for d in on {
+            let shard = (0..replicas.max(1))
+                .min_by_key(|&k| (load[d][k], k))
+                .expect("one replica");
+            load[d][shard] += bytes;
+            groups.entry((d, shard)).or_default().extend(nodes);
+        }
+    }
+    let mut out: Vec<((usize, usize), Vec<NodeId>)> = groups
+        .into_iter()
+        .map(|(k, set)| {
+            let mut v: Vec<NodeId> = set.into_iter().collect();
+            v.sort();
+            (k, v)
+        })
+        .collect();
+    out.sort_by_key(|(k, _)| *k);
+    Ok(out)
 }

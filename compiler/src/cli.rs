@@ -616,9 +616,10 @@ fn compile(args: CompileArgs) -> Result<()> {
         ),
         _ => {}
     }
+    let mut rank_plan: Vec<(String, memc_runtime::pipeline::Planned)> = vec![];
     if let (Some(out), Some((kind, _))) = (&args.out, pipe) {
         let shapes = shapes(&args.model)?;
-        timer
+        rank_plan = timer
             .time("emit", || emit_pipelined(&args, kind, shapes, out, &model))
             .map_err(|e| anyhow!("{e:#}"))?;
     } else if let Some(out) = &args.out {
@@ -683,6 +684,12 @@ fn compile(args: CompileArgs) -> Result<()> {
                 for line in p.lines() {
                     println!("{line}");
                 }
+                for (who, b) in &rank_plan {
+                    println!(
+                        "  {who}: {} bytes allocated by the executable: weights {}, optimizer state {}, gradient sums (f64) {}, working arenas {}",
+                        b.total, b.weights, b.optimizer_state, b.gradient_sums, b.working
+                    );
+                }
             }
             if let Some(f) = &t.fused_loss {
                 println!(
@@ -720,7 +727,25 @@ fn compile(args: CompileArgs) -> Result<()> {
                 serde_json::json!({"arena_bytes": run_plan.peak_bytes, "kernels": kernels.len()}),
             );
             if let Some(p) = &pipeline_plan {
-                obj.insert("pipeline".into(), p.json());
+                let mut j = p.json();
+                if !rank_plan.is_empty() {
+                    j["processes"] = rank_plan
+                        .iter()
+                        .map(|(who, b)| {
+                            serde_json::json!({
+                                "process": who,
+                                "stage": b.at.map(|a| a.0),
+                                "replica": b.at.map(|a| a.1),
+                                "total_bytes": b.total,
+                                "weight_bytes": b.weights,
+                                "optimizer_state_bytes": b.optimizer_state,
+                                "gradient_sum_bytes": b.gradient_sums,
+                                "working_bytes": b.working,
+                            })
+                        })
+                        .collect();
+                }
+                obj.insert("pipeline".into(), j);
             }
             if let Some(r) = &rev {
                 let mut j = r.json();
@@ -863,7 +888,7 @@ fn emit_pipelined(
     shapes: HashMap<String, Vec<usize>>,
     out: &Path,
     model: &str,
-) -> Result<()> {
+) -> Result<Vec<(String, memc_runtime::pipeline::Planned)>> {
     let t0 = Instant::now();
     let stages = args.pipeline.pipeline_stages.expect("checked");
     let m = args.pipeline.microbatches.unwrap_or(2 * stages);
@@ -887,13 +912,11 @@ fn emit_pipelined(
         &schedule,
         &opts,
         rows,
+        args.pipeline.data_parallel.unwrap_or(1),
         model,
         crate::pipe::PassTarget::Cpu,
     )?;
     host.program.checkpoint = params.layout;
-    if let Some(pl) = host.program.pipeline.as_mut() {
-        pl.data_parallel = args.pipeline.data_parallel.unwrap_or(1) as u32;
-    }
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
     let emitted = memc_codegen::link::emit_executable(&host.program, host.lowered(), out, &lib)?;
     let mut weights = out.as_os_str().to_owned();
@@ -912,7 +935,23 @@ fn emit_pipelined(
         weights.display(),
         t0.elapsed().as_secs_f64()
     );
-    Ok(())
+    // What each process allocates: the whole step in one process (without replicas), and
+    // each rank of one process per stage and replica.
+    let mut rows = vec![];
+    if pl.data_parallel == 1 {
+        rows.push((
+            "one process".to_string(),
+            memc_runtime::pipeline::planned_at(&host.program, None)?,
+        ));
+    }
+    for (r, b) in memc_runtime::pipeline::planned(&host.program)?
+        .into_iter()
+        .enumerate()
+    {
+        let (s, k) = b.at.unwrap_or_default();
+        rows.push((format!("rank {r} (stage {s}, replica {k})"), b));
+    }
+    Ok(rows)
 }
 
 /// With `--data-parallel D`, one replica's share: the shapes to import the microbatch
@@ -1297,12 +1336,10 @@ fn train_pipelined_on(
         _ => PassTarget::Reference,
     };
     let t0 = Instant::now();
+    let replicas = args.pipeline.data_parallel.unwrap_or(1);
     let (mut host, graphs) =
-        crate::pipe::lower_pipeline(program, schedule, opts, rows, model, target)?;
+        crate::pipe::lower_pipeline(program, schedule, opts, rows, replicas, model, target)?;
     host.program.checkpoint = layout.clone();
-    if let Some(pl) = host.program.pipeline.as_mut() {
-        pl.data_parallel = args.pipeline.data_parallel.unwrap_or(1) as u32;
-    }
     if target == PassTarget::Cpu {
         let pl = host.program.pipeline.as_ref().expect("a pipeline");
         eprintln!(

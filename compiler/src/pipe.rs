@@ -184,13 +184,15 @@ pub enum PassTarget {
 }
 
 /// Lowers the microbatch program `g` ([`pipelined_program`]) under `schedule` into the step
-/// program the runtime's executor runs, its passes lowered for `target`; returns it with each
+/// program the runtime's executor runs (its optimizer sharded over `replicas` data-parallel
+/// replicas), its passes lowered for `target`; returns it with each
 /// pass's graph (which the reference interpreter runs).
 pub fn lower_pipeline(
     g: &memc_ir::Graph,
     schedule: &pipeline::Schedule,
     opts: &memc_passes::train::TrainOptions,
     rows: usize,
+    replicas: usize,
     model: &str,
     target: PassTarget,
 ) -> Result<(
@@ -209,6 +211,7 @@ pub fn lower_pipeline(
         &stages,
         training,
         rows,
+        replicas,
         model,
         &mut lower_pass,
     )?)

@@ -632,10 +632,14 @@ pub fn run_program(
             if let Some(p) = cpu.profile() {
                 eprint!("{p}");
             }
+            // (A rank of a distributed step has only its share.)
             let trained = program
                 .params
                 .iter()
-                .map(|p| Ok((p.slot.name.clone(), cpu.get(&p.slot)?)))
+                .filter_map(|p| {
+                    cpu.holds(&p.slot)
+                        .then(|| Ok((p.slot.name.clone(), cpu.get(&p.slot)?)))
+                })
                 .collect::<Result<_>>()?;
             Ok((losses, trained))
         })

@@ -135,6 +135,34 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, PartitionError> 
     let mut unit_saved = vec![0u64; units];
     let mut unit_weights: Vec<HashSet<ValueId>> = vec![HashSet::new(); units];
     let mut saved_seen = HashSet::new();
+    // Forward nodes computed from weights and constants alone (a weight's transpose or
+    // cast): they are outside the layers, and the weights they read belong to the units of
+    // the nodes that read their results.
+    let mut weight_only = vec![false; g.nodes().len()];
+    for (i, n) in g.nodes().iter().enumerate() {
+        weight_only[i] = forward(NodeId(i as u32))
+            && n.inputs.iter().all(|&v| match g.producer(v) {
+                Some(p) => weight_only[p.index()],
+                None => !matches!(g.value(v).def, ValueDef::Input { .. }),
+            });
+    }
+    let mut use_units: Vec<HashSet<usize>> = vec![HashSet::new(); g.nodes().len()];
+    for i in (0..g.nodes().len()).rev() {
+        if !weight_only[i] {
+            continue;
+        }
+        let mut units = HashSet::new();
+        for o in &g.node(NodeId(i as u32)).outputs {
+            for &r in readers.get(o).into_iter().flatten() {
+                if weight_only[r.index()] {
+                    units.extend(use_units[r.index()].iter().copied());
+                } else if forward(r) {
+                    units.insert(unit_of_node(r));
+                }
+            }
+        }
+        use_units[i] = units;
+    }
     for (i, n) in g.nodes().iter().enumerate() {
         let id = NodeId(i as u32);
         if forward(id) {
@@ -142,11 +170,9 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, PartitionError> 
             unit_flops[u] += 3 * crate::plan::node_flops(g, id);
             for &v in &n.inputs {
                 if is_weight(v) {
-                    // A weight read through the precision pass's `cast` belongs where the
-                    // cast's readers are.
-                    if matches!(n.op, memc_ir::Op::Cast { .. }) {
-                        for &r in readers.get(&n.outputs[0]).into_iter().flatten() {
-                            unit_weights[unit_of_node(r)].insert(v);
+                    if weight_only[i] && !use_units[i].is_empty() {
+                        for &w in &use_units[i] {
+                            unit_weights[w].insert(v);
                         }
                     } else {
                         unit_weights[u].insert(v);
@@ -295,12 +321,30 @@ pub fn partition(g: &Graph, chunks: usize) -> Result<Partition, PartitionError> 
             .position(|&(a, b)| u > a && u <= b)
             .expect("every layer is in a chunk")
     };
-    let node_chunk: Vec<Option<usize>> = (0..g.nodes().len())
+    let mut node_chunk: Vec<Option<usize>> = (0..g.nodes().len())
         .map(|i| {
             let id = NodeId(i as u32);
             forward(id).then(|| chunk_of_unit(unit_of_node(id)))
         })
         .collect();
+    // Nodes computed from weights alone (a weight's transpose or cast) sit outside the
+    // layers; each belongs to the chunk of its readers when they agree, so the gradient
+    // through it (a weight's gradient) is computed where the weight is used.
+    for i in (0..g.nodes().len()).rev() {
+        if !weight_only[i] {
+            continue;
+        }
+        let chunks: HashSet<Option<usize>> = g
+            .node(NodeId(i as u32))
+            .outputs
+            .iter()
+            .flat_map(|o| readers.get(o).into_iter().flatten())
+            .map(|r| node_chunk[r.index()])
+            .collect();
+        if let (1, Some(&Some(c))) = (chunks.len(), chunks.iter().next()) {
+            node_chunk[i] = Some(c);
+        }
+    }
     let chunks = bounds
         .into_iter()
         .map(|(a, b)| {

@@ -55,6 +55,33 @@ pub trait Backend {
     }
     /// Time per kind of step, when `MEMC_PROFILE` is set.
     fn profile(&self) -> Option<String>;
+    /// Whether this process keeps `slot` (a weight or optimizer state). One rank of a
+    /// distributed step keeps only its share: [`Backend::set`] drops what it does not keep
+    /// and [`Backend::get`] refuses it.
+    fn holds(&self, _slot: &program::Slot) -> bool {
+        true
+    }
+    /// How checkpoints are split over the processes of a distributed step (`None`: this
+    /// process holds everything and writes every file).
+    fn shards(&self) -> Option<Shards> {
+        None
+    }
+    /// Returns once every process of a distributed step has called it (at once without).
+    fn barrier(&mut self) -> Result<(), RunError> {
+        Ok(())
+    }
+}
+
+/// Which process of a distributed step saves each weight and piece of optimizer state
+/// ([`Backend::shards`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shards {
+    /// This process's rank.
+    pub rank: usize,
+    /// The ranks.
+    pub ranks: usize,
+    /// The rank saving each weight and piece of optimizer state, by name.
+    pub saver: std::collections::BTreeMap<String, usize>,
 }
 
 /// Why a run failed: each is one line naming the file or input and what to do.

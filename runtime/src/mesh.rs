@@ -36,46 +36,6 @@ pub trait Transport: Send + Sync {
     fn abort(&self);
 }
 
-/// Ranks `base .. base + size` of a larger job renumbered from 0: one pipeline replica's
-/// stages when the job also runs data-parallel replicas.
-pub struct Replica {
-    /// The whole job.
-    pub inner: std::sync::Arc<dyn Transport>,
-    /// The replica's first rank.
-    pub base: usize,
-    /// Its stages.
-    pub size: usize,
-}
-
-impl Transport for Replica {
-    fn rank(&self) -> usize {
-        self.inner.rank() - self.base
-    }
-
-    fn world(&self) -> usize {
-        self.size
-    }
-
-    fn send(
-        &self,
-        to: usize,
-        step: u64,
-        mb: u32,
-        name: &str,
-        bytes: &[u8],
-    ) -> Result<(), RunError> {
-        self.inner.send(self.base + to, step, mb, name, bytes)
-    }
-
-    fn recv(&self, from: usize, step: u64, mb: u32, name: &str) -> Result<Vec<u8>, RunError> {
-        self.inner.recv(self.base + from, step, mb, name)
-    }
-
-    fn abort(&self) {
-        self.inner.abort()
-    }
-}
-
 /// The launch environment of this process, if launched as one rank of several: by an MPI
 /// launcher (`mpirun`), or with torchrun's variables.
 #[derive(Debug, Clone, PartialEq, Eq)]

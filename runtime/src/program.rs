@@ -328,8 +328,12 @@ pub struct Pipeline {
     /// run once per microbatch after the passes, like a pass whose outputs are averaged.
     #[serde(default)]
     pub late: Option<SubProgram>,
-    /// The optimizer program, run once per step after the passes.
-    pub update: SubProgram,
+    /// The optimizer, run once per step after the passes: one program per (stage, replica)
+    /// that updates weights (`device` the stage, `shard` the replica). A stage updates the
+    /// weights its passes read, each of its replicas a share of them and only that share's
+    /// optimizer state (ZeRO stage 1), the new weights then sent to the stage's other
+    /// replicas.
+    pub updates: Vec<SubProgram>,
     /// Values averaged over the microbatches (outputs of passes, inputs of `update`).
     pub averaged: Vec<String>,
     /// The averaged value that is the loss.
@@ -349,6 +353,10 @@ fn is_one(n: &u32) -> bool {
     *n == 1
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// A program inside a [`Pipeline`]: its kernel indices refer to the enclosing program's
 /// kernels, its constants to `blob` (a range of the enclosing program's blob).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -357,6 +365,9 @@ pub struct SubProgram {
     pub label: String,
     /// The device running it.
     pub device: u32,
+    /// The data-parallel replica running it (an optimizer shard; 0 for the passes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shard: u32,
     /// The program (its `kernels` and `blob` are empty; see [`SubProgram::resolve`]).
     pub program: Program,
     /// Its constants' byte range in the enclosing program's blob.
@@ -413,8 +424,12 @@ impl Pipeline {
             .map(|p| p.resolve(outer))
             .collect::<Result<_, _>>()?;
         let late = self.late.as_ref().map(|p| p.resolve(outer)).transpose()?;
-        let update = self.update.resolve(outer)?;
-        self.agrees(outer, &passes, late.as_ref(), &update)
+        let updates: Vec<Program> = self
+            .updates
+            .iter()
+            .map(|p| p.resolve(outer))
+            .collect::<Result<_, _>>()?;
+        self.agrees(outer, &passes, late.as_ref(), &updates)
             .map_err(ProgramError::Corrupt)
     }
 
@@ -423,7 +438,7 @@ impl Pipeline {
         outer: &Program,
         passes: &[Program],
         late: Option<&Program>,
-        update: &Program,
+        updates: &[Program],
     ) -> Result<(), String> {
         let m = self.microbatches as usize;
         if m == 0 || self.order.len() != self.stages as usize {
@@ -482,17 +497,37 @@ impl Pipeline {
                 return Err(format!("averaged value `{name}` is computed by no pass"));
             }
         }
-        for s in &update.inputs {
-            let ok = if self.averaged.contains(&s.name) {
-                size_of(&s.name) == Some(s.bytes())
-            } else {
-                outer.input(&s.name).is_some_and(|o| o.bytes() == s.bytes())
-            };
-            if !ok {
+        for (u, update) in self.updates.iter().zip(updates) {
+            if u.device >= self.stages || u.shard >= self.data_parallel {
                 return Err(format!(
-                    "the optimizer's input `{}` does not match its source",
-                    s.name
+                    "optimizer `{}` runs on stage {} of replica {}, outside the pipeline",
+                    u.label, u.device, u.shard
                 ));
+            }
+            if self
+                .updates
+                .iter()
+                .filter(|v| (v.device, v.shard) == (u.device, u.shard))
+                .count()
+                > 1
+            {
+                return Err(format!(
+                    "two optimizer programs run on stage {} of replica {}",
+                    u.device, u.shard
+                ));
+            }
+            for s in &update.inputs {
+                let ok = if self.averaged.contains(&s.name) {
+                    size_of(&s.name) == Some(s.bytes())
+                } else {
+                    outer.input(&s.name).is_some_and(|o| o.bytes() == s.bytes())
+                };
+                if !ok {
+                    return Err(format!(
+                        "the optimizer's input `{}` does not match its source",
+                        s.name
+                    ));
+                }
             }
         }
         let loss = outer
@@ -505,7 +540,7 @@ impl Pipeline {
             return Err("the pipeline's loss does not match the step's".into());
         }
         // Weights: one size everywhere.
-        for p in passes.iter().chain(late).chain(std::iter::once(update)) {
+        for p in passes.iter().chain(late).chain(updates) {
             for q in &p.params {
                 let ok = outer
                     .params
@@ -1040,6 +1075,7 @@ mod tests {
         let pass = |label: &str, device, program| SubProgram {
             label: label.into(),
             device,
+            shard: 0,
             program,
             blob: [0, 16],
         };
@@ -1068,7 +1104,7 @@ mod tests {
             ],
             order: vec![vec![(0, 0), (0, 1)], vec![(1, 0), (1, 1)]],
             late: None,
-            update: pass("update", 0, sub("x.2", "z")),
+            updates: vec![pass("U0", 0, sub("x.2", "z"))],
             averaged: vec!["x.2".into()],
             loss: "x.2".into(),
             data_parallel: 1,
@@ -1094,14 +1130,21 @@ mod tests {
         let e = Program::from_bytes(&bad.to_bytes()).unwrap_err();
         assert!(e.to_string().contains("`F0`'s constants"), "{e}");
         let mut bad = pipelined();
-        bad.pipeline.as_mut().unwrap().update.program.arena_bytes = 8;
+        bad.pipeline.as_mut().unwrap().updates[0]
+            .program
+            .arena_bytes = 8;
         let e = Program::from_bytes(&bad.to_bytes()).unwrap_err();
-        assert!(e.to_string().contains("pass `update`"), "{e}");
+        assert!(e.to_string().contains("pass `U0`"), "{e}");
         assert_eq!(e.to_string().matches("corrupt").count(), 1, "{e}");
         // What would panic, hang or average wrongly at run time.
         type Corrupt = fn(&mut Pipeline);
-        let cases: [(&str, Corrupt); 5] = [
+        let cases: [(&str, Corrupt); 7] = [
             ("runs twice", |p| p.order[0] = vec![(0, 0), (0, 0)]),
+            ("outside the pipeline", |p| p.updates[0].shard = 1),
+            ("two optimizer programs", |p| {
+                let u = p.updates[0].clone();
+                p.updates.push(u)
+            }),
             ("leaves a pass out", |p| {
                 p.order[1].pop().map(drop).unwrap_or(())
             }),

@@ -399,6 +399,9 @@ fn first_bad_weight(
         .iter()
         .filter(|p| p.updated && p.role == Role::Weight)
     {
+        if !cpu.holds(&p.slot) {
+            continue;
+        }
         if let Some((k, v)) = cpu.first_bad(&p.slot, finite::Bad::NonFinite)? {
             let at = finite::position(&p.slot.shape, k);
             return Ok(Some((p.slot.name.clone(), at, v)));
@@ -679,22 +682,41 @@ fn describe(program: &Program) -> String {
             .iter()
             .map(|q| format!("{}@{}", q.label, q.device))
             .collect();
-        let arenas: u64 = p
-            .passes
-            .iter()
-            .chain(&p.late)
-            .chain(std::iter::once(&p.update))
-            .map(|q| q.program.arena_bytes)
-            .sum();
         out += &format!(
-            "pipeline: {} on {} stages, {} microbatches per step; {} pass programs (chunk pass@device: {}){}, the optimizer; their arenas {arenas} bytes (arena_bytes above: the step's inputs, loss, weights and optimizer state)\n",
+            "pipeline: {} on {} stages × {} data-parallel replicas, {} microbatches per step; {} pass programs (chunk pass@device: {}){}, {} optimizer programs (stage.replica: {})\n",
             p.schedule,
             p.stages,
+            p.data_parallel,
             p.microbatches,
             p.passes.len(),
             labels.join(" "),
             if p.late.is_some() { ", gradient sums over chunks" } else { "" },
+            p.updates.len(),
+            p.updates
+                .iter()
+                .map(|u| format!("{}.{}", u.device, u.shard))
+                .collect::<Vec<_>>()
+                .join(" "),
         );
+        let line = |who: String, b: &crate::pipeline::Planned| {
+            format!(
+                "{who}: {} bytes (weights {}, optimizer state {}, gradient sums {}, working {})\n",
+                b.total, b.weights, b.optimizer_state, b.gradient_sums, b.working
+            )
+        };
+        if p.data_parallel == 1 {
+            if let Ok(b) = crate::pipeline::planned_at(program, None) {
+                out += &line("planned, one process".into(), &b);
+            }
+        }
+        for (r, b) in crate::pipeline::planned(program)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let (s, k) = b.at.unwrap_or_default();
+            out += &line(format!("planned, rank {r} (stage {s}, replica {k})"), b);
+        }
     }
     for s in &program.inputs {
         out += &format!("input {}: {}\n", s.name, s.type_string());
@@ -898,8 +920,8 @@ pub fn run_cli(
                     }
                 );
             }
-            // One process per pipeline stage: every rank ends each step with the same
-            // weights; rank 0 reports the steps and writes the checkpoint.
+            // One process per pipeline stage and replica: rank 0 reports the steps; every
+            // rank writes its shard of the checkpoint.
             let rank = match program.pipeline {
                 Some(_) => crate::mesh::RankEnv::from_env()
                     .map_err(RunError::Usage)?
@@ -911,7 +933,7 @@ pub fn run_cli(
                 lr: cmd.number("--lr")?.unwrap_or(1e-3),
                 weight_decay: cmd.number("--weight-decay")?,
                 start_step,
-                save: cmd.get("--save").filter(|_| rank == 0).map(PathBuf::from),
+                save: cmd.get("--save").map(PathBuf::from),
                 metrics: cmd
                     .get("--metrics")
                     .filter(|_| rank == 0)

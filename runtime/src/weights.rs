@@ -374,6 +374,12 @@ pub fn check_dir_form(dir: &Path, flag: &str) -> Result<(), RunError> {
 /// stored in a narrower type, so resuming is bitwise), the files the program carries
 /// (`config.json`, ...), and last [`STATE_FILE`] (`global_step`, `rows_consumed`). Every
 /// file is written to a temporary name and renamed.
+///
+/// A distributed step ([`Backend::shards`]) is saved as Hugging Face shards checkpoints:
+/// each rank writes the tensors it saves as its own shard of each file
+/// (`model-0000i-of-0000n.safetensors`, `optimizer-...`, under per-process temporary names),
+/// all called together; rank 0 then writes the indexes (`model.safetensors.index.json`, ...,
+/// after a barrier, so they name only complete shards) and last the state file.
 pub fn save_dir(
     dir: &Path,
     program: &Program,
@@ -386,50 +392,126 @@ pub fn save_dir(
         path: dir.display().to_string(),
         source,
     })?;
+    let shards = arena.shards();
+    let rank = shards.as_ref().map_or(0, |s| s.rank);
     // The state file marks a complete directory: gone until everything else is written, so
-    // an interrupted save over an earlier one is never taken for complete.
-    remove_if_present(&dir.join(STATE_FILE))?;
-    let mut model = vec![];
-    let mut adapters = vec![];
-    let mut optimizer = vec![];
+    // an interrupted save over an earlier one is never taken for complete (and no rank
+    // writes before it is gone).
+    if rank == 0 {
+        remove_if_present(&dir.join(STATE_FILE))?;
+    }
+    arena.barrier()?;
+    // Each tensor's file kind ([`MODEL_FILE`], [`ADAPTERS_FILE`], [`OPTIMIZER_FILE`]), its
+    // stored slot and the rank that writes it.
+    let saver = |name: &str| shards.as_ref().map_or(0, |s| s.saver[name]);
+    let mut kinds: [Vec<(Slot, Option<Dtype>, usize)>; 3] = Default::default();
     for p in &program.params {
-        let bytes = arena.get(&p.slot)?;
+        let r = saver(&p.slot.name);
         match p.role {
-            Role::OptimizerState => optimizer.push((p.slot.clone(), bytes)),
-            Role::Weight if added_by_memc(&p.slot.name) => adapters.push((p.slot.clone(), bytes)),
+            Role::OptimizerState => kinds[2].push((p.slot.clone(), None, r)),
+            Role::Weight if added_by_memc(&p.slot.name) => kinds[1].push((p.slot.clone(), None, r)),
             Role::Weight => match program.checkpoint.dtypes.get(&p.slot.name) {
                 Some(&d) if d != p.slot.dtype => {
-                    let narrow =
-                        crate::program::encode(d, &crate::program::decode(p.slot.dtype, &bytes));
                     let master = Slot {
                         name: format!("{MASTER}{}", p.slot.name),
                         ..p.slot.clone()
                     };
-                    optimizer.push((master, bytes));
-                    model.push((
-                        Slot {
-                            dtype: d,
-                            ..p.slot.clone()
-                        },
-                        narrow,
-                    ));
+                    kinds[2].push((master, None, r));
+                    kinds[0].push((p.slot.clone(), Some(d), r));
                 }
-                _ => model.push((p.slot.clone(), bytes)),
+                _ => kinds[0].push((p.slot.clone(), None, r)),
             },
         }
     }
     let pt = || HashMap::from([("format".to_string(), "pt".to_string())]);
-    let write = |name: &str, tensors: &[(Slot, Vec<u8>)]| {
-        let views: Vec<(Slot, &[u8])> = tensors.iter().map(|(s, b)| (s.clone(), &b[..])).collect();
-        save_tensors(&dir.join(name), &views, pt())
-    };
-    write(MODEL_FILE, &model)?;
-    // A file this program has nothing for is removed, not left from an earlier save.
-    for (name, tensors) in [(ADAPTERS_FILE, &adapters), (OPTIMIZER_FILE, &optimizer)] {
-        if tensors.is_empty() {
-            remove_if_present(&dir.join(name))?;
-        } else {
-            write(name, tensors)?;
+    let bases = ["model", "adapters", "optimizer"];
+    for (kind, base) in kinds.iter().zip(bases) {
+        // The ranks writing this kind, in rank order: shard i of n.
+        let mut writers: Vec<usize> = kind.iter().map(|t| t.2).collect();
+        writers.sort();
+        writers.dedup();
+        let file = |r: usize| match &shards {
+            None => format!("{base}.safetensors"),
+            Some(_) => {
+                let i = writers.iter().position(|&w| w == r).expect("a writer");
+                format!("{base}-{:05}-of-{:05}.safetensors", i + 1, writers.len())
+            }
+        };
+        if writers.contains(&rank) {
+            let mut tensors: Vec<(Slot, Vec<u8>)> = vec![];
+            for (slot, narrow, _) in kind.iter().filter(|t| t.2 == rank) {
+                let source = Slot {
+                    name: slot
+                        .name
+                        .strip_prefix(MASTER)
+                        .unwrap_or(&slot.name)
+                        .to_string(),
+                    ..slot.clone()
+                };
+                let bytes = arena.get(&source)?;
+                tensors.push(match narrow {
+                    Some(d) => (
+                        Slot {
+                            dtype: *d,
+                            ..slot.clone()
+                        },
+                        crate::program::encode(*d, &crate::program::decode(slot.dtype, &bytes)),
+                    ),
+                    None => (slot.clone(), bytes),
+                });
+            }
+            let views: Vec<(Slot, &[u8])> =
+                tensors.iter().map(|(s, b)| (s.clone(), &b[..])).collect();
+            save_tensors(&dir.join(file(rank)), &views, pt())?;
+        }
+        if rank != 0 {
+            continue;
+        }
+        // Rank 0 writes the index (or removes one an earlier, sharded save left) and
+        // removes the files of this kind that the new save does not name.
+        let index = dir.join(format!("{base}.safetensors.index.json"));
+        let named: std::collections::HashSet<String> = writers.iter().map(|&r| file(r)).collect();
+        // (An index for the new shards is written once every rank has written its own.)
+        if shards.is_none() || kind.is_empty() {
+            remove_if_present(&index)?;
+        }
+        remove_stale_files(dir, base, &named)?;
+    }
+    arena.barrier()?;
+    if rank != 0 {
+        return Ok(());
+    }
+    if shards.is_some() {
+        for (kind, base) in kinds.iter().zip(bases) {
+            if kind.is_empty() {
+                continue;
+            }
+            let mut writers: Vec<usize> = kind.iter().map(|t| t.2).collect();
+            writers.sort();
+            writers.dedup();
+            let n = writers.len();
+            let file = |r: usize| {
+                let i = writers.iter().position(|&w| w == r).expect("a writer");
+                format!("{base}-{:05}-of-{n:05}.safetensors", i + 1)
+            };
+            let total: u64 = kind
+                .iter()
+                .map(|(s, d, _)| {
+                    s.shape.iter().product::<usize>() as u64 * d.unwrap_or(s.dtype).size() as u64
+                })
+                .sum();
+            let map: serde_json::Map<String, serde_json::Value> = kind
+                .iter()
+                .map(|(s, _, r)| (s.name.clone(), file(*r).into()))
+                .collect();
+            let text = serde_json::json!({
+                "metadata": {"total_size": total},
+                "weight_map": map,
+            });
+            write_atomically(
+                &dir.join(format!("{base}.safetensors.index.json")),
+                format!("{text:#}\n").as_bytes(),
+            )?;
         }
     }
     for (name, text) in &program.checkpoint.files {
@@ -441,6 +523,31 @@ pub fn save_dir(
         "memc_model": program.model,
     });
     write_atomically(&dir.join(STATE_FILE), format!("{state:#}\n").as_bytes())
+}
+
+/// Removes the files of kind `base` in `dir` (`BASE.safetensors`, `BASE-*-of-*.safetensors`)
+/// that are not `keep`: what an earlier save with another layout left.
+fn remove_stale_files(
+    dir: &Path,
+    base: &str,
+    keep: &std::collections::HashSet<String>,
+) -> Result<(), RunError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let single = format!("{base}.safetensors");
+    let shard = format!("{base}-");
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name == single
+            || (name.starts_with(&shard)
+                && name.ends_with(".safetensors")
+                && name.contains("-of-"));
+        if ours && !keep.contains(&name) {
+            remove_if_present(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes `path` if it exists.
@@ -477,11 +584,15 @@ pub fn load_dir(
     let step = state["global_step"]
         .as_u64()
         .ok_or_else(|| bad_state("no `global_step` count"))?;
-    let paths: Vec<std::path::PathBuf> = [MODEL_FILE, ADAPTERS_FILE, OPTIMIZER_FILE]
-        .into_iter()
-        .map(|name| dir.join(name))
-        .filter(|path| path.exists())
-        .collect();
+    let mut paths: Vec<std::path::PathBuf> = vec![];
+    for base in ["model", "adapters", "optimizer"] {
+        let index = dir.join(format!("{base}.safetensors.index.json"));
+        if index.exists() {
+            paths.extend(index_files(&index)?);
+        } else if dir.join(format!("{base}.safetensors")).exists() {
+            paths.push(dir.join(format!("{base}.safetensors")));
+        }
+    }
     let files = map_files(&paths)?;
     let parsed = parse_files(&files)?;
     let mut loaded = Loaded {
@@ -520,9 +631,12 @@ pub fn load_dir(
                 });
             }
         };
-        copy_into(arena, &p.slot, &name, &files[k], &t)?;
+        // A rank of a distributed step reads only its share.
+        if arena.holds(&p.slot) {
+            copy_into(arena, &p.slot, &name, &files[k], &t)?;
+            loaded.tensors += 1;
+        }
         used.insert(name);
-        loaded.tensors += 1;
         loaded.optimizer_state |= p.role == Role::OptimizerState;
     }
     refuse_unused(&files, &parsed, &used, |path, name| {
@@ -574,11 +688,17 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<std::path::PathBuf>, RunError
             path.to_path_buf()
         }]);
     };
+    index_files(&i)
+}
+
+/// The shards a safetensors index (`weight_map`) names: files beside it (or, for an index
+/// that is a symbolic link, beside its target), each once.
+fn index_files(i: &Path) -> Result<Vec<std::path::PathBuf>, RunError> {
     let bad = |msg: String| RunError::Weights {
         path: i.display().to_string(),
         msg,
     };
-    let text = std::fs::read_to_string(&i).map_err(|source| RunError::Io {
+    let text = std::fs::read_to_string(i).map_err(|source| RunError::Io {
         path: i.display().to_string(),
         source,
     })?;

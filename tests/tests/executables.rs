@@ -595,7 +595,9 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
         memc_compile(llama, &exe, &piped("sgd", schedule));
         let info = ok(Command::new(&exe).arg("info"));
         assert!(
-            info.contains(&format!("pipeline: {schedule} on 2 stages, 4 microbatches")),
+            info.contains(&format!(
+                "pipeline: {schedule} on 2 stages × 1 data-parallel replicas, 4 microbatches"
+            )),
             "{info}"
         );
         let (got_loss, got) = sgd_step(&exe, schedule);

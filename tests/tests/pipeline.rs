@@ -147,6 +147,7 @@ fn run_step(
         schedule,
         args,
         rows,
+        1,
         "model",
         memc::pipe::PassTarget::Reference,
     )

@@ -26,7 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crate::cpu::{Arena, Cpu, KernelFn};
-use crate::mesh::{Mesh, Replica, Transport};
+use crate::mesh::{Mesh, Transport};
 use crate::program::{decode, encode};
 use crate::program::{Pipeline, Program, Slot};
 use crate::{Backend, RunError};
@@ -34,12 +34,17 @@ use crate::{Backend, RunError};
 /// A backend for one pass program (see [`Pipelined::with_backends`]).
 pub type PassBackend = Box<dyn Backend + Send>;
 
+mod share;
+
+pub use share::{planned, planned_at, Planned};
+use share::{Home, Share};
+
 /// A pass program ready to run: its backend, and where its inputs come from.
 struct Pass {
     cpu: PassBackend,
     program: Program,
-    /// (slot in the step's arena, slot here) of each weight it reads.
-    weights: Vec<(Slot, Slot)>,
+    /// Where each weight it reads lives in this process, and its slot here.
+    weights: Vec<(Home, Slot)>,
 }
 
 /// The cpu backend's pipelined step (the name of earlier releases).
@@ -47,22 +52,27 @@ pub type PipelineCpu = Pipelined;
 
 /// A pipelined training step (see the module docs).
 pub struct Pipelined {
+    /// The step's inputs, its loss and the weights kept outside the optimizer programs
+    /// (laid out by `share.step`).
     step: Arena,
     interface: Program,
     spec: Pipeline,
+    /// What this process holds and runs.
+    share: Share,
     /// Each device's passes (index in `spec.passes`, pass).
     devices: Vec<Vec<(usize, Pass)>>,
     late: Option<Pass>,
-    update: Pass,
-    /// The most bytes the values in flight between passes took at once, last step.
+    /// This process's optimizer programs (`share.updates`); each keeps the weights and
+    /// optimizer state it updates in its own arena.
+    updates: Vec<Pass>,
+    /// The most bytes the values in flight between passes held at once, last step.
     held_peak: u64,
-    /// Bytes of the f64 sums of averaged values (per device), last step.
+    /// Bytes of the f64 sums of averaged values at their most, last step.
     sums_bytes: u64,
     timing: Timings,
-    /// The other ranks, when each stage is a process; this process runs stage `mesh.rank()`.
-    mesh: Option<Box<dyn Transport>>,
-    /// The other replicas, with data parallelism.
-    dp: Option<DataParallel>,
+    /// The job when each stage of each replica is a process: this one runs stage `stage`
+    /// of replica `replica`.
+    job: Option<Job>,
     /// Steps run (keys the messages of a step).
     steps: u64,
     /// The stage computing each exchanged or averaged value (outputs of passes).
@@ -71,8 +81,33 @@ pub struct Pipelined {
     consumers: HashMap<String, Vec<usize>>,
     /// How many reads of each exchanged value happen in this process per microbatch.
     local_readers: HashMap<String, u32>,
+    /// The averaged values each stage needs (what its optimizer programs read, the loss).
+    needs: Vec<std::collections::HashSet<String>>,
     /// The averaged values of the last step (mean over the microbatches), by name.
     means: HashMap<String, Vec<f64>>,
+    /// Barriers passed (each names its messages).
+    barriers: u64,
+}
+
+/// One process per stage and replica: the job's transport and this process's place.
+struct Job {
+    transport: Arc<dyn Transport>,
+    stages: usize,
+    replicas: usize,
+    stage: usize,
+    replica: usize,
+}
+
+impl Job {
+    /// The rank of `stage` of this process's replica.
+    fn in_replica(&self, stage: usize) -> usize {
+        self.replica * self.stages + stage
+    }
+
+    /// The rank of this process's stage in `replica`.
+    fn in_stage(&self, replica: usize) -> usize {
+        replica * self.stages + self.stage
+    }
 }
 
 impl Pipelined {
@@ -83,106 +118,53 @@ impl Pipelined {
     ///
     /// As for [`Cpu::new`]: `kernels` are the entries memc generated for `program.kernels`.
     pub unsafe fn new(program: &Program, kernels: &[KernelFn]) -> Result<Pipelined, RunError> {
-        // SAFETY: the caller's contract.
-        unsafe { Pipelined::on_cpu(program, kernels, None) }
-    }
-
-    /// Prepares this rank's stage of `program` on the cpu backend, exchanging values with
-    /// the other ranks through `mesh` (one rank per stage).
-    ///
-    /// # Safety
-    ///
-    /// As for [`Cpu::new`]: `kernels` are the entries memc generated for `program.kernels`.
-    pub unsafe fn with_mesh(
-        program: &Program,
-        kernels: &[KernelFn],
-        mesh: Box<dyn Transport>,
-    ) -> Result<Pipelined, RunError> {
-        // SAFETY: the caller's contract.
-        unsafe { Pipelined::on_cpu(program, kernels, Some(mesh)) }
-    }
-
-    /// # Safety
-    ///
-    /// As for [`Cpu::new`].
-    unsafe fn on_cpu(
-        program: &Program,
-        kernels: &[KernelFn],
-        mesh: Option<Box<dyn Transport>>,
-    ) -> Result<Pipelined, RunError> {
         let mut make = |_: &str, p: &Program| -> Result<PassBackend, RunError> {
             // SAFETY: every pass's kernels index the step program's table, whose entries the
             // caller vouched for.
             Ok(Box::new(unsafe { Cpu::new(p.checked()?, kernels) }))
         };
-        Pipelined::with_backends(program, &mut make, mesh)
+        Pipelined::with_backends(program, &mut make, None)
     }
 
-    /// Prepares the passes of `program` (this rank's stage only, with a `mesh`), each on the
-    /// backend `make` returns for it: `make(label, pass program)` is called for every pass
-    /// run here, the gradient sums (`late`) and the optimizer (`update`).
+    /// Prepares the passes of `program` (this rank's share only, with a `job` transport:
+    /// rank `r` runs stage `r mod P` of replica `r / P`), each on the backend `make` returns
+    /// for it: `make(label, pass program)` is called for every pass run here, the gradient
+    /// sums (`late`) and this process's optimizer programs.
     pub fn with_backends(
         program: &Program,
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
-        mesh: Option<Box<dyn Transport>>,
+        job: Option<Arc<dyn Transport>>,
     ) -> Result<Pipelined, RunError> {
-        Pipelined::build(program, make, mesh)
+        Pipelined::build(program, make, job)
     }
 
     /// Opens `program`'s pipelined step with `make`'s pass backends: in this process alone,
     /// or, launched by `mpirun` (over MPI) or with torchrun's environment (RANK, WORLD_SIZE,
-    /// MASTER_ADDR, MASTER_PORT; over the TCP mesh), as this rank's stage of one process per
-    /// stage (the world must be the program's stage count; mesh peers are waited for up to
-    /// two minutes).
+    /// MASTER_ADDR, MASTER_PORT; over the TCP mesh), as this rank's share of one process per
+    /// stage and replica (the world must be stages × replicas; mesh peers are waited for up
+    /// to two minutes).
     pub fn open(
         program: &Program,
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
     ) -> Result<Pipelined, RunError> {
         let stages = program.pipeline.as_ref().map_or(0, |p| p.stages);
         let replicas = program.pipeline.as_ref().map_or(1, |p| p.data_parallel);
-        let job: Option<std::sync::Arc<dyn Transport>> =
+        let job: Option<Arc<dyn Transport>> =
             match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
-                Some(env) if env.mpi => Some(std::sync::Arc::new(crate::mpi::Mpi::init(
+                Some(env) if env.mpi => Some(Arc::new(crate::mpi::Mpi::init(
                     stages as usize,
                     replicas as usize,
                 )?)),
                 Some(env) => {
                     check_world(env.world, stages, replicas)?;
-                    Some(std::sync::Arc::new(Mesh::connect(
+                    Some(Arc::new(Mesh::connect(
                         &env,
                         std::time::Duration::from_secs(120),
                     )?))
                 }
-                None if replicas > 1 => {
-                    return Err(RunError::Usage(format!(
-                        "{}: compiled for {replicas} data-parallel replicas of {stages} pipeline stages: launch {} ranks (mpirun -n {})",
-                        program.model,
-                        stages * replicas,
-                        stages * replicas
-                    )))
-                }
                 None => None,
             };
-        let Some(job) = job else {
-            return Pipelined::with_backends(program, make, None);
-        };
-        let p = stages as usize;
-        let replica = job.rank() / p;
-        let view: Box<dyn Transport> = Box::new(Replica {
-            inner: job.clone(),
-            base: replica * p,
-            size: p,
-        });
-        let mut pipe = Pipelined::with_backends(program, make, Some(view))?;
-        if replicas > 1 {
-            pipe.dp = Some(DataParallel {
-                transport: job,
-                replicas: replicas as usize,
-                replica,
-                stages: p,
-            });
-        }
-        Ok(pipe)
+        Pipelined::with_backends(program, make, job)
     }
 
     /// [`Pipelined::open`] on the cpu backend's generated kernels.
@@ -200,56 +182,85 @@ impl Pipelined {
     }
 
     /// The mean over the microbatches of each averaged value (the loss, the weight
-    /// gradients) in the last step, by name.
+    /// gradients) in the last step, by name: those this process summed (with data
+    /// parallelism, a gradient's mean is on the replica that updates its weight).
     pub fn means(&self) -> &HashMap<String, Vec<f64>> {
         &self.means
     }
 
-    /// This process's rank (0 without a mesh).
+    /// This process's rank (0 in one process).
     pub fn rank(&self) -> usize {
-        self.mesh.as_ref().map_or(0, |m| m.rank())
+        self.job.as_ref().map_or(0, |j| j.transport.rank())
+    }
+
+    /// What this process planned to allocate ([`planned_at`]).
+    pub fn planned(&self) -> Result<Planned, RunError> {
+        planned_at(
+            &self.interface,
+            self.job.as_ref().map(|j| (j.stage, j.replica)),
+        )
     }
 
     fn build(
         program: &Program,
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
-        mesh: Option<Box<dyn Transport>>,
+        transport: Option<Arc<dyn Transport>>,
     ) -> Result<Pipelined, RunError> {
         let spec = *program
             .pipeline
             .clone()
             .ok_or_else(|| RunError::Usage("not a pipelined program".into()))?;
-        let by_name: HashMap<&str, &Slot> = program
-            .params
-            .iter()
-            .map(|p| (p.slot.name.as_str(), &p.slot))
-            .collect();
+        let (p, d) = (spec.stages as usize, spec.data_parallel as usize);
+        let job = match transport {
+            Some(t) => {
+                check_world(t.world(), spec.stages, spec.data_parallel)?;
+                let r = t.rank();
+                Some(Job {
+                    transport: t,
+                    stages: p,
+                    replicas: d,
+                    stage: r % p,
+                    replica: r / p,
+                })
+            }
+            None if d > 1 => {
+                return Err(RunError::Usage(format!(
+                    "{}: compiled for {d} data-parallel replicas of {p} pipeline stages: launch {} ranks (mpirun -n {})",
+                    program.model,
+                    p * d,
+                    p * d
+                )))
+            }
+            None => None,
+        };
+        let share = share::share(program, job.as_ref().map(|j| (j.stage, j.replica)))?;
         let mut prepare = |sub: &crate::program::SubProgram| -> Result<Pass, RunError> {
-            let p = sub.resolve(program)?;
+            let prog = sub.resolve(program)?;
             let mut weights = vec![];
-            for q in &p.params {
-                let outer = by_name.get(q.slot.name.as_str()).ok_or_else(|| {
-                    RunError::Program(crate::program::ProgramError::Corrupt(format!(
-                        "pass `{}` reads `{}`, which the step does not hold",
-                        sub.label, q.slot.name
-                    )))
-                })?;
-                weights.push(((*outer).clone(), q.slot.clone()));
+            for q in &prog.params {
+                let home = share
+                    .homes
+                    .get(q.slot.name.as_str())
+                    .and_then(|h| h.first())
+                    .ok_or_else(|| {
+                        RunError::Program(crate::program::ProgramError::Corrupt(format!(
+                            "pass `{}` reads `{}`, which this process does not keep",
+                            sub.label, q.slot.name
+                        )))
+                    })?;
+                weights.push((home.clone(), q.slot.clone()));
             }
             Ok(Pass {
-                cpu: make(&sub.label, &p)?,
-                program: p,
+                cpu: make(&sub.label, &prog)?,
+                program: prog,
                 weights,
             })
         };
-        if let Some(m) = &mesh {
-            check_world(m.world(), spec.stages, 1)?;
-        }
-        let here = |d: usize| mesh.as_ref().is_none_or(|m| m.rank() == d);
+        let here = |d: usize| job.as_ref().is_none_or(|j| j.stage == d);
         let mut producer = HashMap::new();
         let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
         let mut local_readers: HashMap<String, u32> = HashMap::new();
-        let all: Vec<usize> = (0..spec.stages as usize).collect();
+        let all: Vec<usize> = (0..p).collect();
         for sub in &spec.passes {
             let d = sub.device as usize;
             for o in &sub.program.outputs {
@@ -281,38 +292,59 @@ impl Pipelined {
                 *local_readers.entry(i.name.clone()).or_default() += 1;
             }
         }
-        let mut devices: Vec<Vec<(usize, Pass)>> = (0..spec.stages).map(|_| Vec::new()).collect();
-        for (k, sub) in spec.passes.iter().enumerate() {
+        let mut devices: Vec<Vec<(usize, Pass)>> = (0..p).map(|_| Vec::new()).collect();
+        for &k in &share.passes {
+            let sub = &spec.passes[k];
             let d = devices.get_mut(sub.device as usize).ok_or_else(|| {
                 RunError::Usage(format!("pass `{}` is on a missing device", sub.label))
             })?;
-            if here(sub.device as usize) {
-                d.push((k, prepare(sub)?));
-            }
+            d.push((k, prepare(sub)?));
         }
         let late = spec.late.as_ref().map(&mut prepare).transpose()?;
-        let update = prepare(&spec.update)?;
+        let updates = share
+            .updates
+            .iter()
+            .map(|&k| {
+                let sub = &spec.updates[k];
+                let prog = sub.resolve(program)?;
+                Ok(Pass {
+                    cpu: make(&sub.label, &prog)?,
+                    program: prog,
+                    weights: vec![],
+                })
+            })
+            .collect::<Result<Vec<Pass>, RunError>>()?;
         let timing = Timings {
-            devices: vec![Timing::default(); spec.stages as usize],
+            devices: vec![Timing::default(); p],
             ..Timings::default()
         };
         Ok(Pipelined {
             means: HashMap::new(),
             timing,
-            step: Arena::new(program.arena_bytes),
+            step: Arena::new(share.step_bytes),
+            needs: share::needs(&spec),
+            share,
             interface: program.clone(),
             spec,
             devices,
             late,
-            update,
+            updates,
             held_peak: 0,
             sums_bytes: 0,
-            mesh,
-            dp: None,
+            job,
             steps: 0,
             producer,
             consumers,
             local_readers,
+            barriers: 0,
+        })
+    }
+
+    /// The bytes of weight or optimizer state `name` (from its first home).
+    fn read_home(&mut self, home: &Home) -> Result<Vec<u8>, RunError> {
+        Ok(match home {
+            Home::Step(s) => self.step.get(s).to_vec(),
+            Home::Update(k, s) => self.updates[*k].cpu.get(s)?,
         })
     }
 }
@@ -333,59 +365,54 @@ fn check_world(world: usize, stages: u32, replicas: u32) -> Result<(), RunError>
     }))
 }
 
-/// This rank's place among the data-parallel replicas: the job's transport, and which
-/// replica it runs (its stage's peers are the same stage of every replica).
-struct DataParallel {
-    transport: std::sync::Arc<dyn Transport>,
-    replicas: usize,
-    replica: usize,
-    stages: usize,
+/// Adds up the sums of `name` that the replicas `from` hold (this process's for its own
+/// replica, received for the others), in replica order so every replica adding them gets
+/// the same bits.
+fn sum_replicas(
+    job: &Job,
+    step: u64,
+    name: &str,
+    mine: &[f64],
+    from: std::ops::Range<usize>,
+) -> Result<Vec<f64>, RunError> {
+    let mut total = vec![0f64; mine.len()];
+    for k in from {
+        let part: Vec<f64> = if k == job.replica {
+            mine.to_vec()
+        } else {
+            let b = job.transport.recv(job.in_stage(k), step, REPLICAS, name)?;
+            if b.len() != 8 * mine.len() {
+                return Err(RunError::Usage(format!(
+                    "replica {k} sent {} bytes of `{name}`, this one has {}",
+                    b.len(),
+                    8 * mine.len()
+                )));
+            }
+            from_f64s(&b)
+        };
+        for (t, x) in total.iter_mut().zip(part) {
+            *t += x;
+        }
+    }
+    Ok(total)
 }
 
-impl DataParallel {
-    /// Replaces each of `sums` (this replica's, by name) with the sum over every replica's,
-    /// added in replica order so every replica gets the same bits; `names` in a fixed order.
-    fn all_reduce(
-        &self,
-        step: u64,
-        names: &[String],
-        sums: &mut HashMap<String, Vec<f64>>,
-    ) -> Result<(), RunError> {
-        let stage = self.transport.rank() % self.stages;
-        let peer = |k: usize| k * self.stages + stage;
-        // Distinct from the replica's own messages, which use real microbatches and MAX.
-        let tag = u32::MAX - 1;
-        for name in names {
-            let Some(mine) = sums.get(name) else {
-                continue;
-            };
-            let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
-            for k in (0..self.replicas).filter(|&k| k != self.replica) {
-                self.transport.send(peer(k), step, tag, name, &bytes)?;
-            }
-            let mut total = vec![0f64; mine.len()];
-            for k in 0..self.replicas {
-                let part = if k == self.replica {
-                    bytes.clone()
-                } else {
-                    self.transport.recv(peer(k), step, tag, name)?
-                };
-                if part.len() != bytes.len() {
-                    return Err(RunError::Usage(format!(
-                        "replica {k} sent {} bytes of `{name}`, this one has {}",
-                        part.len(),
-                        bytes.len()
-                    )));
-                }
-                for (t, c) in total.iter_mut().zip(part.chunks_exact(8)) {
-                    *t += f64::from_le_bytes(c.try_into().expect("8 bytes"));
-                }
-            }
-            sums.insert(name.clone(), total);
-        }
-        Ok(())
-    }
+fn f64s(v: &[f64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
+
+fn from_f64s(b: &[u8]) -> Vec<f64> {
+    b.chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// Message tags (the microbatch field) of what is not a microbatch's value: averaged
+/// values within a replica, across replicas, updated weights across replicas, barriers.
+const STAGES: u32 = u32::MAX;
+const REPLICAS: u32 = u32::MAX - 1;
+const WEIGHTS: u32 = u32::MAX - 2;
+const BARRIER: u32 = u32::MAX - 3;
 
 /// Seconds one device spent computing and waiting in one step, and when it finished (then
 /// summed over steps, `end` as the time it sat idle after its last pass).
@@ -497,12 +524,17 @@ fn slice<'a>(step: &'a Arena, outer: &Slot, slot: &Slot, mb: usize, m: usize) ->
 
 impl Backend for Pipelined {
     fn name(&self) -> &'static str {
-        self.update.cpu.name()
+        self.late
+            .as_ref()
+            .or(self.updates.first())
+            .or(self.devices.iter().flatten().map(|(_, p)| p).next())
+            .map_or("cpu", |p| p.cpu.name())
     }
 
-    /// Every program's arena (the step's, each pass's, the late and update programs'), plus
-    /// the most the values in flight between passes held at once and the gradient sums, in
-    /// the last step.
+    /// Every arena this process allocated (the step's, each of its passes', the gradient
+    /// sums' and its optimizer programs') and the f64 sums of averaged values at their most
+    /// in the last step: what [`Pipelined::planned`] says it allocates. The values in flight
+    /// between passes are in the profile.
     fn arena_bytes(&self) -> u64 {
         self.step.bytes() as u64
             + self
@@ -512,25 +544,115 @@ impl Backend for Pipelined {
                 .map(|(_, p)| p.cpu.arena_bytes())
                 .sum::<u64>()
             + self.late.as_ref().map_or(0, |l| l.cpu.arena_bytes())
-            + self.update.cpu.arena_bytes()
-            + self.held_peak
+            + self
+                .updates
+                .iter()
+                .map(|u| u.cpu.arena_bytes())
+                .sum::<u64>()
             + self.sums_bytes
     }
 
     fn set(&mut self, slot: &Slot, bytes: &[u8]) -> Result<(), RunError> {
-        self.step.set(slot, bytes);
-        Ok(())
+        if let Some(homes) = self.share.homes.get(&slot.name) {
+            for h in homes {
+                match h {
+                    Home::Step(s) => self.step.set(s, bytes),
+                    Home::Update(k, s) => self.updates[*k].cpu.set(s, bytes)?,
+                }
+            }
+            return Ok(());
+        }
+        if let Some(s) = self.share.step.get(&slot.name) {
+            self.step.set(s, bytes);
+            return Ok(());
+        }
+        if self
+            .interface
+            .params
+            .iter()
+            .any(|p| p.slot.name == slot.name)
+        {
+            // Another rank keeps it.
+            return Ok(());
+        }
+        Err(RunError::Usage(format!(
+            "`{}` is not a value of the pipelined step",
+            slot.name
+        )))
     }
 
     fn get(&mut self, slot: &Slot) -> Result<Vec<u8>, RunError> {
-        Ok(self.step.get(slot).to_vec())
+        if let Some(h) = self.share.homes.get(&slot.name).and_then(|h| h.first()) {
+            let h = h.clone();
+            return self.read_home(&h);
+        }
+        if let Some(s) = self.share.step.get(&slot.name) {
+            return Ok(self.step.get(s).to_vec());
+        }
+        Err(RunError::Usage(format!(
+            "rank {} does not keep `{}` (another rank's share of the step)",
+            self.rank(),
+            slot.name
+        )))
+    }
+
+    fn holds(&self, slot: &Slot) -> bool {
+        self.share.homes.contains_key(&slot.name) || self.share.step.contains_key(&slot.name)
+    }
+
+    fn shards(&self) -> Option<crate::Shards> {
+        let job = self.job.as_ref()?;
+        Some(crate::Shards {
+            rank: job.transport.rank(),
+            ranks: job.stages * job.replicas,
+            saver: share::savers(&self.interface).ok()?,
+        })
+    }
+
+    /// Every rank tells rank 0, which answers each once all have.
+    fn barrier(&mut self) -> Result<(), RunError> {
+        let Some(job) = &self.job else {
+            return Ok(());
+        };
+        self.barriers += 1;
+        let name = format!("memc.barrier.{}", self.barriers);
+        let (t, world) = (&job.transport, job.stages * job.replicas);
+        if t.rank() == 0 {
+            for r in 1..world {
+                t.recv(r, self.steps, BARRIER, &name)?;
+            }
+            for r in 1..world {
+                t.send(r, self.steps, BARRIER, &name, &[])?;
+            }
+        } else {
+            t.send(0, self.steps, BARRIER, &name, &[])?;
+            t.recv(0, self.steps, BARRIER, &name)?;
+        }
+        Ok(())
     }
 
     fn run(&mut self) -> Result<(), RunError> {
         self.steps += 1;
         let r = self.one_step();
-        if let (Err(_), Some(mesh)) = (&r, &self.mesh) {
-            mesh.abort();
+        if let (Err(_), Some(job)) = (&r, &self.job) {
+            job.transport.abort();
+        }
+        if r.is_ok() && self.steps == 1 {
+            if let Some(job) = &self.job {
+                let planned = self.planned()?;
+                eprintln!(
+                    "rank {} (stage {} of replica {}): {} bytes allocated, {} planned (weights {}, optimizer state {}, gradient sums {}, working {})",
+                    job.transport.rank(),
+                    job.stage,
+                    job.replica,
+                    self.arena_bytes(),
+                    planned.total,
+                    planned.weights,
+                    planned.optimizer_state,
+                    planned.gradient_sums,
+                    planned.working
+                );
+            }
         }
         r
     }
@@ -543,12 +665,18 @@ impl Backend for Pipelined {
 impl Pipelined {
     fn one_step(&mut self) -> Result<(), RunError> {
         let m = self.spec.microbatches as usize;
-        let (mesh, step_no) = (self.mesh.as_ref(), self.steps);
-        let me = self.rank();
-        let here = |d: usize| mesh.is_none() || d == me;
+        let step_no = self.steps;
+        let job = self.job.as_ref();
+        let mesh = job.map(|j| j.transport.as_ref());
+        let me = job.map_or(0, |j| j.stage);
+        // Stage `d`'s rank in this replica.
+        let rank_of = |d: usize| job.map_or(d, |j| j.in_replica(d));
+        let here = |d: usize| job.is_none_or(|j| j.stage == d);
         let (producer, consumers) = (&self.producer, &self.consumers);
         let step = &self.step;
-        let interface = &self.interface;
+        let local = &self.share.step;
+        // The weights each pass reads, from where they live here.
+        let updates = &mut self.updates;
         for pass in self
             .devices
             .iter_mut()
@@ -556,8 +684,14 @@ impl Pipelined {
             .map(|(_, p)| p)
             .chain(self.late.as_mut())
         {
-            for (outer, inner) in &pass.weights {
-                pass.cpu.set(inner, step.get(outer))?;
+            for (home, inner) in &pass.weights {
+                match home {
+                    Home::Step(s) => pass.cpu.set(inner, step.get(s))?,
+                    Home::Update(k, s) => {
+                        let b = updates[*k].cpu.get(s)?;
+                        pass.cpu.set(inner, &b)?
+                    }
+                }
             }
         }
         let readers = &self.local_readers;
@@ -582,7 +716,7 @@ impl Pipelined {
                         Some(mesh) if !here(from) => match store.try_take(mb, &slot.name) {
                             Some(b) => b,
                             None => {
-                                let b = mesh.recv(from, step_no, mb, &slot.name)?;
+                                let b = mesh.recv(rank_of(from), step_no, mb, &slot.name)?;
                                 let left = readers.get(&slot.name).copied().unwrap_or(1);
                                 if left > 1 {
                                     store.put(mb, &slot.name, b.clone(), left - 1);
@@ -604,7 +738,7 @@ impl Pipelined {
                     pass.cpu.set(slot, &bytes)?;
                     continue;
                 }
-                let outer = interface.input(&slot.name).ok_or_else(|| {
+                let outer = local.get(&slot.name).ok_or_else(|| {
                     RunError::Usage(format!("input `{}` is not an input of the step", slot.name))
                 })?;
                 let bytes = slice(step, outer, slot, mb as usize, m).ok_or_else(|| {
@@ -632,7 +766,7 @@ impl Pipelined {
                 if let Some(mesh) = mesh {
                     for &c in consumers.get(&slot.name).into_iter().flatten() {
                         if c != me {
-                            mesh.send(c, step_no, mb, &slot.name, &bytes)?;
+                            mesh.send(rank_of(c), step_no, mb, &slot.name, &bytes)?;
                         }
                     }
                 }
@@ -703,10 +837,8 @@ impl Pipelined {
         })?;
         let mut sums = Sums::new();
         let mut timings = vec![Timing::default(); self.spec.stages as usize];
-        self.sums_bytes = 0;
         for (d, t, part) in results {
             timings[d] = t;
-            self.sums_bytes += part.values().map(|v| 8 * v.len() as u64).sum::<u64>();
             for (name, v) in part {
                 match sums.get_mut(&name) {
                     Some(acc) => acc.iter_mut().zip(&v).for_each(|(a, x)| *a += x),
@@ -724,9 +856,9 @@ impl Pipelined {
         }
         self.timing.passes += passes_done;
         self.timing.steps += 1;
-        // Each rank's averaged values to the others: every rank then runs the same late and
-        // update programs on the same sums (late outputs are computed on every rank).
-        if let Some(mesh) = mesh {
+        // Within the replica: each averaged value from the stage computing it to the stages
+        // whose optimizer programs read it (the loss to every stage).
+        if let Some(job) = job {
             for name in &self.spec.averaged {
                 let Some(&from) = producer.get(name) else {
                     continue;
@@ -735,17 +867,14 @@ impl Pipelined {
                     let v = sums.get(name).ok_or_else(|| {
                         RunError::Usage(format!("no pass here computed `{name}` (a memc bug)"))
                     })?;
-                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    for r in (0..mesh.world()).filter(|&r| r != me) {
-                        mesh.send(r, step_no, u32::MAX, name, &bytes)?;
+                    let bytes = f64s(v);
+                    for d in (0..job.stages).filter(|&d| d != me && self.needs[d].contains(name)) {
+                        job.transport
+                            .send(rank_of(d), step_no, STAGES, name, &bytes)?;
                     }
-                } else {
-                    let b = mesh.recv(from, step_no, u32::MAX, name)?;
-                    let v = b
-                        .chunks_exact(8)
-                        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                        .collect();
-                    sums.insert(name.clone(), v);
+                } else if self.needs[me].contains(name) {
+                    let b = job.transport.recv(rank_of(from), step_no, STAGES, name)?;
+                    sums.insert(name.clone(), from_f64s(&b));
                 }
             }
         }
@@ -756,12 +885,55 @@ impl Pipelined {
             }
             self.timing.late += t0.elapsed().as_secs_f64();
         }
-        // Data parallelism: every replica's sums added up, the means taken over all of their
-        // microbatches.
-        let m = match &self.dp {
-            Some(dp) => {
-                dp.all_reduce(step_no, &self.spec.averaged, &mut sums)?;
-                m * dp.replicas
+        self.sums_bytes = sums.values().map(|v| 8 * v.len() as u64).sum();
+        // Across replicas: the loss summed on every replica; each gradient summed on the
+        // replica whose optimizer program reads it (ZeRO stage 1), and dropped elsewhere.
+        let m = match job.filter(|j| j.replicas > 1) {
+            Some(job) => {
+                for name in &self.spec.averaged {
+                    let Some(mine) = sums.get(name) else {
+                        continue;
+                    };
+                    if *name == self.spec.loss {
+                        let b = f64s(mine);
+                        for k in (0..job.replicas).filter(|&k| k != job.replica) {
+                            job.transport
+                                .send(job.in_stage(k), step_no, REPLICAS, name, &b)?;
+                        }
+                        let total = sum_replicas(job, step_no, name, mine, 0..job.replicas)?;
+                        sums.insert(name.clone(), total);
+                        continue;
+                    }
+                    let owners: Vec<usize> = self
+                        .spec
+                        .updates
+                        .iter()
+                        .filter(|u| {
+                            u.device as usize == me
+                                && u.program.inputs.iter().any(|i| i.name == *name)
+                        })
+                        .map(|u| u.shard as usize)
+                        .collect();
+                    let mut total = None;
+                    for &owner in &owners {
+                        if owner == job.replica {
+                            total = Some(sum_replicas(job, step_no, name, mine, 0..job.replicas)?);
+                        } else {
+                            job.transport.send(
+                                job.in_stage(owner),
+                                step_no,
+                                REPLICAS,
+                                name,
+                                &f64s(mine),
+                            )?;
+                        }
+                    }
+                    match total {
+                        Some(t) => drop(sums.insert(name.clone(), t)),
+                        None => drop(sums.remove(name)),
+                    }
+                }
+                m * job.replicas
             }
             None => m,
         };
@@ -776,40 +948,88 @@ impl Pipelined {
             })?;
             Ok(s.iter().map(|x| x / m as f64).collect())
         };
-        // The optimizer on the averages.
-        let update = &mut self.update;
-        for slot in &update.program.inputs {
-            let bytes = if averaged.contains(&slot.name.as_str()) {
-                let b = encode(slot.dtype, &mean(&slot.name)?);
-                if b.len() as u64 != slot.bytes() {
-                    return Err(RunError::Usage(format!(
-                        "`{}`: {} bytes of sums for {} (a rank sent a malformed value)",
-                        slot.name,
-                        b.len(),
-                        slot.type_string()
-                    )));
-                }
-                b
-            } else {
-                let outer = interface.input(&slot.name).ok_or_else(|| {
-                    RunError::Usage(format!(
-                        "update input `{}` is not an input of the step",
-                        slot.name
-                    ))
-                })?;
-                self.step.get(outer).to_vec()
-            };
-            update.cpu.set(slot, &bytes)?;
-        }
-        for (outer, inner) in &update.weights {
-            update.cpu.set(inner, self.step.get(outer))?;
-        }
+        // This process's optimizer programs on the averages; each updates the weights and
+        // optimizer state in its arena.
         let t0 = Instant::now();
-        update.cpu.run()?;
+        for update in self.updates.iter_mut() {
+            for slot in &update.program.inputs {
+                if averaged.contains(&slot.name.as_str()) {
+                    let b = encode(slot.dtype, &mean(&slot.name)?);
+                    if b.len() as u64 != slot.bytes() {
+                        return Err(RunError::Usage(format!(
+                            "`{}`: {} bytes of sums for {} (a rank sent a malformed value)",
+                            slot.name,
+                            b.len(),
+                            slot.type_string()
+                        )));
+                    }
+                    update.cpu.set(slot, &b)?;
+                } else {
+                    let outer = local.get(&slot.name).ok_or_else(|| {
+                        RunError::Usage(format!(
+                            "update input `{}` is not an input of the step",
+                            slot.name
+                        ))
+                    })?;
+                    update.cpu.set(slot, step.get(outer))?;
+                }
+            }
+            update.cpu.run()?;
+        }
         self.timing.update += t0.elapsed().as_secs_f64();
-        for (outer, inner) in &update.weights {
-            let bytes = update.cpu.get(inner)?;
-            self.step.set(outer, &bytes);
+        // Across replicas: each stage's weights from the replica that updated them.
+        if let Some(job) = job.filter(|j| j.replicas > 1) {
+            for (k, u) in self.spec.updates.iter().enumerate() {
+                if u.device as usize != me {
+                    continue;
+                }
+                for q in u
+                    .program
+                    .params
+                    .iter()
+                    .filter(|q| q.role == crate::program::Role::Weight)
+                {
+                    if u.shard as usize == job.replica {
+                        let local_k = self
+                            .share
+                            .updates
+                            .iter()
+                            .position(|&x| x == k)
+                            .expect("this replica's optimizer program runs here");
+                        let b = self.updates[local_k].cpu.get(&q.slot)?;
+                        for r in (0..job.replicas).filter(|&r| r != job.replica) {
+                            job.transport.send(
+                                job.in_stage(r),
+                                step_no,
+                                WEIGHTS,
+                                &q.slot.name,
+                                &b,
+                            )?;
+                        }
+                    } else {
+                        let b = job.transport.recv(
+                            job.in_stage(u.shard as usize),
+                            step_no,
+                            WEIGHTS,
+                            &q.slot.name,
+                        )?;
+                        if b.len() as u64 != q.slot.bytes() {
+                            return Err(RunError::Usage(format!(
+                                "replica {} sent {} bytes of `{}`, a {}",
+                                u.shard,
+                                b.len(),
+                                q.slot.name,
+                                q.slot.type_string()
+                            )));
+                        }
+                        for h in self.share.homes.get(&q.slot.name).into_iter().flatten() {
+                            if let Home::Step(s) = h {
+                                self.step.set(s, &b);
+                            }
+                        }
+                    }
+                }
+            }
         }
         let training = self
             .interface
@@ -817,8 +1037,9 @@ impl Pipelined {
             .as_ref()
             .ok_or_else(|| RunError::Usage("a pipelined program trains".into()))?;
         let loss = self
-            .interface
-            .output(&training.loss_output)
+            .share
+            .step
+            .get(&training.loss_output)
             .ok_or_else(|| RunError::Usage("the step has no loss output".into()))?
             .clone();
         let l = encode(loss.dtype, &mean(&self.spec.loss)?);
@@ -850,6 +1071,10 @@ impl Pipelined {
             ms(t.late),
             ms(t.update)
         );
+        out += &format!(
+            "  values in flight between passes: at most {} bytes (last step)\n",
+            self.held_peak
+        );
         for (d, x) in t.devices.iter().enumerate() {
             out += &format!(
                 "  device {d}: computing {:.1} ms, waiting {:.1} ms, done early by {:.1} ms; idle {:.1}% of the passes' time\n",
@@ -864,8 +1089,10 @@ impl Pipelined {
                 out += &format!("pass {}: {p}", self.spec.passes[*k].label);
             }
         }
-        if let Some(p) = self.update.cpu.profile() {
-            out += &format!("optimizer: {p}");
+        for (k, u) in self.share.updates.iter().zip(&self.updates) {
+            if let Some(p) = u.cpu.profile() {
+                out += &format!("optimizer {}: {p}", self.spec.updates[*k].label);
+            }
         }
         Some(out)
     }
