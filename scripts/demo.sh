@@ -101,24 +101,21 @@ with open(sys.argv[1], "wb") as f:
     f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
     f.write(struct.pack("<256q", *[(i * 37 + 11) % 128 for i in range(256)]))
 PY
-echo "== memc train $DEPTH --data $OUT/ids8x32.npy --shape input_ids=8x32 --steps 3 --lr 1e-2   (plain, then pipelined: 2 stages x 4 microbatches, zb-h1; then one process per stage)"
+MPIRUN="mpirun --allow-run-as-root --oversubscribe"
+echo "== memc train $DEPTH --data $OUT/ids8x32.npy --shape input_ids=8x32 --steps 3 --lr 1e-2   (plain, then pipelined: 2 stages x 4 microbatches, zb-h1; then one process per stage under mpirun)"
 $MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2
 $MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2 --pipeline-stages 2 --microbatches 4 --schedule zb-h1
-for rank in 0 1; do
-  RANK=$rank WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=${MEMC_DEMO_PORT:-29517} \
-    $MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2 --pipeline-stages 2 --microbatches 4 --schedule zb-h1 &
-done
-wait
+$MPIRUN -n 2 $MEMC train $DEPTH --data "$OUT/ids8x32.npy" --shape input_ids=8x32 --steps 3 --lr 1e-2 --pipeline-stages 2 --microbatches 4 --schedule zb-h1
 echo "== memc compile $DEPTH --shape input_ids=8x32 --train --pipeline-stages 2 --microbatches 4 --schedule v-half -o $OUT/piped   (each pass its own program; one thread per stage)"
 $MEMC compile $DEPTH --shape input_ids=8x32 --train --pipeline-stages 2 --microbatches 4 --schedule v-half -o "$OUT/piped"
 "$OUT/piped" info | grep -E '^pipeline'
 "$OUT/piped" train --data "$OUT/ids8x32.npy" --steps 3 --lr 1e-2
-echo "== the same executable as one process per stage (RANK=0,1 WORLD_SIZE=2; rank 0 reports)"
-for rank in 0 1; do
-  RANK=$rank WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$(( ${MEMC_DEMO_PORT:-29517} + 10 )) \
-    "$OUT/piped" train --data "$OUT/ids8x32.npy" --steps 3 --lr 1e-2 &
-done
-wait
+echo "== the same executable as one process per stage (mpirun -n 2; each rank holds only its stage's weights and optimizer state; rank 0 reports)"
+$MPIRUN -n 2 "$OUT/piped" train --data "$OUT/ids8x32.npy" --steps 3 --lr 1e-2 --threads 1
+echo "== pipeline x data parallel: 2 stages x 2 replicas on 4 ranks, optimizer state sharded across replicas (ZeRO-1)"
+$MEMC compile $DEPTH --shape input_ids=8x32 --train --optimizer adamw --pipeline-stages 2 --microbatches 2 --data-parallel 2 --schedule v-half -o "$OUT/piped-dp"
+"$OUT/piped-dp" info | grep -E '^(pipeline|planned)'
+$MPIRUN -n 4 "$OUT/piped-dp" train --data "$OUT/ids8x32.npy" --steps 3 --lr 1e-2 --threads 1
 
 echo
 echo "== memc toolchain   (MLIR 19, LLVM 19 for x86-64 and NVPTX, the CUDA driver)"

@@ -40,6 +40,19 @@ impl ExchangeKey {
     }
 }
 
+/// The step a pipelined program runs, per replica: `rows` rows of the token input, and the
+/// data-parallel `replicas` its optimizer is sharded over (1: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepShape {
+    /// Rows of the token input (one replica's share of the batch).
+    pub rows: usize,
+    /// Data-parallel replicas.
+    pub replicas: usize,
+}
+
+/// The optimizer's nodes of each (stage, replica), as [`optimizer_shards`] cuts them.
+type Shards = Vec<((usize, usize), Vec<NodeId>)>;
+
 /// One pass's graph, as [`lower`] cut it: its label (`F0`, `B1`, `W1`, `late`, `U0`, `U0.1`) and
 /// the sub-graph its program runs.
 pub struct PassGraph {
@@ -118,21 +131,21 @@ pub fn extract(g: &Graph, nodes: &[NodeId], outputs: &[ValueId]) -> Graph {
 /// Lowers the pipelined step: `g` is the microbatch program (forward nodes tagged by chunk),
 /// `stages` its cut into `schedule`'s passes ([`memc_passes::stages::split`]); each pass, the
 /// gradient sums and the optimizer become programs through `lower_pass`; the step's program
-/// holds the whole batch's inputs (`rows` rows of the token input), the loss, every weight
+/// holds one replica's inputs (`shape.rows` rows of the token input), the loss, every weight
 /// and optimizer state, `training` and the pipeline. Returns it with each pass's graph (in the
-/// order of the pipeline's passes, then `late`, then the updates). `replicas` is the data-parallel
-/// replica count the optimizer is sharded over (1: none). The kernels of the parts are
+/// order of the pipeline's passes, then `late`, then the updates); `shape` gives the rows and
+/// the data-parallel replicas the optimizer is sharded over. The kernels of the parts are
 /// shared ([`HostProgram::combine`]).
 pub fn lower(
     g: &Graph,
     schedule: &Schedule,
     stages: &StagePlan,
     training: Training,
-    rows: usize,
-    replicas: usize,
+    shape: StepShape,
     model: &str,
     lower_pass: &mut dyn FnMut(&Graph) -> Result<HostProgram, KernelError>,
 ) -> Result<(HostProgram, Vec<PassGraph>), KernelError> {
+    let StepShape { rows, replicas } = shape;
     let plan = stages;
     let mut keys: Vec<(Kind, usize)> = plan.passes.keys().copied().collect();
     keys.sort();
@@ -395,7 +408,7 @@ fn optimizer_shards(
     schedule: &Schedule,
     updates: &[NodeId],
     replicas: usize,
-) -> Result<Vec<((usize, usize), Vec<NodeId>)>, String> {
+) -> Result<Shards, String> {
     let stages = schedule.stages;
     let is_update: HashSet<NodeId> = updates.iter().copied().collect();
     // The optimizer nodes each value depends on (its backward slice inside the optimizer).

@@ -1271,7 +1271,7 @@ fn sanitize(name: &str) -> String {
 /// `memc train --pipeline-stages`: each step's batch split into microbatches and run as the
 /// runtime's pipelined step ([`memc_runtime::pipeline::Pipelined`]), each pass on the
 /// reference interpreter or as generated kernels (`--backend cpu`), in one process or one
-/// process per stage (torchrun's environment).
+/// process per stage and replica (launched by `mpirun` or `srun`).
 fn train_pipelined(
     args: &TrainCmdArgs,
     kind: memc_passes::pipeline::ScheduleKind,

@@ -210,8 +210,7 @@ pub fn lower_pipeline(
         schedule,
         &stages,
         training,
-        rows,
-        replicas,
+        memc_codegen::pipeline::StepShape { rows, replicas },
         model,
         &mut lower_pass,
     )?)

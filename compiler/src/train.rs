@@ -556,7 +556,7 @@ pub fn run_host(
 
 /// Runs a lowered training program with the runtime's training loop, its steps run as `exec`
 /// says (see [`run_host`], [`run_reference`]). A pipelined program runs on the runtime's
-/// pipelined executor, in this process or as this rank's stage (torchrun's environment; rank 0
+/// pipelined executor, in this process or as this rank's share (launched by `mpirun`; rank 0
 /// reports), each pass on the cpu backend or the reference interpreter.
 pub fn run_program(
     g: &mut Graph,
@@ -603,7 +603,7 @@ pub fn run_program(
                     // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
                     _ => unsafe { memc_runtime::session::open_backend("cpu", program, kernels)? },
                 };
-            let rank = memc_runtime::mesh::RankEnv::from_env()
+            let rank = memc_runtime::transport::RankEnv::from_env()
                 .ok()
                 .flatten()
                 .filter(|_| program.pipeline.is_some())
@@ -633,13 +633,14 @@ pub fn run_program(
                 eprint!("{p}");
             }
             // (A rank of a distributed step has only its share.)
-            let trained = program
+            let held: Vec<&memc_runtime::program::Param> = program
                 .params
                 .iter()
-                .filter_map(|p| {
-                    cpu.holds(&p.slot)
-                        .then(|| Ok((p.slot.name.clone(), cpu.get(&p.slot)?)))
-                })
+                .filter(|p| cpu.holds(&p.slot))
+                .collect();
+            let trained = held
+                .into_iter()
+                .map(|p| Ok((p.slot.name.clone(), cpu.get(&p.slot)?)))
                 .collect::<Result<_>>()?;
             Ok((losses, trained))
         })

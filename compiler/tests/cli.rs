@@ -12,10 +12,6 @@ use memc::onnx::proto::{
 };
 use prost::Message;
 
-#[path = "../../tests/support/ranks.rs"]
-mod ranks;
-use ranks::{as_rank, free_ports};
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1404,25 +1400,32 @@ fn pipelined_training_matches_plain_training() {
     }
 }
 
+/// `mpirun -n N memc train ... --pipeline-stages P [--data-parallel D]`: one process per stage
+/// and replica over MPI, on the reference interpreter and on compiled pass programs, gives the
+/// single process's losses within 1e-6 (Llama under 1F1B and V-Half, GPT-2's tied head under
+/// ZB-H1, P = 2 × D = 1, 2 × 2 and 1 × 2); a stopped rank is named by its peer once
+/// MEMC_RANK_TIMEOUT passes; a job of the wrong size and torchrun's variables are one error
+/// line each.
 #[test]
 fn pipelined_training_across_processes_matches_one_process() {
-    // One process per stage with torchrun's environment, values over loopback TCP.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ids.npy");
     write_ids_8x16(&data);
+    let llama = "examples/models/depth/llama-L4.onnx";
     let cases = [
-        ("examples/models/depth/llama-L4.onnx", "1f1b", "ref"),
-        ("examples/models/depth/llama-L4.onnx", "v-half", "ref"),
+        (llama, "1f1b", "ref", 2, 1),
+        (llama, "v-half", "ref", 2, 1),
         // GPT-2's tied head: two stages' weight gradients summed on both.
-        ("examples/models/gpt2-dynamo.onnx", "zb-h1", "ref"),
-        // Compiled pass programs, one stage per process.
-        ("examples/models/depth/llama-L4.onnx", "v-half", "cpu"),
+        ("examples/models/gpt2-dynamo.onnx", "zb-h1", "ref", 2, 1),
+        ("examples/models/gpt2-dynamo.onnx", "zb-h1", "ref", 1, 2),
+        // Compiled pass programs.
+        (llama, "v-half", "cpu", 2, 1),
+        (llama, "1f1b", "cpu", 2, 2),
     ];
-    for (model, schedule, backend) in cases {
-        let model = root().join(model);
-        let base: Vec<String> = [
+    let args = |model: &str, schedule: &str, backend: &str, p: usize, m: usize, d: usize| {
+        let mut a: Vec<String> = [
             "train",
-            s(&model),
+            s(&root().join(model)),
             "--data",
             s(&data),
             "--shape",
@@ -1432,9 +1435,9 @@ fn pipelined_training_across_processes_matches_one_process() {
             "--lr",
             "1e-2",
             "--pipeline-stages",
-            "2",
+            &p.to_string(),
             "--microbatches",
-            "4",
+            &m.to_string(),
             "--schedule",
             schedule,
             "--backend",
@@ -1443,111 +1446,111 @@ fn pipelined_training_across_processes_matches_one_process() {
         .iter()
         .map(|x| x.to_string())
         .collect();
+        if d > 1 {
+            a.extend(["--data-parallel".to_string(), d.to_string()]);
+        }
+        a
+    };
+    let mpirun = |n: usize| {
+        let mut c = Command::new("mpirun");
+        c.args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-n",
+            &n.to_string(),
+        ]);
+        c
+    };
+    for (model, schedule, backend, p, d) in cases {
+        // The whole batch in one process, in microbatches of the same size (the replicas'
+        // microbatches together).
         let one: Vec<f64> = {
-            let o = memc(&base);
+            let o = memc(&args(model, schedule, backend, p, 4, 1));
             assert_eq!(o.code, 0, "{}", o.stderr);
             lines_json(&o.stdout)
                 .iter()
                 .map(|l| l["loss"].as_f64().unwrap())
                 .collect()
         };
-        let port = free_ports(2);
-        let children: Vec<_> = (0..2)
-            .map(|rank| spawn_rank(&base, rank, 2, port))
-            .collect();
-        let mut lines = vec![];
-        for c in children {
-            let o = c.wait_with_output().unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            lines.extend(lines_json(&String::from_utf8_lossy(&o.stdout)));
-        }
-        let multi: Vec<f64> = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
-        assert_eq!(multi.len(), 3, "one rank prints the loss: {lines:?}");
-        assert!(lines
-            .iter()
-            .all(|l| l["world_size"] == 2 || l["pipeline"]["world_size"] == 2));
-        for (a, b) in multi.iter().zip(&one) {
-            assert!(
-                (a - b).abs() <= 1e-6 * b.abs(),
-                "{schedule}: {multi:?} vs {one:?}"
-            );
-        }
-        // The same two ranks launched by mpirun, over MPI.
-        let o = Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-n", "2"])
+        let o = mpirun(p * d)
             .arg(env!("CARGO_BIN_EXE_memc"))
-            .args(&base)
+            .args(args(model, schedule, backend, p, 4 / d, d))
             .output()
             .expect("mpirun is missing: run scripts/setup.sh (it installs Open MPI)");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
         let lines = lines_json(&String::from_utf8_lossy(&o.stdout));
         let mpi: Vec<f64> = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
         assert_eq!(mpi.len(), 3, "rank 0 prints the losses: {lines:?}");
+        assert!(lines.iter().all(|l| l["pipeline"]["world_size"] == p * d));
         for (a, b) in mpi.iter().zip(&one) {
             assert!(
                 (a - b).abs() <= 1e-6 * b.abs(),
-                "{schedule} under mpirun: {mpi:?} vs {one:?}"
+                "{model} {schedule} {backend} {p}×{d} under mpirun: {mpi:?} vs {one:?}"
             );
         }
+        if backend == "cpu" {
+            // Each rank allocates what its share plans.
+            let ranks: Vec<&str> = err
+                .lines()
+                .filter(|l| l.contains(" bytes allocated, "))
+                .collect();
+            assert_eq!(ranks.len(), p * d, "{err}");
+            for l in ranks {
+                let (_, rest) = l.split_once("): ").unwrap();
+                let (got, rest) = rest.split_once(" bytes allocated, ").unwrap();
+                let (want, _) = rest.split_once(" planned").unwrap();
+                assert_eq!(got, want, "{l}");
+            }
+        }
     }
-    // A rank that stops early (1 step of 3): the other fails at once, naming it.
-    let model = root().join("examples/models/depth/llama-L4.onnx");
-    let port = free_ports(2);
+    // A rank that stops (rank 1 runs 1 step of 3): rank 0 names it once MEMC_RANK_TIMEOUT
+    // passes, and the job ends.
+    let base = args(llama, "1f1b", "ref", 2, 4, 1);
+    let mut short = base.clone();
+    let at = short.iter().position(|a| a == "--steps").unwrap() + 1;
+    short[at] = "1".into();
     let started = std::time::Instant::now();
-    let children: Vec<_> = [(0, "1"), (1, "3")]
-        .into_iter()
-        .map(|(rank, steps)| {
-            let args = [
-                "train",
-                s(&model),
-                "--data",
-                s(&data),
-                "--shape",
-                "input_ids=8x16",
-                "--steps",
-                steps,
-                "--pipeline-stages",
-                "2",
-                "--microbatches",
-                "4",
-            ];
-            spawn_rank(&args, rank, 2, port)
-        })
-        .collect();
-    let outs: Vec<_> = children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    assert!(outs[0].status.success());
-    assert_eq!(outs[1].status.code(), Some(2));
-    let err = String::from_utf8_lossy(&outs[1].stderr);
+    let o = Command::new("mpirun")
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-x",
+            "MEMC_RANK_TIMEOUT",
+        ])
+        .env("MEMC_RANK_TIMEOUT", "3")
+        .args(["-n", "1"])
+        .arg(env!("CARGO_BIN_EXE_memc"))
+        .args(&base)
+        .args([":", "-n", "1"])
+        .arg(env!("CARGO_BIN_EXE_memc"))
+        .args(&short)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.lines()
-            .last()
-            .unwrap()
-            .contains("rank 0 closed its connection"),
+        !o.status.success()
+            && err.contains("rank 0: rank 1 sent nothing for 3 s")
+            && started.elapsed() < std::time::Duration::from_secs(90),
         "{err}"
     );
-    assert!(started.elapsed() < std::time::Duration::from_secs(60));
-    // A WORLD_SIZE that is not the stage count.
-    let model = root().join("examples/models/depth/llama-L4.onnx");
+    // A job of another size than stages × replicas.
+    let o = mpirun(3)
+        .arg(env!("CARGO_BIN_EXE_memc"))
+        .args(&base)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("the MPI job has 3 ranks, but the program has 2 pipeline stages"),
+        "{err}"
+    );
+    // torchrun's variables without MPI.
     let o = Command::new(env!("CARGO_BIN_EXE_memc"))
-        .args([
-            "train",
-            s(&model),
-            "--data",
-            s(&data),
-            "--shape",
-            "input_ids=8x16",
-            "--steps",
-            "1",
-            "--pipeline-stages",
-            "2",
-            "--microbatches",
-            "4",
-        ])
+        .args(&base)
         .env("RANK", "0")
-        .env("WORLD_SIZE", "3")
+        .env("WORLD_SIZE", "2")
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
@@ -1556,7 +1559,7 @@ fn pipelined_training_across_processes_matches_one_process() {
         err.lines()
             .last()
             .unwrap()
-            .contains("WORLD_SIZE 3 must equal the program's 2 pipeline stages"),
+            .contains("WORLD_SIZE is set (torchrun's launch): launch memc's ranks with mpirun"),
         "{err}"
     );
 }
@@ -1576,21 +1579,6 @@ fn write_ids_8x16(path: &Path) {
         bytes.extend(x.to_le_bytes());
     }
     std::fs::write(path, bytes).unwrap();
-}
-
-/// `memc ARGS` as rank `rank` of `world` with torchrun's environment on the loopback.
-fn spawn_rank<S: AsRef<std::ffi::OsStr>>(
-    args: &[S],
-    rank: usize,
-    world: usize,
-    port: u16,
-) -> std::process::Child {
-    as_rank(
-        Command::new(env!("CARGO_BIN_EXE_memc")).args(args),
-        rank,
-        world,
-        port,
-    )
 }
 
 #[test]

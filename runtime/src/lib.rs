@@ -8,7 +8,8 @@
 //! - [`gpu`]: the cuda backend (the PTX module, cuBLAS GEMMs, one device arena), through
 //!   cudarc with dynamic loading: building needs no CUDA, running needs a driver.
 //! - [`pipeline`]: pipelined training steps (one thread per pipeline stage, or one process
-//!   per stage exchanging values over a [`mesh`]).
+//!   per stage and data-parallel replica, each holding its share, exchanging values over
+//!   [`mpi`] through the [`transport`] interface).
 //! - [`pool`]: the worker threads that run a step's independent tasks across cores.
 //! - [`session`]: the training loop, inference and the command line of emitted executables.
 //! - [`weights`]: safetensors weights and atomic checkpoints; [`npy`]: `.npy` files.
@@ -21,13 +22,13 @@ pub mod cuda;
 pub mod finite;
 pub mod gemm;
 pub mod gpu;
-pub mod mesh;
 pub mod mpi;
 pub mod npy;
 pub mod pipeline;
 pub mod pool;
 pub mod program;
 pub mod session;
+pub mod transport;
 pub mod vmath;
 pub mod weights;
 

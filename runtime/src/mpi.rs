@@ -8,14 +8,14 @@
 //! sender, which MPI keeps in order: a fixed header (step, microbatch, length, name), then
 //! the bytes (in parts of at most 1 GiB, MPI counts being `int`s). Sends are non-blocking (two
 //! stages sending to each other at once cannot deadlock; their buffers go once MPI reports
-//! them complete); a receive files what arrives from its peer until the message it waits for is there, as the
-//! TCP mesh does.
+//! them complete); a receive files what arrives from its peer until the message it waits for is
+//! there.
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::sync::Mutex;
 
-use crate::mesh::Transport;
+use crate::transport::Transport;
 use crate::RunError;
 
 type Handle = *mut c_void;
@@ -63,15 +63,6 @@ const HEADER: usize = 512;
 /// The largest part of a message body (MPI counts are `int`s).
 const PART: usize = 1 << 30;
 
-/// Whether this process was started by Open MPI's launcher as one of several ranks: its rank
-/// and world size (`OMPI_COMM_WORLD_RANK`, `OMPI_COMM_WORLD_SIZE`).
-pub fn launched() -> Option<(usize, usize)> {
-    let var = |k: &str| std::env::var(k).ok()?.parse::<usize>().ok();
-    let world = var("OMPI_COMM_WORLD_SIZE")?;
-    let rank = var("OMPI_COMM_WORLD_RANK")?;
-    (world > 1 && rank < world).then_some((rank, world))
-}
-
 /// The ranks of an MPI job.
 pub struct Mpi {
     lib: Lib,
@@ -79,7 +70,7 @@ pub struct Mpi {
     world: usize,
     state: Mutex<State>,
     /// How long a receive waits for its peer before it names the peer and fails
-    /// ([`crate::mesh::rank_timeout`]).
+    /// ([`crate::transport::rank_timeout`]).
     timeout: std::time::Duration,
     /// This rank failed: it leaves without finalising (mpirun then ends the other ranks).
     failed: std::sync::atomic::AtomicBool,
@@ -178,7 +169,7 @@ impl Mpi {
             (lib.comm_rank)(lib.comm_world, &mut rank);
             (lib.comm_size)(lib.comm_world, &mut world);
         }
-        let timeout = crate::mesh::rank_timeout()?;
+        let timeout = crate::transport::rank_timeout()?;
         let mpi = Mpi {
             lib,
             rank: rank as usize,
@@ -269,7 +260,7 @@ impl Mpi {
                 if start.elapsed() > self.timeout {
                     // SAFETY: a pending receive of this process.
                     unsafe { (self.lib.cancel)(&mut req) };
-                    return Err(crate::mesh::silent_peer(self.rank, from, self.timeout));
+                    return Err(crate::transport::silent_peer(self.rank, from, self.timeout));
                 }
                 std::thread::sleep(nap);
                 nap = (nap * 2).min(std::time::Duration::from_millis(1));

@@ -226,7 +226,7 @@ pub fn train(
     // `replicas × batch` (replica r of rank g is g / stages).
     let (replicas, replica) = match &program.pipeline {
         Some(p) if p.data_parallel > 1 => {
-            let rank = crate::mesh::RankEnv::from_env()
+            let rank = crate::transport::RankEnv::from_env()
                 .map_err(RunError::Usage)?
                 .map_or(0, |e| e.rank);
             (p.data_parallel as usize, rank / p.stages.max(1) as usize)
@@ -350,7 +350,7 @@ pub fn train(
             if p.data_parallel > 1 {
                 line["pipeline"]["data_parallel"] = p.data_parallel.into();
             }
-            if let Ok(Some(env)) = crate::mesh::RankEnv::from_env() {
+            if let Ok(Some(env)) = crate::transport::RankEnv::from_env() {
                 line["pipeline"]["world_size"] = env.world.into();
             }
         }
@@ -804,7 +804,7 @@ pub fn parse_inputs<'a>(
 
 /// Opens `program` on the backend named `name` (`cpu` or `cuda`) with the generated
 /// kernels' entry points: a pipelined program on the pipelined executor (one process per
-/// stage when launched with torchrun's environment), any other on one arena.
+/// stage and replica when launched by `mpirun` or `srun`), any other on one arena.
 ///
 /// # Safety
 ///
@@ -815,7 +815,7 @@ pub unsafe fn open_backend(
     kernels: &[KernelFn],
 ) -> Result<Box<dyn Backend>, RunError> {
     match name {
-        // One process per stage when launched with torchrun's environment.
+        // One process per stage and replica when launched by mpirun or srun.
         // SAFETY (both cpu arms): the caller's contract.
         "cpu" if program.pipeline.is_some() => Ok(Box::new(unsafe {
             crate::pipeline::Pipelined::open_cpu(program, kernels)?
@@ -923,7 +923,7 @@ pub fn run_cli(
             // One process per pipeline stage and replica: rank 0 reports the steps; every
             // rank writes its shard of the checkpoint.
             let rank = match program.pipeline {
-                Some(_) => crate::mesh::RankEnv::from_env()
+                Some(_) => crate::transport::RankEnv::from_env()
                     .map_err(RunError::Usage)?
                     .map_or(0, |e| e.rank),
                 None => 0,

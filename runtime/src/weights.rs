@@ -425,19 +425,30 @@ pub fn save_dir(
     }
     let pt = || HashMap::from([("format".to_string(), "pt".to_string())]);
     let bases = ["model", "adapters", "optimizer"];
-    for (kind, base) in kinds.iter().zip(bases) {
-        // The ranks writing this kind, in rank order: shard i of n.
-        let mut writers: Vec<usize> = kind.iter().map(|t| t.2).collect();
-        writers.sort();
-        writers.dedup();
-        let file = |r: usize| match &shards {
-            None => format!("{base}.safetensors"),
-            Some(_) => {
-                let i = writers.iter().position(|&w| w == r).expect("a writer");
-                format!("{base}-{:05}-of-{:05}.safetensors", i + 1, writers.len())
-            }
-        };
-        if writers.contains(&rank) {
+    // The ranks writing each kind, in rank order: the writer of shard i of n.
+    let writers: Vec<Vec<usize>> = kinds
+        .iter()
+        .map(|kind| {
+            let mut w: Vec<usize> = kind.iter().map(|t| t.2).collect();
+            w.sort();
+            w.dedup();
+            w
+        })
+        .collect();
+    let file = |k: usize, r: usize| match &shards {
+        None => format!("{}.safetensors", bases[k]),
+        Some(_) => {
+            let i = writers[k].iter().position(|&w| w == r).expect("a writer");
+            format!(
+                "{}-{:05}-of-{:05}.safetensors",
+                bases[k],
+                i + 1,
+                writers[k].len()
+            )
+        }
+    };
+    for (k, kind) in kinds.iter().enumerate() {
+        if writers[k].contains(&rank) {
             let mut tensors: Vec<(Slot, Vec<u8>)> = vec![];
             for (slot, narrow, _) in kind.iter().filter(|t| t.2 == rank) {
                 let source = Slot {
@@ -462,57 +473,45 @@ pub fn save_dir(
             }
             let views: Vec<(Slot, &[u8])> =
                 tensors.iter().map(|(s, b)| (s.clone(), &b[..])).collect();
-            save_tensors(&dir.join(file(rank)), &views, pt())?;
+            save_tensors(&dir.join(file(k, rank)), &views, pt())?;
         }
-        if rank != 0 {
-            continue;
+        if rank == 0 {
+            // An index an earlier, sharded save left goes (a new one is written once every
+            // rank has written its shard), and so do files of this kind the save does not
+            // name.
+            if shards.is_none() || kind.is_empty() {
+                remove_if_present(&dir.join(format!("{}.safetensors.index.json", bases[k])))?;
+            }
+            let named = writers[k].iter().map(|&r| file(k, r)).collect();
+            remove_stale_files(dir, bases[k], &named)?;
         }
-        // Rank 0 writes the index (or removes one an earlier, sharded save left) and
-        // removes the files of this kind that the new save does not name.
-        let index = dir.join(format!("{base}.safetensors.index.json"));
-        let named: std::collections::HashSet<String> = writers.iter().map(|&r| file(r)).collect();
-        // (An index for the new shards is written once every rank has written its own.)
-        if shards.is_none() || kind.is_empty() {
-            remove_if_present(&index)?;
-        }
-        remove_stale_files(dir, base, &named)?;
     }
     arena.barrier()?;
     if rank != 0 {
         return Ok(());
     }
-    if shards.is_some() {
-        for (kind, base) in kinds.iter().zip(bases) {
-            if kind.is_empty() {
-                continue;
-            }
-            let mut writers: Vec<usize> = kind.iter().map(|t| t.2).collect();
-            writers.sort();
-            writers.dedup();
-            let n = writers.len();
-            let file = |r: usize| {
-                let i = writers.iter().position(|&w| w == r).expect("a writer");
-                format!("{base}-{:05}-of-{n:05}.safetensors", i + 1)
-            };
-            let total: u64 = kind
-                .iter()
-                .map(|(s, d, _)| {
-                    s.shape.iter().product::<usize>() as u64 * d.unwrap_or(s.dtype).size() as u64
-                })
-                .sum();
-            let map: serde_json::Map<String, serde_json::Value> = kind
-                .iter()
-                .map(|(s, _, r)| (s.name.clone(), file(*r).into()))
-                .collect();
-            let text = serde_json::json!({
-                "metadata": {"total_size": total},
-                "weight_map": map,
-            });
-            write_atomically(
-                &dir.join(format!("{base}.safetensors.index.json")),
-                format!("{text:#}\n").as_bytes(),
-            )?;
+    for (k, kind) in kinds.iter().enumerate() {
+        if shards.is_none() || kind.is_empty() {
+            continue;
         }
+        let total: u64 = kind
+            .iter()
+            .map(|(s, d, _)| {
+                s.shape.iter().product::<usize>() as u64 * d.unwrap_or(s.dtype).size() as u64
+            })
+            .sum();
+        let map: serde_json::Map<String, serde_json::Value> = kind
+            .iter()
+            .map(|(s, _, r)| (s.name.clone(), file(k, *r).into()))
+            .collect();
+        let text = serde_json::json!({
+            "metadata": {"total_size": total},
+            "weight_map": map,
+        });
+        write_atomically(
+            &dir.join(format!("{}.safetensors.index.json", bases[k])),
+            format!("{text:#}\n").as_bytes(),
+        )?;
     }
     for (name, text) in &program.checkpoint.files {
         write_atomically(&dir.join(name), text.as_bytes())?;

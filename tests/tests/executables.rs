@@ -4,7 +4,7 @@
 //! in the result, and one clear error line for every kind of bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use memc_tests::{
     adamw, examples, max_rel, reference_losses, train_args, Example, TrainOptions, AUTO,
@@ -12,10 +12,7 @@ use memc_tests::{
 
 #[path = "../support/cmd.rs"]
 mod cmd;
-#[path = "../support/ranks.rs"]
-mod ranks;
 use cmd::{bin_dir, fails, ok, run, scratch};
-use ranks::{as_rank, free_ports};
 
 fn input_file(ex: &Example, name: &str) -> PathBuf {
     ex.path
@@ -667,91 +664,6 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
     }
 }
 
-#[test]
-fn pipelined_executables_run_one_process_per_stage() {
-    let dir = scratch("ranks");
-    let data = dir.join("ids.npy");
-    write_ids(&data, 8, 16);
-    let cases = [
-        ("examples/models/depth/llama-L4.onnx", "v-half", 2),
-        // GPT-2's tied embedding: its gradient parts go to every rank for the late sums.
-        ("examples/models/gpt2-dynamo.onnx", "zb-h1", 2),
-        ("examples/models/depth/llama-L4.onnx", "1f1b", 3),
-    ];
-    for (model, schedule, stages) in cases {
-        let exe = dir.join(format!("{schedule}-{stages}"));
-        compile_pipelined(model, &exe, schedule, stages, 4, 1);
-        let train = |steps: &str| {
-            let mut c = Command::new(&exe);
-            c.arg("train")
-                .arg("--data")
-                .arg(&data)
-                .args(["--steps", steps, "--lr", "1e-2"]);
-            c
-        };
-        let want = losses(
-            &ok(&mut train("3"))
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect::<Vec<_>>(),
-        );
-        let port = free_ports(stages as u16 + 1);
-        let ranks: Vec<std::process::Child> = (0..stages)
-            .map(|r| as_rank(&mut train("3"), r, stages, port))
-            .collect();
-        let outs: Vec<Output> = ranks
-            .into_iter()
-            .map(|c| c.wait_with_output().unwrap())
-            .collect();
-        for (r, o) in outs.iter().enumerate() {
-            assert!(
-                o.status.success(),
-                "{model} {schedule} rank {r}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&outs[0].stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(lines[0]["pipeline"]["world_size"], stages);
-        let got = losses(&lines);
-        assert!(
-            max_rel(&got, &want) <= 1e-6,
-            "{model} {schedule}: {got:?} vs {want:?}"
-        );
-        assert!(
-            outs[1..].iter().all(|o| o.stdout.is_empty()),
-            "rank 0 reports"
-        );
-    }
-    // A rank that stops early: the other fails at once, naming it; a world of another size
-    // than the stages is one error line.
-    let exe = dir.join("v-half-2");
-    let port = free_ports(3);
-    let spawn = |rank: usize, steps: &str| {
-        let mut c = Command::new(&exe);
-        c.args(["train", "--data"])
-            .arg(&data)
-            .args(["--steps", steps]);
-        as_rank(&mut c, rank, 2, port)
-    };
-    let (a, b) = (spawn(0, "3"), spawn(1, "1"));
-    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
-    let err = String::from_utf8_lossy(&a.stderr);
-    assert_eq!(a.status.code(), Some(2), "{err}");
-    assert!(err.contains("rank 1 closed its connection"), "{err}");
-    fails(
-        Command::new(&exe)
-            .args(["train", "--data"])
-            .arg(&data)
-            .env("RANK", "0")
-            .env("WORLD_SIZE", "3"),
-        "WORLD_SIZE 3 must equal the program's 2 pipeline stages",
-    );
-}
-
 /// Work split across threads never changes results: one executable trains to the same losses,
 /// bit for bit, on one thread and on two, at a size where the kernels split into row ranges,
 /// attention runs in several query and key blocks and the GEMMs are threaded.
@@ -844,16 +756,39 @@ fn kernel_cache_reuses_every_kernel_and_changes_nothing() {
 }
 
 /// Compiles `model` (from the repository root) at 8 × 16 tokens into the pipelined
-/// executable `exe`: `stages` stages, `m` microbatches, `d` data-parallel replicas.
+/// executable `exe` training with AdamW: `stages` stages, `m` microbatches, `d` data-parallel
+/// replicas.
 fn compile_pipelined(model: &str, exe: &Path, schedule: &str, stages: usize, m: usize, d: usize) {
     ok(Command::new(bin_dir().join("memc"))
         .arg("compile")
         .arg(memc_tests::root().join(model))
-        .args(["--shape", "input_ids=8x16", "--train", "-o"])
+        .args([
+            "--shape",
+            "input_ids=8x16",
+            "--train",
+            "--optimizer",
+            "adamw",
+            "-o",
+        ])
         .arg(exe)
         .args(["--pipeline-stages", &stages.to_string()])
         .args(["--microbatches", &m.to_string()])
         .args(["--data-parallel", &d.to_string(), "--schedule", schedule]));
+}
+
+/// Each rank's planned bytes as `OUT info` states them: [total, weights, optimizer state].
+fn planned(exe: &Path) -> Vec<[u64; 3]> {
+    let info = ok(Command::new(exe).arg("info"));
+    info.lines()
+        .filter(|l| l.starts_with("planned, rank "))
+        .map(|l| {
+            let (_, rest) = l.split_once("): ").unwrap();
+            let (total, rest) = rest.split_once(" bytes (weights ").unwrap();
+            let (weights, rest) = rest.split_once(", optimizer state ").unwrap();
+            let (state, _) = rest.split_once(',').unwrap();
+            [total, weights, state].map(|x| x.parse().unwrap())
+        })
+        .collect()
 }
 
 /// `mpirun -n P OUT train ...`: the ranks of a pipelined executable talk over MPI (libmpi
@@ -969,11 +904,44 @@ fn pipelined_executables_run_under_mpirun() {
         );
         let out = launch(stages * replicas, &dp, "3");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{tag}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{tag}: {stderr}");
+        // Each rank allocates exactly its planned share (`OUT info`, the compile report):
+        // its stage's weights, and with replicas a share of the stage's optimizer state that
+        // the replicas' shares add up to (ZeRO stage 1).
+        let plan = planned(&dp);
+        assert_eq!(plan.len(), stages * replicas);
+        for (r, p) in plan.iter().enumerate() {
+            let line = format!(
+                "rank {r} (stage {} of replica {}): {} bytes allocated, {} planned",
+                r % stages,
+                r / stages,
+                p[0],
+                p[0]
+            );
+            assert!(stderr.contains(&line), "{tag}: no `{line}` in {stderr}");
+        }
+        let one = planned(&whole);
+        for s in 0..stages {
+            let state: u64 = (0..replicas).map(|k| plan[k * stages + s][2]).sum();
+            assert_eq!(
+                state, one[s][2],
+                "{tag}: stage {s}'s optimizer state over replicas"
+            );
+            for k in 0..replicas {
+                assert_eq!(
+                    plan[k * stages + s][1],
+                    one[s][1],
+                    "{tag}: stage {s}'s weights"
+                );
+                if replicas > 1 {
+                    assert!(
+                        plan[k * stages + s][2] < one[s][2],
+                        "{tag}: a shard of the state"
+                    );
+                }
+            }
+        }
         let lines: Vec<serde_json::Value> = stdout
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -1009,6 +977,48 @@ fn pipelined_executables_run_under_mpirun() {
             assert!(
                 (r - got[2]).abs() <= 1e-6 * got[2].abs(),
                 "{tag}: resumed {r} vs {}",
+                got[2]
+            );
+            // Saved as Hugging Face shards, one per rank that saves something, with indexes
+            // naming every tensor; a single process resumes from them to the same step.
+            let index: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(ckpt.join("model.safetensors.index.json")).unwrap(),
+            )
+            .unwrap();
+            let map = index["weight_map"].as_object().unwrap();
+            assert!(map.contains_key("lm_head.weight"), "{index}");
+            let files: std::collections::BTreeSet<&str> =
+                map.values().map(|v| v.as_str().unwrap()).collect();
+            assert_eq!(
+                files.into_iter().collect::<Vec<_>>(),
+                [
+                    "model-00001-of-00002.safetensors",
+                    "model-00002-of-00002.safetensors"
+                ]
+            );
+            let optimizer = std::fs::read_dir(&ckpt)
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("optimizer-0000")
+                })
+                .count();
+            assert_eq!(optimizer, 4, "each rank saves its optimizer shard");
+            assert!(!ckpt.join("model.safetensors").exists());
+            let single: Vec<serde_json::Value> = ok(Command::new(&whole)
+                .args(["train", "--threads", "1", "--data"])
+                .arg(&data)
+                .args(["--steps", "1", "--lr", "1e-2", "--resume"])
+                .arg(&ckpt))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+            let r = losses(&single)[0];
+            assert!(
+                (r - got[2]).abs() <= 1e-6 * got[2].abs(),
+                "{tag}: one process resumed {r} vs {}",
                 got[2]
             );
             let single = run(Command::new(&dp)
@@ -1050,6 +1060,31 @@ fn pipelined_executables_run_under_mpirun() {
     assert!(
         !out.status.success()
             && stderr.contains("rank 0: rank 1 sent nothing for 3 s")
+            && started.elapsed() < std::time::Duration::from_secs(60),
+        "{stderr}"
+    );
+    // A rank killed mid-run (SIGKILL after 3 s of a long run): mpirun ends the job, naming
+    // the rank; no hang.
+    let started = std::time::Instant::now();
+    let out = Command::new(mpirun)
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "1"])
+        .arg(&exe)
+        .args(["train", "--threads", "1", "--data"])
+        .arg(&data)
+        .args([
+            "--steps", "100000", ":", "-n", "1", "timeout", "-s", "KILL", "3",
+        ])
+        .arg(&exe)
+        .args(["train", "--threads", "1", "--data"])
+        .arg(&data)
+        .args(["--steps", "100000"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("process rank 1")
+            && stderr.contains("signal 9")
             && started.elapsed() < std::time::Duration::from_secs(60),
         "{stderr}"
     );

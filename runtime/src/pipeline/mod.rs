@@ -5,20 +5,22 @@
 //! other [`Backend`] a caller plugs in ([`Pipelined::with_backends`]; the compiler plugs in
 //! the reference interpreter).
 //!
-//! One step: the weights are copied from the step's arena into every pass program that reads
-//! them; one thread per device runs its passes in the schedule's order, each pass taking the
-//! microbatch's slice of the model inputs and the `x.N` values other passes output (waiting
-//! for them), and putting its outputs where their readers find them (a value is freed after its
-//! last reader); the averaged values (loss, weight gradients) are summed as passes finish.
-//! Then the update program runs once on the averages and the step's scalars, and the new
-//! weights and optimizer state go back to the step's arena.
+//! One step: the weights are copied from where they live (an optimizer program's arena, or the
+//! step arena) into every pass program that reads them; one thread per device runs its passes
+//! in the schedule's order, each pass taking the microbatch's slice of the model inputs and the
+//! `x.N` values other passes output (waiting for them), and putting its outputs where their
+//! readers find them (a value is freed after its last reader); the averaged values (loss,
+//! weight gradients) are summed in f64 as passes finish. Then the optimizer programs run once
+//! on the averages and the step's scalars, each updating the weights and optimizer state it
+//! keeps in place.
 //!
-//! With a [`Transport`] (one process per stage: MPI under `mpirun`, else the TCP [`Mesh`]
-//! with torchrun's environment) this process runs only
-//! its own stage's passes: values read on other stages are sent there, values computed there
-//! are received; after the passes every rank sends the averaged values it computed to the
-//! others, so each runs the late and update programs on the same sums and keeps the same
-//! weights (rank 0 reports the step).
+//! With a [`Transport`] (one process per stage and replica, launched by `mpirun` or `srun`;
+//! MPI carries the messages) this process holds only its share ([`share`]): its stage's
+//! passes, its (stage, replica) optimizer program and the weights its passes read. Values
+//! read on other stages are sent there; after the passes each averaged value goes to the
+//! stages whose optimizer reads it (the loss to all). With data-parallel replicas each
+//! gradient is then summed on the replica that updates its weight (ZeRO stage 1), which
+//! sends the new weight to the stage's other replicas. Rank 0 reports the step.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,9 +28,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crate::cpu::{Arena, Cpu, KernelFn};
-use crate::mesh::{Mesh, Transport};
 use crate::program::{decode, encode};
 use crate::program::{Pipeline, Program, Slot};
+use crate::transport::Transport;
 use crate::{Backend, RunError};
 
 /// A backend for one pass program (see [`Pipelined::with_backends`]).
@@ -139,10 +141,9 @@ impl Pipelined {
     }
 
     /// Opens `program`'s pipelined step with `make`'s pass backends: in this process alone,
-    /// or, launched by `mpirun` (over MPI) or with torchrun's environment (RANK, WORLD_SIZE,
-    /// MASTER_ADDR, MASTER_PORT; over the TCP mesh), as this rank's share of one process per
-    /// stage and replica (the world must be stages × replicas; mesh peers are waited for up
-    /// to two minutes).
+    /// or, launched by `mpirun` or `srun` ([`crate::transport::RankEnv`]), as this rank's
+    /// share of one process per stage and replica over MPI (the job must have stages ×
+    /// replicas ranks).
     pub fn open(
         program: &Program,
         make: &mut dyn FnMut(&str, &Program) -> Result<PassBackend, RunError>,
@@ -150,18 +151,11 @@ impl Pipelined {
         let stages = program.pipeline.as_ref().map_or(0, |p| p.stages);
         let replicas = program.pipeline.as_ref().map_or(1, |p| p.data_parallel);
         let job: Option<Arc<dyn Transport>> =
-            match crate::mesh::RankEnv::from_env().map_err(RunError::Usage)? {
-                Some(env) if env.mpi => Some(Arc::new(crate::mpi::Mpi::init(
+            match crate::transport::RankEnv::from_env().map_err(RunError::Usage)? {
+                Some(_) => Some(Arc::new(crate::mpi::Mpi::init(
                     stages as usize,
                     replicas as usize,
                 )?)),
-                Some(env) => {
-                    check_world(env.world, stages, replicas)?;
-                    Some(Arc::new(Mesh::connect(
-                        &env,
-                        std::time::Duration::from_secs(120),
-                    )?))
-                }
                 None => None,
             };
         Pipelined::with_backends(program, make, job)
@@ -640,8 +634,9 @@ impl Backend for Pipelined {
         if r.is_ok() && self.steps == 1 {
             if let Some(job) = &self.job {
                 let planned = self.planned()?;
-                eprintln!(
-                    "rank {} (stage {} of replica {}): {} bytes allocated, {} planned (weights {}, optimizer state {}, gradient sums {}, working {})",
+                // One write, so the ranks' lines do not interleave on a shared stderr.
+                let line = format!(
+                    "rank {} (stage {} of replica {}): {} bytes allocated, {} planned (weights {}, optimizer state {}, gradient sums {}, working {})\n",
                     job.transport.rank(),
                     job.stage,
                     job.replica,
@@ -652,6 +647,7 @@ impl Backend for Pipelined {
                     planned.gradient_sums,
                     planned.working
                 );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             }
         }
         r
@@ -667,7 +663,7 @@ impl Pipelined {
         let m = self.spec.microbatches as usize;
         let step_no = self.steps;
         let job = self.job.as_ref();
-        let mesh = job.map(|j| j.transport.as_ref());
+        let net = job.map(|j| j.transport.as_ref());
         let me = job.map_or(0, |j| j.stage);
         // Stage `d`'s rank in this replica.
         let rank_of = |d: usize| job.map_or(d, |j| j.in_replica(d));
@@ -710,13 +706,13 @@ impl Pipelined {
                 if slot.name.starts_with("x.") {
                     let t0 = Instant::now();
                     let from = producer.get(&slot.name).copied().unwrap_or(me);
-                    let bytes = match mesh {
+                    let bytes = match net {
                         // From another rank: the first reader here receives it and
                         // leaves it for the others.
-                        Some(mesh) if !here(from) => match store.try_take(mb, &slot.name) {
+                        Some(net) if !here(from) => match store.try_take(mb, &slot.name) {
                             Some(b) => b,
                             None => {
-                                let b = mesh.recv(rank_of(from), step_no, mb, &slot.name)?;
+                                let b = net.recv(rank_of(from), step_no, mb, &slot.name)?;
                                 let left = readers.get(&slot.name).copied().unwrap_or(1);
                                 if left > 1 {
                                     store.put(mb, &slot.name, b.clone(), left - 1);
@@ -763,10 +759,10 @@ impl Pipelined {
                         *a += x;
                     }
                 }
-                if let Some(mesh) = mesh {
+                if let Some(net) = net {
                     for &c in consumers.get(&slot.name).into_iter().flatten() {
                         if c != me {
-                            mesh.send(rank_of(c), step_no, mb, &slot.name, &bytes)?;
+                            net.send(rank_of(c), step_no, mb, &slot.name, &bytes)?;
                         }
                     }
                 }
