@@ -686,7 +686,7 @@ fn compile(args: CompileArgs) -> Result<()> {
                 }
                 for (who, b) in &rank_plan {
                     println!(
-                        "  {who}: {} bytes allocated by the executable: weights {}, optimizer state {}, gradient sums (f64) {}, working arenas {}",
+                        "  {who}: {} bytes allocated by the executable: weights {}, optimizer state {}, gradient sums (f32) {}, working arenas {}",
                         b.total, b.weights, b.optimizer_state, b.gradient_sums, b.working
                     );
                 }

@@ -698,6 +698,16 @@ fn describe(program: &Program) -> String {
                 .collect::<Vec<_>>()
                 .join(" "),
         );
+        out += &format!(
+            "arenas: {}\n",
+            p.passes
+                .iter()
+                .chain(&p.late)
+                .chain(&p.updates)
+                .map(|q| format!("{} {}", q.label, q.program.arena_bytes))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let line = |who: String, b: &crate::pipeline::Planned| {
             format!(
                 "{who}: {} bytes (weights {}, optimizer state {}, gradient sums {}, working {})\n",

@@ -10,7 +10,7 @@
 //! in the schedule's order, each pass taking the microbatch's slice of the model inputs and the
 //! `x.N` values other passes output (waiting for them), and putting its outputs where their
 //! readers find them (a value is freed after its last reader); the averaged values (loss,
-//! weight gradients) are summed in f64 as passes finish. Then the optimizer programs run once
+//! weight gradients) are summed in f32 as passes finish (as PyTorch accumulates gradients). Then the optimizer programs run once
 //! on the averages and the step's scalars, each updating the weights and optimizer state it
 //! keeps in place.
 //!
@@ -69,7 +69,7 @@ pub struct Pipelined {
     updates: Vec<Pass>,
     /// The most bytes the values in flight between passes held at once, last step.
     held_peak: u64,
-    /// Bytes of the f64 sums of averaged values at their most, last step.
+    /// Bytes of the f32 sums of averaged values at their most, last step.
     sums_bytes: u64,
     timing: Timings,
     /// The job when each stage of each replica is a process: this one runs stage `stage`
@@ -366,39 +366,45 @@ fn sum_replicas(
     job: &Job,
     step: u64,
     name: &str,
-    mine: &[f64],
+    mine: &[f32],
     from: std::ops::Range<usize>,
-) -> Result<Vec<f64>, RunError> {
-    let mut total = vec![0f64; mine.len()];
+) -> Result<Vec<f32>, RunError> {
+    let mut total = vec![0f32; mine.len()];
     for k in from {
-        let part: Vec<f64> = if k == job.replica {
-            mine.to_vec()
-        } else {
-            let b = job.transport.recv(job.in_stage(k), step, REPLICAS, name)?;
-            if b.len() != 8 * mine.len() {
-                return Err(RunError::Usage(format!(
-                    "replica {k} sent {} bytes of `{name}`, this one has {}",
-                    b.len(),
-                    8 * mine.len()
-                )));
-            }
-            from_f64s(&b)
-        };
-        for (t, x) in total.iter_mut().zip(part) {
-            *t += x;
+        if k == job.replica {
+            total.iter_mut().zip(mine).for_each(|(t, x)| *t += x);
+            continue;
         }
+        let b = job.transport.recv(job.in_stage(k), step, REPLICAS, name)?;
+        if b.len() != 4 * mine.len() {
+            return Err(RunError::Usage(format!(
+                "replica {k} sent {} bytes of `{name}`, this one has {}",
+                b.len(),
+                4 * mine.len()
+            )));
+        }
+        accumulate(&mut total, crate::program::Dtype::F32, &b);
     }
     Ok(total)
 }
 
-fn f64s(v: &[f64]) -> Vec<u8> {
+/// The bytes of f32 values.
+fn f32s(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn from_f64s(b: &[u8]) -> Vec<f64> {
-    b.chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect()
+/// Adds the values `bytes` holds (of type `dtype`) into `acc`, in f32 (as PyTorch accumulates
+/// gradients over microbatches); f32 values are read in place.
+fn accumulate(acc: &mut [f32], dtype: crate::program::Dtype, bytes: &[u8]) {
+    if dtype == crate::program::Dtype::F32 {
+        for (a, c) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
+            *a += f32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
+    } else {
+        for (a, x) in acc.iter_mut().zip(decode(dtype, bytes)) {
+            *a += x as f32;
+        }
+    }
 }
 
 /// Message tags (the microbatch field) of what is not a microbatch's value: averaged
@@ -428,7 +434,7 @@ struct Timings {
 }
 
 /// Averaged outputs summed over microbatches, by name.
-type Sums = HashMap<String, Vec<f64>>;
+type Sums = HashMap<String, Vec<f32>>;
 
 /// The error of a worker woken because another failed.
 const WOKEN: &str = "another pipeline worker failed";
@@ -526,7 +532,7 @@ impl Backend for Pipelined {
     }
 
     /// Every arena this process allocated (the step's, each of its passes', the gradient
-    /// sums' and its optimizer programs') and the f64 sums of averaged values at their most
+    /// sums' and its optimizer programs') and the f32 sums of averaged values at their most
     /// in the last step: what [`Pipelined::planned`] says it allocates. The values in flight
     /// between passes are in the profile.
     fn arena_bytes(&self) -> u64 {
@@ -751,13 +757,11 @@ impl Pipelined {
             for slot in &pass.program.outputs {
                 let bytes = pass.cpu.get(slot)?;
                 if averaged.contains(&slot.name.as_str()) {
-                    let v = decode(slot.dtype, &bytes);
+                    let n = slot.shape.iter().product();
                     let acc = sums
                         .entry(slot.name.clone())
-                        .or_insert_with(|| vec![0.0; v.len()]);
-                    for (a, x) in acc.iter_mut().zip(&v) {
-                        *a += x;
-                    }
+                        .or_insert_with(|| vec![0.0; n]);
+                    accumulate(acc, slot.dtype, &bytes);
                 }
                 if let Some(net) = net {
                     for &c in consumers.get(&slot.name).into_iter().flatten() {
@@ -863,14 +867,16 @@ impl Pipelined {
                     let v = sums.get(name).ok_or_else(|| {
                         RunError::Usage(format!("no pass here computed `{name}` (a memc bug)"))
                     })?;
-                    let bytes = f64s(v);
+                    let bytes = f32s(v);
                     for d in (0..job.stages).filter(|&d| d != me && self.needs[d].contains(name)) {
                         job.transport
                             .send(rank_of(d), step_no, STAGES, name, &bytes)?;
                     }
                 } else if self.needs[me].contains(name) {
                     let b = job.transport.recv(rank_of(from), step_no, STAGES, name)?;
-                    sums.insert(name.clone(), from_f64s(&b));
+                    let mut v = vec![0f32; b.len() / 4];
+                    accumulate(&mut v, crate::program::Dtype::F32, &b);
+                    sums.insert(name.clone(), v);
                 }
             }
         }
@@ -881,7 +887,7 @@ impl Pipelined {
             }
             self.timing.late += t0.elapsed().as_secs_f64();
         }
-        self.sums_bytes = sums.values().map(|v| 8 * v.len() as u64).sum();
+        self.sums_bytes = sums.values().map(|v| 4 * v.len() as u64).sum();
         // Across replicas: the loss summed on every replica; each gradient summed on the
         // replica whose optimizer program reads it (ZeRO stage 1), and dropped elsewhere.
         let m = match job.filter(|j| j.replicas > 1) {
@@ -891,7 +897,7 @@ impl Pipelined {
                         continue;
                     };
                     if *name == self.spec.loss {
-                        let b = f64s(mine);
+                        let b = f32s(mine);
                         for k in (0..job.replicas).filter(|&k| k != job.replica) {
                             job.transport
                                 .send(job.in_stage(k), step_no, REPLICAS, name, &b)?;
@@ -920,7 +926,7 @@ impl Pipelined {
                                 step_no,
                                 REPLICAS,
                                 name,
-                                &f64s(mine),
+                                &f32s(mine),
                             )?;
                         }
                     }
@@ -942,7 +948,7 @@ impl Pipelined {
             let s = sums.get(name).ok_or_else(|| {
                 RunError::Usage(format!("no pass computed `{name}` (a memc bug)"))
             })?;
-            Ok(s.iter().map(|x| x / m as f64).collect())
+            Ok(s.iter().map(|&x| x as f64 / m as f64).collect())
         };
         // This process's optimizer programs on the averages; each updates the weights and
         // optimizer state in its arena.
@@ -1047,7 +1053,7 @@ impl Pipelined {
         self.step.set(&loss, &l);
         self.means = sums
             .into_iter()
-            .map(|(k, v)| (k, v.into_iter().map(|x| x / m as f64).collect()))
+            .map(|(k, v)| (k, v.into_iter().map(|x| x as f64 / m as f64).collect()))
             .collect();
         Ok(())
     }

@@ -156,7 +156,7 @@ pub struct Planned {
     pub weights: u64,
     /// Optimizer state kept (this rank's shard).
     pub optimizer_state: u64,
-    /// The f64 sums of averaged values (weight gradients, the loss) over the microbatches.
+    /// The f32 sums of averaged values (weight gradients, the loss) over the microbatches.
     pub gradient_sums: u64,
     /// Everything else: the passes' arenas (activations, working copies of the weights they
     /// read, gradients as computed), the optimizer's gradient inputs and temporaries, the
@@ -188,7 +188,7 @@ pub fn planned_at(program: &Program, at: Option<(usize, usize)>) -> Result<Plann
             _ => weights += bytes,
         }
     }
-    let gradient_sums: u64 = share.sums.iter().map(|(_, n)| 8 * *n as u64).sum();
+    let gradient_sums: u64 = share.sums.iter().map(|(_, n)| 4 * *n as u64).sum();
     let total = share.step_bytes
         + share
             .passes
