@@ -138,7 +138,19 @@ fn worker(pool: &'static Pool) {
 /// when all have finished. Tasks must be independent (each writes only its own outputs). A
 /// panic in a task is raised again here, after every task has finished.
 pub fn parallel_for(n: usize, task: &(dyn Fn(usize) + Sync)) {
-    let serial = |task: &(dyn Fn(usize) + Sync)| (0..n).for_each(task);
+    // Run here, one after another (nested, the pool busy, one thread): every task still
+    // runs, and the first panic is raised after the last.
+    let serial = |task: &(dyn Fn(usize) + Sync)| {
+        let mut first = None;
+        for i in 0..n {
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(i))) {
+                first.get_or_insert(p);
+            }
+        }
+        if let Some(p) = first {
+            std::panic::resume_unwind(p);
+        }
+    };
     if n <= 1 || IN_TASK.with(|t| t.get()) || threads() <= 1 {
         return serial(task);
     }
@@ -222,5 +234,17 @@ mod tests {
         }));
         assert!(r.is_err());
         assert_eq!(ran.load(Ordering::Relaxed), 16);
+        // Nested calls run serially: there too every task runs before the panic is raised.
+        let ran = AtomicUsize::new(0);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            parallel_for(2, &|_| {
+                parallel_for(16, &|i| {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    assert!(i != 5, "task 5 fails");
+                })
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(ran.load(Ordering::Relaxed), 32);
     }
 }
