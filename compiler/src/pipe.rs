@@ -152,8 +152,8 @@ impl PlanReport for PipelinePlan {
 /// The training program of one microbatch for a pipelined step: the canonical forward graph
 /// `g`'s layers cut into `stages × chunks_per_device` chunks, every forward node given its
 /// chunk ([`memc_ir::Node::chunk`]; autodiff gives each backward node the chunk of the
-/// forward node it differentiates), built without rematerialisation and with `grad:<name>`
-/// outputs.
+/// forward node it differentiates, recomputation the chunk of the node it recomputes), built
+/// under `opts`' recomputation policy and with `grad:<name>` outputs.
 pub fn pipelined_program(
     mut g: memc_ir::Graph,
     opts: &memc_passes::train::TrainOptions,
@@ -166,11 +166,7 @@ pub fn pipelined_program(
     if opts.clip_grad_norm.is_some() {
         bail!("--clip-grad-norm is not supported in a pipelined step yet");
     }
-    let opts = memc_passes::train::TrainOptions {
-        remat: None,
-        ..opts.clone()
-    };
-    crate::train::build_with(&mut g, &opts, None, true)?;
+    crate::train::build_with(&mut g, opts, None, true)?;
     Ok((g, part))
 }
 
