@@ -37,7 +37,11 @@ impl RankEnv {
     /// process; `None` for a single process. torchrun's variables alone (`RANK`,
     /// `WORLD_SIZE`) are refused: memc's ranks talk over MPI.
     pub fn from_env() -> Result<Option<RankEnv>, String> {
-        let var = |k: &str| std::env::var(k).ok();
+        RankEnv::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`RankEnv::from_env`] over the variables `var` gives.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<RankEnv>, String> {
         let num = |k: &str| -> Result<Option<usize>, String> {
             var(k)
                 .map(|v| {
@@ -93,4 +97,47 @@ pub(crate) fn silent_peer(me: usize, from: usize, timeout: Duration) -> RunError
         "rank {me}: rank {from} sent nothing for {:.0} s (it stopped, hangs or failed; MEMC_RANK_TIMEOUT sets the wait)",
         timeout.as_secs_f64()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RankEnv;
+
+    fn env(vars: &[(&str, &str)]) -> Result<Option<RankEnv>, String> {
+        RankEnv::from_vars(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn launches_are_read_from_mpirun_and_srun() {
+        let at = |rank, world| Ok(Some(RankEnv { rank, world }));
+        assert_eq!(env(&[]), Ok(None));
+        let ompi = [("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4")];
+        assert_eq!(env(&ompi), at(2, 4));
+        let slurm = [
+            ("PMIX_RANK", "1"),
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "2"),
+        ];
+        assert_eq!(env(&slurm), at(1, 2));
+        // Slurm's variables without PMIx: not an MPI launch memc can join.
+        assert_eq!(env(&slurm[1..]), Ok(None));
+        assert_eq!(
+            env(&[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "1")]),
+            Ok(None)
+        );
+        let e = env(&[("OMPI_COMM_WORLD_RANK", "4"), ("OMPI_COMM_WORLD_SIZE", "4")]).unwrap_err();
+        assert!(e.contains("rank 4 of 4 ranks"), "{e}");
+        let e = env(&[("OMPI_COMM_WORLD_RANK", "x"), ("OMPI_COMM_WORLD_SIZE", "4")]).unwrap_err();
+        assert!(
+            e.contains("OMPI_COMM_WORLD_RANK `x` is not a number"),
+            "{e}"
+        );
+        let e = env(&[("RANK", "0"), ("WORLD_SIZE", "2")]).unwrap_err();
+        assert!(e.contains("launch memc's ranks with mpirun"), "{e}");
+        assert_eq!(env(&[("RANK", "0"), ("WORLD_SIZE", "1")]), Ok(None));
+    }
 }
