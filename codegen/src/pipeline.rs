@@ -206,6 +206,26 @@ pub fn lower(
         }
         let sub = extract(g, &plan.late, &outs);
         verify(&sub, "late")?;
+        // Every rank runs the gradient sums, but only a stage's replicas keep its weights up
+        // to date: the sums may read no trained weight.
+        let trained: HashSet<&str> = g
+            .updates()
+            .iter()
+            .filter_map(|&(p, _)| match &g.value(p).def {
+                ValueDef::Param { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        for v in sub.values() {
+            if let ValueDef::Param { name, .. } = &v.def {
+                if trained.contains(name.as_str()) {
+                    return Err(err(
+                        model,
+                        format!("the gradient sums over chunks read the trained weight `{name}` (a memc bug)"),
+                    ));
+                }
+            }
+        }
         published.extend(outs.iter().copied());
         let p = lower_pass(&sub).map_err(|e| err(model, format!("the gradient sums: {e}")))?;
         graphs.push(PassGraph {

@@ -608,27 +608,36 @@ pub fn run_program(
                 .flatten()
                 .filter(|_| program.pipeline.is_some())
                 .map_or(0, |e| e.rank);
-            load_params(g, program, cpu.as_mut())?;
-            if let Some(dir) = &opts.resume {
-                let loaded = memc_runtime::weights::load_dir(dir, program, cpu.as_mut())?;
-                cfg.start_step = loaded.step.unwrap_or(0);
-                eprintln!(
-                    "resumed from {}: {} tensors, step {}",
-                    dir.display(),
-                    loaded.tensors,
-                    cfg.start_step
-                );
+            // On any failure a rank of a distributed step tells the others, so the job ends
+            // instead of waiting for it.
+            let mut run = || -> Result<Vec<f64>> {
+                load_params(g, program, cpu.as_mut())?;
+                if let Some(dir) = &opts.resume {
+                    let loaded = memc_runtime::weights::load_dir(dir, program, cpu.as_mut())?;
+                    cfg.start_step = loaded.step.unwrap_or(0);
+                    eprintln!(
+                        "resumed from {}: {} tensors, step {}",
+                        dir.display(),
+                        loaded.tensors,
+                        cfg.start_step
+                    );
+                }
+                let (mut quiet, mut stdout) = (std::io::sink(), std::io::stdout().lock());
+                Ok(memc_runtime::session::train(
+                    program,
+                    cpu.as_mut(),
+                    &mut data.0,
+                    data_path,
+                    &opts.fixed,
+                    &cfg,
+                    if rank != 0 { &mut quiet } else { &mut stdout },
+                )?)
+            };
+            let losses = run();
+            if losses.is_err() {
+                cpu.abort();
             }
-            let (mut quiet, mut stdout) = (std::io::sink(), std::io::stdout().lock());
-            let losses = memc_runtime::session::train(
-                program,
-                cpu.as_mut(),
-                &mut data.0,
-                data_path,
-                &opts.fixed,
-                &cfg,
-                if rank != 0 { &mut quiet } else { &mut stdout },
-            )?;
+            let losses = losses?;
             if let Some(p) = cpu.profile() {
                 eprint!("{p}");
             }

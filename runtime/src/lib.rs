@@ -64,13 +64,16 @@ pub trait Backend {
     }
     /// How checkpoints are split over the processes of a distributed step (`None`: this
     /// process holds everything and writes every file).
-    fn shards(&self) -> Option<Shards> {
-        None
+    fn shards(&self) -> Result<Option<Shards>, RunError> {
+        Ok(None)
     }
     /// Returns once every process of a distributed step has called it (at once without).
     fn barrier(&mut self) -> Result<(), RunError> {
         Ok(())
     }
+    /// Tells the other processes of a distributed step that this one failed, so the job
+    /// ends instead of waiting for it (nothing without).
+    fn abort(&self) {}
 }
 
 /// Which process of a distributed step saves each weight and piece of optimizer state

@@ -232,7 +232,8 @@ impl Mpi {
     /// with back-off, so ranks sharing cores do not spin on each other).
     fn recv_bytes(&self, from: usize, n: usize) -> Result<Vec<u8>, RunError> {
         let mut out = vec![0u8; n];
-        for part in out.chunks_mut(PART) {
+        let mut timed_out = false;
+        'parts: for part in out.chunks_mut(PART) {
             let mut req: Handle = std::ptr::null_mut();
             // SAFETY: `part` stays borrowed until the request completes or is cancelled.
             let rc = unsafe {
@@ -260,11 +261,19 @@ impl Mpi {
                 if start.elapsed() > self.timeout {
                     // SAFETY: a pending receive of this process.
                     unsafe { (self.lib.cancel)(&mut req) };
-                    return Err(crate::transport::silent_peer(self.rank, from, self.timeout));
+                    timed_out = true;
+                    break 'parts;
                 }
                 std::thread::sleep(nap);
                 nap = (nap * 2).min(std::time::Duration::from_millis(1));
             }
+        }
+        if timed_out {
+            // The cancelled receive may still write into `out` (MPI_Cancel does not wait): it
+            // is never freed, and this rank leaves without finalising.
+            std::mem::forget(out);
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(crate::transport::silent_peer(self.rank, from, self.timeout));
         }
         Ok(out)
     }

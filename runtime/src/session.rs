@@ -900,12 +900,30 @@ pub fn run_cli(
     let mut backend =
         unsafe { open_backend(cmd.get("--backend").unwrap_or("cpu"), &program, kernels)? };
     let cpu = backend.as_mut();
+    // On any failure a rank of a distributed step tells the others, so the job ends
+    // instead of waiting for it.
+    let result = run_verb(&cmd, &program, cpu, &weights_path, checkpoint.as_deref());
+    if result.is_err() {
+        cpu.abort();
+    }
+    result
+}
+
+/// The verb of `cmd` (train or infer) on `cpu`, after its weights: `weights_path`, or random
+/// ones, then a Hugging Face checkpoint's tensors.
+fn run_verb(
+    cmd: &Cmd,
+    program: &Program,
+    cpu: &mut dyn Backend,
+    weights_path: &Path,
+    checkpoint: Option<&Path>,
+) -> Result<(), RunError> {
     match cmd.number::<u64>("--random-weights")? {
-        Some(seed) => random_weights(&program, cpu, seed)?,
+        Some(seed) => random_weights(program, cpu, seed)?,
         None => {
-            weights::load(&weights_path, &program, cpu)?;
-            if let Some(ck) = &checkpoint {
-                let n = weights::load_checkpoint(ck, &program, cpu)?;
+            weights::load(weights_path, program, cpu)?;
+            if let Some(ck) = checkpoint {
+                let n = weights::load_checkpoint(ck, program, cpu)?;
                 eprintln!("weights: {n} tensors of {} bound by name", ck.display());
             }
         }
@@ -918,7 +936,7 @@ pub fn run_cli(
             let mut data = Batches::open(Path::new(data_path))?;
             let mut start_step = 0;
             if let Some(ckpt) = cmd.get("--resume") {
-                let loaded = weights::load_dir(Path::new(ckpt), &program, cpu)?;
+                let loaded = weights::load_dir(Path::new(ckpt), program, cpu)?;
                 start_step = loaded.step.unwrap_or(0);
                 eprintln!(
                     "resumed from {ckpt}: {} tensors{}, step {start_step}",
@@ -952,17 +970,17 @@ pub fn run_cli(
             let mut quiet = std::io::sink();
             let mut stdout = std::io::stdout().lock();
             train(
-                &program,
+                program,
                 cpu,
                 &mut data,
                 data_path,
-                &inputs(&cmd)?,
+                &inputs(cmd)?,
                 &cfg,
                 if rank == 0 { &mut stdout } else { &mut quiet },
             )?;
         }
         "infer" => {
-            let inputs = inputs(&cmd)?;
+            let inputs = inputs(cmd)?;
             let dir = cmd
                 .get("--out")
                 .ok_or_else(|| RunError::Usage("infer needs --out DIR".into()))?;
@@ -981,7 +999,7 @@ pub fn run_cli(
                     serde_json::json!({"run_ms": t0.elapsed().as_secs_f64() * 1e3, "backend": cpu.name()})
                 );
             }
-            for p in infer(&program, cpu, &inputs, Path::new(dir))? {
+            for p in infer(program, cpu, &inputs, Path::new(dir))? {
                 eprintln!("wrote {}", p.display());
             }
         }

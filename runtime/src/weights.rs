@@ -392,7 +392,7 @@ pub fn save_dir(
         path: dir.display().to_string(),
         source,
     })?;
-    let shards = arena.shards();
+    let shards = arena.shards()?;
     let rank = shards.as_ref().map_or(0, |s| s.rank);
     // The state file marks a complete directory: gone until everything else is written, so
     // an interrupted save over an earlier one is never taken for complete (and no rank

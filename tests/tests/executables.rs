@@ -1021,6 +1021,46 @@ fn pipelined_executables_run_under_mpirun() {
                 "{tag}: one process resumed {r} vs {}",
                 got[2]
             );
+            // A shard only one rank reads holds a tensor of the wrong shape: that rank fails
+            // naming it and tells the others, so the job ends at once (they would otherwise
+            // wait MEMC_RANK_TIMEOUT for it).
+            let index: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(ckpt.join("optimizer.safetensors.index.json")).unwrap(),
+            )
+            .unwrap();
+            let name = "adamw.exp_avg.lm_head.weight";
+            let file = ckpt.join(index["weight_map"][name].as_str().unwrap());
+            let bytes = std::fs::read(&file).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let short = [0u8; 12];
+            let tensors: Vec<(String, safetensors::tensor::TensorView)> = st
+                .tensors()
+                .into_iter()
+                .map(|(n, t)| match n == name {
+                    true => (
+                        n,
+                        safetensors::tensor::TensorView::new(t.dtype(), vec![3], &short).unwrap(),
+                    ),
+                    false => (n, t),
+                })
+                .collect();
+            safetensors::serialize_to_file(tensors, None, &file).unwrap();
+            let started = std::time::Instant::now();
+            let mut c = Command::new(mpirun);
+            c.args(["--allow-run-as-root", "--oversubscribe", "-n", "4"])
+                .arg(&dp)
+                .args(["train", "--threads", "1", "--data"])
+                .arg(&data)
+                .args(["--steps", "1", "--resume"])
+                .arg(&ckpt);
+            let out = c.output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success()
+                    && stderr.contains(&format!("tensor `{name}` is F32[3]"))
+                    && started.elapsed() < std::time::Duration::from_secs(60),
+                "{tag}: {stderr}"
+            );
             let single = run(Command::new(&dp)
                 .args(["train", "--data"])
                 .arg(&data)

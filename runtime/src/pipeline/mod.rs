@@ -69,7 +69,8 @@ pub struct Pipelined {
     updates: Vec<Pass>,
     /// The most bytes the values in flight between passes held at once, last step.
     held_peak: u64,
-    /// Bytes of the f32 sums of averaged values at their most, last step.
+    /// Bytes of the f32 sums of averaged values in the last step, once the gradient sums
+    /// (`late`) have added theirs (the most they hold: data parallelism then drops some).
     sums_bytes: u64,
     timing: Timings,
     /// The job when each stage of each replica is a process: this one runs stage `stage`
@@ -85,7 +86,8 @@ pub struct Pipelined {
     local_readers: HashMap<String, u32>,
     /// The averaged values each stage needs (what its optimizer programs read, the loss).
     needs: Vec<std::collections::HashSet<String>>,
-    /// The averaged values of the last step (mean over the microbatches), by name.
+    /// The averaged values of the last step (mean over every replica's microbatches), by
+    /// name.
     means: HashMap<String, Vec<f64>>,
     /// Barriers passed (each names its messages).
     barriers: u64,
@@ -175,8 +177,8 @@ impl Pipelined {
         })
     }
 
-    /// The mean over the microbatches of each averaged value (the loss, the weight
-    /// gradients) in the last step, by name: those this process summed (with data
+    /// The mean over every replica's microbatches of each averaged value (the loss, the
+    /// weight gradients) in the last step, by name: those this process summed (with data
     /// parallelism, a gradient's mean is on the replica that updates its weight).
     pub fn means(&self) -> &HashMap<String, Vec<f64>> {
         &self.means
@@ -532,8 +534,8 @@ impl Backend for Pipelined {
     }
 
     /// Every arena this process allocated (the step's, each of its passes', the gradient
-    /// sums' and its optimizer programs') and the f32 sums of averaged values at their most
-    /// in the last step: what [`Pipelined::planned`] says it allocates. The values in flight
+    /// sums' and its optimizer programs') and the f32 sums of averaged values in the last
+    /// step (after the gradient sums, their most): what [`Pipelined::planned`] says it allocates. The values in flight
     /// between passes are in the profile.
     fn arena_bytes(&self) -> u64 {
         self.step.bytes() as u64
@@ -553,6 +555,14 @@ impl Backend for Pipelined {
     }
 
     fn set(&mut self, slot: &Slot, bytes: &[u8]) -> Result<(), RunError> {
+        if bytes.len() as u64 != slot.bytes() {
+            return Err(RunError::Usage(format!(
+                "`{}`: {} bytes for {}",
+                slot.name,
+                bytes.len(),
+                slot.type_string()
+            )));
+        }
         if let Some(homes) = self.share.homes.get(&slot.name) {
             for h in homes {
                 match h {
@@ -600,13 +610,21 @@ impl Backend for Pipelined {
         self.share.homes.contains_key(&slot.name) || self.share.step.contains_key(&slot.name)
     }
 
-    fn shards(&self) -> Option<crate::Shards> {
-        let job = self.job.as_ref()?;
-        Some(crate::Shards {
+    fn shards(&self) -> Result<Option<crate::Shards>, RunError> {
+        let Some(job) = self.job.as_ref() else {
+            return Ok(None);
+        };
+        Ok(Some(crate::Shards {
             rank: job.transport.rank(),
             ranks: job.stages * job.replicas,
-            saver: share::savers(&self.interface).ok()?,
-        })
+            saver: share::savers(&self.interface)?,
+        }))
+    }
+
+    fn abort(&self) {
+        if let Some(job) = &self.job {
+            job.transport.abort();
+        }
     }
 
     /// Every rank tells rank 0, which answers each once all have.
