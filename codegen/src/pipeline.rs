@@ -206,8 +206,8 @@ pub fn lower(
         }
         let sub = extract(g, &plan.late, &outs);
         verify(&sub, "late")?;
-        // Every rank runs the gradient sums, but only a stage's replicas keep its weights up
-        // to date: the sums may read no trained weight.
+        // The gradient sums run on other stages than the weights' own, whose copies only a
+        // stage's replicas keep up to date: the sums may read no trained weight.
         let trained: HashSet<&str> = g
             .updates()
             .iter()

@@ -960,7 +960,7 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn sample() -> Program {
@@ -1062,7 +1062,7 @@ mod tests {
 
     /// A step of two passes (the sample as each, its constant in the outer blob) and an
     /// optimizer.
-    fn pipelined() -> Program {
+    pub(crate) fn pipelined() -> Program {
         // F0: x -> x.1; F1: x.1 -> x.2 (the loss, averaged); the optimizer reads x.2.
         let sub = |input: &str, output: &str| {
             let mut p = sample();

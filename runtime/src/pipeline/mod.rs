@@ -80,7 +80,8 @@ pub struct Pipelined {
     steps: u64,
     /// The stage computing each exchanged or averaged value (outputs of passes).
     producer: HashMap<String, usize>,
-    /// The stages reading each exchanged value (every stage for what the late program reads).
+    /// The stages reading each exchanged value (for what the late program reads, the stages
+    /// running it).
     consumers: HashMap<String, Vec<usize>>,
     /// How many reads of each exchanged value happen in this process per microbatch.
     local_readers: HashMap<String, u32>,
@@ -256,7 +257,6 @@ impl Pipelined {
         let mut producer = HashMap::new();
         let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
         let mut local_readers: HashMap<String, u32> = HashMap::new();
-        let all: Vec<usize> = (0..p).collect();
         for sub in &spec.passes {
             let d = sub.device as usize;
             for o in &sub.program.outputs {
@@ -277,6 +277,9 @@ impl Pipelined {
                 }
             }
         }
+        // The gradient sums over chunks run on the stages whose optimizer reads them.
+        let late_stages = share::late_stages(&spec);
+        let runs_late = share::runs_late(&spec, job.as_ref().map(|j| (j.stage, j.replica)));
         if let Some(late) = &spec.late {
             for i in late
                 .program
@@ -284,8 +287,15 @@ impl Pipelined {
                 .iter()
                 .filter(|i| i.name.starts_with("x."))
             {
-                consumers.insert(i.name.clone(), all.clone());
-                *local_readers.entry(i.name.clone()).or_default() += 1;
+                let c = consumers.entry(i.name.clone()).or_default();
+                for &d in &late_stages {
+                    if !c.contains(&d) {
+                        c.push(d);
+                    }
+                }
+                if runs_late {
+                    *local_readers.entry(i.name.clone()).or_default() += 1;
+                }
             }
         }
         let mut devices: Vec<Vec<(usize, Pass)>> = (0..p).map(|_| Vec::new()).collect();
@@ -296,7 +306,12 @@ impl Pipelined {
             })?;
             d.push((k, prepare(sub)?));
         }
-        let late = spec.late.as_ref().map(&mut prepare).transpose()?;
+        let late = spec
+            .late
+            .as_ref()
+            .filter(|_| runs_late)
+            .map(&mut prepare)
+            .transpose()?;
         let updates = share
             .updates
             .iter()

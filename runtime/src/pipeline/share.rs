@@ -6,7 +6,7 @@
 //!
 //! A process is the whole step (`at` is `None`: every stage in one process) or one rank:
 //! stage `s` of replica `k` (rank `k·P + s`). A rank runs its stage's passes, the gradient
-//! sums (`late`, every rank) and at most one optimizer program, its (stage, replica) shard
+//! sums (`late`, on the stages whose optimizer reads them) and at most one optimizer program, its (stage, replica) shard
 //! ([`Pipeline::updates`]); it keeps the weights its passes read (in the optimizer's arena
 //! when it updates them, else in the step arena) and only its shard's optimizer state.
 
@@ -60,6 +60,33 @@ pub(crate) fn needs(spec: &Pipeline) -> Vec<HashSet<String>> {
     needs
 }
 
+/// The stages that run the gradient sums over chunks (`late`): those whose optimizer
+/// programs read what they output (a tied weight's stages), each on its own replica's values.
+pub(crate) fn late_stages(spec: &Pipeline) -> Vec<usize> {
+    let Some(late) = &spec.late else {
+        return vec![];
+    };
+    let mut stages: Vec<usize> = spec
+        .updates
+        .iter()
+        .filter(|u| {
+            u.program
+                .inputs
+                .iter()
+                .any(|i| late.program.outputs.iter().any(|o| o.name == i.name))
+        })
+        .map(|u| u.device as usize)
+        .collect();
+    stages.sort();
+    stages.dedup();
+    stages
+}
+
+/// Whether process `at` runs the gradient sums over chunks.
+pub(crate) fn runs_late(spec: &Pipeline, at: Option<(usize, usize)>) -> bool {
+    spec.late.is_some() && at.is_none_or(|(s, _)| late_stages(spec).contains(&s))
+}
+
 /// The share of process `at` ((stage, replica), or `None` for the whole step in one process).
 pub(crate) fn share(program: &Program, at: Option<(usize, usize)>) -> Result<Share, RunError> {
     let spec = program
@@ -102,7 +129,12 @@ pub(crate) fn share(program: &Program, at: Option<(usize, usize)>) -> Result<Sha
     let read: HashSet<&str> = passes
         .iter()
         .map(|&k| &spec.passes[k].program)
-        .chain(spec.late.as_ref().map(|l| &l.program))
+        .chain(
+            spec.late
+                .as_ref()
+                .filter(|_| runs_late(spec, at))
+                .map(|l| &l.program),
+        )
         .flat_map(|p| p.params.iter().map(|q| q.slot.name.as_str()))
         .collect();
     for p in &program.params {
@@ -113,7 +145,7 @@ pub(crate) fn share(program: &Program, at: Option<(usize, usize)>) -> Result<Sha
         }
     }
     // Sums: what the passes here produce, what this stage's optimizer programs read, the
-    // loss, and the gradient sums' outputs (computed on every rank).
+    // loss, and the gradient sums' outputs where they run.
     let mut size: HashMap<&str, (usize, bool)> = HashMap::new();
     for (k, sub) in spec.passes.iter().enumerate() {
         for o in &sub.program.outputs {
@@ -121,7 +153,7 @@ pub(crate) fn share(program: &Program, at: Option<(usize, usize)>) -> Result<Sha
         }
     }
     for o in spec.late.iter().flat_map(|l| &l.program.outputs) {
-        size.insert(&o.name, (o.shape.iter().product(), true));
+        size.insert(&o.name, (o.shape.iter().product(), runs_late(spec, at)));
     }
     let needs = needs(spec);
     let mut sums = vec![];
@@ -195,7 +227,11 @@ pub fn planned_at(program: &Program, at: Option<(usize, usize)>) -> Result<Plann
             .iter()
             .map(|&k| spec.passes[k].program.arena_bytes)
             .sum::<u64>()
-        + spec.late.as_ref().map_or(0, |l| l.program.arena_bytes)
+        + spec
+            .late
+            .as_ref()
+            .filter(|_| runs_late(spec, at))
+            .map_or(0, |l| l.program.arena_bytes)
         + share
             .updates
             .iter()
@@ -247,4 +283,46 @@ pub(crate) fn savers(program: &Program) -> Result<BTreeMap<String, usize>, RunEr
         }
     }
     Ok(saver)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gradient sums over chunks run only on the stages whose optimizer reads them: the
+    /// other stages neither allocate their arena nor sum their outputs.
+    #[test]
+    fn gradient_sums_run_only_where_they_are_read() {
+        let mut p = crate::program::tests::pipelined();
+        let spec = p.pipeline.as_mut().unwrap();
+        let mut late = spec.passes[0].clone();
+        late.label = "late".into();
+        late.program.inputs[0].name = "x.1".into();
+        late.program.outputs[0].name = "x.3".into();
+        let mut u1 = spec.updates[0].clone();
+        u1.label = "U1".into();
+        u1.device = 1;
+        spec.updates[0].program.inputs[0].name = "x.3".into();
+        spec.updates.push(u1);
+        spec.averaged.push("x.3".into());
+        let mut without = p.clone();
+        without.pipeline.as_mut().unwrap().late = None;
+        let late_bytes = late.program.arena_bytes + 4 * 4;
+        p.pipeline.as_mut().unwrap().late = Some(late);
+        let spec = p.pipeline.as_ref().unwrap();
+        assert_eq!(late_stages(spec), [0]);
+        assert!(runs_late(spec, None) && runs_late(spec, Some((0, 0))));
+        assert!(!runs_late(spec, Some((1, 0))));
+        let total = |p: &Program, at| planned_at(p, at).unwrap().total;
+        assert_eq!(total(&p, Some((1, 0))), total(&without, Some((1, 0))));
+        assert_eq!(
+            total(&p, Some((0, 0))),
+            total(&without, Some((0, 0))) + late_bytes
+        );
+        assert!(!share(&p, Some((1, 0)))
+            .unwrap()
+            .sums
+            .iter()
+            .any(|(n, _)| n == "x.3"));
+    }
 }
