@@ -473,21 +473,6 @@ fn optimizer_shards(
         owner.1.extend(slice(v));
         owner.2 += g.value(p).ty.bytes() as u64;
     }
-    // The stages whose passes read each weight (the gradient sums read none).
-    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (&(_, chunk), pn) in &plan.passes {
-        let d = schedule.device_of(chunk);
-        for &n in &pn.nodes {
-            for &v in &g.node(n).inputs {
-                if let ValueDef::Param { name, .. } = &g.value(v).def {
-                    let r = readers.entry(name.as_str()).or_default();
-                    if !r.contains(&d) {
-                        r.push(d);
-                    }
-                }
-            }
-        }
-    }
     let mut order: Vec<usize> = (0..weights.len()).collect();
     order.sort_by(|&a, &b| {
         weights[b]
@@ -499,8 +484,10 @@ fn optimizer_shards(
     let mut groups: HashMap<(usize, usize), HashSet<NodeId>> = HashMap::new();
     for i in order {
         let (name, nodes, bytes) = &weights[i];
-        let on = readers
-            .get(name.as_str())
+        // The stages whose passes read the weight (the gradient sums read none).
+        let on = plan
+            .param_devices
+            .get(name)
             .cloned()
             .unwrap_or_else(|| vec![0]);
         for d in on {

@@ -935,23 +935,7 @@ fn emit_pipelined(
         weights.display(),
         t0.elapsed().as_secs_f64()
     );
-    // What each process allocates: the whole step in one process (without replicas), and
-    // each rank of one process per stage and replica.
-    let mut rows = vec![];
-    if pl.data_parallel == 1 {
-        rows.push((
-            "one process".to_string(),
-            memc_runtime::pipeline::planned_at(&host.program, None)?,
-        ));
-    }
-    for (r, b) in memc_runtime::pipeline::planned(&host.program)?
-        .into_iter()
-        .enumerate()
-    {
-        let (s, k) = b.at.unwrap_or_default();
-        rows.push((format!("rank {r} (stage {s}, replica {k})"), b));
-    }
-    Ok(rows)
+    Ok(memc_runtime::pipeline::processes(&host.program)?)
 }
 
 /// With `--data-parallel D`, one replica's share: the shapes to import the microbatch

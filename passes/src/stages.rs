@@ -56,6 +56,8 @@ pub struct StagePlan {
     pub consumers: HashMap<ValueId, Vec<usize>>,
     /// The device computing each output (`None`: a late node, computed everywhere).
     pub output_device: HashMap<ValueId, Option<usize>>,
+    /// The devices whose passes read each parameter, by name.
+    pub param_devices: HashMap<String, Vec<usize>>,
 }
 
 /// Cuts `g`, a microbatch training program whose forward nodes carry their chunk, into
@@ -177,13 +179,13 @@ pub fn split(g: &Graph, schedule: &Schedule) -> StagePlan {
     }
     // A weight used on several devices (a tied or deduplicated weight) is updated on each:
     // its gradient goes to every device whose passes read it.
-    let mut readers_of_param: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut param_devices: HashMap<String, Vec<usize>> = HashMap::new();
     for ((_, c), pn) in &passes {
         let d = schedule.device_of(*c);
         for &n in &pn.nodes {
             for &v in &g.node(n).inputs {
                 if let ValueDef::Param { name, .. } = &g.value(v).def {
-                    let r = readers_of_param.entry(name.clone()).or_default();
+                    let r = param_devices.entry(name.clone()).or_default();
                     if !r.contains(&d) {
                         r.push(d);
                     }
@@ -193,7 +195,7 @@ pub fn split(g: &Graph, schedule: &Schedule) -> StagePlan {
     }
     for (name, v) in g.outputs() {
         if let Some(p) = name.strip_prefix(crate::train::GRAD_OUTPUT_PREFIX) {
-            if let Some(devices) = readers_of_param.get(p) {
+            if let Some(devices) = param_devices.get(p) {
                 let c = consumers.entry(*v).or_default();
                 for &d in devices {
                     if !c.contains(&d) {
@@ -231,6 +233,7 @@ pub fn split(g: &Graph, schedule: &Schedule) -> StagePlan {
         late,
         consumers,
         output_device,
+        param_devices,
     }
 }
 

@@ -714,18 +714,8 @@ fn describe(program: &Program) -> String {
                 b.total, b.weights, b.optimizer_state, b.gradient_sums, b.working
             )
         };
-        if p.data_parallel == 1 {
-            if let Ok(b) = crate::pipeline::planned_at(program, None) {
-                out += &line("planned, one process".into(), &b);
-            }
-        }
-        for (r, b) in crate::pipeline::planned(program)
-            .unwrap_or_default()
-            .iter()
-            .enumerate()
-        {
-            let (s, k) = b.at.unwrap_or_default();
-            out += &line(format!("planned, rank {r} (stage {s}, replica {k})"), b);
+        for (who, b) in crate::pipeline::processes(program).unwrap_or_default() {
+            out += &line(format!("planned, {who}"), &b);
         }
     }
     for s in &program.inputs {

@@ -45,8 +45,12 @@ fn train(ex: &Example, exe: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
             .arg(format!("{name}={}", input_file(ex, name).display()));
     }
     cmd.args(extra);
-    ok(&mut cmd)
-        .lines()
+    json_lines(&ok(&mut cmd))
+}
+
+/// Each line of `out` as JSON (the step lines of a training run).
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect()
 }
@@ -810,7 +814,8 @@ fn pipelined_executables_run_under_mpirun() {
     let data = dir.join("ids.npy");
     // Three batches: steps read different rows (a resume must find its place).
     write_ids(&data, 24, 16);
-    let launch = |n: usize, exe: &Path, steps: &str| {
+    // `mpirun -n N EXE train ... --steps S --lr 1e-2` (callers add to it).
+    let train = |n: usize, exe: &Path, steps: &str| {
         let mut c = Command::new(mpirun);
         // Root in containers; more ranks than cores; ranks sharing cores yield when idle.
         c.args([
@@ -826,8 +831,9 @@ fn pipelined_executables_run_under_mpirun() {
         .args(["train", "--threads", "1", "--data"])
         .arg(&data)
         .args(["--steps", steps, "--lr", "1e-2"]);
-        c.output().unwrap()
+        c
     };
+    let launch = |n: usize, exe: &Path, steps: &str| train(n, exe, steps).output().unwrap();
     for (model, schedule, stages) in [
         ("examples/models/depth/llama-L4.onnx", "v-half", 2usize),
         ("examples/models/gpt2-dynamo.onnx", "zb-h1", 2),
@@ -835,15 +841,10 @@ fn pipelined_executables_run_under_mpirun() {
     ] {
         let exe = dir.join(format!("{schedule}-{stages}"));
         compile_pipelined(model, &exe, schedule, stages, 4, 1);
-        let want = losses(
-            &ok(Command::new(&exe)
-                .args(["train", "--threads", "1", "--data"])
-                .arg(&data)
-                .args(["--steps", "3", "--lr", "1e-2"]))
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect::<Vec<_>>(),
-        );
+        let want = losses(&json_lines(&ok(Command::new(&exe)
+            .args(["train", "--threads", "1", "--data"])
+            .arg(&data)
+            .args(["--steps", "3", "--lr", "1e-2"]))));
         let out = launch(stages, &exe, "3");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -852,10 +853,7 @@ fn pipelined_executables_run_under_mpirun() {
             String::from_utf8_lossy(&out.stderr)
         );
         // Only rank 0 prints (mpirun gathers every rank's standard output).
-        let lines: Vec<serde_json::Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines: Vec<serde_json::Value> = json_lines(&stdout);
         assert_eq!(lines.len(), 3, "{stdout}");
         assert_eq!(lines[0]["pipeline"]["world_size"], stages);
         let got = losses(&lines);
@@ -893,15 +891,10 @@ fn pipelined_executables_run_under_mpirun() {
         let tag = format!("{schedule}-{stages}x{replicas}");
         let whole = compile(&format!("{tag}-whole"), 2 * replicas, 1);
         let dp = compile(&tag, 2, replicas);
-        let want = losses(
-            &ok(Command::new(&whole)
-                .args(["train", "--threads", "1", "--data"])
-                .arg(&data)
-                .args(["--steps", "3", "--lr", "1e-2"]))
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect::<Vec<_>>(),
-        );
+        let want = losses(&json_lines(&ok(Command::new(&whole)
+            .args(["train", "--threads", "1", "--data"])
+            .arg(&data)
+            .args(["--steps", "3", "--lr", "1e-2"]))));
         let out = launch(stages * replicas, &dp, "3");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -942,10 +935,7 @@ fn pipelined_executables_run_under_mpirun() {
                 }
             }
         }
-        let lines: Vec<serde_json::Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines: Vec<serde_json::Value> = json_lines(&stdout);
         assert_eq!(lines.len(), 3, "{stdout}");
         assert_eq!(lines[0]["pipeline"]["data_parallel"], replicas);
         assert_eq!(lines[0]["tokens"], 8 * 16);
@@ -953,25 +943,8 @@ fn pipelined_executables_run_under_mpirun() {
         assert!(max_rel(&got, &want) <= 1e-6, "{tag}: {got:?} vs {want:?}");
         if stages == 2 && schedule == "v-half" {
             let ckpt = dir.join(format!("{tag}-ckpt"));
-            let mut c = Command::new(mpirun);
-            c.args(["--allow-run-as-root", "--oversubscribe", "-n", "4"])
-                .arg(&dp)
-                .args(["train", "--threads", "1", "--data"])
-                .arg(&data)
-                .args(["--steps", "2", "--lr", "1e-2", "--save"])
-                .arg(&ckpt);
-            ok(&mut c);
-            let mut c = Command::new(mpirun);
-            c.args(["--allow-run-as-root", "--oversubscribe", "-n", "4"])
-                .arg(&dp)
-                .args(["train", "--threads", "1", "--data"])
-                .arg(&data)
-                .args(["--steps", "1", "--lr", "1e-2", "--resume"])
-                .arg(&ckpt);
-            let resumed: Vec<serde_json::Value> = ok(&mut c)
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
+            ok(train(4, &dp, "2").arg("--save").arg(&ckpt));
+            let resumed = json_lines(&ok(train(4, &dp, "1").arg("--resume").arg(&ckpt)));
             assert_eq!(resumed[0]["step"], 3);
             let r = losses(&resumed)[0];
             assert!(
@@ -1007,14 +980,11 @@ fn pipelined_executables_run_under_mpirun() {
                 .count();
             assert_eq!(optimizer, 4, "each rank saves its optimizer shard");
             assert!(!ckpt.join("model.safetensors").exists());
-            let single: Vec<serde_json::Value> = ok(Command::new(&whole)
+            let single: Vec<serde_json::Value> = json_lines(&ok(Command::new(&whole)
                 .args(["train", "--threads", "1", "--data"])
                 .arg(&data)
                 .args(["--steps", "1", "--lr", "1e-2", "--resume"])
-                .arg(&ckpt))
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+                .arg(&ckpt)));
             let r = losses(&single)[0];
             assert!(
                 (r - got[2]).abs() <= 1e-6 * got[2].abs(),
@@ -1046,14 +1016,11 @@ fn pipelined_executables_run_under_mpirun() {
                 .collect();
             safetensors::serialize_to_file(tensors, None, &file).unwrap();
             let started = std::time::Instant::now();
-            let mut c = Command::new(mpirun);
-            c.args(["--allow-run-as-root", "--oversubscribe", "-n", "4"])
-                .arg(&dp)
-                .args(["train", "--threads", "1", "--data"])
-                .arg(&data)
-                .args(["--steps", "1", "--resume"])
-                .arg(&ckpt);
-            let out = c.output().unwrap();
+            let out = train(4, &dp, "1")
+                .arg("--resume")
+                .arg(&ckpt)
+                .output()
+                .unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(
                 !out.status.success()

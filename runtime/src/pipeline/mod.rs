@@ -38,7 +38,7 @@ pub type PassBackend = Box<dyn Backend + Send>;
 
 mod share;
 
-pub use share::{planned, planned_at, Planned};
+pub use share::{planned, planned_at, processes, Planned};
 use share::{Home, Share};
 
 /// A pass program ready to run: its backend, and where its inputs come from.
@@ -376,18 +376,12 @@ fn check_world(world: usize, stages: u32, replicas: u32) -> Result<(), RunError>
     }))
 }
 
-/// Adds up the sums of `name` that the replicas `from` hold (this process's for its own
+/// Adds up the sums of `name` that every replica holds (this process's for its own
 /// replica, received for the others), in replica order so every replica adding them gets
 /// the same bits.
-fn sum_replicas(
-    job: &Job,
-    step: u64,
-    name: &str,
-    mine: &[f32],
-    from: std::ops::Range<usize>,
-) -> Result<Vec<f32>, RunError> {
+fn sum_replicas(job: &Job, step: u64, name: &str, mine: &[f32]) -> Result<Vec<f32>, RunError> {
     let mut total = vec![0f32; mine.len()];
-    for k in from {
+    for k in 0..job.replicas {
         if k == job.replica {
             total.iter_mut().zip(mine).for_each(|(t, x)| *t += x);
             continue;
@@ -935,7 +929,7 @@ impl Pipelined {
                             job.transport
                                 .send(job.in_stage(k), step_no, REPLICAS, name, &b)?;
                         }
-                        let total = sum_replicas(job, step_no, name, mine, 0..job.replicas)?;
+                        let total = sum_replicas(job, step_no, name, mine)?;
                         sums.insert(name.clone(), total);
                         continue;
                     }
@@ -952,7 +946,7 @@ impl Pipelined {
                     let mut total = None;
                     for &owner in &owners {
                         if owner == job.replica {
-                            total = Some(sum_replicas(job, step_no, name, mine, 0..job.replicas)?);
+                            total = Some(sum_replicas(job, step_no, name, mine)?);
                         } else {
                             job.transport.send(
                                 job.in_stage(owner),

@@ -261,6 +261,25 @@ pub fn planned(program: &Program) -> Result<Vec<Planned>, RunError> {
         .collect()
 }
 
+/// What each way of running the step allocates, labelled: the whole step in one process
+/// (`one process`, without data-parallel replicas), then each rank of one process per stage
+/// and replica (`rank r (stage s, replica k)`).
+pub fn processes(program: &Program) -> Result<Vec<(String, Planned)>, RunError> {
+    let mut rows = vec![];
+    if program
+        .pipeline
+        .as_ref()
+        .is_some_and(|p| p.data_parallel == 1)
+    {
+        rows.push(("one process".to_string(), planned_at(program, None)?));
+    }
+    for (r, b) in planned(program)?.into_iter().enumerate() {
+        let (s, k) = b.at.unwrap_or_default();
+        rows.push((format!("rank {r} (stage {s}, replica {k})"), b));
+    }
+    Ok(rows)
+}
+
 /// Which rank saves each weight and piece of optimizer state: the lowest that keeps it.
 pub(crate) fn savers(program: &Program) -> Result<BTreeMap<String, usize>, RunError> {
     let spec = program
