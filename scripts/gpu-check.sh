@@ -13,7 +13,9 @@
 # (training losses over 3 AdamW steps, inference outputs), measures the fused elementwise
 # kernels' bandwidth against torch's device-to-device copy, and benchmarks a bf16 training
 # step (forward + backward + AdamW) of a 12-layer d_model 768 Llama at batch 8 x seq 1024
-# against PyTorch eager and torch.compile in the same run.
+# against PyTorch eager and torch.compile in the same run. Pipelined steps (2 stages, data
+# parallel, both) train on the cuda backend like the cpu backend, in one process and under
+# mpirun when the machine has it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=gpu-bundle
@@ -52,10 +54,24 @@ if [ "${1:-}" = "prepare" ]; then
       ${v#*:} --target all -o "$B/llama12-bf16-${v%%:*}"
     rm "$B/llama12-bf16-${v%%:*}.safetensors"
   done
+  # Pipelined steps (issue 22): each stage's passes on its own stream; in one process the
+  # stages share the GPU, under mpirun each rank opens its GPU (here all the same one).
+  for v in "llama:depth/llama-L4:v-half:2:1" "gpt2:gpt2-dynamo:zb-h1:2:1" "llama-dp:depth/llama-L4:1f1b:1:2" "llama-2x2:depth/llama-L4:1f1b:2:2"; do
+    IFS=: read -r tag src sched p d <<< "$v"
+    $M compile "examples/models/$src.onnx" --shape input_ids=8x16 --train --optimizer adamw \
+      --pipeline-stages "$p" --data-parallel "$d" --microbatches 2 --schedule "$sched" \
+      --target all -o "$B/pipe-$tag" 2>/dev/null
+  done
+  $M compile scratch/llama12x768.onnx --shape input_ids=8x1024 --train --optimizer adamw --dtype bf16 \
+    --pipeline-stages 2 --microbatches 4 --schedule 1f1b --target all -o "$B/llama12-bf16-pipe2"
+  rm "$B/llama12-bf16-pipe2.safetensors"
   python3 - "$B" <<'EOF'
 import sys, numpy as np
 b = sys.argv[1]
-np.save(f"{b}/data/ids8x1024.npy", np.random.default_rng(0).integers(0, 32000, (8, 1024)).astype(np.int64))
+rng = np.random.default_rng(0)
+np.save(f"{b}/data/ids8x1024.npy", rng.integers(0, 32000, (8, 1024)).astype(np.int64))
+np.save(f"{b}/data/ids8x16-llama.npy", rng.integers(0, 128, (8, 16)).astype(np.int64))
+np.save(f"{b}/data/ids8x16-gpt2.npy", rng.integers(0, 256, (8, 16)).astype(np.int64))
 np.save(f"{b}/data/one.npy", np.ones(1, np.float32))
 EOF
   cp scripts/bench-gpu-torch.py "$B/"
@@ -116,6 +132,60 @@ print(f"   {name:<14} training losses cuda vs cpu: max rel {worst:.2e}  inferenc
 sys.exit(0 if ok else 1)
 EOF
 done
+
+echo "== pipelined steps: cuda vs cpu (one process: the stages as streams of one GPU; mpirun: a GPU per rank)"
+MPIRUN=()
+if command -v mpirun >/dev/null; then
+  MPIRUN=(mpirun --allow-run-as-root --oversubscribe)
+fi
+for v in llama:2:1 gpt2:2:1 llama-dp:1:2 llama-2x2:2:2; do
+  IFS=: read -r tag p d <<< "$v"
+  data="$B/data/ids8x16-${tag%%-*}.npy"
+  runs=()
+  [ "$d" = 1 ] && runs+=(cpu cuda)
+  [ ${#MPIRUN[@]} -gt 0 ] && runs+=(mpi-cpu mpi-cuda)
+  [ ${#runs[@]} -eq 0 ] && { echo "   pipe-$tag: needs mpirun (not on this machine)"; continue; }
+  for r in "${runs[@]}"; do
+    launch=()
+    [ "${r#mpi-}" != "$r" ] && launch=("${MPIRUN[@]}" -n $((p * d)))
+    if ! "${launch[@]}" "$B/pipe-$tag" train --data "$data" --steps 3 --lr 1e-2 --backend "${r#mpi-}" \
+        > "$T/pipe-$tag-$r.jsonl" 2> "$T/pipe-$tag-$r.err"; then
+      echo "   pipe-$tag $r FAILED: $(grep -v '^rank' "$T/pipe-$tag-$r.err" | tail -1)"
+      status=1
+    fi
+  done
+  python3 - "$T" "pipe-$tag" "${runs[*]}" <<'EOF' || status=1
+import json, sys, os
+t, name, runs = sys.argv[1], sys.argv[2], sys.argv[3].split()
+def losses(r):
+    p = f"{t}/{name}-{r}.jsonl"
+    return [json.loads(l)["loss"] for l in open(p) if l.startswith("{")] if os.path.exists(p) else []
+base = "cpu" if "cpu" in runs else "mpi-cpu"
+want = losses(base)
+rows, ok = [], len(want) == 3
+for r in runs:
+    got = losses(r)
+    worst = max((abs(a - b) / abs(b) for a, b in zip(got, want)), default=float("nan"))
+    ok = ok and len(got) == 3 and worst <= 1e-4
+    rows.append(f"{r} {worst:.1e}")
+print(f"   {name:<16} losses vs {base}: {', '.join(rows)}  {'ok' if ok else 'MISMATCH'}")
+sys.exit(0 if ok else 1)
+EOF
+done
+echo "== Llama 12 x d768 bf16, 2 pipeline stages (1F1B, 4 microbatches) as streams of one GPU"
+if "$B/llama12-bf16-pipe2" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 6 --backend cuda \
+    > "$T/llama12-pipe2.jsonl" 2> "$T/llama12-pipe2.err"; then
+  python3 - "$T/llama12-pipe2.jsonl" <<'EOF'
+import json, statistics, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+ms = statistics.median(l["step_ms"] for l in lines[2:])
+print(json.dumps({"mode": "memc pipelined 2 stages 1f1b", "step_ms": round(ms, 2), "tokens_per_s": round(8192 / ms * 1e3),
+                  "loss": round(lines[-1]["loss"], 4)}))
+EOF
+else
+  echo "   llama12 pipelined FAILED: $(tail -1 "$T/llama12-pipe2.err")"
+  status=1
+fi
 
 echo "== fused elementwise bandwidth (y = silu(w*x) + w, 2^26 f32: 5 x 256 MiB moved per run)"
 if MEMC_PROFILE=1 "$B/eltwise" infer --random-weights 0 --input "x=$B/data/one.npy" --out "$T/eltwise" \

@@ -523,9 +523,6 @@ fn compile(args: CompileArgs) -> Result<()> {
     let model = args.model.model.display().to_string();
     // A pipelined executable's limits, before any work.
     if let (Some(p), Some(_)) = (args.pipeline.pipeline_stages, &args.out) {
-        if args.target != TargetArg::Cpu {
-            bail!("{model}: pipelined steps run on the cpu backend for now (--target cpu)");
-        }
         replica_shapes(
             shapes(&args.model)?,
             args.pipeline.microbatches.unwrap_or(2 * p),
@@ -917,6 +914,11 @@ fn emit_pipelined(
         crate::pipe::PassTarget::Cpu,
     )?;
     host.program.checkpoint = params.layout;
+    if args.target != TargetArg::Cpu {
+        // One PTX module for every pass's kernels: the cuda backend loads it once per GPU.
+        let libdevice = memc_codegen::ptx::find_libdevice().map_err(|e| anyhow!(e))?;
+        host.compile_device(args.sm, &libdevice)?;
+    }
     let lib = memc_codegen::link::find_runtime_lib().map_err(|e| anyhow!(e))?;
     let emitted = memc_codegen::link::emit_executable(&host.program, host.lowered(), out, &lib)?;
     let mut weights = out.as_os_str().to_owned();

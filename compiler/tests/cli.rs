@@ -1272,22 +1272,6 @@ fn pipeline_stages_report_each_devices_memory() {
             "--train",
             "--pipeline-stages",
             "2",
-            "--target",
-            "cuda",
-            "-o",
-            s(&exe),
-        ],
-        &["pipelined steps run on the cpu backend", "--target cpu"],
-    );
-    fails_with(
-        &[
-            "compile",
-            m,
-            "--shape",
-            "input_ids=2x32",
-            "--train",
-            "--pipeline-stages",
-            "2",
             "--microbatches",
             "3",
             "-o",

@@ -1,12 +1,14 @@
-//! The cuda backend: the program's PTX module loaded once, one device allocation of exactly
-//! [`Program::arena_bytes`], every generated kernel launched with its planned buffers, GEMMs
-//! on cuBLAS (f32, or bf16 inputs and outputs with f32 accumulation on tensor cores), all on
-//! one stream. cudarc loads libcuda and libcublas at run time, so building needs no CUDA and a
-//! machine without a driver gets one clear error.
+//! The cuda backend: the program's PTX module loaded once per GPU ([`Gpu`]), one device
+//! allocation of exactly [`Program::arena_bytes`] per program, every generated kernel
+//! launched with its planned buffers, GEMMs on cuBLAS (f32, or bf16 inputs and outputs with
+//! f32 accumulation on tensor cores), all on one stream per lane. A pipelined step's pass
+//! programs share their GPU's module and run on their stage's lane (stream), so the stages
+//! of one process overlap on one GPU. cudarc loads libcuda and libcublas at run time, so
+//! building needs no CUDA and a machine without a driver gets one clear error.
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -14,7 +16,7 @@ use cudarc::driver::{result as cu, sys as cu_sys, CudaContext, CudaStream};
 
 use crate::finite;
 use crate::gemm::Geometry;
-use crate::program::{Buf, Dtype, Program, Slot, Step, Written};
+use crate::program::{Buf, Dtype, Launch, Program, Slot, Step, Written};
 use crate::{Backend, RunError};
 
 fn err(what: &str, e: impl std::fmt::Debug) -> RunError {
@@ -71,14 +73,177 @@ impl Ready {
     }
 }
 
-/// A program ready to run on GPU 0.
-pub struct Cuda {
-    _ctx: Arc<CudaContext>,
+/// One GPU opened for a program: its context, the program's PTX module (loaded once: the
+/// pass programs of a pipelined step index the step program's kernels) and one stream with
+/// its cuBLAS handle per lane (a pipeline stage, or the one lane of a single program).
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    module: cu_sys::CUmodule,
+    arch: String,
+    launches: Vec<Vec<Launch>>,
+    functions: Mutex<HashMap<String, Function>>,
+    lanes: Mutex<HashMap<u32, Arc<Lane>>>,
+}
+
+/// A kernel's entry in the loaded module.
+#[derive(Clone, Copy)]
+struct Function(cu_sys::CUfunction);
+
+// SAFETY: a CUfunction is a handle into the module, valid in its context from any thread
+// (every use binds the context to the calling thread first).
+unsafe impl Send for Function {}
+
+// SAFETY: the module handle is only used to look functions up, under `functions`' lock;
+// the context and streams are cudarc's thread-safe handles.
+unsafe impl Send for Gpu {}
+// SAFETY: as above.
+unsafe impl Sync for Gpu {}
+
+/// One stream and the cuBLAS handle bound to it.
+struct Lane {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+}
+
+/// The GPU a process's lane `stage` runs on, among `count` devices: a process launched by
+/// `mpirun` or `srun` (its rank's index on its node `local_rank`) takes one device per
+/// process on the node; a process alone spreads its stages over the devices, several stages
+/// sharing one as streams when there are fewer devices than stages.
+pub fn ordinal(stage: usize, local_rank: Option<usize>, count: usize) -> usize {
+    match local_rank {
+        Some(r) => r % count.max(1),
+        None => stage % count.max(1),
+    }
+}
+
+/// The error for `program` compiled without device code.
+pub(crate) fn without_ptx(program: &Program) -> RunError {
+    RunError::Usage(format!(
+        "{} was compiled without PTX kernels: recompile with memc compile --target all (or --target cuda), or use --backend cpu",
+        program.model
+    ))
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and loads `program`'s PTX module. Fails with a clear error when
+    /// there is no driver or device, or when the program was compiled without device code.
+    pub fn open(program: &Program, ordinal: usize) -> Result<Arc<Gpu>, RunError> {
+        let device = program
+            .device
+            .as_ref()
+            .ok_or_else(|| without_ptx(program))?;
+        crate::cuda::probe().map_err(|e| RunError::Cuda(e.to_string()))?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| err(&format!("opening GPU {ordinal}"), e))?;
+        ctx.bind_to_thread()
+            .map_err(|e| err(&format!("binding GPU {ordinal}"), e))?;
+        let ptx = CString::new(device.ptx.as_str()).map_err(|e| err("PTX", e))?;
+        // SAFETY: the context is current; the image is a NUL-terminated PTX.
+        let module = unsafe { cu::module::load_data(ptx.as_ptr() as *const c_void) }
+            .map_err(|e| err(&format!("loading the {} PTX module", device.arch), e))?;
+        Ok(Arc::new(Gpu {
+            ctx,
+            module,
+            arch: device.arch.clone(),
+            launches: device.launches.clone(),
+            functions: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The number of GPUs the driver sees (an error without a driver).
+    pub fn count() -> Result<usize, RunError> {
+        crate::cuda::probe().map_err(|e| RunError::Cuda(e.to_string()))?;
+        CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .map_err(|e| err("counting GPUs", e))
+    }
+
+    /// This GPU's index.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+
+    fn bind(&self) -> Result<(), RunError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| err(&format!("binding GPU {}", self.ctx.ordinal()), e))
+    }
+
+    fn function(&self, name: &str) -> Result<Function, RunError> {
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&f) = functions.get(name) {
+            return Ok(f);
+        }
+        let c = CString::new(name).map_err(|e| err("kernel name", e))?;
+        // SAFETY: `module` is loaded in this context, which the caller bound.
+        let f = unsafe { cu::module::get_function(self.module, c) }
+            .map_err(|e| err(&format!("kernel `{name}` in the {} module", self.arch), e))?;
+        functions.insert(name.to_string(), Function(f));
+        Ok(Function(f))
+    }
+
+    /// Lane `lane`'s stream and cuBLAS handle (made on first use).
+    fn lane(&self, lane: u32) -> Result<Arc<Lane>, RunError> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = lanes.get(&lane) {
+            return Ok(l.clone());
+        }
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(|e| err(&format!("a stream on GPU {}", self.ctx.ordinal()), e))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| err("cuBLAS", e))?;
+        let l = Arc::new(Lane { stream, blas });
+        lanes.insert(lane, l.clone());
+        Ok(l)
+    }
+}
+
+// SAFETY: the raw pointers `Cuda` holds (kernel handles, `cuLaunchKernel` argument arrays
+// pointing into its own boxed parameters) are valid from any thread, and every entry point
+// binds the GPU's context to the calling thread first; one thread uses a `Cuda` at a time.
+unsafe impl Send for Cuda {}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if self.bind().is_ok() {
+            // SAFETY: every program using the module holds this `Gpu`, so none is left.
+            let _ = unsafe { cu::module::unload(self.module) };
+        }
+    }
+}
+
+/// A device allocation, freed when dropped (with its context bound to the thread).
+struct Alloc(u64);
+
+impl Alloc {
+    fn new(bytes: usize, what: impl FnOnce() -> String) -> Result<Alloc, RunError> {
+        // SAFETY: plain allocation in the current context.
+        unsafe { cu::malloc_sync(bytes) }
+            .map(Alloc)
+            .map_err(|e| err(&what(), e))
+    }
+}
+
+impl Drop for Alloc {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new`; its owner synchronised its stream, so no work is pending.
+        let _ = unsafe { cu::free_sync(self.0) };
+    }
+}
+
+/// A program ready to run on a GPU.
+pub struct Cuda {
+    // Fields drop in order: the allocations before the GPU (its context and module).
+    steps: Vec<Ready>,
+    lane: Arc<Lane>,
+    _arena: Alloc,
+    _flag: Alloc,
+    /// Dropped after the allocations, so the context outlives them.
+    gpu: Arc<Gpu>,
     base: u64,
     bytes: u64,
-    steps: Vec<Ready>,
     labels: Vec<String>,
     profile: Option<HashMap<String, (f64, usize)>>,
     /// With `MEMC_CHECK_NAN` ([`crate::cpu::check_nan`]), what each of `steps` writes: a
@@ -135,36 +300,27 @@ impl Cuda {
     /// constants. Fails with a clear error when there is no driver or device, or when the
     /// program was compiled without device code.
     pub fn new(program: &Program) -> Result<Cuda, RunError> {
-        let device = program.device.as_ref().ok_or_else(|| {
-            RunError::Usage(format!(
-                "{} was compiled without PTX kernels: recompile with memc compile --target all (or --target cuda), or use --backend cpu",
-                program.model
-            ))
-        })?;
-        crate::cuda::probe().map_err(|e| RunError::Cuda(e.to_string()))?;
-        let ctx = CudaContext::new(0).map_err(|e| err("opening GPU 0", e))?;
-        let stream = ctx.default_stream();
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| err("cuBLAS", e))?;
-        let ptx = CString::new(device.ptx.as_str()).map_err(|e| err("PTX", e))?;
-        // SAFETY: the context is current (cudarc binds it); the image is a NUL-terminated PTX.
-        let module = unsafe { cu::module::load_data(ptx.as_ptr() as *const c_void) }
-            .map_err(|e| err(&format!("loading the {} PTX module", device.arch), e))?;
+        Cuda::on(&Gpu::open(program, 0)?, program, 0)
+    }
+
+    /// Prepares `program` on `gpu` (whose module holds `program`'s kernels: its own, or
+    /// the pipelined step's whose pass it is), running on lane `lane`'s stream: allocates its
+    /// arena and writes its constants.
+    pub fn on(gpu: &Arc<Gpu>, program: &Program, lane: u32) -> Result<Cuda, RunError> {
+        gpu.bind()?;
+        let lane = gpu.lane(lane)?;
+        let stream = lane.stream.clone();
         let bytes = program.arena_bytes.max(1);
-        // SAFETY: plain allocation in the current context.
-        let base = unsafe { cu::malloc_sync(bytes as usize) }.map_err(|e| {
-            err(
-                &format!("allocating the {bytes}-byte arena (the plan's peak; use --remat auto or a smaller batch)"),
-                e,
-            )
+        let arena = Alloc::new(bytes as usize, || {
+            format!("allocating the {bytes}-byte arena on GPU {} (the plan's peak; use --remat auto or a smaller batch)", gpu.ordinal())
         })?;
+        let base = arena.0;
         // SAFETY: `base` holds `bytes` bytes.
         unsafe { cu::memset_d8_async(base, 0, bytes as usize, stream.cu_stream()) }
             .map_err(|e| err("zeroing the arena", e))?;
-        // SAFETY: plain allocation in the current context.
-        let flag =
-            unsafe { cu::malloc_sync(32) }.map_err(|e| err("allocating the index flag", e))?;
+        let flag_alloc = Alloc::new(32, || "allocating the index flag".into())?;
+        let flag = flag_alloc.0;
         let mut index_checks: Vec<Option<String>> = Vec::with_capacity(program.steps.len());
-        let mut functions: HashMap<String, cu_sys::CUfunction> = HashMap::new();
         let mut steps = Vec::with_capacity(program.steps.len());
         let mut labels = Vec::with_capacity(program.steps.len());
         let mut checks: Vec<Vec<Written>> = Vec::with_capacity(program.steps.len());
@@ -178,32 +334,31 @@ impl Cuda {
                     index_check,
                     ..
                 } => {
-                    for l in &device.launches[*kernel as usize] {
-                        let f = match functions.get(&l.function) {
-                            Some(&f) => f,
-                            None => {
-                                let name = CString::new(l.function.as_str())
-                                    .map_err(|e| err("kernel name", e))?;
-                                // SAFETY: `module` is loaded in this context.
-                                let f = unsafe { cu::module::get_function(module, name) }
-                                    .map_err(|e| err(&format!("kernel `{}`", l.function), e))?;
-                                functions.insert(l.function.clone(), f);
-                                f
-                            }
-                        };
-                        steps.push(Ready::launch(
-                            f,
-                            l.grid,
-                            l.block,
-                            l.args
-                                .iter()
-                                .map(|&i| match args.get(i as usize) {
-                                    Some(b) => base + b.offset,
-                                    // The index flag, after the buffers (validated).
-                                    None => flag,
-                                })
-                                .collect(),
-                        ));
+                    let launches = gpu.launches.get(*kernel as usize).ok_or_else(|| {
+                        RunError::Usage(format!(
+                            "{}: kernel {kernel} is not in the {} module (recompile)",
+                            program.model, gpu.arch
+                        ))
+                    })?;
+                    for l in launches {
+                        let f = gpu.function(&l.function)?;
+                        let mut params = Vec::with_capacity(l.args.len());
+                        for &i in &l.args {
+                            params.push(match args.get(i as usize) {
+                                Some(b) => base + b.offset,
+                                // The index flag, after the buffers.
+                                None if i as usize == args.len() => flag,
+                                None => {
+                                    return Err(RunError::Usage(format!(
+                                        "{}: kernel `{}` reads buffer {i} of {} (recompile)",
+                                        program.model,
+                                        l.function,
+                                        args.len()
+                                    )))
+                                }
+                            });
+                        }
+                        steps.push(Ready::launch(f.0, l.grid, l.block, params));
                         labels.push(label.clone());
                         checks.push(vec![]);
                         index_checks.push(None);
@@ -239,9 +394,10 @@ impl Cuda {
             }
         }
         let mut cuda = Cuda {
-            _ctx: ctx,
-            stream,
-            blas,
+            gpu: gpu.clone(),
+            lane,
+            _arena: arena,
+            _flag: flag_alloc,
             base,
             bytes,
             steps,
@@ -347,30 +503,30 @@ impl Backend for Cuda {
             "`{}`: wrong size",
             slot.name
         );
+        self.gpu.bind()?;
+        let stream = &self.lane.stream;
         // SAFETY: the slot lies in the arena; the copy completes before `bytes` is released
         // (the stream is synchronised).
-        unsafe { cu::memcpy_htod_async(self.base + slot.offset, bytes, self.stream.cu_stream()) }
+        unsafe { cu::memcpy_htod_async(self.base + slot.offset, bytes, stream.cu_stream()) }
             .map_err(|e| err(&format!("writing `{}`", slot.name), e))?;
-        self.stream.synchronize().map_err(|e| err("synchronize", e))
+        stream.synchronize().map_err(|e| err("synchronize", e))
     }
 
     fn get(&mut self, slot: &Slot) -> Result<Vec<u8>, RunError> {
+        self.gpu.bind()?;
+        let stream = &self.lane.stream;
         let mut out = vec![0u8; slot.bytes() as usize];
         // SAFETY: as in `set`.
-        unsafe {
-            cu::memcpy_dtoh_async(&mut out, self.base + slot.offset, self.stream.cu_stream())
-        }
-        .map_err(|e| err(&format!("reading `{}`", slot.name), e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| err("synchronize", e))?;
+        unsafe { cu::memcpy_dtoh_async(&mut out, self.base + slot.offset, stream.cu_stream()) }
+            .map_err(|e| err(&format!("reading `{}`", slot.name), e))?;
+        stream.synchronize().map_err(|e| err("synchronize", e))?;
         Ok(out)
     }
 
     fn run(&mut self) -> Result<(), RunError> {
+        self.gpu.bind()?;
         let Cuda {
-            stream,
-            blas,
+            lane,
             steps,
             labels,
             profile,
@@ -380,6 +536,7 @@ impl Backend for Cuda {
             index_checks,
             ..
         } = self;
+        let (stream, blas) = (&lane.stream, &lane.blas);
         let cu_stream = stream.cu_stream();
         // SAFETY: `flag` holds 32 bytes.
         unsafe { cu::memset_d8_async(*flag, 0, 32, cu_stream) }
@@ -469,11 +626,9 @@ impl Backend for Cuda {
 
 impl Drop for Cuda {
     fn drop(&mut self) {
-        let _ = self.stream.synchronize();
-        // SAFETY: allocated in `new`; no work is pending.
-        let _ = unsafe { cu::free_sync(self.base) };
-        // SAFETY: as above.
-        let _ = unsafe { cu::free_sync(self.flag) };
+        // The allocations free themselves next, in this context, with no work pending.
+        let _ = self.gpu.bind();
+        let _ = self.lane.stream.synchronize();
     }
 }
 
@@ -486,6 +641,20 @@ mod tests {
             offset,
             bytes: shape.iter().product::<usize>() as u64 * 4,
         }
+    }
+
+    #[test]
+    fn each_process_or_stage_takes_a_gpu() {
+        // A process alone spreads its stages (lanes) over the GPUs, sharing them when fewer.
+        let alone: Vec<usize> = (0..5).map(|s| ordinal(s, None, 2)).collect();
+        assert_eq!(alone, [0, 1, 0, 1, 0]);
+        assert!((0..4).all(|s| ordinal(s, None, 1) == 0));
+        // A rank of an mpirun or srun job takes its node-local rank's GPU, whatever its stage.
+        assert_eq!(ordinal(1, Some(5), 8), 5);
+        assert_eq!(ordinal(0, Some(5), 4), 1);
+        // One visible GPU per rank (CUDA_VISIBLE_DEVICES set by the launcher).
+        assert_eq!(ordinal(1, Some(3), 1), 0);
+        assert_eq!(ordinal(2, None, 0), 0);
     }
 
     #[test]

@@ -821,10 +821,9 @@ pub unsafe fn open_backend(
             crate::pipeline::Pipelined::open_cpu(program, kernels)?
         })),
         "cpu" => Ok(Box::new(unsafe { Cpu::new(program.checked()?, kernels) })),
-        "cuda" if program.pipeline.is_some() => Err(RunError::Usage(format!(
-            "{}: pipelined steps run on the cpu backend for now (--backend cpu)",
-            program.model
-        ))),
+        "cuda" if program.pipeline.is_some() => {
+            Ok(Box::new(crate::pipeline::Pipelined::open_cuda(program)?))
+        }
         "cuda" => Ok(Box::new(crate::gpu::Cuda::new(program)?)),
         b => Err(RunError::Usage(format!(
             "--backend `{b}`: expected cpu or cuda"

@@ -29,6 +29,10 @@ pub struct RankEnv {
     pub rank: usize,
     /// The job's ranks.
     pub world: usize,
+    /// Its index among the ranks on its node (`OMPI_COMM_WORLD_LOCAL_RANK`, `SLURM_LOCALID`),
+    /// when the launcher says: the cuda backend takes GPU `local mod count` (else `rank mod
+    /// count`).
+    pub local: Option<usize>,
 }
 
 impl RankEnv {
@@ -51,18 +55,18 @@ impl RankEnv {
                 .transpose()
         };
         let found = match (num("OMPI_COMM_WORLD_RANK")?, num("OMPI_COMM_WORLD_SIZE")?) {
-            (Some(rank), Some(world)) => Some((rank, world)),
+            (Some(rank), Some(world)) => Some((rank, world, num("OMPI_COMM_WORLD_LOCAL_RANK")?)),
             _ if var("PMIX_RANK").is_some() => match (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
-                (Some(rank), Some(world)) => Some((rank, world)),
+                (Some(rank), Some(world)) => Some((rank, world, num("SLURM_LOCALID")?)),
                 _ => None,
             },
             _ => None,
         };
         match found {
-            Some((rank, world)) if rank >= world => Err(format!(
+            Some((rank, world, _)) if rank >= world => Err(format!(
                 "the launcher gave rank {rank} of {world} ranks"
             )),
-            Some((rank, world)) if world > 1 => Ok(Some(RankEnv { rank, world })),
+            Some((rank, world, local)) if world > 1 => Ok(Some(RankEnv { rank, world, local })),
             Some(_) => Ok(None),
             None if num("WORLD_SIZE")?.is_some_and(|w| w > 1) => Err(
                 "WORLD_SIZE is set (torchrun's launch): launch memc's ranks with mpirun -n N (or srun --mpi=pmix) instead"
@@ -113,18 +117,22 @@ mod tests {
 
     #[test]
     fn launches_are_read_from_mpirun_and_srun() {
-        let at = |rank, world| Ok(Some(RankEnv { rank, world }));
+        let at = |rank, world, local| Ok(Some(RankEnv { rank, world, local }));
         assert_eq!(env(&[]), Ok(None));
-        let ompi = [("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4")];
-        assert_eq!(env(&ompi), at(2, 4));
-        let slurm = [
+        let mut ompi = vec![("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "4")];
+        assert_eq!(env(&ompi), at(2, 4, None));
+        ompi.push(("OMPI_COMM_WORLD_LOCAL_RANK", "0"));
+        assert_eq!(env(&ompi), at(2, 4, Some(0)));
+        let mut slurm = vec![
             ("PMIX_RANK", "1"),
             ("SLURM_PROCID", "1"),
             ("SLURM_NTASKS", "2"),
         ];
-        assert_eq!(env(&slurm), at(1, 2));
+        assert_eq!(env(&slurm), at(1, 2, None));
+        slurm.push(("SLURM_LOCALID", "1"));
+        assert_eq!(env(&slurm), at(1, 2, Some(1)));
         // Slurm's variables without PMIx: not an MPI launch memc can join.
-        assert_eq!(env(&slurm[1..]), Ok(None));
+        assert_eq!(env(&slurm[1..3]), Ok(None));
         assert_eq!(
             env(&[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "1")]),
             Ok(None)

@@ -663,8 +663,30 @@ fn pipelined_executables_train_like_the_whole_batch_for_every_schedule() {
             Command::new(&exe)
                 .args(["train", "--backend", "cuda", "--data"])
                 .arg(&data),
-            "pipelined steps run on the cpu backend",
+            "compiled without PTX kernels: recompile with memc compile --target all",
         );
+        // With device code (one PTX module for every pass): the cpu backend trains as
+        // before, bit for bit; the cuda backend needs a GPU (scripts/gpu-check.sh runs it).
+        let both = dir.join(format!("{name}-{schedule}-all"));
+        memc_compile(
+            model,
+            &both,
+            &[&piped("adamw", schedule)[..], &["--target", "all"]].concat(),
+        );
+        let again = run_train(&both, &[&lr[..], &["--steps", "2"]].concat());
+        assert_eq!(
+            losses(&again),
+            losses(&first),
+            "{name} {schedule} --target all"
+        );
+        if memc_runtime::cuda::probe().is_err() {
+            fails(
+                Command::new(&both)
+                    .args(["train", "--backend", "cuda", "--data"])
+                    .arg(&data),
+                "no usable CUDA driver",
+            );
+        }
     }
 }
 

@@ -210,3 +210,66 @@ fn zoo_attention_variants_assemble_for_sm_90a() {
         assert_eq!(spills, 0, "{name}: {report}");
     }
 }
+
+/// A pipelined step's device code (what `memc compile --pipeline-stages P --target all`
+/// emits): one PTX module for every pass and optimizer program's kernels, which the cuda
+/// backend loads once per GPU; each pass's kernels have launches in it, and it assembles for
+/// sm_90a. Llama under V-Half and GPT-2 (tied head, gradient sums over chunks) under ZB-H1.
+#[test]
+fn pipelined_step_module_assembles_for_sm_90a() {
+    use memc_passes::pipeline::{generate, ScheduleKind};
+    use memc_runtime::program::Step;
+    let libdevice = find_libdevice().unwrap();
+    let a = train_args(adamw(), None, AUTO);
+    for (model, schedule) in [("depth/llama-L4", "v-half"), ("gpt2-dynamo", "zb-h1")] {
+        let path = memc_tests::root().join(format!("examples/models/{model}.onnx"));
+        let g = memc_tests::canonical_model(&path, &[1, 16]);
+        let kind = ScheduleKind::parse(schedule).unwrap();
+        let (program, _) = memc::pipe::pipelined_program(g, &a, kind, 2).unwrap();
+        let sched = generate(kind, 2, 4).unwrap();
+        let (mut host, _) = memc::pipe::lower_pipeline(
+            &program,
+            &sched,
+            &a,
+            4,
+            1,
+            model,
+            memc::pipe::PassTarget::Cpu,
+        )
+        .unwrap();
+        host.compile_device(90, &libdevice)
+            .unwrap_or_else(|e| panic!("{model}: {e}"));
+        let p = &host.program;
+        let device = p.device.as_ref().unwrap();
+        assert_eq!(device.launches.len(), p.kernels.len(), "{model}");
+        let pl = p.pipeline.as_ref().unwrap();
+        let mut used = 0;
+        for sub in pl.passes.iter().chain(&pl.updates).chain(&pl.late) {
+            let prog = sub.resolve(p).unwrap();
+            for step in &prog.steps {
+                if let Step::Kernel { kernel, args, .. } = step {
+                    let launches = &device.launches[*kernel as usize];
+                    assert!(
+                        !launches.is_empty(),
+                        "{model} {}: kernel {kernel}",
+                        sub.label
+                    );
+                    // Every launch argument is one of the step's buffers or the index flag.
+                    assert!(launches
+                        .iter()
+                        .all(|l| l.args.iter().all(|&i| i as usize <= args.len())));
+                    used += 1;
+                }
+            }
+        }
+        assert!(used > 0, "{model}");
+        let report = ptxas(&device.ptx, "sm_90a").unwrap_or_else(|e| panic!("{model}: {e}"));
+        let entries = device.ptx.matches(".entry ").count();
+        eprintln!(
+            "{model} {schedule}: {} pass programs, {} kernels, {entries} PTX entries, {} ptxas lines",
+            pl.passes.len() + pl.updates.len(),
+            p.kernels.len(),
+            report.lines().count()
+        );
+    }
+}

@@ -178,6 +178,59 @@ impl Pipelined {
         })
     }
 
+    /// [`Pipelined::open`] on the cuda backend: each stage's passes run on that stage's
+    /// stream ([`crate::gpu::Cuda::on`]), on the GPU [`crate::gpu::ordinal`] picks (a
+    /// process of an `mpirun` or `srun` job takes one GPU per process on its node; a process
+    /// alone spreads its stages over the GPUs it sees, as streams of one GPU when it has
+    /// one), so the stages of one process overlap; the gradient sums over chunks run on a
+    /// lane of their own and each optimizer program on its stage's. Values between passes go
+    /// through host memory (and MPI between processes).
+    pub fn open_cuda(program: &Program) -> Result<Pipelined, RunError> {
+        let spec = program
+            .pipeline
+            .as_ref()
+            .ok_or_else(|| RunError::Usage("not a pipelined program".into()))?;
+        if program.device.is_none() {
+            return Err(crate::gpu::without_ptx(program));
+        }
+        let place = crate::transport::RankEnv::from_env()
+            .map_err(RunError::Usage)?
+            .map(|e| e.local.unwrap_or(e.rank));
+        let count = crate::gpu::Gpu::count()?;
+        if count == 0 {
+            return Err(RunError::Cuda(
+                "the CUDA driver sees no GPU (use --backend cpu)".into(),
+            ));
+        }
+        let lanes: HashMap<&str, u32> = spec
+            .passes
+            .iter()
+            .chain(&spec.updates)
+            .map(|s| (s.label.as_str(), s.device))
+            .chain(spec.late.as_ref().map(|s| (s.label.as_str(), spec.stages)))
+            .collect();
+        let mut gpus: HashMap<usize, Arc<crate::gpu::Gpu>> = HashMap::new();
+        Pipelined::open(program, &mut |label,
+                                       p: &Program|
+         -> Result<PassBackend, RunError> {
+            let lane = *lanes.get(label).ok_or_else(|| {
+                RunError::Usage(format!(
+                    "pass `{label}` is not in the pipeline (a memc bug)"
+                ))
+            })?;
+            let at = crate::gpu::ordinal(lane as usize, place, count);
+            let gpu = match gpus.get(&at) {
+                Some(g) => g.clone(),
+                None => {
+                    let g = crate::gpu::Gpu::open(program, at)?;
+                    gpus.insert(at, g.clone());
+                    g
+                }
+            };
+            Ok(Box::new(crate::gpu::Cuda::on(&gpu, p, lane)?))
+        })
+    }
+
     /// The mean over every replica's microbatches of each averaged value (the loss, the
     /// weight gradients) in the last step, by name: those this process summed (with data
     /// parallelism, a gradient's mean is on the replica that updates its weight).
