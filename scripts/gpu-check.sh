@@ -2,9 +2,11 @@
 # memc's GPU checks and benchmarks (issue 5), in one script, in two phases:
 #
 #   scripts/gpu-check.sh prepare   # here, no GPU needed: builds memc (release) and compiles
-#                                  # every executable the checks run into gpu-bundle/ (< 64 MiB:
-#                                  # no LLVM, no large weights; the big models use --random-weights)
-#   scripts/gpu-check.sh           # on the GPU machine (the device tool, carry ["gpu-bundle"]):
+#                                  # every executable the checks run into gpu-bundle/, stripped and
+#                                  # packed as gpu-bundle.tar.gz (< 64 MiB: no LLVM, no large
+#                                  # weights; the big models use --random-weights)
+#   scripts/gpu-check.sh           # on the GPU machine (the device tool, carry
+#                                  # ["gpu-bundle.tar.gz"]): unpacks it, then
 #                                  # prints one table; finishes in well under 8 minutes
 #
 # The run phase needs only the bundle, a CUDA driver, Python with numpy, and PyTorch for the
@@ -75,11 +77,18 @@ np.save(f"{b}/data/ids8x16-gpt2.npy", rng.integers(0, 256, (8, 16)).astype(np.in
 np.save(f"{b}/data/one.npy", np.ones(1, np.float32))
 EOF
   cp scripts/bench-gpu-torch.py "$B/"
-  du -sh "$B"
-  echo "now run on the GPU machine: scripts/gpu-check.sh (carry gpu-bundle)"
+  # Symbols are a third of each executable; packed, the bundle is well under the 64 MiB a
+  # device call carries.
+  find "$B" -maxdepth 1 -type f -perm -u+x -exec strip {} +
+  tar -czf "$B.tar.gz" "$B"
+  du -sh "$B" "$B.tar.gz"
+  echo "now run on the GPU machine: scripts/gpu-check.sh (carry gpu-bundle.tar.gz)"
   exit 0
 fi
 
+if [ ! -d "$B" ] && [ -f "$B.tar.gz" ]; then
+  tar -xzf "$B.tar.gz"
+fi
 if [ ! -d "$B" ]; then
   echo "gpu-check: $B/ is missing: run scripts/gpu-check.sh prepare first (on the build machine)" >&2
   exit 2
@@ -150,7 +159,7 @@ for v in llama:2:1 gpt2:2:1 llama-dp:1:2 llama-2x2:2:2; do
     [ "${r#mpi-}" != "$r" ] && launch=("${MPIRUN[@]}" -n $((p * d)))
     if ! "${launch[@]}" "$B/pipe-$tag" train --data "$data" --steps 3 --lr 1e-2 --backend "${r#mpi-}" \
         > "$T/pipe-$tag-$r.jsonl" 2> "$T/pipe-$tag-$r.err"; then
-      echo "   pipe-$tag $r FAILED: $(grep -v '^rank' "$T/pipe-$tag-$r.err" | tail -1)"
+      echo "   pipe-$tag $r FAILED: $(grep -m1 '^error' "$T/pipe-$tag-$r.err" || tail -1 "$T/pipe-$tag-$r.err")"
       status=1
     fi
   done
