@@ -57,6 +57,10 @@ Keys of ``train_ref.json``:
     ``clip_grad_norm_(params, 1.0)`` before each step;
     ``adamw_clip_grad_norms`` is the total L2 grad norm before clipping, per
     step (what ``clip_grad_norm_`` returns).
+  - ``adamw_linear_warmup``, ``adamw_cosine_warmup``: the ``adamw`` optimizer
+    under ``transformers.get_linear_schedule_with_warmup`` /
+    ``get_cosine_schedule_with_warmup`` (2 warmup steps of 5), stepped after
+    each update as the Trainer does; ``*_lrs`` is the rate each update used.
   ``params`` is ``model.parameters()``: tied weights (gpt2, qwen2 embedding /
   LM head) are one parameter and are updated once.  Values are the fp32
   results written as Python floats (full repr, exact).
@@ -272,6 +276,15 @@ def moc_mlp(mlp, k):
     mlp.forward = forward
 
 
+# The learning-rate schedules (issue 23): AdamW as ``adamw`` under transformers' schedulers,
+# warmup 2 of the 5 steps, the scheduler stepped after each update as the Trainer does.
+WARMUP = 2
+SCHEDULED = {
+    "adamw_linear_warmup": transformers.get_linear_schedule_with_warmup,
+    "adamw_cosine_warmup": transformers.get_cosine_schedule_with_warmup,
+}
+
+
 def trajectory(family, attn, batch, kind):
     wrapper, _ = fresh(family, attn)
     if kind.startswith("adamw_moc_k"):
@@ -285,6 +298,9 @@ def trajectory(family, attn, batch, kind):
         opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     else:
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    sched = None
+    if kind in SCHEDULED:
+        sched = SCHEDULED[kind](opt, num_warmup_steps=WARMUP, num_training_steps=STEPS)
     losses, norms = [], []
     for _ in range(STEPS):
         loss = compute_loss(family, wrapper, batch)
@@ -292,7 +308,12 @@ def trajectory(family, attn, batch, kind):
         loss.backward()
         if kind == "adamw_clip":
             norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
+        if sched is not None:
+            # The rate this update uses (what memc prints as each step's "lr").
+            norms.append(opt.param_groups[0]["lr"])
         opt.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad()
     return losses, norms
 
@@ -470,6 +491,10 @@ def run_family(family):
         res[kind] = losses
         if norms:
             res["adamw_clip_grad_norms"] = norms
+    for kind in SCHEDULED:
+        losses, lrs = trajectory(family, attn, batch, kind)
+        res[kind] = losses
+        res[kind + "_lrs"] = lrs
     if family in ("llama", "qwen2"):
         res["adamw_moc_k32"] = trajectory(family, attn, batch, "adamw_moc_k32")[0]
     # Determinism: the first trajectory once more.

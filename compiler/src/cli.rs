@@ -153,12 +153,38 @@ struct TrainCmdArgs {
     /// NAME=FILE.npy, held fixed across steps; repeatable.
     #[arg(long = "input", value_name = "NAME=FILE.npy")]
     inputs: Vec<String>,
-    /// Optimizer steps to run.
-    #[arg(long, default_value_t = 10)]
+    /// Optimizer steps to run (more steps, for a resumed run).
+    #[arg(long, default_value_t = 10, conflicts_with = "epochs")]
     steps: usize,
-    /// Learning rate.
+    /// Train for E passes over the data's rows instead (ceil(E × rows / rows per step) steps
+    /// in all; a resumed run goes on to that end).
+    #[arg(long, value_name = "E")]
+    epochs: Option<u64>,
+    /// Learning rate (the schedule's peak).
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Learning-rate schedule, as transformers' get_{constant,linear,cosine}_schedule_with_warmup.
+    #[arg(long, value_name = "constant|linear|cosine")]
+    lr_schedule: Option<String>,
+    /// Steps of linear warmup from 0.
+    #[arg(long, value_name = "N")]
+    warmup_steps: Option<u64>,
+    /// Read the rows in a fresh random order each epoch (exact across --resume).
+    #[arg(long)]
+    shuffle: bool,
+    /// The shuffle's seed (default 42).
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Write a checkpoint every N steps (and at the last) as SAVE/checkpoint-STEP; --resume SAVE
+    /// takes the newest complete one.
+    #[arg(long, value_name = "N")]
+    save_every: Option<u64>,
+    /// Keep only the newest K periodic checkpoints.
+    #[arg(long, value_name = "K")]
+    keep_last: Option<usize>,
+    /// Also write every step's JSON line to this file.
+    #[arg(long, value_name = "FILE.jsonl")]
+    log: Option<PathBuf>,
     /// Weight decay (default: 0.01 for AdamW, 0 for SGD, as in PyTorch).
     #[arg(long)]
     weight_decay: Option<f64>,
@@ -1212,6 +1238,8 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         save: args.save.clone(),
         resume: args.resume.clone(),
         layout: params.layout,
+        run: run_options(&args)?,
+        log: args.log.clone(),
     };
     let run = match args.backend {
         Backend::Cpu => crate::train::run_host,
@@ -1303,6 +1331,21 @@ fn train_pipelined(
     )
 }
 
+/// The run's epochs, schedule, data order, periodic checkpoints and progress bar, from
+/// `memc train`'s flags (the executables' `OUT train` reads the same ones).
+fn run_options(args: &TrainCmdArgs) -> Result<memc_runtime::session::RunOptions> {
+    Ok(memc_runtime::session::RunOptions::from_flags(
+        args.lr_schedule.as_deref(),
+        args.warmup_steps,
+        args.shuffle,
+        args.seed,
+        args.epochs,
+        args.save_every,
+        args.keep_last,
+        true,
+    )?)
+}
+
 /// Lowers the pipelined step for `--backend` and trains it with the runtime's loop.
 #[allow(clippy::too_many_arguments)]
 fn train_pipelined_on(
@@ -1343,6 +1386,8 @@ fn train_pipelined_on(
         save: args.save.clone(),
         resume: args.resume.clone(),
         layout: layout.clone(),
+        run: run_options(args)?,
+        log: args.log.clone(),
     };
     let exec = match target {
         PassTarget::Cpu => crate::train::Exec::Kernels,

@@ -335,6 +335,10 @@ pub struct LoopOptions {
     pub resume: Option<std::path::PathBuf>,
     /// How that directory stores the weights (`crate::checkpoint::apply`).
     pub layout: memc_runtime::program::CheckpointLayout,
+    /// Epochs, learning-rate schedule, data order, periodic checkpoints, progress bar.
+    pub run: memc_runtime::session::RunOptions,
+    /// Also write every step's JSON line here (`--log`).
+    pub log: Option<std::path::PathBuf>,
 }
 
 /// The program's token input (`input_ids` when the model has one, else its only input other
@@ -576,6 +580,8 @@ pub fn run_program(
         start_step: 0,
         save: opts.save.clone(),
         metrics: None,
+        run: opts.run.clone(),
+        resumed: None,
     };
     let (losses, trained) = host
         .with_kernels(|kernels| -> Result<(Vec<f64>, NamedBytes)> {
@@ -612,15 +618,12 @@ pub fn run_program(
             // instead of waiting for it.
             let mut run = || -> Result<Vec<f64>> {
                 load_params(g, program, cpu.as_mut())?;
+                cfg.metrics = opts.log.clone().filter(|_| rank == 0);
+                cfg.run.progress &= rank == 0;
                 if let Some(dir) = &opts.resume {
                     let loaded = memc_runtime::weights::load_dir(dir, program, cpu.as_mut())?;
                     cfg.start_step = loaded.step.unwrap_or(0);
-                    eprintln!(
-                        "resumed from {}: {} tensors, step {}",
-                        dir.display(),
-                        loaded.tensors,
-                        cfg.start_step
-                    );
+                    cfg.resumed = Some(loaded);
                 }
                 let (mut quiet, mut stdout) = (std::io::sink(), std::io::stdout().lock());
                 Ok(memc_runtime::session::train(

@@ -27,6 +27,7 @@ pub mod npy;
 pub mod pipeline;
 pub mod pool;
 pub mod program;
+pub mod schedule;
 pub mod session;
 pub mod transport;
 pub mod vmath;

@@ -10,16 +10,21 @@ use crate::cpu::{Cpu, KernelFn};
 use crate::finite;
 use crate::npy::{self, NpyArray, NpyDtype};
 use crate::program::{Dtype, Program, Role, Slot};
+use crate::schedule::{LrKind, LrSchedule, RowOrder};
 use crate::weights;
 use crate::Backend;
 use crate::RunError;
 
-/// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling.
+/// Training data: an integer `[rows, seq]` array, served `batch` rows at a time, cycling
+/// through the rows in file order or, with [`Batches::shuffle`], in a fresh permutation each
+/// pass ([`RowOrder`]).
 pub struct Batches {
     rows: usize,
     seq: usize,
     ids: Vec<i64>,
-    next: usize,
+    /// Rows read so far (the position in the stream of passes over the data).
+    next: u64,
+    order: RowOrder,
 }
 
 impl Batches {
@@ -58,7 +63,13 @@ impl Batches {
             seq: a.shape[1],
             ids,
             next: 0,
+            order: RowOrder::new(a.shape[0], None),
         })
+    }
+
+    /// Reads each pass over the rows in a permutation drawn from `seed` and the pass.
+    pub fn shuffle(&mut self, seed: u64) {
+        self.order = RowOrder::new(self.rows, Some(seed));
     }
 
     /// Rows and columns.
@@ -89,15 +100,16 @@ impl Batches {
 
     /// Skips `rows` rows (resuming a run where it stopped).
     pub fn skip(&mut self, rows: u64) {
-        self.next = ((self.next as u64 + rows) % self.rows as u64) as usize;
+        self.next += rows;
     }
 
-    /// The next `batch` rows (wrapping around the file).
+    /// The next `batch` rows (wrapping around the file into its next pass).
     pub fn next_batch(&mut self, batch: usize) -> Vec<i64> {
         let mut out = Vec::with_capacity(batch * self.seq);
         for _ in 0..batch {
-            out.extend_from_slice(&self.ids[self.next * self.seq..(self.next + 1) * self.seq]);
-            self.next = (self.next + 1) % self.rows;
+            let r = self.order.row(self.next);
+            out.extend_from_slice(&self.ids[r * self.seq..(r + 1) * self.seq]);
+            self.next += 1;
         }
         out
     }
@@ -105,10 +117,87 @@ impl Batches {
 
 pub use crate::program::{decode, encode};
 
+/// How a run goes through its steps and data, beyond one step's settings: its length in
+/// epochs, the learning-rate schedule, the data order, periodic checkpoints and progress.
+/// `memc train` and executables' `OUT train` take the same flags for these.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOptions {
+    /// Train for this many passes over the data (`--epochs`) instead of `--steps`: the run's
+    /// length is `ceil(epochs × rows / rows per step)` steps in all, and a resumed run goes
+    /// on to that end.
+    pub epochs: Option<u64>,
+    /// The learning-rate schedule (`--lr-schedule`).
+    pub lr_schedule: LrKind,
+    /// Its warmup steps (`--warmup-steps`).
+    pub warmup: u64,
+    /// Shuffle the rows each epoch with this seed (`--shuffle --seed S`).
+    pub shuffle_seed: Option<u64>,
+    /// Write a checkpoint every N steps, and at the last, as `SAVE/checkpoint-STEP`
+    /// (`--save-every`; needs `--save`).
+    pub save_every: Option<u64>,
+    /// Keep only the newest K periodic checkpoints (`--keep-last`).
+    pub keep_last: Option<usize>,
+    /// Draw a progress bar on stderr (a terminal's; the caller decides).
+    pub progress: bool,
+}
+
+impl RunOptions {
+    /// The options from their flags' values (`--lr-schedule`, `--warmup-steps`, `--shuffle`,
+    /// `--seed`, `--epochs`, `--save-every`, `--keep-last`), checked together; both command
+    /// lines read them with this. The progress bar is drawn when stderr is a terminal and
+    /// `report` (the rank that reports) holds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_flags(
+        lr_schedule: Option<&str>,
+        warmup: Option<u64>,
+        shuffle: bool,
+        seed: Option<u64>,
+        epochs: Option<u64>,
+        save_every: Option<u64>,
+        keep_last: Option<usize>,
+        report: bool,
+    ) -> Result<RunOptions, RunError> {
+        if seed.is_some() && !shuffle {
+            return Err(RunError::Usage(
+                "--seed S draws the order of shuffled rows: pass --shuffle too".into(),
+            ));
+        }
+        use std::io::IsTerminal;
+        Ok(RunOptions {
+            epochs,
+            lr_schedule: lr_schedule
+                .map(LrKind::parse)
+                .transpose()
+                .map_err(RunError::Usage)?
+                .unwrap_or(LrKind::Constant),
+            warmup: warmup.unwrap_or(0),
+            // transformers' default seed.
+            shuffle_seed: shuffle.then_some(seed.unwrap_or(42)),
+            save_every,
+            keep_last,
+            progress: report && std::io::stderr().is_terminal(),
+        })
+    }
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions {
+            epochs: None,
+            lr_schedule: LrKind::Constant,
+            warmup: 0,
+            shuffle_seed: None,
+            save_every: None,
+            keep_last: None,
+            progress: false,
+        }
+    }
+}
+
 /// Run-time settings of a training run.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
-    /// Steps to run.
+    /// Steps to run (more steps, for a resumed run; unused with `run.epochs`).
     pub steps: u64,
     /// Learning rate.
     pub lr: f64,
@@ -120,6 +209,11 @@ pub struct TrainConfig {
     pub save: Option<PathBuf>,
     /// Also append every step's JSON line to this file.
     pub metrics: Option<PathBuf>,
+    /// Epochs, schedule, data order, periodic checkpoints, progress.
+    pub run: RunOptions,
+    /// The checkpoint a resumed run starts from (what it loaded, and what it recorded of its
+    /// run); the run says so on stderr once its flags are checked against it.
+    pub resumed: Option<weights::Loaded>,
 }
 
 impl TrainConfig {
@@ -141,6 +235,26 @@ impl TrainConfig {
                     "--weight-decay must be a finite number ≥ 0, got {wd}"
                 )));
             }
+        }
+        if self.run.save_every == Some(0) {
+            return Err(RunError::Usage("--save-every must be at least 1".into()));
+        }
+        if self.run.save_every.is_some() && self.save.is_none() {
+            return Err(RunError::Usage(
+                "--save-every N writes SAVE/checkpoint-STEP: pass --save DIR too".into(),
+            ));
+        }
+        if self.run.keep_last.is_some() && self.run.save_every.is_none() {
+            return Err(RunError::Usage(
+                "--keep-last K keeps the newest periodic checkpoints: pass --save-every N too"
+                    .into(),
+            ));
+        }
+        if self.run.keep_last == Some(0) {
+            return Err(RunError::Usage("--keep-last must be at least 1".into()));
+        }
+        if self.run.epochs == Some(0) {
+            return Err(RunError::Usage("--epochs must be at least 1".into()));
         }
         if self
             .start_step
@@ -253,7 +367,37 @@ pub fn train(
         // Before any step: a run is not thrown away at its end for a bad --save.
         weights::check_dir_form(dir, "--save")?;
     }
+    let (steps, total) = run_length(cfg, data.shape().0 as u64, step_rows as u64)?;
+    if let Some(seed) = cfg.run.shuffle_seed {
+        data.shuffle(seed);
+    }
     data.skip(cfg.start_step * step_rows as u64);
+    let schedule = LrSchedule {
+        kind: cfg.run.lr_schedule,
+        warmup: cfg.run.warmup,
+        total,
+    };
+    let record = |step: u64| weights::RunState {
+        step,
+        rows_consumed: step * step_rows as u64,
+        max_steps: Some(total),
+        lr_schedule: Some((schedule.kind.name().to_string(), schedule.warmup)),
+        shuffle_seed: cfg.run.shuffle_seed,
+    };
+    let first_rank = cpu.shards()?.is_none_or(|s| s.rank == 0);
+    if let (Some(l), true) = (&cfg.resumed, first_rank) {
+        eprintln!(
+            "resumed from {}: {} tensors{}, step {}",
+            l.dir.display(),
+            l.tensors,
+            if l.optimizer_state {
+                " with optimizer state"
+            } else {
+                ""
+            },
+            cfg.start_step
+        );
+    }
     let loss = program.output(&t.loss_output).expect("validated").clone();
     let drifts: Vec<Slot> = t
         .drift_outputs
@@ -261,6 +405,8 @@ pub fn train(
         .map(|n| program.output(n).expect("validated").clone())
         .collect();
     let wd = cfg.weight_decay.unwrap_or(t.default_weight_decay);
+    // The scalars fed each step: the learning rate (the schedule's factor of `--lr`) and the
+    // weight decay.
     let mut scalars: Vec<(Slot, f64)> = vec![];
     for (name, v, flag) in [
         (&t.lr_input, cfg.lr, "--lr"),
@@ -280,16 +426,26 @@ pub fn train(
     for (s, _) in &scalars {
         cpu.set(s, &encode(s.dtype, &[0.0]))?;
     }
+    let lr_slot = t.lr_input.clone();
     let step_slot = t
         .step_input
         .as_ref()
         .and_then(|n| program.input(n))
         .cloned();
     let mut metrics = match &cfg.metrics {
-        Some(p) => Some(std::fs::File::create(p).map_err(|source| RunError::Io {
-            path: p.display().to_string(),
-            source,
-        })?),
+        // A resumed run adds its lines to the log.
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(cfg.start_step > 0)
+                .truncate(cfg.start_step == 0)
+                .open(p)
+                .map_err(|source| RunError::Io {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        ),
         None => None,
     };
     if let Some((name, at, v)) = first_bad_weight(program, cpu)? {
@@ -298,15 +454,24 @@ pub fn train(
             program.model
         )));
     }
-    let mut losses = Vec::with_capacity(cfg.steps as usize);
-    for step in cfg.start_step + 1..=cfg.start_step + cfg.steps {
+    let mut losses = Vec::with_capacity(steps as usize);
+    let last = cfg.start_step + steps;
+    let bar = cfg.run.progress.then(|| progress_bar(steps));
+    let started = Instant::now();
+    for step in cfg.start_step + 1..=last {
         let t0 = Instant::now();
+        let lr = cfg.lr * schedule.factor(step);
         let batch_ids = data.next_batch(step_rows);
         let mine = &batch_ids[replica * batch * seq..(replica + 1) * batch * seq];
         let values: Vec<f64> = mine.iter().map(|&x| x as f64).collect();
         cpu.set(&ids, &encode(ids.dtype, &values))?;
         for (s, v) in &scalars {
-            cpu.set(s, &encode(s.dtype, &[*v]))?;
+            let v = if Some(&s.name) == lr_slot.as_ref() {
+                lr
+            } else {
+                *v
+            };
+            cpu.set(s, &encode(s.dtype, &[v]))?;
         }
         if let Some(s) = &step_slot {
             cpu.set(s, &encode(s.dtype, &[step as f64]))?;
@@ -336,6 +501,7 @@ pub fn train(
         let mut line = serde_json::json!({
             "step": step,
             "loss": l,
+            "lr": lr,
             "tokens": step_rows * seq,
             "step_ms": (ms * 1000.0).round() / 1000.0,
             "backend": cpu.name(),
@@ -363,7 +529,10 @@ pub fn train(
                 .drift_threshold
                 .and_then(|limit| drift_warning(&d, limit, step))
             {
-                eprintln!("{w}");
+                match &bar {
+                    Some(b) => b.println(w),
+                    None => eprintln!("{w}"),
+                }
             }
             line["rev_drift"] = d.into();
         }
@@ -372,19 +541,124 @@ pub fn train(
             path: "stdout".into(),
             source,
         };
-        writeln!(out, "{line}").map_err(io)?;
+        // On a terminal the bar steps aside for the line.
+        match &bar {
+            Some(b) => b.suspend(|| writeln!(out, "{line}")),
+            None => writeln!(out, "{line}"),
+        }
+        .map_err(io)?;
         if let Some(f) = metrics.as_mut() {
             writeln!(f, "{line}").map_err(|source| RunError::Io {
                 path: cfg.metrics.as_ref().unwrap().display().to_string(),
                 source,
             })?;
         }
+        if let Some(b) = &bar {
+            let done = step - cfg.start_step;
+            let rate = (done * (step_rows * seq) as u64) as f64 / started.elapsed().as_secs_f64();
+            b.set_message(format!("loss {l:.4}  lr {lr:.2e}  {rate:.0} tokens/s"));
+            b.set_position(done);
+        }
+        if let (Some(every), Some(dir)) = (cfg.run.save_every, &cfg.save) {
+            if step % every == 0 || step == last {
+                let ck = dir.join(format!("{}{step}", weights::CHECKPOINT_PREFIX));
+                weights::save_dir(&ck, program, cpu, &record(step))?;
+                if let (Some(k), true) = (cfg.run.keep_last, first_rank) {
+                    weights::prune_checkpoints(dir, k)?;
+                }
+            }
+        }
     }
-    if let Some(dir) = &cfg.save {
-        let step = cfg.start_step + cfg.steps;
-        weights::save_dir(dir, program, cpu, step, step * step_rows as u64)?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    if let (None, Some(dir)) = (cfg.run.save_every, &cfg.save) {
+        weights::save_dir(dir, program, cpu, &record(last))?;
     }
     Ok(losses)
+}
+
+/// The steps this run takes and the length of its schedule (the step it ends at, for a
+/// decaying schedule): from `--epochs` over `rows` rows read `step_rows` a step, or `--steps`;
+/// a resumed run keeps the schedule, its length and the data order its checkpoint recorded
+/// (differing flags are an error, not a silently different run).
+fn run_length(cfg: &TrainConfig, rows: u64, step_rows: u64) -> Result<(u64, u64), RunError> {
+    let start = cfg.start_step;
+    let opts = &cfg.run;
+    let recorded = cfg
+        .resumed
+        .as_ref()
+        .map(|l| &l.run)
+        .filter(|r| r.lr_schedule.is_some());
+    if let Some(r) = recorded {
+        let (kind, warmup) = r.lr_schedule.as_ref().expect("filtered");
+        if kind != opts.lr_schedule.name() || *warmup != opts.warmup {
+            return Err(RunError::Usage(format!(
+                "--resume: the run was trained with --lr-schedule {kind} --warmup-steps {warmup}: pass the same to continue it"
+            )));
+        }
+        if r.shuffle_seed != opts.shuffle_seed {
+            return Err(RunError::Usage(match r.shuffle_seed {
+                Some(seed) => format!(
+                    "--resume: the run read its data shuffled (--shuffle --seed {seed}): pass the same to continue it"
+                ),
+                None => "--resume: the run read its data in file order: leave out --shuffle to continue it".into(),
+            }));
+        }
+    }
+    match opts.epochs {
+        Some(e) => {
+            let total = e
+                .checked_mul(rows)
+                .map(|r| r.div_ceil(step_rows.max(1)))
+                .filter(|&t| t <= 1 << 53)
+                .ok_or_else(|| {
+                    RunError::Usage(format!("--epochs {e}: more steps than memc counts"))
+                })?;
+            if start >= total {
+                return Err(RunError::Usage(format!(
+                    "--epochs {e} is {total} steps of {step_rows} rows over {rows} rows, and the checkpoint is at step {start} already"
+                )));
+            }
+            Ok((total - start, total))
+        }
+        None => {
+            let decays = opts.lr_schedule != LrKind::Constant;
+            let total = match recorded.and_then(|r| r.max_steps) {
+                Some(t) if decays => t,
+                _ => start + cfg.steps,
+            };
+            if start >= total {
+                return Err(RunError::Usage(format!(
+                    "--resume: the run's {} schedule ended at step {total}, where the checkpoint is: nothing is left of it to train (start a new run, or continue with --lr-schedule constant)",
+                    opts.lr_schedule.name()
+                )));
+            }
+            if start + cfg.steps > total {
+                return Err(RunError::Usage(format!(
+                    "--resume: the run's {} schedule ends at step {total} and the checkpoint is at step {start}: pass --steps {} at most",
+                    opts.lr_schedule.name(),
+                    total.saturating_sub(start)
+                )));
+            }
+            Ok((cfg.steps, total))
+        }
+    }
+}
+
+/// A progress bar on stderr over `steps` steps: the loss, learning rate and tokens/s of the
+/// last step, and the time left.
+fn progress_bar(steps: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(steps),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    let style = indicatif::ProgressStyle::with_template(
+        "{bar:30} step {pos}/{len}  {msg}  {elapsed} elapsed, ETA {eta}",
+    )
+    .expect("a valid template");
+    bar.set_style(style);
+    bar
 }
 
 /// The first trained weight holding a NaN or an infinity: its name, the element's position and
@@ -574,12 +848,16 @@ const DIVERGED: &str = "The weights in memory hold this step's update and nothin
     MEMC_CHECK_NAN=1 names the first op that produced a NaN";
 
 const USAGE: &str = "usage:
-  EXE train --data FILE.npy [--steps N] [--lr X] [--weight-decay W] [--backend cpu|cuda] [--threads N]
-            [--input NAME=FILE.npy (other model inputs, held fixed)] [--save DIR]
-            [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume DIR] [--metrics FILE] [--weights FILE|HF_DIR]
+  EXE train --data FILE.npy [--steps N | --epochs E] [--lr X] [--weight-decay W] [--backend cpu|cuda] [--threads N]
+            [--lr-schedule constant|linear|cosine] [--warmup-steps N] [--shuffle [--seed S]]
+            [--input NAME=FILE.npy (other model inputs, held fixed)] [--save DIR [--save-every N [--keep-last K]]]
+            [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume DIR] [--log FILE.jsonl] [--weights FILE|HF_DIR]
   EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE] [--repeat N] [--threads N]
   EXE info  (what the program is: arena, kernels, inputs, outputs, parameters)
 The weights are read from EXE.safetensors unless --weights is given.";
+
+/// Flags that take no value.
+const SWITCHES: &[&str] = &["--shuffle"];
 
 /// Parsed command line of an emitted executable.
 struct Cmd {
@@ -602,9 +880,17 @@ impl Cmd {
                 "--save",
                 "--resume",
                 "--metrics",
+                "--log",
                 "--weights",
                 "--random-weights",
                 "--threads",
+                "--epochs",
+                "--lr-schedule",
+                "--warmup-steps",
+                "--shuffle",
+                "--seed",
+                "--save-every",
+                "--keep-last",
             ],
             "infer" => &[
                 "--input",
@@ -629,6 +915,13 @@ impl Cmd {
             if !flags.contains(&flag.as_str()) {
                 return Err(usage(format!("unexpected argument `{a}` for `{verb}`")));
             }
+            if SWITCHES.contains(&flag.as_str()) {
+                if value.is_some() {
+                    return Err(usage(format!("{flag} takes no value")));
+                }
+                opts.push((flag, String::new()));
+                continue;
+            }
             let value = match value {
                 Some(v) => v,
                 None => rest
@@ -639,6 +932,10 @@ impl Cmd {
             opts.push((flag, value));
         }
         Ok(Cmd { verb, opts })
+    }
+
+    fn has(&self, flag: &str) -> bool {
+        self.opts.iter().any(|(f, _)| f == flag)
     }
 
     fn get(&self, flag: &str) -> Option<&str> {
@@ -924,18 +1221,11 @@ fn run_verb(
                 .ok_or_else(|| RunError::Usage("train needs --data FILE.npy".into()))?;
             let mut data = Batches::open(Path::new(data_path))?;
             let mut start_step = 0;
+            let mut resumed = None;
             if let Some(ckpt) = cmd.get("--resume") {
                 let loaded = weights::load_dir(Path::new(ckpt), program, cpu)?;
                 start_step = loaded.step.unwrap_or(0);
-                eprintln!(
-                    "resumed from {ckpt}: {} tensors{}, step {start_step}",
-                    loaded.tensors,
-                    if loaded.optimizer_state {
-                        " with optimizer state"
-                    } else {
-                        ""
-                    }
-                );
+                resumed = Some(loaded);
             }
             // One process per pipeline stage and replica: rank 0 reports the steps; every
             // rank writes its shard of the checkpoint.
@@ -945,6 +1235,11 @@ fn run_verb(
                     .map_or(0, |e| e.rank),
                 None => 0,
             };
+            if cmd.has("--steps") && cmd.has("--epochs") {
+                return Err(RunError::Usage(
+                    "--steps and --epochs both give the run's length: pass one".into(),
+                ));
+            }
             let cfg = TrainConfig {
                 steps: cmd.number("--steps")?.unwrap_or(10),
                 lr: cmd.number("--lr")?.unwrap_or(1e-3),
@@ -952,9 +1247,21 @@ fn run_verb(
                 start_step,
                 save: cmd.get("--save").map(PathBuf::from),
                 metrics: cmd
-                    .get("--metrics")
+                    .get("--log")
+                    .or(cmd.get("--metrics"))
                     .filter(|_| rank == 0)
                     .map(PathBuf::from),
+                run: RunOptions::from_flags(
+                    cmd.get("--lr-schedule"),
+                    cmd.number("--warmup-steps")?,
+                    cmd.has("--shuffle"),
+                    cmd.number("--seed")?,
+                    cmd.number("--epochs")?,
+                    cmd.number("--save-every")?,
+                    cmd.number("--keep-last")?,
+                    rank == 0,
+                )?,
+                resumed,
             };
             let mut quiet = std::io::sink();
             let mut stdout = std::io::stdout().lock();

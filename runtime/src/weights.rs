@@ -33,6 +33,79 @@ pub struct Loaded {
     pub optimizer_state: bool,
     /// Steps taken.
     pub step: Option<u64>,
+    /// What the checkpoint recorded of its run.
+    pub run: RunState,
+    /// The directory read (the newest complete `checkpoint-N` of a directory of them).
+    pub dir: std::path::PathBuf,
+}
+
+/// What a checkpoint records of its run in [`STATE_FILE`] (transformers' names where it has
+/// them), so a resumed run continues it exactly.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunState {
+    /// Optimizer steps taken (`global_step`).
+    pub step: u64,
+    /// Rows of the data read.
+    pub rows_consumed: u64,
+    /// The run's length in steps, where its learning-rate schedule ends (`max_steps`).
+    pub max_steps: Option<u64>,
+    /// The schedule's name (`constant`, `linear`, `cosine`) and its warmup steps.
+    pub lr_schedule: Option<(String, u64)>,
+    /// The seed of the shuffled data order (`None`: file order).
+    pub shuffle_seed: Option<u64>,
+}
+
+/// The prefix of a periodic checkpoint's directory (`checkpoint-500`, as transformers' Trainer
+/// names them).
+pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
+
+/// The periodic checkpoints in `dir`: (step, path), oldest first, complete or not.
+pub fn checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
+    let mut out: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
+            e.path().is_dir().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The directory `--resume DIR` reads: `DIR` when it is a complete checkpoint (its
+/// [`STATE_FILE`], written last, is there), else the newest complete `DIR/checkpoint-N`
+/// (an interrupted save leaves no state file, so it is passed over).
+pub fn resume_dir(dir: &Path) -> Result<std::path::PathBuf, RunError> {
+    if dir.join(STATE_FILE).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    checkpoints(dir)
+        .into_iter()
+        .rev()
+        .find(|(_, p)| p.join(STATE_FILE).is_file())
+        .map(|(_, p)| p)
+        .ok_or_else(|| RunError::Weights {
+            path: dir.display().to_string(),
+            msg: format!(
+                "no complete checkpoint here: neither {STATE_FILE} nor a {CHECKPOINT_PREFIX}N directory holding one (written last, so a save cut short has none)"
+            ),
+        })
+}
+
+/// Removes the periodic checkpoints of `dir` but the newest `keep` (transformers'
+/// `save_total_limit`), oldest first.
+pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<(), RunError> {
+    let all = checkpoints(dir);
+    for (_, p) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(p).map_err(|source| RunError::Io {
+            path: p.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// Safetensors files mapped, not read (path shown, mapping): each tensor is copied into the
@@ -384,8 +457,7 @@ pub fn save_dir(
     dir: &Path,
     program: &Program,
     arena: &mut dyn Backend,
-    step: u64,
-    rows_consumed: u64,
+    run: &RunState,
 ) -> Result<(), RunError> {
     check_dir_form(dir, "--save")?;
     std::fs::create_dir_all(dir).map_err(|source| RunError::Io {
@@ -516,11 +588,21 @@ pub fn save_dir(
     for (name, text) in &program.checkpoint.files {
         write_atomically(&dir.join(name), text.as_bytes())?;
     }
-    let state = serde_json::json!({
-        "global_step": step,
-        "rows_consumed": rows_consumed,
+    let mut state = serde_json::json!({
+        "global_step": run.step,
+        "rows_consumed": run.rows_consumed,
         "memc_model": program.model,
     });
+    if let Some(m) = run.max_steps {
+        state["max_steps"] = m.into();
+    }
+    if let Some((kind, warmup)) = &run.lr_schedule {
+        state["lr_scheduler_type"] = kind.as_str().into();
+        state["warmup_steps"] = (*warmup).into();
+    }
+    if let Some(seed) = run.shuffle_seed {
+        state["shuffle_seed"] = seed.into();
+    }
     write_atomically(&dir.join(STATE_FILE), format!("{state:#}\n").as_bytes())
 }
 
@@ -569,6 +651,7 @@ pub fn load_dir(
     arena: &mut dyn Backend,
 ) -> Result<Loaded, RunError> {
     check_dir_form(dir, "--resume")?;
+    let dir = &resume_dir(dir)?;
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(|source| RunError::Io {
         path: state_path.display().to_string(),
@@ -594,8 +677,30 @@ pub fn load_dir(
     }
     let files = map_files(&paths)?;
     let parsed = parse_files(&files)?;
+    let number = |k: &str| -> Result<Option<u64>, RunError> {
+        match &state[k] {
+            serde_json::Value::Null => Ok(None),
+            v => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| bad_state(&format!("`{k}` is not a count"))),
+        }
+    };
+    let run = RunState {
+        step,
+        rows_consumed: number("rows_consumed")?.unwrap_or(0),
+        max_steps: number("max_steps")?,
+        lr_schedule: match (&state["lr_scheduler_type"], number("warmup_steps")?) {
+            (serde_json::Value::String(k), w) => Some((k.clone(), w.unwrap_or(0))),
+            (serde_json::Value::Null, _) => None,
+            _ => return Err(bad_state("`lr_scheduler_type` is not a name")),
+        },
+        shuffle_seed: number("shuffle_seed")?,
+    };
     let mut loaded = Loaded {
         step: Some(step),
+        run,
+        dir: dir.to_path_buf(),
         ..Default::default()
     };
     let mut used = std::collections::HashSet::new();

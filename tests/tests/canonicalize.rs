@@ -99,6 +99,8 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
             save: None,
             resume: None,
             layout: Default::default(),
+            run: Default::default(),
+            log: None,
         };
         let cpu = memc::train::run_host(
             &mut g,

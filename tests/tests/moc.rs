@@ -77,6 +77,8 @@ fn moc_llama_matches_on_both_backends_and_trains_close_to_dense() {
         save: None,
         resume: None,
         layout: Default::default(),
+        run: Default::default(),
+        log: None,
     };
     let cpu = memc::train::run_host(
         &mut g.clone(),

@@ -152,6 +152,8 @@ fn host_losses(
         save: None,
         resume: None,
         layout: Default::default(),
+        run: Default::default(),
+        log: None,
     };
     let mut g = program();
     let mut host = memc::train::host_program(&g, &ex.name, Some(a)).unwrap();

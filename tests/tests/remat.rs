@@ -235,6 +235,8 @@ fn remat_choices_keep_the_cpu_backend_losses_bitwise() {
             save: None,
             resume: None,
             layout: Default::default(),
+            run: Default::default(),
+            log: None,
         };
         memc::train::run_host(
             &mut g,

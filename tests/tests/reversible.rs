@@ -242,6 +242,8 @@ fn cpu_losses(g: &mut Graph, a: &TrainOptions, steps: usize, lr: f64) -> Vec<f64
         save: None,
         resume: None,
         layout: Default::default(),
+        run: Default::default(),
+        log: None,
     };
     memc::train::run_host(
         g,

@@ -25,6 +25,8 @@ fn cpu_losses(ex: &Example, a: &TrainOptions, steps: usize) -> Vec<f64> {
         save: None,
         resume: None,
         layout: Default::default(),
+        run: Default::default(),
+        log: None,
     };
     memc::train::run_host(
         &mut g,

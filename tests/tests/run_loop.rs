@@ -1,0 +1,359 @@
+//! The training loop a fine-tuning run needs (issue 23), in `memc train` and emitted
+//! executables alike: learning-rate schedules that follow transformers' schedulers value for
+//! value (fixtures from `examples/train_fixtures.py`), epochs, shuffled data, periodic
+//! checkpoints that resume exactly, a log file, and a progress bar on terminals only.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use memc_tests::{examples, Example};
+
+#[path = "../support/cmd.rs"]
+mod cmd;
+use cmd::{bin_dir, compile_exe, fails, ok, run, scratch};
+
+fn example(name: &str) -> Example {
+    examples().into_iter().find(|e| e.name == name).unwrap()
+}
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn field(lines: &[serde_json::Value], key: &str) -> Vec<f64> {
+    lines.iter().map(|l| l[key].as_f64().unwrap()).collect()
+}
+
+fn fixture(ex: &Example, key: &str) -> Vec<f64> {
+    memc_tests::train_reference(ex)[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: no `{key}` in train_ref.json", ex.name))
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
+fn ids(ex: &Example) -> PathBuf {
+    ex.path.with_extension("").join("inputs/input_ids.npy")
+}
+
+fn worst_rel(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+const SCHEDULES: [(&str, &str); 2] = [
+    ("linear", "adamw_linear_warmup"),
+    ("cosine", "adamw_cosine_warmup"),
+];
+
+/// 5 AdamW steps (lr 1e-3, weight decay 0.01) under each schedule with 2 warmup steps, on the
+/// example's batch: the rate of every step equals transformers' (1e-12) and the losses follow
+/// PyTorch's within 1e-5 on the reference backend and 1e-4 on the cpu backend and in
+/// executables. Llama (untied head) and GPT-2 (tied head).
+#[test]
+fn lr_schedules_follow_transformers() {
+    let dir = scratch("schedules");
+    for name in ["llama-dynamo", "gpt2-dynamo"] {
+        let ex = example(name);
+        let exe = dir.join(name);
+        compile_exe(&ex.path, &exe, &["--train", "--optimizer", "adamw"]);
+        for (schedule, key) in SCHEDULES {
+            let want = fixture(&ex, key);
+            let want_lr = fixture(&ex, &format!("{key}_lrs"));
+            let flags = [
+                "--steps",
+                "5",
+                "--lr",
+                "1e-3",
+                "--weight-decay",
+                "0.01",
+                "--lr-schedule",
+                schedule,
+                "--warmup-steps",
+                "2",
+            ];
+            let mut runs: Vec<(String, Vec<serde_json::Value>, f64)> = vec![];
+            for backend in ["ref", "cpu"] {
+                let out = ok(Command::new(bin_dir().join("memc"))
+                    .arg("train")
+                    .arg(&ex.path)
+                    .args(["--shape", "input_ids=2x16", "--optimizer", "adamw"])
+                    .arg("--data")
+                    .arg(ids(&ex))
+                    .args(["--backend", backend])
+                    .args(flags));
+                let tol = if backend == "ref" { 1e-5 } else { 1e-4 };
+                runs.push((
+                    format!("memc train --backend {backend}"),
+                    json_lines(&out),
+                    tol,
+                ));
+            }
+            let out = ok(Command::new(&exe)
+                .arg("train")
+                .arg("--data")
+                .arg(ids(&ex))
+                .args(flags));
+            runs.push(("executable".into(), json_lines(&out), 1e-4));
+            for (who, lines, tol) in runs {
+                let lr = worst_rel(&field(&lines, "lr")[2..], &want_lr[2..]);
+                assert!(
+                    lr <= 1e-12 && field(&lines, "lr")[0] == 0.0,
+                    "{name} {schedule} {who}: rates {:?} vs {want_lr:?}",
+                    field(&lines, "lr")
+                );
+                let err = worst_rel(&field(&lines, "loss"), &want);
+                eprintln!("{name} {schedule:<7} {who:<28} losses within {err:.1e} of PyTorch's");
+                assert!(
+                    err <= tol,
+                    "{name} {schedule} {who}: {:?} vs {want:?}",
+                    field(&lines, "loss")
+                );
+            }
+        }
+    }
+}
+
+fn write_rows(path: &Path, rows: usize, vocab: i64) {
+    let v: Vec<i64> = (0..rows * 16)
+        .map(|i| (i as i64 * 7919 + 13) % vocab)
+        .collect();
+    memc::io::write_tensor(
+        path,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![rows, 16], &v),
+    )
+    .unwrap();
+}
+
+/// A run with shuffled epochs, a cosine schedule and periodic checkpoints: `--resume` from a
+/// checkpoint (the newest complete one of the directory, an interrupted one passed over)
+/// continues bit for bit; the oldest checkpoints go; `--epochs` sets the run's length;
+/// `--log` gets every line (a resumed run adds to it); flags that would change the run on
+/// resume, and flags that make no sense together, are one clear error each.
+#[test]
+fn periodic_checkpoints_resume_shuffled_scheduled_runs_exactly() {
+    let dir = scratch("run-loop");
+    let ex = example("llama-dynamo");
+    let exe = dir.join("llama");
+    compile_exe(&ex.path, &exe, &["--train", "--optimizer", "adamw"]);
+    let data = dir.join("ids.npy");
+    write_rows(&data, 7, 128);
+    let save = dir.join("run");
+    let log = dir.join("log.jsonl");
+    let base = |extra: &[&str]| {
+        let mut c = Command::new(&exe);
+        c.arg("train").arg("--data").arg(&data).args([
+            "--lr",
+            "1e-2",
+            "--shuffle",
+            "--seed",
+            "5",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-steps",
+            "1",
+        ]);
+        c.args(extra);
+        c
+    };
+    // 2 epochs of 7 rows, 2 rows a step: 7 steps.
+    let whole = json_lines(&ok(base(&["--epochs", "2"])
+        .arg("--save")
+        .arg(&save)
+        .args(["--save-every", "2", "--keep-last", "2"])
+        .arg("--log")
+        .arg(&log)));
+    assert_eq!(whole.len(), 7);
+    assert_eq!(
+        json_lines(&std::fs::read_to_string(&log).unwrap()),
+        whole,
+        "--log has every line"
+    );
+    let kept: Vec<String> = memc_runtime::weights::checkpoints(&save)
+        .into_iter()
+        .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept, ["checkpoint-6", "checkpoint-7"]);
+    // An unshuffled run reads other rows: the shuffle is real.
+    let plain = json_lines(&ok(Command::new(&exe)
+        .arg("train")
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--lr",
+            "1e-2",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-steps",
+            "1",
+            "--epochs",
+            "2",
+        ])));
+    assert_ne!(field(&plain, "loss"), field(&whole, "loss"));
+    // Resume from step 6 for the last epoch's last step: bit for bit.
+    let rest = json_lines(&ok(base(&[
+        "--epochs",
+        "2",
+        "--log",
+        log.to_str().unwrap(),
+    ])
+    .arg("--resume")
+    .arg(save.join("checkpoint-6"))));
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0]["loss"], whole[6]["loss"]);
+    assert_eq!(rest[0]["lr"], whole[6]["lr"]);
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 8);
+    // A save cut short (no trainer_state.json) is passed over: --resume DIR takes step 7,
+    // where the schedule ended.
+    let cut = save.join("checkpoint-9");
+    std::fs::create_dir_all(&cut).unwrap();
+    std::fs::write(cut.join("model.safetensors"), b"partial").unwrap();
+    fails(
+        base(&["--steps", "1"]).arg("--resume").arg(&save),
+        "schedule ended at step 7",
+    );
+    // Differing flags on resume.
+    fails(
+        Command::new(&exe)
+            .arg("train")
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--lr-schedule",
+                "linear",
+                "--warmup-steps",
+                "1",
+                "--shuffle",
+                "--seed",
+                "5",
+            ])
+            .arg("--resume")
+            .arg(save.join("checkpoint-6")),
+        "the run was trained with --lr-schedule cosine --warmup-steps 1",
+    );
+    fails(
+        Command::new(&exe)
+            .arg("train")
+            .arg("--data")
+            .arg(&data)
+            .args(["--lr-schedule", "cosine", "--warmup-steps", "1"])
+            .arg("--resume")
+            .arg(save.join("checkpoint-6")),
+        "shuffled (--shuffle --seed 5)",
+    );
+    fails(
+        base(&["--epochs", "2"])
+            .arg("--resume")
+            .arg(dir.join("nothing")),
+        "no complete checkpoint here",
+    );
+    // Flags that make no sense together.
+    let cases: [(&[&str], &str); 6] = [
+        (&["--steps", "2", "--epochs", "1"], "pass one"),
+        (&["--save-every", "2"], "pass --save DIR too"),
+        (&["--seed", "1"], "pass --shuffle too"),
+        (
+            &["--lr-schedule", "step"],
+            "expected constant, linear or cosine",
+        ),
+        (&["--epochs", "0"], "--epochs must be at least 1"),
+        (&["--shuffle=yes"], "--shuffle takes no value"),
+    ];
+    for (flags, want) in cases {
+        fails(
+            Command::new(&exe)
+                .arg("train")
+                .arg("--data")
+                .arg(&data)
+                .args(flags),
+            want,
+        );
+    }
+    // memc train reads the same flags and runs the same loop: its checkpoints resume the
+    // executable's run (same program, same data order).
+    let out = ok(Command::new(bin_dir().join("memc"))
+        .arg("train")
+        .arg(&ex.path)
+        .args([
+            "--shape",
+            "input_ids=2x16",
+            "--optimizer",
+            "adamw",
+            "--backend",
+            "cpu",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--lr",
+            "1e-2",
+            "--shuffle",
+            "--seed",
+            "5",
+            "--lr-schedule",
+            "cosine",
+            "--warmup-steps",
+            "1",
+            "--epochs",
+            "2",
+        ])
+        .arg("--resume")
+        .arg(save.join("checkpoint-6")));
+    let memc_rest = json_lines(&out);
+    assert_eq!(memc_rest.len(), 1);
+    let (a, b) = (
+        memc_rest[0]["loss"].as_f64().unwrap(),
+        whole[6]["loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+    let o = run(Command::new(bin_dir().join("memc"))
+        .arg("train")
+        .arg(&ex.path)
+        .args(["--shape", "input_ids=2x16", "--steps", "2", "--epochs", "1"])
+        .arg("--data")
+        .arg(&data));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--epochs"));
+}
+
+/// The progress bar is drawn on a terminal's stderr (a pseudo-terminal here) and never into
+/// a pipe, where the JSON lines stay alone on stdout.
+#[test]
+fn progress_bar_on_terminals_only() {
+    let dir = scratch("progress");
+    let ex = example("llama-dynamo");
+    let exe = dir.join("llama");
+    compile_exe(&ex.path, &exe, &["--train", "--optimizer", "adamw"]);
+    let data = dir.join("ids.npy");
+    write_rows(&data, 4, 128);
+    let piped = run(Command::new(&exe)
+        .arg("train")
+        .arg("--data")
+        .arg(&data)
+        .args(["--steps", "3"]));
+    assert!(piped.status.success());
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(!err.contains("ETA") && !err.contains("step 3/3"), "{err}");
+    // Python's pty module gives the executable a terminal for all three streams.
+    let script =
+        "import os, pty, sys\nsys.exit(os.waitstatus_to_exitcode(pty.spawn(sys.argv[1:])))\n";
+    let tty = ok(Command::new("python3")
+        .args(["-c", script])
+        .arg(&exe)
+        .arg("train")
+        .arg("--data")
+        .arg(&data)
+        .args(["--steps", "3"]));
+    assert!(
+        tty.contains("step 3/3") && tty.contains("tokens/s"),
+        "{tty}"
+    );
+    assert_eq!(tty.matches("\"loss\":").count(), 3, "{tty}");
+}
