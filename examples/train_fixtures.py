@@ -61,6 +61,10 @@ Keys of ``train_ref.json``:
     under ``transformers.get_linear_schedule_with_warmup`` /
     ``get_cosine_schedule_with_warmup`` (2 warmup steps of 5), stepped after
     each update as the Trainer does; ``*_lrs`` is the rate each update used.
+  - ``adamw_labels_linear_warmup``: the linear one with ``labels`` =
+    ``masked_labels`` (written as ``masked_labels``): the ids with the first
+    6 / 3 positions of the rows and row 1's column 10 at -100, HF's
+    ``model(input_ids, labels=labels).loss`` (mean over the kept positions).
   ``params`` is ``model.parameters()``: tied weights (gpt2, qwen2 embedding /
   LM head) are one parameter and are updated once.  Values are the fp32
   results written as Python floats (full repr, exact).
@@ -180,9 +184,29 @@ def next_token_ce(logits, ids):
         logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def compute_loss(family, wrapper, batch):
+def masked_labels(ids):
+    """The labels of the masked-label trajectories (issue 23): the ids with the
+    prompt-like first positions of each row (6 of row 0, 3 of row 1) and one
+    later position (row 1, column 10) set to -100, transformers' ignore index."""
+    labels = ids.clone()
+    labels[0, :6] = -100
+    labels[1, :3] = -100
+    labels[1, 10] = -100
+    return labels
+
+
+def compute_loss(family, wrapper, batch, labels=None):
     """The training loss: HF's causal-LM loss, or the hand-written
-    next-token CE for BERT (same formula; HF's BERT loss is masked-LM)."""
+    next-token CE for BERT (same formula; HF's BERT loss is masked-LM); with
+    ``labels``, against those (-100 left out of the mean)."""
+    if labels is not None:
+        if family in CAUSAL:
+            return wrapper.model(input_ids=batch["input_ids"], labels=labels,
+                                 use_cache=False).loss
+        logits = wrapper(**batch)
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1), ignore_index=-100)
     if family in CAUSAL:
         return hf_loss(wrapper, batch["input_ids"])
     return next_token_ce(wrapper(**batch), batch["input_ids"])
@@ -283,6 +307,9 @@ SCHEDULED = {
     "adamw_linear_warmup": transformers.get_linear_schedule_with_warmup,
     "adamw_cosine_warmup": transformers.get_cosine_schedule_with_warmup,
 }
+# Masked labels (``masked_labels``) under the linear schedule.
+LABELED = "adamw_labels_linear_warmup"
+SCHEDULED[LABELED] = transformers.get_linear_schedule_with_warmup
 
 
 def trajectory(family, attn, batch, kind):
@@ -301,9 +328,10 @@ def trajectory(family, attn, batch, kind):
     sched = None
     if kind in SCHEDULED:
         sched = SCHEDULED[kind](opt, num_warmup_steps=WARMUP, num_training_steps=STEPS)
+    labels = masked_labels(batch["input_ids"]) if kind == LABELED else None
     losses, norms = [], []
     for _ in range(STEPS):
-        loss = compute_loss(family, wrapper, batch)
+        loss = compute_loss(family, wrapper, batch, labels)
         losses.append(loss.item())
         loss.backward()
         if kind == "adamw_clip":
@@ -495,6 +523,7 @@ def run_family(family):
         losses, lrs = trajectory(family, attn, batch, kind)
         res[kind] = losses
         res[kind + "_lrs"] = lrs
+    res["masked_labels"] = masked_labels(ids).tolist()
     if family in ("llama", "qwen2"):
         res["adamw_moc_k32"] = trajectory(family, attn, batch, "adamw_moc_k32")[0]
     # Determinism: the first trajectory once more.

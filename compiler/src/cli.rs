@@ -26,11 +26,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Compile a model into an executable (-o), or print its IR, kernels, plan or reports.
-    Compile(CompileArgs),
+    Compile(Box<CompileArgs>),
     /// Evaluate a model on `.npy` inputs with the reference interpreter.
     Eval(EvalArgs),
     /// Compile the training step and train on the reference backend: one JSON line per step.
-    Train(TrainCmdArgs),
+    Train(Box<TrainCmdArgs>),
     /// Run passes on textual IR: textual IR in, textual IR out.
     Opt(OptArgs),
     /// Generate, check and simulate a pipeline-parallel schedule; report per-device peak
@@ -185,6 +185,17 @@ struct TrainCmdArgs {
     /// Also write every step's JSON line to this file.
     #[arg(long, value_name = "FILE.jsonl")]
     log: Option<PathBuf>,
+    /// Per-token labels of the data's shape (transformers' causal-LM loss: -100 is left out,
+    /// e.g. prompt tokens); implies --loss causal-lm.
+    #[arg(long, value_name = "FILE.npy")]
+    labels: Option<PathBuf>,
+    /// Per-token attention mask of the data's shape (1 token, 0 padding): fed to a model's
+    /// attention_mask input; padding is left out of the loss.
+    #[arg(long, value_name = "FILE.npy", conflicts_with = "pad_id")]
+    attention_mask: Option<PathBuf>,
+    /// The padding token: positions holding it are masked and left out of the loss.
+    #[arg(long, value_name = "P")]
+    pad_id: Option<i64>,
     /// Weight decay (default: 0.01 for AdamW, 0 for SGD, as in PyTorch).
     #[arg(long)]
     weight_decay: Option<f64>,
@@ -1217,7 +1228,7 @@ fn train(args: TrainCmdArgs) -> Result<()> {
         &mut timer,
         &mut PassManager::new().timed(args.model.time_passes),
     )?;
-    let opts = crate::train::options_for(&g, &args.training)?;
+    let opts = train_options(&g, &args)?;
     timer
         .time("train", || crate::train::build(&mut g, &opts))
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
@@ -1303,7 +1314,7 @@ fn train_pipelined(
         timer,
         &mut PassManager::new().timed(args.model.time_passes),
     )?;
-    let opts = crate::train::options_for(&g, &args.training)?;
+    let opts = train_options(&g, args)?;
     let (mut program, _) = crate::pipe::pipelined_program(g, &opts, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
@@ -1331,6 +1342,16 @@ fn train_pipelined(
     )
 }
 
+/// The training program's options for `memc train`: labels, an attention mask or a padding
+/// token take transformers' causal-LM loss (`--loss causal-lm`), the one that reads them.
+fn train_options(g: &Graph, args: &TrainCmdArgs) -> Result<memc_passes::train::TrainOptions> {
+    let mut opts = crate::train::options_for(g, &args.training)?;
+    if args.labels.is_some() || args.attention_mask.is_some() || args.pad_id.is_some() {
+        opts.loss = memc_passes::train::Loss::CausalLm;
+    }
+    Ok(opts)
+}
+
 /// The run's epochs, schedule, data order, periodic checkpoints and progress bar, from
 /// `memc train`'s flags (the executables' `OUT train` reads the same ones).
 fn run_options(args: &TrainCmdArgs) -> Result<memc_runtime::session::RunOptions> {
@@ -1343,7 +1364,12 @@ fn run_options(args: &TrainCmdArgs) -> Result<memc_runtime::session::RunOptions>
         args.save_every,
         args.keep_last,
         true,
-    )?)
+    )?
+    .with_data(
+        args.labels.clone(),
+        args.attention_mask.clone(),
+        args.pad_id,
+    ))
 }
 
 /// Lowers the pipelined step for `--backend` and trains it with the runtime's loop.
@@ -1474,9 +1500,9 @@ fn toolchain() -> Result<()> {
 /// Runs the CLI on parsed arguments.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Compile(a) => compile(a),
+        Command::Compile(a) => compile(*a),
         Command::Eval(a) => eval(a),
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Opt(a) => opt(a),
         Command::Schedule(a) => schedule(a),
         Command::Toolchain => toolchain(),

@@ -166,6 +166,9 @@ pub fn pipelined_program(
     if opts.clip_grad_norm.is_some() {
         bail!("--clip-grad-norm is not supported in a pipelined step yet");
     }
+    if opts.loss == memc_passes::train::Loss::CausalLm {
+        bail!("--loss causal-lm (labels) is not supported in a pipelined step yet");
+    }
     crate::train::build_with(&mut g, opts, None, true)?;
     Ok((g, part))
 }

@@ -17,6 +17,9 @@ use memc_passes::train::{self, Loss, Optimizer, TrainError, TrainOptions, TrainS
 pub enum LossArg {
     /// Mean cross-entropy of logits[:, :-1] against input_ids[:, 1:].
     NextTokenCe,
+    /// transformers' causal-LM loss with labels: mean cross-entropy of logits[:, :-1] against
+    /// labels[:, 1:] over the labels that are not -100 (train with --labels FILE.npy).
+    CausalLm,
 }
 
 /// The optimizer names of the CLI.
@@ -173,6 +176,7 @@ pub fn train_options(args: &TrainProgramArgs) -> Result<TrainOptions> {
     Ok(TrainOptions {
         loss: match args.loss {
             LossArg::NextTokenCe => Loss::NextTokenCe,
+            LossArg::CausalLm => Loss::CausalLm,
         },
         optimizer,
         clip_grad_norm: args.clip_grad_norm,
@@ -461,6 +465,7 @@ pub fn training_info(
             .map(|(n, _)| n.clone())
             .collect(),
         drift_threshold: opts.drift_threshold(),
+        labels_input: has(train::LABELS_INPUT),
     })
 }
 

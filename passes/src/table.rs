@@ -160,14 +160,26 @@ pub static PASSES: &[PassDecl] = &[
     PassDecl {
         name: "loss",
         summary: "add the next-token cross-entropy; it becomes the only output, `loss`",
-        options: &[opt(
-            "fused",
-            OptKind::Bool,
-            Some("true"),
-            "the chunked LM-head loss that never holds the logits, when the head is one GEMM",
-        )],
+        options: &[
+            opt(
+                "fused",
+                OptKind::Bool,
+                Some("true"),
+                "the chunked LM-head loss that never holds the logits, when the head is one GEMM",
+            ),
+            opt(
+                "kind",
+                OptKind::Choice(&["next-token-ce", "causal-lm"]),
+                Some("next-token-ce"),
+                "the targets: the token ids, or the `memc.labels` input (-100 ignored)",
+            ),
+        ],
         run: |g, o| {
-            crate::train::add_loss(g, crate::train::Loss::NextTokenCe, o.flag("fused"))
+            let kind = match o.text("kind") {
+                Some("causal-lm") => crate::train::Loss::CausalLm,
+                _ => crate::train::Loss::NextTokenCe,
+            };
+            crate::train::add_loss(g, kind, o.flag("fused"))
                 .map_err(|e| PassError::failed("loss", e))
                 .map(boxed)
         },

@@ -20,9 +20,30 @@ use crate::remat::{rematerialize, Policy, RematError, RematStats};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Loss {
     /// Mean cross-entropy of `logits[:, :-1]` against `input_ids[:, 1:]` (Hugging Face's
-    /// causal-LM loss).
+    /// causal-LM loss with `labels=input_ids`).
     NextTokenCe,
+    /// Hugging Face's causal-LM loss with labels: the mean cross-entropy of `logits[:, :-1]`
+    /// against `labels[:, 1:]` over the positions whose label is not −100 (the ignore index:
+    /// prompt tokens, padding). The labels are the program's input [`LABELS_INPUT`], of the
+    /// token input's shape and type.
+    CausalLm,
 }
+
+impl Loss {
+    /// The loss's name in pass specs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::NextTokenCe => "next-token-ce",
+            Loss::CausalLm => "causal-lm",
+        }
+    }
+}
+
+/// The input carrying the labels of [`Loss::CausalLm`].
+pub const LABELS_INPUT: &str = "memc.labels";
+
+/// The label a position is left out of the loss with (transformers' `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
 
 /// The optimizer, with PyTorch's semantics.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -294,16 +315,30 @@ crate::pass_stats! {
 /// chunked LM-head cross-entropy when `fused` and the logits are one GEMM, else the plain
 /// next-token cross-entropy.
 pub fn add_loss(g: &mut Graph, loss: Loss, fused: bool) -> Result<LossStats, TrainError> {
-    let Loss::NextTokenCe = loss;
     let (ids, logits) = find_logits(g)?;
+    // The targets: the token ids, or the labels (with the rows' weights: 1/count where kept).
+    let labels = match loss {
+        Loss::NextTokenCe => None,
+        Loss::CausalLm => {
+            if g.inputs().iter().any(
+                |&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == LABELS_INPUT),
+            ) {
+                return Err(TrainError::Build(format!(
+                    "the model already has an input `{LABELS_INPUT}`"
+                )));
+            }
+            Some(g.add_input(LABELS_INPUT, g.value(ids).ty.clone()))
+        }
+    };
     let head = if fused { lm_head(g, logits) } else { None };
     let (loss, fused) = match head {
         Some((h, w, bias)) => {
-            let (loss, f) = fused_next_token_ce(g, ids, h, w, bias).map_err(TrainError::Build)?;
+            let (loss, f) =
+                fused_next_token_ce(g, ids, labels, h, w, bias).map_err(TrainError::Build)?;
             (loss, Some(f))
         }
         None => (
-            next_token_ce(g, ids, logits).map_err(TrainError::Build)?,
+            next_token_ce(g, ids, labels, logits).map_err(TrainError::Build)?,
             None,
         ),
     };
@@ -535,7 +570,10 @@ pub fn build_training_with(
     let loss = pm.run(
         g,
         "loss",
-        format!("loss{{fused={}}}", opts.fused_loss),
+        match opts.loss {
+            Loss::NextTokenCe => format!("loss{{fused={}}}", opts.fused_loss),
+            l => format!("loss{{fused={},kind={}}}", opts.fused_loss, l.name()),
+        },
         |g| add_loss(g, opts.loss, opts.fused_loss),
     )?;
     let ad = pm.run(
@@ -672,12 +710,65 @@ fn find_logits(g: &Graph) -> Result<(ValueId, ValueId), TrainError> {
 }
 
 /// `-mean(log_softmax(logits[:, :-1])[targets])` with targets `ids[:, 1:]`, in f32.
-fn next_token_ce(g: &mut Graph, ids: ValueId, logits: ValueId) -> Result<ValueId, String> {
+/// The shifted labels' targets `[rows, 1]` with ignored positions set to 0, and each row's
+/// weight in the loss `[rows, 1]` (in `acc`): `1/count` where the label is kept, else 0.
+fn kept_targets(
+    b: &mut Builder,
+    labels: ValueId,
+    rows: usize,
+    acc: DType,
+) -> Result<(ValueId, ValueId), String> {
+    let (bsz, seq) = (b.shape(labels)[0], b.shape(labels)[1]);
+    let t = b.op(
+        Op::Slice {
+            starts: vec![0, 1],
+            ends: vec![bsz, seq],
+            steps: vec![1, 1],
+        },
+        &[labels],
+    )?;
+    let t = b.reshape(t, vec![rows, 1])?;
+    let ignore = b.scalar(b.dtype(labels), IGNORE_INDEX as f64);
+    let skip = b.binary(BinaryOp::Equal, t, ignore)?;
+    let zero_t = b.scalar(b.dtype(labels), 0.0);
+    let safe = b.op(Op::Where, &[skip, zero_t, t])?;
+    let (zero, one) = (b.scalar(acc, 0.0), b.scalar(acc, 1.0));
+    let keep = b.op(Op::Where, &[skip, zero, one])?;
+    let count = b.reduce(ReduceKind::Sum, keep, vec![0, 1], false)?;
+    let weights = b.binary(BinaryOp::Div, keep, count)?;
+    Ok((safe, weights))
+}
+
+fn next_token_ce(
+    g: &mut Graph,
+    ids: ValueId,
+    labels: Option<ValueId>,
+    logits: ValueId,
+) -> Result<ValueId, String> {
     let (bsz, seq, vocab) = {
         let s = &g.value(logits).ty.shape;
         (s[0], s[1], s[2])
     };
     let mut b = Builder::new(g, Phase::Forward, "loss");
+    if let Some(labels) = labels {
+        // Σ over the kept positions of log p(target), divided by their count.
+        let logits = b.cast(logits, DType::F32)?;
+        let shifted = b.op(
+            Op::Slice {
+                starts: vec![0, 0, 0],
+                ends: vec![bsz, seq - 1, vocab],
+                steps: vec![1; 3],
+            },
+            &[logits],
+        )?;
+        let logp = b.op(Op::LogSoftmax { axis: 2 }, &[shifted])?;
+        let logp = b.reshape(logp, vec![bsz * (seq - 1), vocab])?;
+        let (targets, weights) = kept_targets(&mut b, labels, bsz * (seq - 1), DType::F32)?;
+        let picked = b.op(Op::GatherElements { axis: 1 }, &[logp, targets])?;
+        let weighted = b.mul(picked, weights)?;
+        let total = b.reduce(ReduceKind::Sum, weighted, vec![0, 1], false)?;
+        return b.neg(total);
+    }
     let logits = b.cast(logits, DType::F32)?;
     let shifted = b.op(
         Op::Slice {
@@ -763,6 +854,7 @@ const MIN_ROWS: usize = 16;
 fn fused_next_token_ce(
     g: &mut Graph,
     ids: ValueId,
+    labels: Option<ValueId>,
     h: ValueId,
     w: ValueId,
     bias: Option<ValueId>,
@@ -793,18 +885,33 @@ fn fused_next_token_ce(
         &[h],
     )?;
     let rows = b.reshape(shifted, vec![n, d])?;
-    let targets = b.op(
-        Op::Slice {
-            starts: vec![0, 1],
-            ends: vec![bsz, seq],
-            steps: vec![1, 1],
-        },
-        &[ids],
-    )?;
-    let targets = b.reshape(targets, vec![n, 1])?;
-    let mut operands = vec![rows, w, targets];
+    let mut operands = match labels {
+        Some(labels) => {
+            let acc = memc_ir::loss_dtype(b.dtype(h));
+            let (targets, weights) = kept_targets(&mut b, labels, n, acc)?;
+            vec![rows, w, targets, weights]
+        }
+        None => {
+            let targets = b.op(
+                Op::Slice {
+                    starts: vec![0, 1],
+                    ends: vec![bsz, seq],
+                    steps: vec![1, 1],
+                },
+                &[ids],
+            )?;
+            let targets = b.reshape(targets, vec![n, 1])?;
+            vec![rows, w, targets]
+        }
+    };
     operands.extend(bias);
-    let loss = b.op(Op::LmHeadCe { chunk }, &operands)?;
+    let loss = b.op(
+        Op::LmHeadCe {
+            chunk,
+            weighted: labels.is_some(),
+        },
+        &operands,
+    )?;
     let stats = FusedLoss {
         chunks: n.div_ceil(chunk),
         logits_bytes: (n * vocab * 4) as u64,

@@ -511,7 +511,54 @@ fn cases(r: &mut Rng) -> Vec<Case> {
                     b.g.add_const(Tensor::from_i64(DType::I64, vec![rows, 1], &t));
                 let mut ops = vec![x[0], x[1], t];
                 ops.extend(x.get(2));
-                let y = b.op(Op::LmHeadCe { chunk: 2 }, &ops).unwrap();
+                let y = b
+                    .op(
+                        Op::LmHeadCe {
+                            chunk: 2,
+                            weighted: false,
+                        },
+                        &ops,
+                    )
+                    .unwrap();
+                b.reshape(y, vec![1]).unwrap()
+            },
+        ));
+        // Weighted rows (the causal-LM loss's masked mean): one row left out, the others
+        // at weights that need not sum to 1.
+        let t = targets.clone();
+        let weights: Vec<f64> = (0..rows)
+            .map(|i| {
+                if i == 1 {
+                    0.0
+                } else {
+                    0.25 + 0.5 * (i % 3) as f64
+                }
+            })
+            .collect();
+        let mut operands = vec![(vec![rows, d], Any), (vec![d, vocab], Any)];
+        if bias {
+            operands.push((vec![vocab], Any));
+        }
+        v.push(case(
+            format!("LmHeadCe weighted chunk 2 of {rows} rows, bias {bias}"),
+            operands,
+            move |b, x| {
+                let t =
+                    b.g.add_const(Tensor::from_i64(DType::I64, vec![rows, 1], &t));
+                let acc = memc_ir::loss_dtype(b.dtype(x[0]));
+                let r =
+                    b.g.add_const(Tensor::from_f64(acc, vec![rows, 1], &weights));
+                let mut ops = vec![x[0], x[1], t, r];
+                ops.extend(x.get(2));
+                let y = b
+                    .op(
+                        Op::LmHeadCe {
+                            chunk: 2,
+                            weighted: true,
+                        },
+                        &ops,
+                    )
+                    .unwrap();
                 b.reshape(y, vec![1]).unwrap()
             },
         ));

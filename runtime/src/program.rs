@@ -298,6 +298,10 @@ pub struct Training {
     pub drift_outputs: Vec<String>,
     /// Warn when a drift passes this.
     pub drift_threshold: Option<f64>,
+    /// The labels input of transformers' causal-LM loss (`--loss causal-lm`: the data's shape
+    /// and type, −100 left out of the loss), fed from `--labels` or, without it, the ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels_input: Option<String>,
 }
 
 /// A pipelined training step (`memc compile --train --pipeline-stages`): the step's batch is
@@ -888,10 +892,25 @@ impl Program {
                 t.lr_input.as_ref(),
                 t.weight_decay_input.as_ref(),
                 t.step_input.as_ref(),
+                t.labels_input.as_ref(),
             ];
             for name in names.into_iter().flatten() {
                 if self.input(name).is_none() {
                     return bad(format!("training input `{name}` is missing"));
+                }
+            }
+            if let (Some(l), Some(d)) = (
+                t.labels_input.as_ref().and_then(|n| self.input(n)),
+                self.input(&t.data_input),
+            ) {
+                if l.shape != d.shape || l.dtype != d.dtype {
+                    return bad(format!(
+                        "the labels `{}` are {}, the data `{}` {}",
+                        l.name,
+                        l.type_string(),
+                        d.name,
+                        d.type_string()
+                    ));
                 }
             }
             for name in std::iter::once(&t.loss_output).chain(&t.drift_outputs) {
@@ -1093,6 +1112,7 @@ pub(crate) mod tests {
             default_weight_decay: 0.0,
             drift_outputs: vec![],
             drift_threshold: None,
+            labels_input: None,
         });
         p.pipeline = Some(Box::new(Pipeline {
             schedule: "1f1b".into(),

@@ -25,6 +25,21 @@ pub struct Batches {
     /// Rows read so far (the position in the stream of passes over the data).
     next: u64,
     order: RowOrder,
+    /// Per-position labels (`--labels`), of the ids' shape.
+    labels: Option<Vec<i64>>,
+    /// Per-position attention mask (`--attention-mask`: 1 attended, 0 padding).
+    mask: Option<Vec<i64>>,
+}
+
+/// One step's rows: the token ids and, when the data has them, their labels and mask.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rows {
+    /// Token ids, `[rows, seq]` row-major.
+    pub ids: Vec<i64>,
+    /// Labels of the same positions.
+    pub labels: Option<Vec<i64>>,
+    /// Attention mask of the same positions.
+    pub mask: Option<Vec<i64>>,
 }
 
 impl Batches {
@@ -64,7 +79,78 @@ impl Batches {
             ids,
             next: 0,
             order: RowOrder::new(a.shape[0], None),
+            labels: None,
+            mask: None,
         })
+    }
+
+    /// Reads an integer array of the data's shape, for `flag`; `valid` checks each value.
+    fn companion(
+        &self,
+        path: &Path,
+        flag: &str,
+        valid: impl Fn(i64) -> bool,
+        what: &str,
+    ) -> Result<Vec<i64>, RunError> {
+        let a = npy::read(path)?;
+        let bad = |msg: String| RunError::Data {
+            path: path.display().to_string(),
+            msg,
+        };
+        let values: Vec<i64> = match a.dtype {
+            NpyDtype::I64 => a
+                .data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+            NpyDtype::I32 => a
+                .data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+                .collect(),
+            NpyDtype::Bool => a.data.iter().map(|&b| b as i64).collect(),
+            d => {
+                return Err(bad(format!(
+                    "{flag}: expected an integer array, got {}",
+                    d.numpy_name()
+                )))
+            }
+        };
+        if a.shape != [self.rows, self.seq] {
+            return Err(bad(format!(
+                "{flag}: the array is {:?}, the data [{}, {}]: one value per token",
+                a.shape, self.rows, self.seq
+            )));
+        }
+        if let Some(k) = values.iter().position(|&v| !valid(v)) {
+            return Err(bad(format!(
+                "{flag}: {} at row {}, column {} is not {what}",
+                values[k],
+                k / self.seq,
+                k % self.seq
+            )));
+        }
+        Ok(values)
+    }
+
+    /// Attaches per-position labels (`--labels FILE.npy`: the data's shape; each a token id
+    /// in `0..vocab` or −100, left out of the loss).
+    pub fn attach_labels(&mut self, path: &Path, vocab: Option<u64>) -> Result<(), RunError> {
+        let what = match vocab {
+            Some(v) => format!("a token id in 0..{v} or -100"),
+            None => "a token id or -100".into(),
+        };
+        let ok = |v: i64| v == -100 || (v >= 0 && vocab.is_none_or(|n| (v as u64) < n));
+        self.labels = Some(self.companion(path, "--labels", ok, &what)?);
+        Ok(())
+    }
+
+    /// Attaches a per-position attention mask (`--attention-mask FILE.npy`: the data's shape,
+    /// 1 for tokens, 0 for padding).
+    pub fn attach_mask(&mut self, path: &Path) -> Result<(), RunError> {
+        self.mask =
+            Some(self.companion(path, "--attention-mask", |v| v == 0 || v == 1, "0 or 1")?);
+        Ok(())
     }
 
     /// Reads each pass over the rows in a permutation drawn from `seed` and the pass.
@@ -105,10 +191,30 @@ impl Batches {
 
     /// The next `batch` rows (wrapping around the file into its next pass).
     pub fn next_batch(&mut self, batch: usize) -> Vec<i64> {
-        let mut out = Vec::with_capacity(batch * self.seq);
+        self.next_rows(batch).ids
+    }
+
+    /// The next `batch` rows with their labels and mask, when attached.
+    pub fn next_rows(&mut self, batch: usize) -> Rows {
+        let seq = self.seq;
+        let mut out = Rows {
+            ids: Vec::with_capacity(batch * seq),
+            labels: self
+                .labels
+                .as_ref()
+                .map(|_| Vec::with_capacity(batch * seq)),
+            mask: self.mask.as_ref().map(|_| Vec::with_capacity(batch * seq)),
+        };
         for _ in 0..batch {
             let r = self.order.row(self.next);
-            out.extend_from_slice(&self.ids[r * self.seq..(r + 1) * self.seq]);
+            let at = r * seq..(r + 1) * seq;
+            out.ids.extend_from_slice(&self.ids[at.clone()]);
+            if let (Some(o), Some(l)) = (out.labels.as_mut(), &self.labels) {
+                o.extend_from_slice(&l[at.clone()]);
+            }
+            if let (Some(o), Some(m)) = (out.mask.as_mut(), &self.mask) {
+                o.extend_from_slice(&m[at]);
+            }
             self.next += 1;
         }
         out
@@ -139,6 +245,15 @@ pub struct RunOptions {
     pub keep_last: Option<usize>,
     /// Draw a progress bar on stderr (a terminal's; the caller decides).
     pub progress: bool,
+    /// Per-position labels (`--labels FILE.npy`; −100 left out of the loss), for a program
+    /// with transformers' causal-LM loss (`--loss causal-lm`).
+    pub labels: Option<PathBuf>,
+    /// Per-position attention mask (`--attention-mask FILE.npy`): fed to the model's
+    /// `attention_mask` input when it has one; masked positions are left out of the loss.
+    pub attention_mask: Option<PathBuf>,
+    /// The padding token (`--pad-id P`): positions holding it are masked (and left out of
+    /// the loss), as `--attention-mask` with `ids != P`.
+    pub pad_id: Option<i64>,
 }
 
 impl RunOptions {
@@ -176,7 +291,25 @@ impl RunOptions {
             save_every,
             keep_last,
             progress: report && std::io::stderr().is_terminal(),
+            labels: None,
+            attention_mask: None,
+            pad_id: None,
         })
+    }
+}
+
+impl RunOptions {
+    /// These options with the per-position data: labels, attention mask, padding token.
+    pub fn with_data(
+        mut self,
+        labels: Option<PathBuf>,
+        attention_mask: Option<PathBuf>,
+        pad_id: Option<i64>,
+    ) -> RunOptions {
+        self.labels = labels;
+        self.attention_mask = attention_mask;
+        self.pad_id = pad_id;
+        self
     }
 }
 
@@ -190,9 +323,18 @@ impl Default for RunOptions {
             save_every: None,
             keep_last: None,
             progress: false,
+            labels: None,
+            attention_mask: None,
+            pad_id: None,
         }
     }
 }
+
+/// The model input that takes each batch's attention mask, when a mask is given.
+pub const ATTENTION_MASK: &str = "attention_mask";
+
+/// The label of a position left out of the loss (transformers' `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
 
 /// Run-time settings of a training run.
 #[derive(Debug, Clone)]
@@ -290,6 +432,44 @@ pub fn train(
         ))
     })?;
     let ids = program.input(&t.data_input).expect("validated").clone();
+    // Labels and masks: the program's labels input takes `--labels` (or the ids), with
+    // masked positions set to −100; the model's `attention_mask` input, when a mask is given,
+    // takes each batch's.
+    let run = &cfg.run;
+    let masked = run.attention_mask.is_some() || run.pad_id.is_some();
+    if run.attention_mask.is_some() && run.pad_id.is_some() {
+        return Err(RunError::Usage(
+            "--attention-mask and --pad-id both give the mask: pass one".into(),
+        ));
+    }
+    let labels_slot = t
+        .labels_input
+        .as_ref()
+        .and_then(|n| program.input(n))
+        .cloned();
+    if labels_slot.is_none() && (run.labels.is_some() || masked) {
+        return Err(RunError::Usage(format!(
+            "{}: {} needs a program with labels: it was compiled with the next-token loss (every position a target); recompile with --loss causal-lm",
+            program.model,
+            if run.labels.is_some() {
+                "--labels"
+            } else if run.pad_id.is_some() {
+                "--pad-id (padding left out of the loss)"
+            } else {
+                "--attention-mask (padding left out of the loss)"
+            }
+        )));
+    }
+    if let Some(p) = &run.labels {
+        data.attach_labels(p, t.vocab)?;
+    }
+    if let Some(p) = &run.attention_mask {
+        data.attach_mask(p)?;
+    }
+    let mask_slot = program
+        .input(ATTENTION_MASK)
+        .filter(|s| masked && s.shape == ids.shape)
+        .cloned();
     let others: Vec<&Slot> = program
         .inputs
         .iter()
@@ -298,6 +478,8 @@ pub fn train(
                 && Some(&s.name) != t.lr_input.as_ref()
                 && Some(&s.name) != t.weight_decay_input.as_ref()
                 && Some(&s.name) != t.step_input.as_ref()
+                && Some(&s.name) != t.labels_input.as_ref()
+                && Some(&s.name) != mask_slot.as_ref().map(|m| &m.name)
         })
         .collect();
     for (name, _) in fixed {
@@ -461,10 +643,53 @@ pub fn train(
     for step in cfg.start_step + 1..=last {
         let t0 = Instant::now();
         let lr = cfg.lr * schedule.factor(step);
-        let batch_ids = data.next_batch(step_rows);
-        let mine = &batch_ids[replica * batch * seq..(replica + 1) * batch * seq];
+        let rows = data.next_rows(step_rows);
+        let part = replica * batch * seq..(replica + 1) * batch * seq;
+        let mine = &rows.ids[part.clone()];
         let values: Vec<f64> = mine.iter().map(|&x| x as f64).collect();
         cpu.set(&ids, &encode(ids.dtype, &values))?;
+        // The mask: given, or the positions not holding the padding token.
+        let mask: Option<Vec<i64>> = match (&rows.mask, run.pad_id) {
+            (Some(m), _) => Some(m[part.clone()].to_vec()),
+            (None, Some(pad)) => Some(mine.iter().map(|&x| (x != pad) as i64).collect()),
+            (None, None) => None,
+        };
+        if let (Some(s), Some(m)) = (&mask_slot, &mask) {
+            let v: Vec<f64> = m.iter().map(|&x| x as f64).collect();
+            cpu.set(s, &encode(s.dtype, &v))?;
+        }
+        if let Some(s) = &labels_slot {
+            let mut labels: Vec<i64> = match &rows.labels {
+                Some(l) => l[part.clone()].to_vec(),
+                None => mine.to_vec(),
+            };
+            if let Some(m) = &mask {
+                labels
+                    .iter_mut()
+                    .zip(m)
+                    .filter(|(_, &m)| m == 0)
+                    .for_each(|(l, _)| *l = IGNORE_INDEX);
+            }
+            // transformers' loss over no token is NaN; here it is an error naming the rows.
+            let kept = labels
+                .chunks(seq)
+                .flat_map(|row| &row[1..])
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count();
+            if kept == 0 {
+                return Err(RunError::Data {
+                    path: run
+                        .labels
+                        .as_ref()
+                        .map_or(data_path.to_string(), |p| p.display().to_string()),
+                    msg: format!(
+                        "step {step}: no position of its {batch} rows is left in the loss (every label after the first column is -100 or masked): nothing to learn from"
+                    ),
+                });
+            }
+            let v: Vec<f64> = labels.iter().map(|&x| x as f64).collect();
+            cpu.set(s, &encode(s.dtype, &v))?;
+        }
         for (s, v) in &scalars {
             let v = if Some(&s.name) == lr_slot.as_ref() {
                 lr
@@ -850,6 +1075,7 @@ const DIVERGED: &str = "The weights in memory hold this step's update and nothin
 const USAGE: &str = "usage:
   EXE train --data FILE.npy [--steps N | --epochs E] [--lr X] [--weight-decay W] [--backend cpu|cuda] [--threads N]
             [--lr-schedule constant|linear|cosine] [--warmup-steps N] [--shuffle [--seed S]]
+            [--labels FILE.npy (-100: not in the loss)] [--attention-mask FILE.npy | --pad-id P]
             [--input NAME=FILE.npy (other model inputs, held fixed)] [--save DIR [--save-every N [--keep-last K]]]
             [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume DIR] [--log FILE.jsonl] [--weights FILE|HF_DIR]
   EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE] [--repeat N] [--threads N]
@@ -891,6 +1117,9 @@ impl Cmd {
                 "--seed",
                 "--save-every",
                 "--keep-last",
+                "--labels",
+                "--attention-mask",
+                "--pad-id",
             ],
             "infer" => &[
                 "--input",
@@ -1260,7 +1489,12 @@ fn run_verb(
                     cmd.number("--save-every")?,
                     cmd.number("--keep-last")?,
                     rank == 0,
-                )?,
+                )?
+                .with_data(
+                    cmd.get("--labels").map(PathBuf::from),
+                    cmd.get("--attention-mask").map(PathBuf::from),
+                    cmd.number("--pad-id")?,
+                ),
                 resumed,
             };
             let mut quiet = std::io::sink();

@@ -20,15 +20,28 @@ pub(super) fn infer(op: &Op, inputs: &[TensorType]) -> Result<Vec<TensorType>, S
             }
             Ok(y)
         }
-        Op::LmHeadCe { .. } => {
-            if !(3..=4).contains(&inputs.len()) {
+        Op::LmHeadCe { weighted, .. } => {
+            let fixed = if *weighted { 4 } else { 3 };
+            if !(fixed..=fixed + 1).contains(&inputs.len()) {
                 return Err(format!(
-                    "`lm_head_ce` takes h, w, targets and an optional bias, got {} operands",
+                    "`lm_head_ce` takes h, w, targets{} and an optional bias, got {} operands",
+                    if *weighted { ", row weights" } else { "" },
                     inputs.len()
                 ));
             }
             let (h, w, t) = (&inputs[0], &inputs[1], &inputs[2]);
-            if let Some(b) = inputs.get(3) {
+            if *weighted {
+                let r = &inputs[3];
+                if r.dtype != loss_dtype(h.dtype)
+                    || r.shape != [h.shape.first().copied().unwrap_or(0), 1]
+                {
+                    return Err(format!(
+                        "`lm_head_ce`: the row weights must be {}[N, 1], got {r}",
+                        loss_dtype(h.dtype)
+                    ));
+                }
+            }
+            if let Some(b) = inputs.get(fixed) {
                 if b.dtype != h.dtype || b.shape != [w.shape.get(1).copied().unwrap_or(0)] {
                     return Err(format!(
                         "`lm_head_ce`: the bias must be {}[V], got {b}",
@@ -187,10 +200,12 @@ pub(super) fn expansion(op: &Op, operands: &[TensorType]) -> Option<Vec<(Op, Vec
                 (Op::MatMul, vec![Step(7), Input(3)]),
             ])
         }
-        Op::LmHeadCe { chunk } => {
-            // Per chunk: rows of h, their logits (in f32), log-probabilities, the targets'.
+        Op::LmHeadCe { chunk, weighted } => {
+            // Per chunk: rows of h, their logits (in f32), log-probabilities, the targets'
+            // (times the rows' weights, weighted).
             let (n, d) = (operands[0].shape[0], operands[0].shape[1]);
             let f32_logits = loss_dtype(operands[0].dtype) != operands[0].dtype;
+            let bias = if *weighted { 4 } else { 3 };
             let mut steps = vec![];
             let mut picked = vec![];
             for r0 in (0..n).step_by((*chunk).max(1)) {
@@ -202,10 +217,10 @@ pub(super) fn expansion(op: &Op, operands: &[TensorType]) -> Option<Vec<(Op, Vec
                 };
                 steps.push((rows(d), vec![Input(0)]));
                 steps.push((Op::MatMul, vec![Step(steps.len() - 1), Input(1)]));
-                if operands.len() == 4 {
+                if operands.len() == bias + 1 {
                     steps.push((
                         Op::Binary(BinaryOp::Add),
-                        vec![Step(steps.len() - 1), Input(3)],
+                        vec![Step(steps.len() - 1), Input(bias)],
                     ));
                 }
                 if f32_logits {
@@ -218,12 +233,24 @@ pub(super) fn expansion(op: &Op, operands: &[TensorType]) -> Option<Vec<(Op, Vec
                     Op::GatherElements { axis: 1 },
                     vec![Step(logp), Step(steps.len() - 1)],
                 ));
+                if *weighted {
+                    let gathered = steps.len() - 1;
+                    steps.push((rows(1), vec![Input(3)]));
+                    steps.push((
+                        Op::Binary(BinaryOp::Mul),
+                        vec![Step(gathered), Step(steps.len() - 1)],
+                    ));
+                }
                 picked.push(Step(steps.len() - 1));
             }
             steps.push((Op::Concat { axis: 0 }, picked));
             steps.push((
                 Op::Reduce {
-                    kind: ReduceKind::Mean,
+                    kind: if *weighted {
+                        ReduceKind::Sum
+                    } else {
+                        ReduceKind::Mean
+                    },
                     axes: vec![0, 1],
                     keep_dims: false,
                 },

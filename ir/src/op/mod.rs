@@ -277,12 +277,17 @@ pub enum Op {
     /// The LM head's cross-entropy, fused and chunked: `−mean_n log_softmax(h·w)[n, t_n]`
     /// computed `chunk` rows of `h` at a time, so the `[N, V]` logits are never held whole
     /// (in f32 when `h` is a half type). Inputs h `[N, d]`, w `[d, V]`, the targets `[N, 1]`
-    /// (integers) and optionally a bias `[V]` added to the logits; result a scalar (f32 for
-    /// half inputs, else h's dtype; [`loss_dtype`]). Its
-    /// VJP recomputes each chunk's logits.
+    /// (integers), with `weighted` the rows' weights `[N, 1]` (in the result's dtype), and
+    /// optionally a bias `[V]` added to the logits; result a scalar (f32 for half inputs,
+    /// else h's dtype; [`loss_dtype`]). Weighted, the loss is `−Σ_n r_n·log_softmax(h·w)[n,
+    /// t_n]` instead of the mean: a masked mean when `r` is the kept rows' `1/count` and 0
+    /// elsewhere (labels of −100 ignored, as transformers' causal-LM loss). Its VJP
+    /// recomputes each chunk's logits.
     LmHeadCe {
         /// Rows per chunk.
         chunk: usize,
+        /// Whether the rows' weights follow the targets.
+        weighted: bool,
     },
     /// The indices of the `k` largest values along the last dim, largest first, ties to the
     /// lower index (`torch.topk(x, k, sorted=True)`'s indices); result `[.., k]`, i16 when
@@ -526,7 +531,13 @@ impl Op {
             | Op::Residual
             | Op::RevCouple => vec![],
             Op::GeluFfn { tanh } => vec![("tanh", Attr::Bool(*tanh))],
-            Op::LmHeadCe { chunk } => vec![("chunk", Attr::Int(*chunk as i64))],
+            Op::LmHeadCe { chunk, weighted } => {
+                let mut a = vec![("chunk", Attr::Int(*chunk as i64))];
+                if *weighted {
+                    a.push(("weighted", Attr::Bool(true)));
+                }
+                a
+            }
             Op::TopK { k } => vec![("k", Attr::Int(*k as i64))],
             Op::MocFfn { k, gelu } => {
                 let mut a = vec![("k", Attr::Int(*k as i64))];
@@ -637,6 +648,11 @@ impl Op {
                     chunk: match uint(get("chunk")?, "chunk")? {
                         0 => return Err("attribute `chunk` must be ≥ 1".into()),
                         c => c,
+                    },
+                    weighted: if attrs.contains_key("weighted") {
+                        boolean(get("weighted")?, "weighted")?
+                    } else {
+                        false
                     },
                 },
                 "gelu_ffn" => Op::GeluFfn {

@@ -17,7 +17,7 @@ pub(super) fn vjp(
     wants: &[bool],
 ) -> Result<Vec<Option<ValueId>>, String> {
     Ok(match op {
-        Op::LmHeadCe { chunk } => lm_head_ce_vjp(b, x, dy, *chunk, wants)?,
+        Op::LmHeadCe { chunk, weighted } => lm_head_ce_vjp(b, x, dy, *chunk, *weighted, wants)?,
         // x + f with one type: the gradient flows to both unchanged.
         Op::Residual => vec![wants[0].then_some(dy), wants[1].then_some(dy)],
         // s·a + f: the stream's gradient is scaled, the branch's is dy, the scale is constant.
@@ -68,18 +68,43 @@ fn chunk_logits(
     Ok((hk, b.cast(logits, acc)?))
 }
 
+/// `lm_head_ce`'s operands: h, w, the targets, the rows' weights (weighted) and the bias
+/// (when given), and the bias's operand index.
+fn head_operands(
+    x: &[ValueId],
+    weighted: bool,
+) -> (
+    ValueId,
+    ValueId,
+    ValueId,
+    Option<ValueId>,
+    Option<ValueId>,
+    usize,
+) {
+    let at = if weighted { 4 } else { 3 };
+    (
+        x[0],
+        x[1],
+        x[2],
+        weighted.then(|| x[3]),
+        x.get(at).copied(),
+        at,
+    )
+}
+
 /// The fused LM-head loss's VJP, chunk by chunk like its forward: each chunk's logits are
-/// recomputed, `g = (softmax − onehot(target))·dy/N`, `dh = g·wᵀ` (concatenated),
-/// `dw = Σ hᵀ·g` and the bias's `Σ g` (accumulated in f32, or f64 for f64). No `[N, V]`
-/// tensor is formed.
+/// recomputed, `g = (softmax − onehot(target))·dy/N` (weighted: `·dy·r_n` per row),
+/// `dh = g·wᵀ` (concatenated), `dw = Σ hᵀ·g` and the bias's `Σ g` (accumulated in f32, or
+/// f64 for f64). No `[N, V]` tensor is formed.
 fn lm_head_ce_vjp(
     b: &mut Builder,
     x: &[ValueId],
     dy: ValueId,
     chunk: usize,
+    weighted: bool,
     wants: &[bool],
 ) -> Result<Vec<Option<ValueId>>, String> {
-    let (h, w, t, bias) = (x[0], x[1], x[2], x.get(3).copied());
+    let (h, w, t, r, bias, bias_at) = head_operands(x, weighted);
     let mut db = None;
     let (n, d) = (b.shape(h)[0], b.shape(h)[1]);
     let vocab = b.shape(w)[1];
@@ -108,8 +133,15 @@ fn lm_head_ce_vjp(
             &[ones, tk],
         )?;
         let diff = b.sub(p, onehot)?;
-        let gk = b.mul(diff, scale)?;
-        if bias.is_some() && wants[3] {
+        let gk = match r {
+            Some(r) => {
+                let rk = b.op(rows(1), &[r])?;
+                let rk = b.mul(rk, dy)?;
+                b.mul(diff, rk)?
+            }
+            None => b.mul(diff, scale)?,
+        };
+        if bias.is_some() && wants[bias_at] {
             let part = b.reduce(ReduceKind::Sum, gk, vec![0], false)?;
             db = Some(match db {
                 Some(acc) => b.add(acc, part)?,
@@ -130,12 +162,14 @@ fn lm_head_ce_vjp(
             });
         }
     }
-    head_grads(b, wants[0], dh, dw, db, w, bias)
+    head_grads(b, wants[0], dh, dw, db, w, bias, weighted)
 }
 
 /// `lm_head_ce`'s operand gradients from the per-chunk pieces: `dh` the chunks' row blocks
 /// (concatenated, when wanted and there are any), `dw` and `db` the f32 accumulations cast back
-/// to the weight's and bias's dtypes; the column-index operand gets none.
+/// to the weight's and bias's dtypes; the targets (and the rows' weights, `weighted`) get
+/// none.
+#[allow(clippy::too_many_arguments)]
 fn head_grads(
     b: &mut Builder,
     wants_dh: bool,
@@ -144,6 +178,7 @@ fn head_grads(
     db: Option<ValueId>,
     w: ValueId,
     bias: Option<ValueId>,
+    weighted: bool,
 ) -> Result<Vec<Option<ValueId>>, String> {
     let dh = match (wants_dh, dh.len()) {
         (false, _) | (_, 0) => None,
@@ -155,6 +190,9 @@ fn head_grads(
         None => None,
     };
     let mut out = vec![dh, dw, None];
+    if weighted {
+        out.push(None);
+    }
     if let Some(bias) = bias {
         out.push(match db {
             Some(acc) => Some(b.cast(acc, b.dtype(bias))?),
@@ -172,19 +210,21 @@ fn head_grads(
 /// bias's `Σ g`, accumulated in f32 (f64 for f64). Nothing of `[N, V]` is formed and, unlike
 /// [`lm_head_ce_vjp`], no chunk's logits are computed twice. Returns the loss (the mean over the
 /// rows, as `lm_head_ce`'s) and the operands' gradients.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn lm_head_ce_with_grads(
     b: &mut Builder,
     x: &[ValueId],
     chunk: usize,
+    weighted: bool,
     loss_dtype: memc_ir::DType,
     wants: &[bool],
 ) -> Result<(ValueId, Vec<Option<ValueId>>), String> {
-    let (h, w, t, bias) = (x[0], x[1], x[2], x.get(3).copied());
+    let (h, w, t, r, bias, bias_at) = head_operands(x, weighted);
     let (n, d) = (b.shape(h)[0], b.shape(h)[1]);
     let vocab = b.shape(w)[1];
     let dt = b.dtype(h);
     let acc = memc_ir::loss_dtype(dt);
-    let grads = wants[0] || wants[1] || (bias.is_some() && wants[3]);
+    let grads = wants[0] || wants[1] || (bias.is_some() && wants[bias_at]);
     let wt = if wants[0] {
         Some(b.transpose(w, vec![1, 0])?)
     } else {
@@ -221,6 +261,15 @@ pub(super) fn lm_head_ce_with_grads(
         let tk = b.op(rows(1), &[t])?;
         let picked = b.op(Op::GatherElements { axis: 1 }, &[logits, tk])?;
         let nll = b.sub(lse, picked)?;
+        // Each row's weight in the loss: 1/N, or the given one.
+        let rk = match r {
+            Some(r) => b.op(rows(1), &[r])?,
+            None => inv_n,
+        };
+        let nll = match r {
+            Some(_) => b.mul(nll, rk)?,
+            None => nll,
+        };
         let part = b.reduce(ReduceKind::Sum, nll, vec![0, 1], false)?;
         total = Some(sum(b, total, part)?);
         if !grads {
@@ -228,11 +277,11 @@ pub(super) fn lm_head_ce_with_grads(
         }
         let centred = b.sub(logits, lse)?;
         let p = b.unary(memc_ir::UnaryOp::Exp, centred)?;
-        let p = b.mul(p, inv_n)?;
+        let p = b.mul(p, rk)?;
         let hit = b.binary(BinaryOp::Equal, columns, tk)?;
-        let target = b.op(Op::Where, &[hit, inv_n, zero])?;
+        let target = b.op(Op::Where, &[hit, rk, zero])?;
         let gk = b.sub(p, target)?;
-        if bias.is_some() && wants[3] {
+        if bias.is_some() && wants[bias_at] {
             let part = b.reduce(ReduceKind::Sum, gk, vec![0], false)?;
             db = Some(sum(b, db, part)?);
         }
@@ -248,7 +297,13 @@ pub(super) fn lm_head_ce_with_grads(
         }
     }
     let total = total.ok_or("an lm_head_ce without rows")?;
-    let loss = b.mul(total, inv_n)?;
+    let loss = match r {
+        Some(_) => total,
+        None => b.mul(total, inv_n)?,
+    };
     let loss = b.cast(loss, loss_dtype)?;
-    Ok((loss, head_grads(b, wants[0], dh, dw, db, w, bias)?))
+    Ok((
+        loss,
+        head_grads(b, wants[0], dh, dw, db, w, bias, weighted)?,
+    ))
 }

@@ -80,7 +80,7 @@ pub fn differentiate_fused_loss(
         return Ok(None);
     };
     let node = g.node(node_id).clone();
-    let Op::LmHeadCe { chunk } = node.op else {
+    let Op::LmHeadCe { chunk, weighted } = node.op else {
         return Ok(None);
     };
     check_wrt(g, loss, wrt)?;
@@ -90,13 +90,12 @@ pub fn differentiate_fused_loss(
     let loss_dtype = g.value(loss).ty.dtype;
     let mut b = Builder::for_node(g, Phase::Backward, node_id);
     let (new_loss, grads) =
-        blocks::lm_head_ce_with_grads(&mut b, &node.inputs, chunk, loss_dtype, &wants).map_err(
-            |msg| AutodiffError::Vjp {
+        blocks::lm_head_ce_with_grads(&mut b, &node.inputs, chunk, weighted, loss_dtype, &wants)
+            .map_err(|msg| AutodiffError::Vjp {
                 node: node_id.index(),
                 op: node.op.name(),
                 msg,
-            },
-        )?;
+            })?;
     let seeds: Vec<(ValueId, ValueId)> = node
         .inputs
         .iter()
