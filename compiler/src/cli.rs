@@ -31,6 +31,9 @@ enum Command {
     Eval(EvalArgs),
     /// Compile the training step and train on the reference backend: one JSON line per step.
     Train(Box<TrainCmdArgs>),
+    /// Tokenise text (.txt or .jsonl of text or prompt/response records) with a Hugging Face
+    /// tokenizer.json into input_ids.npy, labels.npy and attention_mask.npy.
+    Data(crate::data::DataArgs),
     /// Run passes on textual IR: textual IR in, textual IR out.
     Opt(OptArgs),
     /// Generate, check and simulate a pipeline-parallel schedule; report per-device peak
@@ -556,7 +559,8 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn compile(args: CompileArgs) -> Result<()> {
+fn compile(mut args: CompileArgs) -> Result<()> {
+    args.pipeline.resolve_grad_accum()?;
     let model = args.model.model.display().to_string();
     // A pipelined executable's limits, before any work.
     if let (Some(p), Some(_)) = (args.pipeline.pipeline_stages, &args.out) {
@@ -1184,7 +1188,8 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-fn train(args: TrainCmdArgs) -> Result<()> {
+fn train(mut args: TrainCmdArgs) -> Result<()> {
+    args.pipeline.resolve_grad_accum()?;
     if let Some(n) = args.threads {
         memc_runtime::gemm::set_threads(n).map_err(|e| anyhow!(e))?;
     }
@@ -1503,6 +1508,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compile(a) => compile(*a),
         Command::Eval(a) => eval(a),
         Command::Train(a) => train(*a),
+        Command::Data(a) => {
+            let w = crate::data::run(&a)?;
+            eprintln!(
+                "{}: {} records → {} rows of {} tokens ({} tokens, {} of them in the loss, {:.1}% padding); wrote {}/{{input_ids,labels,attention_mask}}.npy",
+                a.text.display(),
+                w.records,
+                w.rows,
+                a.seq,
+                w.tokens,
+                w.targets,
+                100.0 * (1.0 - w.tokens as f64 / (w.rows * a.seq).max(1) as f64),
+                a.out.display()
+            );
+            Ok(())
+        }
         Command::Opt(a) => opt(a),
         Command::Schedule(a) => schedule(a),
         Command::Toolchain => toolchain(),

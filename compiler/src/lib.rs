@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod data;
 pub mod io;
 /// The ONNX frontend (the `memc-onnx` crate).
 pub use memc_onnx as onnx;

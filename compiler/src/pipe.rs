@@ -29,9 +29,28 @@ pub struct PipelineArgs {
     /// launched as P × D ranks (mpirun -n P·D).
     #[arg(long, value_name = "D", requires = "pipeline_stages")]
     pub data_parallel: Option<usize>,
+    /// Gradient accumulation: each optimizer step runs K microbatches of the --shape batch's
+    /// rows / K, the memory sized for one, and applies the optimizer once to the mean
+    /// gradient (the step is a one-stage pipeline of K microbatches; with
+    /// --pipeline-stages, its microbatches).
+    #[arg(long, value_name = "K", conflicts_with = "microbatches")]
+    pub grad_accum: Option<usize>,
 }
 
 impl PipelineArgs {
+    /// `--grad-accum K` as what it runs: K microbatches of a one-stage pipeline (or of the
+    /// given stages).
+    pub fn resolve_grad_accum(&mut self) -> Result<()> {
+        if let Some(k) = self.grad_accum {
+            if k == 0 {
+                bail!("--grad-accum must be at least 1");
+            }
+            self.pipeline_stages.get_or_insert(1);
+            self.microbatches = Some(k);
+        }
+        Ok(())
+    }
+
     /// The schedule kind and the number of chunks to cut, when pipelining was asked for.
     pub fn chunks(&self) -> Result<Option<(ScheduleKind, usize)>> {
         let Some(p) = self.pipeline_stages else {

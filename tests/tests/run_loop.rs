@@ -557,3 +557,83 @@ fn bad_labels_are_one_clear_error() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Gradient accumulation (`--grad-accum K`): K microbatches per optimizer step give the
+/// whole batch's step (the loss the microbatch losses' mean, the update from the mean
+/// gradient), for K = 2 and 4, in `memc train` (reference and cpu backends) and in an
+/// executable, whose `info` shows the K microbatches.
+#[test]
+fn grad_accumulation_equals_the_full_batch_step() {
+    let dir = scratch("accum");
+    let ex = example("llama-dynamo");
+    let data = dir.join("ids.npy");
+    write_rows(&data, 8, 128);
+    let memc_train = |backend: &str, extra: &[&str]| {
+        json_lines(&ok(Command::new(bin_dir().join("memc"))
+            .arg("train")
+            .arg(&ex.path)
+            .args([
+                "--shape",
+                "input_ids=4x16",
+                "--optimizer",
+                "adamw",
+                "--lr",
+                "1e-2",
+            ])
+            .args(["--steps", "3", "--backend", backend])
+            .arg("--data")
+            .arg(&data)
+            .args(extra)))
+    };
+    for backend in ["ref", "cpu"] {
+        let whole = field(&memc_train(backend, &[]), "loss");
+        for k in ["2", "4"] {
+            let got = field(&memc_train(backend, &["--grad-accum", k]), "loss");
+            let err = worst_rel(&got, &whole);
+            eprintln!("--backend {backend} --grad-accum {k}: losses within {err:.1e} of the whole batch's");
+            assert!(err <= 1e-5, "{backend} K={k}: {got:?} vs {whole:?}");
+        }
+    }
+    let exe = dir.join("accum2");
+    ok(Command::new(bin_dir().join("memc"))
+        .arg("compile")
+        .arg(&ex.path)
+        .args([
+            "--shape",
+            "input_ids=4x16",
+            "--train",
+            "--optimizer",
+            "adamw",
+            "--grad-accum",
+            "2",
+            "-o",
+        ])
+        .arg(&exe));
+    let info = ok(Command::new(&exe).arg("info"));
+    assert!(
+        info.contains("on 1 stages × 1 data-parallel replicas, 2 microbatches"),
+        "{info}"
+    );
+    let got = field(
+        &json_lines(&ok(Command::new(&exe)
+            .arg("train")
+            .arg("--data")
+            .arg(&data)
+            .args(["--steps", "3", "--lr", "1e-2"]))),
+        "loss",
+    );
+    let whole = field(&memc_train("cpu", &[]), "loss");
+    assert!(worst_rel(&got, &whole) <= 1e-5, "{got:?} vs {whole:?}");
+    let o = run(Command::new(bin_dir().join("memc"))
+        .arg("train")
+        .arg(&ex.path)
+        .args(["--shape", "input_ids=4x16", "--grad-accum", "3"])
+        .arg("--data")
+        .arg(&data));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("does not divide the batch of 4 rows"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
