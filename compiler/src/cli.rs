@@ -1510,6 +1510,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(*a),
         Command::Data(a) => {
             let w = crate::data::run(&a)?;
+            if w.dropped > 0 {
+                eprintln!(
+                    "warning: {} of {} records dropped: their prompt fills the {} tokens of a row (use a longer --seq)",
+                    w.dropped, w.records, a.seq
+                );
+            }
             eprintln!(
                 "{}: {} records → {} rows of {} tokens ({} tokens, {} of them in the loss, {:.1}% padding); wrote {}/{{input_ids,labels,attention_mask}}.npy",
                 a.text.display(),

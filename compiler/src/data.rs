@@ -48,7 +48,7 @@ pub struct DataArgs {
     #[arg(long, value_enum)]
     pub layout: Option<Layout>,
     /// The token ending each record (default: the first of <|endoftext|>, </s>, <eos>,
-    /// [SEP] the tokenizer has; none: nothing is added).
+    /// [SEP] the tokenizer has; when it has none of them, nothing is added).
     #[arg(long, value_name = "TOKEN")]
     pub eos: Option<String>,
     /// The padding token (default: the first of <pad>, [PAD], <|pad|> the tokenizer has,
@@ -72,8 +72,10 @@ pub struct Written {
     pub rows: usize,
     /// Tokens in them that are not padding.
     pub tokens: usize,
-    /// Tokens in the loss (labels not −100).
+    /// Tokens in the loss (labels not −100, each row's first excepted).
     pub targets: usize,
+    /// Records dropped: their prompt fills the row.
+    pub dropped: usize,
 }
 
 /// The label of a position left out of the loss.
@@ -176,6 +178,7 @@ pub fn run(args: &DataArgs) -> Result<Written> {
         .unwrap_or(if prompts { Layout::Pad } else { Layout::Pack });
     let s = args.seq;
     let mut rows: Vec<Record> = vec![];
+    let mut dropped = 0;
     match layout {
         Layout::Pack => {
             let ids: Vec<i64> = records.iter().flat_map(|r| r.ids.iter().copied()).collect();
@@ -192,12 +195,23 @@ pub fn run(args: &DataArgs) -> Result<Written> {
         }
         Layout::Pad => {
             for r in records.iter() {
-                rows.push(Record {
+                let row = Record {
                     ids: r.ids[..r.ids.len().min(s)].to_vec(),
                     labels: r.labels[..r.labels.len().min(s)].to_vec(),
-                });
+                };
+                // A prompt as long as the row leaves nothing to learn: the row is dropped.
+                if row.labels[1..].iter().all(|&l| l == IGNORE) {
+                    dropped += 1;
+                    continue;
+                }
+                rows.push(row);
             }
         }
+    }
+    if rows.is_empty() {
+        bail!(
+            "{file}: every record's prompt fills the {s} tokens of a row: nothing is left to learn (use a longer --seq)"
+        );
     }
     let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
     let short = rows.iter().any(|r| r.ids.len() < s);
@@ -223,7 +237,13 @@ pub fn run(args: &DataArgs) -> Result<Written> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let targets = labels.iter().filter(|&&l| l != IGNORE).count();
+    // In the loss: every label but each row's first (a label is its token's target from the
+    // position before).
+    let targets = labels
+        .chunks(s)
+        .flat_map(|row| &row[1..])
+        .filter(|&&l| l != IGNORE)
+        .count();
     for (name, v) in [
         ("input_ids", &ids),
         ("labels", &labels),
@@ -236,6 +256,7 @@ pub fn run(args: &DataArgs) -> Result<Written> {
         rows: rows.len(),
         tokens,
         targets,
+        dropped,
     })
 }
 

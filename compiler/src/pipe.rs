@@ -27,7 +27,7 @@ pub struct PipelineArgs {
     /// Replicas of the pipeline (data parallelism, with --pipeline-stages): each step's batch
     /// is cut into D slices, one per replica, and the gradients are averaged across them;
     /// launched as P × D ranks (mpirun -n P·D).
-    #[arg(long, value_name = "D", requires = "pipeline_stages")]
+    #[arg(long, value_name = "D")]
     pub data_parallel: Option<usize>,
     /// Gradient accumulation: each optimizer step runs K microbatches of the --shape batch's
     /// rows / K, the memory sized for one, and applies the optimizer once to the mean
@@ -47,6 +47,9 @@ impl PipelineArgs {
             }
             self.pipeline_stages.get_or_insert(1);
             self.microbatches = Some(k);
+        }
+        if self.data_parallel.is_some() && self.pipeline_stages.is_none() {
+            bail!("--data-parallel replicates a pipelined step: pass --pipeline-stages P (or --grad-accum K)");
         }
         Ok(())
     }
@@ -183,10 +186,10 @@ pub fn pipelined_program(
     let part = memc_passes::partition::partition(&g, chunks).map_err(|e| partition_error(&e))?;
     memc_passes::stages::tag_chunks(&mut g, &part);
     if opts.clip_grad_norm.is_some() {
-        bail!("--clip-grad-norm is not supported in a pipelined step yet");
+        bail!("--clip-grad-norm is not supported in a pipelined step (--pipeline-stages, --grad-accum) yet");
     }
     if opts.loss == memc_passes::train::Loss::CausalLm {
-        bail!("--loss causal-lm (labels) is not supported in a pipelined step yet");
+        bail!("--loss causal-lm (labels) is not supported in a pipelined step (--pipeline-stages, --grad-accum) yet");
     }
     crate::train::build_with(&mut g, opts, None, true)?;
     Ok((g, part))

@@ -8,6 +8,21 @@ pub enum CudaError {
     NoDriver(String),
 }
 
+/// Loads libcuda and initialises the driver, touching no device (a process that runs on
+/// GPU 5 creates no context on GPU 0).
+pub fn init() -> Result<(), CudaError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result =
+        std::panic::catch_unwind(|| cudarc::driver::result::init().map_err(|e| e.to_string()));
+    std::panic::set_hook(hook);
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(CudaError::NoDriver(e)),
+        Err(_) => Err(CudaError::NoDriver("libcuda.so was not found".into())),
+    }
+}
+
 /// Loads libcuda, initialises it and returns the name of device 0.
 pub fn probe() -> Result<String, CudaError> {
     // cudarc panics when the shared library is missing; turn that into an error.

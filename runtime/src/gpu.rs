@@ -132,7 +132,7 @@ impl Gpu {
             .device
             .as_ref()
             .ok_or_else(|| without_ptx(program))?;
-        crate::cuda::probe().map_err(|e| RunError::Cuda(e.to_string()))?;
+        crate::cuda::init().map_err(|e| RunError::Cuda(e.to_string()))?;
         let ctx =
             CudaContext::new(ordinal).map_err(|e| err(&format!("opening GPU {ordinal}"), e))?;
         ctx.bind_to_thread()
@@ -153,7 +153,7 @@ impl Gpu {
 
     /// The number of GPUs the driver sees (an error without a driver).
     pub fn count() -> Result<usize, RunError> {
-        crate::cuda::probe().map_err(|e| RunError::Cuda(e.to_string()))?;
+        crate::cuda::init().map_err(|e| RunError::Cuda(e.to_string()))?;
         CudaContext::device_count()
             .map(|n| n.max(0) as usize)
             .map_err(|e| err("counting GPUs", e))
@@ -228,7 +228,10 @@ impl Alloc {
 
 impl Drop for Alloc {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new`; its owner synchronised its stream, so no work is pending.
+        // No work on the allocation may be pending (an arena dropped on an error path may
+        // still be being zeroed): the context's work is waited for first.
+        let _ = cu::ctx::synchronize();
+        // SAFETY: allocated in `new`; nothing is pending on it.
         let _ = unsafe { cu::free_sync(self.0) };
     }
 }

@@ -466,10 +466,16 @@ pub fn train(
     if let Some(p) = &run.attention_mask {
         data.attach_mask(p)?;
     }
-    let mask_slot = program
-        .input(ATTENTION_MASK)
-        .filter(|s| masked && s.shape == ids.shape)
-        .cloned();
+    let mask_slot = program.input(ATTENTION_MASK).filter(|_| masked).cloned();
+    if let Some(m) = mask_slot.as_ref().filter(|m| m.shape != ids.shape) {
+        return Err(RunError::Usage(format!(
+            "{}: the model's `{ATTENTION_MASK}` is {}, the data `{}` {}: a per-token mask cannot feed it",
+            program.model,
+            m.type_string(),
+            ids.name,
+            ids.type_string()
+        )));
+    }
     let others: Vec<&Slot> = program
         .inputs
         .iter()
@@ -789,7 +795,7 @@ pub fn train(
                 let ck = dir.join(format!("{}{step}", weights::CHECKPOINT_PREFIX));
                 weights::save_dir(&ck, program, cpu, &record(step))?;
                 if let (Some(k), true) = (cfg.run.keep_last, first_rank) {
-                    weights::prune_checkpoints(dir, k)?;
+                    weights::prune_checkpoints(dir, k, &ck)?;
                 }
             }
         }
@@ -831,6 +837,16 @@ fn run_length(cfg: &TrainConfig, rows: u64, step_rows: u64) -> Result<(u64, u64)
             }));
         }
     }
+    if let Some(r) = cfg.resumed.as_ref().map(|l| &l.run) {
+        // The data position is the step's: a run with another batch would read other rows.
+        if r.rows_consumed != 0 && r.rows_consumed != start * step_rows {
+            return Err(RunError::Usage(format!(
+                "--resume: the run read {} rows in {start} steps, this one reads {step_rows} a step: resume with the batch it was trained with",
+                r.rows_consumed
+            )));
+        }
+    }
+    let decays = opts.lr_schedule != LrKind::Constant;
     match opts.epochs {
         Some(e) => {
             let total = e
@@ -840,6 +856,15 @@ fn run_length(cfg: &TrainConfig, rows: u64, step_rows: u64) -> Result<(u64, u64)
                 .ok_or_else(|| {
                     RunError::Usage(format!("--epochs {e}: more steps than memc counts"))
                 })?;
+            if let Some(m) = recorded
+                .and_then(|r| r.max_steps)
+                .filter(|&m| decays && m != total)
+            {
+                return Err(RunError::Usage(format!(
+                    "--resume: the run's {} schedule ends at step {m}, --epochs {e} at step {total}: pass the run's length to continue it",
+                    opts.lr_schedule.name()
+                )));
+            }
             if start >= total {
                 return Err(RunError::Usage(format!(
                     "--epochs {e} is {total} steps of {step_rows} rows over {rows} rows, and the checkpoint is at step {start} already"
@@ -848,7 +873,6 @@ fn run_length(cfg: &TrainConfig, rows: u64, step_rows: u64) -> Result<(u64, u64)
             Ok((total - start, total))
         }
         None => {
-            let decays = opts.lr_schedule != LrKind::Constant;
             let total = match recorded.and_then(|r| r.max_steps) {
                 Some(t) if decays => t,
                 _ => start + cfg.steps,
@@ -1464,6 +1488,12 @@ fn run_verb(
                     .map_or(0, |e| e.rank),
                 None => 0,
             };
+            if cmd.has("--log") && cmd.has("--metrics") {
+                return Err(RunError::Usage(
+                    "--log and --metrics name the same file (--metrics is its old name): pass one"
+                        .into(),
+                ));
+            }
             if cmd.has("--steps") && cmd.has("--epochs") {
                 return Err(RunError::Usage(
                     "--steps and --epochs both give the run's length: pass one".into(),

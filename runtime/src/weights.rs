@@ -79,13 +79,23 @@ pub fn checkpoints(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
 /// [`STATE_FILE`], written last, is there), else the newest complete `DIR/checkpoint-N`
 /// (an interrupted save leaves no state file, so it is passed over).
 pub fn resume_dir(dir: &Path) -> Result<std::path::PathBuf, RunError> {
-    if dir.join(STATE_FILE).is_file() {
-        return Ok(dir.to_path_buf());
-    }
-    checkpoints(dir)
+    let newest = checkpoints(dir)
         .into_iter()
         .rev()
-        .find(|(_, p)| p.join(STATE_FILE).is_file())
+        .find(|(_, p)| p.join(STATE_FILE).is_file());
+    if dir.join(STATE_FILE).is_file() {
+        // A directory saved at the end of one run and holding a later run's periodic
+        // checkpoints: the furthest step.
+        let own = std::fs::read_to_string(dir.join(STATE_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["global_step"].as_u64());
+        return Ok(match (own, newest) {
+            (Some(s), Some((n, p))) if n > s => p,
+            _ => dir.to_path_buf(),
+        });
+    }
+    newest
         .map(|(_, p)| p)
         .ok_or_else(|| RunError::Weights {
             path: dir.display().to_string(),
@@ -95,11 +105,23 @@ pub fn resume_dir(dir: &Path) -> Result<std::path::PathBuf, RunError> {
         })
 }
 
-/// Removes the periodic checkpoints of `dir` but the newest `keep` (transformers'
-/// `save_total_limit`), oldest first.
-pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<(), RunError> {
-    let all = checkpoints(dir);
-    for (_, p) in all.iter().take(all.len().saturating_sub(keep)) {
+/// Removes the complete periodic checkpoints of `dir` but the newest `keep` (transformers'
+/// `save_total_limit`), oldest first; `current` (the one just written) always stays, and a
+/// save cut short (no state file) is not counted.
+pub fn prune_checkpoints(dir: &Path, keep: usize, current: &Path) -> Result<(), RunError> {
+    let all: Vec<_> = checkpoints(dir)
+        .into_iter()
+        .filter(|(_, p)| p.join(STATE_FILE).is_file())
+        .collect();
+    let mut excess = all.len().saturating_sub(keep);
+    for (_, p) in &all {
+        if excess == 0 {
+            break;
+        }
+        if p == current {
+            continue;
+        }
+        excess -= 1;
         std::fs::remove_dir_all(p).map_err(|source| RunError::Io {
             path: p.display().to_string(),
             source,
@@ -845,4 +867,64 @@ fn index_files(i: &Path) -> Result<Vec<std::path::PathBuf>, RunError> {
     files.sort();
     files.dedup();
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("memc-weights-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn checkpoint(dir: &Path, step: u64, complete: bool) -> std::path::PathBuf {
+        let p = dir.join(format!("{CHECKPOINT_PREFIX}{step}"));
+        std::fs::create_dir_all(&p).unwrap();
+        if complete {
+            std::fs::write(p.join(STATE_FILE), format!("{{\"global_step\": {step}}}")).unwrap();
+        }
+        p
+    }
+
+    #[test]
+    fn resume_takes_the_furthest_complete_checkpoint() {
+        let d = fresh("resume");
+        assert!(resume_dir(&d).is_err());
+        checkpoint(&d, 2, true);
+        let four = checkpoint(&d, 4, true);
+        checkpoint(&d, 6, false); // cut short
+        assert_eq!(resume_dir(&d).unwrap(), four);
+        // The directory itself saved at step 3: checkpoint-4 is further.
+        std::fs::write(d.join(STATE_FILE), "{\"global_step\": 3}").unwrap();
+        assert_eq!(resume_dir(&d).unwrap(), four);
+        std::fs::write(d.join(STATE_FILE), "{\"global_step\": 9}").unwrap();
+        assert_eq!(resume_dir(&d).unwrap(), d);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_the_one_just_written() {
+        let d = fresh("prune");
+        for s in [2, 4, 6] {
+            checkpoint(&d, s, true);
+        }
+        let cut = checkpoint(&d, 7, false);
+        prune_checkpoints(&d, 2, &d.join("checkpoint-6")).unwrap();
+        let left: Vec<u64> = checkpoints(&d).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(
+            left,
+            [4, 6, 7],
+            "the oldest complete one goes; a save cut short is not counted"
+        );
+        assert!(cut.exists());
+        // A resumed run writing checkpoint-3 beside a stale checkpoint-6: it stays.
+        let three = checkpoint(&d, 3, true);
+        prune_checkpoints(&d, 1, &three).unwrap();
+        let left: Vec<u64> = checkpoints(&d).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(left, [3, 7]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

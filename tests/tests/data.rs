@@ -136,6 +136,12 @@ fn bad_text_and_tokenizers_are_one_clear_error() {
     let mut short = args(&tok, &sample, &[]);
     short[5] = "1".into();
     check(short, "a row needs at least 2 tokens");
+    let mut prompts_only = args(&tok, &data().join("sft.jsonl"), &[]);
+    prompts_only[5] = "8".into();
+    check(
+        prompts_only,
+        "every record's prompt fills the 8 tokens of a row",
+    );
 }
 
 /// The README's flow: `memc data` on prompt/response records, GPT-2 fine-tuned from its

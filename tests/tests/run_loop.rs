@@ -254,6 +254,45 @@ fn periodic_checkpoints_resume_shuffled_scheduled_runs_exactly() {
             .arg(dir.join("nothing")),
         "no complete checkpoint here",
     );
+    // Another length for the decaying schedule, or another batch (so other rows).
+    fails(
+        base(&["--epochs", "3"])
+            .arg("--resume")
+            .arg(save.join("checkpoint-6")),
+        "schedule ends at step 7, --epochs 3 at step 11",
+    );
+    let one_row = dir.join("llama-1x16");
+    ok(Command::new(bin_dir().join("memc"))
+        .arg("compile")
+        .arg(&ex.path)
+        .args([
+            "--shape",
+            "input_ids=1x16",
+            "--train",
+            "--optimizer",
+            "adamw",
+            "-o",
+        ])
+        .arg(&one_row));
+    fails(
+        Command::new(&one_row)
+            .arg("train")
+            .arg("--data")
+            .arg(&data)
+            .args([
+                "--lr",
+                "1e-2",
+                "--shuffle",
+                "--seed",
+                "5",
+                "--lr-schedule",
+                "cosine",
+            ])
+            .args(["--warmup-steps", "1", "--steps", "1"])
+            .arg("--resume")
+            .arg(save.join("checkpoint-6")),
+        "the run read 12 rows in 6 steps, this one reads 1 a step",
+    );
     // Flags that make no sense together.
     let cases: [(&[&str], &str); 6] = [
         (&["--steps", "2", "--epochs", "1"], "pass one"),
@@ -552,7 +591,8 @@ fn bad_labels_are_one_clear_error() {
         .arg(dir.join("piped")));
     assert!(!o.status.success());
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("not supported in a pipelined step yet"),
+        String::from_utf8_lossy(&o.stderr)
+            .contains("not supported in a pipelined step (--pipeline-stages, --grad-accum) yet"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
