@@ -560,7 +560,7 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 }
 
 fn compile(mut args: CompileArgs) -> Result<()> {
-    args.pipeline.resolve_grad_accum()?;
+    let accum = args.pipeline.resolve_grad_accum()?;
     let model = args.model.model.display().to_string();
     // A pipelined executable's limits, before any work.
     if let (Some(p), Some(_)) = (args.pipeline.pipeline_stages, &args.out) {
@@ -578,8 +578,15 @@ fn compile(mut args: CompileArgs) -> Result<()> {
     let mut pm = PassManager::new()
         .dump_to(args.dump_ir.clone())
         .timed(args.model.time_passes);
+    let mut import_shapes = shapes(&args.model)?;
+    if let Some(k) = accum {
+        if !args.train {
+            bail!("--grad-accum accumulates a training step's gradients: add --train");
+        }
+        import_shapes = accum_shapes(import_shapes, k, &model)?;
+    }
     let (mut g, mut rev, recognition, params) =
-        import(&args.model, shapes(&args.model)?, &mut timer, &mut pm)?;
+        import(&args.model, import_shapes, &mut timer, &mut pm)?;
     // The reversible model before training is built, for the report's baselines.
     let rev_model = (rev.is_some() && args.train && (args.report || args.report_json.is_some()))
         .then(|| g.clone());
@@ -605,6 +612,7 @@ fn compile(mut args: CompileArgs) -> Result<()> {
     if args.train {
         let opts = memc_passes::train::TrainOptions {
             pipeline_chunks: pipe.map(|(_, c)| c),
+            grad_accum: accum,
             ..crate::train::options_for(&g, &args.training)?
         };
         let stats = timer
@@ -981,6 +989,18 @@ fn emit_pipelined(
     Ok(memc_runtime::pipeline::processes(&host.program)?)
 }
 
+/// With `--grad-accum K` (no pipeline): the shapes of one microbatch, the token input's
+/// rows / K.
+fn accum_shapes(
+    shapes: HashMap<String, Vec<usize>>,
+    k: usize,
+    model: &str,
+) -> Result<HashMap<String, Vec<usize>>> {
+    let (shapes, _, _) =
+        micro_shapes(shapes, k, model).map_err(|e| anyhow!("--grad-accum {k}: {e}"))?;
+    Ok(shapes)
+}
+
 /// With `--data-parallel D`, one replica's share: the shapes to import the microbatch
 /// program with and the rows of one replica's step (the batch's `1/D`).
 fn replica_shapes(
@@ -1189,7 +1209,7 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn train(mut args: TrainCmdArgs) -> Result<()> {
-    args.pipeline.resolve_grad_accum()?;
+    let accum = args.pipeline.resolve_grad_accum()?;
     if let Some(n) = args.threads {
         memc_runtime::gemm::set_threads(n).map_err(|e| anyhow!(e))?;
     }
@@ -1227,13 +1247,20 @@ fn train(mut args: TrainCmdArgs) -> Result<()> {
     if let Some((kind, _)) = args.pipeline.chunks()? {
         return train_pipelined(&args, kind, shapes, &mut data, &mut timer, &model);
     }
+    let shapes = match accum {
+        Some(k) => accum_shapes(shapes, k, &model)?,
+        None => shapes,
+    };
     let (mut g, _, _, params) = import(
         &args.model,
         shapes,
         &mut timer,
         &mut PassManager::new().timed(args.model.time_passes),
     )?;
-    let opts = train_options(&g, &args)?;
+    let opts = memc_passes::train::TrainOptions {
+        grad_accum: accum,
+        ..train_options(&g, &args)?
+    };
     timer
         .time("train", || crate::train::build(&mut g, &opts))
         .map_err(|e| anyhow!("{model}: {e:#}"))?;

@@ -30,28 +30,29 @@ pub struct PipelineArgs {
     #[arg(long, value_name = "D")]
     pub data_parallel: Option<usize>,
     /// Gradient accumulation: each optimizer step runs K microbatches of the --shape batch's
-    /// rows / K, the memory sized for one, and applies the optimizer once to the mean
-    /// gradient (the step is a one-stage pipeline of K microbatches; with
-    /// --pipeline-stages, its microbatches).
+    /// rows / K, the memory sized for one, adding their gradients into one sum per weight,
+    /// and applies the optimizer once (with --pipeline-stages: the pipeline's microbatches).
     #[arg(long, value_name = "K", conflicts_with = "microbatches")]
     pub grad_accum: Option<usize>,
 }
 
 impl PipelineArgs {
-    /// `--grad-accum K` as what it runs: K microbatches of a one-stage pipeline (or of the
-    /// given stages).
-    pub fn resolve_grad_accum(&mut self) -> Result<()> {
-        if let Some(k) = self.grad_accum {
-            if k == 0 {
-                bail!("--grad-accum must be at least 1");
-            }
-            self.pipeline_stages.get_or_insert(1);
-            self.microbatches = Some(k);
-        }
+    /// `--grad-accum K` as what it runs: with `--pipeline-stages`, the pipeline's K
+    /// microbatches; else the training program accumulates over K microbatches itself
+    /// (returned: the program is built for one microbatch, `--shape`'s rows / K).
+    pub fn resolve_grad_accum(&mut self) -> Result<Option<usize>> {
         if self.data_parallel.is_some() && self.pipeline_stages.is_none() {
-            bail!("--data-parallel replicates a pipelined step: pass --pipeline-stages P (or --grad-accum K)");
+            bail!("--data-parallel replicates a pipelined step: pass --pipeline-stages P");
         }
-        Ok(())
+        match (self.grad_accum, self.pipeline_stages) {
+            (Some(0), _) => bail!("--grad-accum must be at least 1"),
+            (Some(k), Some(_)) => {
+                self.microbatches = Some(k);
+                Ok(None)
+            }
+            (Some(k), None) if k > 1 => Ok(Some(k)),
+            _ => Ok(None),
+        }
     }
 
     /// The schedule kind and the number of chunks to cut, when pipelining was asked for.

@@ -213,6 +213,7 @@ pub fn train_options(args: &TrainProgramArgs) -> Result<TrainOptions> {
         pipeline_chunks: None,
         grad_outputs: false,
         rev_check_threshold: args.rev_check_threshold,
+        grad_accum: None,
     })
 }
 
@@ -466,6 +467,18 @@ pub fn training_info(
             .collect(),
         drift_threshold: opts.drift_threshold(),
         labels_input: has(train::LABELS_INPUT),
+        accum: match (
+            opts.grad_accum,
+            has(train::ACCUM_SCALE_INPUT),
+            has(train::APPLY_INPUT),
+        ) {
+            (Some(k), Some(scale_input), Some(apply_input)) => Some(memc_runtime::program::Accum {
+                microbatches: k as u32,
+                scale_input,
+                apply_input,
+            }),
+            _ => None,
+        },
     })
 }
 

@@ -380,6 +380,11 @@ impl Graph {
         &self.updates
     }
 
+    /// Replaces the state updates (e.g. to gate them behind a condition).
+    pub fn set_updates(&mut self, updates: Vec<(ValueId, ValueId)>) {
+        self.updates = updates;
+    }
+
     /// Declares `grad` as the gradient of the loss with respect to the weight `param`.
     pub fn add_grad(&mut self, param: ValueId, grad: ValueId) {
         self.grads.push((param, grad));

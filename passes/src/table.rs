@@ -143,6 +143,16 @@ pub static PASSES: &[PassDecl] = &[
         },
     },
     PassDecl {
+        name: "accumulate",
+        summary: "gradient accumulation: each gradient added into a persistent sum, the optimizer's updates gated by `memc.apply`",
+        options: &[],
+        run: |g, _| {
+            crate::train::accumulate_grads(g)
+                .map_err(|e| PassError::failed("accumulate", e))
+                .map(boxed)
+        },
+    },
+    PassDecl {
         name: "precision",
         summary: "compute in a lower precision with f32 master weights and optimizer",
         options: &[opt("dtype", OptKind::Choice(&["f32", "bf16", "f16"]), Some("bf16"), "compute dtype")],

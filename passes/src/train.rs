@@ -71,6 +71,14 @@ pub const LR_INPUT: &str = "memc.lr";
 pub const WEIGHT_DECAY_INPUT: &str = "memc.weight_decay";
 /// 1-based step number input.
 pub const STEP_INPUT: &str = "memc.step";
+/// The scalar input a microbatch's gradient is scaled by before it is added to the sums
+/// (`1/K`, or the microbatch's share of the step's kept labels) ([`accumulate_grads`]).
+pub const ACCUM_SCALE_INPUT: &str = "memc.accum_scale";
+/// The scalar input that applies the optimizer (1, the step's last microbatch) or only
+/// accumulates (0) ([`accumulate_grads`]).
+pub const APPLY_INPUT: &str = "memc.apply";
+/// The prefix of the gradient sums' names (optimizer state: zero between steps).
+pub const ACCUM_PREFIX: &str = "memc.accum:";
 
 /// Which weights are trained.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -153,6 +161,10 @@ pub struct TrainOptions {
     /// With the reconstruction drift checked: the drift worth a warning when the step runs
     /// (`None`: [`crate::reconstruct::drift_threshold`]'s default for the compute dtype).
     pub rev_check_threshold: Option<f64>,
+    /// Gradient accumulation over this many microbatches: the program runs one, adds its
+    /// gradient (times [`ACCUM_SCALE_INPUT`]) into a persistent sum per weight, and applies
+    /// the optimizer to the sum only when [`APPLY_INPUT`] is 1 ([`accumulate_grads`]).
+    pub grad_accum: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -175,6 +187,7 @@ impl Default for TrainOptions {
             pipeline_chunks: None,
             grad_outputs: false,
             rev_check_threshold: None,
+            grad_accum: None,
         }
     }
 }
@@ -484,6 +497,88 @@ pub fn clip_grads(g: &mut Graph, max_norm: f64) -> Result<UpdateStats, TrainErro
     })
 }
 
+/// Gradient accumulation (`accumulate`): each declared gradient `g` of a weight `p` becomes
+/// `sum + g·scale`, where `sum` is a persistent f32 tensor `memc.accum:<p>` (optimizer
+/// state, zero at the start) and `scale` the input [`ACCUM_SCALE_INPUT`]; the sum's update is
+/// 0 when [`APPLY_INPUT`] is 1 and the new sum otherwise. The optimizer pass then gates every
+/// other update by the same input (weights and optimizer state change only on the step's
+/// last microbatch), so K runs with scales summing to 1 make the whole batch's step.
+pub fn accumulate_grads(g: &mut Graph) -> Result<UpdateStats, TrainError> {
+    if g.grads().is_empty() {
+        return Err(TrainError::Order(
+            "accumulate sums the declared gradients: run the autodiff pass first",
+        ));
+    }
+    let before = g.nodes().len();
+    let scale = scalar_input(g, ACCUM_SCALE_INPUT);
+    let apply = scalar_input(g, APPLY_INPUT);
+    let grads = g.take_grads();
+    let mut b = Builder::new(g, Phase::Update, "accumulate");
+    let half = b.scalar(DType::F32, 0.5);
+    let applying = b
+        .binary(BinaryOp::Greater, apply, half)
+        .map_err(TrainError::Build)?;
+    let mut sums = vec![];
+    for &(p, gr) in &grads {
+        let name = param_name(b.g, p);
+        let build = |b: &mut Builder| -> Result<(ValueId, ValueId), String> {
+            let sum = state(b, p, format!("{ACCUM_PREFIX}{name}"));
+            let dt = b.dtype(p);
+            let gr = b.cast(gr, dt)?;
+            let s = b.cast(scale, dt)?;
+            let part = b.mul(gr, s)?;
+            let total = b.add(sum, part)?;
+            let zero = b.scalar(dt, 0.0);
+            let next = b.op(Op::Where, &[applying, zero, total])?;
+            b.g.add_update(sum, next);
+            Ok((p, total))
+        };
+        sums.push(build(&mut b).map_err(TrainError::Build)?);
+    }
+    for (p, total) in sums {
+        g.add_grad(p, total);
+    }
+    Ok(UpdateStats {
+        nodes: g.nodes().len() - before,
+    })
+}
+
+/// With gradient accumulation ([`APPLY_INPUT`] among the inputs), every update but the
+/// gradient sums' keeps its target unless the input is 1.
+fn gate_updates(g: &mut Graph) -> Result<(), String> {
+    let Some(apply) = g
+        .inputs()
+        .iter()
+        .copied()
+        .find(|&v| matches!(&g.value(v).def, ValueDef::Input { name } if name == APPLY_INPUT))
+    else {
+        return Ok(());
+    };
+    let updates: Vec<(ValueId, ValueId)> = g.updates().to_vec();
+    let mut b = Builder::new(g, Phase::Update, "accumulate");
+    let half = b.scalar(DType::F32, 0.5);
+    let applying = b.binary(BinaryOp::Greater, apply, half)?;
+    let mut gated = vec![];
+    for (target, new) in updates {
+        if param_name(b.g, target).starts_with(ACCUM_PREFIX) {
+            gated.push((target, new));
+            continue;
+        }
+        gated.push((target, b.op(Op::Where, &[applying, new, target])?));
+    }
+    g.set_updates(gated);
+    Ok(())
+}
+
+/// The scalar f32 input `name`, added when missing.
+fn scalar_input(g: &mut Graph, name: &str) -> ValueId {
+    g.inputs()
+        .iter()
+        .copied()
+        .find(|&v| matches!(&g.value(v).def, ValueDef::Input { name: n } if n == name))
+        .unwrap_or_else(|| g.add_input(name, TensorType::new(DType::F32, vec![])))
+}
+
 /// The step's scalar inputs, added the first time they are asked for.
 fn step_inputs(g: &mut Graph) -> Scalars {
     let mut get = |name: &str| {
@@ -521,6 +616,7 @@ pub fn add_optimizer(
         let name = param_name(b.g, p);
         update(&mut b, optimizer, &scalars, p, grad, &name).map_err(TrainError::Build)?;
     }
+    gate_updates(g).map_err(TrainError::Build)?;
     let nodes = g.nodes().len() - before;
     if grad_outputs {
         for &(p, gr) in &grads {
@@ -572,7 +668,7 @@ pub fn build_training_with(
         "loss",
         match opts.loss {
             Loss::NextTokenCe => format!("loss{{fused={}}}", opts.fused_loss),
-            l => format!("loss{{fused={},kind={}}}", opts.fused_loss, l.name()),
+            l => format!("loss{{fused={} kind={}}}", opts.fused_loss, l.name()),
         },
         |g| add_loss(g, opts.loss, opts.fused_loss),
     )?;
@@ -583,6 +679,11 @@ pub fn build_training_with(
         |g| autodiff(g, &opts.trainable),
     )?;
     let mut update_nodes = 0;
+    if opts.grad_accum.is_some() {
+        update_nodes += pm
+            .run(g, "accumulate", "accumulate".into(), accumulate_grads)?
+            .nodes;
+    }
     if let Some(max_norm) = opts.clip_grad_norm {
         update_nodes += pm
             .run(g, "clip", format!("clip{{max-norm={max_norm}}}"), |g| {
@@ -735,6 +836,9 @@ fn kept_targets(
     let (zero, one) = (b.scalar(acc, 0.0), b.scalar(acc, 1.0));
     let keep = b.op(Op::Where, &[skip, zero, one])?;
     let count = b.reduce(ReduceKind::Sum, keep, vec![0, 1], false)?;
+    // A batch with no kept label weighs nothing (the training loop refuses a whole step of
+    // them; an accumulated microbatch may have none).
+    let count = b.binary(BinaryOp::Max, count, one)?;
     let weights = b.binary(BinaryOp::Div, keep, count)?;
     Ok((safe, weights))
 }

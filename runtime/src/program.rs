@@ -302,6 +302,21 @@ pub struct Training {
     /// and type, −100 left out of the loss), fed from `--labels` or, without it, the ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels_input: Option<String>,
+    /// Gradient accumulation (`--grad-accum K`): the program runs one of the step's K
+    /// microbatches, and these inputs scale its gradient and apply the optimizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accum: Option<Accum>,
+}
+
+/// How a program accumulates gradients over a step's microbatches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accum {
+    /// Microbatches per optimizer step.
+    pub microbatches: u32,
+    /// The scalar each microbatch's gradient is scaled by (its share of the step's loss).
+    pub scale_input: String,
+    /// The scalar that applies the optimizer (1 on the last microbatch, else 0).
+    pub apply_input: String,
 }
 
 /// A pipelined training step (`memc compile --train --pipeline-stages`): the step's batch is
@@ -893,6 +908,8 @@ impl Program {
                 t.weight_decay_input.as_ref(),
                 t.step_input.as_ref(),
                 t.labels_input.as_ref(),
+                t.accum.as_ref().map(|a| &a.scale_input),
+                t.accum.as_ref().map(|a| &a.apply_input),
             ];
             for name in names.into_iter().flatten() {
                 if self.input(name).is_none() {
@@ -1113,6 +1130,7 @@ pub(crate) mod tests {
             drift_outputs: vec![],
             drift_threshold: None,
             labels_input: None,
+            accum: None,
         });
         p.pipeline = Some(Box::new(Pipeline {
             schedule: "1f1b".into(),

@@ -485,6 +485,9 @@ pub fn train(
                 && Some(&s.name) != t.weight_decay_input.as_ref()
                 && Some(&s.name) != t.step_input.as_ref()
                 && Some(&s.name) != t.labels_input.as_ref()
+                && t.accum
+                    .as_ref()
+                    .is_none_or(|a| s.name != a.scale_input && s.name != a.apply_input)
                 && Some(&s.name) != mask_slot.as_ref().map(|m| &m.name)
         })
         .collect();
@@ -535,7 +538,12 @@ pub fn train(
         }
         _ => (1, 0),
     };
-    let step_rows = batch * replicas;
+    // With gradient accumulation a step is several runs of the program's batch.
+    let step_rows = batch
+        * replicas
+        * t.accum
+            .as_ref()
+            .map_or(1, |a| a.microbatches.max(1) as usize);
     if data.shape().1 != seq {
         return Err(RunError::Data {
             path: data_path.to_string(),
@@ -642,6 +650,17 @@ pub fn train(
             program.model
         )));
     }
+    // Gradient accumulation: the program takes one of each step's microbatches.
+    let micro = t
+        .accum
+        .as_ref()
+        .map_or(1, |a| a.microbatches.max(1) as usize);
+    let accum_slots = t.accum.as_ref().map(|a| {
+        (
+            program.input(&a.scale_input).expect("validated").clone(),
+            program.input(&a.apply_input).expect("validated").clone(),
+        )
+    });
     let mut losses = Vec::with_capacity(steps as usize);
     let last = cfg.start_step + steps;
     let bar = cfg.run.progress.then(|| progress_bar(steps));
@@ -650,68 +669,101 @@ pub fn train(
         let t0 = Instant::now();
         let lr = cfg.lr * schedule.factor(step);
         let rows = data.next_rows(step_rows);
-        let part = replica * batch * seq..(replica + 1) * batch * seq;
-        let mine = &rows.ids[part.clone()];
-        let values: Vec<f64> = mine.iter().map(|&x| x as f64).collect();
-        cpu.set(&ids, &encode(ids.dtype, &values))?;
-        // The mask: given, or the positions not holding the padding token.
-        let mask: Option<Vec<i64>> = match (&rows.mask, run.pad_id) {
-            (Some(m), _) => Some(m[part.clone()].to_vec()),
-            (None, Some(pad)) => Some(mine.iter().map(|&x| (x != pad) as i64).collect()),
-            (None, None) => None,
-        };
-        if let (Some(s), Some(m)) = (&mask_slot, &mask) {
-            let v: Vec<f64> = m.iter().map(|&x| x as f64).collect();
-            cpu.set(s, &encode(s.dtype, &v))?;
-        }
-        if let Some(s) = &labels_slot {
-            let mut labels: Vec<i64> = match &rows.labels {
-                Some(l) => l[part.clone()].to_vec(),
-                None => mine.to_vec(),
+        // This process's rows: its replica's, cut into the accumulated microbatches.
+        let parts: Vec<std::ops::Range<usize>> = (0..micro)
+            .map(|j| {
+                let at = (replica * micro + j) * batch * seq;
+                at..at + batch * seq
+            })
+            .collect();
+        // Each microbatch's labels (masked positions at -100) and its share of the step's
+        // loss: of the kept labels, or 1/K.
+        let mut masks: Vec<Option<Vec<i64>>> = vec![];
+        let mut labels: Vec<Option<Vec<i64>>> = vec![];
+        for part in &parts {
+            let mine = &rows.ids[part.clone()];
+            let mask: Option<Vec<i64>> = match (&rows.mask, run.pad_id) {
+                (Some(m), _) => Some(m[part.clone()].to_vec()),
+                (None, Some(pad)) => Some(mine.iter().map(|&x| (x != pad) as i64).collect()),
+                (None, None) => None,
             };
-            if let Some(m) = &mask {
-                labels
-                    .iter_mut()
-                    .zip(m)
-                    .filter(|(_, &m)| m == 0)
-                    .for_each(|(l, _)| *l = IGNORE_INDEX);
+            let l = labels_slot.as_ref().map(|_| {
+                let mut l: Vec<i64> = match &rows.labels {
+                    Some(l) => l[part.clone()].to_vec(),
+                    None => mine.to_vec(),
+                };
+                if let Some(m) = &mask {
+                    l.iter_mut()
+                        .zip(m)
+                        .filter(|(_, &m)| m == 0)
+                        .for_each(|(l, _)| *l = IGNORE_INDEX);
+                }
+                l
+            });
+            masks.push(mask);
+            labels.push(l);
+        }
+        let kept: Vec<usize> = labels
+            .iter()
+            .map(|l| {
+                l.as_ref().map_or(batch * (seq - 1), |l| {
+                    l.chunks(seq)
+                        .flat_map(|row| &row[1..])
+                        .filter(|&&x| x != IGNORE_INDEX)
+                        .count()
+                })
+            })
+            .collect();
+        let total: usize = kept.iter().sum();
+        // transformers' loss over no token is NaN; here it is an error naming the rows.
+        if total == 0 {
+            return Err(RunError::Data {
+                path: run
+                    .labels
+                    .as_ref()
+                    .map_or(data_path.to_string(), |p| p.display().to_string()),
+                msg: format!(
+                    "step {step}: no position of its {} rows is left in the loss (every label after the first column is -100 or masked): nothing to learn from",
+                    batch * micro
+                ),
+            });
+        }
+        let mut l = 0.0;
+        for (j, part) in parts.iter().enumerate() {
+            let mine = &rows.ids[part.clone()];
+            let values: Vec<f64> = mine.iter().map(|&x| x as f64).collect();
+            cpu.set(&ids, &encode(ids.dtype, &values))?;
+            if let (Some(s), Some(m)) = (&mask_slot, &masks[j]) {
+                let v: Vec<f64> = m.iter().map(|&x| x as f64).collect();
+                cpu.set(s, &encode(s.dtype, &v))?;
             }
-            // transformers' loss over no token is NaN; here it is an error naming the rows.
-            let kept = labels
-                .chunks(seq)
-                .flat_map(|row| &row[1..])
-                .filter(|&&l| l != IGNORE_INDEX)
-                .count();
-            if kept == 0 {
-                return Err(RunError::Data {
-                    path: run
-                        .labels
-                        .as_ref()
-                        .map_or(data_path.to_string(), |p| p.display().to_string()),
-                    msg: format!(
-                        "step {step}: no position of its {batch} rows is left in the loss (every label after the first column is -100 or masked): nothing to learn from"
-                    ),
-                });
+            if let (Some(s), Some(lab)) = (&labels_slot, &labels[j]) {
+                let v: Vec<f64> = lab.iter().map(|&x| x as f64).collect();
+                cpu.set(s, &encode(s.dtype, &v))?;
             }
-            let v: Vec<f64> = labels.iter().map(|&x| x as f64).collect();
-            cpu.set(s, &encode(s.dtype, &v))?;
+            for (s, v) in &scalars {
+                let v = if Some(&s.name) == lr_slot.as_ref() {
+                    lr
+                } else {
+                    *v
+                };
+                cpu.set(s, &encode(s.dtype, &[v]))?;
+            }
+            if let Some(s) = &step_slot {
+                cpu.set(s, &encode(s.dtype, &[step as f64]))?;
+            }
+            let share = kept[j] as f64 / total as f64;
+            if let Some((scale, apply)) = &accum_slots {
+                cpu.set(scale, &encode(scale.dtype, &[share]))?;
+                let last = (j + 1 == micro) as u8 as f64;
+                cpu.set(apply, &encode(apply.dtype, &[last]))?;
+            }
+            cpu.run().map_err(|e| RunError::Step {
+                step,
+                cause: Box::new(e),
+            })?;
+            l += share * decode(loss.dtype, &cpu.get(&loss)?)[0];
         }
-        for (s, v) in &scalars {
-            let v = if Some(&s.name) == lr_slot.as_ref() {
-                lr
-            } else {
-                *v
-            };
-            cpu.set(s, &encode(s.dtype, &[v]))?;
-        }
-        if let Some(s) = &step_slot {
-            cpu.set(s, &encode(s.dtype, &[step as f64]))?;
-        }
-        cpu.run().map_err(|e| RunError::Step {
-            step,
-            cause: Box::new(e),
-        })?;
-        let l = decode(loss.dtype, &cpu.get(&loss)?)[0];
         let diverged = |what: String| RunError::Diverged {
             model: program.model.clone(),
             step,
@@ -1291,6 +1343,17 @@ fn describe(program: &Program) -> String {
             "training: optimizer {}, data input `{}`, loss `{}`, default weight decay {}\n",
             t.optimizer, t.data_input, t.loss_output, t.default_weight_decay
         );
+        if let Some(l) = &t.labels_input {
+            out += &format!("labels: `{l}` (transformers' causal-LM loss: -100 left out; --labels, --attention-mask, --pad-id)
+");
+        }
+        if let Some(a) = &t.accum {
+            out += &format!(
+                "gradient accumulation: {} microbatches of the data input's rows per optimizer step, their gradients summed in the arena
+",
+                a.microbatches
+            );
+        }
     }
     out
 }

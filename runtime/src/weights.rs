@@ -55,6 +55,16 @@ pub struct RunState {
     pub shuffle_seed: Option<u64>,
 }
 
+/// The prefix of the gradient sums of a program that accumulates gradients (the passes'
+/// `train::ACCUM_PREFIX`).
+const ACCUM_PREFIX: &str = "memc.accum:";
+
+/// Whether `name` is state that is zero between steps (gradient sums): not saved, and zero
+/// on resume.
+fn zero_between_steps(name: &str) -> bool {
+    name.starts_with(ACCUM_PREFIX)
+}
+
 /// The prefix of a periodic checkpoint's directory (`checkpoint-500`, as transformers' Trainer
 /// names them).
 pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
@@ -499,7 +509,11 @@ pub fn save_dir(
     // stored slot and the rank that writes it.
     let saver = |name: &str| shards.as_ref().map_or(0, |s| s.saver[name]);
     let mut kinds: [Vec<(Slot, Option<Dtype>, usize)>; 3] = Default::default();
-    for p in &program.params {
+    for p in program
+        .params
+        .iter()
+        .filter(|p| !zero_between_steps(&p.slot.name))
+    {
         let r = saver(&p.slot.name);
         match p.role {
             Role::OptimizerState => kinds[2].push((p.slot.clone(), None, r)),
@@ -726,7 +740,11 @@ pub fn load_dir(
         ..Default::default()
     };
     let mut used = std::collections::HashSet::new();
-    for p in &program.params {
+    for p in program
+        .params
+        .iter()
+        .filter(|p| !zero_between_steps(&p.slot.name))
+    {
         let master = format!("{MASTER}{}", p.slot.name);
         let (name, (k, t)) = match (find(&parsed, &master), find(&parsed, &p.slot.name)) {
             (Some(found), bare) => {

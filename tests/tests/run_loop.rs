@@ -598,10 +598,11 @@ fn bad_labels_are_one_clear_error() {
     );
 }
 
-/// Gradient accumulation (`--grad-accum K`): K microbatches per optimizer step give the
-/// whole batch's step (the loss the microbatch losses' mean, the update from the mean
-/// gradient), for K = 2 and 4, in `memc train` (reference and cpu backends) and in an
-/// executable, whose `info` shows the K microbatches.
+/// Gradient accumulation (`--grad-accum K`): K microbatches per optimizer step, each run of
+/// the program one microbatch (its arena sized for it), give the whole batch's step, for
+/// K = 2 and 4, in `memc train` (reference and cpu backends) and in an executable, whose
+/// `info` shows the microbatch input; with masked labels, transformers' accumulation (each
+/// microbatch weighted by its share of the step's kept labels) follows PyTorch's losses.
 #[test]
 fn grad_accumulation_equals_the_full_batch_step() {
     let dir = scratch("accum");
@@ -651,7 +652,8 @@ fn grad_accumulation_equals_the_full_batch_step() {
         .arg(&exe));
     let info = ok(Command::new(&exe).arg("info"));
     assert!(
-        info.contains("on 1 stages × 1 data-parallel replicas, 2 microbatches"),
+        info.contains("gradient accumulation: 2 microbatches")
+            && info.contains("input input_ids: i64[2x16]"),
         "{info}"
     );
     let got = field(
@@ -664,6 +666,70 @@ fn grad_accumulation_equals_the_full_batch_step() {
     );
     let whole = field(&memc_train("cpu", &[]), "loss");
     assert!(worst_rel(&got, &whole) <= 1e-5, "{got:?} vs {whole:?}");
+    // Clipping applies to the summed gradient (the whole batch's norm); the sums are not
+    // saved, so a checkpoint of one resumes in the other.
+    let clipped = |extra: &[&str]| {
+        let mut a = vec!["--clip-grad-norm", "0.5"];
+        a.extend_from_slice(extra);
+        field(&memc_train("cpu", &a), "loss")
+    };
+    let whole_dir = dir.join("whole");
+    let accum_dir = dir.join("accum");
+    let w = clipped(&["--save", whole_dir.to_str().unwrap()]);
+    let a = clipped(&["--grad-accum", "2", "--save", accum_dir.to_str().unwrap()]);
+    assert!(worst_rel(&a, &w) <= 1e-5, "clipped: {a:?} vs {w:?}");
+    let next_w = clipped(&["--resume", accum_dir.to_str().unwrap()]);
+    let next_a = clipped(&["--grad-accum", "2", "--resume", whole_dir.to_str().unwrap()]);
+    assert!(
+        worst_rel(&next_a, &next_w) <= 1e-5,
+        "{next_a:?} vs {next_w:?}"
+    );
+    // Masked labels, 2 microbatches of 1 row: the loss over the kept labels of both rows.
+    let fx = memc_tests::train_reference(&ex);
+    let rows: Vec<Vec<i64>> = fx["masked_labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        })
+        .collect();
+    let labels = dir.join("labels.npy");
+    write_labels(&labels, &rows);
+    let out = ok(Command::new(bin_dir().join("memc"))
+        .arg("train")
+        .arg(&ex.path)
+        .args([
+            "--optimizer",
+            "adamw",
+            "--backend",
+            "cpu",
+            "--grad-accum",
+            "2",
+        ])
+        .args([
+            "--steps",
+            "5",
+            "--lr",
+            "1e-3",
+            "--lr-schedule",
+            "linear",
+            "--warmup-steps",
+            "2",
+        ])
+        .arg("--data")
+        .arg(ids(&ex))
+        .arg("--labels")
+        .arg(&labels));
+    let err = worst_rel(
+        &field(&json_lines(&out), "loss"),
+        &fixture(&ex, "adamw_labels_linear_warmup"),
+    );
+    assert!(err <= 1e-5, "labels, --grad-accum 2: {err}");
     let o = run(Command::new(bin_dir().join("memc"))
         .arg("train")
         .arg(&ex.path)
