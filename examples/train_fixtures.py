@@ -61,7 +61,8 @@ Keys of ``train_ref.json``:
     under ``transformers.get_linear_schedule_with_warmup`` /
     ``get_cosine_schedule_with_warmup`` (2 warmup steps of 5), stepped after
     each update as the Trainer does; ``*_lrs`` is the rate each update used.
-  - ``adamw_labels_linear_warmup``: the linear one with ``labels`` =
+  - ``adamw_labels_linear_warmup``, ``adamw_labels_cosine_warmup``: the
+    linear and cosine ones with ``labels`` =
     ``masked_labels`` (written as ``masked_labels``): the ids with the first
     6 / 3 positions of the rows and row 1's column 10 at -100, HF's
     ``model(input_ids, labels=labels).loss`` (mean over the kept positions).
@@ -307,9 +308,10 @@ SCHEDULED = {
     "adamw_linear_warmup": transformers.get_linear_schedule_with_warmup,
     "adamw_cosine_warmup": transformers.get_cosine_schedule_with_warmup,
 }
-# Masked labels (``masked_labels``) under the linear schedule.
-LABELED = "adamw_labels_linear_warmup"
-SCHEDULED[LABELED] = transformers.get_linear_schedule_with_warmup
+# Masked labels (``masked_labels``) under the linear and the cosine schedule.
+LABELED = ("adamw_labels_linear_warmup", "adamw_labels_cosine_warmup")
+SCHEDULED[LABELED[0]] = transformers.get_linear_schedule_with_warmup
+SCHEDULED[LABELED[1]] = transformers.get_cosine_schedule_with_warmup
 
 
 def trajectory(family, attn, batch, kind):
@@ -328,7 +330,7 @@ def trajectory(family, attn, batch, kind):
     sched = None
     if kind in SCHEDULED:
         sched = SCHEDULED[kind](opt, num_warmup_steps=WARMUP, num_training_steps=STEPS)
-    labels = masked_labels(batch["input_ids"]) if kind == LABELED else None
+    labels = masked_labels(batch["input_ids"]) if kind in LABELED else None
     losses, norms = [], []
     for _ in range(STEPS):
         loss = compute_loss(family, wrapper, batch, labels)

@@ -5,7 +5,9 @@
 # compile the Llama's training step under each memory policy (remat none/auto/full, a 50%
 # activation budget, Mixture-of-Channels, reversible MEFT layers) and print its memory table, then
 # train it a few steps and compare the losses with PyTorch's; split a deeper Llama into pipeline
-# stages and train it pipelined, in one process, one process per stage and as an executable.
+# stages and train it pipelined, in one process, one process per stage and as an executable;
+# fine-tune GPT-2 on bundled prompt/response text (memc data, masked labels, a cosine schedule,
+# gradient accumulation) and load the result with transformers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -116,6 +118,17 @@ echo "== pipeline x data parallel: 2 stages x 2 replicas on 4 ranks, optimizer s
 $MEMC compile $DEPTH --shape input_ids=8x32 --train --optimizer adamw --pipeline-stages 2 --microbatches 2 --data-parallel 2 --schedule v-half -o "$OUT/piped-dp"
 "$OUT/piped-dp" info | grep -E '^(pipeline|planned)'
 $MPIRUN -n 4 "$OUT/piped-dp" train --data "$OUT/ids8x32.npy" --steps 3 --lr 1e-2 --threads 1
+
+echo
+echo "== fine-tuning on text: memc data (a Hugging Face tokenizer.json) -> labels with the prompts masked -> GPT-2 fine-tuned from its checkpoint -> transformers loads it"
+$MEMC data --tokenizer examples/data/tokenizer.json --text examples/data/sft.jsonl --seq 32 --out "$OUT/sft"
+$MEMC train examples/models/gpt2-dynamo.onnx --weights examples/models/gpt2-hf --shape input_ids=8x32 --backend cpu \
+  --steps 6 --lr 3e-3 --lr-schedule cosine --warmup-steps 1 --grad-accum 2 \
+  --data "$OUT/sft/input_ids.npy" --labels "$OUT/sft/labels.npy" --attention-mask "$OUT/sft/attention_mask.npy" \
+  --save "$OUT/tuned"
+if python3 -c "import transformers" 2>/dev/null; then
+  python3 -c "import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); print('   transformers loads', sys.argv[1], '->', type(m).__name__)" "$OUT/tuned"
+fi
 
 echo
 echo "== memc toolchain   (MLIR 19, LLVM 19 for x86-64 and NVPTX, the CUDA driver)"

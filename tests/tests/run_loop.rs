@@ -438,6 +438,21 @@ fn masked_labels_follow_transformers() {
             .map(|r| r.iter().map(|&l| (l != -100) as i64).collect())
             .collect();
         write_labels(&mask, &mask_rows);
+        // The cosine schedule with labels, on the reference backend.
+        let cosine = field(
+            &json_lines(&ok(Command::new(bin_dir().join("memc"))
+                .arg("train")
+                .arg(&ex.path)
+                .args(["--optimizer", "adamw", "--backend", "ref"])
+                .args(["--steps", "5", "--lr", "1e-3", "--lr-schedule", "cosine"])
+                .args(["--warmup-steps", "2", "--data"])
+                .arg(ids(&ex))
+                .arg("--labels")
+                .arg(&labels))),
+            "loss",
+        );
+        let err = worst_rel(&cosine, &fixture(&ex, "adamw_labels_cosine_warmup"));
+        assert!(err <= 1e-5, "{name} labels, cosine: {err}");
         let want = fixture(&ex, "adamw_labels_linear_warmup");
         let flags = [
             "--steps",
@@ -742,4 +757,67 @@ fn grad_accumulation_equals_the_full_batch_step() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// A model that takes an attention mask (BERT) gets each batch's from `--attention-mask`: the
+/// run equals one with the same mask fed as a fixed input and the masked positions' labels
+/// set to −100 by hand.
+#[test]
+fn attention_mask_feeds_the_models_input() {
+    let dir = scratch("bert-mask");
+    let ex = example("bert-dynamo");
+    let inputs = ex.path.with_extension("").join("inputs");
+    let mask = inputs.join("attention_mask.npy");
+    let (shape, m) = {
+        let t = memc::io::read_tensor(&mask).unwrap();
+        (t.shape().to_vec(), t.to_f64_vec())
+    };
+    let ids_t = memc::io::read_tensor(&inputs.join("input_ids.npy"))
+        .unwrap()
+        .to_f64_vec();
+    let labels: Vec<Vec<i64>> = ids_t
+        .chunks(shape[1])
+        .zip(m.chunks(shape[1]))
+        .map(|(r, k)| {
+            r.iter()
+                .zip(k)
+                .map(|(&t, &k)| if k == 0.0 { -100 } else { t as i64 })
+                .collect()
+        })
+        .collect();
+    let by_hand = dir.join("labels.npy");
+    write_labels(&by_hand, &labels);
+    let train = |extra: &[&std::ffi::OsStr]| {
+        field(
+            &json_lines(&ok(Command::new(bin_dir().join("memc"))
+                .arg("train")
+                .arg(&ex.path)
+                .args([
+                    "--optimizer",
+                    "adamw",
+                    "--backend",
+                    "cpu",
+                    "--steps",
+                    "3",
+                    "--data",
+                ])
+                .arg(inputs.join("input_ids.npy"))
+                .arg("--input")
+                .arg(format!(
+                    "token_type_ids={}",
+                    inputs.join("token_type_ids.npy").display()
+                ))
+                .args(extra))),
+            "loss",
+        )
+    };
+    let fed = train(&["--attention-mask".as_ref(), mask.as_os_str()]);
+    let fixed = format!("attention_mask={}", mask.display());
+    let hand = train(&[
+        "--input".as_ref(),
+        fixed.as_ref(),
+        "--labels".as_ref(),
+        by_hand.as_os_str(),
+    ]);
+    assert_eq!(fed, hand);
 }
