@@ -226,6 +226,7 @@ impl HostProgram {
             training: None,
             device: None,
             pipeline: None,
+            eval: None,
             checkpoint: Default::default(),
             index_bounds: vec![],
             results,
@@ -345,6 +346,56 @@ impl HostProgram {
             },
             out,
         )
+    }
+
+    /// Adds `eval` ([`lower_eval`] of this program) as the program's evaluation step: its
+    /// kernels join this program's (one table, shared kernels once), its constants the blob,
+    /// and the arena grows to hold it when it needs more.
+    pub fn attach_eval(&mut self, eval: HostProgram) {
+        let mut seen: HashMap<String, u32> = self
+            .lowered
+            .iter()
+            .enumerate()
+            .map(|(i, (name, ir))| (rename_symbols(ir, name, "K"), i as u32))
+            .collect();
+        let mut remap = Vec::with_capacity(eval.lowered.len());
+        for ((name, ir), m) in eval.lowered.iter().zip(&eval.mlir) {
+            let key = rename_symbols(ir, name, "K");
+            let k = match seen.get(&key) {
+                Some(&k) => k,
+                None => {
+                    let fresh = format!("memc_k{}", self.lowered.len());
+                    self.lowered
+                        .push((fresh.clone(), rename_symbols(&key, "K", &fresh)));
+                    self.mlir.push(rename_symbols(m, name, &fresh));
+                    self.program.kernels.push(fresh);
+                    let k = self.lowered.len() as u32 - 1;
+                    seen.insert(key, k);
+                    k
+                }
+            };
+            remap.push(k);
+        }
+        let mut p = eval.program;
+        for step in &mut p.steps {
+            if let Step::Kernel { kernel, .. } = step {
+                *kernel = remap[*kernel as usize];
+            }
+        }
+        p.kernels.clear();
+        let blob = &mut self.program.blob;
+        blob.resize(blob.len().next_multiple_of(8), 0);
+        let start = blob.len() as u64;
+        blob.extend_from_slice(&p.blob);
+        p.blob.clear();
+        self.program.arena_bytes = self.program.arena_bytes.max(p.arena_bytes);
+        self.program.eval = Some(Box::new(memc_runtime::program::SubProgram {
+            label: "eval".into(),
+            device: 0,
+            shard: 0,
+            program: p,
+            blob: [start, self.program.blob.len() as u64],
+        }));
     }
 
     /// Number of steps (generated kernels and GEMMs).
@@ -548,6 +599,61 @@ pub fn lower(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
         let at = layout.offsets[&target];
         layout.offsets.insert(v, at);
     }
+    HostProgram::compile(&ordered, &kernels, &layout, model)
+}
+
+/// The evaluation step `g` (forward and loss) laid out inside `train`'s arena: its weights
+/// at the training program's offsets (the same tensors, by name), everything else after the
+/// training program's persistent buffers (weights, optimizer state, inputs, constants), in
+/// the region the training step uses only while it runs. Its arena is what it reaches; the
+/// caller grows the training arena to it when larger ([`HostProgram::attach_eval`]).
+pub fn lower_eval(g: &Graph, model: &str, train: &Program) -> Result<HostProgram, KernelError> {
+    let (ordered, kernels, plan) = layout(g);
+    let persistent_end = train
+        .params
+        .iter()
+        .map(|p| &p.slot)
+        .chain(&train.inputs)
+        .chain(train.consts.iter().map(|c| &c.slot))
+        .map(|s| s.offset + s.bytes())
+        .max()
+        .unwrap_or(0)
+        .next_multiple_of(memc_passes::plan::ALIGN);
+    let mut layout = Layout::default();
+    let mut rest = vec![];
+    for b in &plan.buffers {
+        let shared = match &ordered.value(b.value).def {
+            memc_ir::ValueDef::Param {
+                name,
+                role: memc_ir::ParamRole::Weight,
+                ..
+            } => train.params.iter().find(|p| p.slot.name == *name),
+            _ => None,
+        };
+        match shared {
+            Some(p) if p.slot.bytes() == ordered.value(b.value).ty.bytes() as u64 => {
+                layout.offsets.insert(b.value, p.slot.offset);
+            }
+            Some(p) => {
+                return Err(KernelError::Link(format!(
+                    "the evaluation step's weight `{}` is {}, the training step's {}",
+                    p.slot.name,
+                    ordered.value(b.value).ty,
+                    p.slot.type_string()
+                )))
+            }
+            None => rest.push(b.clone()),
+        }
+    }
+    let peak = memc_passes::plan::assign_offsets(&mut rest);
+    for b in &rest {
+        layout.offsets.insert(b.value, persistent_end + b.offset);
+    }
+    for &(v, target) in &plan.aliases {
+        let at = layout.offsets[&target];
+        layout.offsets.insert(v, at);
+    }
+    layout.arena_bytes = persistent_end + peak;
     HostProgram::compile(&ordered, &kernels, &layout, model)
 }
 

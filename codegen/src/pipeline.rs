@@ -347,6 +347,7 @@ pub fn lower(
         training: Some(training),
         device: None,
         pipeline: None,
+        eval: None,
         checkpoint: Default::default(),
         index_bounds: vec![],
         results: vec![],

@@ -127,6 +127,10 @@ struct CompileArgs {
     /// Build the training step (loss, backward, optimizer) rather than inference.
     #[arg(long)]
     train: bool,
+    /// With --train -o: also an evaluation step (forward and loss, no gradients) in the same
+    /// arena, for OUT train --val-data.
+    #[arg(long, requires = "train")]
+    eval: bool,
     #[command(flatten)]
     pipeline: crate::pipe::PipelineArgs,
     /// Which backends the executable (-o) carries code for; cuda and all add PTX kernels.
@@ -199,6 +203,16 @@ struct TrainCmdArgs {
     /// The padding token: positions holding it are masked and left out of the loss.
     #[arg(long, value_name = "P")]
     pad_id: Option<i64>,
+    /// Validation data (token ids of the data's row length): its loss by an evaluation step
+    /// (forward and loss, no gradients) in the training arena (--backend cpu).
+    #[arg(long, value_name = "FILE.npy")]
+    val_data: Option<PathBuf>,
+    /// The validation data's labels (-100 left out).
+    #[arg(long, value_name = "FILE.npy", requires = "val_data")]
+    val_labels: Option<PathBuf>,
+    /// Evaluate every N steps (and after the last; default: after the last only).
+    #[arg(long, value_name = "N", requires = "val_data")]
+    eval_every: Option<u64>,
     /// Weight decay (default: 0.01 for AdamW, 0 for SGD, as in PyTorch).
     #[arg(long)]
     weight_decay: Option<f64>,
@@ -609,6 +623,10 @@ fn compile(mut args: CompileArgs) -> Result<()> {
         bail!("{flag} shapes a training step: add --train");
     }
     let mut train_opts = None;
+    if args.eval && pipe.is_some() {
+        bail!("--eval: a pipelined step has no evaluation step yet");
+    }
+    let forward = args.eval.then(|| g.clone());
     if args.train {
         let opts = memc_passes::train::TrainOptions {
             pipeline_chunks: pipe.map(|(_, c)| c),
@@ -678,6 +696,7 @@ fn compile(mut args: CompileArgs) -> Result<()> {
                     train_opts.as_ref(),
                     (args.target != TargetArg::Cpu).then_some(args.sm),
                     &params.layout,
+                    forward.as_ref(),
                 )
             })
             .map_err(|e| anyhow!("{model}: {e:#}"))?;
@@ -871,10 +890,14 @@ fn emit_executable(
     training: Option<&memc_passes::train::TrainOptions>,
     sm: Option<u32>,
     layout: &memc_runtime::program::CheckpointLayout,
+    forward: Option<&Graph>,
 ) -> Result<()> {
     let t0 = Instant::now();
     let mut host = crate::train::host_program(g, model, training)?;
     host.program.checkpoint = layout.clone();
+    if let (Some(f), Some(opts)) = (forward, training) {
+        crate::train::attach_eval(&mut host, f, opts, model)?;
+    }
     if let Some(sm) = sm {
         let libdevice = memc_codegen::ptx::find_libdevice().map_err(|e| anyhow!(e))?;
         host.compile_device(sm, &libdevice)?;
@@ -1261,6 +1284,10 @@ fn train(mut args: TrainCmdArgs) -> Result<()> {
         grad_accum: accum,
         ..train_options(&g, &args)?
     };
+    if args.val_data.is_some() && args.backend != Backend::Cpu {
+        bail!("--val-data: the evaluation step runs on the cpu backend (--backend cpu) and in executables (memc compile --train --eval)");
+    }
+    let forward = args.val_data.is_some().then(|| g.clone());
     timer
         .time("train", || crate::train::build(&mut g, &opts))
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
@@ -1283,6 +1310,7 @@ fn train(mut args: TrainCmdArgs) -> Result<()> {
         layout: params.layout,
         run: run_options(&args)?,
         log: args.log.clone(),
+        eval: forward,
     };
     let run = match args.backend {
         Backend::Cpu => crate::train::run_host,
@@ -1347,6 +1375,9 @@ fn train_pipelined(
         &mut PassManager::new().timed(args.model.time_passes),
     )?;
     let opts = train_options(&g, args)?;
+    if args.val_data.is_some() {
+        bail!("--val-data: a pipelined step has no evaluation step yet");
+    }
     let (mut program, _) = crate::pipe::pipelined_program(g, &opts, kind, stages)
         .map_err(|e| anyhow!("{model}: {e:#}"))?;
     let schedule = memc_passes::pipeline::generate(kind, stages, m).map_err(|e| anyhow!(e))?;
@@ -1401,6 +1432,11 @@ fn run_options(args: &TrainCmdArgs) -> Result<memc_runtime::session::RunOptions>
         args.labels.clone(),
         args.attention_mask.clone(),
         args.pad_id,
+    )
+    .with_validation(
+        args.val_data.clone(),
+        args.val_labels.clone(),
+        args.eval_every,
     ))
 }
 
@@ -1446,6 +1482,7 @@ fn train_pipelined_on(
         layout: layout.clone(),
         run: run_options(args)?,
         log: args.log.clone(),
+        eval: None,
     };
     let exec = match target {
         PassTarget::Cpu => crate::train::Exec::Kernels,

@@ -344,6 +344,28 @@ pub struct LoopOptions {
     pub run: memc_runtime::session::RunOptions,
     /// Also write every step's JSON line here (`--log`).
     pub log: Option<std::path::PathBuf>,
+    /// The forward graph, for an evaluation step (`--val-data`; [`attach_eval`]).
+    pub eval: Option<Graph>,
+}
+
+/// Adds the evaluation step of `forward` (the model before the training step was built) to
+/// `host`, laid out in its arena ([`memc_codegen::host::lower_eval`]).
+pub fn attach_eval(
+    host: &mut memc_codegen::host::HostProgram,
+    forward: &Graph,
+    opts: &TrainOptions,
+    model: &str,
+) -> Result<()> {
+    let mut g = forward.clone();
+    memc_passes::train::build_eval(&mut g, opts)
+        .map_err(|e| anyhow!("{model}: the evaluation step: {e}"))?;
+    let eval = memc_codegen::host::lower_eval(&g, model, &host.program)
+        .map_err(|e| anyhow!("{model}: the evaluation step: {e}"))?;
+    host.attach_eval(eval);
+    host.program
+        .validate()
+        .map_err(|e| anyhow!("{model}: the evaluation step: {e}"))?;
+    Ok(())
 }
 
 /// The program's token input (`input_ids` when the model has one, else its only input other
@@ -567,6 +589,9 @@ pub fn run_host(
     let t0 = Instant::now();
     let mut host = host_program(g, model, Some(args)).map_err(|e| anyhow!("{model}: {e:#}"))?;
     host.program.checkpoint = opts.layout.clone();
+    if let Some(forward) = &opts.eval {
+        attach_eval(&mut host, forward, args, model)?;
+    }
     eprintln!(
         "compiled {} kernels for the host in {:.1} s; arena {} bytes",
         host.kernel_count(),

@@ -360,7 +360,9 @@ pub fn plan_steps(g: &Graph, steps: &[Vec<NodeId>]) -> Plan {
 /// Global decreasing-size best-fit: buffers are placed largest first, each in the smallest gap
 /// between buffers whose lifetimes overlap its own (or on top). Buffers live for the whole
 /// step are stacked at the bottom first. Returns the arena size.
-fn assign_offsets(buffers: &mut [Buffer]) -> u64 {
+/// Gives each buffer an offset (persistent ones first, then the others first-fit by size
+/// into the gaps their lifetimes allow) and returns the arena size.
+pub fn assign_offsets(buffers: &mut [Buffer]) -> u64 {
     let last = buffers.iter().map(|b| b.end).max().unwrap_or(0);
     let whole = |b: &Buffer| b.start == 0 && b.end == last;
     let mut idx: Vec<usize> = (0..buffers.len()).collect();

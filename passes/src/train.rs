@@ -579,6 +579,18 @@ fn scalar_input(g: &mut Graph, name: &str) -> ValueId {
         .unwrap_or_else(|| g.add_input(name, TensorType::new(DType::F32, vec![])))
 }
 
+/// The evaluation step of a training run (`--eval`): the forward graph `g` with the training
+/// loss (`opts`' loss and compute dtype), no gradients and no optimizer, blocks lowered. Its
+/// weights are the training step's, by name.
+pub fn build_eval(g: &mut Graph, opts: &TrainOptions) -> Result<(), TrainError> {
+    crate::blocks::lower_blocks_keeping(g, &[]).map_err(TrainError::Lower)?;
+    crate::precision::lower_precision(g, opts.compute_dtype).map_err(TrainError::Precision)?;
+    add_loss(g, opts.loss, opts.fused_loss)?;
+    crate::blocks::lower_blocks_keeping(g, &[]).map_err(TrainError::Lower)?;
+    g.compact();
+    Ok(())
+}
+
 /// The step's scalar inputs, added the first time they are asked for.
 fn step_inputs(g: &mut Graph) -> Scalars {
     let mut get = |name: &str| {

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::finite::{self, Bad};
 use crate::gemm::{matmul, GemmType};
-use crate::program::{Buf, Checked, Dtype, Native, Slot, Step, Written};
+use crate::program::{Buf, Checked, Dtype, Native, Program, Slot, Step, Written};
 
 /// A generated kernel's entry point.
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8);
@@ -163,6 +163,8 @@ pub struct Cpu {
     flag: IndexFlag,
     /// The steps that take it (in order) and the op each runs, for messages.
     index_checks: Vec<(usize, String)>,
+    /// The program's evaluation step, on the same arena.
+    eval: Option<Eval>,
 }
 
 /// Four `i64`s a gather's kernel sets when it meets an out-of-range index: hit, the index,
@@ -230,93 +232,40 @@ impl Cpu {
             let at = c.blob_offset as usize;
             arena.set(&c.slot, &program.blob[at..at + c.slot.bytes() as usize]);
         }
-        let by_shape = shapes();
         let flag = IndexFlag::new();
-        let mut index_checks = vec![];
-        let mut steps = Vec::with_capacity(program.steps.len());
-        let mut labels = Vec::with_capacity(program.steps.len());
-        for step in &program.steps {
-            match step {
-                Step::Kernel {
-                    args,
-                    label,
-                    native: Some(native),
-                    ..
-                } => {
-                    for b in args {
-                        arena.buffer(b);
-                    }
-                    steps.push(Ready::Native(native.clone(), args.clone()));
-                    labels.push(label.clone());
-                }
-                Step::Kernel {
-                    kernel,
-                    args,
-                    label,
-                    native: None,
-                    range,
-                    index_check,
-                } => {
-                    let mut ptrs: Vec<*mut u8> = args.iter().map(|b| arena.buffer(b)).collect();
-                    if let Some(what) = index_check {
-                        ptrs.push(flag.0.cast());
-                        index_checks.push((steps.len(), what.clone()));
-                    }
-                    let f = kernels[*kernel as usize];
-                    if by_shape {
-                        let bytes: u64 = args.iter().map(|b| b.bytes).sum();
-                        labels.push(format!("{label} k{kernel} ({} MB)", bytes >> 20));
-                    } else {
-                        labels.push(label.clone());
-                    }
-                    steps.push(match range {
-                        Some(rows) => {
-                            let bytes = args.iter().map(|b| b.bytes).sum();
-                            Ready::Split(f, ptrs, *rows, bytes)
-                        }
-                        None => Ready::Kernel(f, ptrs),
-                    });
-                }
-                Step::Gemm {
-                    dtype,
-                    a,
-                    a_shape,
-                    b,
-                    b_shape,
-                    out,
-                    a_t,
-                    b_t,
-                } => {
-                    let t = match dtype {
-                        Dtype::F64 => GemmType::F64,
-                        Dtype::Bf16 => GemmType::BF16,
-                        _ => GemmType::F32,
-                    };
-                    steps.push(Ready::Gemm {
-                        t,
-                        a: *a,
-                        a_shape: a_shape.clone(),
-                        b: *b,
-                        b_shape: b_shape.clone(),
-                        out: *out,
-                        trans: (*a_t, *b_t),
-                    });
-                    labels.push(if by_shape {
-                        format!("matmul {a_shape:?}x{b_shape:?}")
-                    } else {
-                        "matmul".into()
-                    });
-                }
+        let main = prepare(&program, kernels, &arena, &flag);
+        let eval = match &program.eval {
+            Some(e) => {
+                let p = e
+                    .resolve(&program)
+                    .expect("a checked program's evaluation step resolves");
+                let consts = p
+                    .consts
+                    .iter()
+                    .map(|c| {
+                        let at = c.blob_offset as usize;
+                        (
+                            c.slot.clone(),
+                            p.blob[at..at + c.slot.bytes() as usize].to_vec(),
+                        )
+                    })
+                    .collect();
+                Some(Eval {
+                    prepared: prepare(&p, kernels, &arena, &flag),
+                    consts,
+                })
             }
-        }
+            None => None,
+        };
         Cpu {
             arena,
-            steps,
-            labels,
+            steps: main.steps,
+            labels: main.labels,
             profile: std::env::var_os("MEMC_PROFILE").map(|_| HashMap::new()),
             check: (check_nan() && !program.results.is_empty()).then(|| program.results.clone()),
             flag,
-            index_checks,
+            index_checks: main.index_checks,
+            eval,
         }
     }
 
@@ -333,85 +282,38 @@ impl Cpu {
     /// Runs every step once. With [`check_nan`] set, the first step whose result holds a NaN
     /// stops the run (the steps before it have run).
     pub fn run(&mut self) -> Result<(), crate::RunError> {
-        self.flag.take();
-        let mut next_check = 0;
-        for (n, step) in self.steps.iter().enumerate() {
-            let t0 = self.profile.is_some().then(Instant::now);
-            match step {
-                // SAFETY: each buffer was checked to lie inside the arena in `new`, whose
-                // caller vouched that `f` touches only its step's buffers.
-                Ready::Kernel(f, ptrs) => unsafe { f(ptrs.as_ptr()) },
-                Ready::Split(f, ptrs, rows, bytes) => run_split(*f, ptrs, *rows, *bytes),
-                Ready::Gemm {
-                    t,
-                    a,
-                    a_shape,
-                    b,
-                    b_shape,
-                    out,
-                    trans,
-                } => {
-                    let arena = &self.arena;
-                    // SAFETY: `buffer` checks that each lies inside the arena; the plan gives a
-                    // GEMM's operands and result disjoint buffers.
-                    let (sa, sb, so) = unsafe {
-                        (
-                            std::slice::from_raw_parts(arena.buffer(a), a.bytes as usize),
-                            std::slice::from_raw_parts(arena.buffer(b), b.bytes as usize),
-                            std::slice::from_raw_parts_mut(arena.buffer(out), out.bytes as usize),
-                        )
-                    };
-                    matmul(*t, sa, a_shape, sb, b_shape, so, *trans);
-                }
-                Ready::Native(Native::Attention(spec), args) => {
-                    let arena = &self.arena;
-                    let (out, ins) = args.split_last().expect("operands and a result");
-                    // SAFETY: `buffer` checks that each lies inside the arena; the plan gives a
-                    // step's result a buffer disjoint from its operands'.
-                    let ins: Vec<&[u8]> = ins
-                        .iter()
-                        .map(|b| unsafe {
-                            std::slice::from_raw_parts(arena.buffer(b), b.bytes as usize)
-                        })
-                        .collect();
-                    let out = unsafe {
-                        std::slice::from_raw_parts_mut(arena.buffer(out), out.bytes as usize)
-                    };
-                    crate::attention::run(spec, &ins, out);
-                }
-            }
-            if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {
-                let e = p.entry(self.labels[n].clone()).or_insert((0.0, 0));
-                e.0 += t0.elapsed().as_secs_f64() * 1e3;
-                e.1 += 1;
-            }
-            if self.index_checks.get(next_check).is_some_and(|c| c.0 == n) {
-                let what = &self.index_checks[next_check].1;
-                next_check += 1;
-                if let Some([_, index, axis, size]) = self.flag.take() {
-                    return Err(crate::RunError::IndexOutOfRange {
-                        what: what.clone(),
-                        index,
-                        axis,
-                        size,
-                    });
-                }
-            }
-            if let Some(check) = &self.check {
-                for w in &check[n] {
-                    let bytes = self.arena.bytes_of(&w.buf);
-                    if let Some((k, value)) = finite::first(bytes, w.dtype, Bad::Nan) {
-                        return Err(crate::RunError::NonFinite {
-                            what: w.what.clone(),
-                            ty: w.type_string(),
-                            value,
-                            at: format!(" at {:?}", finite::position(&w.shape, k)),
-                        });
-                    }
-                }
-            }
+        exec(
+            &self.arena,
+            &self.steps,
+            &self.labels,
+            &self.index_checks,
+            &self.flag,
+            self.profile.as_mut(),
+            self.check.as_ref(),
+        )
+    }
+
+    /// Runs the program's evaluation step once, on the same arena: its constants written,
+    /// then its steps (the training step's working region is reused; the weights are read
+    /// where the training step keeps them).
+    pub fn evaluate(&mut self) -> Result<(), crate::RunError> {
+        let Some(e) = &self.eval else {
+            return Err(crate::RunError::Usage(
+                "the program was compiled without an evaluation step: recompile with memc compile --train --eval".into(),
+            ));
+        };
+        for (slot, bytes) in &e.consts {
+            self.arena.set(slot, bytes);
         }
-        Ok(())
+        exec(
+            &self.arena,
+            &e.prepared.steps,
+            &e.prepared.labels,
+            &e.prepared.index_checks,
+            &self.flag,
+            self.profile.as_mut(),
+            None,
+        )
     }
 
     /// Time per kind of step (most first), when `MEMC_PROFILE` is set: the table printed at
@@ -467,6 +369,197 @@ fn run_split(f: KernelFn, ptrs: &[*mut u8], rows: u64, bytes: u64) {
     });
 }
 
+/// Runs `steps` once on `arena` (see [`Cpu::run`]).
+#[allow(clippy::too_many_arguments)]
+fn exec(
+    arena: &Arena,
+    steps: &[Ready],
+    labels: &[String],
+    index_checks: &[(usize, String)],
+    flag: &IndexFlag,
+    mut profile: Option<&mut HashMap<String, (f64, usize)>>,
+    check: Option<&Vec<Vec<Written>>>,
+) -> Result<(), crate::RunError> {
+    flag.take();
+    let mut next_check = 0;
+    for (n, step) in steps.iter().enumerate() {
+        let t0 = profile.is_some().then(Instant::now);
+        match step {
+            // SAFETY: each buffer was checked to lie inside the arena in `new`, whose
+            // caller vouched that `f` touches only its step's buffers.
+            Ready::Kernel(f, ptrs) => unsafe { f(ptrs.as_ptr()) },
+            Ready::Split(f, ptrs, rows, bytes) => run_split(*f, ptrs, *rows, *bytes),
+            Ready::Gemm {
+                t,
+                a,
+                a_shape,
+                b,
+                b_shape,
+                out,
+                trans,
+            } => {
+                // SAFETY: `buffer` checks that each lies inside the arena; the plan gives a
+                // GEMM's operands and result disjoint buffers.
+                let (sa, sb, so) = unsafe {
+                    (
+                        std::slice::from_raw_parts(arena.buffer(a), a.bytes as usize),
+                        std::slice::from_raw_parts(arena.buffer(b), b.bytes as usize),
+                        std::slice::from_raw_parts_mut(arena.buffer(out), out.bytes as usize),
+                    )
+                };
+                matmul(*t, sa, a_shape, sb, b_shape, so, *trans);
+            }
+            Ready::Native(Native::Attention(spec), args) => {
+                let (out, ins) = args.split_last().expect("operands and a result");
+                // SAFETY: `buffer` checks that each lies inside the arena; the plan gives a
+                // step's result a buffer disjoint from its operands'.
+                let ins: Vec<&[u8]> = ins
+                    .iter()
+                    .map(|b| unsafe {
+                        std::slice::from_raw_parts(arena.buffer(b), b.bytes as usize)
+                    })
+                    .collect();
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(arena.buffer(out), out.bytes as usize)
+                };
+                crate::attention::run(spec, &ins, out);
+            }
+        }
+        if let (Some(t0), Some(p)) = (t0, profile.as_deref_mut()) {
+            let e = p.entry(labels[n].clone()).or_insert((0.0, 0));
+            e.0 += t0.elapsed().as_secs_f64() * 1e3;
+            e.1 += 1;
+        }
+        if index_checks.get(next_check).is_some_and(|c| c.0 == n) {
+            let what = &index_checks[next_check].1;
+            next_check += 1;
+            if let Some([_, index, axis, size]) = flag.take() {
+                return Err(crate::RunError::IndexOutOfRange {
+                    what: what.clone(),
+                    index,
+                    axis,
+                    size,
+                });
+            }
+        }
+        if let Some(check) = check {
+            for w in &check[n] {
+                let bytes = arena.bytes_of(&w.buf);
+                if let Some((k, value)) = finite::first(bytes, w.dtype, Bad::Nan) {
+                    return Err(crate::RunError::NonFinite {
+                        what: w.what.clone(),
+                        ty: w.type_string(),
+                        value,
+                        at: format!(" at {:?}", finite::position(&w.shape, k)),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A program's steps bound to their kernels and buffers in `arena`.
+struct Prepared {
+    steps: Vec<Ready>,
+    labels: Vec<String>,
+    index_checks: Vec<(usize, String)>,
+}
+
+/// The evaluation step: its steps and its constants (written before each run: they live in
+/// the region the training step reuses).
+struct Eval {
+    prepared: Prepared,
+    consts: Vec<(Slot, Vec<u8>)>,
+}
+
+/// Binds `program`'s steps to `kernels` and to their buffers in `arena` (see [`Cpu::new`]).
+fn prepare(program: &Program, kernels: &[KernelFn], arena: &Arena, flag: &IndexFlag) -> Prepared {
+    let by_shape = shapes();
+    let mut index_checks = vec![];
+    let mut steps = Vec::with_capacity(program.steps.len());
+    let mut labels = Vec::with_capacity(program.steps.len());
+    for step in &program.steps {
+        match step {
+            Step::Kernel {
+                args,
+                label,
+                native: Some(native),
+                ..
+            } => {
+                for b in args {
+                    arena.buffer(b);
+                }
+                steps.push(Ready::Native(native.clone(), args.clone()));
+                labels.push(label.clone());
+            }
+            Step::Kernel {
+                kernel,
+                args,
+                label,
+                native: None,
+                range,
+                index_check,
+            } => {
+                let mut ptrs: Vec<*mut u8> = args.iter().map(|b| arena.buffer(b)).collect();
+                if let Some(what) = index_check {
+                    ptrs.push(flag.0.cast());
+                    index_checks.push((steps.len(), what.clone()));
+                }
+                let f = kernels[*kernel as usize];
+                if by_shape {
+                    let bytes: u64 = args.iter().map(|b| b.bytes).sum();
+                    labels.push(format!("{label} k{kernel} ({} MB)", bytes >> 20));
+                } else {
+                    labels.push(label.clone());
+                }
+                steps.push(match range {
+                    Some(rows) => {
+                        let bytes = args.iter().map(|b| b.bytes).sum();
+                        Ready::Split(f, ptrs, *rows, bytes)
+                    }
+                    None => Ready::Kernel(f, ptrs),
+                });
+            }
+            Step::Gemm {
+                dtype,
+                a,
+                a_shape,
+                b,
+                b_shape,
+                out,
+                a_t,
+                b_t,
+            } => {
+                let t = match dtype {
+                    Dtype::F64 => GemmType::F64,
+                    Dtype::Bf16 => GemmType::BF16,
+                    _ => GemmType::F32,
+                };
+                steps.push(Ready::Gemm {
+                    t,
+                    a: *a,
+                    a_shape: a_shape.clone(),
+                    b: *b,
+                    b_shape: b_shape.clone(),
+                    out: *out,
+                    trans: (*a_t, *b_t),
+                });
+                labels.push(if by_shape {
+                    format!("matmul {a_shape:?}x{b_shape:?}")
+                } else {
+                    "matmul".into()
+                });
+            }
+        }
+    }
+    Prepared {
+        steps,
+        labels,
+        index_checks,
+    }
+}
+
 impl crate::Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
@@ -487,6 +580,10 @@ impl crate::Backend for Cpu {
 
     fn run(&mut self) -> Result<(), crate::RunError> {
         Cpu::run(self)
+    }
+
+    fn evaluate(&mut self) -> Result<(), crate::RunError> {
+        Cpu::evaluate(self)
     }
 
     fn first_bad(

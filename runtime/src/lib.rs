@@ -75,6 +75,14 @@ pub trait Backend {
     /// Tells the other processes of a distributed step that this one failed, so the job
     /// ends instead of waiting for it (nothing without).
     fn abort(&self) {}
+    /// Runs the program's evaluation step ([`program::Program::eval`]) once on the same
+    /// arena; backends without one refuse.
+    fn evaluate(&mut self) -> Result<(), RunError> {
+        Err(RunError::Usage(format!(
+            "an evaluation step (--val-data) runs on the cpu backend; the {} backend has none yet",
+            self.name()
+        )))
+    }
 }
 
 /// Which process of a distributed step saves each weight and piece of optimizer state

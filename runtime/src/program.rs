@@ -393,6 +393,13 @@ pub struct SubProgram {
     pub blob: [u64; 2],
 }
 
+impl Program {
+    /// The loss output of a training or evaluation step (`loss`), if it has one.
+    pub fn loss(&self) -> Option<&Slot> {
+        self.output("loss")
+    }
+}
+
 impl SubProgram {
     /// The program with its kernel names and constants filled in from `outer`.
     pub fn resolve(&self, outer: &Program) -> Result<Program, ProgramError> {
@@ -652,6 +659,11 @@ pub struct Program {
     /// A pipelined training step's passes (then `steps` is empty).
     #[serde(default)]
     pub pipeline: Option<Box<Pipeline>>,
+    /// A training program's evaluation step (`memc compile --train --eval`): the forward pass
+    /// and the loss, no gradients, run in this program's arena on its weights (same offsets)
+    /// and the region the step uses only while it runs ([`SubProgram::resolve`] gives it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<Box<SubProgram>>,
     /// How a saved model directory stores the weights (`--save DIR`).
     #[serde(default, skip_serializing_if = "CheckpointLayout::is_empty")]
     pub checkpoint: CheckpointLayout,
@@ -901,6 +913,31 @@ impl Program {
         if let Some(pl) = &self.pipeline {
             pl.check(self)?;
         }
+        if let Some(e) = &self.eval {
+            let p = e.resolve(self)?;
+            if p.arena_bytes > self.arena_bytes {
+                return bad(format!(
+                    "the evaluation step needs {} bytes of the {}-byte arena",
+                    p.arena_bytes, self.arena_bytes
+                ));
+            }
+            for q in &p.params {
+                let same = self.params.iter().any(|o| {
+                    o.slot.name == q.slot.name
+                        && o.slot.offset == q.slot.offset
+                        && o.slot.bytes() == q.slot.bytes()
+                });
+                if !same {
+                    return bad(format!(
+                        "the evaluation step's weight `{}` is not the training step's",
+                        q.slot.name
+                    ));
+                }
+            }
+            if self.pipeline.is_some() || p.loss().is_none() {
+                return bad("an evaluation step of a pipelined program, or without a loss".into());
+            }
+        }
         if let Some(t) = &self.training {
             let names = [
                 Some(&t.data_input),
@@ -1062,6 +1099,7 @@ pub(crate) mod tests {
             training: None,
             device: None,
             pipeline: None,
+            eval: None,
             checkpoint: Default::default(),
             index_bounds: vec![],
             results: vec![],

@@ -194,6 +194,16 @@ impl Batches {
         self.next_rows(batch).ids
     }
 
+    /// Rows `first..first + n` in file order, with their labels and mask when attached.
+    pub fn rows_at(&self, first: usize, n: usize) -> Rows {
+        let at = first * self.seq..(first + n) * self.seq;
+        Rows {
+            ids: self.ids[at.clone()].to_vec(),
+            labels: self.labels.as_ref().map(|l| l[at.clone()].to_vec()),
+            mask: self.mask.as_ref().map(|m| m[at].to_vec()),
+        }
+    }
+
     /// The next `batch` rows with their labels and mask, when attached.
     pub fn next_rows(&mut self, batch: usize) -> Rows {
         let seq = self.seq;
@@ -254,6 +264,12 @@ pub struct RunOptions {
     /// The padding token (`--pad-id P`): positions holding it are masked (and left out of
     /// the loss), as `--attention-mask` with `ids != P`.
     pub pad_id: Option<i64>,
+    /// Validation data (`--val-data FILE.npy`): its loss, by the program's evaluation step.
+    pub val_data: Option<PathBuf>,
+    /// Its labels (`--val-labels FILE.npy`).
+    pub val_labels: Option<PathBuf>,
+    /// Evaluate every N steps (`--eval-every N`; and after the last step).
+    pub eval_every: Option<u64>,
 }
 
 impl RunOptions {
@@ -294,11 +310,27 @@ impl RunOptions {
             labels: None,
             attention_mask: None,
             pad_id: None,
+            val_data: None,
+            val_labels: None,
+            eval_every: None,
         })
     }
 }
 
 impl RunOptions {
+    /// These options with validation: data, labels, how often.
+    pub fn with_validation(
+        mut self,
+        data: Option<PathBuf>,
+        labels: Option<PathBuf>,
+        every: Option<u64>,
+    ) -> RunOptions {
+        self.val_data = data;
+        self.val_labels = labels;
+        self.eval_every = every;
+        self
+    }
+
     /// These options with the per-position data: labels, attention mask, padding token.
     pub fn with_data(
         mut self,
@@ -326,6 +358,9 @@ impl Default for RunOptions {
             labels: None,
             attention_mask: None,
             pad_id: None,
+            val_data: None,
+            val_labels: None,
+            eval_every: None,
         }
     }
 }
@@ -623,6 +658,7 @@ pub fn train(
         cpu.set(s, &encode(s.dtype, &[0.0]))?;
     }
     let lr_slot = t.lr_input.clone();
+    let mut val = Validation::open(program, cfg, fixed, seq)?;
     let step_slot = t
         .step_input
         .as_ref()
@@ -842,6 +878,33 @@ pub fn train(
             b.set_message(format!("loss {l:.4}  lr {lr:.2e}  {rate:.0} tokens/s"));
             b.set_position(done);
         }
+        if let Some(v) = val.as_mut() {
+            if step == last || cfg.run.eval_every.is_some_and(|n| step % n == 0) {
+                let t0 = Instant::now();
+                let (loss, tokens) = v.loss(cpu, run.pad_id)?;
+                let line = serde_json::json!({
+                    "step": step,
+                    "val_loss": loss,
+                    "val_tokens": tokens,
+                    "val_ms": (t0.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+                })
+                .to_string();
+                match &bar {
+                    Some(b) => b.suspend(|| writeln!(out, "{line}")),
+                    None => writeln!(out, "{line}"),
+                }
+                .map_err(|source| RunError::Io {
+                    path: "stdout".into(),
+                    source,
+                })?;
+                if let Some(f) = metrics.as_mut() {
+                    writeln!(f, "{line}").map_err(|source| RunError::Io {
+                        path: cfg.metrics.as_ref().unwrap().display().to_string(),
+                        source,
+                    })?;
+                }
+            }
+        }
         if let (Some(every), Some(dir)) = (cfg.run.save_every, &cfg.save) {
             if step % every == 0 || step == last {
                 let ck = dir.join(format!("{}{step}", weights::CHECKPOINT_PREFIX));
@@ -960,6 +1023,151 @@ fn progress_bar(steps: u64) -> indicatif::ProgressBar {
     .expect("a valid template");
     bar.set_style(style);
     bar
+}
+
+/// Validation (`--val-data`): the program's evaluation step over the validation rows.
+struct Validation {
+    eval: Program,
+    data: Batches,
+    path: String,
+    ids: Slot,
+    labels: Option<Slot>,
+}
+
+impl Validation {
+    /// Checks the validation options against `program` and reads the data; `None` without
+    /// `--val-data`.
+    fn open(
+        program: &Program,
+        cfg: &TrainConfig,
+        fixed: &[(String, PathBuf)],
+        seq: usize,
+    ) -> Result<Option<Validation>, RunError> {
+        let run = &cfg.run;
+        let Some(path) = &run.val_data else {
+            if run.val_labels.is_some() || run.eval_every.is_some() {
+                return Err(RunError::Usage(
+                    "--val-labels and --eval-every evaluate --val-data: pass it".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        if run.eval_every == Some(0) {
+            return Err(RunError::Usage("--eval-every must be at least 1".into()));
+        }
+        let e = program.eval.as_ref().ok_or_else(|| {
+            RunError::Usage(format!(
+                "{} was compiled without an evaluation step: recompile with memc compile --train --eval (memc train builds one for --val-data on the cpu backend)",
+                program.model
+            ))
+        })?;
+        let eval = e.resolve(program)?;
+        let t = program.training.as_ref().expect("a training program");
+        let ids = eval.input(&t.data_input).cloned().ok_or_else(|| {
+            RunError::Program(crate::program::ProgramError::Corrupt(format!(
+                "the evaluation step has no input `{}`",
+                t.data_input
+            )))
+        })?;
+        let labels = t.labels_input.as_ref().and_then(|n| eval.input(n)).cloned();
+        if run.val_labels.is_some() && labels.is_none() {
+            return Err(RunError::Usage(format!(
+                "{}: --val-labels needs a program with labels: recompile with --loss causal-lm",
+                program.model
+            )));
+        }
+        let shown = path.display().to_string();
+        let mut data = Batches::open(path)?;
+        if data.shape().1 != seq {
+            return Err(RunError::Data {
+                path: shown,
+                msg: format!("rows of {} tokens, the program's are {seq}", data.shape().1),
+            });
+        }
+        if data.shape().0 < ids.shape[0] {
+            return Err(RunError::Data {
+                path: shown,
+                msg: format!(
+                    "{} rows, fewer than one evaluation batch of {}",
+                    data.shape().0,
+                    ids.shape[0]
+                ),
+            });
+        }
+        if let Some(v) = t.vocab {
+            data.check_vocab(v as usize, &shown)?;
+        }
+        if let Some(l) = &run.val_labels {
+            data.attach_labels(l, t.vocab)?;
+        }
+        // The model's other inputs, as fixed for training.
+        for s in eval
+            .inputs
+            .iter()
+            .filter(|s| s.name != ids.name && labels.as_ref().is_none_or(|l| l.name != s.name))
+        {
+            let (_, file) = fixed.iter().find(|(n, _)| *n == s.name).ok_or_else(|| {
+                RunError::Usage(format!(
+                    "the evaluation step also takes `{}`: pass --input {}=FILE.npy",
+                    s.name, s.name
+                ))
+            })?;
+            // Written before each evaluation (the training step reuses the region).
+            let _ = read_input(s, file)?;
+        }
+        Ok(Some(Validation {
+            eval,
+            data,
+            path: shown,
+            ids,
+            labels,
+        }))
+    }
+
+    /// The mean loss over every whole batch of the validation rows (each batch's loss
+    /// weighted by its tokens in the loss) and those tokens; padding (`pad`) left out.
+    fn loss(&mut self, cpu: &mut dyn Backend, pad: Option<i64>) -> Result<(f64, usize), RunError> {
+        let (rows, seq) = self.data.shape();
+        let batch = self.ids.shape[0];
+        let loss = self.eval.loss().expect("validated").clone();
+        let (mut sum, mut tokens) = (0.0, 0usize);
+        for first in (0..rows / batch).map(|b| b * batch) {
+            let r = self.data.rows_at(first, batch);
+            let v: Vec<f64> = r.ids.iter().map(|&x| x as f64).collect();
+            cpu.set(&self.ids, &encode(self.ids.dtype, &v))?;
+            let mut labels = r.labels.unwrap_or_else(|| r.ids.clone());
+            if let Some(p) = pad {
+                for (l, &x) in labels.iter_mut().zip(&r.ids) {
+                    if x == p {
+                        *l = IGNORE_INDEX;
+                    }
+                }
+            }
+            let kept = labels
+                .chunks(seq)
+                .flat_map(|row| &row[1..])
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count();
+            if kept == 0 {
+                continue;
+            }
+            if let Some(s) = &self.labels {
+                let v: Vec<f64> = labels.iter().map(|&x| x as f64).collect();
+                cpu.set(s, &encode(s.dtype, &v))?;
+            }
+            cpu.evaluate()?;
+            sum += kept as f64 * decode(loss.dtype, &cpu.get(&loss)?)[0];
+            tokens += kept;
+        }
+        if tokens == 0 {
+            return Err(RunError::Data {
+                path: self.path.clone(),
+                msg: "no position of the validation rows is in the loss (every label is -100)"
+                    .into(),
+            });
+        }
+        Ok((sum / tokens as f64, tokens))
+    }
 }
 
 /// The first trained weight holding a NaN or an infinity: its name, the element's position and
@@ -1152,6 +1360,7 @@ const USAGE: &str = "usage:
   EXE train --data FILE.npy [--steps N | --epochs E] [--lr X] [--weight-decay W] [--backend cpu|cuda] [--threads N]
             [--lr-schedule constant|linear|cosine] [--warmup-steps N] [--shuffle [--seed S]]
             [--labels FILE.npy (-100: not in the loss)] [--attention-mask FILE.npy | --pad-id P]
+            [--val-data FILE.npy [--val-labels FILE.npy] [--eval-every N] (compiled with --eval)]
             [--input NAME=FILE.npy (other model inputs, held fixed)] [--save DIR [--save-every N [--keep-last K]]]
             [--random-weights SEED (instead of the weights file, for benchmarks)] [--resume DIR] [--log FILE.jsonl] [--weights FILE|HF_DIR]
   EXE infer --input NAME=FILE.npy ... --out DIR [--backend cpu|cuda] [--weights FILE] [--repeat N] [--threads N]
@@ -1196,6 +1405,9 @@ impl Cmd {
                 "--labels",
                 "--attention-mask",
                 "--pad-id",
+                "--val-data",
+                "--val-labels",
+                "--eval-every",
             ],
             "infer" => &[
                 "--input",
@@ -1346,6 +1558,14 @@ fn describe(program: &Program) -> String {
         if let Some(l) = &t.labels_input {
             out += &format!("labels: `{l}` (transformers' causal-LM loss: -100 left out; --labels, --attention-mask, --pad-id)
 ");
+        }
+        if let Some(e) = program.eval.as_ref().and_then(|e| e.resolve(program).ok()) {
+            out += &format!(
+                "evaluation step (--val-data): {} steps, forward and loss only, inside the training arena (it reaches {} of its {} bytes)\n",
+                e.steps.len(),
+                e.arena_bytes,
+                program.arena_bytes
+            );
         }
         if let Some(a) = &t.accum {
             out += &format!(
@@ -1587,6 +1807,11 @@ fn run_verb(
                     cmd.get("--labels").map(PathBuf::from),
                     cmd.get("--attention-mask").map(PathBuf::from),
                     cmd.number("--pad-id")?,
+                )
+                .with_validation(
+                    cmd.get("--val-data").map(PathBuf::from),
+                    cmd.get("--val-labels").map(PathBuf::from),
+                    cmd.number("--eval-every")?,
                 ),
                 resumed,
             };

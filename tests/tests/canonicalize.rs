@@ -101,6 +101,7 @@ fn canonicalized_models_train_like_pytorch_on_both_backends() {
             layout: Default::default(),
             run: Default::default(),
             log: None,
+            eval: None,
         };
         let cpu = memc::train::run_host(
             &mut g,

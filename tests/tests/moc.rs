@@ -79,6 +79,7 @@ fn moc_llama_matches_on_both_backends_and_trains_close_to_dense() {
         layout: Default::default(),
         run: Default::default(),
         log: None,
+        eval: None,
     };
     let cpu = memc::train::run_host(
         &mut g.clone(),

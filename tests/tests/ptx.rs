@@ -154,6 +154,7 @@ fn host_losses(
         layout: Default::default(),
         run: Default::default(),
         log: None,
+        eval: None,
     };
     let mut g = program();
     let mut host = memc::train::host_program(&g, &ex.name, Some(a)).unwrap();

@@ -237,6 +237,7 @@ fn remat_choices_keep_the_cpu_backend_losses_bitwise() {
             layout: Default::default(),
             run: Default::default(),
             log: None,
+            eval: None,
         };
         memc::train::run_host(
             &mut g,

@@ -244,6 +244,7 @@ fn cpu_losses(g: &mut Graph, a: &TrainOptions, steps: usize, lr: f64) -> Vec<f64
         layout: Default::default(),
         run: Default::default(),
         log: None,
+        eval: None,
     };
     memc::train::run_host(
         g,

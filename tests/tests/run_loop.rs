@@ -821,3 +821,200 @@ fn attention_mask_feeds_the_models_input() {
     ]);
     assert_eq!(fed, hand);
 }
+
+/// A validation loss (`--val-data`): the evaluation step (forward and loss, no gradients)
+/// runs inside the training arena (the executable's arena is the same with and without it),
+/// leaves training untouched (the same losses bit for bit), and on the training batch itself
+/// gives the next step's training loss; with labels too; `memc train --backend cpu` builds
+/// it; what cannot evaluate says so in one line.
+#[test]
+fn validation_loss_inside_the_training_arena() {
+    let dir = scratch("validation");
+    let ex = example("llama-dynamo");
+    let plain = dir.join("plain");
+    compile_exe(&ex.path, &plain, &["--train", "--optimizer", "adamw"]);
+    let exe = dir.join("eval");
+    compile_exe(
+        &ex.path,
+        &exe,
+        &["--train", "--optimizer", "adamw", "--eval"],
+    );
+    let arena = |e: &Path| -> String {
+        ok(Command::new(e).arg("info"))
+            .lines()
+            .find(|l| l.starts_with("arena_bytes:"))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        arena(&plain),
+        arena(&exe),
+        "the evaluation step needs no more memory"
+    );
+    assert!(ok(Command::new(&exe).arg("info")).contains("evaluation step (--val-data)"));
+    let log = dir.join("log.jsonl");
+    let train = |e: &Path, extra: &[&str]| {
+        json_lines(&ok(Command::new(e)
+            .arg("train")
+            .arg("--data")
+            .arg(ids(&ex))
+            .args(["--steps", "3", "--lr", "1e-2"])
+            .args(extra)))
+    };
+    let val = ids(&ex);
+    let lines = train(
+        &exe,
+        &[
+            "--val-data",
+            val.to_str().unwrap(),
+            "--eval-every",
+            "1",
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    );
+    let steps: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+    let vals: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l.get("val_loss").is_some())
+        .collect();
+    assert_eq!((steps.len(), vals.len()), (3, 3));
+    let without = train(&plain, &[]);
+    assert_eq!(
+        steps.iter().map(|l| l["loss"].clone()).collect::<Vec<_>>(),
+        without
+            .iter()
+            .map(|l| l["loss"].clone())
+            .collect::<Vec<_>>(),
+        "evaluating changes no training step"
+    );
+    for k in 0..2 {
+        let (v, next) = (
+            vals[k]["val_loss"].as_f64().unwrap(),
+            steps[k + 1]["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (v - next).abs() <= 1e-5 * next.abs(),
+            "step {}: {v} vs {next}",
+            k + 1
+        );
+        assert_eq!(vals[k]["val_tokens"], 30);
+    }
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 6);
+    // With labels: the masked loss of the validation rows.
+    let fx = memc_tests::train_reference(&ex);
+    let rows: Vec<Vec<i64>> = fx["masked_labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        })
+        .collect();
+    let labels = dir.join("labels.npy");
+    write_labels(&labels, &rows);
+    let labelled = dir.join("labelled");
+    compile_exe(
+        &ex.path,
+        &labelled,
+        &[
+            "--train",
+            "--optimizer",
+            "adamw",
+            "--loss",
+            "causal-lm",
+            "--eval",
+        ],
+    );
+    let l = labels.to_str().unwrap();
+    let lines = train(
+        &labelled,
+        &[
+            "--labels",
+            l,
+            "--val-data",
+            val.to_str().unwrap(),
+            "--val-labels",
+            l,
+            "--eval-every",
+            "2",
+        ],
+    );
+    let (s, v): (Vec<_>, Vec<_>) = lines.iter().partition(|l| l.get("loss").is_some());
+    assert_eq!(v.len(), 2, "steps 2 and 3 (the last)");
+    let (vl, next) = (
+        v[0]["val_loss"].as_f64().unwrap(),
+        s[2]["loss"].as_f64().unwrap(),
+    );
+    assert!((vl - next).abs() <= 1e-5 * next.abs(), "{vl} vs {next}");
+    assert_eq!(v[0]["val_tokens"], 22);
+    // memc train builds the step for --val-data on the cpu backend.
+    let out = ok(Command::new(bin_dir().join("memc"))
+        .arg("train")
+        .arg(&ex.path)
+        .args([
+            "--optimizer",
+            "adamw",
+            "--backend",
+            "cpu",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+        ])
+        .arg("--data")
+        .arg(ids(&ex))
+        .arg("--val-data")
+        .arg(&val));
+    let lines = json_lines(&out);
+    assert!(
+        lines.last().unwrap()["val_loss"].as_f64().is_some(),
+        "{out}"
+    );
+    // What cannot evaluate.
+    fails(
+        Command::new(&plain)
+            .arg("train")
+            .arg("--data")
+            .arg(ids(&ex))
+            .arg("--val-data")
+            .arg(&val),
+        "compiled without an evaluation step: recompile with memc compile --train --eval",
+    );
+    fails(
+        Command::new(&exe)
+            .arg("train")
+            .arg("--data")
+            .arg(ids(&ex))
+            .args(["--eval-every", "2"]),
+        "evaluate --val-data: pass it",
+    );
+    let short = dir.join("short.npy");
+    memc::io::write_tensor(
+        &short,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![1, 16], &[3; 16]),
+    )
+    .unwrap();
+    fails(
+        Command::new(&exe)
+            .arg("train")
+            .arg("--data")
+            .arg(ids(&ex))
+            .arg("--val-data")
+            .arg(&short),
+        "fewer than one evaluation batch of 2",
+    );
+    let o = run(Command::new(bin_dir().join("memc"))
+        .arg("train")
+        .arg(&ex.path)
+        .arg("--data")
+        .arg(ids(&ex))
+        .arg("--val-data")
+        .arg(&val));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("runs on the cpu backend"));
+}

@@ -27,6 +27,7 @@ fn cpu_losses(ex: &Example, a: &TrainOptions, steps: usize) -> Vec<f64> {
         layout: Default::default(),
         run: Default::default(),
         log: None,
+        eval: None,
     };
     memc::train::run_host(
         &mut g,
