@@ -626,6 +626,9 @@ fn compile(mut args: CompileArgs) -> Result<()> {
     if args.eval && pipe.is_some() {
         bail!("--eval: a pipelined step has no evaluation step yet");
     }
+    if args.eval && args.out.is_none() {
+        bail!("--eval adds an evaluation step to an executable: pass -o OUT");
+    }
     let forward = args.eval.then(|| g.clone());
     if args.train {
         let opts = memc_passes::train::TrainOptions {

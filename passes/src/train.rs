@@ -522,16 +522,24 @@ pub fn accumulate_grads(g: &mut Graph) -> Result<UpdateStats, TrainError> {
     for &(p, gr) in &grads {
         let name = param_name(b.g, p);
         let build = |b: &mut Builder| -> Result<(ValueId, ValueId), String> {
-            let sum = state(b, p, format!("{ACCUM_PREFIX}{name}"));
+            // The sum in f32 (or f64 for f64 weights), whatever the weight's type.
             let dt = b.dtype(p);
-            let gr = b.cast(gr, dt)?;
-            let s = b.cast(scale, dt)?;
+            let acc = if dt == DType::F64 { dt } else { DType::F32 };
+            let ty = TensorType::new(acc, b.shape(p));
+            let sum = b.g.add_param(
+                format!("{ACCUM_PREFIX}{name}"),
+                ParamRole::OptimizerState,
+                ty,
+                None,
+            );
+            let gr = b.cast(gr, acc)?;
+            let s = b.cast(scale, acc)?;
             let part = b.mul(gr, s)?;
             let total = b.add(sum, part)?;
-            let zero = b.scalar(dt, 0.0);
+            let zero = b.scalar(acc, 0.0);
             let next = b.op(Op::Where, &[applying, zero, total])?;
             b.g.add_update(sum, next);
-            Ok((p, total))
+            Ok((p, b.cast(total, dt)?))
         };
         sums.push(build(&mut b).map_err(TrainError::Build)?);
     }

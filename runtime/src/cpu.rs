@@ -582,6 +582,10 @@ impl crate::Backend for Cpu {
         Cpu::run(self)
     }
 
+    fn can_evaluate(&self) -> bool {
+        self.eval.is_some()
+    }
+
     fn evaluate(&mut self) -> Result<(), crate::RunError> {
         Cpu::evaluate(self)
     }

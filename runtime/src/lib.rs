@@ -75,6 +75,10 @@ pub trait Backend {
     /// Tells the other processes of a distributed step that this one failed, so the job
     /// ends instead of waiting for it (nothing without).
     fn abort(&self) {}
+    /// Whether [`Backend::evaluate`] can run (checked before a run that validates).
+    fn can_evaluate(&self) -> bool {
+        false
+    }
     /// Runs the program's evaluation step ([`program::Program::eval`]) once on the same
     /// arena; backends without one refuse.
     fn evaluate(&mut self) -> Result<(), RunError> {

@@ -937,6 +937,44 @@ impl Program {
             if self.pipeline.is_some() || p.loss().is_none() {
                 return bad("an evaluation step of a pipelined program, or without a loss".into());
             }
+            // Everything but its weights lies above what the training step keeps between
+            // runs (its weights, optimizer state, inputs and constants).
+            let kept = self
+                .params
+                .iter()
+                .map(|q| &q.slot)
+                .chain(&self.inputs)
+                .chain(self.consts.iter().map(|c| &c.slot))
+                .map(|s| s.offset + s.bytes())
+                .max()
+                .unwrap_or(0);
+            let weight = |offset: u64, bytes: u64| {
+                p.params
+                    .iter()
+                    .any(|q| q.slot.offset == offset && q.slot.bytes() == bytes)
+            };
+            let mut bufs: Vec<(u64, u64)> = p
+                .inputs
+                .iter()
+                .chain(&p.outputs)
+                .chain(p.consts.iter().map(|c| &c.slot))
+                .map(|s| (s.offset, s.bytes()))
+                .collect();
+            for step in &p.steps {
+                match step {
+                    Step::Kernel { args, .. } => {
+                        bufs.extend(args.iter().map(|b| (b.offset, b.bytes)))
+                    }
+                    Step::Gemm { a, b, out, .. } => {
+                        bufs.extend([a, b, out].iter().map(|x| (x.offset, x.bytes)))
+                    }
+                }
+            }
+            if let Some(&(o, n)) = bufs.iter().find(|&&(o, n)| o < kept && !weight(o, n)) {
+                return bad(format!(
+                    "the evaluation step's buffer at {o} ({n} bytes) lies in what the training step keeps (below {kept})"
+                ));
+            }
         }
         if let Some(t) = &self.training {
             let names = [

@@ -659,6 +659,12 @@ pub fn train(
     }
     let lr_slot = t.lr_input.clone();
     let mut val = Validation::open(program, cfg, fixed, seq)?;
+    if val.is_some() && !cpu.can_evaluate() {
+        return Err(RunError::Usage(format!(
+            "--val-data: the {} backend cannot run the evaluation step yet (the cpu backend can)",
+            cpu.name()
+        )));
+    }
     let step_slot = t
         .step_input
         .as_ref()
@@ -1032,6 +1038,11 @@ struct Validation {
     path: String,
     ids: Slot,
     labels: Option<Slot>,
+    /// The model's other inputs, as fixed for training (written before each evaluation: the
+    /// training step reuses their region).
+    others: Vec<(Slot, Vec<u8>)>,
+    /// The model's attention mask, derived from the padding token each batch.
+    mask: Option<Slot>,
 }
 
 impl Validation {
@@ -1100,20 +1111,31 @@ impl Validation {
         if let Some(l) = &run.val_labels {
             data.attach_labels(l, t.vocab)?;
         }
-        // The model's other inputs, as fixed for training.
+        // The model's other inputs: an attention mask from the padding token, the others as
+        // fixed for training.
+        let mut others = vec![];
+        let mut mask = None;
         for s in eval
             .inputs
             .iter()
             .filter(|s| s.name != ids.name && labels.as_ref().is_none_or(|l| l.name != s.name))
         {
+            if s.name == ATTENTION_MASK && (run.pad_id.is_some() || run.attention_mask.is_some()) {
+                if run.pad_id.is_none() {
+                    return Err(RunError::Usage(
+                        "--val-data with --attention-mask: the validation rows have no mask; give the padding token with --pad-id instead".into(),
+                    ));
+                }
+                mask = Some(s.clone());
+                continue;
+            }
             let (_, file) = fixed.iter().find(|(n, _)| *n == s.name).ok_or_else(|| {
                 RunError::Usage(format!(
                     "the evaluation step also takes `{}`: pass --input {}=FILE.npy",
                     s.name, s.name
                 ))
             })?;
-            // Written before each evaluation (the training step reuses the region).
-            let _ = read_input(s, file)?;
+            others.push((s.clone(), read_input(s, file)?));
         }
         Ok(Some(Validation {
             eval,
@@ -1121,6 +1143,8 @@ impl Validation {
             path: shown,
             ids,
             labels,
+            others,
+            mask,
         }))
     }
 
@@ -1153,6 +1177,13 @@ impl Validation {
             }
             if let Some(s) = &self.labels {
                 let v: Vec<f64> = labels.iter().map(|&x| x as f64).collect();
+                cpu.set(s, &encode(s.dtype, &v))?;
+            }
+            for (s, bytes) in &self.others {
+                cpu.set(s, bytes)?;
+            }
+            if let (Some(s), Some(p)) = (&self.mask, pad) {
+                let v: Vec<f64> = r.ids.iter().map(|&x| (x != p) as u8 as f64).collect();
                 cpu.set(s, &encode(s.dtype, &v))?;
             }
             cpu.evaluate()?;

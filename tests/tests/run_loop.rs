@@ -975,6 +975,47 @@ fn validation_loss_inside_the_training_arena() {
         lines.last().unwrap()["val_loss"].as_f64().is_some(),
         "{out}"
     );
+    // A model with other inputs (BERT: token types and the attention mask, fixed): they are
+    // written before each evaluation, so the validation loss is again the next step's.
+    let bert = example("bert-dynamo");
+    let inputs = bert.path.with_extension("").join("inputs");
+    let out = ok(Command::new(bin_dir().join("memc"))
+        .arg("train")
+        .arg(&bert.path)
+        .args([
+            "--optimizer",
+            "adamw",
+            "--backend",
+            "cpu",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+        ])
+        .args(["--eval-every", "1", "--data"])
+        .arg(inputs.join("input_ids.npy"))
+        .arg("--val-data")
+        .arg(inputs.join("input_ids.npy"))
+        .arg("--input")
+        .arg(format!(
+            "token_type_ids={}",
+            inputs.join("token_type_ids.npy").display()
+        ))
+        .arg("--input")
+        .arg(format!(
+            "attention_mask={}",
+            inputs.join("attention_mask.npy").display()
+        )));
+    let lines = json_lines(&out);
+    let (s, v): (Vec<_>, Vec<_>) = lines.iter().partition(|l| l.get("loss").is_some());
+    let (vl, next) = (
+        v[0]["val_loss"].as_f64().unwrap(),
+        s[1]["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (vl - next).abs() <= 1e-5 * next.abs(),
+        "BERT: {vl} vs {next}"
+    );
     // What cannot evaluate.
     fails(
         Command::new(&plain)
