@@ -7,9 +7,8 @@ against PyTorch eager doing the same accumulation, in one run.
 For the 8-layer d_model 512 Llama (`scripts/gen-big-llama.py`, vocab 32000, random weights,
 generated into scratch/ when missing) it compiles the AdamW fp32 training executable for the
 whole batch (`memc compile --train --optimizer adamw -o`, release build) and, for each K > 1,
-with `--grad-accum K`, reads each one's planned bytes from `OUT info` (the single program's
-arena; the accumulating step's one process: weights, optimizer state, gradient sums and the
-passes' working arenas), then alternates memc's executable and PyTorch eager (the same
+with `--grad-accum K` (the program for one microbatch, with a gradient sum per weight),
+reads each one's planned bytes from `OUT info` (its arena), then alternates memc's executable and PyTorch eager (the same
 shapes, all cores; for K > 1 K microbatches, each loss divided by K, one `opt.step()`) one
 step block at a time. Times are medians of the steps after the first; peak RSS is each
 process's `ru_maxrss`. The losses of every K must equal K = 1's within 1e-5.
@@ -52,13 +51,8 @@ print(json.dumps({"ms": statistics.median(times[1:]), "rss": resource.getrusage(
 
 
 def planned(info):
-    """The process's planned bytes: a pipelined step's one process (weights, optimizer state,
-    gradient sums, the passes' arenas), else the single program's arena."""
-    lines = info.splitlines()
-    for line in lines:
-        if line.startswith("planned, one process:"):
-            return int(line.split(":")[1].split()[0])
-    for line in lines:
+    """The executable's planned bytes: its arena."""
+    for line in info.splitlines():
         if line.startswith("arena_bytes:"):
             return int(line.split()[1])
     raise SystemExit(f"no plan in OUT info:\n{info}")

@@ -610,14 +610,7 @@ pub fn lower(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
 pub fn lower_eval(g: &Graph, model: &str, train: &Program) -> Result<HostProgram, KernelError> {
     let (ordered, kernels, plan) = layout(g);
     let persistent_end = train
-        .params
-        .iter()
-        .map(|p| &p.slot)
-        .chain(&train.inputs)
-        .chain(train.consts.iter().map(|c| &c.slot))
-        .map(|s| s.offset + s.bytes())
-        .max()
-        .unwrap_or(0)
+        .kept_bytes()
         .next_multiple_of(memc_passes::plan::ALIGN);
     let mut layout = Layout::default();
     let mut rest = vec![];

@@ -601,17 +601,10 @@ pub fn build_eval(g: &mut Graph, opts: &TrainOptions) -> Result<(), TrainError> 
 
 /// The step's scalar inputs, added the first time they are asked for.
 fn step_inputs(g: &mut Graph) -> Scalars {
-    let mut get = |name: &str| {
-        g.inputs()
-            .iter()
-            .copied()
-            .find(|&v| matches!(&g.value(v).def, ValueDef::Input { name: n } if n == name))
-            .unwrap_or_else(|| g.add_input(name, TensorType::new(DType::F32, vec![])))
-    };
     Scalars {
-        lr: get(LR_INPUT),
-        wd: get(WEIGHT_DECAY_INPUT),
-        step: get(STEP_INPUT),
+        lr: scalar_input(g, LR_INPUT),
+        wd: scalar_input(g, WEIGHT_DECAY_INPUT),
+        step: scalar_input(g, STEP_INPUT),
     }
 }
 
@@ -874,25 +867,6 @@ fn next_token_ce(
         (s[0], s[1], s[2])
     };
     let mut b = Builder::new(g, Phase::Forward, "loss");
-    if let Some(labels) = labels {
-        // Σ over the kept positions of log p(target), divided by their count.
-        let logits = b.cast(logits, DType::F32)?;
-        let shifted = b.op(
-            Op::Slice {
-                starts: vec![0, 0, 0],
-                ends: vec![bsz, seq - 1, vocab],
-                steps: vec![1; 3],
-            },
-            &[logits],
-        )?;
-        let logp = b.op(Op::LogSoftmax { axis: 2 }, &[shifted])?;
-        let logp = b.reshape(logp, vec![bsz * (seq - 1), vocab])?;
-        let (targets, weights) = kept_targets(&mut b, labels, bsz * (seq - 1), DType::F32)?;
-        let picked = b.op(Op::GatherElements { axis: 1 }, &[logp, targets])?;
-        let weighted = b.mul(picked, weights)?;
-        let total = b.reduce(ReduceKind::Sum, weighted, vec![0, 1], false)?;
-        return b.neg(total);
-    }
     let logits = b.cast(logits, DType::F32)?;
     let shifted = b.op(
         Op::Slice {
@@ -903,6 +877,15 @@ fn next_token_ce(
         &[logits],
     )?;
     let logp = b.op(Op::LogSoftmax { axis: 2 }, &[shifted])?;
+    if let Some(labels) = labels {
+        // Σ over the kept positions of log p(target), divided by their count.
+        let logp = b.reshape(logp, vec![bsz * (seq - 1), vocab])?;
+        let (targets, weights) = kept_targets(&mut b, labels, bsz * (seq - 1), DType::F32)?;
+        let picked = b.op(Op::GatherElements { axis: 1 }, &[logp, targets])?;
+        let weighted = b.mul(picked, weights)?;
+        let total = b.reduce(ReduceKind::Sum, weighted, vec![0, 1], false)?;
+        return b.neg(total);
+    }
     let targets = b.op(
         Op::Slice {
             starts: vec![0, 1],

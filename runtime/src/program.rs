@@ -394,6 +394,19 @@ pub struct SubProgram {
 }
 
 impl Program {
+    /// Where the buffers the step keeps between runs end: its weights and optimizer state,
+    /// inputs and constants (the planner places them first); an evaluation step lives above.
+    pub fn kept_bytes(&self) -> u64 {
+        self.params
+            .iter()
+            .map(|q| &q.slot)
+            .chain(&self.inputs)
+            .chain(self.consts.iter().map(|c| &c.slot))
+            .map(|s| s.offset + s.bytes())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The loss output of a training or evaluation step (`loss`), if it has one.
     pub fn loss(&self) -> Option<&Slot> {
         self.output("loss")
@@ -939,15 +952,7 @@ impl Program {
             }
             // Everything but its weights lies above what the training step keeps between
             // runs (its weights, optimizer state, inputs and constants).
-            let kept = self
-                .params
-                .iter()
-                .map(|q| &q.slot)
-                .chain(&self.inputs)
-                .chain(self.consts.iter().map(|c| &c.slot))
-                .map(|s| s.offset + s.bytes())
-                .max()
-                .unwrap_or(0);
+            let kept = self.kept_bytes();
             let weight = |offset: u64, bytes: u64| {
                 p.params
                     .iter()

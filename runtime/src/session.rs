@@ -371,6 +371,38 @@ pub const ATTENTION_MASK: &str = "attention_mask";
 /// The label of a position left out of the loss (transformers' `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 
+/// The attention mask of the positions `ids` (1 token, 0 padding): the given one, or the
+/// positions not holding the padding token `pad`; `None` without either.
+fn mask_of(ids: &[i64], given: Option<&[i64]>, pad: Option<i64>) -> Option<Vec<i64>> {
+    match (given, pad) {
+        (Some(m), _) => Some(m.to_vec()),
+        (None, Some(p)) => Some(ids.iter().map(|&x| (x != p) as i64).collect()),
+        (None, None) => None,
+    }
+}
+
+/// The labels of the positions `ids` (the given ones, else the ids), −100 where `mask` is 0.
+fn masked_labels(ids: &[i64], given: Option<&[i64]>, mask: Option<&[i64]>) -> Vec<i64> {
+    let mut l = given.unwrap_or(ids).to_vec();
+    if let Some(m) = mask {
+        l.iter_mut()
+            .zip(m)
+            .filter(|(_, &m)| m == 0)
+            .for_each(|(l, _)| *l = IGNORE_INDEX);
+    }
+    l
+}
+
+/// The positions in the loss of rows of `seq` labels: every label but each row's first (it is
+/// nobody's target) that is not −100.
+fn kept_positions(labels: &[i64], seq: usize) -> usize {
+    labels
+        .chunks(seq)
+        .flat_map(|row| &row[1..])
+        .filter(|&&l| l != IGNORE_INDEX)
+        .count()
+}
+
 /// Run-time settings of a training run.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -724,23 +756,11 @@ pub fn train(
         let mut labels: Vec<Option<Vec<i64>>> = vec![];
         for part in &parts {
             let mine = &rows.ids[part.clone()];
-            let mask: Option<Vec<i64>> = match (&rows.mask, run.pad_id) {
-                (Some(m), _) => Some(m[part.clone()].to_vec()),
-                (None, Some(pad)) => Some(mine.iter().map(|&x| (x != pad) as i64).collect()),
-                (None, None) => None,
-            };
+            let given = rows.mask.as_ref().map(|m| &m[part.clone()]);
+            let mask = mask_of(mine, given, run.pad_id);
             let l = labels_slot.as_ref().map(|_| {
-                let mut l: Vec<i64> = match &rows.labels {
-                    Some(l) => l[part.clone()].to_vec(),
-                    None => mine.to_vec(),
-                };
-                if let Some(m) = &mask {
-                    l.iter_mut()
-                        .zip(m)
-                        .filter(|(_, &m)| m == 0)
-                        .for_each(|(l, _)| *l = IGNORE_INDEX);
-                }
-                l
+                let given = rows.labels.as_ref().map(|l| &l[part.clone()]);
+                masked_labels(mine, given, mask.as_deref())
             });
             masks.push(mask);
             labels.push(l);
@@ -748,12 +768,8 @@ pub fn train(
         let kept: Vec<usize> = labels
             .iter()
             .map(|l| {
-                l.as_ref().map_or(batch * (seq - 1), |l| {
-                    l.chunks(seq)
-                        .flat_map(|row| &row[1..])
-                        .filter(|&&x| x != IGNORE_INDEX)
-                        .count()
-                })
+                l.as_ref()
+                    .map_or(batch * (seq - 1), |l| kept_positions(l, seq))
             })
             .collect();
         let total: usize = kept.iter().sum();
@@ -1159,19 +1175,9 @@ impl Validation {
             let r = self.data.rows_at(first, batch);
             let v: Vec<f64> = r.ids.iter().map(|&x| x as f64).collect();
             cpu.set(&self.ids, &encode(self.ids.dtype, &v))?;
-            let mut labels = r.labels.unwrap_or_else(|| r.ids.clone());
-            if let Some(p) = pad {
-                for (l, &x) in labels.iter_mut().zip(&r.ids) {
-                    if x == p {
-                        *l = IGNORE_INDEX;
-                    }
-                }
-            }
-            let kept = labels
-                .chunks(seq)
-                .flat_map(|row| &row[1..])
-                .filter(|&&l| l != IGNORE_INDEX)
-                .count();
+            let mask = mask_of(&r.ids, None, pad);
+            let labels = masked_labels(&r.ids, r.labels.as_deref(), mask.as_deref());
+            let kept = kept_positions(&labels, seq);
             if kept == 0 {
                 continue;
             }
@@ -1182,8 +1188,8 @@ impl Validation {
             for (s, bytes) in &self.others {
                 cpu.set(s, bytes)?;
             }
-            if let (Some(s), Some(p)) = (&self.mask, pad) {
-                let v: Vec<f64> = r.ids.iter().map(|&x| (x != p) as u8 as f64).collect();
+            if let (Some(s), Some(m)) = (&self.mask, &mask) {
+                let v: Vec<f64> = m.iter().map(|&x| x as f64).collect();
                 cpu.set(s, &encode(s.dtype, &v))?;
             }
             cpu.evaluate()?;

@@ -36,6 +36,22 @@ fn fixture(ex: &Example, key: &str) -> Vec<f64> {
         .collect()
 }
 
+/// The fixture's masked labels (`examples/train_fixtures.py`'s `masked_labels`), by row.
+fn fixture_labels(ex: &Example) -> Vec<Vec<i64>> {
+    memc_tests::train_reference(ex)["masked_labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
 fn ids(ex: &Example) -> PathBuf {
     ex.path.with_extension("").join("inputs/input_ids.npy")
 }
@@ -417,19 +433,7 @@ fn masked_labels_follow_transformers() {
     let dir = scratch("labels");
     for name in ["llama-dynamo", "gpt2-dynamo"] {
         let ex = example(name);
-        let fx = memc_tests::train_reference(&ex);
-        let rows: Vec<Vec<i64>> = fx["masked_labels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_i64().unwrap())
-                    .collect()
-            })
-            .collect();
+        let rows = fixture_labels(&ex);
         let labels = dir.join(format!("{name}-labels.npy"));
         write_labels(&labels, &rows);
         let mask = dir.join(format!("{name}-mask.npy"));
@@ -700,19 +704,7 @@ fn grad_accumulation_equals_the_full_batch_step() {
         "{next_a:?} vs {next_w:?}"
     );
     // Masked labels, 2 microbatches of 1 row: the loss over the kept labels of both rows.
-    let fx = memc_tests::train_reference(&ex);
-    let rows: Vec<Vec<i64>> = fx["masked_labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap())
-                .collect()
-        })
-        .collect();
+    let rows = fixture_labels(&ex);
     let labels = dir.join("labels.npy");
     write_labels(&labels, &rows);
     let out = ok(Command::new(bin_dir().join("memc"))
@@ -902,19 +894,7 @@ fn validation_loss_inside_the_training_arena() {
     }
     assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 6);
     // With labels: the masked loss of the validation rows.
-    let fx = memc_tests::train_reference(&ex);
-    let rows: Vec<Vec<i64>> = fx["masked_labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap())
-                .collect()
-        })
-        .collect();
+    let rows = fixture_labels(&ex);
     let labels = dir.join("labels.npy");
     write_labels(&labels, &rows);
     let labelled = dir.join("labelled");
