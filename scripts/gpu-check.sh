@@ -3,10 +3,10 @@
 #
 #   scripts/gpu-check.sh prepare   # here, no GPU needed: builds memc (release) and compiles
 #                                  # every executable the checks run into gpu-bundle/, stripped and
-#                                  # packed as gpu-bundle.tar.gz (< 64 MiB: no LLVM, no large
+#                                  # packed as gpu-bundle.tar.xz (< 64 MiB: no LLVM, no large
 #                                  # weights; the big models use --random-weights)
 #   scripts/gpu-check.sh           # on the GPU machine (the device tool, carry
-#                                  # ["gpu-bundle.tar.gz"]): unpacks it, then
+#                                  # ["gpu-bundle.tar.xz"]): unpacks it, then
 #                                  # prints one table; finishes in well under 8 minutes
 #
 # The run phase needs only the bundle, a CUDA driver, Python with numpy, and PyTorch for the
@@ -77,17 +77,18 @@ np.save(f"{b}/data/ids8x16-gpt2.npy", rng.integers(0, 256, (8, 16)).astype(np.in
 np.save(f"{b}/data/one.npy", np.ones(1, np.float32))
 EOF
   cp scripts/bench-gpu-torch.py "$B/"
-  # Symbols are a third of each executable; packed, the bundle is well under the 64 MiB a
-  # device call carries.
+  # Symbols are a third of each executable; the executables share their runtime, which xz's
+  # large window stores once (gzip: 32 MB, xz: 6 MB), so the bundle and the working tree fit
+  # the 64 MiB a device call carries.
   find "$B" -maxdepth 1 -type f -perm -u+x -exec strip {} +
-  tar -czf "$B.tar.gz" "$B"
-  du -sh "$B" "$B.tar.gz"
-  echo "now run on the GPU machine: scripts/gpu-check.sh (carry gpu-bundle.tar.gz)"
+  tar -cf - "$B" | xz -9 -T0 > "$B.tar.xz"
+  du -sh "$B" "$B.tar.xz"
+  echo "now run on the GPU machine: scripts/gpu-check.sh (carry gpu-bundle.tar.xz)"
   exit 0
 fi
 
-if [ ! -d "$B" ] && [ -f "$B.tar.gz" ]; then
-  tar -xzf "$B.tar.gz"
+if [ ! -d "$B" ] && [ -f "$B.tar.xz" ]; then
+  tar -xJf "$B.tar.xz"
 fi
 if [ ! -d "$B" ]; then
   echo "gpu-check: $B/ is missing: run scripts/gpu-check.sh prepare first (on the build machine)" >&2
@@ -97,7 +98,15 @@ if ! command -v nvidia-smi >/dev/null; then
   echo "gpu-check: no nvidia-smi: this is not a GPU machine" >&2
   exit 2
 fi
-T=${TMPDIR:-/tmp}/memc-gpu-check
+# GPU_CHECK_OUT keeps each run's output and errors where the caller wants them.
+T=${GPU_CHECK_OUT:-${TMPDIR:-/tmp}/memc-gpu-check}
+# cuBLAS: the toolkit's or the one PyTorch's wheels bring, wherever the machine has it.
+for lib in $(find /usr/local /opt /usr/lib -name 'libcublas.so.1[0-9]*' 2>/dev/null | sort -u); do
+  LD_LIBRARY_PATH="$(dirname "$lib"):${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH
+# Every run has a time limit, so that a hang costs one row of the table, not the whole run.
+t() { timeout "$@"; }
 rm -rf "$T"
 mkdir -p "$T"
 echo "== $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
@@ -111,12 +120,12 @@ for src in $MODELS; do
   [ "$name" = bert-dynamo ] && fixed=(--input "attention_mask=$d/attention_mask.npy" --input "token_type_ids=$d/token_type_ids.npy")
   inputs=(--input "input_ids=$d/input_ids.npy" "${fixed[@]}")
   for backend in cpu cuda; do
-    if ! "$B/$name-train" train --data "$d/input_ids.npy" "${fixed[@]}" --steps 3 --backend $backend \
+    if ! t 120 "$B/$name-train" train --data "$d/input_ids.npy" "${fixed[@]}" --steps 3 --backend $backend \
         > "$T/$name-train-$backend.jsonl" 2> "$T/$name-train-$backend.err"; then
       echo "   $name train --backend $backend FAILED: $(tail -1 "$T/$name-train-$backend.err")"
       status=1
     fi
-    if ! "$B/$name-infer" infer "${inputs[@]}" --out "$T/$name-$backend" --backend $backend 2> "$T/$name-infer-$backend.err"; then
+    if ! t 60 "$B/$name-infer" infer "${inputs[@]}" --out "$T/$name-$backend" --backend $backend 2> "$T/$name-infer-$backend.err"; then
       echo "   $name infer --backend $backend FAILED: $(tail -1 "$T/$name-infer-$backend.err")"
       status=1
     fi
@@ -157,7 +166,7 @@ for v in llama:2:1 gpt2:2:1 llama-dp:1:2 llama-2x2:2:2; do
   for r in "${runs[@]}"; do
     launch=()
     [ "${r#mpi-}" != "$r" ] && launch=("${MPIRUN[@]}" -n $((p * d)))
-    if ! "${launch[@]}" "$B/pipe-$tag" train --data "$data" --steps 3 --lr 1e-2 --backend "${r#mpi-}" \
+    if ! t 120 "${launch[@]}" "$B/pipe-$tag" train --data "$data" --steps 3 --lr 1e-2 --backend "${r#mpi-}" \
         > "$T/pipe-$tag-$r.jsonl" 2> "$T/pipe-$tag-$r.err"; then
       echo "   pipe-$tag $r FAILED: $(grep -m1 '^error' "$T/pipe-$tag-$r.err" || tail -1 "$T/pipe-$tag-$r.err")"
       status=1
@@ -182,7 +191,7 @@ sys.exit(0 if ok else 1)
 EOF
 done
 echo "== Llama 12 x d768 bf16, 2 pipeline stages (1F1B, 4 microbatches) as streams of one GPU"
-if "$B/llama12-bf16-pipe2" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 6 --backend cuda \
+if t 150 "$B/llama12-bf16-pipe2" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 6 --backend cuda \
     > "$T/llama12-pipe2.jsonl" 2> "$T/llama12-pipe2.err"; then
   python3 - "$T/llama12-pipe2.jsonl" <<'EOF'
 import json, statistics, sys
@@ -197,7 +206,7 @@ else
 fi
 
 echo "== fused elementwise bandwidth (y = silu(w*x) + w, 2^26 f32: 5 x 256 MiB moved per run)"
-if MEMC_PROFILE=1 "$B/eltwise" infer --random-weights 0 --input "x=$B/data/one.npy" --out "$T/eltwise" \
+if MEMC_PROFILE=1 t 120 "$B/eltwise" infer --random-weights 0 --input "x=$B/data/one.npy" --out "$T/eltwise" \
     --backend cuda --repeat 20 2> "$T/eltwise.err"; then
   python3 - "$T/eltwise.err" <<'EOF'
 import re, sys, torch
@@ -226,7 +235,7 @@ fi
 for v in "" full b50 moc rev; do
   exe="$B/llama12-bf16${v:+-$v}"
   echo "== Llama 12 x d768, batch 8 x seq 1024, bf16 (fp32 master weights), AdamW, memc ${v:-default}"
-  if "$exe" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 8 --backend cuda \
+  if t 150 "$exe" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 8 --backend cuda \
       > "$T/llama12$v.jsonl" 2> "$T/llama12$v.err"; then
     python3 - "$T/llama12$v.jsonl" "memc${v:+ $v}" <<'EOF'
 import json, statistics, sys
@@ -236,7 +245,7 @@ print(json.dumps({"mode": sys.argv[2], "step_ms": round(ms, 2), "tokens_per_s": 
                   "peak_bytes": lines[-1]["peak_bytes"], "loss": round(lines[-1]["loss"], 4)}))
 EOF
     if [ -z "$v" ]; then
-      MEMC_PROFILE=1 "$exe" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 2 \
+      MEMC_PROFILE=1 t 90 "$exe" train --random-weights 0 --data "$B/data/ids8x1024.npy" --steps 2 \
         --backend cuda 2>&1 >/dev/null | sed 's/^/   /' | head -14
     fi
   else
@@ -244,5 +253,5 @@ EOF
     status=1
   fi
 done
-python3 "$B/bench-gpu-torch.py" --steps 10 || status=1
+t 240 python3 "$B/bench-gpu-torch.py" --steps 10 || status=1
 exit $status
