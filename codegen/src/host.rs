@@ -91,14 +91,7 @@ impl HostProgram {
         for (n, k) in kernels.iter().enumerate() {
             let name = format!("step{n}");
             let node = g.node(k.nodes[0]);
-            // A reshape or transpose the plan made a view (its result where its operand is)
-            // runs nothing: a transposed view's readers are GEMMs reading it through strides.
-            let view = |n: memc_ir::NodeId| {
-                let nd = g.node(n);
-                matches!(nd.op, Op::Reshape { .. } | Op::Transpose { .. })
-                    && layout.offsets.contains_key(&nd.inputs[0])
-                    && layout.offsets.get(&nd.inputs[0]) == layout.offsets.get(&nd.outputs[0])
-            };
+            let view = |n: memc_ir::NodeId| is_view(g, layout, n);
             if k.nodes.len() == 1 && view(k.nodes[0]) {
                 continue;
             }
@@ -111,11 +104,7 @@ impl HostProgram {
                     });
                 }
                 let (a, b, o) = (node.inputs[0], node.inputs[1], node.outputs[0]);
-                // An operand that is a transposed view is read in its operand's layout.
-                let stored_transposed = |v: ValueId| {
-                    g.producer(v)
-                        .is_some_and(|p| memc_passes::plan::transposed_view(g, p) && view(p))
-                };
+                let stored_transposed = |v: ValueId| stored_transposed(g, layout, v);
                 steps.push(Step::Gemm {
                     dtype: dtype(t),
                     a: buf(a, &name)?,
@@ -129,29 +118,11 @@ impl HostProgram {
                 results.push(vec![written(o, k, &name)?]);
                 continue;
             }
-            let (mlir, ins, outs, label) = if k.elementwise {
-                let reduces = k
-                    .nodes
-                    .iter()
-                    .any(|&n| matches!(g.node(n).op, Op::Reduce { .. }));
-                (
-                    elementwise_mlir(g, k, &name)?,
-                    &k.inputs,
-                    &k.outputs,
-                    if reduces {
-                        "fused reduction"
-                    } else {
-                        "fused elementwise"
-                    }
-                    .to_string(),
-                )
+            let (ins, outs, label) = kernel_operands(g, k);
+            let mlir = if k.elementwise {
+                elementwise_mlir(g, k, &name)?
             } else {
-                (
-                    op_mlir(g, k.nodes[0], &name)?,
-                    &node.inputs,
-                    &node.outputs,
-                    node.op.name().to_string(),
-                )
+                op_mlir(g, k.nodes[0], &name)?
             };
             let args = ins
                 .iter()
@@ -588,6 +559,11 @@ pub fn layout(g: &Graph) -> (Graph, Vec<Kernel>, memc_passes::plan::Plan) {
 /// runtime's training description for a training program.
 pub fn lower(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
     let (ordered, kernels, plan) = layout(g);
+    HostProgram::compile(&ordered, &kernels, &plan_layout(&plan), model)
+}
+
+/// Every value at its offset in `plan` (aliases at their targets'), the arena its peak.
+fn plan_layout(plan: &memc_passes::plan::Plan) -> Layout {
     let mut layout = Layout {
         arena_bytes: plan.peak_bytes,
         offsets: Default::default(),
@@ -599,7 +575,104 @@ pub fn lower(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
         let at = layout.offsets[&target];
         layout.offsets.insert(v, at);
     }
-    HostProgram::compile(&ordered, &kernels, &layout, model)
+    layout
+}
+
+/// A reshape or transpose the plan made a view (its result where its operand is) runs
+/// nothing: a transposed view's readers are GEMMs reading it through strides.
+fn is_view(g: &Graph, layout: &Layout, n: memc_ir::NodeId) -> bool {
+    let nd = g.node(n);
+    matches!(nd.op, Op::Reshape { .. } | Op::Transpose { .. })
+        && layout.offsets.contains_key(&nd.inputs[0])
+        && layout.offsets.get(&nd.inputs[0]) == layout.offsets.get(&nd.outputs[0])
+}
+
+/// A GEMM operand that is a transposed view is read in its operand's layout.
+fn stored_transposed(g: &Graph, layout: &Layout, v: ValueId) -> bool {
+    g.producer(v)
+        .is_some_and(|p| memc_passes::plan::transposed_view(g, p) && is_view(g, layout, p))
+}
+
+/// A generated kernel's operands, results and profile label (`fused elementwise`, `fused
+/// reduction`, or its op's name).
+fn kernel_operands<'g>(g: &'g Graph, k: &'g Kernel) -> (&'g [ValueId], &'g [ValueId], String) {
+    if k.elementwise {
+        let reduces = k
+            .nodes
+            .iter()
+            .any(|&n| matches!(g.node(n).op, Op::Reduce { .. }));
+        let label = if reduces {
+            "fused reduction"
+        } else {
+            "fused elementwise"
+        };
+        (&k.inputs, &k.outputs, label.to_string())
+    } else {
+        let node = g.node(k.nodes[0]);
+        (&node.inputs, &node.outputs, node.op.name().to_string())
+    }
+}
+
+/// What one step of the cpu program [`lower`] builds runs, for a cost model (`memc plan`):
+/// the classification [`HostProgram::compile`] makes, without generating a kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    /// A GEMM ([`Step::Gemm`]'s fields).
+    Gemm {
+        /// Element type.
+        dtype: Dtype,
+        /// `a`'s shape.
+        a_shape: Vec<usize>,
+        /// `b`'s shape.
+        b_shape: Vec<usize>,
+        /// Operands stored transposed.
+        trans: (bool, bool),
+    },
+    /// A step the runtime runs itself.
+    Native(Native),
+    /// A generated kernel: its profile label and the bytes of its buffers.
+    Kernel {
+        /// `fused elementwise`, `fused reduction`, or the op's name.
+        label: String,
+        /// The bytes of its operands and results.
+        bytes: u64,
+    },
+}
+
+/// The steps of the cpu program of `g` (what [`lower`] would build), and its arena's bytes,
+/// without generating any kernel: a few milliseconds where [`lower`] takes seconds.
+pub fn work(g: &Graph) -> (u64, Vec<Work>) {
+    let (ordered, kernels, plan) = layout(g);
+    let layout = plan_layout(&plan);
+    let g = &ordered;
+    let mut steps = vec![];
+    for k in &kernels {
+        let node = g.node(k.nodes[0]);
+        if k.nodes.len() == 1 && is_view(g, &layout, k.nodes[0]) {
+            continue;
+        }
+        if !k.elementwise && matches!(node.op, Op::MatMul) {
+            let (a, b) = (node.inputs[0], node.inputs[1]);
+            steps.push(Work::Gemm {
+                dtype: dtype(g.value(node.outputs[0]).ty.dtype),
+                a_shape: g.value(a).ty.shape.clone(),
+                b_shape: g.value(b).ty.shape.clone(),
+                trans: (
+                    stored_transposed(g, &layout, a),
+                    stored_transposed(g, &layout, b),
+                ),
+            });
+            continue;
+        }
+        if let Some(n) = (!k.elementwise).then(|| native(g, node)).flatten() {
+            steps.push(Work::Native(n));
+            continue;
+        }
+        let (ins, outs, label) = kernel_operands(g, k);
+        let bytes = ins.iter().chain(outs).map(|&v| g.value(v).ty.bytes() as u64).sum();
+        steps.push(Work::Kernel { label, bytes });
+    }
+    (plan.peak_bytes, steps)
 }
 
 /// The evaluation step `g` (forward and loss) laid out inside `train`'s arena: its weights

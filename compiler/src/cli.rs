@@ -34,6 +34,11 @@ enum Command {
     /// Tokenise text (.txt or .jsonl of text or prompt/response records) with a Hugging Face
     /// tokenizer.json into input_ids.npy, labels.npy and attention_mask.npy.
     Data(crate::data::DataArgs),
+    /// Find the fastest training step that fits a device's memory: searches gradient
+    /// accumulation, recomputation and the loss's form (and, with --allow, bf16, MoC and
+    /// reversible layers), prints the choice, the runners-up and the Pareto front, and writes
+    /// the flags for memc compile/train --plan FILE.
+    Plan(Box<crate::planner::PlanArgs>),
     /// Run passes on textual IR: textual IR in, textual IR out.
     Opt(OptArgs),
     /// Generate, check and simulate a pipeline-parallel schedule; report per-device peak
@@ -44,7 +49,7 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// The ONNX model (from torch.onnx.export, dynamo or TorchScript).
     model: PathBuf,
     /// Bind an input's dims: NAME=DxD... (e.g. input_ids=2x16); repeatable.
@@ -73,6 +78,50 @@ struct ModelArgs {
     moc_k: Option<String>,
     #[command(flatten)]
     rev: crate::rev::RevArgs,
+    /// Import without the recognition, MoC and reversible lines on stderr (`memc plan`
+    /// imports the model once per microbatch size).
+    #[arg(skip)]
+    quiet: bool,
+}
+
+impl ModelArgs {
+    /// The model arguments of one of `memc plan`'s configurations: `moc_k` and MEFT1
+    /// reversible layers over every layer when `reversible`, quiet.
+    pub(crate) fn for_plan(
+        model: PathBuf,
+        shapes: Vec<String>,
+        moc_k: Option<String>,
+        reversible: bool,
+    ) -> ModelArgs {
+        ModelArgs {
+            model,
+            shapes,
+            weights: None,
+            time_passes: false,
+            no_canonicalize: false,
+            moc_k,
+            rev: crate::rev::RevArgs {
+                reversible: reversible.then_some(crate::rev::VariantArg::Meft1),
+                rev_layers: None,
+                adapter_rank: 8,
+                adapter_seed: 0,
+            },
+            quiet: true,
+        }
+    }
+}
+
+/// The forward graph of `args` at `shapes` (imported, canonicalised, with MoC and reversible
+/// layers as asked), for `memc plan`.
+pub(crate) fn import_quiet(
+    args: &ModelArgs,
+    shapes: HashMap<String, Vec<usize>>,
+) -> Result<Graph> {
+    let mut timer = Timer {
+        enabled: false,
+        phases: vec![],
+    };
+    Ok(import(args, shapes, &mut timer, &mut PassManager::new())?.0)
 }
 
 /// Parses `--moc-k`: an integer count or a fraction in (0, 1).
@@ -417,7 +466,7 @@ fn parse_shape(s: &str) -> Result<(String, Vec<usize>)> {
     Ok((name.to_string(), dims))
 }
 
-fn shapes(args: &ModelArgs) -> Result<HashMap<String, Vec<usize>>> {
+pub(crate) fn shapes(args: &ModelArgs) -> Result<HashMap<String, Vec<usize>>> {
     let mut m = HashMap::new();
     for s in &args.shapes {
         let (name, dims) = parse_shape(s)?;
@@ -502,7 +551,7 @@ fn import(
     for u in recognition
         .unrecognised
         .iter()
-        .filter(|_| !args.no_canonicalize)
+        .filter(|_| !args.no_canonicalize && !args.quiet)
     {
         eprintln!(
             "warning: {name}: {} not recognised{}; this rules out {}",
@@ -519,7 +568,7 @@ fn import(
         let stats = pm.run(&mut g, "moc", format!("moc{{k={text}}}"), |g| {
             memc_passes::moc::apply_moc(g, k).map_err(|e| anyhow!("{name}: --moc-k: {e}"))
         })?;
-        if stats.rewritten == 0 {
+        if stats.rewritten == 0 && !args.quiet {
             eprintln!(
                 "warning: {name}: --moc-k: no gated FFN (SwiGLU `swiglu_ffn` or GeGLU, a gated `gelu_ffn`) in the model, nothing rewritten{}; MoC applies to gated FFNs only",
                 if stats.left_dense > 0 {
@@ -529,7 +578,7 @@ fn import(
                 }
             );
         }
-        if let Some((k, f)) = stats.k {
+        if let Some((k, f)) = stats.k.filter(|_| !args.quiet) {
             eprintln!(
                 "moc: {} gated FFNs -> moc_ffn, keeping {k} of {f} channels per token{}",
                 stats.rewritten,
@@ -551,7 +600,7 @@ fn import(
             );
         }
     }
-    let rev = crate::rev::apply(&mut g, &args.rev, &name, pm)?;
+    let rev = crate::rev::apply(&mut g, &args.rev, &name, pm, args.quiet)?;
     Ok((g, rev, recognition, params))
 }
 
@@ -1017,7 +1066,7 @@ fn emit_pipelined(
 
 /// With `--grad-accum K` (no pipeline): the shapes of one microbatch, the token input's
 /// rows / K.
-fn accum_shapes(
+pub(crate) fn accum_shapes(
     shapes: HashMap<String, Vec<usize>>,
     k: usize,
     model: &str,
@@ -1596,6 +1645,7 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Plan(a) => crate::planner::run(*a),
         Command::Opt(a) => opt(a),
         Command::Schedule(a) => schedule(a),
         Command::Toolchain => toolchain(),
@@ -1622,7 +1672,14 @@ pub fn main() -> ! {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
-    let cli = match Cli::try_parse() {
+    let argv = match crate::planner::expand_plan(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            std::process::exit(2)
+        }
+    };
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {

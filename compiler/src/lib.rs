@@ -6,11 +6,13 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod cost;
 pub mod data;
 pub mod io;
 /// The ONNX frontend (the `memc-onnx` crate).
 pub use memc_onnx as onnx;
 pub mod pipe;
+pub mod planner;
 pub mod report;
 pub mod rev;
 pub mod train;

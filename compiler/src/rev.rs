@@ -67,6 +67,7 @@ pub fn apply(
     args: &RevArgs,
     model: &str,
     pm: &mut memc_passes::manager::PassManager,
+    quiet: bool,
 ) -> Result<Option<RevReport>> {
     let Some(v) = args.reversible else {
         return Ok(None);
@@ -96,14 +97,21 @@ pub fn apply(
     let stats = pm.run(g, "reversible", text, |g| {
         apply_reversible(g, &opts).map_err(|e| anyhow!("{model}: {}", rev_error(&e)))
     })?;
-    let start_deviation = start_deviation(&original, g)?;
+    // `quiet` (memc plan): no report line, and no starting-point check (it runs the model).
+    let start_deviation = if quiet {
+        None
+    } else {
+        start_deviation(&original, g)?
+    };
     let report = RevReport {
         stats,
         start_deviation,
         original,
         saved_bytes: None,
     };
-    eprintln!("reversible: {}", report.line());
+    if !quiet {
+        eprintln!("reversible: {}", report.line());
+    }
     Ok(Some(report))
 }
 

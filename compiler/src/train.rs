@@ -265,7 +265,12 @@ pub fn build_managed(
     opts: &TrainOptions,
     pm: &mut PassManager,
 ) -> Result<TrainStats> {
-    train::build_training_with(g, opts, pm).map_err(|e| match e {
+    train::build_training_with(g, opts, pm).map_err(build_error)
+}
+
+/// A training build's error in terms of the CLI's flags.
+pub fn build_error(e: TrainError) -> anyhow::Error {
+    match e {
         TrainError::NoLogits(_) => anyhow!("--loss next-token-ce: {e}"),
         TrainError::NothingTrainable(_) => anyhow!("--trainable: {e}"),
         TrainError::NoAdapters => {
@@ -279,7 +284,7 @@ pub fn build_managed(
         TrainError::Partition(p) => crate::pipe::partition_error(&p),
         TrainError::Remat(r) => remat_error(&r),
         e => anyhow!(e),
-    })
+    }
 }
 
 /// A rematerialisation error in terms of the CLI's flags.

@@ -316,6 +316,29 @@ impl Cpu {
         )
     }
 
+    /// Each step's time alone, in seconds: the median of `reps` runs after one warm-up run,
+    /// on whatever the arena holds (`memc plan`'s calibration, [`crate::cost`]). Index checks
+    /// are not made; the arena's values are overwritten as the steps run.
+    pub fn time_steps(&mut self, reps: usize) -> Vec<f64> {
+        (0..self.steps.len())
+            .map(|i| {
+                crate::cost::median_secs(reps, || {
+                    // A step alone may meet indices the whole step would not (zeros, stale
+                    // values): its kernels clamp them, and the flag is cleared unread.
+                    let _ = exec(
+                        &self.arena,
+                        &self.steps[i..i + 1],
+                        &self.labels[i..i + 1],
+                        &[],
+                        &self.flag,
+                        None,
+                        None,
+                    );
+                })
+            })
+            .collect()
+    }
+
     /// Time per kind of step (most first), when `MEMC_PROFILE` is set: the table printed at
     /// the end of a run.
     pub fn profile(&self) -> Option<String> {

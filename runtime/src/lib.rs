@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod attention;
+pub mod cost;
 pub mod cpu;
 pub mod cuda;
 pub mod finite;

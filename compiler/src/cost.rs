@@ -1,0 +1,325 @@
+//! `memc plan`'s cost model: a training step's time predicted from the times of its steps,
+//! each measured on this machine, never from a whole candidate configuration run.
+//!
+//! - **GEMMs** are timed alone on the runtime's GEMM ([`memc_runtime::cost::time_gemm`]) at
+//!   their shape, or, when larger than [`GEMM_CAP_FLOPS`], at the shape with its largest
+//!   dimensions halved until under it, scaled by the FLOPs (the GEMM runs at its full rate
+//!   well below the cap).
+//! - **Attention** parts are timed alone ([`memc_runtime::cost::time_attention`]) with one
+//!   sequence of the batch, scaled by the batch.
+//! - **Generated kernels** (elementwise, reductions, norms, layout copies) move bytes: each
+//!   profile label's seconds per byte are measured once per model and compute type, by running
+//!   every step of one compiled program alone ([`memc_runtime::cpu::Cpu::time_steps`]) and
+//!   dividing each label's time by its bytes.
+//!
+//! Times depend on the machine and the thread count: they are kept in one JSON file per
+//! (CPU model, cores, threads) under `$MEMC_COST_CACHE` (default `~/.cache/memc/costs`; `off`
+//! keeps nothing), so a second plan on the same machine measures only what is new.
+
+use anyhow::{anyhow, Result};
+use memc_codegen::host::{HostProgram, Work};
+use memc_runtime::attention::Spec;
+use memc_runtime::program::{Dtype, Step};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// A GEMM above this many FLOPs is timed at a smaller shape and scaled.
+pub const GEMM_CAP_FLOPS: f64 = 1.0e9;
+/// Runs per timing (after one warm-up); the median is kept.
+const REPS: usize = 3;
+/// The cache's format.
+const VERSION: u32 = 1;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Table {
+    version: u32,
+    machine: String,
+    threads: usize,
+    /// Seconds per GEMM, by its measured shape.
+    gemm: BTreeMap<String, f64>,
+    /// Seconds per attention part, by its measured spec.
+    attention: BTreeMap<String, f64>,
+    /// Seconds per byte of each generated kernel's label, by model and compute type.
+    kernels: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+/// What calibration measured in this run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Measured {
+    /// GEMM shapes timed.
+    pub gemms: usize,
+    /// Attention parts timed.
+    pub attentions: usize,
+    /// Programs whose kernels were timed.
+    pub programs: usize,
+    /// Seconds spent measuring.
+    pub secs: f64,
+}
+
+/// The cost model of this machine at one thread count.
+pub struct CostModel {
+    table: Table,
+    file: Option<PathBuf>,
+    dirty: bool,
+    /// What this run measured (the rest came from the cache).
+    pub measured: Measured,
+}
+
+/// This machine, for the cache: the CPU's model name and its cores.
+pub fn machine() -> String {
+    let name = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{name}, {cores} cores")
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("MEMC_COST_CACHE") {
+        Some(v) if v == "off" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/memc/costs")),
+    }
+}
+
+fn flops(a: &[usize], b: &[usize]) -> f64 {
+    let g = memc_runtime::gemm::Geometry::of(a, b).expect("a GEMM of the program");
+    2.0 * (g.count * g.m * g.k * g.n) as f64
+}
+
+/// The shapes a GEMM is timed at: its own, or its largest dims (rows, the contraction,
+/// columns, the batch) halved until it is under [`GEMM_CAP_FLOPS`].
+fn reduced(a: &[usize], b: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    if a.len() < 2 || b.len() < 2 {
+        return (a, b);
+    }
+    while flops(&a, &b) > GEMM_CAP_FLOPS {
+        let (ra, rb) = (a.len(), b.len());
+        // Candidates: m (a[-2]), k (a[-1] = b[-2]), n (b[-1]), a's and b's batch dims.
+        let mut dims = vec![(a[ra - 2], 0usize), (a[ra - 1], 1), (b[rb - 1], 2)];
+        if ra > 2 && a[0] > 1 && (rb == 2 || b[0] == a[0] || b[0] == 1) {
+            dims.push((a[0], 3));
+        }
+        let (size, which) = dims.into_iter().max().expect("candidates");
+        if size < 128 {
+            break;
+        }
+        let half = size.div_ceil(2);
+        match which {
+            0 => a[ra - 2] = half,
+            1 => {
+                a[ra - 1] = half;
+                b[rb - 2] = half;
+            }
+            2 => b[rb - 1] = half,
+            _ => {
+                if rb > 2 && b[0] == a[0] {
+                    b[0] = half;
+                }
+                a[0] = half;
+            }
+        }
+    }
+    (a, b)
+}
+
+impl CostModel {
+    /// The model for `threads` threads (the pool is set to them), with what the cache holds.
+    pub fn open(threads: usize, recalibrate: bool) -> Result<CostModel> {
+        memc_runtime::gemm::set_threads(threads).map_err(|e| anyhow!(e))?;
+        let machine = machine();
+        let file = cache_dir().map(|d| {
+            let name: String = format!("{machine}-t{threads}")
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            d.join(format!("{name}.json"))
+        });
+        let fresh = || Table {
+            version: VERSION,
+            machine: machine.clone(),
+            threads,
+            ..Table::default()
+        };
+        let table = match (&file, recalibrate) {
+            (Some(f), false) => std::fs::read(f)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Table>(&b).ok())
+                .filter(|t| t.version == VERSION && t.machine == machine && t.threads == threads)
+                .unwrap_or_else(fresh),
+            _ => fresh(),
+        };
+        Ok(CostModel {
+            table,
+            file,
+            dirty: false,
+            measured: Measured::default(),
+        })
+    }
+
+    /// Where the measurements are kept (`None`: `MEMC_COST_CACHE=off`).
+    pub fn file(&self) -> Option<&PathBuf> {
+        self.file.as_ref()
+    }
+
+    /// Writes what this run measured to the cache (a cache that cannot be written is
+    /// skipped: it only saves time).
+    pub fn save(&mut self) {
+        let (Some(f), true) = (&self.file, self.dirty) else {
+            return;
+        };
+        let Ok(text) = serde_json::to_vec_pretty(&self.table) else {
+            return;
+        };
+        if f.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+            && memc_runtime::weights::write_atomically_with(f, |p| std::fs::write(p, &text)).is_ok()
+        {
+            self.dirty = false;
+        }
+    }
+
+    /// Whether `model`'s kernels have been measured.
+    pub fn has_kernels(&self, model: &str) -> bool {
+        self.table.kernels.contains_key(model)
+    }
+
+    /// Measures each generated kernel of `host` (a compiled program of the model `model`) by
+    /// running every step alone, and keeps each label's seconds per byte.
+    pub fn calibrate_kernels(&mut self, model: &str, host: &HostProgram) -> Result<()> {
+        let t0 = Instant::now();
+        let program = &host.program;
+        let times = host
+            .with_kernels(|kernels| -> Result<Vec<f64>> {
+                // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
+                let mut cpu =
+                    unsafe { memc_runtime::cpu::Cpu::new(program.checked()?, kernels) };
+                Ok(cpu.time_steps(REPS))
+            })
+            .map_err(|e| anyhow!("{e}"))??;
+        let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for (step, t) in program.steps.iter().zip(times) {
+            if let Step::Kernel {
+                args,
+                label,
+                native: None,
+                ..
+            } = step
+            {
+                let bytes: u64 = args.iter().map(|b| b.bytes).sum();
+                let e = sums.entry(label.clone()).or_default();
+                e.0 += t;
+                e.1 += bytes as f64;
+            }
+        }
+        let total = sums.values().fold((0.0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1));
+        let mut rates: BTreeMap<String, f64> = sums
+            .into_iter()
+            .map(|(l, (t, b))| (l, t / b.max(1.0)))
+            .collect();
+        rates.insert(String::new(), total.0 / total.1.max(1.0));
+        self.table.kernels.insert(model.to_string(), rates);
+        self.dirty = true;
+        self.measured.programs += 1;
+        self.measured.secs += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn gemm_secs(&mut self, dtype: Dtype, a: &[usize], b: &[usize], trans: (bool, bool)) -> f64 {
+        let (ra, rb) = reduced(a, b);
+        let key = format!("{dtype:?} {ra:?}x{rb:?} {}{}", trans.0 as u8, trans.1 as u8);
+        let t = match self.table.gemm.get(&key) {
+            Some(&t) => t,
+            None => {
+                let t0 = Instant::now();
+                let t = memc_runtime::cost::time_gemm(dtype, &ra, &rb, trans, REPS).unwrap_or(0.0);
+                self.table.gemm.insert(key, t);
+                self.dirty = true;
+                self.measured.gemms += 1;
+                self.measured.secs += t0.elapsed().as_secs_f64();
+                t
+            }
+        };
+        t * flops(a, b) / flops(&ra, &rb).max(1.0)
+    }
+
+    fn attention_secs(&mut self, spec: &Spec) -> f64 {
+        let batch = spec.q[0].max(1);
+        let mut one = spec.clone();
+        one.q[0] = 1;
+        one.k[0] = 1;
+        if one.mask.len() == 4 && one.mask[0] == batch {
+            one.mask[0] = 1;
+        }
+        let key = format!("{one:?}");
+        let t = match self.table.attention.get(&key) {
+            Some(&t) => t,
+            None => {
+                let t0 = Instant::now();
+                let t = memc_runtime::cost::time_attention(&one, REPS);
+                self.table.attention.insert(key, t);
+                self.dirty = true;
+                self.measured.attentions += 1;
+                self.measured.secs += t0.elapsed().as_secs_f64();
+                t
+            }
+        };
+        t * batch as f64
+    }
+
+    /// Seconds for one run of the program whose steps are `work`, of the model `model` (whose
+    /// kernels must have been calibrated): the sum of its steps' times.
+    pub fn predict(&mut self, model: &str, work: &[Work]) -> Result<f64> {
+        let rates = self
+            .table
+            .kernels
+            .get(model)
+            .ok_or_else(|| anyhow!("the cost model has no kernel times for {model}"))?
+            .clone();
+        let fallback = rates.get("").copied().unwrap_or(0.0);
+        let mut secs = 0.0;
+        for w in work {
+            secs += match w {
+                Work::Gemm {
+                    dtype,
+                    a_shape,
+                    b_shape,
+                    trans,
+                } => self.gemm_secs(*dtype, a_shape, b_shape, *trans),
+                Work::Native(memc_runtime::program::Native::Attention(spec)) => {
+                    self.attention_secs(spec)
+                }
+                Work::Kernel { label, bytes } => {
+                    rates.get(label).copied().unwrap_or(fallback) * *bytes as f64
+                }
+            };
+        }
+        Ok(secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_gemms_are_timed_under_the_cap_at_their_proportions() {
+        let (a, b) = reduced(&[8, 512, 512], &[512, 1408]);
+        assert!(flops(&a, &b) <= GEMM_CAP_FLOPS, "{a:?} {b:?}");
+        assert_eq!(a[a.len() - 1], b[0], "the contraction stays shared");
+        // Small ones are timed as they are.
+        assert_eq!(reduced(&[64, 64], &[64, 64]), (vec![64, 64], vec![64, 64]));
+        // A batched product with a batched right operand halves both batches.
+        let (a, b) = reduced(&[64, 1024, 64], &[64, 64, 1024]);
+        assert_eq!(a[0], b[0]);
+        assert!(flops(&a, &b) <= GEMM_CAP_FLOPS);
+    }
+}

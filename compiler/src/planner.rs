@@ -1,0 +1,865 @@
+//! `memc plan`: given the memory of a device, find the fastest training step that fits.
+//!
+//! The levers searched are exact (results equal up to rounding): the microbatch and
+//! gradient accumulation (`--grad-accum K`), what the backward keeps (`--remat none|auto|full`,
+//! `--activation-budget` at fractions of the unrematerialised bytes and at the smallest
+//! feasible budget) and the loss (the fused, chunked LM-head loss or the whole logits); and,
+//! only when `--allow` names them, those that change the numerics (`bf16` compute,
+//! Mixture-of-Channels `moc`, `reversible` layers). Each configuration's memory is its
+//! training arena, computed by building its program and planning it (no kernel is generated
+//! and nothing runs); its step time is the [`crate::cost`] model's prediction. The chosen
+//! configuration's flags are written to a plan file that `memc compile --plan FILE` and `memc
+//! train --plan FILE` read ([`expand_plan`]).
+
+use crate::cost::CostModel;
+use crate::train::{DtypeArg, RematArg, TrainProgramArgs};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, ValueEnum};
+use memc_passes::remat::{Budget, Policy, RematError};
+use memc_passes::train::{TrainError, TrainOptions};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Levers that change a model's numerics, which `memc plan` uses only when allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AllowArg {
+    /// bf16 compute with f32 master weights (`--dtype bf16`).
+    Bf16,
+    /// Mixture-of-Channels FFNs keeping a quarter of the channels (`--moc-k 0.25`).
+    Moc,
+    /// Reversible layers, MEFT1 over every layer (`--reversible meft1`).
+    Reversible,
+}
+
+/// `memc plan`'s arguments.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// What each device may hold for the training step's arena: bytes (`1500000000`,
+    /// `1.5GiB`, `800MB`).
+    #[arg(long, value_name = "BYTES")]
+    pub memory: String,
+    /// The batch of one optimizer step: ROWSxSEQ of the token input (e.g. 8x512).
+    #[arg(long, value_name = "BxS")]
+    pub global_batch: String,
+    /// Processes to train on (one device each).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub devices: usize,
+    /// Levers that change the numerics the plan may use: bf16, moc, reversible.
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LEVERS")]
+    pub allow: Vec<AllowArg>,
+    /// Threads per process (default: every core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Other model inputs' dims at the global batch: NAME=DxD; repeatable.
+    #[arg(long = "shape", value_name = "NAME=DxD")]
+    pub shapes: Vec<String>,
+    /// Write the plan here (the chosen flags, for `memc compile/train --plan FILE`).
+    #[arg(short = 'o', value_name = "FILE", default_value = "memc-plan.json")]
+    pub out: PathBuf,
+    /// Draw every configuration's memory against its predicted step time, the Pareto front
+    /// and the budget, as an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Print the result as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Measure again what the cost model's cache holds for this machine.
+    #[arg(long)]
+    pub recalibrate: bool,
+    /// The training step's fixed options (loss, optimizer, clipping).
+    #[command(flatten)]
+    pub training: TrainProgramArgs,
+}
+
+/// What the backward keeps, as searched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Remat {
+    None,
+    Auto,
+    Fraction(f64),
+    Full,
+    /// The smallest feasible activation budget (its bytes once known).
+    Min(Option<u64>),
+}
+
+/// One numerics variant of the model (the `--allow`ed levers it uses).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Variant {
+    bf16: bool,
+    moc: bool,
+    reversible: bool,
+}
+
+/// One configuration and what it costs.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    variant: Variant,
+    accum: usize,
+    remat: Remat,
+    fused_loss: bool,
+    /// The training arena's bytes (per device).
+    pub arena: u64,
+    /// Predicted seconds per optimizer step.
+    pub secs: f64,
+}
+
+impl Candidate {
+    /// The flags that build this configuration (without the shapes and training options
+    /// common to all).
+    fn lever_flags(&self) -> Vec<String> {
+        let mut f = vec![];
+        if self.accum > 1 {
+            f.extend(["--grad-accum".into(), self.accum.to_string()]);
+        }
+        match self.remat {
+            Remat::None => f.extend(["--remat".into(), "none".into()]),
+            Remat::Auto => {}
+            Remat::Fraction(x) => f.extend(["--activation-budget".into(), format!("{x}")]),
+            Remat::Full => f.extend(["--remat".into(), "full".into()]),
+            Remat::Min(b) => f.extend([
+                "--activation-budget".into(),
+                b.map_or("min".into(), |b| b.to_string()),
+            ]),
+        }
+        if !self.fused_loss {
+            f.push("--no-fused-loss".into());
+        }
+        if self.variant.bf16 {
+            f.extend(["--dtype".into(), "bf16".into()]);
+        }
+        if self.variant.moc {
+            f.extend(["--moc-k".into(), "0.25".into()]);
+        }
+        if self.variant.reversible {
+            f.extend(["--reversible".into(), "meft1".into()]);
+        }
+        f
+    }
+
+    fn describe(&self) -> String {
+        let f = self.lever_flags();
+        if f.is_empty() {
+            "(the defaults)".into()
+        } else {
+            f.join(" ")
+        }
+    }
+}
+
+/// Parses ROWSxSEQ.
+fn parse_batch(text: &str) -> Result<(usize, usize)> {
+    let bad = || anyhow!("--global-batch `{text}`: expected ROWSxSEQ (e.g. 8x512)");
+    let (b, s) = text.split_once('x').ok_or_else(bad)?;
+    let (b, s): (usize, usize) = (b.parse().map_err(|_| bad())?, s.parse().map_err(|_| bad())?);
+    if b == 0 || s < 2 {
+        bail!("--global-batch `{text}`: needs at least one row of two tokens");
+    }
+    Ok((b, s))
+}
+
+/// The accumulation counts searched: the powers of two dividing the batch's rows, and the
+/// rows themselves (one row per microbatch).
+fn accum_counts(rows: usize) -> Vec<usize> {
+    let mut k: Vec<usize> = (0..usize::BITS)
+        .map(|i| 1usize << i)
+        .take_while(|&k| k <= rows)
+        .filter(|k| rows % k == 0)
+        .collect();
+    if !k.contains(&rows) {
+        k.push(rows);
+    }
+    k
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The training options of the user's flags with a candidate's levers.
+fn options(base: &TrainOptions, c: &Candidate) -> TrainOptions {
+    TrainOptions {
+        remat: match c.remat {
+            Remat::None => None,
+            Remat::Auto => Some(Policy::MinCut),
+            Remat::Full => Some(Policy::Full),
+            Remat::Fraction(x) => Some(Policy::Budget(Budget::Fraction(x))),
+            Remat::Min(b) => Some(Policy::Budget(Budget::Bytes(b.unwrap_or(0)))),
+        },
+        fused_loss: c.fused_loss,
+        compute_dtype: if c.variant.bf16 {
+            memc_ir::DType::BF16
+        } else {
+            memc_ir::DType::F32
+        },
+        grad_accum: (c.accum > 1).then_some(c.accum),
+        ..base.clone()
+    }
+}
+
+/// The plan's result: what was searched and chosen.
+struct Search {
+    all: Vec<Candidate>,
+    chosen: Option<usize>,
+    builds: usize,
+    secs: f64,
+}
+
+/// Runs `memc plan`.
+pub fn run(args: PlanArgs) -> Result<()> {
+    let model = args.model.display().to_string();
+    let memory = match Budget::parse(&args.memory) {
+        Ok(Budget::Bytes(b)) => b,
+        _ => bail!(
+            "--memory `{}`: expected bytes (1500000000, 1.5GiB, 800MB)",
+            args.memory
+        ),
+    };
+    let (rows, seq) = parse_batch(&args.global_batch)?;
+    if args.devices != 1 {
+        bail!(
+            "--devices {}: memc plan searches one process's levers so far; plan pipeline stages and replicas with memc compile --pipeline-stages/--data-parallel --report",
+            args.devices
+        );
+    }
+    let t = &args.training;
+    if t.remat != RematArg::Auto
+        || t.activation_budget.is_some()
+        || t.dtype != DtypeArg::F32
+        || t.no_fused_loss
+    {
+        bail!("memc plan chooses --remat, --activation-budget, --dtype and --no-fused-loss itself: leave them out");
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.threads.unwrap_or(cores);
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let started = Instant::now();
+    let mut cost = CostModel::open(threads, args.recalibrate)?;
+    let allow = |a: AllowArg| args.allow.contains(&a);
+    let mut variants = vec![];
+    for bf16 in [false, true].into_iter().filter(|&b| !b || allow(AllowArg::Bf16)) {
+        for moc in [false, true].into_iter().filter(|&b| !b || allow(AllowArg::Moc)) {
+            for reversible in [false, true]
+                .into_iter()
+                .filter(|&b| !b || allow(AllowArg::Reversible))
+            {
+                variants.push(Variant {
+                    bf16,
+                    moc,
+                    reversible,
+                });
+            }
+        }
+    }
+    let planner = Planner {
+        args: &args,
+        model: model.clone(),
+        rows,
+        seq,
+    };
+    let search = planner.search(&variants, memory, &mut cost)?;
+    cost.save();
+    let Some(chosen) = search.chosen else {
+        return Err(planner.infeasible(&search, memory, &mut cost));
+    };
+    let front = pareto(&search.all);
+    let best = &search.all[chosen];
+    let mut ranked: Vec<usize> = (0..search.all.len())
+        .filter(|&i| search.all[i].arena <= memory && i != chosen)
+        .collect();
+    ranked.sort_by(|&a, &b| search.all[a].secs.total_cmp(&search.all[b].secs));
+    let common = planner.common_flags()?;
+    let mut train_flags = common.clone();
+    train_flags.extend(best.lever_flags());
+    let mut compile_flags = vec!["--train".to_string()];
+    compile_flags.extend(train_flags.iter().cloned());
+    train_flags.extend(["--threads".into(), threads.to_string()]);
+    let row = |c: &Candidate| {
+        serde_json::json!({
+            "flags": c.lever_flags(),
+            "arena_bytes": c.arena,
+            "predicted_step_ms": (c.secs * 1e5).round() / 100.0,
+            "fits": c.arena <= memory,
+        })
+    };
+    let plan = serde_json::json!({
+        "model": model,
+        "global_batch": [rows, seq],
+        "memory_bytes": memory,
+        "devices": args.devices,
+        "threads": threads,
+        "machine": crate::cost::machine(),
+        "chosen": row(best),
+        "compile_flags": compile_flags,
+        "train_flags": train_flags,
+        "runners_up": ranked.iter().take(4).map(|&i| row(&search.all[i])).collect::<Vec<_>>(),
+        "pareto_front": front.iter().map(|&i| row(&search.all[i])).collect::<Vec<_>>(),
+        "searched": search.all.len(),
+        "candidates": search.all.iter().map(row).collect::<Vec<_>>(),
+        "search_secs": (search.secs * 1e3).round() / 1e3,
+        "calibration": {
+            "gemms": cost.measured.gemms,
+            "attention_parts": cost.measured.attentions,
+            "programs": cost.measured.programs,
+            "secs": (cost.measured.secs * 1e3).round() / 1e3,
+            "cache": cost.file().map(|f| f.display().to_string()),
+        },
+    });
+    let text = serde_json::to_string_pretty(&plan)? + "\n";
+    memc_runtime::weights::write_atomically_with(&args.out, |p| std::fs::write(p, &text))
+        .map_err(|e| anyhow!("{e}"))?;
+    if let Some(svg) = &args.plot {
+        let drawn = plot_svg(&search.all, &front, chosen, memory, &model);
+        memc_runtime::weights::write_atomically_with(svg, |p| std::fs::write(p, &drawn))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&plan)?);
+        return Ok(());
+    }
+    let fits = search.all.iter().filter(|c| c.arena <= memory).count();
+    println!(
+        "memc plan: {model}, global batch {rows}x{seq}, at most {} bytes per device, {} device × {threads} threads",
+        group(memory),
+        args.devices
+    );
+    println!(
+        "cost model: measured {} GEMM shapes, {} attention parts and the kernels of {} programs in {:.1} s{}",
+        cost.measured.gemms,
+        cost.measured.attentions,
+        cost.measured.programs,
+        cost.measured.secs,
+        cost.file()
+            .map(|f| format!("; the rest from {}", f.display()))
+            .unwrap_or_default()
+    );
+    println!(
+        "searched {} configurations ({} programs built and planned) in {:.2} s: {fits} fit",
+        search.all.len(),
+        search.builds,
+        search.secs
+    );
+    println!("chosen: {}", best.describe());
+    println!(
+        "  arena {} bytes per device; predicted step {:.3} s ({} microbatch{} of {}x{seq})",
+        group(best.arena),
+        best.secs,
+        best.accum,
+        if best.accum > 1 { "es" } else { "" },
+        rows / best.accum
+    );
+    if !ranked.is_empty() {
+        println!("runners-up:");
+        for &i in ranked.iter().take(4) {
+            let c = &search.all[i];
+            println!("  {:>15} bytes  {:>8.3} s  {}", group(c.arena), c.secs, c.describe());
+        }
+    }
+    println!("Pareto front (arena bytes against predicted step time, every configuration):");
+    for &i in &front {
+        let c = &search.all[i];
+        println!(
+            "  {:>15} bytes  {:>8.3} s  {}{}",
+            group(c.arena),
+            c.secs,
+            c.describe(),
+            if c.arena > memory { "  (over the budget)" } else { "" }
+        );
+    }
+    println!(
+        "wrote {}: memc compile {model} --plan {} -o OUT, or memc train {model} --plan {} --data ...; OUT train --threads {threads} (planned in {:.1} s)",
+        args.out.display(),
+        args.out.display(),
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The indices of the configurations no other beats in both memory and time, by memory.
+fn pareto(all: &[Candidate]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..all.len()).collect();
+    idx.sort_by(|&a, &b| {
+        all[a]
+            .arena
+            .cmp(&all[b].arena)
+            .then(all[a].secs.total_cmp(&all[b].secs))
+    });
+    let mut front = vec![];
+    let mut best = f64::INFINITY;
+    for i in idx {
+        if all[i].secs < best {
+            best = all[i].secs;
+            front.push(i);
+        }
+    }
+    front
+}
+
+struct Planner<'a> {
+    args: &'a PlanArgs,
+    model: String,
+    rows: usize,
+    seq: usize,
+}
+
+impl Planner<'_> {
+    /// The model's forward graph for microbatches of `rows / accum` rows, with `variant`'s
+    /// model passes.
+    fn forward(&self, variant: Variant, accum: usize) -> Result<(memc_ir::Graph, String)> {
+        let mut shapes = self.args.shapes.clone();
+        let token = "input_ids";
+        if !shapes.iter().any(|s| s.starts_with(&format!("{token}="))) {
+            shapes.push(format!("{token}={}x{}", self.rows, self.seq));
+        }
+        let model_args = crate::cli::ModelArgs::for_plan(
+            self.args.model.clone(),
+            shapes,
+            variant.moc.then(|| "0.25".to_string()),
+            variant.reversible,
+        );
+        let mut import_shapes = crate::cli::shapes(&model_args)?;
+        if accum > 1 {
+            import_shapes = crate::cli::accum_shapes(import_shapes, accum, &self.model)?;
+        }
+        let g = crate::cli::import_quiet(&model_args, import_shapes)?;
+        Ok((g, token.to_string()))
+    }
+
+    /// The shapes and training flags every configuration shares, as `memc compile` takes them.
+    fn common_flags(&self) -> Result<Vec<String>> {
+        let t = &self.args.training;
+        let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
+            v().map(|p| p.get_name().to_string()).unwrap_or_default()
+        };
+        let mut f = vec![];
+        let mut shapes = self.args.shapes.clone();
+        if !shapes.iter().any(|s| s.starts_with("input_ids=")) {
+            shapes.push(format!("input_ids={}x{}", self.rows, self.seq));
+        }
+        for s in shapes {
+            f.extend(["--shape".into(), s]);
+        }
+        f.extend(["--loss".into(), name(&|| t.loss.to_possible_value())]);
+        f.extend(["--optimizer".into(), name(&|| t.optimizer.to_possible_value())]);
+        f.extend(["--momentum".into(), t.momentum.to_string()]);
+        f.extend([
+            "--betas".into(),
+            format!("{},{}", t.betas[0], t.betas.get(1).copied().unwrap_or(0.999)),
+        ]);
+        f.extend(["--eps".into(), t.eps.to_string()]);
+        if let Some(tr) = &t.trainable {
+            f.extend(["--trainable".into(), tr.clone()]);
+        }
+        if let Some(c) = t.clip_grad_norm {
+            f.extend(["--clip-grad-norm".into(), c.to_string()]);
+        }
+        Ok(f)
+    }
+
+    /// Builds `c`'s program and plans it: its arena and predicted time, or `None` when the
+    /// configuration cannot be built (a budget below the smallest feasible, remat of a fully
+    /// reversible stack). `Remat::Min(None)` learns its bytes here.
+    fn evaluate(
+        &self,
+        forward: &memc_ir::Graph,
+        base: &TrainOptions,
+        c: &mut Candidate,
+        cost: &mut CostModel,
+        kernels: &str,
+    ) -> Result<bool> {
+        let mut g = forward.clone();
+        let opts = options(base, c);
+        let mut pm = memc_passes::manager::PassManager::new();
+        match memc_passes::train::build_training_with(&mut g, &opts, &mut pm) {
+            Ok(_) => {}
+            Err(TrainError::Remat(RematError::Infeasible { min, .. })) => {
+                if let Remat::Min(None) = c.remat {
+                    c.remat = Remat::Min(Some(min));
+                    return self.evaluate(forward, base, c, cost, kernels);
+                }
+                return Ok(false);
+            }
+            Err(TrainError::Remat(_)) => return Ok(false),
+            Err(e) => bail!("{}: {}", self.model, crate::train::build_error(e)),
+        }
+        let (arena, work) = memc_codegen::host::work(&g);
+        c.arena = arena;
+        c.secs = c.accum as f64 * cost.predict(kernels, &work)?;
+        Ok(true)
+    }
+
+    /// Measures the kernels of `variant`'s program at the smallest microbatch, once per model
+    /// and compute type (the cache keeps them).
+    fn calibrate(
+        &self,
+        forward: &memc_ir::Graph,
+        base: &TrainOptions,
+        accum: usize,
+        variant: Variant,
+        cost: &mut CostModel,
+        id: &str,
+    ) -> Result<()> {
+        if cost.has_kernels(id) {
+            return Ok(());
+        }
+        eprintln!(
+            "plan: measuring the kernels of {} (one {} program at {}x{}, each step alone)",
+            self.model,
+            if variant.bf16 { "bf16" } else { "f32" },
+            self.rows / accum,
+            self.seq
+        );
+        let c = Candidate {
+            variant,
+            accum,
+            remat: Remat::Auto,
+            fused_loss: true,
+            arena: 0,
+            secs: 0.0,
+        };
+        let mut g = forward.clone();
+        memc_passes::train::build_training_with(
+            &mut g,
+            &options(base, &c),
+            &mut memc_passes::manager::PassManager::new(),
+        )
+        .map_err(|e| anyhow!("{}: {}", self.model, crate::train::build_error(e)))?;
+        let host = memc_codegen::host::lower(&g, &self.model)
+            .map_err(|e| anyhow!("{}: {e}", self.model))?;
+        cost.calibrate_kernels(id, &host)
+    }
+
+    fn search(&self, variants: &[Variant], memory: u64, cost: &mut CostModel) -> Result<Search> {
+        let t0 = Instant::now();
+        let mut all = vec![];
+        let mut builds = 0;
+        let mut calibration = 0.0;
+        let accums = accum_counts(self.rows);
+        let size = std::fs::metadata(&self.args.model)
+            .with_context(|| format!("{}", self.model))?
+            .len();
+        for &variant in variants {
+            let id = format!(
+                "{}:{size}:{}x{}:{}",
+                self.args
+                    .model
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                self.rows,
+                self.seq,
+                if variant.bf16 { "bf16" } else { "f32" }
+            );
+            // Largest accumulation first: its smallest-feasible remat bounds what any fits.
+            for (n, &accum) in accums.iter().rev().enumerate() {
+                let (forward, _) = self.forward(variant, accum)?;
+                let base = crate::train::options_for(&forward, &self.args.training)?;
+                if n == 0 {
+                    let c0 = Instant::now();
+                    self.calibrate(&forward, &base, accum, variant, cost, &id)?;
+                    calibration += c0.elapsed().as_secs_f64();
+                }
+                let remats = [
+                    Remat::Min(None),
+                    Remat::Full,
+                    Remat::Fraction(0.25),
+                    Remat::Fraction(0.5),
+                    Remat::Fraction(0.75),
+                    Remat::Auto,
+                    Remat::None,
+                ];
+                for (r, remat) in remats.into_iter().enumerate() {
+                    for fused_loss in [true, false] {
+                        // The whole logits only where little is recomputed.
+                        if !fused_loss && !matches!(remat, Remat::None | Remat::Auto) {
+                            continue;
+                        }
+                        let mut c = Candidate {
+                            variant,
+                            accum,
+                            remat,
+                            fused_loss,
+                            arena: 0,
+                            secs: 0.0,
+                        };
+                        builds += 1;
+                        if !self.evaluate(&forward, &base, &mut c, cost, &id)? {
+                            continue;
+                        }
+                        let over = c.arena > memory;
+                        all.push(c);
+                        // The smallest budget over: nothing at this accumulation fits.
+                        if r == 0 && over {
+                            break;
+                        }
+                    }
+                    if r == 0 && all.last().is_some_and(|c| c.accum == accum && c.arena > memory)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        // Two configurations with the same arena and time are one (e.g. a budget above what
+        // the backward keeps anyway): keep the first, fewest flags.
+        let mut seen: Vec<(u64, u64)> = vec![];
+        all.retain(|c| {
+            let key = (c.arena, (c.secs * 1e6) as u64);
+            let new = !seen.contains(&key);
+            seen.push(key);
+            new
+        });
+        let chosen = (0..all.len())
+            .filter(|&i| all[i].arena <= memory)
+            .min_by(|&a, &b| {
+                all[a]
+                    .secs
+                    .total_cmp(&all[b].secs)
+                    .then(all[a].arena.cmp(&all[b].arena))
+            });
+        Ok(Search {
+            all,
+            chosen,
+            builds,
+            secs: t0.elapsed().as_secs_f64() - calibration,
+        })
+    }
+
+    /// The error for a budget nothing fits: the smallest memory any configuration reaches and
+    /// its levers, and what the levers `--allow` did not name would reach.
+    fn infeasible(&self, search: &Search, memory: u64, cost: &mut CostModel) -> anyhow::Error {
+        let Some(min) = search.all.iter().min_by_key(|c| c.arena) else {
+            return anyhow!(
+                "{}: no configuration could be built for --global-batch {}x{}",
+                self.model,
+                self.rows,
+                self.seq
+            );
+        };
+        let mut more = vec![];
+        for (lever, v) in [
+            (AllowArg::Bf16, "bf16"),
+            (AllowArg::Moc, "moc"),
+            (AllowArg::Reversible, "reversible"),
+        ] {
+            if self.args.allow.contains(&lever) {
+                continue;
+            }
+            let variant = Variant {
+                bf16: lever == AllowArg::Bf16,
+                moc: lever == AllowArg::Moc,
+                reversible: lever == AllowArg::Reversible,
+            };
+            let reached = (|| -> Result<Option<u64>> {
+                let (forward, _) = self.forward(variant, min.accum)?;
+                let base = crate::train::options_for(&forward, &self.args.training)?;
+                let mut c = Candidate {
+                    variant,
+                    remat: if variant.reversible {
+                        Remat::Auto
+                    } else {
+                        min.remat
+                    },
+                    ..min.clone()
+                };
+                let mut g = forward.clone();
+                let opts = options(&base, &c);
+                if memc_passes::train::build_training_with(
+                    &mut g,
+                    &opts,
+                    &mut memc_passes::manager::PassManager::new(),
+                )
+                .is_err()
+                {
+                    return Ok(None);
+                }
+                c.arena = memc_codegen::host::work(&g).0;
+                let _ = cost;
+                Ok(Some(c.arena))
+            })();
+            if let Ok(Some(b)) = reached {
+                if b < min.arena {
+                    more.push(format!("--allow {v} reaches {} bytes", group(b)));
+                }
+            }
+        }
+        anyhow!(
+            "{}: no configuration fits --memory {} bytes per device: the smallest arena any reaches is {} bytes, with {}{}; give at least that much memory",
+            self.model,
+            group(memory),
+            group(min.arena),
+            min.describe(),
+            if more.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", more.join(", "))
+            }
+        )
+    }
+}
+
+/// An SVG of every configuration's arena against its predicted step time: the Pareto front
+/// joined, the chosen one marked, the budget as a vertical line.
+fn plot_svg(all: &[Candidate], front: &[usize], chosen: usize, memory: u64, title: &str) -> String {
+    let (w, h, m) = (720.0, 440.0, 70.0);
+    let max_b = all.iter().map(|c| c.arena).max().unwrap_or(1).max(memory) as f64 * 1.05;
+    let max_t = all.iter().map(|c| c.secs).fold(0.0, f64::max) * 1.1;
+    let min_t = all.iter().map(|c| c.secs).fold(f64::INFINITY, f64::min) * 0.9;
+    let x = |b: u64| m + (w - 2.0 * m) * b as f64 / max_b;
+    let y = |t: f64| h - m - (h - 2.0 * m) * (t - min_t) / (max_t - min_t).max(1e-9);
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{m}\" y=\"24\" font-size=\"14\">memc plan: {}</text>\n",
+        esc(title)
+    );
+    s += &format!(
+        "<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - m, w - m, h - m, h - m
+    );
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">arena bytes per device (max {:.2} GB)</text>\n<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">predicted step (s), {:.2} to {:.2}</text>\n",
+        w / 2.0, h - 30.0, max_b / 1e9, h / 2.0, h / 2.0, min_t, max_t
+    );
+    let bx = x(memory);
+    s += &format!(
+        "<line x1=\"{bx:.1}\" y1=\"{m}\" x2=\"{bx:.1}\" y2=\"{}\" stroke=\"red\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{}\" fill=\"red\">--memory</text>\n",
+        h - m, bx + 4.0, m + 12.0
+    );
+    let pts: Vec<String> = front
+        .iter()
+        .map(|&i| format!("{:.1},{:.1}", x(all[i].arena), y(all[i].secs)))
+        .collect();
+    s += &format!(
+        "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n",
+        pts.join(" ")
+    );
+    for (i, c) in all.iter().enumerate() {
+        let (cx, cy) = (x(c.arena), y(c.secs));
+        let (r, fill) = if i == chosen {
+            (7.0, "#d62728")
+        } else if front.contains(&i) {
+            (4.5, "#1f77b4")
+        } else {
+            (3.0, "#999999")
+        };
+        s += &format!(
+            "<circle cx=\"{cx:.1}\" cy=\"{cy:.1}\" r=\"{r}\" fill=\"{fill}\"><title>{}: {} bytes, {:.3} s</title></circle>\n",
+            esc(&c.describe()),
+            c.arena,
+            c.secs
+        );
+    }
+    s += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"#d62728\">chosen: {}</text>\n</svg>\n",
+        m + 8.0,
+        m + 12.0,
+        esc(&all[chosen].describe())
+    );
+    s
+}
+
+/// `memc compile|train ... --plan FILE`: the plan's flags in place of `--plan FILE`, after
+/// checking that the plan was made for this model and that no flag it sets is also given.
+pub fn expand_plan(argv: Vec<OsString>) -> Result<Vec<OsString>> {
+    let sub = argv.get(1).and_then(|s| s.to_str()).unwrap_or("");
+    let at = argv
+        .iter()
+        .position(|a| a == "--plan" || a.to_str().is_some_and(|s| s.starts_with("--plan=")));
+    let Some(at) = at else {
+        return Ok(argv);
+    };
+    if sub != "compile" && sub != "train" {
+        bail!("--plan is read by memc compile and memc train");
+    }
+    let (path, width) = match argv[at].to_str().and_then(|s| s.strip_prefix("--plan=")) {
+        Some(p) => (PathBuf::from(p), 1),
+        None => (
+            argv.get(at + 1)
+                .map(PathBuf::from)
+                .ok_or_else(|| anyhow!("--plan needs a FILE (written by memc plan)"))?,
+            2,
+        ),
+    };
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--plan {file}"))?;
+    let plan: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("--plan {file}: not a plan written by memc plan ({e})"))?;
+    let key = if sub == "compile" {
+        "compile_flags"
+    } else {
+        "train_flags"
+    };
+    let flags: Vec<String> = plan[key]
+        .as_array()
+        .and_then(|a| a.iter().map(|v| v.as_str().map(String::from)).collect())
+        .ok_or_else(|| anyhow!("--plan {file}: not a plan written by memc plan (no {key})"))?;
+    let model = plan["model"].as_str().unwrap_or_default();
+    let same = |a: &Path| {
+        std::fs::canonicalize(a).ok().is_some_and(|x| {
+            std::fs::canonicalize(model).ok().is_some_and(|y| x == y)
+        })
+    };
+    let rest: Vec<&OsString> = argv
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i < at || i >= at + width)
+        .map(|(_, a)| a)
+        .collect();
+    if !rest.iter().skip(2).any(|a| same(Path::new(a))) {
+        bail!("--plan {file} was made for {model}: plan this model with memc plan first");
+    }
+    for f in flags.iter().filter(|f| f.starts_with("--")) {
+        if f != "--shape" && rest.iter().any(|a| a.to_str().is_some_and(|s| s == f || s.starts_with(&format!("{f}=")))) {
+            bail!("--plan {file} sets {f}: leave it out, or plan again");
+        }
+    }
+    if rest.iter().any(|a| a.to_str().is_some_and(|s| s == "--shape" || s.starts_with("--shape="))) {
+        bail!("--plan {file} sets the shapes (--shape): leave them out, or plan again");
+    }
+    let mut out: Vec<OsString> = rest.into_iter().cloned().collect();
+    out.extend(flags.into_iter().map(OsString::from));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulation_counts_divide_the_rows() {
+        assert_eq!(accum_counts(8), vec![1, 2, 4, 8]);
+        assert_eq!(accum_counts(6), vec![1, 2, 6]);
+        assert_eq!(accum_counts(1), vec![1]);
+    }
+
+    #[test]
+    fn the_front_keeps_what_nothing_beats() {
+        let c = |arena, secs| Candidate {
+            variant: Variant {
+                bf16: false,
+                moc: false,
+                reversible: false,
+            },
+            accum: 1,
+            remat: Remat::Auto,
+            fused_loss: true,
+            arena,
+            secs,
+        };
+        let all = vec![c(10, 5.0), c(20, 4.0), c(30, 4.5), c(40, 1.0)];
+        assert_eq!(pareto(&all), vec![0, 1, 3]);
+    }
+}
