@@ -669,7 +669,11 @@ pub fn work(g: &Graph) -> (u64, Vec<Work>) {
             continue;
         }
         let (ins, outs, label) = kernel_operands(g, k);
-        let bytes = ins.iter().chain(outs).map(|&v| g.value(v).ty.bytes() as u64).sum();
+        let bytes = ins
+            .iter()
+            .chain(outs)
+            .map(|&v| g.value(v).ty.bytes() as u64)
+            .sum();
         steps.push(Work::Kernel { label, bytes });
     }
     (plan.peak_bytes, steps)

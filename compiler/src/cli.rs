@@ -113,10 +113,7 @@ impl ModelArgs {
 
 /// The forward graph of `args` at `shapes` (imported, canonicalised, with MoC and reversible
 /// layers as asked), for `memc plan`.
-pub(crate) fn import_quiet(
-    args: &ModelArgs,
-    shapes: HashMap<String, Vec<usize>>,
-) -> Result<Graph> {
+pub(crate) fn import_quiet(args: &ModelArgs, shapes: HashMap<String, Vec<usize>>) -> Result<Graph> {
     let mut timer = Timer {
         enabled: false,
         phases: vec![],

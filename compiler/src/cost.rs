@@ -180,7 +180,8 @@ impl CostModel {
         let Ok(text) = serde_json::to_vec_pretty(&self.table) else {
             return;
         };
-        if f.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+        if f.parent()
+            .is_some_and(|d| std::fs::create_dir_all(d).is_ok())
             && memc_runtime::weights::write_atomically_with(f, |p| std::fs::write(p, &text)).is_ok()
         {
             self.dirty = false;
@@ -200,8 +201,7 @@ impl CostModel {
         let times = host
             .with_kernels(|kernels| -> Result<Vec<f64>> {
                 // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
-                let mut cpu =
-                    unsafe { memc_runtime::cpu::Cpu::new(program.checked()?, kernels) };
+                let mut cpu = unsafe { memc_runtime::cpu::Cpu::new(program.checked()?, kernels) };
                 Ok(cpu.time_steps(REPS))
             })
             .map_err(|e| anyhow!("{e}"))??;
@@ -220,7 +220,9 @@ impl CostModel {
                 e.1 += bytes as f64;
             }
         }
-        let total = sums.values().fold((0.0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1));
+        let total = sums
+            .values()
+            .fold((0.0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1));
         let mut rates: BTreeMap<String, f64> = sums
             .into_iter()
             .map(|(l, (t, b))| (l, t / b.max(1.0)))

@@ -249,8 +249,14 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let mut cost = CostModel::open(threads, args.recalibrate)?;
     let allow = |a: AllowArg| args.allow.contains(&a);
     let mut variants = vec![];
-    for bf16 in [false, true].into_iter().filter(|&b| !b || allow(AllowArg::Bf16)) {
-        for moc in [false, true].into_iter().filter(|&b| !b || allow(AllowArg::Moc)) {
+    for bf16 in [false, true]
+        .into_iter()
+        .filter(|&b| !b || allow(AllowArg::Bf16))
+    {
+        for moc in [false, true]
+            .into_iter()
+            .filter(|&b| !b || allow(AllowArg::Moc))
+        {
             for reversible in [false, true]
                 .into_iter()
                 .filter(|&b| !b || allow(AllowArg::Reversible))
@@ -280,6 +286,15 @@ pub fn run(args: PlanArgs) -> Result<()> {
         .filter(|&i| search.all[i].arena <= memory && i != chosen)
         .collect();
     ranked.sort_by(|&a, &b| search.all[a].secs.total_cmp(&search.all[b].secs));
+    // Two configurations with the same arena and time are one (a budget above what the
+    // backward keeps anyway): the runners-up show the first.
+    let mut seen = vec![(best.arena, best.secs.to_bits())];
+    ranked.retain(|&i| {
+        let key = (search.all[i].arena, search.all[i].secs.to_bits());
+        let new = !seen.contains(&key);
+        seen.push(key);
+        new
+    });
     let common = planner.common_flags()?;
     let mut train_flags = common.clone();
     train_flags.extend(best.lever_flags());
@@ -364,7 +379,12 @@ pub fn run(args: PlanArgs) -> Result<()> {
         println!("runners-up:");
         for &i in ranked.iter().take(4) {
             let c = &search.all[i];
-            println!("  {:>15} bytes  {:>8.3} s  {}", group(c.arena), c.secs, c.describe());
+            println!(
+                "  {:>15} bytes  {:>8.3} s  {}",
+                group(c.arena),
+                c.secs,
+                c.describe()
+            );
         }
     }
     println!("Pareto front (arena bytes against predicted step time, every configuration):");
@@ -375,7 +395,11 @@ pub fn run(args: PlanArgs) -> Result<()> {
             group(c.arena),
             c.secs,
             c.describe(),
-            if c.arena > memory { "  (over the budget)" } else { "" }
+            if c.arena > memory {
+                "  (over the budget)"
+            } else {
+                ""
+            }
         );
     }
     println!(
@@ -453,11 +477,18 @@ impl Planner<'_> {
             f.extend(["--shape".into(), s]);
         }
         f.extend(["--loss".into(), name(&|| t.loss.to_possible_value())]);
-        f.extend(["--optimizer".into(), name(&|| t.optimizer.to_possible_value())]);
+        f.extend([
+            "--optimizer".into(),
+            name(&|| t.optimizer.to_possible_value()),
+        ]);
         f.extend(["--momentum".into(), t.momentum.to_string()]);
         f.extend([
             "--betas".into(),
-            format!("{},{}", t.betas[0], t.betas.get(1).copied().unwrap_or(0.999)),
+            format!(
+                "{},{}",
+                t.betas[0],
+                t.betas.get(1).copied().unwrap_or(0.999)
+            ),
         ]);
         f.extend(["--eps".into(), t.eps.to_string()]);
         if let Some(tr) = &t.trainable {
@@ -563,7 +594,9 @@ impl Planner<'_> {
                 self.seq,
                 if variant.bf16 { "bf16" } else { "f32" }
             );
-            // Largest accumulation first: its smallest-feasible remat bounds what any fits.
+            // Every configuration is built: the arena is not monotone in any one lever (at small
+            // sizes the whole logits can take less than the fused loss's chunks), so no
+            // bound prunes exactly. The largest accumulation first: its program calibrates.
             for (n, &accum) in accums.iter().rev().enumerate() {
                 let (forward, _) = self.forward(variant, accum)?;
                 let base = crate::train::options_for(&forward, &self.args.training)?;
@@ -581,7 +614,7 @@ impl Planner<'_> {
                     Remat::Auto,
                     Remat::None,
                 ];
-                for (r, remat) in remats.into_iter().enumerate() {
+                for remat in remats {
                     for fused_loss in [true, false] {
                         // The whole logits only where little is recomputed.
                         if !fused_loss && !matches!(remat, Remat::None | Remat::Auto) {
@@ -596,32 +629,13 @@ impl Planner<'_> {
                             secs: 0.0,
                         };
                         builds += 1;
-                        if !self.evaluate(&forward, &base, &mut c, cost, &id)? {
-                            continue;
+                        if self.evaluate(&forward, &base, &mut c, cost, &id)? {
+                            all.push(c);
                         }
-                        let over = c.arena > memory;
-                        all.push(c);
-                        // The smallest budget over: nothing at this accumulation fits.
-                        if r == 0 && over {
-                            break;
-                        }
-                    }
-                    if r == 0 && all.last().is_some_and(|c| c.accum == accum && c.arena > memory)
-                    {
-                        break;
                     }
                 }
             }
         }
-        // Two configurations with the same arena and time are one (e.g. a budget above what
-        // the backward keeps anyway): keep the first, fewest flags.
-        let mut seen: Vec<(u64, u64)> = vec![];
-        all.retain(|c| {
-            let key = (c.arena, (c.secs * 1e6) as u64);
-            let new = !seen.contains(&key);
-            seen.push(key);
-            new
-        });
         let chosen = (0..all.len())
             .filter(|&i| all[i].arena <= memory)
             .min_by(|&a, &b| {
@@ -808,9 +822,9 @@ pub fn expand_plan(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         .ok_or_else(|| anyhow!("--plan {file}: not a plan written by memc plan (no {key})"))?;
     let model = plan["model"].as_str().unwrap_or_default();
     let same = |a: &Path| {
-        std::fs::canonicalize(a).ok().is_some_and(|x| {
-            std::fs::canonicalize(model).ok().is_some_and(|y| x == y)
-        })
+        std::fs::canonicalize(a)
+            .ok()
+            .is_some_and(|x| std::fs::canonicalize(model).ok().is_some_and(|y| x == y))
     };
     let rest: Vec<&OsString> = argv
         .iter()
@@ -822,11 +836,19 @@ pub fn expand_plan(argv: Vec<OsString>) -> Result<Vec<OsString>> {
         bail!("--plan {file} was made for {model}: plan this model with memc plan first");
     }
     for f in flags.iter().filter(|f| f.starts_with("--")) {
-        if f != "--shape" && rest.iter().any(|a| a.to_str().is_some_and(|s| s == f || s.starts_with(&format!("{f}=")))) {
+        if f != "--shape"
+            && rest.iter().any(|a| {
+                a.to_str()
+                    .is_some_and(|s| s == f || s.starts_with(&format!("{f}=")))
+            })
+        {
             bail!("--plan {file} sets {f}: leave it out, or plan again");
         }
     }
-    if rest.iter().any(|a| a.to_str().is_some_and(|s| s == "--shape" || s.starts_with("--shape="))) {
+    if rest.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|s| s == "--shape" || s.starts_with("--shape="))
+    }) {
         bail!("--plan {file} sets the shapes (--shape): leave them out, or plan again");
     }
     let mut out: Vec<OsString> = rest.into_iter().cloned().collect();

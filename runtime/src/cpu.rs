@@ -316,8 +316,8 @@ impl Cpu {
         )
     }
 
-    /// Each step's time alone, in seconds: the median of `reps` runs after one warm-up run,
-    /// on whatever the arena holds (`memc plan`'s calibration, [`crate::cost`]). Index checks
+    /// Each step's time alone, in seconds: the median of `reps` runs after one warm-up run
+    /// ([`crate::cost::median_secs`]), on whatever the arena holds (`memc plan`'s calibration, [`crate::cost`]). Index checks
     /// are not made; the arena's values are overwritten as the steps run.
     pub fn time_steps(&mut self, reps: usize) -> Vec<f64> {
         (0..self.steps.len())

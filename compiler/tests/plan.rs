@@ -1,0 +1,268 @@
+//! `memc plan` end to end on the example Llama: the plan fits its budget exactly (the arena
+//! `memc compile --plan` builds is the one planned), it is the fastest predicted configuration
+//! that fits, an impossible budget is one error line naming the smallest memory reached and
+//! its levers, and `--plan FILE` refuses what would contradict it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("examples/models/llama-dynamo.onnx")
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs memc with the cost model's cache in `cache`.
+fn memc(cache: &Path, args: &[&str]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_memc"))
+        .env("MEMC_COST_CACHE", cache)
+        .args(args)
+        .output()
+        .unwrap();
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn one_error(o: &Out, want: &[&str]) {
+    assert_eq!(o.code, 2, "stderr: {}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line expected:\n{}", o.stderr);
+    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    for w in want {
+        assert!(lines[0].contains(w), "`{w}` missing from: {}", lines[0]);
+    }
+}
+
+fn plan(cache: &Path, out: &Path, memory: u64) -> (Out, serde_json::Value) {
+    let m = model();
+    let o = memc(
+        cache,
+        &[
+            "plan",
+            m.to_str().unwrap(),
+            "--global-batch",
+            "8x16",
+            "--memory",
+            &memory.to_string(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let p = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    (o, p)
+}
+
+fn arena(c: &serde_json::Value) -> u64 {
+    c["arena_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn the_plan_is_the_fastest_configuration_that_fits_and_compiles_to_its_arena() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("costs");
+    let (o, all) = plan(&cache, &dir.path().join("all.json"), 1 << 40);
+    assert!(
+        o.stdout.contains("chosen:") && o.stdout.contains("Pareto front"),
+        "{}",
+        o.stdout
+    );
+    // The measurements were kept, and a second plan reads them (nothing measured again).
+    assert!(std::fs::read_dir(&cache).unwrap().count() == 1);
+    let candidates = all["candidates"].as_array().unwrap().clone();
+    let accums: std::collections::BTreeSet<String> = candidates
+        .iter()
+        .map(|c| {
+            let f: Vec<&str> = c["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            f.iter()
+                .position(|&x| x == "--grad-accum")
+                .map_or("1".to_string(), |i| f[i + 1].to_string())
+        })
+        .collect();
+    assert_eq!(
+        accums.len(),
+        4,
+        "grad-accum 1, 2, 4, 8 searched: {accums:?}"
+    );
+    let mut arenas: Vec<u64> = candidates.iter().map(arena).collect();
+    arenas.sort();
+    // A budget between the smallest and largest arenas: the plan fits it, and no configuration
+    // that fits is predicted faster.
+    let memory = arenas[arenas.len() / 3];
+    let file = dir.path().join("plan.json");
+    let (o, p) = plan(&cache, &file, memory);
+    assert!(
+        o.stdout
+            .contains("measured 0 GEMM shapes, 0 attention parts and the kernels of 0 programs"),
+        "{}",
+        o.stdout
+    );
+    let chosen = &p["chosen"];
+    assert!(arena(chosen) <= memory);
+    let fastest = p["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| arena(c) <= memory)
+        .map(|c| c["predicted_step_ms"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(chosen["predicted_step_ms"].as_f64().unwrap(), fastest);
+    // What memc compile builds from the plan is the planned arena, byte for byte.
+    let report = dir.path().join("r.json");
+    let m = model();
+    let o = memc(
+        &cache,
+        &[
+            "compile",
+            m.to_str().unwrap(),
+            "--plan",
+            file.to_str().unwrap(),
+            "--report-json",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(
+        r["cpu_backend"]["arena_bytes"].as_u64().unwrap(),
+        arena(chosen)
+    );
+    // memc train runs the plan: a step of the global batch (8 rows of 16 tokens).
+    let data = dir.path().join("ids.npy");
+    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 % 250) as i64).collect();
+    memc::io::write_tensor(
+        &data,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![8, 16], &ids),
+    )
+    .unwrap();
+    let o = memc(
+        &cache,
+        &[
+            "train",
+            m.to_str().unwrap(),
+            "--plan",
+            file.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--backend",
+            "cpu",
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        o.stdout.lines().filter(|l| l.contains("\"loss\"")).count(),
+        1,
+        "{}",
+        o.stdout
+    );
+    // Flags the plan sets are refused beside it; so is another model.
+    one_error(
+        &memc(
+            &cache,
+            &[
+                "compile",
+                m.to_str().unwrap(),
+                "--plan",
+                file.to_str().unwrap(),
+                "--optimizer",
+                "sgd",
+            ],
+        ),
+        &["sets --optimizer"],
+    );
+    one_error(
+        &memc(
+            &cache,
+            &[
+                "compile",
+                m.to_str().unwrap(),
+                "--plan",
+                file.to_str().unwrap(),
+                "--shape",
+                "input_ids=2x16",
+            ],
+        ),
+        &["--shape"],
+    );
+    let gpt2 = m.with_file_name("gpt2-dynamo.onnx");
+    one_error(
+        &memc(
+            &cache,
+            &[
+                "compile",
+                gpt2.to_str().unwrap(),
+                "--plan",
+                file.to_str().unwrap(),
+            ],
+        ),
+        &["was made for"],
+    );
+    // An impossible budget: the smallest arena any configuration reaches, and its levers.
+    let o = memc(
+        &cache,
+        &[
+            "plan",
+            m.to_str().unwrap(),
+            "--global-batch",
+            "8x16",
+            "--memory",
+            &(arenas[0] - 1).to_string(),
+            "-o",
+            dir.path().join("x.json").to_str().unwrap(),
+        ],
+    );
+    let grouped = |n: u64| {
+        let s = n.to_string();
+        s.chars()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                ((i > 0 && (s.len() - i) % 3 == 0).then_some(','))
+                    .into_iter()
+                    .chain([c])
+            })
+            .collect::<String>()
+    };
+    one_error(
+        &o,
+        &[
+            "no configuration fits",
+            &grouped(arenas[0]),
+            "--grad-accum 8",
+        ],
+    );
+    // Levers memc plan chooses itself are refused.
+    one_error(
+        &memc(
+            &cache,
+            &[
+                "plan",
+                m.to_str().unwrap(),
+                "--global-batch",
+                "8x16",
+                "--memory",
+                "1GB",
+                "--remat",
+                "full",
+            ],
+        ),
+        &["memc plan chooses --remat"],
+    );
+}
