@@ -60,6 +60,18 @@ impl HostProgram {
         layout: &Layout,
         model: &str,
     ) -> Result<HostProgram, KernelError> {
+        HostProgram::compile_with(g, kernels, layout, model, true)
+    }
+
+    /// [`HostProgram::compile`]; without `lower_kernels` the kernels keep their MLIR and
+    /// have no LLVM IR (a program to plan and count, never to run: [`plan_only`]).
+    fn compile_with(
+        g: &Graph,
+        kernels: &[Kernel],
+        layout: &Layout,
+        model: &str,
+        lower_kernels: bool,
+    ) -> Result<HostProgram, KernelError> {
         let buf = |v: ValueId, kernel: &str| -> Result<Buf, KernelError> {
             let offset = *layout
                 .offsets
@@ -173,7 +185,11 @@ impl HostProgram {
             });
         }
         // The distinct kernels lowered through MLIR to LLVM IR, on every core.
-        let irs = crate::kernel::lower_many(&pending)?;
+        let irs = if lower_kernels {
+            crate::kernel::lower_many(&pending)?
+        } else {
+            vec![String::new(); pending.len()]
+        };
         let lowered: Vec<(String, String)> =
             pending.into_iter().map(|(n, _, _)| n).zip(irs).collect();
 
@@ -562,6 +578,14 @@ pub fn lower(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
     HostProgram::compile(&ordered, &kernels, &plan_layout(&plan), model)
 }
 
+/// [`lower`] without lowering the kernels: the same program (steps, buffers, arena), whose
+/// kernels have no code. For planning (`memc plan` sizes pipelined steps' ranks with it);
+/// running it is refused, as a program without its kernels' entries.
+pub fn plan_only(g: &Graph, model: &str) -> Result<HostProgram, KernelError> {
+    let (ordered, kernels, plan) = layout(g);
+    HostProgram::compile_with(&ordered, &kernels, &plan_layout(&plan), model, false)
+}
+
 /// Every value at its offset in `plan` (aliases at their targets'), the arena its peak.
 fn plan_layout(plan: &memc_passes::plan::Plan) -> Layout {
     let mut layout = Layout {
@@ -637,6 +661,37 @@ pub enum Work {
         /// The bytes of its operands and results.
         bytes: u64,
     },
+}
+
+impl Work {
+    /// The steps of a lowered program, as [`work`] gives them.
+    pub fn of_program(p: &Program) -> Vec<Work> {
+        p.steps
+            .iter()
+            .map(|s| match s {
+                Step::Gemm {
+                    dtype,
+                    a_shape,
+                    b_shape,
+                    a_t,
+                    b_t,
+                    ..
+                } => Work::Gemm {
+                    dtype: *dtype,
+                    a_shape: a_shape.clone(),
+                    b_shape: b_shape.clone(),
+                    trans: (*a_t, *b_t),
+                },
+                Step::Kernel {
+                    native: Some(n), ..
+                } => Work::Native(n.clone()),
+                Step::Kernel { label, args, .. } => Work::Kernel {
+                    label: label.clone(),
+                    bytes: args.iter().map(|b| b.bytes).sum(),
+                },
+            })
+            .collect()
+    }
 }
 
 /// The steps of the cpu program of `g` (what [`lower`] would build), and its arena's bytes,

@@ -1536,6 +1536,7 @@ fn train_pipelined_on(
     let exec = match target {
         PassTarget::Cpu => crate::train::Exec::Kernels,
         PassTarget::Reference => crate::train::Exec::Passes(&graphs),
+        PassTarget::Plan => unreachable!("memc train lowers its passes to run them"),
     };
     crate::train::run_program(
         program,

@@ -11,6 +11,12 @@
 //!   profile label's seconds per byte are measured once per model and compute type, by running
 //!   every step of one compiled program alone ([`memc_runtime::cpu::Cpu::time_steps`]) and
 //!   dividing each label's time by its bytes.
+//! - **Each step's overhead in a run** (the pool's threads woken for it, operands not left in
+//!   cache by a repetition): that program's run as a whole, less the sum of its steps alone,
+//!   divided by its steps. This is the one whole-program time calibration takes: a constant
+//!   of the machine and model, never a candidate's time.
+//! - **The transport** (pipelined and data-parallel steps): one buffer sent back and forth
+//!   between two ranks under `mpirun` ([`crate::planner`]'s probe).
 //!
 //! Times depend on the machine and the thread count: they are kept in one JSON file per
 //! (CPU model, cores, threads) under `$MEMC_COST_CACHE` (default `~/.cache/memc/costs`; `off`
@@ -27,10 +33,10 @@ use std::time::Instant;
 
 /// A GEMM above this many FLOPs is timed at a smaller shape and scaled.
 pub const GEMM_CAP_FLOPS: f64 = 1.0e9;
-/// Runs per timing (after one warm-up); the median is kept.
-const REPS: usize = 3;
+/// Runs per timing (after one warm-up); the fastest is kept (a whole run: the median).
+const REPS: usize = 5;
 /// The cache's format.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Table {
@@ -43,6 +49,13 @@ struct Table {
     attention: BTreeMap<String, f64>,
     /// Seconds per byte of each generated kernel's label, by model and compute type.
     kernels: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Seconds each step costs beyond its time alone (waking the threads, operands not in
+    /// cache), by model and compute type.
+    #[serde(default)]
+    step_overhead: BTreeMap<String, f64>,
+    /// Bytes per second one rank sends another, by transport (`mpi`).
+    #[serde(default)]
+    transport: BTreeMap<String, f64>,
 }
 
 /// What calibration measured in this run.
@@ -188,6 +201,17 @@ impl CostModel {
         }
     }
 
+    /// Bytes per second through `transport`, if measured.
+    pub fn transport(&self, transport: &str) -> Option<f64> {
+        self.table.transport.get(transport).copied()
+    }
+
+    /// Keeps a measured transport bandwidth.
+    pub fn set_transport(&mut self, transport: &str, bytes_per_sec: f64) {
+        self.table.transport.insert(transport.to_string(), bytes_per_sec);
+        self.dirty = true;
+    }
+
     /// Whether `model`'s kernels have been measured.
     pub fn has_kernels(&self, model: &str) -> bool {
         self.table.kernels.contains_key(model)
@@ -199,12 +223,31 @@ impl CostModel {
         let t0 = Instant::now();
         let program = &host.program;
         let times = host
-            .with_kernels(|kernels| -> Result<Vec<f64>> {
+            .with_kernels(|kernels| -> Result<(Vec<f64>, f64)> {
                 // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
                 let mut cpu = unsafe { memc_runtime::cpu::Cpu::new(program.checked()?, kernels) };
-                Ok(cpu.time_steps(REPS))
+                // Real pages under every buffer, as in training: the weights and optimizer
+                // state small numbers, the rest written by one run (memory never written is
+                // read from the zero page, always in cache, which would time kernels fast).
+                for p in &program.params {
+                    cpu.arena_mut().set(&p.slot, &vec![0x3c; p.slot.bytes() as usize]);
+                }
+                let _ = cpu.run();
+                let steps = cpu.time_steps(REPS);
+                let whole = memc_runtime::cost::median_secs(REPS, || {
+                    // An index the arena's zeros or stale values give is clamped by its
+                    // kernel; the error the run reports for it is no concern here.
+                    let _ = cpu.run();
+                });
+                Ok((steps, whole))
             })
             .map_err(|e| anyhow!("{e}"))??;
+        let (times, whole) = times;
+        let alone: f64 = times.iter().sum();
+        self.table.step_overhead.insert(
+            model.to_string(),
+            ((whole - alone) / times.len().max(1) as f64).max(0.0),
+        );
         let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         for (step, t) in program.steps.iter().zip(times) {
             if let Step::Kernel {
@@ -287,7 +330,8 @@ impl CostModel {
             .ok_or_else(|| anyhow!("the cost model has no kernel times for {model}"))?
             .clone();
         let fallback = rates.get("").copied().unwrap_or(0.0);
-        let mut secs = 0.0;
+        let overhead = self.table.step_overhead.get(model).copied().unwrap_or(0.0);
+        let mut secs = overhead * work.len() as f64;
         for w in work {
             secs += match w {
                 Work::Gemm {

@@ -203,6 +203,8 @@ pub enum PassTarget {
     Cpu,
     /// The reference interpreter ([`memc_codegen::reference`]).
     Reference,
+    /// Nothing: the cpu programs without their kernels' code, to plan (`memc plan`).
+    Plan,
 }
 
 /// Lowers the microbatch program `g` ([`pipelined_program`]) under `schedule` into the step
@@ -226,6 +228,7 @@ pub fn lower_pipeline(
     let mut lower_pass = |sub: &memc_ir::Graph| match target {
         PassTarget::Cpu => memc_codegen::host::lower(sub, model),
         PassTarget::Reference => memc_codegen::host::interface(sub, model),
+        PassTarget::Plan => memc_codegen::host::plan_only(sub, model),
     };
     Ok(memc_codegen::pipeline::lower(
         g,

@@ -1,5 +1,5 @@
 //! Timing of the steps the runtime runs itself, one at a time, for `memc plan`'s cost model:
-//! a GEMM of given shapes and an attention part of a given [`Spec`] on zeroed buffers, and
+//! a GEMM of given shapes and an attention part of a given [`Spec`] on buffers of small numbers, and
 //! ([`crate::cpu::Cpu::time_steps`]) every step of a compiled program alone. The cost model
 //! (the compiler's `cost` module) composes these into a predicted step time; it never times a
 //! whole candidate configuration.
@@ -9,8 +9,8 @@ use crate::gemm::{matmul, GemmType};
 use crate::program::Dtype;
 use std::time::Instant;
 
-/// The median wall time of `reps` calls of `f` (at least one) after one warm-up call.
-pub fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+/// The wall times of `reps` calls of `f` (at least one) after one warm-up call, sorted.
+fn times(reps: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
     let mut t: Vec<f64> = (0..reps.max(1))
         .map(|_| {
@@ -20,7 +20,19 @@ pub fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
         })
         .collect();
     t.sort_by(f64::total_cmp);
+    t
+}
+
+/// The median of [`times`].
+pub fn median_secs(reps: usize, f: impl FnMut()) -> f64 {
+    let t = times(reps, f);
     t[t.len() / 2]
+}
+
+/// The fastest of [`times`]: a step's own time, without what other work on a shared machine
+/// adds to some runs (the cost model adds what a real run adds to every step separately).
+pub fn min_secs(reps: usize, f: impl FnMut()) -> f64 {
+    times(reps, f)[0]
 }
 
 fn elem_bytes(t: Dtype) -> usize {
@@ -32,8 +44,8 @@ fn elem_bytes(t: Dtype) -> usize {
 }
 
 /// Seconds for `a @ b` (`a_shape`, `b_shape` as in [`crate::program::Step::Gemm`], `trans`
-/// its stored-transposed flags) on the GEMM library with the pool's threads: the median of
-/// `reps` runs on zeroed buffers. `None` for shapes the GEMM does not take.
+/// its stored-transposed flags) on the GEMM library with the pool's threads: the fastest of
+/// `reps` runs on buffers of small numbers. `None` for shapes the GEMM does not take.
 pub fn time_gemm(
     dtype: Dtype,
     a_shape: &[usize],
@@ -51,8 +63,10 @@ pub fn time_gemm(
     let e = elem_bytes(dtype);
     let numel = |s: &[usize]| s.iter().product::<usize>();
     let out_numel = geometry.count * geometry.m * geometry.n;
-    // Buffers of f32 (or wider) alignment, as the arena gives.
-    let buf = |n: usize| vec![0u64; (n * e).div_ceil(8)];
+    // Buffers of f32 (or wider) alignment, as the arena gives, holding small numbers in
+    // every byte (0x3c: 0.0115 as f32 or bf16): zeroed memory would be read from the zero
+    // page, which stays in cache, and time the GEMM faster than on real operands.
+    let buf = |n: usize| vec![0x3c3c_3c3c_3c3c_3c3cu64; (n * e).div_ceil(8)];
     let (a, b, mut o) = (buf(numel(a_shape)), buf(numel(b_shape)), buf(out_numel));
     let bytes = |v: &Vec<u64>, n: usize| -> &[u8] {
         // SAFETY: a u64 buffer viewed as its bytes.
@@ -61,21 +75,21 @@ pub fn time_gemm(
     let (sa, sb) = (bytes(&a, numel(a_shape)), bytes(&b, numel(b_shape)));
     // SAFETY: as above, mutably, and `o` outlives the slice.
     let so = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast::<u8>(), out_numel * e) };
-    Some(median_secs(reps, || {
+    Some(min_secs(reps, || {
         matmul(t, sa, a_shape, sb, b_shape, so, trans)
     }))
 }
 
 /// Seconds for one attention part of `spec` (the runtime's tiled attention, with the pool's
-/// threads): the median of `reps` runs on zeroed operands.
+/// threads): the fastest of `reps` runs on operands of small numbers.
 pub fn time_attention(spec: &Spec, reps: usize) -> f64 {
     let e = elem_bytes(spec.dtype);
     let shapes = spec.shapes();
     let mut bufs: Vec<Vec<u8>> = shapes
         .iter()
-        .map(|s| vec![0u8; s.iter().product::<usize>() * e])
+        .map(|s| vec![0x3cu8; s.iter().product::<usize>() * e])
         .collect();
     let mut out = bufs.pop().expect("operands and a result");
     let ins: Vec<&[u8]> = bufs.iter().map(|b| b.as_slice()).collect();
-    median_secs(reps, || crate::attention::run(spec, &ins, &mut out))
+    min_secs(reps, || crate::attention::run(spec, &ins, &mut out))
 }

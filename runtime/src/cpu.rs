@@ -316,13 +316,13 @@ impl Cpu {
         )
     }
 
-    /// Each step's time alone, in seconds: the median of `reps` runs after one warm-up run
-    /// ([`crate::cost::median_secs`]), on whatever the arena holds (`memc plan`'s calibration, [`crate::cost`]). Index checks
+    /// Each step's time alone, in seconds: the fastest of `reps` runs after one warm-up run
+    /// ([`crate::cost::min_secs`]), on whatever the arena holds (`memc plan`'s calibration, [`crate::cost`]). Index checks
     /// are not made; the arena's values are overwritten as the steps run.
     pub fn time_steps(&mut self, reps: usize) -> Vec<f64> {
         (0..self.steps.len())
             .map(|i| {
-                crate::cost::median_secs(reps, || {
+                crate::cost::min_secs(reps, || {
                     // A step alone may meet indices the whole step would not (zeros, stale
                     // values): its kernels clamp them, and the flag is cleared unread.
                     let _ = exec(
