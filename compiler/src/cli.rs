@@ -39,6 +39,9 @@ enum Command {
     /// reversible layers), prints the choice, the runners-up and the Pareto front, and writes
     /// the flags for memc compile/train --plan FILE.
     Plan(Box<crate::planner::PlanArgs>),
+    /// (memc plan's transport probe, run under mpirun.)
+    #[command(hide = true)]
+    CommProbe,
     /// Run passes on textual IR: textual IR in, textual IR out.
     Opt(OptArgs),
     /// Generate, check and simulate a pipeline-parallel schedule; report per-device peak
@@ -1644,6 +1647,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plan(a) => crate::planner::run(*a),
+        Command::CommProbe => crate::planner::comm_probe(),
         Command::Opt(a) => opt(a),
         Command::Schedule(a) => schedule(a),
         Command::Toolchain => toolchain(),

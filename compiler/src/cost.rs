@@ -208,8 +208,34 @@ impl CostModel {
 
     /// Keeps a measured transport bandwidth.
     pub fn set_transport(&mut self, transport: &str, bytes_per_sec: f64) {
-        self.table.transport.insert(transport.to_string(), bytes_per_sec);
+        self.table
+            .transport
+            .insert(transport.to_string(), bytes_per_sec);
         self.dirty = true;
+    }
+
+    /// Seconds per byte of a pipelined pass's output handled by the executor (copied out,
+    /// added into its sum) and of a copy (weights into a pass's arena), measured once.
+    pub fn pass_rates(&mut self) -> (f64, f64) {
+        for (key, f) in [
+            (
+                "pass-output",
+                memc_runtime::cost::time_pass_output as fn(usize, usize) -> f64,
+            ),
+            ("copy", memc_runtime::cost::time_copy),
+        ] {
+            if !self.table.transport.contains_key(key) {
+                let t0 = Instant::now();
+                let rate = f(32 << 20, REPS);
+                self.table.transport.insert(key.to_string(), rate);
+                self.dirty = true;
+                self.measured.secs += t0.elapsed().as_secs_f64();
+            }
+        }
+        (
+            self.table.transport["pass-output"],
+            self.table.transport["copy"],
+        )
     }
 
     /// Whether `model`'s kernels have been measured.
@@ -230,7 +256,8 @@ impl CostModel {
                 // state small numbers, the rest written by one run (memory never written is
                 // read from the zero page, always in cache, which would time kernels fast).
                 for p in &program.params {
-                    cpu.arena_mut().set(&p.slot, &vec![0x3c; p.slot.bytes() as usize]);
+                    cpu.arena_mut()
+                        .set(&p.slot, &vec![0x3c; p.slot.bytes() as usize]);
                 }
                 let _ = cpu.run();
                 let steps = cpu.time_steps(REPS);

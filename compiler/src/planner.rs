@@ -15,6 +15,8 @@ use crate::cost::CostModel;
 use crate::train::{DtypeArg, RematArg, TrainProgramArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
+use memc_codegen::host::Work;
+use memc_passes::pipeline::{Kind, Pass, ScheduleKind};
 use memc_passes::remat::{Budget, Policy, RematError};
 use memc_passes::train::{TrainError, TrainOptions};
 use std::ffi::OsString;
@@ -44,13 +46,15 @@ pub struct PlanArgs {
     /// The batch of one optimizer step: ROWSxSEQ of the token input (e.g. 8x512).
     #[arg(long, value_name = "BxS")]
     pub global_batch: String,
-    /// Processes to train on (one device each).
+    /// Processes to train on (one device each, launched by mpirun): with more than one, the
+    /// pipeline stages × data-parallel replicas, the schedule and the microbatches are
+    /// searched, each process's arena being what must fit.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub devices: usize,
     /// Levers that change the numerics the plan may use: bf16, moc, reversible.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "LEVERS")]
     pub allow: Vec<AllowArg>,
-    /// Threads per process (default: every core).
+    /// Threads per process (default: the cores shared out over the processes).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// Other model inputs' dims at the global batch: NAME=DxD; repeatable.
@@ -93,10 +97,20 @@ struct Variant {
     reversible: bool,
 }
 
+/// A pipelined step's shape (`--devices` above 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pipe {
+    stages: usize,
+    replicas: usize,
+    microbatches: usize,
+    schedule: ScheduleKind,
+}
+
 /// One configuration and what it costs.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     variant: Variant,
+    pipe: Option<Pipe>,
     accum: usize,
     remat: Remat,
     fused_loss: bool,
@@ -111,6 +125,18 @@ impl Candidate {
     /// common to all).
     fn lever_flags(&self) -> Vec<String> {
         let mut f = vec![];
+        if let Some(p) = self.pipe {
+            f.extend([
+                "--pipeline-stages".into(),
+                p.stages.to_string(),
+                "--data-parallel".into(),
+                p.replicas.to_string(),
+                "--microbatches".into(),
+                p.microbatches.to_string(),
+                "--schedule".into(),
+                p.schedule.name().to_string(),
+            ]);
+        }
         if self.accum > 1 {
             f.extend(["--grad-accum".into(), self.accum.to_string()]);
         }
@@ -166,7 +192,7 @@ fn accum_counts(rows: usize) -> Vec<usize> {
     let mut k: Vec<usize> = (0..usize::BITS)
         .map(|i| 1usize << i)
         .take_while(|&k| k <= rows)
-        .filter(|k| rows % k == 0)
+        .filter(|&k| rows.is_multiple_of(k))
         .collect();
     if !k.contains(&rows) {
         k.push(rows);
@@ -178,7 +204,7 @@ fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -207,6 +233,9 @@ fn options(base: &TrainOptions, c: &Candidate) -> TrainOptions {
     }
 }
 
+/// One accumulation count's configurations with their steps, and the programs built.
+type Built = (Vec<(Candidate, Vec<Work>)>, usize);
+
 /// The plan's result: what was searched and chosen.
 struct Search {
     all: Vec<Candidate>,
@@ -226,11 +255,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
         ),
     };
     let (rows, seq) = parse_batch(&args.global_batch)?;
-    if args.devices != 1 {
-        bail!(
-            "--devices {}: memc plan searches one process's levers so far; plan pipeline stages and replicas with memc compile --pipeline-stages/--data-parallel --report",
-            args.devices
-        );
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
     }
     let t = &args.training;
     if t.remat != RematArg::Auto
@@ -241,12 +267,18 @@ pub fn run(args: PlanArgs) -> Result<()> {
         bail!("memc plan chooses --remat, --activation-budget, --dtype and --no-fused-loss itself: leave them out");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.threads.unwrap_or(cores);
+    let threads = args.threads.unwrap_or((cores / args.devices).max(1));
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
     let started = Instant::now();
     let mut cost = CostModel::open(threads, args.recalibrate)?;
+    if args.devices > 1 && cost.transport("mpi").is_none() {
+        let t0 = Instant::now();
+        let bw = probe_transport(args.devices)?;
+        cost.set_transport("mpi", bw);
+        cost.measured.secs += t0.elapsed().as_secs_f64();
+    }
     let allow = |a: AllowArg| args.allow.contains(&a);
     let mut variants = vec![];
     for bf16 in [false, true]
@@ -275,7 +307,11 @@ pub fn run(args: PlanArgs) -> Result<()> {
         rows,
         seq,
     };
-    let search = planner.search(&variants, memory, &mut cost)?;
+    let search = if args.devices > 1 {
+        planner.search_pipelined(&variants, memory, &mut cost)?
+    } else {
+        planner.search(&variants, memory, &mut cost)?
+    };
     cost.save();
     let Some(chosen) = search.chosen else {
         return Err(planner.infeasible(&search, memory, &mut cost));
@@ -346,9 +382,11 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     let fits = search.all.iter().filter(|c| c.arena <= memory).count();
     println!(
-        "memc plan: {model}, global batch {rows}x{seq}, at most {} bytes per device, {} device × {threads} threads",
+        "memc plan: {model}, global batch {rows}x{seq}, at most {} bytes per device, {} device{} × {threads} thread{}",
         group(memory),
-        args.devices
+        args.devices,
+        if args.devices > 1 { "s" } else { "" },
+        if threads > 1 { "s" } else { "" }
     );
     println!(
         "cost model: measured {} GEMM shapes, {} attention parts and the kernels of {} programs in {:.1} s{}",
@@ -367,13 +405,26 @@ pub fn run(args: PlanArgs) -> Result<()> {
         search.secs
     );
     println!("chosen: {}", best.describe());
+    let (count, per) = match best.pipe {
+        Some(p) => (p.microbatches, rows / p.replicas / p.microbatches),
+        None => (best.accum, rows / best.accum),
+    };
     println!(
-        "  arena {} bytes per device; predicted step {:.3} s ({} microbatch{} of {}x{seq})",
+        "  arena {} bytes per device; predicted step {:.3} s ({count} microbatch{} of {per}x{seq}{})",
         group(best.arena),
         best.secs,
-        best.accum,
-        if best.accum > 1 { "es" } else { "" },
-        rows / best.accum
+        if count > 1 { "es" } else { "" },
+        match best.pipe {
+            Some(p) => format!(
+                " per replica; {} stage{} × {} replica{}, {}",
+                p.stages,
+                if p.stages > 1 { "s" } else { "" },
+                p.replicas,
+                if p.replicas > 1 { "s" } else { "" },
+                p.schedule.name()
+            ),
+            None => String::new(),
+        }
     );
     if !ranked.is_empty() {
         println!("runners-up:");
@@ -402,9 +453,13 @@ pub fn run(args: PlanArgs) -> Result<()> {
             }
         );
     }
+    let launch = if args.devices > 1 {
+        format!("mpirun -n {} ", args.devices)
+    } else {
+        String::new()
+    };
     println!(
-        "wrote {}: memc compile {model} --plan {} -o OUT, or memc train {model} --plan {} --data ...; OUT train --threads {threads} (planned in {:.1} s)",
-        args.out.display(),
+        "wrote {}: memc compile {model} --plan {} -o OUT; {launch}OUT train --data ... --threads {threads} (planned in {:.1} s)",
         args.out.display(),
         args.out.display(),
         started.elapsed().as_secs_f64()
@@ -500,17 +555,15 @@ impl Planner<'_> {
         Ok(f)
     }
 
-    /// Builds `c`'s program and plans it: its arena and predicted time, or `None` when the
+    /// Builds `c`'s program and plans it: its arena and steps, or `None` when the
     /// configuration cannot be built (a budget below the smallest feasible, remat of a fully
     /// reversible stack). `Remat::Min(None)` learns its bytes here.
-    fn evaluate(
+    fn build(
         &self,
         forward: &memc_ir::Graph,
         base: &TrainOptions,
         c: &mut Candidate,
-        cost: &mut CostModel,
-        kernels: &str,
-    ) -> Result<bool> {
+    ) -> Result<Option<Vec<Work>>> {
         let mut g = forward.clone();
         let opts = options(base, c);
         let mut pm = memc_passes::manager::PassManager::new();
@@ -519,17 +572,55 @@ impl Planner<'_> {
             Err(TrainError::Remat(RematError::Infeasible { min, .. })) => {
                 if let Remat::Min(None) = c.remat {
                     c.remat = Remat::Min(Some(min));
-                    return self.evaluate(forward, base, c, cost, kernels);
+                    return self.build(forward, base, c);
                 }
-                return Ok(false);
+                return Ok(None);
             }
-            Err(TrainError::Remat(_)) => return Ok(false),
+            Err(TrainError::Remat(_)) => return Ok(None),
             Err(e) => bail!("{}: {}", self.model, crate::train::build_error(e)),
         }
         let (arena, work) = memc_codegen::host::work(&g);
         c.arena = arena;
-        c.secs = c.accum as f64 * cost.predict(kernels, &work)?;
-        Ok(true)
+        Ok(Some(work))
+    }
+
+    /// Every single-process configuration at one accumulation count, built and planned (no
+    /// time predicted yet): the candidates with their steps, and how many were built.
+    fn build_accum(&self, variant: Variant, accum: usize) -> Result<Built> {
+        let (forward, _) = self.forward(variant, accum)?;
+        let base = crate::train::options_for(&forward, &self.args.training)?;
+        let remats = [
+            Remat::Min(None),
+            Remat::Full,
+            Remat::Fraction(0.25),
+            Remat::Fraction(0.5),
+            Remat::Fraction(0.75),
+            Remat::Auto,
+            Remat::None,
+        ];
+        let (mut out, mut builds) = (vec![], 0);
+        for remat in remats {
+            for fused_loss in [true, false] {
+                // The whole logits only where little is recomputed.
+                if !fused_loss && !matches!(remat, Remat::None | Remat::Auto) {
+                    continue;
+                }
+                let mut c = Candidate {
+                    variant,
+                    pipe: None,
+                    accum,
+                    remat,
+                    fused_loss,
+                    arena: 0,
+                    secs: 0.0,
+                };
+                builds += 1;
+                if let Some(work) = self.build(&forward, &base, &mut c)? {
+                    out.push((c, work));
+                }
+            }
+        }
+        Ok((out, builds))
     }
 
     /// Measures the kernels of `variant`'s program at the smallest microbatch, once per model
@@ -555,6 +646,7 @@ impl Planner<'_> {
         );
         let c = Candidate {
             variant,
+            pipe: None,
             accum,
             remat: Remat::Auto,
             fused_loss: true,
@@ -580,59 +672,41 @@ impl Planner<'_> {
         let mut calibration = 0.0;
         let accums = accum_counts(self.rows);
         let size = std::fs::metadata(&self.args.model)
-            .with_context(|| format!("{}", self.model))?
+            .with_context(|| self.model.clone())?
             .len();
         for &variant in variants {
-            let id = format!(
-                "{}:{size}:{}x{}:{}",
-                self.args
-                    .model
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                self.rows,
-                self.seq,
-                if variant.bf16 { "bf16" } else { "f32" }
-            );
+            let id = self.kernel_id(size, variant);
             // Every configuration is built: the arena is not monotone in any one lever (at small
             // sizes the whole logits can take less than the fused loss's chunks), so no
-            // bound prunes exactly. The largest accumulation first: its program calibrates.
-            for (n, &accum) in accums.iter().rev().enumerate() {
-                let (forward, _) = self.forward(variant, accum)?;
+            // bound prunes exactly. The largest accumulation's program calibrates the kernels;
+            // then each accumulation count is imported and built on a thread of its own.
+            if !cost.has_kernels(&id) {
+                let c0 = Instant::now();
+                let largest = *accums.last().expect("at least 1");
+                let (forward, _) = self.forward(variant, largest)?;
                 let base = crate::train::options_for(&forward, &self.args.training)?;
-                if n == 0 {
-                    let c0 = Instant::now();
-                    self.calibrate(&forward, &base, accum, variant, cost, &id)?;
-                    calibration += c0.elapsed().as_secs_f64();
-                }
-                let remats = [
-                    Remat::Min(None),
-                    Remat::Full,
-                    Remat::Fraction(0.25),
-                    Remat::Fraction(0.5),
-                    Remat::Fraction(0.75),
-                    Remat::Auto,
-                    Remat::None,
-                ];
-                for remat in remats {
-                    for fused_loss in [true, false] {
-                        // The whole logits only where little is recomputed.
-                        if !fused_loss && !matches!(remat, Remat::None | Remat::Auto) {
-                            continue;
-                        }
-                        let mut c = Candidate {
-                            variant,
-                            accum,
-                            remat,
-                            fused_loss,
-                            arena: 0,
-                            secs: 0.0,
-                        };
-                        builds += 1;
-                        if self.evaluate(&forward, &base, &mut c, cost, &id)? {
-                            all.push(c);
-                        }
-                    }
+                self.calibrate(&forward, &base, largest, variant, cost, &id)?;
+                calibration += c0.elapsed().as_secs_f64();
+            }
+            let built: Vec<Result<Built>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = accums
+                    .iter()
+                    .map(|&accum| scope.spawn(move || self.build_accum(variant, accum)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow!("a planning thread panicked")))
+                    })
+                    .collect()
+            });
+            for b in built {
+                let (cands, n) = b?;
+                builds += n;
+                for (mut c, work) in cands {
+                    c.secs = c.accum as f64 * cost.predict(&id, &work)?;
+                    all.push(c);
                 }
             }
         }
@@ -652,6 +726,215 @@ impl Planner<'_> {
         })
     }
 
+    /// The cost model's name for the kernels of `variant` of this model and batch.
+    fn kernel_id(&self, size: u64, variant: Variant) -> String {
+        format!(
+            "{}:{size}:{}x{}:{}",
+            self.args
+                .model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            self.rows,
+            self.seq,
+            if variant.bf16 { "bf16" } else { "f32" }
+        )
+    }
+
+    /// `--devices N`: every pipeline of P stages × D replicas with P·D = N, under 1F1B, ZB-H1,
+    /// V-Half and V-Min (one stage: 1F1B), P, 2P and 4P microbatches per replica, and no,
+    /// automatic or per-layer recomputation. Each rank's bytes are what the pipelined
+    /// executor allocates for it ([`memc_runtime::pipeline::processes`], its passes planned
+    /// without their kernels' code); the step's time is the schedule replayed with each pass's
+    /// predicted time, values between stages and the replicas' gradient sums sent at the
+    /// measured transport's rate, and the slowest rank's optimizer shard.
+    fn search_pipelined(
+        &self,
+        variants: &[Variant],
+        memory: u64,
+        cost: &mut CostModel,
+    ) -> Result<Search> {
+        let t0 = Instant::now();
+        let devices = self.args.devices;
+        let size = std::fs::metadata(&self.args.model)
+            .with_context(|| self.model.clone())?
+            .len();
+        let bw = cost.transport("mpi").unwrap_or(f64::INFINITY);
+        let (mut all, mut builds, mut calibration) = (vec![], 0, 0.0);
+        let mut refused: Option<anyhow::Error> = None;
+        for &variant in variants {
+            let id = self.kernel_id(size, variant);
+            if !cost.has_kernels(&id) {
+                let c0 = Instant::now();
+                let accum = *accum_counts(self.rows).last().expect("at least 1");
+                let (forward, _) = self.forward(variant, accum)?;
+                let base = crate::train::options_for(&forward, &self.args.training)?;
+                self.calibrate(&forward, &base, accum, variant, cost, &id)?;
+                calibration += c0.elapsed().as_secs_f64();
+            }
+            for stages in (1..=devices).filter(|&p| devices.is_multiple_of(p)) {
+                let replicas = devices / stages;
+                let mut counts = vec![stages, 2 * stages, 4 * stages];
+                counts.dedup();
+                for microbatches in counts {
+                    if !self.rows.is_multiple_of(replicas * microbatches) {
+                        continue;
+                    }
+                    let (forward, _) = self.forward(variant, replicas * microbatches)?;
+                    let base = crate::train::options_for(&forward, &self.args.training)?;
+                    let kinds = if stages == 1 {
+                        vec![ScheduleKind::OneFOneB]
+                    } else {
+                        vec![
+                            ScheduleKind::OneFOneB,
+                            ScheduleKind::ZbH1,
+                            ScheduleKind::VHalf,
+                            ScheduleKind::VMin,
+                        ]
+                    };
+                    for schedule in kinds {
+                        for remat in [Remat::None, Remat::Auto, Remat::Full] {
+                            let mut c = Candidate {
+                                variant,
+                                pipe: Some(Pipe {
+                                    stages,
+                                    replicas,
+                                    microbatches,
+                                    schedule,
+                                }),
+                                accum: 1,
+                                remat,
+                                fused_loss: true,
+                                arena: 0,
+                                secs: 0.0,
+                            };
+                            builds += 1;
+                            match self.evaluate_pipe(&forward, &base, &mut c, cost, &id, bw) {
+                                Ok(()) => all.push(c),
+                                Err(e) => {
+                                    refused.get_or_insert(e);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if all.is_empty() {
+            if let Some(e) = refused {
+                return Err(e.context(format!(
+                    "--devices {devices}: no pipelined step could be built"
+                )));
+            }
+        }
+        let chosen = (0..all.len())
+            .filter(|&i| all[i].arena <= memory)
+            .min_by(|&a, &b| {
+                all[a]
+                    .secs
+                    .total_cmp(&all[b].secs)
+                    .then(all[a].arena.cmp(&all[b].arena))
+            });
+        Ok(Search {
+            all,
+            chosen,
+            builds,
+            secs: t0.elapsed().as_secs_f64() - calibration,
+        })
+    }
+
+    /// A pipelined candidate's largest rank arena and predicted step time.
+    fn evaluate_pipe(
+        &self,
+        forward: &memc_ir::Graph,
+        base: &TrainOptions,
+        c: &mut Candidate,
+        cost: &mut CostModel,
+        id: &str,
+        bw: f64,
+    ) -> Result<()> {
+        let pipe = c.pipe.expect("a pipelined candidate");
+        let opts = options(base, c);
+        let (program, _) =
+            crate::pipe::pipelined_program(forward.clone(), &opts, pipe.schedule, pipe.stages)?;
+        let schedule =
+            memc_passes::pipeline::generate(pipe.schedule, pipe.stages, pipe.microbatches)
+                .map_err(|e| anyhow!(e))?;
+        let (host, _) = crate::pipe::lower_pipeline(
+            &program,
+            &schedule,
+            &opts,
+            self.rows / pipe.replicas,
+            pipe.replicas,
+            &self.model,
+            crate::pipe::PassTarget::Plan,
+        )?;
+        let ranks: Vec<memc_runtime::pipeline::Planned> =
+            memc_runtime::pipeline::processes(&host.program)?
+                .into_iter()
+                .filter_map(|(_, p)| p.at.is_some().then_some(p))
+                .collect();
+        c.arena = ranks.iter().map(|p| p.total).max().unwrap_or(0);
+        let pl = host.program.pipeline.as_ref().expect("a pipelined program");
+        // Each pass run: its steps, then the executor copies every output out of the pass's
+        // arena (and adds the averaged ones, its weight gradients, into their sums). Each
+        // step: every pass's weights copied into its arena.
+        let (per_output, per_copy) = cost.pass_rates();
+        let mut secs_of = std::collections::HashMap::new();
+        let mut weight_copies = vec![0.0; pipe.stages];
+        for sp in &pl.passes {
+            let out: u64 = sp.program.outputs.iter().map(|o| o.bytes()).sum();
+            let run = cost.predict(id, &Work::of_program(&sp.program))?;
+            secs_of.insert(sp.label.clone(), run + out as f64 * per_output);
+            let weights: u64 = sp
+                .program
+                .params
+                .iter()
+                .filter(|q| q.role == memc_runtime::program::Role::Weight)
+                .map(|q| q.slot.bytes())
+                .sum();
+            if let Some(w) = weight_copies.get_mut(sp.device as usize) {
+                *w += weights as f64 * per_copy;
+            }
+        }
+        let weight_copies = weight_copies.into_iter().fold(0.0, f64::max);
+        // What crosses between stages: one microbatch's hidden states.
+        let comm = hidden_bytes(forward) as f64 / bw;
+        let label = |p: Pass| {
+            let k = match p.kind {
+                Kind::F => "F",
+                Kind::B => "B",
+                Kind::W => "W",
+            };
+            format!("{k}{}", p.chunk)
+        };
+        let sim = memc_passes::pipeline::simulate_with(
+            &schedule,
+            &|p| secs_of.get(&label(p)).copied().unwrap_or(0.0),
+            comm,
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        let late = match &pl.late {
+            Some(l) => cost.predict(id, &Work::of_program(&l.program))? * pipe.microbatches as f64,
+            None => 0.0,
+        };
+        let mut update: f64 = 0.0;
+        for u in &pl.updates {
+            update = update.max(cost.predict(id, &Work::of_program(&u.program))?);
+        }
+        // Replicas exchange their gradient sums and the updated weights of their shards.
+        let most = |f: fn(&memc_runtime::pipeline::Planned) -> u64| {
+            ranks.iter().map(f).max().unwrap_or(0) as f64
+        };
+        let replicas = if pipe.replicas > 1 {
+            (2.0 * most(|p| p.gradient_sums) + most(|p| p.weights)) / bw
+        } else {
+            0.0
+        };
+        c.secs = weight_copies + sim.makespan + late + update + replicas;
+        Ok(())
+    }
+
     /// The error for a budget nothing fits: the smallest memory any configuration reaches and
     /// its levers, and what the levers `--allow` did not name would reach.
     fn infeasible(&self, search: &Search, memory: u64, cost: &mut CostModel) -> anyhow::Error {
@@ -669,7 +952,7 @@ impl Planner<'_> {
             (AllowArg::Moc, "moc"),
             (AllowArg::Reversible, "reversible"),
         ] {
-            if self.args.allow.contains(&lever) {
+            if self.args.allow.contains(&lever) || min.pipe.is_some() {
                 continue;
             }
             let variant = Variant {
@@ -723,6 +1006,77 @@ impl Planner<'_> {
             }
         )
     }
+}
+
+/// The bytes of one microbatch's hidden states (the embedding's output), which a pipeline
+/// sends from stage to stage.
+fn hidden_bytes(g: &memc_ir::Graph) -> u64 {
+    g.nodes()
+        .iter()
+        .find(|n| {
+            matches!(n.op, memc_ir::Op::Gather { .. })
+                && matches!(&g.value(n.inputs[1]).def, memc_ir::ValueDef::Input { name } if name == "input_ids")
+        })
+        .map_or(0, |n| g.value(n.outputs[0]).ty.bytes() as u64)
+}
+
+/// Measures the transport pipelined steps use: `mpirun -n 2 memc comm-probe` ([`comm_probe`]).
+fn probe_transport(devices: usize) -> Result<f64> {
+    let exe = std::env::current_exe().context("memc's own path")?;
+    let mut cmd = std::process::Command::new("mpirun");
+    // SAFETY: geteuid only reads the process's user id.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.arg("--allow-run-as-root");
+    }
+    let out = cmd
+        .args(["--oversubscribe", "-n", "2"])
+        .arg(exe)
+        .arg("comm-probe")
+        .output()
+        .map_err(|e| anyhow!("--devices {devices}: measuring the transport needs mpirun (Open MPI) on the PATH: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["bytes_per_sec"].as_f64())
+        .ok_or_else(|| {
+            anyhow!(
+                "--devices {devices}: the transport probe (mpirun -n 2 memc comm-probe) failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("no output")
+            )
+        })
+}
+
+/// `memc comm-probe` (hidden; run by `memc plan --devices N` under `mpirun -n 2`): rank 0
+/// sends 32 MiB to rank 1 and back five times after a first round, and prints the bytes per
+/// second one way as JSON.
+pub fn comm_probe() -> Result<()> {
+    use memc_runtime::transport::Transport;
+    let mpi = memc_runtime::mpi::Mpi::init(2, 1).map_err(|e| anyhow!("comm-probe: {e}"))?;
+    let bytes = vec![0x3cu8; 32 << 20];
+    let rounds = 6u64;
+    let mut t0 = Instant::now();
+    for i in 0..rounds {
+        if i == 1 {
+            t0 = Instant::now();
+        }
+        if mpi.rank() == 0 {
+            mpi.send(1, i, 0, "probe", &bytes)?;
+            mpi.recv(1, i, 0, "probe")?;
+        } else {
+            let b = mpi.recv(0, i, 0, "probe")?;
+            mpi.send(0, i, 0, "probe", &b)?;
+        }
+    }
+    if mpi.rank() == 0 {
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"bytes_per_sec": 2.0 * (rounds - 1) as f64 * bytes.len() as f64 / secs})
+        );
+    }
+    Ok(())
 }
 
 /// An SVG of every configuration's arena against its predicted step time: the Pareto front
@@ -875,6 +1229,7 @@ mod tests {
                 moc: false,
                 reversible: false,
             },
+            pipe: None,
             accum: 1,
             remat: Remat::Auto,
             fused_loss: true,

@@ -234,7 +234,7 @@ fn the_plan_is_the_fastest_configuration_that_fits_and_compiles_to_its_arena() {
         s.chars()
             .enumerate()
             .flat_map(|(i, c)| {
-                ((i > 0 && (s.len() - i) % 3 == 0).then_some(','))
+                ((i > 0 && (s.len() - i).is_multiple_of(3)).then_some(','))
                     .into_iter()
                     .chain([c])
             })
@@ -265,4 +265,119 @@ fn the_plan_is_the_fastest_configuration_that_fits_and_compiles_to_its_arena() {
         ),
         &["memc plan chooses --remat"],
     );
+}
+
+/// `--devices 2`: pipelines of 2 stages and 2 replicas are searched; every rank of the chosen
+/// one fits, and the executable `memc compile --plan` writes allocates exactly the planned
+/// bytes on its largest rank and trains under mpirun.
+#[test]
+fn two_devices_plan_a_pipelined_step_whose_ranks_fit() {
+    if std::process::Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no mpirun (scripts/setup.sh installs Open MPI)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("costs");
+    let m = model();
+    let file = dir.path().join("plan.json");
+    let o = memc(
+        &cache,
+        &[
+            "plan",
+            m.to_str().unwrap(),
+            "--global-batch",
+            "8x16",
+            "--devices",
+            "2",
+            "--memory",
+            "1GB",
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let shapes: std::collections::BTreeSet<String> = p["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let f: Vec<&str> = c["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            format!("{}x{}", f[1], f[3])
+        })
+        .collect();
+    assert_eq!(
+        shapes.into_iter().collect::<Vec<_>>(),
+        ["1x2", "2x1"],
+        "stages x replicas searched"
+    );
+    let chosen = &p["chosen"];
+    let out = dir.path().join("exe");
+    let report = dir.path().join("r.json");
+    let o = memc(
+        &cache,
+        &[
+            "compile",
+            m.to_str().unwrap(),
+            "--plan",
+            file.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--report-json",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let most = r["pipeline"]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| !x["stage"].is_null())
+        .map(|x| x["total_bytes"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert_eq!(
+        most,
+        arena(chosen),
+        "the largest rank allocates what was planned"
+    );
+    let data = dir.path().join("ids.npy");
+    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 % 250) as i64).collect();
+    memc::io::write_tensor(
+        &data,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![8, 16], &ids),
+    )
+    .unwrap();
+    let run = std::process::Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2"])
+        .arg(&out)
+        .args([
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stdout).contains("\"loss\""));
 }

@@ -93,3 +93,28 @@ pub fn time_attention(spec: &Spec, reps: usize) -> f64 {
     let ins: Vec<&[u8]> = bufs.iter().map(|b| b.as_slice()).collect();
     min_secs(reps, || crate::attention::run(spec, &ins, &mut out))
 }
+
+/// Seconds per byte the pipelined executor spends on each output of a pass besides running
+/// it: copying it out of the pass's arena and adding it into its f32 sum (an averaged
+/// value; [`crate::pipeline`]), timed on `bytes` of f32 with one thread.
+pub fn time_pass_output(bytes: usize, reps: usize) -> f64 {
+    let src = vec![0x3cu8; bytes];
+    let mut acc = vec![0f32; bytes / 4];
+    let t = min_secs(reps, || {
+        let out = src.to_vec();
+        crate::pipeline::accumulate(&mut acc, Dtype::F32, &out);
+        std::hint::black_box(&acc);
+    });
+    t / bytes.max(1) as f64
+}
+
+/// Seconds per byte of copying `bytes` (a pass's weights into its arena at each step).
+pub fn time_copy(bytes: usize, reps: usize) -> f64 {
+    let src = vec![0x3cu8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let t = min_secs(reps, || {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+    });
+    t / bytes.max(1) as f64
+}

@@ -459,7 +459,7 @@ fn f32s(v: &[f32]) -> Vec<u8> {
 
 /// Adds the values `bytes` holds (of type `dtype`) into `acc`, in f32 (as PyTorch accumulates
 /// gradients over microbatches); f32 values are read in place.
-fn accumulate(acc: &mut [f32], dtype: crate::program::Dtype, bytes: &[u8]) {
+pub(crate) fn accumulate(acc: &mut [f32], dtype: crate::program::Dtype, bytes: &[u8]) {
     if dtype == crate::program::Dtype::F32 {
         for (a, c) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
             *a += f32::from_le_bytes(c.try_into().expect("4 bytes"));
