@@ -58,6 +58,12 @@ for policy in "--remat none" "--remat auto" "--remat full" "--activation-budget 
 done
 
 echo
+echo "== memc plan examples/models/llama-dynamo.onnx --global-batch 8x128 --memory 5MB   (the fastest step that fits: levers searched, arenas exact, times from this machine's measured kernels)"
+$MEMC plan examples/models/llama-dynamo.onnx --global-batch 8x128 --memory 5MB -o "$OUT/plan.json" --plot "$OUT/plan.svg"
+$MEMC compile examples/models/llama-dynamo.onnx --plan "$OUT/plan.json" --report-json "$OUT/plan-report.json" >/dev/null
+echo "   memc compile --plan $OUT/plan.json: arena $(python3 -c "import json; print(json.load(open('$OUT/plan-report.json'))['cpu_backend']['arena_bytes'])") bytes (the plan's, exactly; front: $OUT/plan.svg)"
+
+echo
 DATA=examples/models/llama-dynamo/inputs/input_ids.npy
 echo "== memc compile examples/models/llama-dynamo.onnx --shape input_ids=2x16 --train --optimizer adamw --weights examples/models/llama-hf -o $OUT/llama"
 echo "   (the Hugging Face checkpoint examples/models/llama-hf bound to the exported graph's parameters)"
