@@ -319,10 +319,31 @@ impl Cpu {
     /// Each step's time alone, in seconds: the fastest of `reps` runs after one warm-up run
     /// ([`crate::cost::min_secs`]), on whatever the arena holds (`memc plan`'s calibration, [`crate::cost`]). Index checks
     /// are not made; the arena's values are overwritten as the steps run.
+    /// Steps that run the same code on buffers of the same sizes (a layer's kernels, once per
+    /// layer) are timed once.
     pub fn time_steps(&mut self, reps: usize) -> Vec<f64> {
+        let key = |r: &Ready| match r {
+            Ready::Kernel(f, p) => format!("k{:x} {}", *f as usize, p.len()),
+            Ready::Split(f, p, rows, bytes) => {
+                format!("s{:x} {} {rows} {bytes}", *f as usize, p.len())
+            }
+            Ready::Gemm {
+                t,
+                a_shape,
+                b_shape,
+                trans,
+                ..
+            } => format!("g{t:?} {a_shape:?} {b_shape:?} {trans:?}"),
+            Ready::Native(n, _) => format!("n{n:?}"),
+        };
+        let mut seen: HashMap<String, f64> = HashMap::new();
         (0..self.steps.len())
             .map(|i| {
-                crate::cost::min_secs(reps, || {
+                let k = key(&self.steps[i]);
+                if let Some(&t) = seen.get(&k) {
+                    return t;
+                }
+                let t = crate::cost::min_secs(reps, || {
                     // A step alone may meet indices the whole step would not (zeros, stale
                     // values): its kernels clamp them, and the flag is cleared unread.
                     let _ = exec(
@@ -334,7 +355,9 @@ impl Cpu {
                         None,
                         None,
                     );
-                })
+                });
+                seen.insert(k, t);
+                t
             })
             .collect()
     }
