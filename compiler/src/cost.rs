@@ -71,13 +71,16 @@ pub struct Measured {
     pub secs: f64,
 }
 
+/// A GEMM this run measured: its key, element type, measured shapes and transposes.
+type FreshGemm = (String, Dtype, Vec<usize>, Vec<usize>, (bool, bool));
+
 /// The cost model of this machine at one thread count.
 pub struct CostModel {
     table: Table,
     file: Option<PathBuf>,
     dirty: bool,
     /// What this run measured, to measure once more ([`CostModel::remeasure`]).
-    fresh_gemms: Vec<(String, Dtype, Vec<usize>, Vec<usize>, (bool, bool))>,
+    fresh_gemms: Vec<FreshGemm>,
     fresh_attention: Vec<(String, Spec)>,
     /// What this run measured (the rest came from the cache).
     pub measured: Measured,
