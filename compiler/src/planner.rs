@@ -233,6 +233,27 @@ fn options(base: &TrainOptions, c: &Candidate) -> TrainOptions {
     }
 }
 
+impl Search {
+    /// The configurations searched, with the fastest predicted that fits `memory` (the
+    /// smaller arena between equals) chosen.
+    fn new(all: Vec<Candidate>, memory: u64, builds: usize, secs: f64) -> Search {
+        let chosen = (0..all.len())
+            .filter(|&i| all[i].arena <= memory)
+            .min_by(|&a, &b| {
+                all[a]
+                    .secs
+                    .total_cmp(&all[b].secs)
+                    .then(all[a].arena.cmp(&all[b].arena))
+            });
+        Search {
+            all,
+            chosen,
+            builds,
+            secs,
+        }
+    }
+}
+
 /// One accumulation count's configurations with their steps, and the programs built.
 type Built = (Vec<(Candidate, Vec<Work>)>, usize);
 
@@ -304,6 +325,9 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let planner = Planner {
         args: &args,
         model: model.clone(),
+        size: std::fs::metadata(&args.model)
+            .with_context(|| model.clone())?
+            .len(),
         rows,
         seq,
     };
@@ -322,7 +346,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     cost.save();
     let Some(chosen) = search.chosen else {
-        return Err(planner.infeasible(&search, memory, &mut cost));
+        return Err(planner.infeasible(&search, memory));
     };
     let front = pareto(&search.all);
     let best = &search.all[chosen];
@@ -339,7 +363,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         seen.push(key);
         new
     });
-    let common = planner.common_flags()?;
+    let common = planner.common_flags();
     let mut train_flags = common.clone();
     train_flags.extend(best.lever_flags());
     let mut compile_flags = vec!["--train".to_string()];
@@ -498,6 +522,8 @@ fn pareto(all: &[Candidate]) -> Vec<usize> {
 struct Planner<'a> {
     args: &'a PlanArgs,
     model: String,
+    /// The model file's bytes (part of the cost model's name for its kernels).
+    size: u64,
     rows: usize,
     seq: usize,
 }
@@ -505,15 +531,10 @@ struct Planner<'a> {
 impl Planner<'_> {
     /// The model's forward graph for microbatches of `rows / accum` rows, with `variant`'s
     /// model passes.
-    fn forward(&self, variant: Variant, accum: usize) -> Result<(memc_ir::Graph, String)> {
-        let mut shapes = self.args.shapes.clone();
-        let token = "input_ids";
-        if !shapes.iter().any(|s| s.starts_with(&format!("{token}="))) {
-            shapes.push(format!("{token}={}x{}", self.rows, self.seq));
-        }
+    fn forward(&self, variant: Variant, accum: usize) -> Result<memc_ir::Graph> {
         let model_args = crate::cli::ModelArgs::for_plan(
             self.args.model.clone(),
-            shapes,
+            self.shapes(),
             variant.moc.then(|| "0.25".to_string()),
             variant.reversible,
         );
@@ -521,29 +542,32 @@ impl Planner<'_> {
         if accum > 1 {
             import_shapes = crate::cli::accum_shapes(import_shapes, accum, &self.model)?;
         }
-        let g = crate::cli::import_quiet(&model_args, import_shapes)?;
-        Ok((g, token.to_string()))
+        crate::cli::import_quiet(&model_args, import_shapes)
     }
 
-    /// The shapes and training flags every configuration shares, as `memc compile` takes them.
-    fn common_flags(&self) -> Result<Vec<String>> {
-        let t = &self.args.training;
-        let name = |v: &dyn Fn() -> Option<clap::builder::PossibleValue>| {
-            v().map(|p| p.get_name().to_string()).unwrap_or_default()
-        };
-        let mut f = vec![];
+    /// The `--shape`s of the global batch: the user's, and the token input's.
+    fn shapes(&self) -> Vec<String> {
         let mut shapes = self.args.shapes.clone();
         if !shapes.iter().any(|s| s.starts_with("input_ids=")) {
             shapes.push(format!("input_ids={}x{}", self.rows, self.seq));
         }
-        for s in shapes {
+        shapes
+    }
+
+    /// The shapes and training flags every configuration shares, as `memc compile` takes them.
+    fn common_flags(&self) -> Vec<String> {
+        let t = &self.args.training;
+        fn name(v: impl ValueEnum) -> String {
+            v.to_possible_value()
+                .map(|p| p.get_name().to_string())
+                .unwrap_or_default()
+        }
+        let mut f = vec![];
+        for s in self.shapes() {
             f.extend(["--shape".into(), s]);
         }
-        f.extend(["--loss".into(), name(&|| t.loss.to_possible_value())]);
-        f.extend([
-            "--optimizer".into(),
-            name(&|| t.optimizer.to_possible_value()),
-        ]);
+        f.extend(["--loss".into(), name(t.loss)]);
+        f.extend(["--optimizer".into(), name(t.optimizer)]);
         f.extend(["--momentum".into(), t.momentum.to_string()]);
         f.extend([
             "--betas".into(),
@@ -560,7 +584,7 @@ impl Planner<'_> {
         if let Some(c) = t.clip_grad_norm {
             f.extend(["--clip-grad-norm".into(), c.to_string()]);
         }
-        Ok(f)
+        f
     }
 
     /// Builds `c`'s program and plans it: its arena and steps, or `None` when the
@@ -595,7 +619,7 @@ impl Planner<'_> {
     /// Every single-process configuration at one accumulation count, built and planned (no
     /// time predicted yet): the candidates with their steps, and how many were built.
     fn build_accum(&self, variant: Variant, accum: usize) -> Result<Built> {
-        let (forward, _) = self.forward(variant, accum)?;
+        let forward = self.forward(variant, accum)?;
         let base = crate::train::options_for(&forward, &self.args.training)?;
         let remats = [
             Remat::Min(None),
@@ -631,20 +655,17 @@ impl Planner<'_> {
         Ok((out, builds))
     }
 
-    /// Measures the kernels of `variant`'s program at the smallest microbatch, once per model
-    /// and compute type (the cache keeps them).
-    fn calibrate(
-        &self,
-        forward: &memc_ir::Graph,
-        base: &TrainOptions,
-        accum: usize,
-        variant: Variant,
-        cost: &mut CostModel,
-        id: &str,
-    ) -> Result<()> {
-        if cost.has_kernels(id) {
-            return Ok(());
+    /// Measures the kernels of `variant`'s program at the smallest microbatch (one row),
+    /// once per model and compute type (the cache keeps them); the seconds it took.
+    fn calibrate(&self, variant: Variant, cost: &mut CostModel) -> Result<f64> {
+        let id = self.kernel_id(variant);
+        if cost.has_kernels(&id) {
+            return Ok(0.0);
         }
+        let t0 = Instant::now();
+        let accum = *accum_counts(self.rows).last().expect("at least 1");
+        let forward = self.forward(variant, accum)?;
+        let base = crate::train::options_for(&forward, &self.args.training)?;
         eprintln!(
             "plan: measuring the kernels of {} (one {} program at {}x{}, each step alone)",
             self.model,
@@ -661,16 +682,17 @@ impl Planner<'_> {
             arena: 0,
             secs: 0.0,
         };
-        let mut g = forward.clone();
+        let mut g = forward;
         memc_passes::train::build_training_with(
             &mut g,
-            &options(base, &c),
+            &options(&base, &c),
             &mut memc_passes::manager::PassManager::new(),
         )
         .map_err(|e| anyhow!("{}: {}", self.model, crate::train::build_error(e)))?;
         let host = memc_codegen::host::lower(&g, &self.model)
             .map_err(|e| anyhow!("{}: {e}", self.model))?;
-        cost.calibrate_kernels(id, &host)
+        cost.calibrate_kernels(&id, &host)?;
+        Ok(t0.elapsed().as_secs_f64())
     }
 
     fn search(&self, variants: &[Variant], memory: u64, cost: &mut CostModel) -> Result<Search> {
@@ -679,23 +701,13 @@ impl Planner<'_> {
         let mut builds = 0;
         let mut calibration = 0.0;
         let accums = accum_counts(self.rows);
-        let size = std::fs::metadata(&self.args.model)
-            .with_context(|| self.model.clone())?
-            .len();
         for &variant in variants {
-            let id = self.kernel_id(size, variant);
+            let id = self.kernel_id(variant);
             // Every configuration is built: the arena is not monotone in any one lever (at small
             // sizes the whole logits can take less than the fused loss's chunks), so no
             // bound prunes exactly. The largest accumulation's program calibrates the kernels;
             // then each accumulation count is imported and built on a thread of its own.
-            if !cost.has_kernels(&id) {
-                let c0 = Instant::now();
-                let largest = *accums.last().expect("at least 1");
-                let (forward, _) = self.forward(variant, largest)?;
-                let base = crate::train::options_for(&forward, &self.args.training)?;
-                self.calibrate(&forward, &base, largest, variant, cost, &id)?;
-                calibration += c0.elapsed().as_secs_f64();
-            }
+            calibration += self.calibrate(variant, cost)?;
             let built: Vec<Result<Built>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = accums
                     .iter()
@@ -718,31 +730,24 @@ impl Planner<'_> {
                 }
             }
         }
-        let chosen = (0..all.len())
-            .filter(|&i| all[i].arena <= memory)
-            .min_by(|&a, &b| {
-                all[a]
-                    .secs
-                    .total_cmp(&all[b].secs)
-                    .then(all[a].arena.cmp(&all[b].arena))
-            });
-        Ok(Search {
+        Ok(Search::new(
             all,
-            chosen,
+            memory,
             builds,
-            secs: t0.elapsed().as_secs_f64() - calibration,
-        })
+            t0.elapsed().as_secs_f64() - calibration,
+        ))
     }
 
     /// The cost model's name for the kernels of `variant` of this model and batch.
-    fn kernel_id(&self, size: u64, variant: Variant) -> String {
+    fn kernel_id(&self, variant: Variant) -> String {
         format!(
-            "{}:{size}:{}x{}:{}",
+            "{}:{}:{}x{}:{}",
             self.args
                 .model
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            self.size,
             self.rows,
             self.seq,
             if variant.bf16 { "bf16" } else { "f32" }
@@ -764,22 +769,12 @@ impl Planner<'_> {
     ) -> Result<Search> {
         let t0 = Instant::now();
         let devices = self.args.devices;
-        let size = std::fs::metadata(&self.args.model)
-            .with_context(|| self.model.clone())?
-            .len();
         let bw = cost.transport("mpi").unwrap_or(f64::INFINITY);
         let (mut all, mut builds, mut calibration) = (vec![], 0, 0.0);
         let mut refused: Option<anyhow::Error> = None;
         for &variant in variants {
-            let id = self.kernel_id(size, variant);
-            if !cost.has_kernels(&id) {
-                let c0 = Instant::now();
-                let accum = *accum_counts(self.rows).last().expect("at least 1");
-                let (forward, _) = self.forward(variant, accum)?;
-                let base = crate::train::options_for(&forward, &self.args.training)?;
-                self.calibrate(&forward, &base, accum, variant, cost, &id)?;
-                calibration += c0.elapsed().as_secs_f64();
-            }
+            let id = self.kernel_id(variant);
+            calibration += self.calibrate(variant, cost)?;
             for stages in (1..=devices).filter(|&p| devices.is_multiple_of(p)) {
                 let replicas = devices / stages;
                 let mut counts = vec![stages, 2 * stages, 4 * stages];
@@ -788,7 +783,7 @@ impl Planner<'_> {
                     if !self.rows.is_multiple_of(replicas * microbatches) {
                         continue;
                     }
-                    let (forward, _) = self.forward(variant, replicas * microbatches)?;
+                    let forward = self.forward(variant, replicas * microbatches)?;
                     let base = crate::train::options_for(&forward, &self.args.training)?;
                     let kinds = if stages == 1 {
                         vec![ScheduleKind::OneFOneB]
@@ -835,20 +830,12 @@ impl Planner<'_> {
                 )));
             }
         }
-        let chosen = (0..all.len())
-            .filter(|&i| all[i].arena <= memory)
-            .min_by(|&a, &b| {
-                all[a]
-                    .secs
-                    .total_cmp(&all[b].secs)
-                    .then(all[a].arena.cmp(&all[b].arena))
-            });
-        Ok(Search {
+        Ok(Search::new(
             all,
-            chosen,
+            memory,
             builds,
-            secs: t0.elapsed().as_secs_f64() - calibration,
-        })
+            t0.elapsed().as_secs_f64() - calibration,
+        ))
     }
 
     /// A pipelined candidate's largest rank arena and predicted step time.
@@ -945,7 +932,7 @@ impl Planner<'_> {
 
     /// The error for a budget nothing fits: the smallest memory any configuration reaches and
     /// its levers, and what the levers `--allow` did not name would reach.
-    fn infeasible(&self, search: &Search, memory: u64, cost: &mut CostModel) -> anyhow::Error {
+    fn infeasible(&self, search: &Search, memory: u64) -> anyhow::Error {
         let Some(min) = search.all.iter().min_by_key(|c| c.arena) else {
             return anyhow!(
                 "{}: no configuration could be built for --global-batch {}x{}",
@@ -969,7 +956,7 @@ impl Planner<'_> {
                 reversible: lever == AllowArg::Reversible,
             };
             let reached = (|| -> Result<Option<u64>> {
-                let (forward, _) = self.forward(variant, min.accum)?;
+                let forward = self.forward(variant, min.accum)?;
                 let base = crate::train::options_for(&forward, &self.args.training)?;
                 let mut c = Candidate {
                     variant,
@@ -980,20 +967,7 @@ impl Planner<'_> {
                     },
                     ..min.clone()
                 };
-                let mut g = forward.clone();
-                let opts = options(&base, &c);
-                if memc_passes::train::build_training_with(
-                    &mut g,
-                    &opts,
-                    &mut memc_passes::manager::PassManager::new(),
-                )
-                .is_err()
-                {
-                    return Ok(None);
-                }
-                c.arena = memc_codegen::host::work(&g).0;
-                let _ = cost;
-                Ok(Some(c.arena))
+                Ok(self.build(&forward, &base, &mut c)?.map(|_| c.arena))
             })();
             if let Ok(Some(b)) = reached {
                 if b < min.arena {

@@ -43,24 +43,52 @@ fn one_error(o: &Out, want: &[&str]) {
     }
 }
 
-fn plan(cache: &Path, out: &Path, memory: u64) -> (Out, serde_json::Value) {
+/// `memc plan` of the example at 8 × 16 within `memory` (and `more` flags), writing `out`:
+/// its output and the plan file.
+fn plan(cache: &Path, out: &Path, memory: u64, more: &[&str]) -> (Out, serde_json::Value) {
     let m = model();
-    let o = memc(
-        cache,
-        &[
-            "plan",
-            m.to_str().unwrap(),
-            "--global-batch",
-            "8x16",
-            "--memory",
-            &memory.to_string(),
-            "-o",
-            out.to_str().unwrap(),
-        ],
-    );
+    let memory = memory.to_string();
+    let mut args = vec![
+        "plan",
+        m.to_str().unwrap(),
+        "--global-batch",
+        "8x16",
+        "--memory",
+        &memory,
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(more);
+    let o = memc(cache, &args);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let p = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    let p = read_json(out);
     (o, p)
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A configuration's flags.
+fn flags(c: &serde_json::Value) -> Vec<&str> {
+    c["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
+/// Token ids of the plans' global batch (8 rows of 16 tokens) in `dir/ids.npy`.
+fn write_ids(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("ids.npy");
+    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 % 250) as i64).collect();
+    memc::io::write_tensor(
+        &data,
+        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![8, 16], &ids),
+    )
+    .unwrap();
+    data
 }
 
 fn arena(c: &serde_json::Value) -> u64 {
@@ -71,7 +99,7 @@ fn arena(c: &serde_json::Value) -> u64 {
 fn the_plan_is_the_fastest_configuration_that_fits_and_compiles_to_its_arena() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("costs");
-    let (o, all) = plan(&cache, &dir.path().join("all.json"), 1 << 40);
+    let (o, all) = plan(&cache, &dir.path().join("all.json"), 1 << 40, &[]);
     assert!(
         o.stdout.contains("chosen:") && o.stdout.contains("Pareto front"),
         "{}",
@@ -83,12 +111,7 @@ fn the_plan_is_the_fastest_configuration_that_fits_and_compiles_to_its_arena() {
     let accums: std::collections::BTreeSet<String> = candidates
         .iter()
         .map(|c| {
-            let f: Vec<&str> = c["flags"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
+            let f = flags(c);
             f.iter()
                 .position(|&x| x == "--grad-accum")
                 .map_or("1".to_string(), |i| f[i + 1].to_string())
@@ -105,7 +128,7 @@ fn the_plan_is_the_fastest_configuration_that_fits_and_compiles_to_its_arena() {
     // that fits is predicted faster.
     let memory = arenas[arenas.len() / 3];
     let file = dir.path().join("plan.json");
-    let (o, p) = plan(&cache, &file, memory);
+    let (o, p) = plan(&cache, &file, memory, &[]);
     assert!(
         o.stdout
             .contains("measured 0 GEMM shapes, 0 attention parts and the kernels of 0 programs"),
@@ -137,20 +160,13 @@ fn the_plan_is_the_fastest_configuration_that_fits_and_compiles_to_its_arena() {
         ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = read_json(&report);
     assert_eq!(
         r["cpu_backend"]["arena_bytes"].as_u64().unwrap(),
         arena(chosen)
     );
-    // memc train runs the plan: a step of the global batch (8 rows of 16 tokens).
-    let data = dir.path().join("ids.npy");
-    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 % 250) as i64).collect();
-    memc::io::write_tensor(
-        &data,
-        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![8, 16], &ids),
-    )
-    .unwrap();
+    // memc train runs the plan: a step of the global batch.
+    let data = write_ids(dir.path());
     let o = memc(
         &cache,
         &[
@@ -284,35 +300,13 @@ fn two_devices_plan_a_pipelined_step_whose_ranks_fit() {
     let cache = dir.path().join("costs");
     let m = model();
     let file = dir.path().join("plan.json");
-    let o = memc(
-        &cache,
-        &[
-            "plan",
-            m.to_str().unwrap(),
-            "--global-batch",
-            "8x16",
-            "--devices",
-            "2",
-            "--memory",
-            "1GB",
-            "-o",
-            file.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(o.code, 0, "{}", o.stderr);
-    let p: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let (_, p) = plan(&cache, &file, 1 << 30, &["--devices", "2"]);
     let shapes: std::collections::BTreeSet<String> = p["candidates"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| {
-            let f: Vec<&str> = c["flags"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
+            let f = flags(c);
             format!("{}x{}", f[1], f[3])
         })
         .collect();
@@ -338,8 +332,7 @@ fn two_devices_plan_a_pipelined_step_whose_ranks_fit() {
         ],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r = read_json(&report);
     let most = r["pipeline"]["processes"]
         .as_array()
         .unwrap()
@@ -353,13 +346,7 @@ fn two_devices_plan_a_pipelined_step_whose_ranks_fit() {
         arena(chosen),
         "the largest rank allocates what was planned"
     );
-    let data = dir.path().join("ids.npy");
-    let ids: Vec<i64> = (0..8 * 16).map(|i| (i * 37 % 250) as i64).collect();
-    memc::io::write_tensor(
-        &data,
-        &memc_ir::Tensor::from_i64(memc_ir::DType::I64, vec![8, 16], &ids),
-    )
-    .unwrap();
+    let data = write_ids(dir.path());
     let run = std::process::Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-n", "2"])
         .arg(&out)

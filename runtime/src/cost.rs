@@ -9,30 +9,18 @@ use crate::gemm::{matmul, GemmType};
 use crate::program::Dtype;
 use std::time::Instant;
 
-/// The wall times of `reps` calls of `f` (at least one) after one warm-up call, sorted.
-fn times(reps: usize, mut f: impl FnMut()) -> Vec<f64> {
+/// The fastest of `reps` calls of `f` (at least one) after one warm-up call: a step's own
+/// time, without what other work on a shared machine adds to some runs (the cost model adds
+/// what a real run adds to every step separately).
+pub fn min_secs(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut t: Vec<f64> = (0..reps.max(1))
+    (0..reps.max(1))
         .map(|_| {
             let t0 = Instant::now();
             f();
             t0.elapsed().as_secs_f64()
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t
-}
-
-/// The median of [`times`].
-pub fn median_secs(reps: usize, f: impl FnMut()) -> f64 {
-    let t = times(reps, f);
-    t[t.len() / 2]
-}
-
-/// The fastest of [`times`]: a step's own time, without what other work on a shared machine
-/// adds to some runs (the cost model adds what a real run adds to every step separately).
-pub fn min_secs(reps: usize, f: impl FnMut()) -> f64 {
-    times(reps, f)[0]
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn elem_bytes(t: Dtype) -> usize {
