@@ -41,12 +41,7 @@ pub fn time_gemm(
     trans: (bool, bool),
     reps: usize,
 ) -> Option<f64> {
-    let t = match dtype {
-        Dtype::F32 => GemmType::F32,
-        Dtype::F64 => GemmType::F64,
-        Dtype::Bf16 => GemmType::BF16,
-        _ => return None,
-    };
+    let t = GemmType::of(dtype)?;
     let geometry = crate::gemm::Geometry::of(a_shape, b_shape)?;
     let e = elem_bytes(dtype);
     let numel = |s: &[usize]| s.iter().product::<usize>();

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::finite::{self, Bad};
 use crate::gemm::{matmul, GemmType};
-use crate::program::{Buf, Checked, Dtype, Native, Program, Slot, Step, Written};
+use crate::program::{Buf, Checked, Native, Program, Slot, Step, Written};
 
 /// A generated kernel's entry point.
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8);
@@ -577,11 +577,8 @@ fn prepare(program: &Program, kernels: &[KernelFn], arena: &Arena, flag: &IndexF
                 a_t,
                 b_t,
             } => {
-                let t = match dtype {
-                    Dtype::F64 => GemmType::F64,
-                    Dtype::Bf16 => GemmType::BF16,
-                    _ => GemmType::F32,
-                };
+                // A checked program's GEMMs are f32, f64 or bf16.
+                let t = GemmType::of(*dtype).unwrap_or(GemmType::F32);
                 steps.push(Ready::Gemm {
                     t,
                     a: *a,

@@ -18,6 +18,19 @@ pub enum GemmType {
     BF16,
 }
 
+impl GemmType {
+    /// The GEMM's type for a program's element type (`None`: not one it takes).
+    pub fn of(t: crate::program::Dtype) -> Option<GemmType> {
+        use crate::program::Dtype;
+        match t {
+            Dtype::F32 => Some(GemmType::F32),
+            Dtype::F64 => Some(GemmType::F64),
+            Dtype::Bf16 => Some(GemmType::BF16),
+            _ => None,
+        }
+    }
+}
+
 fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
