@@ -5,16 +5,18 @@
 //!   their shape, or, when larger than [`GEMM_CAP_FLOPS`], at the shape with its largest
 //!   dimensions halved until under it, scaled by the FLOPs (the GEMM runs at its full rate
 //!   well below the cap).
+//!   A GEMM in a whole run is slower than alone (its operands not in cache): predictions
+//!   scale the GEMMs by how much slower the calibration program's ran in its runs than
+//!   each run again at once.
 //! - **Attention** parts are timed alone ([`memc_runtime::cost::time_attention`]) with one
-//!   sequence of the batch, scaled by the batch.
+//!   sequence of the batch, scaled by the batch; those the calibration program runs (one
+//!   sequence), where they ran in it.
 //! - **Generated kernels** (elementwise, reductions, norms, layout copies) move bytes: each
-//!   profile label's seconds per byte are measured once per model and compute type, by running
-//!   every step of one compiled program alone ([`memc_runtime::cpu::Cpu::time_steps`]) and
-//!   dividing each label's time by its bytes.
-//! - **Each step's overhead in a run** (the pool's threads woken for it, operands not left in
-//!   cache by a repetition): that program's run as a whole, less the sum of its steps alone,
-//!   divided by its steps. This is the one whole-program time calibration takes: a constant
-//!   of the machine and model, never a candidate's time.
+//!   profile label's seconds per byte are measured once per model and compute type, by timing
+//!   every step of one compiled program where it runs in whole runs of it
+//!   ([`memc_runtime::cpu::Cpu::time_run`]: operands in cache or not as the steps before
+//!   left them, the pool's threads woken as in training), each run from a training-like state
+//!   ([`memc_runtime::cost::training_state`]), and dividing each label's time by its bytes.
 //! - **The transport** (pipelined and data-parallel steps): one buffer sent back and forth
 //!   between two ranks under `mpirun` ([`crate::planner`]'s probe).
 //!
@@ -35,8 +37,11 @@ use std::time::Instant;
 pub const GEMM_CAP_FLOPS: f64 = 1.0e9;
 /// Runs per timing (after one warm-up); the fastest is kept.
 const REPS: usize = 5;
+/// Whole runs of the calibration program timed step by step (after one warm-up); each
+/// step's fastest is kept.
+const RUNS: usize = 3;
 /// The cache's format.
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Table {
@@ -49,10 +54,11 @@ struct Table {
     attention: BTreeMap<String, f64>,
     /// Seconds per byte of each generated kernel's label, by model and compute type.
     kernels: BTreeMap<String, BTreeMap<String, f64>>,
-    /// Seconds each step costs beyond its time alone (waking the threads, operands not in
-    /// cache), by model and compute type.
+    /// How much slower each model's calibration program's GEMMs ran in its whole runs than
+    /// run again at once, their operands in cache (as GEMMs are timed alone): the GEMMs of
+    /// its predictions are scaled by it.
     #[serde(default)]
-    step_overhead: BTreeMap<String, f64>,
+    gemm_in_run: BTreeMap<String, f64>,
     /// Bytes per second one rank sends another, by transport (`mpi`).
     #[serde(default)]
     transport: BTreeMap<String, f64>,
@@ -71,8 +77,45 @@ pub struct Measured {
     pub secs: f64,
 }
 
+impl Measured {
+    /// Adds what another cost model measured.
+    pub fn add(&mut self, other: &Measured) {
+        self.gemms += other.gemms;
+        self.attentions += other.attentions;
+        self.programs += other.programs;
+        self.secs += other.secs;
+    }
+}
+
 /// A GEMM this run measured: its key, element type, measured shapes and transposes.
 type FreshGemm = (String, Dtype, Vec<usize>, Vec<usize>, (bool, bool));
+
+/// A predicted time by the kind of step, in seconds.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Parts {
+    /// The GEMMs.
+    pub gemm: f64,
+    /// The attention parts.
+    pub attention: f64,
+    /// The generated kernels.
+    pub kernels: f64,
+}
+
+impl Parts {
+    /// The whole time.
+    pub fn total(&self) -> f64 {
+        self.gemm + self.attention + self.kernels
+    }
+
+    /// Every part times `k`.
+    pub fn scaled(self, k: f64) -> Parts {
+        Parts {
+            gemm: self.gemm * k,
+            attention: self.attention * k,
+            kernels: self.kernels * k,
+        }
+    }
+}
 
 /// The cost model of this machine at one thread count.
 pub struct CostModel {
@@ -107,6 +150,19 @@ fn cache_dir() -> Option<PathBuf> {
         Some(v) => Some(PathBuf::from(v)),
         None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/memc/costs")),
     }
+}
+
+/// An attention part's key in the table: the part for one sequence of its batch, that part,
+/// and the batch.
+fn one_sequence(spec: &Spec) -> (String, Spec, usize) {
+    let batch = spec.q[0].max(1);
+    let mut one = spec.clone();
+    one.q[0] = 1;
+    one.k[0] = 1;
+    if one.mask.len() == 4 && one.mask[0] == batch {
+        one.mask[0] = 1;
+    }
+    (format!("{one:?}"), one, batch)
 }
 
 fn flops(a: &[usize], b: &[usize]) -> f64 {
@@ -272,50 +328,65 @@ impl CostModel {
         self.table.kernels.contains_key(model)
     }
 
-    /// Measures each generated kernel of `host` (a compiled program of the model `model`) by
-    /// running every step alone, and keeps each label's seconds per byte.
+    /// Measures each generated kernel of `host` (a compiled program of the model `model`)
+    /// where it runs in whole runs of the program, and keeps each label's seconds per byte
+    /// (and the time of each attention part of one sequence it runs).
+    /// Every run starts from the same training-like state
+    /// ([`memc_runtime::cost::training_state`]): runs repeated on what earlier runs left
+    /// drift (the optimizer applied to stale gradients) until the weights overflow, and
+    /// kernels time several times slower on NaNs than on what training meets.
     pub fn calibrate_kernels(&mut self, model: &str, host: &HostProgram) -> Result<()> {
         let t0 = Instant::now();
         let program = &host.program;
+        let state = memc_runtime::cost::training_state(program);
         let times = host
-            .with_kernels(|kernels| -> Result<(Vec<f64>, f64)> {
+            .with_kernels(|kernels| -> Result<Vec<(f64, f64)>> {
                 // SAFETY: `kernels` are the JIT-compiled entries of this program's own kernels.
                 let mut cpu = unsafe { memc_runtime::cpu::Cpu::new(program.checked()?, kernels) };
-                // Real pages under every buffer, as in training: the weights and optimizer
-                // state small numbers, the rest written by one run (memory never written is
-                // read from the zero page, always in cache, which would time kernels fast).
-                for p in &program.params {
-                    cpu.arena_mut()
-                        .set(&p.slot, &vec![0x3c; p.slot.bytes() as usize]);
-                }
+                let reset = |cpu: &mut memc_runtime::cpu::Cpu| {
+                    for (slot, bytes) in &state {
+                        cpu.arena_mut().set(slot, bytes);
+                    }
+                };
+                // A warm-up run touches every page (a page never written reads as the zero
+                // page, always in cache, which would time kernels fast).
+                reset(&mut cpu);
+                // An index out of range is clamped by its kernel; the error is no concern.
                 let _ = cpu.run();
-                let first = cpu.time_steps(REPS);
-                // Two whole runs (the first a warm-up): a whole run of the 12-layer d768
-                // Llama's 1 x 1024 program takes seconds.
-                let whole = memc_runtime::cost::min_secs(1, || {
-                    // An index the arena's zeros or stale values give is clamped by its
-                    // kernel; the error the run reports for it is no concern here.
-                    let _ = cpu.run();
-                });
-                // A second round, seconds later, each step keeping its faster time (see
-                // `remeasure`).
-                let steps = cpu
-                    .time_steps(REPS)
-                    .into_iter()
-                    .zip(first)
-                    .map(|(a, b)| a.min(b))
-                    .collect();
-                Ok((steps, whole))
+                let mut steps = vec![(f64::INFINITY, f64::INFINITY); program.steps.len()];
+                for _ in 0..RUNS {
+                    reset(&mut cpu);
+                    for (s, (t, again)) in steps.iter_mut().zip(cpu.time_run()) {
+                        s.0 = s.0.min(t);
+                        s.1 = s.1.min(again.unwrap_or(t));
+                    }
+                }
+                Ok(steps)
             })
             .map_err(|e| anyhow!("{e}"))??;
-        let (times, whole) = times;
-        let alone: f64 = times.iter().sum();
-        self.table.step_overhead.insert(
-            model.to_string(),
-            ((whole - alone) / times.len().max(1) as f64).max(0.0),
-        );
         let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-        for (step, t) in program.steps.iter().zip(times) {
+        let mut attention: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+        let (mut ran, mut again) = (0.0, 0.0);
+        for (step, (t, warm)) in program.steps.iter().zip(times) {
+            // Each GEMM where it ran and run again at once.
+            if let Step::Gemm { .. } = step {
+                ran += t;
+                again += warm;
+            }
+            // The attention parts of one sequence, as they run in a whole step (the table's
+            // parts timed alone otherwise).
+            if let Step::Kernel {
+                native: Some(memc_runtime::program::Native::Attention(spec)),
+                ..
+            } = step
+            {
+                let (key, _, batch) = one_sequence(spec);
+                if batch == 1 {
+                    let e = attention.entry(key).or_default();
+                    e.0 += t;
+                    e.1 += 1;
+                }
+            }
             if let Step::Kernel {
                 args,
                 label,
@@ -337,6 +408,17 @@ impl CostModel {
             .map(|(l, (t, b))| (l, t / b.max(1.0)))
             .collect();
         rates.insert(String::new(), total.0 / total.1.max(1.0));
+        for (key, (t, n)) in attention {
+            self.table.attention.insert(key, t / n as f64);
+        }
+        self.table.gemm_in_run.insert(
+            model.to_string(),
+            if again > 0.0 {
+                (ran / again).clamp(1.0, 2.0)
+            } else {
+                1.0
+            },
+        );
         self.table.kernels.insert(model.to_string(), rates);
         self.dirty = true;
         self.measured.programs += 1;
@@ -365,14 +447,7 @@ impl CostModel {
     }
 
     fn attention_secs(&mut self, spec: &Spec) -> f64 {
-        let batch = spec.q[0].max(1);
-        let mut one = spec.clone();
-        one.q[0] = 1;
-        one.k[0] = 1;
-        if one.mask.len() == 4 && one.mask[0] == batch {
-            one.mask[0] = 1;
-        }
-        let key = format!("{one:?}");
+        let (key, one, batch) = one_sequence(spec);
         let t = match self.table.attention.get(&key) {
             Some(&t) => t,
             None => {
@@ -392,6 +467,11 @@ impl CostModel {
     /// Seconds for one run of the program whose steps are `work`, of the model `model` (whose
     /// kernels must have been calibrated): the sum of its steps' times.
     pub fn predict(&mut self, model: &str, work: &[Work]) -> Result<f64> {
+        Ok(self.predict_parts(model, work)?.total())
+    }
+
+    /// [`CostModel::predict`], by the kind of step.
+    pub fn predict_parts(&mut self, model: &str, work: &[Work]) -> Result<Parts> {
         let rates = self
             .table
             .kernels
@@ -399,25 +479,25 @@ impl CostModel {
             .ok_or_else(|| anyhow!("the cost model has no kernel times for {model}"))?
             .clone();
         let fallback = rates.get("").copied().unwrap_or(0.0);
-        let overhead = self.table.step_overhead.get(model).copied().unwrap_or(0.0);
-        let mut secs = overhead * work.len() as f64;
+        let in_run = self.table.gemm_in_run.get(model).copied().unwrap_or(1.0);
+        let mut parts = Parts::default();
         for w in work {
-            secs += match w {
+            match w {
                 Work::Gemm {
                     dtype,
                     a_shape,
                     b_shape,
                     trans,
-                } => self.gemm_secs(*dtype, a_shape, b_shape, *trans),
+                } => parts.gemm += in_run * self.gemm_secs(*dtype, a_shape, b_shape, *trans),
                 Work::Native(memc_runtime::program::Native::Attention(spec)) => {
-                    self.attention_secs(spec)
+                    parts.attention += self.attention_secs(spec)
                 }
-                Work::Kernel { label, bytes } => {
-                    rates.get(label).copied().unwrap_or(fallback) * *bytes as f64
+                Work::Kernel { label, bytes, .. } => {
+                    parts.kernels += rates.get(label).copied().unwrap_or(fallback) * *bytes as f64
                 }
-            };
+            }
         }
-        Ok(secs)
+        Ok(parts)
     }
 }
 

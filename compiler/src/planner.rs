@@ -11,7 +11,7 @@
 //! configuration's flags are written to a plan file that `memc compile --plan FILE` and `memc
 //! train --plan FILE` read ([`expand_plan`]).
 
-use crate::cost::CostModel;
+use crate::cost::{CostModel, Parts};
 use crate::train::{DtypeArg, RematArg, TrainProgramArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -46,15 +46,16 @@ pub struct PlanArgs {
     /// The batch of one optimizer step: ROWSxSEQ of the token input (e.g. 8x512).
     #[arg(long, value_name = "BxS")]
     pub global_batch: String,
-    /// Processes to train on (one device each, launched by mpirun): with more than one, the
-    /// pipeline stages × data-parallel replicas, the schedule and the microbatches are
-    /// searched, each process's arena being what must fit.
+    /// Devices to train on (one process each, launched by mpirun): with more than one, the
+    /// processes the step runs as (one, or R dividing N with its own cores), the pipeline
+    /// stages × data-parallel replicas, the schedule and the microbatches are searched, each
+    /// process's arena being what must fit.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub devices: usize,
     /// Levers that change the numerics the plan may use: bf16, moc, reversible.
     #[arg(long, value_enum, value_delimiter = ',', value_name = "LEVERS")]
     pub allow: Vec<AllowArg>,
-    /// Threads per process (default: the cores shared out over the processes).
+    /// Threads per process (default: the cores shared out over the processes, at most 4).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// Other model inputs' dims at the global batch: NAME=DxD; repeatable.
@@ -118,6 +119,10 @@ pub struct Candidate {
     pub arena: u64,
     /// Predicted seconds per optimizer step.
     pub secs: f64,
+    /// Of `secs`, by the kind of step (one process; a pipelined step's are not split).
+    parts: Option<Parts>,
+    /// Threads per process (set by the search that predicted `secs`).
+    threads: usize,
 }
 
 impl Candidate {
@@ -167,11 +172,23 @@ impl Candidate {
 
     fn describe(&self) -> String {
         let f = self.lever_flags();
-        if f.is_empty() {
+        let levers = if f.is_empty() {
             "(the defaults)".into()
         } else {
             f.join(" ")
-        }
+        };
+        let ranks = self.ranks();
+        format!(
+            "{levers} [{ranks} process{} × {} thread{}]",
+            if ranks > 1 { "es" } else { "" },
+            self.threads,
+            if self.threads > 1 { "s" } else { "" }
+        )
+    }
+
+    /// The processes the step runs as.
+    fn ranks(&self) -> usize {
+        self.pipe.map_or(1, |p| p.stages * p.replicas)
     }
 }
 
@@ -234,6 +251,18 @@ fn options(base: &TrainOptions, c: &Candidate) -> TrainOptions {
 }
 
 impl Search {
+    /// Both searches' configurations, the fastest that fits chosen again.
+    fn merge(self, other: Search, memory: u64) -> Search {
+        let mut all = self.all;
+        all.extend(other.all);
+        Search::new(
+            all,
+            memory,
+            self.builds + other.builds,
+            self.secs + other.secs,
+        )
+    }
+
     /// The configurations searched, with the fastest predicted that fits `memory` (the
     /// smaller arena between equals) chosen.
     fn new(all: Vec<Candidate>, memory: u64, builds: usize, secs: f64) -> Search {
@@ -288,18 +317,21 @@ pub fn run(args: PlanArgs) -> Result<()> {
         bail!("memc plan chooses --remat, --activation-budget, --dtype and --no-fused-loss itself: leave them out");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.threads.unwrap_or((cores / args.devices).max(1));
-    if threads == 0 {
+    if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
+    // The processes a step may run as: every R dividing N (one process, or a pipeline of R
+    // ranks on R of the devices), each with the cores shared out over its ranks. Fewest
+    // first: the runtime's threads start at the first count timed, and later counts may
+    // only be lower.
+    let threads_of = |ranks: usize| {
+        args.threads
+            .unwrap_or((cores / ranks).clamp(1, memc_runtime::gemm::MAX_THREADS))
+    };
+    let layouts: Vec<usize> = (1..=args.devices)
+        .filter(|r| args.devices.is_multiple_of(*r))
+        .collect();
     let started = Instant::now();
-    let mut cost = CostModel::open(threads, args.recalibrate)?;
-    if args.devices > 1 && cost.transport("mpi").is_none() {
-        let t0 = Instant::now();
-        let bw = probe_transport(args.devices)?;
-        cost.set_transport("mpi", bw);
-        cost.measured.secs += t0.elapsed().as_secs_f64();
-    }
     let allow = |a: AllowArg| args.allow.contains(&a);
     let mut variants = vec![];
     for bf16 in [false, true]
@@ -331,20 +363,36 @@ pub fn run(args: PlanArgs) -> Result<()> {
         rows,
         seq,
     };
-    let searched = |cost: &mut CostModel| {
-        if args.devices > 1 {
-            planner.search_pipelined(&variants, memory, cost)
-        } else {
-            planner.search(&variants, memory, cost)
+    let mut search = Search::new(vec![], memory, 0, 0.0);
+    let mut measured = crate::cost::Measured::default();
+    let mut caches = vec![];
+    for &ranks in &layouts {
+        let threads = threads_of(ranks);
+        let mut cost = CostModel::open(threads, args.recalibrate)?;
+        if ranks > 1 && cost.transport("mpi").is_none() {
+            let t0 = Instant::now();
+            let bw = probe_transport(args.devices)?;
+            cost.set_transport("mpi", bw);
+            cost.measured.secs += t0.elapsed().as_secs_f64();
         }
-    };
-    let mut search = searched(&mut cost)?;
-    // What this run measured is measured again and the search repeated on the faster times
-    // (nothing new to measure then): one slow spell of a shared machine skews less.
-    if cost.remeasure() {
-        search = searched(&mut cost)?;
+        let searched = |cost: &mut CostModel| {
+            if ranks > 1 {
+                planner.search_pipelined(&variants, ranks, threads, memory, cost)
+            } else {
+                planner.search(&variants, threads, memory, cost)
+            }
+        };
+        let mut found = searched(&mut cost)?;
+        // What this run measured is measured again and the search repeated on the faster
+        // times (nothing new to measure then): one slow spell of a shared machine skews less.
+        if cost.remeasure() {
+            found = searched(&mut cost)?;
+        }
+        cost.save();
+        measured.add(&cost.measured);
+        caches.extend(cost.file().map(|f| f.display().to_string()));
+        search = search.merge(found, memory);
     }
-    cost.save();
     let Some(chosen) = search.chosen else {
         return Err(planner.infeasible(&search, memory));
     };
@@ -368,6 +416,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
     train_flags.extend(best.lever_flags());
     let mut compile_flags = vec!["--train".to_string()];
     compile_flags.extend(train_flags.iter().cloned());
+    let threads = best.threads;
+    let ranks = best.ranks();
     train_flags.extend(["--threads".into(), threads.to_string()]);
     let row = |c: &Candidate| {
         serde_json::json!({
@@ -375,6 +425,13 @@ pub fn run(args: PlanArgs) -> Result<()> {
             "arena_bytes": c.arena,
             "predicted_step_ms": (c.secs * 1e5).round() / 100.0,
             "fits": c.arena <= memory,
+            "processes": c.ranks(),
+            "threads": c.threads,
+            "predicted_parts_ms": c.parts.map(|p| serde_json::json!({
+                "gemm": (p.gemm * 1e5).round() / 100.0,
+                "attention": (p.attention * 1e5).round() / 100.0,
+                "kernels": (p.kernels * 1e5).round() / 100.0,
+            })),
         })
     };
     let plan = serde_json::json!({
@@ -382,6 +439,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         "global_batch": [rows, seq],
         "memory_bytes": memory,
         "devices": args.devices,
+        "processes": ranks,
         "threads": threads,
         "machine": crate::cost::machine(),
         "chosen": row(best),
@@ -393,11 +451,11 @@ pub fn run(args: PlanArgs) -> Result<()> {
         "candidates": search.all.iter().map(row).collect::<Vec<_>>(),
         "search_secs": (search.secs * 1e3).round() / 1e3,
         "calibration": {
-            "gemms": cost.measured.gemms,
-            "attention_parts": cost.measured.attentions,
-            "programs": cost.measured.programs,
-            "secs": (cost.measured.secs * 1e3).round() / 1e3,
-            "cache": cost.file().map(|f| f.display().to_string()),
+            "gemms": measured.gemms,
+            "attention_parts": measured.attentions,
+            "programs": measured.programs,
+            "secs": (measured.secs * 1e3).round() / 1e3,
+            "cache": caches,
         },
     });
     let text = serde_json::to_string_pretty(&plan)? + "\n";
@@ -414,21 +472,23 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     let fits = search.all.iter().filter(|c| c.arena <= memory).count();
     println!(
-        "memc plan: {model}, global batch {rows}x{seq}, at most {} bytes per device, {} device{} × {threads} thread{}",
+        "memc plan: {model}, global batch {rows}x{seq}, at most {} bytes per device, {} device{}, {cores} core{}",
         group(memory),
         args.devices,
         if args.devices > 1 { "s" } else { "" },
-        if threads > 1 { "s" } else { "" }
+        if cores > 1 { "s" } else { "" }
     );
     println!(
         "cost model: measured {} GEMM shapes, {} attention parts and the kernels of {} programs in {:.1} s{}",
-        cost.measured.gemms,
-        cost.measured.attentions,
-        cost.measured.programs,
-        cost.measured.secs,
-        cost.file()
-            .map(|f| format!("; the rest from {}", f.display()))
-            .unwrap_or_default()
+        measured.gemms,
+        measured.attentions,
+        measured.programs,
+        measured.secs,
+        if caches.is_empty() {
+            String::new()
+        } else {
+            format!("; the rest from {}", caches.join(", "))
+        }
     );
     println!(
         "searched {} configurations ({} programs built and planned) in {:.2} s: {fits} fit",
@@ -485,8 +545,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
             }
         );
     }
-    let launch = if args.devices > 1 {
-        format!("mpirun -n {} ", args.devices)
+    let launch = if ranks > 1 {
+        format!("mpirun -n {ranks} ")
     } else {
         String::new()
     };
@@ -645,6 +705,8 @@ impl Planner<'_> {
                     fused_loss,
                     arena: 0,
                     secs: 0.0,
+                    parts: None,
+                    threads: 0,
                 };
                 builds += 1;
                 if let Some(work) = self.build(&forward, &base, &mut c)? {
@@ -667,7 +729,7 @@ impl Planner<'_> {
         let forward = self.forward(variant, accum)?;
         let base = crate::train::options_for(&forward, &self.args.training)?;
         eprintln!(
-            "plan: measuring the kernels of {} (one {} program at {}x{}, each step alone)",
+            "plan: measuring the kernels of {} (one {} program at {}x{}, each step where it runs)",
             self.model,
             if variant.bf16 { "bf16" } else { "f32" },
             self.rows / accum,
@@ -681,6 +743,8 @@ impl Planner<'_> {
             fused_loss: true,
             arena: 0,
             secs: 0.0,
+            parts: None,
+            threads: 1,
         };
         let mut g = forward;
         memc_passes::train::build_training_with(
@@ -695,7 +759,13 @@ impl Planner<'_> {
         Ok(t0.elapsed().as_secs_f64())
     }
 
-    fn search(&self, variants: &[Variant], memory: u64, cost: &mut CostModel) -> Result<Search> {
+    fn search(
+        &self,
+        variants: &[Variant],
+        threads: usize,
+        memory: u64,
+        cost: &mut CostModel,
+    ) -> Result<Search> {
         let t0 = Instant::now();
         let mut all = vec![];
         let mut builds = 0;
@@ -725,7 +795,10 @@ impl Planner<'_> {
                 let (cands, n) = b?;
                 builds += n;
                 for (mut c, work) in cands {
-                    c.secs = c.accum as f64 * cost.predict(&id, &work)?;
+                    c.threads = threads;
+                    let parts = cost.predict_parts(&id, &work)?.scaled(c.accum as f64);
+                    c.secs = parts.total();
+                    c.parts = Some(parts);
                     all.push(c);
                 }
             }
@@ -764,11 +837,12 @@ impl Planner<'_> {
     fn search_pipelined(
         &self,
         variants: &[Variant],
+        devices: usize,
+        threads: usize,
         memory: u64,
         cost: &mut CostModel,
     ) -> Result<Search> {
         let t0 = Instant::now();
-        let devices = self.args.devices;
         let bw = cost.transport("mpi").unwrap_or(f64::INFINITY);
         let (mut all, mut builds, mut calibration) = (vec![], 0, 0.0);
         let mut refused: Option<anyhow::Error> = None;
@@ -810,6 +884,8 @@ impl Planner<'_> {
                                 fused_loss: true,
                                 arena: 0,
                                 secs: 0.0,
+                                parts: None,
+                                threads,
                             };
                             builds += 1;
                             match self.evaluate_pipe(&forward, &base, &mut c, cost, &id, bw) {
@@ -1217,6 +1293,8 @@ mod tests {
             fused_loss: true,
             arena,
             secs,
+            parts: None,
+            threads: 1,
         };
         let all = vec![c(10, 5.0), c(20, 4.0), c(30, 4.5), c(40, 1.0)];
         assert_eq!(pareto(&all), vec![0, 1, 3]);

@@ -283,9 +283,10 @@ fn the_plan_is_the_fastest_configuration_that_fits_and_compiles_to_its_arena() {
     );
 }
 
-/// `--devices 2`: pipelines of 2 stages and 2 replicas are searched; every rank of the chosen
-/// one fits, and the executable `memc compile --plan` writes allocates exactly the planned
-/// bytes on its largest rank and trains under mpirun.
+/// `--devices 2`: one process, and pipelines of 2 stages and 2 replicas, are searched; under
+/// a budget no single process fits, a pipeline is chosen, every rank of it fits, and the
+/// executable `memc compile --plan` writes allocates exactly the planned bytes on its largest
+/// rank and trains under mpirun.
 #[test]
 fn two_devices_plan_a_pipelined_step_whose_ranks_fit() {
     if std::process::Command::new("mpirun")
@@ -301,10 +302,11 @@ fn two_devices_plan_a_pipelined_step_whose_ranks_fit() {
     let m = model();
     let file = dir.path().join("plan.json");
     let (_, p) = plan(&cache, &file, 1 << 30, &["--devices", "2"]);
-    let shapes: std::collections::BTreeSet<String> = p["candidates"]
-        .as_array()
-        .unwrap()
+    let cands = p["candidates"].as_array().unwrap();
+    let processes = |c: &serde_json::Value| c["processes"].as_u64().unwrap();
+    let shapes: std::collections::BTreeSet<String> = cands
         .iter()
+        .filter(|c| processes(c) == 2)
         .map(|c| {
             let f = flags(c);
             format!("{}x{}", f[1], f[3])
@@ -315,6 +317,27 @@ fn two_devices_plan_a_pipelined_step_whose_ranks_fit() {
         ["1x2", "2x1"],
         "stages x replicas searched"
     );
+    let smallest = |n: u64| {
+        cands
+            .iter()
+            .filter(|c| processes(c) == n)
+            .map(arena)
+            .min()
+            .unwrap()
+    };
+    let (one, two) = (smallest(1), smallest(2));
+    assert!(
+        two < one,
+        "a pipeline's ranks each hold less than one process: {two} vs {one}"
+    );
+    // Each layout's processes share the cores (at most the runtime's 4 threads each).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    for c in cands {
+        let n = processes(c);
+        assert_eq!(c["threads"], (cores / n).clamp(1, 4), "{c}");
+    }
+    let (_, p) = plan(&cache, &file, one - 1, &["--devices", "2"]);
+    assert_eq!(p["processes"], 2, "no single process fits: {}", p["chosen"]);
     let chosen = &p["chosen"];
     let out = dir.path().join("exe");
     let report = dir.path().join("r.json");

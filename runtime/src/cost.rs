@@ -1,12 +1,13 @@
 //! Timing of the steps the runtime runs itself, one at a time, for `memc plan`'s cost model:
 //! a GEMM of given shapes and an attention part of a given [`Spec`] on buffers of small numbers, and
-//! ([`crate::cpu::Cpu::time_steps`]) every step of a compiled program alone. The cost model
+//! the training-like state every step of a compiled program is timed on
+//! ([`training_state`], [`crate::cpu::Cpu::time_run`]). The cost model
 //! (the compiler's `cost` module) composes these into a predicted step time; it never times a
 //! whole candidate configuration.
 
 use crate::attention::Spec;
 use crate::gemm::{matmul, GemmType};
-use crate::program::Dtype;
+use crate::program::{encode, Dtype, Program, Role, Slot};
 use std::time::Instant;
 
 /// The fastest of `reps` calls of `f` (at least one) after one warm-up call: a step's own
@@ -100,4 +101,130 @@ pub fn time_copy(bytes: usize, reps: usize) -> f64 {
         std::hint::black_box(&dst);
     });
     t / bytes.max(1) as f64
+}
+
+/// Values like a training step's for every parameter and input of `program`, to time its
+/// steps on (`memc plan`'s calibration): weights small and varied (uniform in ±0.05, as
+/// initialisations give), optimizer state zero (as at the first step), token ids and labels
+/// spread over the vocabulary, the learning rate 1e-4, the step 1, a microbatch's scale
+/// `1/K` with the optimizer applied, every other input 1. Constant or stale values would
+/// time some kernels on what training never meets (NaNs from a zero step count slow the
+/// exponentials several times; equal weights give equal logits).
+pub fn training_state(program: &Program) -> Vec<(Slot, Vec<u8>)> {
+    // A fixed pseudo-random sequence (xorshift), so calibrations are repeatable.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let numel = |s: &Slot| s.shape.iter().product::<usize>();
+    let mut out = vec![];
+    for p in &program.params {
+        let values: Vec<f64> = match p.role {
+            Role::Weight => (0..numel(&p.slot)).map(|_| 0.1 * next() - 0.05).collect(),
+            Role::OptimizerState => vec![0.0; numel(&p.slot)],
+        };
+        out.push((p.slot.clone(), encode(p.slot.dtype, &values)));
+    }
+    let t = program.training.as_ref();
+    let is = |name: &str, field: Option<&String>| field.is_some_and(|f| f == name);
+    for s in &program.inputs {
+        let n = numel(s);
+        let bound = program
+            .index_bounds
+            .iter()
+            .find(|b| b.input == s.name)
+            .map(|b| b.bound)
+            .or_else(|| {
+                t.filter(|t| s.name == t.data_input || is(&s.name, t.labels_input.as_ref()))
+                    .and_then(|t| t.vocab)
+            });
+        let values: Vec<f64> = if let Some(bound) = bound {
+            (0..n).map(|_| (next() * bound as f64).floor()).collect()
+        } else if t.is_some_and(|t| is(&s.name, t.lr_input.as_ref())) {
+            vec![1e-4; n]
+        } else if t.is_some_and(|t| is(&s.name, t.weight_decay_input.as_ref())) {
+            vec![0.01; n]
+        } else if let Some(a) = t
+            .and_then(|t| t.accum.as_ref())
+            .filter(|a| a.scale_input == s.name)
+        {
+            vec![1.0 / a.microbatches.max(1) as f64; n]
+        } else {
+            vec![1.0; n]
+        };
+        out.push((s.clone(), encode(s.dtype, &values)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::program::{decode, IndexBound, Param, Training};
+
+    #[test]
+    fn calibration_runs_on_a_training_like_state() {
+        let mut p = crate::program::tests::sample();
+        let slot = |name: &str, dtype, shape: Vec<usize>| Slot {
+            name: name.into(),
+            dtype,
+            shape,
+            offset: 0,
+        };
+        p.inputs = vec![
+            slot("ids", Dtype::I64, vec![4, 8]),
+            slot("memc.lr", Dtype::F32, vec![]),
+            slot("memc.step", Dtype::F32, vec![]),
+        ];
+        p.index_bounds = vec![IndexBound {
+            input: "ids".into(),
+            bound: 50,
+            table: "the rows of emb".into(),
+        }];
+        p.params.push(Param {
+            slot: slot("adam.m", Dtype::F32, vec![16]),
+            role: Role::OptimizerState,
+            updated: true,
+        });
+        p.training = Some(Training {
+            data_input: "ids".into(),
+            loss_output: "y".into(),
+            vocab: Some(50),
+            lr_input: Some("memc.lr".into()),
+            weight_decay_input: None,
+            step_input: Some("memc.step".into()),
+            optimizer: "adamw".into(),
+            default_weight_decay: 0.0,
+            drift_outputs: vec![],
+            drift_threshold: None,
+            labels_input: None,
+            accum: None,
+        });
+        let state = training_state(&p);
+        let of = |name: &str| {
+            let (s, b) = state.iter().find(|(s, _)| s.name == name).unwrap();
+            assert_eq!(b.len() as u64, s.bytes(), "{name}");
+            decode(s.dtype, b)
+        };
+        let w = of("w");
+        assert!(w.iter().all(|x| x.abs() <= 0.05), "{w:?}");
+        assert!(w.iter().any(|&x| x != w[0]), "weights vary");
+        assert!(of("adam.m").iter().all(|&x| x == 0.0));
+        let ids = of("ids");
+        assert!(ids
+            .iter()
+            .all(|&x| (0.0..50.0).contains(&x) && x.fract() == 0.0));
+        assert!(ids.iter().any(|&x| x != ids[0]), "ids vary");
+        assert_eq!(of("memc.lr"), [1e-4f32 as f64]);
+        assert_eq!(
+            of("memc.step"),
+            [1.0],
+            "a first step: no NaN from bias correction"
+        );
+        // The same state every time: calibrations are repeatable.
+        assert_eq!(training_state(&p), state);
+    }
 }

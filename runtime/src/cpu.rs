@@ -316,50 +316,38 @@ impl Cpu {
         )
     }
 
-    /// Each step's time alone, in seconds: the fastest of `reps` runs after one warm-up run
-    /// ([`crate::cost::min_secs`]), on whatever the arena holds (`memc plan`'s calibration, [`crate::cost`]). Index checks
-    /// are not made; the arena's values are overwritten as the steps run.
-    /// Steps that run the same code on buffers of the same sizes (a layer's kernels, once per
-    /// layer) are timed once.
-    pub fn time_steps(&mut self, reps: usize) -> Vec<f64> {
-        let key = |r: &Ready| match r {
-            Ready::Kernel(f, p) => format!("k{:x} {}", *f as usize, p.len()),
-            Ready::Split(f, p, rows, bytes) => {
-                format!("s{:x} {} {rows} {bytes}", *f as usize, p.len())
-            }
-            Ready::Gemm {
-                t,
-                a_shape,
-                b_shape,
-                trans,
-                ..
-            } => format!("g{t:?} {a_shape:?} {b_shape:?} {trans:?}"),
-            Ready::Native(n, _) => format!("n{n:?}"),
-        };
-        let mut seen: HashMap<String, f64> = HashMap::new();
-        (0..self.steps.len())
-            .map(|i| {
-                let k = key(&self.steps[i]);
-                if let Some(&t) = seen.get(&k) {
-                    return t;
-                }
-                let t = crate::cost::min_secs(reps, || {
-                    // A step alone may meet indices the whole step would not (zeros, stale
-                    // values): its kernels clamp them, and the flag is cleared unread.
-                    let _ = exec(
-                        &self.arena,
-                        &self.steps[i..i + 1],
-                        &self.labels[i..i + 1],
-                        &[],
-                        &self.flag,
-                        None,
-                        None,
-                    );
-                });
-                seen.insert(k, t);
-                t
-            })
-            .collect()
+    /// Each step's time in one whole run, in seconds: the steps run in order, as in training
+    /// (each reads what the steps before it wrote, in cache or not, as it will in a real
+    /// step), each timed where it runs (`memc plan`'s calibration, [`crate::cost`]). Index
+    /// checks are not made.
+    ///
+    /// Each GEMM is then run once more at once, its operands now in cache, and timed too (a
+    /// GEMM writes its result without reading it, so running it twice changes nothing): the
+    /// second time is what a GEMM timed alone takes ([`crate::cost::time_gemm`]), measured at
+    /// the same moment as the first.
+    pub fn time_run(&mut self) -> Vec<(f64, Option<f64>)> {
+        let mut out = Vec::with_capacity(self.steps.len());
+        for i in 0..self.steps.len() {
+            let gemm = matches!(self.steps[i], Ready::Gemm { .. });
+            let time = || {
+                let t0 = Instant::now();
+                // Out-of-range indices are clamped by their kernels; the flag is cleared
+                // unread.
+                let _ = exec(
+                    &self.arena,
+                    &self.steps[i..i + 1],
+                    &self.labels[i..i + 1],
+                    &[],
+                    &self.flag,
+                    None,
+                    None,
+                );
+                t0.elapsed().as_secs_f64()
+            };
+            let first = time();
+            out.push((first, gemm.then(time)));
+        }
+        out
     }
 
     /// Time per kind of step (most first), when `MEMC_PROFILE` is set: the table printed at

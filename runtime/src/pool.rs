@@ -18,8 +18,10 @@ pub const MAX_THREADS: usize = 4;
 /// Threads chosen by [`set_threads`]; 0 until then (every core, up to [`MAX_THREADS`]).
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// Uses `n` threads (1 to [`MAX_THREADS`]) for parallel steps. Takes effect only before the
-/// first parallel step of the process, so the drivers call it first thing.
+/// Uses `n` threads (1 to [`MAX_THREADS`]) for parallel steps. The workers start at the first
+/// parallel step, as many as the count then asks; a later call may lower the count (fewer
+/// workers join each step: `memc plan` times one thread count, then a smaller one) but not
+/// raise it past the workers started, so the drivers call it first thing.
 pub fn set_threads(n: usize) -> Result<(), String> {
     if !(1..=MAX_THREADS).contains(&n) {
         return Err(format!("--threads {n}: give 1 to {MAX_THREADS}"));
@@ -44,6 +46,8 @@ pub fn threads() -> usize {
 struct Job {
     task: *const (dyn Fn(usize) + Sync),
     n: usize,
+    /// Workers that join (the pool's first ones): [`threads`] less the caller.
+    helpers: usize,
     next: AtomicUsize,
     done: AtomicUsize,
     panicked: AtomicBool,
@@ -97,7 +101,7 @@ fn pool() -> &'static Pool {
         for w in 0..workers {
             let spawned = std::thread::Builder::new()
                 .name(format!("memc-worker-{w}"))
-                .spawn(move || worker(pool));
+                .spawn(move || worker(pool, w));
             if spawned.is_err() {
                 // Without the thread the caller still runs every task itself.
                 break;
@@ -112,7 +116,7 @@ thread_local! {
     static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn worker(pool: &'static Pool) {
+fn worker(pool: &'static Pool, index: usize) {
     IN_TASK.with(|t| t.set(true));
     let mut seen = 0u64;
     loop {
@@ -124,7 +128,7 @@ fn worker(pool: &'static Pool) {
             seen = st.0;
             st.1.clone()
         };
-        if let Some(job) = job {
+        if let Some(job) = job.filter(|j| index < j.helpers) {
             job.work();
             if job.done.load(Ordering::Acquire) == job.n {
                 let _st = pool.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -168,6 +172,7 @@ pub fn parallel_for(n: usize, task: &(dyn Fn(usize) + Sync)) {
     let job = Arc::new(Job {
         task: erased,
         n,
+        helpers: threads() - 1,
         next: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
         panicked: AtomicBool::new(false),

@@ -1079,7 +1079,7 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
 pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Program {
+    pub(crate) fn sample() -> Program {
         let slot = |name: &str, offset| Slot {
             name: name.into(),
             dtype: Dtype::F32,
