@@ -321,14 +321,14 @@ impl Cpu {
     /// step), each timed where it runs (`memc plan`'s calibration, [`crate::cost`]). Index
     /// checks are not made.
     ///
-    /// Each GEMM is then run once more at once, its operands now in cache, and timed too (a
-    /// GEMM writes its result without reading it, so running it twice changes nothing): the
-    /// second time is what a GEMM timed alone takes ([`crate::cost::time_gemm`]), measured at
-    /// the same moment as the first.
-    pub fn time_run(&mut self) -> Vec<(f64, Option<f64>)> {
+    /// With `again`, each GEMM is then run once more at once, its operands now in cache, and
+    /// timed too (a GEMM writes its result without reading it, so running it twice changes
+    /// nothing): the second time is what a GEMM timed alone takes
+    /// ([`crate::cost::time_gemm`]), measured at the same moment as the first.
+    pub fn time_run(&mut self, again: bool) -> Vec<(f64, Option<f64>)> {
         let mut out = Vec::with_capacity(self.steps.len());
         for i in 0..self.steps.len() {
-            let gemm = matches!(self.steps[i], Ready::Gemm { .. });
+            let gemm = again && matches!(self.steps[i], Ready::Gemm { .. });
             let time = || {
                 let t0 = Instant::now();
                 // Out-of-range indices are clamped by their kernels; the flag is cleared
