@@ -62,6 +62,24 @@ struct Table {
     /// Bytes per second one rank sends another, by transport (`mpi`).
     #[serde(default)]
     transport: BTreeMap<String, f64>,
+    /// The fastest times of the speed probes seen on this machine ([`CostModel::speed`]).
+    #[serde(default)]
+    probe: Option<Probe>,
+}
+
+/// The times of two small reference workloads: a GEMM (compute) and a copy (memory).
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+struct Probe {
+    gemm: f64,
+    copy: f64,
+}
+
+/// How fast the machine runs now against the fastest it was seen to, per kind of work:
+/// a measurement taken now times this is what it takes at full speed.
+#[derive(Debug, Clone, Copy)]
+struct Speed {
+    compute: f64,
+    memory: f64,
 }
 
 /// What calibration measured in this run.
@@ -302,6 +320,33 @@ impl CostModel {
         )
     }
 
+    /// The machine's speed now ([`Speed`]): the probes timed (a 384³ GEMM, a 32 MiB copy,
+    /// the fastest of three each, a few milliseconds) against the fastest times this machine
+    /// has shown them (kept with the cache). A shared machine has slow spells of seconds to
+    /// minutes, under other tenants' work; a calibration taken in one would skew every
+    /// prediction it feeds, so each measurement is scaled by the speed measured just before
+    /// it.
+    fn speed(&mut self) -> Speed {
+        let gemm =
+            memc_runtime::cost::time_gemm(Dtype::F32, &[384, 384], &[384, 384], (false, false), 3)
+                .unwrap_or(0.0);
+        let copy = memc_runtime::cost::time_copy(32 << 20, 3);
+        let best = self.table.probe.get_or_insert(Probe { gemm, copy });
+        best.gemm = best.gemm.min(gemm);
+        best.copy = best.copy.min(copy);
+        let ratio = |best: f64, now: f64| {
+            if now > 0.0 {
+                (best / now).min(1.0)
+            } else {
+                1.0
+            }
+        };
+        Speed {
+            compute: ratio(best.gemm, gemm),
+            memory: ratio(best.copy, copy),
+        }
+    }
+
     /// Measures once more, seconds later, every GEMM and attention part this run measured,
     /// keeping the faster time: a shared machine's slow spells last seconds, and a table
     /// measured in one would skew every prediction it feeds. Returns whether anything was.
@@ -309,13 +354,16 @@ impl CostModel {
         let t0 = Instant::now();
         let again = !self.fresh_gemms.is_empty() || !self.fresh_attention.is_empty();
         for (key, dtype, a, b, trans) in std::mem::take(&mut self.fresh_gemms) {
+            let speed = self.speed();
             if let Some(t) = memc_runtime::cost::time_gemm(dtype, &a, &b, trans, REPS) {
+                let t = t * speed.compute;
                 let e = self.table.gemm.entry(key).or_insert(t);
                 *e = e.min(t);
             }
         }
         for (key, spec) in std::mem::take(&mut self.fresh_attention) {
-            let t = memc_runtime::cost::time_attention(&spec, REPS);
+            let speed = self.speed();
+            let t = memc_runtime::cost::time_attention(&spec, REPS) * speed.compute;
             let e = self.table.attention.entry(key).or_insert(t);
             *e = e.min(t);
         }
@@ -353,13 +401,23 @@ impl CostModel {
                 // its steps: each step's fastest run is kept. The last run times each GEMM
                 // again at once. (A whole run of the 12-layer d768 Llama's 1 x 1024 program
                 // takes seconds.)
+                // Each run is scaled by the machine's speed just before it: generated kernels
+                // (memory-bound) by the copy probe's, GEMMs and attention by the GEMM's.
+                let memory_bound: Vec<bool> = program
+                    .steps
+                    .iter()
+                    .map(|s| matches!(s, Step::Kernel { native: None, .. }))
+                    .collect();
                 let mut steps = vec![(f64::INFINITY, f64::INFINITY); program.steps.len()];
                 for run in 0..RUNS {
                     reset(&mut cpu);
-                    for (s, (t, again)) in steps.iter_mut().zip(cpu.time_run(run + 1 == RUNS)) {
-                        s.0 = s.0.min(t);
+                    let speed = self.speed();
+                    let times = cpu.time_run(run + 1 == RUNS);
+                    for ((s, (t, again)), &mem) in steps.iter_mut().zip(times).zip(&memory_bound) {
+                        let k = if mem { speed.memory } else { speed.compute };
+                        s.0 = s.0.min(t * k);
                         if let Some(a) = again {
-                            s.1 = s.1.min(a);
+                            s.1 = s.1.min(a * k);
                         }
                     }
                 }
@@ -435,7 +493,9 @@ impl CostModel {
             Some(&t) => t,
             None => {
                 let t0 = Instant::now();
-                let t = memc_runtime::cost::time_gemm(dtype, &ra, &rb, trans, REPS).unwrap_or(0.0);
+                let speed = self.speed();
+                let t = memc_runtime::cost::time_gemm(dtype, &ra, &rb, trans, REPS).unwrap_or(0.0)
+                    * speed.compute;
                 self.table.gemm.insert(key.clone(), t);
                 self.fresh_gemms
                     .push((key, dtype, ra.clone(), rb.clone(), trans));
@@ -454,7 +514,8 @@ impl CostModel {
             Some(&t) => t,
             None => {
                 let t0 = Instant::now();
-                let t = memc_runtime::cost::time_attention(&one, REPS);
+                let speed = self.speed();
+                let t = memc_runtime::cost::time_attention(&one, REPS) * speed.compute;
                 self.table.attention.insert(key.clone(), t);
                 self.fresh_attention.push((key, one.clone()));
                 self.dirty = true;
