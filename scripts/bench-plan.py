@@ -17,7 +17,7 @@ largest rank's. The grid is measured --passes times, minutes apart, each configu
 the fastest of its passes (this VM's slow spells last minutes).
 Prints the tables of BENCHMARKS.md ("memc plan") and writes scratch/bench-plan-DEVICES.json.
 
-    python3 scripts/bench-plan.py [--models 4x256,8x512] [--steps 4] [--passes 2] [--devices 2]
+    python3 scripts/bench-plan.py [--models 4x256,8x512] [--steps 4] [--passes 2] [--devices 2] [--reuse]
 """
 import argparse, importlib.util, json, os, re, resource, subprocess, sys, time
 
@@ -93,9 +93,12 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--devices", type=int, default=1, help="1, or 2 (pipelined steps under mpirun)")
     ap.add_argument("--passes", type=int, default=2, help="measurements of the grid, each configuration's fastest kept")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the grid's measurements from scratch/bench-plan-DEVICES.json (plan and measure the choices again)")
     args = ap.parse_args()
     dv = args.devices
     results = {}
+    old = json.load(open(f"scratch/bench-plan-{dv}.json")) if args.reuse else {}
     for name in args.models.split(","):
         gen, _ = real.MODELS[name]
         onnx = f"scratch/llama{name}.onnx"
@@ -112,7 +115,12 @@ def main():
         configs = [flags_of(k, remat) for k in GRID_K for remat in GRID_REMAT]
         if dv > 1:
             configs += GRID2
-        for n in range(args.passes):
+        if name in old:
+            grid = old[name]["grid"]
+            for key, m in grid.items():
+                p = predicted.get(tuple(key.split()) if key != "(defaults)" else ())
+                m["predicted_ms"] = p["predicted_step_ms"] if p else None
+        for n in range(0 if name in old else args.passes):
             for f in configs:
                 m = measure(name, onnx, ids, f, args.steps, "grid", dv)
                 key = " ".join(f) or "(defaults)"

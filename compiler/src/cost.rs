@@ -19,6 +19,9 @@
 //!   ([`memc_runtime::cost::training_state`]), and dividing each label's time by its bytes.
 //! - **The transport** (pipelined and data-parallel steps): one buffer sent back and forth
 //!   between two ranks under `mpirun` ([`crate::planner`]'s probe).
+//! - **Ranks sharing the machine** (`--devices N` on one machine's cores): a GEMM and a copy
+//!   probe run in R threads at once against alone; each rank's GEMMs and kernels are scaled
+//!   by the ratios ([`CostModel::contention`]).
 //!
 //! Times depend on the machine and the thread count: they are kept in one JSON file per
 //! (CPU model, cores, threads) under `$MEMC_COST_CACHE` (default `~/.cache/memc/costs`; `off`
@@ -74,12 +77,23 @@ struct Probe {
     copy: f64,
 }
 
-/// How fast the machine runs now against the fastest it was seen to, per kind of work:
-/// a measurement taken now times this is what it takes at full speed.
+/// A ratio of speeds per kind of work: how fast the machine runs now against the fastest it
+/// was seen to (a measurement taken now times this is what it takes at full speed), or how
+/// much slower a rank runs beside others ([`CostModel::contention`]).
 #[derive(Debug, Clone, Copy)]
-struct Speed {
-    compute: f64,
-    memory: f64,
+pub struct Speed {
+    /// GEMMs and attention.
+    pub compute: f64,
+    /// Generated kernels.
+    pub memory: f64,
+}
+
+impl Parts {
+    /// The whole time with GEMMs and attention scaled by `s.compute` and kernels by
+    /// `s.memory`.
+    pub fn total_at(&self, s: Speed) -> f64 {
+        (self.gemm + self.attention) * s.compute + self.kernels * s.memory
+    }
 }
 
 /// What calibration measured in this run.
@@ -345,6 +359,52 @@ impl CostModel {
             compute: ratio(best.gemm, gemm),
             memory: ratio(best.copy, copy),
         }
+    }
+
+    /// How much slower one rank's work runs while `ranks` ranks share this machine (each on
+    /// this model's threads): the GEMM and copy probes run alone, then in `ranks` threads at
+    /// once, the fastest of three rounds each; `compute` and `memory` are together / alone
+    /// (at least 1). Ranks on one machine share its cache and memory bandwidth (and, on a
+    /// virtual machine, maybe the cores' other hardware threads), which the cost model's
+    /// times, measured with the machine to themselves, do not see. Kept in the cache.
+    pub fn contention(&mut self, ranks: usize) -> Speed {
+        let key = |k: &str| format!("contention-{k}-{ranks}");
+        if let (Some(&c), Some(&m)) = (
+            self.table.transport.get(&key("compute")),
+            self.table.transport.get(&key("memory")),
+        ) {
+            return Speed {
+                compute: c,
+                memory: m,
+            };
+        }
+        let t0 = Instant::now();
+        let gemm = || {
+            memc_runtime::cost::time_gemm(Dtype::F32, &[384, 384], &[384, 384], (false, false), 3)
+                .unwrap_or(0.0)
+        };
+        let copy = || memc_runtime::cost::time_copy(32 << 20, 3);
+        let ratio = |f: &(dyn Fn() -> f64 + Sync)| {
+            let (mut alone, mut together) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..3 {
+                alone = alone.min(f());
+                together = together.min(memc_runtime::cost::time_together(ranks, f));
+            }
+            if alone > 0.0 && together.is_finite() {
+                (together / alone).max(1.0)
+            } else {
+                1.0
+            }
+        };
+        let speed = Speed {
+            compute: ratio(&gemm),
+            memory: ratio(&copy),
+        };
+        self.table.transport.insert(key("compute"), speed.compute);
+        self.table.transport.insert(key("memory"), speed.memory);
+        self.dirty = true;
+        self.measured.secs += t0.elapsed().as_secs_f64();
+        speed
     }
 
     /// Measures once more, seconds later, every GEMM and attention part this run measured,

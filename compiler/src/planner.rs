@@ -3,9 +3,10 @@
 //! The levers searched are exact (results equal up to rounding): the microbatch and
 //! gradient accumulation (`--grad-accum K`), what the backward keeps (`--remat none|auto|full`,
 //! `--activation-budget` at fractions of the unrematerialised bytes and at the smallest
-//! feasible budget) and the loss (the fused, chunked LM-head loss or the whole logits); and,
-//! only when `--allow` names them, those that change the numerics (`bf16` compute,
-//! Mixture-of-Channels `moc`, `reversible` layers). Each configuration's memory is its
+//! feasible budget), and with `--devices N` the processes, pipeline stages × replicas,
+//! schedule and microbatches; and, only when `--allow` names them, those that change the numerics (`bf16` compute,
+//! Mixture-of-Channels `moc`, `reversible` layers). The loss is always the fused, chunked
+//! LM-head loss (`Planner::build_accum` says why). Each configuration's memory is its
 //! training arena, computed by building its program and planning it (no kernel is generated
 //! and nothing runs); its step time is the [`crate::cost`] model's prediction. The chosen
 //! configuration's flags are written to a plan file that `memc compile --plan FILE` and `memc
@@ -114,7 +115,6 @@ pub struct Candidate {
     pipe: Option<Pipe>,
     accum: usize,
     remat: Remat,
-    fused_loss: bool,
     /// The training arena's bytes (per device).
     pub arena: u64,
     /// Predicted seconds per optimizer step.
@@ -154,9 +154,6 @@ impl Candidate {
                 "--activation-budget".into(),
                 b.map_or("min".into(), |b| b.to_string()),
             ]),
-        }
-        if !self.fused_loss {
-            f.push("--no-fused-loss".into());
         }
         if self.variant.bf16 {
             f.extend(["--dtype".into(), "bf16".into()]);
@@ -239,7 +236,7 @@ fn options(base: &TrainOptions, c: &Candidate) -> TrainOptions {
             Remat::Fraction(x) => Some(Policy::Budget(Budget::Fraction(x))),
             Remat::Min(b) => Some(Policy::Budget(Budget::Bytes(b.unwrap_or(0)))),
         },
-        fused_loss: c.fused_loss,
+        fused_loss: true,
         compute_dtype: if c.variant.bf16 {
             memc_ir::DType::BF16
         } else {
@@ -314,7 +311,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         || t.dtype != DtypeArg::F32
         || t.no_fused_loss
     {
-        bail!("memc plan chooses --remat, --activation-budget, --dtype and --no-fused-loss itself: leave them out");
+        bail!("memc plan chooses --remat, --activation-budget and --dtype itself and keeps the fused loss: leave out --remat, --activation-budget, --dtype and --no-fused-loss");
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if args.threads == Some(0) {
@@ -691,27 +688,24 @@ impl Planner<'_> {
             Remat::None,
         ];
         let (mut out, mut builds) = (vec![], 0);
+        // The loss is the fused, chunked one: the whole logits (`--no-fused-loss`) are not
+        // searched. They take more memory, measured slower on every configuration tried
+        // (BENCHMARKS.md, "memc plan"), and their kernels over logits larger than the cache
+        // run slower per byte than the fused loss's, which calibrate the cost model.
         for remat in remats {
-            for fused_loss in [true, false] {
-                // The whole logits only where little is recomputed.
-                if !fused_loss && !matches!(remat, Remat::None | Remat::Auto) {
-                    continue;
-                }
-                let mut c = Candidate {
-                    variant,
-                    pipe: None,
-                    accum,
-                    remat,
-                    fused_loss,
-                    arena: 0,
-                    secs: 0.0,
-                    parts: None,
-                    threads: 0,
-                };
-                builds += 1;
-                if let Some(work) = self.build(&forward, &base, &mut c)? {
-                    out.push((c, work));
-                }
+            let mut c = Candidate {
+                variant,
+                pipe: None,
+                accum,
+                remat,
+                arena: 0,
+                secs: 0.0,
+                parts: None,
+                threads: 0,
+            };
+            builds += 1;
+            if let Some(work) = self.build(&forward, &base, &mut c)? {
+                out.push((c, work));
             }
         }
         Ok((out, builds))
@@ -740,7 +734,6 @@ impl Planner<'_> {
             pipe: None,
             accum,
             remat: Remat::Auto,
-            fused_loss: true,
             arena: 0,
             secs: 0.0,
             parts: None,
@@ -881,7 +874,6 @@ impl Planner<'_> {
                                 }),
                                 accum: 1,
                                 remat,
-                                fused_loss: true,
                                 arena: 0,
                                 secs: 0.0,
                                 parts: None,
@@ -925,6 +917,8 @@ impl Planner<'_> {
         bw: f64,
     ) -> Result<()> {
         let pipe = c.pipe.expect("a pipelined candidate");
+        // Every rank runs beside the others on this machine's cores.
+        let shared = cost.contention(pipe.stages * pipe.replicas);
         let opts = options(base, c);
         let (program, _) =
             crate::pipe::pipelined_program(forward.clone(), &opts, pipe.schedule, pipe.stages)?;
@@ -955,7 +949,9 @@ impl Planner<'_> {
         let mut weight_copies = vec![0.0; pipe.stages];
         for sp in &pl.passes {
             let out: u64 = sp.program.outputs.iter().map(|o| o.bytes()).sum();
-            let run = cost.predict(id, &Work::of_program(&sp.program))?;
+            let run = cost
+                .predict_parts(id, &Work::of_program(&sp.program))?
+                .total_at(shared);
             secs_of.insert(sp.label.clone(), run + out as f64 * per_output);
             let weights: u64 = sp
                 .program
@@ -986,12 +982,19 @@ impl Planner<'_> {
         )
         .map_err(|e| anyhow!("{e}"))?;
         let late = match &pl.late {
-            Some(l) => cost.predict(id, &Work::of_program(&l.program))? * pipe.microbatches as f64,
+            Some(l) => {
+                cost.predict_parts(id, &Work::of_program(&l.program))?
+                    .total_at(shared)
+                    * pipe.microbatches as f64
+            }
             None => 0.0,
         };
         let mut update: f64 = 0.0;
         for u in &pl.updates {
-            update = update.max(cost.predict(id, &Work::of_program(&u.program))?);
+            update = update.max(
+                cost.predict_parts(id, &Work::of_program(&u.program))?
+                    .total_at(shared),
+            );
         }
         // Replicas exchange their gradient sums and the updated weights of their shards.
         let most = |f: fn(&memc_runtime::pipeline::Planned) -> u64| {
@@ -1290,7 +1293,6 @@ mod tests {
             pipe: None,
             accum: 1,
             remat: Remat::Auto,
-            fused_loss: true,
             arena,
             secs,
             parts: None,

@@ -92,6 +92,26 @@ pub fn time_pass_output(bytes: usize, reps: usize) -> f64 {
     t / bytes.max(1) as f64
 }
 
+/// The slowest of `threads` threads each running `f` at once (started together): what one
+/// rank's work takes while the other ranks on the machine run theirs.
+pub fn time_together(threads: usize, f: &(dyn Fn() -> f64 + Sync)) -> f64 {
+    let start = std::sync::Barrier::new(threads.max(1));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                scope.spawn(|| {
+                    start.wait();
+                    f()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(f64::INFINITY))
+            .fold(0.0, f64::max)
+    })
+}
+
 /// Seconds per byte of copying `bytes` (a pass's weights into its arena at each step).
 pub fn time_copy(bytes: usize, reps: usize) -> f64 {
     let src = vec![0x3cu8; bytes];
