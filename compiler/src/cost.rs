@@ -70,7 +70,8 @@ struct Table {
     probe: Option<Probe>,
 }
 
-/// The times of two small reference workloads: a GEMM (compute) and a copy (memory).
+/// The fastest times of two small reference workloads: a GEMM (compute) and a copy (memory);
+/// 0 until seen.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
 struct Probe {
     gemm: f64,
@@ -86,14 +87,6 @@ pub struct Speed {
     pub compute: f64,
     /// Generated kernels.
     pub memory: f64,
-}
-
-impl Parts {
-    /// The whole time with GEMMs and attention scaled by `s.compute` and kernels by
-    /// `s.memory`.
-    pub fn total_at(&self, s: Speed) -> f64 {
-        (self.gemm + self.attention) * s.compute + self.kernels * s.memory
-    }
 }
 
 /// What calibration measured in this run.
@@ -137,6 +130,12 @@ impl Parts {
     /// The whole time.
     pub fn total(&self) -> f64 {
         self.gemm + self.attention + self.kernels
+    }
+
+    /// The whole time with GEMMs and attention scaled by `s.compute` and kernels by
+    /// `s.memory`.
+    pub fn total_at(&self, s: Speed) -> f64 {
+        (self.gemm + self.attention) * s.compute + self.kernels * s.memory
     }
 
     /// Every part times `k`.
@@ -195,6 +194,33 @@ fn one_sequence(spec: &Spec) -> (String, Spec, usize) {
         one.mask[0] = 1;
     }
     (format!("{one:?}"), one, batch)
+}
+
+/// The compute probe: seconds for a 384³ f32 GEMM (fastest of three).
+fn probe_gemm() -> f64 {
+    memc_runtime::cost::time_gemm(Dtype::F32, &[384, 384], &[384, 384], (false, false), 3)
+        .unwrap_or(0.0)
+}
+
+/// The memory probe: seconds per byte of a 32 MiB copy (fastest of three).
+fn probe_copy() -> f64 {
+    memc_runtime::cost::time_copy(32 << 20, 3)
+}
+
+/// Keeps `now` in `best` when faster (`best` 0: none seen yet).
+fn keep_best(best: &mut f64, now: f64) {
+    if *best <= 0.0 || now < *best {
+        *best = now;
+    }
+}
+
+/// `best / now`, at most 1 (1 when nothing was measured).
+fn speed_ratio(best: f64, now: f64) -> f64 {
+    if now > 0.0 {
+        (best / now).min(1.0)
+    } else {
+        1.0
+    }
 }
 
 fn flops(a: &[usize], b: &[usize]) -> f64 {
@@ -341,24 +367,23 @@ impl CostModel {
     /// prediction it feeds, so each measurement is scaled by the speed measured just before
     /// it.
     fn speed(&mut self) -> Speed {
-        let gemm =
-            memc_runtime::cost::time_gemm(Dtype::F32, &[384, 384], &[384, 384], (false, false), 3)
-                .unwrap_or(0.0);
-        let copy = memc_runtime::cost::time_copy(32 << 20, 3);
-        let best = self.table.probe.get_or_insert(Probe { gemm, copy });
-        best.gemm = best.gemm.min(gemm);
-        best.copy = best.copy.min(copy);
-        let ratio = |best: f64, now: f64| {
-            if now > 0.0 {
-                (best / now).min(1.0)
-            } else {
-                1.0
-            }
-        };
+        let compute = self.compute_speed();
+        let copy = probe_copy();
+        let best = &mut self.table.probe.get_or_insert_default().copy;
+        keep_best(best, copy);
         Speed {
-            compute: ratio(best.gemm, gemm),
-            memory: ratio(best.copy, copy),
+            compute,
+            memory: speed_ratio(*best, copy),
         }
+    }
+
+    /// [`CostModel::speed`]'s compute part alone (the GEMM probe), before a GEMM or an
+    /// attention part is timed.
+    fn compute_speed(&mut self) -> f64 {
+        let gemm = probe_gemm();
+        let best = &mut self.table.probe.get_or_insert_default().gemm;
+        keep_best(best, gemm);
+        speed_ratio(*best, gemm)
     }
 
     /// How much slower one rank's work runs while `ranks` ranks share this machine (each on
@@ -379,11 +404,6 @@ impl CostModel {
             };
         }
         let t0 = Instant::now();
-        let gemm = || {
-            memc_runtime::cost::time_gemm(Dtype::F32, &[384, 384], &[384, 384], (false, false), 3)
-                .unwrap_or(0.0)
-        };
-        let copy = || memc_runtime::cost::time_copy(32 << 20, 3);
         let ratio = |f: &(dyn Fn() -> f64 + Sync)| {
             let (mut alone, mut together) = (f64::INFINITY, f64::INFINITY);
             for _ in 0..3 {
@@ -397,8 +417,8 @@ impl CostModel {
             }
         };
         let speed = Speed {
-            compute: ratio(&gemm),
-            memory: ratio(&copy),
+            compute: ratio(&probe_gemm),
+            memory: ratio(&probe_copy),
         };
         self.table.transport.insert(key("compute"), speed.compute);
         self.table.transport.insert(key("memory"), speed.memory);
@@ -414,16 +434,16 @@ impl CostModel {
         let t0 = Instant::now();
         let again = !self.fresh_gemms.is_empty() || !self.fresh_attention.is_empty();
         for (key, dtype, a, b, trans) in std::mem::take(&mut self.fresh_gemms) {
-            let speed = self.speed();
+            let speed = self.compute_speed();
             if let Some(t) = memc_runtime::cost::time_gemm(dtype, &a, &b, trans, REPS) {
-                let t = t * speed.compute;
+                let t = t * speed;
                 let e = self.table.gemm.entry(key).or_insert(t);
                 *e = e.min(t);
             }
         }
         for (key, spec) in std::mem::take(&mut self.fresh_attention) {
-            let speed = self.speed();
-            let t = memc_runtime::cost::time_attention(&spec, REPS) * speed.compute;
+            let speed = self.compute_speed();
+            let t = memc_runtime::cost::time_attention(&spec, REPS) * speed;
             let e = self.table.attention.entry(key).or_insert(t);
             *e = e.min(t);
         }
@@ -553,9 +573,9 @@ impl CostModel {
             Some(&t) => t,
             None => {
                 let t0 = Instant::now();
-                let speed = self.speed();
+                let speed = self.compute_speed();
                 let t = memc_runtime::cost::time_gemm(dtype, &ra, &rb, trans, REPS).unwrap_or(0.0)
-                    * speed.compute;
+                    * speed;
                 self.table.gemm.insert(key.clone(), t);
                 self.fresh_gemms
                     .push((key, dtype, ra.clone(), rb.clone(), trans));
@@ -574,8 +594,8 @@ impl CostModel {
             Some(&t) => t,
             None => {
                 let t0 = Instant::now();
-                let speed = self.speed();
-                let t = memc_runtime::cost::time_attention(&one, REPS) * speed.compute;
+                let speed = self.compute_speed();
+                let t = memc_runtime::cost::time_attention(&one, REPS) * speed;
                 self.table.attention.insert(key.clone(), t);
                 self.fresh_attention.push((key, one.clone()));
                 self.dirty = true;
@@ -588,12 +608,7 @@ impl CostModel {
     }
 
     /// Seconds for one run of the program whose steps are `work`, of the model `model` (whose
-    /// kernels must have been calibrated): the sum of its steps' times.
-    pub fn predict(&mut self, model: &str, work: &[Work]) -> Result<f64> {
-        Ok(self.predict_parts(model, work)?.total())
-    }
-
-    /// [`CostModel::predict`], by the kind of step.
+    /// kernels must have been calibrated), by the kind of step: the sums of its steps' times.
     pub fn predict_parts(&mut self, model: &str, work: &[Work]) -> Result<Parts> {
         let rates = self
             .table
@@ -615,7 +630,7 @@ impl CostModel {
                 Work::Native(memc_runtime::program::Native::Attention(spec)) => {
                     parts.attention += self.attention_secs(spec)
                 }
-                Work::Kernel { label, bytes, .. } => {
+                Work::Kernel { label, bytes } => {
                     parts.kernels += rates.get(label).copied().unwrap_or(fallback) * *bytes as f64
                 }
             }

@@ -4,8 +4,8 @@
 //! gradient accumulation (`--grad-accum K`), what the backward keeps (`--remat none|auto|full`,
 //! `--activation-budget` at fractions of the unrematerialised bytes and at the smallest
 //! feasible budget), and with `--devices N` the processes, pipeline stages × replicas,
-//! schedule and microbatches; and, only when `--allow` names them, those that change the numerics (`bf16` compute,
-//! Mixture-of-Channels `moc`, `reversible` layers). The loss is always the fused, chunked
+//! schedule and microbatches; and, only when `--allow` names them, those that change the
+//! numerics (`bf16` compute, Mixture-of-Channels `moc`, `reversible` layers). The loss is always the fused, chunked
 //! LM-head loss (`Planner::build_accum` says why). Each configuration's memory is its
 //! training arena, computed by building its program and planning it (no kernel is generated
 //! and nothing runs); its step time is the [`crate::cost`] model's prediction. The chosen
@@ -121,7 +121,7 @@ pub struct Candidate {
     pub secs: f64,
     /// Of `secs`, by the kind of step (one process; a pipelined step's are not split).
     parts: Option<Parts>,
-    /// Threads per process (set by the search that predicted `secs`).
+    /// Threads per process (those `secs` was predicted for).
     threads: usize,
 }
 
@@ -675,7 +675,7 @@ impl Planner<'_> {
 
     /// Every single-process configuration at one accumulation count, built and planned (no
     /// time predicted yet): the candidates with their steps, and how many were built.
-    fn build_accum(&self, variant: Variant, accum: usize) -> Result<Built> {
+    fn build_accum(&self, variant: Variant, accum: usize, threads: usize) -> Result<Built> {
         let forward = self.forward(variant, accum)?;
         let base = crate::train::options_for(&forward, &self.args.training)?;
         let remats = [
@@ -701,7 +701,7 @@ impl Planner<'_> {
                 arena: 0,
                 secs: 0.0,
                 parts: None,
-                threads: 0,
+                threads,
             };
             builds += 1;
             if let Some(work) = self.build(&forward, &base, &mut c)? {
@@ -774,7 +774,7 @@ impl Planner<'_> {
             let built: Vec<Result<Built>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = accums
                     .iter()
-                    .map(|&accum| scope.spawn(move || self.build_accum(variant, accum)))
+                    .map(|&accum| scope.spawn(move || self.build_accum(variant, accum, threads)))
                     .collect();
                 handles
                     .into_iter()
@@ -788,7 +788,6 @@ impl Planner<'_> {
                 let (cands, n) = b?;
                 builds += n;
                 for (mut c, work) in cands {
-                    c.threads = threads;
                     let parts = cost.predict_parts(&id, &work)?.scaled(c.accum as f64);
                     c.secs = parts.total();
                     c.parts = Some(parts);
